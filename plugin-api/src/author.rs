@@ -64,20 +64,20 @@ pub trait ModelImpl: Send + 'static {
     fn forward(&mut self, tokens: &Array, attention: &mut Attention, last_only: bool) -> Result<Array>;
 }
 
-pub trait LinearImpl: Send + Sync + 'static {
+pub trait LinearImpl: Send + 'static {
     fn forward(&self, x: &Array) -> Result<Array>;
     /// (in_features, out_features)
     fn dims(&self) -> (u32, u32);
 }
 
-pub trait EmbeddingImpl: Send + Sync + 'static {
+pub trait EmbeddingImpl: Send + 'static {
     fn lookup(&self, ids: &Array) -> Result<Array>;
     fn as_linear(&self, x: &Array) -> Result<Array>;
     /// (vocab, dim)
     fn dims(&self) -> (u32, u32);
 }
 
-pub trait QuantImpl: Send + Sync + 'static {
+pub trait QuantImpl: Send + 'static {
     fn linear(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn LinearImpl>>;
     fn embedding(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn EmbeddingImpl>>;
 }

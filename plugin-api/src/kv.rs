@@ -16,7 +16,7 @@ pub struct BlockLayout {
 }
 
 #[sabi_trait]
-pub trait KvFamily: Send + Sync {
+pub trait KvFamily: Send {
     /// Block layout for a layer with `kv_heads` heads of `head_dim`.
     fn layout(&self, kv_heads: u32, head_dim: u32) -> BlockLayout;
 }

@@ -29,7 +29,7 @@ pub struct NamedArray {
 }
 
 #[sabi_trait]
-pub trait Linear: Send + Sync {
+pub trait Linear: Send {
     /// `x`: [..., in] -> [..., out].
     fn forward(&self, x: MlxArray) -> PResult<MlxArray>;
     /// (in_features, out_features).
@@ -37,7 +37,7 @@ pub trait Linear: Send + Sync {
 }
 
 #[sabi_trait]
-pub trait Embedding: Send + Sync {
+pub trait Embedding: Send {
     /// `ids`: int [...] -> [..., dim].
     fn lookup(&self, ids: MlxArray) -> PResult<MlxArray>;
     /// Tied output head: `x` [..., dim] -> [..., vocab].
@@ -47,7 +47,7 @@ pub trait Embedding: Send + Sync {
 }
 
 #[sabi_trait]
-pub trait WeightQuant: Send + Sync {
+pub trait WeightQuant: Send {
     fn linear(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<LinearBox>;
     fn embedding(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<EmbeddingBox>;
 }

@@ -1,0 +1,45 @@
+# rmlx: every set-up step lives here. `make serve` and `make test` work on a
+# fresh Debian machine with Rust and Python 3.
+CARGO ?= cargo
+TEST_PLUGINS := --exclude rmlx-test-probe --exclude rmlx-test-old-abi
+
+.PHONY: all mlx build release test serve dev-venv default-model goldens openapi clean
+
+all: release
+
+## MLX for Linux (mlx-cpu wheel) + shared libmlxc, under .mlx/ (idempotent)
+mlx:
+	@bash scripts/install-mlx.sh
+
+## debug build of everything, plugins staged in target/debug/plugins
+build: mlx
+	$(CARGO) build --workspace
+	@bash scripts/stage-plugins.sh debug
+
+## release build of the binary and the shipped plugins (target/release/plugins)
+release: mlx
+	$(CARGO) build --release --workspace $(TEST_PLUGINS)
+	@bash scripts/stage-plugins.sh release
+
+## Python dev environment for goldens and API tests (tests only)
+dev-venv:
+	@bash scripts/dev-venv.sh
+
+## the default model (SmolLM2-135M-Instruct), converted once into ~/.cache/rmlx
+default-model: build
+	@bash scripts/default-model.sh target/debug/rmlx >/dev/null
+
+## run every test
+test: build dev-venv default-model
+	$(CARGO) test --workspace -- --test-threads=2
+
+## serve the default model on http://127.0.0.1:8080
+serve: release
+	target/release/rmlx serve --model "$$(bash scripts/default-model.sh target/release/rmlx)"
+
+## regenerate the mlx-lm golden fixtures (dev only)
+goldens: dev-venv
+	.venv-dev/bin/python tests/goldens/make_goldens.py
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,65 @@
+//! `rmlx` subcommands, one file each.
+// mod convert;
+mod generate;
+mod info;
+mod plugins;
+mod serve;
+
+use crate::{config::Settings, plugins::Registry};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "rmlx", version, about = "Inference and conversion server for MLX-format models")]
+pub struct Cli {
+    /// Configuration file (default: ./rmlx.toml when present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Plugin directory (default: plugins/ beside the binary).
+    #[arg(long, global = true)]
+    pub plugins: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List loaded plugins and what each provides.
+    Plugins(plugins::Args),
+    /// Describe a model directory and the plugins that would serve it.
+    Info(info::Args),
+    /// Generate text from a prompt.
+    Generate(generate::Args),
+    /// Serve the HTTP API.
+    Serve(serve::Args),
+    // Convert a model into MLX format.
+    // Convert(convert::Args),
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let mut flags = serde_json::json!({ "plugins_dir": cli.plugins });
+    if let Command::Serve(a) = &cli.command {
+        flags["server"] = serde_json::json!({ "host": a.host, "port": a.port });
+    }
+    let settings = Settings::load(cli.config.as_deref(), flags)?;
+    crate::runtime::init(&settings)?;
+    match cli.command {
+        Command::Plugins(a) => plugins::run(a, &settings),
+        Command::Info(a) => info::run(a, &settings),
+        Command::Generate(a) => generate::run(a, &settings),
+        Command::Serve(a) => serve::run(a, &settings),
+        // Command::Convert(a) => convert::run(a, &settings),
+    }
+}
+
+/// Loads the plugin directory, warning about files that were refused.
+pub fn registry(settings: &Settings) -> Result<Registry> {
+    let dir = settings.plugins_dir();
+    let reg = Registry::load(&dir)?;
+    for r in &reg.refused {
+        eprintln!("warning: skipped {}: {}", r.path.display(), r.reason);
+    }
+    Ok(reg)
+}

@@ -1,0 +1,83 @@
+//! Settings, layered with figment: built-in defaults < `rmlx.toml` (or
+//! `--config FILE`) < `RMLX_*` environment (`__` separates sections, e.g.
+//! `RMLX_SERVER__PORT=9000`) < command-line flags.
+use anyhow::{bail, Result};
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// Where plugins are loaded from; default: `plugins/` beside the binary.
+    pub plugins_dir: Option<PathBuf>,
+    /// MLX memory limit in GB (host-wide; plugins see it too).
+    pub memory_limit_gb: Option<f64>,
+    pub server: ServerSettings,
+    pub generate: GenerateSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateSettings {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Prompt tokens per prefill forward.
+    pub prefill_chunk: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            plugins_dir: None,
+            memory_limit_gb: None,
+            server: ServerSettings { host: "127.0.0.1".into(), port: 8080 },
+            generate: GenerateSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, prefill_chunk: 512 },
+        }
+    }
+}
+
+impl Settings {
+    /// `file`: `--config FILE` (must exist); otherwise `./rmlx.toml` if present.
+    /// `flags`: command-line overrides as a nested JSON object (nulls ignored).
+    pub fn load(file: Option<&Path>, flags: serde_json::Value) -> Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            Some(f) if !f.is_file() => bail!("config file not found: {}", f.display()),
+            Some(f) => fig = fig.merge(Toml::file_exact(f)),
+            None => fig = fig.merge(Toml::file("rmlx.toml")),
+        }
+        fig = fig.merge(Env::prefixed("RMLX_").split("__"));
+        fig = fig.merge(Serialized::defaults(strip_nulls(flags)));
+        fig.extract().map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    }
+
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.plugins_dir.clone().unwrap_or_else(default_plugins_dir)
+    }
+}
+
+/// `plugins/` beside the running binary.
+pub fn default_plugins_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("plugins")))
+        .unwrap_or_else(|| PathBuf::from("plugins"))
+}
+
+fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k, strip_nulls(v))).collect(),
+        ),
+        other => other,
+    }
+}

@@ -1,0 +1,70 @@
+//! A contiguous per-sequence KV cache, lent to architectures as `Attention`.
+use mlx_rs::{
+    fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
+    ops::concatenate,
+    Array,
+};
+use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult, PluginError};
+use std::ffi::c_void;
+
+pub struct KvCache {
+    /// Per layer: keys and values [B, K, T, hd].
+    layers: Vec<Option<(Array, Array)>>,
+    offset: i32,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], offset: 0 }
+    }
+
+    /// Tokens already cached.
+    pub fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    /// After a forward of `n` new tokens.
+    pub fn advance(&mut self, n: i32) {
+        self.offset += n;
+    }
+
+    /// Lends the cache to one forward call.
+    pub fn attention(&mut self) -> Attention {
+        unsafe { Attention::new(self as *mut Self as *mut c_void, offset_cb, attend_cb) }
+    }
+
+    /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
+    fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
+        let slot = self
+            .layers
+            .get_mut(layer as usize)
+            .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
+        let (k, v) = match slot.take() {
+            Some((pk, pv)) => (concatenate(&[pk, k], 2)?, concatenate(&[pv, v], 2)?),
+            None => (k, v),
+        };
+        if opts.window != 0 {
+            return Err(PluginError::unsupported("sliding-window attention needs the paged KV cache"));
+        }
+        let mask = (q.dim(2) > 1).then_some(ScaledDotProductAttentionMask::Causal);
+        let out = scaled_dot_product_attention(&q, &k, &v, opts.scale, mask, None)?;
+        *slot = Some((k, v));
+        Ok(out)
+    }
+}
+
+extern "C" fn offset_cb(state: *mut c_void) -> i32 {
+    unsafe { &*(state as *const KvCache) }.offset
+}
+
+extern "C" fn attend_cb(
+    state: *mut c_void,
+    layer: u32,
+    q: MlxArray,
+    k: MlxArray,
+    v: MlxArray,
+    opts: AttendOptions,
+) -> PResult<MlxArray> {
+    let cache = unsafe { &mut *(state as *mut KvCache) };
+    guard(|| cache.attend(layer, q.into_array(), k.into_array(), v.into_array(), opts).map(MlxArray::from_array))
+}

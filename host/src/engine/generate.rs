@@ -1,0 +1,122 @@
+//! Prefill and decode for one sequence, the way mlx-lm's generate_step does it:
+//! the prompt but its last token is prefilled in chunks, then every step
+//! feeds one token and reads the last position's logits.
+use super::{cache::KvCache, sampler::Sampler, LoadedModel};
+use crate::plugins::registry::into_anyhow;
+use anyhow::{bail, Result};
+use mlx_rs::{Array, Dtype};
+use rmlx_plugin_api::MlxArray;
+use std::time::Instant;
+
+pub struct Session<'m> {
+    model: &'m mut LoadedModel,
+    cache: KvCache,
+    pub prefill_chunk: usize,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m mut LoadedModel) -> Self {
+        let n = model.spec.num_layers as usize;
+        Self { model, cache: KvCache::new(n), prefill_chunk: 512 }
+    }
+
+    /// Runs `tokens` through the model; returns last-position logits as f32.
+    fn forward(&mut self, tokens: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
+        let attention = self.cache.attention();
+        let plugin = self.model.architecture_plugin.clone();
+        let logits = into_anyhow(self.model.model.forward(MlxArray::from_array(input), attention, true), &plugin)?
+            .into_array();
+        self.cache.advance(ids.len() as i32);
+        if !want_logits {
+            logits.eval()?;
+            return Ok(None);
+        }
+        let logits = logits.as_dtype(Dtype::Float32)?;
+        logits.eval()?;
+        Ok(Some(logits.try_as_slice::<f32>()?.to_vec()))
+    }
+
+    /// Prefills `prompt` and returns the logits that choose the first new token.
+    pub fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let vocab = self.model.spec.vocab_size;
+        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+            bail!("prompt token id {bad} is out of range for a vocabulary of {vocab}");
+        }
+        let (head, last) = prompt.split_at(prompt.len() - 1);
+        for chunk in head.chunks(self.prefill_chunk.max(1)) {
+            self.forward(chunk, false)?;
+        }
+        Ok(self.forward(last, true)?.expect("logits"))
+    }
+
+    /// Feeds one token; returns the next logits.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        Ok(self.forward(&[token], true)?.expect("logits"))
+    }
+
+    pub fn offset(&self) -> i32 {
+        self.cache.offset()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop_ids: Vec<u32>,
+    pub prefill_chunk: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateOutput {
+    pub tokens: Vec<u32>,
+    /// "stop" (an EOS token) or "length".
+    pub finish_reason: &'static str,
+    pub prompt_tps: f64,
+    pub generation_tps: f64,
+}
+
+/// Generates after `prompt`, calling `on_token` for each new token (EOS excluded).
+pub fn generate(
+    model: &mut LoadedModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<GenerateOutput> {
+    let mut session = Session::new(model);
+    session.prefill_chunk = opts.prefill_chunk;
+    let mut sampler = Sampler::new(opts.temperature, opts.top_p, opts.seed);
+    let t0 = Instant::now();
+    let mut logits = session.prefill(prompt)?;
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut tokens = Vec::new();
+    let mut finish_reason = "length";
+    while tokens.len() < opts.max_tokens {
+        let next = sampler.sample(&logits);
+        if opts.stop_ids.contains(&next) {
+            finish_reason = "stop";
+            break;
+        }
+        tokens.push(next);
+        on_token(next);
+        if tokens.len() == opts.max_tokens {
+            break;
+        }
+        logits = session.step(next)?;
+    }
+    let gen_secs = t1.elapsed().as_secs_f64();
+    Ok(GenerateOutput {
+        finish_reason,
+        prompt_tps: prompt.len() as f64 / prompt_secs.max(1e-9),
+        generation_tps: tokens.len() as f64 / gen_secs.max(1e-9),
+        tokens,
+    })
+}

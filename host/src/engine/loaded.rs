@@ -1,0 +1,41 @@
+//! A model built by its architecture plugin from a model directory.
+use crate::model::{quant::Quant, weights::HostWeights, ModelDir, QuantSpec};
+use crate::plugins::Registry;
+use anyhow::{Context, Result};
+use rmlx_plugin_api::{ModelBox, ModelSpec};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub model: ModelBox,
+    pub spec: ModelSpec,
+    /// Module path -> how it is stored.
+    pub layers: BTreeMap<String, Quant>,
+    /// Tensors in the files the architecture did not use.
+    pub unused: Vec<String>,
+    pub architecture_plugin: String,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path, registry: &Registry) -> Result<Self> {
+        let dir = ModelDir::open(path)?;
+        Self::from_dir(dir, registry)
+    }
+
+    pub fn from_dir(dir: ModelDir, registry: &Registry) -> Result<Self> {
+        let architecture_plugin = registry.architecture_plugin(&dir.model_type)?.info.id.clone();
+        let quant = QuantSpec::from_config(&dir.config)?;
+        let mut weights = HostWeights::open(&dir.weight_files, &quant, registry)?;
+        let model = registry
+            .load_model(&dir.model_type, &dir.config_text, weights.as_source())
+            .with_context(|| format!("loading {}", dir.path.display()))?;
+        let spec = model.spec();
+        let unused = weights.unused();
+        if !unused.is_empty() {
+            tracing::warn!("{} tensors unused by {}: {:?}", unused.len(), dir.model_type, &unused[..unused.len().min(8)]);
+        }
+        let layers = std::mem::take(&mut weights.layers);
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin })
+    }
+}

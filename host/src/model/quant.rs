@@ -1,0 +1,82 @@
+//! config.json's `quantization` section as mlx-lm writes it: defaults
+//! (`group_size`, `bits`, `mode`) plus per-module overrides keyed by module
+//! path, each an object of the same fields or `false` for "left dense".
+use anyhow::{bail, Result};
+use rmlx_plugin_api::QuantParams;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quant {
+    pub mode: String,
+    pub bits: i32,
+    pub group_size: i32,
+}
+
+impl Quant {
+    pub fn dense() -> Self {
+        Quant { mode: "none".into(), bits: 0, group_size: 0 }
+    }
+    pub fn params(&self) -> QuantParams {
+        QuantParams { mode: self.mode.as_str().into(), bits: self.bits, group_size: self.group_size }
+    }
+    pub fn describe(&self) -> String {
+        if self.mode == "none" {
+            "dense".into()
+        } else {
+            format!("{} {}-bit g{}", self.mode, self.bits, self.group_size)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct QuantSpec {
+    pub default: Option<Quant>,
+    pub overrides: BTreeMap<String, Option<Quant>>,
+}
+
+fn parse_one(v: &serde_json::Value, default_mode: &str, what: &str) -> Result<Quant> {
+    let int = |k: &str| v.get(k).and_then(|x| x.as_i64()).map(|x| x as i32);
+    let mode = v.get("mode").and_then(|m| m.as_str()).unwrap_or(default_mode).to_string();
+    let (Some(bits), Some(group_size)) = (int("bits"), int("group_size")) else {
+        bail!("config.json quantization{what}: needs integer `bits` and `group_size`");
+    };
+    Ok(Quant { mode, bits, group_size })
+}
+
+impl QuantSpec {
+    pub fn from_config(config: &serde_json::Value) -> Result<Self> {
+        let Some(q) = config.get("quantization").or_else(|| config.get("quantization_config")) else {
+            return Ok(Self::default());
+        };
+        let Some(obj) = q.as_object() else {
+            bail!("config.json: quantization must be an object");
+        };
+        let default = parse_one(q, "affine", "")?;
+        let mut overrides = BTreeMap::new();
+        for (k, v) in obj {
+            match v {
+                serde_json::Value::Object(_) => {
+                    overrides.insert(k.clone(), Some(parse_one(v, &default.mode, &format!(".{k}"))?));
+                }
+                serde_json::Value::Bool(false) => {
+                    overrides.insert(k.clone(), None);
+                }
+                _ => {}
+            }
+        }
+        Ok(Self { default: Some(default), overrides })
+    }
+
+    /// How the module at `path` is stored; `has_scales` tells whether the
+    /// checkpoint has `<path>.scales` (mlx-lm quantizes exactly those).
+    pub fn for_module(&self, path: &str, has_scales: bool) -> Quant {
+        match self.overrides.get(path) {
+            Some(Some(q)) => q.clone(),
+            Some(None) => Quant::dense(),
+            None => match (&self.default, has_scales) {
+                (Some(q), true) => q.clone(),
+                _ => Quant::dense(),
+            },
+        }
+    }
+}

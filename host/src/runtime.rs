@@ -1,0 +1,35 @@
+//! Global MLX state. Only the host sets it (memory limit, default device, the
+//! error bus subscription); plugins see the same MLX because every image links
+//! the same libmlx/libmlxc.
+use crate::config::Settings;
+use anyhow::Result;
+
+pub fn init(settings: &Settings) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RMLX_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+    // The first mlx-rs call subscribes the host to the error bus.
+    let _ = mlx_rs::memory::memory_limit()?;
+    if let Some(gb) = settings.memory_limit_gb {
+        set_memory_limit_bytes((gb * 1e9) as usize)?;
+    }
+    Ok(())
+}
+
+pub fn set_memory_limit_bytes(bytes: usize) -> Result<()> {
+    mlx_rs::memory::set_memory_limit(bytes)?;
+    Ok(())
+}
+
+pub fn memory_limit_bytes() -> Result<usize> {
+    Ok(mlx_rs::memory::memory_limit()?)
+}
+
+/// "gpu" or "cpu": where MLX runs by default (Metal / CUDA / CPU).
+pub fn default_device() -> String {
+    let d = mlx_rs::Device::default();
+    format!("{d:?}")
+}

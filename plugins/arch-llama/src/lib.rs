@@ -1,0 +1,24 @@
+//! `arch-llama`: Llama-family architectures.
+mod llama;
+
+use rmlx_plugin_api::{
+    author::{ModelImpl, PluginImpl, Result, Weights},
+    export_plugin, Manifest, PluginError,
+};
+
+pub struct ArchLlama;
+
+impl PluginImpl for ArchLlama {
+    fn manifest() -> Manifest {
+        Manifest::new("arch-llama", env!("CARGO_PKG_VERSION"), "Llama-family decoder (llama, mistral)")
+            .architectures(&["llama", "mistral"])
+    }
+    fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
+        match model_type {
+            "llama" | "mistral" => Ok(Box::new(llama::Llama::load(config, w)?)),
+            other => Err(PluginError::unsupported(format!("arch-llama does not build {other}"))),
+        }
+    }
+}
+
+export_plugin!(ArchLlama);

@@ -1,0 +1,108 @@
+//! Building blocks shared by architecture plugins, mirroring mlx / mlx-lm:
+//! RoPE (default, linear, llama3 scaling), RMSNorm, SwiGLU, and config helpers.
+//! Nothing here names a weight format.
+use mlx_rs::{fast, nn, ops, Array};
+use rmlx_plugin_api::{author::Result, PluginError};
+use serde::de::DeserializeOwned;
+
+/// Parses config.json text into an architecture's config struct with a clear error.
+pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| PluginError::config(format!("config.json: {e}")))
+}
+
+/// mlx.fast.rms_norm over the last axis.
+pub fn rms_norm(x: &Array, weight: &Array, eps: f32) -> Result<Array> {
+    Ok(fast::rms_norm(x, Some(weight), eps)?)
+}
+
+/// silu(gate) * up, as mlx-lm's swiglu.
+pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
+    Ok(nn::silu(gate)?.multiply(up)?)
+}
+
+/// Rotary position embedding as mlx-lm's `initialize_rope` builds it.
+pub struct Rope {
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    freqs: Option<Array>,
+}
+
+impl Rope {
+    /// `scaling`: config.json's `rope_scaling` (null for none).
+    pub fn new(dims: i32, base: f32, traditional: bool, scaling: Option<&serde_json::Value>) -> Result<Self> {
+        let plain = |scale| Rope { dims, traditional, base: Some(base), scale, freqs: None };
+        let Some(cfg) = scaling.filter(|v| !v.is_null()) else {
+            return Ok(plain(1.0));
+        };
+        let get = |k: &str| cfg.get(k).and_then(|v| v.as_f64());
+        let kind = cfg
+            .get("type")
+            .or_else(|| cfg.get("rope_type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(plain(1.0)),
+            "linear" => {
+                let factor = get("factor").ok_or_else(|| PluginError::config("rope_scaling linear needs `factor`"))?;
+                Ok(plain((1.0 / factor) as f32))
+            }
+            "llama3" => {
+                let factor = get("factor").ok_or_else(|| PluginError::config("rope_scaling llama3 needs `factor`"))?;
+                let low = get("low_freq_factor").unwrap_or(1.0);
+                let high = get("high_freq_factor").unwrap_or(4.0);
+                let old_ctx = get("original_max_position_embeddings").unwrap_or(8192.0);
+                let freqs = llama3_freqs(dims, base as f64, factor, low, high, old_ctx);
+                let freqs = Array::from_slice(&freqs, &[freqs.len() as i32]);
+                Ok(Rope { dims, traditional, base: None, scale: 1.0, freqs: Some(freqs) })
+            }
+            other => Err(PluginError::config(format!("unsupported rope_scaling type `{other}`"))),
+        }
+    }
+
+    /// x: [B, heads, L, head_dim], positions offset.. offset+L.
+    pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
+        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, offset, self.freqs.as_ref())?)
+    }
+}
+
+/// mlx-lm's Llama3RoPE frequencies (computed in f32 like MLX does).
+fn llama3_freqs(dims: i32, base: f64, factor: f64, low: f64, high: f64, old_ctx: f64) -> Vec<f32> {
+    let low_wavelen = (old_ctx / low) as f32;
+    let high_wavelen = (old_ctx / high) as f32;
+    (0..dims)
+        .step_by(2)
+        .map(|i| {
+            let f = (base as f32).powf(i as f32 / dims as f32);
+            let wavelen = 2.0 * std::f32::consts::PI * f;
+            let f = if wavelen > low_wavelen { f * factor as f32 } else { f };
+            if wavelen > high_wavelen && wavelen < low_wavelen {
+                let smooth = (old_ctx as f32 / wavelen - low as f32) / (high as f32 - low as f32);
+                f / ((1.0 - smooth) / factor as f32 + smooth)
+            } else {
+                f
+            }
+        })
+        .collect()
+}
+
+/// The last position of `h` [B, L, D] -> [B, 1, D].
+pub fn last_position(h: &Array) -> Result<Array> {
+    let l = h.dim(1);
+    Ok(h.take_axis(Array::from_slice(&[l - 1], &[1]), 1)?)
+}
+
+/// [B, L, heads*hd] -> [B, heads, L, hd]
+pub fn split_heads(x: &Array, heads: i32) -> Result<Array> {
+    let (b, l) = (x.dim(0), x.dim(1));
+    Ok(x.reshape(&[b, l, heads, -1])?.transpose_axes(&[0, 2, 1, 3])?)
+}
+
+/// [B, heads, L, hd] -> [B, L, heads*hd]
+pub fn merge_heads(x: &Array) -> Result<Array> {
+    let (b, l) = (x.dim(0), x.dim(2));
+    Ok(x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
+}
+
+pub use ops::concatenate;
