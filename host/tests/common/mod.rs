@@ -1,0 +1,49 @@
+//! Shared test helpers: paths to the built plugins and fixtures.
+#![allow(dead_code)]
+use rmlx::plugins::Registry;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target")).join(
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+    )
+}
+
+/// The staged plugin directory (`make build` stages it).
+pub fn plugins_dir() -> PathBuf {
+    let dir = target_dir().join("plugins");
+    assert!(
+        dir.join(format!("librmlx_arch_llama.{}", rmlx::plugins::loader::LIB_EXT)).exists(),
+        "plugins are not built and staged in {}: run `make build` (cargo build --workspace && scripts/stage-plugins.sh)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn test_plugins_dir() -> PathBuf {
+    target_dir().join("test-plugins")
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+pub fn registry() -> Registry {
+    Registry::load(&plugins_dir()).expect("registry")
+}
+
+/// MLX work in tests runs one test at a time.
+pub fn mlx_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Path of the built rmlx binary.
+pub fn rmlx_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rmlx"))
+}
