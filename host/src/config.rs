@@ -81,3 +81,41 @@ fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_env_flags() {
+        figment::Jail::expect_with(|jail| {
+            // defaults alone
+            let s = Settings::load(None, serde_json::json!({})).unwrap();
+            assert_eq!(s.server.port, 8080);
+            assert_eq!(s.generate.max_tokens, 256);
+            // ./rmlx.toml beats defaults
+            jail.create_file("rmlx.toml", "[server]\nport = 9001\nhost = \"0.0.0.0\"\n[generate]\nmax_tokens = 7")?;
+            let s = Settings::load(None, serde_json::json!({})).unwrap();
+            assert_eq!((s.server.port, s.server.host.as_str(), s.generate.max_tokens), (9001, "0.0.0.0", 7));
+            // environment beats the file
+            jail.set_env("RMLX_SERVER__PORT", "9002");
+            let s = Settings::load(None, serde_json::json!({})).unwrap();
+            assert_eq!((s.server.port, s.server.host.as_str()), (9002, "0.0.0.0"));
+            // flags beat the environment; null flags are ignored
+            let s = Settings::load(None, serde_json::json!({"server": {"port": 9003, "host": null}})).unwrap();
+            assert_eq!((s.server.port, s.server.host.as_str()), (9003, "0.0.0.0"));
+            // --config FILE replaces ./rmlx.toml
+            jail.create_file("other.toml", "[generate]\nmax_tokens = 9")?;
+            let s = Settings::load(Some(Path::new("other.toml")), serde_json::json!({})).unwrap();
+            assert_eq!((s.generate.max_tokens, s.server.port), (9, 9002));
+            // a missing --config is an error
+            let e = Settings::load(Some(Path::new("nope.toml")), serde_json::json!({})).unwrap_err();
+            assert!(e.to_string().contains("config file not found: nope.toml"));
+            // a bad value names the key
+            jail.set_env("RMLX_SERVER__PORT", "not-a-port");
+            let e = Settings::load(None, serde_json::json!({})).unwrap_err();
+            assert!(e.to_string().contains("port"), "{e}");
+            Ok(())
+        });
+    }
+}
