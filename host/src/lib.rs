@@ -1,7 +1,7 @@
 //! rmlx host: loads plugins, models and tokenizers, runs the engine, serves the API.
 pub mod cli;
 pub mod config;
-// pub mod convert;
+pub mod convert;
 pub mod engine;
 pub mod model;
 pub mod plugins;

@@ -66,7 +66,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let stdout = std::io::stdout();
     let out = generate(&mut model, &prompt, &opts, |t| {
         if !args.json {
-            if let Some(piece) = stream.as_mut().and_then(|s| s.push(t)) {
+            if let Some(piece) = stream.as_mut().and_then(|s| s.step(t).ok()) {
                 let mut lock = stdout.lock();
                 let _ = lock.write_all(piece.as_bytes());
                 let _ = lock.flush();
@@ -84,10 +84,9 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
             })
         );
     } else {
-        if stream.is_none() {
-            println!("{:?}", out.tokens);
-        } else {
-            println!();
+        match stream.as_mut() {
+            Some(s) => println!("{}", s.flush().unwrap_or_default()),
+            None => println!("{:?}", out.tokens),
         }
         eprintln!(
             "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",

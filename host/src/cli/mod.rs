@@ -1,5 +1,5 @@
 //! `rmlx` subcommands, one file each.
-// mod convert;
+mod convert;
 mod generate;
 mod info;
 mod plugins;
@@ -33,8 +33,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Serve the HTTP API.
     Serve(serve::Args),
-    // Convert a model into MLX format.
-    // Convert(convert::Args),
+    /// Convert a model into MLX format.
+    Convert(convert::Args),
 }
 
 pub fn run() -> Result<()> {
@@ -50,7 +50,7 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a, &settings),
         Command::Generate(a) => generate::run(a, &settings),
         Command::Serve(a) => serve::run(a, &settings),
-        // Command::Convert(a) => convert::run(a, &settings),
+        Command::Convert(a) => convert::run(a, &settings),
     }
 }
 

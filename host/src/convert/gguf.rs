@@ -292,7 +292,7 @@ impl GgufTensorInfo {
         let bs = self.ggml_type.block_size()?;
         let ts = self.ggml_type.type_size()?;
         let ne0 = *self.dims.first().unwrap_or(&1);
-        if ne0 % bs != 0 {
+        if !ne0.is_multiple_of(bs) {
             return None;
         }
         let rows: u64 = self.dims.iter().skip(1).product();
@@ -392,7 +392,12 @@ impl<R: Read> Cursor<R> {
         })
     }
 
-    fn value(&mut self, ty: GgufValueType, what: &dyn Fn() -> String, depth: u32) -> Result<GgufValue> {
+    fn value(
+        &mut self,
+        ty: GgufValueType,
+        what: &dyn Fn() -> String,
+        depth: u32,
+    ) -> Result<GgufValue> {
         use GgufValueType as T;
         Ok(match ty {
             T::U8 => GgufValue::U8(self.u8(what)?),
@@ -405,7 +410,12 @@ impl<R: Read> Cursor<R> {
             T::Bool => {
                 let b = self.u8(what)?;
                 if b > 1 {
-                    bail!("invalid GGUF bool value {} for {} at offset {}", b, what(), self.pos - 1);
+                    bail!(
+                        "invalid GGUF bool value {} for {} at offset {}",
+                        b,
+                        what(),
+                        self.pos - 1
+                    );
                 }
                 GgufValue::Bool(b != 0)
             }
@@ -446,9 +456,14 @@ impl<R: Read> Cursor<R> {
 impl GgufFile {
     /// Parse header, metadata and tensor infos of a GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
         let file_size = file.metadata()?.len();
-        let mut c = Cursor { inner: BufReader::with_capacity(1 << 20, file), pos: 0, file_size };
+        let mut c = Cursor {
+            inner: BufReader::with_capacity(1 << 20, file),
+            pos: 0,
+            file_size,
+        };
         Self::parse(&mut c, path).with_context(|| format!("parsing GGUF file {}", path.display()))
     }
 
@@ -470,7 +485,10 @@ impl GgufFile {
             2 | 3 => {}
             1 => bail!("GGUF version 1 is not supported (only versions 2 and 3)"),
             v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
-                bail!("big-endian GGUF files are not supported (version field reads {:#x})", v)
+                bail!(
+                    "big-endian GGUF files are not supported (version field reads {:#x})",
+                    v
+                )
             }
             v => bail!("unsupported GGUF version {} (only versions 2 and 3)", v),
         }
@@ -478,10 +496,16 @@ impl GgufFile {
         let n_kv = c.u64(&|| "metadata count".into())?;
         // Cheap sanity bounds: each kv needs >= 8+4+1 bytes, each tensor info >= 8+4+4+8.
         if n_kv.saturating_mul(13) > c.remaining() {
-            bail!("truncated or corrupt GGUF file: header claims {} metadata entries", n_kv);
+            bail!(
+                "truncated or corrupt GGUF file: header claims {} metadata entries",
+                n_kv
+            );
         }
         if n_tensors.saturating_mul(24) > c.remaining() {
-            bail!("truncated or corrupt GGUF file: header claims {} tensors", n_tensors);
+            bail!(
+                "truncated or corrupt GGUF file: header claims {} tensors",
+                n_tensors
+            );
         }
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -489,8 +513,9 @@ impl GgufFile {
         for i in 0..n_kv {
             let key = c.string(&|| format!("metadata key #{}", i))?;
             let raw = c.u32(&|| format!("value type of metadata '{}'", key))?;
-            let ty = GgufValueType::from_u32(raw)
-                .ok_or_else(|| anyhow!("invalid GGUF value type {} for metadata key '{}'", raw, key))?;
+            let ty = GgufValueType::from_u32(raw).ok_or_else(|| {
+                anyhow!("invalid GGUF value type {} for metadata key '{}'", raw, key)
+            })?;
             let value = c.value(ty, &|| format!("metadata '{}'", key), 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
                 bail!("duplicate GGUF metadata key '{}'", key);
@@ -502,7 +527,10 @@ impl GgufFile {
             None => GGUF_DEFAULT_ALIGNMENT,
             Some((_, v)) => {
                 let a = v.as_u64().ok_or_else(|| {
-                    anyhow!("general.alignment has type {}, expected an integer", v.type_name())
+                    anyhow!(
+                        "general.alignment has type {}, expected an integer",
+                        v.type_name()
+                    )
                 })?;
                 if a == 0 || !a.is_power_of_two() {
                     bail!("invalid general.alignment {} (must be a power of two)", a);
@@ -517,7 +545,12 @@ impl GgufFile {
             let name = c.string(&|| format!("name of tensor #{}", i))?;
             let n_dims = c.u32(&|| format!("n_dims of tensor '{}'", name))?;
             if n_dims == 0 || n_dims > GGML_MAX_DIMS {
-                bail!("tensor '{}' has {} dimensions (ggml supports 1..={})", name, n_dims, GGML_MAX_DIMS);
+                bail!(
+                    "tensor '{}' has {} dimensions (ggml supports 1..={})",
+                    name,
+                    n_dims,
+                    GGML_MAX_DIMS
+                );
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
@@ -525,7 +558,7 @@ impl GgufFile {
             }
             let ggml_type = GgmlType(c.u32(&|| format!("type of tensor '{}'", name))?);
             let offset = c.u64(&|| format!("data offset of tensor '{}'", name))?;
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 bail!(
                     "tensor '{}' data offset {} is not a multiple of the alignment {}",
                     name,
@@ -533,19 +566,28 @@ impl GgufFile {
                     alignment
                 );
             }
-            if dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).is_none() {
+            if dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .is_none()
+            {
                 bail!("tensor '{}' has an overflowing shape {:?}", name, dims);
             }
             if names.insert(name.clone(), i).is_some() {
                 bail!("duplicate tensor name '{}'", name);
             }
-            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
         }
 
         let data_offset = c.pos.div_ceil(alignment) * alignment;
         for t in &tensors {
             if let Some(b) = t.ggml_type.block_size() {
-                if t.dims[0] % b != 0 {
+                if !t.dims[0].is_multiple_of(b) {
                     bail!(
                         "tensor '{}' of type {} has ne0 = {}, not a multiple of the block size {}",
                         t.name,
@@ -556,7 +598,9 @@ impl GgufFile {
                 }
             }
             if let Some(n) = t.n_bytes() {
-                let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(n));
+                let end = data_offset
+                    .checked_add(t.offset)
+                    .and_then(|s| s.checked_add(n));
                 match end {
                     Some(end) if end <= c.file_size => {}
                     _ => bail!(
@@ -589,10 +633,13 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| anyhow!("metadata '{}' has type {}, expected string", key, v.type_name())),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| {
+                anyhow!(
+                    "metadata '{}' has type {}, expected string",
+                    key,
+                    v.type_name()
+                )
+            }),
         }
     }
 
@@ -600,7 +647,11 @@ impl GgufFile {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                anyhow!("metadata '{}' has type {}, expected a non-negative integer", key, v.type_name())
+                anyhow!(
+                    "metadata '{}' has type {}, expected a non-negative integer",
+                    key,
+                    v.type_name()
+                )
             }),
         }
     }
@@ -608,20 +659,26 @@ impl GgufFile {
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| anyhow!("metadata '{}' has type {}, expected a number", key, v.type_name())),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                anyhow!(
+                    "metadata '{}' has type {}, expected a number",
+                    key,
+                    v.type_name()
+                )
+            }),
         }
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| anyhow!("metadata '{}' has type {}, expected bool", key, v.type_name())),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                anyhow!(
+                    "metadata '{}' has type {}, expected bool",
+                    key,
+                    v.type_name()
+                )
+            }),
         }
     }
 
@@ -632,14 +689,21 @@ impl GgufFile {
     /// Read the raw bytes of one tensor (its GGUF encoding, unchanged).
     pub fn read_tensor_bytes(&self, file: &mut File, t: &GgufTensorInfo) -> Result<Vec<u8>> {
         let n = t.n_bytes().ok_or_else(|| {
-            anyhow!("tensor '{}' has type {} whose size is unknown", t.name, t.ggml_type)
+            anyhow!(
+                "tensor '{}' has type {} whose size is unknown",
+                t.name,
+                t.ggml_type
+            )
         })?;
         let start = self.data_offset + t.offset;
         let mut buf = vec![0u8; n as usize];
         file.seek(SeekFrom::Start(start))?;
         file.read_exact(&mut buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                anyhow!("truncated GGUF file: unexpected end of file reading tensor '{}'", t.name)
+                anyhow!(
+                    "truncated GGUF file: unexpected end of file reading tensor '{}'",
+                    t.name
+                )
             } else {
                 anyhow!(e).context(format!("reading tensor '{}'", t.name))
             }

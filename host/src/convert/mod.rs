@@ -87,7 +87,12 @@ pub struct ConvertReport {
 
 impl fmt::Display for ConvertReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "converted {} -> {}", self.src.display(), self.dst.display())?;
+        writeln!(
+            f,
+            "converted {} -> {}",
+            self.src.display(),
+            self.dst.display()
+        )?;
         writeln!(
             f,
             "  architecture {} (GGUF v{}), {} GGUF tensors -> {} safetensors tensors, {:.1} M parameters",
@@ -97,7 +102,11 @@ impl fmt::Display for ConvertReport {
             self.tensors_written,
             self.parameters as f64 / 1e6
         )?;
-        let types: Vec<String> = self.quant_types.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let types: Vec<String> = self
+            .quant_types
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         writeln!(f, "  source tensor types: {}", types.join(", "))?;
         writeln!(
             f,
@@ -113,7 +122,11 @@ impl fmt::Display for ConvertReport {
                 q["group_size"],
                 q["bits"],
                 q["mode"],
-                match q.as_object().map(|o| o.len().saturating_sub(3)).unwrap_or(0) {
+                match q
+                    .as_object()
+                    .map(|o| o.len().saturating_sub(3))
+                    .unwrap_or(0)
+                {
                     0 => String::new(),
                     n => format!(" ({n} per-module overrides)"),
                 }
@@ -161,11 +174,18 @@ struct Source<'a> {
 impl Source<'_> {
     fn produce(&self, t: &OutTensor) -> Result<Vec<u8>> {
         let info = &self.gguf.tensors[t.src];
-        let mut raw = self.gguf.read_tensor_bytes(&mut self.file.borrow_mut(), info)?;
+        let mut raw = self
+            .gguf
+            .read_tensor_bytes(&mut self.file.borrow_mut(), info)?;
         if let Some(n_head) = t.unpermute_heads {
             let rows = *info.dims.last().unwrap() as usize;
-            if raw.len() % rows != 0 {
-                bail!("tensor '{}': {} bytes do not split into {} rows", info.name, raw.len(), rows);
+            if !raw.len().is_multiple_of(rows) {
+                bail!(
+                    "tensor '{}': {} bytes do not split into {} rows",
+                    info.name,
+                    raw.len(),
+                    rows
+                );
             }
             let src_row = quant::unpermute_src_row(rows, n_head)
                 .with_context(|| format!("tensor '{}'", info.name))?;
@@ -178,7 +198,12 @@ impl Source<'_> {
             Part::Biases(k) => quant::biases(k, &raw)?,
         };
         if out.len() != t.nbytes {
-            bail!("internal error: tensor '{}' produced {} bytes, expected {}", t.name, out.len(), t.nbytes);
+            bail!(
+                "internal error: tensor '{}' produced {} bytes, expected {}",
+                t.name,
+                out.len(),
+                t.nbytes
+            );
         }
         Ok(out)
     }
@@ -262,11 +287,19 @@ fn plan_tensor(
             );
         }
         if out_name.suffix != "weight" {
-            bail!("tensor '{}' is quantized ({}), but only weights may be", info.name, info.ggml_type);
+            bail!(
+                "tensor '{}' is quantized ({}), but only weights may be",
+                info.name,
+                info.ggml_type
+            );
         }
         let last = *shape.last().unwrap();
-        if last % quant::GROUP_SIZE != 0 {
-            bail!("tensor '{}' has inner dimension {} not divisible by 32", info.name, last);
+        if !last.is_multiple_of(quant::GROUP_SIZE) {
+            bail!(
+                "tensor '{}' has inner dimension {} not divisible by 32",
+                info.name,
+                last
+            );
         }
         let mut wshape = shape.clone();
         *wshape.last_mut().unwrap() = last * k.bits() as usize / 32;
@@ -331,7 +364,10 @@ fn temp_sibling(dst: &Path) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     Ok(parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id())))
 }
 
@@ -349,7 +385,10 @@ fn write_json(dir: &Path, name: &str, v: &Value, files: &mut Vec<String>) -> Res
 /// it is removed and `dst` is left untouched.
 pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<ConvertReport> {
     if dst.exists() && !opts.force {
-        bail!("destination {} already exists (use force to overwrite)", dst.display());
+        bail!(
+            "destination {} already exists (use force to overwrite)",
+            dst.display()
+        );
     }
     let g = GgufFile::open(src)?;
     let arch = g
@@ -370,14 +409,20 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
     for (idx, info) in g.tensors.iter().enumerate() {
         *quant_types.entry(info.ggml_type.name()).or_default() += 1;
         let Some(mapped) = llama::map_tensor_name(&info.name)? else {
-            warnings.push(format!("skipped tensor '{}' (not used by the MLX model)", info.name));
+            warnings.push(format!(
+                "skipped tensor '{}' (not used by the MLX model)",
+                info.name
+            ));
             continue;
         };
         let heads = model.unpermute_heads(&mapped);
         let planned = plan_tensor(idx, info, &mapped, heads)?;
         parameters += info.n_elements();
         if mapped.suffix == "weight" && info.dims.len() == 2 {
-            modules.insert(mapped.module.clone(), QuantKind::from_ggml(info.ggml_type).map(|k| k.bits()));
+            modules.insert(
+                mapped.module.clone(),
+                QuantKind::from_ggml(info.ggml_type).map(|k| k.bits()),
+            );
         }
         outs.extend(planned);
     }
@@ -447,8 +492,10 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
         };
-        let views: Vec<(String, LazyView)> =
-            shard.iter().map(|t| (t.name.clone(), LazyView { src: &source, t })).collect();
+        let views: Vec<(String, LazyView)> = shard
+            .iter()
+            .map(|t| (t.name.clone(), LazyView { src: &source, t }))
+            .collect();
         let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
         safetensors::serialize_to_file(views, Some(meta), &tmp.join(&fname))
             .map_err(|e| anyhow!("writing {fname}: {e}"))?;
@@ -471,12 +518,28 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
         &mut files,
     )?;
     write_json(&tmp, "config.json", &config, &mut files)?;
-    write_json(&tmp, "generation_config.json", &model.generation_config(tok.as_ref()), &mut files)?;
+    write_json(
+        &tmp,
+        "generation_config.json",
+        &model.generation_config(tok.as_ref()),
+        &mut files,
+    )?;
     if let Some(t) = &tok {
-        fs::write(tmp.join("tokenizer.json"), &t.tokenizer_json).context("writing tokenizer.json")?;
+        fs::write(tmp.join("tokenizer.json"), &t.tokenizer_json)
+            .context("writing tokenizer.json")?;
         files.push("tokenizer.json".into());
-        write_json(&tmp, "tokenizer_config.json", &t.tokenizer_config, &mut files)?;
-        write_json(&tmp, "special_tokens_map.json", &t.special_tokens_map, &mut files)?;
+        write_json(
+            &tmp,
+            "tokenizer_config.json",
+            &t.tokenizer_config,
+            &mut files,
+        )?;
+        write_json(
+            &tmp,
+            "special_tokens_map.json",
+            &t.special_tokens_map,
+            &mut files,
+        )?;
     }
     let mut bytes_written = 0;
     for f in &files {
@@ -494,7 +557,8 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
             fs::remove_file(dst).with_context(|| format!("removing old {}", dst.display()))?;
         }
     }
-    fs::rename(&tmp, dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    fs::rename(&tmp, dst)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
     guard.0 = None;
 
     Ok(ConvertReport {

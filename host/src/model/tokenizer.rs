@@ -150,9 +150,8 @@ impl Tokenizer {
 
         // transformers v5: rebuild the post-processor from add_bos_token/add_eos_token when the
         // config names either flag, or when tokenizer.json has none.
-        let explicit = config.is_some_and(|c| {
-            c.get("add_bos_token").is_some() || c.get("add_eos_token").is_some()
-        });
+        let explicit = config
+            .is_some_and(|c| c.get("add_bos_token").is_some() || c.get("add_eos_token").is_some());
         if explicit || tok.get_post_processor().is_none() {
             let flag = |k: &str| cfg(k).and_then(Value::as_bool).unwrap_or(false);
             let bos = bos_token
@@ -259,10 +258,12 @@ impl Tokenizer {
     }
 }
 
-fn build_template(bos: Option<(String, u32)>, eos: Option<(String, u32)>) -> Result<TemplateProcessing> {
-    let piece = |t: &Option<(String, u32)>, type_id: u32| {
-        t.as_ref().map(|(s, _)| format!("{s}:{type_id}"))
-    };
+fn build_template(
+    bos: Option<(String, u32)>,
+    eos: Option<(String, u32)>,
+) -> Result<TemplateProcessing> {
+    let piece =
+        |t: &Option<(String, u32)>, type_id: u32| t.as_ref().map(|(s, _)| format!("{s}:{type_id}"));
     let single: Vec<String> = [piece(&bos, 0), Some("$A:0".into()), piece(&eos, 0)]
         .into_iter()
         .flatten()
@@ -270,7 +271,11 @@ fn build_template(bos: Option<(String, u32)>, eos: Option<(String, u32)>) -> Res
     let pair: Vec<String> = single
         .iter()
         .cloned()
-        .chain([piece(&bos, 1), Some("$B:1".into()), piece(&eos, 1)].into_iter().flatten())
+        .chain(
+            [piece(&bos, 1), Some("$B:1".into()), piece(&eos, 1)]
+                .into_iter()
+                .flatten(),
+        )
         .collect();
     let mut specials: Vec<(String, u32)> = Vec::new();
     for t in [bos, eos].into_iter().flatten() {
@@ -353,7 +358,10 @@ impl StreamDecoder {
         }
         let tok = &self.tokenizer;
         let prefix = if self.read_offset > self.prefix_offset {
-            tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?
+            tok.decode(
+                &self.ids[self.prefix_offset..self.read_offset],
+                self.skip_special,
+            )?
         } else {
             String::new()
         };
@@ -388,12 +396,30 @@ impl StreamDecoder {
     }
 }
 
+/// Test helper: the fixture tokenizer `model` (qwen3 / gemma3 / llama3_1), loaded once.
+#[cfg(test)]
+pub(crate) fn test_tokenizer(model: &str) -> Tokenizer {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Tokenizer>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+    cache
+        .entry(model.to_owned())
+        .or_insert_with(|| {
+            let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/tokenizers")
+                .join(model);
+            Tokenizer::from_model_dir(dir).unwrap()
+        })
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    pub(crate) fn fixtures() -> PathBuf {
+    fn fixtures() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers")
     }
 
@@ -416,7 +442,10 @@ mod tests {
         let mut pieces = 0;
         for &id in ids {
             let s = d.step(id).unwrap();
-            assert!(!s.contains('\u{FFFD}'), "streamed a replacement char: {s:?}");
+            assert!(
+                !s.contains('\u{FFFD}'),
+                "streamed a replacement char: {s:?}"
+            );
             if !s.is_empty() {
                 pieces += 1;
             }
@@ -430,21 +459,41 @@ mod tests {
     fn encode_decode_match_transformers() {
         let exp = expected();
         for (model, m) in exp["models"].as_object().unwrap() {
-            let tok = Tokenizer::from_model_dir(fixtures().join(model)).unwrap();
+            let tok = test_tokenizer(model);
             assert_eq!(
                 tok.bos_id(),
-                if model == "qwen3" { None } else { m["bos_token_id"].as_u64().map(|x| x as u32) },
+                if model == "qwen3" {
+                    None
+                } else {
+                    m["bos_token_id"].as_u64().map(|x| x as u32)
+                },
                 "{model} bos"
             );
-            assert_eq!(tok.eos_token_id(), m["eos_token_id"].as_u64().map(|x| x as u32), "{model} eos");
-            assert_eq!(tok.vocab_size() as u64, m["vocab_size_with_added"].as_u64().unwrap(), "{model} vocab");
+            assert_eq!(
+                tok.eos_token_id(),
+                m["eos_token_id"].as_u64().map(|x| x as u32),
+                "{model} eos"
+            );
+            assert_eq!(
+                tok.vocab_size() as u64,
+                m["vocab_size_with_added"].as_u64().unwrap(),
+                "{model} vocab"
+            );
             for e in m["encodings"].as_array().unwrap() {
                 let text = e["text"].as_str().unwrap();
                 let plain = tok.encode(text, false).unwrap();
                 assert_eq!(plain, ids(&e["ids"]), "{model} encode({text:?}, false)");
                 let special = tok.encode(text, true).unwrap();
-                assert_eq!(special, ids(&e["ids_with_special"]), "{model} encode({text:?}, true)");
-                assert_eq!(tok.decode(&plain, false).unwrap(), e["decoded"].as_str().unwrap(), "{model} decode");
+                assert_eq!(
+                    special,
+                    ids(&e["ids_with_special"]),
+                    "{model} encode({text:?}, true)"
+                );
+                assert_eq!(
+                    tok.decode(&plain, false).unwrap(),
+                    e["decoded"].as_str().unwrap(),
+                    "{model} decode"
+                );
                 assert_eq!(
                     tok.decode(&special, true).unwrap(),
                     e["decoded_with_special_skipped"].as_str().unwrap(),
@@ -458,7 +507,7 @@ mod tests {
     fn stream_decoder_matches_full_decode() {
         let exp = expected();
         for (model, m) in exp["models"].as_object().unwrap() {
-            let tok = Tokenizer::from_model_dir(fixtures().join(model)).unwrap();
+            let tok = test_tokenizer(model);
             let mut cases: Vec<Vec<u32>> = Vec::new();
             for e in m["encodings"].as_array().unwrap() {
                 cases.push(ids(&e["ids"]));
@@ -483,7 +532,7 @@ mod tests {
     fn stream_decoder_holds_split_utf8() {
         // "🙂" in byte-level BPE is several tokens; nothing may be emitted mid-character.
         for model in ["qwen3", "llama3_1", "gemma3"] {
-            let tok = Tokenizer::from_model_dir(fixtures().join(model)).unwrap();
+            let tok = test_tokenizer(model);
             let text = "a🙂👍🏽中文é";
             let ids = tok.encode(text, false).unwrap();
             let mut d = tok.stream_decoder(false);
@@ -493,7 +542,10 @@ mod tests {
                 assert!(!s.contains('\u{FFFD}'), "{model}: {s:?}");
                 out.push_str(&s);
             }
-            assert!(!d.has_pending(), "{model}: all text complete after the last token");
+            assert!(
+                !d.has_pending(),
+                "{model}: all text complete after the last token"
+            );
             assert_eq!(out, text, "{model}");
             // A dangling partial character comes out as U+FFFD on flush, as decode shows it.
             let mut d = tok.stream_decoder(false);
@@ -504,13 +556,25 @@ mod tests {
                 out.push_str(&d.step(id).unwrap());
             }
             out.push_str(&d.flush().unwrap());
-            assert_eq!(out, tok.decode(&ids[..full_bytes - 1], false).unwrap(), "{model}");
+            assert_eq!(
+                out,
+                tok.decode(&ids[..full_bytes - 1], false).unwrap(),
+                "{model}"
+            );
         }
     }
 
     #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<StreamDecoder>();
+        assert_send_sync::<crate::model::chat_template::ChatTemplate>();
+    }
+
+    #[test]
     fn special_tokens_and_ids() {
-        let tok = Tokenizer::from_model_dir(fixtures().join("qwen3")).unwrap();
+        let tok = test_tokenizer("qwen3");
         assert_eq!(tok.token_to_id("<|im_end|>"), Some(151645));
         assert_eq!(tok.id_to_token(151645).as_deref(), Some("<|im_end|>"));
         assert!(tok.is_special(151645));
@@ -522,10 +586,10 @@ mod tests {
         assert_eq!(tok.bos_token(), None);
         assert_eq!(tok.eos_token(), Some("<|im_end|>"));
 
-        let tok = Tokenizer::from_model_dir(fixtures().join("gemma3")).unwrap();
+        let tok = test_tokenizer("gemma3");
         assert_eq!(tok.bos_token(), Some("<bos>"));
         assert_eq!(tok.bos_id(), Some(2));
-        let tok = Tokenizer::from_model_dir(fixtures().join("llama3_1")).unwrap();
+        let tok = test_tokenizer("llama3_1");
         assert_eq!(tok.bos_id(), Some(128000));
         assert_eq!(tok.encode("", true).unwrap(), vec![128000]);
     }
@@ -534,13 +598,20 @@ mod tests {
     fn add_bos_token_flag_rebuilds_post_processor() {
         // Gemma's config says add_bos_token=true; flipping it off must drop BOS, as in HF.
         let dir = fixtures().join("gemma3");
-        let mut cfg: Value = read_json_opt(&dir.join("tokenizer_config.json")).unwrap().unwrap();
+        let mut cfg: Value = read_json_opt(&dir.join("tokenizer_config.json"))
+            .unwrap()
+            .unwrap();
         cfg["add_bos_token"] = Value::Bool(false);
-        let tok = Tokenizer::from_file_with_config(&dir.join("tokenizer.json"), Some(&cfg), None).unwrap();
+        let tok = Tokenizer::from_file_with_config(&dir.join("tokenizer.json"), Some(&cfg), None)
+            .unwrap();
         assert_eq!(tok.bos_id(), None);
-        assert_eq!(tok.encode("Hello", true).unwrap(), tok.encode("Hello", false).unwrap());
+        assert_eq!(
+            tok.encode("Hello", true).unwrap(),
+            tok.encode("Hello", false).unwrap()
+        );
         cfg["add_eos_token"] = Value::Bool(true);
-        let tok = Tokenizer::from_file_with_config(&dir.join("tokenizer.json"), Some(&cfg), None).unwrap();
+        let tok = Tokenizer::from_file_with_config(&dir.join("tokenizer.json"), Some(&cfg), None)
+            .unwrap();
         let ids = tok.encode("Hello", true).unwrap();
         assert_eq!(*ids.last().unwrap(), 106, "eos <end_of_turn> appended");
     }
