@@ -31,7 +31,7 @@ default-model: build
 
 ## run every test
 test: build dev-venv default-model
-	$(CARGO) test --workspace -- --test-threads=2
+	@bash scripts/run-tests.sh
 
 ## serve the default model on http://127.0.0.1:8080
 serve: release
