@@ -3,7 +3,9 @@
 CARGO ?= cargo
 TEST_PLUGINS := --exclude rmlx-test-probe --exclude rmlx-test-old-abi
 
-.PHONY: all mlx build release test serve dev-venv default-model goldens openapi clean
+FIXTURES := $(patsubst %.gz,%,$(wildcard tests/fixtures/*/*/*.json.gz))
+
+.PHONY: all fixtures mlx build release test serve dev-venv default-model goldens openapi clean
 
 all: release
 
@@ -11,8 +13,13 @@ all: release
 mlx:
 	@bash scripts/install-mlx.sh
 
+## unpack the gzipped test fixtures (large tokenizer.json files)
+fixtures: $(FIXTURES)
+%.json: %.json.gz
+	gzip -dkf $<
+
 ## debug build of everything, plugins staged in target/debug/plugins
-build: mlx
+build: mlx fixtures
 	$(CARGO) build --workspace
 	@bash scripts/stage-plugins.sh debug
 
