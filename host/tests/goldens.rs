@@ -1,6 +1,7 @@
 //! Level 1: every tiny model mlx-lm made (llama, qwen3; float32 and affine
-//! 2-8 bit, group 32/64, mixed recipes, tied/untied, sharded) against the
-//! logits and greedy tokens mlx-lm recorded (tests/goldens/make_goldens.py).
+//! 2-8 bit, group 32/64, mixed recipes, tied/untied, sharded; mxfp4, mxfp8,
+//! nvfp4 and a recipe mixing modes per layer) against the logits and greedy
+//! tokens mlx-lm recorded (tests/goldens/make_goldens.py, make_fp_goldens.py).
 mod common;
 
 use rmlx::engine::{sampler, LoadedModel, Session};
@@ -39,7 +40,13 @@ fn tiny_models_match_mlx_lm() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     paths.sort();
-    assert!(paths.len() >= 30, "expected the golden fixtures, found {}", paths.len());
+    assert!(paths.len() >= 43, "expected the golden fixtures, found {}", paths.len());
+    for arch in ["llama", "llama-tied", "qwen3"] {
+        for mode in ["mxfp4", "mxfp8", "nvfp4", "mixed-fp"] {
+            let name = format!("{arch}-{mode}.json");
+            assert!(paths.iter().any(|p| p.ends_with(&name)), "missing golden {name} (make_fp_goldens.py)");
+        }
+    }
     let mut failures = Vec::new();
     let mut worst = 0f32;
     let mut compared = 0;

@@ -56,7 +56,9 @@ impl QuantSpec {
         for (k, v) in obj {
             match v {
                 serde_json::Value::Object(_) => {
-                    overrides.insert(k.clone(), Some(parse_one(v, &default.mode, &format!(".{k}"))?));
+                    // mlx-lm passes the dict to `to_quantized(**params)`, whose
+                    // `mode` defaults to "affine" (not to the top-level mode).
+                    overrides.insert(k.clone(), Some(parse_one(v, "affine", &format!(".{k}"))?));
                 }
                 serde_json::Value::Bool(false) => {
                     overrides.insert(k.clone(), None);
@@ -78,5 +80,26 @@ impl QuantSpec {
                 _ => Quant::dense(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_without_mode_is_affine_as_in_mlx_lm() {
+        let c = serde_json::json!({"quantization": {
+            "group_size": 32, "bits": 4, "mode": "mxfp4",
+            "lm_head": {"group_size": 64, "bits": 6},
+            "model.embed_tokens": {"group_size": 32, "bits": 8, "mode": "mxfp8"},
+            "model.layers.0.mlp.up_proj": false
+        }});
+        let q = QuantSpec::from_config(&c).unwrap();
+        assert_eq!(q.for_module("lm_head", true).mode, "affine");
+        assert_eq!(q.for_module("model.embed_tokens", true).mode, "mxfp8");
+        assert_eq!(q.for_module("model.layers.0.mlp.up_proj", true).mode, "none");
+        assert_eq!(q.for_module("model.layers.0.mlp.down_proj", true).mode, "mxfp4");
+        assert_eq!(q.for_module("model.layers.0.mlp.down_proj", false).mode, "none");
     }
 }

@@ -1,0 +1,211 @@
+//! The MLX floating-point microscaled weight formats, shared by the
+//! `wquant-mxfp4`, `wquant-mxfp8` and `wquant-nvfp4` plugins (each a thin
+//! cdylib that claims its mode), plus [`ops`]: mode-aware quantize /
+//! dequantize / quantized_matmul over mlx-c, also used by `rmlx convert`.
+//!
+//! Layout (MLX 0.32, as mlx-lm 0.32.2 writes it), per module:
+//!
+//! | mode  | element | bits | group | `scales` (uint8)        | `biases` |
+//! |-------|---------|------|-------|--------------------------|----------|
+//! | mxfp4 | E2M1    | 4    | 32    | E8M0 (power of two)      | none     |
+//! | mxfp8 | E4M3    | 8    | 32    | E8M0                     | none     |
+//! | nvfp4 | E2M1    | 4    | 16    | E4M3                     | none     |
+//!
+//! `weight` is uint32 `[out, in*bits/32]` (elements packed from the low bits
+//! up), `scales` uint8 `[out, in/group]`. nvfp4 may carry a float32
+//! `global_scale` (mlx-lm writes one only for MoE switch layers, which these
+//! plugins do not build); a dense module that has one is dequantized with it.
+//! `mx.dequantize` of these modes returns bfloat16 (the dtype is inferred from
+//! the uint8 scales), so a quantized embedding's lookup is bfloat16, exactly as
+//! in mlx.nn.QuantizedEmbedding; `quantized_matmul` keeps the input dtype.
+pub mod ops;
+
+use mlx_rs::{Array, Dtype};
+use rmlx_plugin_api::{
+    author::{EmbeddingImpl, LinearImpl, QuantImpl, Result, Tensors},
+    ErrorKind, PluginError, QuantParams,
+};
+
+/// One microscaled format: its mode name and the one (bits, group) it allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FpFormat {
+    pub mode: &'static str,
+    pub bits: i32,
+    pub group_size: i32,
+}
+
+pub const MXFP4: FpFormat = FpFormat { mode: "mxfp4", bits: 4, group_size: 32 };
+pub const MXFP8: FpFormat = FpFormat { mode: "mxfp8", bits: 8, group_size: 32 };
+pub const NVFP4: FpFormat = FpFormat { mode: "nvfp4", bits: 4, group_size: 16 };
+pub const FORMATS: [FpFormat; 3] = [MXFP4, MXFP8, NVFP4];
+
+/// Bits and group sizes each MLX mode allows (those rmlx's plugins read):
+/// `(mode, bits, group sizes)`; the first of each list is MLX's default.
+pub const MODES: &[(&str, &[i32], &[i32])] = &[
+    ("affine", &[4, 2, 3, 5, 6, 8], &[64, 32, 128]),
+    ("mxfp4", &[4], &[32]),
+    ("mxfp8", &[8], &[32]),
+    ("nvfp4", &[4], &[16]),
+];
+
+/// Checks (mode, bits, group_size) against [`MODES`]; the error names what is allowed.
+pub fn check_mode(mode: &str, bits: i32, group_size: i32) -> std::result::Result<(), String> {
+    let Some((_, b, g)) = MODES.iter().find(|(m, _, _)| *m == mode) else {
+        let known: Vec<_> = MODES.iter().map(|m| m.0).collect();
+        return Err(format!("unknown quantization mode {mode:?} (known: {})", known.join(", ")));
+    };
+    if !b.contains(&bits) {
+        return Err(format!("mode {mode} supports bits {b:?}, not {bits}"));
+    }
+    if !g.contains(&group_size) {
+        return Err(format!("mode {mode} supports group sizes {g:?}, not {group_size}"));
+    }
+    Ok(())
+}
+
+fn mlx(e: ops::MlxError) -> PluginError {
+    PluginError::new(ErrorKind::Mlx, e.0)
+}
+
+impl FpFormat {
+    pub fn by_mode(mode: &str) -> Option<FpFormat> {
+        FORMATS.into_iter().find(|f| f.mode == mode)
+    }
+}
+
+/// The packed weight with its scales, checked against the format.
+struct Packed {
+    fmt: FpFormat,
+    weight: Array,               // uint32 [rows, cols*bits/32]
+    scales: Array,               // uint8 [rows, cols/group]
+    global_scale: Option<Array>, // float32 scalar (nvfp4 only)
+    rows: i32,
+    cols: i32,
+}
+
+impl Packed {
+    fn take(fmt: FpFormat, t: &mut Tensors, p: &QuantParams) -> Result<Self> {
+        if p.mode.as_str() != fmt.mode || p.bits != fmt.bits || p.group_size != fmt.group_size {
+            return Err(PluginError::config(format!(
+                "{} needs bits {} and group size {}, got mode {} bits {} group size {}",
+                fmt.mode, fmt.bits, fmt.group_size, p.mode, p.bits, p.group_size
+            )));
+        }
+        let weight = t.take("weight")?;
+        let scales = t.take("scales")?;
+        if let Some(b) = t.take_opt("biases") {
+            return Err(PluginError::config(format!(
+                "{}biases {:?}: mode {} has no biases (is this an affine checkpoint with a wrong config?)",
+                t.prefix,
+                b.shape(),
+                fmt.mode
+            )));
+        }
+        let global_scale = t.take_opt("global_scale");
+        if global_scale.is_some() && fmt.mode != "nvfp4" {
+            return Err(PluginError::config(format!("{}global_scale: only nvfp4 has a global scale", t.prefix)));
+        }
+        if weight.dtype() != Dtype::Uint32 || weight.ndim() != 2 {
+            return Err(PluginError::config(format!(
+                "{}weight: expected packed uint32 [out, in*{}/32], got {:?} {:?}",
+                t.prefix,
+                fmt.bits,
+                weight.dtype(),
+                weight.shape()
+            )));
+        }
+        let rows = weight.dim(0);
+        let cols = weight.dim(1) * 32 / fmt.bits;
+        let groups = cols / fmt.group_size;
+        if scales.dtype() != Dtype::Uint8 || scales.shape() != [rows, groups] {
+            return Err(PluginError::config(format!(
+                "{}scales: expected uint8 [{rows}, {groups}] for weight {:?} in {}, got {:?} {:?}",
+                t.prefix,
+                weight.shape(),
+                fmt.mode,
+                scales.dtype(),
+                scales.shape()
+            )));
+        }
+        Ok(Self { fmt, weight, scales, global_scale, rows, cols })
+    }
+
+    fn dequant(&self, w: &Array, s: &Array, dtype: Option<Dtype>) -> Result<Array> {
+        ops::dequantize(w, s, None, self.fmt.group_size, self.fmt.bits, self.fmt.mode, self.global_scale.as_ref(), dtype)
+            .map_err(mlx)
+    }
+
+    /// x [..., cols] -> [..., rows]
+    fn matmul_t(&self, x: &Array) -> Result<Array> {
+        if self.global_scale.is_some() {
+            // mlx-c's quantized_matmul takes no global scale: dequantize.
+            let w = self.dequant(&self.weight, &self.scales, Some(x.dtype()))?;
+            return Ok(x.matmul(w.t())?);
+        }
+        ops::quantized_matmul(x, &self.weight, &self.scales, None, true, self.fmt.group_size, self.fmt.bits, self.fmt.mode)
+            .map_err(mlx)
+    }
+}
+
+struct FpLinear {
+    packed: Packed,
+    bias: Option<Array>,
+}
+
+impl LinearImpl for FpLinear {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let y = self.packed.matmul_t(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.add(b)?,
+            None => y,
+        })
+    }
+    fn dims(&self) -> (u32, u32) {
+        (self.packed.cols as u32, self.packed.rows as u32)
+    }
+}
+
+struct FpEmbedding {
+    packed: Packed,
+}
+
+impl EmbeddingImpl for FpEmbedding {
+    fn lookup(&self, ids: &Array) -> Result<Array> {
+        let p = &self.packed;
+        let flat = ids.flatten(None, None)?;
+        let w = p.weight.take_axis(&flat, 0)?;
+        let s = p.scales.take_axis(&flat, 0)?;
+        let out = p.dequant(&w, &s, None)?;
+        let mut shape = ids.shape().to_vec();
+        shape.push(-1);
+        Ok(out.reshape(&shape)?)
+    }
+    fn as_linear(&self, x: &Array) -> Result<Array> {
+        self.packed.matmul_t(x)
+    }
+    fn dims(&self) -> (u32, u32) {
+        (self.packed.rows as u32, self.packed.cols as u32)
+    }
+}
+
+/// The WeightQuant implementation for one format.
+pub struct FpQuant(pub FpFormat);
+
+impl QuantImpl for FpQuant {
+    fn linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn LinearImpl>> {
+        let packed = Packed::take(self.0, &mut t, p)?;
+        Ok(Box::new(FpLinear { packed, bias: t.take_opt("bias") }))
+    }
+    fn embedding(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn EmbeddingImpl>> {
+        Ok(Box::new(FpEmbedding { packed: Packed::take(self.0, &mut t, p)? }))
+    }
+}
+
+/// `PluginImpl::weight_quant` for a plugin that provides exactly `fmt`.
+pub fn weight_quant(fmt: FpFormat, plugin: &str, mode: &str) -> Result<Box<dyn QuantImpl>> {
+    if mode == fmt.mode {
+        Ok(Box::new(FpQuant(fmt)))
+    } else {
+        Err(PluginError::unsupported(format!("{plugin} has no mode {mode}")))
+    }
+}
