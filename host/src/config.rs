@@ -23,6 +23,51 @@ pub struct Settings {
 pub struct ServerSettings {
     pub host: String,
     pub port: u16,
+    /// Required as `Authorization: Bearer KEY` or `x-api-key: KEY` (all routes but /health).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Models to serve: `[[server.models]]` with `path` and optional `id`
+    /// (default: the folder's name).
+    #[serde(default)]
+    pub models: Vec<ServedModel>,
+    /// Directories whose sub-directories are models.
+    #[serde(default)]
+    pub models_dirs: Vec<PathBuf>,
+    /// Requests that may wait behind the running one; more get 429.
+    #[serde(default = "default_queue")]
+    pub max_queue_depth: usize,
+    /// Models kept in memory at once (least recently used goes first).
+    #[serde(default = "default_loaded")]
+    pub max_loaded_models: usize,
+    /// Seconds a model stays loaded after its last request (0: forever).
+    #[serde(default)]
+    pub idle_timeout: u64,
+    /// Largest request body, bytes (413 above).
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    /// max_tokens for chat / messages requests that give none (capped by the context).
+    #[serde(default = "default_chat_max")]
+    pub default_max_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServedModel {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub path: PathBuf,
+}
+
+fn default_queue() -> usize {
+    64
+}
+fn default_loaded() -> usize {
+    2
+}
+fn default_body() -> usize {
+    16 << 20
+}
+fn default_chat_max() -> usize {
+    4096
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,7 +84,18 @@ impl Default for Settings {
         Self {
             plugins_dir: None,
             memory_limit_gb: None,
-            server: ServerSettings { host: "127.0.0.1".into(), port: 8080 },
+            server: ServerSettings {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                api_key: None,
+                models: Vec::new(),
+                models_dirs: Vec::new(),
+                max_queue_depth: default_queue(),
+                max_loaded_models: default_loaded(),
+                idle_timeout: 0,
+                max_body_bytes: default_body(),
+                default_max_tokens: default_chat_max(),
+            },
             generate: GenerateSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, prefill_chunk: 512 },
         }
     }

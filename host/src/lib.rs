@@ -1,4 +1,5 @@
 //! rmlx host: loads plugins, models and tokenizers, runs the engine, serves the API.
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod convert;

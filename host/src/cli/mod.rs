@@ -2,6 +2,7 @@
 mod convert;
 mod generate;
 mod info;
+mod openapi;
 mod plugins;
 mod serve;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Serve the HTTP API.
     Serve(serve::Args),
+    /// Print the HTTP API's OpenAPI document.
+    Openapi(openapi::Args),
     /// Convert a model into MLX format.
     Convert(convert::Args),
 }
@@ -41,7 +44,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let mut flags = serde_json::json!({ "plugins_dir": cli.plugins });
     if let Command::Serve(a) = &cli.command {
-        flags["server"] = serde_json::json!({ "host": a.host, "port": a.port });
+        flags["server"] = serve::flags(a)?;
     }
     let settings = Settings::load(cli.config.as_deref(), flags)?;
     crate::runtime::init(&settings)?;
@@ -50,6 +53,7 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a, &settings),
         Command::Generate(a) => generate::run(a, &settings),
         Command::Serve(a) => serve::run(a, &settings),
+        Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
     }
 }

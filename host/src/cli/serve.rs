@@ -1,50 +1,141 @@
-//! `rmlx serve`: the HTTP server. Minimal for now: health and model listing.
+//! `rmlx serve`: the HTTP API (see docs/SERVER.md). The engine runs on its own
+//! thread; the API runs on tokio.
+use crate::api::{self, AppState, ServerOptions};
 use crate::config::Settings;
-use anyhow::{Context, Result};
-use poem::{get, handler, listener::TcpListener, web::Json, Route, Server};
+use crate::engine::worker::{ModelCatalog, Worker, WorkerConfig};
+use anyhow::{bail, Context, Result};
+use poem::{listener::TcpListener, Server};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory to serve (repeatable).
+    /// Model directory to serve, or ID=DIR to name it (repeatable). The id is
+    /// the folder's name otherwise.
     #[arg(long)]
-    pub model: Vec<PathBuf>,
+    pub model: Vec<String>,
+    /// Directory whose sub-directories are models (repeatable).
+    #[arg(long)]
+    pub models_dir: Vec<PathBuf>,
     /// Address to bind (default 127.0.0.1).
     #[arg(long)]
     pub host: Option<String>,
-    /// Port to bind (default 8080).
+    /// Port to bind (default 8080; 0 picks a free port, printed at start).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`
+    /// on every route but /health (also RMLX_SERVER__API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Requests that may wait behind the running one; more get 429 (default 64).
+    #[arg(long)]
+    pub max_queue_depth: Option<usize>,
+    /// Models kept in memory at once, least recently used unloaded first (default 2).
+    #[arg(long)]
+    pub max_loaded_models: Option<usize>,
+    /// Unload a model after this long without requests: seconds or 30s/10m/1h (default: never).
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Largest request body in bytes; larger gets 413 (default 16 MiB).
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Load these models (ids) at start instead of on the first request.
+    #[arg(long)]
+    pub preload: Vec<String>,
 }
 
-#[handler]
-fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// `30`, `30s`, `10m`, `1h` -> seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("--idle-timeout: expected seconds or 30s/10m/1h, got {s:?}"))?;
+    Ok(n * mult)
 }
 
-pub fn app(models: Vec<String>) -> Route {
-    let list = serde_json::json!({
-        "object": "list",
-        "data": models.iter().map(|id| serde_json::json!({"id": id, "object": "model", "owned_by": "rmlx"})).collect::<Vec<_>>(),
-    });
-    Route::new().at("/health", get(health)).at(
-        "/v1/models",
-        get(poem::endpoint::make_sync(move |_| Json(list.clone()))),
-    )
+/// The flags as a settings layer (nulls are ignored).
+pub fn flags(a: &Args) -> Result<serde_json::Value> {
+    let idle = a.idle_timeout.as_deref().map(parse_duration_secs).transpose()?;
+    Ok(serde_json::json!({
+        "host": a.host, "port": a.port, "api_key": a.api_key,
+        "max_queue_depth": a.max_queue_depth, "max_loaded_models": a.max_loaded_models,
+        "idle_timeout": idle, "max_body_bytes": a.max_body_bytes,
+    }))
+}
+
+fn model_list(args: &Args, settings: &Settings) -> (Vec<(Option<String>, PathBuf)>, Vec<PathBuf>) {
+    let mut models: Vec<(Option<String>, PathBuf)> =
+        settings.server.models.iter().map(|m| (m.id.clone(), m.path.clone())).collect();
+    for m in &args.model {
+        match m.split_once('=') {
+            Some((id, dir)) if !id.is_empty() && !id.contains('/') => models.push((Some(id.to_string()), PathBuf::from(dir))),
+            _ => models.push((None, PathBuf::from(m))),
+        }
+    }
+    let mut dirs = settings.server.models_dirs.clone();
+    dirs.extend(args.models_dir.iter().cloned());
+    (models, dirs)
+}
+
+/// Builds the engine and the app state from settings.
+pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
+    let (models, dirs) = model_list(args, settings);
+    let catalog = ModelCatalog::discover(&models, &dirs)?;
+    if catalog.entries.is_empty() {
+        bail!("no models to serve: give --model DIR or --models-dir DIR (or [[server.models]] in rmlx.toml)");
+    }
+    let s = &settings.server;
+    let worker = Worker::start(
+        WorkerConfig {
+            plugins_dir: settings.plugins_dir(),
+            max_queue_depth: s.max_queue_depth,
+            max_loaded_models: s.max_loaded_models,
+            idle_timeout: (s.idle_timeout > 0).then(|| Duration::from_secs(s.idle_timeout)),
+            prefill_chunk: settings.generate.prefill_chunk,
+        },
+        &catalog,
+    )?;
+    let opts = ServerOptions {
+        api_key: s.api_key.clone().filter(|k| !k.is_empty()),
+        max_body_bytes: s.max_body_bytes,
+        default_max_tokens: s.default_max_tokens,
+        temperature: settings.generate.temperature,
+        top_p: settings.generate.top_p,
+        prefill_chunk: settings.generate.prefill_chunk,
+    };
+    Ok(Arc::new(AppState { catalog: Arc::new(catalog), worker, opts }))
 }
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
-    let reg = super::registry(settings)?;
-    let mut ids = Vec::new();
-    for m in &args.model {
-        // Load each model once at start so a bad model fails fast.
-        let loaded = crate::engine::LoadedModel::load(m, &reg)?;
-        ids.push(loaded.dir.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    }
+    let state = state(&args, settings)?;
     let addr = format!("{}:{}", settings.server.host, settings.server.port);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        eprintln!("rmlx serving {} on http://{addr}", ids.join(", "));
-        Server::new(TcpListener::bind(&addr)).run(app(ids)).await.with_context(|| format!("serving on {addr}"))
+        for id in &args.preload {
+            let e = state.catalog.get(id).with_context(|| format!("--preload: no model `{id}`"))?;
+            state.worker.load(e, None).await.map_err(|e| anyhow::anyhow!("--preload {id}: {e}"))?;
+        }
+        let listener = TcpListener::bind(addr.clone());
+        let acceptor = poem::listener::Listener::into_acceptor(listener).await.with_context(|| format!("binding {addr}"))?;
+        let local = poem::listener::Acceptor::local_addr(&acceptor)
+            
+            .first()
+            .and_then(|a| a.as_socket_addr().cloned())
+            .map(|a| a.to_string())
+            .unwrap_or(addr.clone());
+        let ids: Vec<&str> = state.catalog.entries.iter().map(|e| e.id.as_str()).collect();
+        eprintln!("rmlx serving {} on http://{local} (docs: http://{local}/docs)", ids.join(", "));
+        let worker = state.worker.clone();
+        let r = Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(api::app(state), async { let _ = tokio::signal::ctrl_c().await; }, Some(Duration::from_secs(5)))
+            .await
+            .with_context(|| format!("serving on {addr}"));
+        worker.shutdown();
+        r
     })
 }

@@ -4,6 +4,7 @@ pub mod cache;
 pub mod generate;
 pub mod loaded;
 pub mod sampler;
+pub mod worker;
 
 pub use generate::{GenerateOptions, GenerateOutput, Session};
 pub use loaded::LoadedModel;

@@ -1,0 +1,201 @@
+//! The HTTP API: OpenAI- and Anthropic-compatible routes on poem +
+//! poem-openapi, one file per resource. [`app`] builds the routes from an
+//! [`AppState`] (tests bind it on port 0); `rmlx serve` binds it.
+//!
+//! Layers: `types/` are the APIs' own shapes (never engine types); the route
+//! files translate them into engine requests (`engine::worker`) through
+//! `generation.rs`; `errors.rs` renders failures in each API's shape.
+pub mod chat;
+pub mod constraint_adapter;
+pub mod reasoning_adapter;
+pub mod completions;
+pub mod errors;
+pub mod generation;
+pub mod health;
+pub mod messages;
+pub mod models;
+pub mod reasoning;
+pub mod tools;
+pub mod types;
+
+use crate::engine::worker::{ModelCatalog, ModelEntry, Worker};
+use errors::ApiError;
+use poem::{
+    http::StatusCode, Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+};
+use poem_openapi::OpenApiService;
+use std::sync::Arc;
+use types::Flavor;
+
+/// Server-wide settings the routes need.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Required as `Authorization: Bearer KEY` or `x-api-key: KEY` on every
+    /// route but /health.
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    /// max_tokens when a chat request gives none (capped by the context).
+    pub default_max_tokens: usize,
+    /// Sampling defaults when a request gives none.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub prefill_chunk: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            max_body_bytes: 16 << 20,
+            default_max_tokens: 4096,
+            temperature: 0.0,
+            top_p: 1.0,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+pub struct AppState {
+    pub catalog: Arc<ModelCatalog>,
+    pub worker: Worker,
+    pub opts: ServerOptions,
+}
+
+impl AppState {
+    pub fn model(&self, id: &str) -> Result<Arc<ModelEntry>, ApiError> {
+        self.catalog.get(id).ok_or_else(|| ApiError::model_not_found(id))
+    }
+}
+
+pub type State = Arc<AppState>;
+
+pub const TITLE: &str = "rmlx";
+
+/// The poem-openapi service: every documented route.
+pub fn service(
+    state: State,
+) -> OpenApiService<(chat::ChatApi, completions::CompletionsApi, models::ModelsApi, messages::MessagesApi, health::HealthApi), ()>
+{
+    OpenApiService::new(
+        (
+            chat::ChatApi(state.clone()),
+            completions::CompletionsApi(state.clone()),
+            models::ModelsApi(state.clone()),
+            messages::MessagesApi(state.clone()),
+            health::HealthApi(state),
+        ),
+        TITLE,
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "OpenAI- and Anthropic-compatible inference server for MLX-format models. \
+         Point the OpenAI SDK at `/v1` and the Anthropic SDK at `/`. \
+         With `--api-key`, every route but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`. \
+         Streams are server-sent events: OpenAI's end with `data: [DONE]`; Anthropic's carry `event:` names.",
+    )
+    .server("http://127.0.0.1:8080")
+}
+
+/// The OpenAPI document (what `rmlx openapi` prints and schemas/openapi.json holds).
+pub fn openapi_json() -> String {
+    let state = Arc::new(AppState { catalog: Arc::new(ModelCatalog::default()), worker: Worker::detached(), opts: ServerOptions::default() });
+    let mut s = service(state).spec();
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+fn flavor_of(path: &str) -> Flavor {
+    if path.starts_with("/v1/messages") {
+        Flavor::Anthropic
+    } else {
+        Flavor::OpenAI
+    }
+}
+
+/// All routes: the API, /openapi.json, the docs page (/docs), auth, body
+/// limit and error shapes.
+pub fn app(state: State) -> Route {
+    let api = service(state.clone());
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let key = state.opts.api_key.clone();
+    let limit = state.opts.max_body_bytes;
+    let guarded = Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .around(move |ep, mut req: Request| {
+            let key = key.clone();
+            async move {
+                let flavor = flavor_of(req.uri().path());
+                if let Err(e) = limit_body(&mut req, limit).await {
+                    return Ok(errors::render(e, flavor));
+                }
+                if let Some(k) = &key {
+                    if req.uri().path() != "/health" && !authorized(&req, k) {
+                        let e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)")
+                            .flavor(flavor);
+                        return Ok(errors::render(poem::Error::from(e), flavor));
+                    }
+                }
+                match ep.call(req).await {
+                    Ok(r) => {
+                        let r = r.into_response();
+                        Ok(r)
+                    }
+                    Err(e) => Ok(errors::render(e, flavor)),
+                }
+            }
+        });
+    Route::new().nest("/", guarded)
+}
+
+/// 413 when the body is larger than `limit` (by Content-Length, or by
+/// reading a body sent without one).
+async fn limit_body(req: &mut Request, limit: usize) -> poem::Result<()> {
+    let too_large = || poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE);
+    match req.header("content-length").map(|v| v.parse::<usize>()) {
+        Some(Ok(n)) if n > limit => Err(too_large()),
+        Some(_) => Ok(()),
+        None => {
+            use tokio::io::AsyncReadExt;
+            let body = req.take_body();
+            let mut buf = Vec::new();
+            body.into_async_read().take(limit as u64 + 1).read_to_end(&mut buf).await.map_err(|e| poem::Error::from_string(e.to_string(), StatusCode::BAD_REQUEST))?;
+            if buf.len() > limit {
+                return Err(too_large());
+            }
+            req.set_body(buf);
+            Ok(())
+        }
+    }
+}
+
+fn authorized(req: &Request, key: &str) -> bool {
+    let bearer = req
+        .header("authorization")
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim);
+    let x = req.header("x-api-key").map(str::trim);
+    bearer == Some(key) || x == Some(key)
+}
+
+/// For handlers: an error response in the right shape (unused helper kept for routes outside poem-openapi).
+pub fn error_response(e: ApiError) -> Response {
+    poem::error::ResponseError::as_response(&e)
+}
+
+/// Groups of routes in the documentation.
+#[derive(poem_openapi::Tags)]
+pub enum Tag {
+    /// OpenAI-compatible: chat completions and completions.
+    OpenAI,
+    /// Anthropic-compatible: messages and token counting.
+    Anthropic,
+    /// Served models: list, describe, load, unload.
+    Models,
+    /// Liveness.
+    Health,
+}

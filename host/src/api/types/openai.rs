@@ -1,0 +1,680 @@
+//! OpenAI's request and response shapes (chat completions, completions,
+//! models, errors), field for field. Requests derive both `Object` (the
+//! schema) and `Deserialize` (parsing with the failing field's path); rmlx
+//! extensions are marked as such.
+use poem_openapi::{Enum, Object, Union};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashMap;
+
+// ------------------------------------------------------------------ shared
+
+/// `stop`: a string or up to 4 strings (rmlx takes any number).
+#[derive(Debug, Clone, Union, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// rmlx extension (as Ollama): how long the model stays loaded after this
+/// request: seconds (0 unloads at once, negative keeps it forever) or a
+/// duration string such as "10m", "1h", "30s".
+#[derive(Debug, Clone, Union, Deserialize)]
+#[serde(untagged)]
+pub enum KeepAliveSpec {
+    Seconds(f64),
+    Duration(String),
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+// ------------------------------------------------------------------ chat: request
+
+/// A text part of a message's content.
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct TextPart {
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// An image part (not supported by text models: 400).
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ImagePart {
+    pub image_url: ImageUrl,
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[oai(discriminator_name = "type")]
+#[serde(tag = "type")]
+pub enum ContentPart {
+    #[oai(mapping = "text")]
+    #[serde(rename = "text")]
+    Text(TextPart),
+    #[oai(mapping = "image_url")]
+    #[serde(rename = "image_url")]
+    ImageUrl(ImagePart),
+}
+
+/// Message content: a string or an array of parts.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON string.
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Enum, Deserialize, PartialEq)]
+#[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionType {
+    Function,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[oai(rename = "type")]
+    pub r#type: FunctionType,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct SystemMessage {
+    pub content: MessageContent,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct UserMessage {
+    pub content: MessageContent,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct AssistantMessage {
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The model's earlier reasoning (rmlx/vLLM field).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ToolMessage {
+    pub content: MessageContent,
+    pub tool_call_id: String,
+}
+
+/// A conversation turn, by `role`.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[oai(discriminator_name = "role")]
+#[serde(tag = "role")]
+pub enum ChatMessage {
+    #[oai(mapping = "system")]
+    #[serde(rename = "system")]
+    System(SystemMessage),
+    #[oai(mapping = "developer")]
+    #[serde(rename = "developer")]
+    Developer(SystemMessage),
+    #[oai(mapping = "user")]
+    #[serde(rename = "user")]
+    User(UserMessage),
+    #[oai(mapping = "assistant")]
+    #[serde(rename = "assistant")]
+    Assistant(AssistantMessage),
+    #[oai(mapping = "tool")]
+    #[serde(rename = "tool")]
+    Tool(ToolMessage),
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ChatTool {
+    #[oai(rename = "type")]
+    pub r#type: FunctionType,
+    pub function: FunctionDefinition,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct NamedToolChoice {
+    #[oai(rename = "type")]
+    pub r#type: FunctionType,
+    pub function: FunctionName,
+}
+
+#[derive(Debug, Clone, Copy, Enum, Deserialize, PartialEq)]
+#[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    None,
+    Auto,
+    Required,
+}
+
+/// `none`, `auto`, `required`, or a named function.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(ToolChoiceMode),
+    Named(NamedToolChoice),
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ResponseFormatText {}
+
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ResponseFormatJsonSchema {
+    pub json_schema: JsonSchemaFormat,
+}
+
+/// rmlx extension: output matching a regular expression.
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ResponseFormatRegex {
+    pub regex: String,
+}
+
+/// rmlx extension: output matching a Lark grammar (llguidance's dialect).
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ResponseFormatGrammar {
+    pub grammar: String,
+}
+
+/// `text`, `json_object`, `json_schema`; rmlx adds `regex` and `grammar` (Lark).
+#[derive(Debug, Clone, Union, Deserialize)]
+#[oai(discriminator_name = "type")]
+#[serde(tag = "type")]
+pub enum ResponseFormat {
+    #[oai(mapping = "text")]
+    #[serde(rename = "text")]
+    Text(ResponseFormatText),
+    #[oai(mapping = "json_object")]
+    #[serde(rename = "json_object")]
+    JsonObject(ResponseFormatText),
+    #[oai(mapping = "json_schema")]
+    #[serde(rename = "json_schema")]
+    JsonSchema(ResponseFormatJsonSchema),
+    #[oai(mapping = "regex")]
+    #[serde(rename = "regex")]
+    Regex(ResponseFormatRegex),
+    #[oai(mapping = "grammar")]
+    #[serde(rename = "grammar")]
+    Grammar(ResponseFormatGrammar),
+}
+
+/// POST /v1/chat/completions
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// A model id from GET /v1/models.
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`; both work.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// 0 (greedy) to 2. Default: the server's (0).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// rmlx extension (as vLLM): keep the k most likely tokens; 0 = off.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// rmlx extension: drop tokens below min_p times the top probability.
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// rmlx extension (as mlx-lm): >1 discourages the last 20 tokens.
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) -> bias added to its logit (-100..100).
+    #[serde(default)]
+    pub logit_bias: Option<HashMap<String, f32>>,
+    /// Same seed, same output.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    /// Only 1 is supported.
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Return the log-probability of each output token.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// 0 to 20 most likely alternatives per token (needs `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<Vec<ChatTool>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// rmlx extension: turn the model's thinking on or off (chat template
+    /// `enable_thinking`).
+    #[serde(default)]
+    pub enable_thinking: Option<bool>,
+    /// rmlx extension: at most this many thinking tokens; the thinking block
+    /// is closed when they are spent.
+    #[serde(default)]
+    pub thinking_budget: Option<u32>,
+    /// Extra chat-template variables (as vLLM).
+    #[serde(default)]
+    pub chat_template_kwargs: Option<HashMap<String, Value>>,
+    /// rmlx extension: see KeepAliveSpec.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveSpec>,
+}
+
+// ------------------------------------------------------------------ chat: response
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+#[oai(rename_all = "snake_case")]
+pub enum FinishReasonOai {
+    Stop,
+    Length,
+    ToolCalls,
+    ContentFilter,
+}
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+#[oai(rename_all = "lowercase")]
+pub enum AssistantRole {
+    Assistant,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ResponseFunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ResponseToolCall {
+    pub id: String,
+    #[oai(rename = "type")]
+    pub r#type: FunctionType,
+    pub function: ResponseFunctionCall,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ResponseMessage {
+    pub role: AssistantRole,
+    pub content: Option<String>,
+    /// The model's thinking, apart from the answer.
+    #[oai(skip_serializing_if_is_none)]
+    pub reasoning_content: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub tool_calls: Option<Vec<ResponseToolCall>>,
+    pub refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// UTF-8 bytes of the token.
+    pub bytes: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ChoiceLogprobs {
+    pub content: Option<Vec<TokenLogprob>>,
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ResponseMessage,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: FinishReasonOai,
+}
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+pub enum ChatCompletionObject {
+    #[oai(rename = "chat.completion")]
+    ChatCompletion,
+}
+
+/// A chat completion (non-streamed).
+#[derive(Debug, Clone, Object)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: ChatCompletionObject,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+    pub system_fingerprint: Option<String>,
+}
+
+// ------------------------------------------------------------------ chat: stream
+
+#[derive(Debug, Clone, Object, Default)]
+pub struct DeltaFunctionCall {
+    #[oai(skip_serializing_if_is_none)]
+    pub name: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub arguments: Option<String>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct DeltaToolCall {
+    pub index: u32,
+    #[oai(skip_serializing_if_is_none)]
+    pub id: Option<String>,
+    #[oai(rename = "type", skip_serializing_if_is_none)]
+    pub r#type: Option<FunctionType>,
+    pub function: DeltaFunctionCall,
+}
+
+#[derive(Debug, Clone, Object, Default)]
+pub struct ChunkDelta {
+    /// Only in the first chunk.
+    #[oai(skip_serializing_if_is_none)]
+    pub role: Option<AssistantRole>,
+    #[oai(skip_serializing_if_is_none)]
+    pub content: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub reasoning_content: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: ChunkDelta,
+    pub logprobs: Option<ChoiceLogprobs>,
+    pub finish_reason: Option<FinishReasonOai>,
+}
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+pub enum ChatCompletionChunkObject {
+    #[oai(rename = "chat.completion.chunk")]
+    ChatCompletionChunk,
+}
+
+/// One server-sent event of a streamed chat completion (`data: {...}`); the
+/// stream ends with `data: [DONE]`. The first chunk carries the role; with
+/// `stream_options.include_usage` a last chunk has `usage` and no choices.
+#[derive(Debug, Clone, Object)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: ChatCompletionChunkObject,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    #[oai(skip_serializing_if_is_none)]
+    pub usage: Option<Usage>,
+    pub system_fingerprint: Option<String>,
+}
+
+// ------------------------------------------------------------------ completions
+
+/// `prompt`: a string, strings, token ids, or lists of token ids.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    TokenLists(Vec<Vec<i64>>),
+}
+
+/// POST /v1/completions
+#[derive(Debug, Clone, Object, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptSpec,
+    /// Default 16, as OpenAI.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// rmlx extension.
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// rmlx extension.
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// rmlx extension.
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub logit_bias: Option<HashMap<String, f32>>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    /// Only 1.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Only 1.
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// 0 to 20: the log-probability of each token and this many alternatives.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    /// Return the prompt before the completion.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Not supported (400 when set).
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// rmlx extension: constrained output, as for chat.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    /// rmlx extension.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveSpec>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    /// null for echoed prompt tokens.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
+    /// Character offset of each token in the returned text.
+    pub text_offset: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct CompletionChoice {
+    pub text: String,
+    pub index: u32,
+    pub logprobs: Option<CompletionLogprobs>,
+    /// null in streamed chunks until the last one.
+    pub finish_reason: Option<FinishReasonOai>,
+    /// rmlx extension: the generated token ids (useful for models without a tokenizer).
+    #[oai(skip_serializing_if_is_none)]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+pub enum TextCompletionObject {
+    #[oai(rename = "text_completion")]
+    TextCompletion,
+}
+
+/// A completion; the same object is each streamed event (then `data: [DONE]`).
+#[derive(Debug, Clone, Object)]
+pub struct Completion {
+    pub id: String,
+    pub object: TextCompletionObject,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[oai(skip_serializing_if_is_none)]
+    pub usage: Option<Usage>,
+    pub system_fingerprint: Option<String>,
+}
+
+// ------------------------------------------------------------------ models
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+#[oai(rename_all = "lowercase")]
+pub enum ModelObjectKind {
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, Enum, PartialEq)]
+#[oai(rename_all = "lowercase")]
+pub enum ListObject {
+    List,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct Model {
+    pub id: String,
+    pub object: ModelObjectKind,
+    pub created: u64,
+    pub owned_by: String,
+    /// rmlx extension: whether its weights are in memory now.
+    pub loaded: bool,
+    /// rmlx extension: context length from config.json.
+    pub context_length: Option<u32>,
+    /// rmlx extension: Unix seconds when it will be unloaded (null: loaded
+    /// with no expiry, or not loaded).
+    pub expires_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Object)]
+pub struct ModelList {
+    pub object: ListObject,
+    pub data: Vec<Model>,
+}
+
+/// POST /v1/models/{id}/load (body optional).
+#[derive(Debug, Clone, Object, Deserialize, Default)]
+pub struct LoadRequest {
+    #[serde(default)]
+    pub keep_alive: Option<KeepAliveSpec>,
+}
+
+// ------------------------------------------------------------------ errors
+
+#[derive(Debug, Clone, Object)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// invalid_request_error, authentication_error, not_found_error,
+    /// rate_limit_error, server_error ...
+    #[oai(rename = "type")]
+    pub r#type: String,
+    /// The request field at fault.
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// OpenAI's error shape.
+#[derive(Debug, Clone, Object)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}

@@ -1,0 +1,723 @@
+//! The engine thread: the one thread that touches MLX. It owns the plugin
+//! registry and the loaded models; requests arrive over a channel and their
+//! tokens go back over a tokio channel. One sequence at a time (continuous
+//! batching replaces `run_generate` later; the queue in front stays).
+//!
+//! What it owns per request: prefill, the decode loop, sampling (with an
+//! optional logits hook for constrained decoding), incremental detokenizing,
+//! stop strings (matched across token boundaries, never emitted), max tokens,
+//! cancellation (a flag, or the receiver going away).
+//!
+//! Models: a catalog fixed at start ([`ModelCatalog`]); a model is loaded on
+//! the first request that names it, unloaded after its keep-alive expires, and
+//! the least recently used one goes first when `max_loaded` are loaded.
+use super::{generate::Session, sampler::{Sampled, Sampler, SamplingParams}, LoadedModel};
+use crate::model::{text::TextSide, ModelDir};
+use crate::plugins::Registry;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+// ---------------------------------------------------------------- catalog
+
+/// A servable model: where it is, its id, and (loaded lazily, shared with the
+/// API side) its tokenizer and chat template.
+pub struct ModelEntry {
+    pub id: String,
+    pub path: PathBuf,
+    pub model_type: String,
+    /// config.json `max_position_embeddings` (or similar), when given.
+    pub context_length: Option<usize>,
+    pub vocab_size: Option<usize>,
+    /// Seconds since the epoch of the config file (OpenAI's `created`).
+    pub created: u64,
+    text: OnceLock<std::result::Result<Arc<TextSide>, String>>,
+}
+
+impl ModelEntry {
+    pub fn open(id: String, path: &Path) -> Result<Self> {
+        let dir = ModelDir::open(path)?;
+        let cfg = &dir.config;
+        let pick = |keys: &[&str]| {
+            keys.iter().find_map(|k| {
+                cfg.get(*k).or_else(|| cfg.get("text_config").and_then(|t| t.get(*k))).and_then(|v| v.as_u64())
+            })
+        };
+        let context_length = pick(&["max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"])
+            .map(|v| v as usize);
+        let vocab_size = pick(&["vocab_size"]).map(|v| v as usize);
+        let created = std::fs::metadata(dir.file("config.json"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(Self { id, path: dir.path.clone(), model_type: dir.model_type, context_length, vocab_size, created, text: OnceLock::new() })
+    }
+
+    /// Tokenizer, chat template and EOS ids (loaded once; no MLX involved).
+    pub fn text(&self) -> Result<Arc<TextSide>> {
+        self.text
+            .get_or_init(|| {
+                ModelDir::open(&self.path)
+                    .and_then(|d| TextSide::load(&d))
+                    .map(Arc::new)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+            .map_err(|e| anyhow!(e))
+    }
+}
+
+/// The models a server may serve, by id.
+#[derive(Default)]
+pub struct ModelCatalog {
+    pub entries: Vec<Arc<ModelEntry>>,
+}
+
+impl ModelCatalog {
+    /// `models`: (optional id, directory); `models_dirs`: directories whose
+    /// sub-directories with a config.json are models. The id is the folder's
+    /// name unless given. Duplicate ids are an error.
+    pub fn discover(models: &[(Option<String>, PathBuf)], models_dirs: &[PathBuf]) -> Result<Self> {
+        let mut list: Vec<(Option<String>, PathBuf)> = models.to_vec();
+        for d in models_dirs {
+            let rd = std::fs::read_dir(d).with_context(|| format!("--models-dir {}", d.display()))?;
+            let mut subs: Vec<PathBuf> =
+                rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.json").is_file()).collect();
+            subs.sort();
+            list.extend(subs.into_iter().map(|p| (None, p)));
+        }
+        let mut entries: Vec<Arc<ModelEntry>> = Vec::new();
+        for (id, path) in list {
+            let id = match id {
+                Some(id) => id,
+                None => folder_name(&path),
+            };
+            if let Some(prev) = entries.iter().find(|e| e.id == id) {
+                if prev.path == path {
+                    continue;
+                }
+                bail!("two models have the id `{id}`: {} and {} (name one in rmlx.toml [[server.models]])", prev.path.display(), path.display());
+            }
+            entries.push(Arc::new(ModelEntry::open(id, &path)?));
+        }
+        Ok(Self { entries })
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<ModelEntry>> {
+        self.entries.iter().find(|e| e.id == id).cloned()
+    }
+}
+
+fn folder_name(p: &Path) -> String {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+// ---------------------------------------------------------------- requests
+
+/// How long a model stays loaded after a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeepAlive {
+    /// Unload right after the request.
+    Unload,
+    For(Duration),
+    Forever,
+}
+
+/// Per-request hook on the processed logits, for constrained decoding: it
+/// masks (sets to -inf) what may not come next, and is told what came.
+pub trait LogitsHook: Send {
+    fn apply(&mut self, logits: &mut [f32]) -> Result<()>;
+    fn commit(&mut self, token: u32) -> Result<()>;
+    /// True when nothing more may be generated (ends with finish "stop").
+    fn is_finished(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    /// Strings that end generation; never part of the text.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (besides the model's EOS ids).
+    pub stop_ids: Vec<u32>,
+    /// Generate past EOS ids.
+    pub ignore_eos: bool,
+    /// Some(n): logprob of each token and the n most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub prefill_chunk: usize,
+    /// Leave special tokens out of the text (keep them for tool-call parsing).
+    pub skip_special: bool,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::default(),
+            max_tokens: 256,
+            stop: Vec::new(),
+            stop_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            prefill_chunk: 512,
+            skip_special: true,
+        }
+    }
+}
+
+pub struct GenRequest {
+    pub model: Arc<ModelEntry>,
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub hook: Option<Box<dyn LogitsHook>>,
+    pub cancel: Arc<AtomicBool>,
+    pub keep_alive: Option<KeepAlive>,
+    pub events: mpsc::UnboundedSender<GenEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The token as text (special tokens included; empty without a tokenizer).
+    pub text: String,
+    /// (id, text, logprob), most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An EOS id (or the logits hook finished).
+    Stop,
+    /// A stop string.
+    StopString,
+    /// max_tokens, or the context is full.
+    Length,
+    /// The client went away or cancelled.
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    /// The stop string that matched.
+    pub stop: Option<String>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub prompt_secs: f64,
+    pub generation_secs: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum GenEvent {
+    /// The model is loaded and the prompt is being processed.
+    Started,
+    /// One generated token: `text` is the text now safe to show (it may lag
+    /// behind the tokens while a stop string or a UTF-8 sequence is open).
+    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    /// Trailing text with no token of its own (flushed at the end).
+    Text(String),
+    Done(Finish),
+    Error(WorkerError),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What /v1/models shows about a model's state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedInfo {
+    pub id: String,
+    pub loaded_at: u64,
+    /// Seconds since the epoch when it will be unloaded (None: never).
+    pub expires_at: Option<u64>,
+}
+
+enum Job {
+    Generate(GenRequest),
+    Load { model: Arc<ModelEntry>, keep_alive: Option<KeepAlive>, reply: oneshot::Sender<Result<(), WorkerError>> },
+    Unload { id: String, reply: oneshot::Sender<bool> },
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub plugins_dir: PathBuf,
+    /// Requests waiting behind the running one; more get QueueFull (429).
+    pub max_queue_depth: usize,
+    pub max_loaded_models: usize,
+    /// Default keep-alive (None: forever).
+    pub idle_timeout: Option<Duration>,
+    pub prefill_chunk: usize,
+}
+
+/// Handle to the engine thread (cheap to clone).
+#[derive(Clone)]
+pub struct Worker {
+    tx: std_mpsc::Sender<Job>,
+    in_flight: Arc<AtomicUsize>,
+    max_queue_depth: usize,
+    loaded: Arc<Mutex<Vec<LoadedInfo>>>,
+}
+
+impl Worker {
+    /// Starts the engine thread; it loads the plugin registry and checks that
+    /// every catalog model has an architecture plugin.
+    pub fn start(cfg: WorkerConfig, catalog: &ModelCatalog) -> Result<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let loaded = Arc::new(Mutex::new(Vec::new()));
+        let types: Vec<(String, String)> = catalog.entries.iter().map(|e| (e.id.clone(), e.model_type.clone())).collect();
+        let thread_loaded = loaded.clone();
+        let thread_cfg = cfg.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let thread_in_flight = in_flight.clone();
+        std::thread::Builder::new()
+            .name("rmlx-engine".into())
+            .spawn(move || {
+                let reg = match Registry::load(&thread_cfg.plugins_dir) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for r in &reg.refused {
+                    eprintln!("warning: skipped {}: {}", r.path.display(), r.reason);
+                }
+                for (id, t) in &types {
+                    if let Err(e) = reg.architecture_plugin(t) {
+                        let _ = ready_tx.send(Err(e.context(format!("model `{id}`"))));
+                        return;
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                Engine { reg, cfg: thread_cfg, models: Vec::new(), loaded: thread_loaded, in_flight: thread_in_flight }.run(rx);
+            })?;
+        ready_rx.recv().map_err(|_| anyhow!("the engine thread died at start"))??;
+        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded })
+    }
+
+    /// Queues a generation. Events arrive on `req.events`; the last is `Done`
+    /// or `Error`.
+    pub fn submit(&self, req: GenRequest) -> Result<(), WorkerError> {
+        let n = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if n > self.max_queue_depth {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(WorkerError::QueueFull(n - 1));
+        }
+        // The engine decrements when the request ends, however it ends.
+        let guard = InFlight(self.in_flight.clone());
+        self.tx.send(Job::Generate(req)).map_err(|_| WorkerError::Stopped)?;
+        std::mem::forget(guard);
+        Ok(())
+    }
+
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
+    }
+
+    pub async fn load(&self, model: Arc<ModelEntry>, keep_alive: Option<KeepAlive>) -> Result<(), WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job::Load { model, keep_alive, reply }).map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
+    }
+
+    /// True if it was loaded.
+    pub async fn unload(&self, id: &str) -> Result<bool, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job::Unload { id: id.to_string(), reply }).map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)
+    }
+
+    pub fn loaded(&self) -> Vec<LoadedInfo> {
+        self.loaded.lock().unwrap().clone()
+    }
+
+    /// A handle with no engine behind it (requests fail with `Stopped`); for
+    /// building the API description without models.
+    pub fn detached() -> Self {
+        let (tx, _) = std_mpsc::channel();
+        Self { tx, in_flight: Arc::new(AtomicUsize::new(0)), max_queue_depth: 0, loaded: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Job::Shutdown);
+    }
+}
+
+struct InFlight(Arc<AtomicUsize>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------- engine thread
+
+struct Resident {
+    entry: Arc<ModelEntry>,
+    model: LoadedModel,
+    last_used: Instant,
+    loaded_at: u64,
+    keep_alive: KeepAlive,
+}
+
+impl Resident {
+    fn expires(&self) -> Option<Instant> {
+        match self.keep_alive {
+            KeepAlive::Unload => Some(self.last_used),
+            KeepAlive::For(d) => Some(self.last_used + d),
+            KeepAlive::Forever => None,
+        }
+    }
+}
+
+struct Engine {
+    reg: Registry,
+    cfg: WorkerConfig,
+    models: Vec<Resident>,
+    loaded: Arc<Mutex<Vec<LoadedInfo>>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Engine {
+    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
+        loop {
+            self.expire();
+            let next = self.models.iter().filter_map(|m| m.expires()).min();
+            let job = match next {
+                Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
+                    Ok(j) => j,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
+            };
+            match job {
+                Job::Shutdown => return,
+                Job::Load { model, keep_alive, reply } => {
+                    let r = self.ensure(&model, keep_alive).map(|_| ()).map_err(|e| WorkerError::Internal(format!("{e:#}")));
+                    let _ = reply.send(r);
+                }
+                Job::Unload { id, reply } => {
+                    let before = self.models.len();
+                    self.models.retain(|m| m.entry.id != id);
+                    let _ = reply.send(self.models.len() != before);
+                    self.publish();
+                }
+                Job::Generate(req) => {
+                    let _guard = InFlight(self.in_flight.clone());
+                    let events = req.events.clone();
+                    let keep_alive = req.keep_alive;
+                    let entry = req.model.clone();
+                    let result = match self.ensure(&entry, keep_alive) {
+                        Ok(i) => {
+                            let _ = events.send(GenEvent::Started);
+                            let model = &mut self.models[i].model;
+                            run_generate(model, &entry, req)
+                        }
+                        Err(e) => Err(WorkerError::Internal(format!("loading model `{}`: {e:#}", entry.id))),
+                    };
+                    if let Some(r) = self.models.iter_mut().find(|m| m.entry.id == entry.id) {
+                        r.last_used = Instant::now();
+                    }
+                    match result {
+                        Ok(f) => {
+                            let _ = events.send(GenEvent::Done(f));
+                        }
+                        Err(e) => {
+                            let _ = events.send(GenEvent::Error(e));
+                        }
+                    }
+                    self.publish();
+                }
+            }
+        }
+    }
+
+    /// Index of the resident model, loading it (and evicting LRU) if needed.
+    fn ensure(&mut self, entry: &Arc<ModelEntry>, keep_alive: Option<KeepAlive>) -> Result<usize> {
+        let ka = keep_alive.unwrap_or(match self.cfg.idle_timeout {
+            Some(d) => KeepAlive::For(d),
+            None => KeepAlive::Forever,
+        });
+        if let Some(i) = self.models.iter().position(|m| m.entry.id == entry.id) {
+            let m = &mut self.models[i];
+            m.last_used = Instant::now();
+            if keep_alive.is_some() {
+                m.keep_alive = ka;
+            }
+            self.publish();
+            return Ok(i);
+        }
+        while self.models.len() >= self.cfg.max_loaded_models.max(1) {
+            let lru = (0..self.models.len()).min_by_key(|&i| self.models[i].last_used).unwrap();
+            let gone = self.models.remove(lru);
+            tracing::info!("unloading {} (least recently used)", gone.entry.id);
+        }
+        let t0 = Instant::now();
+        let model = LoadedModel::load(&entry.path, &self.reg)?;
+        tracing::info!("loaded {} in {:.2}s", entry.id, t0.elapsed().as_secs_f64());
+        self.models.push(Resident { entry: entry.clone(), model, last_used: Instant::now(), loaded_at: now_secs(), keep_alive: ka });
+        self.publish();
+        Ok(self.models.len() - 1)
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let before = self.models.len();
+        self.models.retain(|m| match m.expires() {
+            Some(t) if t <= now => {
+                tracing::info!("unloading {} (idle)", m.entry.id);
+                false
+            }
+            _ => true,
+        });
+        if before != self.models.len() {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let now_i = Instant::now();
+        let now_s = now_secs();
+        let list = self
+            .models
+            .iter()
+            .map(|m| LoadedInfo {
+                id: m.entry.id.clone(),
+                loaded_at: m.loaded_at,
+                expires_at: m.expires().map(|t| now_s + t.saturating_duration_since(now_i).as_secs()),
+            })
+            .collect();
+        *self.loaded.lock().unwrap() = list;
+    }
+}
+
+/// Holds back text that could be the start of a stop string.
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Adds text; returns (text safe to emit, the stop string if one matched).
+    fn push(&mut self, text: &str) -> (String, Option<String>) {
+        self.held.push_str(text);
+        if self.stops.is_empty() {
+            return (std::mem::take(&mut self.held), None);
+        }
+        // The earliest match wins.
+        let mut best: Option<(usize, &String)> = None;
+        for s in &self.stops {
+            if let Some(i) = self.held.find(s.as_str()) {
+                if best.is_none_or(|(j, _)| i < j) {
+                    best = Some((i, s));
+                }
+            }
+        }
+        if let Some((i, s)) = best {
+            let out = self.held[..i].to_string();
+            let s = s.clone();
+            self.held.clear();
+            return (out, Some(s));
+        }
+        // Keep the longest suffix that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for k in (1..s.len()).rev() {
+                if k <= keep {
+                    break;
+                }
+                if s.is_char_boundary(k) && self.held.ends_with(&s[..k]) {
+                    keep = k;
+                    break;
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, None)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+fn run_generate(model: &mut LoadedModel, entry: &ModelEntry, req: GenRequest) -> Result<Finish, WorkerError> {
+    let GenRequest { prompt, params, mut hook, cancel, events, .. } = req;
+    let text = entry.text().map_err(|e| WorkerError::Internal(format!("{e:#}")))?;
+    let vocab = model.spec.vocab_size as usize;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(WorkerError::BadRequest(format!("prompt token id {bad} is out of range for a vocabulary of {vocab}")));
+    }
+    if prompt.is_empty() {
+        return Err(WorkerError::BadRequest("the prompt is empty".into()));
+    }
+    let mut eos: Vec<u32> = if params.ignore_eos { Vec::new() } else { text.eos_ids.clone() };
+    eos.extend(&params.stop_ids);
+    let mut decoder = text.tokenizer.as_ref().map(|t| t.stream_decoder(params.skip_special));
+    let mut stops = StopMatcher { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() };
+    let mut sampler = Sampler::with_params(params.sampling.clone());
+    sampler.set_prompt(&prompt);
+    let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
+    let tok_text = |id: u32| -> String {
+        match &text.tokenizer {
+            Some(t) => t.decode(&[id], false).unwrap_or_default(),
+            None => String::new(),
+        }
+    };
+
+    let t0 = Instant::now();
+    let mut session = Session::new(model);
+    session.prefill_chunk = params.prefill_chunk.max(1);
+    let mut logits = session.prefill(&prompt).map_err(internal)?;
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let max_ctx = entry.context_length.unwrap_or(usize::MAX);
+    let mut n = 0usize;
+    let finish = |reason, stop: Option<String>, n: usize| Finish {
+        reason,
+        stop,
+        prompt_tokens: prompt.len(),
+        completion_tokens: n,
+        prompt_secs,
+        generation_secs: t1.elapsed().as_secs_f64(),
+    };
+    loop {
+        if n >= params.max_tokens || prompt.len() + n >= max_ctx {
+            let tail = flush_text(&mut decoder, &mut stops);
+            if let (t, Some(s)) = tail {
+                send_text(&events, t);
+                return Ok(finish(FinishReason::StopString, Some(s), n));
+            } else if let (t, None) = tail {
+                send_text(&events, t);
+            }
+            return Ok(finish(FinishReason::Length, None, n));
+        }
+        if cancel.load(Ordering::Relaxed) || events.is_closed() {
+            return Ok(finish(FinishReason::Cancelled, None, n));
+        }
+        sampler.process(&mut logits);
+        if let Some(h) = hook.as_mut() {
+            h.apply(&mut logits).map_err(internal)?;
+        }
+        let Sampled { token, logprob, top } = sampler.sample_processed(&logits, params.logprobs);
+        if eos.contains(&token) {
+            let (t, s) = flush_text(&mut decoder, &mut stops);
+            send_text(&events, t);
+            return Ok(match s {
+                Some(s) => finish(FinishReason::StopString, Some(s), n),
+                None => finish(FinishReason::Stop, None, n),
+            });
+        }
+        if let Some(h) = hook.as_mut() {
+            h.commit(token).map_err(internal)?;
+        }
+        n += 1;
+        let piece = match decoder.as_mut() {
+            Some(d) => d.step(token).map_err(internal)?,
+            None => String::new(),
+        };
+        let (safe, hit) = stops.push(&piece);
+        let lp = params.logprobs.map(|_| TokenLogprob {
+            logprob,
+            text: tok_text(token),
+            top: top.iter().map(|&(id, l)| (id, tok_text(id), l)).collect(),
+        });
+        if events.send(GenEvent::Token { id: token, text: safe, logprob: lp }).is_err() {
+            return Ok(finish(FinishReason::Cancelled, None, n));
+        }
+        if let Some(s) = hit {
+            return Ok(finish(FinishReason::StopString, Some(s), n));
+        }
+        if hook.as_ref().is_some_and(|h| h.is_finished()) {
+            let (t, s) = flush_text(&mut decoder, &mut stops);
+            send_text(&events, t);
+            return Ok(match s {
+                Some(s) => finish(FinishReason::StopString, Some(s), n),
+                None => finish(FinishReason::Stop, None, n),
+            });
+        }
+        if n >= params.max_tokens || prompt.len() + n >= max_ctx {
+            continue; // no forward needed for a token that is never followed
+        }
+        logits = session.step(token).map_err(internal)?;
+    }
+}
+
+fn flush_text(decoder: &mut Option<crate::model::tokenizer::StreamDecoder>, stops: &mut StopMatcher) -> (String, Option<String>) {
+    let rest = decoder.as_mut().and_then(|d| d.flush().ok()).unwrap_or_default();
+    let (mut out, hit) = stops.push(&rest);
+    if hit.is_none() {
+        out.push_str(&stops.flush());
+    }
+    (out, hit)
+}
+
+fn send_text(events: &mpsc::UnboundedSender<GenEvent>, t: String) {
+    if !t.is_empty() {
+        let _ = events.send(GenEvent::Text(t));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
+        let mut m = StopMatcher { stops: stops.iter().map(|s| s.to_string()).collect(), held: String::new() };
+        let mut out = String::new();
+        for p in pieces {
+            let (t, hit) = m.push(p);
+            out.push_str(&t);
+            if hit.is_some() {
+                return (out, hit);
+            }
+        }
+        out.push_str(&m.flush());
+        (out, None)
+    }
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), Some("END".into())));
+        assert_eq!(run(&["END"], &["hello E", "N", "d"]), ("hello ENd".into(), None));
+        assert_eq!(run(&["\n\n", "xy"], &["a\n", "b x", "y"]), ("a\nb ".into(), Some("xy".into())));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
+        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), Some("é!".into())));
+    }
+
+    #[test]
+    fn holds_back_only_possible_prefixes() {
+        let mut m = StopMatcher { stops: vec!["STOP".into()], held: String::new() };
+        assert_eq!(m.push("abcST"), ("abc".into(), None));
+        assert_eq!(m.push("x"), ("STx".into(), None));
+    }
+}
