@@ -1,4 +1,5 @@
 //! `rmlx` subcommands, one file each.
+mod bench;
 mod convert;
 mod generate;
 mod info;
@@ -34,6 +35,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Serve the HTTP API.
     Serve(serve::Args),
+    /// Measure prefill and decode speed in-process (like mlx_lm.benchmark).
+    Bench(bench::Args),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
@@ -53,6 +56,7 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a, &settings),
         Command::Generate(a) => generate::run(a, &settings),
         Command::Serve(a) => serve::run(a, &settings),
+        Command::Bench(a) => bench::run(a, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
     }
