@@ -4,7 +4,7 @@
 use super::{cache::KvCache, sampler::Sampler, LoadedModel};
 use crate::plugins::registry::into_anyhow;
 use anyhow::{bail, Result};
-use mlx_rs::{Array, Dtype};
+use mlx_rs::{ops::indexing::argmax_axis, transforms::async_eval, Array, Dtype};
 use rmlx_plugin_api::MlxArray;
 use std::time::Instant;
 
@@ -20,26 +20,25 @@ impl<'m> Session<'m> {
         Self { model, cache: KvCache::new(n), prefill_chunk: 512 }
     }
 
-    /// Runs `tokens` through the model; returns last-position logits as f32.
-    fn forward(&mut self, tokens: &[u32], want_logits: bool) -> Result<Option<Vec<f32>>> {
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
+    /// Runs `input` (int32 [1, L], possibly lazy) through the model; returns
+    /// the last position's logits [1, 1, V], lazily.
+    fn forward_lazy(&mut self, input: Array, len: i32) -> Result<Array> {
         let attention = self.cache.attention();
-        let plugin = self.model.architecture_plugin.clone();
-        let logits = into_anyhow(self.model.model.forward(MlxArray::from_array(input), attention, true), &plugin)?
-            .into_array();
-        self.cache.advance(ids.len() as i32);
-        if !want_logits {
-            logits.eval()?;
-            return Ok(None);
-        }
-        let logits = logits.as_dtype(Dtype::Float32)?;
-        logits.eval()?;
-        Ok(Some(logits.try_as_slice::<f32>()?.to_vec()))
+        let plugin = &self.model.architecture_plugin;
+        let logits = into_anyhow(self.model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
+        self.cache.advance(len);
+        Ok(logits.into_array())
     }
 
-    /// Prefills `prompt` and returns the logits that choose the first new token.
-    pub fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+    fn forward_ids(&mut self, tokens: &[u32]) -> Result<Array> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
+        self.forward_lazy(input, ids.len() as i32)
+    }
+
+    /// Prefills all but the last prompt token in chunks (evaluated), then the
+    /// last one; returns its logits lazily.
+    fn prefill_lazy(&mut self, prompt: &[u32]) -> Result<Array> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -49,19 +48,71 @@ impl<'m> Session<'m> {
         }
         let (head, last) = prompt.split_at(prompt.len() - 1);
         for chunk in head.chunks(self.prefill_chunk.max(1)) {
-            self.forward(chunk, false)?;
+            self.forward_ids(chunk)?.eval()?;
         }
-        Ok(self.forward(last, true)?.expect("logits"))
+        self.forward_ids(last)
+    }
+
+    /// Prefills `prompt` and returns the logits that choose the first new token.
+    pub fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.prefill_lazy(prompt)?;
+        to_vec(&logits)
     }
 
     /// Feeds one token; returns the next logits.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        Ok(self.forward(&[token], true)?.expect("logits"))
+        let logits = self.forward_ids(&[token])?;
+        to_vec(&logits)
+    }
+
+    /// Greedy decoding, pipelined like mlx-lm's generate_step: the next
+    /// token is chosen on the device, and the graph for step t+1 is built and
+    /// queued (async_eval) before the host waits for token t.
+    fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32], mut on_token: impl FnMut(u32)) -> Result<(Vec<u32>, f64, Instant)> {
+        let t0 = Instant::now();
+        let mut y = device_argmax(&self.prefill_lazy(prompt)?)?;
+        y.eval()?;
+        let prompt_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut tokens = Vec::new();
+        while tokens.len() < max_tokens {
+            let next = if tokens.len() + 1 < max_tokens {
+                let input = y.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
+                let ny = device_argmax(&self.forward_lazy(input, 1)?)?;
+                async_eval([&ny])?;
+                Some(ny)
+            } else {
+                None
+            };
+            let token = y.item_exact::<u32>();
+            if stop.contains(&token) {
+                break;
+            }
+            tokens.push(token);
+            on_token(token);
+            match next {
+                Some(ny) => y = ny,
+                None => break,
+            }
+        }
+        Ok((tokens, prompt_secs, t1))
     }
 
     pub fn offset(&self) -> i32 {
         self.cache.offset()
     }
+}
+
+/// Logits [1, 1, V] -> f32 host vector.
+fn to_vec(logits: &Array) -> Result<Vec<f32>> {
+    let logits = logits.as_dtype(Dtype::Float32)?;
+    logits.eval()?;
+    Ok(logits.try_as_slice::<f32>()?.to_vec())
+}
+
+/// Logits [1, 1, V] -> the greedy token [1] (uint32), lazily.
+fn device_argmax(logits: &Array) -> Result<Array> {
+    Ok(argmax_axis(logits.reshape(&[1, -1])?, -1, None)?)
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +143,16 @@ pub fn generate(
 ) -> Result<GenerateOutput> {
     let mut session = Session::new(model);
     session.prefill_chunk = opts.prefill_chunk;
+    if opts.temperature <= 0.0 {
+        let (tokens, prompt_secs, t1) = session.greedy(prompt, opts.max_tokens, &opts.stop_ids, on_token)?;
+        let gen_secs = t1.elapsed().as_secs_f64();
+        return Ok(GenerateOutput {
+            finish_reason: if tokens.len() < opts.max_tokens { "stop" } else { "length" },
+            prompt_tps: prompt.len() as f64 / prompt_secs.max(1e-9),
+            generation_tps: tokens.len() as f64 / gen_secs.max(1e-9),
+            tokens,
+        });
+    }
     let mut sampler = Sampler::new(opts.temperature, opts.top_p, opts.seed);
     let t0 = Instant::now();
     let mut logits = session.prefill(prompt)?;
