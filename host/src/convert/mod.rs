@@ -25,6 +25,7 @@
 
 pub mod gguf;
 pub mod llama;
+pub mod mlx;
 pub mod quant;
 pub mod tokenizer;
 
@@ -244,7 +245,7 @@ impl View for LazyView<'_> {
 }
 
 /// Removes the temporary output directory unless disarmed.
-struct TempDirGuard(Option<PathBuf>);
+pub(crate) struct TempDirGuard(pub(crate) Option<PathBuf>);
 
 impl Drop for TempDirGuard {
     fn drop(&mut self) {
@@ -355,7 +356,7 @@ fn plan_tensor(
     }
 }
 
-fn temp_sibling(dst: &Path) -> Result<PathBuf> {
+pub(crate) fn temp_sibling(dst: &Path) -> Result<PathBuf> {
     let name = dst
         .file_name()
         .ok_or_else(|| anyhow!("destination {} has no final path component", dst.display()))?

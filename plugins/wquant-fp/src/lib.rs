@@ -54,11 +54,16 @@ pub fn check_mode(mode: &str, bits: i32, group_size: i32) -> std::result::Result
         let known: Vec<_> = MODES.iter().map(|m| m.0).collect();
         return Err(format!("unknown quantization mode {mode:?} (known: {})", known.join(", ")));
     };
+    let sorted = |v: &[i32]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
     if !b.contains(&bits) {
-        return Err(format!("mode {mode} supports bits {b:?}, not {bits}"));
+        return Err(format!("mode {mode} supports bits {:?}, not {bits}", sorted(b)));
     }
     if !g.contains(&group_size) {
-        return Err(format!("mode {mode} supports group sizes {g:?}, not {group_size}"));
+        return Err(format!("mode {mode} supports group sizes {:?}, not {group_size}", sorted(g)));
     }
     Ok(())
 }
