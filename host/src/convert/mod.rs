@@ -148,6 +148,8 @@ enum Part {
     Weight(QuantKind),
     Scales(QuantKind),
     Biases(QuantKind),
+    /// A K-quant (Q4_K, Q5_K, Q6_K) dequantized to float16.
+    DequantF16(GgmlType),
 }
 
 /// One tensor of the output.
@@ -197,6 +199,10 @@ impl Source<'_> {
             Part::Weight(k) => quant::pack_weights(k, &raw)?,
             Part::Scales(k) => quant::scales(k, &raw)?,
             Part::Biases(k) => quant::biases(k, &raw)?,
+            Part::DequantF16(ty) => quant::dequant_k(ty, &raw)?
+                .into_iter()
+                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
         };
         if out.len() != t.nbytes {
             bail!(
@@ -337,6 +343,24 @@ fn plan_tensor(
                 shape: sshape,
             },
         ])
+    } else if quant::k_quant(info.ggml_type).is_some() {
+        if shape.len() < 2 || out_name.suffix != "weight" || !shape.last().unwrap().is_multiple_of(quant::QK_K) {
+            bail!(
+                "tensor '{}' ({}, shape {:?}): only weight matrices with rows of whole 256-element super-blocks are supported",
+                info.name,
+                info.ggml_type.name(),
+                shape
+            );
+        }
+        Ok(vec![OutTensor {
+            name: format!("{}.{}", out_name.module, out_name.suffix),
+            src: idx,
+            part: Part::DequantF16(info.ggml_type),
+            unpermute_heads,
+            dtype: Dtype::F16,
+            nbytes: n_el * 2,
+            shape,
+        }])
     } else if let Some(dtype) = raw_dtype(info.ggml_type) {
         Ok(vec![OutTensor {
             name: format!("{}.{}", out_name.module, out_name.suffix),
@@ -349,7 +373,7 @@ fn plan_tensor(
         }])
     } else {
         bail!(
-            "tensor '{}' has unsupported type {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)",
+            "tensor '{}' has unsupported type {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, and Q4_K, Q5_K, Q6_K dequantized)",
             info.name,
             info.ggml_type
         )
@@ -426,6 +450,12 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
             );
         }
         outs.extend(planned);
+    }
+    let k_quants: usize = g.tensors.iter().filter(|t| quant::k_quant(t.ggml_type).is_some()).count();
+    if k_quants > 0 {
+        warnings.push(format!(
+            "{k_quants} K-quant tensors (Q4_K/Q5_K/Q6_K) have no exact MLX layout: dequantized to float16 (re-quantize with --quant)"
+        ));
     }
     let mut seen = HashMap::new();
     for t in &outs {

@@ -328,3 +328,95 @@ mod tests {
         assert_eq!(back, hf);
     }
 }
+
+// ---------------------------------------------------------------- K-quants
+//
+// Q4_K, Q5_K and Q6_K have no exact MLX layout (super-blocks of 256 with
+// 6-bit sub-scales and mins): they are dequantized to float with ggml's own
+// formulas (`dequantize_row_q{4,5,6}_K` in ggml-quants.c) and then written
+// dense, or re-quantized by `rmlx convert --quant ...`.
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A K-quant type rmlx dequantizes: (name, bytes per super-block).
+pub fn k_quant(t: GgmlType) -> Option<(&'static str, usize)> {
+    match t.0 {
+        12 => Some(("Q4_K", 144)),
+        13 => Some(("Q5_K", 176)),
+        14 => Some(("Q6_K", 210)),
+        _ => None,
+    }
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantizes K-quant data (whole super-blocks) to f32, as ggml does.
+pub fn dequant_k(t: GgmlType, raw: &[u8]) -> Result<Vec<f32>> {
+    let Some((name, bb)) = k_quant(t) else {
+        bail!("{} is not a K-quant rmlx dequantizes", t.name());
+    };
+    if !raw.len().is_multiple_of(bb) {
+        bail!("{name} data length {} is not a multiple of the block size {bb}", raw.len());
+    }
+    let mut y = Vec::with_capacity(raw.len() / bb * QK_K);
+    for b in raw.chunks_exact(bb) {
+        match t.0 {
+            12 | 13 => {
+                let d = f16_at(b, 0).to_f32();
+                let dmin = f16_at(b, 2).to_f32();
+                let scales = &b[4..16];
+                let (qh, mut ql) = if t.0 == 13 { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+                let (mut u1, mut u2) = (1u8, 2u8);
+                for is in (0..8).step_by(2) {
+                    let (sc, m) = scale_min_k4(is, scales);
+                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                    let (sc, m) = scale_min_k4(is + 1, scales);
+                    let (d2, m2) = (d * sc as f32, dmin * m as f32);
+                    let hi = |l: usize, u: u8| qh.map_or(0.0, |h| if h[l] & u != 0 { 16.0 } else { 0.0 });
+                    for l in 0..32 {
+                        y.push(d1 * ((ql[l] & 0xF) as f32 + hi(l, u1)) - m1);
+                    }
+                    for l in 0..32 {
+                        y.push(d2 * ((ql[l] >> 4) as f32 + hi(l, u2)) - m2);
+                    }
+                    ql = &ql[32..];
+                    u1 <<= 2;
+                    u2 <<= 2;
+                }
+            }
+            _ => {
+                // Q6_K: ql[128], qh[64], scales: i8[16], d: f16
+                let d = f16_at(b, 208).to_f32();
+                let mut out = [0f32; QK_K];
+                for n in 0..2 {
+                    let ql = &b[n * 64..n * 64 + 64];
+                    let qh = &b[128 + n * 32..128 + n * 32 + 32];
+                    let sc = &b[192 + n * 8..192 + n * 8 + 8];
+                    let y = &mut out[n * 128..n * 128 + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |k: usize| sc[is + k] as i8 as f32;
+                        y[l] = d * s(0) * q1 as f32;
+                        y[l + 32] = d * s(2) * q2 as f32;
+                        y[l + 64] = d * s(4) * q3 as f32;
+                        y[l + 96] = d * s(6) * q4 as f32;
+                    }
+                }
+                y.extend_from_slice(&out);
+            }
+        }
+    }
+    Ok(y)
+}

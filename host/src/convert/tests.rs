@@ -482,8 +482,8 @@ fn unsupported_tensor_type_names_type_and_tensor() {
         TestTensor {
             name: "blk.0.ffn_up.weight".into(),
             dims: vec![256, 2],
-            ty: GgmlType(12),
-            data: vec![0; 288],
+            ty: GgmlType(10),
+            data: vec![0; 168],
         },
     ];
     write_gguf(&p, 2, &kv, &tensors);
@@ -492,7 +492,7 @@ fn unsupported_tensor_type_names_type_and_tensor() {
         convert_gguf(&p, &dir.path().join("out"), &opts()).unwrap_err()
     );
     assert!(
-        e.contains("Q4_K") && e.contains("blk.0.ffn_up.weight"),
+        e.contains("Q2_K") && e.contains("blk.0.ffn_up.weight"),
         "{e}"
     );
     assert!(!dir.path().join("out").exists());
@@ -781,4 +781,22 @@ fn add_bos_token_becomes_template_post_processor() {
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["add_bos_token"], true);
+}
+
+/// Q4_K/Q5_K/Q6_K dequantization equals gguf-py's reference (llama.cpp's
+/// formulas in numpy) on random super-blocks (tests/fixtures/models/gguf_kquants_ref.json,
+/// made with gguf 0.x `gguf.quants.dequantize`).
+#[test]
+fn k_quants_dequantize_like_ggml() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/gguf_kquants_ref.json");
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (name, ty) in [("Q4_K", GgmlType(12)), ("Q5_K", GgmlType(13)), ("Q6_K", GgmlType(14))] {
+        let raw: Vec<u8> = serde_json::from_value(refs[name]["raw"].clone()).unwrap();
+        let want: Vec<f32> = serde_json::from_value(refs[name]["f32"].clone()).unwrap();
+        let got = super::quant::dequant_k(ty, &raw).unwrap();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}[{i}]: {a} != {b}");
+        }
+    }
 }
