@@ -2,6 +2,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod constrain;
 pub mod convert;
 pub mod engine;
 pub mod model;
