@@ -43,7 +43,9 @@ fn probe_model(mode: &str) -> tempfile::TempDir {
 fn lists_the_shipped_plugins() {
     let reg = common::registry();
     let ids: Vec<&str> = reg.plugins.iter().map(|p| p.info.id.as_str()).collect();
-    assert_eq!(ids, ["arch-llama", "arch-qwen3", "wquant-affine", "wquant-dense"]);
+    for id in ["arch-llama", "arch-qwen3", "wquant-affine", "wquant-dense"] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
     assert!(reg.refused.is_empty(), "{:?}", reg.refused);
     let claims = reg.claims();
     for (cap, key, id) in [
@@ -68,7 +70,7 @@ fn refuses_files_that_are_not_plugins() {
     let mlxc = common::repo().join(".mlx/py/mlx/lib").join(lib("mlxc"));
     let dir = plugin_dir(&[("junk.so", junk), ("libmlxc-copy.so", mlxc)]);
     let reg = Registry::load(dir.path()).unwrap();
-    assert_eq!(reg.plugins.len(), 4, "the real plugins still load");
+    assert_eq!(reg.plugins.len(), common::registry().plugins.len(), "the real plugins still load");
     let reason = |name: &str| {
         reg.refused
             .iter()

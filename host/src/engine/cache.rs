@@ -1,14 +1,22 @@
 //! A contiguous per-sequence KV cache, lent to architectures as `Attention`.
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
-    ops::concatenate,
+    ops::{
+        concatenate,
+        indexing::{TryIndexMutOp, TryIndexOp},
+        zeros_dtype,
+    },
     Array,
 };
 use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult, PluginError};
 use std::ffi::c_void;
 
+/// Capacity grows in steps of this many tokens (as mlx-lm's KVCache).
+const STEP: i32 = 256;
+
 pub struct KvCache {
-    /// Per layer: keys and values [B, K, T, hd].
+    /// Per layer: keys and values [B, K, capacity, hd]; the first `offset`
+    /// positions are filled. Updated in place by slice assignment.
     layers: Vec<Option<(Array, Array)>>,
     offset: i32,
 }
@@ -39,17 +47,36 @@ impl KvCache {
             .layers
             .get_mut(layer as usize)
             .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
-        let (k, v) = match slot.take() {
-            Some((pk, pv)) => (concatenate(&[pk, k], 2)?, concatenate(&[pv, v], 2)?),
-            None => (k, v),
+        let prev = self.offset;
+        let end = prev + k.dim(2);
+        let (mut keys, mut values) = match slot.take() {
+            Some((keys, values)) if keys.dim(2) >= end => (keys, values),
+            old => {
+                // Grow: keep what is filled, add zeroed steps.
+                let add = (k.dim(2) + STEP - 1) / STEP * STEP;
+                let grow = |x: &Array| -> Result<Array, PluginError> {
+                    Ok(zeros_dtype(&[x.dim(0), x.dim(1), add, x.dim(3)], x.dtype())?)
+                };
+                match old {
+                    Some((keys, values)) => {
+                        let keys = keys.try_index((.., .., ..prev, ..))?;
+                        let values = values.try_index((.., .., ..prev, ..))?;
+                        let (gk, gv) = (grow(&keys)?, grow(&values)?);
+                        (concatenate(&[keys, gk], 2)?, concatenate(&[values, gv], 2)?)
+                    }
+                    None => (grow(&k)?, grow(&v)?),
+                }
+            }
         };
+        keys.try_index_mut((.., .., prev..end, ..), &k)?;
+        values.try_index_mut((.., .., prev..end, ..), &v)?;
+        let (k, v) = (keys.try_index((.., .., ..end, ..))?, values.try_index((.., .., ..end, ..))?);
+        *slot = Some((keys, values));
         if opts.window != 0 {
             return Err(PluginError::unsupported("sliding-window attention needs the paged KV cache"));
         }
         let mask = (q.dim(2) > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        let out = scaled_dot_product_attention(&q, &k, &v, opts.scale, mask, None)?;
-        *slot = Some((k, v));
-        Ok(out)
+        Ok(scaled_dot_product_attention(&q, &k, &v, opts.scale, mask, None)?)
     }
 }
 
