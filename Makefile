@@ -48,5 +48,9 @@ serve: release
 goldens: dev-venv
 	.venv-dev/bin/python tests/goldens/make_goldens.py
 
+## regenerate schemas/openapi.json from the code (a test fails when it drifts)
+openapi: build
+	target/debug/rmlx openapi > schemas/openapi.json
+
 clean:
 	$(CARGO) clean

@@ -21,6 +21,7 @@ PINS=(
   "openai"
   "anthropic"
   "pytest"
+  "openapi-python-client"
 )
 STAMP=$VENV/.rmlx-dev-stamp
 WANT=$(printf '%s\n' "${PINS[@]}" "$(cat "$0" | sha256sum | cut -c1-16)")
@@ -52,7 +53,7 @@ log "installing: ${PINS[*]}"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import mlx.core as mx
-for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest"):
+for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest", "openapi-python-client"):
     print(f"[dev-venv]   {p}=={md.version(p)}")
 mx.set_default_device(mx.cpu)
 assert mx.sum(mx.ones((4,))).item() == 4.0

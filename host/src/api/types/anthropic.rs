@@ -224,7 +224,6 @@ pub struct MessagesRequest {
     /// rmlx extension: same seed, same output.
     #[serde(default)]
     pub seed: Option<i64>,
-    /// rmlx extension (see the OpenAI side).
     #[serde(default)]
     pub keep_alive: Option<super::openai::KeepAliveSpec>,
 }

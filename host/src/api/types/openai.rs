@@ -345,7 +345,6 @@ pub struct ChatCompletionRequest {
     /// Extra chat-template variables (as vLLM).
     #[serde(default)]
     pub chat_template_kwargs: Option<HashMap<String, Value>>,
-    /// rmlx extension: see KeepAliveSpec.
     #[serde(default)]
     pub keep_alive: Option<KeepAliveSpec>,
 }
@@ -411,7 +410,9 @@ pub struct TokenLogprob {
 
 #[derive(Debug, Clone, Object)]
 pub struct ChoiceLogprobs {
+    #[oai(skip_serializing_if_is_none)]
     pub content: Option<Vec<TokenLogprob>>,
+    #[oai(skip_serializing_if_is_none)]
     pub refusal: Option<Vec<TokenLogprob>>,
 }
 
@@ -419,6 +420,7 @@ pub struct ChoiceLogprobs {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ResponseMessage,
+    #[oai(skip_serializing_if_is_none)]
     pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: FinishReasonOai,
 }
@@ -464,7 +466,6 @@ pub struct DeltaToolCall {
 
 #[derive(Debug, Clone, Object, Default)]
 pub struct ChunkDelta {
-    /// Only in the first chunk.
     #[oai(skip_serializing_if_is_none)]
     pub role: Option<AssistantRole>,
     #[oai(skip_serializing_if_is_none)]
@@ -479,6 +480,7 @@ pub struct ChunkDelta {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: ChunkDelta,
+    #[oai(skip_serializing_if_is_none)]
     pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<FinishReasonOai>,
 }
@@ -568,10 +570,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     #[serde(default)]
     pub user: Option<String>,
-    /// rmlx extension: constrained output, as for chat.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
-    /// rmlx extension.
     #[serde(default)]
     pub keep_alive: Option<KeepAliveSpec>,
 }
@@ -590,8 +590,8 @@ pub struct CompletionLogprobs {
 pub struct CompletionChoice {
     pub text: String,
     pub index: u32,
+    #[oai(skip_serializing_if_is_none)]
     pub logprobs: Option<CompletionLogprobs>,
-    /// null in streamed chunks until the last one.
     pub finish_reason: Option<FinishReasonOai>,
     /// rmlx extension: the generated token ids (useful for models without a tokenizer).
     #[oai(skip_serializing_if_is_none)]
