@@ -96,7 +96,7 @@ pub fn render_prompt(
     messages: Vec<Value>,
     tools: Option<Value>,
     kwargs: serde_json::Map<String, Value>,
-) -> Result<Vec<u32>, ApiError> {
+) -> Result<(Vec<u32>, String), ApiError> {
     let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let tok = text.tokenizer.as_ref().ok_or_else(|| {
         ApiError::bad_request("model", format!("model `{}` has no tokenizer: use /v1/completions with token ids", entry.id))
@@ -115,7 +115,8 @@ pub fn render_prompt(
         opts = opts.with_kwarg(k, v);
     }
     let rendered = text.render(&messages, &opts).map_err(|e| ApiError::bad_request("messages", format!("{e:#}")))?;
-    tok.encode(&rendered, false).map_err(|e| ApiError::internal(format!("{e:#}")))
+    let ids = tok.encode(&rendered, false).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok((ids, rendered))
 }
 
 fn validate(req: &ChatCompletionRequest) -> Result<(), ApiError> {
@@ -171,7 +172,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     }
     let e2 = entry.clone();
     let tj = tools_json.clone();
-    let prompt = g::blocking(move || render_prompt(&e2, messages, tj, kwargs)).await?;
+    let (prompt, rendered) = g::blocking(move || render_prompt(&e2, messages, tj, kwargs)).await?;
     let max = req.max_completion_tokens.or(req.max_tokens).map(|v| v as usize);
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages")?;
     let sampling = g::sampling(
@@ -202,7 +203,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
         p.set_tools(t);
         p
     });
-    let reasoning = super::reasoning_adapter::splitter(&source, req.enable_thinking);
+    let reasoning = super::reasoning_adapter::splitter(&source, &rendered);
     if has_tools || reasoning.is_some() {
         params.skip_special = false;
     }
@@ -219,6 +220,8 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
             format: req.response_format.as_ref(),
             thinking_budget: req.thinking_budget,
             template_source: &source,
+            rendered_prompt: &rendered,
+            parallel_tool_calls: req.parallel_tool_calls,
         },
     )?;
     let keep_alive = g::keep_alive(&req.keep_alive)?;

@@ -1,9 +1,11 @@
 //! Adapts `constrain` (token masks for JSON, JSON Schema, regex, grammars and
 //! forced tool calls) and the thinking budget to the engine's logits hook.
 use super::errors::ApiError;
+use super::reasoning_adapter::ThinkingBudget;
 use super::types::openai::{ResponseFormat, ToolChoiceMode};
+use crate::constrain::{Constraint, ConstraintFactory, ConstraintSpec};
 use crate::engine::worker::{LogitsHook, ModelEntry};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// What may constrain a request's output.
 #[derive(Default)]
@@ -12,19 +14,92 @@ pub struct HookSpec<'a> {
     pub mode: Option<ToolChoiceMode>,
     /// tool_choice naming one function.
     pub named: Option<&'a str>,
+    pub parallel_tool_calls: Option<bool>,
     pub format: Option<&'a ResponseFormat>,
     pub thinking_budget: Option<u32>,
     pub template_source: &'a str,
+    pub rendered_prompt: &'a str,
 }
 
-/// The logits hook a request needs (None: unconstrained).
-pub fn hook(entry: &ModelEntry, spec: HookSpec<'_>) -> Result<Option<Box<dyn LogitsHook>>, ApiError> {
-    let _ = entry;
-    if spec.mode == Some(ToolChoiceMode::Required) {
-        return Err(ApiError::bad_request("tool_choice", "`tool_choice: required` and named tools are not available yet"));
+struct Constrained(Constraint);
+
+impl LogitsHook for Constrained {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        self.0.try_apply(logits)
     }
-    match spec.format {
-        None | Some(ResponseFormat::Text(_)) => Ok(None),
-        Some(_) => Err(ApiError::bad_request("response_format", "structured output is not available yet")),
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        self.0.commit(token)
     }
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+/// Several hooks in turn (masks add up; finished when any is).
+struct Chain(Vec<Box<dyn LogitsHook>>);
+
+impl LogitsHook for Chain {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        self.0.iter_mut().try_for_each(|h| h.apply(logits))
+    }
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        self.0.iter_mut().try_for_each(|h| h.commit(token))
+    }
+    fn is_finished(&self) -> bool {
+        self.0.iter().any(|h| h.is_finished())
+    }
+}
+
+fn spec(s: &HookSpec<'_>) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
+    if matches!(s.mode, Some(ToolChoiceMode::Required)) {
+        let tools = s.tools.cloned().unwrap_or(json!([]));
+        let format = super::tools::detect_format(s.template_source);
+        return Ok(Some((
+            ConstraintSpec::ToolCall { format, tools, name: s.named.map(str::to_string), parallel: s.parallel_tool_calls.unwrap_or(false) },
+            "tool_choice",
+        )));
+    }
+    Ok(match s.format {
+        None | Some(ResponseFormat::Text(_)) => None,
+        Some(ResponseFormat::JsonObject(_)) => Some((ConstraintSpec::JsonObject, "response_format")),
+        Some(ResponseFormat::JsonSchema(j)) => Some((
+            ConstraintSpec::JsonSchema {
+                schema: j.json_schema.schema.clone().unwrap_or(json!({})),
+                strict: j.json_schema.strict.unwrap_or(false),
+            },
+            "response_format",
+        )),
+        Some(ResponseFormat::Regex(r)) => Some((ConstraintSpec::Regex(r.regex.clone()), "response_format")),
+        Some(ResponseFormat::Grammar(g)) => Some((ConstraintSpec::Lark(g.grammar.clone()), "response_format")),
+    })
+}
+
+/// The logits hook a request needs (None: unconstrained). Bad schemas or
+/// grammars are a 400 naming the field.
+pub fn hook(entry: &ModelEntry, s: HookSpec<'_>) -> Result<Option<Box<dyn LogitsHook>>, ApiError> {
+    let mut hooks: Vec<Box<dyn LogitsHook>> = Vec::new();
+    let need = spec(&s)?;
+    if need.is_none() && s.thinking_budget.is_none() {
+        return Ok(None);
+    }
+    let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let tok = text.tokenizer.as_ref();
+    if let Some(b) = s.thinking_budget {
+        if let Some(tok) = tok {
+            if let Some(h) = ThinkingBudget::new(s.template_source, s.rendered_prompt, tok, b) {
+                hooks.push(Box::new(h));
+            }
+        }
+    }
+    if let Some((cs, field)) = need {
+        let tok = tok.ok_or_else(|| ApiError::bad_request(field, "constrained output needs a model with a tokenizer"))?;
+        let factory = ConstraintFactory::for_tokenizer(tok, &text.eos_ids).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let c = factory.constraint(&cs).map_err(|e| ApiError::bad_request(field, format!("{e:#}")))?;
+        hooks.push(Box::new(Constrained(c)));
+    }
+    Ok(match hooks.len() {
+        0 => None,
+        1 => hooks.pop(),
+        _ => Some(Box::new(Chain(hooks))),
+    })
 }

@@ -152,7 +152,7 @@ async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensRespo
     let messages = template_messages(&req.system, &req.messages)?;
     let tools = tools_json(&req.tools, &req.tool_choice);
     let kw = kwargs(&req.thinking);
-    let prompt = g::blocking(move || super::chat::render_prompt(&entry, messages, tools, kw)).await?;
+    let (prompt, _) = g::blocking(move || super::chat::render_prompt(&entry, messages, tools, kw)).await?;
     Ok(CountTokensResponse { input_tokens: prompt.len() as u32 })
 }
 
@@ -204,7 +204,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let enable_thinking = req.thinking.as_ref().map(|t| t.r#type == ThinkingType::Enabled);
     let kw = kwargs(&req.thinking);
     let (e2, t2) = (entry.clone(), tools.clone());
-    let prompt = g::blocking(move || super::chat::render_prompt(&e2, messages, t2, kw)).await?;
+    let (prompt, rendered) = g::blocking(move || super::chat::render_prompt(&e2, messages, t2, kw)).await?;
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages")?;
     let sampling = g::sampling(
         &state,
@@ -218,7 +218,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
         p.set_tools(t);
         p
     });
-    let reasoning = super::reasoning_adapter::splitter(&source, enable_thinking);
+    let _ = enable_thinking;
+    let reasoning = super::reasoning_adapter::splitter(&source, &rendered);
     if tool_parser.is_some() || reasoning.is_some() {
         params.skip_special = false;
     }
@@ -233,6 +234,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
             format: None,
             thinking_budget: budget,
             template_source: &source,
+            rendered_prompt: &rendered,
+            parallel_tool_calls: req.tool_choice.as_ref().and_then(|c| c.disable_parallel_tool_use).map(|d| !d),
         },
     )?;
     let ka: Option<KeepAliveSpec> = req.keep_alive.clone();
