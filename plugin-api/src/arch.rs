@@ -35,9 +35,15 @@ pub struct AttendOptions {
 
 /// The host's attention over the batch's KV cache, lent to `Model::forward`.
 ///
-/// The architecture computes q, k, v (with RoPE applied at `offset()`), and the
-/// cache stores k/v and returns attention output. The engine owns which
-/// cache blocks a sequence has; the KV family owns how they are stored.
+/// The architecture computes q, k, v (with RoPE applied at each sequence's
+/// position: `offsets()` for a batch, `offset()` when B = 1), and the cache
+/// stores k/v and returns attention output. The engine owns which cache
+/// blocks a sequence has; the KV family owns how they are stored.
+///
+/// Batches: row b of `tokens` [B, L] belongs to sequence b, whose first new
+/// token sits at position `offsets()[b]`. `offset()` is row 0's (the only one
+/// when B = 1). Architectures should use the scalar offset when B = 1 (that is
+/// `fast::rope` exactly) and `fast::rope_dynamic` with `offsets()` otherwise.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct Attention {
@@ -45,6 +51,10 @@ pub struct Attention {
     offset_fn: extern "C" fn(*mut c_void) -> i32,
     /// q: [B, n_heads, L, D], k/v: [B, n_kv_heads, L, D] -> [B, n_heads, L, D].
     attend_fn: extern "C" fn(*mut c_void, u32, MlxArray, MlxArray, MlxArray, AttendOptions) -> PResult<MlxArray>,
+    /// int32 [B]: each row's position offset (ABI 2).
+    offsets_fn: extern "C" fn(*mut c_void) -> MlxArray,
+    /// B, the number of sequences in the batch (ABI 2).
+    batch_fn: extern "C" fn(*mut c_void) -> u32,
 }
 
 impl Attention {
@@ -55,10 +65,22 @@ impl Attention {
         state: *mut c_void,
         offset_fn: extern "C" fn(*mut c_void) -> i32,
         attend_fn: extern "C" fn(*mut c_void, u32, MlxArray, MlxArray, MlxArray, AttendOptions) -> PResult<MlxArray>,
+        offsets_fn: extern "C" fn(*mut c_void) -> MlxArray,
+        batch_fn: extern "C" fn(*mut c_void) -> u32,
     ) -> Self {
-        Self { state, offset_fn, attend_fn }
+        Self { state, offset_fn, attend_fn, offsets_fn, batch_fn }
     }
-    /// Number of tokens already in the cache (the position of the first new token).
+    /// Number of sequences in the batch (rows of `tokens`).
+    pub fn batch(&self) -> u32 {
+        (self.batch_fn)(self.state)
+    }
+    /// int32 [B]: per row, the number of tokens already cached for that
+    /// sequence (the position of its first new token).
+    pub fn offsets(&self) -> MlxArray {
+        (self.offsets_fn)(self.state)
+    }
+    /// Number of tokens already in the cache (the position of the first new
+    /// token) for row 0; the whole batch's when B = 1.
     pub fn offset(&self) -> i32 {
         (self.offset_fn)(self.state)
     }

@@ -155,6 +155,10 @@ impl Attention {
     pub fn attend_arrays(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array> {
         into_result(self.attend(layer, q.into(), k.into(), v.into(), opts)).map(MlxArray::into_array)
     }
+    /// [`Attention::offsets`] as an mlx-rs array (int32 [B]).
+    pub fn offsets_array(&self) -> Array {
+        self.offsets().into_array()
+    }
 }
 
 // ---- adapters: plain Rust -> StableAbi trait objects ----

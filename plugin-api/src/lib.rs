@@ -34,7 +34,8 @@ pub use module::{PluginModule, PluginRef};
 pub use wquant::{Embedding, EmbeddingBox, Linear, LinearBox, NamedArray, QuantParams, WeightQuant, WeightQuantBox};
 
 /// The plugin ABI this crate speaks. The host refuses plugins built for another.
-pub const ABI_VERSION: u32 = 1;
+/// 2: `Attention` gained per-sequence offsets (`offsets()`, `batch()`) for batching.
+pub const ABI_VERSION: u32 = 2;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

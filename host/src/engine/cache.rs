@@ -38,7 +38,7 @@ impl KvCache {
 
     /// Lends the cache to one forward call.
     pub fn attention(&mut self) -> Attention {
-        unsafe { Attention::new(self as *mut Self as *mut c_void, offset_cb, attend_cb) }
+        unsafe { Attention::new(self as *mut Self as *mut c_void, offset_cb, attend_cb, offsets_cb, batch_one_cb) }
     }
 
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
@@ -82,6 +82,15 @@ impl KvCache {
 
 extern "C" fn offset_cb(state: *mut c_void) -> i32 {
     unsafe { &*(state as *const KvCache) }.offset
+}
+
+extern "C" fn offsets_cb(state: *mut c_void) -> MlxArray {
+    let off = unsafe { &*(state as *const KvCache) }.offset;
+    MlxArray::from_array(Array::from_slice(&[off], &[1]))
+}
+
+extern "C" fn batch_one_cb(_: *mut c_void) -> u32 {
+    1
 }
 
 extern "C" fn attend_cb(

@@ -2,7 +2,7 @@
 //! Mirrors mlx_lm/models/llama.py. Shapes: B batch, L new tokens, D hidden,
 //! H query heads, K kv heads, hd head_dim, F intermediate, V vocab.
 use mlx_rs::Array;
-use rmlx_nn::{last_position, merge_heads, parse_config, rms_norm, split_heads, swiglu, Rope};
+use rmlx_nn::{Positions, last_position, merge_heads, parse_config, rms_norm, split_heads, swiglu, Rope};
 use rmlx_plugin_api::{
     author::{EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     AttendOptions, Attention, ModelSpec,
@@ -76,13 +76,12 @@ impl SelfAttention {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, attn: &mut Attention) -> Result<Array> {
+    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
         let q = split_heads(&self.q_proj.forward(x)?, self.heads)?; // [B, H, L, hd]
         let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
         let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
-        let offset = attn.offset();
-        let q = self.rope.apply(&q, offset)?;
-        let k = self.rope.apply(&k, offset)?;
+        let q = self.rope.apply_at(&q, pos)?;
+        let k = self.rope.apply_at(&k, pos)?;
         let o = attn.attend_arrays(layer, q, k, v, AttendOptions { scale: self.scale, window: 0 })?; // [B, H, L, hd]
         self.o_proj.forward(&merge_heads(&o)?)
     }
@@ -133,8 +132,8 @@ impl Block {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, attn: &mut Attention) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, attn)?;
+    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
         let h = x.add(&r)?;
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         Ok(h.add(&r)?)
@@ -171,9 +170,10 @@ impl ModelImpl for Llama {
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
     fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
+        let pos = Positions::of(attn); // each row's first position
         let mut h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, attn)?;
+            h = layer.forward(&h, i as u32, &pos, attn)?;
         }
         let mut h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
         if last_only {

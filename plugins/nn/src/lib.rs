@@ -65,6 +65,34 @@ impl Rope {
     pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
         Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, offset, self.freqs.as_ref())?)
     }
+
+    /// x: [B, heads, L, head_dim], row b at positions pos[b].. pos[b]+L.
+    pub fn apply_at(&self, x: &Array, pos: &Positions) -> Result<Array> {
+        match pos {
+            Positions::Scalar(o) => self.apply(x, *o),
+            Positions::PerRow(offsets) => {
+                Ok(fast::rope_dynamic(x, self.dims, self.traditional, self.base, self.scale, offsets, self.freqs.as_ref())?)
+            }
+        }
+    }
+}
+
+/// Where a forward's new tokens sit: one offset for the whole batch (B = 1:
+/// exactly `fast::rope`), or one per row (int32 [B], `fast::rope_dynamic`).
+/// Read once per forward from the engine's `Attention`.
+pub enum Positions {
+    Scalar(i32),
+    PerRow(Array),
+}
+
+impl Positions {
+    pub fn of(attn: &rmlx_plugin_api::Attention) -> Self {
+        if attn.batch() <= 1 {
+            Positions::Scalar(attn.offset())
+        } else {
+            Positions::PerRow(attn.offsets_array())
+        }
+    }
 }
 
 /// mlx-lm's Llama3RoPE frequencies (computed in f32 like MLX does).
