@@ -242,9 +242,10 @@ fn logprob_entry(l: &EngineLogprob) -> TokenLogprob {
 }
 
 pub fn finish_reason(r: FinishReason, tool_calls: bool) -> FinishReasonOai {
+    // Cut off by max_tokens: the calls' arguments may be incomplete, so `length`.
     match r {
-        _ if tool_calls => FinishReasonOai::ToolCalls,
         FinishReason::Length => FinishReasonOai::Length,
+        _ if tool_calls => FinishReasonOai::ToolCalls,
         _ => FinishReasonOai::Stop,
     }
 }

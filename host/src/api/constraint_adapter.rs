@@ -1,7 +1,7 @@
 //! Adapts `constrain` (token masks for JSON, JSON Schema, regex, grammars and
 //! forced tool calls) and the thinking budget to the engine's logits hook.
 use super::errors::ApiError;
-use super::reasoning_adapter::ThinkingBudget;
+use super::reasoning_adapter::ReasoningGate;
 use super::types::openai::{ResponseFormat, ToolChoiceMode};
 use crate::constrain::{Constraint, ConstraintFactory, ConstraintSpec};
 use crate::engine::worker::{LogitsHook, ModelEntry};
@@ -35,21 +35,6 @@ impl LogitsHook for Constrained {
     }
 }
 
-/// Several hooks in turn (masks add up; finished when any is).
-struct Chain(Vec<Box<dyn LogitsHook>>);
-
-impl LogitsHook for Chain {
-    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
-        self.0.iter_mut().try_for_each(|h| h.apply(logits))
-    }
-    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
-        self.0.iter_mut().try_for_each(|h| h.commit(token))
-    }
-    fn is_finished(&self) -> bool {
-        self.0.iter().any(|h| h.is_finished())
-    }
-}
-
 fn spec(s: &HookSpec<'_>) -> Result<Option<(ConstraintSpec, &'static str)>, ApiError> {
     if matches!(s.mode, Some(ToolChoiceMode::Required)) {
         let tools = s.tools.cloned().unwrap_or(json!([]));
@@ -75,31 +60,27 @@ fn spec(s: &HookSpec<'_>) -> Result<Option<(ConstraintSpec, &'static str)>, ApiE
 }
 
 /// The logits hook a request needs (None: unconstrained). Bad schemas or
-/// grammars are a 400 naming the field.
+/// grammars are a 400 naming the field. With a thinking model (its template
+/// writes `<think>` and the prompt leaves thinking on) the constraint starts
+/// after the thinking block, and a thinking budget closes the block; see
+/// [`ReasoningGate`].
 pub fn hook(entry: &ModelEntry, s: HookSpec<'_>) -> Result<Option<Box<dyn LogitsHook>>, ApiError> {
-    let mut hooks: Vec<Box<dyn LogitsHook>> = Vec::new();
     let need = spec(&s)?;
     if need.is_none() && s.thinking_budget.is_none() {
         return Ok(None);
     }
     let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let tok = text.tokenizer.as_ref();
-    if let Some(b) = s.thinking_budget {
-        if let Some(tok) = tok {
-            if let Some(h) = ThinkingBudget::new(s.template_source, s.rendered_prompt, tok, b) {
-                hooks.push(Box::new(h));
-            }
-        }
-    }
+    let mut inner: Option<Box<dyn LogitsHook>> = None;
     if let Some((cs, field)) = need {
         let tok = tok.ok_or_else(|| ApiError::bad_request(field, "constrained output needs a model with a tokenizer"))?;
         let factory = ConstraintFactory::for_tokenizer(tok, &text.eos_ids).map_err(|e| ApiError::internal(format!("{e:#}")))?;
         let c = factory.constraint(&cs).map_err(|e| ApiError::bad_request(field, format!("{e:#}")))?;
-        hooks.push(Box::new(Constrained(c)));
+        inner = Some(Box::new(Constrained(c)));
     }
-    Ok(match hooks.len() {
-        0 => None,
-        1 => hooks.pop(),
-        _ => Some(Box::new(Chain(hooks))),
+    let Some(tok) = tok else { return Ok(inner) };
+    Ok(match ReasoningGate::new(s.template_source, s.rendered_prompt, tok, &text.eos_ids, s.thinking_budget, inner) {
+        Ok(gate) => Some(Box::new(gate)),
+        Err(inner) => inner,
     })
 }

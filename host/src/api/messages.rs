@@ -158,8 +158,8 @@ async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensRespo
 
 fn stop_reason(f: &Finish, tool_calls: bool) -> StopReason {
     match f.reason {
-        _ if tool_calls => StopReason::ToolUse,
         FinishReason::Length => StopReason::MaxTokens,
+        _ if tool_calls => StopReason::ToolUse,
         FinishReason::StopString => StopReason::StopSequence,
         _ => StopReason::EndTurn,
     }
@@ -201,7 +201,6 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     if mode == Some(ToolChoiceMode::Required) && tools.is_none() {
         return Err(ApiError::bad_request("tool_choice", "`tool_choice` requires a tool but `tools` is empty"));
     }
-    let enable_thinking = req.thinking.as_ref().map(|t| t.r#type == ThinkingType::Enabled);
     let kw = kwargs(&req.thinking);
     let (e2, t2) = (entry.clone(), tools.clone());
     let (prompt, rendered) = g::blocking(move || super::chat::render_prompt(&e2, messages, t2, kw)).await?;
@@ -218,13 +217,12 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
         p.set_tools(t);
         p
     });
-    let _ = enable_thinking;
     let reasoning = super::reasoning_adapter::splitter(&source, &rendered);
     if tool_parser.is_some() || reasoning.is_some() {
         params.skip_special = false;
     }
     let named = req.tool_choice.as_ref().and_then(|c| c.name.clone());
-    let budget = req.thinking.as_ref().and_then(|t| t.budget_tokens);
+    let budget = req.thinking.as_ref().filter(|t| t.r#type == ThinkingType::Enabled).and_then(|t| t.budget_tokens);
     let hook = super::constraint_adapter::hook(
         &entry,
         super::constraint_adapter::HookSpec {

@@ -18,8 +18,9 @@ pub enum ReasoningEvent {
     Answer(String),
 }
 
+/// Where the output is relative to the thinking block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
+pub enum Phase {
     /// Nothing but whitespace yet: the block may still open.
     Start,
     Thinking,
@@ -33,7 +34,7 @@ enum St {
 pub struct ReasoningSplitter {
     open: String,
     close: String,
-    st: St,
+    st: Phase,
     buf: String,
     /// Whether thinking text has been emitted (leading whitespace is dropped before).
     thought: bool,
@@ -54,9 +55,9 @@ impl ReasoningSplitter {
             open: open.to_owned(),
             close: close.to_owned(),
             st: if starts_in_thinking {
-                St::Thinking
+                Phase::Thinking
             } else {
-                St::Start
+                Phase::Start
             },
             buf: String::new(),
             thought: false,
@@ -68,13 +69,31 @@ impl ReasoningSplitter {
 
     /// The splitter a chat template calls for, given the rendered prompt: `None` when the
     /// template never mentions `<think>`; starts inside the block when the prompt ends with
-    /// `<think>` (after trailing whitespace).
+    /// `<think>` (after trailing whitespace); starts after the block when the prompt ends
+    /// with `</think>` (thinking turned off, as Qwen 3's `enable_thinking: false` renders an
+    /// empty block): the output is all answer, its leading whitespace dropped.
     pub fn for_prompt(template_source: &str, rendered_prompt: &str) -> Option<Self> {
         if !template_source.contains("<think>") && !template_source.contains("</think>") {
             return None;
         }
-        let starts_in = rendered_prompt.trim_end().ends_with("<think>");
-        Some(Self::new(starts_in))
+        let tail = rendered_prompt.trim_end();
+        let mut s = Self::new(tail.ends_with("<think>"));
+        if tail.ends_with("</think>") {
+            s.st = Phase::AfterClose;
+        }
+        Some(s)
+    }
+
+    /// Where the output is now: [`Phase::Start`] (the block may still open),
+    /// [`Phase::Thinking`], [`Phase::AfterClose`] (closed, whitespace being skipped) or
+    /// [`Phase::Answer`].
+    pub fn phase(&self) -> Phase {
+        self.st
+    }
+
+    /// The tags (open, close).
+    pub fn tags(&self) -> (&str, &str) {
+        (&self.open, &self.close)
     }
 
     /// Limits thinking to `tokens` generated tokens (see [`count_token`](Self::count_token)).
@@ -89,7 +108,7 @@ impl ReasoningSplitter {
 
     /// Whether the output is (or may still be about to be) inside the thinking block.
     pub fn is_thinking(&self) -> bool {
-        self.st == St::Thinking
+        self.st == Phase::Thinking
     }
 
     /// Thinking tokens counted so far.
@@ -100,7 +119,7 @@ impl ReasoningSplitter {
     /// The text that closes the thinking block now, taking into account a partial closing
     /// tag already generated (held back); `None` when not thinking.
     pub fn closing_text(&self) -> Option<String> {
-        if self.st != St::Thinking {
+        if self.st != Phase::Thinking {
             return None;
         }
         let partial = super::tools::partial_marker_len(&self.buf, &[&self.close]);
@@ -113,7 +132,7 @@ impl ReasoningSplitter {
     /// Call once per generated token, after feeding its text. Returns the closing text to
     /// force-feed when the thinking budget has just been spent (once).
     pub fn count_token(&mut self) -> Option<String> {
-        if self.st == St::Thinking {
+        if self.st == Phase::Thinking {
             self.used += 1;
         }
         self.force_close_now()
@@ -123,7 +142,7 @@ impl ReasoningSplitter {
     /// useful before the first token (a zero budget with a prompt that opened the block).
     pub fn force_close_now(&mut self) -> Option<String> {
         let budget = self.budget?;
-        if self.forced || self.st != St::Thinking || self.used < budget {
+        if self.forced || self.st != Phase::Thinking || self.used < budget {
             return None;
         }
         self.forced = true;
@@ -157,7 +176,7 @@ impl ReasoningSplitter {
     fn run(&mut self, out: &mut Vec<ReasoningEvent>, last: bool) {
         loop {
             match self.st {
-                St::Start => {
+                Phase::Start => {
                     let t = self.buf.trim_start();
                     if t.is_empty() && !last {
                         return;
@@ -165,14 +184,14 @@ impl ReasoningSplitter {
                     if t.starts_with(self.open.as_str()) {
                         let skip = self.buf.len() - t.len() + self.open.len();
                         self.buf.drain(..skip);
-                        self.st = St::Thinking;
+                        self.st = Phase::Thinking;
                     } else if self.open.starts_with(t) && !last {
                         return;
                     } else {
-                        self.st = St::Answer;
+                        self.st = Phase::Answer;
                     }
                 }
-                St::Thinking => {
+                Phase::Thinking => {
                     if !self.thought {
                         let t = self.buf.trim_start();
                         let skip = self.buf.len() - t.len();
@@ -183,7 +202,7 @@ impl ReasoningSplitter {
                         self.buf.drain(..p + self.close.len());
                         self.thought |= !think.is_empty();
                         Self::emit(out, ReasoningEvent::Thinking(think));
-                        self.st = St::AfterClose;
+                        self.st = Phase::AfterClose;
                         continue;
                     }
                     if last {
@@ -202,16 +221,16 @@ impl ReasoningSplitter {
                     }
                     return;
                 }
-                St::AfterClose => {
+                Phase::AfterClose => {
                     let t = self.buf.trim_start();
                     let skip = self.buf.len() - t.len();
                     self.buf.drain(..skip);
                     if self.buf.is_empty() {
                         return;
                     }
-                    self.st = St::Answer;
+                    self.st = Phase::Answer;
                 }
-                St::Answer => {
+                Phase::Answer => {
                     let a = std::mem::take(&mut self.buf);
                     Self::emit(out, ReasoningEvent::Answer(a));
                     return;
@@ -306,7 +325,14 @@ mod tests {
         let tpl = "{{ '<think>' }}";
         assert!(!ReasoningSplitter::for_prompt(tpl, "<|im_start|>assistant\n").unwrap().is_thinking());
         assert!(ReasoningSplitter::for_prompt(tpl, "<|im_start|>assistant\n<think>\n").unwrap().is_thinking());
-        assert!(!ReasoningSplitter::for_prompt(tpl, "assistant\n<think>\n\n</think>\n\n").unwrap().is_thinking());
+        let off = ReasoningSplitter::for_prompt(tpl, "assistant\n<think>\n\n</think>\n\n").unwrap();
+        assert_eq!(off.phase(), Phase::AfterClose);
+        let mut off2 = off.clone();
+        // Thinking turned off: all answer, leading whitespace dropped, `<think>` is text.
+        let mut ev = off2.feed("\n");
+        ev.extend(off2.feed("Hi <think>"));
+        ev.extend(off2.finish());
+        assert_eq!(ev, vec![ReasoningEvent::Answer("Hi <think>".into())]);
     }
 
     #[test]
