@@ -157,7 +157,17 @@ pub fn app(state: State) -> Route {
 async fn limit_body(req: &mut Request, limit: usize) -> poem::Result<()> {
     let too_large = || poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE);
     match req.header("content-length").map(|v| v.parse::<usize>()) {
-        Some(Ok(n)) if n > limit => Err(too_large()),
+        Some(Ok(n)) if n > limit => {
+            // Read (and drop) a moderately oversized body first, so the client
+            // finishes sending and sees the 413 rather than a broken pipe.
+            const DRAIN_CAP: usize = 64 << 20;
+            if n <= DRAIN_CAP {
+                use tokio::io::AsyncReadExt;
+                let body = req.take_body().into_async_read();
+                let _ = tokio::io::copy(&mut body.take(n as u64), &mut tokio::io::sink()).await;
+            }
+            Err(too_large())
+        }
         Some(_) => Ok(()),
         None => {
             use tokio::io::AsyncReadExt;
