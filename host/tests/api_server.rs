@@ -239,6 +239,56 @@ async fn completions_token_ids_logprobs_echo_and_stream() {
 }
 
 #[tokio::test]
+async fn echo_scores_the_prompt() {
+    let _g = common::mlx_lock();
+    // Generate 3 tokens with their logprobs, then score prompt + those tokens with echo:
+    // the echoed prompt's log-probabilities are the ones the generation saw.
+    let (s, v) = post("/v1/completions", json!({"model": "llama-f32", "prompt": [1, 5, 9], "max_tokens": 3, "logprobs": 3, "temperature": 0})).await;
+    assert_eq!(s, 200, "{v}");
+    let gen = &v["choices"][0];
+    let ids: Vec<u64> = gen["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let mut prompt = vec![1u64, 5, 9];
+    prompt.extend(&ids);
+    for stream in [false, true] {
+        let body = json!({"model": "llama-f32", "prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 3, "stream": stream});
+        let lp = if stream {
+            let events = sse("/v1/completions", body).await;
+            assert_eq!(events.last().unwrap().1, "[DONE]");
+            let first: Value = serde_json::from_str(&events[0].1).unwrap();
+            first["choices"][0]["logprobs"].clone()
+        } else {
+            let (s, v) = post("/v1/completions", body).await;
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(v["usage"]["completion_tokens"], 0);
+            v["choices"][0]["logprobs"].clone()
+        };
+        let lps = lp["token_logprobs"].as_array().unwrap();
+        let tops = lp["top_logprobs"].as_array().unwrap();
+        assert_eq!(lps.len(), 6, "{lp}");
+        assert_eq!((&lps[0], &tops[0]), (&Value::Null, &Value::Null));
+        for i in 1..6 {
+            let l = lps[i].as_f64().unwrap();
+            let top = tops[i].as_object().unwrap();
+            assert!(l <= 0.0 && top.len() == 3, "{lp}");
+            assert!(top.values().all(|x| x.as_f64().unwrap() <= 0.0));
+        }
+        for (k, i) in (3..6).enumerate() {
+            let want = gen["logprobs"]["token_logprobs"][k].as_f64().unwrap();
+            assert!((lps[i].as_f64().unwrap() - want).abs() < 1e-3, "position {i}: {} vs {want}", lps[i]);
+            let (a, b) = (tops[i].as_object().unwrap(), gen["logprobs"]["top_logprobs"][k].as_object().unwrap());
+            let (mut ka, mut kb): (Vec<_>, Vec<_>) = (a.keys().collect(), b.keys().collect());
+            ka.sort();
+            kb.sort();
+            assert_eq!(ka, kb, "top tokens at {i}");
+        }
+    }
+    // A one-token prompt has nothing to score.
+    let (_, v) = post("/v1/completions", json!({"model": "llama-f32", "prompt": [7], "max_tokens": 1, "echo": true, "logprobs": 1})).await;
+    assert_eq!(v["choices"][0]["logprobs"]["token_logprobs"][0], Value::Null);
+    assert!(v["choices"][0]["logprobs"]["token_logprobs"][1].is_number());
+}
+
+#[tokio::test]
 async fn sampling_seed_penalties_and_bias() {
     let _g = common::mlx_lock();
     let req = |seed: i64| json!({"model": "llama-f32", "prompt": [1, 5, 9], "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "min_p": 0.01, "seed": seed});

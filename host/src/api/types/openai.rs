@@ -562,7 +562,8 @@ pub struct CompletionRequest {
     /// 0 to 20: the log-probability of each token and this many alternatives.
     #[serde(default)]
     pub logprobs: Option<u32>,
-    /// Return the prompt before the completion.
+    /// Return the prompt before the completion; with `logprobs`, the prompt
+    /// tokens' log-probabilities too (`max_tokens: 0` scores without generating).
     #[serde(default)]
     pub echo: Option<bool>,
     /// Not supported (400 when set).
@@ -579,7 +580,7 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, Object)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    /// null for echoed prompt tokens.
+    /// null for the first echoed prompt token (it has no context).
     pub token_logprobs: Vec<Option<f32>>,
     pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
     /// Character offset of each token in the returned text.
