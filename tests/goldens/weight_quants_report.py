@@ -12,10 +12,16 @@ this machine); every other format is re-quantized from that reference. KL is
 computed by mlx-lm on the converted files, twice: with the model as stored
 (float16 activations) and with every floating parameter, scales and biases
 included, cast to float32 (the same weights, float32 compute). Decode speed
-is `rmlx bench` (prompt 128, 64 generated tokens, 2 trials). Prints a
-Markdown table.
+is `rmlx bench`, by default prompt 32, 32 generated tokens, 1 trial after
+the warm-up (set RMLX_REPORT_BENCH to other `rmlx bench` arguments, or to 0 to
+skip it: on a loaded 2-core machine it dominates the run). Prints the machine,
+the date and a Markdown table. RMLX_REPORT_FORMATS="label,label" measures only those rows (in
+that order; the reference is always made).
 """
+import datetime
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -64,12 +70,29 @@ def logprobs(model, tokens, f32):
     return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
 
+BENCH = os.environ.get("RMLX_REPORT_BENCH", "-p 32 -g 32 -n 1").split()
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     rmlx, src, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
     dirs = {}
     ref_dir = work / "f16"
-    for label, args in FORMATS:
+    only = [x.strip() for x in os.environ.get("RMLX_REPORT_FORMATS", "").split(",") if x.strip()]
+    formats = [f for f in FORMATS if f[0].startswith("f16")]
+    formats += [f for label in only for f in FORMATS if f[0] == label and not label.startswith("f16")] if only \
+        else [f for f in FORMATS if not f[0].startswith("f16")]
+    for label, args in formats:
         name = label.split(" ")[0] if label != "f16 (reference)" else "f16"
         name = "-".join(label.replace("(", "").replace(")", "").replace("+", "").split())
         d = work / name
@@ -104,16 +127,23 @@ def main():
             kls.append(kl)
             if not f32:
                 m, _ = load(str(d))
-        bench = subprocess.run([rmlx, "bench", "--model", str(d), "-p", "128", "-g", "64", "-n", "2", "--json"],
-                               check=True, capture_output=True, text=True).stdout
-        b = json.loads(bench.strip().splitlines()[-1])
-        tps = b.get("generation_tps") or b.get("decode_tps") or b.get("generation_tokens_per_sec")
+        if BENCH == ["0"]:
+            tps, b = None, {}
+        else:
+            bench = subprocess.run([rmlx, "bench", "--model", str(d), *BENCH, "--json"],
+                                   check=True, capture_output=True, text=True).stdout
+            b = json.loads(bench.strip().splitlines()[-1])
+            tps = b.get("generation_tps")
+        print(f"| {label} | {lin_bytes * 8 / n_params:.3f} | {size / 2**20:.1f} | {kls[0]:.5f} | {kls[1]:.5f} | {tps} |",
+              file=sys.stderr, flush=True)
         rows.append((label, lin_bytes * 8 / n_params, size / 2**20, kls[0], kls[1], tps, b))
-    print(f"text: {len(tokens)} tokens\n")
+    print(f"{datetime.date.today().isoformat()}, {cpu_name()} ({os.cpu_count()} cores), "
+          f"{platform.system()} {platform.machine()}, mlx {mx.__version__}, load average {os.getloadavg()[0]:.1f}")
+    print(f"text: {len(tokens)} tokens, bench: {' '.join(BENCH)}\n")
     print("| format | bits/weight (Linear+Embedding) | weights MiB | mean KL, f16 compute | mean KL, f32 compute | rmlx decode tok/s |")
     print("|---|---|---|---|---|---|")
     for label, bpw, mib, k16, k32, tps, b in rows:
-        t = f"{tps:.1f}" if isinstance(tps, (int, float)) else json.dumps(b)
+        t = f"{tps:.1f}" if isinstance(tps, (int, float)) else "–"
         print(f"| {label} | {bpw:.3f} | {mib:.1f} | {k16:.5f} | {k32:.5f} | {t} |")
 
 
