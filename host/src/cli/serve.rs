@@ -43,6 +43,37 @@ pub struct Args {
     /// Load these models (ids) at start instead of on the first request.
     #[arg(long)]
     pub preload: Vec<String>,
+    /// KV-cache memory budget per model: 4GB, 512MB, 0.5 or 50% of memory (default 50%).
+    #[arg(long)]
+    pub kv_budget: Option<String>,
+    /// Tokens per KV block (prefix-cache granularity, default 16).
+    #[arg(long)]
+    pub kv_block_size: Option<usize>,
+    /// Most sequences decoding together (default 16).
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Turn automatic prefix caching off.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Prompt tokens per prefill chunk, interleaved with decode steps.
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+}
+
+/// Scheduler settings from the flags.
+pub fn scheduler_config(a: &Args) -> Result<crate::engine::scheduler::SchedulerConfig> {
+    let mut c = crate::engine::scheduler::SchedulerConfig::default();
+    if let Some(b) = &a.kv_budget {
+        c.kv_budget = crate::engine::scheduler::KvBudget::parse(b)?;
+    }
+    if let Some(n) = a.kv_block_size {
+        c.block_size = n.max(1);
+    }
+    if let Some(n) = a.max_running {
+        c.max_running = n.max(1);
+    }
+    c.prefix_cache = !a.no_prefix_cache;
+    Ok(c)
 }
 
 /// `30`, `30s`, `10m`, `1h` -> seconds.
@@ -90,14 +121,16 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
         bail!("no models to serve: give --model DIR or --models-dir DIR (or [[server.models]] in rmlx.toml)");
     }
     let s = &settings.server;
-    let worker = Worker::start(
+    let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
+    let worker = Worker::start_with(
         WorkerConfig {
             plugins_dir: settings.plugins_dir(),
             max_queue_depth: s.max_queue_depth,
             max_loaded_models: s.max_loaded_models,
             idle_timeout: (s.idle_timeout > 0).then(|| Duration::from_secs(s.idle_timeout)),
-            prefill_chunk: settings.generate.prefill_chunk,
+            prefill_chunk,
         },
+        scheduler_config(args)?,
         &catalog,
     )?;
     let opts = ServerOptions {
@@ -106,7 +139,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
         default_max_tokens: s.default_max_tokens,
         temperature: settings.generate.temperature,
         top_p: settings.generate.top_p,
-        prefill_chunk: settings.generate.prefill_chunk,
+        prefill_chunk,
     };
     Ok(Arc::new(AppState { catalog: Arc::new(catalog), worker, opts }))
 }

@@ -1,9 +1,14 @@
-//! The engine: owns MLX compute for loaded models. One sequence at a time for
-//! now (cache.rs is the contiguous KV cache; the paged cache replaces it).
+//! The engine: owns MLX compute for loaded models. `generate` runs one
+//! sequence (the CLI); the server's engine thread (`worker`) runs many with
+//! the continuous-batching `scheduler` over per-sequence KV buffers
+//! (`cache`), block accounting and the prefix cache (`block_manager`).
+pub mod block_manager;
 pub mod cache;
 pub mod generate;
 pub mod loaded;
 pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
 pub mod worker;
 
 pub use generate::{GenerateOptions, GenerateOutput, Session};

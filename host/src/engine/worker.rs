@@ -1,17 +1,22 @@
 //! The engine thread: the one thread that touches MLX. It owns the plugin
 //! registry and the loaded models; requests arrive over a channel and their
-//! tokens go back over a tokio channel. One sequence at a time (continuous
-//! batching replaces `run_generate` later; the queue in front stays).
+//! tokens go back over a tokio channel. Requests run together under the
+//! continuous-batching scheduler (scheduler.rs): between steps the thread
+//! takes new jobs, drops cancelled sequences, admits waiting ones within the
+//! KV budget, then runs one step (a prefill chunk and one batched decode
+//! forward) per model with running sequences.
 //!
-//! What it owns per request: prefill, the decode loop, sampling (with an
-//! optional logits hook for constrained decoding), incremental detokenizing,
-//! stop strings (matched across token boundaries, never emitted), max tokens,
-//! cancellation (a flag, or the receiver going away).
+//! What a request owns (sequence.rs): sampling (with an optional logits hook
+//! for constrained decoding), incremental detokenizing, stop strings (matched
+//! across token boundaries, never emitted), max tokens, cancellation (a flag,
+//! or the receiver going away).
 //!
 //! Models: a catalog fixed at start ([`ModelCatalog`]); a model is loaded on
 //! the first request that names it, unloaded after its keep-alive expires, and
 //! the least recently used one goes first when `max_loaded` are loaded.
-use super::{generate::Session, sampler::{Sampled, Sampler, SamplingParams}, LoadedModel};
+use super::scheduler::{Ended, EngineStats, Scheduler, SchedulerConfig};
+use super::sequence::Sequence;
+use super::{sampler::SamplingParams, LoadedModel};
 use crate::model::{text::TextSide, ModelDir};
 use crate::plugins::Registry;
 use anyhow::{anyhow, bail, Context, Result};
@@ -274,13 +279,21 @@ pub struct Worker {
     in_flight: Arc<AtomicUsize>,
     max_queue_depth: usize,
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 impl Worker {
     /// Starts the engine thread; it loads the plugin registry and checks that
     /// every catalog model has an architecture plugin.
     pub fn start(cfg: WorkerConfig, catalog: &ModelCatalog) -> Result<Self> {
+        Self::start_with(cfg, SchedulerConfig::default(), catalog)
+    }
+
+    /// [`Worker::start`] with scheduler settings (KV budget, block size, batch size).
+    pub fn start_with(cfg: WorkerConfig, sched: SchedulerConfig, catalog: &ModelCatalog) -> Result<Self> {
         let (tx, rx) = std_mpsc::channel();
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let thread_stats = stats.clone();
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let loaded = Arc::new(Mutex::new(Vec::new()));
         let types: Vec<(String, String)> = catalog.entries.iter().map(|e| (e.id.clone(), e.model_type.clone())).collect();
@@ -308,10 +321,19 @@ impl Worker {
                     }
                 }
                 let _ = ready_tx.send(Ok(()));
-                Engine { reg, cfg: thread_cfg, models: Vec::new(), loaded: thread_loaded, in_flight: thread_in_flight }.run(rx);
+                Engine {
+                    reg,
+                    cfg: thread_cfg,
+                    models: Vec::new(),
+                    loaded: thread_loaded,
+                    in_flight: thread_in_flight,
+                    sched: Scheduler::new(sched),
+                    stats: thread_stats,
+                }
+                .run(rx);
             })?;
         ready_rx.recv().map_err(|_| anyhow!("the engine thread died at start"))??;
-        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded })
+        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded, stats })
     }
 
     /// Queues a generation. Events arrive on `req.events`; the last is `Done`
@@ -350,11 +372,22 @@ impl Worker {
         self.loaded.lock().unwrap().clone()
     }
 
+    /// The scheduler's figures after its last step (queue, batch, KV blocks, prefix cache).
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().unwrap().clone()
+    }
+
     /// A handle with no engine behind it (requests fail with `Stopped`); for
     /// building the API description without models.
     pub fn detached() -> Self {
         let (tx, _) = std_mpsc::channel();
-        Self { tx, in_flight: Arc::new(AtomicUsize::new(0)), max_queue_depth: 0, loaded: Arc::new(Mutex::new(Vec::new())) }
+        Self {
+            tx,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_queue_depth: 0,
+            loaded: Arc::new(Mutex::new(Vec::new())),
+            stats: Arc::new(Mutex::new(EngineStats::default())),
+        }
     }
 
     pub fn shutdown(&self) {
@@ -395,6 +428,8 @@ struct Engine {
     models: Vec<Resident>,
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
     in_flight: Arc<AtomicUsize>,
+    sched: Scheduler,
+    stats: Arc<Mutex<EngineStats>>,
 }
 
 fn now_secs() -> u64 {
@@ -404,63 +439,137 @@ fn now_secs() -> u64 {
 impl Engine {
     fn run(mut self, rx: std_mpsc::Receiver<Job>) {
         loop {
+            // Idle models past their keep-alive go (never one with running sequences).
             self.expire();
-            let next = self.models.iter().filter_map(|m| m.expires()).min();
-            let job = match next {
-                Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
-                    Ok(j) => j,
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                },
-                None => match rx.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                },
+            if self.sched.is_idle() {
+                // Nothing to run: sleep until a job comes or a model expires.
+                let next = self.models.iter().filter_map(|m| m.expires()).min();
+                let job = match next {
+                    Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
+                        Ok(j) => j,
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
+                    None => match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    },
+                };
+                if !self.handle(job) {
+                    return;
+                }
+            }
+            // Everything else that came meanwhile (between steps).
+            loop {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        if !self.handle(job) {
+                            return;
+                        }
+                    }
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            for e in self.sched.reap_cancelled() {
+                self.end(e);
+            }
+            self.admit();
+            for id in self.sched.busy_models() {
+                let Some(i) = self.models.iter().position(|m| m.entry.id == id) else { continue };
+                let ended = self.sched.step(&id, &mut self.models[i].model);
+                self.models[i].last_used = Instant::now();
+                for e in ended {
+                    self.end(e);
+                }
+            }
+            *self.stats.lock().unwrap() = self.sched.publish();
+        }
+    }
+
+    /// Takes one job; false to stop.
+    fn handle(&mut self, job: Job) -> bool {
+        match job {
+            Job::Shutdown => return false,
+            Job::Load { model, keep_alive, reply } => {
+                let busy = self.sched.busy_models();
+                let r = match self.ensure(&model, keep_alive, &busy) {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(WorkerError::Internal("every loaded model is busy; try again later".into())),
+                    Err(e) => Err(WorkerError::Internal(format!("{e:#}"))),
+                };
+                let _ = reply.send(r);
+            }
+            Job::Unload { id, reply } => {
+                // Sequences on it end with an error.
+                for s in std::mem::take(&mut self.sched.running).into_iter() {
+                    if s.entry.id == id {
+                        self.end((s, Err(WorkerError::Internal(format!("model `{id}` was unloaded")))));
+                    } else {
+                        self.sched.running.push(s);
+                    }
+                }
+                self.sched.drop_model(&id);
+                let before = self.models.len();
+                self.models.retain(|m| m.entry.id != id);
+                // Publish first: the API describes the model right after the reply.
+                self.publish();
+                let _ = reply.send(self.models.len() != before);
+            }
+            Job::Generate(req) => {
+                let guard: Box<dyn Send> = Box::new(InFlight(self.in_flight.clone()));
+                let id = self.sched.next_id();
+                self.sched.waiting.push_back(Sequence::new(id, req, Some(guard)));
+            }
+        }
+        true
+    }
+
+    /// Admits waiting sequences in order while models and KV room allow.
+    fn admit(&mut self) {
+        while let Some(s) = self.sched.waiting.pop_front() {
+            let busy = self.sched.busy_models();
+            let i = match self.ensure(&s.entry, s.keep_alive, &busy) {
+                Ok(Some(i)) => i,
+                Ok(None) => {
+                    // Its model cannot be loaded while others run: wait.
+                    self.sched.waiting.push_front(s);
+                    break;
+                }
+                Err(e) => {
+                    let msg = format!("loading model `{}`: {e:#}", s.entry.id);
+                    self.end((s, Err(WorkerError::Internal(msg))));
+                    continue;
+                }
             };
-            match job {
-                Job::Shutdown => return,
-                Job::Load { model, keep_alive, reply } => {
-                    let r = self.ensure(&model, keep_alive).map(|_| ()).map_err(|e| WorkerError::Internal(format!("{e:#}")));
-                    let _ = reply.send(r);
-                }
-                Job::Unload { id, reply } => {
-                    let before = self.models.len();
-                    self.models.retain(|m| m.entry.id != id);
-                    let _ = reply.send(self.models.len() != before);
-                    self.publish();
-                }
-                Job::Generate(req) => {
-                    let _guard = InFlight(self.in_flight.clone());
-                    let events = req.events.clone();
-                    let keep_alive = req.keep_alive;
-                    let entry = req.model.clone();
-                    let result = match self.ensure(&entry, keep_alive) {
-                        Ok(i) => {
-                            let _ = events.send(GenEvent::Started);
-                            let model = &mut self.models[i].model;
-                            run_generate(model, &entry, req)
-                        }
-                        Err(e) => Err(WorkerError::Internal(format!("loading model `{}`: {e:#}", entry.id))),
-                    };
-                    if let Some(r) = self.models.iter_mut().find(|m| m.entry.id == entry.id) {
-                        r.last_used = Instant::now();
-                    }
-                    match result {
-                        Ok(f) => {
-                            let _ = events.send(GenEvent::Done(f));
-                        }
-                        Err(e) => {
-                            let _ = events.send(GenEvent::Error(e));
-                        }
-                    }
-                    self.publish();
+            match self.sched.admit(s, &mut self.models[i].model) {
+                Ok(None) => {}
+                Ok(Some(e)) => self.end(e),
+                Err(s) => {
+                    self.sched.waiting.push_front(s);
+                    break;
                 }
             }
         }
     }
 
+    /// Tells the client how a sequence ended (its in-flight guard drops with it).
+    fn end(&mut self, (s, r): Ended) {
+        if let Some(m) = self.models.iter_mut().find(|m| m.entry.id == s.entry.id) {
+            m.last_used = Instant::now();
+        }
+        let _ = s.events.send(match r {
+            Ok(f) => GenEvent::Done(f),
+            Err(e) => GenEvent::Error(e),
+        });
+        drop(s);
+        self.publish();
+    }
+
     /// Index of the resident model, loading it (and evicting LRU) if needed.
-    fn ensure(&mut self, entry: &Arc<ModelEntry>, keep_alive: Option<KeepAlive>) -> Result<usize> {
+    /// None when it is not loaded and loading it would unload a model in
+    /// `busy` (with running sequences).
+    fn ensure(&mut self, entry: &Arc<ModelEntry>, keep_alive: Option<KeepAlive>, busy: &[String]) -> Result<Option<usize>> {
         let ka = keep_alive.unwrap_or(match self.cfg.idle_timeout {
             Some(d) => KeepAlive::For(d),
             None => KeepAlive::Forever,
@@ -472,11 +581,17 @@ impl Engine {
                 m.keep_alive = ka;
             }
             self.publish();
-            return Ok(i);
+            return Ok(Some(i));
         }
         while self.models.len() >= self.cfg.max_loaded_models.max(1) {
-            let lru = (0..self.models.len()).min_by_key(|&i| self.models[i].last_used).unwrap();
+            let Some(lru) = (0..self.models.len())
+                .filter(|&i| !busy.contains(&self.models[i].entry.id))
+                .min_by_key(|&i| self.models[i].last_used)
+            else {
+                return Ok(None);
+            };
             let gone = self.models.remove(lru);
+            self.sched.drop_model(&gone.entry.id);
             tracing::info!("unloading {} (least recently used)", gone.entry.id);
         }
         let t0 = Instant::now();
@@ -484,19 +599,25 @@ impl Engine {
         tracing::info!("loaded {} in {:.2}s", entry.id, t0.elapsed().as_secs_f64());
         self.models.push(Resident { entry: entry.clone(), model, last_used: Instant::now(), loaded_at: now_secs(), keep_alive: ka });
         self.publish();
-        Ok(self.models.len() - 1)
+        Ok(Some(self.models.len() - 1))
     }
 
     fn expire(&mut self) {
         let now = Instant::now();
         let before = self.models.len();
+        let busy = self.sched.busy_models();
+        let mut gone = Vec::new();
         self.models.retain(|m| match m.expires() {
-            Some(t) if t <= now => {
+            Some(t) if t <= now && !busy.contains(&m.entry.id) => {
                 tracing::info!("unloading {} (idle)", m.entry.id);
+                gone.push(m.entry.id.clone());
                 false
             }
             _ => true,
         });
+        for id in gone {
+            self.sched.drop_model(&id);
+        }
         if before != self.models.len() {
             self.publish();
         }
@@ -518,206 +639,3 @@ impl Engine {
     }
 }
 
-/// Holds back text that could be the start of a stop string.
-struct StopMatcher {
-    stops: Vec<String>,
-    held: String,
-}
-
-impl StopMatcher {
-    /// Adds text; returns (text safe to emit, the stop string if one matched).
-    fn push(&mut self, text: &str) -> (String, Option<String>) {
-        self.held.push_str(text);
-        if self.stops.is_empty() {
-            return (std::mem::take(&mut self.held), None);
-        }
-        // The earliest match wins.
-        let mut best: Option<(usize, &String)> = None;
-        for s in &self.stops {
-            if let Some(i) = self.held.find(s.as_str()) {
-                if best.is_none_or(|(j, _)| i < j) {
-                    best = Some((i, s));
-                }
-            }
-        }
-        if let Some((i, s)) = best {
-            let out = self.held[..i].to_string();
-            let s = s.clone();
-            self.held.clear();
-            return (out, Some(s));
-        }
-        // Keep the longest suffix that is a proper prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for k in (1..s.len()).rev() {
-                if k <= keep {
-                    break;
-                }
-                if s.is_char_boundary(k) && self.held.ends_with(&s[..k]) {
-                    keep = k;
-                    break;
-                }
-            }
-        }
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_string();
-        self.held.drain(..cut);
-        (out, None)
-    }
-
-    fn flush(&mut self) -> String {
-        std::mem::take(&mut self.held)
-    }
-}
-
-fn run_generate(model: &mut LoadedModel, entry: &ModelEntry, req: GenRequest) -> Result<Finish, WorkerError> {
-    let GenRequest { prompt, params, mut hook, cancel, events, .. } = req;
-    let text = entry.text().map_err(|e| WorkerError::Internal(format!("{e:#}")))?;
-    let vocab = model.spec.vocab_size as usize;
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(WorkerError::BadRequest(format!("prompt token id {bad} is out of range for a vocabulary of {vocab}")));
-    }
-    if prompt.is_empty() {
-        return Err(WorkerError::BadRequest("the prompt is empty".into()));
-    }
-    let mut eos: Vec<u32> = if params.ignore_eos { Vec::new() } else { text.eos_ids.clone() };
-    eos.extend(&params.stop_ids);
-    let mut decoder = text.tokenizer.as_ref().map(|t| t.stream_decoder(params.skip_special));
-    let mut stops = StopMatcher { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() };
-    let mut sampler = Sampler::with_params(params.sampling.clone());
-    sampler.set_prompt(&prompt);
-    let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
-    let tok_text = |id: u32| -> String {
-        match &text.tokenizer {
-            Some(t) => t.decode(&[id], false).unwrap_or_default(),
-            None => String::new(),
-        }
-    };
-
-    let t0 = Instant::now();
-    let mut session = Session::new(model);
-    session.prefill_chunk = params.prefill_chunk.max(1);
-    let mut logits = session.prefill(&prompt).map_err(internal)?;
-    let prompt_secs = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let max_ctx = entry.context_length.unwrap_or(usize::MAX);
-    let mut n = 0usize;
-    let finish = |reason, stop: Option<String>, n: usize| Finish {
-        reason,
-        stop,
-        prompt_tokens: prompt.len(),
-        completion_tokens: n,
-        prompt_secs,
-        generation_secs: t1.elapsed().as_secs_f64(),
-    };
-    loop {
-        if n >= params.max_tokens || prompt.len() + n >= max_ctx {
-            let tail = flush_text(&mut decoder, &mut stops);
-            if let (t, Some(s)) = tail {
-                send_text(&events, t);
-                return Ok(finish(FinishReason::StopString, Some(s), n));
-            } else if let (t, None) = tail {
-                send_text(&events, t);
-            }
-            return Ok(finish(FinishReason::Length, None, n));
-        }
-        if cancel.load(Ordering::Relaxed) || events.is_closed() {
-            return Ok(finish(FinishReason::Cancelled, None, n));
-        }
-        sampler.process(&mut logits);
-        if let Some(h) = hook.as_mut() {
-            h.apply(&mut logits).map_err(internal)?;
-        }
-        let Sampled { token, logprob, top } = sampler.sample_processed(&logits, params.logprobs);
-        if eos.contains(&token) {
-            let (t, s) = flush_text(&mut decoder, &mut stops);
-            send_text(&events, t);
-            return Ok(match s {
-                Some(s) => finish(FinishReason::StopString, Some(s), n),
-                None => finish(FinishReason::Stop, None, n),
-            });
-        }
-        if let Some(h) = hook.as_mut() {
-            h.commit(token).map_err(internal)?;
-        }
-        n += 1;
-        let piece = match decoder.as_mut() {
-            Some(d) => d.step(token).map_err(internal)?,
-            None => String::new(),
-        };
-        let (safe, hit) = stops.push(&piece);
-        let lp = params.logprobs.map(|_| TokenLogprob {
-            logprob,
-            text: tok_text(token),
-            top: top.iter().map(|&(id, l)| (id, tok_text(id), l)).collect(),
-        });
-        if events.send(GenEvent::Token { id: token, text: safe, logprob: lp }).is_err() {
-            return Ok(finish(FinishReason::Cancelled, None, n));
-        }
-        if let Some(s) = hit {
-            return Ok(finish(FinishReason::StopString, Some(s), n));
-        }
-        if hook.as_ref().is_some_and(|h| h.is_finished()) {
-            let (t, s) = flush_text(&mut decoder, &mut stops);
-            send_text(&events, t);
-            return Ok(match s {
-                Some(s) => finish(FinishReason::StopString, Some(s), n),
-                None => finish(FinishReason::Stop, None, n),
-            });
-        }
-        if n >= params.max_tokens || prompt.len() + n >= max_ctx {
-            continue; // no forward needed for a token that is never followed
-        }
-        logits = session.step(token).map_err(internal)?;
-    }
-}
-
-fn flush_text(decoder: &mut Option<crate::model::tokenizer::StreamDecoder>, stops: &mut StopMatcher) -> (String, Option<String>) {
-    let rest = decoder.as_mut().and_then(|d| d.flush().ok()).unwrap_or_default();
-    let (mut out, hit) = stops.push(&rest);
-    if hit.is_none() {
-        out.push_str(&stops.flush());
-    }
-    (out, hit)
-}
-
-fn send_text(events: &mpsc::UnboundedSender<GenEvent>, t: String) {
-    if !t.is_empty() {
-        let _ = events.send(GenEvent::Text(t));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
-        let mut m = StopMatcher { stops: stops.iter().map(|s| s.to_string()).collect(), held: String::new() };
-        let mut out = String::new();
-        for p in pieces {
-            let (t, hit) = m.push(p);
-            out.push_str(&t);
-            if hit.is_some() {
-                return (out, hit);
-            }
-        }
-        out.push_str(&m.flush());
-        (out, None)
-    }
-
-    #[test]
-    fn stop_strings_across_pieces() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), Some("END".into())));
-        assert_eq!(run(&["END"], &["hello E", "N", "d"]), ("hello ENd".into(), None));
-        assert_eq!(run(&["\n\n", "xy"], &["a\n", "b x", "y"]), ("a\nb ".into(), Some("xy".into())));
-        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
-        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), Some("é!".into())));
-    }
-
-    #[test]
-    fn holds_back_only_possible_prefixes() {
-        let mut m = StopMatcher { stops: vec!["STOP".into()], held: String::new() };
-        assert_eq!(m.push("abcST"), ("abc".into(), None));
-        assert_eq!(m.push("x"), ("STx".into(), None));
-    }
-}

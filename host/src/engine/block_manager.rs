@@ -1,0 +1,295 @@
+//! KV memory accounting in fixed-size blocks, and the automatic prefix cache.
+//!
+//! Storage (see docs/KV_CACHE.md): each running sequence keeps its own
+//! contiguous per-layer K/V buffers (`cache::KvCache`), grown in steps of
+//! `grow_tokens`; the block manager accounts for them in blocks of
+//! `block_size` tokens (a sequence holds `ceil(capacity / block_size)`
+//! blocks, so the budget counts what is really allocated). The prefix cache
+//! holds copies of full blocks ([1, K, block, hd] per layer) keyed by a chained
+//! hash of their token ids and the model/dtype/KV-family signature; they come
+//! out of the same budget, are reference-counted by the sequences that matched
+//! them (those are not evicted), and are evicted least recently used first
+//! (deepest first among equals) when a sequence needs room.
+use mlx_rs::Array;
+use std::collections::HashMap;
+
+/// Chained block hash: FNV-1a 64 over (parent hash, signature hash, token ids).
+/// Stable across runs and platforms (little-endian bytes).
+pub fn block_hash(parent: u64, signature: u64, tokens: &[u32]) -> u64 {
+    let mut h = Fnv::new();
+    h.write(&parent.to_le_bytes());
+    h.write(&signature.to_le_bytes());
+    for t in tokens {
+        h.write(&t.to_le_bytes());
+    }
+    h.0
+}
+
+/// Hash of the model/dtype/KV-family signature string.
+pub fn signature_hash(sig: &str) -> u64 {
+    let mut h = Fnv::new();
+    h.write(sig.as_bytes());
+    h.0
+}
+
+struct Fnv(u64);
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// One cached block: its tokens (checked on every match, so a hash collision
+/// is never served) and per-layer (keys, values) [1, K, block, hd].
+pub struct CachedBlock {
+    pub tokens: Vec<u32>,
+    pub kv: Vec<(Array, Array)>,
+    depth: usize,
+    refs: usize,
+    last_used: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BlockStats {
+    pub block_size: usize,
+    pub total_blocks: usize,
+    /// Held by running sequences.
+    pub seq_blocks: usize,
+    /// Held by the prefix cache.
+    pub cached_blocks: usize,
+    pub prefix_hits: u64,
+    pub prefix_misses: u64,
+    /// Tokens whose prefill a prefix-cache hit skipped.
+    pub prefix_hit_tokens: u64,
+    pub evictions: u64,
+    pub preemptions: u64,
+}
+
+pub struct BlockManager {
+    pub block_size: usize,
+    pub total_blocks: usize,
+    /// Sequences' buffers grow in steps of this many tokens (a multiple of block_size).
+    pub grow_tokens: usize,
+    pub signature: u64,
+    seq_blocks: usize,
+    cache: HashMap<u64, CachedBlock>,
+    clock: u64,
+    pub stats: BlockStats,
+}
+
+impl BlockManager {
+    pub fn new(block_size: usize, total_blocks: usize, grow_tokens: usize, signature: &str) -> Self {
+        let block_size = block_size.max(1);
+        let grow_tokens = grow_tokens.max(block_size).div_ceil(block_size) * block_size;
+        Self {
+            block_size,
+            total_blocks,
+            grow_tokens,
+            signature: signature_hash(signature),
+            seq_blocks: 0,
+            cache: HashMap::new(),
+            clock: 0,
+            stats: BlockStats::default(),
+        }
+    }
+
+    /// Blocks a sequence holds when `len` tokens are in its KV buffers.
+    pub fn blocks_for(&self, len: usize) -> usize {
+        if len == 0 {
+            return 0;
+        }
+        len.div_ceil(self.grow_tokens) * self.grow_tokens / self.block_size
+    }
+
+    fn evictable(&self) -> usize {
+        self.cache.values().filter(|b| b.refs == 0).count()
+    }
+
+    /// Blocks that could be handed out now (free plus evictable cache).
+    pub fn available(&self) -> usize {
+        self.total_blocks.saturating_sub(self.seq_blocks + self.cache.len()) + self.evictable()
+    }
+
+    /// Takes `n` blocks for a sequence, evicting cached blocks if needed.
+    /// False (and nothing taken) when they cannot be had.
+    pub fn allocate(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        if self.available() < n {
+            return false;
+        }
+        while self.total_blocks < self.seq_blocks + self.cache.len() + n {
+            if !self.evict_one() {
+                return false;
+            }
+        }
+        self.seq_blocks += n;
+        true
+    }
+
+    pub fn release(&mut self, n: usize) {
+        self.seq_blocks = self.seq_blocks.saturating_sub(n);
+    }
+
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .cache
+            .iter()
+            .filter(|(_, b)| b.refs == 0)
+            .min_by_key(|(_, b)| (b.last_used, std::cmp::Reverse(b.depth)))
+            .map(|(h, _)| *h);
+        match victim {
+            Some(h) => {
+                self.cache.remove(&h);
+                self.stats.evictions += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hashes of the full blocks of `tokens`.
+    pub fn chain(&self, tokens: &[u32]) -> Vec<u64> {
+        let mut parent = 0u64;
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|c| {
+                parent = block_hash(parent, self.signature, c);
+                parent
+            })
+            .collect()
+    }
+
+    /// The longest cached prefix of `tokens` in whole blocks: its hashes
+    /// (referenced: call `unref` when done with them). Counts a hit or a miss.
+    pub fn lookup(&mut self, tokens: &[u32]) -> Vec<u64> {
+        self.clock += 1;
+        let mut found = Vec::new();
+        for (i, h) in self.chain(tokens).into_iter().enumerate() {
+            let want = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            match self.cache.get_mut(&h) {
+                Some(b) if b.tokens == want => {
+                    b.refs += 1;
+                    b.last_used = self.clock;
+                    found.push(h);
+                }
+                _ => break,
+            }
+        }
+        if found.is_empty() {
+            self.stats.prefix_misses += 1;
+        } else {
+            self.stats.prefix_hits += 1;
+            self.stats.prefix_hit_tokens += (found.len() * self.block_size) as u64;
+        }
+        found
+    }
+
+    pub fn get(&self, h: u64) -> Option<&CachedBlock> {
+        self.cache.get(&h)
+    }
+
+    pub fn unref(&mut self, hashes: &[u64]) {
+        self.clock += 1;
+        for h in hashes {
+            if let Some(b) = self.cache.get_mut(h) {
+                b.refs = b.refs.saturating_sub(1);
+                b.last_used = self.clock;
+            }
+        }
+    }
+
+    pub fn contains(&self, h: u64) -> bool {
+        self.cache.contains_key(&h)
+    }
+
+    /// Adds a full block (its KV already copied out). False when there is no
+    /// room even after evicting (the block is then simply not cached).
+    pub fn insert(&mut self, h: u64, depth: usize, tokens: Vec<u32>, kv: Vec<(Array, Array)>) -> bool {
+        self.clock += 1;
+        if let Some(b) = self.cache.get_mut(&h) {
+            b.last_used = self.clock;
+            return true;
+        }
+        while self.total_blocks < self.seq_blocks + self.cache.len() + 1 {
+            if !self.evict_one() {
+                return false;
+            }
+        }
+        self.cache.insert(h, CachedBlock { tokens, kv, depth, refs: 0, last_used: self.clock });
+        true
+    }
+
+    /// Drops every unreferenced cached block.
+    pub fn clear_cache(&mut self) {
+        self.cache.retain(|_, b| b.refs > 0);
+    }
+
+    pub fn snapshot(&self) -> BlockStats {
+        BlockStats {
+            block_size: self.block_size,
+            total_blocks: self.total_blocks,
+            seq_blocks: self.seq_blocks,
+            cached_blocks: self.cache.len(),
+            ..self.stats.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv() -> Vec<(Array, Array)> {
+        vec![(Array::from_slice(&[0f32], &[1]), Array::from_slice(&[0f32], &[1]))]
+    }
+
+    #[test]
+    fn chained_hashes_depend_on_the_whole_prefix_and_signature() {
+        let m = BlockManager::new(2, 10, 2, "a");
+        let n = BlockManager::new(2, 10, 2, "b");
+        let a = m.chain(&[1, 2, 3, 4]);
+        let b = m.chain(&[9, 2, 3, 4]);
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[1], b[1]);
+        assert_ne!(a, n.chain(&[1, 2, 3, 4]));
+        assert_eq!(a, m.chain(&[1, 2, 3, 4, 5]));
+    }
+
+    #[test]
+    fn lookup_refs_and_lru_eviction() {
+        let mut m = BlockManager::new(2, 4, 2, "s");
+        let toks = [1, 2, 3, 4];
+        let ch = m.chain(&toks);
+        assert!(m.insert(ch[0], 0, vec![1, 2], kv()));
+        assert!(m.insert(ch[1], 1, vec![3, 4], kv()));
+        let hit = m.lookup(&[1, 2, 3, 4, 5]);
+        assert_eq!(hit, ch);
+        // referenced blocks are not evictable: 2 free only
+        assert_eq!(m.available(), 2);
+        assert!(!m.allocate(3));
+        m.unref(&hit);
+        assert!(m.allocate(3)); // evicts the deeper block first
+        assert!(m.contains(ch[0]) && !m.contains(ch[1]));
+        assert_eq!(m.lookup(&[1, 2, 9, 9]).len(), 1);
+        assert_eq!(m.stats.prefix_hits, 2);
+        assert_eq!(m.lookup(&[7, 7]).len(), 0);
+        assert_eq!(m.stats.prefix_misses, 1);
+    }
+
+    #[test]
+    fn blocks_follow_buffer_growth() {
+        let m = BlockManager::new(16, 100, 64, "s");
+        assert_eq!(m.blocks_for(0), 0);
+        assert_eq!(m.blocks_for(1), 4);
+        assert_eq!(m.blocks_for(64), 4);
+        assert_eq!(m.blocks_for(65), 8);
+    }
+}

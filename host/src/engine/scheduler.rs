@@ -1,0 +1,505 @@
+//! Continuous batching on the engine thread.
+//!
+//! Sequences wait in a FIFO queue, are admitted while the KV budget and
+//! `max_running` allow, and run together: every engine step runs at most one
+//! prefill chunk (of the oldest sequence still prefilling) and then ONE
+//! batched forward of all decoding sequences ([B, 1] tokens, each row at its
+//! own position), samples each row with its own parameters, and streams.
+//! Sequences join and leave between steps; a cancelled one (flag, or its
+//! client gone) leaves at the next step and frees its blocks. When a step
+//! needs blocks the budget does not have, the most recently admitted other
+//! sequence is preempted: its full blocks go to the prefix cache, its blocks
+//! are freed, and it goes back to the front of the queue with its generated
+//! tokens, to be prefilled again (mostly from the prefix cache) later.
+use super::block_manager::{BlockManager, BlockStats};
+use super::cache::{BatchCaches, KvCache};
+use super::sequence::{Outcome, Sequence};
+use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
+use super::LoadedModel;
+use crate::plugins::registry::into_anyhow;
+use anyhow::Result;
+use mlx_rs::{ops::concatenate, Array, Dtype};
+use rmlx_plugin_api::MlxArray;
+use std::collections::{HashMap, VecDeque};
+
+/// KV memory budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvBudget {
+    Bytes(u64),
+    /// Of the device's memory (system RAM on CPU).
+    Fraction(f64),
+}
+
+impl KvBudget {
+    /// "4GB", "512MB", "4" (GB), "0.3" (a fraction when <= 1), "30%".
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let num = |x: &str| x.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("--kv-budget `{s}`: expected e.g. 4GB, 512MB, 0.5 or 50%"));
+        let v = if let Some(p) = t.strip_suffix('%') {
+            KvBudget::Fraction(num(p)? / 100.0)
+        } else if let Some(g) = t.strip_suffix("gb").or_else(|| t.strip_suffix('g')) {
+            KvBudget::Bytes((num(g)? * 1e9) as u64)
+        } else if let Some(m) = t.strip_suffix("mb").or_else(|| t.strip_suffix('m')) {
+            KvBudget::Bytes((num(m)? * 1e6) as u64)
+        } else if let Some(k) = t.strip_suffix("kb").or_else(|| t.strip_suffix('k')) {
+            KvBudget::Bytes((num(k)? * 1e3) as u64)
+        } else {
+            let x = num(&t)?;
+            if x <= 1.0 {
+                KvBudget::Fraction(x)
+            } else {
+                KvBudget::Bytes((x * 1e9) as u64)
+            }
+        };
+        match v {
+            KvBudget::Fraction(f) if !(f > 0.0 && f <= 1.0) => anyhow::bail!("--kv-budget `{s}`: a fraction must be in (0, 1]"),
+            KvBudget::Bytes(0) => anyhow::bail!("--kv-budget `{s}` is zero"),
+            v => Ok(v),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            KvBudget::Bytes(b) => b,
+            KvBudget::Fraction(f) => (device_memory() as f64 * f) as u64,
+        }
+    }
+}
+
+/// Total memory of the device MLX computes on; system RAM on CPU (Linux
+/// /proc/meminfo), 8 GB when unknown.
+pub fn device_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8_000_000_000)
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub kv_budget: KvBudget,
+    /// Tokens per KV block (prefix-cache granularity).
+    pub block_size: usize,
+    /// Sequences' KV buffers grow in steps of this many tokens.
+    pub grow_tokens: usize,
+    /// Most sequences running (prefilling or decoding) at once.
+    pub max_running: usize,
+    /// Automatic prefix caching.
+    pub prefix_cache: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { kv_budget: KvBudget::Fraction(0.5), block_size: 16, grow_tokens: 256, max_running: 16, prefix_cache: true }
+    }
+}
+
+/// What the engine publishes after every step.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub steps: u64,
+    /// Rows in the last decode step.
+    pub last_batch: usize,
+    pub max_batch: usize,
+    pub completed: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Per model id.
+    pub blocks: Vec<(String, BlockStats)>,
+}
+
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    pub waiting: VecDeque<Sequence>,
+    pub running: Vec<Sequence>,
+    managers: HashMap<String, BlockManager>,
+    next_id: u64,
+    pub stats: EngineStats,
+}
+
+/// A sequence that ended, with how.
+pub type Ended = (Sequence, Result<Finish, WorkerError>);
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), managers: HashMap::new(), next_id: 0, stats: EngineStats::default() }
+    }
+
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn busy_models(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.running.iter().map(|s| s.entry.id.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn manager(&mut self, model_id: &str, model: &LoadedModel) -> &mut BlockManager {
+        let cfg = &self.cfg;
+        self.managers.entry(model_id.to_string()).or_insert_with(|| {
+            let s = &model.spec;
+            let dsize = dtype_size_guess(&model.dir.config);
+            let per_block = 2 * s.num_layers as u64 * s.num_kv_heads as u64 * s.head_dim as u64 * cfg.block_size as u64 * dsize;
+            let total = (cfg.kv_budget.bytes() / per_block.max(1)) as usize;
+            let sig = format!("{}|{}|dtype{}|kv:dense-v1", model.dir.path.display(), model.dir.model_type, dsize);
+            tracing::info!("KV budget for {model_id}: {total} blocks of {} tokens ({per_block} bytes each)", cfg.block_size);
+            BlockManager::new(cfg.block_size, total, cfg.grow_tokens, &sig)
+        })
+    }
+
+    /// Forgets a model's blocks (it was unloaded).
+    pub fn drop_model(&mut self, model_id: &str) {
+        self.managers.remove(model_id);
+    }
+
+    /// Removes cancelled sequences (waiting or running).
+    pub fn reap_cancelled(&mut self) -> Vec<Ended> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].cancelled() {
+                let s = self.waiting.remove(i).unwrap();
+                let f = s.finish(FinishReason::Cancelled, None);
+                out.push((s, Ok(f)));
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                let s = self.running.remove(i);
+                let f = s.finish(FinishReason::Cancelled, None);
+                out.push((self.retire(s), Ok(f)));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Frees a sequence's blocks (caching its full blocks first).
+    fn retire(&mut self, mut s: Sequence) -> Sequence {
+        if let Some(m) = self.managers.get_mut(&s.entry.id) {
+            m.release(s.blocks);
+            s.blocks = 0;
+            m.unref(&s.prefix_refs);
+            s.prefix_refs.clear();
+            if self.cfg.prefix_cache {
+                cache_blocks(m, &mut s);
+            }
+        }
+        s.kv = None;
+        s.cached_upto = 0;
+        s
+    }
+
+    /// Admits the queue's front sequence onto `model` if room allows.
+    /// Ok(None): admitted; Ok(Some): it ended at once; Err(seq): no room now.
+    pub fn admit(&mut self, mut s: Sequence, model: &mut LoadedModel) -> std::result::Result<Option<Ended>, Sequence> {
+        if self.running.len() >= self.cfg.max_running.max(1) {
+            return Err(s);
+        }
+        let first = !s.started_sent;
+        if first {
+            if let Err(e) = s.validate(model.spec.vocab_size as usize) {
+                return Ok(Some((s, Err(e))));
+            }
+        }
+        let id = s.entry.id.clone();
+        self.manager(&id, model);
+        // Blocks the prompts still prefilling will take.
+        let pending: usize = {
+            let m = &self.managers[&id];
+            self.running
+                .iter()
+                .filter(|r| r.entry.id == id && r.to_prefill() > 0)
+                .map(|r| m.blocks_for(r.tokens.len() + 1).saturating_sub(r.blocks))
+                .sum()
+        };
+        let mgr = self.managers.get_mut(&id).unwrap();
+        let need = mgr.blocks_for(s.tokens.len() + 1);
+        if need > mgr.total_blocks {
+            let msg = format!(
+                "the prompt needs {need} KV blocks of {} tokens but --kv-budget holds {}",
+                mgr.block_size, mgr.total_blocks
+            );
+            return Ok(Some((s, Err(WorkerError::BadRequest(msg)))));
+        }
+        if mgr.available() < need + pending {
+            return Err(s);
+        }
+        // Prefix cache: whole blocks of everything but the last token.
+        let n_layers = model.spec.num_layers as usize;
+        let grow = mgr.grow_tokens;
+        let mut kv = KvCache::with_step(n_layers, grow);
+        s.cached_upto = 0;
+        if self.cfg.prefix_cache {
+            let hits = mgr.lookup(&s.tokens[..s.tokens.len() - 1]);
+            if !hits.is_empty() {
+                let len = hits.len() * mgr.block_size;
+                let mut layers = Vec::with_capacity(n_layers);
+                for l in 0..n_layers {
+                    let ks: Vec<&Array> = hits.iter().map(|h| &mgr.get(*h).unwrap().kv[l].0).collect();
+                    let vs: Vec<&Array> = hits.iter().map(|h| &mgr.get(*h).unwrap().kv[l].1).collect();
+                    match (concatenate(&ks, 2), concatenate(&vs, 2)) {
+                        (Ok(k), Ok(v)) => layers.push((k, v)),
+                        _ => break,
+                    }
+                }
+                let blocks = len.div_ceil(mgr.block_size);
+                if layers.len() == n_layers && mgr.allocate(blocks) {
+                    kv = KvCache::from_prefix(layers, len, grow);
+                    s.blocks = blocks;
+                    s.cached_upto = hits.len();
+                    s.prefix_refs = hits;
+                } else {
+                    mgr.unref(&hits);
+                }
+            }
+        }
+        if first {
+            let _ = s.events.send(GenEvent::Started);
+            s.started_sent = true;
+            self.stats.prompt_tokens += s.prompt_len as u64;
+        }
+        if s.params.max_tokens == 0 {
+            let f = s.finish_length();
+            return Ok(Some((self.retire(s), Ok(f))));
+        }
+        s.kv = Some(kv);
+        self.running.push(s);
+        Ok(None)
+    }
+
+    /// Makes sure sequence `i` holds blocks for `n` more tokens, preempting
+    /// the newest other sequences if needed. False: it cannot (alone).
+    fn reserve(&mut self, model_id: &str, i: usize, n: usize, preempted: &mut Vec<Sequence>) -> (bool, usize) {
+        let mut i = i;
+        loop {
+            let (ok, extra) = {
+                let s = &self.running[i];
+                let cap = s.kv.as_ref().map(|k| k.capacity_after(n)).unwrap_or(n);
+                let m = self.managers.get_mut(model_id).unwrap();
+                let extra = cap.div_ceil(m.block_size).saturating_sub(s.blocks);
+                (m.allocate(extra), extra)
+            };
+            if ok {
+                self.running[i].blocks += extra;
+                return (true, i);
+            }
+            // Preempt the newest other sequence of this model.
+            let victim = (0..self.running.len()).rev().find(|&j| j != i && self.running[j].entry.id == model_id);
+            let Some(j) = victim else { return (false, i) };
+            let mut v = self.running.remove(j);
+            if j < i {
+                i -= 1;
+            }
+            v.preempted += 1;
+            if let Some(m) = self.managers.get_mut(model_id) {
+                m.stats.preemptions += 1;
+            }
+            tracing::info!("preempting sequence {} ({} tokens) for KV room", v.id, v.tokens.len());
+            v = self.retire(v);
+            preempted.push(v);
+        }
+    }
+
+    /// One step for the running sequences of `model_id`: at most one prefill
+    /// chunk, then one batched decode forward. Returns the sequences that ended.
+    pub fn step(&mut self, model_id: &str, model: &mut LoadedModel) -> Vec<Ended> {
+        let mut ended = Vec::new();
+        let mut preempted = Vec::new();
+        self.stats.steps += 1;
+        // --- one prefill chunk
+        if let Some(i) = self.running.iter().position(|s| s.entry.id == model_id && s.to_prefill() > 0) {
+            let chunk = self.running[i].params.prefill_chunk.max(1).min(self.running[i].to_prefill());
+            let (ok, i) = self.reserve(model_id, i, chunk, &mut preempted);
+            if !ok {
+                let s = self.running.remove(i);
+                let err = WorkerError::BadRequest("the prompt does not fit in --kv-budget".into());
+                ended.push((self.retire(s), Err(err)));
+            } else {
+                let s = &mut self.running[i];
+                let start = s.cached();
+                let ids: Vec<i32> = s.tokens[start..start + chunk].iter().map(|&t| t as i32).collect();
+                let r = forward(model, vec![s.kv.as_mut().unwrap()], Array::from_slice(&ids, &[1, chunk as i32]), chunk as i32)
+                    .and_then(|l| Ok(l.eval()?));
+                if let Err(e) = r {
+                    let s = self.running.remove(i);
+                    ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
+                } else if self.cfg.prefix_cache && self.running[i].to_prefill() == 0 {
+                    // Prompt done: share its blocks with requests that come meanwhile.
+                    let m = self.managers.get_mut(model_id).unwrap();
+                    cache_blocks(m, &mut self.running[i]);
+                }
+            }
+        }
+        // --- one decode step over every sequence whose prompt is in
+        let mut rows: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].entry.id == model_id && self.running[i].to_prefill() == 0)
+            .collect();
+        // reserve one token each (may preempt others; indices shift)
+        let ids_in: Vec<u64> = rows.iter().map(|&i| self.running[i].id).collect();
+        for sid in ids_in {
+            let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
+            let (ok, i) = self.reserve(model_id, i, 1, &mut preempted);
+            if !ok {
+                // Alone and out of budget: the context is full.
+                let mut s = self.running.remove(i);
+                let f = s.finish_length();
+                ended.push((self.retire(s), Ok(f)));
+            }
+        }
+        rows = (0..self.running.len())
+            .filter(|&i| self.running[i].entry.id == model_id && self.running[i].to_prefill() == 0)
+            .collect();
+        if !rows.is_empty() {
+            let b = rows.len();
+            self.stats.last_batch = b;
+            self.stats.max_batch = self.stats.max_batch.max(b);
+            let ids: Vec<i32> = rows.iter().map(|&i| *self.running[i].tokens.last().unwrap() as i32).collect();
+            let input = Array::from_slice(&ids, &[b as i32, 1]);
+            let logits = {
+                let mut caches: Vec<&mut KvCache> = Vec::with_capacity(b);
+                // Borrow the rows' caches mutably, in row order.
+                let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
+                for &i in &rows {
+                    let s = refs[i].take().unwrap();
+                    caches.push(s.kv.as_mut().unwrap());
+                }
+                forward(model, caches, input, 1).and_then(|l| to_rows(&l, b))
+            };
+            match logits {
+                Ok(per_row) => {
+                    let mut finished = Vec::new();
+                    for (r, logits) in rows.iter().zip(per_row) {
+                        let s = &mut self.running[*r];
+                        match s.on_logits(logits) {
+                            Outcome::Continue => {}
+                            Outcome::Done(res) => finished.push((s.id, res)),
+                        }
+                    }
+                    for (sid, res) in finished {
+                        let i = self.running.iter().position(|s| s.id == sid).unwrap();
+                        let s = self.running.remove(i);
+                        ended.push((self.retire(s), res));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    for sid in rows.iter().map(|&i| self.running[i].id).collect::<Vec<_>>() {
+                        let i = self.running.iter().position(|s| s.id == sid).unwrap();
+                        let s = self.running.remove(i);
+                        ended.push((self.retire(s), Err(WorkerError::Internal(msg.clone()))));
+                    }
+                }
+            }
+        }
+        // Preempted sequences go back to the front, oldest first.
+        for s in preempted.into_iter() {
+            self.waiting.push_front(s);
+        }
+        self.stats.completed += ended.len() as u64;
+        self.stats.generated_tokens += ended.iter().map(|(s, _)| s.n as u64).sum::<u64>();
+        ended
+    }
+
+    pub fn publish(&mut self) -> EngineStats {
+        self.stats.waiting = self.waiting.len();
+        self.stats.running = self.running.len();
+        let mut blocks: Vec<(String, BlockStats)> = self.managers.iter().map(|(k, m)| (k.clone(), m.snapshot())).collect();
+        blocks.sort_by(|a, b| a.0.cmp(&b.0));
+        self.stats.blocks = blocks;
+        self.stats.clone()
+    }
+}
+
+/// Puts a sequence's not-yet-cached full blocks (of tokens in its KV) into
+/// the prefix cache.
+fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
+    let Some(kv) = s.kv.as_ref() else { return };
+    let cached = kv.offset() as usize;
+    let full = cached / m.block_size;
+    if full <= s.cached_upto {
+        return;
+    }
+    let chain = m.chain(&s.tokens[..full * m.block_size]);
+    for (j, h) in chain.iter().enumerate().skip(s.cached_upto) {
+        if m.contains(*h) {
+            continue;
+        }
+        let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
+        match kv.copy_range(a, b) {
+            Ok(layers) => {
+                if !m.insert(*h, j, s.tokens[a..b].to_vec(), layers) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("prefix cache: copying a block failed: {e:#}");
+                break;
+            }
+        }
+    }
+    s.cached_upto = full;
+}
+
+/// config.json's dtype in bytes (float32: 4, else 2).
+fn dtype_size_guess(config: &serde_json::Value) -> u64 {
+    let d = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|v| v.as_str()).unwrap_or("");
+    if d == "float32" {
+        4
+    } else {
+        2
+    }
+}
+
+/// One forward of `input` [B, L] over the rows' caches; logits [B, 1, V], lazily.
+fn forward(model: &mut LoadedModel, caches: Vec<&mut KvCache>, input: Array, len: i32) -> Result<Array> {
+    let mut batch = BatchCaches { caches };
+    let attention = batch.attention();
+    let plugin = &model.architecture_plugin;
+    let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
+    batch.advance(len);
+    Ok(logits.into_array())
+}
+
+/// Logits [B, 1, V] -> B host vectors of f32.
+fn to_rows(logits: &Array, b: usize) -> Result<Vec<Vec<f32>>> {
+    let l = logits.as_dtype(Dtype::Float32)?;
+    l.eval()?;
+    let all = l.try_as_slice::<f32>()?;
+    let v = all.len() / b;
+    Ok(all.chunks_exact(v).map(|c| c.to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_parsing() {
+        assert_eq!(KvBudget::parse("4GB").unwrap(), KvBudget::Bytes(4_000_000_000));
+        assert_eq!(KvBudget::parse("512mb").unwrap(), KvBudget::Bytes(512_000_000));
+        assert_eq!(KvBudget::parse("0.25").unwrap(), KvBudget::Fraction(0.25));
+        assert_eq!(KvBudget::parse("30%").unwrap(), KvBudget::Fraction(0.3));
+        assert_eq!(KvBudget::parse("2").unwrap(), KvBudget::Bytes(2_000_000_000));
+        assert!(KvBudget::parse("0").is_err());
+        assert!(KvBudget::parse("x").is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! One request while the scheduler runs it: its tokens, its KV cache, and
+//! everything that turns logits into streamed text (sampling with an optional
+//! logits hook, incremental detokenizing, stop strings held back across token
+//! boundaries, EOS ids, max tokens, logprobs, cancellation).
+use super::cache::KvCache;
+use super::sampler::{Sampled, Sampler};
+use super::worker::{Finish, FinishReason, GenEvent, GenParams, GenRequest, KeepAlive, LogitsHook, ModelEntry, TokenLogprob, WorkerError};
+use crate::model::text::TextSide;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// What one set of logits did to a sequence.
+pub enum Outcome {
+    /// A token was accepted; feed it next.
+    Continue,
+    Done(Result<Finish, WorkerError>),
+}
+
+pub struct Sequence {
+    pub id: u64,
+    pub entry: Arc<ModelEntry>,
+    pub keep_alive: Option<KeepAlive>,
+    pub params: GenParams,
+    /// Prompt then accepted generated tokens. While decoding, all but the
+    /// last are in the KV cache; the last is the next input.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub kv: Option<KvCache>,
+    /// Blocks the block manager has given this sequence.
+    pub blocks: usize,
+    /// Prefix-cache blocks this sequence references (unref when it ends or is preempted).
+    pub prefix_refs: Vec<u64>,
+    /// Block hashes this sequence already put in the prefix cache.
+    pub cached_upto: usize,
+    pub preempted: u32,
+    pub started_sent: bool,
+    hook: Option<Box<dyn LogitsHook>>,
+    cancel: Arc<AtomicBool>,
+    pub events: mpsc::UnboundedSender<GenEvent>,
+    text: Option<Arc<TextSide>>,
+    eos: Vec<u32>,
+    decoder: Option<crate::model::tokenizer::StreamDecoder>,
+    stops: StopMatcher,
+    sampler: Sampler,
+    /// Completion tokens so far.
+    pub n: usize,
+    max_ctx: usize,
+    pub t_arrive: Instant,
+    pub t_first: Option<Instant>,
+    pub prompt_secs: f64,
+    /// Keeps the worker's in-flight count up while the sequence lives.
+    pub _guard: Option<Box<dyn Send>>,
+}
+
+impl Sequence {
+    pub fn new(id: u64, req: GenRequest, guard: Option<Box<dyn Send>>) -> Self {
+        let GenRequest { model, prompt, params, hook, cancel, keep_alive, events } = req;
+        let mut sampler = Sampler::with_params(params.sampling.clone());
+        sampler.set_prompt(&prompt);
+        let stops = StopMatcher { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() };
+        let max_ctx = model.context_length.unwrap_or(usize::MAX);
+        Self {
+            id,
+            entry: model,
+            keep_alive,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            kv: None,
+            blocks: 0,
+            prefix_refs: Vec::new(),
+            cached_upto: 0,
+            preempted: 0,
+            started_sent: false,
+            hook,
+            cancel,
+            events,
+            text: None,
+            eos: Vec::new(),
+            decoder: None,
+            stops,
+            sampler,
+            n: 0,
+            max_ctx,
+            t_arrive: Instant::now(),
+            t_first: None,
+            prompt_secs: 0.0,
+            _guard: guard,
+            params,
+        }
+    }
+
+    /// Checks the request against the model and loads its text side; an Err
+    /// is the request's error.
+    pub fn validate(&mut self, vocab: usize) -> Result<(), WorkerError> {
+        let text = self.entry.text().map_err(|e| WorkerError::Internal(format!("{e:#}")))?;
+        if let Some(bad) = self.tokens[..self.prompt_len].iter().find(|&&t| t as usize >= vocab) {
+            return Err(WorkerError::BadRequest(format!("prompt token id {bad} is out of range for a vocabulary of {vocab}")));
+        }
+        if self.prompt_len == 0 {
+            return Err(WorkerError::BadRequest("the prompt is empty".into()));
+        }
+        let mut eos: Vec<u32> = if self.params.ignore_eos { Vec::new() } else { text.eos_ids.clone() };
+        eos.extend(&self.params.stop_ids);
+        self.eos = eos;
+        self.decoder = text.tokenizer.as_ref().map(|t| t.stream_decoder(self.params.skip_special));
+        self.text = Some(text);
+        Ok(())
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+
+    /// Tokens in the KV cache.
+    pub fn cached(&self) -> usize {
+        self.kv.as_ref().map(|k| k.offset() as usize).unwrap_or(0)
+    }
+
+    /// Tokens still to prefill before the sequence can join decode steps
+    /// (everything but the last token, which the decode step feeds).
+    pub fn to_prefill(&self) -> usize {
+        (self.tokens.len() - 1).saturating_sub(self.cached())
+    }
+
+    pub fn finish(&self, reason: FinishReason, stop: Option<String>) -> Finish {
+        Finish {
+            reason,
+            stop,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.n,
+            prompt_secs: self.prompt_secs,
+            generation_secs: self.t_first.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+        }
+    }
+
+    /// True when no more tokens may be generated (checked before sampling,
+    /// as the one-at-a-time loop did).
+    pub fn at_length(&self) -> bool {
+        self.n >= self.params.max_tokens || self.prompt_len + self.n >= self.max_ctx
+    }
+
+    /// Ends at max tokens / context: flushes held text.
+    pub fn finish_length(&mut self) -> Finish {
+        let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
+        send_text(&self.events, t);
+        match s {
+            Some(s) => self.finish(FinishReason::StopString, Some(s)),
+            None => self.finish(FinishReason::Length, None),
+        }
+    }
+
+    /// The logits that choose the next token (f32, one row of the vocabulary).
+    pub fn on_logits(&mut self, mut logits: Vec<f32>) -> Outcome {
+        if self.t_first.is_none() {
+            self.prompt_secs = self.t_arrive.elapsed().as_secs_f64();
+            self.t_first = Some(Instant::now());
+        }
+        match self.sample(&mut logits) {
+            Ok(o) => o,
+            Err(e) => Outcome::Done(Err(e)),
+        }
+    }
+
+    fn sample(&mut self, logits: &mut [f32]) -> Result<Outcome, WorkerError> {
+        let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
+        if self.at_length() {
+            return Ok(Outcome::Done(Ok(self.finish_length())));
+        }
+        if self.cancelled() {
+            return Ok(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+        }
+        self.sampler.process(logits);
+        if let Some(h) = self.hook.as_mut() {
+            h.apply(logits).map_err(internal)?;
+        }
+        let Sampled { token, logprob, top } = self.sampler.sample_processed(logits, self.params.logprobs);
+        if self.eos.contains(&token) {
+            let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
+            send_text(&self.events, t);
+            return Ok(Outcome::Done(Ok(match s {
+                Some(s) => self.finish(FinishReason::StopString, Some(s)),
+                None => self.finish(FinishReason::Stop, None),
+            })));
+        }
+        if let Some(h) = self.hook.as_mut() {
+            h.commit(token).map_err(internal)?;
+        }
+        self.n += 1;
+        self.tokens.push(token);
+        let piece = match self.decoder.as_mut() {
+            Some(d) => d.step(token).map_err(internal)?,
+            None => String::new(),
+        };
+        let (safe, hit) = self.stops.push(&piece);
+        let text = self.text.clone();
+        let tok_text = |id: u32| -> String {
+            match text.as_ref().and_then(|t| t.tokenizer.as_ref()) {
+                Some(t) => t.decode(&[id], false).unwrap_or_default(),
+                None => String::new(),
+            }
+        };
+        let lp = self.params.logprobs.map(|_| TokenLogprob {
+            logprob,
+            text: tok_text(token),
+            top: top.iter().map(|&(id, l)| (id, tok_text(id), l)).collect(),
+        });
+        if self.events.send(GenEvent::Token { id: token, text: safe, logprob: lp }).is_err() {
+            return Ok(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+        }
+        if let Some(s) = hit {
+            return Ok(Outcome::Done(Ok(self.finish(FinishReason::StopString, Some(s)))));
+        }
+        if self.hook.as_ref().is_some_and(|h| h.is_finished()) {
+            let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
+            send_text(&self.events, t);
+            return Ok(Outcome::Done(Ok(match s {
+                Some(s) => self.finish(FinishReason::StopString, Some(s)),
+                None => self.finish(FinishReason::Stop, None),
+            })));
+        }
+        if self.at_length() {
+            // No forward for a token that is never followed.
+            return Ok(Outcome::Done(Ok(self.finish_length())));
+        }
+        Ok(Outcome::Continue)
+    }
+}
+
+/// Holds back text that could be the start of a stop string.
+pub(crate) struct StopMatcher {
+    pub(crate) stops: Vec<String>,
+    pub(crate) held: String,
+}
+
+impl StopMatcher {
+    /// Adds text; returns (text safe to emit, the stop string if one matched).
+    pub(crate) fn push(&mut self, text: &str) -> (String, Option<String>) {
+        self.held.push_str(text);
+        if self.stops.is_empty() {
+            return (std::mem::take(&mut self.held), None);
+        }
+        // The earliest match wins.
+        let mut best: Option<(usize, &String)> = None;
+        for s in &self.stops {
+            if let Some(i) = self.held.find(s.as_str()) {
+                if best.is_none_or(|(j, _)| i < j) {
+                    best = Some((i, s));
+                }
+            }
+        }
+        if let Some((i, s)) = best {
+            let out = self.held[..i].to_string();
+            let s = s.clone();
+            self.held.clear();
+            return (out, Some(s));
+        }
+        // Keep the longest suffix that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for k in (1..s.len()).rev() {
+                if k <= keep {
+                    break;
+                }
+                if s.is_char_boundary(k) && self.held.ends_with(&s[..k]) {
+                    keep = k;
+                    break;
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, None)
+    }
+
+    pub(crate) fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+fn flush_text(decoder: &mut Option<crate::model::tokenizer::StreamDecoder>, stops: &mut StopMatcher) -> (String, Option<String>) {
+    let rest = decoder.as_mut().and_then(|d| d.flush().ok()).unwrap_or_default();
+    let (mut out, hit) = stops.push(&rest);
+    if hit.is_none() {
+        out.push_str(&stops.flush());
+    }
+    (out, hit)
+}
+
+fn send_text(events: &mpsc::UnboundedSender<GenEvent>, t: String) {
+    if !t.is_empty() {
+        let _ = events.send(GenEvent::Text(t));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
+        let mut m = StopMatcher { stops: stops.iter().map(|s| s.to_string()).collect(), held: String::new() };
+        let mut out = String::new();
+        for p in pieces {
+            let (t, hit) = m.push(p);
+            out.push_str(&t);
+            if hit.is_some() {
+                return (out, hit);
+            }
+        }
+        out.push_str(&m.flush());
+        (out, None)
+    }
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), Some("END".into())));
+        assert_eq!(run(&["END"], &["hello E", "N", "d"]), ("hello ENd".into(), None));
+        assert_eq!(run(&["\n\n", "xy"], &["a\n", "b x", "y"]), ("a\nb ".into(), Some("xy".into())));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
+        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), Some("é!".into())));
+    }
+
+    #[test]
+    fn holds_back_only_possible_prefixes() {
+        let mut m = StopMatcher { stops: vec!["STOP".into()], held: String::new() };
+        assert_eq!(m.push("abcST"), ("abc".into(), None));
+        assert_eq!(m.push("x"), ("STx".into(), None));
+    }
+}
