@@ -456,10 +456,12 @@ async fn queue_full_is_429() {
     let _g = common::mlx_lock();
     let base = spawn(state(ServerOptions::default(), 0));
     let c = client();
-    // a long streamed generation holds the engine...
+    // a long streamed generation holds the engine (the real model at a few
+    // tokens/s here, EOS (id 2) suppressed so it cannot end early)...
     let first = c
         .post(format!("{base}/v1/completions"))
-        .json(&json!({"model": "llama-f32", "prompt": [1, 2], "max_tokens": 400, "stream": true}))
+        .json(&json!({"model": SMOL, "prompt": "Once upon a time", "max_tokens": 400, "stream": true,
+                      "logit_bias": {"2": -100}}))
         .send()
         .await
         .unwrap();
