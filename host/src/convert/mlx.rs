@@ -29,10 +29,10 @@
 //! tokenizer, template and generation files copied. Tensors are produced one
 //! module at a time while the shard is written (never two copies of the
 //! model in memory), into a temporary sibling directory renamed at the end.
-use super::{temp_sibling, write_json, TempDirGuard, MAX_SHARD_BYTES};
+use super::{temp_sibling, write_json, TempDirGuard};
 use crate::model::{files::ModelDir, quant::QuantSpec, safetensors as st};
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mlx_rs::{Array, Dtype as MDtype};
 use rmlx_wquant_fp::{check_mode, ops, MODES};
 use safetensors::tensor::{Dtype, View};
@@ -739,27 +739,9 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut guard = TempDirGuard(Some(tmp.clone()));
     let mut files = Vec::new();
-    let mut shards: Vec<Vec<&Out>> = Vec::new();
-    let mut size = 0u64;
-    for t in &outs {
-        if shards.is_empty() || size + t.nbytes as u64 > MAX_SHARD_BYTES {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        shards.last_mut().unwrap().push(t);
-        size += t.nbytes as u64;
-    }
+    let shards = super::plan_shards(&outs, |t| t.nbytes as u64);
     let tensor_bytes: u64 = outs.iter().map(|t| t.nbytes as u64).sum();
-    let pb = if opts.progress {
-        let pb = ProgressBar::new(tensor_bytes);
-        pb.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = super::progress_bar(tensor_bytes, opts.progress);
     let producer = Producer {
         arrays: &arrays,
         src: &src_tensors,

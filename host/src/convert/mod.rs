@@ -487,28 +487,9 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
     let mut guard = TempDirGuard(Some(tmp.clone()));
     let mut files = Vec::new();
 
-    // shards
-    let mut shards: Vec<Vec<&OutTensor>> = Vec::new();
-    let mut size = 0u64;
-    for t in &outs {
-        if shards.is_empty() || size + t.nbytes as u64 > MAX_SHARD_BYTES {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        shards.last_mut().unwrap().push(t);
-        size += t.nbytes as u64;
-    }
+    let shards = plan_shards(&outs, |t| t.nbytes as u64);
     let tensor_bytes: u64 = outs.iter().map(|t| t.nbytes as u64).sum();
-    let pb = if opts.progress {
-        let pb = ProgressBar::new(tensor_bytes);
-        pb.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = progress_bar(tensor_bytes, opts.progress);
     let source = Source {
         gguf: &g,
         file: RefCell::new(File::open(src).with_context(|| format!("opening {}", src.display()))?),
@@ -611,3 +592,32 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
 
 #[cfg(test)]
 mod tests;
+
+/// Splits `items` into shards of at most MAX_SHARD_BYTES (an item larger than
+/// that gets a shard of its own), in order.
+pub(crate) fn plan_shards<T>(items: &[T], bytes: impl Fn(&T) -> u64) -> Vec<Vec<&T>> {
+    let mut shards: Vec<Vec<&T>> = Vec::new();
+    let mut size = 0u64;
+    for t in items {
+        if shards.is_empty() || size + bytes(t) > MAX_SHARD_BYTES {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("a shard").push(t);
+        size += bytes(t);
+    }
+    shards
+}
+
+/// A byte-counting progress bar, hidden unless `show`.
+pub(crate) fn progress_bar(total: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
