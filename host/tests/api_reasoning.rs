@@ -16,25 +16,13 @@ use rmlx::api::{self, AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
 use rmlx::model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 const THINK: &str = "smol-think";
 const CLOSE: &str = "\n</think>\n\n";
 
-fn default_model() -> PathBuf {
-    let dir = std::env::var_os("RMLX_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("RMLX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("rmlx")
-        });
-        cache.join("models/SmolLM2-135M-Instruct")
-    });
-    assert!(dir.join("config.json").exists(), "{} missing: run `make default-model`", dir.display());
-    dir
-}
+use common::{default_model, parse_sse};
 
 /// The thinking test model: the default model's files linked into a temp dir,
 /// plus the thinking chat template.
@@ -102,22 +90,7 @@ async fn post(path: &str, body: Value) -> Value {
 async fn sse(path: &str, body: Value) -> Vec<(Option<String>, String)> {
     let r = reqwest::Client::new().post(format!("{}{path}", base())).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
-    text.split("\n\n")
-        .filter(|b| !b.trim().is_empty())
-        .map(|block| {
-            let mut ev = None;
-            let mut data = Vec::new();
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event: ") {
-                    ev = Some(e.to_string());
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push(d);
-                }
-            }
-            (ev, data.join("\n"))
-        })
-        .collect()
+    parse_sse(&r.text().await.unwrap())
 }
 
 fn chat(content: &str, extra: Value) -> Value {

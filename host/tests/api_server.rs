@@ -7,24 +7,11 @@ mod common;
 use rmlx::api::{self, AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 const SMOL: &str = "SmolLM2-135M-Instruct";
 
-fn default_model() -> PathBuf {
-    let dir = std::env::var_os("RMLX_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("RMLX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("rmlx")
-        });
-        cache.join("models/SmolLM2-135M-Instruct")
-    });
-    assert!(dir.join("config.json").exists(), "{} missing: run `make default-model`", dir.display());
-    dir
-}
+use common::default_model;
 
 fn state(opts: ServerOptions, max_queue_depth: usize) -> Arc<AppState> {
     let catalog = ModelCatalog::discover(
@@ -80,23 +67,7 @@ async fn sse(path: &str, body: Value) -> Vec<(Option<String>, String)> {
     parse_sse(&r.text().await.unwrap())
 }
 
-fn parse_sse(text: &str) -> Vec<(Option<String>, String)> {
-    text.split("\n\n")
-        .filter(|b| !b.trim().is_empty())
-        .map(|block| {
-            let mut ev = None;
-            let mut data = Vec::new();
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event: ") {
-                    ev = Some(e.to_string());
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push(d);
-                }
-            }
-            (ev, data.join("\n"))
-        })
-        .collect()
-}
+use common::parse_sse;
 
 fn chat(content: &str, extra: Value) -> Value {
     let mut b = json!({"model": SMOL, "messages": [{"role": "user", "content": content}], "max_tokens": 24});

@@ -9,19 +9,7 @@ use rmlx::model::text::TextSide;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn default_model() -> PathBuf {
-    let dir = std::env::var_os("RMLX_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("RMLX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-                .join("rmlx")
-        });
-        cache.join("models/SmolLM2-135M-Instruct")
-    });
-    assert!(dir.join("config.json").exists(), "{} missing: run `make default-model`", dir.display());
-    dir
-}
+use common::default_model;
 
 fn mlx_lm_goldens(model: &PathBuf) -> serde_json::Value {
     let py = common::repo().join(".venv-dev/bin/python");

@@ -47,3 +47,37 @@ pub fn mlx_lock() -> MutexGuard<'static, ()> {
 pub fn rmlx_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_rmlx"))
 }
+
+/// The default model (SmolLM2-135M-Instruct) that `make default-model` converts.
+pub fn default_model() -> PathBuf {
+    let dir = std::env::var_os("RMLX_DEFAULT_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("RMLX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
+                .join("rmlx")
+        });
+        cache.join("models/SmolLM2-135M-Instruct")
+    });
+    assert!(dir.join("config.json").exists(), "{} missing: run `make default-model`", dir.display());
+    dir
+}
+
+/// SSE blocks as (event name, data), in order.
+pub fn parse_sse(text: &str) -> Vec<(Option<String>, String)> {
+    text.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut ev = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event: ") {
+                    ev = Some(e.to_string());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push(d);
+                }
+            }
+            (ev, data.join("\n"))
+        })
+        .collect()
+}
