@@ -13,41 +13,19 @@ import json
 import sys
 
 import mlx.core as mx
-import numpy as np
 
 mx.set_default_device(mx.cpu)
 
 from mlx_lm import load  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from smollm2_goldens import greedy as greedy_n  # noqa: E402 (same directory)
 
 MAX_TOKENS = 12
-CHATS = ["What is the capital of France?"]
-RAW = ["The quick brown fox"]
 
 
 def greedy(model, prompt):
-    seen = []
-
-    def capture(tokens, logits):
-        seen.append(np.array(logits[0].astype(mx.float32)))
-        return logits
-
-    tokens = [
-        int(t)
-        for t, _ in generate_step(
-            mx.array(prompt, dtype=mx.uint32),
-            model,
-            max_tokens=MAX_TOKENS,
-            prompt_cache=make_prompt_cache(model),
-            logits_processors=[capture],
-        )
-    ]
-    margins = []
-    for lg in seen[:MAX_TOKENS]:
-        top = np.sort(lg)[::-1]
-        margins.append(float(top[0] - top[1]))
-    return tokens, margins
+    return greedy_n(model, prompt, MAX_TOKENS)
+CHATS = ["What is the capital of France?"]
+RAW = ["The quick brown fox"]
 
 
 def one(model_dir):

@@ -26,7 +26,8 @@ CHATS = [
 RAW = ["The quick brown fox", "def fibonacci(n):"]
 
 
-def greedy(model, prompt):
+def greedy(model, prompt, max_tokens=MAX_TOKENS):
+    """mlx-lm's greedy tokens and each step's top-1/top-2 logit margin."""
     seen = []
 
     def capture(tokens, logits):
@@ -38,13 +39,13 @@ def greedy(model, prompt):
         for t, _ in generate_step(
             mx.array(prompt, dtype=mx.uint32),
             model,
-            max_tokens=MAX_TOKENS,
+            max_tokens=max_tokens,
             prompt_cache=make_prompt_cache(model),
             logits_processors=[capture],
         )
     ]
     margins = []
-    for lg in seen[:MAX_TOKENS]:
+    for lg in seen[:max_tokens]:
         top = np.sort(lg)[::-1]
         margins.append(float(top[0] - top[1]))
     return tokens, margins
