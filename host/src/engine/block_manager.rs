@@ -69,6 +69,13 @@ pub struct BlockStats {
     pub prefix_hit_tokens: u64,
     pub evictions: u64,
     pub preemptions: u64,
+    /// SSD tier (`--kv-ssd-dir`): blocks read back from disk, blocks written
+    /// to disk, blocks and bytes on disk now, and files found corrupt and skipped.
+    pub ssd_reads: u64,
+    pub ssd_writes: u64,
+    pub ssd_blocks: u64,
+    pub ssd_bytes: u64,
+    pub ssd_corrupt: u64,
 }
 
 pub struct BlockManager {
