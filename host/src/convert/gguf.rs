@@ -14,6 +14,14 @@
 //! tensor data (each tensor at data_start + offset)
 //! ```
 //! where `string` is `u64 len | len bytes` (v1 used u32 lengths; v1 is refused).
+//!
+//! Per-architecture mapping lives in the submodules: [`arch`] dispatches on
+//! `general.architecture` to `convert::llama` or [`gemma`]; [`spm`] rebuilds
+//! SentencePiece (`tokenizer.ggml.model = "llama"`) tokenizers.
+
+pub mod arch;
+pub mod gemma;
+pub mod spm;
 
 use std::collections::HashMap;
 use std::fmt;

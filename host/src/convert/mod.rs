@@ -8,7 +8,8 @@
 //! Output directory:
 //! * `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards over
 //!   5 GiB) with `{"format": "mlx"}` metadata, plus `model.safetensors.index.json`;
-//! * `config.json` (Llama, with a mlx-lm `quantization` section copied to
+//! * `config.json` (Llama, or Gemma 1/2/3 for mlx-lm's `gemma`, `gemma2`,
+//!   `gemma3_text`, with a mlx-lm `quantization` section copied to
 //!   `quantization_config`), `generation_config.json`;
 //! * `tokenizer.json`, `tokenizer_config.json` (with the chat template),
 //!   `special_tokens_map.json`.
@@ -17,8 +18,9 @@
 //! triples `<module>.weight` (uint32), `<module>.scales`, `<module>.biases`
 //! (float16, shaped `[out, in/32]`), bit-identical to what MLX's own GGUF
 //! loader (`mx.load("x.gguf")`) produces, except that the q/k projection rows
-//! are un-permuted back to the Hugging Face rotary layout. F32/F16/BF16
-//! tensors are copied as is. The data is streamed one tensor at a time.
+//! are un-permuted back to the Hugging Face rotary layout (llama only). F32/F16/BF16
+//! tensors are copied as is, except Gemma norm weights, which lose the `+ 1`
+//! llama.cpp adds on export. The data is streamed one tensor at a time.
 
 // Public API for the CLI; not every helper is used by the binary.
 #![allow(dead_code)]
@@ -150,6 +152,8 @@ enum Part {
     Biases(QuantKind),
     /// A K-quant (Q4_K, Q5_K, Q6_K) dequantized to float16.
     DequantF16(GgmlType),
+    /// A Gemma norm weight copied with llama.cpp's `+ 1` taken off.
+    RawMinusOne,
 }
 
 /// One tensor of the output.
@@ -196,6 +200,7 @@ impl Source<'_> {
         }
         let out = match t.part {
             Part::Raw => raw,
+            Part::RawMinusOne => gguf::gemma::sub_one(t.dtype, &raw)?,
             Part::Weight(k) => quant::pack_weights(k, &raw)?,
             Part::Scales(k) => quant::scales(k, &raw)?,
             Part::Biases(k) => quant::biases(k, &raw)?,
@@ -423,8 +428,8 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
     let mut warnings = Vec::new();
 
     // ---- plan (all validation happens before anything is written) ----
-    let model = llama::LlamaPlan::new(&g, &arch)?;
-    warnings.extend(model.warnings.iter().cloned());
+    let model = gguf::arch::ModelPlan::new(&g, &arch)?;
+    warnings.extend(model.warnings().iter().cloned());
 
     let mut outs: Vec<OutTensor> = Vec::new();
     let mut quant_types: BTreeMap<String, usize> = BTreeMap::new();
@@ -433,7 +438,7 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
     let mut modules: BTreeMap<String, Option<u32>> = BTreeMap::new();
     for (idx, info) in g.tensors.iter().enumerate() {
         *quant_types.entry(info.ggml_type.name()).or_default() += 1;
-        let Some(mapped) = llama::map_tensor_name(&info.name)? else {
+        let Some(mapped) = model.map_tensor_name(&info.name)? else {
             warnings.push(format!(
                 "skipped tensor '{}' (not used by the MLX model)",
                 info.name
@@ -441,7 +446,15 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
             continue;
         };
         let heads = model.unpermute_heads(&mapped);
-        let planned = plan_tensor(idx, info, &mapped, heads)?;
+        let mut planned = plan_tensor(idx, info, &mapped, heads)?;
+        if model.norm_offset(&mapped) {
+            for t in &mut planned {
+                if t.part != Part::Raw {
+                    bail!("norm tensor '{}' has type {}; expected F32, F16 or BF16", info.name, info.ggml_type);
+                }
+                t.part = Part::RawMinusOne;
+            }
+        }
         parameters += info.n_elements();
         if mapped.suffix == "weight" && info.dims.len() == 2 {
             modules.insert(
@@ -472,7 +485,7 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
 
     let quantization = llama::quantization_config(&modules);
     let tok = if tokenizer::has_tokenizer(&g) {
-        let t = tokenizer::build(&g, model.context_length)?;
+        let t = tokenizer::build(&g, model.context_length())?;
         warnings.extend(t.warnings.iter().cloned());
         Some(t)
     } else {

@@ -1,6 +1,7 @@
 //! Hugging Face tokenizer files from GGUF tokenizer metadata.
 //!
-//! Supported: `tokenizer.ggml.model == "gpt2"` (byte-level BPE). The GGUF
+//! Supported: `tokenizer.ggml.model == "llama"` (SentencePiece, built in
+//! `gguf::spm`) and `"gpt2"` (byte-level BPE). For gpt2 the GGUF
 //! already stores tokens in the byte-level alphabet and merges as `"a b"`
 //! strings, so they go into `tokenizer.json` unchanged. The pre-tokenizer is
 //! chosen from `tokenizer.ggml.pre` to split text the way llama.cpp does for
@@ -167,9 +168,12 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     let model = g
         .get_str("tokenizer.ggml.model")?
         .ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.model"))?;
+    if model == "llama" {
+        return super::gguf::spm::build(g, context_length);
+    }
     if model != "gpt2" {
         bail!(
-            "unsupported tokenizer.ggml.model '{}': only 'gpt2' (byte-level BPE) tokenizers are supported",
+            "unsupported tokenizer.ggml.model '{}': only 'gpt2' (byte-level BPE) and 'llama' (SentencePiece) tokenizers are supported",
             model
         );
     }

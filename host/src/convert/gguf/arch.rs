@@ -1,0 +1,88 @@
+//! Per-architecture dispatch for GGUF conversion: picks the llama or Gemma
+//! plan from `general.architecture` and forwards name mapping, q/k
+//! un-permutation, the Gemma norm offset and the config files to it.
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use super::gemma::{self, GemmaPlan, Gen};
+use super::GgufFile;
+use crate::convert::llama::{self, LlamaPlan, MappedName};
+use crate::convert::tokenizer::TokenizerFiles;
+
+/// `general.architecture` values the converter maps.
+pub const SUPPORTED: &[&str] = &["llama", "gemma", "gemma2", "gemma3"];
+
+/// The model plan of one GGUF.
+#[derive(Debug, Clone)]
+pub enum ModelPlan {
+    Llama(LlamaPlan),
+    Gemma(GemmaPlan),
+}
+
+impl ModelPlan {
+    pub fn new(g: &GgufFile, arch: &str) -> Result<Self> {
+        if arch == "llama" {
+            return Ok(ModelPlan::Llama(LlamaPlan::new(g, arch)?));
+        }
+        if let Some(gen) = Gen::from_arch(arch) {
+            return Ok(ModelPlan::Gemma(GemmaPlan::new(g, gen)?));
+        }
+        bail!(
+            "unsupported general.architecture '{}': supported are {}",
+            arch,
+            SUPPORTED.join(", ")
+        )
+    }
+
+    pub fn map_tensor_name(&self, name: &str) -> Result<Option<MappedName>> {
+        match self {
+            ModelPlan::Llama(_) => llama::map_tensor_name(name),
+            ModelPlan::Gemma(p) => gemma::map_tensor_name(p.gen, name),
+        }
+    }
+
+    /// Heads to un-permute q/k rows with (llama only; Gemma is not permuted).
+    pub fn unpermute_heads(&self, m: &MappedName) -> Option<usize> {
+        match self {
+            ModelPlan::Llama(p) => p.unpermute_heads(m),
+            ModelPlan::Gemma(_) => None,
+        }
+    }
+
+    /// True if the tensor carries llama.cpp's Gemma norm `+ 1`.
+    pub fn norm_offset(&self, m: &MappedName) -> bool {
+        match self {
+            ModelPlan::Llama(_) => false,
+            ModelPlan::Gemma(p) => p.norm_offset(m),
+        }
+    }
+
+    pub fn context_length(&self) -> Option<u64> {
+        match self {
+            ModelPlan::Llama(p) => p.context_length,
+            ModelPlan::Gemma(p) => p.context_length,
+        }
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            ModelPlan::Llama(p) => &p.warnings,
+            ModelPlan::Gemma(p) => &p.warnings,
+        }
+    }
+
+    pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
+        match self {
+            ModelPlan::Llama(p) => p.config_json(g, quant, tok),
+            ModelPlan::Gemma(p) => p.config_json(g, quant, tok),
+        }
+    }
+
+    pub fn generation_config(&self, tok: Option<&TokenizerFiles>) -> Value {
+        match self {
+            ModelPlan::Llama(p) => p.generation_config(tok),
+            ModelPlan::Gemma(p) => p.generation_config(tok),
+        }
+    }
+}
