@@ -35,7 +35,7 @@ pub enum Command {
     Generate(generate::Args),
     /// Serve the HTTP API.
     Serve(serve::Args),
-    /// Measure prefill and decode speed in-process (like mlx_lm.benchmark).
+    /// Measure speed: in-process (--model DIR, like mlx_lm.benchmark) or against a server (--url URL).
     Bench(bench::Args),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),

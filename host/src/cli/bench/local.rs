@@ -1,4 +1,4 @@
-//! `rmlx bench --model DIR`: in-process prefill and decode speed, measured
+//! `rmlx bench --model DIR` (no `--url`): in-process prefill and decode speed, measured
 //! like mlx-lm's `mlx_lm.benchmark` (random prompt, EOS ignored, a warm-up
 //! run, then N timed trials) so the two can be compared on the same files.
 use crate::config::Settings;
@@ -7,30 +7,20 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-pub struct Args {
-    /// Model directory (MLX layout).
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt length in tokens.
-    #[arg(short = 'p', long, default_value_t = 512)]
-    prompt_tokens: usize,
-    /// Tokens to generate.
-    #[arg(short = 'g', long, default_value_t = 128)]
-    generation_tokens: usize,
-    /// Timed trials after one warm-up.
-    #[arg(short = 'n', long, default_value_t = 3)]
-    num_trials: usize,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+/// The in-process mode's settings (see `super::Args`).
+pub struct Options {
+    pub model: PathBuf,
+    pub prompt_tokens: usize,
+    pub generation_tokens: usize,
+    pub num_trials: usize,
+    pub json: bool,
 }
 
-pub fn run(args: Args, settings: &Settings) -> Result<()> {
+pub fn run(args: Options, settings: &Settings) -> Result<()> {
     if args.prompt_tokens == 0 || args.generation_tokens == 0 || args.num_trials == 0 {
         bail!("--prompt-tokens, --generation-tokens and --num-trials must be positive");
     }
-    let reg = super::registry(settings)?;
+    let reg = crate::cli::registry(settings)?;
     let mut model = LoadedModel::load(&args.model, &reg)?;
     let vocab = model.spec.vocab_size;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
