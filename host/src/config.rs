@@ -48,6 +48,20 @@ pub struct ServerSettings {
     /// max_tokens for chat / messages requests that give none (capped by the context).
     #[serde(default = "default_chat_max")]
     pub default_max_tokens: usize,
+    /// The SQLite run log `rmlx metrics` reads (default: `metrics.sqlite` in
+    /// the rmlx cache dir, `~/.cache/rmlx`).
+    #[serde(default)]
+    pub metrics_db: Option<PathBuf>,
+    /// Record no run log.
+    #[serde(default)]
+    pub no_metrics_db: bool,
+    /// The KV prefix cache's SSD tier: evicted blocks are kept in this
+    /// directory (off when unset) ...
+    #[serde(default)]
+    pub kv_ssd_dir: Option<PathBuf>,
+    /// ... up to this many GB per model (default 10).
+    #[serde(default)]
+    pub kv_ssd_gb: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +109,10 @@ impl Default for Settings {
                 idle_timeout: 0,
                 max_body_bytes: default_body(),
                 default_max_tokens: default_chat_max(),
+                metrics_db: None,
+                no_metrics_db: false,
+                kv_ssd_dir: None,
+                kv_ssd_gb: None,
             },
             generate: GenerateSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, prefill_chunk: 512 },
         }

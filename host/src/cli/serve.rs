@@ -58,6 +58,21 @@ pub struct Args {
     /// Prompt tokens per prefill chunk, interleaved with decode steps.
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
+    /// Keep prefix-cache blocks evicted from memory in this directory (SSD
+    /// tier, reused after a restart; created if missing).
+    #[arg(long)]
+    pub kv_ssd_dir: Option<PathBuf>,
+    /// Size cap of the SSD tier per model in GB (default 10); least recently
+    /// used blocks are deleted past it.
+    #[arg(long, allow_hyphen_values = true)]
+    pub kv_ssd_gb: Option<String>,
+    /// SQLite run log that `rmlx metrics` reads (default: metrics.sqlite in
+    /// the rmlx cache dir, ~/.cache/rmlx).
+    #[arg(long)]
+    pub metrics_db: Option<PathBuf>,
+    /// Record no run log.
+    #[arg(long)]
+    pub no_metrics_db: bool,
 }
 
 /// Scheduler settings from the flags.
@@ -76,6 +91,17 @@ pub fn scheduler_config(a: &Args) -> Result<crate::engine::scheduler::SchedulerC
     Ok(c)
 }
 
+/// The SSD tier from settings (`--kv-ssd-dir`/`--kv-ssd-gb` or
+/// `server.kv_ssd_dir`/`server.kv_ssd_gb`): None when no directory is set.
+pub fn ssd_config(settings: &Settings) -> Result<Option<crate::engine::ssd::SsdConfig>> {
+    let s = &settings.server;
+    match (&s.kv_ssd_dir, s.kv_ssd_gb) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => bail!("--kv-ssd-gb (server.kv_ssd_gb) needs --kv-ssd-dir (server.kv_ssd_dir)"),
+        (Some(dir), gb) => Ok(Some(crate::engine::ssd::SsdConfig::new(dir, gb.unwrap_or(10.0))?)),
+    }
+}
+
 /// `30`, `30s`, `10m`, `1h` -> seconds.
 pub fn parse_duration_secs(s: &str) -> Result<u64> {
     let s = s.trim();
@@ -92,10 +118,13 @@ pub fn parse_duration_secs(s: &str) -> Result<u64> {
 /// The flags as a settings layer (nulls are ignored).
 pub fn flags(a: &Args) -> Result<serde_json::Value> {
     let idle = a.idle_timeout.as_deref().map(parse_duration_secs).transpose()?;
+    let ssd_gb = a.kv_ssd_gb.as_deref().map(crate::engine::ssd::parse_gb).transpose()?;
     Ok(serde_json::json!({
         "host": a.host, "port": a.port, "api_key": a.api_key,
         "max_queue_depth": a.max_queue_depth, "max_loaded_models": a.max_loaded_models,
         "idle_timeout": idle, "max_body_bytes": a.max_body_bytes,
+        "kv_ssd_dir": a.kv_ssd_dir, "kv_ssd_gb": ssd_gb,
+        "metrics_db": a.metrics_db, "no_metrics_db": a.no_metrics_db.then_some(true),
     }))
 }
 
@@ -122,6 +151,8 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     }
     let s = &settings.server;
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
+    let mut sched = scheduler_config(args)?;
+    sched.ssd = ssd_config(settings)?;
     let worker = Worker::start_with(
         WorkerConfig {
             plugins_dir: settings.plugins_dir(),
@@ -130,7 +161,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
             idle_timeout: (s.idle_timeout > 0).then(|| Duration::from_secs(s.idle_timeout)),
             prefill_chunk,
         },
-        scheduler_config(args)?,
+        sched,
         &catalog,
     )?;
     let opts = ServerOptions {
@@ -146,9 +177,10 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let state = state(&args, settings)?;
+    let run_log = super::metrics::start_run_log(settings, &state)?;
     let addr = format!("{}:{}", settings.server.host, settings.server.port);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
+    let res = rt.block_on(async {
         for id in &args.preload {
             let e = state.catalog.get(id).with_context(|| format!("--preload: no model `{id}`"))?;
             state.worker.load(e, None).await.map_err(|e| anyhow::anyhow!("--preload {id}: {e}"))?;
@@ -170,5 +202,9 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
             .with_context(|| format!("serving on {addr}"));
         worker.shutdown();
         r
-    })
+    });
+    if let Some(log) = run_log {
+        log.close();
+    }
+    res
 }

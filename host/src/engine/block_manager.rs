@@ -9,7 +9,11 @@
 //! hash of their token ids and the model/dtype/KV-family signature; they come
 //! out of the same budget, are reference-counted by the sequences that matched
 //! them (those are not evicted), and are evicted least recently used first
-//! (deepest first among equals) when a sequence needs room.
+//! (deepest first among equals) when a sequence needs room. With an SSD
+//! tier (`ssd::SsdStore`) an evicted block is written to disk first, and a
+//! lookup that misses in memory goes on along the chain on disk; blocks read
+//! back join the memory cache like any other.
+use super::ssd::SsdStore;
 use mlx_rs::Array;
 use std::collections::HashMap;
 
@@ -87,6 +91,7 @@ pub struct BlockManager {
     seq_blocks: usize,
     cache: HashMap<u64, CachedBlock>,
     clock: u64,
+    ssd: Option<SsdStore>,
     pub stats: BlockStats,
 }
 
@@ -102,8 +107,18 @@ impl BlockManager {
             seq_blocks: 0,
             cache: HashMap::new(),
             clock: 0,
+            ssd: None,
             stats: BlockStats::default(),
         }
+    }
+
+    /// Adds the SSD tier: evicted blocks are written there, misses looked up there.
+    pub fn attach_ssd(&mut self, store: SsdStore) {
+        self.ssd = Some(store);
+    }
+
+    pub fn ssd(&mut self) -> Option<&mut SsdStore> {
+        self.ssd.as_mut()
     }
 
     /// Blocks a sequence holds when `len` tokens are in its KV buffers.
@@ -154,8 +169,11 @@ impl BlockManager {
             .map(|(h, _)| *h);
         match victim {
             Some(h) => {
-                self.cache.remove(&h);
+                let b = self.cache.remove(&h).unwrap();
                 self.stats.evictions += 1;
+                if let Some(ssd) = self.ssd.as_mut() {
+                    ssd.put(h, b.depth, &b.tokens, &b.kv);
+                }
                 true
             }
             None => false,
@@ -177,18 +195,28 @@ impl BlockManager {
     /// The longest cached prefix of `tokens` in whole blocks: its hashes
     /// (referenced: call `unref` when done with them). Counts a hit or a miss.
     pub fn lookup(&mut self, tokens: &[u32]) -> Vec<u64> {
+        self.lookup_keeping(tokens, 0)
+    }
+
+    /// [`lookup`](Self::lookup); blocks missing in memory are read from the
+    /// SSD tier (and cached in memory) only while more than `keep_free`
+    /// blocks stay available, so the caller can still allocate them.
+    pub fn lookup_keeping(&mut self, tokens: &[u32], keep_free: usize) -> Vec<u64> {
         self.clock += 1;
         let mut found = Vec::new();
         for (i, h) in self.chain(tokens).into_iter().enumerate() {
             let want = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            match self.cache.get_mut(&h) {
-                Some(b) if b.tokens == want => {
-                    b.refs += 1;
-                    b.last_used = self.clock;
-                    found.push(h);
-                }
-                _ => break,
+            let here = match self.cache.get(&h) {
+                Some(b) => b.tokens == want,
+                None => self.load_from_ssd(h, i, want, keep_free),
+            };
+            if !here {
+                break;
             }
+            let b = self.cache.get_mut(&h).unwrap();
+            b.refs += 1;
+            b.last_used = self.clock;
+            found.push(h);
         }
         if found.is_empty() {
             self.stats.prefix_misses += 1;
@@ -197,6 +225,22 @@ impl BlockManager {
             self.stats.prefix_hit_tokens += (found.len() * self.block_size) as u64;
         }
         found
+    }
+
+    /// Reads block `h` from the SSD tier into the memory cache; false on a
+    /// miss, a bad file, or no room.
+    fn load_from_ssd(&mut self, h: u64, depth: usize, tokens: &[u32], keep_free: usize) -> bool {
+        if self.ssd.is_none() || self.available() <= keep_free {
+            return false;
+        }
+        let ssd = self.ssd.as_mut().unwrap();
+        if !ssd.contains(h) {
+            return false;
+        }
+        match ssd.load(h, tokens) {
+            Some(kv) => self.insert(h, depth, tokens.to_vec(), kv),
+            None => false,
+        }
     }
 
     pub fn get(&self, h: u64) -> Option<&CachedBlock> {
@@ -240,13 +284,21 @@ impl BlockManager {
     }
 
     pub fn snapshot(&self) -> BlockStats {
-        BlockStats {
+        let mut s = BlockStats {
             block_size: self.block_size,
             total_blocks: self.total_blocks,
             seq_blocks: self.seq_blocks,
             cached_blocks: self.cache.len(),
             ..self.stats.clone()
+        };
+        if let Some(ssd) = self.ssd.as_ref() {
+            s.ssd_reads = ssd.reads;
+            s.ssd_writes = ssd.writes;
+            s.ssd_blocks = ssd.blocks();
+            s.ssd_bytes = ssd.bytes();
+            s.ssd_corrupt = ssd.corrupt;
         }
+        s
     }
 }
 
@@ -289,6 +341,33 @@ mod tests {
         assert_eq!(m.stats.prefix_hits, 2);
         assert_eq!(m.lookup(&[7, 7]).len(), 0);
         assert_eq!(m.stats.prefix_misses, 1);
+    }
+
+    #[test]
+    fn evicted_blocks_spill_to_ssd_and_come_back() {
+        use super::super::ssd::{SsdConfig, SsdStore};
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = BlockManager::new(2, 2, 2, "s");
+        let store = SsdStore::open(&SsdConfig { dir: tmp.path().into(), max_bytes: 1 << 20 }, m.signature).unwrap();
+        m.attach_ssd(store);
+        let block = |x: f32| vec![(Array::from_slice(&[x; 4], &[1, 1, 2, 2]), Array::from_slice(&[-x; 4], &[1, 1, 2, 2]))];
+        let ch = m.chain(&[1, 2, 3, 4]);
+        assert!(m.insert(ch[0], 0, vec![1, 2], block(1.0)));
+        assert!(m.insert(ch[1], 1, vec![3, 4], block(2.0)));
+        assert!(m.allocate(2)); // both evicted, both written
+        let s = m.snapshot();
+        assert_eq!((s.cached_blocks, s.evictions, s.ssd_writes, s.ssd_blocks), (0, 2, 2, 2));
+        m.release(2);
+        let hit = m.lookup(&[1, 2, 3, 4, 5]);
+        assert_eq!(hit, ch);
+        let s = m.snapshot();
+        assert_eq!((s.ssd_reads, s.prefix_hits, s.cached_blocks), (2, 1, 2));
+        assert_eq!(m.get(ch[1]).unwrap().kv[0].1.as_slice::<f32>(), &[-2.0; 4]);
+        m.unref(&hit);
+        // No room to keep: nothing is read from disk.
+        assert!(m.allocate(2));
+        assert!(m.lookup(&[1, 2, 3, 4]).is_empty());
+        assert_eq!(m.snapshot().ssd_reads, 2);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The engine: owns MLX compute for loaded models. `generate` runs one
 //! sequence (the CLI); the server's engine thread (`worker`) runs many with
 //! the continuous-batching `scheduler` over per-sequence KV buffers
-//! (`cache`), block accounting and the prefix cache (`block_manager`).
+//! (`cache`), block accounting and the prefix cache (`block_manager`), and
+//! the prefix cache's SSD tier (`ssd`).
 pub mod block_manager;
 pub mod cache;
 pub mod generate;
@@ -9,6 +10,7 @@ pub mod loaded;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod ssd;
 pub mod worker;
 
 pub use generate::{GenerateOptions, GenerateOutput, Session};

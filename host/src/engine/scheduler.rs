@@ -91,11 +91,13 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Automatic prefix caching.
     pub prefix_cache: bool,
+    /// The prefix cache's SSD tier (`--kv-ssd-dir`, `--kv-ssd-gb`), per model.
+    pub ssd: Option<super::ssd::SsdConfig>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { kv_budget: KvBudget::Fraction(0.5), block_size: 16, grow_tokens: 256, max_running: 16, prefix_cache: true }
+        Self { kv_budget: KvBudget::Fraction(0.5), block_size: 16, grow_tokens: 256, max_running: 16, prefix_cache: true, ssd: None }
     }
 }
 
@@ -155,9 +157,30 @@ impl Scheduler {
             let dsize = dtype_size_guess(&model.dir.config);
             let per_block = 2 * s.num_layers as u64 * s.num_kv_heads as u64 * s.head_dim as u64 * cfg.block_size as u64 * dsize;
             let total = (cfg.kv_budget.bytes() / per_block.max(1)) as usize;
-            let sig = format!("{}|{}|dtype{}|kv:dense-v1", model.dir.path.display(), model.dir.model_type, dsize);
+            // The config's hash and the KV shape too: the SSD tier outlives the process.
+            let config_hash = super::block_manager::signature_hash(&model.dir.config.to_string());
+            let sig = format!(
+                "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:dense-v1",
+                model.dir.path.display(),
+                model.dir.model_type,
+                dsize,
+                s.num_layers,
+                s.num_kv_heads,
+                s.head_dim,
+                config_hash
+            );
             tracing::info!("KV budget for {model_id}: {total} blocks of {} tokens ({per_block} bytes each)", cfg.block_size);
-            BlockManager::new(cfg.block_size, total, cfg.grow_tokens, &sig)
+            let mut m = BlockManager::new(cfg.block_size, total, cfg.grow_tokens, &sig);
+            if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
+                match super::ssd::SsdStore::open(ssd, m.signature) {
+                    Ok(store) => {
+                        tracing::info!("KV SSD tier for {model_id}: {} blocks on disk", store.blocks());
+                        m.attach_ssd(store);
+                    }
+                    Err(e) => tracing::warn!("KV SSD tier for {model_id} is off: {e:#}"),
+                }
+            }
+            m
         })
     }
 
@@ -249,7 +272,8 @@ impl Scheduler {
         let mut kv = KvCache::with_step(n_layers, grow);
         s.cached_upto = 0;
         if self.cfg.prefix_cache {
-            let hits = mgr.lookup(&s.tokens[..s.tokens.len() - 1]);
+            // Blocks read from the SSD tier must leave room for this sequence.
+            let hits = mgr.lookup_keeping(&s.tokens[..s.tokens.len() - 1], need + pending);
             if !hits.is_empty() {
                 let len = hits.len() * mgr.block_size;
                 let mut layers = Vec::with_capacity(n_layers);
