@@ -22,6 +22,7 @@ PINS=(
   "anthropic"
   "pytest"
   "openapi-python-client"
+  "gguf"
 )
 STAMP=$VENV/.rmlx-dev-stamp
 WANT=$(printf '%s\n' "${PINS[@]}" "$(cat "$0" | sha256sum | cut -c1-16)")
@@ -53,7 +54,7 @@ log "installing: ${PINS[*]}"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import mlx.core as mx
-for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest", "openapi-python-client"):
+for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest", "openapi-python-client", "gguf"):
     print(f"[dev-venv]   {p}=={md.version(p)}")
 mx.set_default_device(mx.cpu)
 assert mx.sum(mx.ones((4,))).item() == 4.0

@@ -1,0 +1,179 @@
+//! `rmlx convert --from-gguf` on Gemma GGUFs written the way llama.cpp writes
+//! them (tests/goldens/gemma_gguf.py: tiny random mlx-lm gemma, gemma2 and
+//! gemma3_text models as F32, F16, Q8_0 and Q4_0 GGUFs, norms + 1). Checks
+//! config.json, then mlx-lm (dev venv) on the converted directory against
+//! mlx-lm on the original weights: exact for F32, float16 rounding for F16,
+//! and for Q8_0/Q4_0 exact against the GGUF's dequantized weights (the
+//! mapping onto MLX affine is lossless) plus a loose bound against the
+//! original. The tokenizer rebuilt from the metadata must render and
+//! tokenize a chat like the original SentencePiece model, in mlx-lm and in
+//! rmlx's own `tokenizers`.
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+/// (GGUF type, max relative logit error against the original weights).
+const TYPES: &[(&str, f64)] = &[("f32", 0.0), ("f16", 5e-3), ("q8_0", 0.1), ("q4_0", 0.75)];
+
+fn python() -> std::path::PathBuf {
+    let py = common::repo().join(".venv-dev/bin/python");
+    assert!(py.exists(), "no dev venv: run `make dev-venv` (needs the gguf package: scripts/dev-venv.sh)");
+    py
+}
+
+fn script(args: &[&str]) -> String {
+    let o = Command::new(python())
+        .arg(common::repo().join("tests/goldens/gemma_gguf.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gemma_gguf.py {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn convert(src: &Path, dst: &Path) -> String {
+    let o = Command::new(common::rmlx_bin())
+        .args(["convert", "--from-gguf", "--quiet", "--model"])
+        .arg(src)
+        .arg("--output")
+        .arg(dst)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "convert {} failed:\n{}", src.display(), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn check_config(arch: &str, cfg: &Value, args: &Value, failures: &mut Vec<String>) {
+    let mut want = json!({
+        "model_type": arch,
+        "hidden_size": args["hidden_size"],
+        "num_hidden_layers": args["num_hidden_layers"],
+        "intermediate_size": args["intermediate_size"],
+        "num_attention_heads": args["num_attention_heads"],
+        "num_key_value_heads": args["num_key_value_heads"],
+        "head_dim": args["head_dim"],
+        "vocab_size": args["vocab_size"],
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": true,
+        "bos_token_id": 2,
+        "eos_token_id": [1, 5],
+    });
+    let w = want.as_object_mut().unwrap();
+    match arch {
+        "gemma" => {}
+        "gemma2" => {
+            w.insert("attn_logit_softcapping".into(), json!(50.0));
+            w.insert("final_logit_softcapping".into(), json!(30.0));
+            w.insert("query_pre_attn_scalar".into(), json!(16));
+            w.insert("sliding_window".into(), json!(4096));
+        }
+        "gemma3_text" => {
+            w.insert("query_pre_attn_scalar".into(), json!(16));
+            w.insert("sliding_window".into(), json!(8));
+            w.insert("sliding_window_pattern".into(), json!(6));
+            w.insert("rope_theta".into(), json!(1000000.0));
+            w.insert("rope_local_base_freq".into(), json!(10000.0));
+            w.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": 8.0}));
+            w.insert("max_position_embeddings".into(), json!(512));
+        }
+        _ => unreachable!(),
+    }
+    for (k, v) in w {
+        if &cfg[k] != v {
+            failures.push(format!("{arch}: config.json {k} = {} (want {v})", cfg[k]));
+        }
+    }
+}
+
+#[test]
+fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    script(&["make", dir.to_str().unwrap()]);
+    let mut failures = Vec::new();
+    for arch in ["gemma", "gemma2", "gemma3_text"] {
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{arch}.json"))).unwrap()).unwrap();
+        for &(ty, tol) in TYPES {
+            let name = format!("{arch}-{ty}");
+            let dst = dir.join(format!("out-{name}"));
+            convert(&dir.join(format!("{name}.gguf")), &dst);
+            let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
+            check_config(arch, &cfg, &golden["args"], &mut failures);
+            let quantized = ty.starts_with('q');
+            if quantized != cfg.get("quantization").is_some() {
+                failures.push(format!("{name}: quantization section {:?}", cfg.get("quantization")));
+            }
+            let out = script(&["check", dir.to_str().unwrap(), arch, ty, dst.to_str().unwrap()]);
+            let r: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+            let (err_orig, err_deq) = (r["err_orig"].as_f64().unwrap(), r["err_deq"].as_f64().unwrap());
+            if err_deq > 1e-5 {
+                failures.push(format!("{name}: relative logit error {err_deq:e} against the GGUF's own weights"));
+            }
+            if err_orig > tol {
+                failures.push(format!("{name}: relative logit error {err_orig:e} against the original (bound {tol:e})"));
+            }
+            if r["greedy_mismatch"] != json!([]) {
+                failures.push(format!("{name}: greedy differs from the GGUF's weights: {}", r["greedy_mismatch"]));
+            }
+            if !quantized || ty == "q8_0" {
+                if r["greedy_orig_mismatch"] != json!([]) {
+                    failures.push(format!("{name}: greedy differs from the original: {}", r["greedy_orig_mismatch"]));
+                }
+            }
+            let chat = &golden["chat"];
+            if r["chat_text"] != chat["text"] {
+                failures.push(format!("{name}: chat template renders {} (want {})", r["chat_text"], chat["text"]));
+            }
+            if r["chat_ids"] != chat["ids"] {
+                failures.push(format!("{name}: chat tokens {} (want {})", r["chat_ids"], chat["ids"]));
+            }
+            let text = chat["text"].as_str().unwrap();
+            if r["decoded"].as_str() != text.strip_prefix("<bos>") {
+                failures.push(format!("{name}: decode gives {}", r["decoded"]));
+            }
+            // rmlx's own tokenizer library on the same tokenizer.json.
+            let tk = tokenizers::Tokenizer::from_file(dst.join("tokenizer.json")).unwrap();
+            let ids: Vec<u64> = tk.encode(text, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
+            if json!(ids) != chat["ids"] {
+                failures.push(format!("{name}: rmlx tokenizers gives {ids:?} (want {})", chat["ids"]));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn unknown_architecture_is_a_cli_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("m.gguf");
+    // A GGUF header with one metadata entry and no tensors.
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    for s in ["general.architecture"] {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    }
+    b.extend(8u32.to_le_bytes());
+    b.extend(5u64.to_le_bytes());
+    b.extend(b"phi42");
+    std::fs::write(&src, b).unwrap();
+    let dst = tmp.path().join("out");
+    let o = Command::new(common::rmlx_bin())
+        .args(["convert", "--quiet", "--model"])
+        .arg(&src)
+        .arg("--output")
+        .arg(&dst)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("'phi42'") && err.contains("llama, gemma, gemma2, gemma3"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!dst.exists());
+}
