@@ -93,8 +93,7 @@ def main():
     formats += [f for label in only for f in FORMATS if f[0] == label and not label.startswith("f16")] if only \
         else [f for f in FORMATS if not f[0].startswith("f16")]
     for label, args in formats:
-        name = label.split(" ")[0] if label != "f16 (reference)" else "f16"
-        name = "-".join(label.replace("(", "").replace(")", "").replace("+", "").split())
+        name = "-".join(label.replace("(", "").replace(")", "").replace("+", "").replace("/", " ").split())
         d = work / name
         base = src if label.startswith("f16") else ref_dir
         if not d.exists():

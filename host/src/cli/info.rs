@@ -34,9 +34,14 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
         match local {
             "scales" | "biases" if quantized => continue,
             "weight" => {
-                let q = quant.for_module(module, quantized);
-                if q.mode != "none" && q.bits > 0 && t.dtype == "U32" {
-                    params += n * 32 / q.bits as u64;
+                let q = quant.for_tensors(module, &|l| tensors.contains_key(&format!("{module}.{l}")));
+                let packed = match t.dtype.as_str() {
+                    "U32" => 32,
+                    "U8" => 8, // BitNet: four ternary codes a byte
+                    _ => 0,
+                };
+                if q.mode != "none" && q.bits > 0 && packed > 0 {
+                    params += n * packed / q.bits as u64;
                 } else {
                     params += n;
                     *dtypes.entry(t.dtype.clone()).or_default() += n;
@@ -75,6 +80,12 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
             serving.insert("plugins".into(), format!("unavailable: {e:#}"));
         }
     }
+    let method = quant.method_name().map(String::from);
+    if let (Some(m), Ok(reg)) = (&method, &reg) {
+        if let Err(e) = quant.check_method(&|mode| reg.weight_quant_plugin(mode).is_ok()) {
+            serving.insert(format!("quant_method {m}"), format!("none ({e:#})"));
+        }
+    }
     let size = dir.size_on_disk();
     if args.json {
         let formats: BTreeMap<_, _> = by_format.iter().map(|(k, v)| (k.clone(), v.len())).collect();
@@ -84,7 +95,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
             serde_json::json!({
                 "path": dir.path, "model_type": dir.model_type, "parameters": params, "dtype": dtype,
                 "size_bytes": size, "weight_files": dir.weight_files.len(), "formats": formats,
-                "layers": layer_map, "plugins": serving,
+                "layers": layer_map, "plugins": serving, "quant_method": method,
             })
         );
         return Ok(());
@@ -94,7 +105,10 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     println!("parameters   {} ({:.1}M)", params, params as f64 / 1e6);
     println!("dtype        {}", dtype);
     println!("size on disk {:.1} MB in {} file(s)", size as f64 / 1e6, dir.weight_files.len());
-    println!("quantization");
+    match &method {
+        Some(m) => println!("quantization (quant_method {m})"),
+        None => println!("quantization"),
+    }
     for (fmt, modules) in &by_format {
         let shown = if modules.len() <= 4 { format!(": {}", modules.join(", ")) } else { String::new() };
         println!("  {:<20} {} layers{}", fmt, modules.len(), shown);

@@ -1,5 +1,8 @@
 //! The host's side of `WeightSource`: hands an architecture its layers, each
-//! built by the WeightQuant plugin that owns the module's format.
+//! built by the WeightQuant plugin that owns the module's format (chosen by
+//! `QuantSpec::for_tensors` from the module's tensor names). A module marked
+//! `at_load` (ParoQuant's dense `embed_tokens`/`lm_head`) is quantized here
+//! with MLX's affine `quantize` first, as ParoQuant's own loader does.
 use super::quant::{Quant, QuantSpec};
 use crate::plugins::{registry::into_anyhow, Registry};
 use abi_stable::{
@@ -27,7 +30,9 @@ pub struct HostWeights<'a> {
 
 impl<'a> HostWeights<'a> {
     /// Maps every weight file (MLX reads tensor data lazily).
+    /// Fails first if config.json's `quant_method` is one no loaded plugin serves.
     pub fn open(files: &[PathBuf], quant: &'a QuantSpec, registry: &'a Registry) -> Result<Self> {
+        quant.check_method(&|m| registry.weight_quant_plugin(m).is_ok())?;
         let mut tensors = HashMap::new();
         for f in files {
             let map = Array::load_safetensors(f).map_err(|e| anyhow!("{}: {e}", f.display()))?;
@@ -62,8 +67,17 @@ impl<'a> HostWeights<'a> {
         if !items.iter().any(|n| n.name == "weight") {
             return Err(PluginError::missing(format!("missing tensor {prefix}.weight")));
         }
-        let has_scales = items.iter().any(|n| n.name == "scales");
-        let q = self.quant.for_module(prefix, has_scales);
+        let mut q = self.quant.for_tensors(prefix, &|local| items.iter().any(|n| n.name == local));
+        if q.at_load {
+            match quantize_at_load(&mut items, &q) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("{prefix}: input dimension not a multiple of group size {}; left dense", q.group_size);
+                    q = Quant::dense();
+                }
+                Err(e) => return Err(PluginError::config(format!("{prefix}: quantizing at load: {e}"))),
+            }
+        }
         self.layers.insert(prefix.to_string(), q.clone());
         Ok((items, q))
     }
@@ -71,6 +85,23 @@ impl<'a> HostWeights<'a> {
     fn quant_plugin(&self, q: &Quant) -> Result<std::rc::Rc<rmlx_plugin_api::WeightQuantBox>, PluginError> {
         self.registry.weight_quant(&q.mode).map_err(|e| PluginError::unsupported(format!("{e:#}")))
     }
+}
+
+/// Replaces a dense `weight` by MLX affine `weight`/`scales`/`biases` at
+/// `q`'s bits and group size (what `mlx.nn.quantize` computes). `Ok(false)`:
+/// the input dimension does not divide by the group size (left dense).
+fn quantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<bool, mlx_rs::error::Exception> {
+    let i = items.iter().position(|n| n.name == "weight").expect("checked by module()");
+    let w = items[i].array.clone().into_array();
+    if w.ndim() != 2 || w.dim(1) % q.group_size != 0 {
+        return Ok(false);
+    }
+    let (wq, scales, biases) = mlx_rs::ops::quantize(&w, q.group_size, q.bits)?;
+    items.remove(i);
+    for (name, a) in [("weight", wq), ("scales", scales), ("biases", biases)] {
+        items.push(NamedArray { name: name.into(), array: MlxArray::from_array(a) });
+    }
+    Ok(true)
 }
 
 fn context<T>(r: PResult<T>, prefix: &str) -> Result<T, PluginError> {
