@@ -5,8 +5,9 @@
 
 Default check: load GGUF with MLX's own reader (`mx.load(gguf,
 return_metadata=True)`, which turns Q4_0/Q4_1/Q8_0 into MLX affine triples),
-apply the llama q/k un-permutation and the GGUF -> HF name mapping
-independently of the Rust code, and assert that every tensor of the converted
+apply the llama q/k un-permutation (llama only), the Gemma norm offset
+(llama.cpp stores Gemma's `*norm.weight` + 1; gemma/gemma2/gemma3 only) and
+the GGUF -> HF name mapping independently of the Rust code, and assert that every tensor of the converted
 safetensors has the same name set, dtype, shape and bytes; quantized triples
 are also dequantized with mx.dequantize on both sides (max abs diff must be
 0). Also checks config.json's quantization section against the tensor shapes.
@@ -42,17 +43,27 @@ MAP = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 2/3 have four norms per layer (Gemma 1's two are named as in llama).
+GEMMA_MAP = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GEMMA = ("gemma", "gemma2", "gemma3")
 
 
-def hf_name(name):
+def hf_name(name, arch="llama"):
     base, suffix = name.rsplit(".", 1)
     if base in TOP:
         return f"{TOP[base]}.{suffix}"
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if not m or m.group(2) not in MAP:
+    table = dict(MAP, **GEMMA_MAP) if arch in ("gemma2", "gemma3") else MAP
+    if not m or m.group(2) not in table:
         raise ValueError(f"unexpected GGUF tensor {name}")
-    return f"model.layers.{m.group(1)}.{MAP[m.group(2)]}.{suffix}"
+    return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{suffix}"
 
 
 def unpermute(a, n_head):
@@ -84,16 +95,19 @@ def load_converted(mlx_dir):
 def check_tensors(gguf, mlx_dir):
     ref, meta = mx.load(gguf, return_metadata=True)
     arch = meta["general.architecture"]
-    assert arch == "llama", arch
-    n_head = meta_int(meta, "llama.attention.head_count")
-    n_kv = meta_int(meta, f"llama.attention.head_count_kv") if "llama.attention.head_count_kv" in meta else n_head
+    assert arch == "llama" or arch in GEMMA, arch
+    n_head = meta_int(meta, f"{arch}.attention.head_count")
+    n_kv = meta_int(meta, f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in meta else n_head
 
     expected = {}
     for name, a in ref.items():
         # MLX names quantized triples <base>.weight/.scales/.biases
         base, suffix = name.rsplit(".", 1)
-        target = hf_name(base + ".weight")[: -len(".weight")] + "." + suffix
-        if re.search(r"\.attn_q$", base):
+        target = hf_name(base + ".weight", arch)[: -len(".weight")] + "." + suffix
+        if arch in GEMMA:
+            if base.endswith("norm"):
+                a = a - mx.array(1, dtype=a.dtype)
+        elif re.search(r"\.attn_q$", base):
             a = unpermute(a, n_head)
         elif re.search(r"\.attn_k$", base):
             a = unpermute(a, n_kv)
@@ -117,7 +131,8 @@ def check_tensors(gguf, mlx_dir):
         assert e.shape == g.shape, f"{k}: shape {g.shape} != MLX reader {e.shape}"
         assert as_bytes(e) == as_bytes(g), f"{k}: bytes differ"
         n_bytes += g.nbytes
-    print(f"tensors: {len(got)} tensors, {n_bytes} bytes: bit-identical to mx.load(gguf) (+ q/k un-permutation)")
+    how = "Gemma norm - 1" if arch in GEMMA else "q/k un-permutation"
+    print(f"tensors: {len(got)} tensors, {n_bytes} bytes: bit-identical to mx.load(gguf) (+ {how})")
 
     cfg = json.load(open(os.path.join(mlx_dir, "config.json")))
     q = cfg.get("quantization")
@@ -142,7 +157,7 @@ def check_tensors(gguf, mlx_dir):
         max_diff = max(max_diff, d)
         n_q += 1
     assert max_diff == 0.0, max_diff
-    for k, v in q.items():
+    for k, v in (q or {}).items():
         if k in ("group_size", "bits", "mode"):
             continue
         if v is False:
@@ -174,7 +189,8 @@ def check_tokenizer(gguf, mlx_dir):
     tok = Tokenizer.from_file(os.path.join(mlx_dir, "tokenizer.json"))
     ours = {s: tok.encode(s, add_special_tokens=True).ids for s in STRINGS}
     for s in STRINGS:
-        dec = tok.decode(ours[s], skip_special_tokens=False)
+        # without BOS/EOS: Gemma/Llama SentencePiece vocabularies add a BOS
+        dec = tok.decode(tok.encode(s, add_special_tokens=False).ids, skip_special_tokens=False)
         assert dec == s, f"decode round trip: {s!r} -> {dec!r}"
     print(f"tokenizer.json: loads with tokenizers, round-trips {len(STRINGS)} strings")
 
