@@ -20,7 +20,10 @@ const TYPES: &[(&str, f64)] = &[("f32", 0.0), ("f16", 5e-3), ("q8_0", 0.1), ("q4
 
 fn python() -> std::path::PathBuf {
     let py = common::repo().join(".venv-dev/bin/python");
-    assert!(py.exists(), "no dev venv: run `make dev-venv` (needs the gguf package: scripts/dev-venv.sh)");
+    assert!(
+        py.exists(),
+        "no dev venv: run `make dev-venv` (needs the gguf package: scripts/dev-venv.sh)"
+    );
     py
 }
 
@@ -30,7 +33,11 @@ fn script(args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(o.status.success(), "gemma_gguf.py {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "gemma_gguf.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -42,7 +49,12 @@ fn convert(src: &Path, dst: &Path) -> String {
         .arg(dst)
         .output()
         .unwrap();
-    assert!(o.status.success(), "convert {} failed:\n{}", src.display(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "convert {} failed:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -76,7 +88,10 @@ fn check_config(arch: &str, cfg: &Value, args: &Value, failures: &mut Vec<String
             w.insert("sliding_window_pattern".into(), json!(6));
             w.insert("rope_theta".into(), json!(1000000.0));
             w.insert("rope_local_base_freq".into(), json!(10000.0));
-            w.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": 8.0}));
+            w.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": "linear", "factor": 8.0}),
+            );
             w.insert("max_position_embeddings".into(), json!(512));
         }
         _ => unreachable!(),
@@ -95,40 +110,71 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
     script(&["make", dir.to_str().unwrap()]);
     let mut failures = Vec::new();
     for arch in ["gemma", "gemma2", "gemma3_text"] {
-        let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{arch}.json"))).unwrap()).unwrap();
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{arch}.json"))).unwrap(),
+        )
+        .unwrap();
         for &(ty, tol) in TYPES {
             let name = format!("{arch}-{ty}");
             let dst = dir.join(format!("out-{name}"));
             convert(&dir.join(format!("{name}.gguf")), &dst);
-            let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
+            let cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap())
+                    .unwrap();
             check_config(arch, &cfg, &golden["args"], &mut failures);
             let quantized = ty.starts_with('q');
             if quantized != cfg.get("quantization").is_some() {
-                failures.push(format!("{name}: quantization section {:?}", cfg.get("quantization")));
+                failures.push(format!(
+                    "{name}: quantization section {:?}",
+                    cfg.get("quantization")
+                ));
             }
-            let out = script(&["check", dir.to_str().unwrap(), arch, ty, dst.to_str().unwrap()]);
+            let out = script(&[
+                "check",
+                dir.to_str().unwrap(),
+                arch,
+                ty,
+                dst.to_str().unwrap(),
+            ]);
             let r: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
-            let (err_orig, err_deq) = (r["err_orig"].as_f64().unwrap(), r["err_deq"].as_f64().unwrap());
+            let (err_orig, err_deq) = (
+                r["err_orig"].as_f64().unwrap(),
+                r["err_deq"].as_f64().unwrap(),
+            );
             if err_deq > 1e-5 {
-                failures.push(format!("{name}: relative logit error {err_deq:e} against the GGUF's own weights"));
+                failures.push(format!(
+                    "{name}: relative logit error {err_deq:e} against the GGUF's own weights"
+                ));
             }
             if err_orig > tol {
                 failures.push(format!("{name}: relative logit error {err_orig:e} against the original (bound {tol:e})"));
             }
             if r["greedy_mismatch"] != json!([]) {
-                failures.push(format!("{name}: greedy differs from the GGUF's weights: {}", r["greedy_mismatch"]));
+                failures.push(format!(
+                    "{name}: greedy differs from the GGUF's weights: {}",
+                    r["greedy_mismatch"]
+                ));
             }
             if !quantized || ty == "q8_0" {
                 if r["greedy_orig_mismatch"] != json!([]) {
-                    failures.push(format!("{name}: greedy differs from the original: {}", r["greedy_orig_mismatch"]));
+                    failures.push(format!(
+                        "{name}: greedy differs from the original: {}",
+                        r["greedy_orig_mismatch"]
+                    ));
                 }
             }
             let chat = &golden["chat"];
             if r["chat_text"] != chat["text"] {
-                failures.push(format!("{name}: chat template renders {} (want {})", r["chat_text"], chat["text"]));
+                failures.push(format!(
+                    "{name}: chat template renders {} (want {})",
+                    r["chat_text"], chat["text"]
+                ));
             }
             if r["chat_ids"] != chat["ids"] {
-                failures.push(format!("{name}: chat tokens {} (want {})", r["chat_ids"], chat["ids"]));
+                failures.push(format!(
+                    "{name}: chat tokens {} (want {})",
+                    r["chat_ids"], chat["ids"]
+                ));
             }
             let text = chat["text"].as_str().unwrap();
             if r["decoded"].as_str() != text.strip_prefix("<bos>") {
@@ -136,13 +182,27 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
             }
             // rmlx's own tokenizer library on the same tokenizer.json.
             let tk = tokenizers::Tokenizer::from_file(dst.join("tokenizer.json")).unwrap();
-            let ids: Vec<u64> = tk.encode(text, false).unwrap().get_ids().iter().map(|&i| i as u64).collect();
+            let ids: Vec<u64> = tk
+                .encode(text, false)
+                .unwrap()
+                .get_ids()
+                .iter()
+                .map(|&i| i as u64)
+                .collect();
             if json!(ids) != chat["ids"] {
-                failures.push(format!("{name}: rmlx tokenizers gives {ids:?} (want {})", chat["ids"]));
+                failures.push(format!(
+                    "{name}: rmlx tokenizers gives {ids:?} (want {})",
+                    chat["ids"]
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -173,7 +233,10 @@ fn unknown_architecture_is_a_cli_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("'phi42'") && err.contains("llama, gemma, gemma2, gemma3"), "{err}");
+    assert!(
+        err.contains("'phi42'") && err.contains("llama, gemma, gemma2, gemma3"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(!dst.exists());
 }

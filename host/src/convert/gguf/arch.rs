@@ -72,7 +72,12 @@ impl ModelPlan {
         }
     }
 
-    pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
+    pub fn config_json(
+        &self,
+        g: &GgufFile,
+        quant: Option<&Value>,
+        tok: Option<&TokenizerFiles>,
+    ) -> Result<Value> {
         match self {
             ModelPlan::Llama(p) => p.config_json(g, quant, tok),
             ModelPlan::Gemma(p) => p.config_json(g, quant, tok),

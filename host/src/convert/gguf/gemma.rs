@@ -180,8 +180,17 @@ impl GemmaPlan {
         }
         let rms_norm_eps = g
             .get_f64(&p("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| anyhow!("GGUF is missing '{}'", p("attention.layer_norm_rms_epsilon")))?;
-        let default_theta = if gen == Gen::Gemma3 { 1_000_000.0 } else { 10_000.0 };
+            .ok_or_else(|| {
+                anyhow!(
+                    "GGUF is missing '{}'",
+                    p("attention.layer_norm_rms_epsilon")
+                )
+            })?;
+        let default_theta = if gen == Gen::Gemma3 {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
         let rope_theta = g.get_f64(&p("rope.freq_base"))?.unwrap_or(default_theta);
         let context_length = g.get_u64(&p("context_length"))?;
 
@@ -189,7 +198,11 @@ impl GemmaPlan {
         let embd = dims("token_embd.weight")
             .ok_or_else(|| anyhow!("GGUF has no token_embd.weight tensor"))?;
         if embd.len() != 2 || embd[0] != hidden_size {
-            bail!("token_embd.weight has dims {:?}, expected [{}, vocab]", embd, hidden_size);
+            bail!(
+                "token_embd.weight has dims {:?}, expected [{}, vocab]",
+                embd,
+                hidden_size
+            );
         }
         let vocab_size = embd[1];
         let intermediate_size = match g.get_u64(&p("feed_forward_length"))? {
@@ -207,17 +220,30 @@ impl GemmaPlan {
         };
         if let Some(r) = q_rows {
             if r != head_dim * num_attention_heads {
-                bail!("attn_q has {} rows, expected {} heads x {}", r, num_attention_heads, head_dim);
+                bail!(
+                    "attn_q has {} rows, expected {} heads x {}",
+                    r,
+                    num_attention_heads,
+                    head_dim
+                );
             }
         }
         if let Some(v) = g.get_u64(&p("attention.value_length"))? {
             if v != head_dim {
-                bail!("value_length {} differs from key_length {}: not supported by mlx-lm's Gemma", v, head_dim);
+                bail!(
+                    "value_length {} differs from key_length {}: not supported by mlx-lm's Gemma",
+                    v,
+                    head_dim
+                );
             }
         }
         if let Some(rd) = g.get_u64(&p("rope.dimension_count"))? {
             if rd != head_dim {
-                bail!("partial rotary embeddings ({} of head_dim {}) are not supported", rd, head_dim);
+                bail!(
+                    "partial rotary embeddings ({} of head_dim {}) are not supported",
+                    rd,
+                    head_dim
+                );
             }
         }
         let query_pre_attn_scalar = if gen.layers_27b() == Some(num_hidden_layers) {
@@ -237,7 +263,9 @@ impl GemmaPlan {
                 );
             }
         }
-        if gen == Gen::Gemma && (attn_logit_softcapping.is_some() || final_logit_softcapping.is_some()) {
+        if gen == Gen::Gemma
+            && (attn_logit_softcapping.is_some() || final_logit_softcapping.is_some())
+        {
             warnings.push("gemma (v1) GGUF has logit soft-capping keys; Gemma 1 has no soft-capping and they are ignored".into());
         }
         let sliding_window_pattern = match g.get_u64(&p("attention.sliding_window_pattern")) {
@@ -257,10 +285,17 @@ impl GemmaPlan {
                 let f = g.get_f64(&p("rope.scaling.factor"))?.unwrap_or(1.0);
                 (f != 1.0).then(|| json!({"rope_type": "linear", "factor": f}))
             }
-            Some(other) => bail!("unsupported rope scaling type '{}' for {}", other, gen.arch()),
+            Some(other) => bail!(
+                "unsupported rope scaling type '{}' for {}",
+                other,
+                gen.arch()
+            ),
         };
         if rope_scaling.is_some() && gen != Gen::Gemma3 {
-            bail!("rope scaling is not supported by mlx-lm's {}", gen.model_type());
+            bail!(
+                "rope scaling is not supported by mlx-lm's {}",
+                gen.model_type()
+            );
         }
 
         let tie_word_embeddings = g.tensor("output.weight").is_none();
@@ -304,7 +339,12 @@ impl GemmaPlan {
         }
     }
 
-    pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
+    pub fn config_json(
+        &self,
+        g: &GgufFile,
+        quant: Option<&Value>,
+        tok: Option<&TokenizerFiles>,
+    ) -> Result<Value> {
         let mut c = serde_json::Map::new();
         let mut put = |k: &str, v: Value| {
             c.insert(k.to_string(), v);
@@ -337,12 +377,18 @@ impl GemmaPlan {
         match self.gen {
             Gen::Gemma => {}
             Gen::Gemma2 => {
-                put("attn_logit_softcapping", json!(self.attn_logit_softcapping.map(f32_as_f64)));
+                put(
+                    "attn_logit_softcapping",
+                    json!(self.attn_logit_softcapping.map(f32_as_f64)),
+                );
             }
             Gen::Gemma3 => {
                 put("sliding_window_pattern", json!(self.sliding_window_pattern));
                 put("rope_local_base_freq", json!(10000.0));
-                put("rope_scaling", self.rope_scaling.clone().unwrap_or(Value::Null));
+                put(
+                    "rope_scaling",
+                    self.rope_scaling.clone().unwrap_or(Value::Null),
+                );
             }
         }
         if let Some(b) = tok.and_then(|t| t.bos_token_id) {
@@ -402,7 +448,10 @@ pub fn sub_one(dtype: safetensors::Dtype, raw: &[u8]) -> Result<Vec<u8>> {
                 half::bf16::from_f32(v).to_le_bytes()
             })
             .collect(),
-        other => bail!("cannot undo the Gemma norm offset on a {:?} tensor (expected F32, F16 or BF16)", other),
+        other => bail!(
+            "cannot undo the Gemma norm offset on a {:?} tensor (expected F32, F16 or BF16)",
+            other
+        ),
     })
 }
 

@@ -18,7 +18,9 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::{GgufFile, GgufValue};
-use crate::convert::tokenizer::{TokenizerFiles, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED};
+use crate::convert::tokenizer::{
+    TokenizerFiles, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED,
+};
 
 /// llama.cpp's `LLAMA_TOKEN_TYPE_UNKNOWN`.
 const TOKEN_TYPE_UNKNOWN: i64 = 2;
@@ -40,14 +42,20 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         .ok_or_else(|| anyhow!("GGUF has no tokenizer.ggml.tokens"))?
         .iter()
         .enumerate()
-        .map(|(i, v)| v.as_str().ok_or_else(|| anyhow!("tokenizer.ggml.tokens[{}] is not a string", i)))
+        .map(|(i, v)| {
+            v.as_str()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.tokens[{}] is not a string", i))
+        })
         .collect::<Result<_>>()?;
     let n = tokens.len();
     let scores: Vec<f64> = match array(g, "tokenizer.ggml.scores")? {
         Some(a) => a
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_f64().ok_or_else(|| anyhow!("tokenizer.ggml.scores[{}] is not a number", i)))
+            .map(|(i, v)| {
+                v.as_f64()
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.scores[{}] is not a number", i))
+            })
             .collect::<Result<_>>()?,
         None => bail!("GGUF has no tokenizer.ggml.scores (required for a SentencePiece tokenizer)"),
     };
@@ -55,7 +63,10 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         Some(a) => a
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_i64().ok_or_else(|| anyhow!("tokenizer.ggml.token_type[{}] is not an integer", i)))
+            .map(|(i, v)| {
+                v.as_i64()
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.token_type[{}] is not an integer", i))
+            })
             .collect::<Result<_>>()?,
         None => vec![TOKEN_TYPE_NORMAL; n],
     };
@@ -81,7 +92,9 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         vocab.push((t.to_string(), i as u64));
     }
     if dups > 0 {
-        warnings.push(format!("{dups} duplicated token strings in the GGUF vocab were dropped from tokenizer.json"));
+        warnings.push(format!(
+            "{dups} duplicated token strings in the GGUF vocab were dropped from tokenizer.json"
+        ));
     }
 
     // Merges from the scores of normal pieces.
@@ -101,13 +114,21 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let merges: Vec<[&str; 2]> = merges.iter().map(|&(_, l, r)| [tokens[l], tokens[r]]).collect();
+    let merges: Vec<[&str; 2]> = merges
+        .iter()
+        .map(|&(_, l, r)| [tokens[l], tokens[r]])
+        .collect();
 
     let id_opt = |key: &str| -> Result<Option<u64>> {
         let id = g.get_u64(key)?;
         if let Some(id) = id {
             if id as usize >= n {
-                bail!("{} = {} is out of range for a vocab of {} tokens", key, id, n);
+                bail!(
+                    "{} = {} is out of range for a vocab of {} tokens",
+                    key,
+                    id,
+                    n
+                );
             }
         }
         Ok(id)
@@ -115,7 +136,10 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     let bos = id_opt("tokenizer.ggml.bos_token_id")?;
     let eos = id_opt("tokenizer.ggml.eos_token_id")?;
     let unk = id_opt("tokenizer.ggml.unknown_token_id")?.or_else(|| {
-        types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN).map(|i| i as u64)
+        types
+            .iter()
+            .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+            .map(|i| i as u64)
     });
     let pad = id_opt("tokenizer.ggml.padding_token_id")?;
     let mut extra_eos = Vec::new();
@@ -129,23 +153,34 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     // llama.cpp's defaults for SPM vocabularies.
     let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
     let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let add_space_prefix = g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+    let add_space_prefix = g
+        .get_bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
 
     // Control and unknown tokens are special added tokens, user-defined ones
     // plain added tokens (both are matched whole in raw text).
-    let referenced: Vec<u64> = [bos, eos, unk, pad].into_iter().flatten().chain(extra_eos.iter().copied()).collect();
+    let referenced: Vec<u64> = [bos, eos, unk, pad]
+        .into_iter()
+        .flatten()
+        .chain(extra_eos.iter().copied())
+        .collect();
     let mut added_tokens = Vec::new();
     let mut added_decoder = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         let ty = types[i];
-        let special = ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_UNKNOWN || referenced.contains(&(i as u64));
+        let special = ty == TOKEN_TYPE_CONTROL
+            || ty == TOKEN_TYPE_UNKNOWN
+            || referenced.contains(&(i as u64));
         if !(special || ty == TOKEN_TYPE_USER_DEFINED) || t.is_empty() || ids.get(t) != Some(&i) {
             continue;
         }
         let entry = json!({"content": t, "single_word": false, "lstrip": false, "rstrip": false,
             "normalized": false, "special": special});
         let mut with_id = json!({"id": i});
-        with_id.as_object_mut().unwrap().extend(entry.as_object().unwrap().clone());
+        with_id
+            .as_object_mut()
+            .unwrap()
+            .extend(entry.as_object().unwrap().clone());
         added_tokens.push(with_id);
         added_decoder.insert(i.to_string(), entry);
     }
@@ -153,11 +188,17 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     let tok = |id: Option<u64>| id.map(|i| tokens[i as usize].to_string());
     let mut single = Vec::new();
     let mut specials = serde_json::Map::new();
-    for (on, id, seq) in [(add_bos, bos, false), (true, None, true), (add_eos, eos, false)] {
+    for (on, id, seq) in [
+        (add_bos, bos, false),
+        (true, None, true),
+        (add_eos, eos, false),
+    ] {
         if seq {
             single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
         } else if on {
-            let s = tok(id).ok_or_else(|| anyhow!("tokenizer.ggml.add_bos/eos_token is true but the token id is missing"))?;
+            let s = tok(id).ok_or_else(|| {
+                anyhow!("tokenizer.ggml.add_bos/eos_token is true but the token id is missing")
+            })?;
             single.push(json!({"SpecialToken": {"id": s, "type_id": 0}}));
             specials.insert(s.clone(), json!({"id": s, "ids": [id], "tokens": [s]}));
         }
@@ -187,7 +228,8 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     if add_space_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    let vocab_obj: serde_json::Map<String, Value> = vocab.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let vocab_obj: serde_json::Map<String, Value> =
+        vocab.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     let tj = json!({
         "version": "1.0",
         "truncation": null,
@@ -210,7 +252,12 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     cfg.insert("add_eos_token".into(), json!(add_eos));
     cfg.insert("added_tokens_decoder".into(), Value::Object(added_decoder));
     let mut special_map = serde_json::Map::new();
-    for (name, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+    for (name, id) in [
+        ("bos_token", bos),
+        ("eos_token", eos),
+        ("unk_token", unk),
+        ("pad_token", pad),
+    ] {
         if let Some(s) = tok(id) {
             cfg.insert(name.into(), json!(s));
             special_map.insert(name.into(), json!(s));
@@ -246,7 +293,12 @@ fn ordered_vocab_json(tj: &Value, vocab: &[(String, u64)]) -> Result<String> {
     let mut v = String::from("{\n");
     for (i, (k, id)) in vocab.iter().enumerate() {
         let sep = if i + 1 == vocab.len() { "" } else { "," };
-        v.push_str(&format!("      {}: {}{}\n", serde_json::to_string(k)?, id, sep));
+        v.push_str(&format!(
+            "      {}: {}{}\n",
+            serde_json::to_string(k)?,
+            id,
+            sep
+        ));
     }
     v.push_str("    }");
     let marker = "\"\\u0000rmlx-vocab\\u0000\"";
