@@ -47,6 +47,7 @@ serve: release
 ## regenerate the mlx-lm golden fixtures (dev only)
 goldens: dev-venv
 	.venv-dev/bin/python tests/goldens/make_goldens.py
+	.venv-dev/bin/python tests/goldens/make_wquant_model_goldens.py
 
 ## regenerate schemas/openapi.json from the code (a test fails when it drifts)
 openapi: build
