@@ -1,13 +1,13 @@
 //! `rmlx convert --from-gguf` on Gemma GGUFs written the way llama.cpp writes
 //! them (tests/goldens/gemma_gguf.py: tiny random mlx-lm gemma, gemma2 and
 //! gemma3_text models as F32, F16, Q8_0 and Q4_0 GGUFs, norms + 1). Checks
-//! config.json, then mlx-lm (dev venv) on the converted directory against
-//! mlx-lm on the original weights: exact for F32, float16 rounding for F16,
-//! and for Q8_0/Q4_0 exact against the GGUF's dequantized weights (the
-//! mapping onto MLX affine is lossless) plus a loose bound against the
-//! original. The tokenizer rebuilt from the metadata must render and
-//! tokenize a chat like the original SentencePiece model, in mlx-lm and in
-//! rmlx's own `tokenizers`.
+//! config.json, then mlx-lm (dev venv) on the converted directory: logits
+//! and greedy tokens exactly those of mlx-lm on the weights the GGUF holds
+//! (the original for F32; float16-rounded or dequantized Q8_0/Q4_0 weights
+//! otherwise: the mapping onto MLX affine is lossless), and bounded against
+//! the original for F16 and Q8_0. The tokenizer rebuilt from the metadata must render and
+//! tokenize a chat, and tokenize and decode a few harder strings, like the
+//! original SentencePiece model, in mlx-lm and in rmlx's own `tokenizers`.
 mod common;
 
 use std::path::Path;
@@ -16,7 +16,16 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 /// (GGUF type, max relative logit error against the original weights).
-const TYPES: &[(&str, f64)] = &[("f32", 0.0), ("f16", 5e-3), ("q8_0", 0.1), ("q4_0", 0.75)];
+/// The checks that matter for the quantized files are against the GGUF's
+/// own dequantized weights (exact); against the original, Q8_0 gets a sanity
+/// bound and Q4_0 none (4-bit noise moves a tiny random model's logits by
+/// tens of percent).
+const TYPES: &[(&str, Option<f64>)] = &[
+    ("f32", Some(0.0)),
+    ("f16", Some(5e-3)),
+    ("q8_0", Some(0.1)),
+    ("q4_0", None),
+];
 
 fn python() -> std::path::PathBuf {
     let py = common::repo().join(".venv-dev/bin/python");
@@ -146,8 +155,10 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
                     "{name}: relative logit error {err_deq:e} against the GGUF's own weights"
                 ));
             }
-            if err_orig > tol {
-                failures.push(format!("{name}: relative logit error {err_orig:e} against the original (bound {tol:e})"));
+            if tol.is_some_and(|t| err_orig > t) {
+                failures.push(format!(
+                    "{name}: relative logit error {err_orig:e} against the original (bound {tol:?})"
+                ));
             }
             if r["greedy_mismatch"] != json!([]) {
                 failures.push(format!(
@@ -155,13 +166,11 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
                     r["greedy_mismatch"]
                 ));
             }
-            if !quantized || ty == "q8_0" {
-                if r["greedy_orig_mismatch"] != json!([]) {
-                    failures.push(format!(
-                        "{name}: greedy differs from the original: {}",
-                        r["greedy_orig_mismatch"]
-                    ));
-                }
+            if ty == "f32" && r["greedy_orig_mismatch"] != json!([]) {
+                failures.push(format!(
+                    "{name}: greedy differs from the original: {}",
+                    r["greedy_orig_mismatch"]
+                ));
             }
             let chat = &golden["chat"];
             if r["chat_text"] != chat["text"] {
@@ -194,6 +203,26 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
                     "{name}: rmlx tokenizers gives {ids:?} (want {})",
                     chat["ids"]
                 ));
+            }
+            // More strings (spaces, digits, byte fallback, special tokens):
+            // SentencePiece's ids, and decoding gives the text back.
+            let strings = golden["strings"].as_array().unwrap();
+            for (i, case) in strings.iter().enumerate() {
+                let (text, want) = (case[0].as_str().unwrap(), &case[1]);
+                let py = &r["strings"][i];
+                if &py[0] != want || py[1] != case[0] {
+                    failures.push(format!(
+                        "{name}: mlx-lm tokenizer on {text:?}: {py} (want {want})"
+                    ));
+                }
+                let enc = tk.encode(text, false).unwrap();
+                let ids: Vec<u32> = enc.get_ids().to_vec();
+                let back = tk.decode(&ids, false).unwrap();
+                if &json!(ids) != want || back != text {
+                    failures.push(format!(
+                        "{name}: rmlx tokenizers on {text:?}: {ids:?} -> {back:?} (want {want})"
+                    ));
+                }
             }
         }
     }

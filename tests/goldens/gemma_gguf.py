@@ -12,8 +12,9 @@ Usage:
   gemma_gguf.py check OUT_DIR ARCH TYPE CONVERTED_DIR
       Loads CONVERTED_DIR with mlx-lm, prints JSON: the largest relative logit
       error against the original ("err_orig") and the dequantized GGUF
-      weights ("err_deq"), greedy mismatches at steps with a clear margin, and
-      the chat prompt rendered and tokenized by the converted tokenizer.
+      weights ("err_deq"), greedy mismatches at steps with a clear margin, the
+      chat prompt rendered and tokenized by the converted tokenizer, and the
+      converted tokenizer's ids and decoded text for the reference strings.
   gemma_gguf.py train-tokenizer
       Re-trains tests/fixtures/gemma_gguf/tokenizer.model (SentencePiece BPE,
       byte fallback, Gemma's special-token layout).
@@ -64,6 +65,14 @@ MESSAGES = [
     {"role": "user", "content": "Tell me a story about a café 🙂"},
 ]
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time, in a small village"]
+STRINGS = [
+    "Hello world",
+    "  two  spaces\tand a tab\n\nnew lines   ",
+    " leading space, numbers 12345 and 6.78",
+    "naïve café, Straße, 東京, Привет 🙂👍🏽",
+    "<start_of_turn>user\nhi<end_of_turn>\n",
+    "",
+]
 STEPS = 8
 
 TEXT = """The quick brown fox jumps over the lazy dog.
@@ -102,6 +111,7 @@ def train_tokenizer():
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         split_digits=True,
+        split_by_whitespace=False,  # whole-text BPE, as llama.cpp and HF's Gemma tokenizer
         num_threads=1,
         character_coverage=1.0,
     )
@@ -306,7 +316,8 @@ def make(out):
         weights = dict(tree_flatten(model.parameters()))
         ref = record(model, prompts)
         golden = {"arch": arch, "args": args, "original": ref, "dequantized": {},
-                  "chat": {"messages": MESSAGES, "text": chat_text, "ids": chat_ids}}
+                  "chat": {"messages": MESSAGES, "text": chat_text, "ids": chat_ids},
+                  "strings": [[t, sp.encode(t)] for t in STRINGS]}
         for tname, qtype in TYPES.items():
             deq = write_gguf(out / f"{arch}-{tname}.gguf", arch, args, weights, qtype, sp)
             m2 = make_model(arch, args, seed)
@@ -346,6 +357,7 @@ def check(out, arch, tname, dst):
         ids = ids["input_ids"]
     report["chat_ids"] = [int(i) for i in ids]
     report["decoded"] = tok.decode(golden["chat"]["ids"][1:])
+    report["strings"] = [[tok.encode(t, add_special_tokens=False), tok.decode(ids)] for t, ids in golden["strings"]]
     print(json.dumps(report))
 
 
