@@ -41,9 +41,11 @@ pub struct AttendOptions {
 /// blocks a sequence has; the KV family owns how they are stored.
 ///
 /// Batches: row b of `tokens` [B, L] belongs to sequence b, whose first new
-/// token sits at position `offsets()[b]`. `offset()` is row 0's (the only one
-/// when B = 1). Architectures should use the scalar offset when B = 1 (that is
-/// `fast::rope` exactly) and `fast::rope_dynamic` with `offsets()` otherwise.
+/// token sits at position `offsets()[b]`. Architectures take positions from
+/// `offsets()` (`fast::rope_dynamic`) for every B, including 1: the host may
+/// trace `forward` into a compiled graph that it replays at later positions
+/// (ABI 3), and only an array input follows along. `offset()` is row 0's
+/// position for shape decisions outside such traces (0 while tracing).
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct Attention {

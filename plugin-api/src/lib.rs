@@ -35,7 +35,9 @@ pub use wquant::{Embedding, EmbeddingBox, Linear, LinearBox, NamedArray, QuantPa
 
 /// The plugin ABI this crate speaks. The host refuses plugins built for another.
 /// 2: `Attention` gained per-sequence offsets (`offsets()`, `batch()`) for batching.
-pub const ABI_VERSION: u32 = 2;
+/// 3: architectures take positions from `offsets()` for every batch size,
+///    because the host may trace `forward` into a compiled graph.
+pub const ABI_VERSION: u32 = 3;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

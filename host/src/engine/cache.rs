@@ -39,6 +39,27 @@ impl KvCache {
         Self { layers: layers.into_iter().map(Some).collect(), offset: len as i32, step: step.max(1) as i32 }
     }
 
+    /// The per-layer buffers [1, K, capacity, hd] and the offset, when every
+    /// layer has been written (the compiled decode step takes them over).
+    pub fn take_buffers(&mut self) -> Option<(Vec<(Array, Array)>, i32)> {
+        if self.layers.iter().any(|l| l.is_none()) {
+            return None;
+        }
+        let layers = self.layers.iter_mut().map(|l| l.take().unwrap()).collect();
+        Some((layers, self.offset))
+    }
+
+    /// Gives back buffers taken with `take_buffers`, now holding `offset` tokens.
+    pub fn put_buffers(&mut self, layers: Vec<(Array, Array)>, offset: i32) {
+        self.layers = layers.into_iter().map(Some).collect();
+        self.offset = offset;
+    }
+
+    /// Capacity grows in steps of this many tokens.
+    pub fn step(&self) -> i32 {
+        self.step
+    }
+
     /// Tokens the buffers can hold now.
     pub fn capacity(&self) -> usize {
         self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2) as usize).unwrap_or(0)

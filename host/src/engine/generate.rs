@@ -1,7 +1,12 @@
 //! Prefill and decode for one sequence, the way mlx-lm's generate_step does it:
 //! the prompt but its last token is prefilled in chunks, then every step
 //! feeds one token and reads the last position's logits.
-use super::{cache::KvCache, sampler::Sampler, LoadedModel};
+use super::{
+    cache::KvCache,
+    compiled::{grow, CompiledStep},
+    sampler::Sampler,
+    LoadedModel,
+};
 use crate::plugins::registry::into_anyhow;
 use anyhow::{bail, Result};
 use mlx_rs::{ops::indexing::argmax_axis, transforms::async_eval, Array, Dtype};
@@ -65,6 +70,76 @@ impl<'m> Session<'m> {
         to_vec(&logits)
     }
 
+    /// Greedy decoding through the compiled step (engine/compiled.rs), also
+    /// pipelined; `None` when the model cannot be compiled (then the caller
+    /// decodes op by op).
+    fn greedy_compiled(&mut self, y: Array, max_tokens: usize, stop: &[u32], on_token: &mut impl FnMut(u32)) -> Result<Option<Vec<u32>>> {
+        let Some((mut kv, offset)) = self.cache.take_buffers() else { return Ok(None) };
+        let step = self.cache.step();
+        let mut compiled = match unsafe { CompiledStep::new(&mut *self.model as *mut LoadedModel) } {
+            Ok(c) => c,
+            Err(e) => {
+                self.cache.put_buffers(kv, offset);
+                tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}");
+                return Ok(None);
+            }
+        };
+        let mut host_pos = offset;
+        let mut y = y.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
+        let mut pos = Array::from_slice(&[offset], &[1]);
+        let mut tokens = Vec::new();
+        let (mut build, mut wait) = (0f64, 0f64);
+        while tokens.len() < max_tokens {
+            let next = if tokens.len() + 1 < max_tokens {
+                let tb = Instant::now();
+                if host_pos >= kv[0].0.dim(2) {
+                    kv = grow(kv, step)?;
+                }
+                // The first call traces; keep the buffers to fall back on.
+                let backup = tokens.is_empty().then(|| kv.clone());
+                let (ny, npos, nkv) = match compiled.step(y.clone(), pos.clone(), kv) {
+                    Ok(r) => r,
+                    Err(e) => match backup {
+                        Some(kv) => {
+                            tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}");
+                            self.cache.put_buffers(kv, offset);
+                            return Ok(None);
+                        }
+                        None => return Err(e),
+                    },
+                };
+                async_eval([&ny])?;
+                build += tb.elapsed().as_secs_f64();
+                kv = nkv;
+                host_pos += 1;
+                Some((ny, npos))
+            } else {
+                None
+            };
+            let tw = Instant::now();
+            let token = y.item_exact::<i32>() as u32;
+            wait += tw.elapsed().as_secs_f64();
+            if stop.contains(&token) {
+                break;
+            }
+            tokens.push(token);
+            on_token(token);
+            match next {
+                Some((ny, npos)) => {
+                    y = ny;
+                    pos = npos;
+                }
+                None => break,
+            }
+        }
+        if std::env::var_os("RMLX_PROFILE_DECODE").is_some() {
+            let n = tokens.len().max(1) as f64 * 1e-3;
+            eprintln!("compiled decode per token: build+queue {:.3} ms, wait {:.3} ms", build / n, wait / n);
+        }
+        self.cache.put_buffers(kv, host_pos);
+        Ok(Some(tokens))
+    }
+
     /// Greedy decoding, pipelined like mlx-lm's generate_step: the next
     /// token is chosen on the device, and the graph for step t+1 is built and
     /// queued (async_eval) before the host waits for token t.
@@ -74,17 +149,29 @@ impl<'m> Session<'m> {
         y.eval()?;
         let prompt_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
+        if compile_enabled() {
+            if let Some(tokens) = self.greedy_compiled(y.clone(), max_tokens, stop, &mut on_token)? {
+                return Ok((tokens, prompt_secs, t1));
+            }
+        }
         let mut tokens = Vec::new();
+        let (mut build, mut queue, mut wait) = (0f64, 0f64, 0f64);
         while tokens.len() < max_tokens {
             let next = if tokens.len() + 1 < max_tokens {
+                let tb = Instant::now();
                 let input = y.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
                 let ny = device_argmax(&self.forward_lazy(input, 1)?)?;
+                let tq = Instant::now();
                 async_eval([&ny])?;
+                build += (tq - tb).as_secs_f64();
+                queue += tq.elapsed().as_secs_f64();
                 Some(ny)
             } else {
                 None
             };
+            let tw = Instant::now();
             let token = y.item_exact::<u32>();
+            wait += tw.elapsed().as_secs_f64();
             if stop.contains(&token) {
                 break;
             }
@@ -95,12 +182,21 @@ impl<'m> Session<'m> {
                 None => break,
             }
         }
+        if std::env::var_os("RMLX_PROFILE_DECODE").is_some() {
+            let n = tokens.len().max(1) as f64 * 1e-3;
+            eprintln!("decode per token: build {:.3} ms, queue {:.3} ms, wait {:.3} ms", build / n, queue / n, wait / n);
+        }
         Ok((tokens, prompt_secs, t1))
     }
 
     pub fn offset(&self) -> i32 {
         self.cache.offset()
     }
+}
+
+/// Greedy decode compiles its step unless `RMLX_COMPILE=0`.
+fn compile_enabled() -> bool {
+    std::env::var("RMLX_COMPILE").map(|v| v != "0").unwrap_or(true)
 }
 
 /// Logits [1, 1, V] -> f32 host vector.

@@ -5,8 +5,10 @@
 //! the prefix cache's SSD tier (`ssd`).
 pub mod block_manager;
 pub mod cache;
+pub mod compiled;
 pub mod generate;
 pub mod loaded;
+pub mod metrics;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;

@@ -77,9 +77,10 @@ impl Rope {
     }
 }
 
-/// Where a forward's new tokens sit: one offset for the whole batch (B = 1:
-/// exactly `fast::rope`), or one per row (int32 [B], `fast::rope_dynamic`).
-/// Read once per forward from the engine's `Attention`.
+/// Where a forward's new tokens sit: one offset per row (int32 [B],
+/// `fast::rope_dynamic`), always read from `Attention::offsets()` so a forward
+/// traced for compilation never bakes a position in (plugin-api ABI 3).
+/// `Scalar` is for callers outside the engine (fixed positions).
 pub enum Positions {
     Scalar(i32),
     PerRow(Array),
@@ -87,11 +88,7 @@ pub enum Positions {
 
 impl Positions {
     pub fn of(attn: &rmlx_plugin_api::Attention) -> Self {
-        if attn.batch() <= 1 {
-            Positions::Scalar(attn.offset())
-        } else {
-            Positions::PerRow(attn.offsets_array())
-        }
+        Positions::PerRow(attn.offsets_array())
     }
 }
 
