@@ -5,6 +5,7 @@ pub mod config;
 pub mod constrain;
 pub mod convert;
 pub mod engine;
+pub mod metrics_db;
 pub mod model;
 pub mod plugins;
 pub mod runtime;

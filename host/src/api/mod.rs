@@ -13,6 +13,7 @@ pub mod errors;
 pub mod generation;
 pub mod health;
 pub mod messages;
+pub mod metrics;
 pub mod models;
 pub mod reasoning;
 pub mod tools;
@@ -114,20 +115,24 @@ fn flavor_of(path: &str) -> Flavor {
     }
 }
 
-/// All routes: the API, /openapi.json, the docs page (/docs), auth, body
-/// limit and error shapes.
+/// All routes: the API, /openapi.json, the docs page (/docs), /metrics,
+/// auth, body limit, error shapes and request metrics (api/metrics.rs).
 pub fn app(state: State) -> Route {
     let api = service(state.clone());
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
     let key = state.opts.api_key.clone();
     let limit = state.opts.max_body_bytes;
+    let catalog = state.catalog.clone();
+    let counters = state.worker.metrics();
     let guarded = Route::new()
         .nest("/", api)
         .at("/openapi.json", spec)
+        .at("/metrics", metrics::endpoint(state.clone()))
         .nest("/docs", docs)
         .around(move |ep, mut req: Request| {
             let key = key.clone();
+            let catalog = catalog.clone();
             async move {
                 let flavor = flavor_of(req.uri().path());
                 if let Err(e) = limit_body(&mut req, limit).await {
@@ -140,6 +145,7 @@ pub fn app(state: State) -> Route {
                         return Ok(errors::render(poem::Error::from(e), flavor));
                     }
                 }
+                metrics::note_model(&mut req, &catalog).await;
                 match ep.call(req).await {
                     Ok(r) => {
                         let r = r.into_response();
@@ -148,7 +154,8 @@ pub fn app(state: State) -> Route {
                     Err(e) => Ok(errors::render(e, flavor)),
                 }
             }
-        });
+        })
+        .around(move |ep, req| metrics::track(ep, req, counters.clone()));
     Route::new().nest("/", guarded)
 }
 

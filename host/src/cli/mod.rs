@@ -3,6 +3,7 @@ mod bench;
 mod convert;
 mod generate;
 mod info;
+mod metrics;
 mod openapi;
 mod plugins;
 mod serve;
@@ -41,6 +42,8 @@ pub enum Command {
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
     Convert(convert::Args),
+    /// Show the runs `rmlx serve` recorded in its SQLite run log, and a run's figures.
+    Metrics(metrics::Args),
 }
 
 pub fn run() -> Result<()> {
@@ -59,6 +62,7 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
+        Command::Metrics(a) => metrics::run(a, &settings),
     }
 }
 

@@ -115,6 +115,11 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     /// Per model id.
     pub blocks: Vec<(String, BlockStats)>,
+    /// MLX memory (bytes), read on the engine thread at publish: in use,
+    /// the most ever in use since the server started, and the allocator's cache.
+    pub memory_active_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub memory_cache_bytes: u64,
 }
 
 pub struct Scheduler {
@@ -449,6 +454,10 @@ impl Scheduler {
         let mut blocks: Vec<(String, BlockStats)> = self.managers.iter().map(|(k, m)| (k.clone(), m.snapshot())).collect();
         blocks.sort_by(|a, b| a.0.cmp(&b.0));
         self.stats.blocks = blocks;
+        let (active, peak, cache) = super::metrics::mlx_memory();
+        self.stats.memory_active_bytes = active;
+        self.stats.memory_peak_bytes = self.stats.memory_peak_bytes.max(peak).max(active);
+        self.stats.memory_cache_bytes = cache;
         self.stats.clone()
     }
 }

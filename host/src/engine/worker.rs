@@ -14,6 +14,7 @@
 //! Models: a catalog fixed at start ([`ModelCatalog`]); a model is loaded on
 //! the first request that names it, unloaded after its keep-alive expires, and
 //! the least recently used one goes first when `max_loaded` are loaded.
+use super::metrics::{Metrics, RequestRecord, SeqTracker};
 use super::scheduler::{Ended, EngineStats, Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
 use super::{sampler::SamplingParams, LoadedModel};
@@ -255,7 +256,8 @@ pub struct LoadedInfo {
 }
 
 enum Job {
-    Generate(GenRequest),
+    /// With the HTTP request's record when an API handler submitted it.
+    Generate(GenRequest, Option<Arc<RequestRecord>>),
     Load { model: Arc<ModelEntry>, keep_alive: Option<KeepAlive>, reply: oneshot::Sender<Result<(), WorkerError>> },
     Unload { id: String, reply: oneshot::Sender<bool> },
     Shutdown,
@@ -280,6 +282,7 @@ pub struct Worker {
     max_queue_depth: usize,
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
     stats: Arc<Mutex<EngineStats>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -301,6 +304,8 @@ impl Worker {
         let thread_cfg = cfg.clone();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let thread_in_flight = in_flight.clone();
+        let metrics = Arc::new(Metrics::new());
+        let tracker = SeqTracker::new(metrics.clone());
         std::thread::Builder::new()
             .name("rmlx-engine".into())
             .spawn(move || {
@@ -329,11 +334,12 @@ impl Worker {
                     in_flight: thread_in_flight,
                     sched: Scheduler::new(sched),
                     stats: thread_stats,
+                    tracker,
                 }
                 .run(rx);
             })?;
         ready_rx.recv().map_err(|_| anyhow!("the engine thread died at start"))??;
-        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded, stats })
+        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded, stats, metrics })
     }
 
     /// Queues a generation. Events arrive on `req.events`; the last is `Done`
@@ -346,7 +352,7 @@ impl Worker {
         }
         // The engine decrements when the request ends, however it ends.
         let guard = InFlight(self.in_flight.clone());
-        self.tx.send(Job::Generate(req)).map_err(|_| WorkerError::Stopped)?;
+        self.tx.send(Job::Generate(req, super::metrics::current_request())).map_err(|_| WorkerError::Stopped)?;
         std::mem::forget(guard);
         Ok(())
     }
@@ -377,6 +383,18 @@ impl Worker {
         self.stats.lock().unwrap().clone()
     }
 
+    /// The same figures from another thread (the run log's sampler), without
+    /// holding the engine's job channel open.
+    pub fn stats_source(&self) -> impl Fn() -> EngineStats + Send + 'static {
+        let stats = self.stats.clone();
+        move || stats.lock().unwrap().clone()
+    }
+
+    /// The server's Prometheus counters and histograms (engine/metrics.rs).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// A handle with no engine behind it (requests fail with `Stopped`); for
     /// building the API description without models.
     pub fn detached() -> Self {
@@ -387,6 +405,7 @@ impl Worker {
             max_queue_depth: 0,
             loaded: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(Mutex::new(EngineStats::default())),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -430,6 +449,7 @@ struct Engine {
     in_flight: Arc<AtomicUsize>,
     sched: Scheduler,
     stats: Arc<Mutex<EngineStats>>,
+    tracker: SeqTracker,
 }
 
 fn now_secs() -> u64 {
@@ -479,6 +499,10 @@ impl Engine {
                 let Some(i) = self.models.iter().position(|m| m.entry.id == id) else { continue };
                 let ended = self.sched.step(&id, &mut self.models[i].model);
                 self.models[i].last_used = Instant::now();
+                let now = Instant::now();
+                for s in self.sched.running.iter().filter(|s| s.entry.id == id) {
+                    self.tracker.observe(s, now);
+                }
                 for e in ended {
                     self.end(e);
                 }
@@ -516,9 +540,10 @@ impl Engine {
                 self.publish();
                 let _ = reply.send(self.models.len() != before);
             }
-            Job::Generate(req) => {
+            Job::Generate(req, record) => {
                 let guard: Box<dyn Send> = Box::new(InFlight(self.in_flight.clone()));
                 let id = self.sched.next_id();
+                self.tracker.submitted(id, record);
                 self.sched.waiting.push_back(Sequence::new(id, req, Some(guard)));
             }
         }
@@ -558,6 +583,10 @@ impl Engine {
         if let Some(m) = self.models.iter_mut().find(|m| m.entry.id == s.entry.id) {
             m.last_used = Instant::now();
         }
+        // Metrics first: a request's figures (and the engine's stats without
+        // it) are published before its client hears the end.
+        self.tracker.ended(&s, &r);
+        *self.stats.lock().unwrap() = self.sched.publish();
         let _ = s.events.send(match r {
             Ok(f) => GenEvent::Done(f),
             Err(e) => GenEvent::Error(e),
