@@ -14,7 +14,12 @@ computed by mlx-lm on the converted files, twice: with the model as stored
 included, cast to float32 (the same weights, float32 compute). Decode speed
 is `rmlx bench`, by default prompt 32, 32 generated tokens, 1 trial after
 the warm-up (set RMLX_REPORT_BENCH to other `rmlx bench` arguments, or to 0 to
-skip it: on a loaded 2-core machine it dominates the run). Prints the machine,
+skip it: on a loaded 2-core machine it dominates the run). With
+RMLX_REPORT_BENCH_FROM=MODEL.gguf the speed is measured on that GGUF converted
+by `rmlx convert --from-gguf` with the row's arguments (the files users get:
+float32 norms, so float32 activations) instead of on the re-quantized f16
+reference, whose float16 norms keep activations float16 (MLX's CPU affine
+`quantized_matmul` is very slow there). Prints the machine,
 the date and a Markdown table. RMLX_REPORT_FORMATS="label,label" measures only those rows (in
 that order; the reference is always made).
 """
@@ -71,6 +76,7 @@ def logprobs(model, tokens, f32):
 
 
 BENCH = os.environ.get("RMLX_REPORT_BENCH", "-p 32 -g 32 -n 1").split()
+BENCH_FROM = os.environ.get("RMLX_REPORT_BENCH_FROM")
 
 
 def cpu_name():
@@ -129,7 +135,13 @@ def main():
         if BENCH == ["0"]:
             tps, b = None, {}
         else:
-            bench = subprocess.run([rmlx, "bench", "--model", str(d), *BENCH, "--json"],
+            bd = d
+            if BENCH_FROM:
+                bd = work / f"gguf-{d.name}"
+                if not bd.exists():
+                    subprocess.run([rmlx, "convert", "--quiet", "--from-gguf", "--model", BENCH_FROM,
+                                    "--output", str(bd), *dict(formats)[label]], check=True)
+            bench = subprocess.run([rmlx, "bench", "--model", str(bd), *BENCH, "--json"],
                                    check=True, capture_output=True, text=True).stdout
             b = json.loads(bench.strip().splitlines()[-1])
             tps = b.get("generation_tps")
