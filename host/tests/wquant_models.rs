@@ -80,10 +80,9 @@ fn expected_layers(name: &str) -> Vec<(&'static str, &'static str)> {
             ("model.embed_tokens", "dense"),
             ("lm_head", "dense"), // modules_to_not_convert
         ],
-        "qwen3-bitnet-auto" => vec![
-            ("model.layers.0.mlp.gate_proj", "bitnet-autobitlinear 2-bit"),
-            ("model.embed_tokens", "dense"),
-        ],
+        "qwen3-bitnet-auto" => {
+            vec![("model.layers.0.mlp.gate_proj", "bitnet-autobitlinear 2-bit"), ("model.embed_tokens", "dense")]
+        }
         "llama-paroquant" => vec![
             ("model.layers.0.self_attn.q_proj", "paroquant 4-bit g64"),
             ("model.layers.1.mlp.up_proj", "paroquant 4-bit g64"),
@@ -124,7 +123,11 @@ fn models_match_their_reference_logits_and_tokens() {
                     failures.push(format!("{name} prompt {:?} step {step}: relative error {err:e}", case.prompt));
                 }
                 if case.margins[step] > MARGIN && sampler::argmax(&logits) != *want {
-                    failures.push(format!("{name} prompt {:?} step {step}: greedy {} != {want}", case.prompt, sampler::argmax(&logits)));
+                    failures.push(format!(
+                        "{name} prompt {:?} step {step}: greedy {} != {want}",
+                        case.prompt,
+                        sampler::argmax(&logits)
+                    ));
                 }
                 if step + 1 < case.tokens.len() {
                     logits = session.step(*want).unwrap(); // teacher forcing
@@ -143,8 +146,14 @@ fn generate_and_info_on_the_cli() {
         let case = &golden(name).prompts[1];
         let prompt: Vec<String> = case.prompt.iter().map(|t| t.to_string()).collect();
         let (code, out, err) = rmlx(&[
-            "generate", "--model", &model_dir(name), "--prompt-tokens", &prompt.join(","),
-            "--max-tokens", &case.tokens.len().to_string(), "--json",
+            "generate",
+            "--model",
+            &model_dir(name),
+            "--prompt-tokens",
+            &prompt.join(","),
+            "--max-tokens",
+            &case.tokens.len().to_string(),
+            "--json",
         ]);
         assert_eq!(code, 0, "{name}: {err}");
         let v: Value = serde_json::from_str(out.trim()).unwrap();
@@ -177,11 +186,19 @@ fn generate_and_info_on_the_cli() {
 #[tokio::test]
 async fn the_server_serves_both_formats() {
     let _g = common::mlx_lock();
-    let models: Vec<(Option<String>, std::path::PathBuf)> =
-        ["llama-bitnet", "llama-paroquant"].iter().map(|n| (None, common::fixture(&format!("wquant-models/{n}")))).collect();
+    let models: Vec<(Option<String>, std::path::PathBuf)> = ["llama-bitnet", "llama-paroquant"]
+        .iter()
+        .map(|n| (None, common::fixture(&format!("wquant-models/{n}"))))
+        .collect();
     let catalog = ModelCatalog::discover(&models, &[]).unwrap();
     let worker = Worker::start(
-        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 },
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth: 4,
+            max_loaded_models: 2,
+            idle_timeout: None,
+            prefill_chunk: 512,
+        },
         &catalog,
     )
     .unwrap();

@@ -270,7 +270,10 @@ mod tests {
         }});
         let q = QuantSpec::from_config(&c).unwrap();
         let rotated = q.for_tensors("model.layers.1.self_attn.q_proj", &|n| matches!(n, "theta" | "scales"));
-        assert_eq!((rotated.mode.as_str(), rotated.bits, rotated.group_size, rotated.at_load), ("paroquant", 4, 64, false));
+        assert_eq!(
+            (rotated.mode.as_str(), rotated.bits, rotated.group_size, rotated.at_load),
+            ("paroquant", 4, 64, false)
+        );
         let embed = q.for_tensors("model.embed_tokens", &|_| false);
         assert_eq!((embed.mode.as_str(), embed.at_load), ("affine", true));
         assert!(q.for_tensors("lm_head", &|_| false).at_load);

@@ -12,8 +12,8 @@ use abi_stable::{
 use anyhow::{anyhow, Result};
 use mlx_rs::Array;
 use rmlx_plugin_api::{
-    author::guard,
     arch::{WeightSource, WeightSource_TO},
+    author::guard,
     EmbeddingBox, LinearBox, MlxArray, NamedArray, PResult, PluginError,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -72,7 +72,10 @@ impl<'a> HostWeights<'a> {
             match quantize_at_load(&mut items, &q) {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!("{prefix}: input dimension not a multiple of group size {}; left dense", q.group_size);
+                    tracing::warn!(
+                        "{prefix}: input dimension not a multiple of group size {}; left dense",
+                        q.group_size
+                    );
                     q = Quant::dense();
                 }
                 Err(e) => return Err(PluginError::config(format!("{prefix}: quantizing at load: {e}"))),
