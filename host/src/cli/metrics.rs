@@ -135,7 +135,7 @@ fn utc(secs: f64) -> String {
 /// The run log for `rmlx serve` (None with `--no-metrics-db`). A path set
 /// by flag or config that cannot be opened is an error; the default path
 /// failing only warns (the server runs without a run log).
-pub fn start_run_log(settings: &Settings, state: &AppState) -> Result<Option<Arc<RunLog>>> {
+pub fn start_run_log(settings: &Settings, args: &super::serve::Args, state: &AppState) -> Result<Option<Arc<RunLog>>> {
     let s = &settings.server;
     if s.no_metrics_db {
         return Ok(None);
@@ -146,6 +146,10 @@ pub fn start_run_log(settings: &Settings, state: &AppState) -> Result<Option<Arc
         // Never store the key.
         server.insert("api_key".into(), serde_json::json!(s.api_key.as_ref().map(|_| "(set)")));
     }
+    config["serve_flags"] = serde_json::json!({
+        "kv_budget": args.kv_budget, "kv_block_size": args.kv_block_size, "max_running": args.max_running,
+        "no_prefix_cache": args.no_prefix_cache, "prefill_chunk": args.prefill_chunk, "preload": args.preload,
+    });
     let info = RunInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         device: crate::runtime::default_device(),

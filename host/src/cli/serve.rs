@@ -177,7 +177,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let state = state(&args, settings)?;
-    let run_log = super::metrics::start_run_log(settings, &state)?;
+    let run_log = super::metrics::start_run_log(settings, &args, &state)?;
     let addr = format!("{}:{}", settings.server.host, settings.server.port);
     let rt = tokio::runtime::Runtime::new()?;
     let res = rt.block_on(async {

@@ -16,8 +16,8 @@
 //! sequence the request submitted, found through the [`REQUEST`] task-local
 //! while the handler runs). Whoever lets go of it last finishes it: it counts
 //! `rmlx_requests_total`, observes the request duration and hands its row to
-//! the run log. For a streamed response that is the engine, when the last
-//! token has been sent.
+//! the run log (API routes, `/v1/...`, only). For a streamed response that is
+//! the engine, when the last token has been sent.
 use super::sequence::Sequence;
 use super::worker::{Finish, FinishReason, WorkerError};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -188,7 +188,8 @@ impl Drop for RequestRecord {
         if d.sequences > 0 {
             self.metrics.duration.with_label_values(&[model.as_str()]).observe(duration);
         }
-        if let Some(sink) = self.metrics.sink.get() {
+        // The run log keeps the API's requests (/v1/...), not health checks or docs.
+        if let Some(sink) = self.metrics.sink.get().filter(|_| self.endpoint.starts_with("/v1/")) {
             let decode: f64 = d.itls.iter().map(|&x| x as f64).sum();
             sink(RequestRow {
                 at: self.at,
