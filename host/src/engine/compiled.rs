@@ -1,4 +1,5 @@
-//! Greedy decode steps as one compiled MLX graph (`mlx_compile`).
+//! Decode steps as one compiled MLX graph (`mlx_compile`), for one sequence
+//! (`rmlx generate`/`bench` greedy) or a batch of them (the scheduler).
 //!
 //! Building a decode step's graph op by op costs the host more than a small
 //! model's GPU work (docs/PERF.md). Here the whole step — embedding, every
@@ -8,21 +9,21 @@
 //!
 //! Replay needs every input that changes between steps to be an input of the
 //! compiled function, and every shape to stay fixed:
-//! - inputs: the token int32 [1, 1], its position int32 [1], and per layer
-//!   keys and values [1, K, cap, hd] (preallocated, `cap` a multiple of the
-//!   cache step);
-//! - outputs: the next token int32 [1, 1], the next position int32 [1], and
-//!   the updated keys and values (written with a dynamic slice update at the
-//!   position; attention runs over all `cap` slots with a mask that hides the
-//!   empty ones).
-//! When the position reaches `cap` the buffers grow by a step and MLX traces
-//! the new shape once. Architectures take positions from
+//! - inputs: the tokens int32 [B, 1], their positions int32 [B], and per row,
+//!   per layer, keys and values [1, K, cap_b, hd] (each sequence's own
+//!   preallocated buffers, `cap_b` a multiple of the cache step);
+//! - outputs: the greedy next tokens int32 [B, 1], the logits [B, 1, V], the
+//!   next positions [B], and the updated keys and values (written with a
+//!   dynamic slice update at the row's position; each row attends over all
+//!   its `cap_b` slots with a mask that hides the empty ones).
+//! When a row's position reaches its capacity its buffers grow by a step, and
+//! MLX traces each new combination of shapes (batch size, capacities) once. Architectures take positions from
 //! `Attention::offsets()` (plugin-api ABI 3), so a trace never bakes one in.
 use super::LoadedModel;
 use anyhow::{anyhow, bail, Result};
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
-    ops::{arange, concatenate, indexing::argmax_axis, zeros_dtype},
+    ops::{arange, concatenate, indexing::{argmax_axis, TryIndexOp}, zeros_dtype},
     Array, Dtype,
 };
 use mlx_sys::{mlx_array, mlx_closure, mlx_vector_array};
@@ -62,20 +63,24 @@ impl CompiledStep {
         }
     }
 
-    /// One step: (token [1,1], position [1], per-layer (keys, values)) ->
-    /// (next token [1,1], next position [1], updated layers), all lazy.
-    pub fn step(&mut self, token: Array, pos: Array, kv: Vec<(Array, Array)>) -> Result<(Array, Array, Vec<(Array, Array)>)> {
-        let n = kv.len();
-        let mut inputs: Vec<Array> = Vec::with_capacity(2 + 2 * n);
-        inputs.push(token);
+    /// One step: (tokens [B,1], positions [B], per row per-layer (keys,
+    /// values)) -> (next tokens [B,1], logits [B,1,V], next positions [B],
+    /// updated rows), all lazy.
+    pub fn step(&mut self, tokens: Array, pos: Array, rows: Vec<Vec<(Array, Array)>>) -> Result<StepOut> {
+        let b = rows.len();
+        let n = rows.first().map(|r| r.len()).unwrap_or(0);
+        let mut inputs: Vec<Array> = Vec::with_capacity(2 + 2 * n * b);
+        inputs.push(tokens);
         inputs.push(pos);
-        for (k, v) in kv {
-            inputs.push(k);
-            inputs.push(v);
+        for row in rows {
+            for (k, v) in row {
+                inputs.push(k);
+                inputs.push(v);
+            }
         }
         let raw: Vec<mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
         self.ctx.error = None;
-        let mut outs = Vec::with_capacity(2 + 2 * n);
+        let mut outs = Vec::with_capacity(3 + 2 * n * b);
         unsafe {
             let vin = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
             let mut vout = mlx_sys::mlx_vector_array_new();
@@ -94,17 +99,28 @@ impl CompiledStep {
             }
             mlx_sys::mlx_vector_array_free(vout);
         }
-        if outs.len() != 2 + 2 * n {
-            bail!("the compiled decode step returned {} arrays, expected {}", outs.len(), 2 + 2 * n);
+        if outs.len() != 3 + 2 * n * b {
+            bail!("the compiled decode step returned {} arrays, expected {}", outs.len(), 3 + 2 * n * b);
         }
         let mut it = outs.into_iter();
-        let (tok, pos) = (it.next().unwrap(), it.next().unwrap());
-        let mut layers = Vec::with_capacity(n);
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            layers.push((k, v));
-        }
-        Ok((tok, pos, layers))
+        let (tokens, logits, pos) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        let rows = (0..b)
+            .map(|_| (0..n).map(|_| (it.next().unwrap(), it.next().unwrap())).collect())
+            .collect();
+        Ok(StepOut { tokens, logits, pos, rows })
     }
+}
+
+/// What one compiled step returns (lazy arrays).
+pub struct StepOut {
+    /// int32 [B, 1]: each row's greedy next token.
+    pub tokens: Array,
+    /// [B, 1, V] in the model's dtype.
+    pub logits: Array,
+    /// int32 [B]: positions + 1.
+    pub pos: Array,
+    /// Per row, per layer: the updated (keys, values).
+    pub rows: Vec<Vec<(Array, Array)>>,
 }
 
 impl Drop for CompiledStep {
@@ -158,64 +174,94 @@ unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec
             arrays.push(Array::from_ptr(a));
         }
     }
-    if arrays.len() < 2 || arrays.len() % 2 != 0 {
+    if arrays.len() < 2 {
         bail!("bad compiled decode inputs ({} arrays)", arrays.len());
     }
     let mut it = arrays.into_iter();
-    let (token, pos) = (it.next().unwrap(), it.next().unwrap());
-    let mut layers = Vec::new();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        layers.push((k, v));
+    let (tokens, pos) = (it.next().unwrap(), it.next().unwrap()); // [B, 1], [B]
+    let b = tokens.dim(0) as usize;
+    let rest: Vec<Array> = it.collect();
+    if b == 0 || rest.len() % (2 * b) != 0 {
+        bail!("bad compiled decode inputs ({} buffers for {b} rows)", rest.len());
     }
+    let n = rest.len() / (2 * b);
+    let mut rest = rest.into_iter();
+    let rows: Vec<Vec<(Array, Array)>> =
+        (0..b).map(|_| (0..n).map(|_| (rest.next().unwrap(), rest.next().unwrap())).collect()).collect();
     let model = unsafe { &mut *ctx.model };
-    let mut cache = TracedCache { pos: pos.clone(), layers, mask: None };
+    let row_pos = if b == 1 {
+        vec![pos.clone()]
+    } else {
+        (0..b as i32).map(|r| pos.try_index(r..r + 1)).collect::<Result<Vec<_>, _>>()?
+    };
+    let mut cache = TracedCache { pos: pos.clone(), row_pos, rows, masks: vec![None; b] };
     let attention = unsafe {
         Attention::new(&mut cache as *mut TracedCache as *mut c_void, offset_cb, attend_cb, offsets_cb, batch_cb)
     };
-    let logits = model.model.forward(MlxArray::from_array(token), attention, true);
-    let logits = crate::plugins::registry::into_anyhow(logits, &model.architecture_plugin)?.into_array(); // [1, 1, V]
-    let next = argmax_axis(logits.reshape(&[1, -1])?, -1, None)?.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
-    let mut outs = vec![next, pos.add(Array::from_int(1))?];
-    for (k, v) in cache.layers {
-        outs.push(k);
-        outs.push(v);
+    let logits = model.model.forward(MlxArray::from_array(tokens), attention, true);
+    let logits = crate::plugins::registry::into_anyhow(logits, &model.architecture_plugin)?.into_array(); // [B, 1, V]
+    let next = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
+    let mut outs = vec![next, logits, pos.add(Array::from_int(1))?];
+    for row in cache.rows {
+        for (k, v) in row {
+            outs.push(k);
+            outs.push(v);
+        }
     }
     Ok(outs)
 }
 
-/// The KV buffers inside a trace: fixed capacity, dynamic position.
+/// The KV buffers inside a trace: fixed capacities, dynamic positions.
 struct TracedCache {
+    /// int32 [B]
     pos: Array,
-    layers: Vec<(Array, Array)>,
-    /// bool [1, 1, 1, cap]: slots 0..=pos are filled (shared by the layers).
-    mask: Option<Array>,
+    /// Row b's position, int32 [1].
+    row_pos: Vec<Array>,
+    /// Per row, per layer: (keys, values) [1, K, cap_b, hd].
+    rows: Vec<Vec<(Array, Array)>>,
+    /// Per row, bool [1, 1, 1, cap_b]: slots 0..=pos are filled (shared by the layers).
+    masks: Vec<Option<Array>>,
 }
 
 impl TracedCache {
-    /// q: [1, H, 1, hd], k/v: [1, K, 1, hd] -> [1, H, 1, hd]
+    /// q: [B, H, 1, hd], k/v: [B, K, 1, hd] -> [B, H, 1, hd]
     fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
         if opts.window != 0 {
             return Err(PluginError::unsupported("sliding-window attention is not compiled yet"));
         }
         if q.dim(2) != 1 {
-            return Err(PluginError::other("the compiled decode step takes one token"));
+            return Err(PluginError::other("the compiled decode step takes one token per row"));
         }
-        let (keys, values) = self
-            .layers
-            .get(layer as usize)
-            .cloned()
-            .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
-        let cap = keys.dim(2);
-        let keys = slice_update_at(&keys, &k, &self.pos)?;
-        let values = slice_update_at(&values, &v, &self.pos)?;
-        if self.mask.is_none() {
-            let slots = arange::<_, i32>(0, cap, None)?;
-            self.mask = Some(slots.le(&self.pos)?.reshape(&[1, 1, 1, cap])?);
+        let b = self.rows.len();
+        let mut outs = Vec::with_capacity(b);
+        for r in 0..b {
+            let (keys, values) = self.rows[r]
+                .get(layer as usize)
+                .cloned()
+                .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
+            let row = |x: &Array| -> Result<Array, PluginError> {
+                if b == 1 {
+                    Ok(x.clone())
+                } else {
+                    Ok(x.try_index(r as i32..r as i32 + 1)?)
+                }
+            };
+            let cap = keys.dim(2);
+            let keys = slice_update_at(&keys, &row(&k)?, &self.row_pos[r])?;
+            let values = slice_update_at(&values, &row(&v)?, &self.row_pos[r])?;
+            if self.masks[r].is_none() {
+                let slots = arange::<_, i32>(0, cap, None)?;
+                self.masks[r] = Some(slots.le(&self.row_pos[r])?.reshape(&[1, 1, 1, cap])?);
+            }
+            let mask = self.masks[r].as_ref().unwrap();
+            let q = row(&q)?;
+            outs.push(scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?);
+            self.rows[r][layer as usize] = (keys, values);
         }
-        let mask = self.mask.as_ref().unwrap();
-        let out = scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?;
-        self.layers[layer as usize] = (keys, values);
-        Ok(out)
+        if b == 1 {
+            return Ok(outs.pop().unwrap());
+        }
+        Ok(concatenate(&outs, 0)?)
     }
 }
 
@@ -243,8 +289,8 @@ extern "C" fn offsets_cb(state: *mut c_void) -> MlxArray {
     MlxArray::from_array(unsafe { &*(state as *const TracedCache) }.pos.clone())
 }
 
-extern "C" fn batch_cb(_: *mut c_void) -> u32 {
-    1
+extern "C" fn batch_cb(state: *mut c_void) -> u32 {
+    unsafe { &*(state as *const TracedCache) }.rows.len() as u32
 }
 
 extern "C" fn attend_cb(state: *mut c_void, layer: u32, q: MlxArray, k: MlxArray, v: MlxArray, opts: AttendOptions) -> PResult<MlxArray> {

@@ -97,7 +97,7 @@ impl<'m> Session<'m> {
                 }
                 // The first call traces; keep the buffers to fall back on.
                 let backup = tokens.is_empty().then(|| kv.clone());
-                let (ny, npos, nkv) = match compiled.step(y.clone(), pos.clone(), kv) {
+                let out = match compiled.step(y.clone(), pos.clone(), vec![kv]) {
                     Ok(r) => r,
                     Err(e) => match backup {
                         Some(kv) => {
@@ -108,6 +108,7 @@ impl<'m> Session<'m> {
                         None => return Err(e),
                     },
                 };
+                let (ny, npos, nkv) = (out.tokens, out.pos, out.rows.into_iter().next().unwrap());
                 async_eval([&ny])?;
                 build += tb.elapsed().as_secs_f64();
                 kv = nkv;
