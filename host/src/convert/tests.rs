@@ -933,39 +933,56 @@ fn gemma_bad_input_is_a_clear_error() {
     assert!(!out.exists());
 }
 
-/// Llama 2 style SentencePiece: `add_space_prefix` defaults to true (a leading
-/// `▁`, stripped again on decode), BOS added, merges ranked by score, and
-/// characters outside the vocab fall back to `<0xXX>` byte tokens.
+/// SentencePiece vocab: Llama 2 style (`add_space_prefix` absent, so true: a
+/// leading `▁`, stripped again on decode) and Gemma style (false); BOS added,
+/// merges ranked by score, characters outside the vocab fall back to
+/// `<0xXX>` byte tokens, a user-defined piece matches whole.
 #[test]
 fn sentencepiece_vocab_with_space_prefix_and_byte_fallback() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("t.gguf");
     let s = |x: &str| GgufValue::String(x.into());
-    // ids: 0 <unk>, 1 <s>, 2 </s>, 3 <0x21> ('!'), 4 ▁, 5 a, 6 b, 7 ▁a, 8 ab, 9 ▁ab
-    let toks = ["<unk>", "<s>", "</s>", "<0x21>", "\u{2581}", "a", "b", "\u{2581}a", "ab", "\u{2581}ab"];
-    let scores = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0];
-    let types = [2, 3, 3, 6, 1, 1, 1, 1, 1, 1];
-    let kv: Vec<(&str, GgufValue)> = vec![
-        ("general.architecture", s("llama")),
-        ("tokenizer.ggml.model", s("llama")),
-        ("tokenizer.ggml.tokens", GgufValue::Array(GgufValueType::String, toks.iter().map(|t| s(t)).collect())),
-        ("tokenizer.ggml.scores", GgufValue::Array(GgufValueType::F32, scores.iter().map(|&x| GgufValue::F32(x)).collect())),
-        ("tokenizer.ggml.token_type", GgufValue::Array(GgufValueType::I32, types.iter().map(|&t| GgufValue::I32(t)).collect())),
-        ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
-        ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
-        ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
+    // ids: 0 <unk>, 1 <s>, 2 </s>, 3 <0x21> ('!'), 4 ▁, 5 a, 6 b, 7 ▁a, 8 ab, 9 ▁ab,
+    // 10 ▁▁ (user-defined)
+    let toks = [
+        "<unk>", "<s>", "</s>", "<0x21>", "\u{2581}", "a", "b", "\u{2581}a", "ab", "\u{2581}ab", "\u{2581}\u{2581}",
     ];
-    write_gguf(&p, 3, &kv, &[]);
-    let g = GgufFile::open(&p).unwrap();
-    let files = super::tokenizer::build(&g, None).unwrap();
-    let path = dir.path().join("tokenizer.json");
-    std::fs::write(&path, &files.tokenizer_json).unwrap();
-    let tk = tokenizers::Tokenizer::from_file(&path).unwrap();
-    // "▁a" (score -4) merges before "ab" (-5): "▁ab" is reached through "▁a" + "b".
+    let scores = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, 0.0];
+    let types = [2, 3, 3, 6, 1, 1, 1, 1, 1, 1, 4];
+    let build = |prefix: Option<bool>| {
+        let mut kv: Vec<(&str, GgufValue)> = vec![
+            ("general.architecture", s("llama")),
+            ("tokenizer.ggml.model", s("llama")),
+            ("tokenizer.ggml.tokens", GgufValue::Array(GgufValueType::String, toks.iter().map(|t| s(t)).collect())),
+            ("tokenizer.ggml.scores", GgufValue::Array(GgufValueType::F32, scores.iter().map(|&x| GgufValue::F32(x)).collect())),
+            ("tokenizer.ggml.token_type", GgufValue::Array(GgufValueType::I32, types.iter().map(|&t| GgufValue::I32(t)).collect())),
+            ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
+            ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
+        ];
+        if let Some(b) = prefix {
+            kv.push(("tokenizer.ggml.add_space_prefix", GgufValue::Bool(b)));
+        }
+        let p = dir.path().join("t.gguf");
+        write_gguf(&p, 3, &kv, &[]);
+        let files = super::tokenizer::build(&GgufFile::open(&p).unwrap(), None).unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, &files.tokenizer_json).unwrap();
+        (files, tokenizers::Tokenizer::from_file(&path).unwrap())
+    };
+
+    let (files, tk) = build(None);
+    // "▁ab▁a!": "▁a" (score -4) merges before "ab" (-5), then "▁a" + "b" -> "▁ab".
     let enc = tk.encode("ab a!", true).unwrap();
     assert_eq!(enc.get_ids(), &[1, 9, 7, 3]);
     assert_eq!(tk.decode(enc.get_ids(), true).unwrap(), "ab a!");
     assert_eq!(files.tokenizer_config["add_bos_token"], true);
     assert_eq!(files.tokenizer_config["bos_token"], "<s>");
     assert_eq!(files.bos_token_id, Some(1));
+
+    let (_, tk) = build(Some(false));
+    // "ab▁a!": no leading "▁"; "▁▁" (two spaces) is one user-defined token.
+    assert_eq!(tk.encode("ab a!", false).unwrap().get_ids(), &[8, 7, 3]);
+    let enc = tk.encode("a  b", false).unwrap();
+    assert_eq!(enc.get_ids(), &[5, 10, 6]);
+    assert_eq!(tk.decode(enc.get_ids(), false).unwrap(), "a  b");
 }

@@ -157,8 +157,10 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         .get_bool("tokenizer.ggml.add_space_prefix")?
         .unwrap_or(true);
 
-    // Control and unknown tokens are special added tokens, user-defined ones
-    // plain added tokens (both are matched whole in raw text).
+    // Control and unknown tokens are special added tokens, matched whole in
+    // the raw text; user-defined ones are plain added tokens matched after
+    // normalization, so a piece like "▁▁" matches two spaces, as llama.cpp
+    // (which unescapes SPM user-defined pieces) does.
     let referenced: Vec<u64> = [bos, eos, unk, pad]
         .into_iter()
         .flatten()
@@ -175,7 +177,7 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
             continue;
         }
         let entry = json!({"content": t, "single_word": false, "lstrip": false, "rstrip": false,
-            "normalized": false, "special": special});
+            "normalized": !special, "special": special});
         let mut with_id = json!({"id": i});
         with_id
             .as_object_mut()
