@@ -54,6 +54,8 @@ impl Fnv {
 pub struct CachedBlock {
     pub tokens: Vec<u32>,
     pub kv: Vec<(Array, Array)>,
+    /// The previous block of its chain (None for a first block).
+    parent: Option<u64>,
     depth: usize,
     refs: usize,
     last_used: u64,
@@ -208,7 +210,7 @@ impl BlockManager {
             let want = &tokens[i * self.block_size..(i + 1) * self.block_size];
             let here = match self.cache.get(&h) {
                 Some(b) => b.tokens == want,
-                None => self.load_from_ssd(h, i, want, keep_free),
+                None => self.load_from_ssd(h, found.last().copied(), i, want, keep_free),
             };
             if !here {
                 break;
@@ -229,7 +231,7 @@ impl BlockManager {
 
     /// Reads block `h` from the SSD tier into the memory cache; false on a
     /// miss, a bad file, or no room.
-    fn load_from_ssd(&mut self, h: u64, depth: usize, tokens: &[u32], keep_free: usize) -> bool {
+    fn load_from_ssd(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: &[u32], keep_free: usize) -> bool {
         if self.ssd.is_none() || self.available() <= keep_free {
             return false;
         }
@@ -238,7 +240,7 @@ impl BlockManager {
             return false;
         }
         match ssd.load(h, tokens) {
-            Some(kv) => self.insert(h, depth, tokens.to_vec(), kv),
+            Some(kv) => self.insert(h, parent, depth, tokens.to_vec(), kv),
             None => false,
         }
     }
@@ -261,12 +263,13 @@ impl BlockManager {
         self.cache.contains_key(&h)
     }
 
-    /// Adds a full block (its KV already copied out). False when there is no
-    /// room even after evicting (the block is then simply not cached).
-    pub fn insert(&mut self, h: u64, depth: usize, tokens: Vec<u32>, kv: Vec<(Array, Array)>) -> bool {
-        self.clock += 1;
+    /// Adds a full block (its KV already copied out), child of `parent`.
+    /// False when there is no room even after evicting (the block is then
+    /// simply not cached).
+    pub fn insert(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: Vec<u32>, kv: Vec<(Array, Array)>) -> bool {
         if let Some(b) = self.cache.get_mut(&h) {
             b.last_used = self.clock;
+            self.touch_ancestors(parent);
             return true;
         }
         while self.total_blocks < self.seq_blocks + self.cache.len() + 1 {
@@ -274,8 +277,25 @@ impl BlockManager {
                 return false;
             }
         }
-        self.cache.insert(h, CachedBlock { tokens, kv, depth, refs: 0, last_used: self.clock });
+        self.cache.insert(h, CachedBlock { tokens, kv, parent, depth, refs: 0, last_used: self.clock });
+        self.touch_ancestors(parent);
         true
+    }
+
+    /// Makes a block's ancestors at least as recent as it, so eviction (least
+    /// recently used, deepest first among equals) takes a chain's leaves
+    /// before its root and chains stay matchable. Stops at an ancestor
+    /// already that recent, so inserting a chain block by block is linear.
+    fn touch_ancestors(&mut self, mut parent: Option<u64>) {
+        while let Some(h) = parent {
+            match self.cache.get_mut(&h) {
+                Some(b) if b.last_used < self.clock => {
+                    b.last_used = self.clock;
+                    parent = b.parent;
+                }
+                _ => break,
+            }
+        }
     }
 
     /// Drops every unreferenced cached block.
@@ -327,8 +347,8 @@ mod tests {
         let mut m = BlockManager::new(2, 4, 2, "s");
         let toks = [1, 2, 3, 4];
         let ch = m.chain(&toks);
-        assert!(m.insert(ch[0], 0, vec![1, 2], kv()));
-        assert!(m.insert(ch[1], 1, vec![3, 4], kv()));
+        assert!(m.insert(ch[0], None, 0, vec![1, 2], kv()));
+        assert!(m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], kv()));
         let hit = m.lookup(&[1, 2, 3, 4, 5]);
         assert_eq!(hit, ch);
         // referenced blocks are not evictable: 2 free only
@@ -352,8 +372,8 @@ mod tests {
         m.attach_ssd(store);
         let block = |x: f32| vec![(Array::from_slice(&[x; 4], &[1, 1, 2, 2]), Array::from_slice(&[-x; 4], &[1, 1, 2, 2]))];
         let ch = m.chain(&[1, 2, 3, 4]);
-        assert!(m.insert(ch[0], 0, vec![1, 2], block(1.0)));
-        assert!(m.insert(ch[1], 1, vec![3, 4], block(2.0)));
+        assert!(m.insert(ch[0], None, 0, vec![1, 2], block(1.0)));
+        assert!(m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], block(2.0)));
         assert!(m.allocate(2)); // both evicted, both written
         let s = m.snapshot();
         assert_eq!((s.cached_blocks, s.evictions, s.ssd_writes, s.ssd_blocks), (0, 2, 2, 2));
@@ -368,6 +388,21 @@ mod tests {
         assert!(m.allocate(2));
         assert!(m.lookup(&[1, 2, 3, 4]).is_empty());
         assert_eq!(m.snapshot().ssd_reads, 2);
+    }
+
+    #[test]
+    fn eviction_takes_leaves_before_roots() {
+        let mut m = BlockManager::new(1, 3, 1, "s");
+        let a = m.chain(&[1, 2, 3]);
+        // The root is inserted first (older), then its children.
+        assert!(m.insert(a[0], None, 0, vec![1], kv()));
+        m.unref(&[]); // time passes
+        assert!(m.insert(a[1], Some(a[0]), 1, vec![2], kv()));
+        m.unref(&[]);
+        assert!(m.insert(a[2], Some(a[1]), 2, vec![3], kv()));
+        assert!(m.allocate(2)); // evicts two blocks: the deepest ones
+        assert!(m.contains(a[0]) && !m.contains(a[1]) && !m.contains(a[2]));
+        assert_eq!(m.lookup(&[1, 2, 3, 4]).len(), 1);
     }
 
     #[test]

@@ -479,7 +479,8 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
         match kv.copy_range(a, b) {
             Ok(layers) => {
-                if !m.insert(*h, j, s.tokens[a..b].to_vec(), layers) {
+                let parent = j.checked_sub(1).map(|p| chain[p]);
+                if !m.insert(*h, parent, j, s.tokens[a..b].to_vec(), layers) {
                     break;
                 }
             }
