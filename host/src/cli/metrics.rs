@@ -6,6 +6,8 @@ use crate::api::AppState;
 use crate::config::Settings;
 use crate::metrics_db::{self, Figures, RunInfo, RunLog, RunReport, RunSummary};
 use anyhow::Result;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -28,68 +30,64 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let conn = metrics_db::open_read(&path)?;
     let runs = metrics_db::runs(&conn)?;
     let report = metrics_db::report(&conn, args.run)?;
-    if args.json {
+    let out = if args.json {
         let v = serde_json::json!({ "db": path, "runs": runs, "report": report });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        serde_json::to_string_pretty(&v)? + "\n"
+    } else {
+        text(&path, &runs, report.as_ref())?
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    println!("{} ({} runs)", path.display(), runs.len());
-    if runs.is_empty() {
-        println!("no runs recorded yet");
-        return Ok(());
-    }
-    print_runs(&runs);
-    if let Some(r) = report {
-        println!();
-        print_report(&r);
-    }
-    Ok(())
 }
 
-fn print_runs(runs: &[RunSummary]) {
-    println!("{:>5}  {:<23}  {:>10}  {:>8}  {:<10}  MODELS", "RUN", "STARTED", "LASTED", "REQUESTS", "VERSION");
+fn text(path: &std::path::Path, runs: &[RunSummary], report: Option<&RunReport>) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    writeln!(out, "{} ({} runs)", path.display(), runs.len())?;
+    if runs.is_empty() {
+        writeln!(out, "no runs recorded yet")?;
+        return Ok(out);
+    }
+    writeln!(out, "{:>5}  {:<23}  {:>10}  {:>8}  {:<10}  MODELS", "RUN", "STARTED", "LASTED", "REQUESTS", "VERSION")?;
     for r in runs {
         let lasted = match r.ended_at {
             Some(e) => duration(e - r.started_at),
             None => "-".into(),
         };
-        println!(
-            "{:>5}  {:<23}  {:>10}  {:>8}  {:<10}  {}",
-            r.id,
-            utc(r.started_at),
-            lasted,
-            r.requests,
-            r.version,
-            r.models.join(", ")
-        );
+        let models = r.models.join(", ");
+        writeln!(out, "{:>5}  {:<23}  {:>10}  {:>8}  {:<10}  {models}", r.id, utc(r.started_at), lasted, r.requests, r.version)?;
     }
-}
-
-fn print_report(r: &RunReport) {
+    let Some(r) = report else { return Ok(out) };
     let run = &r.run;
     let end = match run.ended_at {
         Some(e) => format!("ended {}", utc(e)),
         None => "no end recorded (still running, or killed)".into(),
     };
-    println!("Run {}: rmlx {} on {}, started {}, {end}", run.id, run.version, run.device, utc(run.started_at));
+    writeln!(out)?;
+    writeln!(out, "Run {}: rmlx {} on {}, started {}, {end}", run.id, run.version, run.device, utc(run.started_at))?;
     let peak = r.peak_memory_bytes.map(|b| format!("{:.3} GB", b as f64 / 1e9)).unwrap_or_else(|| "-".into());
-    println!("peak MLX memory: {peak} ({} samples)", r.samples);
-    println!();
-    println!(
+    writeln!(out, "peak MLX memory: {peak} ({} samples)", r.samples)?;
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<32} {:>8} {:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "MODEL", "REQUESTS", "STATUS", "PROMPT", "GEN", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "DEC TOK/S"
-    );
-    row("(all)", &r.overall);
+    )?;
+    row(&mut out, "(all)", &r.overall)?;
     for (m, f) in &r.models {
-        row(m, f);
+        row(&mut out, m, f)?;
     }
+    Ok(out)
 }
 
-fn row(name: &str, f: &Figures) {
+fn row(out: &mut String, name: &str, f: &Figures) -> std::fmt::Result {
     let status: Vec<String> = f.by_status.iter().map(|(k, v)| format!("{k}:{v}")).collect();
     let ms = |v: Option<f64>| v.map(|s| format!("{:.1}ms", s * 1e3)).unwrap_or_else(|| "-".into());
     let tps = f.decode_tps.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-    println!(
+    writeln!(
+        out,
         "{:<32} {:>8} {:<18} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         name,
         f.requests,
@@ -101,7 +99,7 @@ fn row(name: &str, f: &Figures) {
         ms(f.itl_p50_s),
         ms(f.itl_p95_s),
         tps
-    );
+    )
 }
 
 fn duration(s: f64) -> String {
