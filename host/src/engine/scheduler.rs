@@ -472,8 +472,12 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
         return;
     }
     let chain = m.chain(&s.tokens[..full * m.block_size]);
+    // Only blocks really cached count: ones that found no room now are tried
+    // again when the sequence ends (its own blocks are freed by then).
+    let mut upto = s.cached_upto;
     for (j, h) in chain.iter().enumerate().skip(s.cached_upto) {
         if m.contains(*h) {
+            upto = j + 1;
             continue;
         }
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
@@ -483,6 +487,7 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
                 if !m.insert(*h, parent, j, s.tokens[a..b].to_vec(), layers) {
                     break;
                 }
+                upto = j + 1;
             }
             Err(e) => {
                 tracing::warn!("prefix cache: copying a block failed: {e:#}");
@@ -490,7 +495,7 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
             }
         }
     }
-    s.cached_upto = full;
+    s.cached_upto = upto;
 }
 
 /// config.json's dtype in bytes (float32: 4, else 2).
