@@ -268,12 +268,24 @@ impl GemmaPlan {
         {
             warnings.push("gemma (v1) GGUF has logit soft-capping keys; Gemma 1 has no soft-capping and they are ignored".into());
         }
-        let sliding_window_pattern = match g.get_u64(&p("attention.sliding_window_pattern")) {
-            Ok(Some(v)) if v > 0 => v,
-            // Gemma 3: llama.cpp's fixed pattern (5 local layers, then 1 global);
-            // without a window every layer is global.
+        let pattern_key = p("attention.sliding_window_pattern");
+        let sliding_window_pattern = match g.get(&pattern_key) {
             _ if sliding_window.unwrap_or(0) == 0 => 1,
-            _ => 6,
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => n,
+                // llama.cpp also writes per-layer bool arrays (true = sliding);
+                // mlx-lm needs a period: sliding layers, then one global layer.
+                _ => match v.as_array().map(|a| a.iter().map(|x| x.as_bool()).collect::<Option<Vec<bool>>>()) {
+                    Some(Some(layers)) if period_of(&layers).is_some() => period_of(&layers).unwrap(),
+                    _ => bail!(
+                        "{} = {:?} is not a period or a per-layer pattern mlx-lm's gemma3_text can express",
+                        pattern_key,
+                        v
+                    ),
+                },
+            },
+            // llama.cpp's fixed Gemma 3 pattern: 5 sliding layers, then a global one.
+            None => 6,
         };
         if gen == Gen::Gemma3 && final_logit_softcapping.is_some() {
             warnings.push("gemma3 final_logit_softcapping is written to config.json but mlx-lm's gemma3_text ignores it".into());
@@ -425,6 +437,20 @@ impl GemmaPlan {
     }
 }
 
+/// The period `n` of a per-layer sliding pattern where layer `i` is global
+/// exactly when `(i + 1) % n == 0` (mlx-lm's gemma3_text rule).
+fn period_of(sliding: &[bool]) -> Option<u64> {
+    let n = sliding
+        .iter()
+        .position(|s| !s)
+        .map_or(sliding.len() + 1, |i| i + 1);
+    let ok = sliding
+        .iter()
+        .enumerate()
+        .all(|(i, &s)| s == !(i + 1).is_multiple_of(n));
+    ok.then_some(n as u64)
+}
+
 /// Subtract 1 from every element of a little-endian F32/F16/BF16 tensor
 /// (undoes llama.cpp's Gemma norm `+ 1`, in the tensor's own precision).
 pub fn sub_one(dtype: safetensors::Dtype, raw: &[u8]) -> Result<Vec<u8>> {
@@ -462,5 +488,20 @@ fn f32_as_f64(v: f64) -> f64 {
         format!("{f}").parse().unwrap_or(v)
     } else {
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::period_of;
+
+    #[test]
+    fn sliding_pattern_periods() {
+        let p = |s: &str| s.chars().map(|c| c == 's').collect::<Vec<_>>();
+        assert_eq!(period_of(&p("sssssgsssssg")), Some(6));
+        assert_eq!(period_of(&p("sssssgsss")), Some(6));
+        assert_eq!(period_of(&p("gggg")), Some(1));
+        assert_eq!(period_of(&p("sgsg")), Some(2));
+        assert_eq!(period_of(&p("ssgsg")), None);
     }
 }
