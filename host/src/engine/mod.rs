@@ -6,6 +6,7 @@
 pub mod block_manager;
 pub mod cache;
 pub mod compiled;
+pub mod decode;
 pub mod generate;
 pub mod loaded;
 pub mod metrics;

@@ -102,6 +102,16 @@ impl Sampler {
         &self.history[self.prompt_len..]
     }
 
+    /// Greedy with nothing that changes the logits: the device's argmax is
+    /// the token (the engine then skips copying the logits to the host).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.p.temperature <= 0.0
+            && self.p.logit_bias.is_empty()
+            && self.p.repetition_penalty == 1.0
+            && self.p.presence_penalty == 0.0
+            && self.p.frequency_penalty == 0.0
+    }
+
     /// Applies logit_bias and the penalties in place.
     pub fn process(&self, logits: &mut [f32]) {
         for &(id, b) in &self.p.logit_bias {

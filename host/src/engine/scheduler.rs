@@ -13,12 +13,13 @@
 //! tokens, to be prefilled again (mostly from the prefix cache) later.
 use super::block_manager::{BlockManager, BlockStats};
 use super::cache::{BatchCaches, KvCache};
+use super::decode::{Decoder, RowOut};
 use super::sequence::{Outcome, Sequence};
 use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
 use super::LoadedModel;
 use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
-use mlx_rs::{ops::concatenate, Array, Dtype};
+use mlx_rs::{ops::concatenate, Array};
 use rmlx_plugin_api::MlxArray;
 use std::collections::{HashMap, VecDeque};
 
@@ -127,6 +128,8 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     managers: HashMap<String, BlockManager>,
+    /// Per model: its decode forward (compiled step when possible).
+    decoders: HashMap<String, Decoder>,
     next_id: u64,
     pub stats: EngineStats,
 }
@@ -136,7 +139,7 @@ pub type Ended = (Sequence, Result<Finish, WorkerError>);
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), managers: HashMap::new(), next_id: 0, stats: EngineStats::default() }
+        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), managers: HashMap::new(), decoders: HashMap::new(), next_id: 0, stats: EngineStats::default() }
     }
 
     pub fn next_id(&mut self) -> u64 {
@@ -192,6 +195,7 @@ impl Scheduler {
     /// Forgets a model's blocks (it was unloaded).
     pub fn drop_model(&mut self, model_id: &str) {
         self.managers.remove(model_id);
+        self.decoders.remove(model_id);
     }
 
     /// Removes cancelled sequences (waiting or running).
@@ -401,24 +405,23 @@ impl Scheduler {
             let b = rows.len();
             self.stats.last_batch = b;
             self.stats.max_batch = self.stats.max_batch.max(b);
-            let ids: Vec<i32> = rows.iter().map(|&i| *self.running[i].tokens.last().unwrap() as i32).collect();
-            let input = Array::from_slice(&ids, &[b as i32, 1]);
+            let decoder = self.decoders.entry(model_id.to_string()).or_insert_with(|| Decoder::new(model));
             let logits = {
-                let mut caches: Vec<&mut KvCache> = Vec::with_capacity(b);
-                // Borrow the rows' caches mutably, in row order.
+                // Borrow the rows mutably, in row order.
                 let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
-                for &i in &rows {
-                    let s = refs[i].take().unwrap();
-                    caches.push(s.kv.as_mut().unwrap());
-                }
-                forward(model, caches, input, 1).and_then(|l| to_rows(&l, b))
+                let mut seqs: Vec<&mut Sequence> = rows.iter().map(|&i| refs[i].take().unwrap()).collect();
+                decoder.step(model, &mut seqs)
             };
             match logits {
                 Ok(per_row) => {
                     let mut finished = Vec::new();
-                    for (r, logits) in rows.iter().zip(per_row) {
+                    for (r, out) in rows.iter().zip(per_row) {
                         let s = &mut self.running[*r];
-                        match s.on_logits(logits) {
+                        let outcome = match out {
+                            RowOut::Token(t) => s.on_token(t),
+                            RowOut::Logits(l) => s.on_logits(l),
+                        };
+                        match outcome {
                             Outcome::Continue => {}
                             Outcome::Done(res) => finished.push((s.id, res)),
                         }
@@ -516,15 +519,6 @@ fn forward(model: &mut LoadedModel, caches: Vec<&mut KvCache>, input: Array, len
     let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
     batch.advance(len);
     Ok(logits.into_array())
-}
-
-/// Logits [B, 1, V] -> B host vectors of f32.
-fn to_rows(logits: &Array, b: usize) -> Result<Vec<Vec<f32>>> {
-    let l = logits.as_dtype(Dtype::Float32)?;
-    l.eval()?;
-    let all = l.try_as_slice::<f32>()?;
-    let v = all.len() / b;
-    Ok(all.chunks_exact(v).map(|c| c.to_vec()).collect())
 }
 
 #[cfg(test)]

@@ -163,19 +163,58 @@ impl Sequence {
         }
     }
 
-    fn sample(&mut self, logits: &mut [f32]) -> Result<Outcome, WorkerError> {
-        let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
+    /// True when the device's argmax is this sequence's next token (greedy,
+    /// no logit processing, no constraint, no logprobs): the engine then
+    /// hands it the token with `on_token` instead of the logits.
+    pub fn takes_device_token(&self) -> bool {
+        self.sampler.is_plain_greedy() && self.hook.is_none() && self.params.logprobs.is_none()
+    }
+
+    /// The next token, chosen on the device (see `takes_device_token`).
+    pub fn on_token(&mut self, token: u32) -> Outcome {
+        if self.t_first.is_none() {
+            self.prompt_secs = self.t_arrive.elapsed().as_secs_f64();
+            self.t_first = Some(Instant::now());
+        }
+        if let Some(o) = self.before_sampling() {
+            return o;
+        }
+        self.sampler.accept(token);
+        match self.emit(Sampled { token, logprob: 0.0, top: Vec::new() }) {
+            Ok(o) => o,
+            Err(e) => Outcome::Done(Err(e)),
+        }
+    }
+
+    /// Ends the sequence before sampling when it is at length or cancelled.
+    fn before_sampling(&mut self) -> Option<Outcome> {
         if self.at_length() {
-            return Ok(Outcome::Done(Ok(self.finish_length())));
+            return Some(Outcome::Done(Ok(self.finish_length())));
         }
         if self.cancelled() {
-            return Ok(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+            return Some(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+        }
+        None
+    }
+
+    fn sample(&mut self, logits: &mut [f32]) -> Result<Outcome, WorkerError> {
+        let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
+        if let Some(o) = self.before_sampling() {
+            return Ok(o);
         }
         self.sampler.process(logits);
         if let Some(h) = self.hook.as_mut() {
             h.apply(logits).map_err(internal)?;
         }
-        let Sampled { token, logprob, top } = self.sampler.sample_processed(logits, self.params.logprobs);
+        let sampled = self.sampler.sample_processed(logits, self.params.logprobs);
+        self.emit(sampled)
+    }
+
+    /// Everything after the token is chosen: EOS, constraint commit, text,
+    /// stop strings, the event to the client, length.
+    fn emit(&mut self, sampled: Sampled) -> Result<Outcome, WorkerError> {
+        let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
+        let Sampled { token, logprob, top } = sampled;
         if self.eos.contains(&token) {
             let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
             send_text(&self.events, t);
