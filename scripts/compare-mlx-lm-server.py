@@ -73,6 +73,11 @@ def run_server(name, cmd, url, bench_args, out_dir):
         if r.returncode != 0:
             raise RuntimeError(f"rmlx bench against {name} failed:\n{r.stderr}")
         doc = json.loads(r.stdout)
+        try:  # rmlx's counters (prefix-cache hits, step times) for the record
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as m:
+                (out_dir / f"{name}-metrics.txt").write_bytes(m.read())
+        except OSError:
+            pass
         (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2))
         return doc
     finally:
