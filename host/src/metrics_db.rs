@@ -210,7 +210,7 @@ struct Writer {
 impl Writer {
     fn failed(&mut self, what: &str, e: rusqlite::Error) {
         self.failures += 1;
-        if self.failures == 1 || self.failures % 100 == 0 {
+        if self.failures == 1 || self.failures.is_multiple_of(100) {
             tracing::error!("metrics database: writing {what} failed ({} failures so far): {e}", self.failures);
         }
     }

@@ -237,7 +237,8 @@ async fn metrics_and_run_log() {
     let mut st = conn
         .prepare("SELECT model, status, prompt_tokens, completion_tokens, ttft_s, decode_tps, finish_reason FROM requests WHERE run_id = ?1 ORDER BY id")
         .unwrap();
-    let rows: Vec<(String, i64, i64, i64, Option<f64>, Option<f64>, Option<String>)> = st
+    type Row = (String, i64, i64, i64, Option<f64>, Option<f64>, Option<String>);
+    let rows: Vec<Row> = st
         .query_map([log.run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .unwrap()
         .collect::<Result<_, _>>()
