@@ -50,12 +50,13 @@ fn script(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-fn convert(src: &Path, dst: &Path) -> String {
+fn convert(src: &Path, dst: &Path, extra: &[&str]) -> String {
     let o = Command::new(common::rmlx_bin())
         .args(["convert", "--from-gguf", "--quiet", "--model"])
         .arg(src)
         .arg("--output")
         .arg(dst)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -126,7 +127,7 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
         for &(ty, tol) in TYPES {
             let name = format!("{arch}-{ty}");
             let dst = dir.join(format!("out-{name}"));
-            convert(&dir.join(format!("{name}.gguf")), &dst);
+            convert(&dir.join(format!("{name}.gguf")), &dst, &[]);
             let cfg: Value =
                 serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap())
                     .unwrap();
@@ -225,6 +226,29 @@ fn gemma_ggufs_convert_to_what_mlx_lm_runs() {
                 }
             }
         }
+    }
+    // A recipe: the GGUF is converted, then re-quantized (q8 g64); norms stay
+    // dense and keep the offset removed.
+    let dst = dir.join("out-gemma3_text-recipe");
+    convert(&dir.join("gemma3_text-f32.gguf"), &dst, &["--quant", "q8"]);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
+    if cfg["model_type"] != "gemma3_text" || cfg["quantization"]["bits"] != 8 {
+        failures.push(format!("recipe: config.json {cfg}"));
+    }
+    let out = script(&[
+        "check",
+        dir.to_str().unwrap(),
+        "gemma3_text",
+        "f32",
+        dst.to_str().unwrap(),
+    ]);
+    let r: Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    if r["err_orig"].as_f64().unwrap() > 0.1 {
+        failures.push(format!(
+            "recipe q8: relative logit error {} against the original",
+            r["err_orig"]
+        ));
     }
     assert!(
         failures.is_empty(),
