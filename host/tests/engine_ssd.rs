@@ -267,4 +267,23 @@ fn bad_ssd_flags_are_cli_errors() {
         assert!(!out.status.success(), "{flags:?} was accepted");
         assert!(err.contains(want), "{flags:?}: {err}");
     }
+    // The same checks through rmlx.toml and the environment.
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::write(cwd.join("rmlx.toml"), format!("[server]\nkv_ssd_dir = {under_file:?}\n")).unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::rmlx_bin())
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .envs(env.iter().copied())
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{env:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(err.contains("--kv-ssd-dir") && err.contains("a-file"), "{err}");
+    let err = run(&[("RMLX_SERVER__KV_SSD_DIR", &dir), ("RMLX_SERVER__KV_SSD_GB", "-1")]);
+    assert!(err.contains("--kv-ssd-gb must be a positive number"), "{err}");
 }
