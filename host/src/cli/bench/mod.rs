@@ -55,8 +55,9 @@ pub struct Args {
     /// generates its full length (added to the --tokenizer model's EOS ids).
     #[arg(long, value_delimiter = ',', requires = "url")]
     eos_id: Vec<u32>,
-    /// Server: when the server has no /metrics `rmlx_memory_peak_bytes`,
-    /// sample this process's resident memory from /proc instead.
+    /// Server: sample this process's resident memory from /proc during each
+    /// level (`peak_rss_bytes`; also the peak memory reported when the
+    /// server has no /metrics `rmlx_memory_peak_bytes`).
     #[arg(long, requires = "url")]
     server_pid: Option<u32>,
     /// Server: seconds one request may take before the bench gives up.
