@@ -37,7 +37,13 @@ fn worker(cat: &ModelCatalog, dir: &Path, ram_blocks: u64, cap: u64) -> Worker {
         ..SchedulerConfig::default()
     };
     Worker::start_with(
-        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 64, max_loaded_models: 1, idle_timeout: None, prefill_chunk: 512 },
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth: 64,
+            max_loaded_models: 1,
+            idle_timeout: None,
+            prefill_chunk: 512,
+        },
         sched,
         cat,
     )
@@ -53,8 +59,16 @@ fn run(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize) -
     let (tx, mut rx) = mpsc::unbounded_channel();
     let params = GenParams { max_tokens, ignore_eos: true, prefill_chunk: 512, ..GenParams::default() };
     let cancel = Arc::new(AtomicBool::new(false));
-    w.submit(GenRequest { model: entry.clone(), prompt: prompt.to_vec(), params, hook: None, cancel, keep_alive: None, events: tx })
-        .unwrap();
+    w.submit(GenRequest {
+        model: entry.clone(),
+        prompt: prompt.to_vec(),
+        params,
+        hook: None,
+        cancel,
+        keep_alive: None,
+        events: tx,
+    })
+    .unwrap();
     let mut ids = Vec::new();
     loop {
         match rx.blocking_recv().expect("engine hung up") {
@@ -70,7 +84,8 @@ fn run(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize) -
 fn reference(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let reg = common::registry();
     let mut m = LoadedModel::load(&common::fixture(&format!("models/{MODEL}")), &reg).unwrap();
-    let opts = GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
+    let opts =
+        GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
     generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
 }
 
@@ -125,7 +140,8 @@ fn file_with_tokens(dir: &Path, tokens: &[u32]) -> PathBuf {
         .find(|p| {
             let b = std::fs::read(p).unwrap();
             let n = u32::from_le_bytes(b[36..40].try_into().unwrap()) as usize;
-            let t: Vec<u32> = (0..n).map(|i| u32::from_le_bytes(b[FIXED + 4 * i..FIXED + 4 * i + 4].try_into().unwrap())).collect();
+            let t: Vec<u32> =
+                (0..n).map(|i| u32::from_le_bytes(b[FIXED + 4 * i..FIXED + 4 * i + 4].try_into().unwrap())).collect();
             t == tokens
         })
         .unwrap_or_else(|| panic!("no block file holds {tokens:?}"))

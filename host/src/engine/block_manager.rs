@@ -266,7 +266,14 @@ impl BlockManager {
     /// Adds a full block (its KV already copied out), child of `parent`.
     /// False when there is no room even after evicting (the block is then
     /// simply not cached).
-    pub fn insert(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: Vec<u32>, kv: Vec<(Array, Array)>) -> bool {
+    pub fn insert(
+        &mut self,
+        h: u64,
+        parent: Option<u64>,
+        depth: usize,
+        tokens: Vec<u32>,
+        kv: Vec<(Array, Array)>,
+    ) -> bool {
         if let Some(b) = self.cache.get_mut(&h) {
             b.last_used = self.clock;
             self.touch_ancestors(parent);
@@ -370,7 +377,8 @@ mod tests {
         let mut m = BlockManager::new(2, 2, 2, "s");
         let store = SsdStore::open(&SsdConfig { dir: tmp.path().into(), max_bytes: 1 << 20 }, m.signature).unwrap();
         m.attach_ssd(store);
-        let block = |x: f32| vec![(Array::from_slice(&[x; 4], &[1, 1, 2, 2]), Array::from_slice(&[-x; 4], &[1, 1, 2, 2]))];
+        let block =
+            |x: f32| vec![(Array::from_slice(&[x; 4], &[1, 1, 2, 2]), Array::from_slice(&[-x; 4], &[1, 1, 2, 2]))];
         let ch = m.chain(&[1, 2, 3, 4]);
         assert!(m.insert(ch[0], None, 0, vec![1, 2], block(1.0)));
         assert!(m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], block(2.0)));

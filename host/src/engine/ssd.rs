@@ -182,7 +182,12 @@ pub fn parse_fixed(b: &[u8]) -> Result<Fixed> {
         bail!("inconsistent header length");
     }
     let payload = u64_at(b, 48);
-    Ok(Fixed { signature: u64_at(b, 16), hash: u64_at(b, 24), depth: u32_at(b, 32), file_len: hlen as u64 + payload + 4 })
+    Ok(Fixed {
+        signature: u64_at(b, 16),
+        hash: u64_at(b, 24),
+        depth: u32_at(b, 32),
+        file_len: hlen as u64 + payload + 4,
+    })
 }
 
 /// Parses and verifies a whole file: checksum, length, descriptors.
@@ -501,7 +506,10 @@ impl SsdStore {
             if f.tokens != tokens {
                 bail!("token ids do not match");
             }
-            if f.arrays.is_empty() || f.arrays.len() % 2 != 0 || f.arrays.iter().any(|a| a.shape[2] as usize != tokens.len()) {
+            if f.arrays.is_empty()
+                || f.arrays.len() % 2 != 0
+                || f.arrays.iter().any(|a| a.shape[2] as usize != tokens.len())
+            {
                 bail!("array shapes do not match the block");
             }
             Ok(f)
@@ -667,7 +675,9 @@ mod tests {
         // Wrong tokens (a hash collision) are never served.
         assert!(s.load(1, &[1, 2, 4]).is_none());
         assert_eq!(s.corrupt, 1);
-        assert!(s.put(1, 0, &[1, 2, 3], &kv(1.0)) && s.put(2, 1, &[4, 5, 6], &kv(2.0)) && s.put(3, 2, &[7, 8, 9], &kv(3.0)));
+        assert!(
+            s.put(1, 0, &[1, 2, 3], &kv(1.0)) && s.put(2, 1, &[4, 5, 6], &kv(2.0)) && s.put(3, 2, &[7, 8, 9], &kv(3.0))
+        );
         let one = s.bytes() / 3;
         s.flush();
         drop(s);
