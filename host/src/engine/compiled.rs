@@ -31,6 +31,8 @@ use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult
 use std::ffi::c_void;
 
 /// What the trace function needs; lives as long as the compiled closure.
+/// `model` is set for the duration of each `step` call (the only time MLX
+/// may run the trace).
 struct TraceCtx {
     model: *mut LoadedModel,
     /// Why the last trace failed (mlx-c only sees a non-zero return).
@@ -44,11 +46,9 @@ pub struct CompiledStep {
 }
 
 impl CompiledStep {
-    /// # Safety
-    /// `model` must outlive the returned value and not be used elsewhere
-    /// while `step` runs.
-    pub unsafe fn new(model: *mut LoadedModel) -> Result<Self> {
-        let mut ctx = Box::new(TraceCtx { model, error: None });
+    /// A compiled step for one model: pass the same model to every `step`.
+    pub fn new() -> Result<Self> {
+        let mut ctx = Box::new(TraceCtx { model: std::ptr::null_mut(), error: None });
         let payload = &mut *ctx as *mut TraceCtx as *mut c_void;
         unsafe {
             let fun = mlx_sys::mlx_closure_new_func_payload(Some(trace), payload, None);
@@ -66,7 +66,7 @@ impl CompiledStep {
     /// One step: (tokens [B,1], positions [B], per row per-layer (keys,
     /// values)) -> (next tokens [B,1], logits [B,1,V], next positions [B],
     /// updated rows), all lazy.
-    pub fn step(&mut self, tokens: Array, pos: Array, rows: Vec<Vec<(Array, Array)>>) -> Result<StepOut> {
+    pub fn step(&mut self, model: &mut LoadedModel, tokens: Array, pos: Array, rows: Vec<Vec<(Array, Array)>>) -> Result<StepOut> {
         let b = rows.len();
         let n = rows.first().map(|r| r.len()).unwrap_or(0);
         let mut inputs: Vec<Array> = Vec::with_capacity(2 + 2 * n * b);
@@ -80,11 +80,13 @@ impl CompiledStep {
         }
         let raw: Vec<mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
         self.ctx.error = None;
+        self.ctx.model = model as *mut LoadedModel;
         let mut outs = Vec::with_capacity(3 + 2 * n * b);
         unsafe {
             let vin = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
             let mut vout = mlx_sys::mlx_vector_array_new();
             let rc = mlx_sys::mlx_closure_apply(&mut vout, self.closure, vin);
+            self.ctx.model = std::ptr::null_mut();
             mlx_sys::mlx_vector_array_free(vin);
             drop(inputs); // the graph holds them now; lets MLX donate the buffers
             if rc != 0 {
@@ -129,6 +131,13 @@ impl Drop for CompiledStep {
             mlx_sys::mlx_closure_free(self.closure);
         }
     }
+}
+
+/// Whether greedy/batched decode steps are compiled: on unless
+/// `RMLX_COMPILE=0`, and only for models without sliding-window layers.
+pub fn enabled(model: &LoadedModel) -> bool {
+    let on = std::env::var("RMLX_COMPILE").map(|v| v != "0").unwrap_or(true);
+    on && model.spec.sliding_window.iter().all(|&w| w == 0)
 }
 
 /// Grows every layer's buffers [1, K, cap, hd] by `add` zeroed slots.
@@ -188,6 +197,9 @@ unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec
     let mut rest = rest.into_iter();
     let rows: Vec<Vec<(Array, Array)>> =
         (0..b).map(|_| (0..n).map(|_| (rest.next().unwrap(), rest.next().unwrap())).collect()).collect();
+    if ctx.model.is_null() {
+        bail!("the compiled decode step was traced outside `step`");
+    }
     let model = unsafe { &mut *ctx.model };
     let row_pos = if b == 1 {
         vec![pos.clone()]

@@ -3,7 +3,7 @@
 //! feeds one token and reads the last position's logits.
 use super::{
     cache::KvCache,
-    compiled::{grow, CompiledStep},
+    compiled::{self, grow, CompiledStep},
     sampler::Sampler,
     LoadedModel,
 };
@@ -76,7 +76,7 @@ impl<'m> Session<'m> {
     fn greedy_compiled(&mut self, y: Array, max_tokens: usize, stop: &[u32], on_token: &mut impl FnMut(u32)) -> Result<Option<Vec<u32>>> {
         let Some((mut kv, offset)) = self.cache.take_buffers() else { return Ok(None) };
         let step = self.cache.step();
-        let mut compiled = match unsafe { CompiledStep::new(&mut *self.model as *mut LoadedModel) } {
+        let mut compiled = match CompiledStep::new() {
             Ok(c) => c,
             Err(e) => {
                 self.cache.put_buffers(kv, offset);
@@ -97,7 +97,7 @@ impl<'m> Session<'m> {
                 }
                 // The first call traces; keep the buffers to fall back on.
                 let backup = tokens.is_empty().then(|| kv.clone());
-                let out = match compiled.step(y.clone(), pos.clone(), vec![kv]) {
+                let out = match compiled.step(self.model, y.clone(), pos.clone(), vec![kv]) {
                     Ok(r) => r,
                     Err(e) => match backup {
                         Some(kv) => {
@@ -150,7 +150,7 @@ impl<'m> Session<'m> {
         y.eval()?;
         let prompt_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        if compile_enabled() {
+        if compiled::enabled(self.model) {
             if let Some(tokens) = self.greedy_compiled(y.clone(), max_tokens, stop, &mut on_token)? {
                 return Ok((tokens, prompt_secs, t1));
             }
@@ -193,11 +193,6 @@ impl<'m> Session<'m> {
     pub fn offset(&self) -> i32 {
         self.cache.offset()
     }
-}
-
-/// Greedy decode compiles its step unless `RMLX_COMPILE=0`.
-fn compile_enabled() -> bool {
-    std::env::var("RMLX_COMPILE").map(|v| v != "0").unwrap_or(true)
 }
 
 /// Logits [1, 1, V] -> f32 host vector.
