@@ -50,7 +50,7 @@ impl Sample {
 pub fn run(url: String, args: Args) -> Result<()> {
     let p = args.prompt_tokens.unwrap_or(128);
     let g = args.generation_tokens.unwrap_or(64);
-    if p == 0 || g == 0 || args.requests_per_stream == 0 || args.concurrency.iter().any(|&c| c == 0) {
+    if p == 0 || g == 0 || args.requests_per_stream == 0 || args.concurrency.contains(&0) {
         bail!("--prompt-tokens, --generation-tokens, --requests-per-stream and --concurrency must be positive");
     }
     if args.shared_prefix == Some(0) {
