@@ -62,7 +62,8 @@ impl Maker {
     /// EOS ids from its config.json and generation_config.json.
     pub fn text(dir: &Path) -> Result<(Self, Vec<u32>)> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| anyhow!("--tokenizer: reading {}: {e}", path.display()))?;
+        let tokenizer =
+            Tokenizer::from_file(&path).map_err(|e| anyhow!("--tokenizer: reading {}: {e}", path.display()))?;
         let enc = |s: &str, special: bool| -> Result<Vec<u32>> {
             Ok(tokenizer.encode(s, special).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
         };

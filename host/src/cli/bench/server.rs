@@ -124,7 +124,10 @@ async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) ->
         bail!("{base}/v1/models answered {status}: {}", error_message(&text));
     }
     let v: Value = serde_json::from_str(&text).with_context(|| format!("{base}/v1/models: not JSON"))?;
-    v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| anyhow!("{base}/v1/models lists no model: give --model ID"))
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{base}/v1/models lists no model: give --model ID"))
 }
 
 /// The message of an OpenAI-style error body, else the body itself.
@@ -172,7 +175,8 @@ impl Bench {
                         done = true;
                         continue;
                     }
-                    let v: Value = serde_json::from_str(data).with_context(|| format!("{url}: a stream chunk is not JSON: {data}"))?;
+                    let v: Value = serde_json::from_str(data)
+                        .with_context(|| format!("{url}: a stream chunk is not JSON: {data}"))?;
                     if !v["error"].is_null() {
                         bail!("{url}: error in the stream: {}", error_message(data));
                     }
@@ -235,7 +239,15 @@ fn percentile(xs: &[f64], q: f64) -> f64 {
 }
 
 /// `c` streams, each sending `k` requests one after another.
-async fn level(b: &Arc<Bench>, c: usize, k: usize, p: usize, g: usize, seeds: &AtomicU64, pid: Option<u32>) -> Result<Value> {
+async fn level(
+    b: &Arc<Bench>,
+    c: usize,
+    k: usize,
+    p: usize,
+    g: usize,
+    seeds: &AtomicU64,
+    pid: Option<u32>,
+) -> Result<Value> {
     let mut prompts = Vec::new();
     for _ in 0..c {
         let mut v = Vec::new();
@@ -333,7 +345,18 @@ fn print_table(doc: &Value) {
         doc["requests_per_stream"]
     );
     let f = |v: &Value, d: usize| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.d$}"));
-    let head = ["streams", "reqs", "ttft p50 s", "ttft p95 s", "tok/s/stream", "min", "aggregate tok/s", "req/s", "tokens", "peak mem"];
+    let head = [
+        "streams",
+        "reqs",
+        "ttft p50 s",
+        "ttft p95 s",
+        "tok/s/stream",
+        "min",
+        "aggregate tok/s",
+        "req/s",
+        "tokens",
+        "peak mem",
+    ];
     println!(
         "{:>7} {:>5} {:>10} {:>10} {:>12} {:>7} {:>15} {:>6} {:>11} {:>10}",
         head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7], head[8], head[9]
