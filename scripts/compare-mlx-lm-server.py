@@ -142,6 +142,7 @@ def main():
     ap.add_argument("--shared-prefix", type=int, default=2000)
     ap.add_argument("--out", default=str(REPO / "target/bench-compare"))
     ap.add_argument("--only", choices=["rmlx", "mlx-lm"])
+    ap.add_argument("--rmlx-args", default="", help="extra `rmlx serve` arguments, e.g. '--dequantize'")
     a = ap.parse_args()
     model = a.model or subprocess.run(["bash", str(REPO / "scripts/default-model.sh"), a.rmlx],
                                       capture_output=True, text=True, check=True).stdout.strip()
@@ -153,7 +154,7 @@ def main():
     docs = {}
     if a.only in (None, "rmlx"):
         port = free_port()
-        docs["rmlx"] = run_server("rmlx", [a.rmlx, "serve", "--host", "127.0.0.1", "--port", str(port), "--model", model],
+        docs["rmlx"] = run_server("rmlx", [a.rmlx, "serve", "--host", "127.0.0.1", "--port", str(port), "--model", model] + a.rmlx_args.split(),
                                   f"http://127.0.0.1:{port}", bench, out)
     if a.only in (None, "mlx-lm"):
         port = free_port()

@@ -15,6 +15,13 @@ pub struct Settings {
     pub plugins_dir: Option<PathBuf>,
     /// MLX memory limit in GB (host-wide; plugins see it too).
     pub memory_limit_gb: Option<f64>,
+    /// Compute dtype models are loaded in: model (the files' own), auto
+    /// (float32 on the CPU backend), float32, float16, bfloat16.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Dequantize affine layers at load (dense weights in the compute dtype).
+    #[serde(default)]
+    pub dequantize: bool,
     pub server: ServerSettings,
     pub generate: GenerateSettings,
 }
@@ -93,11 +100,17 @@ pub struct GenerateSettings {
     pub prefill_chunk: usize,
 }
 
+fn default_dtype() -> String {
+    "model".into()
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             plugins_dir: None,
             memory_limit_gb: None,
+            dtype: default_dtype(),
+            dequantize: false,
             server: ServerSettings {
                 host: "127.0.0.1".into(),
                 port: 8080,

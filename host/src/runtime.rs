@@ -16,6 +16,8 @@ pub fn init(settings: &Settings) -> Result<()> {
     if let Some(gb) = settings.memory_limit_gb {
         set_memory_limit_bytes((gb * 1e9) as usize)?;
     }
+    let dtype = crate::model::policy::ComputeDtype::parse(&settings.dtype)?;
+    crate::model::policy::set(crate::model::policy::LoadPolicy { dtype, dequantize: settings.dequantize });
     Ok(())
 }
 

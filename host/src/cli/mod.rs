@@ -22,6 +22,13 @@ pub struct Cli {
     /// Plugin directory (default: plugins/ beside the binary).
     #[arg(long, global = true)]
     pub plugins: Option<PathBuf>,
+    /// Compute dtype for loaded models: model (the files' own), auto (float32
+    /// on the CPU backend), float32, float16, bfloat16.
+    #[arg(long, global = true)]
+    pub dtype: Option<String>,
+    /// Dequantize affine layers at load (dense weights; faster batched decode on CPU).
+    #[arg(long, global = true)]
+    pub dequantize: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -49,6 +56,12 @@ pub enum Command {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     let mut flags = serde_json::json!({ "plugins_dir": cli.plugins });
+    if let Some(d) = &cli.dtype {
+        flags["dtype"] = d.clone().into();
+    }
+    if cli.dequantize {
+        flags["dequantize"] = true.into();
+    }
     if let Command::Serve(a) = &cli.command {
         flags["server"] = serve::flags(a)?;
     }

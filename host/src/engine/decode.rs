@@ -1,6 +1,8 @@
 //! The scheduler's batched decode forward: every running sequence feeds its
-//! last token, one forward for all of them. Compiled (engine/compiled.rs)
-//! when the model allows it, op by op otherwise. Rows that decode greedily
+//! last token, one forward for all of them. A lone sequence goes through the
+//! compiled step (engine/compiled.rs) when the model allows it; batches go op
+//! by op, which measured faster on an H200 at 8 rows (the compiled trace
+//! attends row by row over each sequence's own buffers; docs/PERF.md). Rows that decode greedily
 //! with nothing to apply to the logits get the device's argmax (one int per
 //! row crosses to the host); the others get their logits row.
 use super::{
@@ -11,8 +13,11 @@ use super::{
 };
 use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
-use mlx_rs::{transforms::eval, Array, Dtype};
+use mlx_rs::{ops::indexing::argmax_axis, transforms::eval, Array, Dtype};
 use rmlx_plugin_api::MlxArray;
+
+/// Batches up to this many rows use the compiled step.
+const COMPILED_MAX_ROWS: usize = 1;
 
 /// What a row gets from one decode step.
 pub enum RowOut {
@@ -40,7 +45,7 @@ impl Decoder {
     /// One step over `seqs` (in row order). On an error the rows' KV state is
     /// undefined: the caller ends them.
     pub fn step(&mut self, model: &mut LoadedModel, seqs: &mut [&mut Sequence]) -> Result<Vec<RowOut>> {
-        if let Some(c) = self.compiled.as_mut() {
+        if let Some(c) = self.compiled.as_mut().filter(|_| seqs.len() <= COMPILED_MAX_ROWS) {
             match compiled_step(c, model, seqs) {
                 Ok(Some(out)) => return Ok(out),
                 Ok(None) => {} // a row has no buffers yet: this step goes op by op
@@ -88,33 +93,11 @@ fn compiled_step(c: &mut CompiledStep, model: &mut LoadedModel, seqs: &mut [&mut
     for (i, layers) in out.rows.into_iter().enumerate() {
         seqs[i].kv.as_mut().unwrap().put_buffers(layers, offs[i] + 1);
     }
-    let need_logits = seqs.iter().any(|s| !s.takes_device_token());
-    let logits = if need_logits {
-        let l = out.logits.as_dtype(Dtype::Float32)?;
-        eval([&out.tokens, &l])?;
-        Some(l)
-    } else {
-        out.tokens.eval()?;
-        None
-    };
-    let toks = out.tokens.try_as_slice::<i32>()?;
-    let all = match &logits {
-        Some(l) => Some(l.try_as_slice::<f32>()?),
-        None => None,
-    };
-    let v = all.map(|a| a.len() / b).unwrap_or(0);
-    Ok(Some(
-        seqs.iter()
-            .enumerate()
-            .map(|(i, s)| match all {
-                Some(a) if !s.takes_device_token() => RowOut::Logits(a[i * v..(i + 1) * v].to_vec()),
-                _ => RowOut::Token(toks[i] as u32),
-            })
-            .collect(),
-    ))
+    rows_out(seqs, &out.tokens, &out.logits).map(Some)
 }
 
-/// Op by op: one forward over the rows' caches, logits to the host.
+/// Op by op: one forward over the rows' caches; plain-greedy rows take the
+/// device's argmax, the others their logits.
 fn eager_step(model: &mut LoadedModel, seqs: &mut [&mut Sequence]) -> Result<Vec<RowOut>> {
     let b = seqs.len();
     let ids: Vec<i32> = seqs.iter().map(|s| *s.tokens.last().unwrap() as i32).collect();
@@ -125,9 +108,35 @@ fn eager_step(model: &mut LoadedModel, seqs: &mut [&mut Sequence]) -> Result<Vec
     let plugin = &model.architecture_plugin;
     let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?.into_array();
     batch.advance(1);
-    let l = logits.as_dtype(Dtype::Float32)?;
-    l.eval()?;
-    let all = l.try_as_slice::<f32>()?;
-    let v = all.len() / b;
-    Ok(all.chunks_exact(v).map(|c| RowOut::Logits(c.to_vec())).collect())
+    let tokens = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
+    rows_out(seqs, &tokens, &logits)
+}
+
+/// Evaluates what the rows need (tokens always; logits only when a row
+/// samples on the host) and hands each row its share.
+fn rows_out(seqs: &[&mut Sequence], tokens: &Array, logits: &Array) -> Result<Vec<RowOut>> {
+    let b = seqs.len();
+    let need_logits = seqs.iter().any(|s| !s.takes_device_token());
+    let logits = if need_logits {
+        let l = logits.as_dtype(Dtype::Float32)?;
+        eval([tokens, &l])?;
+        Some(l)
+    } else {
+        tokens.eval()?;
+        None
+    };
+    let toks = tokens.try_as_slice::<i32>()?;
+    let all = match &logits {
+        Some(l) => Some(l.try_as_slice::<f32>()?),
+        None => None,
+    };
+    let v = all.map(|a| a.len() / b).unwrap_or(0);
+    Ok(seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match all {
+            Some(a) if !s.takes_device_token() => RowOut::Logits(a[i * v..(i + 1) * v].to_vec()),
+            _ => RowOut::Token(toks[i] as u32),
+        })
+        .collect())
 }

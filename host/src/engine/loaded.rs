@@ -1,5 +1,5 @@
 //! A model built by its architecture plugin from a model directory.
-use crate::model::{quant::Quant, weights::HostWeights, ModelDir, QuantSpec};
+use crate::model::{policy::LoadPolicy, quant::Quant, weights::HostWeights, ModelDir, QuantSpec};
 use crate::plugins::Registry;
 use anyhow::{Context, Result};
 use rmlx_plugin_api::{ModelBox, ModelSpec};
@@ -23,10 +23,20 @@ impl LoadedModel {
         Self::from_dir(dir, registry)
     }
 
+    /// `load` under an explicit load policy (compute dtype, dequantize)
+    /// instead of the process's (`--dtype`, `--dequantize`).
+    pub fn load_with(path: &Path, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
+        Self::from_dir_with(ModelDir::open(path)?, registry, policy)
+    }
+
     pub fn from_dir(dir: ModelDir, registry: &Registry) -> Result<Self> {
+        Self::from_dir_with(dir, registry, crate::model::policy::get())
+    }
+
+    pub fn from_dir_with(dir: ModelDir, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
         let architecture_plugin = registry.architecture_plugin(&dir.model_type)?.info.id.clone();
         let quant = QuantSpec::from_config(&dir.config)?;
-        let mut weights = HostWeights::open(&dir.weight_files, &quant, registry)?;
+        let mut weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
         let model = registry
             .load_model(&dir.model_type, &dir.config_text, weights.as_source())
             .with_context(|| format!("loading {}", dir.path.display()))?;

@@ -3,6 +3,7 @@
 //! `QuantSpec::for_tensors` from the module's tensor names). A module marked
 //! `at_load` (ParoQuant's dense `embed_tokens`/`lm_head`) is quantized here
 //! with MLX's affine `quantize` first, as ParoQuant's own loader does.
+use super::policy::{self, LoadPolicy};
 use super::quant::{Quant, QuantSpec};
 use crate::plugins::{registry::into_anyhow, Registry};
 use abi_stable::{
@@ -26,19 +27,34 @@ pub struct HostWeights<'a> {
     used: BTreeSet<String>,
     /// Module path -> how it was built, for `rmlx info`.
     pub layers: BTreeMap<String, Quant>,
+    /// Affine layers become dense at load (`LoadPolicy::dequantize`).
+    dequantize: bool,
 }
 
 impl<'a> HostWeights<'a> {
     /// Maps every weight file (MLX reads tensor data lazily).
     /// Fails first if config.json's `quant_method` is one no loaded plugin serves.
     pub fn open(files: &[PathBuf], quant: &'a QuantSpec, registry: &'a Registry) -> Result<Self> {
+        Self::open_with(files, quant, registry, policy::get())
+    }
+
+    /// `open` under an explicit load policy (compute dtype, dequantize).
+    pub fn open_with(files: &[PathBuf], quant: &'a QuantSpec, registry: &'a Registry, policy: LoadPolicy) -> Result<Self> {
         quant.check_method(&|m| registry.weight_quant_plugin(m).is_ok())?;
         let mut tensors = HashMap::new();
         for f in files {
             let map = Array::load_safetensors(f).map_err(|e| anyhow!("{}: {e}", f.display()))?;
             tensors.extend(map);
         }
-        Ok(Self { tensors, quant, registry, used: BTreeSet::new(), layers: BTreeMap::new() })
+        let dtype = policy.dtype.target();
+        if let Some(dt) = dtype {
+            for a in tensors.values_mut() {
+                if is_float(a.dtype()) && a.dtype() != dt {
+                    *a = a.as_dtype(dt)?;
+                }
+            }
+        }
+        Ok(Self { tensors, quant, registry, used: BTreeSet::new(), layers: BTreeMap::new(), dequantize: policy.dequantize })
     }
 
     pub fn as_source(&mut self) -> rmlx_plugin_api::WeightSourceMut<'_> {
@@ -81,6 +97,10 @@ impl<'a> HostWeights<'a> {
                 Err(e) => return Err(PluginError::config(format!("{prefix}: quantizing at load: {e}"))),
             }
         }
+        if self.dequantize && q.mode == "affine" && !q.at_load {
+            dequantize_at_load(&mut items, &q).map_err(|e| PluginError::config(format!("{prefix}: dequantizing at load: {e}")))?;
+            q = Quant::dense();
+        }
         self.layers.insert(prefix.to_string(), q.clone());
         Ok((items, q))
     }
@@ -105,6 +125,27 @@ fn quantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<bool, mlx
         items.push(NamedArray { name: name.into(), array: MlxArray::from_array(a) });
     }
     Ok(true)
+}
+
+/// Replaces affine `weight`/`scales`/`biases` by the dense `weight` they
+/// encode, in the scales' dtype (what `mx.dequantize` computes).
+fn dequantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<(), mlx_rs::error::Exception> {
+    let take = |items: &mut RVec<NamedArray>, name: &str| -> Option<Array> {
+        let i = items.iter().position(|n| n.name == name)?;
+        Some(items.remove(i).array.into_array())
+    };
+    let (Some(w), Some(scales)) = (take(items, "weight"), take(items, "scales")) else {
+        return Ok(());
+    };
+    let biases = take(items, "biases");
+    let dense = mlx_rs::ops::dequantize(&w, &scales, biases.as_ref(), q.group_size, q.bits)?;
+    dense.eval()?;
+    items.push(NamedArray { name: "weight".into(), array: MlxArray::from_array(dense) });
+    Ok(())
+}
+
+fn is_float(d: mlx_rs::Dtype) -> bool {
+    matches!(d, mlx_rs::Dtype::Float16 | mlx_rs::Dtype::Bfloat16 | mlx_rs::Dtype::Float32)
 }
 
 fn context<T>(r: PResult<T>, prefix: &str) -> Result<T, PluginError> {
