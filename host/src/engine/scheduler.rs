@@ -358,9 +358,22 @@ impl Scheduler {
         let mut ended = Vec::new();
         let mut preempted = Vec::new();
         self.stats.steps += 1;
-        // --- one prefill chunk
-        if let Some(i) = self.running.iter().position(|s| s.entry.id == model_id && s.to_prefill() > 0) {
-            let chunk = self.running[i].params.prefill_chunk.max(1).min(self.running[i].to_prefill());
+        // --- prefill: chunks of prompts in arrival order, at most one
+        // `--prefill-chunk` of tokens per step in all (so running streams
+        // never wait longer than one chunk; short prompts share a step).
+        let mut budget: Option<usize> = None;
+        let mut prefilled: Vec<u64> = Vec::new();
+        while let Some(i) =
+            self.running.iter().position(|s| s.entry.id == model_id && s.to_prefill() > 0 && !prefilled.contains(&s.id))
+        {
+            let per = self.running[i].params.prefill_chunk.max(1);
+            let left = *budget.get_or_insert(per);
+            if left == 0 {
+                break;
+            }
+            let chunk = per.min(left).min(self.running[i].to_prefill());
+            budget = Some(left - chunk);
+            prefilled.push(self.running[i].id);
             let (ok, i) = self.reserve(model_id, i, chunk, &mut preempted);
             if !ok {
                 let s = self.running.remove(i);
