@@ -103,19 +103,22 @@ pub struct LlamaPlan {
     pub warnings: Vec<String>,
 }
 
-fn require(g: &GgufFile, key: &str) -> Result<u64> {
+pub(crate) fn require(g: &GgufFile, key: &str) -> Result<u64> {
     g.get_u64(key)?
         .ok_or_else(|| anyhow!("GGUF is missing required metadata '{}'", key))
 }
 
-impl LlamaPlan {
-    pub fn new(g: &GgufFile, arch: &str) -> Result<Self> {
-        if arch != "llama" {
-            bail!(
-                "unsupported general.architecture '{}': only 'llama' is supported",
-                arch
-            );
-        }
+/// The hyper-parameters every GGUF decoder stores under `<arch>.`.
+pub(crate) struct Hparams {
+    pub hidden_size: u64,
+    pub num_hidden_layers: u64,
+    pub num_attention_heads: u64,
+    pub num_key_value_heads: u64,
+    pub rms_norm_eps: f64,
+}
+
+impl Hparams {
+    pub(crate) fn read(g: &GgufFile, arch: &str) -> Result<Self> {
         let p = |k: &str| format!("{arch}.{k}");
         let hidden_size = require(g, &p("embedding_length"))?;
         let num_hidden_layers = require(g, &p("block_count"))?;
@@ -141,6 +144,21 @@ impl LlamaPlan {
                     p("attention.layer_norm_rms_epsilon")
                 )
             })?;
+        Ok(Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps })
+    }
+}
+
+impl LlamaPlan {
+    pub fn new(g: &GgufFile, arch: &str) -> Result<Self> {
+        if arch != "llama" {
+            bail!(
+                "unsupported general.architecture '{}': only 'llama' is supported",
+                arch
+            );
+        }
+        let p = |k: &str| format!("{arch}.{k}");
+        let Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps } =
+            Hparams::read(g, arch)?;
         let rope_theta = g.get_f64(&p("rope.freq_base"))?.unwrap_or(10000.0);
         let context_length = g.get_u64(&p("context_length"))?;
 

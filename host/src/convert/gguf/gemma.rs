@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::GgufFile;
-use crate::convert::llama::MappedName;
+use crate::convert::llama::{Hparams, MappedName};
 use crate::convert::tokenizer::TokenizerFiles;
 
 /// Which Gemma generation a GGUF holds.
@@ -153,39 +153,13 @@ pub struct GemmaPlan {
     pub warnings: Vec<String>,
 }
 
-fn require(g: &GgufFile, key: &str) -> Result<u64> {
-    g.get_u64(key)?
-        .ok_or_else(|| anyhow!("GGUF is missing required metadata '{}'", key))
-}
 
 impl GemmaPlan {
     pub fn new(g: &GgufFile, gen: Gen) -> Result<Self> {
         let p = |k: &str| format!("{}.{k}", gen.arch());
         let mut warnings = Vec::new();
-        let hidden_size = require(g, &p("embedding_length"))?;
-        let num_hidden_layers = require(g, &p("block_count"))?;
-        let num_attention_heads = require(g, &p("attention.head_count"))?;
-        let num_key_value_heads = g
-            .get_u64(&p("attention.head_count_kv"))?
-            .unwrap_or(num_attention_heads);
-        if num_attention_heads == 0
-            || num_key_value_heads == 0
-            || !num_attention_heads.is_multiple_of(num_key_value_heads)
-        {
-            bail!(
-                "invalid head counts: {} attention heads, {} kv heads",
-                num_attention_heads,
-                num_key_value_heads
-            );
-        }
-        let rms_norm_eps = g
-            .get_f64(&p("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| {
-                anyhow!(
-                    "GGUF is missing '{}'",
-                    p("attention.layer_norm_rms_epsilon")
-                )
-            })?;
+        let Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps } =
+            Hparams::read(g, gen.arch())?;
         let default_theta = if gen == Gen::Gemma3 {
             1_000_000.0
         } else {
