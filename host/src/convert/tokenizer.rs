@@ -161,6 +161,51 @@ fn pre_tokenizer_for(pre: &str) -> (Value, bool, bool) {
     }
 }
 
+/// The GGUF's special tokens, as ids.
+pub(crate) struct SpecialIds {
+    pub bos: Option<u64>,
+    pub eos: Option<u64>,
+    pub unk: Option<u64>,
+    pub pad: Option<u64>,
+}
+
+/// tokenizer_config.json and special_tokens_map.json for a rebuilt
+/// tokenizer: BOS/EOS flags, added tokens, special tokens, the chat template,
+/// the context length, plus `extra` settings.
+pub(crate) fn config_files(
+    g: &GgufFile,
+    tok: &dyn Fn(Option<u64>) -> Option<String>,
+    ids: SpecialIds,
+    (add_bos, add_eos): (bool, bool),
+    added_decoder: serde_json::Map<String, Value>,
+    context_length: Option<u64>,
+    extra: &[(&str, Value)],
+) -> Result<(Value, Value)> {
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("add_bos_token".into(), json!(add_bos));
+    cfg.insert("add_eos_token".into(), json!(add_eos));
+    cfg.insert("added_tokens_decoder".into(), Value::Object(added_decoder));
+    let mut special_map = serde_json::Map::new();
+    for (name, id) in [("bos_token", ids.bos), ("eos_token", ids.eos), ("unk_token", ids.unk), ("pad_token", ids.pad)] {
+        if let Some(s) = tok(id) {
+            cfg.insert(name.into(), json!(s));
+            special_map.insert(name.into(), json!(s));
+        }
+    }
+    if let Some(t) = g.get_str("tokenizer.chat_template")? {
+        cfg.insert("chat_template".into(), json!(t));
+    }
+    cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
+    for (k, v) in extra {
+        cfg.insert((*k).into(), v.clone());
+    }
+    if let Some(n) = context_length {
+        cfg.insert("model_max_length".into(), json!(n));
+    }
+    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    Ok((Value::Object(cfg), Value::Object(special_map)))
+}
+
 /// Build tokenizer files from the GGUF metadata. `context_length` goes into
 /// `model_max_length`.
 pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles> {
@@ -361,35 +406,19 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     };
     let tokenizer_json = serde_json::to_string_pretty(&tj)?;
 
-    let mut cfg = serde_json::Map::new();
-    cfg.insert("add_bos_token".into(), json!(add_bos));
-    cfg.insert("add_eos_token".into(), json!(add_eos));
-    cfg.insert("added_tokens_decoder".into(), Value::Object(added_decoder));
-    let mut special_map = serde_json::Map::new();
-    for (name, id) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
-        if let Some(s) = tok(id) {
-            cfg.insert(name.into(), json!(s));
-            special_map.insert(name.into(), json!(s));
-        }
-    }
-    if let Some(t) = g.get_str("tokenizer.chat_template")? {
-        cfg.insert("chat_template".into(), json!(t));
-    }
-    cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
-    if let Some(n) = context_length {
-        cfg.insert("model_max_length".into(), json!(n));
-    }
-    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-
+    let (tokenizer_config, special_tokens_map) = config_files(
+        g,
+        &tok,
+        SpecialIds { bos, eos, unk, pad },
+        (add_bos, add_eos),
+        added_decoder,
+        context_length,
+        &[],
+    )?;
     Ok(TokenizerFiles {
         tokenizer_json,
-        tokenizer_config: Value::Object(cfg),
-        special_tokens_map: Value::Object(special_map),
+        tokenizer_config,
+        special_tokens_map,
         bos_token_id: bos,
         eos_token_id: eos,
         extra_eos_ids: extra_eos,

@@ -249,36 +249,19 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
     });
     let tokenizer_json = ordered_vocab_json(&tj, &vocab)?;
 
-    let mut cfg = serde_json::Map::new();
-    cfg.insert("add_bos_token".into(), json!(add_bos));
-    cfg.insert("add_eos_token".into(), json!(add_eos));
-    cfg.insert("added_tokens_decoder".into(), Value::Object(added_decoder));
-    let mut special_map = serde_json::Map::new();
-    for (name, id) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
-        if let Some(s) = tok(id) {
-            cfg.insert(name.into(), json!(s));
-            special_map.insert(name.into(), json!(s));
-        }
-    }
-    if let Some(t) = g.get_str("tokenizer.chat_template")? {
-        cfg.insert("chat_template".into(), json!(t));
-    }
-    cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
-    cfg.insert("spaces_between_special_tokens".into(), json!(false));
-    if let Some(n) = context_length {
-        cfg.insert("model_max_length".into(), json!(n));
-    }
-    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-
+    let (tokenizer_config, special_tokens_map) = crate::convert::tokenizer::config_files(
+        g,
+        &tok,
+        crate::convert::tokenizer::SpecialIds { bos, eos, unk, pad },
+        (add_bos, add_eos),
+        added_decoder,
+        context_length,
+        &[("spaces_between_special_tokens", json!(false))],
+    )?;
     Ok(TokenizerFiles {
         tokenizer_json,
-        tokenizer_config: Value::Object(cfg),
-        special_tokens_map: Value::Object(special_map),
+        tokenizer_config,
+        special_tokens_map,
         bos_token_id: bos,
         eos_token_id: eos,
         extra_eos_ids: extra_eos,
