@@ -103,11 +103,7 @@ fn eager_step(model: &mut LoadedModel, seqs: &mut [&mut Sequence]) -> Result<Vec
     let ids: Vec<i32> = seqs.iter().map(|s| *s.tokens.last().unwrap() as i32).collect();
     let input = Array::from_slice(&ids, &[b as i32, 1]);
     let caches: Vec<&mut KvCache> = seqs.iter_mut().map(|s| s.kv.as_mut().unwrap()).collect();
-    let mut batch = BatchCaches { caches };
-    let attention = batch.attention();
-    let plugin = &model.architecture_plugin;
-    let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?.into_array();
-    batch.advance(1);
+    let logits = forward(model, caches, input, 1)?;
     let tokens = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
     rows_out(seqs, &tokens, &logits)
 }
@@ -139,4 +135,14 @@ fn rows_out(seqs: &[&mut Sequence], tokens: &Array, logits: &Array) -> Result<Ve
             _ => RowOut::Token(toks[i] as u32),
         })
         .collect())
+}
+
+/// One forward of `input` [B, L] over the rows' caches; logits [B, 1, V], lazily.
+pub fn forward(model: &mut LoadedModel, caches: Vec<&mut KvCache>, input: Array, len: i32) -> Result<Array> {
+    let mut batch = BatchCaches { caches };
+    let attention = batch.attention();
+    let plugin = &model.architecture_plugin;
+    let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
+    batch.advance(len);
+    Ok(logits.into_array())
 }

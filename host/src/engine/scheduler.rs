@@ -12,15 +12,13 @@
 //! are freed, and it goes back to the front of the queue with its generated
 //! tokens, to be prefilled again (mostly from the prefix cache) later.
 use super::block_manager::{BlockManager, BlockStats};
-use super::cache::{BatchCaches, KvCache};
-use super::decode::{Decoder, RowOut};
+use super::cache::KvCache;
+use super::decode::{forward, Decoder, RowOut};
 use super::sequence::{Outcome, Sequence};
 use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
 use super::LoadedModel;
-use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
 use mlx_rs::{ops::concatenate, Array};
-use rmlx_plugin_api::MlxArray;
 use std::collections::{HashMap, VecDeque};
 
 /// KV memory budget.
@@ -522,16 +520,6 @@ fn dtype_size_guess(config: &serde_json::Value) -> u64 {
     } else {
         2
     }
-}
-
-/// One forward of `input` [B, L] over the rows' caches; logits [B, 1, V], lazily.
-fn forward(model: &mut LoadedModel, caches: Vec<&mut KvCache>, input: Array, len: i32) -> Result<Array> {
-    let mut batch = BatchCaches { caches };
-    let attention = batch.attention();
-    let plugin = &model.architecture_plugin;
-    let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
-    batch.advance(len);
-    Ok(logits.into_array())
 }
 
 #[cfg(test)]
