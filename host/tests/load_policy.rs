@@ -1,7 +1,8 @@
 //! The load policy (`--dtype`, `--dequantize`): affine layers dequantized at
 //! load compute what the quantized layers compute (dense weights, same
 //! logits up to float rounding, same greedy tokens); a float16 compute dtype
-//! casts every floating tensor; bad values are clear CLI errors.
+//! casts every floating tensor; the KV budget counts the activations' real
+//! dtype; bad values are clear CLI errors.
 mod common;
 
 use rmlx::engine::{LoadedModel, Session};
@@ -54,4 +55,16 @@ fn bad_dtype_is_a_cli_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown dtype `float8`"), "{err}");
+}
+
+#[test]
+fn kv_bytes_follow_the_activation_dtype() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let dir = common::fixture("models/qwen3-q4-g64");
+    let f32m = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    assert_eq!(f32m.kv_bytes, 4, "float32 norms and scales: float32 activations");
+    let half = LoadPolicy { dtype: ComputeDtype::Float16, dequantize: false };
+    let f16m = LoadedModel::load_with(&dir, &reg, half).unwrap();
+    assert_eq!(f16m.kv_bytes, 2);
 }

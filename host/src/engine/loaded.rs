@@ -15,6 +15,8 @@ pub struct LoadedModel {
     /// Tensors in the files the architecture did not use.
     pub unused: Vec<String>,
     pub architecture_plugin: String,
+    /// Bytes per KV-cache value (the activations' dtype, after the load policy).
+    pub kv_bytes: u64,
 }
 
 impl LoadedModel {
@@ -46,6 +48,7 @@ impl LoadedModel {
             tracing::warn!("{} tensors unused by {}: {:?}", unused.len(), dir.model_type, &unused[..unused.len().min(8)]);
         }
         let layers = std::mem::take(&mut weights.layers);
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin })
+        let kv_bytes = weights.activation_bytes();
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes })
     }
 }

@@ -160,7 +160,7 @@ impl Scheduler {
         let cfg = &self.cfg;
         self.managers.entry(model_id.to_string()).or_insert_with(|| {
             let s = &model.spec;
-            let dsize = dtype_size_guess(&model.dir.config);
+            let dsize = model.kv_bytes;
             let per_block = 2 * s.num_layers as u64 * s.num_kv_heads as u64 * s.head_dim as u64 * cfg.block_size as u64 * dsize;
             let total = (cfg.kv_budget.bytes() / per_block.max(1)) as usize;
             // The config's hash and the KV shape too: the SSD tier outlives the process.
@@ -510,16 +510,6 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
         }
     }
     s.cached_upto = upto;
-}
-
-/// config.json's dtype in bytes (float32: 4, else 2).
-fn dtype_size_guess(config: &serde_json::Value) -> u64 {
-    let d = config.get("torch_dtype").or_else(|| config.get("dtype")).and_then(|v| v.as_str()).unwrap_or("");
-    if d == "float32" {
-        4
-    } else {
-        2
-    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,21 @@ impl<'a> HostWeights<'a> {
         WeightSource_TO::from_ptr(self, TD_Opaque)
     }
 
+    /// Bytes per activation value (and so per KV-cache value): 4 when any
+    /// norm-like (1-D) tensor or quantization scale is float32 (MLX promotes
+    /// the activations to it), else 2.
+    pub fn activation_bytes(&self) -> u64 {
+        let f32_seen = self
+            .tensors
+            .iter()
+            .any(|(n, a)| a.dtype() == mlx_rs::Dtype::Float32 && (a.ndim() == 1 || n.ends_with(".scales")));
+        if f32_seen {
+            4
+        } else {
+            2
+        }
+    }
+
     /// Tensors the architecture never asked for.
     pub fn unused(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().filter(|k| !self.used.contains(*k)).cloned().collect();
