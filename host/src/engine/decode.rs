@@ -16,8 +16,12 @@ use anyhow::Result;
 use mlx_rs::{ops::indexing::argmax_axis, transforms::eval, Array, Dtype};
 use rmlx_plugin_api::MlxArray;
 
-/// Batches up to this many rows use the compiled step.
-const COMPILED_MAX_ROWS: usize = 1;
+/// Batches up to this many rows use the compiled step (`RMLX_COMPILE_ROWS`
+/// overrides; 1 by default).
+fn compiled_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("RMLX_COMPILE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+}
 
 /// What a row gets from one decode step.
 pub enum RowOut {
@@ -45,7 +49,7 @@ impl Decoder {
     /// One step over `seqs` (in row order). On an error the rows' KV state is
     /// undefined: the caller ends them.
     pub fn step(&mut self, model: &mut LoadedModel, seqs: &mut [&mut Sequence]) -> Result<Vec<RowOut>> {
-        if let Some(c) = self.compiled.as_mut().filter(|_| seqs.len() <= COMPILED_MAX_ROWS) {
+        if let Some(c) = self.compiled.as_mut().filter(|_| seqs.len() <= compiled_max_rows()) {
             match compiled_step(c, model, seqs) {
                 Ok(Some(out)) => return Ok(out),
                 Ok(None) => {} // a row has no buffers yet: this step goes op by op
