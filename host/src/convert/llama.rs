@@ -32,12 +32,7 @@ pub fn map_tensor_name(name: &str) -> Result<Option<MappedName>> {
     let (base, suffix) = name
         .rsplit_once('.')
         .filter(|(_, s)| *s == "weight" || *s == "bias")
-        .ok_or_else(|| {
-            anyhow!(
-                "unknown tensor '{}' (expected a .weight or .bias suffix)",
-                name
-            )
-        })?;
+        .ok_or_else(|| anyhow!("unknown tensor '{}' (expected a .weight or .bias suffix)", name))?;
     let mut rotary = None;
     let module = match base {
         "token_embd" => "model.embed_tokens".to_string(),
@@ -48,9 +43,8 @@ pub fn map_tensor_name(name: &str) -> Result<Option<MappedName>> {
              recovered into config.json's rope_scaling"
         ),
         _ => {
-            let rest = base
-                .strip_prefix("blk.")
-                .ok_or_else(|| anyhow!("unknown tensor '{}' for a llama model", name))?;
+            let rest =
+                base.strip_prefix("blk.").ok_or_else(|| anyhow!("unknown tensor '{}' for a llama model", name))?;
             let (layer, part) =
                 rest.split_once('.').ok_or_else(|| anyhow!("unknown tensor '{}' for a llama model", name))?;
             let layer: usize = layer.parse().map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
@@ -77,11 +71,7 @@ pub fn map_tensor_name(name: &str) -> Result<Option<MappedName>> {
             format!("model.layers.{layer}.{sub}")
         }
     };
-    Ok(Some(MappedName {
-        module,
-        suffix: suffix.to_string(),
-        rotary,
-    }))
+    Ok(Some(MappedName { module, suffix: suffix.to_string(), rotary }))
 }
 
 /// Hyper-parameters of a llama GGUF.
@@ -104,8 +94,7 @@ pub struct LlamaPlan {
 }
 
 pub(crate) fn require(g: &GgufFile, key: &str) -> Result<u64> {
-    g.get_u64(key)?
-        .ok_or_else(|| anyhow!("GGUF is missing required metadata '{}'", key))
+    g.get_u64(key)?.ok_or_else(|| anyhow!("GGUF is missing required metadata '{}'", key))
 }
 
 /// The hyper-parameters every GGUF decoder stores under `<arch>.`.
@@ -115,6 +104,11 @@ pub(crate) struct Hparams {
     pub num_attention_heads: u64,
     pub num_key_value_heads: u64,
     pub rms_norm_eps: f64,
+    /// Rows of `token_embd.weight`'s second dimension.
+    pub vocab_size: u64,
+    pub intermediate_size: u64,
+    /// `attention.key_length`, or attn_q's rows over the heads.
+    pub head_dim: u64,
 }
 
 impl Hparams {
@@ -123,96 +117,78 @@ impl Hparams {
         let hidden_size = require(g, &p("embedding_length"))?;
         let num_hidden_layers = require(g, &p("block_count"))?;
         let num_attention_heads = require(g, &p("attention.head_count"))?;
-        let num_key_value_heads = g
-            .get_u64(&p("attention.head_count_kv"))?
-            .unwrap_or(num_attention_heads);
+        let num_key_value_heads = g.get_u64(&p("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
         if num_attention_heads == 0
             || num_key_value_heads == 0
             || !num_attention_heads.is_multiple_of(num_key_value_heads)
         {
-            bail!(
-                "invalid head counts: {} attention heads, {} kv heads",
-                num_attention_heads,
-                num_key_value_heads
-            );
+            bail!("invalid head counts: {} attention heads, {} kv heads", num_attention_heads, num_key_value_heads);
         }
         let rms_norm_eps = g
             .get_f64(&p("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| {
-                anyhow!(
-                    "GGUF is missing '{}'",
-                    p("attention.layer_norm_rms_epsilon")
-                )
-            })?;
-        Ok(Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps })
-    }
-}
-
-impl LlamaPlan {
-    pub fn new(g: &GgufFile, arch: &str) -> Result<Self> {
-        if arch != "llama" {
-            bail!(
-                "unsupported general.architecture '{}': only 'llama' is supported",
-                arch
-            );
-        }
-        let p = |k: &str| format!("{arch}.{k}");
-        let Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps } =
-            Hparams::read(g, arch)?;
-        let rope_theta = g.get_f64(&p("rope.freq_base"))?.unwrap_or(10000.0);
-        let context_length = g.get_u64(&p("context_length"))?;
-
+            .ok_or_else(|| anyhow!("GGUF is missing '{}'", p("attention.layer_norm_rms_epsilon")))?;
         let dims = |name: &str| g.tensor(name).map(|t| t.dims.clone());
-        let embd = dims("token_embd.weight")
-            .ok_or_else(|| anyhow!("GGUF has no token_embd.weight tensor"))?;
+        let embd = dims("token_embd.weight").ok_or_else(|| anyhow!("GGUF has no token_embd.weight tensor"))?;
         if embd.len() != 2 || embd[0] != hidden_size {
-            bail!(
-                "token_embd.weight has dims {:?}, expected [{}, vocab]",
-                embd,
-                hidden_size
-            );
+            bail!("token_embd.weight has dims {:?}, expected [{}, vocab]", embd, hidden_size);
         }
         let vocab_size = embd[1];
-        if let Some(v) = g.get_u64(&p("vocab_size"))? {
-            if v != vocab_size {
-                bail!(
-                    "{} = {} but token_embd.weight has {} rows",
-                    p("vocab_size"),
-                    v,
-                    vocab_size
-                );
-            }
-        }
         let intermediate_size = match g.get_u64(&p("feed_forward_length"))? {
             Some(v) => v,
             None => dims("blk.0.ffn_up.weight")
                 .map(|d| d[1])
                 .ok_or_else(|| anyhow!("GGUF is missing '{}'", p("feed_forward_length")))?,
         };
-        let q_rows = dims("blk.0.attn_q.weight").map(|d| *d.last().unwrap());
+        let q_rows = dims("blk.0.attn_q.weight").map(|d| *d.last().unwrap_or(&0));
         let head_dim = match g.get_u64(&p("attention.key_length"))? {
             Some(v) => v,
-            None => q_rows
-                .map(|r| r / num_attention_heads)
-                .unwrap_or(hidden_size / num_attention_heads),
+            None => q_rows.map(|r| r / num_attention_heads).unwrap_or(hidden_size / num_attention_heads),
         };
         if let Some(r) = q_rows {
             if r != head_dim * num_attention_heads {
-                bail!(
-                    "attn_q has {} rows, expected {} heads x {}",
-                    r,
-                    num_attention_heads,
-                    head_dim
-                );
+                bail!("attn_q has {} rows, expected {} heads x {}", r, num_attention_heads, head_dim);
+            }
+        }
+        Ok(Hparams {
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            rms_norm_eps,
+            vocab_size,
+            intermediate_size,
+            head_dim,
+        })
+    }
+}
+
+impl LlamaPlan {
+    pub fn new(g: &GgufFile, arch: &str) -> Result<Self> {
+        if arch != "llama" {
+            bail!("unsupported general.architecture '{}': only 'llama' is supported", arch);
+        }
+        let p = |k: &str| format!("{arch}.{k}");
+        let Hparams {
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            rms_norm_eps,
+            vocab_size,
+            intermediate_size,
+            head_dim,
+        } = Hparams::read(g, arch)?;
+        let rope_theta = g.get_f64(&p("rope.freq_base"))?.unwrap_or(10000.0);
+        let context_length = g.get_u64(&p("context_length"))?;
+
+        if let Some(v) = g.get_u64(&p("vocab_size"))? {
+            if v != vocab_size {
+                bail!("{} = {} but token_embd.weight has {} rows", p("vocab_size"), v, vocab_size);
             }
         }
         if let Some(rd) = g.get_u64(&p("rope.dimension_count"))? {
             if rd != head_dim {
-                bail!(
-                    "partial rotary embeddings ({} of head_dim {}) are not supported",
-                    rd,
-                    head_dim
-                );
+                bail!("partial rotary embeddings ({} of head_dim {}) are not supported", rd, head_dim);
             }
         }
         if !head_dim.is_multiple_of(2) {
@@ -230,17 +206,12 @@ impl LlamaPlan {
                 }
             }
             Some("yarn") => {
-                let f = g.get_f64(&p("rope.scaling.factor"))?.ok_or_else(|| {
-                    anyhow!("yarn rope scaling without {}", p("rope.scaling.factor"))
+                let f = g
+                    .get_f64(&p("rope.scaling.factor"))?
+                    .ok_or_else(|| anyhow!("yarn rope scaling without {}", p("rope.scaling.factor")))?;
+                let orig = g.get_u64(&p("rope.scaling.original_context_length"))?.ok_or_else(|| {
+                    anyhow!("yarn rope scaling without {}", p("rope.scaling.original_context_length"))
                 })?;
-                let orig = g
-                    .get_u64(&p("rope.scaling.original_context_length"))?
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "yarn rope scaling without {}",
-                            p("rope.scaling.original_context_length")
-                        )
-                    })?;
                 Some(
                     json!({"type": "yarn", "rope_type": "yarn", "factor": f, "original_max_position_embeddings": orig}),
                 )
@@ -288,42 +259,25 @@ impl LlamaPlan {
         }
     }
 
-    pub fn config_json(
-        &self,
-        g: &GgufFile,
-        quant: Option<&Value>,
-        tok: Option<&TokenizerFiles>,
-    ) -> Result<Value> {
+    pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
         let mut c = serde_json::Map::new();
         c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
         c.insert("model_type".into(), json!("llama"));
         c.insert("hidden_size".into(), json!(self.hidden_size));
         c.insert("intermediate_size".into(), json!(self.intermediate_size));
         c.insert("num_hidden_layers".into(), json!(self.num_hidden_layers));
-        c.insert(
-            "num_attention_heads".into(),
-            json!(self.num_attention_heads),
-        );
-        c.insert(
-            "num_key_value_heads".into(),
-            json!(self.num_key_value_heads),
-        );
+        c.insert("num_attention_heads".into(), json!(self.num_attention_heads));
+        c.insert("num_key_value_heads".into(), json!(self.num_key_value_heads));
         c.insert("head_dim".into(), json!(self.head_dim));
         c.insert("hidden_act".into(), json!("silu"));
         c.insert("rms_norm_eps".into(), json!(f32_as_f64(self.rms_norm_eps)));
         c.insert("rope_theta".into(), json!(f32_as_f64(self.rope_theta)));
-        c.insert(
-            "rope_scaling".into(),
-            self.rope_scaling.clone().unwrap_or(Value::Null),
-        );
+        c.insert("rope_scaling".into(), self.rope_scaling.clone().unwrap_or(Value::Null));
         if let Some(n) = self.context_length {
             c.insert("max_position_embeddings".into(), json!(n));
         }
         c.insert("vocab_size".into(), json!(self.vocab_size));
-        c.insert(
-            "tie_word_embeddings".into(),
-            json!(self.tie_word_embeddings),
-        );
+        c.insert("tie_word_embeddings".into(), json!(self.tie_word_embeddings));
         c.insert("attention_bias".into(), json!(self.attention_bias));
         c.insert("mlp_bias".into(), json!(false));
         if let Some(t) = tok {
@@ -396,10 +350,7 @@ pub fn quantization_config(modules: &BTreeMap<String, Option<u32>>) -> Option<Va
         match bits {
             Some(b) if *b == default_bits => {}
             Some(b) => {
-                q.insert(
-                    m.clone(),
-                    json!({"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}),
-                );
+                q.insert(m.clone(), json!({"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}));
             }
             None => {
                 q.insert(m.clone(), json!(false));

@@ -97,9 +97,7 @@ pub fn map_tensor_name(gen: Gen, name: &str) -> Result<Option<MappedName>> {
         _ => {
             let rest = base.strip_prefix("blk.").ok_or_else(unknown)?;
             let (layer, part) = rest.split_once('.').ok_or_else(unknown)?;
-            let layer: usize = layer
-                .parse()
-                .map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
+            let layer: usize = layer.parse().map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
             let sub = match (part, gen) {
                 ("attn_q", _) => "self_attn.q_proj",
                 ("attn_k", _) => "self_attn.k_proj",
@@ -122,11 +120,7 @@ pub fn map_tensor_name(gen: Gen, name: &str) -> Result<Option<MappedName>> {
             format!("model.layers.{layer}.{sub}")
         }
     };
-    Ok(Some(MappedName {
-        module,
-        suffix: "weight".to_string(),
-        rotary: None,
-    }))
+    Ok(Some(MappedName { module, suffix: "weight".to_string(), rotary: None }))
 }
 
 /// Hyper-parameters of a Gemma GGUF.
@@ -153,78 +147,36 @@ pub struct GemmaPlan {
     pub warnings: Vec<String>,
 }
 
-
 impl GemmaPlan {
     pub fn new(g: &GgufFile, gen: Gen) -> Result<Self> {
         let p = |k: &str| format!("{}.{k}", gen.arch());
         let mut warnings = Vec::new();
-        let Hparams { hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, rms_norm_eps } =
-            Hparams::read(g, gen.arch())?;
-        let default_theta = if gen == Gen::Gemma3 {
-            1_000_000.0
-        } else {
-            10_000.0
-        };
+        let Hparams {
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            rms_norm_eps,
+            vocab_size,
+            intermediate_size,
+            head_dim,
+        } = Hparams::read(g, gen.arch())?;
+        let default_theta = if gen == Gen::Gemma3 { 1_000_000.0 } else { 10_000.0 };
         let rope_theta = g.get_f64(&p("rope.freq_base"))?.unwrap_or(default_theta);
         let context_length = g.get_u64(&p("context_length"))?;
 
-        let dims = |name: &str| g.tensor(name).map(|t| t.dims.clone());
-        let embd = dims("token_embd.weight")
-            .ok_or_else(|| anyhow!("GGUF has no token_embd.weight tensor"))?;
-        if embd.len() != 2 || embd[0] != hidden_size {
-            bail!(
-                "token_embd.weight has dims {:?}, expected [{}, vocab]",
-                embd,
-                hidden_size
-            );
-        }
-        let vocab_size = embd[1];
-        let intermediate_size = match g.get_u64(&p("feed_forward_length"))? {
-            Some(v) => v,
-            None => dims("blk.0.ffn_up.weight")
-                .map(|d| d[1])
-                .ok_or_else(|| anyhow!("GGUF is missing '{}'", p("feed_forward_length")))?,
-        };
-        let q_rows = dims("blk.0.attn_q.weight").map(|d| *d.last().unwrap_or(&0));
-        let head_dim = match g.get_u64(&p("attention.key_length"))? {
-            Some(v) => v,
-            None => q_rows
-                .map(|r| r / num_attention_heads)
-                .unwrap_or(hidden_size / num_attention_heads),
-        };
-        if let Some(r) = q_rows {
-            if r != head_dim * num_attention_heads {
-                bail!(
-                    "attn_q has {} rows, expected {} heads x {}",
-                    r,
-                    num_attention_heads,
-                    head_dim
-                );
-            }
-        }
         if let Some(v) = g.get_u64(&p("attention.value_length"))? {
             if v != head_dim {
-                bail!(
-                    "value_length {} differs from key_length {}: not supported by mlx-lm's Gemma",
-                    v,
-                    head_dim
-                );
+                bail!("value_length {} differs from key_length {}: not supported by mlx-lm's Gemma", v, head_dim);
             }
         }
         if let Some(rd) = g.get_u64(&p("rope.dimension_count"))? {
             if rd != head_dim {
-                bail!(
-                    "partial rotary embeddings ({} of head_dim {}) are not supported",
-                    rd,
-                    head_dim
-                );
+                bail!("partial rotary embeddings ({} of head_dim {}) are not supported", rd, head_dim);
             }
         }
-        let query_pre_attn_scalar = if gen.layers_27b() == Some(num_hidden_layers) {
-            hidden_size / num_attention_heads
-        } else {
-            head_dim
-        };
+        let query_pre_attn_scalar =
+            if gen.layers_27b() == Some(num_hidden_layers) { hidden_size / num_attention_heads } else { head_dim };
 
         let attn_logit_softcapping = g.get_f64(&p("attn_logit_softcapping"))?;
         let final_logit_softcapping = g.get_f64(&p("final_logit_softcapping"))?;
@@ -237,10 +189,10 @@ impl GemmaPlan {
                 );
             }
         }
-        if gen == Gen::Gemma
-            && (attn_logit_softcapping.is_some() || final_logit_softcapping.is_some())
-        {
-            warnings.push("gemma (v1) GGUF has logit soft-capping keys; Gemma 1 has no soft-capping and they are ignored".into());
+        if gen == Gen::Gemma && (attn_logit_softcapping.is_some() || final_logit_softcapping.is_some()) {
+            warnings.push(
+                "gemma (v1) GGUF has logit soft-capping keys; Gemma 1 has no soft-capping and they are ignored".into(),
+            );
         }
         let pattern_key = p("attention.sliding_window_pattern");
         let sliding_window_pattern = match g.get(&pattern_key) {
@@ -262,7 +214,9 @@ impl GemmaPlan {
             None => 6,
         };
         if gen == Gen::Gemma3 && final_logit_softcapping.is_some() {
-            warnings.push("gemma3 final_logit_softcapping is written to config.json but mlx-lm's gemma3_text ignores it".into());
+            warnings.push(
+                "gemma3 final_logit_softcapping is written to config.json but mlx-lm's gemma3_text ignores it".into(),
+            );
         }
 
         let rope_scaling = match g.get_str(&p("rope.scaling.type"))? {
@@ -271,17 +225,10 @@ impl GemmaPlan {
                 let f = g.get_f64(&p("rope.scaling.factor"))?.unwrap_or(1.0);
                 (f != 1.0).then(|| json!({"rope_type": "linear", "factor": f}))
             }
-            Some(other) => bail!(
-                "unsupported rope scaling type '{}' for {}",
-                other,
-                gen.arch()
-            ),
+            Some(other) => bail!("unsupported rope scaling type '{}' for {}", other, gen.arch()),
         };
         if rope_scaling.is_some() && gen != Gen::Gemma3 {
-            bail!(
-                "rope scaling is not supported by mlx-lm's {}",
-                gen.model_type()
-            );
+            bail!("rope scaling is not supported by mlx-lm's {}", gen.model_type());
         }
 
         let tie_word_embeddings = g.tensor("output.weight").is_none();
@@ -325,12 +272,7 @@ impl GemmaPlan {
         }
     }
 
-    pub fn config_json(
-        &self,
-        g: &GgufFile,
-        quant: Option<&Value>,
-        tok: Option<&TokenizerFiles>,
-    ) -> Result<Value> {
+    pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
         let mut c = serde_json::Map::new();
         let mut put = |k: &str, v: Value| {
             c.insert(k.to_string(), v);
@@ -355,26 +297,17 @@ impl GemmaPlan {
         if self.gen != Gen::Gemma {
             put("query_pre_attn_scalar", json!(self.query_pre_attn_scalar));
             put("sliding_window", json!(self.sliding_window));
-            put(
-                "final_logit_softcapping",
-                json!(self.final_logit_softcapping.map(f32_as_f64)),
-            );
+            put("final_logit_softcapping", json!(self.final_logit_softcapping.map(f32_as_f64)));
         }
         match self.gen {
             Gen::Gemma => {}
             Gen::Gemma2 => {
-                put(
-                    "attn_logit_softcapping",
-                    json!(self.attn_logit_softcapping.map(f32_as_f64)),
-                );
+                put("attn_logit_softcapping", json!(self.attn_logit_softcapping.map(f32_as_f64)));
             }
             Gen::Gemma3 => {
                 put("sliding_window_pattern", json!(self.sliding_window_pattern));
                 put("rope_local_base_freq", json!(10000.0));
-                put(
-                    "rope_scaling",
-                    self.rope_scaling.clone().unwrap_or(Value::Null),
-                );
+                put("rope_scaling", self.rope_scaling.clone().unwrap_or(Value::Null));
             }
         }
         if let Some(b) = tok.and_then(|t| t.bos_token_id) {
@@ -414,14 +347,8 @@ impl GemmaPlan {
 /// The period `n` of a per-layer sliding pattern where layer `i` is global
 /// exactly when `(i + 1) % n == 0` (mlx-lm's gemma3_text rule).
 fn period_of(sliding: &[bool]) -> Option<u64> {
-    let n = sliding
-        .iter()
-        .position(|s| !s)
-        .map_or(sliding.len() + 1, |i| i + 1);
-    let ok = sliding
-        .iter()
-        .enumerate()
-        .all(|(i, &s)| s == !(i + 1).is_multiple_of(n));
+    let n = sliding.iter().position(|s| !s).map_or(sliding.len() + 1, |i| i + 1);
+    let ok = sliding.iter().enumerate().all(|(i, &s)| s == !(i + 1).is_multiple_of(n));
     ok.then_some(n as u64)
 }
 
@@ -448,10 +375,7 @@ pub fn sub_one(dtype: safetensors::Dtype, raw: &[u8]) -> Result<Vec<u8>> {
                 half::bf16::from_f32(v).to_le_bytes()
             })
             .collect(),
-        other => bail!(
-            "cannot undo the Gemma norm offset on a {:?} tensor (expected F32, F16 or BF16)",
-            other
-        ),
+        other => bail!("cannot undo the Gemma norm offset on a {:?} tensor (expected F32, F16 or BF16)", other),
     })
 }
 
