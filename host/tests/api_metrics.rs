@@ -8,7 +8,7 @@
 //! them. Bad `--db` paths are clear errors; /metrics follows --api-key.
 mod common;
 
-use rmlx::api::{self, AppState, ServerOptions};
+use rmlx::api::{AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
 use rmlx::metrics_db::{self, RunInfo};
 use serde_json::{json, Value};
@@ -25,22 +25,6 @@ fn state(model: (Option<String>, std::path::PathBuf), opts: ServerOptions) -> Ar
     )
     .unwrap();
     Arc::new(AppState { catalog: Arc::new(catalog), worker, opts })
-}
-
-/// Serves `state` on 127.0.0.1:0 on a thread of its own; returns the base URL.
-fn spawn(state: Arc<AppState>) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            use poem::listener::{Acceptor, Listener};
-            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
-            let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
-            tx.send(format!("http://{addr}")).unwrap();
-            poem::Server::new_with_acceptor(acceptor).run(api::app(state)).await.unwrap();
-        });
-    });
-    rx.recv().unwrap()
 }
 
 /// One parsed exposition: family name -> type, and samples (name, labels, value).
@@ -171,7 +155,7 @@ async fn metrics_and_run_log() {
     let st = state((Some(SMOL.into()), common::default_model()), ServerOptions::default());
     let info = RunInfo { version: "test".into(), device: "cpu".into(), models: vec![(SMOL.into(), "x".into())], config: json!({"test": true}) };
     let log = metrics_db::attach(&st.worker, &db, &info).unwrap();
-    let base = spawn(st);
+    let base = common::serve(st);
     let client = reqwest::Client::new();
 
     // Before any request: it parses, gauges are there.
@@ -301,7 +285,7 @@ fn metrics_cli_bad_db_paths() {
 #[tokio::test]
 async fn metrics_follow_the_api_key() {
     let st = state((None, common::fixture("models/llama-f32")), ServerOptions { api_key: Some("sekret".into()), ..Default::default() });
-    let base = spawn(st);
+    let base = common::serve(st);
     let (status, _, _) = scrape(&base, None).await;
     assert_eq!(status, 401);
     let (status, ct, text) = scrape(&base, Some("sekret")).await;

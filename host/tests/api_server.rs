@@ -27,26 +27,10 @@ fn state(opts: ServerOptions, max_queue_depth: usize) -> Arc<AppState> {
     Arc::new(AppState { catalog: Arc::new(catalog), worker, opts })
 }
 
-/// Serves `state` on 127.0.0.1:0 on a thread of its own; returns the base URL.
-fn spawn(state: Arc<AppState>) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            use poem::listener::{Acceptor, Listener};
-            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
-            let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
-            tx.send(format!("http://{addr}")).unwrap();
-            poem::Server::new_with_acceptor(acceptor).run(api::app(state)).await.unwrap();
-        });
-    });
-    rx.recv().unwrap()
-}
-
 /// The shared server (one engine for the whole file).
 fn base() -> &'static str {
     static BASE: OnceLock<String> = OnceLock::new();
-    BASE.get_or_init(|| spawn(state(ServerOptions { max_body_bytes: 1 << 20, ..Default::default() }, 16)))
+    BASE.get_or_init(|| common::serve(state(ServerOptions { max_body_bytes: 1 << 20, ..Default::default() }, 16)))
 }
 
 fn client() -> reqwest::Client {
@@ -425,7 +409,7 @@ async fn models_list_load_unload_and_keep_alive() {
 #[tokio::test]
 async fn queue_full_is_429() {
     let _g = common::mlx_lock();
-    let base = spawn(state(ServerOptions::default(), 0));
+    let base = common::serve(state(ServerOptions::default(), 0));
     let c = client();
     // a long streamed generation holds the engine (the real model at a few
     // tokens/s here, EOS (id 2) suppressed so it cannot end early)...
@@ -460,7 +444,7 @@ async fn api_key_on_every_route_but_health() {
         worker: Worker::detached(),
         opts: ServerOptions { api_key: Some("sekret".into()), ..Default::default() },
     });
-    let base = spawn(state);
+    let base = common::serve(state);
     let c = client();
     assert_eq!(c.get(format!("{base}/health")).send().await.unwrap().status(), 200);
     for path in ["/v1/models", "/openapi.json", "/docs/"] {

@@ -81,3 +81,20 @@ pub fn parse_sse(text: &str) -> Vec<(Option<String>, String)> {
         })
         .collect()
 }
+
+/// Serves the API over `state` on 127.0.0.1:0 on a thread of its own;
+/// returns the base URL.
+pub fn serve(state: std::sync::Arc<rmlx::api::AppState>) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            use poem::listener::{Acceptor, Listener};
+            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
+            let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
+            tx.send(format!("http://{addr}")).unwrap();
+            poem::Server::new_with_acceptor(acceptor).run(rmlx::api::app(state)).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
