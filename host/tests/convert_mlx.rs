@@ -4,6 +4,8 @@
 //! and bad input is one clear error with nothing left behind.
 mod common;
 
+use common::golden::rel_err;
+
 use rmlx::convert::mlx::{convert_dir, MlxOptions};
 use rmlx::engine::{sampler, LoadedModel, Session};
 use std::path::{Path, PathBuf};
@@ -35,11 +37,6 @@ fn mlx_lm_check(src: &Path, dst: &Path) -> serde_json::Value {
         .unwrap();
     assert!(o.status.success(), "convert_check.py failed on {}:\n{}", dst.display(), String::from_utf8_lossy(&o.stderr));
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
-}
-
-fn rel_err(ours: &[f32], golden: &[f32]) -> f32 {
-    let scale = golden.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    ours.iter().zip(golden).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
 
 /// rmlx on `dst` against mlx-lm on `dst` (teacher-forced, as in goldens.rs).

@@ -10,30 +10,13 @@ mod common;
 
 use rmlx::api::{self, AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
-use rmlx::engine::{sampler, LoadedModel, Session};
-use serde::Deserialize;
+use rmlx::engine::LoadedModel;
+use common::golden::{compare, Case, Golden, Tally, MARGIN};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::sync::Arc;
 
-#[derive(Deserialize)]
-struct Golden {
-    model: String,
-    prompts: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    prompt: Vec<u32>,
-    tokens: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    margins: Vec<f32>,
-}
-
 const MODELS: [&str; 4] = ["llama-bitnet", "qwen3-bitnet-auto", "llama-paroquant", "qwen3-paroquant"];
-const REL_TOL: f32 = 1e-4;
-/// Steps whose top-1/top-2 logit margin is at most this are not compared by token.
-const MARGIN: f32 = 1e-3;
 
 fn golden(name: &str) -> Golden {
     let path = common::fixture(&format!("wquant-models/{name}.json"));
@@ -53,11 +36,6 @@ fn sure_prefix(case: &Case) -> &[u32] {
     let tie = case.margins.iter().position(|m| *m <= MARGIN).unwrap_or(case.tokens.len());
     let eos = case.tokens.iter().position(|t| *t == EOS).unwrap_or(case.tokens.len());
     &case.tokens[..tie.min(eos)]
-}
-
-fn rel_err(ours: &[f32], golden: &[f32]) -> f32 {
-    let scale = golden.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-    ours.iter().zip(golden).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale
 }
 
 fn rmlx(args: &[&str]) -> (i32, String, String) {
@@ -101,8 +79,7 @@ fn expected_layers(name: &str) -> Vec<(&'static str, &'static str)> {
 fn models_match_their_reference_logits_and_tokens() {
     let _g = common::mlx_lock();
     let reg = common::registry();
-    let mut failures = Vec::new();
-    let (mut worst, mut compared) = (0f32, 0);
+    let mut tally = Tally::default();
     for name in MODELS {
         let golden = golden(name);
         assert_eq!(golden.model, name);
@@ -112,29 +89,9 @@ fn models_match_their_reference_logits_and_tokens() {
         for (module, want) in expected_layers(name) {
             assert_eq!(model.layers.get(module).map(|q| q.describe()).as_deref(), Some(want), "{name} {module}");
         }
-        for case in &golden.prompts {
-            let mut session = Session::new(&mut model);
-            let mut logits = session.prefill(&case.prompt).unwrap();
-            for (step, want) in case.tokens.iter().enumerate() {
-                let err = rel_err(&logits, &case.logits[step]);
-                worst = worst.max(err);
-                compared += 1;
-                if err > REL_TOL {
-                    failures.push(format!("{name} prompt {:?} step {step}: relative error {err:e}", case.prompt));
-                }
-                if case.margins[step] > MARGIN && sampler::argmax(&logits) != *want {
-                    failures.push(format!(
-                        "{name} prompt {:?} step {step}: greedy {} != {want}",
-                        case.prompt,
-                        sampler::argmax(&logits)
-                    ));
-                }
-                if step + 1 < case.tokens.len() {
-                    logits = session.step(*want).unwrap(); // teacher forcing
-                }
-            }
-        }
+        compare(&mut model, &golden, &mut tally);
     }
+    let Tally { failures, worst, compared } = tally;
     eprintln!("{compared} steps compared over {} models, worst relative error {worst:e}", MODELS.len());
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }

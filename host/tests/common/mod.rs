@@ -1,5 +1,6 @@
 //! Shared test helpers: paths to the built plugins and fixtures.
 #![allow(dead_code)]
+pub mod golden;
 use rmlx::plugins::Registry;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
