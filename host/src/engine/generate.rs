@@ -70,129 +70,121 @@ impl<'m> Session<'m> {
         to_vec(&logits)
     }
 
-    /// Greedy decoding through the compiled step (engine/compiled.rs), also
-    /// pipelined; `None` when the model cannot be compiled (then the caller
-    /// decodes op by op).
-    fn greedy_compiled(&mut self, y: Array, max_tokens: usize, stop: &[u32], on_token: &mut impl FnMut(u32)) -> Result<Option<Vec<u32>>> {
-        let Some((mut kv, offset)) = self.cache.take_buffers() else { return Ok(None) };
-        let step = self.cache.step();
-        let mut compiled = match CompiledStep::new() {
-            Ok(c) => c,
-            Err(e) => {
-                self.cache.put_buffers(kv, offset);
-                tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}");
-                return Ok(None);
-            }
-        };
-        let mut host_pos = offset;
-        let mut y = y.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
-        let mut pos = Array::from_slice(&[offset], &[1]);
-        let mut tokens = Vec::new();
-        let (mut build, mut wait) = (0f64, 0f64);
-        while tokens.len() < max_tokens {
-            let next = if tokens.len() + 1 < max_tokens {
-                let tb = Instant::now();
-                if host_pos >= kv[0].0.dim(2) {
-                    kv = grow(kv, step)?;
-                }
-                // The first call traces; keep the buffers to fall back on.
-                let backup = tokens.is_empty().then(|| kv.clone());
-                let out = match compiled.step(self.model, y.clone(), pos.clone(), vec![kv]) {
-                    Ok(r) => r,
-                    Err(e) => match backup {
-                        Some(kv) => {
-                            tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}");
-                            self.cache.put_buffers(kv, offset);
-                            return Ok(None);
-                        }
-                        None => return Err(e),
-                    },
-                };
-                let (ny, npos, nkv) = (out.tokens, out.pos, out.rows.into_iter().next().unwrap());
-                async_eval([&ny])?;
-                build += tb.elapsed().as_secs_f64();
-                kv = nkv;
-                host_pos += 1;
-                Some((ny, npos))
-            } else {
-                None
-            };
-            let tw = Instant::now();
-            let token = y.item_exact::<i32>() as u32;
-            wait += tw.elapsed().as_secs_f64();
-            if stop.contains(&token) {
-                break;
-            }
-            tokens.push(token);
-            on_token(token);
-            match next {
-                Some((ny, npos)) => {
-                    y = ny;
-                    pos = npos;
-                }
-                None => break,
-            }
-        }
-        if std::env::var_os("RMLX_PROFILE_DECODE").is_some() {
-            let n = tokens.len().max(1) as f64 * 1e-3;
-            eprintln!("compiled decode per token: build+queue {:.3} ms, wait {:.3} ms", build / n, wait / n);
-        }
-        self.cache.put_buffers(kv, host_pos);
-        Ok(Some(tokens))
-    }
-
     /// Greedy decoding, pipelined like mlx-lm's generate_step: the next
     /// token is chosen on the device, and the graph for step t+1 is built and
-    /// queued (async_eval) before the host waits for token t.
+    /// queued (async_eval) before the host waits for token t. Through the
+    /// compiled step (engine/compiled.rs) when the model allows it.
     fn greedy(&mut self, prompt: &[u32], max_tokens: usize, stop: &[u32], mut on_token: impl FnMut(u32)) -> Result<(Vec<u32>, f64, Instant)> {
         let t0 = Instant::now();
-        let mut y = device_argmax(&self.prefill_lazy(prompt)?)?;
+        let y = device_argmax(&self.prefill_lazy(prompt)?)?;
         y.eval()?;
         let prompt_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         if compiled::enabled(self.model) {
-            if let Some(tokens) = self.greedy_compiled(y.clone(), max_tokens, stop, &mut on_token)? {
-                return Ok((tokens, prompt_secs, t1));
+            match self.greedy_compiled(&y, max_tokens, stop, &mut on_token) {
+                Err(e) if e.is::<NotCompiled>() => tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}"),
+                r => return Ok((r?, prompt_secs, t1)),
             }
         }
-        let mut tokens = Vec::new();
-        let (mut build, mut queue, mut wait) = (0f64, 0f64, 0f64);
-        while tokens.len() < max_tokens {
-            let next = if tokens.len() + 1 < max_tokens {
-                let tb = Instant::now();
-                let input = y.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
-                let ny = device_argmax(&self.forward_lazy(input, 1)?)?;
-                let tq = Instant::now();
-                async_eval([&ny])?;
-                build += (tq - tb).as_secs_f64();
-                queue += tq.elapsed().as_secs_f64();
-                Some(ny)
-            } else {
-                None
-            };
-            let tw = Instant::now();
-            let token = y.item_exact::<u32>();
-            wait += tw.elapsed().as_secs_f64();
-            if stop.contains(&token) {
-                break;
-            }
-            tokens.push(token);
-            on_token(token);
-            match next {
-                Some(ny) => y = ny,
-                None => break,
-            }
-        }
-        if std::env::var_os("RMLX_PROFILE_DECODE").is_some() {
-            let n = tokens.len().max(1) as f64 * 1e-3;
-            eprintln!("decode per token: build {:.3} ms, queue {:.3} ms, wait {:.3} ms", build / n, queue / n, wait / n);
-        }
+        let tokens = pipelined(&y, max_tokens, stop, &mut on_token, |y| {
+            let ny = device_argmax(&self.forward_lazy(y.clone(), 1)?)?;
+            Ok(ny.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?)
+        })?;
         Ok((tokens, prompt_secs, t1))
+    }
+
+    /// `greedy` through the compiled step; `NotCompiled` (with the cache
+    /// intact) when its first trace fails.
+    fn greedy_compiled(&mut self, y: &Array, max_tokens: usize, stop: &[u32], on_token: &mut impl FnMut(u32)) -> Result<Vec<u32>> {
+        let (kv, offset) = self.cache.take_buffers().ok_or(NotCompiled)?;
+        let grow_by = self.cache.step();
+        let mut compiled = CompiledStep::new().map_err(|e| {
+            self.cache.put_buffers(kv.clone(), offset);
+            e.context(NotCompiled)
+        })?;
+        // (per-layer buffers, position as an array, position on the host)
+        let mut state = Some((kv, Array::from_slice(&[offset], &[1]), offset));
+        let (model, cache) = (&mut *self.model, &mut self.cache);
+        let tokens = pipelined(y, max_tokens, stop, on_token, |y| {
+            let (mut kv, pos, host_pos) = state.take().expect("state is put back after every step");
+            if host_pos >= kv[0].0.dim(2) {
+                kv = grow(kv, grow_by)?;
+            }
+            // The first call traces; keep the buffers to fall back on.
+            let backup = (host_pos == offset).then(|| kv.clone());
+            let out = compiled.step(model, y.clone(), pos, vec![kv]).map_err(|e| match backup {
+                Some(kv) => {
+                    cache.put_buffers(kv, offset);
+                    e.context(NotCompiled)
+                }
+                None => e,
+            })?;
+            state = Some((out.rows.into_iter().next().unwrap(), out.pos, host_pos + 1));
+            Ok(out.tokens)
+        })?;
+        if let Some((kv, _, host_pos)) = state {
+            self.cache.put_buffers(kv, host_pos);
+        }
+        Ok(tokens)
     }
 
     pub fn offset(&self) -> i32 {
         self.cache.offset()
     }
+}
+
+/// The compiled step could not be used; the caller decodes op by op.
+#[derive(Debug)]
+struct NotCompiled;
+
+impl std::fmt::Display for NotCompiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the decode step could not be compiled")
+    }
+}
+
+impl std::error::Error for NotCompiled {}
+
+/// The pipelined greedy loop: `next(y)` builds and queues (async_eval) the
+/// step after token `y` (int32 [1, 1]) before the host reads `y`.
+fn pipelined(
+    first: &Array,
+    max_tokens: usize,
+    stop: &[u32],
+    on_token: &mut impl FnMut(u32),
+    mut next: impl FnMut(&Array) -> Result<Array>,
+) -> Result<Vec<u32>> {
+    let mut y = first.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
+    let mut tokens = Vec::new();
+    let (mut build, mut wait) = (0f64, 0f64);
+    while tokens.len() < max_tokens {
+        let ny = if tokens.len() + 1 < max_tokens {
+            let tb = Instant::now();
+            let ny = next(&y)?;
+            async_eval([&ny])?;
+            build += tb.elapsed().as_secs_f64();
+            Some(ny)
+        } else {
+            None
+        };
+        let tw = Instant::now();
+        let token = y.item_exact::<i32>() as u32;
+        wait += tw.elapsed().as_secs_f64();
+        if stop.contains(&token) {
+            break;
+        }
+        tokens.push(token);
+        on_token(token);
+        match ny {
+            Some(ny) => y = ny,
+            None => break,
+        }
+    }
+    if std::env::var_os("RMLX_PROFILE_DECODE").is_some() {
+        let n = tokens.len().max(1) as f64 * 1e-3;
+        eprintln!("decode per token: build + queue {:.3} ms, wait {:.3} ms", build / n, wait / n);
+    }
+    Ok(tokens)
 }
 
 /// Logits [1, 1, V] -> f32 host vector.
