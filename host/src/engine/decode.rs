@@ -1,8 +1,10 @@
 //! The scheduler's batched decode forward: every running sequence feeds its
-//! last token, one forward for all of them. A lone sequence goes through the
-//! compiled step (engine/compiled.rs) when the model allows it; batches go op
-//! by op, which measured faster on an H200 at 8 rows (the compiled trace
-//! attends row by row over each sequence's own buffers; docs/PERF.md). Rows that decode greedily
+//! last token, one forward for all of them, op by op. With
+//! `RMLX_COMPILE_ROWS=N`, batches of up to N rows go through the compiled step
+//! (engine/compiled.rs) instead: off by default, because a compiled step that
+//! is still alive in the engine thread when the process exits can race MLX's
+//! own static destructors (a heap-corruption abort seen in 1 of 8 test runs),
+//! and batches measured slower compiled (docs/PERF.md). Rows that decode greedily
 //! with nothing to apply to the logits get the device's argmax (one int per
 //! row crosses to the host); the others get their logits row.
 use super::{
@@ -16,11 +18,11 @@ use anyhow::Result;
 use mlx_rs::{ops::indexing::argmax_axis, transforms::eval, Array, Dtype};
 use rmlx_plugin_api::MlxArray;
 
-/// Batches up to this many rows use the compiled step (`RMLX_COMPILE_ROWS`
-/// overrides; 1 by default).
+/// Batches up to this many rows use the compiled step (`RMLX_COMPILE_ROWS`;
+/// 0, none, by default).
 fn compiled_max_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| std::env::var("RMLX_COMPILE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+    *ROWS.get_or_init(|| std::env::var("RMLX_COMPILE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// What a row gets from one decode step.
@@ -38,7 +40,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(model: &LoadedModel) -> Self {
-        let compiled = if compiled::enabled(model) {
+        let compiled = if compiled_max_rows() > 0 && compiled::enabled(model) {
             CompiledStep::new().map_err(|e| tracing::warn!("decode steps not compiled: {e:#}")).ok()
         } else {
             None
