@@ -73,18 +73,23 @@ CREATE INDEX IF NOT EXISTS samples_run ON samples(run_id);
 
 /// `$RMLX_CACHE_DIR`, else `$XDG_CACHE_HOME/rmlx`, else `~/.cache/rmlx`; then `metrics.sqlite`.
 pub fn default_path() -> PathBuf {
-    let cache = std::env::var_os("RMLX_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"))
-            .join("rmlx")
-    });
+    let cache = std::env::var_os("RMLX_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| dirs::home_dir().map(|h| h.join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".cache"))
+                .join("rmlx")
+        });
     cache.join("metrics.sqlite")
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// What a run records about itself at start.
@@ -115,7 +120,11 @@ pub struct RunLog {
 impl RunLog {
     /// Opens (creating) the database, records the run, and starts the
     /// writer thread, which samples `stats` every [`SAMPLE_EVERY`].
-    pub fn start(path: &Path, info: &RunInfo, stats: impl Fn() -> EngineStats + Send + 'static) -> Result<Arc<Self>> {
+    pub fn start(
+        path: &Path,
+        info: &RunInfo,
+        stats: impl Fn() -> EngineStats + Send + 'static,
+    ) -> Result<Arc<Self>> {
         let conn = open_rw(path)?;
         conn.execute(
             "INSERT INTO runs (started_at, version, device, models, config, pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -124,30 +133,43 @@ impl RunLog {
         .with_context(|| format!("metrics database {}: recording the run", path.display()))?;
         let run_id = conn.last_insert_rowid();
         let (tx, rx) = channel::<Msg>();
-        let thread = std::thread::Builder::new().name("rmlx-metrics-db".into()).spawn(move || {
-            let mut w = Writer { conn, run_id, failures: 0, last: None, last_at: Instant::now() };
-            w.sample(&stats);
-            let mut next = Instant::now() + SAMPLE_EVERY;
-            loop {
-                match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                    Ok(Msg::Request(row)) => w.request(&row),
-                    Ok(Msg::Flush(done)) => {
-                        let _ = done.send(());
-                    }
-                    Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
-                        w.last = None;
-                        w.sample(&stats);
-                        w.end();
-                        return;
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        w.sample(&stats);
-                        next = Instant::now() + SAMPLE_EVERY;
+        let thread = std::thread::Builder::new()
+            .name("rmlx-metrics-db".into())
+            .spawn(move || {
+                let mut w = Writer {
+                    conn,
+                    run_id,
+                    failures: 0,
+                    last: None,
+                    last_at: Instant::now(),
+                };
+                w.sample(&stats);
+                let mut next = Instant::now() + SAMPLE_EVERY;
+                loop {
+                    match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                        Ok(Msg::Request(row)) => w.request(&row),
+                        Ok(Msg::Flush(done)) => {
+                            let _ = done.send(());
+                        }
+                        Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                            w.last = None;
+                            w.sample(&stats);
+                            w.end();
+                            return;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            w.sample(&stats);
+                            next = Instant::now() + SAMPLE_EVERY;
+                        }
                     }
                 }
-            }
-        })?;
-        Ok(Arc::new(Self { run_id, path: path.to_path_buf(), tx: Mutex::new(tx), thread: Mutex::new(Some(thread)) }))
+            })?;
+        Ok(Arc::new(Self {
+            run_id,
+            path: path.to_path_buf(),
+            tx: Mutex::new(tx),
+            thread: Mutex::new(Some(thread)),
+        }))
     }
 
     fn send(&self, m: Msg) -> bool {
@@ -181,21 +203,30 @@ impl RunLog {
 pub fn attach(worker: &Worker, path: &Path, info: &RunInfo) -> Result<Arc<RunLog>> {
     let log = RunLog::start(path, info, worker.stats_source())?;
     let sink = log.clone();
-    worker.metrics().set_row_sink(Box::new(move |row| sink.record(row)));
+    worker
+        .metrics()
+        .set_row_sink(Box::new(move |row| sink.record(row)));
     Ok(log)
 }
 
 fn open_rw(path: &Path) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("metrics database: creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("metrics database: creating {}", dir.display()))?;
     }
-    let conn = Connection::open(path).with_context(|| format!("metrics database {}", path.display()))?;
+    let conn =
+        Connection::open(path).with_context(|| format!("metrics database {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let setup = || -> rusqlite::Result<()> {
         conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
         conn.execute_batch(SCHEMA)
     };
-    setup().with_context(|| format!("metrics database {} (not an SQLite file, or not writable)", path.display()))?;
+    setup().with_context(|| {
+        format!(
+            "metrics database {} (not an SQLite file, or not writable)",
+            path.display()
+        )
+    })?;
     Ok(conn)
 }
 
@@ -211,7 +242,10 @@ impl Writer {
     fn failed(&mut self, what: &str, e: rusqlite::Error) {
         self.failures += 1;
         if self.failures == 1 || self.failures.is_multiple_of(100) {
-            tracing::error!("metrics database: writing {what} failed ({} failures so far): {e}", self.failures);
+            tracing::error!(
+                "metrics database: writing {what} failed ({} failures so far): {e}",
+                self.failures
+            );
         }
     }
 
@@ -244,11 +278,22 @@ impl Writer {
 
     fn sample(&mut self, stats: &impl Fn() -> EngineStats) {
         let s = stats();
-        let sum = |f: fn(&crate::engine::block_manager::BlockStats) -> usize| s.blocks.iter().map(|(_, b)| f(b) as u64).sum::<u64>();
+        let sum = |f: fn(&crate::engine::block_manager::BlockStats) -> usize| {
+            s.blocks.iter().map(|(_, b)| f(b) as u64).sum::<u64>()
+        };
         let used = sum(|b| b.seq_blocks);
         let cached = sum(|b| b.cached_blocks);
-        let free = sum(|b| b.total_blocks.saturating_sub(b.seq_blocks + b.cached_blocks));
-        let v = [s.waiting as u64, s.running as u64, used, free, cached, s.memory_active_bytes, s.memory_peak_bytes, s.memory_cache_bytes];
+        let free = sum(|b| b.free_blocks);
+        let v = [
+            s.waiting as u64,
+            s.running as u64,
+            used,
+            free,
+            cached,
+            s.memory_active_bytes,
+            s.memory_peak_bytes,
+            s.memory_cache_bytes,
+        ];
         if self.last == Some(v) && self.last_at.elapsed() < SAMPLE_IDLE {
             return;
         }
@@ -268,7 +313,10 @@ impl Writer {
     }
 
     fn end(&mut self) {
-        if let Err(e) = self.conn.execute("UPDATE runs SET ended_at = ?1 WHERE id = ?2", params![now(), self.run_id]) {
+        if let Err(e) = self.conn.execute(
+            "UPDATE runs SET ended_at = ?1 WHERE id = ?2",
+            params![now(), self.run_id],
+        ) {
             self.failed("the run's end", e);
         }
     }
@@ -326,10 +374,16 @@ pub struct Figures {
 /// not one.
 pub fn open_read(path: &Path) -> Result<Connection> {
     if !path.is_file() {
-        bail!("no metrics database at {} (rmlx serve writes one unless --no-metrics-db; see --db)", path.display());
+        bail!(
+            "no metrics database at {} (rmlx serve writes one unless --no-metrics-db; see --db)",
+            path.display()
+        );
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("opening metrics database {}", path.display()))?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening metrics database {}", path.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let tables: rusqlite::Result<i64> = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('runs', 'requests', 'samples')",
@@ -363,7 +417,9 @@ const SUMMARY_SQL: &str = "SELECT r.id, r.started_at, r.ended_at, r.version, r.d
 /// Every run, oldest first.
 pub fn runs(conn: &Connection) -> Result<Vec<RunSummary>> {
     let mut st = conn.prepare(&format!("{SUMMARY_SQL} ORDER BY r.id"))?;
-    let v = st.query_map([], summary)?.collect::<rusqlite::Result<Vec<_>>>()?;
+    let v = st
+        .query_map([], summary)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(v)
 }
 
@@ -407,8 +463,16 @@ impl Acc {
 /// One run's figures (`None` run: the latest).
 pub fn report(conn: &Connection, run: Option<i64>) -> Result<Option<RunReport>> {
     let row = match run {
-        Some(id) => conn.query_row(&format!("{SUMMARY_SQL} WHERE r.id = ?1"), [id], summary).optional()?,
-        None => conn.query_row(&format!("{SUMMARY_SQL} ORDER BY r.id DESC LIMIT 1"), [], summary).optional()?,
+        Some(id) => conn
+            .query_row(&format!("{SUMMARY_SQL} WHERE r.id = ?1"), [id], summary)
+            .optional()?,
+        None => conn
+            .query_row(
+                &format!("{SUMMARY_SQL} ORDER BY r.id DESC LIMIT 1"),
+                [],
+                summary,
+            )
+            .optional()?,
     };
     let Some(summary) = row else {
         if let Some(id) = run {
@@ -416,7 +480,10 @@ pub fn report(conn: &Connection, run: Option<i64>) -> Result<Option<RunReport>> 
         }
         return Ok(None);
     };
-    let config: String = conn.query_row("SELECT config FROM runs WHERE id = ?1", [summary.id], |r| r.get(0))?;
+    let config: String =
+        conn.query_row("SELECT config FROM runs WHERE id = ?1", [summary.id], |r| {
+            r.get(0)
+        })?;
     let mut overall = Acc::default();
     let mut models: BTreeMap<String, Acc> = BTreeMap::new();
     let mut st = conn.prepare(
@@ -435,9 +502,16 @@ pub fn report(conn: &Connection, run: Option<i64>) -> Result<Option<RunReport>> 
         let tps: Option<f64> = r.get(7)?;
         let itl: Option<Vec<u8>> = r.get(8)?;
         let seqs: i64 = r.get(9)?;
-        let itl: Vec<f64> =
-            itl.unwrap_or_default().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect();
-        let key = if model.is_empty() { "(none)".to_string() } else { model };
+        let itl: Vec<f64> = itl
+            .unwrap_or_default()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect();
+        let key = if model.is_empty() {
+            "(none)".to_string()
+        } else {
+            model
+        };
         for acc in [&mut overall, models.entry(key).or_default()] {
             let f = &mut acc.f;
             f.requests += 1;
@@ -455,8 +529,11 @@ pub fn report(conn: &Connection, run: Option<i64>) -> Result<Option<RunReport>> 
             }
         }
     }
-    let (peak, samples): (Option<i64>, i64) =
-        conn.query_row("SELECT max(memory_peak), count(*) FROM samples WHERE run_id = ?1", [summary.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (peak, samples): (Option<i64>, i64) = conn.query_row(
+        "SELECT max(memory_peak), count(*) FROM samples WHERE run_id = ?1",
+        [summary.id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     Ok(Some(RunReport {
         run: summary,
         config: serde_json::from_str(&config).unwrap_or(serde_json::Value::Null),
@@ -493,22 +570,48 @@ mod tests {
     fn writes_and_reports_a_run() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/metrics.sqlite");
-        let info = RunInfo { version: "9.9.9".into(), device: "cpu".into(), models: vec![("m".into(), "/x".into())], config: serde_json::json!({"a": 1}) };
-        let stats = || EngineStats { waiting: 2, memory_peak_bytes: 1234, ..Default::default() };
+        let info = RunInfo {
+            version: "9.9.9".into(),
+            device: "cpu".into(),
+            models: vec![("m".into(), "/x".into())],
+            config: serde_json::json!({"a": 1}),
+        };
+        let stats = || EngineStats {
+            waiting: 2,
+            memory_peak_bytes: 1234,
+            ..Default::default()
+        };
         let log = RunLog::start(&path, &info, stats).unwrap();
         log.record(row("m", 200, 0.5, &[0.1, 0.2, 0.3]));
         log.record(row("m", 200, 0.25, &[0.1]));
-        log.record(RequestRow { model: String::new(), status: 404, endpoint: "/v1/chat/completions".into(), ..Default::default() });
+        log.record(RequestRow {
+            model: String::new(),
+            status: 404,
+            endpoint: "/v1/chat/completions".into(),
+            ..Default::default()
+        });
         log.flush();
         // Readable while the run goes on.
         let conn = open_read(&path).unwrap();
         let r = report(&conn, None).unwrap().unwrap();
         assert_eq!(r.run.ended_at, None);
-        assert_eq!((r.overall.requests, r.overall.prompt_tokens, r.overall.completion_tokens), (3, 20, 6));
+        assert_eq!(
+            (
+                r.overall.requests,
+                r.overall.prompt_tokens,
+                r.overall.completion_tokens
+            ),
+            (3, 20, 6)
+        );
         assert_eq!(r.overall.by_status.get("404"), Some(&1));
         let m = &r.models["m"];
-        assert_eq!((m.requests, m.ttft_p50_s, m.ttft_p95_s), (2, Some(0.25), Some(0.5)));
-        assert!((m.itl_p50_s.unwrap() - 0.1).abs() < 1e-6 && (m.itl_p95_s.unwrap() - 0.3).abs() < 1e-6);
+        assert_eq!(
+            (m.requests, m.ttft_p50_s, m.ttft_p95_s),
+            (2, Some(0.25), Some(0.5))
+        );
+        assert!(
+            (m.itl_p50_s.unwrap() - 0.1).abs() < 1e-6 && (m.itl_p95_s.unwrap() - 0.3).abs() < 1e-6
+        );
         assert!((m.decode_tps.unwrap() - 4.0 / 0.7).abs() < 1e-3);
         assert_eq!(r.models["(none)"].by_status.get("404"), Some(&1));
         assert_eq!(r.peak_memory_bytes, Some(1234));
@@ -516,20 +619,28 @@ mod tests {
         let r = report(&conn, Some(log.run_id)).unwrap().unwrap();
         assert!(r.run.ended_at.is_some());
         assert_eq!(runs(&conn).unwrap().len(), 1);
-        assert!(report(&conn, Some(99)).unwrap_err().to_string().contains("no run 99"));
+        assert!(report(&conn, Some(99))
+            .unwrap_err()
+            .to_string()
+            .contains("no run 99"));
     }
 
     #[test]
     fn missing_and_foreign_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let e = open_read(&dir.path().join("none.sqlite")).unwrap_err().to_string();
+        let e = open_read(&dir.path().join("none.sqlite"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no metrics database"), "{e}");
         let junk = dir.path().join("junk.sqlite");
         std::fs::write(&junk, vec![7u8; 4096]).unwrap();
         let e = open_read(&junk).unwrap_err().to_string();
         assert!(e.contains("not a readable rmlx metrics database"), "{e}");
         let other = dir.path().join("other.sqlite");
-        Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
         let e = open_read(&other).unwrap_err().to_string();
         assert!(e.contains("not an rmlx metrics database"), "{e}");
     }
@@ -537,7 +648,10 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
-        assert_eq!((percentile(&v, 50.0), percentile(&v, 95.0)), (Some(50.0), Some(95.0)));
+        assert_eq!(
+            (percentile(&v, 50.0), percentile(&v, 95.0)),
+            (Some(50.0), Some(95.0))
+        );
         assert_eq!(percentile(&[3.0], 95.0), Some(3.0));
         assert_eq!(percentile(&[], 50.0), None);
     }

@@ -16,13 +16,22 @@ use tokio::sync::mpsc;
 const MODELS: [&str; 2] = ["llama-f32", "qwen3-f32"];
 
 fn catalog() -> ModelCatalog {
-    let list: Vec<_> = MODELS.iter().map(|m| (None, common::fixture(&format!("models/{m}")))).collect();
+    let list: Vec<_> = MODELS
+        .iter()
+        .map(|m| (None, common::fixture(&format!("models/{m}"))))
+        .collect();
     ModelCatalog::discover(&list, &[]).unwrap()
 }
 
 fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
     Worker::start_with(
-        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 64, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 },
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth: 64,
+            max_loaded_models: 2,
+            idle_timeout: None,
+            prefill_chunk: 512,
+        },
         sched,
         catalog,
     )
@@ -34,7 +43,11 @@ fn prompts() -> Vec<Vec<u32>> {
     [1usize, 5, 17, 40, 3, 70]
         .iter()
         .enumerate()
-        .map(|(k, &n)| (0..n).map(|i| ((i * 7 + k * 31 + 3) % 250 + 3) as u32).collect())
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| ((i * 7 + k * 31 + 3) % 250 + 3) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -43,12 +56,31 @@ struct Req {
     cancel: Arc<AtomicBool>,
 }
 
-fn submit(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize, chunk: usize) -> Req {
+fn submit(
+    w: &Worker,
+    entry: &Arc<ModelEntry>,
+    prompt: &[u32],
+    max_tokens: usize,
+    chunk: usize,
+) -> Req {
     let (tx, rx) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
-    let params = GenParams { max_tokens, ignore_eos: true, prefill_chunk: chunk, ..GenParams::default() };
-    w.submit(GenRequest { model: entry.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: cancel.clone(), keep_alive: None, events: tx })
-        .unwrap();
+    let params = GenParams {
+        max_tokens,
+        ignore_eos: true,
+        prefill_chunk: chunk,
+        ..GenParams::default()
+    };
+    w.submit(GenRequest {
+        model: entry.clone(),
+        prompt: prompt.to_vec(),
+        params,
+        hook: None,
+        cancel: cancel.clone(),
+        keep_alive: None,
+        events: tx,
+    })
+    .unwrap();
     Req { rx, cancel }
 }
 
@@ -69,7 +101,14 @@ fn collect(r: &mut Req) -> (Vec<u32>, FinishReason) {
 fn reference(model: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let reg = common::registry();
     let mut m = LoadedModel::load(&common::fixture(&format!("models/{model}")), &reg).unwrap();
-    let opts = GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
+    let opts = GenerateOptions {
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: None,
+        stop_ids: vec![],
+        prefill_chunk: 512,
+    };
     generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
 }
 
@@ -80,7 +119,10 @@ fn wait_idle(w: &Worker) {
         if s.running == 0 && s.waiting == 0 && w.in_flight().load(Ordering::SeqCst) == 0 {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "engine did not go idle: {s:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "engine did not go idle: {s:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -90,20 +132,38 @@ fn batched_greedy_equals_one_at_a_time() {
     let _g = common::mlx_lock();
     let cat = catalog();
     // No prefix cache here: a pure batching check.
-    let w = worker(&cat, SchedulerConfig { prefix_cache: false, ..SchedulerConfig::default() });
+    let w = worker(
+        &cat,
+        SchedulerConfig {
+            prefix_cache: false,
+            ..SchedulerConfig::default()
+        },
+    );
     let max_tokens = 24;
     for model in MODELS {
         let entry = cat.get(model).unwrap();
         let ps = prompts();
         // one at a time through the server engine
-        let solo: Vec<Vec<u32>> = ps.iter().map(|p| collect(&mut submit(&w, &entry, p, max_tokens, 512)).0).collect();
+        let solo: Vec<Vec<u32>> = ps
+            .iter()
+            .map(|p| collect(&mut submit(&w, &entry, p, max_tokens, 512)).0)
+            .collect();
         // all at once, small prefill chunks so prefill interleaves with decode
-        let mut reqs: Vec<Req> = ps.iter().map(|p| submit(&w, &entry, p, max_tokens, 8)).collect();
+        let mut reqs: Vec<Req> = ps
+            .iter()
+            .map(|p| submit(&w, &entry, p, max_tokens, 8))
+            .collect();
         let batched: Vec<Vec<u32>> = reqs.iter_mut().map(|r| collect(r).0).collect();
         for (i, p) in ps.iter().enumerate() {
             let want = reference(model, p, max_tokens);
-            assert_eq!(solo[i], want, "{model} prompt {i}: server one-at-a-time differs from rmlx generate");
-            assert_eq!(batched[i], want, "{model} prompt {i}: batched differs from one-at-a-time");
+            assert_eq!(
+                solo[i], want,
+                "{model} prompt {i}: server one-at-a-time differs from rmlx generate"
+            );
+            assert_eq!(
+                batched[i], want,
+                "{model} prompt {i}: batched differs from one-at-a-time"
+            );
         }
         let s = w.stats();
         assert!(s.max_batch >= 4, "requests did not decode together: {s:?}");
@@ -126,8 +186,14 @@ fn prefix_cache_hit_equals_miss() {
     let before = w.stats().blocks[0].1.clone();
     let (out_b, _) = collect(&mut submit(&w, &entry, &b, 16, 512));
     let after = w.stats().blocks[0].1.clone();
-    assert!(after.prefix_hits > before.prefix_hits, "no prefix-cache hit: {after:?}");
-    assert!(after.prefix_hit_tokens >= before.prefix_hit_tokens + 48, "{after:?}");
+    assert!(
+        after.prefix_hits > before.prefix_hits,
+        "no prefix-cache hit: {after:?}"
+    );
+    assert!(
+        after.prefix_hit_tokens >= before.prefix_hit_tokens + 48,
+        "{after:?}"
+    );
     assert_eq!(out_a, reference("llama-f32", &a, 16));
     assert_eq!(out_b, reference("llama-f32", &b, 16));
     // Multi-turn: the next turn's prompt is the previous prompt + reply + more.
@@ -137,7 +203,10 @@ fn prefix_cache_hit_equals_miss() {
     let hits0 = after.prefix_hit_tokens;
     let (out_t2, _) = collect(&mut submit(&w, &entry, &turn2, 8, 512));
     let s = w.stats().blocks[0].1.clone();
-    assert!(s.prefix_hit_tokens >= hits0 + 64, "generated tokens were not cached: {s:?}");
+    assert!(
+        s.prefix_hit_tokens >= hits0 + 64,
+        "generated tokens were not cached: {s:?}"
+    );
     assert_eq!(out_t2, reference("llama-f32", &turn2, 8));
     wait_idle(&w);
 }
@@ -146,7 +215,13 @@ fn prefix_cache_hit_equals_miss() {
 fn cancelled_stream_frees_its_blocks() {
     let _g = common::mlx_lock();
     let cat = catalog();
-    let w = worker(&cat, SchedulerConfig { prefix_cache: false, ..SchedulerConfig::default() });
+    let w = worker(
+        &cat,
+        SchedulerConfig {
+            prefix_cache: false,
+            ..SchedulerConfig::default()
+        },
+    );
     let entry = cat.get("qwen3-f32").unwrap();
     let mut r = submit(&w, &entry, &[1, 2, 3, 4], 400, 512);
     let mut seen = 0;
@@ -187,21 +262,30 @@ fn small_kv_budget_queues_and_completes_everything() {
     let sched = SchedulerConfig {
         kv_budget: KvBudget::Bytes(per_token * 8 * 48),
         block_size: 8,
-        grow_tokens: 16,
         ..SchedulerConfig::default()
     };
     let w = worker(&cat, sched);
     let entry = cat.get("llama-f32").unwrap();
-    let ps: Vec<Vec<u32>> = prompts().into_iter().map(|mut p| {
-        p.extend((0..40).map(|i| (i % 200 + 9) as u32));
-        p
-    }).collect();
+    let ps: Vec<Vec<u32>> = prompts()
+        .into_iter()
+        .map(|mut p| {
+            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
+            p
+        })
+        .collect();
     let max_tokens = 60;
-    let mut reqs: Vec<Req> = ps.iter().map(|p| submit(&w, &entry, p, max_tokens, 16)).collect();
+    let mut reqs: Vec<Req> = ps
+        .iter()
+        .map(|p| submit(&w, &entry, p, max_tokens, 16))
+        .collect();
     let outs: Vec<(Vec<u32>, FinishReason)> = reqs.iter_mut().map(collect).collect();
     for (i, p) in ps.iter().enumerate() {
         assert_eq!(outs[i].1, FinishReason::Length);
-        assert_eq!(outs[i].0, reference("llama-f32", p, max_tokens), "prompt {i}");
+        assert_eq!(
+            outs[i].0,
+            reference("llama-f32", p, max_tokens),
+            "prompt {i}"
+        );
     }
     wait_idle(&w);
     let s = w.stats();
@@ -209,7 +293,10 @@ fn small_kv_budget_queues_and_completes_everything() {
     assert_eq!(b.total_blocks, 48);
     assert!(b.seq_blocks == 0 && b.cached_blocks <= 48, "{b:?}");
     assert!(s.max_batch >= 2, "{s:?}");
-    assert!(b.preemptions >= 1, "the budget never forced a preemption: {b:?}");
+    assert!(
+        b.preemptions >= 1,
+        "the budget never forced a preemption: {b:?}"
+    );
     // A prompt that can never fit is refused, not crashed on.
     let huge: Vec<u32> = (0..400).map(|i| (i % 200 + 3) as u32).collect();
     let mut r = submit(&w, &entry, &huge, 4, 512);
@@ -230,21 +317,40 @@ fn spawn_server(max_queue_depth: usize) -> String {
     use rmlx::api::{self, AppState, ServerOptions};
     let cat = catalog();
     let w = Worker::start_with(
-        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 16 },
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth,
+            max_loaded_models: 2,
+            idle_timeout: None,
+            prefill_chunk: 16,
+        },
         SchedulerConfig::default(),
         &cat,
     )
     .unwrap();
-    let state = Arc::new(AppState { catalog: Arc::new(cat), worker: w, opts: ServerOptions { prefill_chunk: 16, ..Default::default() } });
+    let state = Arc::new(AppState {
+        catalog: Arc::new(cat),
+        worker: w,
+        opts: ServerOptions {
+            prefill_chunk: 16,
+            ..Default::default()
+        },
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             use poem::listener::{Acceptor, Listener};
-            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
+            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0")
+                .into_acceptor()
+                .await
+                .unwrap();
             let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
             tx.send(format!("http://{addr}")).unwrap();
-            poem::Server::new_with_acceptor(acceptor).run(api::app(state)).await.unwrap();
+            poem::Server::new_with_acceptor(acceptor)
+                .run(api::app(state))
+                .await
+                .unwrap();
         });
     });
     rx.recv().unwrap()
@@ -254,13 +360,29 @@ fn spawn_server(max_queue_depth: usize) -> String {
 /// `token_id:N` strings (the fixtures have no tokenizer).
 async fn http_ids(base: &str, prompt: &[u32], stream: bool) -> Vec<u32> {
     let body = serde_json::json!({"model": "qwen3-f32", "prompt": prompt, "max_tokens": 20, "temperature": 0, "logprobs": 0, "stream": stream});
-    let r = reqwest::Client::new().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let mut ids = Vec::new();
     let mut take = |v: &serde_json::Value| {
-        for t in v["choices"][0]["logprobs"]["tokens"].as_array().into_iter().flatten() {
-            ids.push(t.as_str().unwrap().strip_prefix("token_id:").unwrap().parse::<u32>().unwrap());
+        for t in v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            ids.push(
+                t.as_str()
+                    .unwrap()
+                    .strip_prefix("token_id:")
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap(),
+            );
         }
     };
     if stream {
@@ -286,12 +408,20 @@ async fn http_concurrent_streams_equal_sequential() {
     for p in &ps {
         seq.push(http_ids(&base, p, false).await);
     }
-    let futs: Vec<_> = ps.iter().enumerate().map(|(i, p)| {
-        let (base, p) = (base.clone(), p.clone());
-        tokio::spawn(async move { http_ids(&base, &p, i % 2 == 0).await })
-    }).collect();
+    let futs: Vec<_> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (base, p) = (base.clone(), p.clone());
+            tokio::spawn(async move { http_ids(&base, &p, i % 2 == 0).await })
+        })
+        .collect();
     for (i, f) in futs.into_iter().enumerate() {
-        assert_eq!(f.await.unwrap(), seq[i], "prompt {i}: concurrent differs from sequential");
+        assert_eq!(
+            f.await.unwrap(),
+            seq[i],
+            "prompt {i}: concurrent differs from sequential"
+        );
     }
     assert!(seq.iter().all(|s| !s.is_empty()));
 }

@@ -8,7 +8,9 @@ mod common;
 use rmlx::engine::block_manager::BlockStats;
 use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
 use rmlx::engine::ssd::{SsdConfig, FIXED};
-use rmlx::engine::worker::{GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::worker::{
+    GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig,
+};
 use rmlx::engine::{generate::generate, GenerateOptions, LoadedModel};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +34,10 @@ fn worker(cat: &ModelCatalog, dir: &Path, ram_blocks: u64, cap: u64) -> Worker {
     let sched = SchedulerConfig {
         kv_budget: KvBudget::Bytes(BLOCK_BYTES * ram_blocks),
         block_size: BLOCK,
-        grow_tokens: 16,
-        ssd: Some(SsdConfig { dir: dir.to_path_buf(), max_bytes: cap }),
+        ssd: Some(SsdConfig {
+            dir: dir.to_path_buf(),
+            max_bytes: cap,
+        }),
         ..SchedulerConfig::default()
     };
     Worker::start_with(
@@ -51,13 +55,20 @@ fn worker(cat: &ModelCatalog, dir: &Path, ram_blocks: u64, cap: u64) -> Worker {
 }
 
 fn prompt(seed: usize, n: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 13 + seed * 37) % 240 + 5) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 13 + seed * 37) % 240 + 5) as u32)
+        .collect()
 }
 
 /// Greedy token ids of one request.
 fn run(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let params = GenParams { max_tokens, ignore_eos: true, prefill_chunk: 512, ..GenParams::default() };
+    let params = GenParams {
+        max_tokens,
+        ignore_eos: true,
+        prefill_chunk: 512,
+        ..GenParams::default()
+    };
     let cancel = Arc::new(AtomicBool::new(false));
     w.submit(GenRequest {
         model: entry.clone(),
@@ -84,8 +95,14 @@ fn run(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize) -
 fn reference(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let reg = common::registry();
     let mut m = LoadedModel::load(&common::fixture(&format!("models/{MODEL}")), &reg).unwrap();
-    let opts =
-        GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
+    let opts = GenerateOptions {
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: None,
+        stop_ids: vec![],
+        prefill_chunk: 512,
+    };
     generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
 }
 
@@ -93,7 +110,10 @@ fn reference(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -104,13 +124,22 @@ fn stats(w: &Worker) -> BlockStats {
         let s = w.stats();
         s.running == 0 && s.waiting == 0 && w.in_flight().load(Ordering::SeqCst) == 0
     });
-    w.stats().blocks.iter().find(|(id, _)| id == MODEL).map(|(_, b)| b.clone()).unwrap()
+    w.stats()
+        .blocks
+        .iter()
+        .find(|(id, _)| id == MODEL)
+        .map(|(_, b)| b.clone())
+        .unwrap()
 }
 
 /// Block files (`*.kvb`) and temp files under `dir`.
 fn files(dir: &Path) -> (Vec<PathBuf>, usize) {
     let (mut kvb, mut tmp) = (Vec::new(), 0);
-    for sub in std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.path().is_dir()) {
+    for sub in std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+    {
         for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
             let p = f.path();
             match p.extension().and_then(|e| e.to_str()) {
@@ -140,20 +169,23 @@ fn file_with_tokens(dir: &Path, tokens: &[u32]) -> PathBuf {
         .find(|p| {
             let b = std::fs::read(p).unwrap();
             let n = u32::from_le_bytes(b[36..40].try_into().unwrap()) as usize;
-            let t: Vec<u32> =
-                (0..n).map(|i| u32::from_le_bytes(b[FIXED + 4 * i..FIXED + 4 * i + 4].try_into().unwrap())).collect();
+            let t: Vec<u32> = (0..n)
+                .map(|i| {
+                    u32::from_le_bytes(b[FIXED + 4 * i..FIXED + 4 * i + 4].try_into().unwrap())
+                })
+                .collect();
             t == tokens
         })
         .unwrap_or_else(|| panic!("no block file holds {tokens:?}"))
 }
 
-/// Runs prompt A (50 tokens), then a 100-token prompt that needs nearly all
-/// of a 16-block memory budget: A's blocks are evicted, so written to disk.
-/// Returns A and its output.
+/// Runs prompt A (50 tokens), then prompt B (120 tokens) that needs the
+/// whole 16-block memory budget: A's 7 cached blocks are evicted, so written
+/// to disk. Returns A and its output.
 fn spill_a(w: &Worker, entry: &Arc<ModelEntry>) -> (Vec<u32>, Vec<u32>) {
     let a = prompt(1, 50);
     let out = run(w, entry, &a, 8);
-    run(w, entry, &prompt(2, 100), 8);
+    run(w, entry, &prompt(2, 120), 8);
     (a, out)
 }
 
@@ -166,15 +198,28 @@ fn evicted_blocks_come_back_from_ssd() {
     let w = worker(&cat, tmp.path(), 16, 1 << 30);
     let (a, first) = spill_a(&w, &entry);
     let before = stats(&w);
-    assert!(before.ssd_writes >= 6 && before.evictions >= 6, "A's blocks were not spilled: {before:?}");
+    assert!(
+        before.ssd_writes >= 6 && before.evictions >= 6,
+        "A's blocks were not spilled: {before:?}"
+    );
     let again = run(&w, &entry, &a, 8);
     let after = stats(&w);
-    assert!(after.ssd_reads > before.ssd_reads, "no block came from disk: {after:?}");
-    assert_eq!(after.prefix_hit_tokens - before.prefix_hit_tokens, 48, "{after:?}");
+    assert!(
+        after.ssd_reads > before.ssd_reads,
+        "no block came from disk: {after:?}"
+    );
+    assert_eq!(
+        after.prefix_hit_tokens - before.prefix_hit_tokens,
+        48,
+        "{after:?}"
+    );
     assert_eq!(after.ssd_corrupt, 0);
     let cold = reference(&a, 8);
     assert_eq!(first, cold);
-    assert_eq!(again, cold, "output from SSD blocks differs from a cold run");
+    assert_eq!(
+        again, cold,
+        "output from SSD blocks differs from a cold run"
+    );
 }
 
 #[test]
@@ -186,17 +231,43 @@ fn restart_reuses_ssd_blocks() {
     let w1 = worker(&cat, tmp.path(), 16, 1 << 30);
     let (a, _) = spill_a(&w1, &entry);
     let s1 = stats(&w1);
-    settle(tmp.path(), s1.ssd_blocks);
+    assert_eq!((s1.ssd_blocks, s1.cached_blocks), (7, 15), "{s1:?}");
+    // Shutting down spills the memory cache too (B's 15 blocks, never evicted).
     w1.shutdown();
+    settle(tmp.path(), 22);
     drop(w1);
     // A new engine on the same directory, with room to spare in memory.
     let w2 = worker(&cat, tmp.path(), 64, 1 << 30);
     let out = run(&w2, &entry, &a, 8);
     let s2 = stats(&w2);
-    assert_eq!((s2.prefix_hits, s2.prefix_hit_tokens, s2.ssd_reads), (1, 48, 6), "{s2:?}");
+    assert_eq!(
+        (s2.prefix_hits, s2.prefix_hit_tokens, s2.ssd_reads),
+        (1, 48, 6),
+        "{s2:?}"
+    );
     assert_eq!((s2.ssd_corrupt, s2.evictions), (0, 0), "{s2:?}");
-    assert_eq!(s2.ssd_blocks, s1.ssd_blocks);
-    assert_eq!(out, reference(&a, 8), "output from a restart's SSD blocks differs from a cold run");
+    assert_eq!(s2.ssd_blocks, 22);
+    assert_eq!(
+        out,
+        reference(&a, 8),
+        "output from a restart's SSD blocks differs from a cold run"
+    );
+    let b = prompt(2, 120);
+    let out = run(&w2, &entry, &b, 8);
+    let s3 = stats(&w2);
+    assert_eq!(
+        (
+            s3.prefix_hit_tokens - s2.prefix_hit_tokens,
+            s3.ssd_reads - s2.ssd_reads
+        ),
+        (112, 14),
+        "{s3:?}"
+    );
+    assert_eq!(
+        out,
+        reference(&b, 8),
+        "output from blocks spilled at shutdown differs from a cold run"
+    );
 }
 
 #[test]
@@ -225,9 +296,15 @@ fn corrupt_and_truncated_files_are_skipped() {
     let s = stats(&w2);
     assert_eq!(s.ssd_corrupt, 2, "{s:?}");
     // Only the first block was served; the flipped one broke the chain.
-    assert_eq!((s.ssd_reads, s.prefix_hit_tokens), (1, BLOCK as u64), "{s:?}");
+    assert_eq!(
+        (s.ssd_reads, s.prefix_hit_tokens),
+        (1, BLOCK as u64),
+        "{s:?}"
+    );
     assert_eq!(out, reference(&a, 8), "output differs from a cold run");
-    wait_for("the corrupt files to be deleted", || !flipped.exists() && !cut.exists());
+    wait_for("the corrupt files to be deleted", || {
+        !flipped.exists() && !cut.exists()
+    });
 }
 
 #[test]
@@ -246,7 +323,11 @@ fn size_cap_holds() {
     assert!(s.ssd_blocks <= 10 && s.ssd_bytes <= cap, "{s:?}");
     assert_eq!(s.ssd_bytes, s.ssd_blocks * FILE_BYTES);
     settle(tmp.path(), s.ssd_blocks);
-    let on_disk: u64 = files(tmp.path()).0.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    let on_disk: u64 = files(tmp.path())
+        .0
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert_eq!(on_disk, s.ssd_bytes);
     // Serving goes on right after all that deleting.
     let last = prompt(15, 60);
@@ -286,7 +367,11 @@ fn bad_ssd_flags_are_cli_errors() {
     // The same checks through rmlx.toml and the environment.
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir_all(&cwd).unwrap();
-    std::fs::write(cwd.join("rmlx.toml"), format!("[server]\nkv_ssd_dir = {under_file:?}\n")).unwrap();
+    std::fs::write(
+        cwd.join("rmlx.toml"),
+        format!("[server]\nkv_ssd_dir = {under_file:?}\n"),
+    )
+    .unwrap();
     let run = |env: &[(&str, &str)]| {
         let out = std::process::Command::new(common::rmlx_bin())
             .args(["serve", "--port", "0", "--model"])
@@ -299,7 +384,16 @@ fn bad_ssd_flags_are_cli_errors() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let err = run(&[]);
-    assert!(err.contains("--kv-ssd-dir") && err.contains("a-file"), "{err}");
-    let err = run(&[("RMLX_SERVER__KV_SSD_DIR", &dir), ("RMLX_SERVER__KV_SSD_GB", "-1")]);
-    assert!(err.contains("--kv-ssd-gb must be a positive number"), "{err}");
+    assert!(
+        err.contains("--kv-ssd-dir") && err.contains("a-file"),
+        "{err}"
+    );
+    let err = run(&[
+        ("RMLX_SERVER__KV_SSD_DIR", &dir),
+        ("RMLX_SERVER__KV_SSD_GB", "-1"),
+    ]);
+    assert!(
+        err.contains("--kv-ssd-gb must be a positive number"),
+        "{err}"
+    );
 }

@@ -40,7 +40,11 @@ pub fn endpoint_label(path: &str) -> &'static str {
 }
 
 /// Middleware body: counts the request and scopes its record (see the module doc).
-pub async fn track<E: Endpoint>(ep: Arc<E>, req: Request, metrics: Arc<Metrics>) -> poem::Result<Response> {
+pub async fn track<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    metrics: Arc<Metrics>,
+) -> poem::Result<Response> {
     if req.uri().path() == "/metrics" {
         return ep.call(req).await.map(IntoResponse::into_response);
     }
@@ -59,7 +63,9 @@ pub async fn track<E: Endpoint>(ep: Arc<E>, req: Request, metrics: Arc<Metrics>)
 /// generation routes, the path's id for /v1/models/{id}/... Only served ids
 /// count. The body is read here (its size is already checked) and put back.
 pub async fn note_model(req: &mut Request, catalog: &ModelCatalog) {
-    let Ok(rec) = REQUEST.try_with(|r| r.clone()) else { return };
+    let Ok(rec) = REQUEST.try_with(|r| r.clone()) else {
+        return;
+    };
     let path = req.uri().path().to_string();
     let id = if let Some(rest) = path.strip_prefix("/v1/models/") {
         Some(rest.split('/').next().unwrap_or("").to_string())
@@ -69,7 +75,9 @@ pub async fn note_model(req: &mut Request, catalog: &ModelCatalog) {
         struct Named {
             model: Option<String>,
         }
-        let id = serde_json::from_slice::<Named>(&body).ok().and_then(|n| n.model);
+        let id = serde_json::from_slice::<Named>(&body)
+            .ok()
+            .and_then(|n| n.model);
         req.set_body(body);
         id
     } else {
@@ -83,8 +91,12 @@ pub async fn note_model(req: &mut Request, catalog: &ModelCatalog) {
 /// The `/metrics` route.
 pub fn endpoint(state: State) -> poem::RouteMethod {
     poem::get(poem::endpoint::make_sync(move |_| match render(&state) {
-        Ok(text) => Response::builder().content_type(prometheus::TEXT_FORMAT).body(text),
-        Err(e) => Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR).body(format!("rendering metrics: {e}")),
+        Ok(text) => Response::builder()
+            .content_type(prometheus::TEXT_FORMAT)
+            .body(text),
+        Err(e) => Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(format!("rendering metrics: {e}")),
     }))
 }
 
@@ -98,27 +110,76 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         g.set(v as i64);
         snap.register(Box::new(g))
     };
-    gauge("rmlx_queue_depth", "Sequences waiting for admission.", stats.waiting as u64)?;
-    gauge("rmlx_running_sequences", "Sequences admitted (prefilling or decoding).", stats.running as u64)?;
-    gauge("rmlx_memory_active_bytes", "MLX memory in use.", stats.memory_active_bytes)?;
-    gauge("rmlx_memory_peak_bytes", "Most MLX memory in use since the server started.", stats.memory_peak_bytes)?;
-    gauge("rmlx_memory_cache_bytes", "MLX allocator cache (freed buffers kept for reuse).", stats.memory_cache_bytes)?;
-    let per_model_gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
-    let per_model_counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model"]);
-    let used = per_model_gauge("rmlx_kv_blocks_used", "KV blocks held by running sequences.")?;
-    let free = per_model_gauge("rmlx_kv_blocks_free", "KV blocks of the budget held by nothing.")?;
-    let cached = per_model_gauge("rmlx_kv_blocks_cached", "KV blocks held by the prefix cache (evictable when unreferenced).")?;
-    let hits = per_model_counter("rmlx_prefix_cache_hits_total", "Admissions that reused prefix-cache blocks.")?;
-    let misses = per_model_counter("rmlx_prefix_cache_misses_total", "Admissions that found no prefix-cache block.")?;
-    let hit_tokens = per_model_counter("rmlx_prefix_cache_hit_tokens_total", "Prompt tokens whose prefill a prefix-cache hit skipped.")?;
-    let ssd_reads = per_model_counter("rmlx_kv_ssd_reads_total", "KV blocks read back from the SSD tier.")?;
-    let ssd_writes = per_model_counter("rmlx_kv_ssd_writes_total", "KV blocks written to the SSD tier.")?;
-    let preemptions = per_model_counter("rmlx_kv_preemptions_total", "Sequences preempted for KV room (requeued).")?;
+    gauge(
+        "rmlx_queue_depth",
+        "Sequences waiting for admission.",
+        stats.waiting as u64,
+    )?;
+    gauge(
+        "rmlx_running_sequences",
+        "Sequences admitted (prefilling or decoding).",
+        stats.running as u64,
+    )?;
+    gauge(
+        "rmlx_memory_active_bytes",
+        "MLX memory in use.",
+        stats.memory_active_bytes,
+    )?;
+    gauge(
+        "rmlx_memory_peak_bytes",
+        "Most MLX memory in use since the server started.",
+        stats.memory_peak_bytes,
+    )?;
+    gauge(
+        "rmlx_memory_cache_bytes",
+        "MLX allocator cache (freed buffers kept for reuse).",
+        stats.memory_cache_bytes,
+    )?;
+    let per_model_gauge =
+        |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
+    let per_model_counter =
+        |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["model"]);
+    let used = per_model_gauge(
+        "rmlx_kv_blocks_used",
+        "KV blocks held by running sequences.",
+    )?;
+    let free = per_model_gauge(
+        "rmlx_kv_blocks_free",
+        "KV blocks of the budget held by nothing.",
+    )?;
+    let cached = per_model_gauge(
+        "rmlx_kv_blocks_cached",
+        "KV blocks held by the prefix cache (evictable when unreferenced).",
+    )?;
+    let hits = per_model_counter(
+        "rmlx_prefix_cache_hits_total",
+        "Admissions that reused prefix-cache blocks.",
+    )?;
+    let misses = per_model_counter(
+        "rmlx_prefix_cache_misses_total",
+        "Admissions that found no prefix-cache block.",
+    )?;
+    let hit_tokens = per_model_counter(
+        "rmlx_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose prefill a prefix-cache hit skipped.",
+    )?;
+    let ssd_reads = per_model_counter(
+        "rmlx_kv_ssd_reads_total",
+        "KV blocks read back from the SSD tier.",
+    )?;
+    let ssd_writes = per_model_counter(
+        "rmlx_kv_ssd_writes_total",
+        "KV blocks written to the SSD tier.",
+    )?;
+    let preemptions = per_model_counter(
+        "rmlx_kv_preemptions_total",
+        "Sequences preempted for KV room (requeued).",
+    )?;
     for (model, b) in &stats.blocks {
         let l = [model.as_str()];
         used.with_label_values(&l).set(b.seq_blocks as i64);
         cached.with_label_values(&l).set(b.cached_blocks as i64);
-        free.with_label_values(&l).set(b.total_blocks.saturating_sub(b.seq_blocks + b.cached_blocks) as i64);
+        free.with_label_values(&l).set(b.free_blocks as i64);
         hits.with_label_values(&l).inc_by(b.prefix_hits);
         misses.with_label_values(&l).inc_by(b.prefix_misses);
         hit_tokens.with_label_values(&l).inc_by(b.prefix_hit_tokens);

@@ -1,22 +1,23 @@
-//! KV memory accounting in fixed-size blocks, and the automatic prefix cache.
+//! The paged KV store's block allocator and the automatic prefix cache.
 //!
-//! Storage (see docs/KV_CACHE.md): each running sequence keeps its own
-//! contiguous per-layer K/V buffers (`cache::KvCache`), grown in steps of
-//! `grow_tokens`; the block manager accounts for them in blocks of
-//! `block_size` tokens (a sequence holds `ceil(capacity / block_size)`
-//! blocks, so the budget counts what is really allocated). The prefix cache
-//! holds copies of full blocks ([1, K, block, hd] per layer) keyed by a chained
-//! hash of their token ids and the model/dtype/KV-family signature; they come
-//! out of the same budget, are reference-counted by the sequences that matched
-//! them (those are not evicted), and are evicted least recently used first
-//! (deepest first among equals) when a sequence needs room. With an SSD
-//! tier (`ssd::SsdStore`) an evicted block is written to disk first, and a
-//! lookup that misses in memory goes on along the chain on disk; blocks read
-//! back join the memory cache like any other.
+//! Storage (see docs/KV_CACHE.md): a model's KV lives in one pool of
+//! physical blocks of `block_size` tokens (`kv_pool::KvPool`, owned here);
+//! a running sequence holds a block table (ids into the pool). Blocks are
+//! reference-counted by the sequences whose tables hold them. The prefix
+//! cache maps a chained hash of a full block's token ids and the
+//! model/dtype/KV-family signature to a physical block: a sequence's full
+//! blocks join the cache where they are (no copy), and a later request that
+//! matches takes those same blocks into its own table (shared, no copy,
+//! no recompute). A cached block no sequence holds is idle; idle blocks are
+//! evicted least recently used first (deepest first among equals) when a
+//! sequence needs room. With an SSD tier (`ssd::SsdStore`) an evicted block
+//! is written to disk first, and a lookup that misses in memory goes on along
+//! the chain on disk; blocks read back are written into a free pool block and
+//! join the memory cache like any other.
+use super::kv_pool::KvPool;
 use super::ssd::SsdStore;
 use mlx_rs::Array;
 use std::collections::HashMap;
-
 /// Chained block hash: FNV-1a 64 over (parent hash, signature hash, token ids).
 /// Stable across runs and platforms (little-endian bytes).
 pub fn block_hash(parent: u64, signature: u64, tokens: &[u32]) -> u64 {
@@ -50,14 +51,13 @@ impl Fnv {
 }
 
 /// One cached block: its tokens (checked on every match, so a hash collision
-/// is never served) and per-layer (keys, values) [1, K, block, hd].
+/// is never served) and the physical block holding its KV.
 pub struct CachedBlock {
     pub tokens: Vec<u32>,
-    pub kv: Vec<(Array, Array)>,
+    pub block: u32,
     /// The previous block of its chain (None for a first block).
     parent: Option<u64>,
     depth: usize,
-    refs: usize,
     last_used: u64,
 }
 
@@ -65,10 +65,14 @@ pub struct CachedBlock {
 pub struct BlockStats {
     pub block_size: usize,
     pub total_blocks: usize,
-    /// Held by running sequences.
+    /// Held by running sequences (a block several share counts once).
     pub seq_blocks: usize,
-    /// Held by the prefix cache.
+    /// In the prefix cache (some may also be held by running sequences).
     pub cached_blocks: usize,
+    /// Neither held nor cached.
+    pub free_blocks: usize,
+    /// Blocks the pool's arrays hold now (it grows on demand up to total_blocks).
+    pub pool_blocks: usize,
     pub prefix_hits: u64,
     pub prefix_misses: u64,
     /// Tokens whose prefill a prefix-cache hit skipped.
@@ -87,10 +91,18 @@ pub struct BlockStats {
 pub struct BlockManager {
     pub block_size: usize,
     pub total_blocks: usize,
-    /// Sequences' buffers grow in steps of this many tokens (a multiple of block_size).
-    pub grow_tokens: usize,
     pub signature: u64,
-    seq_blocks: usize,
+    pub pool: KvPool,
+    /// Blocks neither held nor cached (taken from the end: low ids first).
+    free: Vec<u32>,
+    /// Per block: how many sequences' tables hold it.
+    refs: Vec<u32>,
+    /// Per block: its hash while it is in the prefix cache.
+    hash_of: Vec<Option<u64>>,
+    /// Blocks with refs > 0.
+    held: usize,
+    /// Cached blocks with refs == 0 (evictable).
+    idle: usize,
     cache: HashMap<u64, CachedBlock>,
     clock: u64,
     ssd: Option<SsdStore>,
@@ -98,15 +110,18 @@ pub struct BlockManager {
 }
 
 impl BlockManager {
-    pub fn new(block_size: usize, total_blocks: usize, grow_tokens: usize, signature: &str) -> Self {
-        let block_size = block_size.max(1);
-        let grow_tokens = grow_tokens.max(block_size).div_ceil(block_size) * block_size;
+    pub fn new(pool: KvPool, signature: &str) -> Self {
+        let total_blocks = pool.max_blocks;
         Self {
-            block_size,
+            block_size: pool.block_size.max(1),
             total_blocks,
-            grow_tokens,
             signature: signature_hash(signature),
-            seq_blocks: 0,
+            pool,
+            free: (0..total_blocks as u32).rev().collect(),
+            refs: vec![0; total_blocks],
+            hash_of: vec![None; total_blocks],
+            held: 0,
+            idle: 0,
             cache: HashMap::new(),
             clock: 0,
             ssd: None,
@@ -123,63 +138,104 @@ impl BlockManager {
         self.ssd.as_mut()
     }
 
-    /// Blocks a sequence holds when `len` tokens are in its KV buffers.
+    /// Blocks a table needs for `len` tokens.
     pub fn blocks_for(&self, len: usize) -> usize {
-        if len == 0 {
-            return 0;
-        }
-        len.div_ceil(self.grow_tokens) * self.grow_tokens / self.block_size
+        len.div_ceil(self.block_size)
     }
 
-    fn evictable(&self) -> usize {
-        self.cache.values().filter(|b| b.refs == 0).count()
-    }
-
-    /// Blocks that could be handed out now (free plus evictable cache).
+    /// Blocks that could be handed out now (free plus idle cached).
     pub fn available(&self) -> usize {
-        self.total_blocks.saturating_sub(self.seq_blocks + self.cache.len()) + self.evictable()
+        self.free.len() + self.idle
     }
 
-    /// Takes `n` blocks for a sequence, evicting cached blocks if needed.
-    /// False (and nothing taken) when they cannot be had.
-    pub fn allocate(&mut self, n: usize) -> bool {
-        if n == 0 {
-            return true;
-        }
+    /// `n` blocks for a sequence's table (each held once), evicting idle
+    /// cached blocks if needed. None (and nothing taken) when they cannot be had.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
         if self.available() < n {
-            return false;
+            return None;
         }
-        while self.total_blocks < self.seq_blocks + self.cache.len() + n {
-            if !self.evict_one() {
-                return false;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => self.evict_one().expect("available() counted an idle block"),
+            };
+            self.refs[b as usize] = 1;
+            self.held += 1;
+            out.push(b);
+        }
+        Some(out)
+    }
+
+    /// A sequence takes a reference to block `b` (a prefix-cache hit).
+    fn hold(&mut self, b: u32) {
+        let r = &mut self.refs[b as usize];
+        if *r == 0 {
+            self.held += 1;
+            if self.hash_of[b as usize].is_some() {
+                self.idle -= 1;
             }
         }
-        self.seq_blocks += n;
-        true
+        *r += 1;
     }
 
-    pub fn release(&mut self, n: usize) {
-        self.seq_blocks = self.seq_blocks.saturating_sub(n);
+    /// A sequence gives its table's blocks back: cached blocks nobody holds
+    /// become idle (evictable), the others free.
+    pub fn release(&mut self, table: &[u32]) {
+        self.clock += 1;
+        for &b in table {
+            let r = &mut self.refs[b as usize];
+            if *r == 0 {
+                continue;
+            }
+            *r -= 1;
+            if *r > 0 {
+                continue;
+            }
+            self.held -= 1;
+            match self.hash_of[b as usize] {
+                Some(h) => {
+                    self.idle += 1;
+                    if let Some(c) = self.cache.get_mut(&h) {
+                        c.last_used = self.clock;
+                        let parent = c.parent;
+                        self.touch_ancestors(parent);
+                    }
+                }
+                None => self.free.push(b),
+            }
+        }
     }
 
-    fn evict_one(&mut self) -> bool {
-        let victim = self
+    /// Evicts the least recently used idle cached block (deepest first among
+    /// equals), spilling it to the SSD tier first; returns its id, now unheld
+    /// and uncached.
+    fn evict_one(&mut self) -> Option<u32> {
+        let (h, _) = self
             .cache
             .iter()
-            .filter(|(_, b)| b.refs == 0)
-            .min_by_key(|(_, b)| (b.last_used, std::cmp::Reverse(b.depth)))
-            .map(|(h, _)| *h);
-        match victim {
-            Some(h) => {
-                let b = self.cache.remove(&h).unwrap();
-                self.stats.evictions += 1;
-                if let Some(ssd) = self.ssd.as_mut() {
-                    ssd.put(h, b.depth, &b.tokens, &b.kv);
+            .filter(|(_, c)| self.refs[c.block as usize] == 0)
+            .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))?;
+        let h = *h;
+        let c = self.cache.remove(&h).unwrap();
+        self.hash_of[c.block as usize] = None;
+        self.idle -= 1;
+        self.stats.evictions += 1;
+        if let Some(ssd) = self.ssd.as_mut() {
+            if ssd.contains(h) {
+                ssd.put(h, c.depth, &c.tokens, &[]); // already on disk: marks it used
+            } else {
+                match self.pool.read_block(c.block) {
+                    Ok(kv) => {
+                        ssd.put(h, c.depth, &c.tokens, &kv);
+                    }
+                    Err(e) => {
+                        tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block)
+                    }
                 }
-                true
             }
-            None => false,
         }
+        Some(c.block)
     }
 
     /// Hashes of the full blocks of `tokens`.
@@ -194,31 +250,35 @@ impl BlockManager {
             .collect()
     }
 
-    /// The longest cached prefix of `tokens` in whole blocks: its hashes
-    /// (referenced: call `unref` when done with them). Counts a hit or a miss.
-    pub fn lookup(&mut self, tokens: &[u32]) -> Vec<u64> {
+    /// The longest cached prefix of `tokens` in whole blocks: its physical
+    /// blocks, held for the caller (give them back with `release`, usually
+    /// as part of the caller's table). Counts a hit or a miss.
+    pub fn lookup(&mut self, tokens: &[u32]) -> Vec<u32> {
         self.lookup_keeping(tokens, 0)
     }
 
     /// [`lookup`](Self::lookup); blocks missing in memory are read from the
-    /// SSD tier (and cached in memory) only while more than `keep_free`
+    /// SSD tier (into free pool blocks) only while more than `keep_free`
     /// blocks stay available, so the caller can still allocate them.
-    pub fn lookup_keeping(&mut self, tokens: &[u32], keep_free: usize) -> Vec<u64> {
+    pub fn lookup_keeping(&mut self, tokens: &[u32], keep_free: usize) -> Vec<u32> {
         self.clock += 1;
         let mut found = Vec::new();
+        let mut parent = None;
         for (i, h) in self.chain(tokens).into_iter().enumerate() {
             let want = &tokens[i * self.block_size..(i + 1) * self.block_size];
             let here = match self.cache.get(&h) {
-                Some(b) => b.tokens == want,
-                None => self.load_from_ssd(h, found.last().copied(), i, want, keep_free),
+                Some(c) => c.tokens == want,
+                None => self.load_from_ssd(h, parent, i, want, keep_free),
             };
             if !here {
                 break;
             }
-            let b = self.cache.get_mut(&h).unwrap();
-            b.refs += 1;
-            b.last_used = self.clock;
-            found.push(h);
+            let c = self.cache.get_mut(&h).unwrap();
+            c.last_used = self.clock;
+            let b = c.block;
+            self.hold(b);
+            found.push(b);
+            parent = Some(h);
         }
         if found.is_empty() {
             self.stats.prefix_misses += 1;
@@ -229,64 +289,89 @@ impl BlockManager {
         found
     }
 
-    /// Reads block `h` from the SSD tier into the memory cache; false on a
-    /// miss, a bad file, or no room.
-    fn load_from_ssd(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: &[u32], keep_free: usize) -> bool {
+    /// Reads block `h` from the SSD tier into a free pool block and the
+    /// memory cache; false on a miss, a bad file, or no room.
+    fn load_from_ssd(
+        &mut self,
+        h: u64,
+        parent: Option<u64>,
+        depth: usize,
+        tokens: &[u32],
+        keep_free: usize,
+    ) -> bool {
         if self.ssd.is_none() || self.available() <= keep_free {
             return false;
         }
-        let ssd = self.ssd.as_mut().unwrap();
-        if !ssd.contains(h) {
+        if !self.ssd.as_mut().unwrap().contains(h) {
             return false;
         }
-        match ssd.load(h, tokens) {
-            Some(kv) => self.insert(h, parent, depth, tokens.to_vec(), kv),
+        match self.ssd.as_mut().unwrap().load(h, tokens) {
+            Some(kv) => self.insert_data(h, parent, depth, tokens.to_vec(), &kv),
             None => false,
         }
+    }
+
+    /// Caches new data (per layer (keys, values) [1, K, block, hd]) in a
+    /// block of its own, idle. False when no block can be had.
+    pub fn insert_data(
+        &mut self,
+        h: u64,
+        parent: Option<u64>,
+        depth: usize,
+        tokens: Vec<u32>,
+        kv: &[(Array, Array)],
+    ) -> bool {
+        if self.cache.contains_key(&h) {
+            return true;
+        }
+        let Some(b) = self.allocate(1).map(|v| v[0]) else {
+            return false;
+        };
+        if let Err(e) = self.pool.write_block(b, kv) {
+            tracing::warn!("KV block write failed: {e:#}");
+            self.release(&[b]);
+            return false;
+        }
+        self.insert(h, parent, depth, tokens, b);
+        self.release(&[b]);
+        true
     }
 
     pub fn get(&self, h: u64) -> Option<&CachedBlock> {
         self.cache.get(&h)
     }
 
-    pub fn unref(&mut self, hashes: &[u64]) {
-        self.clock += 1;
-        for h in hashes {
-            if let Some(b) = self.cache.get_mut(h) {
-                b.refs = b.refs.saturating_sub(1);
-                b.last_used = self.clock;
-            }
-        }
-    }
-
     pub fn contains(&self, h: u64) -> bool {
         self.cache.contains_key(&h)
     }
 
-    /// Adds a full block (its KV already copied out), child of `parent`.
-    /// False when there is no room even after evicting (the block is then
-    /// simply not cached).
-    pub fn insert(
-        &mut self,
-        h: u64,
-        parent: Option<u64>,
-        depth: usize,
-        tokens: Vec<u32>,
-        kv: Vec<(Array, Array)>,
-    ) -> bool {
-        if let Some(b) = self.cache.get_mut(&h) {
-            b.last_used = self.clock;
+    /// Puts a sequence's full block `b` into the prefix cache where it is
+    /// (no copy), child of `parent`. When another block already caches the
+    /// same hash, that one stays (and `b` stays private to its sequence).
+    pub fn insert(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: Vec<u32>, b: u32) {
+        if let Some(c) = self.cache.get_mut(&h) {
+            c.last_used = self.clock;
             self.touch_ancestors(parent);
-            return true;
+            return;
         }
-        while self.total_blocks < self.seq_blocks + self.cache.len() + 1 {
-            if !self.evict_one() {
-                return false;
-            }
+        if self.hash_of[b as usize].is_some() {
+            return; // already cached under another hash: never two
         }
-        self.cache.insert(h, CachedBlock { tokens, kv, parent, depth, refs: 0, last_used: self.clock });
+        self.hash_of[b as usize] = Some(h);
+        if self.refs[b as usize] == 0 {
+            self.idle += 1;
+        }
+        self.cache.insert(
+            h,
+            CachedBlock {
+                tokens,
+                block: b,
+                parent,
+                depth,
+                last_used: self.clock,
+            },
+        );
         self.touch_ancestors(parent);
-        true
     }
 
     /// Makes a block's ancestors at least as recent as it, so eviction (least
@@ -296,26 +381,39 @@ impl BlockManager {
     fn touch_ancestors(&mut self, mut parent: Option<u64>) {
         while let Some(h) = parent {
             match self.cache.get_mut(&h) {
-                Some(b) if b.last_used < self.clock => {
-                    b.last_used = self.clock;
-                    parent = b.parent;
+                Some(c) if c.last_used < self.clock => {
+                    c.last_used = self.clock;
+                    parent = c.parent;
                 }
                 _ => break,
             }
         }
     }
 
-    /// Drops every unreferenced cached block.
+    /// Drops every idle cached block.
     pub fn clear_cache(&mut self) {
-        self.cache.retain(|_, b| b.refs > 0);
+        let idle: Vec<u64> = self
+            .cache
+            .iter()
+            .filter(|(_, c)| self.refs[c.block as usize] == 0)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in idle {
+            let c = self.cache.remove(&h).unwrap();
+            self.hash_of[c.block as usize] = None;
+            self.idle -= 1;
+            self.free.push(c.block);
+        }
     }
 
     pub fn snapshot(&self) -> BlockStats {
         let mut s = BlockStats {
             block_size: self.block_size,
             total_blocks: self.total_blocks,
-            seq_blocks: self.seq_blocks,
+            seq_blocks: self.held,
             cached_blocks: self.cache.len(),
+            free_blocks: self.free.len(),
+            pool_blocks: self.pool.capacity(),
             ..self.stats.clone()
         };
         if let Some(ssd) = self.ssd.as_ref() {
@@ -329,18 +427,53 @@ impl BlockManager {
     }
 }
 
+/// A manager going away (model unloaded, engine shut down) spills its
+/// cached blocks that are not on disk yet, so a restart reuses the whole
+/// prefix cache, not only what had been evicted.
+impl Drop for BlockManager {
+    fn drop(&mut self) {
+        let Some(ssd) = self.ssd.as_mut() else { return };
+        let mut blocks: Vec<(&u64, &CachedBlock)> = self.cache.iter().collect();
+        // Roots first: if the cap stops the spill, what is on disk is matchable.
+        blocks.sort_by_key(|(_, c)| c.depth);
+        let mut n = 0;
+        for (h, c) in blocks {
+            if ssd.contains(*h) {
+                continue;
+            }
+            match self.pool.read_block(c.block) {
+                Ok(kv) if ssd.put_wait(*h, c.depth, &c.tokens, &kv) => n += 1,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block),
+            }
+        }
+        if n > 0 {
+            tracing::info!("KV SSD tier: spilled {n} cached blocks");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn kv() -> Vec<(Array, Array)> {
-        vec![(Array::from_slice(&[0f32], &[1]), Array::from_slice(&[0f32], &[1]))]
+    fn mgr(block: usize, total: usize, sig: &str) -> BlockManager {
+        BlockManager::new(KvPool::new(1, 1, 2, block, total), sig)
+    }
+
+    /// One layer's (keys, values) [1, 1, block, 2] filled with x and -x.
+    fn data(x: f32, block: usize) -> Vec<(Array, Array)> {
+        let n = 2 * block;
+        vec![(
+            Array::from_slice(&vec![x; n], &[1, 1, block as i32, 2]),
+            Array::from_slice(&vec![-x; n], &[1, 1, block as i32, 2]),
+        )]
     }
 
     #[test]
     fn chained_hashes_depend_on_the_whole_prefix_and_signature() {
-        let m = BlockManager::new(2, 10, 2, "a");
-        let n = BlockManager::new(2, 10, 2, "b");
+        let m = mgr(2, 10, "a");
+        let n = mgr(2, 10, "b");
         let a = m.chain(&[1, 2, 3, 4]);
         let b = m.chain(&[9, 2, 3, 4]);
         assert_eq!(a.len(), 2);
@@ -351,18 +484,21 @@ mod tests {
 
     #[test]
     fn lookup_refs_and_lru_eviction() {
-        let mut m = BlockManager::new(2, 4, 2, "s");
-        let toks = [1, 2, 3, 4];
-        let ch = m.chain(&toks);
-        assert!(m.insert(ch[0], None, 0, vec![1, 2], kv()));
-        assert!(m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], kv()));
+        let mut m = mgr(2, 4, "s");
+        let ch = m.chain(&[1, 2, 3, 4]);
+        assert!(m.insert_data(ch[0], None, 0, vec![1, 2], &data(1.0, 2)));
+        assert!(m.insert_data(ch[1], Some(ch[0]), 1, vec![3, 4], &data(2.0, 2)));
         let hit = m.lookup(&[1, 2, 3, 4, 5]);
-        assert_eq!(hit, ch);
-        // referenced blocks are not evictable: 2 free only
+        assert_eq!(
+            hit,
+            vec![m.get(ch[0]).unwrap().block, m.get(ch[1]).unwrap().block]
+        );
+        // held blocks are not evictable: 2 free only
         assert_eq!(m.available(), 2);
-        assert!(!m.allocate(3));
-        m.unref(&hit);
-        assert!(m.allocate(3)); // evicts the deeper block first
+        assert!(m.allocate(3).is_none());
+        m.release(&hit);
+        let got = m.allocate(3).unwrap(); // evicts the deeper block
+        assert_eq!(got.len(), 3);
         assert!(m.contains(ch[0]) && !m.contains(ch[1]));
         assert_eq!(m.lookup(&[1, 2, 9, 9]).len(), 1);
         assert_eq!(m.stats.prefix_hits, 2);
@@ -371,54 +507,86 @@ mod tests {
     }
 
     #[test]
+    fn a_sequences_blocks_are_cached_in_place_and_shared() {
+        let mut m = mgr(2, 8, "s");
+        let table = m.allocate(3).unwrap(); // a sequence of 5 tokens
+        let ch = m.chain(&[1, 2, 3, 4]);
+        m.insert(ch[0], None, 0, vec![1, 2], table[0]);
+        m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], table[1]);
+        let s = m.snapshot();
+        assert_eq!((s.seq_blocks, s.cached_blocks, s.free_blocks), (3, 2, 5));
+        // A second sequence shares both blocks: nothing is copied or allocated.
+        let hit = m.lookup(&[1, 2, 3, 4, 9]);
+        assert_eq!(hit, table[..2]);
+        assert_eq!(m.snapshot().free_blocks, 5);
+        // The first ends: its cached blocks stay (still held by the second),
+        // its private block is freed.
+        m.release(&table);
+        let s = m.snapshot();
+        assert_eq!((s.seq_blocks, s.cached_blocks, s.free_blocks), (2, 2, 6));
+        assert_eq!(m.available(), 6);
+        m.release(&hit);
+        assert_eq!(m.available(), 8);
+        m.clear_cache();
+        assert_eq!(m.snapshot().free_blocks, 8);
+    }
+
+    #[test]
     fn evicted_blocks_spill_to_ssd_and_come_back() {
         use super::super::ssd::{SsdConfig, SsdStore};
         let tmp = tempfile::tempdir().unwrap();
-        let mut m = BlockManager::new(2, 2, 2, "s");
-        let store = SsdStore::open(&SsdConfig { dir: tmp.path().into(), max_bytes: 1 << 20 }, m.signature).unwrap();
+        let mut m = mgr(2, 2, "s");
+        let store = SsdStore::open(
+            &SsdConfig {
+                dir: tmp.path().into(),
+                max_bytes: 1 << 20,
+            },
+            m.signature,
+        )
+        .unwrap();
         m.attach_ssd(store);
-        let block =
-            |x: f32| vec![(Array::from_slice(&[x; 4], &[1, 1, 2, 2]), Array::from_slice(&[-x; 4], &[1, 1, 2, 2]))];
         let ch = m.chain(&[1, 2, 3, 4]);
-        assert!(m.insert(ch[0], None, 0, vec![1, 2], block(1.0)));
-        assert!(m.insert(ch[1], Some(ch[0]), 1, vec![3, 4], block(2.0)));
-        assert!(m.allocate(2)); // both evicted, both written
+        assert!(m.insert_data(ch[0], None, 0, vec![1, 2], &data(1.0, 2)));
+        assert!(m.insert_data(ch[1], Some(ch[0]), 1, vec![3, 4], &data(2.0, 2)));
+        let t = m.allocate(2).unwrap(); // both evicted, both written
         let s = m.snapshot();
-        assert_eq!((s.cached_blocks, s.evictions, s.ssd_writes, s.ssd_blocks), (0, 2, 2, 2));
-        m.release(2);
+        assert_eq!(
+            (s.cached_blocks, s.evictions, s.ssd_writes, s.ssd_blocks),
+            (0, 2, 2, 2)
+        );
+        m.release(&t);
         let hit = m.lookup(&[1, 2, 3, 4, 5]);
-        assert_eq!(hit, ch);
+        assert_eq!(hit.len(), 2);
         let s = m.snapshot();
         assert_eq!((s.ssd_reads, s.prefix_hits, s.cached_blocks), (2, 1, 2));
-        assert_eq!(m.get(ch[1]).unwrap().kv[0].1.as_slice::<f32>(), &[-2.0; 4]);
-        m.unref(&hit);
+        let back = m.pool.read_block(hit[1]).unwrap();
+        assert_eq!(
+            back[0]
+                .1
+                .as_dtype(mlx_rs::Dtype::Float32)
+                .unwrap()
+                .as_slice::<f32>(),
+            &[-2.0; 4]
+        );
+        m.release(&hit);
         // No room to keep: nothing is read from disk.
-        assert!(m.allocate(2));
+        let _t = m.allocate(2).unwrap();
         assert!(m.lookup(&[1, 2, 3, 4]).is_empty());
         assert_eq!(m.snapshot().ssd_reads, 2);
     }
 
     #[test]
     fn eviction_takes_leaves_before_roots() {
-        let mut m = BlockManager::new(1, 3, 1, "s");
+        let mut m = mgr(1, 3, "s");
         let a = m.chain(&[1, 2, 3]);
         // The root is inserted first (older), then its children.
-        assert!(m.insert(a[0], None, 0, vec![1], kv()));
-        m.unref(&[]); // time passes
-        assert!(m.insert(a[1], Some(a[0]), 1, vec![2], kv()));
-        m.unref(&[]);
-        assert!(m.insert(a[2], Some(a[1]), 2, vec![3], kv()));
-        assert!(m.allocate(2)); // evicts two blocks: the deepest ones
+        assert!(m.insert_data(a[0], None, 0, vec![1], &data(1.0, 1)));
+        m.release(&[]); // time passes
+        assert!(m.insert_data(a[1], Some(a[0]), 1, vec![2], &data(2.0, 1)));
+        m.release(&[]);
+        assert!(m.insert_data(a[2], Some(a[1]), 2, vec![3], &data(3.0, 1)));
+        assert!(m.allocate(2).is_some()); // evicts two blocks: the deepest ones
         assert!(m.contains(a[0]) && !m.contains(a[1]) && !m.contains(a[2]));
         assert_eq!(m.lookup(&[1, 2, 3, 4]).len(), 1);
-    }
-
-    #[test]
-    fn blocks_follow_buffer_growth() {
-        let m = BlockManager::new(16, 100, 64, "s");
-        assert_eq!(m.blocks_for(0), 0);
-        assert_eq!(m.blocks_for(1), 4);
-        assert_eq!(m.blocks_for(64), 4);
-        assert_eq!(m.blocks_for(65), 8);
     }
 }

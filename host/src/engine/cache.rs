@@ -1,4 +1,6 @@
-//! A contiguous per-sequence KV cache, lent to architectures as `Attention`.
+//! A contiguous one-sequence KV cache, lent to architectures as `Attention`
+//! (`rmlx generate`, `rmlx bench` and the compiled step; the server's
+//! scheduler uses the paged pool in kv_pool.rs).
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{
@@ -25,18 +27,30 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], offset: 0, step: STEP }
+        Self {
+            layers: vec![None; num_layers],
+            offset: 0,
+            step: STEP,
+        }
     }
 
     /// A cache that grows in steps of `step` tokens.
     pub fn with_step(num_layers: usize, step: usize) -> Self {
-        Self { layers: vec![None; num_layers], offset: 0, step: step.max(1) as i32 }
+        Self {
+            layers: vec![None; num_layers],
+            offset: 0,
+            step: step.max(1) as i32,
+        }
     }
 
     /// A cache holding `len` tokens given per layer as (keys, values)
     /// [1, K, len, hd] (a prefix-cache hit).
     pub fn from_prefix(layers: Vec<(Array, Array)>, len: usize, step: usize) -> Self {
-        Self { layers: layers.into_iter().map(Some).collect(), offset: len as i32, step: step.max(1) as i32 }
+        Self {
+            layers: layers.into_iter().map(Some).collect(),
+            offset: len as i32,
+            step: step.max(1) as i32,
+        }
     }
 
     /// The per-layer buffers [1, K, capacity, hd] and the offset, when every
@@ -62,7 +76,11 @@ impl KvCache {
 
     /// Tokens the buffers can hold now.
     pub fn capacity(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2) as usize).unwrap_or(0)
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2) as usize)
+            .unwrap_or(0)
     }
 
     /// Capacity after `n` more tokens are written (growth mirrors `attend`).
@@ -82,7 +100,9 @@ impl KvCache {
         let (s, e) = (start as i32, end as i32);
         let mut out = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
-            let (k, v) = l.as_ref().ok_or_else(|| anyhow::anyhow!("KV cache layer is empty"))?;
+            let (k, v) = l
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("KV cache layer is empty"))?;
             let k = copy_array(&k.try_index((.., .., s..e, ..))?)?;
             let v = copy_array(&v.try_index((.., .., s..e, ..))?)?;
             out.push((k, v));
@@ -104,11 +124,26 @@ impl KvCache {
 
     /// Lends the cache to one forward call.
     pub fn attention(&mut self) -> Attention {
-        unsafe { Attention::new(self as *mut Self as *mut c_void, offset_cb, attend_cb, offsets_cb, batch_one_cb) }
+        unsafe {
+            Attention::new(
+                self as *mut Self as *mut c_void,
+                offset_cb,
+                attend_cb,
+                offsets_cb,
+                batch_one_cb,
+            )
+        }
     }
 
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
-    pub(crate) fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
+    pub(crate) fn attend(
+        &mut self,
+        layer: u32,
+        q: Array,
+        k: Array,
+        v: Array,
+        opts: AttendOptions,
+    ) -> Result<Array, PluginError> {
         let slot = self
             .layers
             .get_mut(layer as usize)
@@ -121,7 +156,10 @@ impl KvCache {
                 // Grow: keep what is filled, add zeroed steps.
                 let add = (k.dim(2) + self.step - 1) / self.step * self.step;
                 let grow = |x: &Array| -> Result<Array, PluginError> {
-                    Ok(zeros_dtype(&[x.dim(0), x.dim(1), add, x.dim(3)], x.dtype())?)
+                    Ok(zeros_dtype(
+                        &[x.dim(0), x.dim(1), add, x.dim(3)],
+                        x.dtype(),
+                    )?)
                 };
                 match old {
                     Some((keys, values)) => {
@@ -136,13 +174,20 @@ impl KvCache {
         };
         keys.try_index_mut((.., .., prev..end, ..), &k)?;
         values.try_index_mut((.., .., prev..end, ..), &v)?;
-        let (k, v) = (keys.try_index((.., .., ..end, ..))?, values.try_index((.., .., ..end, ..))?);
+        let (k, v) = (
+            keys.try_index((.., .., ..end, ..))?,
+            values.try_index((.., .., ..end, ..))?,
+        );
         *slot = Some((keys, values));
         if opts.window != 0 {
-            return Err(PluginError::unsupported("sliding-window attention needs the paged KV cache"));
+            return Err(PluginError::unsupported(
+                "sliding-window attention needs the paged KV cache",
+            ));
         }
         let mask = (q.dim(2) > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        Ok(scaled_dot_product_attention(&q, &k, &v, opts.scale, mask, None)?)
+        Ok(scaled_dot_product_attention(
+            &q, &k, &v, opts.scale, mask, None,
+        )?)
     }
 }
 
@@ -157,65 +202,6 @@ fn copy_array(a: &Array) -> anyhow::Result<Array> {
         }
         Ok(Array::from_ptr(res))
     }
-}
-
-/// Several sequences' caches lent to one batched forward: row b of the batch
-/// writes into and attends over `caches[b]` (a loop of per-sequence sdpa
-/// calls; rows may have different lengths).
-pub struct BatchCaches<'a> {
-    pub caches: Vec<&'a mut KvCache>,
-}
-
-impl<'a> BatchCaches<'a> {
-    pub fn attention(&mut self) -> Attention {
-        unsafe { Attention::new(self as *mut Self as *mut c_void, batch_offset_cb, batch_attend_cb, batch_offsets_cb, batch_cb) }
-    }
-
-    /// After a forward of `n` new tokens per row.
-    pub fn advance(&mut self, n: i32) {
-        for c in self.caches.iter_mut() {
-            c.advance(n);
-        }
-    }
-
-    fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
-        if self.caches.len() == 1 {
-            return self.caches[0].attend(layer, q, k, v, opts);
-        }
-        let mut outs = Vec::with_capacity(self.caches.len());
-        for (b, c) in self.caches.iter_mut().enumerate() {
-            let b = b as i32;
-            let row = |x: &Array| x.try_index((b..b + 1, .., .., ..));
-            outs.push(c.attend(layer, row(&q)?, row(&k)?, row(&v)?, opts)?);
-        }
-        Ok(concatenate(&outs, 0)?)
-    }
-}
-
-extern "C" fn batch_offset_cb(state: *mut c_void) -> i32 {
-    unsafe { &*(state as *const BatchCaches) }.caches.first().map(|c| c.offset).unwrap_or(0)
-}
-
-extern "C" fn batch_offsets_cb(state: *mut c_void) -> MlxArray {
-    let b = unsafe { &*(state as *const BatchCaches) };
-    let offs: Vec<i32> = b.caches.iter().map(|c| c.offset).collect();
-    MlxArray::from_array(Array::from_slice(&offs, &[offs.len() as i32]))
-}
-
-extern "C" fn batch_cb(state: *mut c_void) -> u32 {
-    unsafe { &*(state as *const BatchCaches) }.caches.len() as u32
-}
-
-extern "C" fn batch_attend_cb(
-    state: *mut c_void,
-    layer: u32,
-    q: MlxArray,
-    k: MlxArray,
-    v: MlxArray,
-    opts: AttendOptions,
-) -> PResult<MlxArray> {
-    let b = unsafe { &mut *(state as *mut BatchCaches) };
-    guard(|| b.attend(layer, q.into_array(), k.into_array(), v.into_array(), opts).map(MlxArray::from_array))
 }
 
 extern "C" fn offset_cb(state: *mut c_void) -> i32 {
@@ -240,5 +226,9 @@ extern "C" fn attend_cb(
     opts: AttendOptions,
 ) -> PResult<MlxArray> {
     let cache = unsafe { &mut *(state as *mut KvCache) };
-    guard(|| cache.attend(layer, q.into_array(), k.into_array(), v.into_array(), opts).map(MlxArray::from_array))
+    guard(|| {
+        cache
+            .attend(layer, q.into_array(), k.into_array(), v.into_array(), opts)
+            .map(MlxArray::from_array)
+    })
 }

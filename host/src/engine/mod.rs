@@ -1,13 +1,15 @@
 //! The engine: owns MLX compute for loaded models. `generate` runs one
 //! sequence (the CLI); the server's engine thread (`worker`) runs many with
-//! the continuous-batching `scheduler` over per-sequence KV buffers
-//! (`cache`), block accounting and the prefix cache (`block_manager`), and
-//! the prefix cache's SSD tier (`ssd`).
+//! the continuous-batching `scheduler` over the paged KV store (`kv_pool`),
+//! the block allocator and prefix cache (`block_manager`), and the prefix
+//! cache's SSD tier (`ssd`). `cache` is the one-sequence contiguous cache of
+//! `generate` and the compiled step.
 pub mod block_manager;
 pub mod cache;
 pub mod compiled;
 pub mod decode;
 pub mod generate;
+pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;
 pub mod sampler;

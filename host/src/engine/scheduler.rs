@@ -11,14 +11,16 @@
 //! sequence is preempted: its full blocks go to the prefix cache, its blocks
 //! are freed, and it goes back to the front of the queue with its generated
 //! tokens, to be prefilled again (mostly from the prefix cache) later.
+//! KV lives in the model's paged pool (`kv_pool`); each sequence holds a
+//! block table, and prefix-cache hits share blocks instead of copying them.
 use super::block_manager::{BlockManager, BlockStats};
-use super::cache::KvCache;
-use super::decode::{forward, Decoder, RowOut};
+use super::decode::{decode_step, forward, RowOut};
+use super::kv_pool::KvPool;
 use super::sequence::{Outcome, Sequence};
 use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
 use super::LoadedModel;
 use anyhow::Result;
-use mlx_rs::{ops::concatenate, Array};
+use mlx_rs::Array;
 use std::collections::{HashMap, VecDeque};
 
 /// KV memory budget.
@@ -33,7 +35,11 @@ impl KvBudget {
     /// "4GB", "512MB", "4" (GB), "0.3" (a fraction when <= 1), "30%".
     pub fn parse(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        let num = |x: &str| x.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("--kv-budget `{s}`: expected e.g. 4GB, 512MB, 0.5 or 50%"));
+        let num = |x: &str| {
+            x.trim().parse::<f64>().map_err(|_| {
+                anyhow::anyhow!("--kv-budget `{s}`: expected e.g. 4GB, 512MB, 0.5 or 50%")
+            })
+        };
         let v = if let Some(p) = t.strip_suffix('%') {
             KvBudget::Fraction(num(p)? / 100.0)
         } else if let Some(g) = t.strip_suffix("gb").or_else(|| t.strip_suffix('g')) {
@@ -51,7 +57,9 @@ impl KvBudget {
             }
         };
         match v {
-            KvBudget::Fraction(f) if !(f > 0.0 && f <= 1.0) => anyhow::bail!("--kv-budget `{s}`: a fraction must be in (0, 1]"),
+            KvBudget::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                anyhow::bail!("--kv-budget `{s}`: a fraction must be in (0, 1]")
+            }
             KvBudget::Bytes(0) => anyhow::bail!("--kv-budget `{s}` is zero"),
             v => Ok(v),
         }
@@ -73,7 +81,11 @@ pub fn device_memory() -> u64 {
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
         })
         .map(|kb| kb * 1024)
         .unwrap_or(8_000_000_000)
@@ -84,8 +96,6 @@ pub struct SchedulerConfig {
     pub kv_budget: KvBudget,
     /// Tokens per KV block (prefix-cache granularity).
     pub block_size: usize,
-    /// Sequences' KV buffers grow in steps of this many tokens.
-    pub grow_tokens: usize,
     /// Most sequences running (prefilling or decoding) at once.
     pub max_running: usize,
     /// Automatic prefix caching.
@@ -96,7 +106,13 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { kv_budget: KvBudget::Fraction(0.5), block_size: 16, grow_tokens: 256, max_running: 16, prefix_cache: true, ssd: None }
+        Self {
+            kv_budget: KvBudget::Fraction(0.5),
+            block_size: 16,
+            max_running: 16,
+            prefix_cache: true,
+            ssd: None,
+        }
     }
 }
 
@@ -126,8 +142,6 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     managers: HashMap<String, BlockManager>,
-    /// Per model: its decode forward (compiled step when possible).
-    decoders: HashMap<String, Decoder>,
     next_id: u64,
     pub stats: EngineStats,
 }
@@ -137,7 +151,14 @@ pub type Ended = (Sequence, Result<Finish, WorkerError>);
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self { cfg, waiting: VecDeque::new(), running: Vec::new(), managers: HashMap::new(), decoders: HashMap::new(), next_id: 0, stats: EngineStats::default() }
+        Self {
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            managers: HashMap::new(),
+            next_id: 0,
+            stats: EngineStats::default(),
+        }
     }
 
     pub fn next_id(&mut self) -> u64 {
@@ -176,7 +197,8 @@ impl Scheduler {
                 config_hash
             );
             tracing::info!("KV budget for {model_id}: {total} blocks of {} tokens ({per_block} bytes each)", cfg.block_size);
-            let mut m = BlockManager::new(cfg.block_size, total, cfg.grow_tokens, &sig);
+            let pool = KvPool::new(s.num_layers as usize, s.num_kv_heads as usize, s.head_dim as usize, cfg.block_size, total);
+            let mut m = BlockManager::new(pool, &sig);
             if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
                 match super::ssd::SsdStore::open(ssd, m.signature) {
                     Ok(store) => {
@@ -193,7 +215,6 @@ impl Scheduler {
     /// Forgets a model's blocks (it was unloaded).
     pub fn drop_model(&mut self, model_id: &str) {
         self.managers.remove(model_id);
-        self.decoders.remove(model_id);
     }
 
     /// Removes cancelled sequences (waiting or running).
@@ -225,22 +246,24 @@ impl Scheduler {
     /// Frees a sequence's blocks (caching its full blocks first).
     fn retire(&mut self, mut s: Sequence) -> Sequence {
         if let Some(m) = self.managers.get_mut(&s.entry.id) {
-            m.release(s.blocks);
-            s.blocks = 0;
-            m.unref(&s.prefix_refs);
-            s.prefix_refs.clear();
             if self.cfg.prefix_cache {
                 cache_blocks(m, &mut s);
             }
+            m.release(&s.table);
         }
-        s.kv = None;
+        s.table.clear();
+        s.kv_len = 0;
         s.cached_upto = 0;
         s
     }
 
     /// Admits the queue's front sequence onto `model` if room allows.
     /// Ok(None): admitted; Ok(Some): it ended at once; Err(seq): no room now.
-    pub fn admit(&mut self, mut s: Sequence, model: &mut LoadedModel) -> std::result::Result<Option<Ended>, Sequence> {
+    pub fn admit(
+        &mut self,
+        mut s: Sequence,
+        model: &mut LoadedModel,
+    ) -> std::result::Result<Option<Ended>, Sequence> {
         if self.running.len() >= self.cfg.max_running.max(1) {
             return Err(s);
         }
@@ -258,7 +281,10 @@ impl Scheduler {
             self.running
                 .iter()
                 .filter(|r| r.entry.id == id && r.to_prefill() > 0)
-                .map(|r| m.blocks_for(r.tokens.len() + 1).saturating_sub(r.blocks))
+                .map(|r| {
+                    m.blocks_for(r.tokens.len() + 1)
+                        .saturating_sub(r.table.len())
+                })
                 .sum()
         };
         let mgr = self.managers.get_mut(&id).unwrap();
@@ -273,35 +299,15 @@ impl Scheduler {
         if mgr.available() < need + pending {
             return Err(s);
         }
-        // Prefix cache: whole blocks of everything but the last token.
-        let n_layers = model.spec.num_layers as usize;
-        let grow = mgr.grow_tokens;
-        let mut kv = KvCache::with_step(n_layers, grow);
+        // Prefix cache: whole blocks of everything but the last token. Hit
+        // blocks join the table as they are (shared, held by this sequence).
         s.cached_upto = 0;
         if self.cfg.prefix_cache {
             // Blocks read from the SSD tier must leave room for this sequence.
             let hits = mgr.lookup_keeping(&s.tokens[..s.tokens.len() - 1], need + pending);
-            if !hits.is_empty() {
-                let len = hits.len() * mgr.block_size;
-                let mut layers = Vec::with_capacity(n_layers);
-                for l in 0..n_layers {
-                    let ks: Vec<&Array> = hits.iter().map(|h| &mgr.get(*h).unwrap().kv[l].0).collect();
-                    let vs: Vec<&Array> = hits.iter().map(|h| &mgr.get(*h).unwrap().kv[l].1).collect();
-                    match (concatenate(&ks, 2), concatenate(&vs, 2)) {
-                        (Ok(k), Ok(v)) => layers.push((k, v)),
-                        _ => break,
-                    }
-                }
-                let blocks = len.div_ceil(mgr.block_size);
-                if layers.len() == n_layers && mgr.allocate(blocks) {
-                    kv = KvCache::from_prefix(layers, len, grow);
-                    s.blocks = blocks;
-                    s.cached_upto = hits.len();
-                    s.prefix_refs = hits;
-                } else {
-                    mgr.unref(&hits);
-                }
-            }
+            s.kv_len = hits.len() * mgr.block_size;
+            s.cached_upto = hits.len();
+            s.table = hits;
         }
         if first {
             let _ = s.events.send(GenEvent::Started);
@@ -312,29 +318,35 @@ impl Scheduler {
             let f = s.finish_length();
             return Ok(Some((self.retire(s), Ok(f))));
         }
-        s.kv = Some(kv);
         self.running.push(s);
         Ok(None)
     }
 
     /// Makes sure sequence `i` holds blocks for `n` more tokens, preempting
     /// the newest other sequences if needed. False: it cannot (alone).
-    fn reserve(&mut self, model_id: &str, i: usize, n: usize, preempted: &mut Vec<Sequence>) -> (bool, usize) {
+    fn reserve(
+        &mut self,
+        model_id: &str,
+        i: usize,
+        n: usize,
+        preempted: &mut Vec<Sequence>,
+    ) -> (bool, usize) {
         let mut i = i;
         loop {
-            let (ok, extra) = {
+            let ok = {
                 let s = &self.running[i];
-                let cap = s.kv.as_ref().map(|k| k.capacity_after(n)).unwrap_or(n);
                 let m = self.managers.get_mut(model_id).unwrap();
-                let extra = cap.div_ceil(m.block_size).saturating_sub(s.blocks);
-                (m.allocate(extra), extra)
+                let extra = m.blocks_for(s.kv_len + n).saturating_sub(s.table.len());
+                m.allocate(extra)
             };
-            if ok {
-                self.running[i].blocks += extra;
+            if let Some(blocks) = ok {
+                self.running[i].table.extend(blocks);
                 return (true, i);
             }
             // Preempt the newest other sequence of this model.
-            let victim = (0..self.running.len()).rev().find(|&j| j != i && self.running[j].entry.id == model_id);
+            let victim = (0..self.running.len())
+                .rev()
+                .find(|&j| j != i && self.running[j].entry.id == model_id);
             let Some(j) = victim else { return (false, i) };
             let mut v = self.running.remove(j);
             if j < i {
@@ -344,7 +356,11 @@ impl Scheduler {
             if let Some(m) = self.managers.get_mut(model_id) {
                 m.stats.preemptions += 1;
             }
-            tracing::info!("preempting sequence {} ({} tokens) for KV room", v.id, v.tokens.len());
+            tracing::info!(
+                "preempting sequence {} ({} tokens) for KV room",
+                v.id,
+                v.tokens.len()
+            );
             v = self.retire(v);
             preempted.push(v);
         }
@@ -361,9 +377,9 @@ impl Scheduler {
         // never wait longer than one chunk; short prompts share a step).
         let mut budget: Option<usize> = None;
         let mut prefilled: Vec<u64> = Vec::new();
-        while let Some(i) =
-            self.running.iter().position(|s| s.entry.id == model_id && s.to_prefill() > 0 && !prefilled.contains(&s.id))
-        {
+        while let Some(i) = self.running.iter().position(|s| {
+            s.entry.id == model_id && s.to_prefill() > 0 && !prefilled.contains(&s.id)
+        }) {
             let per = self.running[i].params.prefill_chunk.max(1);
             let left = *budget.get_or_insert(per);
             if left == 0 {
@@ -380,9 +396,18 @@ impl Scheduler {
             } else {
                 let s = &mut self.running[i];
                 let start = s.cached();
-                let ids: Vec<i32> = s.tokens[start..start + chunk].iter().map(|&t| t as i32).collect();
-                let r = forward(model, vec![s.kv.as_mut().unwrap()], Array::from_slice(&ids, &[1, chunk as i32]), chunk as i32)
-                    .and_then(|l| Ok(l.eval()?));
+                let ids: Vec<i32> = s.tokens[start..start + chunk]
+                    .iter()
+                    .map(|&t| t as i32)
+                    .collect();
+                let pool = &mut self.managers.get_mut(model_id).unwrap().pool;
+                let r = forward(
+                    model,
+                    pool,
+                    &mut [s],
+                    Array::from_slice(&ids, &[1, chunk as i32]),
+                )
+                .and_then(|l| Ok(l.eval()?));
                 if let Err(e) = r {
                     let s = self.running.remove(i);
                     ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
@@ -400,7 +425,9 @@ impl Scheduler {
         // reserve one token each (may preempt others; indices shift)
         let ids_in: Vec<u64> = rows.iter().map(|&i| self.running[i].id).collect();
         for sid in ids_in {
-            let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
+            let Some(i) = self.running.iter().position(|s| s.id == sid) else {
+                continue;
+            };
             let (ok, i) = self.reserve(model_id, i, 1, &mut preempted);
             if !ok {
                 // Alone and out of budget: the context is full.
@@ -416,12 +443,14 @@ impl Scheduler {
             let b = rows.len();
             self.stats.last_batch = b;
             self.stats.max_batch = self.stats.max_batch.max(b);
-            let decoder = self.decoders.entry(model_id.to_string()).or_insert_with(|| Decoder::new(model));
+            let pool = &mut self.managers.get_mut(model_id).unwrap().pool;
             let logits = {
                 // Borrow the rows mutably, in row order.
-                let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
-                let mut seqs: Vec<&mut Sequence> = rows.iter().map(|&i| refs[i].take().unwrap()).collect();
-                decoder.step(model, &mut seqs)
+                let mut refs: Vec<Option<&mut Sequence>> =
+                    self.running.iter_mut().map(Some).collect();
+                let mut seqs: Vec<&mut Sequence> =
+                    rows.iter().map(|&i| refs[i].take().unwrap()).collect();
+                decode_step(model, pool, &mut seqs)
             };
             match logits {
                 Ok(per_row) => {
@@ -465,7 +494,11 @@ impl Scheduler {
     pub fn publish(&mut self) -> EngineStats {
         self.stats.waiting = self.waiting.len();
         self.stats.running = self.running.len();
-        let mut blocks: Vec<(String, BlockStats)> = self.managers.iter().map(|(k, m)| (k.clone(), m.snapshot())).collect();
+        let mut blocks: Vec<(String, BlockStats)> = self
+            .managers
+            .iter()
+            .map(|(k, m)| (k.clone(), m.snapshot()))
+            .collect();
         blocks.sort_by(|a, b| a.0.cmp(&b.0));
         self.stats.blocks = blocks;
         let (active, peak, cache) = super::metrics::mlx_memory();
@@ -477,39 +510,19 @@ impl Scheduler {
 }
 
 /// Puts a sequence's not-yet-cached full blocks (of tokens in its KV) into
-/// the prefix cache.
+/// the prefix cache, where they are (no copy).
 fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
-    let Some(kv) = s.kv.as_ref() else { return };
-    let cached = kv.offset() as usize;
-    let full = cached / m.block_size;
+    let full = (s.kv_len / m.block_size).min(s.table.len());
     if full <= s.cached_upto {
         return;
     }
     let chain = m.chain(&s.tokens[..full * m.block_size]);
-    // Only blocks really cached count: ones that found no room now are tried
-    // again when the sequence ends (its own blocks are freed by then).
-    let mut upto = s.cached_upto;
-    for (j, h) in chain.iter().enumerate().skip(s.cached_upto) {
-        if m.contains(*h) {
-            upto = j + 1;
-            continue;
-        }
+    for j in s.cached_upto..full {
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
-        match kv.copy_range(a, b) {
-            Ok(layers) => {
-                let parent = j.checked_sub(1).map(|p| chain[p]);
-                if !m.insert(*h, parent, j, s.tokens[a..b].to_vec(), layers) {
-                    break;
-                }
-                upto = j + 1;
-            }
-            Err(e) => {
-                tracing::warn!("prefix cache: copying a block failed: {e:#}");
-                break;
-            }
-        }
+        let parent = j.checked_sub(1).map(|p| chain[p]);
+        m.insert(chain[j], parent, j, s.tokens[a..b].to_vec(), s.table[j]);
     }
-    s.cached_upto = upto;
+    s.cached_upto = full;
 }
 
 #[cfg(test)]
@@ -518,11 +531,20 @@ mod tests {
 
     #[test]
     fn budget_parsing() {
-        assert_eq!(KvBudget::parse("4GB").unwrap(), KvBudget::Bytes(4_000_000_000));
-        assert_eq!(KvBudget::parse("512mb").unwrap(), KvBudget::Bytes(512_000_000));
+        assert_eq!(
+            KvBudget::parse("4GB").unwrap(),
+            KvBudget::Bytes(4_000_000_000)
+        );
+        assert_eq!(
+            KvBudget::parse("512mb").unwrap(),
+            KvBudget::Bytes(512_000_000)
+        );
         assert_eq!(KvBudget::parse("0.25").unwrap(), KvBudget::Fraction(0.25));
         assert_eq!(KvBudget::parse("30%").unwrap(), KvBudget::Fraction(0.3));
-        assert_eq!(KvBudget::parse("2").unwrap(), KvBudget::Bytes(2_000_000_000));
+        assert_eq!(
+            KvBudget::parse("2").unwrap(),
+            KvBudget::Bytes(2_000_000_000)
+        );
         assert!(KvBudget::parse("0").is_err());
         assert!(KvBudget::parse("x").is_err());
     }

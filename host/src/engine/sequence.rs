@@ -2,9 +2,11 @@
 //! everything that turns logits into streamed text (sampling with an optional
 //! logits hook, incremental detokenizing, stop strings held back across token
 //! boundaries, EOS ids, max tokens, logprobs, cancellation).
-use super::cache::KvCache;
 use super::sampler::{Sampled, Sampler};
-use super::worker::{Finish, FinishReason, GenEvent, GenParams, GenRequest, KeepAlive, LogitsHook, ModelEntry, TokenLogprob, WorkerError};
+use super::worker::{
+    Finish, FinishReason, GenEvent, GenParams, GenRequest, KeepAlive, LogitsHook, ModelEntry,
+    TokenLogprob, WorkerError,
+};
 use crate::model::text::TextSide;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,11 +29,11 @@ pub struct Sequence {
     /// last are in the KV cache; the last is the next input.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
-    pub kv: Option<KvCache>,
-    /// Blocks the block manager has given this sequence.
-    pub blocks: usize,
-    /// Prefix-cache blocks this sequence references (unref when it ends or is preempted).
-    pub prefix_refs: Vec<u64>,
+    /// Block table: the pool blocks holding this sequence's KV, in order
+    /// (shared prefix-cache blocks first when it had a hit).
+    pub table: Vec<u32>,
+    /// Tokens in the KV cache (written through `table`).
+    pub kv_len: usize,
     /// Block hashes this sequence already put in the prefix cache.
     pub cached_upto: usize,
     pub preempted: u32,
@@ -56,10 +58,26 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(id: u64, req: GenRequest, guard: Option<Box<dyn Send>>) -> Self {
-        let GenRequest { model, prompt, params, hook, cancel, keep_alive, events } = req;
+        let GenRequest {
+            model,
+            prompt,
+            params,
+            hook,
+            cancel,
+            keep_alive,
+            events,
+        } = req;
         let mut sampler = Sampler::with_params(params.sampling.clone());
         sampler.set_prompt(&prompt);
-        let stops = StopMatcher { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() };
+        let stops = StopMatcher {
+            stops: params
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            held: String::new(),
+        };
         let max_ctx = model.context_length.unwrap_or(usize::MAX);
         Self {
             id,
@@ -67,9 +85,8 @@ impl Sequence {
             keep_alive,
             prompt_len: prompt.len(),
             tokens: prompt,
-            kv: None,
-            blocks: 0,
-            prefix_refs: Vec::new(),
+            table: Vec::new(),
+            kv_len: 0,
             cached_upto: 0,
             preempted: 0,
             started_sent: false,
@@ -94,17 +111,32 @@ impl Sequence {
     /// Checks the request against the model and loads its text side; an Err
     /// is the request's error.
     pub fn validate(&mut self, vocab: usize) -> Result<(), WorkerError> {
-        let text = self.entry.text().map_err(|e| WorkerError::Internal(format!("{e:#}")))?;
-        if let Some(bad) = self.tokens[..self.prompt_len].iter().find(|&&t| t as usize >= vocab) {
-            return Err(WorkerError::BadRequest(format!("prompt token id {bad} is out of range for a vocabulary of {vocab}")));
+        let text = self
+            .entry
+            .text()
+            .map_err(|e| WorkerError::Internal(format!("{e:#}")))?;
+        if let Some(bad) = self.tokens[..self.prompt_len]
+            .iter()
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(WorkerError::BadRequest(format!(
+                "prompt token id {bad} is out of range for a vocabulary of {vocab}"
+            )));
         }
         if self.prompt_len == 0 {
             return Err(WorkerError::BadRequest("the prompt is empty".into()));
         }
-        let mut eos: Vec<u32> = if self.params.ignore_eos { Vec::new() } else { text.eos_ids.clone() };
+        let mut eos: Vec<u32> = if self.params.ignore_eos {
+            Vec::new()
+        } else {
+            text.eos_ids.clone()
+        };
         eos.extend(&self.params.stop_ids);
         self.eos = eos;
-        self.decoder = text.tokenizer.as_ref().map(|t| t.stream_decoder(self.params.skip_special));
+        self.decoder = text
+            .tokenizer
+            .as_ref()
+            .map(|t| t.stream_decoder(self.params.skip_special));
         self.text = Some(text);
         Ok(())
     }
@@ -115,7 +147,7 @@ impl Sequence {
 
     /// Tokens in the KV cache.
     pub fn cached(&self) -> usize {
-        self.kv.as_ref().map(|k| k.offset() as usize).unwrap_or(0)
+        self.kv_len
     }
 
     /// Tokens still to prefill before the sequence can join decode steps
@@ -131,7 +163,10 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.n,
             prompt_secs: self.prompt_secs,
-            generation_secs: self.t_first.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+            generation_secs: self
+                .t_first
+                .map(|t| t.elapsed().as_secs_f64())
+                .unwrap_or(0.0),
         }
     }
 
@@ -180,7 +215,11 @@ impl Sequence {
             return o;
         }
         self.sampler.accept(token);
-        match self.emit(Sampled { token, logprob: 0.0, top: Vec::new() }) {
+        match self.emit(Sampled {
+            token,
+            logprob: 0.0,
+            top: Vec::new(),
+        }) {
             Ok(o) => o,
             Err(e) => Outcome::Done(Err(e)),
         }
@@ -192,7 +231,9 @@ impl Sequence {
             return Some(Outcome::Done(Ok(self.finish_length())));
         }
         if self.cancelled() {
-            return Some(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+            return Some(Outcome::Done(
+                Ok(self.finish(FinishReason::Cancelled, None)),
+            ));
         }
         None
     }
@@ -214,7 +255,11 @@ impl Sequence {
     /// stop strings, the event to the client, length.
     fn emit(&mut self, sampled: Sampled) -> Result<Outcome, WorkerError> {
         let internal = |e: anyhow::Error| WorkerError::Internal(format!("{e:#}"));
-        let Sampled { token, logprob, top } = sampled;
+        let Sampled {
+            token,
+            logprob,
+            top,
+        } = sampled;
         if self.eos.contains(&token) {
             let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
             send_text(&self.events, t);
@@ -245,11 +290,23 @@ impl Sequence {
             text: tok_text(token),
             top: top.iter().map(|&(id, l)| (id, tok_text(id), l)).collect(),
         });
-        if self.events.send(GenEvent::Token { id: token, text: safe, logprob: lp }).is_err() {
-            return Ok(Outcome::Done(Ok(self.finish(FinishReason::Cancelled, None))));
+        if self
+            .events
+            .send(GenEvent::Token {
+                id: token,
+                text: safe,
+                logprob: lp,
+            })
+            .is_err()
+        {
+            return Ok(Outcome::Done(
+                Ok(self.finish(FinishReason::Cancelled, None)),
+            ));
         }
         if let Some(s) = hit {
-            return Ok(Outcome::Done(Ok(self.finish(FinishReason::StopString, Some(s)))));
+            return Ok(Outcome::Done(Ok(
+                self.finish(FinishReason::StopString, Some(s))
+            )));
         }
         if self.hook.as_ref().is_some_and(|h| h.is_finished()) {
             let (t, s) = flush_text(&mut self.decoder, &mut self.stops);
@@ -319,8 +376,14 @@ impl StopMatcher {
     }
 }
 
-fn flush_text(decoder: &mut Option<crate::model::tokenizer::StreamDecoder>, stops: &mut StopMatcher) -> (String, Option<String>) {
-    let rest = decoder.as_mut().and_then(|d| d.flush().ok()).unwrap_or_default();
+fn flush_text(
+    decoder: &mut Option<crate::model::tokenizer::StreamDecoder>,
+    stops: &mut StopMatcher,
+) -> (String, Option<String>) {
+    let rest = decoder
+        .as_mut()
+        .and_then(|d| d.flush().ok())
+        .unwrap_or_default();
     let (mut out, hit) = stops.push(&rest);
     if hit.is_none() {
         out.push_str(&stops.flush());
@@ -339,7 +402,10 @@ mod tests {
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
-        let mut m = StopMatcher { stops: stops.iter().map(|s| s.to_string()).collect(), held: String::new() };
+        let mut m = StopMatcher {
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            held: String::new(),
+        };
         let mut out = String::new();
         for p in pieces {
             let (t, hit) = m.push(p);
@@ -354,16 +420,31 @@ mod tests {
 
     #[test]
     fn stop_strings_across_pieces() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), Some("END".into())));
-        assert_eq!(run(&["END"], &["hello E", "N", "d"]), ("hello ENd".into(), None));
-        assert_eq!(run(&["\n\n", "xy"], &["a\n", "b x", "y"]), ("a\nb ".into(), Some("xy".into())));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), Some("END".into()))
+        );
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "d"]),
+            ("hello ENd".into(), None)
+        );
+        assert_eq!(
+            run(&["\n\n", "xy"], &["a\n", "b x", "y"]),
+            ("a\nb ".into(), Some("xy".into()))
+        );
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
-        assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), Some("é!".into())));
+        assert_eq!(
+            run(&["é!"], &["café", "!"]),
+            ("caf".into(), Some("é!".into()))
+        );
     }
 
     #[test]
     fn holds_back_only_possible_prefixes() {
-        let mut m = StopMatcher { stops: vec!["STOP".into()], held: String::new() };
+        let mut m = StopMatcher {
+            stops: vec!["STOP".into()],
+            held: String::new(),
+        };
         assert_eq!(m.push("abcST"), ("abc".into(), None));
         assert_eq!(m.push("x"), ("STx".into(), None));
     }

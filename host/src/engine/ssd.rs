@@ -26,7 +26,7 @@ use mlx_rs::Array;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
@@ -55,14 +55,20 @@ impl SsdConfig {
             bail!("--kv-ssd-gb must be a positive number of GB, got {gb}");
         }
         check_dir(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), max_bytes: (gb * 1e9) as u64 })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_bytes: (gb * 1e9) as u64,
+        })
     }
 }
 
 /// `--kv-ssd-gb`: a positive number of GB ("20", "0.5", "20GB").
 pub fn parse_gb(s: &str) -> Result<f64> {
     let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix("gb").or_else(|| t.strip_suffix('g')).unwrap_or(&t);
+    let t = t
+        .strip_suffix("gb")
+        .or_else(|| t.strip_suffix('g'))
+        .unwrap_or(&t);
     match t.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => bail!("--kv-ssd-gb `{s}`: expected a positive number of GB, e.g. 20 or 0.5"),
@@ -71,9 +77,15 @@ pub fn parse_gb(s: &str) -> Result<f64> {
 
 /// Creates `dir` if needed and proves it writable with a probe file.
 pub fn check_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("--kv-ssd-dir {}: cannot create the directory", dir.display()))?;
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "--kv-ssd-dir {}: cannot create the directory",
+            dir.display()
+        )
+    })?;
     let probe = dir.join(format!(".rmlx-probe-{}", std::process::id()));
-    fs::write(&probe, b"ok").with_context(|| format!("--kv-ssd-dir {} is not writable", dir.display()))?;
+    fs::write(&probe, b"ok")
+        .with_context(|| format!("--kv-ssd-dir {} is not writable", dir.display()))?;
     let _ = fs::remove_file(&probe);
     Ok(())
 }
@@ -194,7 +206,11 @@ pub fn parse_fixed(b: &[u8]) -> Result<Fixed> {
 pub fn decode(b: &[u8]) -> Result<BlockFile> {
     let f = parse_fixed(b)?;
     if b.len() as u64 != f.file_len {
-        bail!("truncated or padded: {} bytes, the header says {}", b.len(), f.file_len);
+        bail!(
+            "truncated or padded: {} bytes, the header says {}",
+            b.len(),
+            f.file_len
+        );
     }
     let body = &b[..b.len() - 4];
     let want = u32_at(b, b.len() - 4);
@@ -208,21 +224,38 @@ pub fn decode(b: &[u8]) -> Result<BlockFile> {
     let mut arrays = Vec::with_capacity(n_arrays);
     for _ in 0..n_arrays {
         let dtype = u32_at(b, off);
-        let shape = [u32_at(b, off + 8), u32_at(b, off + 12), u32_at(b, off + 16), u32_at(b, off + 20)];
+        let shape = [
+            u32_at(b, off + 8),
+            u32_at(b, off + 12),
+            u32_at(b, off + 16),
+            u32_at(b, off + 20),
+        ];
         let len = u64_at(b, off + 24);
         let elems: u64 = shape.iter().map(|&d| d as u64).product();
-        let Some(size) = dtype_size(dtype) else { bail!("unknown dtype code {dtype}") };
+        let Some(size) = dtype_size(dtype) else {
+            bail!("unknown dtype code {dtype}")
+        };
         if elems * size != len || data_off as u64 + len > body.len() as u64 {
             bail!("array descriptor does not match its data");
         }
-        arrays.push(RawArray { dtype, shape, data: b[data_off..data_off + len as usize].to_vec() });
+        arrays.push(RawArray {
+            dtype,
+            shape,
+            data: b[data_off..data_off + len as usize].to_vec(),
+        });
         data_off += len as usize;
         off += DESC;
     }
     if data_off != body.len() {
         bail!("payload length does not match the arrays");
     }
-    Ok(BlockFile { signature: f.signature, hash: f.hash, depth: f.depth, tokens, arrays })
+    Ok(BlockFile {
+        signature: f.signature,
+        hash: f.hash,
+        depth: f.depth,
+        tokens,
+        arrays,
+    })
 }
 
 // ---------------------------------------------------------------- MLX arrays
@@ -245,20 +278,38 @@ pub fn to_raw(a: &Array) -> Result<RawArray> {
         let dtype = mlx_sys::mlx_array_dtype(c.as_ptr());
         let n = mlx_sys::mlx_array_nbytes(c.as_ptr());
         let p = mlx_sys::mlx_array_data_uint8(c.as_ptr());
-        let Some(size) = dtype_size(dtype) else { bail!("KV dtype code {dtype} is not supported on disk") };
+        let Some(size) = dtype_size(dtype) else {
+            bail!("KV dtype code {dtype} is not supported on disk")
+        };
         let elems: usize = shape.iter().map(|&d| d as usize).product();
         if p.is_null() || n != elems * size as usize {
             bail!("could not read the array's data");
         }
         let data = std::slice::from_raw_parts(p, n).to_vec();
-        Ok(RawArray { dtype, shape: [shape[0] as u32, shape[1] as u32, shape[2] as u32, shape[3] as u32], data })
+        Ok(RawArray {
+            dtype,
+            shape: [
+                shape[0] as u32,
+                shape[1] as u32,
+                shape[2] as u32,
+                shape[3] as u32,
+            ],
+            data,
+        })
     }
 }
 
 /// An MLX array with these bytes (copied).
 pub fn from_raw(r: &RawArray) -> Array {
     let shape: Vec<i32> = r.shape.iter().map(|&d| d as i32).collect();
-    unsafe { Array::from_ptr(mlx_sys::mlx_array_new_data(r.data.as_ptr().cast(), shape.as_ptr(), 4, r.dtype)) }
+    unsafe {
+        Array::from_ptr(mlx_sys::mlx_array_new_data(
+            r.data.as_ptr().cast(),
+            shape.as_ptr(),
+            4,
+            r.dtype,
+        ))
+    }
 }
 
 // ---------------------------------------------------------------- the store
@@ -278,7 +329,11 @@ struct Shared {
 }
 
 enum Job {
-    Write { hash: u64, path: PathBuf, bytes: Arc<Vec<u8>> },
+    Write {
+        hash: u64,
+        path: PathBuf,
+        bytes: Arc<Vec<u8>>,
+    },
     Remove(PathBuf),
 }
 
@@ -332,7 +387,9 @@ impl SsdStore {
     /// Builds the index from the directory (least recently modified = least recently used).
     fn scan(&mut self) -> Result<()> {
         let mut found = Vec::new();
-        for e in fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))? {
+        for e in
+            fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?
+        {
             let Ok(e) = e else { continue };
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
@@ -340,7 +397,10 @@ impl SsdStore {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let Some(hash) = name.strip_suffix(&format!(".{EXT}")).and_then(|h| u64::from_str_radix(h, 16).ok()) else {
+            let Some(hash) = name
+                .strip_suffix(&format!(".{EXT}"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
                 continue;
             };
             let Ok(meta) = e.metadata() else { continue };
@@ -354,14 +414,25 @@ impl SsdStore {
                         bail!("signature or block hash does not match its place");
                     }
                     if f.file_len != meta.len() {
-                        bail!("truncated or padded: {} bytes, the header says {}", meta.len(), f.file_len);
+                        bail!(
+                            "truncated or padded: {} bytes, the header says {}",
+                            meta.len(),
+                            f.file_len
+                        );
                     }
                     Ok(())
                 });
             match ok {
-                Ok(()) => found.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), hash, meta.len())),
+                Ok(()) => found.push((
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    hash,
+                    meta.len(),
+                )),
                 Err(err) => {
-                    tracing::warn!("KV SSD tier: {} is corrupt ({err:#}); deleted", path.display());
+                    tracing::warn!(
+                        "KV SSD tier: {} is corrupt ({err:#}); deleted",
+                        path.display()
+                    );
                     self.corrupt += 1;
                     let _ = fs::remove_file(&path);
                 }
@@ -370,7 +441,13 @@ impl SsdStore {
         found.sort();
         for (_, hash, bytes) in found {
             self.clock += 1;
-            self.index.insert(hash, Entry { bytes, last_used: self.clock });
+            self.index.insert(
+                hash,
+                Entry {
+                    bytes,
+                    last_used: self.clock,
+                },
+            );
             self.bytes += bytes;
         }
         self.make_room(0);
@@ -428,7 +505,14 @@ impl SsdStore {
     /// Deletes least recently used files until `need` more bytes fit.
     fn make_room(&mut self, need: u64) {
         while self.bytes + need > self.max_bytes {
-            let Some(victim) = self.index.iter().min_by_key(|(_, e)| e.last_used).map(|(h, _)| *h) else { break };
+            let Some(victim) = self
+                .index
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(h, _)| *h)
+            else {
+                break;
+            };
             self.remove(victim);
         }
     }
@@ -436,6 +520,29 @@ impl SsdStore {
     /// Queues a block for writing (if not on disk yet). False when it was
     /// not written: larger than the cap, the queue is full, or a bad array.
     pub fn put(&mut self, hash: u64, depth: usize, tokens: &[u32], kv: &[(Array, Array)]) -> bool {
+        self.put_with(hash, depth, tokens, kv, false)
+    }
+
+    /// `put`, waiting for room in the write queue instead of giving up
+    /// (spilling the whole memory cache at shutdown).
+    pub fn put_wait(
+        &mut self,
+        hash: u64,
+        depth: usize,
+        tokens: &[u32],
+        kv: &[(Array, Array)],
+    ) -> bool {
+        self.put_with(hash, depth, tokens, kv, true)
+    }
+
+    fn put_with(
+        &mut self,
+        hash: u64,
+        depth: usize,
+        tokens: &[u32],
+        kv: &[(Array, Array)],
+        wait: bool,
+    ) -> bool {
         if self.contains(hash) {
             self.touch(hash);
             return true;
@@ -450,7 +557,13 @@ impl SsdStore {
                 }
             }
         }
-        let file = BlockFile { signature: self.signature, hash, depth: depth as u32, tokens: tokens.to_vec(), arrays };
+        let file = BlockFile {
+            signature: self.signature,
+            hash,
+            depth: depth as u32,
+            tokens: tokens.to_vec(),
+            arrays,
+        };
         let bytes = Arc::new(encode(&file));
         let len = bytes.len() as u64;
         if len > self.max_bytes {
@@ -458,20 +571,34 @@ impl SsdStore {
         }
         self.make_room(len);
         let path = self.path(hash);
-        let Some(tx) = self.tx.as_ref() else { return false };
-        let mut shared = self.shared.lock().unwrap();
-        shared.pending.insert(hash, bytes.clone());
-        match tx.try_send(Job::Write { hash, path, bytes }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                shared.pending.remove(&hash);
-                tracing::debug!("KV SSD tier: write queue full; block not spilled");
-                return false;
-            }
+        let Some(tx) = self.tx.as_ref() else {
+            return false;
+        };
+        // Pending before queued: a lookup meanwhile is served from these bytes.
+        self.shared
+            .lock()
+            .unwrap()
+            .pending
+            .insert(hash, bytes.clone());
+        let job = Job::Write { hash, path, bytes };
+        let sent = if wait {
+            tx.send(job).is_ok()
+        } else {
+            tx.try_send(job).is_ok()
+        };
+        if !sent {
+            self.shared.lock().unwrap().pending.remove(&hash);
+            tracing::debug!("KV SSD tier: write queue full; block not spilled");
+            return false;
         }
-        drop(shared);
         self.clock += 1;
-        self.index.insert(hash, Entry { bytes: len, last_used: self.clock });
+        self.index.insert(
+            hash,
+            Entry {
+                bytes: len,
+                last_used: self.clock,
+            },
+        );
         self.bytes += len;
         self.writes += 1;
         true
@@ -532,7 +659,10 @@ impl SsdStore {
                 Some(kv)
             }
             Err(e) => {
-                tracing::warn!("KV SSD tier: {} is corrupt ({e:#}); deleted, not served", path.display());
+                tracing::warn!(
+                    "KV SSD tier: {} is corrupt ({e:#}); deleted, not served",
+                    path.display()
+                );
                 self.corrupt += 1;
                 self.remove(hash);
                 None
@@ -561,28 +691,30 @@ impl SsdStore {
 /// deletes files, in queue order.
 fn spawn_writer(shared: Arc<Mutex<Shared>>) -> Result<(SyncSender<Job>, JoinHandle<()>)> {
     let (tx, rx) = sync_channel::<Job>(QUEUE);
-    let writer = std::thread::Builder::new().name("rmlx-kv-ssd".into()).spawn(move || {
-        for job in rx {
-            match job {
-                Job::Write { hash, path, bytes } => {
-                    let tmp = path.with_extension(format!("{EXT}.tmp"));
-                    let r = fs::write(&tmp, &bytes[..]).and_then(|_| fs::rename(&tmp, &path));
-                    let mut s = shared.lock().unwrap();
-                    if s.pending.get(&hash).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
-                        s.pending.remove(&hash);
+    let writer = std::thread::Builder::new()
+        .name("rmlx-kv-ssd".into())
+        .spawn(move || {
+            for job in rx {
+                match job {
+                    Job::Write { hash, path, bytes } => {
+                        let tmp = path.with_extension(format!("{EXT}.tmp"));
+                        let r = fs::write(&tmp, &bytes[..]).and_then(|_| fs::rename(&tmp, &path));
+                        let mut s = shared.lock().unwrap();
+                        if s.pending.get(&hash).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
+                            s.pending.remove(&hash);
+                        }
+                        if let Err(e) = r {
+                            tracing::warn!("KV SSD tier: writing {} failed: {e}", path.display());
+                            let _ = fs::remove_file(&tmp);
+                            s.failed.push(hash);
+                        }
                     }
-                    if let Err(e) = r {
-                        tracing::warn!("KV SSD tier: writing {} failed: {e}", path.display());
-                        let _ = fs::remove_file(&tmp);
-                        s.failed.push(hash);
+                    Job::Remove(path) => {
+                        let _ = fs::remove_file(&path);
                     }
-                }
-                Job::Remove(path) => {
-                    let _ = fs::remove_file(&path);
                 }
             }
-        }
-    })?;
+        })?;
     Ok((tx, writer))
 }
 
@@ -606,7 +738,13 @@ mod tests {
             shape: [1, 2, 3, 2],
             data: (0..48).map(|i| i as u8 ^ seed).collect(),
         };
-        BlockFile { signature: 7, hash, depth: 2, tokens: vec![5, 6, 7], arrays: vec![a(1), a(2), a(3), a(4)] }
+        BlockFile {
+            signature: 7,
+            hash,
+            depth: 2,
+            tokens: vec![5, 6, 7],
+            arrays: vec![a(1), a(2), a(3), a(4)],
+        }
     }
 
     #[test]
@@ -619,14 +757,23 @@ mod tests {
         assert_eq!(u32::from_le_bytes(bytes[32..36].try_into().unwrap()), 2);
         assert_eq!(decode(&bytes).unwrap(), b);
         let f = parse_fixed(&bytes).unwrap();
-        assert_eq!((f.signature, f.hash, f.depth, f.file_len), (7, 0xabc, 2, bytes.len() as u64));
+        assert_eq!(
+            (f.signature, f.hash, f.depth, f.file_len),
+            (7, 0xabc, 2, bytes.len() as u64)
+        );
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x10;
-            assert!(decode(&bad).is_err(), "a flipped bit at byte {i} was not caught");
+            assert!(
+                decode(&bad).is_err(),
+                "a flipped bit at byte {i} was not caught"
+            );
         }
         for n in [0, 5, FIXED, bytes.len() / 2, bytes.len() - 1] {
-            assert!(decode(&bytes[..n]).is_err(), "cut to {n} bytes was not caught");
+            assert!(
+                decode(&bytes[..n]).is_err(),
+                "cut to {n} bytes was not caught"
+            );
         }
         let mut long = bytes.clone();
         long.push(0);
@@ -643,7 +790,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         assert!(SsdConfig::new(tmp.path(), 0.0).is_err());
         assert!(SsdConfig::new(tmp.path(), -2.0).is_err());
-        assert_eq!(SsdConfig::new(&tmp.path().join("a/b"), 1.0).unwrap().max_bytes, 1_000_000_000);
+        assert_eq!(
+            SsdConfig::new(&tmp.path().join("a/b"), 1.0)
+                .unwrap()
+                .max_bytes,
+            1_000_000_000
+        );
         let file = tmp.path().join("f");
         fs::write(&file, b"x").unwrap();
         let e = SsdConfig::new(&file.join("sub"), 1.0).unwrap_err();
@@ -651,12 +803,20 @@ mod tests {
     }
 
     fn kv(seed: f32) -> Vec<(Array, Array)> {
-        let a = |x: f32| Array::from_slice(&(0..24).map(|i| i as f32 * x).collect::<Vec<_>>(), &[1, 2, 3, 4]);
+        let a = |x: f32| {
+            Array::from_slice(
+                &(0..24).map(|i| i as f32 * x).collect::<Vec<_>>(),
+                &[1, 2, 3, 4],
+            )
+        };
         vec![(a(seed), a(seed + 1.0)), (a(seed + 2.0), a(seed + 3.0))]
     }
 
     fn files(dir: &Path) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         v.sort();
         v
     }
@@ -664,7 +824,10 @@ mod tests {
     #[test]
     fn store_reads_back_survives_reopen_skips_corrupt_and_holds_the_cap() {
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = SsdConfig { dir: tmp.path().to_path_buf(), max_bytes: 1 << 20 };
+        let cfg = SsdConfig {
+            dir: tmp.path().to_path_buf(),
+            max_bytes: 1 << 20,
+        };
         let mut s = SsdStore::open(&cfg, 42).unwrap();
         assert!(s.put(1, 0, &[1, 2, 3], &kv(1.0)));
         // Read at once: served from the queued bytes or the file, never corrupt.
@@ -676,7 +839,9 @@ mod tests {
         assert!(s.load(1, &[1, 2, 4]).is_none());
         assert_eq!(s.corrupt, 1);
         assert!(
-            s.put(1, 0, &[1, 2, 3], &kv(1.0)) && s.put(2, 1, &[4, 5, 6], &kv(2.0)) && s.put(3, 2, &[7, 8, 9], &kv(3.0))
+            s.put(1, 0, &[1, 2, 3], &kv(1.0))
+                && s.put(2, 1, &[4, 5, 6], &kv(2.0))
+                && s.put(3, 2, &[7, 8, 9], &kv(3.0))
         );
         let one = s.bytes() / 3;
         s.flush();
@@ -686,7 +851,10 @@ mod tests {
         // Restart: indexed, read back.
         let mut s = SsdStore::open(&cfg, 42).unwrap();
         assert_eq!((s.blocks(), s.bytes()), (3, 3 * one));
-        assert_eq!(s.load(2, &[4, 5, 6]).unwrap()[0].0.as_slice::<f32>(), kv(2.0)[0].0.as_slice::<f32>());
+        assert_eq!(
+            s.load(2, &[4, 5, 6]).unwrap()[0].0.as_slice::<f32>(),
+            kv(2.0)[0].0.as_slice::<f32>()
+        );
         // Flip a payload byte of block 3, truncate block 1.
         let p3 = sub.join(format!("{:016x}.kvb", 3));
         let mut b = fs::read(&p3).unwrap();
@@ -718,7 +886,10 @@ mod tests {
         // Another signature does not see these blocks.
         assert_eq!(SsdStore::open(&cfg, 43).unwrap().blocks(), 0);
         // The cap: room for two files; the least recently used goes.
-        let cfg = SsdConfig { dir: tmp.path().join("cap"), max_bytes: 2 * one + 10 };
+        let cfg = SsdConfig {
+            dir: tmp.path().join("cap"),
+            max_bytes: 2 * one + 10,
+        };
         let mut s = SsdStore::open(&cfg, 42).unwrap();
         s.put(1, 0, &[1, 2, 3], &kv(1.0));
         s.put(2, 1, &[4, 5, 6], &kv(2.0));
@@ -728,7 +899,10 @@ mod tests {
         assert!(s.bytes() <= cfg.max_bytes);
         s.flush();
         let sub = cfg.dir.join(format!("{:016x}", 42));
-        let on_disk: u64 = files(&sub).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+        let on_disk: u64 = files(&sub)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum();
         assert_eq!((files(&sub).len(), on_disk), (2, s.bytes()));
     }
 }

@@ -49,11 +49,18 @@ impl ModelEntry {
         let cfg = &dir.config;
         let pick = |keys: &[&str]| {
             keys.iter().find_map(|k| {
-                cfg.get(*k).or_else(|| cfg.get("text_config").and_then(|t| t.get(*k))).and_then(|v| v.as_u64())
+                cfg.get(*k)
+                    .or_else(|| cfg.get("text_config").and_then(|t| t.get(*k)))
+                    .and_then(|v| v.as_u64())
             })
         };
-        let context_length = pick(&["max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"])
-            .map(|v| v as usize);
+        let context_length = pick(&[
+            "max_position_embeddings",
+            "max_sequence_length",
+            "seq_length",
+            "n_positions",
+        ])
+        .map(|v| v as usize);
         let vocab_size = pick(&["vocab_size"]).map(|v| v as usize);
         let created = std::fs::metadata(dir.file("config.json"))
             .and_then(|m| m.modified())
@@ -61,7 +68,15 @@ impl ModelEntry {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Ok(Self { id, path: dir.path.clone(), model_type: dir.model_type, context_length, vocab_size, created, text: OnceLock::new() })
+        Ok(Self {
+            id,
+            path: dir.path.clone(),
+            model_type: dir.model_type,
+            context_length,
+            vocab_size,
+            created,
+            text: OnceLock::new(),
+        })
     }
 
     /// Tokenizer, chat template and EOS ids (loaded once; no MLX involved).
@@ -91,9 +106,12 @@ impl ModelCatalog {
     pub fn discover(models: &[(Option<String>, PathBuf)], models_dirs: &[PathBuf]) -> Result<Self> {
         let mut list: Vec<(Option<String>, PathBuf)> = models.to_vec();
         for d in models_dirs {
-            let rd = std::fs::read_dir(d).with_context(|| format!("--models-dir {}", d.display()))?;
-            let mut subs: Vec<PathBuf> =
-                rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.json").is_file()).collect();
+            let rd =
+                std::fs::read_dir(d).with_context(|| format!("--models-dir {}", d.display()))?;
+            let mut subs: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("config.json").is_file())
+                .collect();
             subs.sort();
             list.extend(subs.into_iter().map(|p| (None, p)));
         }
@@ -121,7 +139,9 @@ impl ModelCatalog {
 
 fn folder_name(p: &Path) -> String {
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 // ---------------------------------------------------------------- requests
@@ -227,7 +247,11 @@ pub enum GenEvent {
     Started,
     /// One generated token: `text` is the text now safe to show (it may lag
     /// behind the tokens while a stop string or a UTF-8 sequence is open).
-    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Trailing text with no token of its own (flushed at the end).
     Text(String),
     Done(Finish),
@@ -258,8 +282,15 @@ pub struct LoadedInfo {
 enum Job {
     /// With the HTTP request's record when an API handler submitted it.
     Generate(GenRequest, Option<Arc<RequestRecord>>),
-    Load { model: Arc<ModelEntry>, keep_alive: Option<KeepAlive>, reply: oneshot::Sender<Result<(), WorkerError>> },
-    Unload { id: String, reply: oneshot::Sender<bool> },
+    Load {
+        model: Arc<ModelEntry>,
+        keep_alive: Option<KeepAlive>,
+        reply: oneshot::Sender<Result<(), WorkerError>>,
+    },
+    Unload {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
     Shutdown,
 }
 
@@ -283,6 +314,32 @@ pub struct Worker {
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Metrics>,
+    /// The engine thread: stopped and joined by `shutdown`, or when the last
+    /// handle goes.
+    thread: Arc<EngineThread>,
+}
+
+/// Stops and joins the engine thread when the last `Worker` handle is
+/// dropped, so the engine's MLX state (models, KV pools, the SSD spill) is
+/// torn down on its own thread before the process exits, never during.
+struct EngineThread {
+    tx: std_mpsc::Sender<Job>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl EngineThread {
+    fn stop(&self) {
+        let _ = self.tx.send(Job::Shutdown);
+        if let Some(t) = self.handle.lock().unwrap().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Worker {
@@ -293,20 +350,28 @@ impl Worker {
     }
 
     /// [`Worker::start`] with scheduler settings (KV budget, block size, batch size).
-    pub fn start_with(cfg: WorkerConfig, sched: SchedulerConfig, catalog: &ModelCatalog) -> Result<Self> {
+    pub fn start_with(
+        cfg: WorkerConfig,
+        sched: SchedulerConfig,
+        catalog: &ModelCatalog,
+    ) -> Result<Self> {
         let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let thread_stats = stats.clone();
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let loaded = Arc::new(Mutex::new(Vec::new()));
-        let types: Vec<(String, String)> = catalog.entries.iter().map(|e| (e.id.clone(), e.model_type.clone())).collect();
+        let types: Vec<(String, String)> = catalog
+            .entries
+            .iter()
+            .map(|e| (e.id.clone(), e.model_type.clone()))
+            .collect();
         let thread_loaded = loaded.clone();
         let thread_cfg = cfg.clone();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let thread_in_flight = in_flight.clone();
         let metrics = Arc::new(Metrics::new());
         let tracker = SeqTracker::new(metrics.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("rmlx-engine".into())
             .spawn(move || {
                 let reg = match Registry::load(&thread_cfg.plugins_dir) {
@@ -338,8 +403,22 @@ impl Worker {
                 }
                 .run(rx);
             })?;
-        ready_rx.recv().map_err(|_| anyhow!("the engine thread died at start"))??;
-        Ok(Self { tx, in_flight, max_queue_depth: cfg.max_queue_depth, loaded, stats, metrics })
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the engine thread died at start"))??;
+        let thread = Arc::new(EngineThread {
+            tx: tx.clone(),
+            handle: Mutex::new(Some(thread)),
+        });
+        Ok(Self {
+            tx,
+            in_flight,
+            max_queue_depth: cfg.max_queue_depth,
+            loaded,
+            stats,
+            metrics,
+            thread,
+        })
     }
 
     /// Queues a generation. Events arrive on `req.events`; the last is `Done`
@@ -352,7 +431,9 @@ impl Worker {
         }
         // The engine decrements when the request ends, however it ends.
         let guard = InFlight(self.in_flight.clone());
-        self.tx.send(Job::Generate(req, super::metrics::current_request())).map_err(|_| WorkerError::Stopped)?;
+        self.tx
+            .send(Job::Generate(req, super::metrics::current_request()))
+            .map_err(|_| WorkerError::Stopped)?;
         std::mem::forget(guard);
         Ok(())
     }
@@ -361,16 +442,31 @@ impl Worker {
         self.in_flight.clone()
     }
 
-    pub async fn load(&self, model: Arc<ModelEntry>, keep_alive: Option<KeepAlive>) -> Result<(), WorkerError> {
+    pub async fn load(
+        &self,
+        model: Arc<ModelEntry>,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<(), WorkerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job::Load { model, keep_alive, reply }).map_err(|_| WorkerError::Stopped)?;
+        self.tx
+            .send(Job::Load {
+                model,
+                keep_alive,
+                reply,
+            })
+            .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     }
 
     /// True if it was loaded.
     pub async fn unload(&self, id: &str) -> Result<bool, WorkerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job::Unload { id: id.to_string(), reply }).map_err(|_| WorkerError::Stopped)?;
+        self.tx
+            .send(Job::Unload {
+                id: id.to_string(),
+                reply,
+            })
+            .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)
     }
 
@@ -399,7 +495,12 @@ impl Worker {
     /// building the API description without models.
     pub fn detached() -> Self {
         let (tx, _) = std_mpsc::channel();
+        let thread = Arc::new(EngineThread {
+            tx: tx.clone(),
+            handle: Mutex::new(None),
+        });
         Self {
+            thread,
             tx,
             in_flight: Arc::new(AtomicUsize::new(0)),
             max_queue_depth: 0,
@@ -409,8 +510,11 @@ impl Worker {
         }
     }
 
+    /// Stops the engine thread and waits for it: running sequences end, the
+    /// models and their KV are freed there (the prefix cache spills to the
+    /// SSD tier when there is one), before the process goes on to exit.
     pub fn shutdown(&self) {
-        let _ = self.tx.send(Job::Shutdown);
+        self.thread.stop();
     }
 }
 
@@ -453,7 +557,10 @@ struct Engine {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Engine {
@@ -496,7 +603,9 @@ impl Engine {
             }
             self.admit();
             for id in self.sched.busy_models() {
-                let Some(i) = self.models.iter().position(|m| m.entry.id == id) else { continue };
+                let Some(i) = self.models.iter().position(|m| m.entry.id == id) else {
+                    continue;
+                };
                 let ended = self.sched.step(&id, &mut self.models[i].model);
                 self.models[i].last_used = Instant::now();
                 let now = Instant::now();
@@ -515,11 +624,17 @@ impl Engine {
     fn handle(&mut self, job: Job) -> bool {
         match job {
             Job::Shutdown => return false,
-            Job::Load { model, keep_alive, reply } => {
+            Job::Load {
+                model,
+                keep_alive,
+                reply,
+            } => {
                 let busy = self.sched.busy_models();
                 let r = match self.ensure(&model, keep_alive, &busy) {
                     Ok(Some(_)) => Ok(()),
-                    Ok(None) => Err(WorkerError::Internal("every loaded model is busy; try again later".into())),
+                    Ok(None) => Err(WorkerError::Internal(
+                        "every loaded model is busy; try again later".into(),
+                    )),
                     Err(e) => Err(WorkerError::Internal(format!("{e:#}"))),
                 };
                 let _ = reply.send(r);
@@ -528,7 +643,10 @@ impl Engine {
                 // Sequences on it end with an error.
                 for s in std::mem::take(&mut self.sched.running).into_iter() {
                     if s.entry.id == id {
-                        self.end((s, Err(WorkerError::Internal(format!("model `{id}` was unloaded")))));
+                        self.end((
+                            s,
+                            Err(WorkerError::Internal(format!("model `{id}` was unloaded"))),
+                        ));
                     } else {
                         self.sched.running.push(s);
                     }
@@ -544,7 +662,9 @@ impl Engine {
                 let guard: Box<dyn Send> = Box::new(InFlight(self.in_flight.clone()));
                 let id = self.sched.next_id();
                 self.tracker.submitted(id, record);
-                self.sched.waiting.push_back(Sequence::new(id, req, Some(guard)));
+                self.sched
+                    .waiting
+                    .push_back(Sequence::new(id, req, Some(guard)));
             }
         }
         true
@@ -598,7 +718,12 @@ impl Engine {
     /// Index of the resident model, loading it (and evicting LRU) if needed.
     /// None when it is not loaded and loading it would unload a model in
     /// `busy` (with running sequences).
-    fn ensure(&mut self, entry: &Arc<ModelEntry>, keep_alive: Option<KeepAlive>, busy: &[String]) -> Result<Option<usize>> {
+    fn ensure(
+        &mut self,
+        entry: &Arc<ModelEntry>,
+        keep_alive: Option<KeepAlive>,
+        busy: &[String],
+    ) -> Result<Option<usize>> {
         let ka = keep_alive.unwrap_or(match self.cfg.idle_timeout {
             Some(d) => KeepAlive::For(d),
             None => KeepAlive::Forever,
@@ -626,7 +751,13 @@ impl Engine {
         let t0 = Instant::now();
         let model = LoadedModel::load(&entry.path, &self.reg)?;
         tracing::info!("loaded {} in {:.2}s", entry.id, t0.elapsed().as_secs_f64());
-        self.models.push(Resident { entry: entry.clone(), model, last_used: Instant::now(), loaded_at: now_secs(), keep_alive: ka });
+        self.models.push(Resident {
+            entry: entry.clone(),
+            model,
+            last_used: Instant::now(),
+            loaded_at: now_secs(),
+            keep_alive: ka,
+        });
         self.publish();
         Ok(Some(self.models.len() - 1))
     }
@@ -661,10 +792,11 @@ impl Engine {
             .map(|m| LoadedInfo {
                 id: m.entry.id.clone(),
                 loaded_at: m.loaded_at,
-                expires_at: m.expires().map(|t| now_s + t.saturating_duration_since(now_i).as_secs()),
+                expires_at: m
+                    .expires()
+                    .map(|t| now_s + t.saturating_duration_since(now_i).as_secs()),
             })
             .collect();
         *self.loaded.lock().unwrap() = list;
     }
 }
-
