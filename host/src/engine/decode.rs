@@ -11,7 +11,14 @@ use super::{
 };
 use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
-use mlx_rs::{ops::indexing::argmax_axis, transforms::eval, Array, Dtype};
+use mlx_rs::{
+    ops::{
+        indexing::{argmax_axis, take_axis},
+        select,
+    },
+    transforms::eval,
+    Array, Dtype,
+};
 use rmlx_plugin_api::MlxArray;
 
 /// What a row gets from one decode step.
@@ -22,23 +29,37 @@ pub enum RowOut {
     Logits(Vec<f32>),
 }
 
-/// One decode step over `seqs` (in row order), whose tables already hold a
-/// block for the new token. On an error the rows' KV state is undefined: the
-/// caller ends them.
-pub fn decode_step(
-    model: &mut LoadedModel,
-    pool: &mut KvPool,
-    seqs: &mut [&mut Sequence],
-) -> Result<Vec<RowOut>> {
-    let b = seqs.len();
-    let ids: Vec<i32> = seqs
-        .iter()
-        .map(|s| *s.tokens.last().unwrap() as i32)
-        .collect();
-    let input = Array::from_slice(&ids, &[b as i32, 1]);
+/// One decode forward, lazily: `tokens` [B, 1] int32 (the device's argmax)
+/// and `logits` [B, 1, V].
+pub struct Step {
+    pub tokens: Array,
+    pub logits: Array,
+}
+
+/// One decode forward over `seqs` (in row order), whose tables already hold
+/// a block for the new token. A row's input is its last token, or, when
+/// `in_flight` is set, its row of `prev` (the previous step's device tokens,
+/// not read by the host yet). On an error the rows' KV state is undefined:
+/// the caller ends them.
+pub fn decode_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&mut Sequence], prev: Option<&Array>) -> Result<Step> {
+    let b = seqs.len() as i32;
+    let host: Vec<i32> = seqs.iter().map(|s| *s.tokens.last().unwrap() as i32).collect();
+    let mut input = Array::from_slice(&host, &[b, 1]);
+    if let Some(prev) = prev.filter(|_| seqs.iter().any(|s| s.in_flight.is_some())) {
+        let idx: Vec<i32> = seqs.iter().map(|s| s.in_flight.unwrap_or(0) as i32).collect();
+        let use_prev: Vec<bool> = seqs.iter().map(|s| s.in_flight.is_some()).collect();
+        let from_prev = take_axis(prev, Array::from_slice(&idx, &[b]), 0)?; // [B, 1]
+        input = select(&Array::from_slice(&use_prev, &[b, 1]), &from_prev, &input)?;
+    }
     let logits = forward(model, pool, seqs, input)?;
     let tokens = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
-    rows_out(seqs, &tokens, &logits)
+    Ok(Step { tokens, logits })
+}
+
+/// Reads a step for the host: the rows' tokens, or logits for rows that
+/// sample on the host.
+pub fn read_rows(seqs: &[&mut Sequence], step: &Step) -> Result<Vec<RowOut>> {
+    rows_out(seqs, &step.tokens, &step.logits)
 }
 
 /// Evaluates what the rows need (tokens always; logits only when a row

@@ -14,13 +14,13 @@
 //! KV lives in the model's paged pool (`kv_pool`); each sequence holds a
 //! block table, and prefix-cache hits share blocks instead of copying them.
 use super::block_manager::{BlockManager, BlockStats};
-use super::decode::{decode_step, forward, RowOut};
+use super::decode::{decode_forward, forward, read_rows, RowOut};
 use super::kv_pool::KvPool;
 use super::sequence::{Outcome, Sequence};
 use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
 use super::LoadedModel;
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{transforms::async_eval, Array};
 use std::collections::{HashMap, VecDeque};
 
 /// KV memory budget.
@@ -142,6 +142,9 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     managers: HashMap<String, BlockManager>,
+    /// Per model: the last pipelined decode step's tokens, [B, 1] on the
+    /// device, not read yet (rows point in with `Sequence::in_flight`).
+    in_flight: HashMap<String, Array>,
     next_id: u64,
     pub stats: EngineStats,
 }
@@ -156,6 +159,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             managers: HashMap::new(),
+            in_flight: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
         }
@@ -215,6 +219,7 @@ impl Scheduler {
     /// Forgets a model's blocks (it was unloaded).
     pub fn drop_model(&mut self, model_id: &str) {
         self.managers.remove(model_id);
+        self.in_flight.remove(model_id);
     }
 
     /// Removes cancelled sequences (waiting or running).
@@ -253,6 +258,7 @@ impl Scheduler {
         }
         s.table.clear();
         s.kv_len = 0;
+        s.in_flight = None;
         s.cached_upto = 0;
         s
     }
@@ -439,48 +445,69 @@ impl Scheduler {
         rows = (0..self.running.len())
             .filter(|&i| self.running[i].entry.id == model_id && self.running[i].to_prefill() == 0)
             .collect();
+        let prev = self.in_flight.remove(model_id);
         if !rows.is_empty() {
             let b = rows.len();
             self.stats.last_batch = b;
             self.stats.max_batch = self.stats.max_batch.max(b);
+            let row_ids: Vec<u64> = rows.iter().map(|&i| self.running[i].id).collect();
+            // Every row greedy on the device: this step's tokens stay on the
+            // device as the next step's input, and the host reads them one
+            // step later, while the device runs that next step.
+            let pipelined = rows.iter().all(|&i| self.running[i].takes_device_token());
             let pool = &mut self.managers.get_mut(model_id).unwrap().pool;
-            let logits = {
+            let step = {
                 // Borrow the rows mutably, in row order.
-                let mut refs: Vec<Option<&mut Sequence>> =
-                    self.running.iter_mut().map(Some).collect();
-                let mut seqs: Vec<&mut Sequence> =
-                    rows.iter().map(|&i| refs[i].take().unwrap()).collect();
-                decode_step(model, pool, &mut seqs)
+                let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
+                let mut seqs: Vec<&mut Sequence> = rows.iter().map(|&i| refs[i].take().unwrap()).collect();
+                decode_forward(model, pool, &mut seqs, prev.as_ref()).and_then(|st| {
+                    if pipelined {
+                        async_eval([&st.tokens])?;
+                        Ok((st, None))
+                    } else {
+                        let outs = read_rows(&seqs, &st)?;
+                        Ok((st, Some(outs)))
+                    }
+                })
             };
-            match logits {
-                Ok(per_row) => {
-                    let mut finished = Vec::new();
-                    for (r, out) in rows.iter().zip(per_row) {
-                        let s = &mut self.running[*r];
+            // The previous step's tokens first (they come before this step's).
+            if let Some(p) = prev {
+                self.take_in_flight(model_id, &p, &mut ended);
+            }
+            match step {
+                Ok((st, None)) => {
+                    for (r, sid) in row_ids.iter().enumerate() {
+                        if let Some(s) = self.running.iter_mut().find(|s| s.id == *sid) {
+                            s.in_flight = Some(r);
+                        }
+                    }
+                    self.in_flight.insert(model_id.to_string(), st.tokens);
+                }
+                Ok((_, Some(outs))) => {
+                    for (sid, out) in row_ids.iter().zip(outs) {
+                        let Some(i) = self.running.iter().position(|s| s.id == *sid) else { continue };
+                        let s = &mut self.running[i];
                         let outcome = match out {
                             RowOut::Token(t) => s.on_token(t),
                             RowOut::Logits(l) => s.on_logits(l),
                         };
-                        match outcome {
-                            Outcome::Continue => {}
-                            Outcome::Done(res) => finished.push((s.id, res)),
+                        if let Outcome::Done(res) = outcome {
+                            let s = self.running.remove(i);
+                            ended.push((self.retire(s), res));
                         }
-                    }
-                    for (sid, res) in finished {
-                        let i = self.running.iter().position(|s| s.id == sid).unwrap();
-                        let s = self.running.remove(i);
-                        ended.push((self.retire(s), res));
                     }
                 }
                 Err(e) => {
                     let msg = format!("{e:#}");
-                    for sid in rows.iter().map(|&i| self.running[i].id).collect::<Vec<_>>() {
-                        let i = self.running.iter().position(|s| s.id == sid).unwrap();
+                    for sid in row_ids {
+                        let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
                         let s = self.running.remove(i);
                         ended.push((self.retire(s), Err(WorkerError::Internal(msg.clone()))));
                     }
                 }
             }
+        } else if let Some(p) = prev {
+            self.take_in_flight(model_id, &p, &mut ended);
         }
         // Preempted sequences go back to the front, oldest first.
         for s in preempted.into_iter() {
@@ -489,6 +516,32 @@ impl Scheduler {
         self.stats.completed += ended.len() as u64;
         self.stats.generated_tokens += ended.iter().map(|(s, _)| s.n as u64).sum::<u64>();
         ended
+    }
+
+    /// Hands the previous pipelined step's tokens ([B, 1] int32, computed on
+    /// the device) to the rows still waiting for them.
+    fn take_in_flight(&mut self, model_id: &str, tokens: &Array, ended: &mut Vec<Ended>) {
+        let toks: Result<Vec<u32>> = tokens.eval().map_err(Into::into).and_then(|_| Ok(tokens.try_as_slice::<i32>()?.iter().map(|&t| t as u32).collect()));
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &mut self.running[i];
+            let Some(r) = s.in_flight.filter(|_| s.entry.id == model_id) else {
+                i += 1;
+                continue;
+            };
+            s.in_flight = None;
+            let outcome = match &toks {
+                Ok(t) => s.on_token(t[r]),
+                Err(e) => Outcome::Done(Err(WorkerError::Internal(format!("{e:#}")))),
+            };
+            match outcome {
+                Outcome::Continue => i += 1,
+                Outcome::Done(res) => {
+                    let s = self.running.remove(i);
+                    ended.push((self.retire(s), res));
+                }
+            }
+        }
     }
 
     pub fn publish(&mut self) -> EngineStats {
@@ -512,7 +565,7 @@ impl Scheduler {
 /// Puts a sequence's not-yet-cached full blocks (of tokens in its KV) into
 /// the prefix cache, where they are (no copy).
 fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
-    let full = (s.kv_len / m.block_size).min(s.table.len());
+    let full = (s.kv_len.min(s.tokens.len()) / m.block_size).min(s.table.len());
     if full <= s.cached_upto {
         return;
     }

@@ -34,6 +34,10 @@ pub struct Sequence {
     pub table: Vec<u32>,
     /// Tokens in the KV cache (written through `table`).
     pub kv_len: usize,
+    /// Row of the scheduler's in-flight device tokens that holds this
+    /// sequence's next token, not read by the host yet (pipelined greedy
+    /// decode). Its KV then already holds every token in `tokens`.
+    pub in_flight: Option<usize>,
     /// Block hashes this sequence already put in the prefix cache.
     pub cached_upto: usize,
     pub preempted: u32,
@@ -87,6 +91,7 @@ impl Sequence {
             tokens: prompt,
             table: Vec::new(),
             kv_len: 0,
+            in_flight: None,
             cached_upto: 0,
             preempted: 0,
             started_sent: false,
