@@ -260,6 +260,20 @@ async fn sampling_seed_penalties_and_bias() {
     .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["choices"][0]["token_ids"], json!([77, 77, 77]));
+    // greedy with a logit_bias: the device adds the bias before its argmax
+    // exactly as the host's sampler does (logprobs force the host path)
+    let greedy = |logprobs: bool| {
+        let mut r = json!({"model": "llama-f32", "prompt": [1, 5], "max_tokens": 8, "temperature": 0,
+                           "logit_bias": {"77": 4, "78": 4, "5": -100}});
+        if logprobs {
+            r["logprobs"] = json!(1);
+        }
+        r
+    };
+    let (s, dev) = post("/v1/completions", greedy(false)).await;
+    assert_eq!(s, 200, "{dev}");
+    let (_, host) = post("/v1/completions", greedy(true)).await;
+    assert_eq!(dev["choices"][0]["token_ids"], host["choices"][0]["token_ids"]);
     // a strong frequency penalty stops repeats of that token
     let (_, v) = post(
         "/v1/completions",

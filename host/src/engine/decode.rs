@@ -13,7 +13,7 @@ use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
 use mlx_rs::{
     ops::{
-        indexing::{argmax_axis, take_axis},
+        indexing::{argmax_axis, scatter_add_single, take_axis},
         select,
     },
     transforms::eval,
@@ -52,8 +52,28 @@ pub fn decode_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&m
         input = select(&Array::from_slice(&use_prev, &[b, 1]), &from_prev, &input)?;
     }
     let logits = forward(model, pool, seqs, input)?;
-    let tokens = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
+    let tokens = argmax_axis(&with_bias(seqs, &logits)?, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
     Ok(Step { tokens, logits })
+}
+
+/// The logits the device's argmax reads: with the `logit_bias` of the rows
+/// that take device tokens added, in f32 as the host's sampler adds it.
+fn with_bias(seqs: &[&mut Sequence], logits: &Array) -> Result<Array> {
+    let v = logits.dim(-1);
+    let (mut idx, mut val) = (Vec::new(), Vec::new());
+    for (r, s) in seqs.iter().enumerate().filter(|(_, s)| s.takes_device_token()) {
+        for &(id, b) in s.device_bias().iter().filter(|(id, _)| (*id as i32) < v) {
+            idx.push(r as i32 * v + id as i32);
+            val.push(b);
+        }
+    }
+    if idx.is_empty() {
+        return Ok(logits.clone());
+    }
+    let n = idx.len() as i32;
+    let flat = logits.as_dtype(Dtype::Float32)?.reshape(&[-1])?; // [B*V]
+    let flat = scatter_add_single(&flat, Array::from_slice(&idx, &[n]), Array::from_slice(&val, &[n, 1]), 0)?;
+    Ok(flat.reshape(logits.shape())?)
 }
 
 /// Reads a step for the host: the rows' tokens, or logits for rows that

@@ -184,9 +184,14 @@ pub struct PagedForward<'a> {
     len: usize,
     /// int32 [B * len]: the slots the new tokens go to (row-major).
     write: Array,
-    /// int32 [B * ctx]: per row, the slots of positions 0..ctx (padding: 0).
+    /// int32 [B * blocks]: per row, its table's first `blocks` entries, the
+    /// blocks holding positions 0..ctx (padding: block 0). Gathering whole
+    /// blocks takes one index per block, not one per token.
     gather: Array,
+    /// Positions gathered per row: the longest row's blocks x block size.
     ctx: usize,
+    /// With one row: its exact context length (the gather is cut to it).
+    exact: Option<usize>,
     /// Per window (0: full attention): the mask, None when causal or none is enough.
     masks: HashMap<u32, Option<Array>>,
 }
@@ -195,10 +200,11 @@ impl<'a> PagedForward<'a> {
     /// Rows' tables must already cover `offset + len` tokens.
     pub fn new(pool: &'a mut KvPool, rows: &[Row], len: usize) -> anyhow::Result<Self> {
         let bs = pool.block_size;
-        let ctx = rows.iter().map(|r| r.offset + len).max().unwrap_or(0);
+        let nblk = rows.iter().map(|r| (r.offset + len).div_ceil(bs)).max().unwrap_or(0);
+        let ctx = nblk * bs;
         let slot = |t: &[u32], p: usize| (t[p / bs] as usize * bs + p % bs) as i32;
         let mut write = Vec::with_capacity(rows.len() * len);
-        let mut gather = Vec::with_capacity(rows.len() * ctx);
+        let mut gather = Vec::with_capacity(rows.len() * nblk);
         let mut max_id = 0;
         for r in rows {
             let end = r.offset + len;
@@ -210,8 +216,9 @@ impl<'a> PagedForward<'a> {
             }
             max_id = max_id.max(r.table.iter().copied().max().unwrap_or(0) as usize);
             write.extend((r.offset..end).map(|p| slot(r.table, p)));
-            gather.extend((0..end).map(|p| slot(r.table, p)));
-            gather.extend(std::iter::repeat(0).take(ctx - end));
+            let own = end.div_ceil(bs);
+            gather.extend(r.table[..own].iter().map(|&b| b as i32));
+            gather.extend(std::iter::repeat(0).take(nblk - own));
         }
         pool.reserve(max_id);
         let b = rows.len() as i32;
@@ -220,8 +227,9 @@ impl<'a> PagedForward<'a> {
             offsets: rows.iter().map(|r| r.offset as i32).collect(),
             len,
             write: Array::from_slice(&write, &[b * len as i32]),
-            gather: Array::from_slice(&gather, &[b * ctx as i32]),
+            gather: Array::from_slice(&gather, &[b * nblk as i32]),
             ctx,
+            exact: (rows.len() == 1).then(|| rows[0].offset + len),
             masks: HashMap::new(),
         })
     }
@@ -248,7 +256,7 @@ impl<'a> PagedForward<'a> {
             .entry(window)
             .or_insert_with(|| {
                 if offsets.len() == 1 && window == 0 {
-                    return None;
+                    return None; // the gather is cut to the row's length
                 }
                 let mut m = Vec::with_capacity(offsets.len() * len * ctx);
                 for &o in offsets {
@@ -295,12 +303,16 @@ impl<'a> PagedForward<'a> {
         };
         let pk = scatter_single(&pk, &self.write, upd(&k)?, 0)?;
         let pv = scatter_single(&pv, &self.write, upd(&v)?, 0)?;
-        // [B*ctx, K, hd] -> [B, K, ctx, hd]
-        let ctx = self.ctx as i32;
+        // pool [blocks, block*K*hd] -> [B*nblk, block*K*hd] -> [B, K, ctx, hd]
+        let (ctx, bs) = (self.ctx as i32, self.pool.block_size as i32);
+        let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
         let gather = |p: &Array| -> Result<Array, PluginError> {
-            Ok(take_axis(p, &self.gather, 0)?
-                .reshape(&[b, ctx, kh, hd])?
-                .transpose_axes(&[0, 2, 1, 3])?)
+            let blocks = p.reshape(&[p.dim(0) / bs, bs * kh * hd])?;
+            let x = take_axis(&blocks, &self.gather, 0)?.reshape(&[b, ctx, kh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
+            Ok(match cut {
+                Some(e) => x.try_index((.., .., ..e as i32, ..))?,
+                None => x,
+            })
         };
         let (keys, values) = (gather(&pk)?, gather(&pv)?);
         self.pool.put(layer as usize, (pk, pv));

@@ -112,6 +112,16 @@ impl Sampler {
             && self.p.frequency_penalty == 0.0
     }
 
+    /// Greedy with at most a `logit_bias` (no penalties, which depend on the
+    /// history): the engine adds the bias on the device and takes the argmax
+    /// there (`device_bias`).
+    pub fn is_device_greedy(&self) -> bool {
+        self.p.temperature <= 0.0
+            && self.p.repetition_penalty == 1.0
+            && self.p.presence_penalty == 0.0
+            && self.p.frequency_penalty == 0.0
+    }
+
     /// Applies logit_bias and the penalties in place.
     pub fn process(&self, logits: &mut [f32]) {
         for &(id, b) in &self.p.logit_bias {

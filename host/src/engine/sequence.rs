@@ -204,10 +204,16 @@ impl Sequence {
     }
 
     /// True when the device's argmax is this sequence's next token (greedy,
-    /// no logit processing, no constraint, no logprobs): the engine then
-    /// hands it the token with `on_token` instead of the logits.
+    /// no penalty, no constraint, no logprobs; a `logit_bias` is added on the
+    /// device, see `device_bias`): the engine then hands it the token with
+    /// `on_token` instead of the logits.
     pub fn takes_device_token(&self) -> bool {
-        self.sampler.is_plain_greedy() && self.hook.is_none() && self.params.logprobs.is_none()
+        self.sampler.is_device_greedy() && self.hook.is_none() && self.params.logprobs.is_none()
+    }
+
+    /// The `logit_bias` the device adds before its argmax (token, bias).
+    pub fn device_bias(&self) -> &[(u32, f32)] {
+        &self.sampler.params().logit_bias
     }
 
     /// The next token, chosen on the device (see `takes_device_token`).
