@@ -378,6 +378,13 @@ impl Scheduler {
         let mut ended = Vec::new();
         let mut preempted = Vec::new();
         self.stats.steps += 1;
+        // A prefill is coming: hand out the pipelined tokens first, so running
+        // streams (and first tokens) do not wait for it.
+        if self.running.iter().any(|s| s.entry.id == model_id && s.to_prefill() > 0) {
+            if let Some(p) = self.in_flight.remove(model_id) {
+                self.take_in_flight(model_id, &p, &mut ended);
+            }
+        }
         // --- prefill: chunks of prompts in arrival order, at most one
         // `--prefill-chunk` of tokens per step in all (so running streams
         // never wait longer than one chunk; short prompts share a step).
