@@ -388,7 +388,11 @@ impl Scheduler {
         // --- prefill: chunks of prompts in arrival order, at most one
         // `--prefill-chunk` of tokens per step in all (so running streams
         // never wait longer than one chunk; short prompts share a step).
-        let mut budget: Option<usize> = None;
+        // The budget protects decoding streams; while none is decoding, every
+        // prefilling sequence takes its chunk this step (prompts that arrive
+        // together start decoding together).
+        let decoding = self.running.iter().any(|s| s.entry.id == model_id && s.to_prefill() == 0);
+        let mut budget: Option<usize> = (!decoding).then_some(usize::MAX);
         let mut prefilled: Vec<u64> = Vec::new();
         while let Some(i) = self.running.iter().position(|s| {
             s.entry.id == model_id && s.to_prefill() > 0 && !prefilled.contains(&s.id)
@@ -461,7 +465,7 @@ impl Scheduler {
             // Every row greedy on the device: this step's tokens stay on the
             // device as the next step's input, and the host reads them one
             // step later, while the device runs that next step.
-            let pipelined = rows.iter().all(|&i| self.running[i].takes_device_token());
+            let pipelined = pipelining() && rows.iter().all(|&i| self.running[i].takes_device_token());
             let pool = &mut self.managers.get_mut(model_id).unwrap().pool;
             let step = {
                 // Borrow the rows mutably, in row order.
@@ -567,6 +571,12 @@ impl Scheduler {
         self.stats.memory_cache_bytes = cache;
         self.stats.clone()
     }
+}
+
+/// Pipelined greedy decode, on unless `RMLX_PIPELINE=0`.
+fn pipelining() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RMLX_PIPELINE").map(|v| v != "0").unwrap_or(true))
 }
 
 /// Puts a sequence's not-yet-cached full blocks (of tokens in its KV) into
