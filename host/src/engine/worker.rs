@@ -545,6 +545,14 @@ impl Resident {
     }
 }
 
+/// After waking from idle, more jobs are taken while they come at most
+/// `RMLX_ARRIVAL_GAP_MS` (default 4; 0: off) apart, for at most ARRIVAL_MAX.
+fn arrival_gap() -> Duration {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    Duration::from_millis(*MS.get_or_init(|| std::env::var("RMLX_ARRIVAL_GAP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(4)))
+}
+const ARRIVAL_MAX: Duration = Duration::from_millis(25);
+
 struct Engine {
     reg: Registry,
     cfg: WorkerConfig,
@@ -584,6 +592,17 @@ impl Engine {
                 };
                 if !self.handle(job) {
                     return;
+                }
+                // Waking from idle: requests sent together (a client's
+                // concurrent streams) reach here a few ms apart; gathering
+                // them lets them prefill in the same step and start decoding
+                // together. A lone request waits one gap.
+                let until = Instant::now() + ARRIVAL_MAX;
+                let gap = arrival_gap();
+                while let Ok(job) = rx.recv_timeout(gap.min(until.saturating_duration_since(Instant::now()))) {
+                    if !self.handle(job) {
+                        return;
+                    }
                 }
             }
             // Everything else that came meanwhile (between steps).
