@@ -10,8 +10,7 @@ use mlx_rs::{
     },
     Array,
 };
-use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult, PluginError};
-use std::ffi::c_void;
+use rmlx_plugin_api::{AttendOptions, Attention, PluginError};
 
 /// Capacity grows in steps of this many tokens (as mlx-lm's KVCache).
 const STEP: i32 = 256;
@@ -34,24 +33,7 @@ impl KvCache {
         }
     }
 
-    /// A cache that grows in steps of `step` tokens.
-    pub fn with_step(num_layers: usize, step: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            offset: 0,
-            step: step.max(1) as i32,
-        }
-    }
 
-    /// A cache holding `len` tokens given per layer as (keys, values)
-    /// [1, K, len, hd] (a prefix-cache hit).
-    pub fn from_prefix(layers: Vec<(Array, Array)>, len: usize, step: usize) -> Self {
-        Self {
-            layers: layers.into_iter().map(Some).collect(),
-            offset: len as i32,
-            step: step.max(1) as i32,
-        }
-    }
 
     /// The per-layer buffers [1, K, capacity, hd] and the offset, when every
     /// layer has been written (the compiled decode step takes them over).
@@ -74,44 +56,6 @@ impl KvCache {
         self.step
     }
 
-    /// Tokens the buffers can hold now.
-    pub fn capacity(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2) as usize)
-            .unwrap_or(0)
-    }
-
-    /// Capacity after `n` more tokens are written (growth mirrors `attend`).
-    pub fn capacity_after(&self, n: usize) -> usize {
-        let cap = self.capacity();
-        let end = self.offset as usize + n;
-        if self.layers.first().is_some_and(|l| l.is_some()) && end <= cap {
-            cap
-        } else {
-            self.offset as usize + n.div_ceil(self.step as usize) * self.step as usize
-        }
-    }
-
-    /// Copies (evaluated, owning their memory) of positions start..end of
-    /// every layer: (keys, values) [1, K, end-start, hd].
-    pub fn copy_range(&self, start: usize, end: usize) -> anyhow::Result<Vec<(Array, Array)>> {
-        let (s, e) = (start as i32, end as i32);
-        let mut out = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let (k, v) = l
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("KV cache layer is empty"))?;
-            let k = copy_array(&k.try_index((.., .., s..e, ..))?)?;
-            let v = copy_array(&v.try_index((.., .., s..e, ..))?)?;
-            out.push((k, v));
-        }
-        let all: Vec<&Array> = out.iter().flat_map(|(k, v)| [k, v]).collect();
-        mlx_rs::transforms::eval(all)?;
-        Ok(out)
-    }
-
     /// Tokens already cached.
     pub fn offset(&self) -> i32 {
         self.offset
@@ -124,19 +68,25 @@ impl KvCache {
 
     /// Lends the cache to one forward call.
     pub fn attention(&mut self) -> Attention {
-        unsafe {
-            Attention::new(
-                self as *mut Self as *mut c_void,
-                offset_cb,
-                attend_cb,
-                offsets_cb,
-                batch_one_cb,
-            )
-        }
+        super::attend::lend(self)
+    }
+}
+
+impl super::attend::KvStore for KvCache {
+    fn batch(&self) -> u32 {
+        1
+    }
+
+    fn offset(&self) -> i32 {
+        self.offset
+    }
+
+    fn offsets(&self) -> Array {
+        Array::from_slice(&[self.offset], &[1])
     }
 
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
-    pub(crate) fn attend(
+    fn attend(
         &mut self,
         layer: u32,
         q: Array,
@@ -189,46 +139,4 @@ impl KvCache {
             &q, &k, &v, opts.scale, mask, None,
         )?)
     }
-}
-
-/// A real copy (new buffer) of `a`, which may be a strided view.
-fn copy_array(a: &Array) -> anyhow::Result<Array> {
-    let stream = mlx_rs::Stream::thread_local_or_default();
-    unsafe {
-        let mut res = mlx_sys::mlx_array_new();
-        if mlx_sys::mlx_copy(&mut res, a.as_ptr(), stream.as_ptr()) != 0 {
-            mlx_sys::mlx_array_free(res);
-            anyhow::bail!("mlx_copy failed");
-        }
-        Ok(Array::from_ptr(res))
-    }
-}
-
-extern "C" fn offset_cb(state: *mut c_void) -> i32 {
-    unsafe { &*(state as *const KvCache) }.offset
-}
-
-extern "C" fn offsets_cb(state: *mut c_void) -> MlxArray {
-    let off = unsafe { &*(state as *const KvCache) }.offset;
-    MlxArray::from_array(Array::from_slice(&[off], &[1]))
-}
-
-extern "C" fn batch_one_cb(_: *mut c_void) -> u32 {
-    1
-}
-
-extern "C" fn attend_cb(
-    state: *mut c_void,
-    layer: u32,
-    q: MlxArray,
-    k: MlxArray,
-    v: MlxArray,
-    opts: AttendOptions,
-) -> PResult<MlxArray> {
-    let cache = unsafe { &mut *(state as *mut KvCache) };
-    guard(|| {
-        cache
-            .attend(layer, q.into_array(), k.into_array(), v.into_array(), opts)
-            .map(MlxArray::from_array)
-    })
 }

@@ -27,7 +27,7 @@ use mlx_rs::{
     Array, Dtype,
 };
 use mlx_sys::{mlx_array, mlx_closure, mlx_vector_array};
-use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult, PluginError};
+use rmlx_plugin_api::{AttendOptions, MlxArray, PluginError};
 use std::ffi::c_void;
 
 /// What the trace function needs; lives as long as the compiled closure.
@@ -207,9 +207,7 @@ unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec
         (0..b as i32).map(|r| pos.try_index(r..r + 1)).collect::<Result<Vec<_>, _>>()?
     };
     let mut cache = TracedCache { pos: pos.clone(), row_pos, rows, masks: vec![None; b] };
-    let attention = unsafe {
-        Attention::new(&mut cache as *mut TracedCache as *mut c_void, offset_cb, attend_cb, offsets_cb, batch_cb)
-    };
+    let attention = super::attend::lend(&mut cache);
     let logits = model.model.forward(MlxArray::from_array(tokens), attention, true);
     let logits = crate::plugins::registry::into_anyhow(logits, &model.architecture_plugin)?.into_array(); // [B, 1, V]
     let next = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
@@ -235,7 +233,20 @@ struct TracedCache {
     masks: Vec<Option<Array>>,
 }
 
-impl TracedCache {
+impl super::attend::KvStore for TracedCache {
+    fn batch(&self) -> u32 {
+        self.rows.len() as u32
+    }
+
+    /// Unknown while tracing; architectures take positions from `offsets()`.
+    fn offset(&self) -> i32 {
+        0
+    }
+
+    fn offsets(&self) -> Array {
+        self.pos.clone()
+    }
+
     /// q: [B, H, 1, hd], k/v: [B, K, 1, hd] -> [B, H, 1, hd]
     fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
         if opts.window != 0 {
@@ -292,20 +303,3 @@ fn slice_update_at(buf: &Array, x: &Array, pos: &Array) -> Result<Array, PluginE
     }
 }
 
-extern "C" fn offset_cb(_: *mut c_void) -> i32 {
-    // Unknown while tracing; architectures take positions from `offsets()`.
-    0
-}
-
-extern "C" fn offsets_cb(state: *mut c_void) -> MlxArray {
-    MlxArray::from_array(unsafe { &*(state as *const TracedCache) }.pos.clone())
-}
-
-extern "C" fn batch_cb(state: *mut c_void) -> u32 {
-    unsafe { &*(state as *const TracedCache) }.rows.len() as u32
-}
-
-extern "C" fn attend_cb(state: *mut c_void, layer: u32, q: MlxArray, k: MlxArray, v: MlxArray, opts: AttendOptions) -> PResult<MlxArray> {
-    let cache = unsafe { &mut *(state as *mut TracedCache) };
-    guard(|| cache.attend(layer, q.into_array(), k.into_array(), v.into_array(), opts).map(MlxArray::from_array))
-}

@@ -24,9 +24,8 @@ use mlx_rs::{
     },
     Array, Dtype,
 };
-use rmlx_plugin_api::{author::guard, AttendOptions, Attention, MlxArray, PResult, PluginError};
+use rmlx_plugin_api::{AttendOptions, Attention, PluginError};
 use std::collections::HashMap;
-use std::ffi::c_void;
 
 /// A model's KV blocks: per layer (keys, values) `[slots, kv_heads, hd]`.
 pub struct KvPool {
@@ -235,15 +234,7 @@ impl<'a> PagedForward<'a> {
     }
 
     pub fn attention(&mut self) -> Attention {
-        unsafe {
-            Attention::new(
-                self as *mut Self as *mut c_void,
-                offset_cb,
-                attend_cb,
-                offsets_cb,
-                batch_cb,
-            )
-        }
+        super::attend::lend(self)
     }
 
     /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
@@ -274,6 +265,20 @@ impl<'a> PagedForward<'a> {
                 ))
             })
             .clone()
+    }
+}
+
+impl super::attend::KvStore for PagedForward<'_> {
+    fn batch(&self) -> u32 {
+        self.offsets.len() as u32
+    }
+
+    fn offset(&self) -> i32 {
+        self.offsets.first().copied().unwrap_or(0)
+    }
+
+    fn offsets(&self) -> Array {
+        Array::from_slice(&self.offsets, &[self.offsets.len() as i32])
     }
 
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
@@ -339,41 +344,10 @@ impl<'a> PagedForward<'a> {
     }
 }
 
-extern "C" fn offset_cb(state: *mut c_void) -> i32 {
-    unsafe { &*(state as *const PagedForward) }
-        .offsets
-        .first()
-        .copied()
-        .unwrap_or(0)
-}
-
-extern "C" fn offsets_cb(state: *mut c_void) -> MlxArray {
-    let p = unsafe { &*(state as *const PagedForward) };
-    MlxArray::from_array(Array::from_slice(&p.offsets, &[p.offsets.len() as i32]))
-}
-
-extern "C" fn batch_cb(state: *mut c_void) -> u32 {
-    unsafe { &*(state as *const PagedForward) }.offsets.len() as u32
-}
-
-extern "C" fn attend_cb(
-    state: *mut c_void,
-    layer: u32,
-    q: MlxArray,
-    k: MlxArray,
-    v: MlxArray,
-    opts: AttendOptions,
-) -> PResult<MlxArray> {
-    let p = unsafe { &mut *(state as *mut PagedForward) };
-    guard(|| {
-        p.attend(layer, q.into_array(), k.into_array(), v.into_array(), opts)
-            .map(MlxArray::from_array)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::super::attend::KvStore;
     use mlx_rs::random;
 
     /// Reference: attention of one row over its contiguous k/v history.
@@ -407,6 +381,11 @@ mod tests {
     #[test]
     fn paged_batch_matches_contiguous_attention() {
         let (h, kh, hd, bs) = (4, 2, 8, 4);
+        // Random q [b, H, l, hd], k and v [b, K, l, hd].
+        let qkv = |b: i32, l: i32| {
+            let r = |heads: i32| random::normal::<f32>(&[b, heads, l, hd], None, None, None).unwrap();
+            (r(h), r(kh), r(kh))
+        };
         let mut pool = KvPool::new(1, kh as usize, hd as usize, bs, 64);
         let tables = [vec![5u32, 1, 7, 2], vec![0u32, 6, 3, 4]];
         let prompt = [6i32, 9];
@@ -417,9 +396,7 @@ mod tests {
             hist.clear();
             // prefill each row alone
             for (r, &n) in prompt.iter().enumerate() {
-                let q = random::normal::<f32>(&[1, h, n, hd], None, None, None).unwrap();
-                let k = random::normal::<f32>(&[1, kh, n, hd], None, None, None).unwrap();
-                let v = random::normal::<f32>(&[1, kh, n, hd], None, None, None).unwrap();
+                let (q, k, v) = qkv(1, n);
                 let rows = [Row {
                     table: &tables[r],
                     offset: 0,
@@ -439,9 +416,7 @@ mod tests {
             }
             // batched decode steps
             for step in 0..4 {
-                let q = random::normal::<f32>(&[2, h, 1, hd], None, None, None).unwrap();
-                let k = random::normal::<f32>(&[2, kh, 1, hd], None, None, None).unwrap();
-                let v = random::normal::<f32>(&[2, kh, 1, hd], None, None, None).unwrap();
+                let (q, k, v) = qkv(2, 1);
                 let rows: Vec<Row> = (0..2)
                     .map(|r| Row {
                         table: &tables[r],

@@ -4,11 +4,13 @@
 //! the block allocator and prefix cache (`block_manager`), and the prefix
 //! cache's SSD tier (`ssd`). `cache` is the one-sequence contiguous cache of
 //! `generate` and the compiled step.
+pub mod attend;
 pub mod block_manager;
 pub mod cache;
 pub mod compiled;
 pub mod decode;
 pub mod generate;
+pub mod kv_budget;
 pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;
