@@ -12,7 +12,7 @@
 //! block) and `enable_thinking: false` renders an empty block like Qwen 3.
 mod common;
 
-use rmlx::api::{self, AppState, ServerOptions};
+use rmlx::api::{AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
 use rmlx::model::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -63,18 +63,7 @@ fn base() -> &'static str {
         )
         .unwrap();
         let state = Arc::new(AppState { catalog: Arc::new(catalog), worker, opts: ServerOptions::default() });
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                use poem::listener::{Acceptor, Listener};
-                let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
-                let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
-                tx.send(format!("http://{addr}")).unwrap();
-                poem::Server::new_with_acceptor(acceptor).run(api::app(state)).await.unwrap();
-            });
-        });
-        rx.recv().unwrap()
+        common::serve(state)
     })
 }
 

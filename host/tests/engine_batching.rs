@@ -7,7 +7,6 @@ use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
 use rmlx::engine::worker::{
     FinishReason, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig,
 };
-use rmlx::engine::{generate::generate, GenerateOptions, LoadedModel};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,17 +98,7 @@ fn collect(r: &mut Req) -> (Vec<u32>, FinishReason) {
 
 /// One at a time through the CLI's generate loop (rmlx generate).
 fn reference(model: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
-    let reg = common::registry();
-    let mut m = LoadedModel::load(&common::fixture(&format!("models/{model}")), &reg).unwrap();
-    let opts = GenerateOptions {
-        max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: None,
-        stop_ids: vec![],
-        prefill_chunk: 512,
-    };
-    generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
+    common::greedy_reference(model, prompt, max_tokens)
 }
 
 fn wait_idle(w: &Worker) {

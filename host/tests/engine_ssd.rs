@@ -11,7 +11,6 @@ use rmlx::engine::ssd::{SsdConfig, FIXED};
 use rmlx::engine::worker::{
     GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig,
 };
-use rmlx::engine::{generate::generate, GenerateOptions, LoadedModel};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -93,17 +92,7 @@ fn run(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize) -
 
 /// A cold run through the CLI's generate loop (no cache of any kind).
 fn reference(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
-    let reg = common::registry();
-    let mut m = LoadedModel::load(&common::fixture(&format!("models/{MODEL}")), &reg).unwrap();
-    let opts = GenerateOptions {
-        max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: None,
-        stop_ids: vec![],
-        prefill_chunk: 512,
-    };
-    generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
+    common::greedy_reference(MODEL, prompt, max_tokens)
 }
 
 /// Waits until `cond` holds (60 s at most: the engine or the writer hung).

@@ -8,7 +8,7 @@
 //! server. An unknown `quant_method` is a clear error.
 mod common;
 
-use rmlx::api::{self, AppState, ServerOptions};
+use rmlx::api::{AppState, ServerOptions};
 use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
 use common::golden::{compare, Case, Golden, Tally, MARGIN};
@@ -160,18 +160,7 @@ async fn the_server_serves_both_formats() {
     )
     .unwrap();
     let state = Arc::new(AppState { catalog: Arc::new(catalog), worker, opts: ServerOptions::default() });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            use poem::listener::{Acceptor, Listener};
-            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
-            let addr = acceptor.local_addr()[0].as_socket_addr().cloned().unwrap();
-            tx.send(format!("http://{addr}")).unwrap();
-            poem::Server::new_with_acceptor(acceptor).run(api::app(state)).await.unwrap();
-        });
-    });
-    let base = rx.recv().unwrap();
+    let base = common::serve(state);
     for name in ["llama-bitnet", "llama-paroquant"] {
         let case = &golden(name).prompts[2];
         let body = json!({"model": name, "prompt": case.prompt, "max_tokens": case.tokens.len(), "temperature": 0});

@@ -375,6 +375,12 @@ mod tests {
         assert!(d < 1e-5, "max abs diff {d}");
     }
 
+    /// One paged forward's attention (layer 0, scale 0.5) over `rows`.
+    fn attend(pool: &mut KvPool, rows: &[Row], q: &Array, k: &Array, v: &Array, window: u32) -> Array {
+        let mut f = PagedForward::new(pool, rows, k.dim(2) as usize).unwrap();
+        f.attend(0, q.clone(), k.clone(), v.clone(), AttendOptions { scale: 0.5, window }).unwrap()
+    }
+
     /// Two sequences with scattered, interleaved block tables: a prefill
     /// chunk each, then batched decode steps; every output equals attention
     /// over the row's own contiguous history, with and without a window.
@@ -401,16 +407,7 @@ mod tests {
                     table: &tables[r],
                     offset: 0,
                 }];
-                let mut f = PagedForward::new(pool, &rows, n as usize).unwrap();
-                let out = f
-                    .attend(
-                        0,
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        AttendOptions { scale: 0.5, window },
-                    )
-                    .unwrap();
+                let out = attend(pool, &rows, &q, &k, &v, window);
                 close(&out, &reference(&q, &k, &v, window));
                 hist.push((k, v));
             }
@@ -423,16 +420,7 @@ mod tests {
                         offset: prompt[r] as usize + step,
                     })
                     .collect();
-                let mut f = PagedForward::new(pool, &rows, 1).unwrap();
-                let out = f
-                    .attend(
-                        0,
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        AttendOptions { scale: 0.5, window },
-                    )
-                    .unwrap();
+                let out = attend(pool, &rows, &q, &k, &v, window);
                 for r in 0..2i32 {
                     let row = |x: &Array| x.try_index((r..r + 1, .., .., ..)).unwrap();
                     let (hk, hv) = &hist[r as usize];

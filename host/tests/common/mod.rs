@@ -99,3 +99,13 @@ pub fn serve(state: std::sync::Arc<rmlx::api::AppState>) -> String {
     });
     rx.recv().unwrap()
 }
+
+/// Greedy token ids of `prompt` on fixture model `model` through the CLI's
+/// generate loop (`rmlx generate`: one sequence, no cache of any kind).
+pub fn greedy_reference(model: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    use rmlx::engine::{generate::generate, GenerateOptions, LoadedModel};
+    let reg = registry();
+    let mut m = LoadedModel::load(&fixture(&format!("models/{model}")), &reg).unwrap();
+    let opts = GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
+    generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
+}
