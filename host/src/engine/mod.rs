@@ -7,6 +7,7 @@
 pub mod attend;
 pub mod block_manager;
 pub mod cache;
+pub mod catalog;
 pub mod compiled;
 pub mod decode;
 pub mod generate;
