@@ -22,6 +22,7 @@ fixtures: $(FIXTURES)
 build: mlx fixtures
 	$(CARGO) build --workspace
 	@bash scripts/stage-plugins.sh debug
+	@bash scripts/build-prev-abi.sh debug
 
 ## release build of the binary and the shipped plugins (target/release/plugins)
 release: mlx

@@ -14,24 +14,23 @@ MLX_VERSION=${MLX_VERSION:-0.32.4}
 MLXSYS_VERSION=0.7.0
 DEST=$ROOT/.mlx
 PREFIX=$DEST/py/mlx
-HASH=$(cat "$0" "$ROOT"/kernels/mlxc/*.* "$ROOT"/kernels/mlxc/compat/* "$ROOT"/scripts/patch-mlx-c.py | sha256sum | cut -c1-16)
+HASH=$(cat "$0" "$ROOT"/scripts/lib/sysdeps.sh "$ROOT"/kernels/mlxc/*.* "$ROOT"/kernels/mlxc/compat/* "$ROOT"/scripts/patch-mlx-c.py | sha256sum | cut -c1-16)
 STAMP=$DEST/stamp-$MLX_VERSION-$MLXSYS_VERSION-$HASH
 if [ -f "$STAMP" ] && [ -f "$PREFIX/lib/libmlxc.so" ]; then exit 0; fi
 
 log() { echo "[make mlx] $*"; }
 
 # 1. System packages: cmake for mlx-c, libclang for bindgen, OpenBLAS for speed.
-missing=()
-command -v cmake >/dev/null || missing+=(cmake)
-command -v c++ >/dev/null || missing+=(g++)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-[ -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ] || [ "$(uname -m)" != x86_64 ] || missing+=(libopenblas0-pthread)
+# shellcheck source=lib/sysdeps.sh
+. "$ROOT/scripts/lib/sysdeps.sh"
+mapfile -t missing < <(missing_packages)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+find_libclang >/dev/null || { log "no libclang that bindgen can load (libclang.so, libclang-*.so.1 or LIBCLANG_PATH)"; exit 1; }
 
 mkdir -p "$DEST/dl"
 # 2. The MLX wheel, unpacked as-is (its libmlx.so finds its BLAS through $ORIGIN).

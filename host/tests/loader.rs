@@ -93,6 +93,58 @@ fn refuses_a_plugin_of_another_abi_version() {
     assert!(r.contains(&want), "{r}");
 }
 
+/// A plugin built against the previous minor ABI (3.0: the frozen
+/// plugin-api copy in tests/plugins/prev-abi) loads, and its model runs.
+#[test]
+fn a_plugin_built_for_the_previous_minor_abi_loads_and_runs() {
+    let _g = common::mlx_lock();
+    let prev = common::test_plugins_dir().join(lib("rmlx_test_prev_abi"));
+    assert!(prev.exists(), "{} missing: run `make build` (scripts/build-prev-abi.sh)", prev.display());
+    let dir = plugin_dir(&[("librmlx_test_prev_abi.so", prev)]);
+    let reg = Registry::load(dir.path()).unwrap();
+    assert!(reg.refused.is_empty(), "{:?}", reg.refused);
+    let p = reg.architecture_plugin("rmlx_prev_abi").unwrap();
+    assert_eq!(p.info.id, "test-prev-abi");
+    assert_eq!(p.info.abi, "3.0");
+    // Fields appended after 3.0 read as absent; the host copes.
+    assert!(p.module.check_config().is_none());
+    reg.check_config("rmlx_prev_abi", "{}").unwrap();
+    // Today's plugins have them.
+    assert_eq!(reg.architecture_plugin("llama").unwrap().info.abi, format!("{}.{}", rmlx_plugin_api::ABI_VERSION, rmlx_plugin_api::ABI_MINOR));
+    assert!(reg.architecture_plugin("llama").unwrap().module.check_config().is_some());
+    // Its model loads and its forward runs: the most likely next token is token + 1.
+    let model_dir = tempfile::tempdir().unwrap();
+    std::fs::write(model_dir.path().join("config.json"), r#"{"model_type": "rmlx_prev_abi", "vocab_size": 16}"#).unwrap();
+    let data = 1f32.to_le_bytes();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+    safetensors::serialize_to_file([("dummy", view)], None, &model_dir.path().join("model.safetensors")).unwrap();
+    let mut model = LoadedModel::load(model_dir.path(), &reg).unwrap();
+    let logits = Session::new(&mut model).prefill(&[3, 4, 6]).unwrap();
+    let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(best, 7);
+}
+
+#[test]
+fn refuses_a_plugin_of_a_newer_minor_abi() {
+    use rmlx::plugins::loader::abi_check;
+    use rmlx_plugin_api::{ABI_MINOR, ABI_VERSION};
+    abi_check("p", "libp.so", ABI_VERSION, 0).unwrap();
+    abi_check("p", "libp.so", ABI_VERSION, ABI_MINOR).unwrap();
+    let err = abi_check("p", "libp.so", ABI_VERSION, ABI_MINOR + 1).unwrap_err().to_string();
+    assert!(err.contains(&format!("built for plugin ABI {ABI_VERSION}.{}", ABI_MINOR + 1)), "{err}");
+    assert!(err.contains("upgrade rmlx"), "{err}");
+    let err = abi_check("p", "libp.so", ABI_VERSION + 1, 0).unwrap_err().to_string();
+    assert!(err.contains(&format!("but this rmlx speaks ABI {ABI_VERSION}")), "{err}");
+}
+
+#[test]
+fn check_config_reaches_the_architecture_plugin() {
+    let reg = common::registry();
+    reg.check_config("llama", &std::fs::read_to_string(common::fixture("models/llama-f32/config.json")).unwrap()).unwrap();
+    let err = reg.check_config("gpt_oss", "{}").unwrap_err().to_string();
+    assert!(err.contains("unknown model_type `gpt_oss`"), "{err}");
+}
+
 #[test]
 fn two_plugins_claiming_the_same_model_type_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();

@@ -53,6 +53,13 @@ pub trait PluginImpl: 'static {
         let _ = (config_json, weights);
         Err(PluginError::unsupported(format!("no architecture {model_type}")))
     }
+    /// Checks a config.json for `model_type` without loading weights (ABI 3.1):
+    /// refuse, by name, any option this architecture does not implement.
+    /// The default accepts every config.
+    fn check_config(model_type: &str, config_json: &str) -> Result<()> {
+        let _ = (model_type, config_json);
+        Ok(())
+    }
     fn weight_quant(mode: &str) -> Result<Box<dyn QuantImpl>> {
         Err(PluginError::unsupported(format!("no weight format {mode}")))
     }
@@ -254,6 +261,10 @@ pub extern "C" fn load_model_entry<P: PluginImpl>(
         let spec = inner.spec();
         Ok(Model_TO::from_value(ModelAdapter { inner, spec }, TD_Opaque))
     })
+}
+
+pub extern "C" fn check_config_entry<P: PluginImpl>(model_type: RStr<'_>, config_json: RStr<'_>) -> PResult<()> {
+    guard(|| P::check_config(model_type.as_str(), config_json.as_str()))
 }
 
 pub extern "C" fn weight_quant_entry<P: PluginImpl>(mode: RStr<'_>) -> PResult<WeightQuantBox> {

@@ -13,6 +13,7 @@ pub fn root_module<P: PluginImpl>() -> PluginRef {
         weight_quant: (!m.weight_quants.is_empty()).then_some(weight_quant_entry::<P> as _),
         kv_family: None,
         drafter: None,
+        check_config: (!m.architectures.is_empty()).then_some(check_config_entry::<P> as _),
     }
     .leak_into_prefix()
 }
@@ -28,7 +29,8 @@ pub fn id_cstr<P: PluginImpl>(cell: &'static OnceLock<CString>) -> *const c_char
 
 /// Exports `$plugin` (a type implementing [`crate::author::PluginImpl`]) as an
 /// rmlx plugin: the abi_stable root module plus two plain C symbols the host
-/// reads first (`rmlx_plugin_abi_version`, `rmlx_plugin_id`).
+/// reads first (`rmlx_plugin_abi_version`, `rmlx_plugin_abi_minor`,
+/// `rmlx_plugin_id`).
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
@@ -40,6 +42,11 @@ macro_rules! export_plugin {
         #[no_mangle]
         pub extern "C" fn rmlx_plugin_abi_version() -> u32 {
             $crate::ABI_VERSION
+        }
+
+        #[no_mangle]
+        pub extern "C" fn rmlx_plugin_abi_minor() -> u32 {
+            $crate::ABI_MINOR
         }
 
         #[no_mangle]

@@ -9,8 +9,11 @@
 //! [`export_plugin!`]; the adapters in this crate catch every panic and turn
 //! every MLX error into a [`PluginError`] carrying MLX's own message.
 //!
-//! The API is append-only: new capabilities and methods go at the end, and
-//! [`ABI_VERSION`] is bumped on any change a loaded plugin could observe.
+//! The API is append-only: new capabilities and methods go at the end of
+//! prefix types (abi_stable), and [`ABI_MINOR`] counts those additions; an
+//! older plugin whose root module is a prefix of today's still loads. Only a
+//! breaking change bumps [`ABI_VERSION`] (the major), which the host refuses
+//! on mismatch.
 
 #![allow(non_local_definitions)] // abi_stable 0.11 macros
 
@@ -33,13 +36,23 @@ pub use manifest::Manifest;
 pub use module::{PluginModule, PluginRef};
 pub use wquant::{Embedding, EmbeddingBox, Linear, LinearBox, NamedArray, QuantParams, WeightQuant, WeightQuantBox};
 
-/// The plugin ABI this crate speaks. The host refuses plugins built for another.
+/// The plugin ABI's major version. The host refuses plugins built for another.
 /// 2: `Attention` gained per-sequence offsets (`offsets()`, `batch()`) for batching.
 /// 3: architectures take positions from `offsets()` for every batch size,
 ///    because the host may trace `forward` into a compiled graph.
 pub const ABI_VERSION: u32 = 3;
 
+/// The plugin ABI's minor version: appended, optional fields of the root
+/// module. A plugin of an older minor (the same major) loads, and the host
+/// treats its missing fields as absent; a plugin of a newer minor than the
+/// host is refused, since it may rely on what the host does not provide.
+/// 3.0: manifest, load_model, weight_quant, kv_family, drafter.
+/// 3.1: `check_config` (an architecture vets a config without loading weights).
+pub const ABI_MINOR: u32 = 1;
+
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";
+/// Exported by plugins of ABI 3.1 and later: [`ABI_MINOR`] (absent means 0).
+pub const ABI_MINOR_SYMBOL: &[u8] = b"rmlx_plugin_abi_minor\0";
 /// Exported by every plugin: its id as a NUL-terminated string.
 pub const ID_SYMBOL: &[u8] = b"rmlx_plugin_id\0";

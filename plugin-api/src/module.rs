@@ -16,7 +16,9 @@ use abi_stable::{
 };
 
 /// Entry points. A capability a plugin lacks is `None`. Append-only: new
-/// fields go after the last one and are optional for older plugins.
+/// fields go after the last one, with `missing_field(default)`, so that a
+/// plugin built for an older minor ABI (a prefix of these fields) loads and
+/// reads as `None` for the fields it lacks.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginRef)))]
@@ -32,6 +34,12 @@ pub struct PluginModule {
     /// Drafter: a drafter of a kind, with its config JSON.
     #[sabi(last_prefix_field)]
     pub drafter: Option<extern "C" fn(RStr<'_>, RStr<'_>) -> PResult<DrafterBox>>,
+    // ---- ABI 3.1 (optional: absent in plugins built for 3.0) ----
+    /// Architecture: checks a config.json for `model_type` without loading
+    /// weights, refusing options it does not implement by name, so the host
+    /// can list a model as unavailable with the reason before loading it.
+    #[sabi(missing_field(default))]
+    pub check_config: Option<extern "C" fn(RStr<'_>, RStr<'_>) -> PResult<()>>,
 }
 
 impl RootModule for PluginRef {

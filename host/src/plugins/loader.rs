@@ -2,7 +2,7 @@
 //! that are not rmlx plugins or were built for another plugin ABI.
 use abi_stable::library::{lib_header_from_path, RootModule};
 use anyhow::{anyhow, bail, Context, Result};
-use rmlx_plugin_api::{PluginRef, ABI_VERSION, ABI_VERSION_SYMBOL, ID_SYMBOL};
+use rmlx_plugin_api::{PluginRef, ABI_MINOR, ABI_MINOR_SYMBOL, ABI_VERSION, ABI_VERSION_SYMBOL, ID_SYMBOL};
 use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,8 @@ pub struct PluginInfo {
     pub id: String,
     pub version: String,
     pub description: String,
+    /// The plugin ABI it was built for, `major.minor`.
+    pub abi: String,
     pub architectures: Vec<String>,
     pub weight_quants: Vec<String>,
     pub kv_families: Vec<String>,
@@ -52,6 +54,23 @@ pub fn load_dir(dir: &Path) -> Result<(Vec<LoadedPlugin>, Vec<Refusal>)> {
     Ok((loaded, refused))
 }
 
+/// Whether a plugin built for ABI `major.minor` can load here: the same
+/// major, and a minor no newer than the host's (an older minor's root module
+/// is a prefix of today's; its missing fields read as absent).
+pub fn abi_check(id: &str, name: &str, major: u32, minor: u32) -> Result<()> {
+    if major != ABI_VERSION {
+        bail!(
+            "plugin `{id}` ({name}) was built for plugin ABI {major}, but this rmlx speaks ABI {ABI_VERSION}: rebuild it against this rmlx-plugin-api"
+        );
+    }
+    if minor > ABI_MINOR {
+        bail!(
+            "plugin `{id}` ({name}) was built for plugin ABI {major}.{minor}, newer than this rmlx's {ABI_VERSION}.{ABI_MINOR}: upgrade rmlx, or build the plugin against rmlx-plugin-api {ABI_VERSION}.{ABI_MINOR}"
+        );
+    }
+    Ok(())
+}
+
 /// Loads one plugin. The library stays loaded for the life of the process.
 pub fn load_file(path: &Path) -> Result<LoadedPlugin> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -72,15 +91,27 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin> {
             .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
             .unwrap_or_else(|| name.clone())
     };
-    if abi != ABI_VERSION {
-        bail!(
-            "plugin `{id}` ({name}) was built for plugin ABI {abi}, but this rmlx speaks ABI {ABI_VERSION}: rebuild it against this rmlx-plugin-api"
-        );
-    }
+    // Plugins built before ABI 3.1 export no minor: they are 3.0.
+    let minor: u32 = unsafe { lib.get::<extern "C" fn() -> u32>(ABI_MINOR_SYMBOL).ok().map(|f| f()).unwrap_or(0) };
+    abi_check(&id, &name, abi, minor)?;
     // 3. abi_stable checks the root module's layout and interface version.
-    let module = lib_header_from_path(path)
-        .and_then(|h| h.init_root_module::<PluginRef>())
-        .map_err(|e| anyhow!("plugin `{id}` ({name}) has an incompatible interface: {e}"))?;
+    let incompatible = |e: &dyn std::fmt::Display| anyhow!("plugin `{id}` ({name}) has an incompatible interface: {e}");
+    let header = lib_header_from_path(path).map_err(|e| incompatible(&e))?;
+    let module = if minor < ABI_MINOR {
+        // An older minor: its root module must be a prefix of ours. abi_stable
+        // checks that a library has at least the interface's fields (a newer
+        // library for an older host), so the older plugin's layout is checked
+        // as the interface against ours; the fields it lacks read as absent
+        // (`missing_field(default)`), because accessors look at the plugin's
+        // own prefix metadata.
+        let theirs = header.layout().ok_or_else(|| incompatible(&"its root module carries no layout"))?;
+        abi_stable::abi_stability::abi_checking::check_layout_compatibility(theirs, <PluginRef as abi_stable::StableAbi>::LAYOUT)
+            .map_err(|e| incompatible(&e))?;
+        // SAFETY: the layout was just checked, as a prefix of the host's.
+        unsafe { header.init_root_module_with_unchecked_layout::<PluginRef>() }.map_err(|e| incompatible(&e))?
+    } else {
+        header.init_root_module::<PluginRef>().map_err(|e| incompatible(&e))?
+    };
     std::mem::forget(lib); // abi_stable also leaks it; plugins are never unloaded.
     let m = (module.manifest())();
     let strings = |v: &abi_stable::std_types::RVec<abi_stable::std_types::RString>| {
@@ -90,6 +121,7 @@ pub fn load_file(path: &Path) -> Result<LoadedPlugin> {
         id: m.id.to_string(),
         version: m.version.to_string(),
         description: m.description.to_string(),
+        abi: format!("{abi}.{minor}"),
         architectures: strings(&m.architectures),
         weight_quants: strings(&m.weight_quants),
         kv_families: strings(&m.kv_families),

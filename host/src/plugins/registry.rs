@@ -111,6 +111,18 @@ impl Registry {
         into_anyhow(load(RStr::from(model_type), RStr::from(config_json), weights), &plugin.info.id)
     }
 
+    /// Checks a model's config.json with the architecture plugin that would
+    /// build it, without loading weights: an unknown `model_type`, or an
+    /// option the plugin refuses, is an error naming it. Plugins built for
+    /// ABI 3.0 have no check (`check_config` absent) and accept every config.
+    pub fn check_config(&self, model_type: &str, config_json: &str) -> Result<()> {
+        let plugin = self.architecture_plugin(model_type)?;
+        match plugin.module.check_config() {
+            Some(check) => into_anyhow(check(RStr::from(model_type), RStr::from(config_json)), &plugin.info.id),
+            None => Ok(()),
+        }
+    }
+
     /// (capability, key, plugin id) for every claim, for `rmlx plugins`.
     pub fn claims(&self) -> Vec<(&'static str, String, String)> {
         let mut out = Vec::new();

@@ -1,0 +1,267 @@
+//! The plain-Rust side of the contract, for plugin authors.
+//!
+//! Implement [`PluginImpl`] (and [`ModelImpl`], [`QuantImpl`], ... for what the
+//! plugin provides) with mlx-rs types, then call [`crate::export_plugin!`].
+//! The adapters here turn those into `StableAbi` trait objects, catching every
+//! panic so none crosses the boundary.
+use crate::{
+    arch::{AttendOptions, Attention, Model, ModelSpec, Model_TO, WeightSourceMut},
+    error::ErrorKind,
+    wquant::{
+        Embedding, EmbeddingBox, Embedding_TO, Linear, LinearBox, Linear_TO, NamedArray, QuantParams, WeightQuant,
+        WeightQuant_TO,
+    },
+    Manifest, MlxArray, ModelBox, PResult, PluginError, WeightQuantBox,
+};
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{RBox, RErr, ROk, RResult, RStr, RVec, Tuple2},
+};
+use mlx_rs::Array;
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+pub type Result<T> = std::result::Result<T, PluginError>;
+
+/// Runs `f`, turning a panic into a [`PluginError`] of kind `Panic`.
+pub fn guard<T>(f: impl FnOnce() -> Result<T>) -> PResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => ROk(v),
+        Ok(Err(e)) => RErr(e),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            RErr(PluginError::new(ErrorKind::Panic, format!("plugin panicked: {msg}")))
+        }
+    }
+}
+
+fn into_result<T>(r: PResult<T>) -> Result<T> {
+    match r {
+        ROk(v) => Ok(v),
+        RErr(e) => Err(e),
+    }
+}
+
+/// A plugin. Implement the methods for the capabilities its manifest lists.
+pub trait PluginImpl: 'static {
+    fn manifest() -> Manifest;
+    fn load_model(model_type: &str, config_json: &str, weights: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
+        let _ = (config_json, weights);
+        Err(PluginError::unsupported(format!("no architecture {model_type}")))
+    }
+    fn weight_quant(mode: &str) -> Result<Box<dyn QuantImpl>> {
+        Err(PluginError::unsupported(format!("no weight format {mode}")))
+    }
+}
+
+pub trait ModelImpl: Send + 'static {
+    fn spec(&self) -> ModelSpec;
+    /// `tokens`: int32 [B, L] -> logits [B, L | 1, vocab].
+    fn forward(&mut self, tokens: &Array, attention: &mut Attention, last_only: bool) -> Result<Array>;
+}
+
+pub trait LinearImpl: Send + 'static {
+    fn forward(&self, x: &Array) -> Result<Array>;
+    /// (in_features, out_features)
+    fn dims(&self) -> (u32, u32);
+}
+
+pub trait EmbeddingImpl: Send + 'static {
+    fn lookup(&self, ids: &Array) -> Result<Array>;
+    fn as_linear(&self, x: &Array) -> Result<Array>;
+    /// (vocab, dim)
+    fn dims(&self) -> (u32, u32);
+}
+
+pub trait QuantImpl: Send + 'static {
+    fn linear(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn LinearImpl>>;
+    fn embedding(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn EmbeddingImpl>>;
+}
+
+/// The tensors of one module, by local name (`weight`, `scales`, `biases`, `bias`).
+pub struct Tensors {
+    pub prefix: String,
+    map: BTreeMap<String, Array>,
+}
+
+impl Tensors {
+    pub fn new(prefix: impl Into<String>, items: RVec<NamedArray>) -> Self {
+        let map = items.into_iter().map(|n| (n.name.into_string(), n.array.into_array())).collect();
+        Self { prefix: prefix.into(), map }
+    }
+    pub fn take(&mut self, name: &str) -> Result<Array> {
+        self.map
+            .remove(name)
+            .ok_or_else(|| PluginError::missing(format!("missing tensor {}.{name}", self.prefix)))
+    }
+    pub fn take_opt(&mut self, name: &str) -> Option<Array> {
+        self.map.remove(name)
+    }
+    pub fn names(&self) -> Vec<&str> {
+        self.map.keys().map(String::as_str).collect()
+    }
+}
+
+/// The host's weights as an architecture sees them while loading.
+pub struct Weights<'a, 'b> {
+    src: &'a mut WeightSourceMut<'b>,
+}
+
+impl<'a, 'b> Weights<'a, 'b> {
+    pub fn new(src: &'a mut WeightSourceMut<'b>) -> Self {
+        Self { src }
+    }
+    pub fn linear(&mut self, prefix: &str) -> Result<LinearLayer> {
+        into_result(self.src.linear(RStr::from(prefix))).map(LinearLayer)
+    }
+    pub fn embedding(&mut self, prefix: &str) -> Result<EmbeddingLayer> {
+        into_result(self.src.embedding(RStr::from(prefix))).map(EmbeddingLayer)
+    }
+    pub fn tensor(&mut self, name: &str) -> Result<Array> {
+        into_result(self.src.tensor(RStr::from(name))).map(MlxArray::into_array)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(RStr::from(name))
+    }
+}
+
+/// A linear layer built by whichever WeightQuant plugin owns its format.
+pub struct LinearLayer(pub LinearBox);
+
+impl LinearLayer {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        into_result(self.0.forward(MlxArray::from_ref(x))).map(MlxArray::into_array)
+    }
+}
+
+/// An embedding built by whichever WeightQuant plugin owns its format.
+pub struct EmbeddingLayer(pub EmbeddingBox);
+
+impl EmbeddingLayer {
+    pub fn lookup(&self, ids: &Array) -> Result<Array> {
+        into_result(self.0.lookup(MlxArray::from_ref(ids))).map(MlxArray::into_array)
+    }
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        into_result(self.0.as_linear(MlxArray::from_ref(x))).map(MlxArray::into_array)
+    }
+}
+
+impl Attention {
+    /// [`Attention::attend`] with mlx-rs arrays.
+    pub fn attend_arrays(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array> {
+        into_result(self.attend(layer, q.into(), k.into(), v.into(), opts)).map(MlxArray::into_array)
+    }
+    /// [`Attention::offsets`] as an mlx-rs array (int32 [B]).
+    pub fn offsets_array(&self) -> Array {
+        self.offsets().into_array()
+    }
+}
+
+// ---- adapters: plain Rust -> StableAbi trait objects ----
+
+struct ModelAdapter {
+    inner: Box<dyn ModelImpl>,
+    spec: ModelSpec,
+}
+
+impl Model for ModelAdapter {
+    fn spec(&self) -> ModelSpec {
+        self.spec.clone()
+    }
+    fn forward(&mut self, tokens: MlxArray, mut attention: Attention, last_only: bool) -> PResult<MlxArray> {
+        guard(|| {
+            let tokens = tokens.into_array();
+            self.inner.forward(&tokens, &mut attention, last_only).map(MlxArray::from_array)
+        })
+    }
+}
+
+struct LinearAdapter(Box<dyn LinearImpl>);
+
+impl Linear for LinearAdapter {
+    fn forward(&self, x: MlxArray) -> PResult<MlxArray> {
+        guard(|| self.0.forward(&x.into_array()).map(MlxArray::from_array))
+    }
+    fn dims(&self) -> Tuple2<u32, u32> {
+        let (i, o) = self.0.dims();
+        Tuple2(i, o)
+    }
+}
+
+struct EmbeddingAdapter(Box<dyn EmbeddingImpl>);
+
+impl Embedding for EmbeddingAdapter {
+    fn lookup(&self, ids: MlxArray) -> PResult<MlxArray> {
+        guard(|| self.0.lookup(&ids.into_array()).map(MlxArray::from_array))
+    }
+    fn as_linear(&self, x: MlxArray) -> PResult<MlxArray> {
+        guard(|| self.0.as_linear(&x.into_array()).map(MlxArray::from_array))
+    }
+    fn dims(&self) -> Tuple2<u32, u32> {
+        let (v, d) = self.0.dims();
+        Tuple2(v, d)
+    }
+}
+
+struct QuantAdapter(Box<dyn QuantImpl>);
+
+impl WeightQuant for QuantAdapter {
+    fn linear(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<LinearBox> {
+        guard(|| {
+            let layer = self.0.linear(Tensors::new("", tensors), &params)?;
+            Ok(Linear_TO::from_value(LinearAdapter(layer), TD_Opaque))
+        })
+    }
+    fn embedding(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<EmbeddingBox> {
+        guard(|| {
+            let layer = self.0.embedding(Tensors::new("", tensors), &params)?;
+            Ok(Embedding_TO::from_value(EmbeddingAdapter(layer), TD_Opaque))
+        })
+    }
+}
+
+/// Wraps a plain-Rust linear layer (for hosts and plugins that build layers).
+pub fn linear_box(layer: Box<dyn LinearImpl>) -> LinearBox {
+    Linear_TO::from_value(LinearAdapter(layer), TD_Opaque)
+}
+
+/// Wraps a plain-Rust embedding.
+pub fn embedding_box(layer: Box<dyn EmbeddingImpl>) -> EmbeddingBox {
+    Embedding_TO::from_value(EmbeddingAdapter(layer), TD_Opaque)
+}
+
+// ---- entry points, monomorphized per plugin by export_plugin! ----
+
+pub extern "C" fn manifest_entry<P: PluginImpl>() -> crate::Manifest {
+    match catch_unwind(P::manifest) {
+        Ok(m) => m,
+        Err(_) => Manifest::new("<panicked>", "0", "manifest() panicked"),
+    }
+}
+
+pub extern "C" fn load_model_entry<P: PluginImpl>(
+    model_type: RStr<'_>,
+    config_json: RStr<'_>,
+    mut weights: WeightSourceMut<'_>,
+) -> PResult<ModelBox> {
+    guard(|| {
+        let mut w = Weights::new(&mut weights);
+        let inner = P::load_model(model_type.as_str(), config_json.as_str(), &mut w)?;
+        let spec = inner.spec();
+        Ok(Model_TO::from_value(ModelAdapter { inner, spec }, TD_Opaque))
+    })
+}
+
+pub extern "C" fn weight_quant_entry<P: PluginImpl>(mode: RStr<'_>) -> PResult<WeightQuantBox> {
+    guard(|| {
+        let q = P::weight_quant(mode.as_str())?;
+        Ok(WeightQuant_TO::from_value(QuantAdapter(q), TD_Opaque))
+    })
+}
+
+#[doc(hidden)]
+pub fn _unused(_: RBox<()>, _: RResult<(), ()>) {}

@@ -1,0 +1,42 @@
+//! The abi_stable root module every plugin exports.
+use crate::{
+    arch::{ModelBox, WeightSourceMut},
+    drafter::DrafterBox,
+    kv::KvFamilyBox,
+    wquant::WeightQuantBox,
+    Manifest, PResult,
+};
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::RStr,
+    StableAbi,
+};
+
+/// Entry points. A capability a plugin lacks is `None`. Append-only: new
+/// fields go after the last one and are optional for older plugins.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginModule {
+    pub manifest: extern "C" fn() -> Manifest,
+    /// Architecture: build a model of `model_type` from config.json text and weights.
+    pub load_model: Option<extern "C" fn(RStr<'_>, RStr<'_>, WeightSourceMut<'_>) -> PResult<ModelBox>>,
+    /// WeightQuant: the layer builder for a `quantization.mode`.
+    pub weight_quant: Option<extern "C" fn(RStr<'_>) -> PResult<WeightQuantBox>>,
+    /// KvCache: a KV family by name.
+    pub kv_family: Option<extern "C" fn(RStr<'_>) -> PResult<KvFamilyBox>>,
+    /// Drafter: a drafter of a kind, with its config JSON.
+    #[sabi(last_prefix_field)]
+    pub drafter: Option<extern "C" fn(RStr<'_>, RStr<'_>) -> PResult<DrafterBox>>,
+}
+
+impl RootModule for PluginRef {
+    declare_root_module_statics! {PluginRef}
+    const BASE_NAME: &'static str = "rmlx_plugin";
+    const NAME: &'static str = "rmlx_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
