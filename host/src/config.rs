@@ -15,13 +15,16 @@ pub struct Settings {
     pub plugins_dir: Option<PathBuf>,
     /// MLX memory limit in GB (host-wide; plugins see it too).
     pub memory_limit_gb: Option<f64>,
-    /// Compute dtype models are loaded in: model (the files' own), auto
-    /// (float32 on the CPU backend), float32, float16, bfloat16.
+    /// Compute dtype models are loaded in: auto (the default: float32 on the
+    /// CPU backend, the files' own elsewhere), model (the files' own),
+    /// float32, float16, bfloat16.
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// Dequantize affine layers at load (dense weights in the compute dtype).
-    #[serde(default)]
-    pub dequantize: bool,
+    /// Dequantize affine layers at load (dense weights in the compute
+    /// dtype): auto (the default: on a CPU when the dense weights fit), on
+    /// (also `true`), off (also `false`).
+    #[serde(default = "default_dequantize", deserialize_with = "bool_or_string")]
+    pub dequantize: String,
     pub server: ServerSettings,
     pub generate: GenerateSettings,
 }
@@ -101,7 +104,26 @@ pub struct GenerateSettings {
 }
 
 fn default_dtype() -> String {
-    "model".into()
+    "auto".into()
+}
+
+fn default_dequantize() -> String {
+    "auto".into()
+}
+
+/// `dequantize = true` (TOML, or RMLX_DEQUANTIZE=true) or a word.
+fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        B(bool),
+        S(String),
+    }
+    Ok(match V::deserialize(d)? {
+        V::B(true) => "on".into(),
+        V::B(false) => "off".into(),
+        V::S(s) => s,
+    })
 }
 
 impl Default for Settings {
@@ -110,7 +132,7 @@ impl Default for Settings {
             plugins_dir: None,
             memory_limit_gb: None,
             dtype: default_dtype(),
-            dequantize: false,
+            dequantize: default_dequantize(),
             server: ServerSettings {
                 host: "127.0.0.1".into(),
                 port: 8080,

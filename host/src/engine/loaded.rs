@@ -31,8 +31,12 @@ impl LoadedModel {
         Self::from_dir_with(ModelDir::open(path)?, registry, policy)
     }
 
+    /// Loads under the process's policy setting, resolved for this model
+    /// (`policy::resolve`: on a CPU, float32 and dense weights when they fit).
     pub fn from_dir(dir: ModelDir, registry: &Registry) -> Result<Self> {
-        Self::from_dir_with(dir, registry, crate::model::policy::get())
+        let r = crate::model::policy::resolve(&dir)?;
+        tracing::info!("load policy for {}: {} ({})", dir.path.display(), r.summary(), r.why);
+        Self::from_dir_with(dir, registry, r.policy)
     }
 
     pub fn from_dir_with(dir: ModelDir, registry: &Registry, policy: LoadPolicy) -> Result<Self> {

@@ -2,6 +2,7 @@
 pub mod chat_template;
 pub mod files;
 pub mod generation_config;
+pub mod params;
 pub mod policy;
 pub mod quant;
 pub mod safetensors;
