@@ -16,8 +16,10 @@ pub fn init(settings: &Settings) -> Result<()> {
     if let Some(gb) = settings.memory_limit_gb {
         set_memory_limit_bytes((gb * 1e9) as usize)?;
     }
-    let dtype = crate::model::policy::ComputeDtype::parse(&settings.dtype)?;
-    crate::model::policy::set(crate::model::policy::LoadPolicy { dtype, dequantize: settings.dequantize });
+    use crate::model::policy;
+    let dtype = policy::ComputeDtype::parse(&settings.dtype)?;
+    let dequantize = policy::Dequantize::parse(&settings.dequantize)?;
+    policy::set_setting(policy::PolicySetting { dtype, dequantize });
     Ok(())
 }
 
