@@ -23,6 +23,9 @@ PINS=(
   "pytest"
   "openapi-python-client"
   "gguf"
+  # the OpenAPI document's contract tests (tests/api/test_openapi_contract.py)
+  "schemathesis==4.32.5"
+  "openapi-spec-validator==0.9.0"
 )
 STAMP=$VENV/.rmlx-dev-stamp
 WANT=$(printf '%s\n' "${PINS[@]}" "$(cat "$0" | sha256sum | cut -c1-16)")
@@ -54,7 +57,8 @@ log "installing: ${PINS[*]}"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import mlx.core as mx
-for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest", "openapi-python-client", "gguf"):
+for p in ("mlx", "mlx-lm", "numpy", "openai", "anthropic", "pytest", "openapi-python-client", "gguf",
+          "schemathesis", "openapi-spec-validator"):
     print(f"[dev-venv]   {p}=={md.version(p)}")
 mx.set_default_device(mx.cpu)
 assert mx.sum(mx.ones((4,))).item() == 4.0
