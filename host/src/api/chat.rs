@@ -141,6 +141,7 @@ fn validate(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 
 pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepared, ChatCompletionRequest), ApiError> {
     validate(&req)?;
+    let stop = super::limits::stops(req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(), super::limits::MAX_STOP, "stop")?;
     let entry = state.model(&req.model)?;
     let messages = template_messages(&req.messages)?;
     let mode = match &req.tool_choice {
@@ -170,11 +171,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     if let Some(t) = req.enable_thinking {
         kwargs.insert("enable_thinking".into(), json!(t));
     }
-    let e2 = entry.clone();
-    let tj = tools_json.clone();
-    let (prompt, rendered) = g::blocking(move || render_prompt(&e2, messages, tj, kwargs)).await?;
-    let max = req.max_completion_tokens.or(req.max_tokens).map(|v| v as usize);
-    let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages")?;
+    // Every field is checked before the prompt is rendered and tokenized.
     let sampling = g::sampling(
         state,
         &g::SamplingFields {
@@ -191,14 +188,34 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
         },
         entry.vocab_size,
     )?;
-    let stop = req.stop.clone().map(StopSpec::into_vec).unwrap_or_default();
+    let keep_alive = g::keep_alive(&req.keep_alive)?;
+    let bytes = messages
+        .iter()
+        .chain(tools_json.as_ref())
+        .chain(kwargs.values())
+        .map(super::limits::text_bytes)
+        .fold(0usize, usize::saturating_add);
+    super::limits::check_prompt_bytes(&entry, bytes, "messages")?;
+    let e2 = entry.clone();
+    let tj = tools_json.clone();
+    // Templating, tokenizing and reading the template's source (files) block.
+    let (prompt, rendered, source) = g::blocking(move || {
+        let (ids, rendered) = render_prompt(&e2, messages, tj, kwargs)?;
+        Ok((ids, rendered, g::template_source(&e2.path)))
+    })
+    .await?;
+    let (max, max_field) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => (Some(m as usize), "max_completion_tokens"),
+        (None, m) => (m.map(|m| m as usize), "max_tokens"),
+    };
+    let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);
     }
-    let source = g::template_source(&entry.path);
     let has_tools = tools_json.is_some();
     let tool_parser = tools_json.as_ref().map(|t| {
+        super::tools::report_unrendered_tools(&source, &entry.id);
         let mut p = super::tools::parser_for_template(&source);
         p.set_tools(t);
         p
@@ -224,7 +241,6 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
             parallel_tool_calls: req.parallel_tool_calls,
         },
     )?;
-    let keep_alive = g::keep_alive(&req.keep_alive)?;
     Ok((Prepared { entry, prompt, splitter: Splitter::new(reasoning, tool_parser), params, hook, keep_alive, has_tools }, req))
 }
 
@@ -265,7 +281,7 @@ async fn create(state: State, req: ChatCompletionRequest) -> Result<JsonOrStream
     let run = g::start(&state, entry.clone(), prompt, params, hook, keep_alive)?;
     let id = g::new_id("chatcmpl-");
     let created = g::now();
-    let model = req.model.clone();
+    let model = entry.id.clone();
     if req.stream == Some(true) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
         return Ok(JsonOrStream::Stream(stream(run, splitter, id, created, model, include_usage, want_logprobs)));

@@ -64,10 +64,46 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
     if req.max_tokens == Some(0) && req.echo != Some(true) {
         return Err(ApiError::bad_request("max_tokens", "`max_tokens` must be at least 1"));
     }
+    let stop = super::limits::stops(req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(), super::limits::MAX_STOP, "stop")?;
     let entry = state.model(&req.model)?;
+    // Every field is checked before the prompt is tokenized.
+    let sampling = g::sampling(
+        state,
+        &g::SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            repetition_penalty: req.repetition_penalty,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            logit_bias: req.logit_bias.clone(),
+            seed: req.seed,
+            max_temperature: 2.0,
+        },
+        entry.vocab_size,
+    )?;
+    let keep_alive = g::keep_alive(&req.keep_alive)?;
+    let count = match &req.prompt {
+        PromptSpec::Texts(v) => v.len(),
+        PromptSpec::TokenLists(v) => v.len(),
+        _ => 1,
+    };
+    if count > super::limits::MAX_PROMPTS {
+        return Err(ApiError::bad_request("prompt", format!("`prompt` holds {count} prompts; at most {} are allowed", super::limits::MAX_PROMPTS)));
+    }
+    let longest = match &req.prompt {
+        PromptSpec::Text(s) => s.len(),
+        PromptSpec::Texts(v) => v.iter().map(String::len).max().unwrap_or(0),
+        _ => 0,
+    };
+    super::limits::check_prompt_bytes(&entry, longest, "prompt")?;
     let prompt = req.prompt.clone();
     let e2 = entry.clone();
     let prompts: Vec<Vec<u32>> = g::blocking(move || {
+        // The tokenizer is read on first use: here, off the async threads,
+        // also for token-id prompts (the answer's text needs it).
+        let _ = e2.text();
         let encode = |s: &str| -> Result<Vec<u32>, ApiError> {
             let text = e2.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
             let tok = text.tokenizer.as_ref().ok_or_else(|| {
@@ -96,26 +132,9 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
             }
         }
     }
-    let sampling = g::sampling(
-        state,
-        &g::SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            logit_bias: req.logit_bias.clone(),
-            seed: req.seed,
-            max_temperature: 2.0,
-        },
-        entry.vocab_size,
-    )?;
-    let stop = req.stop.clone().map(StopSpec::into_vec).unwrap_or_default();
     let mut params = Vec::new();
     for p in &prompts {
-        let max = g::budget(&entry, p.len(), req.max_tokens.map(|v| v as usize), 16, "prompt")?;
+        let max = g::budget(&entry, p.len(), req.max_tokens.map(|v| v as usize), 16, "prompt", "max_tokens")?;
         let mut gp = g::gen_params(state, sampling.clone(), max, stop.clone());
         gp.logprobs = req.logprobs.map(|n| n as usize);
         params.push(gp);
@@ -127,7 +146,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         prompts,
         params,
         echo: req.echo == Some(true),
-        keep_alive: g::keep_alive(&req.keep_alive)?,
+        keep_alive,
         logprobs: req.logprobs.is_some(),
         top_n: req.logprobs.unwrap_or(0) as usize,
     })
@@ -277,7 +296,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
     let job = prepare(&state, &req).await?;
     let id = g::new_id("cmpl-");
     let created = g::now();
-    let model = req.model.clone();
+    let model = job.entry.id.clone();
     let first = g::start(&state, job.entry.clone(), job.prompts[0].clone(), job.params[0].clone(), None, job.keep_alive)?;
     if req.stream == Some(true) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);

@@ -87,10 +87,18 @@ impl ApiError {
         }
     }
 
+    /// Anthropic's shape has no `param`: the message names the field.
+    fn anthropic_message(&self) -> String {
+        match &self.param {
+            Some(p) if !self.message.contains(p.as_str()) => format!("{} (field `{p}`)", self.message),
+            _ => self.message.clone(),
+        }
+    }
+
     pub fn anthropic_body(&self) -> anthropic::ErrorResponse {
         anthropic::ErrorResponse {
             r#type: anthropic::ErrorType::Error,
-            error: anthropic::ErrorBody { r#type: self.anthropic_type().into(), message: self.message.clone() },
+            error: anthropic::ErrorBody { r#type: self.anthropic_type().into(), message: self.anthropic_message() },
         }
     }
 

@@ -13,7 +13,7 @@ use poem::http::StatusCode;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 pub fn now() -> u64 {
@@ -85,6 +85,12 @@ pub fn sampling(state: &State, f: &SamplingFields, vocab: Option<usize>) -> Resu
         }
     }
     if let Some(bias) = &f.logit_bias {
+        if bias.len() > super::limits::MAX_LOGIT_BIAS {
+            return Err(ApiError::bad_request(
+                "logit_bias",
+                format!("`logit_bias` has {} entries; at most {} are allowed", bias.len(), super::limits::MAX_LOGIT_BIAS),
+            ));
+        }
         for (k, &b) in bias {
             let id: u32 = k
                 .parse()
@@ -103,52 +109,26 @@ pub fn sampling(state: &State, f: &SamplingFields, vocab: Option<usize>) -> Resu
     Ok(p)
 }
 
+/// `keep_alive` of any API (see [`super::limits::keep_alive`]).
 pub fn keep_alive(spec: &Option<KeepAliveSpec>) -> Result<Option<KeepAlive>, ApiError> {
-    let bad = |s: &str| ApiError::bad_request("keep_alive", format!("`keep_alive` must be seconds or a duration like \"5m\", got {s:?}"));
-    Ok(match spec {
-        None => None,
-        Some(KeepAliveSpec::Seconds(s)) => Some(secs(*s)),
-        Some(KeepAliveSpec::Duration(d)) => {
-            let d = d.trim();
-            let (num, mult) = match d.chars().last() {
-                Some('s') if d.ends_with("ms") => (&d[..d.len() - 2], 0.001),
-                Some('s') => (&d[..d.len() - 1], 1.0),
-                Some('m') => (&d[..d.len() - 1], 60.0),
-                Some('h') => (&d[..d.len() - 1], 3600.0),
-                _ => (d, 1.0),
-            };
-            let n: f64 = num.trim().parse().map_err(|_| bad(d))?;
-            Some(secs(n * mult))
-        }
-    })
-}
-
-fn secs(s: f64) -> KeepAlive {
-    if s < 0.0 {
-        KeepAlive::Forever
-    } else if s == 0.0 {
-        KeepAlive::Unload
-    } else {
-        KeepAlive::For(Duration::from_secs_f64(s))
+    match spec {
+        None => Ok(None),
+        Some(KeepAliveSpec::Seconds(s)) => super::limits::keep_alive(Some(*s), None),
+        Some(KeepAliveSpec::Duration(d)) => super::limits::keep_alive(None, Some(d)),
     }
 }
 
-/// The generation budget: 400 when the prompt does not fit the context.
-pub fn budget(entry: &ModelEntry, prompt_len: usize, max_tokens: Option<usize>, default: usize, field: &str) -> Result<usize, ApiError> {
-    if let Some(ctx) = entry.context_length {
-        if prompt_len >= ctx {
-            return Err(ApiError::bad_request(
-                field,
-                format!(
-                    "This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens. Shorten the prompt."
-                ),
-            )
-            .with_code("context_length_exceeded"));
-        }
-        let room = ctx - prompt_len;
-        return Ok(max_tokens.unwrap_or(default).min(room));
-    }
-    Ok(max_tokens.unwrap_or(default))
+/// The generation budget: 400 when the prompt does not fit the context, or
+/// when `max_tokens` (named `max_field`) does not fit beside it.
+pub fn budget(
+    entry: &ModelEntry,
+    prompt_len: usize,
+    max_tokens: Option<usize>,
+    default: usize,
+    field: &str,
+    max_field: &str,
+) -> Result<usize, ApiError> {
+    super::limits::budget(entry, prompt_len, max_tokens, default, field, max_field)
 }
 
 pub fn gen_params(state: &State, sampling: SamplingParams, max_tokens: usize, stop: Vec<String>) -> GenParams {

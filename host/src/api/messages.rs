@@ -87,7 +87,7 @@ fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) ->
                                 Some(ToolResultContent::Text(s)) => s.clone(),
                                 Some(ToolResultContent::Blocks(bs)) => blocks_text(bs, &format!("{field}[{j}].content"))?,
                             };
-                            out.push(json!({"role": "tool", "content": content, "tool_call_id": r.tool_use_id}));
+                            out.push(json!({"role": "tool", "content": content, "tool_call_id": super::tools::template_call_id(&r.tool_use_id)}));
                         }
                         ContentBlockParam::Image(_) => {
                             return Err(ApiError::bad_request(format!("{field}[{j}]"), "image content is not supported by this model"))
@@ -95,7 +95,9 @@ fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) ->
                         _ => {}
                     }
                 }
-                if !text.is_empty() {
+                // A turn with no text and no tool result (empty or thinking
+                // blocks only) is an empty user turn, as `"content": ""` is.
+                if !text.is_empty() || !blocks.iter().any(|b| matches!(b, ContentBlockParam::ToolResult(_))) {
                     out.push(json!({"role": "user", "content": text}));
                 }
             }
@@ -108,7 +110,7 @@ fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) ->
                         ContentBlockParam::Text(t) => text.push_str(&t.text),
                         ContentBlockParam::Thinking(t) => thinking.push_str(&t.thinking),
                         ContentBlockParam::ToolUse(u) => calls.push(json!({
-                            "id": u.id, "type": "function", "function": {"name": u.name, "arguments": u.input}
+                            "id": super::tools::template_call_id(&u.id), "type": "function", "function": {"name": u.name, "arguments": u.input}
                         })),
                         _ => {}
                     }
@@ -152,8 +154,15 @@ async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensRespo
     let messages = template_messages(&req.system, &req.messages)?;
     let tools = tools_json(&req.tools, &req.tool_choice);
     let kw = kwargs(&req.thinking);
+    check_bytes(&entry, &messages, &tools)?;
     let (prompt, _) = g::blocking(move || super::chat::render_prompt(&entry, messages, tools, kw)).await?;
     Ok(CountTokensResponse { input_tokens: prompt.len() as u32 })
+}
+
+/// A prompt far over the context is refused before it is rendered.
+fn check_bytes(entry: &crate::engine::worker::ModelEntry, messages: &[Value], tools: &Option<Value>) -> Result<(), ApiError> {
+    let bytes = messages.iter().chain(tools.as_ref()).map(super::limits::text_bytes).fold(0usize, usize::saturating_add);
+    super::limits::check_prompt_bytes(entry, bytes, "messages")
 }
 
 fn stop_reason(f: &Finish, tool_calls: bool) -> StopReason {
@@ -177,6 +186,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
         return Err(ApiError::bad_request("max_tokens", "`max_tokens` must be at least 1"));
     }
     let entry = state.model(&req.model)?;
+    let model_id = entry.id.clone();
     let messages = template_messages(&req.system, &req.messages)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "`messages` must not be empty"));
@@ -202,18 +212,28 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
         return Err(ApiError::bad_request("tool_choice", "`tool_choice` requires a tool but `tools` is empty"));
     }
     let kw = kwargs(&req.thinking);
-    let (e2, t2) = (entry.clone(), tools.clone());
-    let (prompt, rendered) = g::blocking(move || super::chat::render_prompt(&e2, messages, t2, kw)).await?;
-    let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages")?;
+    // Every field is checked before the prompt is rendered and tokenized.
+    let stop = super::limits::stops(req.stop_sequences.clone().unwrap_or_default(), super::limits::MAX_STOP_SEQUENCES, "stop_sequences")?;
     let sampling = g::sampling(
         &state,
         &g::SamplingFields { temperature: req.temperature, top_p: req.top_p, top_k: req.top_k, seed: req.seed, max_temperature: 1.0, ..Default::default() },
         entry.vocab_size,
     )?;
-    let mut params = g::gen_params(&state, sampling, max_tokens, req.stop_sequences.clone().unwrap_or_default());
-    let source = g::template_source(&entry.path);
+    let ka: Option<KeepAliveSpec> = req.keep_alive.clone();
+    let keep_alive = g::keep_alive(&ka)?;
+    check_bytes(&entry, &messages, &tools)?;
+    let (e2, t2) = (entry.clone(), tools.clone());
+    // Templating, tokenizing and reading the template's source (files) block.
+    let (prompt, rendered, source) = g::blocking(move || {
+        let (ids, rendered) = super::chat::render_prompt(&e2, messages, t2, kw)?;
+        Ok((ids, rendered, g::template_source(&e2.path)))
+    })
+    .await?;
+    let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
+    let mut params = g::gen_params(&state, sampling, max_tokens, stop);
     let tool_parser = tools.as_ref().map(|t| {
-        let mut p = super::tools::parser_for_template(&source);
+        super::tools::report_unrendered_tools(&source, &entry.id);
+        let mut p = super::tools::with_anthropic_ids(super::tools::parser_for_template(&source));
         p.set_tools(t);
         p
     });
@@ -236,14 +256,12 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
             parallel_tool_calls: req.tool_choice.as_ref().and_then(|c| c.disable_parallel_tool_use).map(|d| !d),
         },
     )?;
-    let ka: Option<KeepAliveSpec> = req.keep_alive.clone();
-    let keep_alive = g::keep_alive(&ka)?;
     let prompt_len = prompt.len();
     let run = g::start(&state, entry, prompt, params, hook, keep_alive)?;
     let splitter = Splitter::new(reasoning, tool_parser);
     let id = g::new_id("msg_");
     if req.stream == Some(true) {
-        return Ok(JsonOrStream::Stream(stream(run, splitter, id, req.model.clone(), prompt_len)));
+        return Ok(JsonOrStream::Stream(stream(run, splitter, id, model_id, prompt_len)));
     }
     let mut splitter = splitter;
     let c = g::collect(run).await?;
@@ -269,7 +287,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
         r#type: MessageType::Message,
         role: AssistantRole::Assistant,
         content,
-        model: req.model,
+        model: model_id,
         stop_reason: Some(stop_reason(f, has_calls)),
         stop_sequence: f.stop.clone(),
         usage: MessageUsage {
