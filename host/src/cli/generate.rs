@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (MLX layout).
+    /// Model directory (MLX layout), or a Hugging Face repo id (org/name:
+    /// from the hub cache, downloaded when missing).
     #[arg(long)]
     model: PathBuf,
     /// Prompt text.
@@ -37,7 +38,7 @@ pub struct Args {
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let reg = super::registry(settings)?;
-    let mut model = LoadedModel::load(&args.model, &reg)?;
+    let mut model = LoadedModel::load(&crate::hub::resolve_dir(&args.model)?, &reg)?;
     let text = crate::model::text::TextSide::load(&model.dir)?;
     let prompt: Vec<u32> = match (&args.prompt_tokens, &args.prompt) {
         (Some(ids), _) => ids.clone(),

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (MLX layout).
+    /// Model directory (MLX layout), or a Hugging Face repo id (org/name:
+    /// from the hub cache, downloaded when missing).
     #[arg(long)]
     model: PathBuf,
     /// Print JSON instead of text.
@@ -18,7 +19,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
-    let dir = ModelDir::open(&args.model)?;
+    let dir = ModelDir::open(&crate::hub::resolve_dir(&args.model)?)?;
     let quant = QuantSpec::from_config(&dir.config)?;
     let mut tensors = BTreeMap::new();
     for f in &dir.weight_files {

@@ -3,9 +3,11 @@ mod bench;
 mod convert;
 mod generate;
 mod info;
+mod ls;
 mod metrics;
 mod openapi;
 mod plugins;
+mod pull;
 mod serve;
 
 use crate::{config::Settings, plugins::Registry};
@@ -49,6 +51,10 @@ pub enum Command {
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
     Convert(convert::Args),
+    /// Download a model from the Hugging Face hub into its cache (shared with mlx-lm).
+    Pull(pull::Args),
+    /// List the models in the Hugging Face hub cache, with their sizes.
+    Ls(ls::Args),
     /// Show the runs `rmlx serve` recorded in its SQLite run log, and a run's figures.
     Metrics(metrics::Args),
 }
@@ -76,6 +82,8 @@ pub fn run() -> Result<()> {
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
         Command::Metrics(a) => metrics::run(a, &settings),
+        Command::Pull(a) => pull::run(a, &settings),
+        Command::Ls(a) => ls::run(a, &settings),
     }
 }
 

@@ -21,7 +21,7 @@ pub fn run(args: Options, settings: &Settings) -> Result<()> {
         bail!("--prompt-tokens, --generation-tokens and --num-trials must be positive");
     }
     let reg = crate::cli::registry(settings)?;
-    let mut model = LoadedModel::load(&args.model, &reg)?;
+    let mut model = LoadedModel::load(&crate::hub::resolve_dir(&args.model)?, &reg)?;
     let vocab = model.spec.vocab_size;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let prompt: Vec<u32> = (0..args.prompt_tokens).map(|_| rng.random_range(0..vocab)).collect();
