@@ -52,6 +52,12 @@ pub struct ServerSettings {
     /// Seconds a model stays loaded after its last request (0: forever).
     #[serde(default)]
     pub idle_timeout: u64,
+    /// More `Host` names accepted on a loopback bind (`--allowed-host`).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose pages may call the API from a browser (`--cors-origin`).
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
     /// Largest request body, bytes (413 above).
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
@@ -142,6 +148,8 @@ impl Default for Settings {
                 max_queue_depth: default_queue(),
                 max_loaded_models: default_loaded(),
                 idle_timeout: 0,
+                allowed_hosts: Vec::new(),
+                cors_origins: Vec::new(),
                 max_body_bytes: default_body(),
                 default_max_tokens: default_chat_max(),
                 metrics_db: None,

@@ -11,7 +11,9 @@ pub mod reasoning_adapter;
 pub mod completions;
 pub mod errors;
 pub mod generation;
+pub mod guard;
 pub mod health;
+pub mod limits;
 pub mod messages;
 pub mod metrics;
 pub mod models;
@@ -41,6 +43,8 @@ pub struct ServerOptions {
     pub temperature: f32,
     pub top_p: f32,
     pub prefill_chunk: usize,
+    /// Host / Origin / Content-Type checks (api/guard.rs).
+    pub cross_site: guard::CrossSite,
 }
 
 impl Default for ServerOptions {
@@ -52,6 +56,7 @@ impl Default for ServerOptions {
             temperature: 0.0,
             top_p: 1.0,
             prefill_chunk: 512,
+            cross_site: guard::CrossSite::default(),
         }
     }
 }
@@ -107,7 +112,7 @@ pub fn openapi_json() -> String {
     s
 }
 
-fn flavor_of(path: &str) -> Flavor {
+pub(crate) fn flavor_of(path: &str) -> Flavor {
     if path.starts_with("/v1/messages") {
         Flavor::Anthropic
     } else {
@@ -155,6 +160,7 @@ pub fn app(state: State) -> Route {
                 }
             }
         })
+        .with(guard::Guard(Arc::new(state.opts.cross_site.clone())))
         .around(move |ep, req| metrics::track(ep, req, counters.clone()));
     Route::new().nest("/", guarded)
 }

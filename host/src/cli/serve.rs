@@ -37,6 +37,16 @@ pub struct Args {
     /// Unload a model after this long without requests: seconds or 30s/10m/1h (default: never).
     #[arg(long)]
     pub idle_timeout: Option<String>,
+    /// On a loopback bind, accept this `Host` too (repeatable; `*.example.com`
+    /// patterns, `*` for any): only loopback names are accepted otherwise,
+    /// against DNS rebinding (also server.allowed_hosts).
+    #[arg(long)]
+    pub allowed_host: Vec<String>,
+    /// Let web pages of this origin call the API from a browser (CORS,
+    /// repeatable; `*` wildcards, `*` alone for any): other origins than the
+    /// server's own and loopback ones get 403 (also server.cors_origins).
+    #[arg(long)]
+    pub cors_origin: Vec<String>,
     /// Largest request body in bytes; larger gets 413 (default 16 MiB).
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -102,17 +112,9 @@ pub fn ssd_config(settings: &Settings) -> Result<Option<crate::engine::ssd::SsdC
     }
 }
 
-/// `30`, `30s`, `10m`, `1h` -> seconds.
+/// `30`, `30s`, `10m`, `1h`, `1h30m` -> seconds (at most ten years).
 pub fn parse_duration_secs(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('s') => (&s[..s.len() - 1], 1),
-        Some('m') => (&s[..s.len() - 1], 60),
-        Some('h') => (&s[..s.len() - 1], 3600),
-        _ => (s, 1),
-    };
-    let n: u64 = num.trim().parse().with_context(|| format!("--idle-timeout: expected seconds or 30s/10m/1h, got {s:?}"))?;
-    Ok(n * mult)
+    crate::api::limits::idle_timeout_secs(s).map_err(|e| anyhow::anyhow!("--idle-timeout: expected seconds or 30s/10m/1h, got {s:?}: {e}"))
 }
 
 /// The flags as a settings layer (nulls are ignored).
@@ -123,6 +125,8 @@ pub fn flags(a: &Args) -> Result<serde_json::Value> {
         "host": a.host, "port": a.port, "api_key": a.api_key,
         "max_queue_depth": a.max_queue_depth, "max_loaded_models": a.max_loaded_models,
         "idle_timeout": idle, "max_body_bytes": a.max_body_bytes,
+        "allowed_hosts": (!a.allowed_host.is_empty()).then_some(&a.allowed_host),
+        "cors_origins": (!a.cors_origin.is_empty()).then_some(&a.cors_origin),
         "kv_ssd_dir": a.kv_ssd_dir, "kv_ssd_gb": ssd_gb,
         "metrics_db": a.metrics_db, "no_metrics_db": a.no_metrics_db.then_some(true),
     }))
@@ -150,6 +154,9 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
         bail!("no models to serve: give --model DIR or --models-dir DIR (or [[server.models]] in rmlx.toml)");
     }
     let s = &settings.server;
+    if s.idle_timeout > crate::api::limits::MAX_KEEP_ALIVE_SECS {
+        bail!("idle timeout of {} seconds is more than the maximum of {} (ten years)", s.idle_timeout, crate::api::limits::MAX_KEEP_ALIVE_SECS);
+    }
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
     let mut sched = scheduler_config(args)?;
     sched.ssd = ssd_config(settings)?;
@@ -171,6 +178,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
         temperature: settings.generate.temperature,
         top_p: settings.generate.top_p,
         prefill_chunk,
+        cross_site: crate::api::guard::CrossSite::for_bind(&s.host, s.allowed_hosts.clone(), s.cors_origins.clone()),
     };
     Ok(Arc::new(AppState { catalog: Arc::new(catalog), worker, opts }))
 }
