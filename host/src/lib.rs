@@ -5,6 +5,7 @@ pub mod config;
 pub mod constrain;
 pub mod convert;
 pub mod engine;
+pub mod logging;
 pub mod hub;
 pub mod metrics_db;
 pub mod model;

@@ -5,12 +5,9 @@ use crate::config::Settings;
 use anyhow::Result;
 
 pub fn init(settings: &Settings) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RMLX_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .try_init();
+    // Warnings only unless RMLX_LOG says otherwise (`rmlx serve` installs
+    // its own first: --log-level, --log-format; this is then a no-op).
+    crate::logging::init(&crate::logging::LogOptions::default())?;
     // The first mlx-rs call subscribes the host to the error bus.
     let _ = mlx_rs::memory::memory_limit()?;
     if let Some(gb) = settings.memory_limit_gb {

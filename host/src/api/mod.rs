@@ -5,6 +5,7 @@
 //! Layers: `types/` are the APIs' own shapes (never engine types); the route
 //! files translate them into engine requests (`engine::worker`) through
 //! `generation.rs`; `errors.rs` renders failures in each API's shape.
+pub mod access_log;
 pub mod chat;
 pub mod constraint_adapter;
 pub mod reasoning_adapter;
@@ -99,7 +100,8 @@ pub fn service(
          With `--api-key`, every route but /health needs `Authorization: Bearer KEY` or `x-api-key: KEY`. \
          Streams are server-sent events: OpenAI's end with `data: [DONE]`; Anthropic's carry `event:` names.",
     )
-    .server("http://127.0.0.1:8080")
+    // No `servers` entry: clients and the /docs page use the origin they
+    // fetched the document from, whatever host and port the server runs on.
 }
 
 /// The OpenAPI document (what `rmlx openapi` prints and schemas/openapi.json holds).
@@ -161,6 +163,7 @@ pub fn app(state: State) -> Route {
             }
         })
         .with(guard::Guard(Arc::new(state.opts.cross_site.clone())))
+        .around(|ep, req| access_log::layer(ep, req))
         .around(move |ep, req| metrics::track(ep, req, counters.clone()));
     Route::new().nest("/", guarded)
 }

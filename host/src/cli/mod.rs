@@ -69,6 +69,7 @@ pub fn run() -> Result<()> {
         flags["dequantize"] = true.into();
     }
     if let Command::Serve(a) = &cli.command {
+        crate::logging::init(&serve::log_options(a))?;
         flags["server"] = serve::flags(a)?;
     }
     let settings = Settings::load(cli.config.as_deref(), flags)?;

@@ -83,6 +83,24 @@ pub struct Args {
     /// Record no run log.
     #[arg(long)]
     pub no_metrics_db: bool,
+    /// Log level: info logs one line per request, each model load and
+    /// unload, and the shutdown; debug adds /health and /metrics requests
+    /// [default: info, or the RMLX_LOG filter when set]
+    #[arg(long, value_enum)]
+    pub log_level: Option<crate::logging::LogLevel>,
+    /// Log line format on stderr: text (colour only on a terminal) or json
+    /// (one object per line).
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
+    /// On SIGTERM or SIGINT, stop accepting connections and give running
+    /// requests this many seconds to finish before stopping.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// How `rmlx serve` logs (installed before anything else runs).
+pub fn log_options(a: &Args) -> crate::logging::LogOptions {
+    crate::logging::LogOptions { level: a.log_level, format: a.log_format, default_level: crate::logging::LogLevel::Info }
 }
 
 /// Scheduler settings from the flags.
@@ -189,6 +207,9 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let addr = format!("{}:{}", settings.server.host, settings.server.port);
     let rt = tokio::runtime::Runtime::new()?;
     let res = rt.block_on(async {
+        // Listen for SIGTERM/SIGINT from the start (a signal while models
+        // preload stops the server the same way).
+        let signals = ShutdownSignals::install()?;
         for id in &args.preload {
             let e = state.catalog.get(id).with_context(|| format!("--preload: no model `{id}`"))?;
             state.worker.load(e, None).await.map_err(|e| anyhow::anyhow!("--preload {id}: {e}"))?;
@@ -202,17 +223,81 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
             .map(|a| a.to_string())
             .unwrap_or(addr.clone());
         let ids: Vec<&str> = state.catalog.entries.iter().map(|e| e.id.as_str()).collect();
-        eprintln!("rmlx serving {} on http://{local} (docs: http://{local}/docs)", ids.join(", "));
+        if args.log_format == crate::logging::LogFormat::Json {
+            tracing::info!(addr = %local, models = %ids.join(","), "rmlx serving {} on http://{local} (docs: http://{local}/docs)", ids.join(", "));
+        } else {
+            eprintln!("rmlx serving {} on http://{local} (docs: http://{local}/docs)", ids.join(", "));
+        }
         let worker = state.worker.clone();
+        let grace = Duration::from_secs(args.shutdown_timeout);
+        // On the signal poem stops accepting (the listening socket closes),
+        // lets each connection finish its response (a stream runs to its
+        // end), and drops what is still open after `grace`.
         let r = Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(api::app(state), async { let _ = tokio::signal::ctrl_c().await; }, Some(Duration::from_secs(5)))
+            .run_with_graceful_shutdown(api::app(state), signals.wait(grace), Some(grace))
             .await
             .with_context(|| format!("serving on {addr}"));
+        tracing::info!("shutdown: connections closed; stopping the engine");
+        // Frees the models; the prefix cache spills to the SSD tier (--kv-ssd-dir).
         worker.shutdown();
         r
     });
     if let Some(log) = run_log {
+        // Records the run's end time.
         log.close();
     }
+    tracing::info!("shutdown complete");
     res
+}
+
+/// SIGTERM and SIGINT (Ctrl-C elsewhere): the first drains, a second during
+/// the drain stops the process at once.
+struct ShutdownSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+
+    /// Resolves on the first signal (poem then drains); a second one exits.
+    async fn wait(mut self, grace: Duration) {
+        let sig = self.next().await;
+        tracing::info!(
+            signal = sig,
+            grace_s = grace.as_secs(),
+            "shutdown: {sig} received; no new connections, running requests get up to {}s to finish (send it again to stop now)",
+            grace.as_secs()
+        );
+        tokio::spawn(async move {
+            let sig = self.next().await;
+            tracing::warn!(signal = sig, "shutdown: {sig} again; stopping now");
+            std::process::exit(130);
+        });
+    }
 }

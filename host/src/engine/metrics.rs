@@ -61,6 +61,10 @@ pub struct RequestRow {
 /// Where finished request rows go (the run log's writer thread).
 pub type RowSink = Box<dyn Fn(RequestRow) + Send + Sync>;
 
+/// Called once when a request's record is finished, with its row (the
+/// server's per-request log line, api/access_log.rs).
+pub type FinishHook = Box<dyn FnOnce(&RequestRow) + Send>;
+
 /// The Prometheus figures the server owns (those read from the engine's
 /// published stats are added at scrape time by `api::metrics`).
 pub struct Metrics {
@@ -122,6 +126,7 @@ pub struct RequestRecord {
     t0: Instant,
     at: f64,
     data: Mutex<RecordData>,
+    on_finish: Mutex<Option<FinishHook>>,
 }
 
 #[derive(Default)]
@@ -140,7 +145,13 @@ struct RecordData {
 impl RequestRecord {
     pub fn new(metrics: Arc<Metrics>, endpoint: &str) -> Arc<Self> {
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        Arc::new(Self { metrics, endpoint: endpoint.to_string(), t0: Instant::now(), at, data: Mutex::new(RecordData::default()) })
+        Arc::new(Self { metrics, endpoint: endpoint.to_string(), t0: Instant::now(), at, data: Mutex::new(RecordData::default()), on_finish: Mutex::new(None) })
+    }
+
+    /// Runs `hook` with the request's row when it finishes (for a stream:
+    /// when its last token has been sent). One hook; a later one replaces it.
+    pub fn on_finish(&self, hook: FinishHook) {
+        *self.on_finish.lock().unwrap() = Some(hook);
     }
 
     /// The served model the request names (the engine's id wins when it ran).
@@ -188,10 +199,12 @@ impl Drop for RequestRecord {
         if d.sequences > 0 {
             self.metrics.duration.with_label_values(&[model.as_str()]).observe(duration);
         }
+        let hook = self.on_finish.get_mut().unwrap_or_else(|e| e.into_inner()).take();
         // The run log keeps the API's requests (/v1/...), not health checks or docs.
-        if let Some(sink) = self.metrics.sink.get().filter(|_| self.endpoint.starts_with("/v1/")) {
+        let sink = self.metrics.sink.get().filter(|_| self.endpoint.starts_with("/v1/"));
+        if sink.is_some() || hook.is_some() {
             let decode: f64 = d.itls.iter().map(|&x| x as f64).sum();
-            sink(RequestRow {
+            let row = RequestRow {
                 at: self.at,
                 model,
                 endpoint: self.endpoint.clone(),
@@ -205,7 +218,13 @@ impl Drop for RequestRecord {
                 duration_s: duration,
                 decode_tps: (decode > 0.0).then(|| d.itls.len() as f64 / decode),
                 itls: d.itls,
-            });
+            };
+            if let Some(hook) = hook {
+                hook(&row);
+            }
+            if let Some(sink) = sink {
+                sink(row);
+            }
         }
     }
 }

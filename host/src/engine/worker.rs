@@ -556,6 +556,9 @@ impl Engine {
                 self.sched.drop_model(&id);
                 let before = self.models.len();
                 self.models.retain(|m| m.entry.id != id);
+                if self.models.len() != before {
+                    tracing::info!("unloaded {id} (requested)");
+                }
                 // Publish first: the API describes the model right after the reply.
                 self.publish();
                 let _ = reply.send(self.models.len() != before);

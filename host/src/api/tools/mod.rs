@@ -23,10 +23,12 @@
 
 mod gemma;
 mod hermes;
+mod ids;
 mod json_scan;
 mod llama3;
 mod mistral;
 mod pyargs;
+mod template_check;
 mod xml;
 
 #[cfg(test)]
@@ -37,7 +39,9 @@ use serde_json::Value;
 pub use gemma::GemmaParser;
 pub use hermes::HermesParser;
 pub use llama3::Llama3Parser;
+pub use ids::{anthropic_id, is_anthropic_id, template_call_id, with_anthropic_ids};
 pub use mistral::MistralParser;
+pub use template_check::{report_unrendered_tools, template_renders_tools};
 
 /// One piece of parsed output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +142,7 @@ pub trait ToolParser {
 }
 
 /// A tool call id: `call_` + 24 alphanumerics (OpenAI style); Mistral wants exactly 9.
+/// The Anthropic API puts its own (`toolu_...`) on calls: [`with_anthropic_ids`].
 pub(crate) fn new_call_id(format: ToolFormat) -> String {
     use rand::distr::{Alphanumeric, SampleString};
     let mut rng = rand::rng();

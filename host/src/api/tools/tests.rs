@@ -464,3 +464,51 @@ fn python_literals() {
         vec![("a".into(), json!({"x": 1})), ("b".into(), json!({"y": "z"}))]
     );
 }
+
+#[test]
+fn anthropic_ids_look_like_anthropics() {
+    let id = anthropic_id();
+    assert!(id.starts_with("toolu_") && id.len() == 6 + 24, "{id}");
+    assert!(id[6..].bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+    assert!(is_anthropic_id(&id));
+    assert_ne!(anthropic_id(), anthropic_id());
+    // Every format's calls get one, streamed or whole; text and arguments pass through.
+    for (f, out) in [
+        (ToolFormat::Hermes, "ok <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+        (ToolFormat::Mistral, "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}"),
+        (ToolFormat::Llama3Json, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}"),
+    ] {
+        let mut p = with_anthropic_ids(f.parser());
+        p.set_tools(&weather_tools());
+        assert_eq!(p.format(), f);
+        let mut events = Vec::new();
+        for c in out.chars() {
+            events.extend(p.feed(&c.to_string()));
+        }
+        events.extend(p.finish());
+        let parsed = fold(&events);
+        assert_eq!(parsed.calls.len(), 1, "{f:?}: {events:?}");
+        let ids: Vec<&String> = events.iter().filter_map(|e| match e { ToolEvent::CallStart { id, .. } => Some(id), _ => None }).collect();
+        assert!(ids.iter().all(|id| is_anthropic_id(id)), "{f:?}: {ids:?}");
+    }
+    // A template is shown 9 characters of an Anthropic id (Mistral's templates
+    // want 9), the same ones every time; other ids as they are.
+    assert_eq!(template_call_id(&id), &id[id.len() - 9..]);
+    assert_eq!(template_call_id(&id), template_call_id(&id));
+    assert_eq!(template_call_id("call_abc"), "call_abc");
+    assert!(!is_anthropic_id("call_0123456789012345678901234"));
+}
+
+#[test]
+fn templates_that_render_tools() {
+    // SmolLM2-style template: never reads `tools`.
+    let smol = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    assert!(!template_renders_tools(smol));
+    // Qwen-style: reads it.
+    let qwen = "{%- if tools %}{%- for tool in tools %}{{ tool | tojson }}{%- endfor %}{%- endif %}{% for m in messages %}{{ m.content }}{% endfor %}";
+    assert!(template_renders_tools(qwen));
+    // A variable named like it is not it; text that does not parse falls back to the word.
+    assert!(!template_renders_tools("{{ my_tools_list }}{{ toolset }}"));
+    assert!(template_renders_tools("{% generation %}{{ tools }}{% endgeneration %}"));
+    assert!(!template_renders_tools("{% generation %}{{ messages }}{% endgeneration %}"));
+}
