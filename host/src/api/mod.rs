@@ -69,7 +69,18 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The model a request names. An empty id (`model` left out) is the one
+    /// served model when there is exactly one; a model found but not
+    /// servable is a 400 saying why.
     pub fn model(&self, id: &str) -> Result<Arc<ModelEntry>, ApiError> {
+        if id.is_empty() {
+            return self.catalog.only().ok_or_else(|| {
+                ApiError::bad_request("model", format!("`model` is required: this server serves {} models (see GET /v1/models)", self.catalog.entries.len()))
+            });
+        }
+        if let Some(u) = self.catalog.unavailable(id) {
+            return Err(ApiError::bad_request("model", format!("The model `{id}` cannot be served: {}", u.reason)).with_code("model_unavailable"));
+        }
         self.catalog.get(id).ok_or_else(|| ApiError::model_not_found(id))
     }
 }

@@ -4,6 +4,7 @@ use super::generation as g;
 use super::types::openai::*;
 use super::types::OptionalJson;
 use super::{State, Tag};
+use crate::engine::catalog::Unavailable;
 use crate::engine::worker::ModelEntry;
 use poem_openapi::{param::Path, payload::Json, OpenApi};
 
@@ -20,6 +21,28 @@ fn describe(state: &State, e: &ModelEntry) -> Model {
         loaded: me.is_some(),
         context_length: e.context_length.map(|c| c as u32),
         expires_at: me.and_then(|m| m.expires_at),
+        available: true,
+        unavailable_reason: None,
+    }
+}
+
+/// A model found but not servable: listed, with the reason.
+fn describe_unavailable(u: &Unavailable) -> Model {
+    let created = std::fs::metadata(u.path.join("config.json"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    Model {
+        id: u.id.clone(),
+        object: ModelObjectKind::Model,
+        created,
+        owned_by: "rmlx".into(),
+        loaded: false,
+        context_length: None,
+        expires_at: None,
+        available: false,
+        unavailable_reason: Some(u.reason.clone()),
     }
 }
 
@@ -27,16 +50,22 @@ fn describe(state: &State, e: &ModelEntry) -> Model {
 impl ModelsApi {
     /// List models
     ///
-    /// Every model the server can serve, loaded or not.
+    /// Every model the server can serve, loaded or not (with `--models-dir`,
+    /// those loaded on demand too), then the models it found but cannot
+    /// serve (`available: false`, with `unavailable_reason`).
     #[oai(path = "/v1/models", method = "get", operation_id = "listModels", tag = "Tag::Models")]
     async fn list(&self) -> OaiResult<Json<ModelList>> {
-        let data = self.0.catalog.entries.iter().map(|e| describe(&self.0, e)).collect();
+        let cat = &self.0.catalog;
+        let data = cat.entries.iter().map(|e| describe(&self.0, e)).chain(cat.unavailable.iter().map(describe_unavailable)).collect();
         Ok(Json(ModelList { object: ListObject::List, data }))
     }
 
     /// Retrieve a model
     #[oai(path = "/v1/models/:id", method = "get", operation_id = "retrieveModel", tag = "Tag::Models")]
     async fn get(&self, id: Path<String>) -> OaiResult<Json<Model>> {
+        if let Some(u) = self.0.catalog.unavailable(&id.0) {
+            return Ok(Json(describe_unavailable(u)));
+        }
         let e = self.0.model(&id.0).map_err(OpenAIError::from)?;
         Ok(Json(describe(&self.0, &e)))
     }

@@ -11,11 +11,13 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory to serve, or ID=DIR to name it (repeatable). The id is
-    /// the folder's name otherwise.
+    /// Model directory or Hugging Face repo id (org/name: from the hub cache,
+    /// downloaded when missing) to serve, or ID=DIR to name it (repeatable).
+    /// The id is the folder's name (the repo id for a repo) otherwise.
     #[arg(long)]
     pub model: Vec<String>,
-    /// Directory whose sub-directories are models (repeatable).
+    /// Directory whose sub-directories are models, or a Hugging Face hub
+    /// cache (~/.cache/huggingface/hub), served on demand (repeatable).
     #[arg(long)]
     pub models_dir: Vec<PathBuf>,
     /// Address to bind (default 127.0.0.1).
@@ -150,25 +152,41 @@ pub fn flags(a: &Args) -> Result<serde_json::Value> {
     }))
 }
 
-fn model_list(args: &Args, settings: &Settings) -> (Vec<(Option<String>, PathBuf)>, Vec<PathBuf>) {
-    let mut models: Vec<(Option<String>, PathBuf)> =
+/// The models to serve: (id, directory), a Hugging Face repo id resolved in
+/// the hub cache (downloaded on a miss) and named by the repo id.
+fn model_list(args: &Args, settings: &Settings) -> Result<(Vec<(Option<String>, PathBuf)>, Vec<PathBuf>)> {
+    let mut specs: Vec<(Option<String>, PathBuf)> =
         settings.server.models.iter().map(|m| (m.id.clone(), m.path.clone())).collect();
     for m in &args.model {
         match m.split_once('=') {
-            Some((id, dir)) if !id.is_empty() && !id.contains('/') => models.push((Some(id.to_string()), PathBuf::from(dir))),
-            _ => models.push((None, PathBuf::from(m))),
+            Some((id, dir)) if !id.is_empty() && !id.contains('/') => specs.push((Some(id.to_string()), PathBuf::from(dir))),
+            _ => specs.push((None, PathBuf::from(m))),
         }
+    }
+    let mut models = Vec::with_capacity(specs.len());
+    for (id, spec) in specs {
+        let r = match spec.to_str() {
+            Some(s) => crate::hub::resolve(s)?,
+            None => crate::hub::ResolvedModel { path: spec, repo: None },
+        };
+        models.push((id.or(r.repo), r.path));
     }
     let mut dirs = settings.server.models_dirs.clone();
     dirs.extend(args.models_dir.iter().cloned());
-    (models, dirs)
+    Ok((models, dirs))
 }
 
 /// Builds the engine and the app state from settings.
 pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
-    let (models, dirs) = model_list(args, settings);
-    let catalog = ModelCatalog::discover(&models, &dirs)?;
-    if catalog.entries.is_empty() {
+    let (models, dirs) = model_list(args, settings)?;
+    let mut catalog = ModelCatalog::discover(&models, &dirs)?;
+    // Models no plugin serves are listed as unavailable, never fatal.
+    let reg = crate::plugins::Registry::load(&settings.plugins_dir())?;
+    catalog.check(&reg);
+    for u in &catalog.unavailable {
+        tracing::warn!("model {} ({}) is unavailable: {}", u.id, u.path.display(), u.reason);
+    }
+    if catalog.entries.is_empty() && catalog.unavailable.is_empty() {
         bail!("no models to serve: give --model DIR or --models-dir DIR (or [[server.models]] in rmlx.toml)");
     }
     let s = &settings.server;

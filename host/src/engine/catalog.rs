@@ -2,7 +2,7 @@
 //! directory, its config facts and (loaded lazily, shared with the API side)
 //! its tokenizer and chat template.
 use crate::model::{text::TextSide, ModelDir};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::UNIX_EPOCH;
@@ -71,53 +71,135 @@ impl ModelEntry {
     }
 }
 
+/// A model the server found but cannot serve, and why (listed by
+/// GET /v1/models as unavailable; it never stops the server).
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub id: String,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
 /// The models a server may serve, by id.
 #[derive(Default)]
 pub struct ModelCatalog {
     pub entries: Vec<Arc<ModelEntry>>,
+    /// Models found that cannot be served (a broken config.json, an unknown
+    /// `model_type`, a duplicate id, ...).
+    pub unavailable: Vec<Unavailable>,
 }
 
 impl ModelCatalog {
     /// `models`: (optional id, directory); `models_dirs`: directories whose
-    /// sub-directories with a config.json are models. The id is the folder's
-    /// name unless given. Duplicate ids are an error.
+    /// sub-directories with a config.json are models, and Hugging Face hub
+    /// caches (`models--org--name` folders, id `org/name`, the snapshot of
+    /// `refs/main`). The id is the folder's name (a symlink's own name) unless
+    /// given. A model that cannot be opened is listed in `unavailable`, not
+    /// an error; only an unreadable `models_dirs` entry is.
     pub fn discover(models: &[(Option<String>, PathBuf)], models_dirs: &[PathBuf]) -> Result<Self> {
         let mut list: Vec<(Option<String>, PathBuf)> = models.to_vec();
         for d in models_dirs {
             let rd =
                 std::fs::read_dir(d).with_context(|| format!("--models-dir {}", d.display()))?;
-            let mut subs: Vec<PathBuf> = rd
+            let mut subs: Vec<(Option<String>, PathBuf)> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("config.json").is_file())
+                .filter_map(|p| {
+                    let name = p.file_name()?.to_string_lossy().into_owned();
+                    match crate::hub::repo_from_folder(&name) {
+                        // A hub cache: the snapshot `main` points at (else the newest).
+                        Some(repo) => {
+                            let snap = crate::hub::snapshot_in(&p, "main").or_else(|| crate::hub::newest_snapshot(&p))?;
+                            Some((Some(repo), snap))
+                        }
+                        None => p.join("config.json").is_file().then_some((None, p)),
+                    }
+                })
                 .collect();
-            subs.sort();
-            list.extend(subs.into_iter().map(|p| (None, p)));
+            subs.sort_by(|a, b| a.1.cmp(&b.1));
+            list.extend(subs);
         }
-        let mut entries: Vec<Arc<ModelEntry>> = Vec::new();
+        let mut cat = Self::default();
         for (id, path) in list {
             let id = match id {
                 Some(id) => id,
                 None => folder_name(&path),
             };
-            if let Some(prev) = entries.iter().find(|e| e.id == id) {
-                if prev.path == path {
+            let taken = cat.entries.iter().map(|e| (&e.id, &e.path)).chain(cat.unavailable.iter().map(|u| (&u.id, &u.path))).find(|(i, _)| **i == id);
+            if let Some((_, prev)) = taken {
+                if *prev == path {
                     continue;
                 }
-                bail!("two models have the id `{id}`: {} and {} (name one in rmlx.toml [[server.models]])", prev.path.display(), path.display());
+                let reason = format!("the id `{id}` is taken by {} (name one in rmlx.toml [[server.models]])", prev.display());
+                cat.unavailable.push(Unavailable { id, path, reason });
+                continue;
             }
-            entries.push(Arc::new(ModelEntry::open(id, &path)?));
+            match ModelEntry::open(id.clone(), &path) {
+                Ok(e) => cat.entries.push(Arc::new(e)),
+                Err(e) => cat.unavailable.push(Unavailable { id, path, reason: format!("{e:#}") }),
+            }
         }
-        Ok(Self { entries })
+        Ok(cat)
+    }
+
+    /// Moves the models no loaded plugin can serve (an unknown `model_type`,
+    /// an unsupported `quant_method`) to `unavailable`.
+    pub fn check(&mut self, reg: &crate::plugins::Registry) {
+        let (ok, bad): (Vec<_>, Vec<_>) = std::mem::take(&mut self.entries).into_iter().map(|e| {
+            let why = reg.architecture_plugin(&e.model_type).err().or_else(|| {
+                let dir = ModelDir::open(&e.path).ok()?;
+                let quant = crate::model::QuantSpec::from_config(&dir.config).ok()?;
+                quant.check_method(&|mode| reg.weight_quant_plugin(mode).is_ok()).err()
+            });
+            (e, why)
+        }).partition(|(_, why)| why.is_none());
+        self.entries = ok.into_iter().map(|(e, _)| e).collect();
+        for (e, why) in bad {
+            let reason = why.map(|w| format!("{w:#}")).unwrap_or_default();
+            self.unavailable.push(Unavailable { id: e.id.clone(), path: e.path.clone(), reason });
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<ModelEntry>> {
         self.entries.iter().find(|e| e.id == id).cloned()
     }
+
+    /// Why `id` cannot be served, when it is a model that was found.
+    pub fn unavailable(&self, id: &str) -> Option<&Unavailable> {
+        self.unavailable.iter().find(|u| u.id == id)
+    }
+
+    /// The one servable model, when there is exactly one (a request may
+    /// then leave `model` out).
+    pub fn only(&self) -> Option<Arc<ModelEntry>> {
+        match self.entries.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
 }
 
+/// A model's default id: the folder's name as given, so a symlink is named
+/// by the link, not its target (`.` and the like: the real folder's name).
 fn folder_name(p: &Path) -> String {
-    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| p.display().to_string())
+    match p.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => {
+            let c = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| c.display().to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folder_name;
+    use std::path::Path;
+
+    #[test]
+    fn folder_names() {
+        assert_eq!(folder_name(Path::new("/a/b/model")), "model");
+        assert_eq!(folder_name(Path::new("rel/model/")), "model");
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(folder_name(Path::new(".")), here.file_name().unwrap().to_string_lossy());
+    }
 }

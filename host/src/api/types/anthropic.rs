@@ -197,6 +197,10 @@ pub struct Metadata {
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "AnthropicMessagesRequest")]
 pub struct MessagesRequest {
+    /// A model id from GET /v1/models; may be left out when the server
+    /// serves exactly one model.
+    #[oai(default)]
+    #[serde(default)]
     pub model: String,
     pub messages: Vec<MessageParam>,
     pub max_tokens: u32,
@@ -232,6 +236,10 @@ pub struct MessagesRequest {
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "AnthropicCountTokensRequest")]
 pub struct CountTokensRequest {
+    /// A model id from GET /v1/models; may be left out when the server
+    /// serves exactly one model.
+    #[oai(default)]
+    #[serde(default)]
     pub model: String,
     pub messages: Vec<MessageParam>,
     #[serde(default)]

@@ -275,7 +275,10 @@ pub enum ResponseFormat {
 /// POST /v1/chat/completions
 #[derive(Debug, Clone, Object, Deserialize)]
 pub struct ChatCompletionRequest {
-    /// A model id from GET /v1/models.
+    /// A model id from GET /v1/models; may be left out when the server
+    /// serves exactly one model.
+    #[oai(default)]
+    #[serde(default)]
     pub model: String,
     pub messages: Vec<ChatMessage>,
     /// Deprecated by OpenAI in favour of `max_completion_tokens`; both work.
@@ -521,6 +524,10 @@ pub enum PromptSpec {
 /// POST /v1/completions
 #[derive(Debug, Clone, Object, Deserialize)]
 pub struct CompletionRequest {
+    /// A model id from GET /v1/models; may be left out when the server
+    /// serves exactly one model.
+    #[oai(default)]
+    #[serde(default)]
     pub model: String,
     pub prompt: PromptSpec,
     /// Default 16, as OpenAI.
@@ -645,6 +652,13 @@ pub struct Model {
     /// rmlx extension: Unix seconds when it will be unloaded (null: loaded
     /// with no expiry, or not loaded).
     pub expires_at: Option<u64>,
+    /// rmlx extension: false for a model the server found but cannot serve
+    /// (an unknown `model_type`, a broken config.json); `unavailable_reason`
+    /// says why.
+    pub available: bool,
+    /// rmlx extension: why the model cannot be served (null when it can).
+    #[oai(nullable)]
+    pub unavailable_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Object)]
