@@ -345,11 +345,11 @@ async fn loopback_bind_accepts_only_loopback_hosts() {
     };
     let b = common::serve(detached(opts(CrossSite { allowed_hosts: vec!["myhost".into(), "*.lan".into()], ..Default::default() })));
     for (h, want) in [("myhost:1", 200), ("box.lan", 200), ("evil.example", 403), ("localhost", 200)] {
-        let r = client().get(format!("{b}/health")).header("host", h).send().await.unwrap();
+        let r = client().get(format!("{b}/v1/models")).header("host", h).send().await.unwrap();
         assert_eq!(r.status(), want, "{h}");
     }
     let b = common::serve(detached(opts(CrossSite::for_bind("0.0.0.0", vec![], vec![]))));
-    let r = client().get(format!("{b}/health")).header("host", "my-server.example:8080").send().await.unwrap();
+    let r = client().get(format!("{b}/v1/models")).header("host", "my-server.example:8080").send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 

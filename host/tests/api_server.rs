@@ -385,8 +385,14 @@ async fn errors_in_each_apis_shape() {
     let r = client().post(format!("{}/v1/messages", base())).json(&json!({"x": big})).send().await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "request_too_large");
-    // not JSON
-    let r = client().post(format!("{}/v1/chat/completions", base())).body("{nope").send().await.unwrap();
+    // not JSON (sent as JSON: a body of another content type is a 415, tests/api_guard.rs)
+    let r = client()
+        .post(format!("{}/v1/chat/completions", base()))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
