@@ -143,6 +143,20 @@ fn check_config_reaches_the_architecture_plugin() {
     reg.check_config("llama", &std::fs::read_to_string(common::fixture("models/llama-f32/config.json")).unwrap()).unwrap();
     let err = reg.check_config("gpt_oss", "{}").unwrap_err().to_string();
     assert!(err.contains("unknown model_type `gpt_oss`"), "{err}");
+    // Options an architecture does not implement are refused by name, before any weight loads.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("models/llama-f32/config.json")).unwrap()).unwrap();
+    cfg["layer_types"] = serde_json::json!(["full_attention", "chunked_attention"]);
+    let err = reg.check_config("llama", &cfg.to_string()).unwrap_err().to_string();
+    assert!(err.contains("layer_types: unsupported layer type `chunked_attention`"), "{err}");
+    cfg["rope_scaling"] = serde_json::json!({"type": "longrope", "factor": 2.0});
+    cfg["layer_types"] = serde_json::Value::Null;
+    let err = reg.check_config("llama", &cfg.to_string()).unwrap_err().to_string();
+    assert!(err.contains("unsupported rope_scaling type `longrope`"), "{err}");
+    let qwen2 = std::fs::read_to_string(common::fixture("models/qwen2-f32/config.json")).unwrap();
+    reg.check_config("qwen2", &qwen2).unwrap();
+    let err = reg.check_config("qwen3", r#"{"hidden_size": 8}"#).unwrap_err().to_string();
+    assert!(err.contains("missing field"), "{err}");
 }
 
 #[test]

@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import mlx_lm.utils as lm_utils  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models import llama, qwen3  # noqa: E402
+from mlx_lm.models import llama, qwen2, qwen3  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,18 @@ ARCHS = {
         },
         2345,
     ),
+    "qwen2": (
+        qwen2,
+        {
+            **COMMON,
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+        },
+        4567,
+    ),
     "qwen3": (
         qwen3,
         {
@@ -128,6 +140,11 @@ QUANTS = [
 
 WEIGHT_STD = 0.1  # logits std ~ 0.1 * sqrt(64) ~ 0.8: clear top-1 margins
 NORM_STD = 0.1  # RMSNorm weights 1 + N(0, 0.1^2), so a missing weight shows
+
+
+# Architectures added after the first set get float32 and two quantized
+# formats only (the quantizers are the same code for every architecture).
+QUANT_SUBSET = {"qwen2": ["q4-g64", "q8-g64"]}
 
 
 def log(msg):
@@ -295,13 +312,17 @@ def main():
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
-    for arch in ARCHS:
+    # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
+    only = sys.argv[1:] or list(ARCHS)
+    for arch in only:
         model, config, params = build_f32(arch)
         variants = [(f"{arch}-f32", model, config, None)]
         if arch == "llama":
             # 128 KiB shards: the f32 llama (~0.5 MiB) splits into 4+ files.
             variants.append((f"{arch}-f32-sharded", model, config, 128 << 10))
         for suffix, gs, bits, recipe in QUANTS:
+            if arch in QUANT_SUBSET and suffix not in QUANT_SUBSET[arch]:
+                continue
             qmodel, qconfig = quantize(arch, params, gs, bits, recipe)
             variants.append((f"{arch}-{suffix}", qmodel, qconfig, None))
         for name, m, cfg, shard in variants:

@@ -19,6 +19,9 @@ impl PluginImpl for ArchLlama {
             other => Err(PluginError::unsupported(format!("arch-llama does not build {other}"))),
         }
     }
+    fn check_config(_model_type: &str, config: &str) -> Result<()> {
+        llama::Config::parse(config).map(|_| ())
+    }
 }
 
 export_plugin!(ArchLlama);

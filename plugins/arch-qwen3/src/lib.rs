@@ -1,4 +1,6 @@
-//! `arch-qwen3`: Qwen3 dense decoder.
+//! `arch-qwen3`: the Qwen dense decoders, one file per `model_type`
+//! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3).
+mod qwen2;
 mod qwen3;
 
 use rmlx_plugin_api::{
@@ -6,19 +8,27 @@ use rmlx_plugin_api::{
     export_plugin, Manifest, PluginError,
 };
 
-pub struct ArchQwen3;
+pub struct ArchQwen;
 
-impl PluginImpl for ArchQwen3 {
+impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen3 dense decoder")
-            .architectures(&["qwen3"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen dense decoders (qwen2, qwen3)")
+            .architectures(&["qwen2", "qwen3"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
+            "qwen2" => Ok(Box::new(qwen2::Qwen2::load(config, w)?)),
             "qwen3" => Ok(Box::new(qwen3::Qwen3::load(config, w)?)),
+            other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
+        }
+    }
+    fn check_config(model_type: &str, config: &str) -> Result<()> {
+        match model_type {
+            "qwen2" => qwen2::Config::parse(config).map(|_| ()),
+            "qwen3" => qwen3::Config::parse(config).map(|_| ()),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }
 }
 
-export_plugin!(ArchQwen3);
+export_plugin!(ArchQwen);

@@ -1,16 +1,19 @@
 //! model_type `qwen3`. Mirrors mlx_lm/models/qwen3.py: Llama's layout plus
-//! per-head RMSNorm on queries and keys (q_norm, k_norm) before RoPE. Shapes: B batch, L new tokens, D hidden,
-//! H query heads, K kv heads, hd head_dim, F intermediate, V vocab.
+//! per-head RMSNorm on queries and keys (q_norm, k_norm) before RoPE; the
+//! layers are plugins/nn's decoder. Shapes: B batch, L new tokens, D hidden,
+//! H query heads, K kv heads, hd head_dim, V vocab.
 use mlx_rs::Array;
-use rmlx_nn::{Positions, last_position, merge_heads, parse_config, rms_norm, split_heads, swiglu, Rope};
+use rmlx_nn::decoder::{AttentionSpec, Decoder};
+use rmlx_nn::{parse_config, Rope};
 use rmlx_plugin_api::{
-    author::{EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
-    AttendOptions, Attention, ModelSpec,
+    author::{ModelImpl, Result, Weights},
+    Attention, ModelSpec, PluginError,
 };
 use serde::Deserialize;
 
 // ---- config ----
 
+/// The keys mlx-lm's qwen3 `ModelArgs` reads.
 #[derive(Deserialize, Debug, Clone)]
 pub struct Config {
     pub hidden_size: i32,
@@ -21,117 +24,32 @@ pub struct Config {
     pub head_dim: i32,
     pub max_position_embeddings: i32,
     pub num_key_value_heads: i32,
-    pub rope_theta: f32,
+    pub rope_theta: Option<f32>,
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers >= 5 nests rope_theta and rope_scaling here.
+    pub rope_parameters: Option<serde_json::Value>,
     pub tie_word_embeddings: bool,
 }
 
 impl Config {
-    fn kv_heads(&self) -> i32 {
-        self.num_key_value_heads
+    pub fn parse(json: &str) -> Result<Self> {
+        let mut c: Config = parse_config(json)?;
+        if let Some(p) = c.rope_parameters.clone().filter(|p| !p.is_null()) {
+            if c.rope_theta.is_none() {
+                c.rope_theta = p.get("rope_theta").and_then(|v| v.as_f64()).map(|v| v as f32);
+            }
+            if c.rope_scaling.is_none() {
+                c.rope_scaling = Some(p);
+            }
+        }
+        if c.rope_theta.is_none() {
+            return Err(PluginError::config("rope_theta is missing from the model config"));
+        }
+        c.rope()?;
+        Ok(c)
     }
-    fn head_dim(&self) -> i32 {
-        self.head_dim
-    }
-}
-
-// ---- attention ----
-
-pub struct SelfAttention {
-    q_proj: LinearLayer, // [D] -> [H*hd]
-    k_proj: LinearLayer, // [D] -> [K*hd]
-    v_proj: LinearLayer, // [D] -> [K*hd]
-    o_proj: LinearLayer, // [H*hd] -> [D]
-    q_norm: Array,       // [hd]
-    k_norm: Array,       // [hd]
-    eps: f32,
-    heads: i32,
-    kv_heads: i32,
-    scale: f32,
-    rope: Rope,
-}
-
-impl SelfAttention {
-    fn load(w: &mut Weights, p: &str, c: &Config) -> Result<Self> {
-        let hd = c.head_dim();
-        Ok(Self {
-            q_proj: w.linear(&format!("{p}.q_proj"))?,
-            k_proj: w.linear(&format!("{p}.k_proj"))?,
-            v_proj: w.linear(&format!("{p}.v_proj"))?,
-            o_proj: w.linear(&format!("{p}.o_proj"))?,
-            q_norm: w.tensor(&format!("{p}.q_norm.weight"))?,
-            k_norm: w.tensor(&format!("{p}.k_norm.weight"))?,
-            eps: c.rms_norm_eps,
-            heads: c.num_attention_heads,
-            kv_heads: c.kv_heads(),
-            scale: (hd as f32).powf(-0.5),
-            rope: Rope::new(hd, c.rope_theta, false, c.rope_scaling.as_ref())?,
-        })
-    }
-
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
-        // RMSNorm over hd commutes with the head transpose.
-        let q = rms_norm(&split_heads(&self.q_proj.forward(x)?, self.heads)?, &self.q_norm, self.eps)?; // [B, H, L, hd]
-        let k = rms_norm(&split_heads(&self.k_proj.forward(x)?, self.kv_heads)?, &self.k_norm, self.eps)?; // [B, K, L, hd]
-        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
-        let q = self.rope.apply_at(&q, pos)?;
-        let k = self.rope.apply_at(&k, pos)?;
-        let o = attn.attend_arrays(layer, q, k, v, AttendOptions { scale: self.scale, window: 0 })?; // [B, H, L, hd]
-        self.o_proj.forward(&merge_heads(&o)?)
-    }
-}
-
-// ---- MLP ----
-
-pub struct Mlp {
-    gate_proj: LinearLayer, // [D] -> [F]
-    up_proj: LinearLayer,   // [D] -> [F]
-    down_proj: LinearLayer, // [F] -> [D]
-}
-
-impl Mlp {
-    fn load(w: &mut Weights, p: &str) -> Result<Self> {
-        Ok(Self {
-            gate_proj: w.linear(&format!("{p}.gate_proj"))?,
-            up_proj: w.linear(&format!("{p}.up_proj"))?,
-            down_proj: w.linear(&format!("{p}.down_proj"))?,
-        })
-    }
-
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array) -> Result<Array> {
-        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
-    }
-}
-
-// ---- block ----
-
-pub struct Block {
-    self_attn: SelfAttention,
-    mlp: Mlp,
-    input_layernorm: Array,          // [D]
-    post_attention_layernorm: Array, // [D]
-    eps: f32,
-}
-
-impl Block {
-    fn load(w: &mut Weights, p: &str, c: &Config) -> Result<Self> {
-        Ok(Self {
-            self_attn: SelfAttention::load(w, &format!("{p}.self_attn"), c)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"))?,
-            input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
-            eps: c.rms_norm_eps,
-        })
-    }
-
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
-        let h = x.add(&r)?;
-        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        Ok(h.add(&r)?)
+    fn rope(&self) -> Result<Rope> {
+        Rope::new(self.head_dim, self.rope_theta.unwrap_or(10000.0), false, self.rope_scaling.as_ref())
     }
 }
 
@@ -139,66 +57,43 @@ impl Block {
 
 pub struct Qwen3 {
     config: Config,
-    embed_tokens: EmbeddingLayer, // [V, D]
-    layers: Vec<Block>,
-    norm: Array,                   // [D]
-    lm_head: Option<LinearLayer>,  // [D] -> [V]; None when tied
+    decoder: Decoder,
 }
 
 impl Qwen3 {
     pub fn load(config_json: &str, w: &mut Weights) -> Result<Self> {
-        let config: Config = parse_config(config_json)?;
-        let embed_tokens = w.embedding("model.embed_tokens")?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| Block::load(w, &format!("model.layers.{i}"), &config))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = w.tensor("model.norm.weight")?;
-        let lm_head = if tied(&config, w) { None } else { Some(w.linear("lm_head")?) };
-        Ok(Self { config, embed_tokens, layers, norm, lm_head })
+        let c = Config::parse(config_json)?;
+        let decoder = Decoder::load(w, c.num_hidden_layers, c.rms_norm_eps, c.tie_word_embeddings, |_| {
+            Ok(AttentionSpec {
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                qk_norm: true,
+                eps: c.rms_norm_eps,
+                window: 0,
+                rope: c.rope()?,
+            })
+        })?;
+        Ok(Self { config: c, decoder })
     }
 }
 
 impl ModelImpl for Qwen3 {
     fn spec(&self) -> ModelSpec {
-        cache_spec(&self.config)
+        let c = &self.config;
+        ModelSpec {
+            num_layers: c.num_hidden_layers as u32,
+            num_kv_heads: c.num_key_value_heads as u32,
+            head_dim: c.head_dim as u32,
+            vocab_size: c.vocab_size as u32,
+            hidden_size: c.hidden_size as u32,
+            max_context: c.max_position_embeddings as u32,
+            sliding_window: vec![0u32; c.num_hidden_layers as usize].into(),
+        }
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
     fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
-        let pos = Positions::of(attn); // each row's first position
-        let mut h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
-        }
-        let mut h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
-        if last_only {
-            h = last_position(&h)?;
-        }
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
-    }
-}
-
-// ---- weight sanitising ----
-
-/// mlx-lm drops `lm_head` when embeddings are tied; here the model simply
-/// never asks for it.
-fn tied(c: &Config, _w: &Weights) -> bool {
-    c.tie_word_embeddings
-}
-
-// ---- cache spec ----
-
-fn cache_spec(c: &Config) -> ModelSpec {
-    ModelSpec {
-        num_layers: c.num_hidden_layers as u32,
-        num_kv_heads: c.kv_heads() as u32,
-        head_dim: c.head_dim() as u32,
-        vocab_size: c.vocab_size as u32,
-        hidden_size: c.hidden_size as u32,
-        max_context: c.max_position_embeddings as u32,
-        sliding_window: vec![0u32; c.num_hidden_layers as usize].into(),
+        self.decoder.forward(tokens, attn, last_only)
     }
 }

@@ -1,0 +1,189 @@
+//! The decoder-only transformer that llama, qwen2 and qwen3 share (mlx-lm's
+//! `Attention`, `MLP`, `TransformerBlock` and `LlamaModel`), parameterised by
+//! what differs between them: per-head q/k RMSNorm (qwen3), a sliding window
+//! per layer (llama's `layer_types`), RoPE. Projection biases (qwen2's q/k/v,
+//! llama's `attention_bias` / `mlp_bias`) need no option: the WeightQuant
+//! plugin that builds a linear adds `bias` when the checkpoint has one.
+//!
+//! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
+//! hd head_dim, F intermediate, V vocab.
+use crate::{last_position, merge_heads, rms_norm, split_heads, swiglu, Positions, Rope};
+use mlx_rs::Array;
+use rmlx_plugin_api::{
+    author::{EmbeddingLayer, LinearLayer, Result, Weights},
+    AttendOptions, Attention,
+};
+
+// ---- attention ----
+
+/// What one layer's attention looks like.
+pub struct AttentionSpec {
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    /// RMSNorm over hd on queries and keys before RoPE (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+    pub eps: f32,
+    /// Attention window in tokens, 0 for full attention.
+    pub window: u32,
+    pub rope: Rope,
+}
+
+pub struct SelfAttention {
+    q_proj: LinearLayer,    // [D] -> [H*hd]
+    k_proj: LinearLayer,    // [D] -> [K*hd]
+    v_proj: LinearLayer,    // [D] -> [K*hd]
+    o_proj: LinearLayer,    // [H*hd] -> [D]
+    q_norm: Option<Array>, // [hd]
+    k_norm: Option<Array>, // [hd]
+    spec: AttentionSpec,
+    opts: AttendOptions,
+}
+
+impl SelfAttention {
+    pub fn load(w: &mut Weights, p: &str, spec: AttentionSpec) -> Result<Self> {
+        let norm = |w: &mut Weights, n: &str| -> Result<Option<Array>> {
+            if spec.qk_norm {
+                Ok(Some(w.tensor(&format!("{p}.{n}.weight"))?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (q_norm, k_norm) = (norm(w, "q_norm")?, norm(w, "k_norm")?);
+        let opts = AttendOptions { scale: (spec.head_dim as f32).powf(-0.5), window: spec.window };
+        Ok(Self {
+            q_proj: w.linear(&format!("{p}.q_proj"))?,
+            k_proj: w.linear(&format!("{p}.k_proj"))?,
+            v_proj: w.linear(&format!("{p}.v_proj"))?,
+            o_proj: w.linear(&format!("{p}.o_proj"))?,
+            q_norm,
+            k_norm,
+            spec,
+            opts,
+        })
+    }
+
+    /// x: [B, L, D] -> [B, L, D]
+    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+        let s = &self.spec;
+        let mut q = split_heads(&self.q_proj.forward(x)?, s.heads)?; // [B, H, L, hd]
+        let mut k = split_heads(&self.k_proj.forward(x)?, s.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads(&self.v_proj.forward(x)?, s.kv_heads)?; // [B, K, L, hd]
+        // RMSNorm over hd commutes with the head transpose.
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(&q, qn, s.eps)?;
+            k = rms_norm(&k, kn, s.eps)?;
+        }
+        let q = s.rope.apply_at(&q, pos)?;
+        let k = s.rope.apply_at(&k, pos)?;
+        let o = attn.attend_arrays(layer, q, k, v, self.opts)?; // [B, H, L, hd]
+        self.o_proj.forward(&merge_heads(&o)?)
+    }
+}
+
+// ---- MLP ----
+
+/// SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+pub struct Mlp {
+    gate_proj: LinearLayer, // [D] -> [F]
+    up_proj: LinearLayer,   // [D] -> [F]
+    down_proj: LinearLayer, // [F] -> [D]
+}
+
+impl Mlp {
+    pub fn load(w: &mut Weights, p: &str) -> Result<Self> {
+        Ok(Self {
+            gate_proj: w.linear(&format!("{p}.gate_proj"))?,
+            up_proj: w.linear(&format!("{p}.up_proj"))?,
+            down_proj: w.linear(&format!("{p}.down_proj"))?,
+        })
+    }
+
+    /// x: [B, L, D] -> [B, L, D]
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+    }
+}
+
+// ---- block ----
+
+/// Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
+pub struct Block {
+    self_attn: SelfAttention,
+    mlp: Mlp,
+    input_layernorm: Array,          // [D]
+    post_attention_layernorm: Array, // [D]
+    eps: f32,
+}
+
+impl Block {
+    pub fn load(w: &mut Weights, p: &str, spec: AttentionSpec) -> Result<Self> {
+        let eps = spec.eps;
+        Ok(Self {
+            self_attn: SelfAttention::load(w, &format!("{p}.self_attn"), spec)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"))?,
+            input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+            eps,
+        })
+    }
+
+    /// x: [B, L, D] -> [B, L, D]
+    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
+        let h = x.add(&r)?;
+        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
+        Ok(h.add(&r)?)
+    }
+}
+
+// ---- model ----
+
+/// Embedding, blocks, final norm, and the output head (tied to the
+/// embedding when `tied`).
+pub struct Decoder {
+    embed_tokens: EmbeddingLayer, // [V, D]
+    layers: Vec<Block>,
+    norm: Array,                  // [D]
+    lm_head: Option<LinearLayer>, // [D] -> [V]; None when tied
+    eps: f32,
+}
+
+impl Decoder {
+    /// `spec(i)`: layer i's attention. Tensors under `model.` as mlx-lm names them.
+    pub fn load(
+        w: &mut Weights,
+        num_layers: i32,
+        eps: f32,
+        tie_word_embeddings: bool,
+        mut spec: impl FnMut(i32) -> Result<AttentionSpec>,
+    ) -> Result<Self> {
+        let embed_tokens = w.embedding("model.embed_tokens")?;
+        let layers = (0..num_layers)
+            .map(|i| Block::load(w, &format!("model.layers.{i}"), spec(i)?))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.tensor("model.norm.weight")?;
+        // mlx-lm drops `lm_head` when embeddings are tied; a checkpoint that
+        // says untied but has no `lm_head` is treated as tied, as HF does.
+        let tied = tie_word_embeddings || !w.contains("lm_head.weight");
+        let lm_head = if tied { None } else { Some(w.linear("lm_head")?) };
+        Ok(Self { embed_tokens, layers, norm, lm_head, eps })
+    }
+
+    /// tokens: [B, L] -> logits [B, L | 1, V]
+    pub fn forward(&self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
+        let pos = Positions::of(attn); // each row's first position
+        let mut h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, i as u32, &pos, attn)?;
+        }
+        let mut h = rms_norm(&h, &self.norm, self.eps)?;
+        if last_only {
+            h = last_position(&h)?; // [B, 1, D]
+        }
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
+    }
+}
