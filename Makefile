@@ -29,9 +29,10 @@ release: mlx
 	$(CARGO) build --release --workspace $(TEST_PLUGINS)
 	@bash scripts/stage-plugins.sh release
 
-## Python dev environment for goldens and API tests (tests only)
+## Python dev environment for goldens and API tests, and the TypeScript client test's npm packages (tests only)
 dev-venv:
 	@bash scripts/dev-venv.sh
+	@cd tests/api/ts && npm ci --no-audit --no-fund --loglevel=error
 
 ## the default model (SmolLM2-135M-Instruct), converted once into ~/.cache/rmlx
 default-model: build

@@ -9,7 +9,7 @@ negative cases as generated (only `model` is pointed at the served model, so
 that a mutation is judged by validation rather than by a 404):
 
 - model-dependent: the model id, token ids below the vocabulary, the prompt
-  within the context, `logit_bias` keys that are token ids, images (the
+  within the context (earliest turns dropped, long strings clipped), `logit_bias` keys that are token ids, images (the
   model reads text only), JSON Schemas / regexes / grammars that compile;
 - cross-field: `top_logprobs` needs `logprobs`, a named `tool_choice` names a
   tool in `tools`, `max_tokens: 0` on completions needs `echo`;
@@ -23,6 +23,9 @@ import schemathesis
 MODEL = os.environ.get("RMLX_ST_MODEL", "tiny-chat")
 VOCAB = int(os.environ.get("RMLX_ST_VOCAB", "256"))
 MAX_TOKENS = 4
+# The tiny model's context is 512 tokens and its tokenizer one token per
+# byte: prompts are kept under this many bytes (the template adds a few).
+PROMPT_BYTES = 320
 TEXT_PART = {"type": "text", "text": "hi"}
 
 
@@ -56,6 +59,37 @@ def _fix_parts(parts, image_types):
         else:
             out.append(p)
     return out
+
+
+def _fit_messages(body, key="messages"):
+    """Drops the earliest turns until the conversation's text fits the
+    context (one token per byte, plus the template's tags)."""
+    msgs = body.get(key)
+    if not isinstance(msgs, list):
+        return
+    def text(c):
+        if isinstance(c, str):
+            return len(c.encode())
+        if isinstance(c, list):
+            return sum(text(p.get("text")) + text(p.get("thinking")) + text(p.get("content"))
+                       for p in c if isinstance(p, dict))
+        return 0
+
+    size = lambda m: (text(m.get("content")) if isinstance(m, dict) else 0) + 16
+    budget = PROMPT_BYTES - text(body.get("system")) - 16
+    while len(msgs) > 1 and sum(size(m) for m in msgs) > budget:
+        msgs.pop(0)
+    for m in msgs:
+        if isinstance(m, dict) and isinstance(m.get("content"), str):
+            m["content"] = _clip_bytes(m["content"], PROMPT_BYTES // 2)
+        elif isinstance(m, dict) and isinstance(m.get("content"), list) and m["content"]:
+            share = PROMPT_BYTES // 2 // len(m["content"])
+            for part in m["content"]:
+                for k in ("text", "thinking", "content"):
+                    if isinstance(part, dict) and isinstance(part.get(k), str):
+                        part[k] = _clip_bytes(part[k], share)
+    if isinstance(body.get("system"), str):
+        body["system"] = _clip_bytes(body["system"], PROMPT_BYTES // 4)
 
 
 def _cap(body, *keys):
@@ -98,6 +132,7 @@ def _steer_openai(body, path):
         for m in body.get("messages") or []:
             if isinstance(m, dict):
                 m["content"] = _fix_parts(m.get("content"), {"image_url"})
+        _fit_messages(body)
         kwargs = body.get("chat_template_kwargs")
         if isinstance(kwargs, dict):
             for k in ("messages", "add_generation_prompt", "bos_token", "eos_token", "tools"):
@@ -105,7 +140,10 @@ def _steer_openai(body, path):
     if path.endswith("/v1/completions"):
         p = body.get("prompt")
         if isinstance(p, list):
-            body["prompt"] = [[_token(t) for t in x] if isinstance(x, list) else _token(x) for x in p]
+            p = [[_token(t) for t in x][:PROMPT_BYTES] if isinstance(x, list) else _token(x) for x in p]
+            body["prompt"] = [_clip_bytes(x, PROMPT_BYTES) if isinstance(x, str) else x for x in p][:PROMPT_BYTES]
+        elif isinstance(p, str):
+            body["prompt"] = _clip_bytes(p, PROMPT_BYTES)
         if body.get("max_tokens") == 0 and not body.get("echo"):
             body["max_tokens"] = 1
 
@@ -117,6 +155,7 @@ def _steer_anthropic(body):
     for m in body.get("messages") or []:
         if isinstance(m, dict):
             m["content"] = _fix_parts(m.get("content"), {"image"})
+    _fit_messages(body)
     tools = body.get("tools") or []
     for t in tools:
         if isinstance(t, dict):

@@ -122,3 +122,22 @@ def test_schemathesis_short_run(tiny, tmp_path, doc):
     assert s["server_errors"] == []
     documented = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops}
     assert documented <= set(s["per_operation"]), documented - set(s["per_operation"])
+
+
+def test_a_body_that_is_not_an_object_is_refused(tiny):
+    # serde fills a struct whose fields are all optional from `[]`; the schema says object.
+    s, _, err = post(tiny, f"/v1/models/{tiny_chat.NAME}/load", [])
+    assert s == 400 and "JSON object" in err["error"]["message"], err
+    s, _, err = post(tiny, "/v1/completions", [tiny_chat.NAME, [1, 2]])
+    assert s == 400, err
+
+
+def test_sampling_bounds_hold_at_f64_precision(tiny):
+    base = {"model": tiny_chat.NAME, "prompt": [1, 2], "max_tokens": 1}
+    # just inside an open bound, f32 would round it to 0 (refused before the fix)
+    s, _, body = post(tiny, "/v1/completions", dict(base, top_p=5e-324, repetition_penalty=5e-324))
+    assert s == 200, body
+    # just past a closed bound, f32 would round it into range (accepted before the fix)
+    for field, v in (("top_p", 1.0000000000000002), ("temperature", 2.0000000000000004)):
+        s, _, body = post(tiny, "/v1/completions", dict(base, **{field: v}))
+        assert s == 400 and body["error"]["param"] == field, body

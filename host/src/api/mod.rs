@@ -118,10 +118,16 @@ pub fn service(
 /// The OpenAPI document (what `rmlx openapi` prints and schemas/openapi.json holds).
 pub fn openapi_json() -> String {
     let state = Arc::new(AppState { catalog: Arc::new(ModelCatalog::default()), worker: Worker::detached(), opts: ServerOptions::default() });
-    let mut s = service(state).spec();
-    if !s.ends_with('\n') {
-        s.push('\n');
-    }
+    document(&service(state).spec())
+}
+
+/// poem-openapi's document with its nullable references rewritten so that
+/// OpenAPI 3.0 validators accept `null` for them (types/schema.rs).
+fn document(spec: &str) -> String {
+    let mut doc: serde_json::Value = serde_json::from_str(spec).expect("poem-openapi writes JSON");
+    types::nullable_refs(&mut doc);
+    let mut s = serde_json::to_string_pretty(&doc).expect("JSON");
+    s.push('\n');
     s
 }
 
@@ -137,7 +143,11 @@ pub(crate) fn flavor_of(path: &str) -> Flavor {
 /// auth, body limit, error shapes and request metrics (api/metrics.rs).
 pub fn app(state: State) -> Route {
     let api = service(state.clone());
-    let spec = api.spec_endpoint();
+    let doc = document(&api.spec());
+    let allow = Arc::new(AllowedMethods::from_spec(&doc));
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder().content_type("application/json; charset=utf-8").body(doc.clone())
+    });
     let docs = api.swagger_ui();
     let key = state.opts.api_key.clone();
     let limit = state.opts.max_body_bytes;
@@ -151,8 +161,10 @@ pub fn app(state: State) -> Route {
         .around(move |ep, mut req: Request| {
             let key = key.clone();
             let catalog = catalog.clone();
+            let allow = allow.clone();
             async move {
                 let flavor = flavor_of(req.uri().path());
+                let path = req.uri().path().to_string();
                 if let Err(e) = limit_body(&mut req, limit).await {
                     return Ok(errors::render(e, flavor));
                 }
@@ -164,19 +176,52 @@ pub fn app(state: State) -> Route {
                     }
                 }
                 metrics::note_model(&mut req, &catalog).await;
-                match ep.call(req).await {
-                    Ok(r) => {
-                        let r = r.into_response();
-                        Ok(r)
+                let mut r = match ep.call(req).await {
+                    Ok(r) => r.into_response(),
+                    Err(e) => errors::render(e, flavor),
+                };
+                if r.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    if let Some(methods) = allow.for_path(&path) {
+                        r.headers_mut().insert(poem::http::header::ALLOW, methods.parse().expect("method names"));
                     }
-                    Err(e) => Ok(errors::render(e, flavor)),
                 }
+                Ok(r)
             }
         })
         .with(guard::Guard(Arc::new(state.opts.cross_site.clone())))
         .around(|ep, req| access_log::layer(ep, req))
         .around(move |ep, req| metrics::track(ep, req, counters.clone()));
     Route::new().nest("/", guarded)
+}
+
+/// The methods each documented path answers (for `Allow` on a 405), read
+/// from the OpenAPI document so that it cannot drift from the routes.
+struct AllowedMethods(Vec<(Vec<String>, String)>);
+
+impl AllowedMethods {
+    fn from_spec(spec: &str) -> Self {
+        let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let paths = doc.get("paths").and_then(|p| p.as_object()).cloned().unwrap_or_default();
+        Self(
+            paths
+                .into_iter()
+                .map(|(path, ops)| {
+                    let segs = path.split('/').map(str::to_string).collect();
+                    let methods: Vec<String> = ops.as_object().map(|o| o.keys().map(|m| m.to_uppercase()).collect()).unwrap_or_default();
+                    (segs, methods.join(", "))
+                })
+                .collect(),
+        )
+    }
+
+    /// `GET, POST`-style list for a request path; `{param}` segments match any one segment.
+    fn for_path(&self, path: &str) -> Option<&str> {
+        let segs: Vec<&str> = path.split('/').collect();
+        self.0.iter().find_map(|(tpl, methods)| {
+            let hit = tpl.len() == segs.len() && tpl.iter().zip(&segs).all(|(t, s)| t == s || (t.starts_with('{') && t.ends_with('}') && !s.is_empty()));
+            hit.then_some(methods.as_str())
+        })
+    }
 }
 
 /// 413 when the body is larger than `limit` (by Content-Length, or by

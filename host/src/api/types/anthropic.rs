@@ -1,5 +1,6 @@
 //! Anthropic's Messages API shapes, field for field (requests also derive
 //! `Deserialize`, for errors that name the failing field).
+use super::schema::untagged_union;
 use poem_openapi::{Enum, Object, Union};
 use serde::Deserialize;
 use serde_json::Value;
@@ -20,6 +21,7 @@ pub enum Role {
 pub struct TextBlockParam {
     pub text: String,
     #[serde(default)]
+    #[oai(nullable)]
     pub cache_control: Option<Value>,
 }
 
@@ -38,21 +40,27 @@ pub struct ToolUseBlockParam {
 }
 
 /// `tool_result` content: a string or text blocks.
-#[derive(Debug, Clone, Union, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-#[oai(rename = "AnthropicToolResultContent")]
 pub enum ToolResultContent {
     Text(String),
     Blocks(Vec<ContentBlockParam>),
 }
+
+untagged_union!(ToolResultContent, "AnthropicToolResultContent", "`tool_result` content: a string or content blocks.", { Text(String), Blocks(Vec<ContentBlockParam>) }, [
+    String::schema_ref(),
+    <Vec<ContentBlockParam>>::schema_ref(),
+]);
 
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "AnthropicToolResultBlockParam")]
 pub struct ToolResultBlockParam {
     pub tool_use_id: String,
     #[serde(default)]
+    #[oai(nullable)]
     pub content: Option<ToolResultContent>,
     #[serde(default)]
+    #[oai(nullable)]
     pub is_error: Option<bool>,
 }
 
@@ -61,6 +69,7 @@ pub struct ToolResultBlockParam {
 pub struct ThinkingBlockParam {
     pub thinking: String,
     #[serde(default)]
+    #[oai(nullable)]
     pub signature: Option<String>,
 }
 
@@ -97,13 +106,17 @@ pub enum ContentBlockParam {
 }
 
 /// A string or content blocks.
-#[derive(Debug, Clone, Union, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-#[oai(rename = "AnthropicMessageContentParam")]
 pub enum MessageContentParam {
     Text(String),
     Blocks(Vec<ContentBlockParam>),
 }
+
+untagged_union!(MessageContentParam, "AnthropicMessageContentParam", "A string or content blocks.", { Text(String), Blocks(Vec<ContentBlockParam>) }, [
+    String::schema_ref(),
+    <Vec<ContentBlockParam>>::schema_ref(),
+]);
 
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "AnthropicMessageParam")]
@@ -113,13 +126,17 @@ pub struct MessageParam {
 }
 
 /// `system`: a string or text blocks.
-#[derive(Debug, Clone, Union, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-#[oai(rename = "AnthropicSystemParam")]
 pub enum SystemParam {
     Text(String),
     Blocks(Vec<TextBlockParamTyped>),
 }
+
+untagged_union!(SystemParam, "AnthropicSystemParam", "`system`: a string or text blocks.", { Text(String), Blocks(Vec<TextBlockParamTyped>) }, [
+    String::schema_ref(),
+    <Vec<TextBlockParamTyped>>::schema_ref(),
+]);
 
 /// A `{"type": "text", "text": ...}` block (for `system`).
 #[derive(Debug, Clone, Union, Deserialize)]
@@ -137,10 +154,12 @@ pub enum TextBlockParamTyped {
 pub struct Tool {
     pub name: String,
     #[serde(default)]
+    #[oai(nullable)]
     pub description: Option<String>,
     /// JSON Schema of the input.
     pub input_schema: Value,
     #[serde(default)]
+    #[oai(nullable)]
     pub cache_control: Option<Value>,
 }
 
@@ -162,8 +181,10 @@ pub struct ToolChoice {
     pub r#type: ToolChoiceType,
     /// With `type: tool`.
     #[serde(default)]
+    #[oai(nullable)]
     pub name: Option<String>,
     #[serde(default)]
+    #[oai(nullable)]
     pub disable_parallel_tool_use: Option<bool>,
 }
 
@@ -183,6 +204,7 @@ pub struct ThinkingConfig {
     pub r#type: ThinkingType,
     /// With `enabled`: thinking tokens at most; the block is closed when spent.
     #[serde(default)]
+    #[oai(nullable, validator(minimum(value = "0"), maximum(value = "4294967295")))]
     pub budget_tokens: Option<u32>,
 }
 
@@ -190,6 +212,7 @@ pub struct ThinkingConfig {
 #[oai(rename = "AnthropicMetadata")]
 pub struct Metadata {
     #[serde(default)]
+    #[oai(nullable)]
     pub user_id: Option<String>,
 }
 
@@ -202,33 +225,48 @@ pub struct MessagesRequest {
     #[oai(default)]
     #[serde(default)]
     pub model: String,
+    #[oai(validator(min_items = 1))]
     pub messages: Vec<MessageParam>,
+    #[oai(validator(minimum(value = "1"), maximum(value = "4294967295")))]
     pub max_tokens: u32,
     #[serde(default)]
+    #[oai(nullable)]
     pub system: Option<SystemParam>,
     #[serde(default)]
+    #[oai(nullable)]
     pub metadata: Option<Metadata>,
+    /// At most 16 strings of at most 256 bytes (UTF-8) each.
     #[serde(default)]
+    #[oai(nullable, validator(max_items = 16, max_length = 256))]
     pub stop_sequences: Option<Vec<String>>,
     #[serde(default)]
+    #[oai(nullable)]
     pub stream: Option<bool>,
     /// 0 to 1.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::schema::bounded::unit")]
+    #[oai(nullable, validator(minimum(value = "0"), maximum(value = "1")))]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[oai(nullable, validator(minimum(value = "0")))]
     pub top_k: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::schema::bounded::unit_open")]
+    #[oai(nullable, validator(minimum(value = "0", exclusive), maximum(value = "1")))]
     pub top_p: Option<f32>,
     #[serde(default)]
+    #[oai(nullable)]
     pub tools: Option<Vec<Tool>>,
     #[serde(default)]
+    #[oai(nullable)]
     pub tool_choice: Option<ToolChoice>,
     #[serde(default)]
+    #[oai(nullable)]
     pub thinking: Option<ThinkingConfig>,
     /// rmlx extension: same seed, same output.
     #[serde(default)]
+    #[oai(nullable)]
     pub seed: Option<i64>,
     #[serde(default)]
+    #[oai(nullable)]
     pub keep_alive: Option<super::openai::KeepAliveSpec>,
 }
 
@@ -241,14 +279,19 @@ pub struct CountTokensRequest {
     #[oai(default)]
     #[serde(default)]
     pub model: String,
+    #[oai(validator(min_items = 1))]
     pub messages: Vec<MessageParam>,
     #[serde(default)]
+    #[oai(nullable)]
     pub system: Option<SystemParam>,
     #[serde(default)]
+    #[oai(nullable)]
     pub tools: Option<Vec<Tool>>,
     #[serde(default)]
+    #[oai(nullable)]
     pub tool_choice: Option<ToolChoice>,
     #[serde(default)]
+    #[oai(nullable)]
     pub thinking: Option<ThinkingConfig>,
 }
 
@@ -309,7 +352,9 @@ pub enum StopReason {
 pub struct MessageUsage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    #[oai(nullable)]
     pub cache_creation_input_tokens: Option<u32>,
+    #[oai(nullable)]
     pub cache_read_input_tokens: Option<u32>,
 }
 
@@ -337,7 +382,9 @@ pub struct Message {
     pub role: AssistantRole,
     pub content: Vec<ContentBlock>,
     pub model: String,
+    #[oai(nullable)]
     pub stop_reason: Option<StopReason>,
+    #[oai(nullable)]
     pub stop_sequence: Option<String>,
     pub usage: MessageUsage,
 }
@@ -415,7 +462,9 @@ pub struct ContentBlockStopEvent {
 #[derive(Debug, Clone, Object)]
 #[oai(rename = "AnthropicMessageDeltaBody")]
 pub struct MessageDeltaBody {
+    #[oai(nullable)]
     pub stop_reason: Option<StopReason>,
+    #[oai(nullable)]
     pub stop_sequence: Option<String>,
 }
 
@@ -423,6 +472,7 @@ pub struct MessageDeltaBody {
 #[oai(rename = "AnthropicMessageDeltaUsage")]
 pub struct MessageDeltaUsage {
     pub output_tokens: u32,
+    #[oai(nullable)]
     pub input_tokens: Option<u32>,
 }
 

@@ -3,6 +3,8 @@
 //! documented with its event schema). Engine types never appear here.
 pub mod anthropic;
 pub mod openai;
+pub(crate) mod schema;
+pub use schema::nullable_refs;
 
 use poem::{web::sse::Event, IntoResponse, Request, RequestBody, Response};
 use poem_openapi::{
@@ -68,6 +70,11 @@ impl<T: serde::de::DeserializeOwned + Send> ParsePayload for ApiJson<T> {
 pub fn parse_json<T: serde::de::DeserializeOwned>(data: &[u8]) -> poem::Result<T> {
     if data.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(BodyError { message: "the request body is empty (expected a JSON object)".into(), param: None }.into());
+    }
+    // A body is one JSON object: serde would also fill a struct from an
+    // array (`[]` for a body whose fields are all optional).
+    if data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(BodyError { message: "the request body must be a JSON object".into(), param: None }.into());
     }
     let de = &mut serde_json::Deserializer::from_slice(data);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -148,10 +155,24 @@ impl<E> Sse<E> {
 impl<E: Type> Payload for Sse<E> {
     const CONTENT_TYPE: &'static str = "text/event-stream";
 
+    /// One event of the stream (OpenAPI 3.0 gives an event stream's `schema`
+    /// per event): `data` is the JSON of `E` (a component of the document),
+    /// or OpenAI's closing `[DONE]`.
     fn schema_ref() -> MetaSchemaRef {
+        let string = |description: &'static str| {
+            MetaSchemaRef::Inline(Box::new(MetaSchema { description: Some(description), ..MetaSchema::new("string") }))
+        };
+        let data = match E::name().as_ref() {
+            "ChatCompletionChunk" => "A `ChatCompletionChunk` as JSON; the last event's data is `[DONE]`.",
+            "Completion" => "A `Completion` as JSON; the last event's data is `[DONE]`.",
+            "AnthropicStreamEvent" => "An `AnthropicStreamEvent` as JSON, whose `type` is the event's name.",
+            _ => "The event as JSON.",
+        };
         MetaSchemaRef::Inline(Box::new(MetaSchema {
-            items: Some(Box::new(E::schema_ref())),
-            ..MetaSchema::new_with_format("array", "event-stream")
+            description: Some("One server-sent event."),
+            required: vec!["data"],
+            properties: vec![("event", string("The event's name (Anthropic's streams).")), ("data", string(data))],
+            ..MetaSchema::new("object")
         }))
     }
 
