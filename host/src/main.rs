@@ -9,10 +9,16 @@ fn main() {
     if std::env::var_os("MLX_MAX_OPS_PER_BUFFER").is_none() {
         std::env::set_var("MLX_MAX_OPS_PER_BUFFER", "100");
     }
-    if let Err(e) = rmlx::cli::run() {
-        // One line for the user, causes joined; never a panic or a backtrace.
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
-        std::process::exit(1);
-    }
+    let code = match rmlx::cli::run() {
+        Ok(()) => 0,
+        Err(e) => {
+            // One line for the user, causes joined; never a panic or a backtrace.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            1
+        }
+    };
+    // Output flushed, MLX state dropped: leave without the C exit handlers
+    // (OpenBLAS's could hang; cli/common.rs, docs/decisions.md).
+    rmlx::cli::common::exit(code)
 }

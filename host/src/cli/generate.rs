@@ -1,101 +1,118 @@
-//! `rmlx generate`: one prompt, one completion, printed as text or JSON.
+//! `rmlx generate`: one prompt, one completion, printed as text or JSON, with
+//! the speeds and peak memory as mlx-lm's `mlx_lm.generate` prints them.
+use super::textgen::{self, Model, SamplingArgs};
 use crate::config::Settings;
-use crate::engine::{generate::generate, GenerateOptions, LoadedModel};
-use anyhow::{bail, Result};
-use std::io::Write;
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (MLX layout), or a Hugging Face repo id (org/name:
-    /// from the hub cache, downloaded when missing).
-    #[arg(long)]
+    /// Model directory (MLX layout) or Hugging Face repo id (org/name)
+    #[arg(short = 'm', long, value_name = "DIR|REPO")]
     model: PathBuf,
-    /// Prompt text.
-    #[arg(long, conflicts_with = "prompt_tokens")]
+    /// Prompt text; `-` reads it from stdin [default: none; one of --prompt, --prompt-tokens]
+    #[arg(short = 'p', long, conflicts_with = "prompt_tokens", value_name = "TEXT")]
     prompt: Option<String>,
-    /// Prompt as token ids, used exactly as given (no BOS, no template): 1,2,3
-    #[arg(long, value_delimiter = ',')]
+    /// Prompt as token ids, used exactly as given (no BOS, no template): 1,2,3 [default: none]
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
     prompt_tokens: Option<Vec<u32>>,
-    /// Apply the model's chat template to --prompt (as a user message).
+    /// Use --prompt as it is, without the model's chat template [default: the template is applied when the model has one]
+    #[arg(long, visible_alias = "no-chat-template", conflicts_with = "chat")]
+    raw: bool,
+    /// Apply the chat template (the default when the model has one; an error when it has none)
     #[arg(long)]
     chat: bool,
-    /// System message for --chat.
-    #[arg(long)]
+    /// System message, before the prompt in the chat template [default: none]
+    #[arg(long, value_name = "TEXT")]
     system: Option<String>,
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    #[arg(long)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Print one JSON object: prompt_tokens, tokens, text, prompt_tps, generation_tps.
+    /// Print one JSON object: prompt_tokens, tokens, text, finish_reason, prompt_tps, generation_tps, peak_memory_gb
     #[arg(long)]
     json: bool,
+    /// Also print the prompt as the model sees it (after the template) and why generation stopped, to stderr
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
-    let reg = super::registry(settings)?;
-    let mut model = LoadedModel::load(&crate::hub::resolve_dir(&args.model)?, &reg)?;
-    let text = crate::model::text::TextSide::load(&model.dir)?;
-    let prompt: Vec<u32> = match (&args.prompt_tokens, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(p)) => text.prompt_ids(p, args.chat, args.system.as_deref())?,
-        (None, None) => bail!("give --prompt TEXT or --prompt-tokens 1,2,3"),
+    let params = args.sampling.params(settings)?;
+    let prompt_text = match args.prompt.as_deref() {
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+            Some(s)
+        }
+        p => p.map(str::to_string),
     };
-    if args.chat && args.prompt.is_none() {
-        bail!("--chat needs --prompt");
+    if prompt_text.is_none() && args.prompt_tokens.is_none() {
+        bail!("give --prompt TEXT (or --prompt - for stdin) or --prompt-tokens 1,2,3");
     }
-    let g = &settings.generate;
-    let opts = GenerateOptions {
-        max_tokens: args.max_tokens.unwrap_or(g.max_tokens),
-        temperature: args.temperature.unwrap_or(g.temperature),
-        top_p: args.top_p.unwrap_or(g.top_p),
-        seed: args.seed,
-        stop_ids: text.eos_ids.clone(),
-        prefill_chunk: g.prefill_chunk,
-    };
-    if !(opts.temperature >= 0.0) {
-        bail!("--temperature must be >= 0");
-    }
-    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
-    }
-    let mut stream = text.stream_decoder();
-    let stdout = std::io::stdout();
-    let out = generate(&mut model, &prompt, &opts, |t| {
-        if !args.json {
-            if let Some(piece) = stream.as_mut().and_then(|s| s.step(t).ok()) {
-                let mut lock = stdout.lock();
-                let _ = lock.write_all(piece.as_bytes());
-                let _ = lock.flush();
+    let mut model = Model::load(&args.model, settings)?;
+    let text = model.entry.text()?;
+    let (prompt, rendered): (Vec<u32>, Option<String>) = match (&args.prompt_tokens, &prompt_text) {
+        (Some(ids), _) => (ids.clone(), None),
+        (None, Some(p)) => {
+            let chat = args.chat || (!args.raw && text.template.is_some());
+            if args.system.is_some() && !chat {
+                bail!("--system needs the chat template (the model has none, or --raw was given)");
             }
+            let ids = text.prompt_ids(p, chat, args.system.as_deref())?;
+            let shown = match &text.tokenizer {
+                Some(t) => t.decode(&ids, false).ok(),
+                None => None,
+            };
+            (ids, shown)
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    if args.verbose {
+        eprintln!("==========");
+        match &rendered {
+            Some(r) => eprintln!("{r}"),
+            None => eprintln!("{prompt:?}"),
+        }
+        eprintln!("==========");
+    }
+    textgen::reset_peak_memory();
+    let has_text = text.tokenizer.is_some();
+    let stdout = std::io::stdout();
+    let turn = textgen::run_turn(&mut model, &prompt, params, |piece| {
+        if !args.json {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
         }
     })?;
-    let full = text.decode(&out.tokens)?;
+    let peak = textgen::peak_memory_gb();
     if args.json {
         println!(
             "{}",
             serde_json::json!({
-                "prompt_tokens": prompt, "tokens": out.tokens, "text": full,
-                "finish_reason": out.finish_reason,
-                "prompt_tps": out.prompt_tps, "generation_tps": out.generation_tps,
+                "prompt_tokens": prompt, "tokens": turn.tokens, "text": turn.text,
+                "finish_reason": turn.finish_reason(),
+                "prompt_tps": turn.prompt_tps, "generation_tps": turn.generation_tps,
+                "peak_memory_gb": peak,
             })
         );
     } else {
-        match stream.as_mut() {
-            Some(s) => println!("{}", s.flush().unwrap_or_default()),
-            None => println!("{:?}", out.tokens),
+        if has_text {
+            println!();
+        } else {
+            println!("{:?}", turn.tokens);
         }
-        eprintln!(
-            "prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s",
-            prompt.len(),
-            out.prompt_tps,
-            out.tokens.len(),
-            out.generation_tps
-        );
+        if args.verbose {
+            let why = match &turn.finish.stop {
+                Some(s) => format!("stop string {s:?}"),
+                None => turn.finish_reason().to_string(),
+            };
+            eprintln!("finish: {why}");
+        }
+        eprintln!("==========");
+        eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", prompt.len(), turn.prompt_tps);
+        eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", turn.tokens.len(), turn.generation_tps);
+        eprintln!("Peak memory: {peak:.3} GB");
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `rmlx` subcommands, one file each.
 mod bench;
+mod chat;
+pub mod common;
 mod convert;
 mod generate;
 mod info;
@@ -9,28 +11,20 @@ mod openapi;
 mod plugins;
 mod pull;
 mod serve;
+mod textgen;
 
 use crate::{config::Settings, plugins::Registry};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use common::{ConfigFlags, LoadFlags, PluginFlags, With};
 
 #[derive(Parser, Debug)]
 #[command(name = "rmlx", version, about = "Inference and conversion server for MLX-format models")]
 pub struct Cli {
-    /// Configuration file (default: ./rmlx.toml when present).
-    #[arg(long, global = true)]
-    pub config: Option<PathBuf>,
-    /// Plugin directory (default: plugins/ beside the binary).
-    #[arg(long, global = true)]
-    pub plugins: Option<PathBuf>,
-    /// Compute dtype for loaded models: model (the files' own), auto (float32
-    /// on the CPU backend), float32, float16, bfloat16.
-    #[arg(long, global = true)]
-    pub dtype: Option<String>,
-    /// Dequantize affine layers at load (dense weights; faster batched decode on CPU).
-    #[arg(long, global = true)]
-    pub dequantize: bool,
+    /// The flags of `common.rs`, accepted before the command too (`rmlx
+    /// --dtype float32 serve`) for compatibility; the command's own wins.
+    #[command(flatten)]
+    pub before: common::Before,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,15 +32,17 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// List loaded plugins and what each provides.
-    Plugins(plugins::Args),
+    Plugins(With<plugins::Args, PluginFlags>),
     /// Describe a model directory and the plugins that would serve it.
-    Info(info::Args),
-    /// Generate text from a prompt.
-    Generate(generate::Args),
+    Info(With<info::Args, PluginFlags>),
+    /// Generate text from a prompt (through the chat template when the model has one).
+    Generate(With<generate::Args, LoadFlags>),
+    /// Chat with a model in the terminal: history, a system prompt, /reset, tokens per second.
+    Chat(With<chat::Args, LoadFlags>),
     /// Serve the HTTP API.
-    Serve(serve::Args),
+    Serve(With<serve::Args, LoadFlags>),
     /// Measure speed: in-process (--model DIR, like mlx_lm.benchmark) or against a server (--url URL).
-    Bench(bench::Args),
+    Bench(With<bench::Args, LoadFlags>),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
@@ -56,33 +52,48 @@ pub enum Command {
     /// List the models in the Hugging Face hub cache, with their sizes.
     Ls(ls::Args),
     /// Show the runs `rmlx serve` recorded in its SQLite run log, and a run's figures.
-    Metrics(metrics::Args),
+    Metrics(With<metrics::Args, ConfigFlags>),
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
-    let mut flags = serde_json::json!({ "plugins_dir": cli.plugins });
-    if let Some(d) = &cli.dtype {
+    let cli = common::parse();
+    // The command's flag group over the same flags given before the command.
+    let g = match &cli.command {
+        Command::Plugins(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Info(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Generate(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Chat(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Serve(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Bench(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Metrics(a) => cli.before.clone().merge(a.flags.clone()),
+        _ => cli.before.clone(),
+    };
+    if !matches!(cli.command, Command::Serve(_)) {
+        common::quiet_on_closed_pipe();
+    }
+    let mut flags = serde_json::json!({ "plugins_dir": g.plugins });
+    if let Some(d) = &g.dtype {
         flags["dtype"] = d.clone().into();
     }
-    if cli.dequantize {
-        flags["dequantize"] = true.into();
+    if let Some(d) = &g.dequantize {
+        flags["dequantize"] = d.clone().into();
     }
     if let Command::Serve(a) = &cli.command {
-        crate::logging::init(&serve::log_options(a))?;
-        flags["server"] = serve::flags(a)?;
+        crate::logging::init(&serve::log_options(&a.args))?;
+        flags["server"] = serve::flags(&a.args)?;
     }
-    let settings = Settings::load(cli.config.as_deref(), flags)?;
+    let settings = Settings::load(g.config.as_deref(), flags)?;
     crate::runtime::init(&settings)?;
     match cli.command {
-        Command::Plugins(a) => plugins::run(a, &settings),
-        Command::Info(a) => info::run(a, &settings),
-        Command::Generate(a) => generate::run(a, &settings),
-        Command::Serve(a) => serve::run(a, &settings),
-        Command::Bench(a) => bench::run(a, &settings),
+        Command::Plugins(a) => plugins::run(a.args, &settings),
+        Command::Info(a) => info::run(a.args, &settings),
+        Command::Generate(a) => generate::run(a.args, &settings),
+        Command::Chat(a) => chat::run(a.args, &settings),
+        Command::Serve(a) => serve::run(a.args, &settings),
+        Command::Bench(a) => bench::run(a.args, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
-        Command::Metrics(a) => metrics::run(a, &settings),
+        Command::Metrics(a) => metrics::run(a.args, &settings),
         Command::Pull(a) => pull::run(a, &settings),
         Command::Ls(a) => ls::run(a, &settings),
     }

@@ -21,6 +21,7 @@ pub fn run(args: Options, settings: &Settings) -> Result<()> {
         bail!("--prompt-tokens, --generation-tokens and --num-trials must be positive");
     }
     let reg = crate::cli::registry(settings)?;
+    eprintln!("loading {} ...", args.model.display());
     let mut model = LoadedModel::load(&crate::hub::resolve_dir(&args.model)?, &reg)?;
     let vocab = model.spec.vocab_size;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -33,15 +34,17 @@ pub fn run(args: Options, settings: &Settings) -> Result<()> {
         stop_ids: vec![],
         prefill_chunk: settings.generate.prefill_chunk,
     };
+    eprintln!("warm-up: {} prompt tokens, {} generated ...", args.prompt_tokens, args.generation_tokens);
     generate(&mut model, &prompt, &opts, |_| {})?; // warm-up (kernel compilation)
     let mut trials = Vec::new();
     for i in 0..args.num_trials {
+        eprintln!("trial {}/{} ...", i + 1, args.num_trials);
         mlx_rs::memory::reset_peak_memory()?;
         let out = generate(&mut model, &prompt, &opts, |_| {})?;
         let peak = mlx_rs::memory::peak_memory()? as f64 / 1e9;
         if !args.json {
             println!(
-                "Trial {}:  prompt_tps={:.3}, generation_tps={:.3}, peak_memory={:.3}",
+                "Trial {}:  prompt_tps={:.3} tok/s, generation_tps={:.3} tok/s, peak_memory={:.3} GB",
                 i + 1,
                 out.prompt_tps,
                 out.generation_tps,
@@ -64,7 +67,7 @@ pub fn run(args: Options, settings: &Settings) -> Result<()> {
             })
         );
     } else {
-        println!("Averages: prompt_tps={p:.3}, generation_tps={g:.3}, peak_memory={m:.3}");
+        println!("Averages: prompt_tps={p:.3} tok/s, generation_tps={g:.3} tok/s, peak_memory={m:.3} GB");
     }
     Ok(())
 }

@@ -82,17 +82,24 @@ pub fn run(url: String, args: Args) -> Result<()> {
         let seeds = AtomicU64::new(1);
         // Warm-up (model load, kernel compilation); not counted.
         let warm = b.maker.make(seeds.fetch_add(1, Ordering::Relaxed), p.min(16))?;
+        eprintln!("warm-up request to {} (model {}) ...", b.base, b.model);
         b.request(&warm, 2).await?;
         let mut levels = Vec::new();
         for &c in &args.concurrency {
+            eprintln!(
+                "concurrency {c}: {} request(s) of {p} prompt + {g} generated tokens ...",
+                c * args.requests_per_stream
+            );
+            let t = std::time::Instant::now();
             let l = level(&b, c, args.requests_per_stream, p, g, &seeds, args.server_pid).await?;
-            if !args.json {
-                eprintln!("concurrency {c}: done");
-            }
+            eprintln!("concurrency {c}: done in {:.1} s", t.elapsed().as_secs_f64());
             levels.push(l);
         }
         let shared = match args.shared_prefix {
-            Some(n) => Some(shared_prefix(&b, n, g, &seeds).await?),
+            Some(n) => {
+                eprintln!("shared prefix: {n} tokens, two requests ...");
+                Some(shared_prefix(&b, n, g, &seeds).await?)
+            }
             None => None,
         };
         let doc = json!({

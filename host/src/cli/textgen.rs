@@ -1,0 +1,237 @@
+//! One turn of text generation for `rmlx generate` and `rmlx chat`: the
+//! sampling flags they share, and a driver that runs one sequence through
+//! the server's own per-request logic (engine/sequence.rs: sampling with
+//! every processor, EOS ids, stop strings held back across tokens,
+//! incremental detokenizing, max tokens), streaming text as it comes.
+//!
+//! Greedy turns without stop strings decode through `engine::generate`
+//! (pipelined, the compiled step where it applies: the fast path mlx-lm
+//! compares with); the others feed host logits step by step (`Session`).
+use crate::config::Settings;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::sequence::{Outcome, Sequence};
+use crate::engine::worker::{Finish, FinishReason, GenEvent, GenParams, GenRequest, ModelEntry};
+use crate::engine::{generate::generate, GenerateOptions, LoadedModel, Session};
+use anyhow::{anyhow, bail, Result};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Sampling and stopping, as mlx-lm names them.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Sampling")]
+pub struct SamplingArgs {
+    /// Most tokens to generate [default: 256, setting generate.max_tokens]
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy [default: 0, setting generate.temperature]
+    #[arg(long = "temp", visible_alias = "temperature", value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass [default: 1 (off), setting generate.top_p]
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens [default: 0 (off)]
+    #[arg(long, value_name = "K", default_value_t = 0, hide_default_value = true)]
+    pub top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one [default: 0 (off)]
+    #[arg(long, value_name = "P", default_value_t = 0.0, hide_default_value = true)]
+    pub min_p: f32,
+    /// Penalize tokens seen in the last --repetition-context-size tokens (>1 discourages repeats) [default: 1 (off)]
+    #[arg(long, value_name = "F", default_value_t = 1.0, hide_default_value = true)]
+    pub repetition_penalty: f32,
+    /// Tokens the repetition penalty looks back over
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub repetition_context_size: usize,
+    /// Stop when the text contains this string (not printed); repeatable [default: none]
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Random seed: the same seed gives the same text [default: random]
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The request's parameters, flags over settings; checks the ranges.
+    pub fn params(&self, settings: &Settings) -> Result<GenParams> {
+        let g = &settings.generate;
+        let temperature = self.temperature.unwrap_or(g.temperature);
+        let top_p = self.top_p.unwrap_or(g.top_p);
+        if !(temperature >= 0.0) {
+            bail!("--temp must be >= 0, got {temperature}");
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {top_p}");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            bail!("--min-p must be in [0, 1], got {}", self.min_p);
+        }
+        if !(self.repetition_penalty > 0.0) {
+            bail!("--repetition-penalty must be > 0, got {}", self.repetition_penalty);
+        }
+        let max_tokens = self.max_tokens.unwrap_or(g.max_tokens);
+        if max_tokens == 0 {
+            bail!("--max-tokens must be positive");
+        }
+        Ok(GenParams {
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k: self.top_k,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                repetition_context: self.repetition_context_size,
+                seed: self.seed,
+                ..SamplingParams::default()
+            },
+            max_tokens,
+            stop: self.stop.clone(),
+            prefill_chunk: g.prefill_chunk,
+            ..GenParams::default()
+        })
+    }
+}
+
+/// A loaded model with its catalog entry (tokenizer, template, EOS ids).
+pub struct Model {
+    pub entry: Arc<ModelEntry>,
+    pub loaded: LoadedModel,
+}
+
+impl Model {
+    /// `spec`: a directory or a Hugging Face repo id.
+    pub fn load(spec: &std::path::Path, settings: &Settings) -> Result<Self> {
+        let reg = super::registry(settings)?;
+        let dir = crate::hub::resolve_dir(spec)?;
+        let loaded = LoadedModel::load(&dir, &reg)?;
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let entry = Arc::new(ModelEntry::open(id, &dir)?);
+        Ok(Self { entry, loaded })
+    }
+}
+
+/// What one turn produced.
+pub struct Turn {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: Finish,
+    pub prompt_tps: f64,
+    pub generation_tps: f64,
+}
+
+impl Turn {
+    /// "stop" (EOS or a stop string) or "length".
+    pub fn finish_reason(&self) -> &'static str {
+        match self.finish.reason {
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Stop | FinishReason::StopString => "stop",
+        }
+    }
+}
+
+/// Generates after `prompt`, calling `on_text` with each piece of text as it
+/// becomes safe to show.
+pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_text: impl FnMut(&str)) -> Result<Turn> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let req = GenRequest {
+        model: model.entry.clone(),
+        prompt: prompt.to_vec(),
+        params: params.clone(),
+        hook: None,
+        cancel: Arc::new(AtomicBool::new(false)),
+        keep_alive: None,
+        events: tx,
+    };
+    let mut seq = Sequence::new(0, req, None);
+    seq.validate(model.loaded.spec.vocab_size as usize).map_err(|e| anyhow!(e))?;
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    let mut drain = |rx: &mut mpsc::UnboundedReceiver<GenEvent>| -> Result<()> {
+        while let Ok(ev) = rx.try_recv() {
+            let piece = match ev {
+                GenEvent::Token { id, text, .. } => {
+                    tokens.push(id);
+                    text
+                }
+                GenEvent::Text(t) => t,
+                GenEvent::Error(e) => return Err(anyhow!(e)),
+                GenEvent::Started | GenEvent::Done(_) => continue,
+            };
+            if !piece.is_empty() {
+                on_text(&piece);
+                text.push_str(&piece);
+            }
+        }
+        Ok(())
+    };
+    let eos = model.entry.text()?.eos_ids.clone();
+    let (done, prompt_tps, generation_tps) = if seq.takes_device_token() && params.stop.is_empty() {
+        // Greedy: the engine's pipelined loop; the sequence turns tokens into text.
+        let opts = GenerateOptions {
+            max_tokens: params.max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: params.sampling.seed,
+            stop_ids: eos.clone(),
+            prefill_chunk: params.prefill_chunk,
+        };
+        let mut done: Option<Result<Finish, _>> = None;
+        let mut err = None;
+        let out = generate(&mut model.loaded, prompt, &opts, |t| {
+            if done.is_none() {
+                if let Outcome::Done(r) = seq.on_token(t) {
+                    done = Some(r);
+                }
+                if let Err(e) = drain(&mut rx) {
+                    err.get_or_insert(e);
+                }
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if done.is_none() {
+            // The engine stopped at an EOS id it does not hand over: the
+            // sequence flushes its held text and finishes on one.
+            if let Some(&e) = eos.first() {
+                if let Outcome::Done(r) = seq.on_token(e) {
+                    done = Some(r);
+                }
+            }
+        }
+        let done = done.unwrap_or_else(|| Ok(seq.finish(FinishReason::Stop, None)));
+        (done, out.prompt_tps, out.generation_tps)
+    } else {
+        let mut session = Session::new(&mut model.loaded);
+        session.prefill_chunk = params.prefill_chunk;
+        let t0 = Instant::now();
+        let mut logits = session.prefill(prompt)?;
+        let prompt_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let done = loop {
+            match seq.on_logits(logits) {
+                Outcome::Continue => {
+                    drain(&mut rx)?;
+                    let last = *seq.tokens.last().expect("a token was accepted");
+                    logits = session.step(last)?;
+                }
+                Outcome::Done(r) => break r,
+            }
+        };
+        let n = seq.n as f64;
+        (done, prompt.len() as f64 / prompt_secs.max(1e-9), n / t1.elapsed().as_secs_f64().max(1e-9))
+    };
+    drain(&mut rx)?;
+    let finish = done.map_err(|e| anyhow!(e))?;
+    Ok(Turn { tokens, text, finish, prompt_tps, generation_tps })
+}
+
+/// Peak MLX memory in GB since the last reset.
+pub fn peak_memory_gb() -> f64 {
+    mlx_rs::memory::peak_memory().map(|b| b as f64 / 1e9).unwrap_or(f64::NAN)
+}
+
+/// Resets the peak that `peak_memory_gb` reports.
+pub fn reset_peak_memory() {
+    let _ = mlx_rs::memory::reset_peak_memory();
+}
