@@ -1,7 +1,7 @@
 # rmlx: every set-up step lives here. `make serve` and `make test` work on a
 # fresh Debian machine with Rust and Python 3.
 CARGO ?= cargo
-TEST_PLUGINS := --exclude rmlx-test-probe --exclude rmlx-test-old-abi
+TEST_PLUGINS := --exclude rmlx-test-probe --exclude rmlx-test-faulty --exclude rmlx-test-old-abi
 
 FIXTURES := $(patsubst %.gz,%,$(wildcard tests/fixtures/*/*/*.json.gz))
 

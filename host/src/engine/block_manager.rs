@@ -5,7 +5,11 @@
 //! a running sequence holds a block table (ids into the pool). Blocks are
 //! reference-counted by the sequences whose tables hold them. The prefix
 //! cache maps a chained hash of a full block's token ids and the
-//! model/dtype/KV-family signature to a physical block: a sequence's full
+//! model/dtype/KV-family signature to a physical block (keyed SipHash: the
+//! key is random per process, or kept in the SSD tier's directory, so no
+//! client can craft a prompt that collides on purpose; a hit is confirmed
+//! against the block's own tokens, its parent block and its depth, so a
+//! collision is never served): a sequence's full
 //! blocks join the cache where they are (no copy), and a later request that
 //! matches takes those same blocks into its own table (shared, no copy,
 //! no recompute). A cached block no sequence holds is idle; idle blocks are
@@ -14,23 +18,46 @@
 //! is written to disk first, and a lookup that misses in memory goes on along
 //! the chain on disk; blocks read back are written into a free pool block and
 //! join the memory cache like any other.
+use super::kv_budget::KvAccount;
 use super::kv_pool::KvPool;
 use super::ssd::SsdStore;
 use mlx_rs::Array;
 use std::collections::HashMap;
-/// Chained block hash: FNV-1a 64 over (parent hash, signature hash, token ids).
-/// Stable across runs and platforms (little-endian bytes).
-pub fn block_hash(parent: u64, signature: u64, tokens: &[u32]) -> u64 {
-    let mut h = Fnv::new();
+use std::hash::Hasher;
+use std::sync::Arc;
+
+/// The prefix cache's hash key (SipHash-2-4's 128 bits).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HashKey(pub [u8; 16]);
+
+impl HashKey {
+    /// A fresh random key (the process's, when there is no SSD tier).
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashKey(..)")
+    }
+}
+
+/// Chained block hash: keyed SipHash-2-4 over (parent hash, signature hash,
+/// token ids), little-endian bytes. The same key gives the same hashes on
+/// any run and platform (the SSD tier keeps its key beside its files).
+pub fn block_hash(key: &HashKey, parent: u64, signature: u64, tokens: &[u32]) -> u64 {
+    let mut h = siphasher::sip::SipHasher24::new_with_key(&key.0);
     h.write(&parent.to_le_bytes());
     h.write(&signature.to_le_bytes());
     for t in tokens {
         h.write(&t.to_le_bytes());
     }
-    h.0
+    h.finish()
 }
 
-/// Hash of the model/dtype/KV-family signature string.
+/// Hash of the model/dtype/KV-family signature string (not keyed: it names
+/// the SSD tier's directory and is no client's to choose).
 pub fn signature_hash(sig: &str) -> u64 {
     let mut h = Fnv::new();
     h.write(sig.as_bytes());
@@ -50,20 +77,23 @@ impl Fnv {
     }
 }
 
-/// One cached block: its tokens (checked on every match, so a hash collision
-/// is never served) and the physical block holding its KV.
+/// One cached block: its tokens, its parent and depth (all checked on every
+/// match, so a hash collision is never served) and the physical block
+/// holding its KV.
 pub struct CachedBlock {
     pub tokens: Vec<u32>,
     pub block: u32,
     /// The previous block of its chain (None for a first block).
-    parent: Option<u64>,
-    depth: usize,
+    pub parent: Option<u64>,
+    pub depth: usize,
     last_used: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BlockStats {
     pub block_size: usize,
+    /// Bytes of one block (keys and values of every layer).
+    pub block_bytes: u64,
     pub total_blocks: usize,
     /// Held by running sequences (a block several share counts once).
     pub seq_blocks: usize,
@@ -92,6 +122,12 @@ pub struct BlockManager {
     pub block_size: usize,
     pub total_blocks: usize,
     pub signature: u64,
+    /// The chain hashes' key.
+    key: HashKey,
+    /// Test hook: chain hashes ignore the parent and the tokens (every
+    /// block collides), to show that the checks alone keep prompts apart.
+    #[doc(hidden)]
+    pub constant_hash: bool,
     pub pool: KvPool,
     /// Blocks neither held nor cached (taken from the end: low ids first).
     free: Vec<u32>,
@@ -99,6 +135,10 @@ pub struct BlockManager {
     refs: Vec<u32>,
     /// Per block: its hash while it is in the prefix cache.
     hash_of: Vec<Option<u64>>,
+    /// The engine's KV budget, shared with the other models: every block out
+    /// of the free list is charged `block_bytes` there.
+    account: Option<Arc<KvAccount>>,
+    block_bytes: u64,
     /// Blocks with refs > 0.
     held: usize,
     /// Cached blocks with refs == 0 (evictable).
@@ -116,10 +156,14 @@ impl BlockManager {
             block_size: pool.block_size.max(1),
             total_blocks,
             signature: signature_hash(signature),
+            key: HashKey::random(),
+            constant_hash: false,
             pool,
             free: (0..total_blocks as u32).rev().collect(),
             refs: vec![0; total_blocks],
             hash_of: vec![None; total_blocks],
+            account: None,
+            block_bytes: 0,
             held: 0,
             idle: 0,
             cache: HashMap::new(),
@@ -129,8 +173,59 @@ impl BlockManager {
         }
     }
 
-    /// Adds the SSD tier: evicted blocks are written there, misses looked up there.
+    /// Draws this model's blocks from `account` (the engine's one KV
+    /// budget), `block_bytes` each; `total_blocks` is then only a ceiling.
+    pub fn with_account(mut self, account: Arc<KvAccount>, block_bytes: u64) -> Self {
+        self.account = Some(account);
+        self.block_bytes = block_bytes;
+        self
+    }
+
+    /// A free block, charged to the account; None when there is none or the
+    /// account has no room.
+    fn take_free(&mut self) -> Option<u32> {
+        let b = *self.free.last()?;
+        if let Some(a) = &self.account {
+            if !a.charge(self.block_bytes) {
+                return None;
+            }
+        }
+        self.free.pop();
+        Some(b)
+    }
+
+    /// A block back to the free list (credited to the account).
+    fn give_free(&mut self, b: u32) {
+        if let Some(a) = &self.account {
+            a.credit(self.block_bytes);
+        }
+        self.free.push(b);
+    }
+
+    /// Blocks out of the free list (what the account is charged for).
+    fn charged(&self) -> usize {
+        self.total_blocks - self.free.len()
+    }
+
+    /// Evicts idle cached blocks (least recently used first) to the free
+    /// list until `bytes` are back in the shared account or none is left
+    /// (another model needs the room). Returns the bytes freed.
+    pub fn shed(&mut self, bytes: u64) -> u64 {
+        let mut freed = 0;
+        while freed < bytes && self.idle > 0 {
+            let Some(b) = self.evict_one() else { break };
+            self.give_free(b);
+            freed += self.block_bytes;
+        }
+        freed
+    }
+
+    /// Adds the SSD tier: evicted blocks are written there, misses looked up
+    /// there. The chain hashes take the tier's key (kept on disk with its
+    /// blocks), so attach it before anything is cached.
     pub fn attach_ssd(&mut self, store: SsdStore) {
+        self.clear_cache();
+        self.key = store.key();
         self.ssd = Some(store);
     }
 
@@ -143,9 +238,14 @@ impl BlockManager {
         len.div_ceil(self.block_size)
     }
 
-    /// Blocks that could be handed out now (free plus idle cached).
+    /// Blocks that could be handed out now: idle cached ones, and free ones
+    /// the shared account has room for.
     pub fn available(&self) -> usize {
-        self.free.len() + self.idle
+        let free = match &self.account {
+            Some(a) => self.free.len().min((a.room() / self.block_bytes.max(1)) as usize),
+            None => self.free.len(),
+        };
+        free + self.idle
     }
 
     /// `n` blocks for a sequence's table (each held once), evicting idle
@@ -156,7 +256,7 @@ impl BlockManager {
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let b = match self.free.pop() {
+            let b = match self.take_free() {
                 Some(b) => b,
                 None => self.evict_one().expect("available() counted an idle block"),
             };
@@ -202,7 +302,7 @@ impl BlockManager {
                         self.touch_ancestors(parent);
                     }
                 }
-                None => self.free.push(b),
+                None => self.give_free(b),
             }
         }
     }
@@ -223,11 +323,11 @@ impl BlockManager {
         self.stats.evictions += 1;
         if let Some(ssd) = self.ssd.as_mut() {
             if ssd.contains(h) {
-                ssd.put(h, c.depth, &c.tokens, &[]); // already on disk: marks it used
+                ssd.touch(h); // already on disk: marks it used
             } else {
                 match self.pool.read_block(c.block) {
                     Ok(kv) => {
-                        ssd.put(h, c.depth, &c.tokens, &kv);
+                        ssd.put(h, c.parent, c.depth, &c.tokens, &kv);
                     }
                     Err(e) => {
                         tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block)
@@ -244,7 +344,7 @@ impl BlockManager {
         tokens
             .chunks_exact(self.block_size)
             .map(|c| {
-                parent = block_hash(parent, self.signature, c);
+                parent = if self.constant_hash { 7 } else { block_hash(&self.key, parent, self.signature, c) };
                 parent
             })
             .collect()
@@ -266,8 +366,11 @@ impl BlockManager {
         let mut parent = None;
         for (i, h) in self.chain(tokens).into_iter().enumerate() {
             let want = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            // A hit is this very block: its tokens, after the block this
+            // lookup matched last (whose own check covers its parent, and so
+            // on to the first block), at this depth.
             let here = match self.cache.get(&h) {
-                Some(c) => c.tokens == want,
+                Some(c) => c.tokens == want && c.parent == parent && c.depth == i,
                 None => self.load_from_ssd(h, parent, i, want, keep_free),
             };
             if !here {
@@ -305,7 +408,7 @@ impl BlockManager {
         if !self.ssd.as_mut().unwrap().contains(h) {
             return false;
         }
-        match self.ssd.as_mut().unwrap().load(h, tokens) {
+        match self.ssd.as_mut().unwrap().load(h, parent, depth, tokens) {
             Some(kv) => self.insert_data(h, parent, depth, tokens.to_vec(), &kv),
             None => false,
         }
@@ -390,6 +493,32 @@ impl BlockManager {
         }
     }
 
+    /// Sets every block's references from the tables that hold blocks now
+    /// (after a panic left some sequence's references behind): blocks no
+    /// table holds become idle (cached) or free. The prefix cache is kept.
+    pub fn rebuild_refs<'a>(&mut self, tables: impl IntoIterator<Item = &'a [u32]>) {
+        self.refs = vec![0; self.total_blocks];
+        for t in tables {
+            for &b in t {
+                if let Some(r) = self.refs.get_mut(b as usize) {
+                    *r += 1;
+                }
+            }
+        }
+        let before = self.charged();
+        self.held = self.refs.iter().filter(|&&r| r > 0).count();
+        self.idle = (0..self.total_blocks)
+            .filter(|&b| self.refs[b] == 0 && self.hash_of[b].is_some())
+            .count();
+        self.free = (0..self.total_blocks as u32)
+            .rev()
+            .filter(|&b| self.refs[b as usize] == 0 && self.hash_of[b as usize].is_none())
+            .collect();
+        if let Some(a) = &self.account {
+            a.credit(before.saturating_sub(self.charged()) as u64 * self.block_bytes);
+        }
+    }
+
     /// Drops every idle cached block.
     pub fn clear_cache(&mut self) {
         let idle: Vec<u64> = self
@@ -402,13 +531,14 @@ impl BlockManager {
             let c = self.cache.remove(&h).unwrap();
             self.hash_of[c.block as usize] = None;
             self.idle -= 1;
-            self.free.push(c.block);
+            self.give_free(c.block);
         }
     }
 
     pub fn snapshot(&self) -> BlockStats {
         let mut s = BlockStats {
             block_size: self.block_size,
+            block_bytes: self.block_bytes,
             total_blocks: self.total_blocks,
             seq_blocks: self.held,
             cached_blocks: self.cache.len(),
@@ -432,6 +562,10 @@ impl BlockManager {
 /// prefix cache, not only what had been evicted.
 impl Drop for BlockManager {
     fn drop(&mut self) {
+        // The model's share of the budget goes back to the others.
+        if let Some(a) = &self.account {
+            a.credit(self.charged() as u64 * self.block_bytes);
+        }
         let Some(ssd) = self.ssd.as_mut() else { return };
         let mut blocks: Vec<(&u64, &CachedBlock)> = self.cache.iter().collect();
         // Roots first: if the cap stops the spill, what is on disk is matchable.
@@ -442,7 +576,7 @@ impl Drop for BlockManager {
                 continue;
             }
             match self.pool.read_block(c.block) {
-                Ok(kv) if ssd.put_wait(*h, c.depth, &c.tokens, &kv) => n += 1,
+                Ok(kv) if ssd.put_wait(*h, c.parent, c.depth, &c.tokens, &kv) => n += 1,
                 Ok(_) => {}
                 Err(e) => tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block),
             }
@@ -573,6 +707,82 @@ mod tests {
         let _t = m.allocate(2).unwrap();
         assert!(m.lookup(&[1, 2, 3, 4]).is_empty());
         assert_eq!(m.snapshot().ssd_reads, 2);
+    }
+
+    /// The chain hashes are keyed: another key (another process without an
+    /// SSD tier) gives other hashes for the same tokens and signature.
+    #[test]
+    fn chain_hashes_are_keyed() {
+        let (a, b) = (mgr(2, 4, "s"), mgr(2, 4, "s"));
+        assert_ne!(a.chain(&[1, 2]), b.chain(&[1, 2]));
+        let k = HashKey([3; 16]);
+        assert_eq!(block_hash(&k, 0, 1, &[1, 2]), block_hash(&k, 0, 1, &[1, 2]));
+        assert_ne!(block_hash(&k, 0, 1, &[1, 2]), block_hash(&HashKey([4; 16]), 0, 1, &[1, 2]));
+    }
+
+    /// With every hash forced equal, a prompt never gets another prompt's
+    /// KV: a hit needs the block's own tokens, its parent and its depth.
+    #[test]
+    fn a_forced_hash_collision_is_a_miss() {
+        let mut m = mgr(1, 8, "s");
+        m.constant_hash = true;
+        // Prompt [1, 2] is cached: block 0 = [1] (first), block 1 = [2] after [1].
+        let t = m.allocate(2).unwrap();
+        let ch = m.chain(&[1, 2]);
+        assert_eq!(ch[0], ch[1]);
+        m.insert(ch[0], None, 0, vec![1], t[0]);
+        m.insert(ch[1], Some(ch[0]), 1, vec![2], t[1]);
+        m.release(&t);
+        // Another first token: a miss.
+        assert!(m.lookup(&[3, 2]).is_empty());
+        // [2] as a first block has the tokens of a cached block, but not its
+        // parent or depth: a miss.
+        let mut n = mgr(1, 8, "s");
+        n.constant_hash = true;
+        let t = n.allocate(2).unwrap();
+        n.insert(7, None, 0, vec![1], t[0]);
+        n.release(&t[..1]);
+        // Only a block [2] at depth 1 after [1] is cached under the hash.
+        n.clear_cache();
+        n.insert(7, Some(7), 1, vec![2], t[1]);
+        n.release(&t[1..]);
+        assert!(n.lookup(&[2, 5]).is_empty(), "served a block of another chain");
+        assert_eq!(n.stats.prefix_hits, 0);
+        // The real prompt still hits its first block.
+        assert_eq!(m.lookup(&[1, 9]).len(), 1);
+    }
+
+    /// Two models' managers draw from one account: one model's blocks
+    /// (held or cached) leave the other less room, shedding its idle cached
+    /// blocks gives room back, and a manager that goes gives back its share.
+    #[test]
+    fn managers_share_one_budget() {
+        let account = Arc::new(KvAccount::new(4 * 100));
+        let mut a = mgr(1, 4, "a").with_account(account.clone(), 100);
+        let mut b = mgr(1, 4, "b").with_account(account.clone(), 100);
+        let t = a.allocate(3).unwrap();
+        assert_eq!((a.available(), b.available()), (1, 1));
+        assert!(b.allocate(2).is_none());
+        // a caches two of its blocks and ends: they stay charged (idle).
+        let ch = a.chain(&[1, 2]);
+        a.insert(ch[0], None, 0, vec![1], t[0]);
+        a.insert(ch[1], Some(ch[0]), 1, vec![2], t[1]);
+        a.release(&t);
+        assert_eq!(account.used(), 200);
+        assert_eq!((a.available(), b.available()), (4, 2));
+        let tb = b.allocate(2).unwrap();
+        assert_eq!(account.used(), 400);
+        assert!(b.allocate(1).is_none());
+        // b needs one more: a sheds an idle block.
+        assert_eq!(a.shed(100), 100);
+        assert!(!a.contains(ch[1]) && a.contains(ch[0]), "the leaf goes first");
+        let _held = b.allocate(1).unwrap();
+        b.release(&tb);
+        assert_eq!(account.used(), 200);
+        drop(b);
+        assert_eq!(account.used(), 100, "a's cached root is all that is left");
+        drop(a);
+        assert_eq!(account.used(), 0);
     }
 
     #[test]

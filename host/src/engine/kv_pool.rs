@@ -76,9 +76,12 @@ impl KvPool {
             .min(self.max_blocks.max(max_id + 1));
     }
 
-    /// Layer `l`'s arrays, taken out (put them back with `put`), created or
-    /// grown to the capacity. The first dtype seen is the pool's.
-    fn take(&mut self, l: usize, dtype: Dtype) -> Result<(Array, Array), PluginError> {
+    /// Layer `l`'s arrays, grown to the capacity (created at the first
+    /// touch). They stay in the pool: the caller computes new arrays from
+    /// these and stores them with `put`, so an error or a panic before the
+    /// `put` leaves the layer as it was (never recreated as zeros). The first
+    /// dtype seen is the pool's.
+    fn layer(&mut self, l: usize, dtype: Dtype) -> Result<&(Array, Array), PluginError> {
         let dtype = *self.dtype.get_or_insert(dtype);
         let slots = (self.cap_blocks * self.block_size) as i32;
         let (kh, hd) = (self.kv_heads, self.head_dim);
@@ -87,19 +90,24 @@ impl KvPool {
             .get_mut(l)
             .ok_or_else(|| PluginError::other(format!("attention layer {l} out of range")))?;
         let zeros = |n: i32| zeros_dtype(&[n, kh, hd], dtype);
-        Ok(match slot.take() {
-            Some((k, v)) if k.dim(0) >= slots => (k, v),
+        let grown = match slot.as_ref() {
+            Some((k, _)) if k.dim(0) >= slots => None,
             Some((k, v)) => {
                 let add = slots - k.dim(0);
-                (
-                    concatenate(&[k, zeros(add)?], 0)?,
-                    concatenate(&[v, zeros(add)?], 0)?,
-                )
+                Some((
+                    concatenate(&[k.clone(), zeros(add)?], 0)?,
+                    concatenate(&[v.clone(), zeros(add)?], 0)?,
+                ))
             }
-            None => (zeros(slots)?, zeros(slots)?),
-        })
+            None => Some((zeros(slots)?, zeros(slots)?)),
+        };
+        if let Some(kv) = grown {
+            *slot = Some(kv);
+        }
+        Ok(slot.as_ref().expect("the layer was just set"))
     }
 
+    /// Stores layer `l`'s new arrays (computed from `layer`'s).
     fn put(&mut self, l: usize, kv: (Array, Array)) {
         self.layers[l] = Some(kv);
     }
@@ -142,15 +150,15 @@ impl KvPool {
         self.reserve(b as usize);
         let idx = Array::from_slice(&self.slots_of(b), &[self.block_size as i32]);
         for (l, (k, v)) in kv.iter().enumerate() {
-            let (pk, pv) = self.take(l, k.dtype())?;
-            let dt = pk.dtype();
+            let dt = *self.dtype.get_or_insert(k.dtype());
             let upd = |x: &Array| -> anyhow::Result<Array> {
                 // [1, K, T, hd] -> [T, 1, K, hd]
                 Ok(x.as_dtype(dt)?.transpose_axes(&[2, 0, 1, 3])?)
             };
-            let pk = scatter_single(&pk, &idx, upd(k)?, 0)?;
-            let pv = scatter_single(&pv, &idx, upd(v)?, 0)?;
-            self.put(l, (pk, pv));
+            let (uk, uv) = (upd(k)?, upd(v)?);
+            let (pk, pv) = self.layer(l, dt)?;
+            let new = (scatter_single(pk, &idx, uk, 0)?, scatter_single(pv, &idx, uv, 0)?);
+            self.put(l, new);
         }
         Ok(())
     }
@@ -298,16 +306,19 @@ impl super::attend::KvStore for PagedForward<'_> {
                 self.len
             )));
         }
-        let (pk, pv) = self.pool.take(layer as usize, k.dtype())?;
-        let dt = pk.dtype();
+        let dt = *self.pool.dtype.get_or_insert(k.dtype());
         // [B, K, L, hd] -> [B*L, 1, K, hd]: one update per slot.
         let upd = |x: &Array| -> Result<Array, PluginError> {
             Ok(x.as_dtype(dt)?
                 .transpose_axes(&[0, 2, 1, 3])?
                 .reshape(&[b * l, 1, kh, hd])?)
         };
-        let pk = scatter_single(&pk, &self.write, upd(&k)?, 0)?;
-        let pv = scatter_single(&pv, &self.write, upd(&v)?, 0)?;
+        let (uk, uv) = (upd(&k)?, upd(&v)?);
+        // The layer stays in the pool until the new arrays replace it: an
+        // error here (a k/v that does not fit the pool) leaves it as it was.
+        let (pk, pv) = self.pool.layer(layer as usize, dt)?;
+        let (pk, pv) = (scatter_single(pk, &self.write, uk, 0)?, scatter_single(pv, &self.write, uv, 0)?);
+        self.pool.put(layer as usize, (pk.clone(), pv.clone()));
         // pool [blocks, block*K*hd] -> [B*nblk, block*K*hd] -> [B, K, ctx, hd]
         let (ctx, bs) = (self.ctx as i32, self.pool.block_size as i32);
         let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
@@ -320,7 +331,6 @@ impl super::attend::KvStore for PagedForward<'_> {
             })
         };
         let (keys, values) = (gather(&pk)?, gather(&pv)?);
-        self.pool.put(layer as usize, (pk, pv));
         let (keys, values) = if q.dtype() != dt {
             (keys.as_dtype(q.dtype())?, values.as_dtype(q.dtype())?)
         } else {
@@ -438,6 +448,32 @@ mod tests {
         close(&a[0].0, &b[0].0);
         close(&a[0].1, &b[0].1);
         assert_eq!(a[0].0.shape(), &[1, kh, bs as i32, hd]);
+    }
+
+    /// A write that fails in the middle of a forward (keys that do not fit
+    /// the pool) leaves the layer's KV as it was, never zeros.
+    #[test]
+    fn a_failed_write_leaves_the_pool_as_it_was() {
+        let (h, kh, hd, bs) = (4, 2, 8, 4);
+        let r = |heads: i32, l: i32, d: i32| random::normal::<f32>(&[1, heads, l, d], None, None, None).unwrap();
+        let mut pool = KvPool::new(1, kh as usize, hd as usize, bs, 16);
+        let table = vec![3u32];
+        let (q, k, v) = (r(h, 2, hd), r(kh, 2, hd), r(kh, 2, hd));
+        attend(&mut pool, &[Row { table: &table, offset: 0 }], &q, &k, &v, 0);
+        let before = pool.read_block(3).unwrap();
+        let rows = [Row { table: &table, offset: 2 }];
+        let mut f = PagedForward::new(&mut pool, &rows, 2).unwrap();
+        let bad = f.attend(0, q.clone(), r(kh, 2, hd / 2), r(kh, 2, hd / 2), AttendOptions { scale: 0.5, window: 0 });
+        assert!(bad.is_err());
+        drop(f);
+        let after = pool.read_block(3).unwrap();
+        close(&before[0].0, &after[0].0);
+        close(&before[0].1, &after[0].1);
+        // And the pool goes on: the next write lands beside the first.
+        attend(&mut pool, &rows, &q, &k, &v, 0);
+        let kept = pool.read_block(3).unwrap();
+        let first = |x: &Array| x.try_index((.., .., 0..2, ..)).unwrap();
+        close(&first(&before[0].0), &first(&kept[0].0));
     }
 
     #[test]

@@ -23,10 +23,12 @@ use anyhow::Result;
 use mlx_rs::{transforms::async_eval, Array};
 use std::collections::{HashMap, VecDeque};
 
-pub use super::kv_budget::{device_memory, KvBudget};
+pub use super::kv_budget::{device_memory, KvAccount, KvBudget};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// The engine's KV memory, shared by every loaded model.
     pub kv_budget: KvBudget,
     /// Tokens per KV block (prefix-cache granularity).
     pub block_size: usize,
@@ -69,6 +71,10 @@ pub struct EngineStats {
     pub memory_active_bytes: u64,
     pub memory_peak_bytes: u64,
     pub memory_cache_bytes: u64,
+    /// The engine's one KV budget (bytes), and what the loaded models' blocks
+    /// (held by sequences or in the prefix cache) take of it now.
+    pub kv_budget_bytes: u64,
+    pub kv_used_bytes: u64,
 }
 
 pub struct Scheduler {
@@ -76,11 +82,33 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     managers: HashMap<String, BlockManager>,
+    /// The KV budget every model's blocks draw from.
+    account: Arc<KvAccount>,
     /// Per model: the last pipelined decode step's tokens, [B, 1] on the
     /// device, not read yet (rows point in with `Sequence::in_flight`).
     in_flight: HashMap<String, Array>,
     next_id: u64,
     pub stats: EngineStats,
+    /// Test hook (`Worker::inject_panic`): this model's next step panics.
+    #[doc(hidden)]
+    pub panic_next_step: Option<String>,
+}
+
+/// What one decode step gave: its tokens left on the device (pipelined),
+/// or each row's output (or error) read by the host.
+enum Decoded {
+    Pipelined(Array),
+    Read(Vec<(u64, std::result::Result<RowOut, String>)>),
+}
+
+/// Whether a sequence got the blocks it asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reserved {
+    Yes,
+    /// Not now: other models hold the budget; it goes back to the queue.
+    Wait,
+    /// Not even alone.
+    Never,
 }
 
 /// A sequence that ended, with how.
@@ -88,7 +116,11 @@ pub type Ended = (Sequence, Result<Finish, WorkerError>);
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
+        let budget = cfg.kv_budget.bytes();
+        let mem = super::kv_budget::device_memory_info();
+        tracing::info!("KV budget: {budget} bytes for all models ({:?} of {} bytes, {})", cfg.kv_budget, mem.bytes, mem.source);
         Self {
+            account: Arc::new(KvAccount::new(budget)),
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -96,6 +128,7 @@ impl Scheduler {
             in_flight: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
+            panic_next_step: None,
         }
     }
 
@@ -121,7 +154,9 @@ impl Scheduler {
             let s = &model.spec;
             let dsize = model.kv_bytes;
             let per_block = 2 * s.num_layers as u64 * s.num_kv_heads as u64 * s.head_dim as u64 * cfg.block_size as u64 * dsize;
-            let total = (cfg.kv_budget.bytes() / per_block.max(1)) as usize;
+            // A ceiling: the blocks the whole budget holds; what the model
+            // may take at a time is what the shared account has left.
+            let total = (self.account.total() / per_block.max(1)) as usize;
             // The config's hash and the KV shape too: the SSD tier outlives the process.
             let config_hash = super::block_manager::signature_hash(&model.dir.config.to_string());
             let sig = format!(
@@ -134,9 +169,9 @@ impl Scheduler {
                 s.head_dim,
                 config_hash
             );
-            tracing::info!("KV budget for {model_id}: {total} blocks of {} tokens ({per_block} bytes each)", cfg.block_size);
+            tracing::info!("KV for {model_id}: up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget", cfg.block_size);
             let pool = KvPool::new(s.num_layers as usize, s.num_kv_heads as usize, s.head_dim as usize, cfg.block_size, total);
-            let mut m = BlockManager::new(pool, &sig);
+            let mut m = BlockManager::new(pool, &sig).with_account(self.account.clone(), per_block);
             if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
                 match super::ssd::SsdStore::open(ssd, m.signature) {
                     Ok(store) => {
@@ -150,10 +185,70 @@ impl Scheduler {
         })
     }
 
+    /// Makes room for `blocks` more blocks of `model_id` in the shared
+    /// budget by evicting idle cached blocks of the other models (least
+    /// recently used first).
+    fn shed_others(&mut self, model_id: &str, blocks: usize) {
+        let Some(m) = self.managers.get(model_id) else { return };
+        let want = (blocks.saturating_sub(m.available()) as u64) * m.snapshot().block_bytes;
+        let mut freed = 0;
+        for (id, other) in self.managers.iter_mut() {
+            if freed >= want {
+                break;
+            }
+            if id != model_id {
+                freed += other.shed(want - freed);
+            }
+        }
+    }
+
     /// Forgets a model's blocks (it was unloaded).
     pub fn drop_model(&mut self, model_id: &str) {
         self.managers.remove(model_id);
         self.in_flight.remove(model_id);
+    }
+
+    /// Ends every running sequence of `model_id` with `msg` (an internal
+    /// error: a panic in its step left them in an unknown state), and gives
+    /// the model's blocks back: references are rebuilt from the tables still
+    /// running, so blocks of sequences lost in the panic are not leaked.
+    pub fn fail_model(&mut self, model_id: &str, msg: &str) -> Vec<Ended> {
+        self.in_flight.remove(model_id);
+        let mut out = Vec::new();
+        for mut s in std::mem::take(&mut self.running) {
+            if s.entry.id == model_id {
+                s.table.clear();
+                s.kv_len = 0;
+                s.in_flight = None;
+                s.cached_upto = 0;
+                out.push((s, Err(WorkerError::Internal(msg.to_string()))));
+            } else {
+                self.running.push(s);
+            }
+        }
+        self.repair(model_id);
+        self.stats.completed += out.len() as u64;
+        out
+    }
+
+    /// Rebuilds `model_id`'s block references from its running sequences'
+    /// tables (after a panic that may have dropped a sequence holding blocks).
+    pub fn repair(&mut self, model_id: &str) {
+        if let Some(m) = self.managers.get_mut(model_id) {
+            m.rebuild_refs(
+                self.running
+                    .iter()
+                    .filter(|s| s.entry.id == model_id)
+                    .map(|s| s.table.as_slice()),
+            );
+        }
+    }
+
+    /// Forgets every model's blocks and pending tokens (the engine loop is
+    /// restarting after a panic; its sequences have been ended).
+    pub fn reset(&mut self) {
+        self.managers.clear();
+        self.in_flight.clear();
     }
 
     /// Removes cancelled sequences (waiting or running).
@@ -237,6 +332,10 @@ impl Scheduler {
             return Ok(Some((s, Err(WorkerError::BadRequest(msg)))));
         }
         if mgr.available() < need + pending {
+            self.shed_others(&id, need + pending);
+        }
+        let mgr = self.managers.get_mut(&id).unwrap();
+        if mgr.available() < need + pending {
             return Err(s);
         }
         // Prefix cache: whole blocks of everything but the last token. Hit
@@ -262,32 +361,42 @@ impl Scheduler {
         Ok(None)
     }
 
-    /// Makes sure sequence `i` holds blocks for `n` more tokens, preempting
-    /// the newest other sequences if needed. False: it cannot (alone).
+    /// Makes sure sequence `i` holds blocks for `n` more tokens: idle
+    /// cached blocks of other models are evicted, then the newest other
+    /// sequences of this model preempted, if needed.
     fn reserve(
         &mut self,
         model_id: &str,
         i: usize,
         n: usize,
         preempted: &mut Vec<Sequence>,
-    ) -> (bool, usize) {
+    ) -> (Reserved, usize) {
         let mut i = i;
         loop {
-            let ok = {
+            let extra = {
                 let s = &self.running[i];
-                let m = self.managers.get_mut(model_id).unwrap();
-                let extra = m.blocks_for(s.kv_len + n).saturating_sub(s.table.len());
-                m.allocate(extra)
+                let m = &self.managers[model_id];
+                m.blocks_for(s.kv_len + n).saturating_sub(s.table.len())
             };
-            if let Some(blocks) = ok {
+            if self.managers[model_id].available() < extra {
+                self.shed_others(model_id, extra);
+            }
+            if let Some(blocks) = self.managers.get_mut(model_id).unwrap().allocate(extra) {
                 self.running[i].table.extend(blocks);
-                return (true, i);
+                return (Reserved::Yes, i);
             }
             // Preempt the newest other sequence of this model.
             let victim = (0..self.running.len())
                 .rev()
                 .find(|&j| j != i && self.running[j].entry.id == model_id);
-            let Some(j) = victim else { return (false, i) };
+            let Some(j) = victim else {
+                // Alone: other models' running sequences hold the rest of
+                // the budget (it waits for them), or it never fits.
+                let m = &self.managers[model_id];
+                let s = &self.running[i];
+                let fits = m.blocks_for(s.kv_len + n) <= m.total_blocks && self.running.iter().any(|r| r.entry.id != model_id);
+                return (if fits { Reserved::Wait } else { Reserved::Never }, i);
+            };
             let mut v = self.running.remove(j);
             if j < i {
                 i -= 1;
@@ -309,6 +418,10 @@ impl Scheduler {
     /// One step for the running sequences of `model_id`: at most one prefill
     /// chunk, then one batched decode forward. Returns the sequences that ended.
     pub fn step(&mut self, model_id: &str, model: &mut LoadedModel) -> Vec<Ended> {
+        if self.panic_next_step.as_deref() == Some(model_id) {
+            self.panic_next_step = None;
+            panic!("injected panic in a step of `{model_id}` (test hook)");
+        }
         let mut ended = Vec::new();
         let mut preempted = Vec::new();
         self.stats.steps += 1;
@@ -340,7 +453,10 @@ impl Scheduler {
             budget = Some(left - chunk);
             prefilled.push(self.running[i].id);
             let (ok, i) = self.reserve(model_id, i, chunk, &mut preempted);
-            if !ok {
+            if ok == Reserved::Wait {
+                let s = self.running.remove(i);
+                preempted.push(self.retire(s));
+            } else if ok == Reserved::Never {
                 let s = self.running.remove(i);
                 let err = WorkerError::BadRequest("the prompt does not fit in --kv-budget".into());
                 ended.push((self.retire(s), Err(err)));
@@ -380,7 +496,10 @@ impl Scheduler {
                 continue;
             };
             let (ok, i) = self.reserve(model_id, i, 1, &mut preempted);
-            if !ok {
+            if ok == Reserved::Wait {
+                let s = self.running.remove(i);
+                preempted.push(self.retire(s));
+            } else if ok == Reserved::Never {
                 // Alone and out of budget: the context is full.
                 let mut s = self.running.remove(i);
                 let f = s.finish_length();
@@ -415,39 +534,57 @@ impl Scheduler {
                     }
                 })
             };
+            // A batch that fails is retried row by row, so a request that
+            // breaks the forward fails alone and the others go on (nothing
+            // of a failed forward is kept: `kv_len` only advances on success,
+            // and the pool's layers are only replaced by complete writes).
+            let step = match step {
+                Ok((st, None)) => Decoded::Pipelined(st.tokens),
+                Ok((_, Some(outs))) => Decoded::Read(row_ids.iter().copied().zip(outs.into_iter().map(Ok)).collect()),
+                Err(e) if row_ids.len() == 1 => Decoded::Read(vec![(row_ids[0], Err(format!("{e:#}")))]),
+                Err(e) => {
+                    tracing::warn!("a batched decode step of {} rows failed ({e:#}); retrying row by row", row_ids.len());
+                    let mut outs = Vec::with_capacity(row_ids.len());
+                    for &sid in &row_ids {
+                        let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
+                        let pool = &mut self.managers.get_mut(model_id).unwrap().pool;
+                        let s = &mut self.running[i];
+                        let mut one = [s];
+                        let r = decode_forward(model, pool, &mut one, prev.as_ref())
+                            .and_then(|st| read_rows(&one, &st))
+                            .map(|mut o| o.remove(0))
+                            .map_err(|e| format!("{e:#}"));
+                        outs.push((sid, r));
+                    }
+                    Decoded::Read(outs)
+                }
+            };
             // The previous step's tokens first (they come before this step's).
             if let Some(p) = prev {
                 self.take_in_flight(model_id, &p, &mut ended);
             }
             match step {
-                Ok((st, None)) => {
+                Decoded::Pipelined(tokens) => {
                     for (r, sid) in row_ids.iter().enumerate() {
                         if let Some(s) = self.running.iter_mut().find(|s| s.id == *sid) {
                             s.in_flight = Some(r);
                         }
                     }
-                    self.in_flight.insert(model_id.to_string(), st.tokens);
+                    self.in_flight.insert(model_id.to_string(), tokens);
                 }
-                Ok((_, Some(outs))) => {
-                    for (sid, out) in row_ids.iter().zip(outs) {
-                        let Some(i) = self.running.iter().position(|s| s.id == *sid) else { continue };
+                Decoded::Read(outs) => {
+                    for (sid, out) in outs {
+                        let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
                         let s = &mut self.running[i];
                         let outcome = match out {
-                            RowOut::Token(t) => s.on_token(t),
-                            RowOut::Logits(l) => s.on_logits(l),
+                            Ok(RowOut::Token(t)) => s.on_token(t),
+                            Ok(RowOut::Logits(l)) => s.on_logits(l),
+                            Err(msg) => Outcome::Done(Err(WorkerError::Internal(msg))),
                         };
                         if let Outcome::Done(res) = outcome {
                             let s = self.running.remove(i);
                             ended.push((self.retire(s), res));
                         }
-                    }
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    for sid in row_ids {
-                        let Some(i) = self.running.iter().position(|s| s.id == sid) else { continue };
-                        let s = self.running.remove(i);
-                        ended.push((self.retire(s), Err(WorkerError::Internal(msg.clone()))));
                     }
                 }
             }
@@ -503,6 +640,8 @@ impl Scheduler {
         self.stats.memory_active_bytes = active;
         self.stats.memory_peak_bytes = self.stats.memory_peak_bytes.max(peak).max(active);
         self.stats.memory_cache_bytes = cache;
+        self.stats.kv_budget_bytes = self.account.total();
+        self.stats.kv_used_bytes = self.account.used();
         self.stats.clone()
     }
 }

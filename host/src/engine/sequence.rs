@@ -197,10 +197,7 @@ impl Sequence {
             self.prompt_secs = self.t_arrive.elapsed().as_secs_f64();
             self.t_first = Some(Instant::now());
         }
-        match self.sample(&mut logits) {
-            Ok(o) => o,
-            Err(e) => Outcome::Done(Err(e)),
-        }
+        guarded(|| self.sample(&mut logits))
     }
 
     /// True when the device's argmax is this sequence's next token (greedy,
@@ -225,15 +222,14 @@ impl Sequence {
         if let Some(o) = self.before_sampling() {
             return o;
         }
-        self.sampler.accept(token);
-        match self.emit(Sampled {
-            token,
-            logprob: 0.0,
-            top: Vec::new(),
-        }) {
-            Ok(o) => o,
-            Err(e) => Outcome::Done(Err(e)),
-        }
+        guarded(|| {
+            self.sampler.accept(token);
+            self.emit(Sampled {
+                token,
+                logprob: 0.0,
+                top: Vec::new(),
+            })
+        })
     }
 
     /// Ends the sequence before sampling when it is at length or cancelled.
@@ -333,6 +329,28 @@ impl Sequence {
         }
         Ok(Outcome::Continue)
     }
+}
+
+/// Runs a sequence's own work on a token (its sampler, its logits hook, its
+/// detokenizer): an error or a panic there ends this request only, with an
+/// internal error, and the engine goes on with the others.
+fn guarded(f: impl FnOnce() -> Result<Outcome, WorkerError>) -> Outcome {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => Outcome::Done(Err(e)),
+        Err(p) => Outcome::Done(Err(WorkerError::Internal(format!(
+            "internal error while sampling: {}",
+            panic_message(&*p)
+        )))),
+    }
+}
+
+/// The text a panic carried.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Holds back text that could be the start of a stop string.

@@ -16,7 +16,7 @@
 //! the least recently used one goes first when `max_loaded` are loaded.
 use super::metrics::{Metrics, RequestRecord, SeqTracker};
 use super::scheduler::{Ended, EngineStats, Scheduler, SchedulerConfig};
-use super::sequence::Sequence;
+use super::sequence::{panic_message, Sequence};
 use super::{sampler::SamplingParams, LoadedModel};
 pub use super::catalog::{ModelCatalog, ModelEntry};
 use crate::plugins::Registry;
@@ -174,7 +174,30 @@ enum Job {
         id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// Test hook: a panic where `EnginePanic` says.
+    Panic(EnginePanic),
     Shutdown,
+}
+
+/// Where `Worker::inject_panic` makes the engine thread panic (tests only).
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub enum EnginePanic {
+    /// In the loop, outside any step (the loop restarts).
+    Loop,
+    /// In this model's next step.
+    Step(String),
+}
+
+/// The engine thread's state, as /health reports it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineHealth {
+    /// Why the engine cannot serve (None while it can).
+    pub down: Option<String>,
+    /// Times the engine loop restarted after a panic.
+    pub restarts: u64,
+    /// The last panic's message (a step's or the loop's).
+    pub last_panic: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +220,7 @@ pub struct Worker {
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Metrics>,
+    health: Arc<Mutex<EngineHealth>>,
     /// The engine thread: stopped and joined by `shutdown`, or when the last
     /// handle goes.
     thread: Arc<EngineThread>,
@@ -211,6 +235,11 @@ struct EngineThread {
 }
 
 impl EngineThread {
+    /// True once the thread has ended (or there never was one).
+    fn finished(&self) -> bool {
+        self.handle.lock().unwrap().as_ref().is_none_or(|t| t.is_finished())
+    }
+
     fn stop(&self) {
         let _ = self.tx.send(Job::Shutdown);
         if let Some(t) = self.handle.lock().unwrap().take() {
@@ -254,9 +283,13 @@ impl Worker {
         let thread_in_flight = in_flight.clone();
         let metrics = Arc::new(Metrics::new());
         let tracker = SeqTracker::new(metrics.clone());
+        let health = Arc::new(Mutex::new(EngineHealth::default()));
+        let thread_health = health.clone();
         let thread = std::thread::Builder::new()
             .name("rmlx-engine".into())
             .spawn(move || {
+                // However the thread ends, /health says so.
+                let _exit = ThreadExit(thread_health.clone());
                 let reg = match Registry::load(&thread_cfg.plugins_dir) {
                     Ok(r) => r,
                     Err(e) => {
@@ -274,7 +307,7 @@ impl Worker {
                     }
                 }
                 let _ = ready_tx.send(Ok(()));
-                Engine {
+                let mut engine = Engine {
                     reg,
                     cfg: thread_cfg,
                     models: Vec::new(),
@@ -283,8 +316,25 @@ impl Worker {
                     sched: Scheduler::new(sched),
                     stats: thread_stats,
                     tracker,
+                    health: thread_health.clone(),
+                };
+                // A panic that escapes the loop (outside a step, which
+                // catches its own) fails the requests in the engine and the
+                // loop starts again; the models stay loaded.
+                loop {
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&rx))) {
+                        Ok(()) => break,
+                        Err(p) => {
+                            let msg = panic_message(&*p);
+                            tracing::error!("the engine loop panicked ({msg}); restarting it");
+                            engine.recover(&msg);
+                            let mut h = thread_health.lock().unwrap();
+                            h.restarts += 1;
+                            h.last_panic = Some(msg);
+                        }
+                    }
                 }
-                .run(rx);
+                thread_health.lock().unwrap().down = Some("the engine has stopped".into());
             })?;
         ready_rx
             .recv()
@@ -300,6 +350,7 @@ impl Worker {
             loaded,
             stats,
             metrics,
+            health,
             thread,
         })
     }
@@ -369,6 +420,22 @@ impl Worker {
         move || stats.lock().unwrap().clone()
     }
 
+    /// Whether the engine can serve (/health): the thread is alive and its
+    /// loop runs; with how often it restarted after a panic.
+    pub fn health(&self) -> EngineHealth {
+        let mut h = self.health.lock().unwrap().clone();
+        if h.down.is_none() && self.thread.finished() {
+            h.down = Some("the engine thread has exited".into());
+        }
+        h
+    }
+
+    /// Test hook: makes the engine thread panic where `at` says.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, at: EnginePanic) {
+        let _ = self.tx.send(Job::Panic(at));
+    }
+
     /// The server's Prometheus counters and histograms (engine/metrics.rs).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
@@ -390,6 +457,10 @@ impl Worker {
             loaded: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(Mutex::new(EngineStats::default())),
             metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Mutex::new(EngineHealth {
+                down: Some("no engine runs behind this handle".into()),
+                ..EngineHealth::default()
+            })),
         }
     }
 
@@ -398,6 +469,21 @@ impl Worker {
     /// SSD tier when there is one), before the process goes on to exit.
     pub fn shutdown(&self) {
         self.thread.stop();
+    }
+}
+
+/// Marks the engine down when its thread ends, however it ends.
+struct ThreadExit(Arc<Mutex<EngineHealth>>);
+impl Drop for ThreadExit {
+    fn drop(&mut self) {
+        let mut h = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if h.down.is_none() {
+            h.down = Some(if std::thread::panicking() {
+                "the engine thread died after a panic".into()
+            } else {
+                "the engine has stopped".into()
+            });
+        }
     }
 }
 
@@ -422,7 +508,8 @@ impl Resident {
     fn expires(&self) -> Option<Instant> {
         match self.keep_alive {
             KeepAlive::Unload => Some(self.last_used),
-            KeepAlive::For(d) => Some(self.last_used + d),
+            // A client's duration past what an `Instant` can hold is forever.
+            KeepAlive::For(d) => self.last_used.checked_add(d),
             KeepAlive::Forever => None,
         }
     }
@@ -445,6 +532,7 @@ struct Engine {
     sched: Scheduler,
     stats: Arc<Mutex<EngineStats>>,
     tracker: SeqTracker,
+    health: Arc<Mutex<EngineHealth>>,
 }
 
 fn now_secs() -> u64 {
@@ -455,7 +543,7 @@ fn now_secs() -> u64 {
 }
 
 impl Engine {
-    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
+    fn run(&mut self, rx: &std_mpsc::Receiver<Job>) {
         loop {
             // Idle models past their keep-alive go (never one with running sequences).
             self.expire();
@@ -508,7 +596,20 @@ impl Engine {
                 let Some(i) = self.models.iter().position(|m| m.entry.id == id) else {
                     continue;
                 };
-                let ended = self.sched.step(&id, &mut self.models[i].model);
+                // A panic in the step fails the model's running sequences
+                // (the step was serving them) and frees their blocks; the
+                // other models and the loop go on.
+                let model = &mut self.models[i].model;
+                let sched = &mut self.sched;
+                let ended = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.step(&id, model))) {
+                    Ok(e) => e,
+                    Err(p) => {
+                        let msg = panic_message(&*p);
+                        tracing::error!("a step of {id} panicked ({msg}); its requests fail");
+                        self.note_panic(&msg);
+                        self.sched.fail_model(&id, &format!("internal error in the engine: {msg}"))
+                    }
+                };
                 self.models[i].last_used = Instant::now();
                 let now = Instant::now();
                 for s in self.sched.running.iter().filter(|s| s.entry.id == id) {
@@ -526,6 +627,8 @@ impl Engine {
     fn handle(&mut self, job: Job) -> bool {
         match job {
             Job::Shutdown => return false,
+            Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
+            Job::Panic(EnginePanic::Step(id)) => self.sched.panic_next_step = Some(id),
             Job::Load {
                 model,
                 keep_alive,
@@ -592,12 +695,22 @@ impl Engine {
                     continue;
                 }
             };
-            match self.sched.admit(s, &mut self.models[i].model) {
-                Ok(None) => {}
-                Ok(Some(e)) => self.end(e),
-                Err(s) => {
+            let (model, sched) = (&mut self.models[i].model, &mut self.sched);
+            let id = s.entry.id.clone();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.admit(s, model))) {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(e))) => self.end(e),
+                Ok(Err(s)) => {
                     self.sched.waiting.push_front(s);
                     break;
+                }
+                Err(p) => {
+                    // The sequence went with the panic (its client sees the
+                    // request fail); blocks it held are given back.
+                    let msg = panic_message(&*p);
+                    tracing::error!("admitting a request for {id} panicked ({msg}); it fails");
+                    self.note_panic(&msg);
+                    self.sched.repair(&id);
                 }
             }
         }
@@ -654,7 +767,9 @@ impl Engine {
             tracing::info!("unloading {} (least recently used)", gone.entry.id);
         }
         let t0 = Instant::now();
-        let model = LoadedModel::load(&entry.path, &self.reg)?;
+        let reg = &self.reg;
+        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| LoadedModel::load(&entry.path, reg)))
+            .map_err(|p| anyhow!("loading panicked: {}", panic_message(&*p)))??;
         tracing::info!("loaded {} in {:.2}s", entry.id, t0.elapsed().as_secs_f64());
         self.models.push(Resident {
             entry: entry.clone(),
@@ -665,6 +780,28 @@ impl Engine {
         });
         self.publish();
         Ok(Some(self.models.len() - 1))
+    }
+
+    /// After a panic escaped the loop: every request in the engine fails
+    /// (its state is unknown), the block managers start afresh; the loaded
+    /// models stay.
+    fn recover(&mut self, msg: &str) {
+        self.sched.reset();
+        let err = || WorkerError::Internal(format!("internal error in the engine: {msg}"));
+        for mut s in std::mem::take(&mut self.sched.running) {
+            s.table.clear();
+            self.end((s, Err(err())));
+        }
+        for s in std::mem::take(&mut self.sched.waiting) {
+            self.end((s, Err(err())));
+        }
+        *self.stats.lock().unwrap() = self.sched.publish();
+        self.publish();
+    }
+
+    /// Counts a caught panic for /health.
+    fn note_panic(&self, msg: &str) {
+        self.health.lock().unwrap().last_panic = Some(msg.to_string());
     }
 
     fn expire(&mut self) {
@@ -699,7 +836,7 @@ impl Engine {
                 loaded_at: m.loaded_at,
                 expires_at: m
                     .expires()
-                    .map(|t| now_s + t.saturating_duration_since(now_i).as_secs()),
+                    .map(|t| now_s.saturating_add(t.saturating_duration_since(now_i).as_secs())),
             })
             .collect();
         *self.loaded.lock().unwrap() = list;

@@ -232,12 +232,17 @@ impl<J: poem_openapi::types::ToJSON + Send, E: Type + Send> ApiResponse for Json
 /// GET /health
 #[derive(Debug, Clone, Object)]
 pub struct Health {
-    /// "ok"
+    /// "ok", or "unavailable" (with a 503) when the engine cannot serve.
     pub status: String,
     /// Models whose weights are in memory.
     pub loaded_models: Vec<String>,
     /// Requests running or waiting.
     pub in_flight: u32,
+    /// Why the engine cannot serve (only with "unavailable").
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
+    /// Times the engine restarted its loop after an internal error.
+    pub engine_restarts: u64,
 }
 
 /// Like [`ApiJson`], but an empty body is `T::default()`.

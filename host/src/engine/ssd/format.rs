@@ -5,9 +5,9 @@ use anyhow::{bail, Result};
 use mlx_rs::Array;
 
 pub const MAGIC: &[u8; 8] = b"RMLXKVB\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of the fixed part of the header.
-pub const FIXED: usize = 56;
+pub const FIXED: usize = 64;
 /// Bytes of one array descriptor.
 pub const DESC: usize = 32;
 
@@ -24,6 +24,8 @@ pub struct RawArray {
 pub struct BlockFile {
     pub signature: u64,
     pub hash: u64,
+    /// The chain's previous block's hash (0 for a first block).
+    pub parent: u64,
     pub depth: u32,
     pub tokens: Vec<u32>,
     pub arrays: Vec<RawArray>,
@@ -59,6 +61,7 @@ pub fn encode(b: &BlockFile) -> Vec<u8> {
     out.extend_from_slice(&(b.arrays.len() as u32).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload as u64).to_le_bytes());
+    out.extend_from_slice(&b.parent.to_le_bytes());
     for t in &b.tokens {
         out.extend_from_slice(&t.to_le_bytes());
     }
@@ -171,6 +174,7 @@ pub fn decode(b: &[u8]) -> Result<BlockFile> {
     Ok(BlockFile {
         signature: f.signature,
         hash: f.hash,
+        parent: u64_at(b, 56),
         depth: f.depth,
         tokens,
         arrays,

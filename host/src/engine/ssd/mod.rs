@@ -5,9 +5,10 @@
 //! read back when a request's chain misses in memory. The format (all
 //! little-endian; docs/KV_CACHE.md has the table):
 //!
-//! - fixed header, 56 bytes: magic `RMLXKVB\0`, format version (u32), header
-//!   length (u32), signature hash (u64), block hash (u64), depth (u32), token
-//!   count (u32), array count (u32), reserved (u32, 0), payload length (u64);
+//! - fixed header, 64 bytes: magic `RMLXKVB\0`, format version (u32, 2),
+//!   header length (u32), signature hash (u64), block hash (u64), depth
+//!   (u32), token count (u32), array count (u32), reserved (u32, 0), payload
+//!   length (u64), the parent block's hash (u64, 0 for a first block);
 //! - the token ids (u32 each);
 //! - one 32-byte descriptor per array (layer 0 K, layer 0 V, layer 1 K, ...):
 //!   MLX dtype code (u32), reserved (u32), 4 dims (u32 each), byte length (u64);
@@ -19,8 +20,14 @@
 //! a block whose write is still queued is served from those bytes. The
 //! directory is indexed at start-up (headers and lengths checked; the CRC on
 //! every read), so a restart reuses the blocks. A file that fails any check
-//! is counted (`corrupt`), deleted and treated as a miss: never served. Past
-//! the size cap the least recently used files are deleted.
+//! is counted (`corrupt`), deleted and treated as a miss: never served; so is
+//! a block whose tokens, parent or depth are not the ones looked up (a hash
+//! collision). Past the size cap the least recently used files are deleted.
+//!
+//! The block hashes are keyed (block_manager.rs): the key lives in
+//! `<dir>/<signature>/hash.key` (16 random bytes, made with the directory;
+//! without it the files there are unmatchable and are deleted).
+use super::block_manager::HashKey;
 use anyhow::{bail, Context, Result};
 use mlx_rs::Array;
 use std::collections::HashMap;
@@ -32,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 const EXT: &str = "kvb";
+const KEY_FILE: &str = "hash.key";
 /// Writes that may wait for the writer thread; more are dropped (a cache).
 const QUEUE: usize = 64;
 
@@ -120,6 +128,7 @@ pub struct SsdStore {
     index: HashMap<u64, Entry>,
     bytes: u64,
     clock: u64,
+    key: HashKey,
     shared: Arc<Mutex<Shared>>,
     tx: Option<SyncSender<Job>>,
     writer: Option<JoinHandle<()>>,
@@ -135,6 +144,7 @@ impl SsdStore {
     pub fn open(cfg: &SsdConfig, signature: u64) -> Result<Self> {
         let dir = cfg.dir.join(format!("{signature:016x}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = load_or_make_key(&dir)?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (tx, writer) = spawn_writer(shared.clone())?;
         let mut store = Self {
@@ -144,6 +154,7 @@ impl SsdStore {
             index: HashMap::new(),
             bytes: 0,
             clock: 0,
+            key,
             shared,
             tx: Some(tx),
             writer: Some(writer),
@@ -153,6 +164,11 @@ impl SsdStore {
         };
         store.scan()?;
         Ok(store)
+    }
+
+    /// The key the block hashes of this directory are made with.
+    pub fn key(&self) -> HashKey {
+        self.key
     }
 
     fn path(&self, hash: u64) -> PathBuf {
@@ -294,8 +310,8 @@ impl SsdStore {
 
     /// Queues a block for writing (if not on disk yet). False when it was
     /// not written: larger than the cap, the queue is full, or a bad array.
-    pub fn put(&mut self, hash: u64, depth: usize, tokens: &[u32], kv: &[(Array, Array)]) -> bool {
-        self.put_with(hash, depth, tokens, kv, false)
+    pub fn put(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32], kv: &[(Array, Array)]) -> bool {
+        self.put_with(hash, parent, depth, tokens, kv, false)
     }
 
     /// `put`, waiting for room in the write queue instead of giving up
@@ -303,16 +319,18 @@ impl SsdStore {
     pub fn put_wait(
         &mut self,
         hash: u64,
+        parent: Option<u64>,
         depth: usize,
         tokens: &[u32],
         kv: &[(Array, Array)],
     ) -> bool {
-        self.put_with(hash, depth, tokens, kv, true)
+        self.put_with(hash, parent, depth, tokens, kv, true)
     }
 
     fn put_with(
         &mut self,
         hash: u64,
+        parent: Option<u64>,
         depth: usize,
         tokens: &[u32],
         kv: &[(Array, Array)],
@@ -335,6 +353,7 @@ impl SsdStore {
         let file = BlockFile {
             signature: self.signature,
             hash,
+            parent: parent.unwrap_or(0),
             depth: depth as u32,
             tokens: tokens.to_vec(),
             arrays,
@@ -380,9 +399,10 @@ impl SsdStore {
     }
 
     /// Reads a block back: per layer (keys, values). None on a miss; a file
-    /// that fails a check (checksum, length, signature, hash, tokens, shapes)
-    /// is counted as corrupt, deleted, and is a miss too.
-    pub fn load(&mut self, hash: u64, tokens: &[u32]) -> Option<Vec<(Array, Array)>> {
+    /// that fails a check (checksum, length, signature, hash, shapes), or
+    /// that is not this block of this chain (tokens, parent, depth), is
+    /// counted as corrupt, deleted, and is a miss too.
+    pub fn load(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32]) -> Option<Vec<(Array, Array)>> {
         if !self.contains(hash) {
             return None;
         }
@@ -407,6 +427,9 @@ impl SsdStore {
             }
             if f.tokens != tokens {
                 bail!("token ids do not match");
+            }
+            if f.parent != parent.unwrap_or(0) || f.depth as usize != depth {
+                bail!("the block's parent or depth does not match");
             }
             if f.arrays.is_empty()
                 || f.arrays.len() % 2 != 0
@@ -460,6 +483,36 @@ impl SsdStore {
             self.writer = Some(w);
         }
     }
+}
+
+/// The directory's hash key, made (16 random bytes, owner-only) when missing;
+/// block files made under another key are then deleted (none can match).
+fn load_or_make_key(dir: &Path) -> Result<HashKey> {
+    let path = dir.join(KEY_FILE);
+    if let Ok(b) = fs::read(&path) {
+        if let Ok(k) = <[u8; 16]>::try_from(b.as_slice()) {
+            return Ok(HashKey(k));
+        }
+        tracing::warn!("KV SSD tier: {} is not a key; making a new one", path.display());
+    }
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        if e.path().extension().is_some_and(|x| x == EXT) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let key = HashKey::random();
+    let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut o = fs::OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let mut f = o.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&key.0)?;
+    }
+    fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
 }
 
 /// The writer thread: writes `<name>.tmp`, renames it into place, and
@@ -516,6 +569,7 @@ mod tests {
         BlockFile {
             signature: 7,
             hash,
+            parent: 0x99,
             depth: 2,
             tokens: vec![5, 6, 7],
             arrays: vec![a(1), a(2), a(3), a(4)],
@@ -587,13 +641,37 @@ mod tests {
         vec![(a(seed), a(seed + 1.0)), (a(seed + 2.0), a(seed + 3.0))]
     }
 
+    /// Block and temp files (not the key).
     fn files(dir: &Path) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| !p.ends_with(KEY_FILE))
             .collect();
         v.sort();
         v
+    }
+
+    /// The hash key stays with the directory (a restart matches its blocks);
+    /// without it the files there cannot match and are deleted.
+    #[test]
+    fn the_hash_key_lives_with_the_blocks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = SsdConfig { dir: tmp.path().to_path_buf(), max_bytes: 1 << 20 };
+        let mut s = SsdStore::open(&cfg, 42).unwrap();
+        let key = s.key();
+        assert!(s.put(1, None, 0, &[1, 2, 3], &kv(1.0)));
+        s.flush();
+        drop(s);
+        let s = SsdStore::open(&cfg, 42).unwrap();
+        assert_eq!((s.key(), s.blocks()), (key, 1));
+        drop(s);
+        let sub = tmp.path().join(format!("{:016x}", 42));
+        fs::remove_file(sub.join(KEY_FILE)).unwrap();
+        let s = SsdStore::open(&cfg, 42).unwrap();
+        assert_ne!(s.key(), key);
+        assert_eq!(s.blocks(), 0);
+        assert!(files(&sub).is_empty());
     }
 
     #[test]
@@ -604,19 +682,25 @@ mod tests {
             max_bytes: 1 << 20,
         };
         let mut s = SsdStore::open(&cfg, 42).unwrap();
-        assert!(s.put(1, 0, &[1, 2, 3], &kv(1.0)));
+        assert!(s.put(1, None, 0, &[1, 2, 3], &kv(1.0)));
         // Read at once: served from the queued bytes or the file, never corrupt.
-        let got = s.load(1, &[1, 2, 3]).unwrap();
+        let got = s.load(1, None, 0, &[1, 2, 3]).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].1.as_slice::<f32>(), kv(1.0)[1].1.as_slice::<f32>());
         assert_eq!((s.reads, s.corrupt), (1, 0));
         // Wrong tokens (a hash collision) are never served.
-        assert!(s.load(1, &[1, 2, 4]).is_none());
+        assert!(s.load(1, None, 0, &[1, 2, 4]).is_none());
         assert_eq!(s.corrupt, 1);
+        // Nor the right tokens after another parent, or at another depth.
+        assert!(s.put(1, None, 0, &[1, 2, 3], &kv(1.0)));
+        assert!(s.load(1, Some(5), 1, &[1, 2, 3]).is_none());
+        assert!(s.put(1, None, 0, &[1, 2, 3], &kv(1.0)));
+        assert!(s.load(1, None, 3, &[1, 2, 3]).is_none());
+        assert_eq!(s.corrupt, 3);
         assert!(
-            s.put(1, 0, &[1, 2, 3], &kv(1.0))
-                && s.put(2, 1, &[4, 5, 6], &kv(2.0))
-                && s.put(3, 2, &[7, 8, 9], &kv(3.0))
+            s.put(1, None, 0, &[1, 2, 3], &kv(1.0))
+                && s.put(2, Some(1), 1, &[4, 5, 6], &kv(2.0))
+                && s.put(3, Some(2), 2, &[7, 8, 9], &kv(3.0))
         );
         let one = s.bytes() / 3;
         s.flush();
@@ -627,7 +711,7 @@ mod tests {
         let mut s = SsdStore::open(&cfg, 42).unwrap();
         assert_eq!((s.blocks(), s.bytes()), (3, 3 * one));
         assert_eq!(
-            s.load(2, &[4, 5, 6]).unwrap()[0].0.as_slice::<f32>(),
+            s.load(2, Some(1), 1, &[4, 5, 6]).unwrap()[0].0.as_slice::<f32>(),
             kv(2.0)[0].0.as_slice::<f32>()
         );
         // Flip a payload byte of block 3, truncate block 1.
@@ -636,14 +720,14 @@ mod tests {
         let n = b.len();
         b[n - 10] ^= 1;
         fs::write(&p3, b).unwrap();
-        assert!(s.load(3, &[7, 8, 9]).is_none());
+        assert!(s.load(3, Some(2), 2, &[7, 8, 9]).is_none());
         assert_eq!(s.corrupt, 1);
         s.flush();
         assert!(!p3.exists(), "a corrupt file was kept");
         let p1 = sub.join(format!("{:016x}.kvb", 1));
         let b = fs::read(&p1).unwrap();
         fs::write(&p1, &b[..b.len() - 7]).unwrap();
-        assert!(s.load(1, &[1, 2, 3]).is_none());
+        assert!(s.load(1, None, 0, &[1, 2, 3]).is_none());
         assert_eq!((s.corrupt, s.blocks()), (2, 1));
         s.flush();
         // At start-up: a truncated file, a file in the wrong place and a
@@ -666,10 +750,10 @@ mod tests {
             max_bytes: 2 * one + 10,
         };
         let mut s = SsdStore::open(&cfg, 42).unwrap();
-        s.put(1, 0, &[1, 2, 3], &kv(1.0));
-        s.put(2, 1, &[4, 5, 6], &kv(2.0));
+        s.put(1, None, 0, &[1, 2, 3], &kv(1.0));
+        s.put(2, Some(1), 1, &[4, 5, 6], &kv(2.0));
         s.touch(1);
-        s.put(3, 2, &[7, 8, 9], &kv(3.0));
+        s.put(3, Some(2), 2, &[7, 8, 9], &kv(3.0));
         assert!(s.contains(1) && !s.contains(2) && s.contains(3));
         assert!(s.bytes() <= cfg.max_bytes);
         s.flush();
