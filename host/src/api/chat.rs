@@ -239,8 +239,10 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
             template_source: &source,
             rendered_prompt: &rendered,
             parallel_tool_calls: req.parallel_tool_calls,
+            max_tokens: params.max_tokens,
         },
-    )?;
+    )
+    .await?;
     Ok((Prepared { entry, prompt, splitter: Splitter::new(reasoning, tool_parser), params, hook, keep_alive, has_tools }, req))
 }
 

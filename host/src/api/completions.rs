@@ -37,6 +37,16 @@ struct Job {
     keep_alive: Option<KeepAlive>,
     logprobs: bool,
     top_n: usize,
+    /// `response_format`: each prompt's generation gets its own constraint.
+    format: Option<ResponseFormat>,
+}
+
+/// Starts prompt `i`'s generation, with its `response_format` constraint
+/// (compiled once per model and format, cached).
+async fn start(state: &State, job: &Job, i: usize) -> Result<g::Running, ApiError> {
+    let spec = super::constraint_adapter::HookSpec { format: job.format.as_ref(), max_tokens: job.params[i].max_tokens, ..Default::default() };
+    let hook = super::constraint_adapter::hook(&job.entry, spec).await?;
+    g::start(state, job.entry.clone(), job.prompts[i].clone(), job.params[i].clone(), hook, job.keep_alive)
 }
 
 fn token_ids(v: &[i64], field: &str) -> Result<Vec<u32>, ApiError> {
@@ -139,8 +149,6 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         gp.logprobs = req.logprobs.map(|n| n as usize);
         params.push(gp);
     }
-    // Constrained output applies per prompt; checked once here.
-    let _ = super::constraint_adapter::hook(&entry, super::constraint_adapter::HookSpec { format: req.response_format.as_ref(), ..Default::default() })?;
     Ok(Job {
         entry,
         prompts,
@@ -149,6 +157,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         keep_alive,
         logprobs: req.logprobs.is_some(),
         top_n: req.logprobs.unwrap_or(0) as usize,
+        format: req.response_format.clone(),
     })
 }
 
@@ -297,7 +306,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
     let id = g::new_id("cmpl-");
     let created = g::now();
     let model = job.entry.id.clone();
-    let first = g::start(&state, job.entry.clone(), job.prompts[0].clone(), job.params[0].clone(), None, job.keep_alive)?;
+    let first = start(&state, &job, 0).await?;
     if req.stream == Some(true) {
         let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
         return Ok(JsonOrStream::Stream(stream(state, job, first, id, created, model, include_usage)));
@@ -308,7 +317,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
     for (i, prompt) in job.prompts.iter().enumerate() {
         let r = match run.take() {
             Some(r) => r,
-            None => g::start(&state, job.entry.clone(), prompt.clone(), job.params[i].clone(), None, job.keep_alive)?,
+            None => start(&state, &job, i).await?,
         };
         let scores = if job.echo && job.logprobs { score_prompt(&state, &job, prompt, job.top_n).await? } else { Vec::new() };
         let c = g::collect(r).await?;
@@ -365,7 +374,7 @@ fn stream(state: State, job: Job, first: g::Running, id: String, created: u64, m
         for (i, prompt) in job.prompts.iter().enumerate() {
             let mut r = match run.take() {
                 Some(r) => r,
-                None => match g::start(&state, job.entry.clone(), prompt.clone(), job.params[i].clone(), None, job.keep_alive) {
+                None => match start(&state, &job, i).await {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Event::message(e.json().to_string())).await;

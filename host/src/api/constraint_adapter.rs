@@ -1,11 +1,20 @@
 //! Adapts `constrain` (token masks for JSON, JSON Schema, regex, grammars and
 //! forced tool calls) and the thinking budget to the engine's logits hook.
+//!
+//! The token trie and the compiled grammar come from `constrain`'s caches (per
+//! model, and per model and spec text) and are built on the blocking pool,
+//! never on the async runtime. The hook counts the tokens generated, so the
+//! constraint knows how many of `max_tokens` are left and closes the output
+//! in time (see `constrain::closing`).
 use super::errors::ApiError;
+use super::generation as g;
 use super::reasoning_adapter::ReasoningGate;
 use super::types::openai::{ResponseFormat, ToolChoiceMode};
 use crate::constrain::{Constraint, ConstraintFactory, ConstraintSpec};
 use crate::engine::worker::{LogitsHook, ModelEntry};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// What may constrain a request's output.
 #[derive(Default)]
@@ -19,19 +28,50 @@ pub struct HookSpec<'a> {
     pub thinking_budget: Option<u32>,
     pub template_source: &'a str,
     pub rendered_prompt: &'a str,
+    /// The request's token budget (0: unknown, no closing in time).
+    pub max_tokens: usize,
 }
 
-struct Constrained(Constraint);
+/// Tokens that may still be generated, shared by [`Counted`] (which counts
+/// every token) and [`Constrained`] (which may start after a thinking block).
+type Left = Arc<AtomicUsize>;
+
+struct Constrained {
+    c: Constraint,
+    left: Left,
+}
 
 impl LogitsHook for Constrained {
     fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
-        self.0.try_apply(logits)
+        match self.left.load(Ordering::Relaxed) {
+            usize::MAX => self.c.try_apply(logits),
+            left => self.c.try_apply_within(logits, left),
+        }
     }
     fn commit(&mut self, token: u32) -> anyhow::Result<()> {
-        self.0.commit(token)
+        self.c.commit(token)
     }
     fn is_finished(&self) -> bool {
-        self.0.is_finished()
+        self.c.is_finished()
+    }
+}
+
+/// The outermost hook: counts each generated token off the budget.
+struct Counted {
+    inner: Box<dyn LogitsHook>,
+    left: Left,
+}
+
+impl LogitsHook for Counted {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        self.inner.apply(logits)
+    }
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        let _ = self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| (l != usize::MAX).then(|| l.saturating_sub(1)));
+        self.inner.commit(token)
+    }
+    fn is_finished(&self) -> bool {
+        self.inner.is_finished()
     }
 }
 
@@ -59,28 +99,44 @@ fn spec(s: &HookSpec<'_>) -> Result<Option<(ConstraintSpec, &'static str)>, ApiE
     })
 }
 
-/// The logits hook a request needs (None: unconstrained). Bad schemas or
-/// grammars are a 400 naming the field. With a thinking model (its template
-/// writes `<think>` and the prompt leaves thinking on) the constraint starts
-/// after the thinking block, and a thinking budget closes the block; see
+/// The logits hook a request needs (None: unconstrained). A schema, grammar
+/// or tool list that cannot be used is a 400 naming the field, with a short
+/// message (no parser internals). With a thinking model (its template writes
+/// `<think>` and the prompt leaves thinking on) the constraint starts after
+/// the thinking block, and a thinking budget closes the block; see
 /// [`ReasoningGate`].
-pub fn hook(entry: &ModelEntry, s: HookSpec<'_>) -> Result<Option<Box<dyn LogitsHook>>, ApiError> {
+pub async fn hook(entry: &Arc<ModelEntry>, s: HookSpec<'_>) -> Result<Option<Box<dyn LogitsHook>>, ApiError> {
     let need = spec(&s)?;
     if need.is_none() && s.thinking_budget.is_none() {
         return Ok(None);
     }
-    let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let tok = text.tokenizer.as_ref();
-    let mut inner: Option<Box<dyn LogitsHook>> = None;
-    if let Some((cs, field)) = need {
-        let tok = tok.ok_or_else(|| ApiError::bad_request(field, "constrained output needs a model with a tokenizer"))?;
-        let factory = ConstraintFactory::for_tokenizer(tok, &text.eos_ids).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-        let c = factory.constraint(&cs).map_err(|e| ApiError::bad_request(field, format!("{e:#}")))?;
-        inner = Some(Box::new(Constrained(c)));
-    }
-    let Some(tok) = tok else { return Ok(inner) };
-    Ok(match ReasoningGate::new(s.template_source, s.rendered_prompt, tok, &text.eos_ids, s.thinking_budget, inner) {
-        Ok(gate) => Some(Box::new(gate)),
-        Err(inner) => inner,
+    let left: Left = Arc::new(AtomicUsize::new(if s.max_tokens == 0 { usize::MAX } else { s.max_tokens }));
+    let e = entry.clone();
+    // Loading the tokenizer, building the trie and compiling block: cached, off the runtime.
+    let (text, c) = g::blocking(move || {
+        let text = e.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let Some((cs, field)) = need else { return Ok((text, None)) };
+        let tok = text
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ApiError::bad_request(field, "constrained output needs a model with a tokenizer"))?;
+        let factory = ConstraintFactory::for_model(&e.id, tok, &text.eos_ids).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        let c = factory.constraint_cached(&e.id, &cs).map_err(|err| {
+            let param = match &cs {
+                ConstraintSpec::ToolCall { .. } if !err.0.contains("tool_choice") => "tools",
+                _ => field,
+            };
+            ApiError::bad_request(param, format!("`{param}`: {err}"))
+        })?;
+        Ok((text, Some(c)))
     })
+    .await?;
+    let mut inner: Option<Box<dyn LogitsHook>> = c.map(|c| Box::new(Constrained { c, left: left.clone() }) as Box<dyn LogitsHook>);
+    if let Some(tok) = text.tokenizer.as_ref() {
+        inner = match ReasoningGate::new(s.template_source, s.rendered_prompt, tok, &text.eos_ids, s.thinking_budget, inner) {
+            Ok(gate) => Some(Box::new(gate)),
+            Err(inner) => inner,
+        };
+    }
+    Ok(inner.map(|inner| Box::new(Counted { inner, left }) as Box<dyn LogitsHook>))
 }

@@ -254,8 +254,10 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
             template_source: &source,
             rendered_prompt: &rendered,
             parallel_tool_calls: req.tool_choice.as_ref().and_then(|c| c.disable_parallel_tool_use).map(|d| !d),
+            max_tokens: params.max_tokens,
         },
-    )?;
+    )
+    .await?;
     let prompt_len = prompt.len();
     let run = g::start(&state, entry, prompt, params, hook, keep_alive)?;
     let splitter = Splitter::new(reasoning, tool_parser);

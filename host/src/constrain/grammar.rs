@@ -10,11 +10,16 @@ use super::ConstraintSpec;
 use crate::api::tools::{tool_schemas, ToolFormat};
 use crate::model::tokenizer::Tokenizer;
 
-/// JSON whitespace: one space, or a newline and indentation. Bounded so a model cannot
-/// loop on whitespace forever (llguidance's default allows any run).
-const WS: &str = r"(\x20|\r?\n[\x20\x09]{0,48})";
+/// rmlx's JSON layout: `{"a": 1, "b": [2, 3]}`, one space after each `:` and `,` and no
+/// other whitespace, so a weak model cannot spend its tokens on spaces and newlines
+/// (llguidance's default allows any run). These override a caller's `x-guidance`.
+fn layout() -> Map<String, Value> {
+    let v = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    v.as_object().unwrap().clone()
+}
 
-/// `schema` with rmlx's JSON options added under `x-guidance` (unless the caller set some).
+/// `schema` with rmlx's JSON options under `x-guidance` (other options a caller set there
+/// are kept).
 fn with_options(schema: &Value, lenient: bool) -> Value {
     let mut s = match schema {
         Value::Object(m) => m.clone(),
@@ -25,13 +30,35 @@ fn with_options(schema: &Value, lenient: bool) -> Value {
             m
         }
     };
-    if !s.contains_key("x-guidance") {
-        s.insert(
-            "x-guidance".into(),
-            json!({"whitespace_pattern": WS, "lenient": lenient}),
-        );
-    }
+    let mut opts = match s.remove("x-guidance") {
+        Some(Value::Object(m)) => m,
+        _ => {
+            let mut m = Map::new();
+            m.insert("lenient".into(), json!(lenient));
+            m
+        }
+    };
+    opts.remove("whitespace_pattern");
+    opts.extend(layout());
+    s.insert("x-guidance".into(), Value::Object(opts));
     Value::Object(s)
+}
+
+/// Every format's own terminators (see [`closers`]).
+pub(super) const ALL_CLOSERS: [&str; 8] =
+    ["\n</parameter>\n", "<escape>", "<|\"|>", "</function>", "\n</tool_call>", "\n```", "<tool_call|>", "<end_function_call>"];
+
+/// Texts that end the free-text parts and the call of a tool-call format, for the closing
+/// plan (tried before JSON punctuation).
+pub(super) fn closers(format: ToolFormat) -> Vec<&'static str> {
+    match format {
+        ToolFormat::Qwen3Coder => vec!["\n</parameter>\n", "</function>", "\n</tool_call>"],
+        ToolFormat::FunctionGemma => vec!["<escape>", "<end_function_call>"],
+        ToolFormat::Gemma4 => vec!["<|\"|>", "<tool_call|>"],
+        ToolFormat::GemmaToolCode => vec!["\n```"],
+        ToolFormat::Hermes => vec!["\n</tool_call>"],
+        _ => Vec::new(),
+    }
 }
 
 pub(super) fn top_level(spec: &ConstraintSpec, tok: &Tokenizer) -> Result<TopLevelGrammar> {

@@ -8,11 +8,16 @@
 //! [`Constraint::apply`] masks the logits, [`Constraint::commit`] advances with the sampled
 //! token, [`Constraint::is_finished`] says when nothing but EOS may follow.
 
+mod cache;
+mod closing;
 mod grammar;
+pub mod limits;
 #[cfg(test)]
 mod tests;
+mod vocab;
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use llguidance::api::TopLevelGrammar;
@@ -26,6 +31,7 @@ use crate::api::tools::ToolFormat;
 use crate::model::tokenizer::Tokenizer;
 
 pub use grammar::lark_for_tool_call;
+pub use limits::SpecError;
 
 /// What the output must follow.
 #[derive(Debug, Clone)]
@@ -51,11 +57,41 @@ pub enum ConstraintSpec {
     },
 }
 
+impl ConstraintSpec {
+    /// What the spec is, for messages ("the JSON schema", "the regex", ...).
+    pub fn what(&self) -> &'static str {
+        match self {
+            ConstraintSpec::JsonObject => "the JSON object format",
+            ConstraintSpec::JsonSchema { .. } => "the JSON schema",
+            ConstraintSpec::Regex(_) => "the regex",
+            ConstraintSpec::Lark(_) => "the grammar",
+            ConstraintSpec::ToolCall { .. } => "the tool call",
+        }
+    }
+
+    /// The cache key: the spec's kind and options and its text as given (compact JSON,
+    /// key order kept: llguidance writes properties in schema order, so a reordered schema
+    /// is a different grammar).
+    pub fn key(&self) -> String {
+        match self {
+            ConstraintSpec::JsonObject => "json_object".into(),
+            ConstraintSpec::JsonSchema { schema, strict } => format!("json_schema:{strict}:{schema}"),
+            ConstraintSpec::Regex(r) => format!("regex:{r}"),
+            ConstraintSpec::Lark(g) => format!("lark:{g}"),
+            ConstraintSpec::ToolCall { format, tools, name, parallel } => {
+                format!("tool_call:{format:?}:{name:?}:{parallel}:{tools}")
+            }
+        }
+    }
+}
+
 /// Token trie and parser factory for one tokenizer (and EOS set). Build once per model.
 pub struct ConstraintFactory {
     factory: ParserFactory,
     tokenizer: Tokenizer,
     vocab: usize,
+    /// Token ids of the closing planner's candidate texts.
+    cands: closing::Candidates,
 }
 
 impl std::fmt::Debug for ConstraintFactory {
@@ -83,15 +119,20 @@ impl TokenizerEnv for Env {
     }
 }
 
-type CacheEntry = (usize, Vec<u32>, Tokenizer, Arc<ConstraintFactory>);
-static CACHE: Mutex<Vec<CacheEntry>> = Mutex::new(Vec::new());
-const CACHE_SIZE: usize = 8;
+/// Tokens left below which the closing plan is watched (longer budgets leave room).
+const PLAN_FROM: usize = 512;
+/// The plan is recomputed while the tokens left are within this many of its last length.
+const WATCH: usize = 24;
+/// Forcing starts when the plan needs this many fewer tokens than are left: room for
+/// what the next free token may open.
+const MARGIN: usize = 4;
 
 impl ConstraintFactory {
     /// Builds the token trie for `tokenizer`. `eos_ids` are the ids that end generation
-    /// (the model's EOS set); empty means the tokenizer's `eos_token`.
+    /// (the model's EOS set); empty means the tokenizer's `eos_token`. Slow for big
+    /// vocabularies (a few hundred ms for 150k): use the cached [`for_model`](Self::for_model).
     pub fn new(tokenizer: &Tokenizer, eos_ids: &[u32]) -> Result<Self> {
-        let bytes = token_bytes(tokenizer)?;
+        let bytes = vocab::token_bytes(tokenizer)?;
         let vocab = bytes.len();
         let mut eos: Vec<u32> = eos_ids.iter().copied().filter(|&e| (e as usize) < vocab).collect();
         if eos.is_empty() {
@@ -115,35 +156,26 @@ impl ConstraintFactory {
             &llguidance::earley::SlicedBiasComputer::general_slices(),
         )?;
         factory.quiet();
+        *factory.limits_mut() = limits::parser_limits();
         Ok(Self {
             factory,
+            cands: closing::Candidates::new(tokenizer, &grammar::ALL_CLOSERS),
             tokenizer: tokenizer.clone(),
             vocab,
         })
     }
 
-    /// The cached factory for this tokenizer and EOS set (built on first use; building
-    /// takes a few hundred ms for a 150k vocabulary).
+    /// The cached factory of model `model` (its id) with this tokenizer and EOS set.
+    /// Blocks (builds the trie) on first use: call it off the async runtime.
+    pub fn for_model(model: &str, tokenizer: &Tokenizer, eos_ids: &[u32]) -> Result<Arc<Self>> {
+        cache::factory(&format!("model:{model}"), tokenizer, eos_ids)
+    }
+
+    /// The cached factory for this tokenizer instance and EOS set (tests and tools that
+    /// have no model id).
     pub fn for_tokenizer(tokenizer: &Tokenizer, eos_ids: &[u32]) -> Result<Arc<Self>> {
         let key = tokenizer.inner() as *const tokenizers::Tokenizer as usize;
-        let mut eos = eos_ids.to_vec();
-        eos.sort_unstable();
-        eos.dedup();
-        {
-            let cache = CACHE.lock().unwrap();
-            if let Some((_, _, _, f)) = cache.iter().find(|(k, e, _, _)| *k == key && *e == eos) {
-                return Ok(f.clone());
-            }
-        }
-        // Built outside the lock; the entry keeps the tokenizer alive so its address is
-        // not reused while cached.
-        let f = Arc::new(Self::new(tokenizer, &eos)?);
-        let mut cache = CACHE.lock().unwrap();
-        if cache.len() >= CACHE_SIZE {
-            cache.remove(0);
-        }
-        cache.push((key, eos, tokenizer.clone(), f.clone()));
-        Ok(f)
+        cache::factory(&format!("tokenizer@{key:x}"), tokenizer, eos_ids)
     }
 
     /// Vocabulary size of the trie (logits beyond it are always masked).
@@ -156,24 +188,64 @@ impl ConstraintFactory {
         &self.tokenizer
     }
 
+    fn trie(&self) -> &TokTrie {
+        self.factory.tok_env().tok_trie()
+    }
+
     /// The llguidance grammar for `spec`.
     pub fn grammar(&self, spec: &ConstraintSpec) -> Result<TopLevelGrammar> {
         grammar::top_level(spec, &self.tokenizer)
     }
 
-    /// A fresh constraint for one generation.
-    pub fn constraint(self: &Arc<Self>, spec: &ConstraintSpec) -> Result<Constraint> {
-        let g = self.grammar(spec)?;
-        let parser = self.factory.create_parser(g)?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            bail!("{e}");
+    /// Compiles `spec` to a fresh matcher, within [`limits`]: checks its size, counts and
+    /// nesting, builds the parser and computes the first mask, so that a spec that admits
+    /// no output fails here and not mid-generation. Errors are [`SpecError`]s.
+    fn compile(&self, spec: &ConstraintSpec) -> Result<Matcher, SpecError> {
+        limits::check(spec)?;
+        let what = spec.what();
+        let g = self.grammar(spec).map_err(|e| SpecError(format!("{what}: {}", limits::short(&format!("{e:#}")))))?;
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut m = Matcher::new(self.factory.create_parser(g));
+            let first = m.compute_mask_or_eos().map(|_| ());
+            (m, first)
+        }));
+        let (m, first) = built.map_err(|_| SpecError(format!("{what} could not be compiled")))?;
+        if let Some(e) = m.get_error() {
+            return Err(SpecError(format!("{what} cannot be used: {}", limits::short(&e))));
         }
+        if let Err(e) = first {
+            return Err(SpecError(format!(
+                "{what} admits no output (does it only refer to itself?): {}",
+                limits::short(&format!("{e:#}"))
+            )));
+        }
+        Ok(m)
+    }
+
+    /// A fresh constraint for one generation. The compiled grammar comes from a cache
+    /// keyed by `cache_key` (a model id) and the spec's text; compiling blocks, so call
+    /// this off the async runtime. Errors in the spec are [`SpecError`]s.
+    pub fn constraint_cached(self: &Arc<Self>, cache_key: &str, spec: &ConstraintSpec) -> Result<Constraint, SpecError> {
+        let matcher = cache::compiled(cache_key, spec, || self.compile(spec))?;
+        let closers = match spec {
+            ConstraintSpec::ToolCall { format, .. } => grammar::closers(*format),
+            _ => Vec::new(),
+        };
         Ok(Constraint {
             matcher,
             factory: self.clone(),
             mask: None,
+            lex: closing::JsonLex::default(),
+            closers,
+            plan: VecDeque::new(),
+            need: None,
         })
+    }
+
+    /// [`constraint_cached`](Self::constraint_cached) keyed by this factory.
+    pub fn constraint(self: &Arc<Self>, spec: &ConstraintSpec) -> Result<Constraint> {
+        let key = format!("factory@{:x}", Arc::as_ptr(self) as usize);
+        Ok(self.constraint_cached(&key, spec)?)
     }
 }
 
@@ -183,6 +255,14 @@ pub struct Constraint {
     factory: Arc<ConstraintFactory>,
     /// Mask computed for the current step (reused until the next commit).
     mask: Option<SimpleVob>,
+    /// Where the output is, lexically, as JSON (for the closing plan).
+    lex: closing::JsonLex,
+    /// The format's own terminators (tool calls), for the closing plan.
+    closers: Vec<&'static str>,
+    /// Tokens being forced to finish within the budget (front first).
+    plan: VecDeque<u32>,
+    /// Length of the last closing plan (None: none computed yet).
+    need: Option<usize>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -210,7 +290,7 @@ impl Constraint {
             let m = self
                 .matcher
                 .compute_mask_or_eos()
-                .map_err(|e| anyhow!("constraint: {e}"))?;
+                .map_err(|e| anyhow!("constraint: {}", limits::short(&format!("{e:#}"))))?;
             self.mask = Some(m);
         }
         Ok(self.mask.as_ref().unwrap())
@@ -222,6 +302,51 @@ impl Constraint {
         if let Err(e) = self.try_apply(logits) {
             tracing::warn!("{e}");
         }
+    }
+
+    /// [`try_apply`](Self::try_apply) knowing that `left` tokens (this one included) may
+    /// still be generated: when finishing needs nearly all of them, the closing plan's
+    /// next token is forced instead, so the output completes within the budget.
+    pub fn try_apply_within(&mut self, logits: &mut [f32], left: usize) -> Result<()> {
+        match self.closing_token(left) {
+            Some(t) if (t as usize) < logits.len() => {
+                logits.iter_mut().for_each(|l| *l = f32::NEG_INFINITY);
+                logits[t as usize] = 0.0;
+                Ok(())
+            }
+            _ => self.try_apply(logits),
+        }
+    }
+
+    /// The token to force now, if finishing needs it (see [`closing`]).
+    fn closing_token(&mut self, left: usize) -> Option<u32> {
+        if let Some(&t) = self.plan.front() {
+            return Some(t);
+        }
+        if left > PLAN_FROM || self.need.is_some_and(|n| left > n + WATCH) {
+            return None;
+        }
+        let f = &self.factory;
+        let (plan, complete) = closing::plan(
+            self.matcher.clone(),
+            self.lex.clone(),
+            f.trie(),
+            &f.cands,
+            &self.closers,
+            f.vocab,
+            left + MARGIN,
+        );
+        let need = if complete { plan.len() } else { left + MARGIN };
+        self.need = Some(need);
+        if need + MARGIN < left {
+            return None;
+        }
+        if plan.is_empty() {
+            // Complete now, and too few tokens left to start anything: end.
+            return complete.then(|| f.trie().eos_token());
+        }
+        self.plan = plan.into();
+        self.plan.front().copied()
     }
 
     /// [`apply`](Self::apply), reporting errors.
@@ -271,12 +396,18 @@ impl Constraint {
     /// grammar does not allow it.
     pub fn commit(&mut self, token: u32) -> Result<()> {
         self.mask = None;
+        if self.plan.front() == Some(&token) {
+            self.plan.pop_front();
+        } else {
+            self.plan.clear();
+        }
         if self.matcher.is_stopped() && !self.matcher.is_error() {
             return Ok(());
         }
+        closing::feed_token(&mut self.lex, self.factory.trie(), token);
         self.matcher
             .consume_token(token)
-            .map_err(|e| anyhow!("constraint: token {token} not allowed: {e}"))
+            .map_err(|e| anyhow!("constraint: token {token} not allowed: {}", limits::short(&format!("{e:#}"))))
     }
 
     /// True when the grammar is complete and nothing but EOS may follow (the engine can
@@ -299,104 +430,4 @@ impl Constraint {
     pub fn error(&self) -> Option<String> {
         self.matcher.get_error()
     }
-}
-
-/// GPT-2 byte-level alphabet: the char standing for each byte.
-fn byte_level_map() -> std::collections::HashMap<char, u8> {
-    let self_mapped =
-        |c: u32| matches!(c, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut m = std::collections::HashMap::new();
-    let mut k = 0x100u32;
-    for b in 0..=255u32 {
-        if self_mapped(b) {
-            m.insert(char::from_u32(b).unwrap(), b as u8);
-        } else {
-            m.insert(char::from_u32(k).unwrap(), b as u8);
-            k += 1;
-        }
-    }
-    m
-}
-
-/// How the tokenizer's decoder turns token strings into bytes.
-#[derive(Default, Debug)]
-struct DecoderKind {
-    byte_level: bool,
-    byte_fallback: bool,
-    /// The char that stands for a space (`▁` for SentencePiece models).
-    space: Option<char>,
-}
-
-fn scan_decoder(d: &Value, k: &mut DecoderKind) {
-    match d.get("type").and_then(Value::as_str) {
-        Some("ByteLevel") => k.byte_level = true,
-        Some("ByteFallback") => k.byte_fallback = true,
-        Some("Metaspace") => {
-            let r = d.get("replacement").and_then(Value::as_str).unwrap_or("▁");
-            k.space = r.chars().next();
-        }
-        Some("Replace") if d.get("content").and_then(Value::as_str) == Some(" ") => {
-            if let Some(s) = d.pointer("/pattern/String").and_then(Value::as_str) {
-                let mut cs = s.chars();
-                if let (Some(c), None) = (cs.next(), cs.next()) {
-                    k.space = Some(c);
-                }
-            }
-        }
-        Some("Sequence") => {
-            for sub in d.get("decoders").and_then(Value::as_array).into_iter().flatten() {
-                scan_decoder(sub, k);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// The bytes of every token id (special tokens prefixed with the trie's special marker).
-fn token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>> {
-    let inner = tokenizer.inner();
-    let dec = match inner.get_decoder() {
-        Some(d) => serde_json::to_value(d)?,
-        None => Value::Null,
-    };
-    let mut kind = DecoderKind::default();
-    scan_decoder(&dec, &mut kind);
-    let n = tokenizer.vocab_size();
-    let added = inner.get_added_tokens_decoder();
-    let map = byte_level_map();
-    let mut out = Vec::with_capacity(n);
-    for id in 0..n as u32 {
-        if let Some(a) = added.get(&id) {
-            if a.special {
-                let mut b = vec![TokTrie::SPECIAL_TOKEN_MARKER];
-                b.extend_from_slice(a.content.as_bytes());
-                out.push(b);
-            } else {
-                out.push(a.content.as_bytes().to_vec());
-            }
-            continue;
-        }
-        let Some(s) = inner.id_to_token(id) else {
-            out.push(Vec::new());
-            continue;
-        };
-        let b = if kind.byte_level {
-            match s.chars().map(|c| map.get(&c).copied()).collect::<Option<Vec<u8>>>() {
-                Some(b) => b,
-                None => s.into_bytes(),
-            }
-        } else if kind.byte_fallback
-            && s.len() == 6
-            && s.starts_with("<0x")
-            && s.ends_with('>')
-        {
-            vec![u8::from_str_radix(&s[3..5], 16)?]
-        } else if let Some(sp) = kind.space {
-            s.replace(sp, " ").into_bytes()
-        } else {
-            s.into_bytes()
-        };
-        out.push(b);
-    }
-    Ok(out)
 }

@@ -1,0 +1,207 @@
+//! Finishing within the token budget: a short way to complete the output from the
+//! current parser state (a "closing plan"), which the constraint forces once the tokens
+//! left run low, so that even a model that has no idea what JSON is ends with output
+//! that parses and validates.
+//!
+//! The plan is greedy, on a clone of the matcher: tokens the grammar forces; else the
+//! first of a few candidate texts (chosen from where a JSON scanner says the output is:
+//! in a string, after a key, after a value, ...) that the grammar accepts whole; else the
+//! shortest allowed token, closing punctuation first.
+
+use llguidance::toktrie::{TokTrie, TokenId};
+use llguidance::Matcher;
+
+use crate::model::tokenizer::Tokenizer;
+
+/// Lexical position in JSON text (as far as a scanner without the schema can tell).
+#[derive(Debug, Clone, Default)]
+pub(super) struct JsonLex {
+    /// Open `{` and `[`.
+    stack: Vec<u8>,
+    in_str: bool,
+    esc: bool,
+    /// The last byte outside strings that is not whitespace (`"` for a closed string).
+    last: u8,
+}
+
+impl JsonLex {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &c in bytes {
+            if self.in_str {
+                if self.esc {
+                    self.esc = false;
+                } else if c == b'\\' {
+                    self.esc = true;
+                } else if c == b'"' {
+                    self.in_str = false;
+                    self.last = b'"';
+                }
+                continue;
+            }
+            match c {
+                b'"' => self.in_str = true,
+                b'{' | b'[' => {
+                    if self.stack.len() < 4096 {
+                        self.stack.push(c);
+                    }
+                    self.last = c;
+                }
+                b'}' | b']' => {
+                    self.stack.pop();
+                    self.last = c;
+                }
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                _ => self.last = c,
+            }
+        }
+    }
+
+    /// Candidate texts to try next, most closing first.
+    fn candidates(&self) -> &'static [&'static str] {
+        const VALUE: &[&str] = &["0", "\"\"", "\"", "null", "false", "true", "[]", "{}", "[", "{", "-0"];
+        if self.esc {
+            return &["n"];
+        }
+        if self.in_str {
+            return &["\""];
+        }
+        match self.last {
+            b'{' => &["}", "\""],
+            b'[' => &["]", "0", "\"\"", "\"", "null", "false", "true", "[]", "{}", "[", "{"],
+            b':' => VALUE,
+            b',' if self.stack.last() == Some(&b'{') => &["\""],
+            b',' => VALUE,
+            b'-' | b'.' | b'E' | b'+' => &["0", "}", "]", ","],
+            0 => &["{", "[", "0", "\"\"", "\"", "null"],
+            _ => &["}", "]", ",", "0"],
+        }
+    }
+}
+
+/// Texts that close things in every format, tried when nothing JSON-specific fits.
+const GENERIC: [&str; 8] = ["\"", "}", "]", ")", "0", ",", ":", "\n"];
+
+/// Per tokenizer: the token ids of candidate texts.
+pub(super) struct Candidates {
+    ids: std::collections::HashMap<&'static str, Vec<TokenId>>,
+}
+
+impl Candidates {
+    pub fn new(tok: &Tokenizer, extra: &[&'static str]) -> Self {
+        let mut ids = std::collections::HashMap::new();
+        let all = ["0", "\"\"", "\"", "null", "false", "true", "[]", "{}", "[", "{", "-0", "}", "]", ",", "n", ")", ":", "\n"];
+        for s in all.iter().chain(extra) {
+            if let Ok(t) = tok.encode(s, false) {
+                if !t.is_empty() {
+                    ids.insert(*s, t);
+                }
+            }
+        }
+        Self { ids }
+    }
+}
+
+/// How much a token's first byte looks like closing (lower is better) for the fallback.
+fn rank(b: u8) -> u8 {
+    match b {
+        b'"' => 0,
+        b'}' | b']' | b')' => 1,
+        b'0'..=b'9' => 2,
+        b',' | b':' => 3,
+        b'a'..=b'z' | b'A'..=b'Z' => 5,
+        b' ' | b'\n' | b'\t' => 9,
+        _ => 4,
+    }
+}
+
+/// A greedy completion of `m` (a clone; the caller's matcher is not touched) in at most
+/// `cap` tokens. `lex` is the JSON scanner's state at `m`. Returns the tokens and whether
+/// they complete the output (the grammar accepts after them); an empty complete plan
+/// means the output may end now. `closers` are the format's own terminators (tried first
+/// outside JSON strings).
+pub(super) fn plan(
+    mut m: Matcher,
+    mut lex: JsonLex,
+    trie: &TokTrie,
+    cands: &Candidates,
+    closers: &[&'static str],
+    vocab: usize,
+    cap: usize,
+) -> (Vec<TokenId>, bool) {
+    let mut out: Vec<TokenId> = Vec::new();
+    let push = |m: &mut Matcher, lex: &mut JsonLex, out: &mut Vec<TokenId>, toks: &[TokenId]| -> bool {
+        if m.consume_tokens(toks).is_err() {
+            return false;
+        }
+        for &t in toks {
+            feed_token(lex, trie, t);
+        }
+        out.extend_from_slice(toks);
+        true
+    };
+    while out.len() < cap {
+        if m.is_stopped() || m.is_accepting().unwrap_or(false) {
+            return (out, true);
+        }
+        let ff = m.compute_ff_tokens();
+        if !ff.is_empty() {
+            let n = ff.len().min(cap - out.len());
+            if !push(&mut m, &mut lex, &mut out, &ff[..n]) {
+                break;
+            }
+            continue;
+        }
+        let mut texts: Vec<&'static str> = Vec::new();
+        if !lex.in_str {
+            texts.extend(closers);
+        }
+        texts.extend(lex.candidates());
+        texts.extend(GENERIC);
+        let mut done = false;
+        for s in texts {
+            let Some(toks) = cands.ids.get(s) else { continue };
+            if out.len() + toks.len() > cap {
+                continue;
+            }
+            if m.validate_tokens(toks).unwrap_or(0) == toks.len() {
+                done = push(&mut m, &mut lex, &mut out, toks);
+                break;
+            }
+        }
+        if done {
+            continue;
+        }
+        // The shortest allowed token, closing punctuation first.
+        let Ok(mask) = m.compute_mask() else { break };
+        let mut best: Option<(usize, u8, TokenId)> = None;
+        for t in 0..vocab.min(trie.vocab_size()) as TokenId {
+            if !mask.is_allowed(t) || t == trie.eos_token() {
+                continue;
+            }
+            let b = trie.token(t);
+            if b.is_empty() || b[0] == TokTrie::SPECIAL_TOKEN_MARKER {
+                continue;
+            }
+            let key = (b.len(), rank(b[0]), t);
+            if best.is_none_or(|x| key < x) {
+                best = Some(key);
+            }
+        }
+        let Some((_, _, t)) = best else { break };
+        if !push(&mut m, &mut lex, &mut out, &[t]) {
+            break;
+        }
+    }
+    let ok = m.is_stopped() || m.is_accepting().unwrap_or(false);
+    (out, ok)
+}
+
+/// Feeds a token's bytes (special tokens are not JSON) to the scanner.
+pub(super) fn feed_token(lex: &mut JsonLex, trie: &TokTrie, t: TokenId) {
+    if (t as usize) < trie.vocab_size() {
+        let b = trie.token(t);
+        if !b.is_empty() && b[0] != TokTrie::SPECIAL_TOKEN_MARKER {
+            lex.feed(b);
+        }
+    }
+}
