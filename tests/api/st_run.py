@@ -41,6 +41,7 @@ def summary(har: pathlib.Path, doc: dict) -> dict:
                  for p, ops in doc["paths"].items() for m in ops]
     entries = json.loads(har.read_text())["log"]["entries"]
     per_op = collections.Counter()
+    ok_per_op = collections.Counter()
     statuses = collections.Counter()
     server_errors = []
     for e in entries:
@@ -50,9 +51,12 @@ def summary(har: pathlib.Path, doc: dict) -> dict:
         per_op[op] += 1
         status = e["response"]["status"]
         statuses[f"{status // 100}xx"] += 1
+        ok_per_op[op] += 200 <= status < 300
         if status >= 500 or status == 0:
             server_errors.append((op, status, (e["request"].get("postData") or {}).get("text", "")[:300]))
-    return {"requests": len(entries), "per_operation": dict(per_op), "statuses": dict(statuses),
+    return {"requests": len(entries), "per_operation": dict(per_op),
+            "2xx_per_operation": {k: v for k, v in ok_per_op.items() if "undocumented" not in k},
+            "statuses": dict(statuses),
             "server_errors": server_errors}
 
 
