@@ -14,13 +14,17 @@
 //! * `tokenizer.json`, `tokenizer_config.json` (with the chat template),
 //!   `special_tokens_map.json`.
 //!
-//! Quantized GGUF tensors (Q4_0, Q4_1, Q8_0) become MLX affine-quantized
-//! triples `<module>.weight` (uint32), `<module>.scales`, `<module>.biases`
-//! (float16, shaped `[out, in/32]`), bit-identical to what MLX's own GGUF
-//! loader (`mx.load("x.gguf")`) produces, except that the q/k projection rows
-//! are un-permuted back to the Hugging Face rotary layout (llama only). F32/F16/BF16
-//! tensors are copied as is, except Gemma norm weights, which lose the `+ 1`
-//! llama.cpp adds on export. The data is streamed one tensor at a time.
+//! Quantized GGUF weight matrices of the types MLX represents exactly (Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q8_0) become MLX affine-quantized triples
+//! `<module>.weight` (uint32), `<module>.scales`, `<module>.biases` (float16,
+//! shaped `[out, in/32]`), with the same values as the GGUF (for Q4_0/Q4_1/Q8_0
+//! bit-identical to MLX's own GGUF loader), except that the q/k projection
+//! rows are un-permuted back to the Hugging Face rotary layout (llama only).
+//! The other llama.cpp types (Q2_K..Q6_K, IQ4_NL, IQ4_XS) are dequantized to
+//! float16 ([`gguf::dequant`]); `rmlx convert --quant` then re-quantizes them
+//! to the recipe. F32/F16/BF16 tensors are copied as is, except Gemma norm
+//! weights, which lose the `+ 1` llama.cpp adds on export. The data is
+//! streamed one tensor at a time ([`gguf::plan`]).
 
 // Public API for the CLI; not every helper is used by the binary.
 #![allow(dead_code)]
@@ -31,7 +35,6 @@ pub mod mlx;
 pub mod quant;
 pub mod tokenizer;
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -41,11 +44,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use safetensors::tensor::{Dtype, View};
 use serde_json::{json, Value};
 
-use gguf::{GgmlType, GgufFile, GgufTensorInfo};
-use quant::QuantKind;
+use gguf::plan::{plan_tensor, LazyView, OutTensor, Part, Source};
+use gguf::GgufFile;
 
 /// Largest shard written (mlx-lm's `MAX_FILE_SIZE_GB = 5`, as `5 << 30`).
 pub const MAX_SHARD_BYTES: u64 = 5 << 30;
@@ -142,119 +144,6 @@ impl fmt::Display for ConvertReport {
     }
 }
 
-/// What one output safetensors entry is made of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Part {
-    /// GGUF data copied (F32/F16/BF16/I*), possibly row-permuted.
-    Raw,
-    Weight(QuantKind),
-    Scales(QuantKind),
-    Biases(QuantKind),
-    /// A K-quant (Q4_K, Q5_K, Q6_K) dequantized to float16.
-    DequantF16(GgmlType),
-    /// A Gemma norm weight copied with llama.cpp's `+ 1` taken off.
-    RawMinusOne,
-}
-
-/// One tensor of the output.
-#[derive(Debug, Clone)]
-struct OutTensor {
-    name: String,
-    /// Index into `GgufFile::tensors`.
-    src: usize,
-    part: Part,
-    /// Undo llama.cpp's rotary permutation with this many heads.
-    unpermute_heads: Option<usize>,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    nbytes: usize,
-}
-
-/// Shared state for the lazily produced tensor views.
-struct Source<'a> {
-    gguf: &'a GgufFile,
-    file: RefCell<File>,
-    error: RefCell<Option<anyhow::Error>>,
-    pb: ProgressBar,
-}
-
-impl Source<'_> {
-    fn produce(&self, t: &OutTensor) -> Result<Vec<u8>> {
-        let info = &self.gguf.tensors[t.src];
-        let mut raw = self
-            .gguf
-            .read_tensor_bytes(&mut self.file.borrow_mut(), info)?;
-        if let Some(n_head) = t.unpermute_heads {
-            let rows = *info.dims.last().unwrap() as usize;
-            if !raw.len().is_multiple_of(rows) {
-                bail!(
-                    "tensor '{}': {} bytes do not split into {} rows",
-                    info.name,
-                    raw.len(),
-                    rows
-                );
-            }
-            let src_row = quant::unpermute_src_row(rows, n_head)
-                .with_context(|| format!("tensor '{}'", info.name))?;
-            raw = quant::permute_rows(&raw, raw.len() / rows, src_row);
-        }
-        let out = match t.part {
-            Part::Raw => raw,
-            Part::RawMinusOne => gguf::gemma::sub_one(t.dtype, &raw)?,
-            Part::Weight(k) => quant::pack_weights(k, &raw)?,
-            Part::Scales(k) => quant::scales(k, &raw)?,
-            Part::Biases(k) => quant::biases(k, &raw)?,
-            Part::DequantF16(ty) => quant::dequant_k(ty, &raw)?
-                .into_iter()
-                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-        };
-        if out.len() != t.nbytes {
-            bail!(
-                "internal error: tensor '{}' produced {} bytes, expected {}",
-                t.name,
-                out.len(),
-                t.nbytes
-            );
-        }
-        Ok(out)
-    }
-}
-
-struct LazyView<'a> {
-    src: &'a Source<'a>,
-    t: &'a OutTensor,
-}
-
-impl View for LazyView<'_> {
-    fn dtype(&self) -> Dtype {
-        self.t.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.t.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        self.src.pb.set_message(self.t.name.clone());
-        let data = match self.src.produce(self.t) {
-            Ok(d) => d,
-            Err(e) => {
-                // View::data cannot fail: remember the first error, write
-                // zeros of the right length, and abort after serialization.
-                let mut slot = self.src.error.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(e.context(format!("producing tensor '{}'", self.t.name)));
-                }
-                vec![0u8; self.t.nbytes]
-            }
-        };
-        self.src.pb.inc(self.t.nbytes as u64);
-        Cow::Owned(data)
-    }
-    fn data_len(&self) -> usize {
-        self.t.nbytes
-    }
-}
-
 /// Removes the temporary output directory unless disarmed.
 pub(crate) struct TempDirGuard(pub(crate) Option<PathBuf>);
 
@@ -263,125 +152,6 @@ impl Drop for TempDirGuard {
         if let Some(p) = self.0.take() {
             let _ = fs::remove_dir_all(p);
         }
-    }
-}
-
-fn raw_dtype(t: GgmlType) -> Option<Dtype> {
-    Some(match t {
-        GgmlType::F32 => Dtype::F32,
-        GgmlType::F16 => Dtype::F16,
-        GgmlType::BF16 => Dtype::BF16,
-        GgmlType::I8 => Dtype::I8,
-        GgmlType::I16 => Dtype::I16,
-        GgmlType::I32 => Dtype::I32,
-        GgmlType::I64 => Dtype::I64,
-        GgmlType::F64 => Dtype::F64,
-        _ => return None,
-    })
-}
-
-/// Plan the output tensors for one GGUF tensor.
-fn plan_tensor(
-    idx: usize,
-    info: &GgufTensorInfo,
-    out_name: &llama::MappedName,
-    unpermute_heads: Option<usize>,
-) -> Result<Vec<OutTensor>> {
-    let shape = info.shape();
-    let n_el = info.n_elements() as usize;
-    if let Some(k) = QuantKind::from_ggml(info.ggml_type) {
-        if shape.len() < 2 {
-            bail!(
-                "tensor '{}' is a {}-dimensional {} tensor; only matrices can be quantized in MLX",
-                info.name,
-                shape.len(),
-                info.ggml_type
-            );
-        }
-        if out_name.suffix != "weight" {
-            bail!(
-                "tensor '{}' is quantized ({}), but only weights may be",
-                info.name,
-                info.ggml_type
-            );
-        }
-        let last = *shape.last().unwrap();
-        if !last.is_multiple_of(quant::GROUP_SIZE) {
-            bail!(
-                "tensor '{}' has inner dimension {} not divisible by 32",
-                info.name,
-                last
-            );
-        }
-        let mut wshape = shape.clone();
-        *wshape.last_mut().unwrap() = last * k.bits() as usize / 32;
-        let mut sshape = shape.clone();
-        *sshape.last_mut().unwrap() = last / quant::GROUP_SIZE;
-        let n_groups = n_el / quant::GROUP_SIZE;
-        let base = &out_name.module;
-        Ok(vec![
-            OutTensor {
-                name: format!("{base}.weight"),
-                src: idx,
-                part: Part::Weight(k),
-                unpermute_heads,
-                dtype: Dtype::U32,
-                nbytes: n_el * k.bits() as usize / 8,
-                shape: wshape,
-            },
-            OutTensor {
-                name: format!("{base}.scales"),
-                src: idx,
-                part: Part::Scales(k),
-                unpermute_heads,
-                dtype: Dtype::F16,
-                nbytes: n_groups * 2,
-                shape: sshape.clone(),
-            },
-            OutTensor {
-                name: format!("{base}.biases"),
-                src: idx,
-                part: Part::Biases(k),
-                unpermute_heads,
-                dtype: Dtype::F16,
-                nbytes: n_groups * 2,
-                shape: sshape,
-            },
-        ])
-    } else if quant::k_quant(info.ggml_type).is_some() {
-        if shape.len() < 2 || out_name.suffix != "weight" || !shape.last().unwrap().is_multiple_of(quant::QK_K) {
-            bail!(
-                "tensor '{}' ({}, shape {:?}): only weight matrices with rows of whole 256-element super-blocks are supported",
-                info.name,
-                info.ggml_type.name(),
-                shape
-            );
-        }
-        Ok(vec![OutTensor {
-            name: format!("{}.{}", out_name.module, out_name.suffix),
-            src: idx,
-            part: Part::DequantF16(info.ggml_type),
-            unpermute_heads,
-            dtype: Dtype::F16,
-            nbytes: n_el * 2,
-            shape,
-        }])
-    } else if let Some(dtype) = raw_dtype(info.ggml_type) {
-        Ok(vec![OutTensor {
-            name: format!("{}.{}", out_name.module, out_name.suffix),
-            src: idx,
-            part: Part::Raw,
-            unpermute_heads,
-            dtype,
-            nbytes: n_el * dtype.bitsize() / 8,
-            shape,
-        }])
-    } else {
-        bail!(
-            "tensor '{}' has unsupported type {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, and Q4_K, Q5_K, Q6_K dequantized)",
-            info.name,
-            info.ggml_type
-        )
     }
 }
 
@@ -416,7 +186,7 @@ fn write_json(dir: &Path, name: &str, v: &Value, files: &mut Vec<String>) -> Res
 pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<ConvertReport> {
     if dst.exists() && !opts.force {
         bail!(
-            "destination {} already exists (use force to overwrite)",
+            "destination {} already exists (pass --force to overwrite it)",
             dst.display()
         );
     }
@@ -457,17 +227,25 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
         }
         parameters += info.n_elements();
         if mapped.suffix == "weight" && info.dims.len() == 2 {
-            modules.insert(
-                mapped.module.clone(),
-                QuantKind::from_ggml(info.ggml_type).map(|k| k.bits()),
-            );
+            let bits = planned.iter().find_map(|t| match t.part {
+                Part::Weight(k) => Some(k.bits()),
+                _ => None,
+            });
+            modules.insert(mapped.module.clone(), bits);
         }
         outs.extend(planned);
     }
-    let k_quants: usize = g.tensors.iter().filter(|t| quant::k_quant(t.ggml_type).is_some()).count();
-    if k_quants > 0 {
+    let mut dequantized: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &outs {
+        if let Part::DequantF16(ty) = t.part {
+            *dequantized.entry(ty.name()).or_default() += 1;
+        }
+    }
+    if !dequantized.is_empty() {
+        let list: Vec<String> = dequantized.iter().map(|(k, v)| format!("{v} {k}")).collect();
         warnings.push(format!(
-            "{k_quants} K-quant tensors (Q4_K/Q5_K/Q6_K) have no exact MLX layout: dequantized to float16 (re-quantize with --quant)"
+            "{} tensors have no exact MLX layout and were dequantized to float16 (pass --quant to re-quantize them)",
+            list.join(", ")
         ));
     }
     let mut seen = HashMap::new();

@@ -1,34 +1,37 @@
-//! GGUF block formats -> MLX affine quantization, with the exact semantics of
-//! MLX's own GGUF loader (`mlx/io/gguf_quants.cpp`):
+//! GGUF block formats that MLX affine quantization (group 32) represents
+//! exactly, with the semantics of MLX's own GGUF loader
+//! (`mlx/io/gguf_quants.cpp`) where it has one:
 //!
-//! * Q4_0 (`d: f16, qs: [u8; 16]`, w = d * (q - 8))  -> 4-bit, group 32,
-//!   scale = d, bias = -8 * d (computed in f16).
-//! * Q4_1 (`d: f16, m: f16, qs: [u8; 16]`, w = d * q + m) -> 4-bit, group 32,
-//!   scale = d, bias = m.
-//! * Q8_0 (`d: f16, qs: [i8; 32]`, w = d * q) -> 8-bit, group 32,
-//!   q_unsigned = q + 128 (= q ^ 0x80), scale = d, bias = -128 * d.
+//! * Q4_0 (`d, qs[16]`, w = d * (q - 8))      -> 4-bit, scale d, bias -8 * d.
+//! * Q4_1 (`d, m, qs[16]`, w = d * q + m)     -> 4-bit, scale d, bias m.
+//! * Q5_0 (`d, qh, qs[16]`, w = d * (q - 16)) -> 5-bit, scale d, bias -16 * d.
+//! * Q5_1 (`d, m, qh, qs[16]`, w = d * q + m) -> 5-bit, scale d, bias m.
+//! * Q8_0 (`d, qs i8[32]`, w = d * q)         -> 8-bit, q_unsigned = q + 128
+//!   (= q ^ 0x80), scale d, bias -128 * d.
 //!
-//! In Q4_0/Q4_1 blocks, byte `qs[j]` holds element `j` in its low nibble and
-//! element `j + 16` in its high nibble. MLX packs element `i` of a row into
-//! `uint32` word `i / (32 / bits)` at bit `bits * (i % (32 / bits))`, i.e. the
-//! natural little-endian order, so for 4 bits byte `k` of the packed row holds
-//! element `2k` (low nibble) and `2k + 1` (high nibble).
-//!
-//! Scales and biases are float16, as MLX's loader produces.
+//! All are exact: d and m are float16 in the block and stay float16, and
+//! `-2^k * d` is a power-of-two multiple of a float16 (exact unless it
+//! overflows, which is checked). MLX stores element `i` of a row at bit
+//! `bits * i` of the little-endian bit stream of its packed uint32 words (for
+//! 5 bits: 8 elements per 5 bytes), so a group of 32 codes packs into
+//! `bits` words. The other GGML types have no MLX layout and are
+//! dequantized ([`super::gguf::dequant`]).
 
 use anyhow::{bail, Result};
 use half::f16;
 
-use super::gguf::GgmlType;
+use super::gguf::{dequant, GgmlType};
 
 /// Elements per GGUF block and per MLX quantization group.
 pub const GROUP_SIZE: usize = 32;
 
-/// How a GGUF tensor type maps onto MLX.
+/// A GGUF type that maps exactly onto MLX affine quantization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
 }
 
@@ -37,14 +40,27 @@ impl QuantKind {
         match t {
             GgmlType::Q4_0 => Some(QuantKind::Q4_0),
             GgmlType::Q4_1 => Some(QuantKind::Q4_1),
+            GgmlType::Q5_0 => Some(QuantKind::Q5_0),
+            GgmlType::Q5_1 => Some(QuantKind::Q5_1),
             GgmlType::Q8_0 => Some(QuantKind::Q8_0),
             _ => None,
+        }
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            QuantKind::Q4_0 => GgmlType::Q4_0,
+            QuantKind::Q4_1 => GgmlType::Q4_1,
+            QuantKind::Q5_0 => GgmlType::Q5_0,
+            QuantKind::Q5_1 => GgmlType::Q5_1,
+            QuantKind::Q8_0 => GgmlType::Q8_0,
         }
     }
 
     pub fn bits(self) -> u32 {
         match self {
             QuantKind::Q4_0 | QuantKind::Q4_1 => 4,
+            QuantKind::Q5_0 | QuantKind::Q5_1 => 5,
             QuantKind::Q8_0 => 8,
         }
     }
@@ -54,6 +70,8 @@ impl QuantKind {
         match self {
             QuantKind::Q4_0 => 18,
             QuantKind::Q4_1 => 20,
+            QuantKind::Q5_0 => 22,
+            QuantKind::Q5_1 => 24,
             QuantKind::Q8_0 => 34,
         }
     }
@@ -61,6 +79,30 @@ impl QuantKind {
     /// Packed uint32 words per group of 32 elements.
     pub fn words_per_group(self) -> usize {
         GROUP_SIZE * self.bits() as usize / 32
+    }
+
+    /// The unsigned codes (0..2^bits) of one block, in element order.
+    fn codes(self, blk: &[u8]) -> [u8; 32] {
+        let nib = |qs: &[u8], j: usize| if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+        match self {
+            QuantKind::Q4_0 => std::array::from_fn(|j| nib(&blk[2..], j)),
+            QuantKind::Q4_1 => std::array::from_fn(|j| nib(&blk[4..], j)),
+            QuantKind::Q5_0 => dequant::q5_codes(blk, 2),
+            QuantKind::Q5_1 => dequant::q5_codes(blk, 4),
+            QuantKind::Q8_0 => std::array::from_fn(|j| blk[2 + j] ^ 0x80),
+        }
+    }
+
+    /// MLX's bias of one block: `-offset * d`, or the block's own `m`.
+    fn bias(self, blk: &[u8]) -> f16 {
+        let d = f16_at(blk, 0).to_f32();
+        match self {
+            QuantKind::Q4_1 | QuantKind::Q5_1 => f16_at(blk, 2),
+            // Powers of two: exact in f16 unless out of range (checked by the caller).
+            QuantKind::Q4_0 => f16::from_f32(-8.0 * d),
+            QuantKind::Q5_0 => f16::from_f32(-16.0 * d),
+            QuantKind::Q8_0 => f16::from_f32(-128.0 * d),
+        }
     }
 }
 
@@ -81,37 +123,30 @@ fn check_len(kind: QuantKind, raw: &[u8]) -> Result<usize> {
     Ok(raw.len() / bb)
 }
 
+/// Packs codes of `bits` bits into the little-endian bit stream MLX uses.
+pub fn pack_codes(bits: u32, codes: &[u8], out: &mut Vec<u8>) {
+    let mut acc: u64 = 0;
+    let mut n = 0u32;
+    for &c in codes {
+        acc |= (c as u64) << n;
+        n += bits;
+        while n >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            n -= 8;
+        }
+    }
+    if n > 0 {
+        out.push(acc as u8);
+    }
+}
+
 /// Packed weights (little-endian uint32 words, as bytes) for a run of blocks.
 pub fn pack_weights(kind: QuantKind, raw: &[u8]) -> Result<Vec<u8>> {
     let n_blocks = check_len(kind, raw)?;
-    let bb = kind.block_bytes();
-    // Output: 16 bytes per block for 4-bit, 32 for 8-bit.
-    let out_per_block = kind.words_per_group() * 4;
-    let mut out = vec![0u8; n_blocks * out_per_block];
-    for (blk, dst) in raw
-        .chunks_exact(bb)
-        .zip(out.chunks_exact_mut(out_per_block))
-    {
-        match kind {
-            QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                let qs = &blk[bb - 16..];
-                // element e in 0..16 = low nibble of qs[e]; e in 16..32 = high nibble of qs[e-16].
-                // packed byte k = element 2k | element 2k+1 << 4.
-                for k in 0..8 {
-                    let lo = qs[2 * k] & 0x0F;
-                    let hi = qs[2 * k + 1] & 0x0F;
-                    dst[k] = lo | (hi << 4);
-                    let lo = qs[2 * k] >> 4;
-                    let hi = qs[2 * k + 1] >> 4;
-                    dst[8 + k] = lo | (hi << 4);
-                }
-            }
-            QuantKind::Q8_0 => {
-                for (d, &q) in dst.iter_mut().zip(&blk[2..34]) {
-                    *d = q ^ 0x80;
-                }
-            }
-        }
+    let mut out = Vec::with_capacity(n_blocks * kind.words_per_group() * 4);
+    for blk in raw.chunks_exact(kind.block_bytes()) {
+        pack_codes(kind.bits(), &kind.codes(blk), &mut out);
     }
     Ok(out)
 }
@@ -125,67 +160,47 @@ pub fn scales(kind: QuantKind, raw: &[u8]) -> Result<Vec<u8>> {
         .collect())
 }
 
-/// Per-group biases as float16 bytes.
+/// Per-group biases as float16 bytes. Fails if `-offset * d` overflows
+/// float16 (a block scale above 65504 / offset), which no real file has.
 pub fn biases(kind: QuantKind, raw: &[u8]) -> Result<Vec<u8>> {
     check_len(kind, raw)?;
-    Ok(raw
-        .chunks_exact(kind.block_bytes())
-        .flat_map(|blk| {
-            let b = match kind {
-                // MLX computes `-8 * scale` / `-128 * scale` in float16; scaling
-                // by a power of two is exact, so going through f32 is identical.
-                QuantKind::Q4_0 => f16::from_f32(-8.0 * f16_at(blk, 0).to_f32()),
-                QuantKind::Q4_1 => f16_at(blk, 2),
-                QuantKind::Q8_0 => f16::from_f32(-128.0 * f16_at(blk, 0).to_f32()),
-            };
-            b.to_bits().to_le_bytes()
-        })
-        .collect())
-}
-
-/// Dequantize one GGUF block run to f32 the way llama.cpp does (reference for tests).
-pub fn dequantize_gguf(kind: QuantKind, raw: &[u8]) -> Result<Vec<f32>> {
-    check_len(kind, raw)?;
-    let mut out = Vec::with_capacity(raw.len() / kind.block_bytes() * GROUP_SIZE);
-    for blk in raw.chunks_exact(kind.block_bytes()) {
-        let d = f16_at(blk, 0).to_f32();
-        match kind {
-            QuantKind::Q4_0 | QuantKind::Q4_1 => {
-                let m = if kind == QuantKind::Q4_1 {
-                    f16_at(blk, 2).to_f32()
-                } else {
-                    0.0
-                };
-                let qs = &blk[blk.len() - 16..];
-                let mut vals = [0f32; 32];
-                for j in 0..16 {
-                    let (lo, hi) = ((qs[j] & 0xF) as f32, (qs[j] >> 4) as f32);
-                    if kind == QuantKind::Q4_0 {
-                        vals[j] = (lo - 8.0) * d;
-                        vals[j + 16] = (hi - 8.0) * d;
-                    } else {
-                        vals[j] = lo * d + m;
-                        vals[j + 16] = hi * d + m;
-                    }
-                }
-                out.extend_from_slice(&vals);
-            }
-            QuantKind::Q8_0 => out.extend(blk[2..34].iter().map(|&q| (q as i8) as f32 * d)),
+    let mut out = Vec::with_capacity(raw.len() / kind.block_bytes() * 2);
+    for (i, blk) in raw.chunks_exact(kind.block_bytes()).enumerate() {
+        let b = kind.bias(blk);
+        if b.is_infinite() && f16_at(blk, 0).is_finite() {
+            bail!(
+                "{:?} block {} has scale {}: its MLX bias overflows float16 (convert with --quant to re-quantize)",
+                kind,
+                i,
+                f16_at(blk, 0)
+            );
         }
+        out.extend(b.to_bits().to_le_bytes());
     }
     Ok(out)
+}
+
+/// Dequantize a GGUF block run to f32 the way llama.cpp does (reference for tests).
+pub fn dequantize_gguf(kind: QuantKind, raw: &[u8]) -> Result<Vec<f32>> {
+    check_len(kind, raw)?;
+    dequant::dequantize(kind.ggml(), raw)
 }
 
 /// Dequantize MLX affine data (packed words, f16 scales/biases) to f32
 /// (reference for tests): w = scale * q + bias.
 pub fn dequantize_mlx(bits: u32, packed: &[u8], scales: &[u8], biases: &[u8]) -> Vec<f32> {
-    let per_byte = 8 / bits as usize;
-    let mask = (1u16 << bits) - 1;
-    let n = packed.len() * per_byte;
+    let mask = (1u64 << bits) - 1;
+    let n = packed.len() * 8 / bits as usize;
     (0..n)
         .map(|i| {
-            let byte = packed[i / per_byte];
-            let q = ((byte as u16) >> (bits as usize * (i % per_byte))) & mask;
+            let bit = i * bits as usize;
+            let mut window = 0u64;
+            for k in 0..2 {
+                if let Some(&b) = packed.get(bit / 8 + k) {
+                    window |= (b as u64) << (8 * k);
+                }
+            }
+            let q = (window >> (bit % 8)) & mask;
             let g = i / GROUP_SIZE;
             let s = f16_at(scales, 2 * g).to_f32();
             let b = f16_at(biases, 2 * g).to_f32();
@@ -327,96 +342,4 @@ mod tests {
         let back: Vec<usize> = (0..hf.len()).map(|r| gguf[src(r)]).collect();
         assert_eq!(back, hf);
     }
-}
-
-// ---------------------------------------------------------------- K-quants
-//
-// Q4_K, Q5_K and Q6_K have no exact MLX layout (super-blocks of 256 with
-// 6-bit sub-scales and mins): they are dequantized to float with ggml's own
-// formulas (`dequantize_row_q{4,5,6}_K` in ggml-quants.c) and then written
-// dense, or re-quantized by `rmlx convert --quant ...`.
-
-/// Elements per K-quant super-block.
-pub const QK_K: usize = 256;
-
-/// A K-quant type rmlx dequantizes: (name, bytes per super-block).
-pub fn k_quant(t: GgmlType) -> Option<(&'static str, usize)> {
-    match t.0 {
-        12 => Some(("Q4_K", 144)),
-        13 => Some(("Q5_K", 176)),
-        14 => Some(("Q6_K", 210)),
-        _ => None,
-    }
-}
-
-/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
-    }
-}
-
-/// Dequantizes K-quant data (whole super-blocks) to f32, as ggml does.
-pub fn dequant_k(t: GgmlType, raw: &[u8]) -> Result<Vec<f32>> {
-    let Some((name, bb)) = k_quant(t) else {
-        bail!("{} is not a K-quant rmlx dequantizes", t.name());
-    };
-    if !raw.len().is_multiple_of(bb) {
-        bail!("{name} data length {} is not a multiple of the block size {bb}", raw.len());
-    }
-    let mut y = Vec::with_capacity(raw.len() / bb * QK_K);
-    for b in raw.chunks_exact(bb) {
-        match t.0 {
-            12 | 13 => {
-                let d = f16_at(b, 0).to_f32();
-                let dmin = f16_at(b, 2).to_f32();
-                let scales = &b[4..16];
-                let (qh, mut ql) = if t.0 == 13 { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
-                let (mut u1, mut u2) = (1u8, 2u8);
-                for is in (0..8).step_by(2) {
-                    let (sc, m) = scale_min_k4(is, scales);
-                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
-                    let (sc, m) = scale_min_k4(is + 1, scales);
-                    let (d2, m2) = (d * sc as f32, dmin * m as f32);
-                    let hi = |l: usize, u: u8| qh.map_or(0.0, |h| if h[l] & u != 0 { 16.0 } else { 0.0 });
-                    for l in 0..32 {
-                        y.push(d1 * ((ql[l] & 0xF) as f32 + hi(l, u1)) - m1);
-                    }
-                    for l in 0..32 {
-                        y.push(d2 * ((ql[l] >> 4) as f32 + hi(l, u2)) - m2);
-                    }
-                    ql = &ql[32..];
-                    u1 <<= 2;
-                    u2 <<= 2;
-                }
-            }
-            _ => {
-                // Q6_K: ql[128], qh[64], scales: i8[16], d: f16
-                let d = f16_at(b, 208).to_f32();
-                let mut out = [0f32; QK_K];
-                for n in 0..2 {
-                    let ql = &b[n * 64..n * 64 + 64];
-                    let qh = &b[128 + n * 32..128 + n * 32 + 32];
-                    let sc = &b[192 + n * 8..192 + n * 8 + 8];
-                    let y = &mut out[n * 128..n * 128 + 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let s = |k: usize| sc[is + k] as i8 as f32;
-                        y[l] = d * s(0) * q1 as f32;
-                        y[l + 32] = d * s(2) * q2 as f32;
-                        y[l + 64] = d * s(4) * q3 as f32;
-                        y[l + 96] = d * s(6) * q4 as f32;
-                    }
-                }
-                y.extend_from_slice(&out);
-            }
-        }
-    }
-    Ok(y)
 }

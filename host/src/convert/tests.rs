@@ -793,7 +793,7 @@ fn k_quants_dequantize_like_ggml() {
     for (name, ty) in [("Q4_K", GgmlType(12)), ("Q5_K", GgmlType(13)), ("Q6_K", GgmlType(14))] {
         let raw: Vec<u8> = serde_json::from_value(refs[name]["raw"].clone()).unwrap();
         let want: Vec<f32> = serde_json::from_value(refs[name]["f32"].clone()).unwrap();
-        let got = super::quant::dequant_k(ty, &raw).unwrap();
+        let got = super::gguf::dequant::dequantize(ty, &raw).unwrap();
         assert_eq!(got.len(), want.len(), "{name}");
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}[{i}]: {a} != {b}");
