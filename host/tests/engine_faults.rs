@@ -387,3 +387,142 @@ fn health_is_503_when_the_engine_cannot_serve() {
     assert_eq!(body["status"], "unavailable");
     assert!(body["reason"].as_str().unwrap().contains("stopped"), "{body}");
 }
+
+// ---------------------------------------------------------------- unload
+
+/// POST /v1/models/{id}/unload while a request runs on the model: a 409
+/// (`model_busy`) and the request goes on untouched; with `force` (query or
+/// body) the model unloads and the request ends with an error.
+#[test]
+fn unload_of_a_busy_model_is_409_unless_forced() {
+    let _g = common::mlx_lock();
+    let cat = Arc::new(two_models());
+    let e = cat.get("llama").unwrap();
+    let want = common::greedy_reference("llama-f32", &[3, 4, 5], 300);
+    let w = worker_in(&common::plugins_dir(), &cat, None);
+    let state = Arc::new(rmlx::api::AppState { catalog: cat.clone(), worker: w.clone(), opts: rmlx::api::ServerOptions::default() });
+    let base = common::serve(state);
+    let url = format!("{base}/v1/models/llama/unload");
+    // Busy: refused, nothing changes.
+    let mut r = submit(&w, &e, &[3, 4, 5], 300);
+    let t0 = first_token(&mut r);
+    let (code, body) = http("POST", &url, None);
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "model_busy", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("force"), "{body}");
+    let mut got = vec![t0];
+    got.extend(tokens(&mut r));
+    assert_eq!(got, want, "the running request is untouched");
+    assert_eq!(w.loaded().len(), 1);
+    // Forced, by query and by body: the running request ends with an error.
+    for (u, b) in [(format!("{url}?force=true"), None), (url.clone(), Some(serde_json::json!({"force": true})))] {
+        let mut r = submit(&w, &e, &[3, 4, 5], 300);
+        first_token(&mut r);
+        let (code, body) = http("POST", &u, b);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["loaded"], false, "{body}");
+        let (_, end) = finish(&mut r);
+        assert!(internal(&end).contains("unloaded"));
+        assert!(w.loaded().is_empty());
+    }
+    // Idle: unloads.
+    assert_eq!(tokens(&mut submit(&w, &e, &[3, 4, 5], 5)), want[..5]);
+    wait_idle(&w);
+    let (code, body) = http("POST", &url, Some(serde_json::json!({})));
+    assert_eq!(code, 200, "{body}");
+    assert!(w.loaded().is_empty());
+}
+
+// ---------------------------------------------------------------- one KV budget
+
+/// Two loaded models draw from the one --kv-budget: the second model's
+/// prompts take room from the first model's idle prefix-cache blocks, and
+/// the blocks the engine keeps never pass the budget.
+#[test]
+fn two_models_share_one_kv_budget() {
+    let _g = common::mlx_lock();
+    let cat = two_models();
+    let (llama, qwen) = (cat.get("llama").unwrap(), cat.get("qwen3").unwrap());
+    // Both tiny models: 2 layers x 2 kv heads x 16 dims x 16 tokens x 4 bytes x (k, v).
+    let block = 2 * 2 * 2 * 16 * 16 * 4u64;
+    let budget = 48 * block;
+    let w = Worker::start_with(
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth: 64,
+            max_loaded_models: 2,
+            idle_timeout: None,
+            prefill_chunk: 512,
+        },
+        SchedulerConfig { kv_budget: rmlx::engine::scheduler::KvBudget::Bytes(budget), ..SchedulerConfig::default() },
+        &cat,
+    )
+    .unwrap();
+    let long = |k: u32, n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + k * 11) % 240 + 3).collect() };
+    // llama keeps 3 x 9 = 27 blocks in its prefix cache.
+    for k in 0..3 {
+        tokens(&mut submit(&w, &llama, &long(k, 150), 1));
+    }
+    wait_idle(&w);
+    let cached = |w: &Worker, id: &str| w.stats().blocks.iter().find(|(m, _)| m == id).map(|(_, b)| b.clone()).unwrap();
+    assert!(cached(&w, "llama").cached_blocks >= 27);
+    // qwen3 needs 2 x 13 = 26 blocks at once: only 21 are left in the budget.
+    let ps = [long(5, 200), long(6, 200)];
+    let wants: Vec<Vec<u32>> = ps.iter().map(|p| common::greedy_reference("qwen3-f32", p, 4)).collect();
+    let mut reqs: Vec<Req> = ps.iter().map(|p| submit(&w, &qwen, p, 4)).collect();
+    for (r, want) in reqs.iter_mut().zip(&wants) {
+        assert_eq!(&tokens(r), want);
+    }
+    wait_idle(&w);
+    let s = w.stats();
+    assert_eq!(s.kv_budget_bytes, budget);
+    assert!(s.kv_used_bytes <= budget, "{s:?}");
+    let l = cached(&w, "llama");
+    assert!(l.evictions > 0, "llama's idle blocks made room for qwen3: {l:?}");
+    let kept: u64 = s.blocks.iter().map(|(_, b)| b.cached_blocks as u64 * b.block_bytes).sum();
+    assert_eq!(kept, s.kv_used_bytes, "idle: what is charged is the cached blocks");
+}
+
+// ---------------------------------------------------------------- echo scoring
+
+/// Scoring a prompt is one teacher-forced forward (no scheduler step runs),
+/// and gives the log-probabilities a generation from the shorter prompt saw.
+#[test]
+fn scoring_a_prompt_is_one_forward_with_generations_logprobs() {
+    let _g = common::mlx_lock();
+    let cat = two_models();
+    let e = cat.get("llama").unwrap();
+    let w = worker_in(&common::plugins_dir(), &cat, None);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let params = GenParams { max_tokens: 3, ignore_eos: true, logprobs: Some(2), ..GenParams::default() };
+    w.submit(GenRequest { model: e.clone(), prompt: vec![1, 5, 9], params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx }).unwrap();
+    let mut gen = Vec::new();
+    loop {
+        match rx.blocking_recv().unwrap() {
+            GenEvent::Token { id, logprob, .. } => gen.push((id, logprob.unwrap())),
+            GenEvent::Done(_) => break,
+            GenEvent::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    wait_idle(&w);
+    let steps = w.stats().steps;
+    let prompt: Vec<u32> = [1, 5, 9].into_iter().chain(gen.iter().map(|g| g.0)).collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scores = rt.block_on(w.score(e.clone(), prompt.clone(), 2, None)).unwrap();
+    assert_eq!(w.stats().steps, steps, "scoring runs no decode step");
+    assert_eq!(scores.len(), prompt.len());
+    assert!(scores[0].is_none());
+    for (k, (_, lp)) in gen.iter().enumerate() {
+        let (got, top) = scores[3 + k].clone().unwrap();
+        assert!((got - lp.logprob).abs() < 1e-3, "token {k}: {got} vs {}", lp.logprob);
+        let mut a: Vec<u32> = top.iter().map(|t| t.0).collect();
+        let mut b: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert!(top[0].1 >= top[1].1, "most likely first");
+    }
+    // Out-of-vocabulary ids are an error, not a panic.
+    assert!(rt.block_on(w.score(e.clone(), vec![1, 999], 0, None)).is_err());
+}

@@ -5,11 +5,11 @@ use super::generation as g;
 use super::types::openai::*;
 use super::types::{ApiJson, JsonOrStream, Sse};
 use super::{State, Tag};
-use crate::engine::worker::{FinishReason, GenEvent, GenParams, KeepAlive, LogitsHook, ModelEntry, TokenLogprob as EngineLogprob};
+use crate::engine::worker::{FinishReason, GenEvent, GenParams, KeepAlive, ModelEntry, TokenLogprob as EngineLogprob};
 use poem::web::sse::Event;
 use poem_openapi::OpenApi;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub struct CompletionsApi(pub State);
 
@@ -163,76 +163,14 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
 
 /// One prompt token's score: its log-probability given the tokens before it
 /// and the `top` most likely tokens there, (id, log-probability).
-type Score = (f32, Vec<(u32, f32)>);
+type Score = crate::engine::score::TokenScore;
 
-/// Teacher-forces a prompt's tokens after the first through the engine and
-/// records, from the logits handed to the hook before it masks them, each
-/// token's log-probability under the model (no bias or penalties: the
-/// request's sampling settings do not apply to the prompt) and the `top_n`
-/// most likely tokens. The engine's prefill keeps only the last position's
-/// logits, so this costs one decode step per prompt token (see
-/// docs/SERVER.md, "Limitations").
-struct PromptScorer {
-    rest: Vec<u32>,
-    pos: usize,
-    top_n: usize,
-    out: Arc<Mutex<Vec<Score>>>,
-}
-
-impl LogitsHook for PromptScorer {
-    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
-        let Some(&t) = self.rest.get(self.pos) else { return Ok(()) };
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-        let mut top: Vec<(u32, f32)> = Vec::new();
-        if self.top_n > 0 {
-            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-            let n = self.top_n.min(idx.len());
-            idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-            idx.truncate(n);
-            idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-            top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
-        }
-        let lp = logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
-        self.out.lock().unwrap().push((lp, top));
-        for (i, l) in logits.iter_mut().enumerate() {
-            if i != t as usize {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        Ok(())
-    }
-    fn commit(&mut self, _token: u32) -> anyhow::Result<()> {
-        self.pos += 1;
-        Ok(())
-    }
-    fn is_finished(&self) -> bool {
-        self.pos >= self.rest.len()
-    }
-}
-
-/// Each prompt token's score (None for the first, which has no context).
+/// Each prompt token's score (None for the first, which has no context):
+/// one teacher-forced forward over the prompt in the engine
+/// (engine/score.rs), under the model's own distribution (the request's
+/// sampling settings do not apply to the prompt).
 async fn score_prompt(state: &State, job: &Job, prompt: &[u32], top_n: usize) -> Result<Vec<Option<Score>>, ApiError> {
-    if prompt.len() < 2 {
-        return Ok(vec![None; prompt.len()]);
-    }
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let hook = PromptScorer { rest: prompt[1..].to_vec(), pos: 0, top_n, out: out.clone() };
-    let params = GenParams {
-        sampling: crate::engine::sampler::SamplingParams { temperature: 0.0, ..Default::default() },
-        max_tokens: prompt.len() - 1,
-        ignore_eos: true,
-        skip_special: false,
-        prefill_chunk: state.opts.prefill_chunk,
-        ..GenParams::default()
-    };
-    let run = g::start(state, job.entry.clone(), prompt[..1].to_vec(), params, Some(Box::new(hook)), job.keep_alive)?;
-    let c = g::collect(run).await?;
-    if c.tokens != prompt[1..] {
-        return Err(ApiError::internal("scoring the prompt did not follow it"));
-    }
-    let scores = std::mem::take(&mut *out.lock().unwrap());
-    Ok(std::iter::once(None).chain(scores.into_iter().map(Some)).collect())
+    state.worker.score(job.entry.clone(), prompt.to_vec(), top_n, job.keep_alive).await.map_err(g::worker_error)
 }
 
 fn token_str(entry: &ModelEntry, id: u32, text: &str) -> String {

@@ -5,8 +5,23 @@ use super::types::openai::*;
 use super::types::OptionalJson;
 use super::{State, Tag};
 use crate::engine::catalog::Unavailable;
-use crate::engine::worker::ModelEntry;
-use poem_openapi::{param::Path, payload::Json, OpenApi};
+use super::errors::ApiError;
+use crate::engine::worker::{ModelEntry, Unloaded};
+use poem::http::StatusCode;
+use poem_openapi::{
+    param::{Path, Query},
+    payload::Json,
+    Object, OpenApi,
+};
+
+/// POST /v1/models/{id}/unload (body optional).
+#[derive(Debug, Clone, Object, serde::Deserialize, Default)]
+pub struct UnloadRequest {
+    /// Unload even while requests use the model (they end with an error).
+    #[serde(default)]
+    #[oai(nullable)]
+    pub force: Option<bool>,
+}
 
 pub struct ModelsApi(pub State);
 
@@ -85,11 +100,22 @@ impl ModelsApi {
 
     /// Unload a model
     ///
-    /// Frees the model's weights (a later request loads it again).
+    /// Frees the model's weights (a later request loads it again). While
+    /// requests use the model the answer is a 409 and nothing changes, unless
+    /// `force` is given (`?force=true` or body `{"force": true}`): those
+    /// requests then end with an error.
     #[oai(path = "/v1/models/:id/unload", method = "post", operation_id = "unloadModel", tag = "Tag::Models")]
-    async fn unload(&self, id: Path<String>) -> OaiResult<Json<Model>> {
+    async fn unload(&self, id: Path<String>, force: Query<Option<bool>>, body: OptionalJson<UnloadRequest>) -> OaiResult<Json<Model>> {
         let e = self.0.model(&id.0).map_err(OpenAIError::from)?;
-        self.0.worker.unload(&e.id).await.map_err(|e| OpenAIError::from(g::worker_error(e)))?;
+        let force = force.0.or(body.0.force).unwrap_or(false);
+        let r = self.0.worker.unload(&e.id, force).await.map_err(|e| OpenAIError::from(g::worker_error(e)))?;
+        if let Unloaded::Busy { requests } = r {
+            let msg = format!(
+                "model `{}` is serving {requests} request(s); it unloads once they finish, or now with `force` (?force=true or {{\"force\": true}}), which ends them",
+                e.id
+            );
+            return Err(OpenAIError::from(ApiError::new(StatusCode::CONFLICT, msg).with_code("model_busy")));
+        }
         Ok(Json(describe(&self.0, &e)))
     }
 }

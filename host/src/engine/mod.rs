@@ -17,6 +17,7 @@ pub mod loaded;
 pub mod metrics;
 pub mod sampler;
 pub mod scheduler;
+pub mod score;
 pub mod sequence;
 pub mod ssd;
 pub mod worker;

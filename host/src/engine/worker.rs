@@ -16,6 +16,7 @@
 //! the least recently used one goes first when `max_loaded` are loaded.
 use super::metrics::{Metrics, RequestRecord, SeqTracker};
 use super::scheduler::{Ended, EngineStats, Scheduler, SchedulerConfig};
+use super::score::TokenScore;
 use super::sequence::{panic_message, Sequence};
 use super::{sampler::SamplingParams, LoadedModel};
 pub use super::catalog::{ModelCatalog, ModelEntry};
@@ -172,11 +173,30 @@ enum Job {
     },
     Unload {
         id: String,
-        reply: oneshot::Sender<bool>,
+        force: bool,
+        reply: oneshot::Sender<Unloaded>,
+    },
+    /// One teacher-forced forward over a prompt (`Worker::score`).
+    Score {
+        model: Arc<ModelEntry>,
+        prompt: Vec<u32>,
+        top_n: usize,
+        keep_alive: Option<KeepAlive>,
+        reply: oneshot::Sender<Result<Vec<Option<TokenScore>>, WorkerError>>,
     },
     /// Test hook: a panic where `EnginePanic` says.
     Panic(EnginePanic),
     Shutdown,
+}
+
+/// What an unload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unloaded {
+    Unloaded,
+    /// It was not loaded.
+    NotLoaded,
+    /// Requests use it (running, or waiting for it): nothing was done.
+    Busy { requests: usize },
 }
 
 /// Where `Worker::inject_panic` makes the engine thread panic (tests only).
@@ -392,12 +412,31 @@ impl Worker {
         rx.await.map_err(|_| WorkerError::Stopped)?
     }
 
-    /// True if it was loaded.
-    pub async fn unload(&self, id: &str) -> Result<bool, WorkerError> {
+    /// Scores a prompt in one teacher-forced forward (engine/score.rs): for
+    /// each token after the first, its log-probability and the `top_n` most
+    /// likely tokens at its place; None for the first. Loads the model if needed.
+    pub async fn score(
+        &self,
+        model: Arc<ModelEntry>,
+        prompt: Vec<u32>,
+        top_n: usize,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Vec<Option<TokenScore>>, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Score { model, prompt, top_n, keep_alive, reply })
+            .map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
+    }
+
+    /// Unloads a model. While requests use it (running or waiting) it stays
+    /// and the answer is `Busy`, unless `force`: then they end with an error.
+    pub async fn unload(&self, id: &str, force: bool) -> Result<Unloaded, WorkerError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Unload {
                 id: id.to_string(),
+                force,
                 reply,
             })
             .map_err(|_| WorkerError::Stopped)?;
@@ -627,6 +666,9 @@ impl Engine {
     fn handle(&mut self, job: Job) -> bool {
         match job {
             Job::Shutdown => return false,
+            Job::Score { model, prompt, top_n, keep_alive, reply } => {
+                let _ = reply.send(self.score(&model, &prompt, top_n, keep_alive));
+            }
             Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
             Job::Panic(EnginePanic::Step(id)) => self.sched.panic_next_step = Some(id),
             Job::Load {
@@ -644,16 +686,27 @@ impl Engine {
                 };
                 let _ = reply.send(r);
             }
-            Job::Unload { id, reply } => {
-                // Sequences on it end with an error.
+            Job::Unload { id, force, reply } => {
+                let users = self.sched.running.iter().filter(|s| s.entry.id == id).count()
+                    + self.sched.waiting.iter().filter(|s| s.entry.id == id).count();
+                if users > 0 && !force {
+                    let _ = reply.send(Unloaded::Busy { requests: users });
+                    return true;
+                }
+                // Forced: the requests on it end with an error.
+                let gone = || WorkerError::Internal(format!("model `{id}` was unloaded (forced) while this request ran"));
                 for s in std::mem::take(&mut self.sched.running).into_iter() {
                     if s.entry.id == id {
-                        self.end((
-                            s,
-                            Err(WorkerError::Internal(format!("model `{id}` was unloaded"))),
-                        ));
+                        self.end((s, Err(gone())));
                     } else {
                         self.sched.running.push(s);
+                    }
+                }
+                for s in std::mem::take(&mut self.sched.waiting).into_iter() {
+                    if s.entry.id == id {
+                        self.end((s, Err(gone())));
+                    } else {
+                        self.sched.waiting.push_back(s);
                     }
                 }
                 self.sched.drop_model(&id);
@@ -664,7 +717,7 @@ impl Engine {
                 }
                 // Publish first: the API describes the model right after the reply.
                 self.publish();
-                let _ = reply.send(self.models.len() != before);
+                let _ = reply.send(if self.models.len() != before { Unloaded::Unloaded } else { Unloaded::NotLoaded });
             }
             Job::Generate(req, record) => {
                 let guard: Box<dyn Send> = Box::new(InFlight(self.in_flight.clone()));
@@ -780,6 +833,24 @@ impl Engine {
         });
         self.publish();
         Ok(Some(self.models.len() - 1))
+    }
+
+    /// Runs a scoring job between steps (a panic in it fails only it).
+    fn score(&mut self, entry: &Arc<ModelEntry>, prompt: &[u32], top_n: usize, keep_alive: Option<KeepAlive>) -> Result<Vec<Option<TokenScore>>, WorkerError> {
+        let busy = self.sched.busy_models();
+        let i = match self.ensure(entry, keep_alive, &busy) {
+            Ok(Some(i)) => i,
+            Ok(None) => return Err(WorkerError::Internal("every loaded model is busy; try again later".into())),
+            Err(e) => return Err(WorkerError::Internal(format!("loading model `{}`: {e:#}", entry.id))),
+        };
+        let (model, chunk) = (&mut self.models[i].model, self.cfg.prefill_chunk);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::score::score_prompt(model, prompt, top_n, chunk)));
+        self.models[i].last_used = Instant::now();
+        match r {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(WorkerError::Internal(format!("{e:#}"))),
+            Err(p) => Err(WorkerError::Internal(format!("internal error while scoring the prompt: {}", panic_message(&*p)))),
+        }
     }
 
     /// After a panic escaped the loop: every request in the engine fails
