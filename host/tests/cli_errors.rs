@@ -49,7 +49,7 @@ fn model_copy(name: &str) -> tempfile::TempDir {
 
 #[test]
 fn wrong_model_path() {
-    assert_clean_error(Path::new("/nonexistent/model"), "model directory not found: /nonexistent/model");
+    assert_clean_error(Path::new("/nonexistent/model"), "--model /nonexistent/model: no such directory");
 }
 
 #[test]
@@ -136,4 +136,132 @@ fn info_describes_a_mixed_model() {
     // hidden 64, 2 layers, intermediate 128, vocab 256, untied
     let expect = 2 * 256 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64;
     assert_eq!(v["parameters"], expect);
+}
+
+#[test]
+fn argument_errors_are_one_line() {
+    for args in [
+        vec!["generate", "--bogus"],
+        vec!["generate", "--prompt", "x"],
+        vec!["generate", "--model"],
+        vec!["chat", "--max-tokens", "many", "-m", "x"],
+        vec!["nosuchcommand"],
+        vec!["serve", "--dequantize", "sometimes"],
+        vec!["openapi", "--dtype", "float32"],
+    ] {
+        let (code, out, err) = rmlx(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line expected, got:\n{err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains("--help`)"), "{args:?}: {err}");
+    }
+    // clap's tip stays on the line.
+    let (_, _, err) = rmlx(&["generate", "--temperatur", "1"]);
+    assert!(err.contains("a similar argument exists: '--temperature'"), "{err}");
+}
+
+/// The flag entries of a `--help` text: (flag and its placeholder, description
+/// with its continuation lines).
+fn flag_entries(help: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        // `-x` or `--xy`, not a value list's `- text: ...`.
+        let is_flag = t.starts_with("--") || (t.starts_with('-') && t[1..].starts_with(|c: char| c.is_ascii_alphanumeric()));
+        if !is_flag || l.len() == t.len() {
+            continue;
+        }
+        let indent = l.len() - t.len();
+        let (flag, same) = match t.split_once("  ") {
+            Some((f, d)) => (f.to_string(), d.trim().to_string()),
+            None => (t.to_string(), String::new()),
+        };
+        let mut desc = vec![same];
+        for n in &lines[i + 1..] {
+            let nt = n.trim_start();
+            if nt.is_empty() || nt.starts_with('-') || n.len() - nt.len() <= indent {
+                break;
+            }
+            desc.push(nt.to_string());
+        }
+        out.push((flag, desc.join(" ").trim().to_string()));
+    }
+    out
+}
+
+fn help(cmd: &[&str]) -> String {
+    let (code, out, err) = rmlx(&[cmd, &["--help"]].concat());
+    assert_eq!(code, 0, "{cmd:?}: {err}");
+    out
+}
+
+#[test]
+fn every_flag_in_help_has_a_description() {
+    let (_, top, _) = rmlx(&["--help"]);
+    let cmds: Vec<String> = top
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .split("Options:")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(cmds.contains(&"chat".to_string()) && cmds.contains(&"generate".to_string()), "{cmds:?}");
+    let mut missing = Vec::new();
+    for c in &cmds {
+        let h = help(&[c]);
+        for (flag, desc) in flag_entries(&h) {
+            if desc.is_empty() {
+                missing.push(format!("rmlx {c}: {flag}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "flags without a description:\n{}", missing.join("\n"));
+}
+
+#[test]
+fn generate_and_chat_show_defaults() {
+    for c in ["generate", "chat"] {
+        for (flag, desc) in flag_entries(&help(&[c])) {
+            // Flags that take a value (other than the model) say their default.
+            if flag.contains('<') && !flag.contains("--model") {
+                assert!(desc.contains("[default: "), "rmlx {c}: {flag} shows no default: {desc}");
+            }
+        }
+    }
+}
+
+#[test]
+fn commands_list_only_the_shared_flags_they_use() {
+    let has = |cmd: &str, flag: &str| help(&[cmd]).contains(flag);
+    for c in ["generate", "chat", "serve", "bench"] {
+        for f in ["--config", "--plugins", "--dtype", "--dequantize"] {
+            assert!(has(c, f), "rmlx {c} --help lacks {f}");
+        }
+    }
+    for c in ["plugins", "info"] {
+        assert!(has(c, "--plugins") && has(c, "--config"), "{c}");
+        assert!(!has(c, "--dtype") && !has(c, "--dequantize"), "{c}");
+    }
+    assert!(has("metrics", "--config") && !has("metrics", "--plugins"));
+    for c in ["openapi", "convert", "pull", "ls"] {
+        for f in ["--config", "--plugins", "--dtype", "--dequantize"] {
+            assert!(!has(c, f), "rmlx {c} --help lists {f}");
+        }
+    }
+    // Before the command, as they once were global, they are still taken.
+    let m = common::fixture("models/llama-f32");
+    let m = m.to_str().unwrap();
+    for args in [
+        vec!["--dtype", "float32", "generate", "--model", m, "--prompt-tokens", "1,2", "--max-tokens", "1"],
+        vec!["generate", "--dtype", "float32", "--dequantize", "--model", m, "--prompt-tokens", "1,2", "--max-tokens", "1"],
+    ] {
+        let (code, _, err) = rmlx(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
 }
