@@ -3,7 +3,7 @@
 //! documented with its event schema). Engine types never appear here.
 pub mod anthropic;
 pub mod openai;
-pub(crate) mod schema;
+pub mod schema;
 pub use schema::nullable_refs;
 
 use poem::{web::sse::Event, IntoResponse, Request, RequestBody, Response};
