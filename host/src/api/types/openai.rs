@@ -828,6 +828,13 @@ pub struct Model {
     /// with no expiry, or not loaded).
     #[oai(nullable)]
     pub expires_at: Option<u64>,
+    /// rmlx extension: false for a model the server found but cannot serve
+    /// (an unknown `model_type`, a broken config.json); `unavailable_reason`
+    /// says why.
+    pub available: bool,
+    /// rmlx extension: why the model cannot be served (null when it can).
+    #[oai(nullable)]
+    pub unavailable_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Object)]
