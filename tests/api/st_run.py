@@ -32,7 +32,7 @@ def run(base: str, max_examples: int, out: pathlib.Path, seed: int = 1, extra=()
            "--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1",
            "--request-timeout", "60", "--suppress-health-check", "all",
            "--report", "har", "--report-har-path", str(out / "run.har"), "--no-color", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
 
 
 def summary(har: pathlib.Path, doc: dict) -> dict:
