@@ -26,19 +26,19 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy [default: 0, setting generate.temperature]
-    #[arg(long = "temp", visible_alias = "temperature", value_name = "T")]
+    #[arg(long = "temp", visible_alias = "temperature", value_name = "T", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass [default: 1 (off), setting generate.top_p]
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Keep only the K most likely tokens [default: 0 (off)]
     #[arg(long, value_name = "K", default_value_t = 0, hide_default_value = true)]
     pub top_k: usize,
     /// Drop tokens less likely than this fraction of the most likely one [default: 0 (off)]
-    #[arg(long, value_name = "P", default_value_t = 0.0, hide_default_value = true)]
+    #[arg(long, value_name = "P", default_value_t = 0.0, hide_default_value = true, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Penalize tokens seen in the last --repetition-context-size tokens (>1 discourages repeats) [default: 1 (off)]
-    #[arg(long, value_name = "F", default_value_t = 1.0, hide_default_value = true)]
+    #[arg(long, value_name = "F", default_value_t = 1.0, hide_default_value = true, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Tokens the repetition penalty looks back over
     #[arg(long, value_name = "N", default_value_t = 20)]

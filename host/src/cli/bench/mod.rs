@@ -17,7 +17,7 @@ use std::path::PathBuf;
     rmlx bench --url URL [--model ID] [--concurrency 1,8] [-p 128] [-g 64] [--shared-prefix N]\n                                                       \
     against a running server (rmlx serve, mlx_lm.server, any OpenAI-compatible /v1/completions)")]
 pub struct Args {
-    /// Server mode: base URL of a running server (e.g. http://127.0.0.1:8080).
+    /// Server mode: base URL of a running server (e.g. http://127.0.0.1:8080) [default: none: in-process]
     #[arg(long)]
     url: Option<String>,
     /// In-process mode: the model directory. Server mode: the model id to
@@ -40,24 +40,24 @@ pub struct Args {
     #[arg(long, default_value_t = 1, requires = "url")]
     requests_per_stream: usize,
     /// Server: also measure prefix reuse: a request with an N-token prompt,
-    /// then one with the same N tokens plus a short distinct suffix.
+    /// then one with the same N tokens plus a short distinct suffix [default: off]
     #[arg(long, value_name = "N", requires = "url")]
     shared_prefix: Option<usize>,
-    /// Server: bearer token (as `rmlx serve --api-key`).
+    /// Server: bearer token (as `rmlx serve --api-key`) [default: none]
     #[arg(long, env = "RMLX_BENCH_API_KEY", requires = "url")]
     api_key: Option<String>,
     /// Server: send text prompts of exactly the requested token counts under
     /// this model directory's tokenizer (for servers that take no token-id
-    /// prompts, such as mlx_lm.server), and suppress its EOS ids.
+    /// prompts, such as mlx_lm.server), and suppress its EOS ids [default: none: token-id prompts]
     #[arg(long, value_name = "DIR", requires = "url")]
     tokenizer: Option<PathBuf>,
     /// Server: token ids to suppress with logit_bias -100 so every request
-    /// generates its full length (added to the --tokenizer model's EOS ids).
+    /// generates its full length (added to the --tokenizer model's EOS ids) [default: none]
     #[arg(long, value_delimiter = ',', requires = "url")]
     eos_id: Vec<u32>,
     /// Server: sample this process's resident memory from /proc during each
     /// level (`peak_rss_bytes`; also the peak memory reported when the
-    /// server has no /metrics `rmlx_memory_peak_bytes`).
+    /// server has no /metrics `rmlx_memory_peak_bytes`) [default: none]
     #[arg(long, requires = "url")]
     server_pid: Option<u32>,
     /// Server: seconds one request may take before the bench gives up.
