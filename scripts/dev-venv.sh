@@ -32,6 +32,15 @@ WANT=$(printf '%s\n' "${PINS[@]}" "$(cat "$0" | sha256sum | cut -c1-16)")
 
 log() { echo "[dev-venv] $*"; }
 
+# The TypeScript client test (tests/api/ts, `npm ci` from the Makefile) needs
+# node and npm; Debian's packages do (node 18+).
+if ! command -v npm >/dev/null 2>&1; then
+  log "npm not found; installing nodejs and npm"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ] \
    && "$VENV/bin/python" -c 'import mlx.core, mlx_lm' >/dev/null 2>&1; then
   log "up to date ($VENV)"
