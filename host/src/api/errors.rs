@@ -147,7 +147,7 @@ pub fn render(err: poem::Error, flavor: Flavor) -> Response {
 
 macro_rules! flavored_error {
     ($name:ident, $flavor:expr, $schema:ty) => {
-        /// An error in this API's shape (documents 400, 401, 404, 413, 429, 500).
+        /// An error in this API's shape (documents 400, 401, 403, 404, 413, 415, 429, 500).
         #[derive(Debug)]
         pub struct $name(pub ApiError);
 
@@ -171,11 +171,13 @@ macro_rules! flavored_error {
 
         impl ApiResponse for $name {
             fn meta() -> MetaResponses {
-                let statuses: [(u16, &'static str); 6] = [
+                let statuses: [(u16, &'static str); 8] = [
                     (400, "Invalid request: a field (named in the error) is wrong, or the prompt is longer than the context."),
                     (401, "Missing or wrong API key (when the server has one)."),
+                    (403, "A browser request from another site (`Origin`), or a `Host` the server does not accept (see --cors-origin, --allowed-host)."),
                     (404, "Unknown model."),
                     (413, "Request body too large."),
+                    (415, "The body is not sent as JSON (`Content-Type: application/json`)."),
                     (429, "The request queue is full."),
                     (500, "Internal error."),
                 ];
