@@ -36,6 +36,15 @@ fn chat_models() -> &'static Path {
             }
             std::fs::write(m.join("chat_template.jinja"), template).unwrap();
         }
+        // A model whose config asks for a layer its weights lack: it fails at load.
+        let m = dir.path().join("broken");
+        std::fs::create_dir(&m).unwrap();
+        let mut config: Value = serde_json::from_str(&std::fs::read_to_string(common::fixture("models/llama-f32/config.json")).unwrap()).unwrap();
+        config["num_hidden_layers"] = json!(3);
+        std::fs::write(m.join("config.json"), config.to_string()).unwrap();
+        for f in ["model.safetensors", "model.safetensors.index.json"] {
+            std::os::unix::fs::symlink(common::fixture("models/llama-f32").join(f), m.join(f)).unwrap();
+        }
         dir
     })
     .path()
@@ -166,9 +175,12 @@ fn request_lines(log: &str) -> Vec<&str> {
 
 #[test]
 fn text_log_has_a_line_per_request_and_no_colour() {
-    let s = Served::start(&["--model", &llama(), "--no-metrics-db"], &[]);
+    let broken = chat_models().join("broken").display().to_string();
+    let s = Served::start(&["--model", &llama(), "--model", &broken, "--no-metrics-db"], &[]);
     let base = s.base.clone();
     rt().block_on(async {
+        let (st, _, _) = post(&base, "/v1/completions", &json!({"model": "broken", "prompt": [1, 5], "max_tokens": 2})).await;
+        assert_eq!(st, 500);
         let body = json!({"model": "llama-f32", "prompt": [1, 5, 9], "max_tokens": 8, "logit_bias": {"2": -100}});
         let (st, _, _) = post(&base, "/v1/completions", &body).await;
         assert_eq!(st, 200);
@@ -201,7 +213,10 @@ fn text_log_has_a_line_per_request_and_no_colour() {
     assert!(has(&["path=/v1/chat/completions", "status=404"]), "{log}");
     // Probes stay out of the default log.
     assert!(!req.iter().any(|l| l.contains("path=/health")), "{log}");
-    assert_eq!(req.len(), 5, "one line per request:\n{log}");
+    assert_eq!(req.len(), 6, "one line per request:\n{log}");
+    // A model that fails to load: a warning, and its request's line.
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("loading model `broken`")), "{log}");
+    assert!(has(&["model=broken", "status=500", "finish=error"]), "{log}");
     assert!(log.contains("loaded llama-f32"), "{log}");
     assert!(log.contains("unloaded llama-f32"), "{log}");
     assert!(log.contains("shutdown: SIGTERM received"), "{log}");

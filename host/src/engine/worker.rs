@@ -682,7 +682,10 @@ impl Engine {
                     Ok(None) => Err(WorkerError::Internal(
                         "every loaded model is busy; try again later".into(),
                     )),
-                    Err(e) => Err(WorkerError::Internal(format!("{e:#}"))),
+                    Err(e) => {
+                        tracing::warn!("loading {} failed: {e:#}", model.id);
+                        Err(WorkerError::Internal(format!("{e:#}")))
+                    }
                 };
                 let _ = reply.send(r);
             }
@@ -744,6 +747,7 @@ impl Engine {
                 }
                 Err(e) => {
                     let msg = format!("loading model `{}`: {e:#}", s.entry.id);
+                    tracing::warn!("{msg}");
                     self.end((s, Err(WorkerError::Internal(msg))));
                     continue;
                 }
