@@ -194,9 +194,10 @@ fn rmlx(args: &[&str], cache: &Path, endpoint: &str, token: Option<&str>) -> Out
         .env("HF_HOME", cache.join("hf-home"))
         .env_remove("HF_TOKEN")
         .env_remove("HUGGING_FACE_HUB_TOKEN")
-        .env_remove("HF_HUB_OFFLINE")
-        .arg("--plugins")
-        .arg(common::target_dir().join("plugins"));
+        .env_remove("HF_HUB_OFFLINE");
+    if args[0] == "info" {
+        c.arg("--plugins").arg(common::target_dir().join("plugins"));
+    }
     if let Some(t) = token {
         c.env("HF_TOKEN", t);
     }

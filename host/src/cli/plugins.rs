@@ -5,13 +5,58 @@ use anyhow::Result;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     json: bool,
+    /// Print the supported architectures and formats as a Markdown table
+    /// (the README's table is this output).
+    #[arg(long)]
+    markdown: bool,
+}
+
+/// The supported architectures and formats as a Markdown table: one row per
+/// architecture, weight format, KV-cache family and drafter a loaded plugin
+/// provides, and the checkpoint `quant_method`s they cover.
+pub fn markdown_table(reg: &crate::plugins::Registry) -> String {
+    // (kind order, kind, key, provided by)
+    let mut rows: Vec<(usize, &str, String, String)> = Vec::new();
+    for p in &reg.plugins {
+        let i = &p.info;
+        for (order, (what, keys)) in [
+            ("architecture (`model_type`)", &i.architectures),
+            ("weight format (quantization `mode`)", &i.weight_quants),
+            ("KV-cache family", &i.kv_families),
+            ("speculative drafter", &i.drafters),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for k in keys {
+                rows.push((order, what, k.clone(), format!("plugin `{}`", i.id)));
+            }
+        }
+    }
+    for (method, modes) in crate::model::quant::METHODS {
+        if modes.iter().all(|m| reg.weight_quant_plugin(m).is_ok()) {
+            let via: Vec<String> = modes.iter().map(|m| format!("`{m}`")).collect();
+            rows.push((4, "checkpoint `quant_method`", method.to_string(), format!("host, as {}", via.join(" + "))));
+        }
+    }
+    rows.sort();
+    rows.dedup();
+    let mut out = String::from("| Kind | Key | Provided by |\n|---|---|---|\n");
+    for (_, what, key, by) in rows {
+        out.push_str(&format!("| {what} | `{key}` | {by} |\n"));
+    }
+    out
 }
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let dir = settings.plugins_dir();
     let reg = crate::plugins::Registry::load(&dir)?;
+    if args.markdown {
+        print!("{}", markdown_table(&reg));
+        return Ok(());
+    }
     if args.json {
         let refused: Vec<_> = reg
             .refused
