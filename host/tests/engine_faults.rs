@@ -136,7 +136,7 @@ fn wait_idle(w: &Worker) {
     let t0 = Instant::now();
     loop {
         let s = w.stats();
-        if s.running == 0 && s.waiting == 0 && w.in_flight().load(Ordering::SeqCst) == 0 {
+        if s.running == 0 && s.waiting == 0 && w.open_requests().load(Ordering::SeqCst) == 0 {
             return;
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "engine did not go idle: {s:?}");

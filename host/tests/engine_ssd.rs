@@ -111,7 +111,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 fn stats(w: &Worker) -> BlockStats {
     wait_for("the engine to go idle", || {
         let s = w.stats();
-        s.running == 0 && s.waiting == 0 && w.in_flight().load(Ordering::SeqCst) == 0
+        s.running == 0 && s.waiting == 0 && w.open_requests().load(Ordering::SeqCst) == 0
     });
     w.stats()
         .blocks

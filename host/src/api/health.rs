@@ -31,7 +31,7 @@ impl HealthApi {
         let body = Health {
             status: if engine.down.is_none() { "ok" } else { "unavailable" }.into(),
             loaded_models: w.loaded().into_iter().map(|l| l.id).collect(),
-            in_flight: w.in_flight().load(Ordering::SeqCst) as u32,
+            in_flight: w.open_requests().load(Ordering::SeqCst) as u32,
             reason: engine.down.clone(),
             engine_restarts: engine.restarts,
         };

@@ -38,16 +38,16 @@ pub struct Step {
 
 /// One decode forward over `seqs` (in row order), whose tables already hold
 /// a block for the new token. A row's input is its last token, or, when
-/// `in_flight` is set, its row of `prev` (the previous step's device tokens,
+/// `pending_row` is set, its row of `prev` (the previous step's device tokens,
 /// not read by the host yet). On an error the rows' KV state is undefined:
 /// the caller ends them.
 pub fn decode_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&mut Sequence], prev: Option<&Array>) -> Result<Step> {
     let b = seqs.len() as i32;
     let host: Vec<i32> = seqs.iter().map(|s| *s.tokens.last().unwrap() as i32).collect();
     let mut input = Array::from_slice(&host, &[b, 1]);
-    if let Some(prev) = prev.filter(|_| seqs.iter().any(|s| s.in_flight.is_some())) {
-        let idx: Vec<i32> = seqs.iter().map(|s| s.in_flight.unwrap_or(0) as i32).collect();
-        let use_prev: Vec<bool> = seqs.iter().map(|s| s.in_flight.is_some()).collect();
+    if let Some(prev) = prev.filter(|_| seqs.iter().any(|s| s.pending_row.is_some())) {
+        let idx: Vec<i32> = seqs.iter().map(|s| s.pending_row.unwrap_or(0) as i32).collect();
+        let use_prev: Vec<bool> = seqs.iter().map(|s| s.pending_row.is_some()).collect();
         let from_prev = take_axis(prev, Array::from_slice(&idx, &[b]), 0)?; // [B, 1]
         input = select(&Array::from_slice(&use_prev, &[b, 1]), &from_prev, &input)?;
     }

@@ -85,8 +85,8 @@ pub struct Scheduler {
     /// The KV budget every model's blocks draw from.
     account: Arc<KvAccount>,
     /// Per model: the last pipelined decode step's tokens, [B, 1] on the
-    /// device, not read yet (rows point in with `Sequence::in_flight`).
-    in_flight: HashMap<String, Array>,
+    /// device, not read yet (rows point in with `Sequence::pending_row`).
+    pending_tokens: HashMap<String, Array>,
     next_id: u64,
     pub stats: EngineStats,
     /// Test hook (`Worker::inject_panic`): this model's next step panics.
@@ -125,7 +125,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             managers: HashMap::new(),
-            in_flight: HashMap::new(),
+            pending_tokens: HashMap::new(),
             next_id: 0,
             stats: EngineStats::default(),
             panic_next_step: None,
@@ -205,7 +205,7 @@ impl Scheduler {
     /// Forgets a model's blocks (it was unloaded).
     pub fn drop_model(&mut self, model_id: &str) {
         self.managers.remove(model_id);
-        self.in_flight.remove(model_id);
+        self.pending_tokens.remove(model_id);
     }
 
     /// Ends every running sequence of `model_id` with `msg` (an internal
@@ -213,13 +213,13 @@ impl Scheduler {
     /// the model's blocks back: references are rebuilt from the tables still
     /// running, so blocks of sequences lost in the panic are not leaked.
     pub fn fail_model(&mut self, model_id: &str, msg: &str) -> Vec<Ended> {
-        self.in_flight.remove(model_id);
+        self.pending_tokens.remove(model_id);
         let mut out = Vec::new();
         for mut s in std::mem::take(&mut self.running) {
             if s.entry.id == model_id {
                 s.table.clear();
                 s.kv_len = 0;
-                s.in_flight = None;
+                s.pending_row = None;
                 s.cached_upto = 0;
                 out.push((s, Err(WorkerError::Internal(msg.to_string()))));
             } else {
@@ -248,7 +248,7 @@ impl Scheduler {
     /// restarting after a panic; its sequences have been ended).
     pub fn reset(&mut self) {
         self.managers.clear();
-        self.in_flight.clear();
+        self.pending_tokens.clear();
     }
 
     /// Removes cancelled sequences (waiting or running).
@@ -287,7 +287,7 @@ impl Scheduler {
         }
         s.table.clear();
         s.kv_len = 0;
-        s.in_flight = None;
+        s.pending_row = None;
         s.cached_upto = 0;
         s
     }
@@ -428,8 +428,8 @@ impl Scheduler {
         // A prefill is coming: hand out the pipelined tokens first, so running
         // streams (and first tokens) do not wait for it.
         if self.running.iter().any(|s| s.entry.id == model_id && s.to_prefill() > 0) {
-            if let Some(p) = self.in_flight.remove(model_id) {
-                self.take_in_flight(model_id, &p, &mut ended);
+            if let Some(p) = self.pending_tokens.remove(model_id) {
+                self.take_pending_tokens(model_id, &p, &mut ended);
             }
         }
         // --- prefill: chunks of prompts in arrival order, at most one
@@ -509,7 +509,7 @@ impl Scheduler {
         rows = (0..self.running.len())
             .filter(|&i| self.running[i].entry.id == model_id && self.running[i].to_prefill() == 0)
             .collect();
-        let prev = self.in_flight.remove(model_id);
+        let prev = self.pending_tokens.remove(model_id);
         if !rows.is_empty() {
             let b = rows.len();
             self.stats.last_batch = b;
@@ -561,16 +561,16 @@ impl Scheduler {
             };
             // The previous step's tokens first (they come before this step's).
             if let Some(p) = prev {
-                self.take_in_flight(model_id, &p, &mut ended);
+                self.take_pending_tokens(model_id, &p, &mut ended);
             }
             match step {
                 Decoded::Pipelined(tokens) => {
                     for (r, sid) in row_ids.iter().enumerate() {
                         if let Some(s) = self.running.iter_mut().find(|s| s.id == *sid) {
-                            s.in_flight = Some(r);
+                            s.pending_row = Some(r);
                         }
                     }
-                    self.in_flight.insert(model_id.to_string(), tokens);
+                    self.pending_tokens.insert(model_id.to_string(), tokens);
                 }
                 Decoded::Read(outs) => {
                     for (sid, out) in outs {
@@ -589,7 +589,7 @@ impl Scheduler {
                 }
             }
         } else if let Some(p) = prev {
-            self.take_in_flight(model_id, &p, &mut ended);
+            self.take_pending_tokens(model_id, &p, &mut ended);
         }
         // Preempted sequences go back to the front, oldest first.
         for s in preempted.into_iter() {
@@ -602,16 +602,16 @@ impl Scheduler {
 
     /// Hands the previous pipelined step's tokens ([B, 1] int32, computed on
     /// the device) to the rows still waiting for them.
-    fn take_in_flight(&mut self, model_id: &str, tokens: &Array, ended: &mut Vec<Ended>) {
+    fn take_pending_tokens(&mut self, model_id: &str, tokens: &Array, ended: &mut Vec<Ended>) {
         let toks: Result<Vec<u32>> = tokens.eval().map_err(Into::into).and_then(|_| Ok(tokens.try_as_slice::<i32>()?.iter().map(|&t| t as u32).collect()));
         let mut i = 0;
         while i < self.running.len() {
             let s = &mut self.running[i];
-            let Some(r) = s.in_flight.filter(|_| s.entry.id == model_id) else {
+            let Some(r) = s.pending_row.filter(|_| s.entry.id == model_id) else {
                 i += 1;
                 continue;
             };
-            s.in_flight = None;
+            s.pending_row = None;
             let outcome = match &toks {
                 Ok(t) => s.on_token(t[r]),
                 Err(e) => Outcome::Done(Err(WorkerError::Internal(format!("{e:#}")))),

@@ -34,10 +34,10 @@ pub struct Sequence {
     pub table: Vec<u32>,
     /// Tokens in the KV cache (written through `table`).
     pub kv_len: usize,
-    /// Row of the scheduler's in-flight device tokens that holds this
-    /// sequence's next token, not read by the host yet (pipelined greedy
+    /// Row of the scheduler's pending device tokens (`Scheduler::pending_tokens`)
+    /// that holds this sequence's next token, not read by the host yet (pipelined greedy
     /// decode). Its KV then already holds every token in `tokens`.
-    pub in_flight: Option<usize>,
+    pub pending_row: Option<usize>,
     /// Block hashes this sequence already put in the prefix cache.
     pub cached_upto: usize,
     pub preempted: u32,
@@ -56,7 +56,7 @@ pub struct Sequence {
     pub t_arrive: Instant,
     pub t_first: Option<Instant>,
     pub prompt_secs: f64,
-    /// Keeps the worker's in-flight count up while the sequence lives.
+    /// Keeps the worker's open-request count up while the sequence lives.
     pub _guard: Option<Box<dyn Send>>,
 }
 
@@ -91,7 +91,7 @@ impl Sequence {
             tokens: prompt,
             table: Vec::new(),
             kv_len: 0,
-            in_flight: None,
+            pending_row: None,
             cached_upto: 0,
             preempted: 0,
             started_sent: false,

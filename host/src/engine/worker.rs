@@ -235,7 +235,7 @@ pub struct WorkerConfig {
 #[derive(Clone)]
 pub struct Worker {
     tx: std_mpsc::Sender<Job>,
-    in_flight: Arc<AtomicUsize>,
+    open_requests: Arc<AtomicUsize>,
     max_queue_depth: usize,
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
     stats: Arc<Mutex<EngineStats>>,
@@ -299,8 +299,8 @@ impl Worker {
             .collect();
         let thread_loaded = loaded.clone();
         let thread_cfg = cfg.clone();
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let thread_in_flight = in_flight.clone();
+        let open_requests = Arc::new(AtomicUsize::new(0));
+        let thread_open = open_requests.clone();
         let metrics = Arc::new(Metrics::new());
         let tracker = SeqTracker::new(metrics.clone());
         let health = Arc::new(Mutex::new(EngineHealth::default()));
@@ -332,7 +332,7 @@ impl Worker {
                     cfg: thread_cfg,
                     models: Vec::new(),
                     loaded: thread_loaded,
-                    in_flight: thread_in_flight,
+                    open_requests: thread_open,
                     sched: Scheduler::new(sched),
                     stats: thread_stats,
                     tracker,
@@ -365,7 +365,7 @@ impl Worker {
         });
         Ok(Self {
             tx,
-            in_flight,
+            open_requests,
             max_queue_depth: cfg.max_queue_depth,
             loaded,
             stats,
@@ -378,13 +378,13 @@ impl Worker {
     /// Queues a generation. Events arrive on `req.events`; the last is `Done`
     /// or `Error`.
     pub fn submit(&self, req: GenRequest) -> Result<(), WorkerError> {
-        let n = self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let n = self.open_requests.fetch_add(1, Ordering::SeqCst);
         if n > self.max_queue_depth {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.open_requests.fetch_sub(1, Ordering::SeqCst);
             return Err(WorkerError::QueueFull(n - 1));
         }
         // The engine decrements when the request ends, however it ends.
-        let guard = InFlight(self.in_flight.clone());
+        let guard = OpenRequest(self.open_requests.clone());
         self.tx
             .send(Job::Generate(req, super::metrics::current_request()))
             .map_err(|_| WorkerError::Stopped)?;
@@ -392,8 +392,10 @@ impl Worker {
         Ok(())
     }
 
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
-        self.in_flight.clone()
+    /// Requests submitted and not ended yet (waiting or running): the
+    /// counter `--max-queue-depth` bounds, shown as /health's `in_flight`.
+    pub fn open_requests(&self) -> Arc<AtomicUsize> {
+        self.open_requests.clone()
     }
 
     pub async fn load(
@@ -491,7 +493,7 @@ impl Worker {
         Self {
             thread,
             tx,
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            open_requests: Arc::new(AtomicUsize::new(0)),
             max_queue_depth: 0,
             loaded: Arc::new(Mutex::new(Vec::new())),
             stats: Arc::new(Mutex::new(EngineStats::default())),
@@ -526,8 +528,8 @@ impl Drop for ThreadExit {
     }
 }
 
-struct InFlight(Arc<AtomicUsize>);
-impl Drop for InFlight {
+struct OpenRequest(Arc<AtomicUsize>);
+impl Drop for OpenRequest {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -567,7 +569,7 @@ struct Engine {
     cfg: WorkerConfig,
     models: Vec<Resident>,
     loaded: Arc<Mutex<Vec<LoadedInfo>>>,
-    in_flight: Arc<AtomicUsize>,
+    open_requests: Arc<AtomicUsize>,
     sched: Scheduler,
     stats: Arc<Mutex<EngineStats>>,
     tracker: SeqTracker,
@@ -723,7 +725,7 @@ impl Engine {
                 let _ = reply.send(if self.models.len() != before { Unloaded::Unloaded } else { Unloaded::NotLoaded });
             }
             Job::Generate(req, record) => {
-                let guard: Box<dyn Send> = Box::new(InFlight(self.in_flight.clone()));
+                let guard: Box<dyn Send> = Box::new(OpenRequest(self.open_requests.clone()));
                 let id = self.sched.next_id();
                 self.tracker.submitted(id, record);
                 self.sched
@@ -773,7 +775,7 @@ impl Engine {
         }
     }
 
-    /// Tells the client how a sequence ended (its in-flight guard drops with it).
+    /// Tells the client how a sequence ended (its open-request guard drops with it).
     fn end(&mut self, (s, r): Ended) {
         if let Some(m) = self.models.iter_mut().find(|m| m.entry.id == s.entry.id) {
             m.last_used = Instant::now();
