@@ -99,6 +99,10 @@ fn token_id_prompts_levels_and_shared_prefix() {
     // Several requests per stream; the table (no --json) names every level.
     let (code, out, err) = bench(&["--url", &s.url, "--concurrency", "2", "--requests-per-stream", "2", "-p", "8", "-g", "3", "--eos-id", "2"]);
     assert_eq!(code, 0, "{err}");
+    // Progress on stderr as it runs: the warm-up, the level starting and done.
+    for want in ["warm-up request to ", "concurrency 2: 4 request(s) of 8 prompt + 3 generated tokens ...", "concurrency 2: done in "] {
+        assert!(err.contains(want), "`{want}` missing from:\n{err}");
+    }
     let row = out.lines().find(|l| l.trim_start().starts_with("2 ")).unwrap_or_else(|| panic!("no row for 2 streams:\n{out}"));
     assert!(row.contains("12/12"), "{row}");
 }
@@ -120,7 +124,11 @@ fn errors_are_clear() {
     // Nothing listens on port 1.
     let (code, _, err) = bench(&["--url", "http://127.0.0.1:1", "--model", "m", "-p", "4", "-g", "1"]);
     assert_ne!(code, 0);
-    assert!(err.starts_with("error: cannot reach http://127.0.0.1:1") && err.contains("onnection refused"), "{err}");
+    // Progress lines (stderr) first, then the one error line, last.
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("error: cannot reach http://127.0.0.1:1") && last.contains("onnection refused"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert!(err.starts_with("warm-up request to http://127.0.0.1:1"), "progress first: {err}");
     assert!(!err.contains("panicked"), "{err}");
     let (code, _, err) = bench(&["--url", "localhost:8080"]);
     assert_ne!(code, 0);
@@ -134,4 +142,24 @@ fn errors_are_clear() {
     let (code, _, err) = bench(&["--model", "x", "--concurrency", "2"]);
     assert_ne!(code, 0);
     assert!(err.contains("--url"), "{err}");
+}
+
+#[test]
+fn in_process_bench_shows_progress_and_units() {
+    let m = common::fixture("models/llama-f32");
+    let (code, out, err) = bench(&["--plugins", common::plugins_dir().to_str().unwrap(), "--model", m.to_str().unwrap(), "-p", "8", "-g", "4", "-n", "2"]);
+    assert_eq!(code, 0, "{err}");
+    for want in ["loading ", "warm-up: 8 prompt tokens, 4 generated ...", "trial 1/2 ...", "trial 2/2 ..."] {
+        assert!(err.contains(want), "`{want}` missing from:\n{err}");
+    }
+    let avg = out.lines().find(|l| l.starts_with("Averages: ")).unwrap_or_else(|| panic!("{out}"));
+    for unit in ["prompt_tps=", " tok/s, generation_tps=", " tok/s, peak_memory=", " GB"] {
+        assert!(avg.contains(unit), "`{unit}` missing from: {avg}");
+    }
+    assert_eq!(out.lines().filter(|l| l.starts_with("Trial ") && l.ends_with(" GB")).count(), 2, "{out}");
+    // --json carries the unit in the key.
+    let (code, out, err) = bench(&["--plugins", common::plugins_dir().to_str().unwrap(), "--model", m.to_str().unwrap(), "-p", "8", "-g", "4", "-n", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["peak_memory_gb"].as_f64().unwrap() > 0.0, "{v}");
 }
