@@ -461,3 +461,71 @@ async fn serve_flags_configure_the_guard() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+// ------------------------------------------------------- blocking work
+
+/// `common::serve`, but on a current-thread runtime: one blocking call on
+/// the async thread stops every other request.
+fn serve_on_one_thread(state: Arc<AppState>) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            use poem::listener::{Acceptor, Listener};
+            let acceptor = poem::listener::TcpListener::bind("127.0.0.1:0").into_acceptor().await.unwrap();
+            tx.send(format!("http://{}", acceptor.local_addr()[0].as_socket_addr().unwrap())).unwrap();
+            poem::Server::new_with_acceptor(acceptor).run(rmlx::api::app(state)).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// A model's template files are read on the blocking pool: with its
+/// `chat_template.jinja` a FIFO that nobody writes yet, a chat request waits
+/// in the read, and the server (on ONE async thread) still answers others.
+#[tokio::test]
+async fn template_files_are_read_off_the_async_threads() {
+    use std::io::Write;
+    use std::os::unix::{ffi::OsStrExt, fs::OpenOptionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("fifo-chat");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "model.safetensors.index.json"] {
+        std::os::unix::fs::symlink(common::fixture("models/llama-f32").join(f), m.join(f)).unwrap();
+    }
+    // the template itself comes from tokenizer_config.json; the .jinja file
+    // is read again for its source (the tool-call and thinking formats)
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::os::unix::fs::symlink(common::fixture("tokenizers/llama3_1").join(f), m.join(f)).unwrap();
+    }
+    let fifo = m.join("chat_template.jinja");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let catalog = ModelCatalog::discover(&[(None, m.clone())], &[]).unwrap();
+    let base = serve_on_one_thread(Arc::new(AppState {
+        catalog: Arc::new(catalog),
+        worker: Worker::detached(),
+        opts: ServerOptions::default(),
+    }));
+    // max_tokens over the context: refused once the prompt is rendered
+    let b = base.clone();
+    let body = json!({"model": "fifo-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600});
+    let chat = tokio::spawn(async move { post_to(&b, "/v1/chat/completions", &body).await });
+    // Wait until the server has the FIFO open for reading (a non-blocking
+    // open for writing fails with ENXIO until then).
+    let mut writer = loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo) {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // The read is waiting; the server answers anyway (the limit only turns
+    // a server that stopped answering into a failure instead of a hang).
+    let r = client().get(format!("{base}/v1/models")).timeout(std::time::Duration::from_secs(60)).send().await;
+    assert!(r.as_ref().is_ok_and(|r| r.status() == 200), "the server stopped answering while a template file was read: {r:?}");
+    writer.write_all(b"{{ bos_token }}").unwrap();
+    drop(writer);
+    let (s, v) = chat.await.unwrap();
+    assert_openai_400(s, &v, "max_tokens");
+}
