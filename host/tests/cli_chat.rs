@@ -85,3 +85,60 @@ fn a_model_without_a_template_is_a_one_line_error() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: rmlx chat needs a model with a tokenizer"), "{err}");
 }
+
+/// On a terminal (a pty from util-linux's `script`): the line editor's
+/// prompt, a reply, `/exit`, and the history file written. Each line is sent
+/// once the `>>> ` prompt for it has appeared. Skipped where `script` is missing.
+#[test]
+fn on_a_terminal_line_editing_and_history_file() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` for a pty");
+        return;
+    }
+    let _g = common::mlx_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("hist");
+    let cmd = format!(
+        "{} --plugins {} chat -m {} --max-tokens 8 --history-file {}",
+        common::rmlx_bin().display(),
+        common::plugins_dir().display(),
+        common::default_model().display(),
+        history.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_prompts = |n: usize, seen: &mut String| {
+        while seen.matches(">>> ").count() < n {
+            let chunk = rx.recv_timeout(std::time::Duration::from_secs(120)).unwrap_or_else(|_| panic!("no prompt {n}:\n{seen}"));
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    wait_prompts(1, &mut seen);
+    stdin.write_all(b"What is the capital of France?\r").unwrap();
+    wait_prompts(2, &mut seen);
+    stdin.write_all(b"/exit\r").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{seen}");
+    assert!(seen.contains(" tok/s | prompt "), "{seen}");
+    let h = std::fs::read_to_string(&history).unwrap();
+    assert!(h.contains("What is the capital of France?") && h.contains("/exit"), "{h}");
+}
