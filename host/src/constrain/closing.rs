@@ -19,6 +19,8 @@ pub(super) struct JsonLex {
     /// Open `{` and `[`.
     stack: Vec<u8>,
     in_str: bool,
+    /// The open string is an object key.
+    key: bool,
     esc: bool,
     /// The last byte outside strings that is not whitespace (`"` for a closed string).
     last: u8,
@@ -34,12 +36,17 @@ impl JsonLex {
                     self.esc = true;
                 } else if c == b'"' {
                     self.in_str = false;
-                    self.last = b'"';
+                    // `K`: a key closed, its `:` and value pending.
+                    self.last = if self.key { b'K' } else { b'"' };
                 }
                 continue;
             }
             match c {
-                b'"' => self.in_str = true,
+                b'"' => {
+                    self.in_str = true;
+                    self.key = self.stack.last() == Some(&b'{') && matches!(self.last, b'{' | b',');
+                    self.last = b'"';
+                }
                 b'{' | b'[' => {
                     if self.stack.len() < 4096 {
                         self.stack.push(c);
@@ -54,6 +61,40 @@ impl JsonLex {
                 _ => self.last = c,
             }
         }
+    }
+
+    /// A rough count of what is open (strings, objects, arrays, a pending key or value):
+    /// what closing costs at least. Used near the end of the budget to mask tokens that
+    /// would open more.
+    pub fn cost(&self) -> usize {
+        let pending = match self.last {
+            b',' if self.stack.last() == Some(&b'{') => 3,
+            b'K' => 2,
+            b',' | b':' | b'-' | b'.' | b'E' | b'+' => 1,
+            _ => 0,
+        };
+        let key = if self.in_str && self.key { 2 } else { 0 };
+        self.in_str as usize + key + self.esc as usize + self.stack.len() + pending
+    }
+
+    /// [`cost`](Self::cost) after `bytes`.
+    pub fn cost_after(&self, bytes: &[u8]) -> usize {
+        let mut l = JsonLex {
+            stack: Vec::new(),
+            in_str: self.in_str,
+            key: self.key,
+            esc: self.esc,
+            last: self.last,
+        };
+        if bytes.iter().any(|c| matches!(c, b'{' | b'[' | b'}' | b']')) {
+            l.stack = self.stack.clone();
+            l.feed(bytes);
+            return l.cost();
+        }
+        // No brackets: the stack is unchanged; only its top matters.
+        l.stack.extend(self.stack.last());
+        l.feed(bytes);
+        l.cost() - l.stack.len() + self.stack.len()
     }
 
     /// Candidate texts to try next, most closing first.
@@ -115,9 +156,8 @@ fn rank(b: u8) -> u8 {
 }
 
 /// A greedy completion of `m` (a clone; the caller's matcher is not touched) in at most
-/// `cap` tokens. `lex` is the JSON scanner's state at `m`. Returns the tokens and whether
-/// they complete the output (the grammar accepts after them); an empty complete plan
-/// means the output may end now. `closers` are the format's own terminators (tried first
+/// `cap` tokens. `lex` is the JSON scanner's state at `m`. An empty complete plan means
+/// the output may end now. `closers` are the format's own terminators (tried first
 /// outside JSON strings).
 pub(super) fn plan(
     mut m: Matcher,
@@ -127,7 +167,7 @@ pub(super) fn plan(
     closers: &[&'static str],
     vocab: usize,
     cap: usize,
-) -> (Vec<TokenId>, bool) {
+) -> Plan {
     let mut out: Vec<TokenId> = Vec::new();
     let push = |m: &mut Matcher, lex: &mut JsonLex, out: &mut Vec<TokenId>, toks: &[TokenId]| -> bool {
         if m.consume_tokens(toks).is_err() {
@@ -141,7 +181,7 @@ pub(super) fn plan(
     };
     while out.len() < cap {
         if m.is_stopped() || m.is_accepting().unwrap_or(false) {
-            return (out, true);
+            return Plan { tokens: out, complete: true, error: None };
         }
         let ff = m.compute_ff_tokens();
         if !ff.is_empty() {
@@ -192,8 +232,17 @@ pub(super) fn plan(
             break;
         }
     }
-    let ok = m.is_stopped() || m.is_accepting().unwrap_or(false);
-    (out, ok)
+    let complete = !m.is_error() && (m.is_stopped() || m.is_accepting().unwrap_or(false));
+    Plan { tokens: out, complete, error: m.get_error() }
+}
+
+/// A closing plan.
+pub(super) struct Plan {
+    pub tokens: Vec<TokenId>,
+    /// The grammar accepts after `tokens`.
+    pub complete: bool,
+    /// The parser failed on the way (a grammar that cannot be finished, limits hit).
+    pub error: Option<String>,
 }
 
 /// Feeds a token's bytes (special tokens are not JSON) to the scanner.

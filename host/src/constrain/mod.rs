@@ -121,11 +121,14 @@ impl TokenizerEnv for Env {
 
 /// Tokens left below which the closing plan is watched (longer budgets leave room).
 const PLAN_FROM: usize = 512;
-/// The plan is recomputed while the tokens left are within this many of its last length.
-const WATCH: usize = 24;
-/// Forcing starts when the plan needs this many fewer tokens than are left: room for
-/// what the next free token may open.
-const MARGIN: usize = 4;
+/// Forcing the plan starts when it needs this many fewer tokens than are left.
+const MARGIN: usize = 2;
+/// Near the end (the plan needs within this many of the tokens left; more if one token
+/// was seen to lengthen the plan by more), tokens that open new JSON structure (a key, a
+/// value, a string, an object or array) are masked: the output may only go on or close.
+const ZONE: usize = 10;
+/// Tokens of the closing plan tried when compiling (a grammar that fails within them is refused).
+const COMPILE_PLAN: usize = 64;
 
 impl ConstraintFactory {
     /// Builds the token trie for `tokenizer`. `eos_ids` are the ids that end generation
@@ -210,14 +213,30 @@ impl ConstraintFactory {
             (m, first)
         }));
         let (m, first) = built.map_err(|_| SpecError(format!("{what} could not be compiled")))?;
+        if first.is_err() {
+            // The grammar built, but no first token is possible: nothing can match it
+            // (a `$ref` loop that never reaches a value, a rule defined only by itself).
+            let e = m.get_error().unwrap_or_default();
+            if !e.is_empty() && !e.contains("NoExtension") {
+                return Err(SpecError(format!("{what} cannot be used: {}", limits::short(&e))));
+            }
+            return Err(SpecError(format!(
+                "{what} admits no output (does it refer only to itself, without a value to end on?)"
+            )));
+        }
         if let Some(e) = m.get_error() {
             return Err(SpecError(format!("{what} cannot be used: {}", limits::short(&e))));
         }
-        if let Err(e) = first {
-            return Err(SpecError(format!(
-                "{what} admits no output (does it only refer to itself?): {}",
-                limits::short(&format!("{e:#}"))
-            )));
+        // A short way to finish must exist without the parser failing (a schema that
+        // requires itself, as `{"$ref": "#"}` under a required key does, fails here).
+        let closers = match spec {
+            ConstraintSpec::ToolCall { format, .. } => grammar::closers(*format),
+            _ => Vec::new(),
+        };
+        let p = closing::plan(m.clone(), closing::JsonLex::default(), self.trie(), &self.cands, &closers, self.vocab, COMPILE_PLAN);
+        if let Some(e) = p.error {
+            let e = limits::short(&e);
+            return Err(SpecError(format!("{what} cannot be finished (does it require itself?): {e}")));
         }
         Ok(m)
     }
@@ -237,8 +256,10 @@ impl ConstraintFactory {
             mask: None,
             lex: closing::JsonLex::default(),
             closers,
+            json: !matches!(spec, ConstraintSpec::Regex(_) | ConstraintSpec::Lark(_)),
             plan: VecDeque::new(),
             need: None,
+            jump: 0,
         })
     }
 
@@ -259,10 +280,24 @@ pub struct Constraint {
     lex: closing::JsonLex,
     /// The format's own terminators (tool calls), for the closing plan.
     closers: Vec<&'static str>,
+    /// The output is JSON, or JSON inside a tool-call format (the scanner applies).
+    json: bool,
     /// Tokens being forced to finish within the budget (front first).
     plan: VecDeque<u32>,
     /// Length of the last closing plan (None: none computed yet).
     need: Option<usize>,
+    /// The most one token lengthened the plan.
+    jump: usize,
+}
+
+/// What the budget asks for at one step.
+enum Close {
+    /// Sample freely (within the grammar).
+    Free,
+    /// Near the end: nothing that opens structure; `first` (the plan's next token) stays allowed.
+    Zone(u32),
+    /// Force this token.
+    Force(u32),
 }
 
 impl std::fmt::Debug for Constraint {
@@ -308,45 +343,70 @@ impl Constraint {
     /// still be generated: when finishing needs nearly all of them, the closing plan's
     /// next token is forced instead, so the output completes within the budget.
     pub fn try_apply_within(&mut self, logits: &mut [f32], left: usize) -> Result<()> {
-        match self.closing_token(left) {
-            Some(t) if (t as usize) < logits.len() => {
+        match self.closing(left) {
+            Close::Force(t) if (t as usize) < logits.len() => {
                 logits.iter_mut().for_each(|l| *l = f32::NEG_INFINITY);
                 logits[t as usize] = 0.0;
+                Ok(())
+            }
+            Close::Zone(first) if self.json && (first as usize) < logits.len() => {
+                let keep = logits[first as usize];
+                self.try_apply(logits)?;
+                let trie = self.factory.trie();
+                let now = self.lex.cost();
+                let n = logits.len().min(trie.vocab_size());
+                for (t, l) in logits[..n].iter_mut().enumerate() {
+                    if l.is_finite() {
+                        let b = trie.token(t as TokenId);
+                        let special = b.first() == Some(&TokTrie::SPECIAL_TOKEN_MARKER);
+                        if !special && self.lex.cost_after(b) > now {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                logits[first as usize] = if keep.is_finite() { keep } else { 0.0 };
                 Ok(())
             }
             _ => self.try_apply(logits),
         }
     }
 
-    /// The token to force now, if finishing needs it (see [`closing`]).
-    fn closing_token(&mut self, left: usize) -> Option<u32> {
+    /// What finishing within `left` tokens asks for now (see [`closing`]).
+    fn closing(&mut self, left: usize) -> Close {
         if let Some(&t) = self.plan.front() {
-            return Some(t);
+            return Close::Force(t);
         }
-        if left > PLAN_FROM || self.need.is_some_and(|n| left > n + WATCH) {
-            return None;
+        let zone = ZONE.max(2 * self.jump);
+        if left > PLAN_FROM || self.need.is_some_and(|n| left > n + zone + 16) {
+            return Close::Free;
         }
         let f = &self.factory;
-        let (plan, complete) = closing::plan(
+        let closing::Plan { tokens: plan, complete, .. } = closing::plan(
             self.matcher.clone(),
             self.lex.clone(),
             f.trie(),
             &f.cands,
             &self.closers,
             f.vocab,
-            left + MARGIN,
+            left + zone,
         );
-        let need = if complete { plan.len() } else { left + MARGIN };
+        let need = if complete { plan.len() } else { left + zone };
+        if let Some(prev) = self.need {
+            self.jump = self.jump.max(need.saturating_sub(prev));
+        }
         self.need = Some(need);
         if need + MARGIN < left {
-            return None;
+            return match plan.first() {
+                Some(&t) if need + zone >= left => Close::Zone(t),
+                _ => Close::Free,
+            };
         }
         if plan.is_empty() {
             // Complete now, and too few tokens left to start anything: end.
-            return complete.then(|| f.trie().eos_token());
+            return if complete { Close::Force(f.trie().eos_token()) } else { Close::Free };
         }
         self.plan = plan.into();
-        self.plan.front().copied()
+        Close::Force(self.plan[0])
     }
 
     /// [`apply`](Self::apply), reporting errors.
