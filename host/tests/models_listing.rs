@@ -187,6 +187,14 @@ fn model_may_be_left_out_when_one_model_is_served() {
     );
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["model"], "only-one", "{r}");
+    // The metrics name the model the request was served by.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let text = rt.block_on(async { reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap() });
+    let chat_line = text
+        .lines()
+        .find(|l| l.starts_with("rmlx_requests_total") && l.contains("/v1/chat/completions") && l.contains("status=\"200\""))
+        .unwrap_or_else(|| panic!("no chat line in\n{text}"));
+    assert!(chat_line.contains("model=\"only-one\""), "{chat_line}");
     // A wrong id is still a 404.
     let (status, _) = post(&format!("{}/v1/completions", server.base), json!({"model": "nope", "prompt": "w1", "max_tokens": 1}));
     assert_eq!(status, 404);
