@@ -27,51 +27,76 @@ pub enum Rotary {
     K,
 }
 
-/// Map a GGUF tensor name; `Ok(None)` for tensors that are dropped.
-pub fn map_tensor_name(name: &str) -> Result<Option<MappedName>> {
+/// A GGUF tensor name split as llama.cpp writes them: `<base>.<suffix>`,
+/// where `base` is a global tensor (`token_embd`, `output_norm`, ...) or
+/// `blk.<layer>.<part>`. Shared by the llama and Gemma mappings.
+pub(crate) struct GgufName<'a> {
+    /// `Some(layer)` for `blk.<layer>.<part>`.
+    pub layer: Option<usize>,
+    /// The global base, or the per-layer part.
+    pub part: &'a str,
+    pub suffix: &'a str,
+}
+
+/// Splits `name`, accepting only the given suffixes (`unknown` explains a miss).
+pub(crate) fn split_name<'a>(name: &'a str, suffixes: &[&str], family: &str) -> Result<GgufName<'a>> {
     let (base, suffix) = name
         .rsplit_once('.')
-        .filter(|(_, s)| *s == "weight" || *s == "bias")
-        .ok_or_else(|| anyhow!("unknown tensor '{}' (expected a .weight or .bias suffix)", name))?;
-    let mut rotary = None;
-    let module = match base {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        "rope_freqs" => bail!(
+        .filter(|(_, s)| suffixes.contains(s))
+        .ok_or_else(|| anyhow!("unknown tensor '{}' (a {} GGUF has only .{} tensors)", name, family, suffixes.join("/.")))?;
+    let Some(rest) = base.strip_prefix("blk.") else {
+        return Ok(GgufName { layer: None, part: base, suffix });
+    };
+    let (layer, part) = rest.split_once('.').ok_or_else(|| anyhow!("unknown tensor '{}' for a {} model", name, family))?;
+    let layer: usize = layer.parse().map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
+    Ok(GgufName { layer: Some(layer), part, suffix })
+}
+
+/// The mlx-lm module of a global tensor or a per-layer part every llama-like
+/// GGUF shares (`None` for the family-specific rest).
+pub(crate) fn shared_module(layer: Option<usize>, part: &str) -> Option<String> {
+    let Some(layer) = layer else {
+        return match part {
+            "token_embd" => Some("model.embed_tokens".into()),
+            "output_norm" => Some("model.norm".into()),
+            _ => None,
+        };
+    };
+    let sub = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{sub}"))
+}
+
+/// Map a GGUF tensor name; `Ok(None)` for tensors that are dropped.
+pub fn map_tensor_name(name: &str) -> Result<Option<MappedName>> {
+    let n = split_name(name, &["weight", "bias"], "llama")?;
+    let unknown = || anyhow!("unknown tensor '{}' for a llama model", name);
+    let rotary = match (n.layer, n.part) {
+        (Some(_), "attn_q") => Some(Rotary::Q),
+        (Some(_), "attn_k") => Some(Rotary::K),
+        _ => None,
+    };
+    let module = match (n.layer, n.part) {
+        (None, "output") => "lm_head".to_string(),
+        (None, "rope_freqs") => bail!(
             "tensor 'rope_freqs.weight' (Llama 3 style rope scaling) is not supported: its parameters cannot be \
              recovered into config.json's rope_scaling"
         ),
-        _ => {
-            let rest =
-                base.strip_prefix("blk.").ok_or_else(|| anyhow!("unknown tensor '{}' for a llama model", name))?;
-            let (layer, part) =
-                rest.split_once('.').ok_or_else(|| anyhow!("unknown tensor '{}' for a llama model", name))?;
-            let layer: usize = layer.parse().map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
-            let sub = match part {
-                "attn_q" => {
-                    rotary = Some(Rotary::Q);
-                    "self_attn.q_proj"
-                }
-                "attn_k" => {
-                    rotary = Some(Rotary::K);
-                    "self_attn.k_proj"
-                }
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                // Precomputed rotary frequencies in old conversions; MLX computes them.
-                "attn_rot_embd" => return Ok(None),
-                _ => bail!("unknown tensor '{}' for a llama model", name),
-            };
-            format!("model.layers.{layer}.{sub}")
-        }
+        (Some(layer), "ffn_norm") => format!("model.layers.{layer}.post_attention_layernorm"),
+        // Precomputed rotary frequencies in old conversions; MLX computes them.
+        (Some(_), "attn_rot_embd") => return Ok(None),
+        (layer, part) => shared_module(layer, part).ok_or_else(unknown)?,
     };
-    Ok(Some(MappedName { module, suffix: suffix.to_string(), rotary }))
+    Ok(Some(MappedName { module, suffix: n.suffix.to_string(), rotary }))
 }
 
 /// Hyper-parameters of a llama GGUF.
@@ -247,18 +272,6 @@ impl LlamaPlan {
         }
     }
 
-    fn eos_value(tok: Option<&TokenizerFiles>) -> Option<Value> {
-        let t = tok?;
-        let eos = t.eos_token_id?;
-        if t.extra_eos_ids.is_empty() {
-            Some(json!(eos))
-        } else {
-            let mut ids = vec![eos];
-            ids.extend(&t.extra_eos_ids);
-            Some(json!(ids))
-        }
-    }
-
     pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
         let mut c = serde_json::Map::new();
         c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
@@ -285,7 +298,7 @@ impl LlamaPlan {
                 c.insert("bos_token_id".into(), json!(b));
             }
         }
-        if let Some(e) = Self::eos_value(tok) {
+        if let Some(e) = eos_value(tok) {
             c.insert("eos_token_id".into(), e);
         }
         if let Some(q) = quant {
@@ -308,16 +321,29 @@ impl LlamaPlan {
                 c.insert("pad_token_id".into(), json!(p));
             }
         }
-        if let Some(e) = Self::eos_value(tok) {
+        if let Some(e) = eos_value(tok) {
             c.insert("eos_token_id".into(), e);
         }
         Value::Object(c)
     }
 }
 
+/// `eos_token_id` for config.json: one id, or a list with the extra EOS ids.
+pub(crate) fn eos_value(tok: Option<&TokenizerFiles>) -> Option<Value> {
+    let t = tok?;
+    let eos = t.eos_token_id?;
+    if t.extra_eos_ids.is_empty() {
+        Some(json!(eos))
+    } else {
+        let mut ids = vec![eos];
+        ids.extend(&t.extra_eos_ids);
+        Some(json!(ids))
+    }
+}
+
 /// GGUF stores these as f32; print the shortest decimal that round-trips the
 /// f32 (1e-5 rather than 9.999999747378752e-06).
-fn f32_as_f64(v: f64) -> f64 {
+pub(crate) fn f32_as_f64(v: f64) -> f64 {
     let f = v as f32;
     if f as f64 == v {
         format!("{f}").parse().unwrap_or(v)

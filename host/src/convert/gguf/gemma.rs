@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
 
 use super::GgufFile;
-use crate::convert::llama::{Hparams, MappedName};
+use crate::convert::llama::{eos_value, f32_as_f64, shared_module, split_name, Hparams, MappedName};
 use crate::convert::tokenizer::TokenizerFiles;
 
 /// Which Gemma generation a GGUF holds.
@@ -82,31 +82,16 @@ impl Gen {
 /// Map a GGUF tensor name of a Gemma model; `Ok(None)` for dropped tensors.
 pub fn map_tensor_name(gen: Gen, name: &str) -> Result<Option<MappedName>> {
     let unknown = || anyhow!("unknown tensor '{}' for a {} model", name, gen.arch());
-    let base = name
-        .strip_suffix(".weight")
-        .ok_or_else(|| anyhow!("unknown tensor '{}' (Gemma has only .weight tensors)", name))?;
-    let module = match base {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" if gen == Gen::Gemma3 => "lm_head".to_string(),
-        "output" => bail!(
+    let n = split_name(name, &["weight"], gen.arch())?;
+    let module = match (n.layer, n.part, gen) {
+        (None, "output", Gen::Gemma3) => "lm_head".to_string(),
+        (None, "output", _) => bail!(
             "tensor 'output.weight': mlx-lm's {} ties the output projection to the embeddings and has no lm_head",
             gen.model_type()
         ),
-        "rope_freqs" => bail!("tensor 'rope_freqs.weight' (llama 3 rope scaling) is not supported for Gemma"),
-        _ => {
-            let rest = base.strip_prefix("blk.").ok_or_else(unknown)?;
-            let (layer, part) = rest.split_once('.').ok_or_else(unknown)?;
-            let layer: usize = layer.parse().map_err(|_| anyhow!("bad layer index in tensor '{}'", name))?;
+        (None, "rope_freqs", _) => bail!("tensor 'rope_freqs.weight' (llama 3 rope scaling) is not supported for Gemma"),
+        (Some(layer), part, _) if shared_module(Some(layer), part).is_none() => {
             let sub = match (part, gen) {
-                ("attn_q", _) => "self_attn.q_proj",
-                ("attn_k", _) => "self_attn.k_proj",
-                ("attn_v", _) => "self_attn.v_proj",
-                ("attn_output", _) => "self_attn.o_proj",
-                ("ffn_gate", _) => "mlp.gate_proj",
-                ("ffn_up", _) => "mlp.up_proj",
-                ("ffn_down", _) => "mlp.down_proj",
-                ("attn_norm", _) => "input_layernorm",
                 // Gemma 1 has two norms per layer; its second is HF's
                 // post_attention_layernorm (a pre-FFN norm despite the name).
                 ("ffn_norm", Gen::Gemma) => "post_attention_layernorm",
@@ -119,6 +104,7 @@ pub fn map_tensor_name(gen: Gen, name: &str) -> Result<Option<MappedName>> {
             };
             format!("model.layers.{layer}.{sub}")
         }
+        (layer, part, _) => shared_module(layer, part).ok_or_else(unknown)?,
     };
     Ok(Some(MappedName { module, suffix: "weight".to_string(), rotary: None }))
 }
@@ -260,18 +246,6 @@ impl GemmaPlan {
         m.module.ends_with("norm")
     }
 
-    fn eos_value(tok: Option<&TokenizerFiles>) -> Option<Value> {
-        let t = tok?;
-        let eos = t.eos_token_id?;
-        if t.extra_eos_ids.is_empty() {
-            Some(json!(eos))
-        } else {
-            let mut ids = vec![eos];
-            ids.extend(&t.extra_eos_ids);
-            Some(json!(ids))
-        }
-    }
-
     pub fn config_json(&self, g: &GgufFile, quant: Option<&Value>, tok: Option<&TokenizerFiles>) -> Result<Value> {
         let mut c = serde_json::Map::new();
         let mut put = |k: &str, v: Value| {
@@ -316,7 +290,7 @@ impl GemmaPlan {
         if let Some(p) = tok.and_then(|t| t.pad_token_id) {
             put("pad_token_id", json!(p));
         }
-        if let Some(e) = Self::eos_value(tok) {
+        if let Some(e) = eos_value(tok) {
             put("eos_token_id", e);
         }
         if let Some(q) = quant {
@@ -337,7 +311,7 @@ impl GemmaPlan {
         if let Some(p) = tok.and_then(|t| t.pad_token_id) {
             c.insert("pad_token_id".into(), json!(p));
         }
-        if let Some(e) = Self::eos_value(tok) {
+        if let Some(e) = eos_value(tok) {
             c.insert("eos_token_id".into(), e);
         }
         Value::Object(c)
@@ -377,16 +351,6 @@ pub fn sub_one(dtype: safetensors::Dtype, raw: &[u8]) -> Result<Vec<u8>> {
             .collect(),
         other => bail!("cannot undo the Gemma norm offset on a {:?} tensor (expected F32, F16 or BF16)", other),
     })
-}
-
-/// GGUF stores these as f32; print the shortest decimal that round-trips the f32.
-fn f32_as_f64(v: f64) -> f64 {
-    let f = v as f32;
-    if f as f64 == v {
-        format!("{f}").parse().unwrap_or(v)
-    } else {
-        v
-    }
 }
 
 #[cfg(test)]
