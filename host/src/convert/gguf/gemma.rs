@@ -322,7 +322,7 @@ impl GemmaPlan {
 /// exactly when `(i + 1) % n == 0` (mlx-lm's gemma3_text rule).
 fn period_of(sliding: &[bool]) -> Option<u64> {
     let n = sliding.iter().position(|s| !s).map_or(sliding.len() + 1, |i| i + 1);
-    let ok = sliding.iter().enumerate().all(|(i, &s)| s == !(i + 1).is_multiple_of(n));
+    let ok = sliding.iter().enumerate().all(|(i, &s)| s != (i + 1).is_multiple_of(n));
     ok.then_some(n as u64)
 }
 
