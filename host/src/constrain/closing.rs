@@ -24,7 +24,14 @@ pub(super) struct JsonLex {
     esc: bool,
     /// The last byte outside strings that is not whitespace (`"` for a closed string).
     last: u8,
+    /// In a number: its digits before any exponent, and the exponent's digits.
+    num: Option<(u16, u16, bool)>,
 }
+
+/// Longest number mantissa (digits) and exponent the output may write: beyond these a
+/// number no longer fits a double (and a weak model could write digits forever).
+const MAX_MANTISSA: u16 = 20;
+const MAX_EXPONENT: u16 = 2;
 
 impl JsonLex {
     pub fn feed(&mut self, bytes: &[u8]) {
@@ -40,6 +47,17 @@ impl JsonLex {
                     self.last = if self.key { b'K' } else { b'"' };
                 }
                 continue;
+            }
+            if let Some((m, e, in_exp)) = self.num.as_mut() {
+                match c {
+                    b'0'..=b'9' if *in_exp => *e += 1,
+                    b'0'..=b'9' => *m += 1,
+                    b'e' | b'E' => *in_exp = true,
+                    b'.' | b'+' | b'-' => {}
+                    _ => self.num = None,
+                }
+            } else if matches!(c, b'-' | b'0'..=b'9') {
+                self.num = Some(((c != b'-') as u16, 0, false));
             }
             match c {
                 b'"' => {
@@ -61,6 +79,27 @@ impl JsonLex {
                 _ => self.last = c,
             }
         }
+    }
+
+    pub fn in_str(&self) -> bool {
+        self.in_str
+    }
+
+    /// Whether `bytes` would make the number being written longer than a double holds.
+    pub fn number_too_long(&self, bytes: &[u8]) -> bool {
+        if self.in_str || !matches!(bytes.first(), Some(b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')) {
+            return false;
+        }
+        let mut l = JsonLex { stack: Vec::new(), in_str: false, key: false, esc: false, last: self.last, num: self.num };
+        for &c in bytes {
+            l.feed(&[c]);
+            match l.num {
+                Some((m, e, _)) if m > MAX_MANTISSA || e > MAX_EXPONENT => return true,
+                None => return false,
+                _ => {}
+            }
+        }
+        false
     }
 
     /// A rough count of what is open (strings, objects, arrays, a pending key or value):
@@ -85,6 +124,7 @@ impl JsonLex {
             key: self.key,
             esc: self.esc,
             last: self.last,
+            num: self.num,
         };
         if bytes.iter().any(|c| matches!(c, b'{' | b'[' | b'}' | b']')) {
             l.stack = self.stack.clone();

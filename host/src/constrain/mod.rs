@@ -436,6 +436,15 @@ impl Constraint {
         for l in logits.iter_mut().skip(vocab) {
             *l = f32::NEG_INFINITY;
         }
+        if self.json && !self.lex.in_str() {
+            // Numbers stay within what a double holds.
+            let trie = self.factory.trie();
+            for (t, l) in logits[..n].iter_mut().enumerate() {
+                if l.is_finite() && self.lex.number_too_long(trie.token(t as TokenId)) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         Ok(())
     }
 
