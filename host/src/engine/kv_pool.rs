@@ -306,6 +306,15 @@ impl super::attend::KvStore for PagedForward<'_> {
                 self.len
             )));
         }
+        if kh != self.pool.kv_heads || hd != self.pool.head_dim || v.shape() != k.shape() {
+            return Err(PluginError::other(format!(
+                "attention got k {:?} and v {:?}: they do not fit the KV pool ({} kv heads of {} dims)",
+                k.shape(),
+                v.shape(),
+                self.pool.kv_heads,
+                self.pool.head_dim
+            )));
+        }
         let dt = *self.pool.dtype.get_or_insert(k.dtype());
         // [B, K, L, hd] -> [B*L, 1, K, hd]: one update per slot.
         let upd = |x: &Array| -> Result<Array, PluginError> {
@@ -464,7 +473,7 @@ mod tests {
         let rows = [Row { table: &table, offset: 2 }];
         let mut f = PagedForward::new(&mut pool, &rows, 2).unwrap();
         let bad = f.attend(0, q.clone(), r(kh, 2, hd / 2), r(kh, 2, hd / 2), AttendOptions { scale: 0.5, window: 0 });
-        assert!(bad.is_err());
+        assert!(format!("{:?}", bad.err()).contains("do not fit the KV pool"));
         drop(f);
         let after = pool.read_block(3).unwrap();
         close(&before[0].0, &after[0].0);

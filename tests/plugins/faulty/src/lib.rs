@@ -2,9 +2,9 @@
 //! plugins/arch-llama, loading the same weights) whose forward breaks when
 //! the batch's input holds config.json's `faulty_trigger` token id.
 //! `faulty_mode` picks how, after layer 0 has written its KV:
-//! - `bad_kv` (default): layer 1 hands the host's KV store keys of the wrong
-//!   head size, so the store's own write fails (an error from inside the
-//!   host's attention, after it has the layer's arrays in hand);
+//! - `bad_kv` (default): layer 1 hands the host's KV store keys and values of
+//!   half the head size (an error from inside the host's attention, which
+//!   once lost the layer's arrays: they were taken out of the pool first);
 //! - `error`: layer 1 returns an error before attending;
 //! - `panic`: layer 1 panics (the plugin boundary turns it into an error).
 //! Shapes: B batch, L new tokens, D hidden, H heads, K kv heads, hd head dim.
