@@ -127,6 +127,8 @@ const MARGIN: usize = 2;
 /// was seen to lengthen the plan by more), tokens that open new JSON structure (a key, a
 /// value, a string, an object or array) are masked: the output may only go on or close.
 const ZONE: usize = 10;
+/// With fewer tokens left than this, output that is complete ends (nothing new starts).
+const END_BEFORE: usize = 32;
 /// Tokens of the closing plan tried when compiling (a grammar that fails within them is refused).
 const COMPILE_PLAN: usize = 64;
 
@@ -398,6 +400,9 @@ impl Constraint {
         if need + MARGIN < left {
             return match plan.first() {
                 Some(&t) if need + zone >= left => Close::Zone(t),
+                // Complete now, near the end: end rather than start another call or item
+                // (a tool call takes a few dozen tokens).
+                None if complete && left <= zone.max(END_BEFORE) => Close::Force(f.trie().eos_token()),
                 _ => Close::Free,
             };
         }
