@@ -16,6 +16,7 @@ pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;
 pub mod sampler;
+pub mod requests;
 pub mod scheduler;
 pub mod score;
 pub mod sequence;
