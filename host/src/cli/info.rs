@@ -2,7 +2,7 @@
 //! quantization, size on disk, and which plugins would serve it. Reads only
 //! config.json and the safetensors headers.
 use crate::config::Settings;
-use crate::model::{quant::Quant, safetensors::read_header, ModelDir, QuantSpec};
+use crate::model::ModelDir;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,46 +20,13 @@ pub struct Args {
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let dir = ModelDir::open(&crate::hub::resolve_dir(&args.model)?)?;
-    let quant = QuantSpec::from_config(&dir.config)?;
-    let mut tensors = BTreeMap::new();
-    for f in &dir.weight_files {
-        tensors.extend(read_header(f)?);
-    }
-    let mut params: u64 = 0;
-    let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut layers: BTreeMap<String, Quant> = BTreeMap::new();
-    for (name, t) in &tensors {
-        let n: u64 = t.shape.iter().map(|&d| d as u64).product();
-        let (module, local) = name.rsplit_once('.').unwrap_or(("", name));
-        let quantized = tensors.contains_key(&format!("{module}.scales"));
-        match local {
-            "scales" | "biases" if quantized => continue,
-            "weight" => {
-                let q = quant.for_tensors(module, &|l| tensors.contains_key(&format!("{module}.{l}")));
-                let packed = match t.dtype.as_str() {
-                    "U32" => 32,
-                    "U8" => 8, // BitNet: four ternary codes a byte
-                    _ => 0,
-                };
-                if q.mode != "none" && q.bits > 0 && packed > 0 {
-                    params += n * packed / q.bits as u64;
-                } else {
-                    params += n;
-                    *dtypes.entry(t.dtype.clone()).or_default() += n;
-                }
-                if t.shape.len() == 2 {
-                    layers.insert(module.to_string(), q);
-                }
-            }
-            _ => {
-                params += n;
-                *dtypes.entry(t.dtype.clone()).or_default() += n;
-            }
-        }
-    }
-    let dtype = dtypes.iter().max_by_key(|(_, n)| **n).map(|(d, _)| d.clone()).unwrap_or_default();
+    let quant = crate::model::QuantSpec::from_config(&dir.config)?;
+    let msize = crate::model::params::ModelSize::read(&dir)?;
+    let (params, layers) = (msize.params, &msize.layers);
+    let dtype = msize.main_dtype();
+    let policy = crate::model::policy::resolve(&dir)?;
     let mut by_format: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    for (m, q) in &layers {
+    for (m, q) in layers {
         by_format.entry(q.describe()).or_default().push(m);
     }
     // Which plugins would serve it.
@@ -97,6 +64,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
                 "path": dir.path, "model_type": dir.model_type, "parameters": params, "dtype": dtype,
                 "size_bytes": size, "weight_files": dir.weight_files.len(), "formats": formats,
                 "layers": layer_map, "plugins": serving, "quant_method": method,
+                "load_policy": {"dtype": policy.dtype_name(), "dequantize": policy.policy.dequantize, "why": policy.why},
             })
         );
         return Ok(());
@@ -114,6 +82,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
         let shown = if modules.len() <= 4 { format!(": {}", modules.join(", ")) } else { String::new() };
         println!("  {:<20} {} layers{}", fmt, modules.len(), shown);
     }
+    println!("load policy  {} ({})", policy.summary(), policy.why);
     println!("plugins");
     for (what, id) in &serving {
         println!("  {:<28} {}", what, id);

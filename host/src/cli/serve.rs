@@ -246,6 +246,16 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
         } else {
             eprintln!("rmlx serving {} on http://{local} (docs: http://{local}/docs)", ids.join(", "));
         }
+        // Which load policy each model gets, and why (flags override it).
+        for e in &state.catalog.entries {
+            if let Ok(r) = crate::model::ModelDir::open(&e.path).and_then(|d| crate::model::policy::resolve(&d)) {
+                if args.log_format == crate::logging::LogFormat::Json {
+                    tracing::info!(model = %e.id, "load policy for {}: {} ({})", e.id, r.summary(), r.why);
+                } else {
+                    eprintln!("load policy for {}: {} ({})", e.id, r.summary(), r.why);
+                }
+            }
+        }
         let worker = state.worker.clone();
         let grace = Duration::from_secs(args.shutdown_timeout);
         // On the signal poem stops accepting (the listening socket closes),
