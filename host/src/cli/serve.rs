@@ -55,7 +55,8 @@ pub struct Args {
     /// Load these models (ids) at start instead of on the first request.
     #[arg(long)]
     pub preload: Vec<String>,
-    /// KV-cache memory budget per model: 4GB, 512MB, 0.5 or 50% of memory (default 50%).
+    /// KV-cache memory budget, one for all loaded models: 4GB, 512MB, 0.5 or
+    /// 50% of the device's memory (default 50%; docs/KV_CACHE.md).
     #[arg(long)]
     pub kv_budget: Option<String>,
     /// Tokens per KV block (prefix-cache granularity, default 16).
@@ -64,10 +65,11 @@ pub struct Args {
     /// Most sequences decoding together (default 16).
     #[arg(long)]
     pub max_running: Option<usize>,
-    /// Turn automatic prefix caching off.
+    /// Turn automatic prefix caching off (default: on).
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Prompt tokens per prefill chunk, interleaved with decode steps.
+    /// Prompt tokens per prefill step across sequences, interleaved with
+    /// decode steps (default 512).
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
     /// Keep prefix-cache blocks evicted from memory in this directory (SSD
@@ -82,7 +84,7 @@ pub struct Args {
     /// the rmlx cache dir, ~/.cache/rmlx).
     #[arg(long)]
     pub metrics_db: Option<PathBuf>,
-    /// Record no run log.
+    /// Record no run log (default: recorded).
     #[arg(long)]
     pub no_metrics_db: bool,
     /// Log level: info logs one line per request, each model load and
