@@ -14,6 +14,8 @@ mod grammar;
 pub mod limits;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_budget;
 mod vocab;
 
 use std::collections::VecDeque;
