@@ -6,7 +6,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 LOG=$(mktemp)
 status=0
-cargo test --workspace -- --test-threads=2 2>&1 | tee "$LOG" || status=1
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$LOG" || status=1
 # Python API tests (official SDKs) when present.
 if ls tests/api/test_*.py >/dev/null 2>&1; then
   .venv-dev/bin/python -m pytest -q tests/api 2>&1 | tee -a "$LOG"

@@ -125,10 +125,35 @@ pub fn openapi_json() -> String {
 /// OpenAPI 3.0 validators accept `null` for them (types/schema.rs).
 fn document(spec: &str) -> String {
     let mut doc: serde_json::Value = serde_json::from_str(spec).expect("poem-openapi writes JSON");
+    stream_event_schemas(&mut doc);
     types::nullable_refs(&mut doc);
     let mut s = serde_json::to_string_pretty(&doc).expect("JSON");
     s.push('\n');
     s
+}
+
+/// The JSON that each server-sent event carries (`ChatCompletionChunk`,
+/// `Completion`, `AnthropicStreamEvent` and what they use), as components of
+/// the document, so that generated clients get the chunk types. An event
+/// stream's schema in OpenAPI 3.0 can only describe `data` as a string, and
+/// poem-openapi drops the components nothing references, so they are added
+/// back here from the types' own registrations.
+fn stream_event_schemas(doc: &mut serde_json::Value) {
+    use poem_openapi::types::Type;
+    let mut reg = poem_openapi::registry::Registry::new();
+    types::openai::ChatCompletionChunk::register(&mut reg);
+    types::openai::Completion::register(&mut reg);
+    types::anthropic::StreamEvent::register(&mut reg);
+    let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(|v| v.as_object_mut()) else {
+        return;
+    };
+    for (name, schema) in reg.schemas {
+        if !schemas.contains_key(&name) {
+            if let Ok(v) = serde_json::to_value(&schema) {
+                schemas.insert(name, v);
+            }
+        }
+    }
 }
 
 pub(crate) fn flavor_of(path: &str) -> Flavor {

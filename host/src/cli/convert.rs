@@ -17,20 +17,21 @@ pub struct Args {
     #[arg(long)]
     from_gguf: bool,
     /// Target format of every Linear/Embedding: q2 q3 q4 q5 q6 q8 (affine), mxfp4,
-    /// mxfp8, nvfp4, or bf16/f16/f32 (dequantize). Default: as in the source.
+    /// mxfp8, nvfp4, or bf16/f16/f32 (dequantize) [default: as in the source]
     #[arg(long, value_name = "MODE")]
     quant: Option<String>,
-    /// Group size for --quant (affine: 32, 64, 128; mxfp4/mxfp8: 32; nvfp4: 16).
+    /// Group size for --quant (affine: 32, 64, 128; mxfp4/mxfp8: 32; nvfp4: 16)
+    /// [default: 64 for affine, 32 for mxfp4/mxfp8, 16 for nvfp4]
     #[arg(long, value_name = "G")]
     group_size: Option<i32>,
     /// Per-module override PATTERN=MODE[:G], e.g. 'embed_tokens=q8' or
     /// 'layers.0.*=bf16'; repeatable, the last match wins.
     #[arg(long = "layer", value_name = "PATTERN=MODE")]
     layers: Vec<String>,
-    /// Overwrite the output directory if it exists.
+    /// Overwrite the output directory if it exists [default: refuse].
     #[arg(long)]
     force: bool,
-    /// No progress bar.
+    /// No progress bar [default: a bar on a terminal].
     #[arg(long)]
     quiet: bool,
 }
