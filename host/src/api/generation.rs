@@ -118,18 +118,8 @@ pub fn keep_alive(spec: &Option<KeepAliveSpec>) -> Result<Option<KeepAlive>, Api
     }
 }
 
-/// The generation budget: 400 when the prompt does not fit the context, or
-/// when `max_tokens` (named `max_field`) does not fit beside it.
-pub fn budget(
-    entry: &ModelEntry,
-    prompt_len: usize,
-    max_tokens: Option<usize>,
-    default: usize,
-    field: &str,
-    max_field: &str,
-) -> Result<usize, ApiError> {
-    super::limits::budget(entry, prompt_len, max_tokens, default, field, max_field)
-}
+/// The generation budget (see [`super::limits::budget`]).
+pub use super::limits::budget;
 
 pub fn gen_params(state: &State, sampling: SamplingParams, max_tokens: usize, stop: Vec<String>) -> GenParams {
     GenParams { sampling, max_tokens, stop, prefill_chunk: state.opts.prefill_chunk, ..GenParams::default() }
