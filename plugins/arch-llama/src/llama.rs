@@ -3,7 +3,7 @@
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, V vocab.
 use mlx_rs::Array;
-use rmlx_nn::decoder::{AttentionSpec, Decoder};
+use rmlx_nn::decoder::{model_spec, AttentionSpec, Decoder, Dims};
 use rmlx_nn::{parse_config, Rope};
 use rmlx_plugin_api::{
     author::{ModelImpl, Result, Weights},
@@ -127,13 +127,13 @@ impl ModelImpl for Llama {
 // ---- cache spec ----
 
 fn cache_spec(c: &Config) -> ModelSpec {
-    ModelSpec {
-        num_layers: c.num_hidden_layers as u32,
-        num_kv_heads: c.kv_heads() as u32,
-        head_dim: c.head_dim() as u32,
-        vocab_size: c.vocab_size as u32,
-        hidden_size: c.hidden_size as u32,
-        max_context: c.max_position_embeddings.unwrap_or(0) as u32,
-        sliding_window: (0..c.num_hidden_layers).map(|i| c.window(i)).collect::<Vec<_>>().into(),
-    }
+    let dims = Dims {
+        num_layers: c.num_hidden_layers,
+        kv_heads: c.kv_heads(),
+        head_dim: c.head_dim(),
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        max_context: c.max_position_embeddings.unwrap_or(0),
+    };
+    model_spec(dims, |i| c.window(i))
 }

@@ -3,7 +3,7 @@
 //! layers are plugins/nn's decoder. Shapes: B batch, L new tokens, D hidden,
 //! H query heads, K kv heads, hd head_dim, V vocab.
 use mlx_rs::Array;
-use rmlx_nn::decoder::{AttentionSpec, Decoder};
+use rmlx_nn::decoder::{model_spec, AttentionSpec, Decoder, Dims};
 use rmlx_nn::{parse_config, Rope};
 use rmlx_plugin_api::{
     author::{ModelImpl, Result, Weights},
@@ -81,15 +81,15 @@ impl Qwen3 {
 impl ModelImpl for Qwen3 {
     fn spec(&self) -> ModelSpec {
         let c = &self.config;
-        ModelSpec {
-            num_layers: c.num_hidden_layers as u32,
-            num_kv_heads: c.num_key_value_heads as u32,
-            head_dim: c.head_dim as u32,
-            vocab_size: c.vocab_size as u32,
-            hidden_size: c.hidden_size as u32,
-            max_context: c.max_position_embeddings as u32,
-            sliding_window: vec![0u32; c.num_hidden_layers as usize].into(),
-        }
+        let dims = Dims {
+            num_layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            max_context: c.max_position_embeddings,
+        };
+        model_spec(dims, |_| 0)
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]

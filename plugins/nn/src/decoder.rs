@@ -11,7 +11,7 @@ use crate::{last_position, merge_heads, rms_norm, split_heads, swiglu, Positions
 use mlx_rs::Array;
 use rmlx_plugin_api::{
     author::{EmbeddingLayer, LinearLayer, Result, Weights},
-    AttendOptions, Attention,
+    AttendOptions, Attention, ModelSpec,
 };
 
 // ---- attention ----
@@ -185,5 +185,31 @@ impl Decoder {
             Some(head) => head.forward(&h),
             None => self.embed_tokens.as_linear(&h),
         }
+    }
+}
+
+// ---- cache spec ----
+
+/// What the engine needs for a decoder's KV cache: every layer has
+/// `kv_heads` x `head_dim`; `window(i)` is layer i's window (0: full).
+pub struct Dims {
+    pub num_layers: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    pub vocab_size: i32,
+    pub hidden_size: i32,
+    /// 0 when unknown.
+    pub max_context: i32,
+}
+
+pub fn model_spec(d: Dims, window: impl Fn(i32) -> u32) -> ModelSpec {
+    ModelSpec {
+        num_layers: d.num_layers as u32,
+        num_kv_heads: d.kv_heads as u32,
+        head_dim: d.head_dim as u32,
+        vocab_size: d.vocab_size as u32,
+        hidden_size: d.hidden_size as u32,
+        max_context: d.max_context as u32,
+        sliding_window: (0..d.num_layers).map(window).collect::<Vec<_>>().into(),
     }
 }
