@@ -9,7 +9,7 @@ EXT=so; [ "$(uname)" = Darwin ] && EXT=dylib
 mkdir -p "$DIR/plugins" "$DIR/test-plugins"
 rm -f "$DIR"/plugins/*."$EXT" "$DIR"/test-plugins/*."$EXT"
 n=0
-for f in "$DIR"/librmlx_arch_*."$EXT" "$DIR"/librmlx_wquant_*."$EXT"; do
+for f in "$DIR"/librmlx_arch_*."$EXT" "$DIR"/librmlx_wquant_*."$EXT" "$DIR"/librmlx_kv_*."$EXT" "$DIR"/librmlx_draft_*."$EXT"; do
   [ -e "$f" ] || continue
   cp "$f" "$DIR/plugins/"; n=$((n+1))
 done

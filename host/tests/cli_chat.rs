@@ -125,7 +125,7 @@ fn on_a_terminal_line_editing_and_history_file() {
         }
     });
     let mut seen = String::new();
-    let mut wait_prompts = |n: usize, seen: &mut String| {
+    let wait_prompts = |n: usize, seen: &mut String| {
         while seen.matches(">>> ").count() < n {
             let chunk = rx.recv_timeout(std::time::Duration::from_secs(120)).unwrap_or_else(|_| panic!("no prompt {n}:\n{seen}"));
             seen.push_str(&String::from_utf8_lossy(&chunk));

@@ -21,6 +21,8 @@ use mlx_rs::Array;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub mod kv;
+
 pub type Result<T> = std::result::Result<T, PluginError>;
 
 /// Runs `f`, turning a panic into a [`PluginError`] of kind `Panic`.
@@ -62,6 +64,10 @@ pub trait PluginImpl: 'static {
     }
     fn weight_quant(mode: &str) -> Result<Box<dyn QuantImpl>> {
         Err(PluginError::unsupported(format!("no weight format {mode}")))
+    }
+    /// The codec of a KV family the manifest lists (ABI 3.2).
+    fn kv_codec(name: &str) -> Result<Box<dyn kv::KvCodecImpl>> {
+        Err(PluginError::unsupported(format!("no KV family {name}")))
     }
 }
 
@@ -272,6 +278,10 @@ pub extern "C" fn weight_quant_entry<P: PluginImpl>(mode: RStr<'_>) -> PResult<W
         let q = P::weight_quant(mode.as_str())?;
         Ok(WeightQuant_TO::from_value(QuantAdapter(q), TD_Opaque))
     })
+}
+
+pub extern "C" fn kv_codec_entry<P: PluginImpl>(name: RStr<'_>) -> PResult<crate::kv::KvCodecBox> {
+    guard(|| Ok(kv::codec_box(P::kv_codec(name.as_str())?)))
 }
 
 #[doc(hidden)]

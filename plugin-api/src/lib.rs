@@ -48,7 +48,8 @@ pub const ABI_VERSION: u32 = 3;
 /// host is refused, since it may rely on what the host does not provide.
 /// 3.0: manifest, load_model, weight_quant, kv_family, drafter.
 /// 3.1: `check_config` (an architecture vets a config without loading weights).
-pub const ABI_MINOR: u32 = 1;
+/// 3.2: `kv_codec` (KV-cache families: components, encode, attend).
+pub const ABI_MINOR: u32 = 2;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

@@ -2,7 +2,7 @@
 use crate::{
     arch::{ModelBox, WeightSourceMut},
     drafter::DrafterBox,
-    kv::KvFamilyBox,
+    kv::{KvCodecBox, KvFamilyBox},
     wquant::WeightQuantBox,
     Manifest, PResult,
 };
@@ -29,7 +29,7 @@ pub struct PluginModule {
     pub load_model: Option<extern "C" fn(RStr<'_>, RStr<'_>, WeightSourceMut<'_>) -> PResult<ModelBox>>,
     /// WeightQuant: the layer builder for a `quantization.mode`.
     pub weight_quant: Option<extern "C" fn(RStr<'_>) -> PResult<WeightQuantBox>>,
-    /// KvCache: a KV family by name.
+    /// KvCache (3.0, never implemented; superseded by `kv_codec`).
     pub kv_family: Option<extern "C" fn(RStr<'_>) -> PResult<KvFamilyBox>>,
     /// Drafter: a drafter of a kind, with its config JSON.
     #[sabi(last_prefix_field)]
@@ -40,6 +40,11 @@ pub struct PluginModule {
     /// can list a model as unavailable with the reason before loading it.
     #[sabi(missing_field(default))]
     pub check_config: Option<extern "C" fn(RStr<'_>, RStr<'_>) -> PResult<()>>,
+    // ---- ABI 3.2 ----
+    /// KvCache: the codec of a KV family by name (`f16`, `q4`, `turbo3`, ...),
+    /// for one side (keys or values) of the cache.
+    #[sabi(missing_field(default))]
+    pub kv_codec: Option<extern "C" fn(RStr<'_>) -> PResult<KvCodecBox>>,
 }
 
 impl RootModule for PluginRef {
