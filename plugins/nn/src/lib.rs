@@ -3,6 +3,7 @@
 //! and the decoder-only transformer (decoder.rs) that llama, qwen2 and qwen3
 //! share. Nothing here names a weight format.
 pub mod decoder;
+pub mod gemma;
 
 use mlx_rs::{fast, nn, ops, Array};
 use rmlx_plugin_api::{author::Result, PluginError};

@@ -1,0 +1,31 @@
+//! `arch-gemma`: the Gemma decoders, one file per `model_type`
+//! (gemma3_text.rs for Gemma 3's text models).
+mod gemma3_text;
+
+use rmlx_plugin_api::{
+    author::{ModelImpl, PluginImpl, Result, Weights},
+    export_plugin, Manifest, PluginError,
+};
+
+pub struct ArchGemma;
+
+impl PluginImpl for ArchGemma {
+    fn manifest() -> Manifest {
+        Manifest::new("arch-gemma", env!("CARGO_PKG_VERSION"), "Gemma decoders (gemma3_text)")
+            .architectures(&["gemma3_text"])
+    }
+    fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
+        match model_type {
+            "gemma3_text" => Ok(Box::new(gemma3_text::Gemma3Text::load(config, w)?)),
+            other => Err(PluginError::unsupported(format!("arch-gemma does not build {other}"))),
+        }
+    }
+    fn check_config(model_type: &str, config: &str) -> Result<()> {
+        match model_type {
+            "gemma3_text" => gemma3_text::Config::parse(config).map(|_| ()),
+            other => Err(PluginError::unsupported(format!("arch-gemma does not build {other}"))),
+        }
+    }
+}
+
+export_plugin!(ArchGemma);
