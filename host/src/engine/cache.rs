@@ -1,6 +1,9 @@
 //! A contiguous one-sequence KV cache, lent to architectures as `Attention`
 //! (`rmlx generate`, `rmlx bench` and the compiled step; the server's
-//! scheduler uses the paged pool in kv_pool.rs).
+//! scheduler uses the paged pool in kv_pool.rs). Sliding-window layers
+//! (`AttendOptions.window`) attend over their window only, masked exactly as
+//! the paged pool and mlx-lm mask them, and drop the positions no later query
+//! can see.
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{
@@ -16,12 +19,24 @@ use rmlx_plugin_api::{AttendOptions, Attention, PluginError};
 const STEP: i32 = 256;
 
 pub struct KvCache {
-    /// Per layer: keys and values [B, K, capacity, hd]; the first `offset`
-    /// positions are filled. Updated in place by slice assignment.
-    layers: Vec<Option<(Array, Array)>>,
+    /// Per layer: keys and values [B, K, capacity, hd] holding positions
+    /// `base..base + capacity`; those below `offset` are filled. Updated in
+    /// place by slice assignment.
+    layers: Vec<Option<Slot>>,
     offset: i32,
     /// Capacity grows in steps of this many tokens.
     step: i32,
+}
+
+/// One layer's buffers. `base` stays 0 on full-attention layers; a
+/// sliding-window layer drops, when it grows, the positions that fell out of
+/// every later query's window, so it holds about window + step tokens
+/// (as mlx-lm's RotatingKVCache holds `max_size`).
+#[derive(Clone)]
+struct Slot {
+    keys: Array,   // [B, K, capacity, hd]
+    values: Array, // [B, K, capacity, hd]
+    base: i32,
 }
 
 impl KvCache {
@@ -33,21 +48,20 @@ impl KvCache {
         }
     }
 
-
-
     /// The per-layer buffers [1, K, capacity, hd] and the offset, when every
-    /// layer has been written (the compiled decode step takes them over).
+    /// layer has been written and holds every position from 0 (the compiled
+    /// decode step takes them over; it never runs windowed models).
     pub fn take_buffers(&mut self) -> Option<(Vec<(Array, Array)>, i32)> {
-        if self.layers.iter().any(|l| l.is_none()) {
+        if self.layers.iter().any(|l| l.as_ref().is_none_or(|s| s.base != 0)) {
             return None;
         }
-        let layers = self.layers.iter_mut().map(|l| l.take().unwrap()).collect();
+        let layers = self.layers.iter_mut().map(|l| l.take().map(|s| (s.keys, s.values)).unwrap()).collect();
         Some((layers, self.offset))
     }
 
     /// Gives back buffers taken with `take_buffers`, now holding `offset` tokens.
     pub fn put_buffers(&mut self, layers: Vec<(Array, Array)>, offset: i32) {
-        self.layers = layers.into_iter().map(Some).collect();
+        self.layers = layers.into_iter().map(|(keys, values)| Some(Slot { keys, values, base: 0 })).collect();
         self.offset = offset;
     }
 
@@ -98,45 +112,132 @@ impl super::attend::KvStore for KvCache {
             .layers
             .get_mut(layer as usize)
             .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
-        let prev = self.offset;
-        let end = prev + k.dim(2);
-        let (mut keys, mut values) = match slot.take() {
-            Some((keys, values)) if keys.dim(2) >= end => (keys, values),
+        let (prev, n, w) = (self.offset, k.dim(2), opts.window as i32);
+        let end = prev + n;
+        // The first position any new query sees: its window's start.
+        let first = if w > 0 { (prev + 1 - w).max(0) } else { 0 };
+        let Slot { mut keys, mut values, base } = match slot.take() {
+            Some(s) if s.base + s.keys.dim(2) >= end => s,
             old => {
-                // Grow: keep what is filled, add zeroed steps.
-                let add = (k.dim(2) + self.step - 1) / self.step * self.step;
-                let grow = |x: &Array| -> Result<Array, PluginError> {
-                    Ok(zeros_dtype(
-                        &[x.dim(0), x.dim(1), add, x.dim(3)],
-                        x.dtype(),
-                    )?)
+                // Grow: keep what is filled from `first` on, add zeroed steps.
+                let add = (n + self.step - 1) / self.step * self.step;
+                let zeros = |x: &Array| -> Result<Array, PluginError> {
+                    Ok(zeros_dtype(&[x.dim(0), x.dim(1), add, x.dim(3)], x.dtype())?)
                 };
                 match old {
-                    Some((keys, values)) => {
-                        let keys = keys.try_index((.., .., ..prev, ..))?;
-                        let values = values.try_index((.., .., ..prev, ..))?;
-                        let (gk, gv) = (grow(&keys)?, grow(&values)?);
-                        (concatenate(&[keys, gk], 2)?, concatenate(&[values, gv], 2)?)
+                    Some(Slot { keys, values, base }) => {
+                        let keep = first.max(base);
+                        let keys = keys.try_index((.., .., keep - base..prev - base, ..))?;
+                        let values = values.try_index((.., .., keep - base..prev - base, ..))?;
+                        let (zk, zv) = (zeros(&keys)?, zeros(&values)?);
+                        Slot { keys: concatenate(&[keys, zk], 2)?, values: concatenate(&[values, zv], 2)?, base: keep }
                     }
-                    None => (grow(&k)?, grow(&v)?),
+                    None => Slot { keys: zeros(&k)?, values: zeros(&v)?, base: prev },
                 }
             }
         };
-        keys.try_index_mut((.., .., prev..end, ..), &k)?;
-        values.try_index_mut((.., .., prev..end, ..), &v)?;
+        keys.try_index_mut((.., .., prev - base..end - base, ..), &k)?;
+        values.try_index_mut((.., .., prev - base..end - base, ..), &v)?;
+        // Attend over positions s..end: [B, K, end - s, hd].
+        let s = first.max(base);
         let (k, v) = (
-            keys.try_index((.., .., ..end, ..))?,
-            values.try_index((.., .., ..end, ..))?,
+            keys.try_index((.., .., s - base..end - base, ..))?,
+            values.try_index((.., .., s - base..end - base, ..))?,
         );
-        *slot = Some((keys, values));
-        if opts.window != 0 {
-            return Err(PluginError::unsupported(
-                "sliding-window attention needs the paged KV cache",
-            ));
+        *slot = Some(Slot { keys, values, base });
+        let out = if n == 1 {
+            // One query: every key from `s` on is inside its window.
+            scaled_dot_product_attention(&q, &k, &v, opts.scale, None, None)?
+        } else if w == 0 || s >= end - w {
+            // No key before the last query's window: causal masking (aligned
+            // to the end of the keys) is exact.
+            scaled_dot_product_attention(&q, &k, &v, opts.scale, ScaledDotProductAttentionMask::Causal, None)?
+        } else {
+            let m = window_mask(prev, n, s, w); // bool [n, end - s]
+            scaled_dot_product_attention(&q, &k, &v, opts.scale, ScaledDotProductAttentionMask::Array(&m), None)?
+        };
+        Ok(out)
+    }
+}
+
+/// bool [n, prev + n - s]: query i (position prev + i) sees key position
+/// p = s + j when p <= prev + i and p > prev + i - window.
+fn window_mask(prev: i32, n: i32, s: i32, window: i32) -> Array {
+    let len = prev + n - s;
+    let m: Vec<bool> = (0..n)
+        .flat_map(|i| (0..len).map(move |j| s + j <= prev + i && s + j + window > prev + i))
+        .collect();
+    Array::from_slice(&m, &[n, len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::attend::KvStore;
+    use super::*;
+    use mlx_rs::random;
+
+    /// Reference: attention over the whole contiguous history, masked the
+    /// way the paged pool (kv_pool.rs) and mlx-lm mask windows: query at
+    /// position p sees keys j with j <= p and j > p - window.
+    fn reference(q: &Array, k: &Array, v: &Array, window: u32) -> Array {
+        let (l, lk) = (q.dim(2), k.dim(2));
+        let m: Vec<bool> = (0..l)
+            .flat_map(|i| {
+                let pos = (lk - l + i) as usize;
+                (0..lk as usize).map(move |j| j <= pos && (window == 0 || j + window as usize > pos))
+            })
+            .collect();
+        let m = Array::from_slice(&m, &[l, lk]);
+        scaled_dot_product_attention(q, k, v, 0.5, ScaledDotProductAttentionMask::Array(&m), None).unwrap()
+    }
+
+    fn max_diff(a: &Array, b: &Array) -> f32 {
+        (a - b).abs().unwrap().max(None).unwrap().item_exact::<f32>()
+    }
+
+    /// Prefill chunks of several sizes (longer and shorter than the window,
+    /// and a chunk that starts after the window has slid), then decode steps:
+    /// every output equals masked attention over the full history; a
+    /// windowed layer's buffers stay bounded while a full layer keeps every
+    /// position. (tests/engine_batching.rs checks generate == the paged
+    /// engine on a windowed model end to end.)
+    #[test]
+    fn windowed_layers_match_attention_over_the_full_history() {
+        let (h, kh, hd, window) = (4, 2, 8, 5u32);
+        let mut cache = KvCache::new(2);
+        cache.step = 4; // grow (and trim) often
+        let mut hist: Vec<(Array, Array)> = vec![];
+        let mut longest = 0;
+        for (c, n) in [7, 3, 1, 1, 9, 2, 1, 1, 1, 1, 1, 6, 1].into_iter().enumerate() {
+            let r = |heads: i32| random::normal::<f32>(&[1, heads, n, hd], None, None, None).unwrap();
+            let (q, k, v) = (r(h), r(kh), r(kh));
+            let prev = cache.offset();
+            for (layer, w) in [(0u32, window), (1, 0)] {
+                let opts = AttendOptions { scale: 0.5, window: w };
+                let got = cache.attend(layer, q.clone(), k.clone(), v.clone(), opts).unwrap();
+                let hk = match hist.get(layer as usize) {
+                    Some((hk, hv)) => (concatenate(&[hk, &k], 2).unwrap(), concatenate(&[hv, &v], 2).unwrap()),
+                    None => (k.clone(), v.clone()),
+                };
+                let want = reference(&q, &hk.0, &hk.1, w);
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "chunk {c} ({n} tokens at {prev}), window {w}: max diff {d} from the reference");
+                if hist.len() <= layer as usize {
+                    hist.push(hk);
+                } else {
+                    hist[layer as usize] = hk;
+                }
+            }
+            cache.advance(n);
+            let held = |l: usize| cache.layers[l].as_ref().map(|s| (s.base, s.keys.dim(2))).unwrap();
+            let (base, cap) = held(0);
+            // Window - 1 older positions plus the largest chunk, rounded up to a step.
+            longest = longest.max(n);
+            assert!(cap <= window as i32 - 1 + (longest + 3) / 4 * 4, "chunk {c}: windowed layer holds {cap}");
+            assert!(base + cap >= cache.offset() && base <= (cache.offset() - window as i32).max(0) + 4, "chunk {c}: base {base}");
+            assert_eq!(held(1).0, 0, "a full-attention layer keeps position 0");
         }
-        let mask = (q.dim(2) > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        Ok(scaled_dot_product_attention(
-            &q, &k, &v, opts.scale, mask, None,
-        )?)
+        assert_eq!(cache.offset(), 35);
+        assert!(cache.take_buffers().is_none(), "a trimmed layer is not handed to the compiled step");
     }
 }
