@@ -17,13 +17,14 @@
 //!
 //! [`types`] holds the value and tensor types, [`reader`] the parser,
 //! [`dequant`] one f32 dequantizer per GGML type. Per-architecture mapping lives in the submodules: [`arch`] dispatches on
-//! `general.architecture` to `convert::llama` or [`gemma`]; [`spm`] rebuilds
+//! `general.architecture` to `convert::llama`, [`qwen2`] or [`gemma`]; [`spm`] rebuilds
 //! SentencePiece (`tokenizer.ggml.model = "llama"`) tokenizers.
 
 pub mod arch;
 pub mod dequant;
 pub mod gemma;
 pub(crate) mod plan;
+pub mod qwen2;
 mod reader;
 pub mod spm;
 mod types;

@@ -8,8 +8,8 @@
 //! Output directory:
 //! * `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards over
 //!   5 GiB) with `{"format": "mlx"}` metadata, plus `model.safetensors.index.json`;
-//! * `config.json` (Llama, or Gemma 1/2/3 for mlx-lm's `gemma`, `gemma2`,
-//!   `gemma3_text`, with a mlx-lm `quantization` section copied to
+//! * `config.json` (Llama, Qwen2/Qwen2.5 for mlx-lm's `qwen2`, or Gemma
+//!   1/2/3 for mlx-lm's `gemma`, `gemma2`, `gemma3_text`, with a mlx-lm `quantization` section copied to
 //!   `quantization_config`), `generation_config.json`;
 //! * `tokenizer.json`, `tokenizer_config.json` (with the chat template),
 //!   `special_tokens_map.json`.

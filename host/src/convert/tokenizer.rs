@@ -387,7 +387,8 @@ pub fn build(g: &GgufFile, context_length: Option<u64>) -> Result<TokenizerFiles
         truncation: None,
         padding: None,
         added_tokens,
-        normalizer: None,
+        // Qwen2's own tokenizer.json normalizes to NFC before splitting.
+        normalizer: matches!(pre, "qwen2" | "deepseek-r1-qwen").then(|| json!({"type": "NFC"})),
         pre_tokenizer,
         post_processor,
         decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
