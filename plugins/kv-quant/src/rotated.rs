@@ -1,0 +1,207 @@
+//! The rotation families' codec: a seeded orthogonal rotation, then the
+//! per-vector norm + Lloyd-Max scalar quantizer ([`crate::quant`]), optionally
+//! with a 1-bit QJL residual (TurboQuant_prod, arXiv 2504.19874 §3.2).
+//!
+//! Components per slot (K kv heads, D head dim, W(b) = b * ceil(D/32)):
+//! - `codes`  uint32 [K, W(b')]: the bit-plane packed codes ([`crate::pack`]),
+//!   b' = b, or b - 1 with QJL;
+//! - `norms`  activation dtype [K]: the per-vector norm ([`NormMode`]);
+//! - with QJL: `qjl_signs` uint32 [K, W(1)], the signs of `S r` for the
+//!   rotated unit residual `r = y - ĉ` and a seeded Gaussian `S` [D, D], and
+//!   `qjl_norms` activation dtype [K], `||r||`.
+//!
+//! Attention never leaves the rotated domain per token: `scores` rotates the
+//! query once (`s = (q R)·ĉ · norm`) and `mix` un-rotates the output once per
+//! head (`out = (Σ p·norm·ĉ) Rᵀ`). The QJL term is the paper's unbiased
+//! estimator `<z, r> ≈ sqrt(π/2)/D · ||r|| · <S z, sign(S r)>`.
+use crate::{
+    codebook::{qjl_const, sphere_codebook, Codebook},
+    pack::{pack, unpack, words},
+    quant::{levels, norm_keep, quantize, safe_div, NormMode},
+    rotation::{Rng, Rotation},
+};
+use mlx_rs::{ops::matmul, Array, Dtype};
+use rmlx_plugin_api::{
+    author::{
+        kv::{gqa_matmul, Component, KvCodecImpl, LayerDims},
+        Result,
+    },
+    PluginError,
+};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+/// What one head dim needs: computed once, then shared.
+pub struct Prepared {
+    pub rot: Rotation,
+    pub book: Codebook,
+    /// QJL's `S` [D, D] row-major.
+    pub qjl: Option<Vec<f32>>,
+}
+
+/// A rotation family of `bits` bits per coordinate.
+pub struct RotatedCodec {
+    pub name: &'static str,
+    pub bits: i32,
+    pub qjl: bool,
+    pub norm_mode: NormMode,
+    seed: u64,
+    rotation: fn(i32, u64) -> Rotation,
+    cache: Mutex<HashMap<i32, Arc<Prepared>>>,
+}
+
+impl RotatedCodec {
+    pub fn new(name: &'static str, bits: i32, qjl: bool, norm_mode: NormMode, seed: u64, rotation: fn(i32, u64) -> Rotation) -> Self {
+        // QJL's estimator is unbiased only against the raw norm.
+        let norm_mode = if qjl { NormMode::Raw } else { norm_mode };
+        Self { name, bits, qjl, norm_mode, seed, rotation, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// Bits of the codebook codes (one fewer with QJL).
+    pub fn mse_bits(&self) -> i32 {
+        self.bits - self.qjl as i32
+    }
+
+    /// The rotation, codebook and QJL matrix for head dim `d`.
+    pub fn prepared(&self, d: i32) -> Result<Arc<Prepared>> {
+        if d < 8 {
+            return Err(PluginError::unsupported(format!("{}: head_dim {d} is too small (at least 8)", self.name)));
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&d) {
+            return Ok(p.clone());
+        }
+        let qjl = self.qjl.then(|| {
+            let mut rng = Rng::new(self.seed ^ 0x514A_4C00);
+            (0..d * d).map(|_| rng.normal() as f32).collect()
+        });
+        let p = Arc::new(Prepared {
+            rot: (self.rotation)(d, self.seed),
+            book: sphere_codebook(d as usize, self.mse_bits() as u32),
+            qjl,
+        });
+        cache.insert(d, p.clone());
+        Ok(p)
+    }
+
+    fn s_matrix(p: &Prepared, d: i32) -> Array {
+        Array::from_slice(p.qjl.as_deref().unwrap_or(&[]), &[d, d])
+    }
+
+    /// The codebook levels [B, T, K, D] and, with QJL, the signs ±1 [B, T, K, D].
+    fn unpack_all(&self, comps: &[Array], p: &Prepared, d: i32) -> Result<(Array, Option<Array>)> {
+        self.expect(comps)?;
+        let c = levels(&unpack(&comps[0], self.mse_bits(), d)?, &p.book)?;
+        let sg = if self.qjl {
+            let bits = unpack(&comps[2], 1, d)?.as_dtype(Dtype::Float32)?;
+            Some(bits.multiply(Array::from_f32(2.0))?.subtract(Array::from_f32(1.0))?)
+        } else {
+            None
+        };
+        Ok((c, sg))
+    }
+
+    fn expect(&self, comps: &[Array]) -> Result<()> {
+        let want = if self.qjl { 4 } else { 2 };
+        if comps.len() != want {
+            return Err(PluginError::other(format!("{}: {} components, expected {want}", self.name, comps.len())));
+        }
+        Ok(())
+    }
+}
+
+/// `x` [B, H, L, T] times a per-(row, token, kv head) factor `w` [B, T, K],
+/// query head h using kv head h / (H / K).
+pub fn per_kv(x: &Array, w: &Array) -> Result<Array> {
+    let (b, h, l, t) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let k = w.dim(2);
+    let w = w.as_dtype(Dtype::Float32)?.transpose_axes(&[0, 2, 1])?.reshape(&[b, k, 1, 1, t])?;
+    Ok(x.reshape(&[b, k, h / k, l, t])?.multiply(&w)?.reshape(&[b, h, l, t])?)
+}
+
+impl KvCodecImpl for RotatedCodec {
+    fn components(&self, dims: &LayerDims) -> Vec<Component> {
+        let (k, d) = (dims.kv_heads, dims.head_dim);
+        let mut c = vec![
+            Component::new("codes", Dtype::Uint32, &[k, words(d, self.mse_bits())]),
+            Component::new("norms", dims.dtype, &[k]),
+        ];
+        if self.qjl {
+            c.push(Component::new("qjl_signs", Dtype::Uint32, &[k, words(d, 1)]));
+            c.push(Component::new("qjl_norms", dims.dtype, &[k]));
+        }
+        c
+    }
+
+    /// x [N, K, D] -> codes [N, K, W], norms [N, K] (+ qjl_signs, qjl_norms).
+    fn encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>> {
+        let d = dims.head_dim;
+        let p = self.prepared(d)?;
+        let xf = x.as_dtype(Dtype::Float32)?; // [N, K, D]
+        let norm = norm_keep(&xf)?; // [N, K, 1]
+        let y = p.rot.forward(&safe_div(&xf, &norm)?)?; // unit, rotated [N, K, D]
+        let (codes, c) = quantize(&y, &p.book)?;
+        let stored = match self.norm_mode {
+            NormMode::Raw => norm.clone(),
+            NormMode::Preserve => safe_div(&norm, &norm_keep(&c)?)?,
+        };
+        let mut out = vec![pack(&codes, self.mse_bits())?, stored.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?];
+        if self.qjl {
+            let r = y.subtract(&c)?; // [N, K, D]
+            let proj = matmul(&r, Self::s_matrix(&p, d).t())?; // S r
+            let signs = proj.ge(Array::from_f32(0.0))?.as_dtype(Dtype::Uint32)?;
+            out.push(pack(&signs, 1)?);
+            out.push(norm_keep(&r)?.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?);
+        }
+        Ok(out)
+    }
+
+    /// [B, T, K, ..] -> [B, K, T, D]
+    fn decode(&self, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let d = dims.head_dim;
+        let p = self.prepared(d)?;
+        let (mut c, sg) = self.unpack_all(comps, &p, d)?; // [B, T, K, D]
+        if let Some(sg) = sg {
+            // r̂ = sqrt(π/2)/D · ||r|| · Sᵀ sign(S r)
+            let rn = comps[3].as_dtype(Dtype::Float32)?.expand_dims(-1)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
+            c = c.add(matmul(&sg, Self::s_matrix(&p, d))?.multiply(&rn)?)?;
+        }
+        let norm = comps[1].as_dtype(Dtype::Float32)?.expand_dims(-1)?; // [B, T, K, 1]
+        let x = p.rot.inverse(&c)?.multiply(&norm)?;
+        Ok(x.transpose_axes(&[0, 2, 1, 3])?.as_dtype(dims.dtype)?)
+    }
+
+    /// q [B, H, L, D] -> float32 [B, H, L, T]: `(q R)·ĉ · norm` (+ QJL term).
+    fn scores(&self, q: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let d = dims.head_dim;
+        let p = self.prepared(d)?;
+        let (c, sg) = self.unpack_all(comps, &p, d)?; // [B, T, K, D]
+        let qr = p.rot.forward(q)?; // [B, H, L, D]
+        let mut s = gqa_matmul(&qr, &c.transpose_axes(&[0, 2, 3, 1])?)?; // [B, H, L, T]
+        if let Some(sg) = sg {
+            let qs = matmul(&qr, Self::s_matrix(&p, d).t())?; // S z
+            let s2 = gqa_matmul(&qs, &sg.transpose_axes(&[0, 2, 3, 1])?)?;
+            let rn = comps[3].as_dtype(Dtype::Float32)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
+            s = s.add(per_kv(&s2, &rn)?)?;
+        }
+        per_kv(&s, &comps[1])
+    }
+
+    /// p [B, H, L, T] -> [B, H, L, D]: `(Σ_t p·norm·ĉ) Rᵀ`, one inverse rotation per head.
+    fn mix(&self, p: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let d = dims.head_dim;
+        let prep = self.prepared(d)?;
+        let (c, sg) = self.unpack_all(comps, &prep, d)?; // [B, T, K, D]
+        let pf = p.as_dtype(Dtype::Float32)?;
+        let norm = comps[1].as_dtype(Dtype::Float32)?; // [B, T, K]
+        let mut out = gqa_matmul(&per_kv(&pf, &norm)?, &c.transpose_axes(&[0, 2, 1, 3])?)?; // [B, H, L, D]
+        if let Some(sg) = sg {
+            let w = norm.multiply(&comps[3].as_dtype(Dtype::Float32)?)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
+            let acc = gqa_matmul(&per_kv(&pf, &w)?, &sg.transpose_axes(&[0, 2, 1, 3])?)?; // Σ p w sign
+            out = out.add(matmul(&acc, Self::s_matrix(&prep, d))?)?;
+        }
+        Ok(prep.rot.inverse(&out)?.as_dtype(p.dtype())?)
+    }
+}
