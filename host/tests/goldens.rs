@@ -24,6 +24,11 @@ fn tiny_models_match_mlx_lm() {
             assert!(paths.iter().any(|p| p.ends_with(&name)), "missing golden {name} (make_fp_goldens.py)");
         }
     }
+    // Gemma 3: local (8-token window, shorter than the prompts) and global
+    // layers, tied and untied head, float32 and affine 4/8 bits.
+    for name in ["gemma3_text-f32", "gemma3_text-q4-g64", "gemma3_text-q8-g64", "gemma3_text-untied-f32"] {
+        assert!(paths.iter().any(|p| p.ends_with(format!("{name}.json"))), "missing golden {name} (make_goldens.py gemma3_text)");
+    }
     let mut tally = Tally::default();
     for path in &paths {
         let golden: Golden = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

@@ -308,6 +308,50 @@ def golden(name, model):
     return min_margin, max_dev
 
 
+# Gemma 3 (mlx_lm.models.gemma3_text). Four layers with sliding_window_pattern
+# 3 (local, local, global, local) and a window of 8 tokens, shorter than the
+# longer prompts, so the window changes the result; query_pre_attn_scalar
+# differs from head_dim, the local and global RoPE bases differ and the
+# global layers have linear rope_scaling. Gemma 3 checkpoints ship without
+# `lm_head` (tied: mlx-lm's sanitize pops it); "-untied" keeps one.
+from mlx_lm.models import gemma3_text  # noqa: E402
+
+
+class gemma3_text_tied:
+    ModelArgs = gemma3_text.ModelArgs
+
+    @staticmethod
+    def Model(args):
+        model = gemma3_text.Model(args)
+        model.sanitize({})  # no lm_head.weight: tied, as mlx-lm loads it
+        return model
+
+
+GEMMA3_TEXT = {
+    **{k: v for k, v in COMMON.items() if k != "hidden_act"},
+    "model_type": "gemma3_text",
+    "architectures": ["Gemma3ForCausalLM"],
+    "hidden_size": 128,  # sqrt(128) is not a bfloat16: the embedding scale rounds
+    "num_hidden_layers": 4,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 8,
+    "sliding_window_pattern": 3,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    "hidden_activation": "gelu_pytorch_tanh",
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "tie_word_embeddings": True,
+}
+ARCHS["gemma3_text"] = (gemma3_text_tied, GEMMA3_TEXT, 5670)
+ARCHS["gemma3_text-untied"] = (gemma3_text, {**GEMMA3_TEXT, "tie_word_embeddings": False}, 5671)
+QUANT_SUBSET["gemma3_text"] = ["q4-g64", "q8-g64"]
+QUANT_SUBSET["gemma3_text-untied"] = []
+
+
 def main():
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
