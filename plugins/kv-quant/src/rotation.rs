@@ -144,7 +144,7 @@ impl Rotation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// forward(I) as a row-major [d, d] matrix.
@@ -166,7 +166,7 @@ mod tests {
         // inverse undoes forward
         let x = Array::from_iter((0..3 * d).map(|i| ((i * 37 % 11) as f32) - 5.0), &[3, d]);
         let back = r.inverse(&r.forward(&x).unwrap()).unwrap();
-        let diff = back.subtract(&x).unwrap().abs().unwrap().max(None).unwrap().item::<f32>();
+        let diff = back.subtract(&x).unwrap().abs().unwrap().max(None).unwrap().item_cast::<f32>();
         assert!(diff < 1e-4, "{diff}");
     }
 
