@@ -25,6 +25,17 @@ pub struct Settings {
     /// (also `true`), off (also `false`).
     #[serde(default = "default_dequantize", deserialize_with = "bool_or_string")]
     pub dequantize: String,
+    /// KV-cache family of keys and values (`f16`, `q8`, `q4`, `turbo3`, ...,
+    /// `rmlx plugins` lists them): unset (or `auto`) is the dense family of
+    /// the model's activation dtype.
+    #[serde(default)]
+    pub kv_cache: Option<String>,
+    /// The keys' family, over `kv_cache`.
+    #[serde(default)]
+    pub kv_cache_k: Option<String>,
+    /// The values' family, over `kv_cache`.
+    #[serde(default)]
+    pub kv_cache_v: Option<String>,
     pub server: ServerSettings,
     pub generate: GenerateSettings,
 }
@@ -139,6 +150,9 @@ impl Default for Settings {
             memory_limit_gb: None,
             dtype: default_dtype(),
             dequantize: default_dequantize(),
+            kv_cache: None,
+            kv_cache_k: None,
+            kv_cache_v: None,
             server: ServerSettings {
                 host: "127.0.0.1".into(),
                 port: 8080,

@@ -17,6 +17,11 @@ pub fn init(settings: &Settings) -> Result<()> {
     let dtype = policy::ComputeDtype::parse(&settings.dtype)?;
     let dequantize = policy::Dequantize::parse(&settings.dequantize)?;
     policy::set_setting(policy::PolicySetting { dtype, dequantize });
+    crate::engine::kv_family::set_default(crate::engine::kv_family::KvChoice::from_flags(
+        settings.kv_cache.as_deref(),
+        settings.kv_cache_k.as_deref(),
+        settings.kv_cache_v.as_deref(),
+    ));
     Ok(())
 }
 

@@ -45,6 +45,17 @@ pub struct LoadFlags {
     /// weights fit), on (the bare flag), off; values need `=`: --dequantize=off [default: auto]
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "on", value_name = "auto|on|off")]
     pub dequantize: Option<String>,
+    /// KV-cache family for keys and values: f16, bf16, f32, fp8, q8, q4, q2,
+    /// turbo4, turbo3, ... (`rmlx plugins` lists them) [default: auto, the
+    /// dense family of the model's activation dtype]
+    #[arg(long, value_name = "NAME")]
+    pub kv_cache: Option<String>,
+    /// KV-cache family for keys only (over --kv-cache)
+    #[arg(long, value_name = "NAME")]
+    pub kv_cache_k: Option<String>,
+    /// KV-cache family for values only (over --kv-cache)
+    #[arg(long, value_name = "NAME")]
+    pub kv_cache_v: Option<String>,
 }
 
 /// The same flags before the command (`rmlx --dtype float32 serve`), as
@@ -59,6 +70,8 @@ pub struct Before {
     pub dtype: Option<String>,
     #[arg(long = "dequantize", id = "before_dequantize", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "on")]
     pub dequantize: Option<String>,
+    #[arg(skip)]
+    pub kv_cache: [Option<String>; 3],
 }
 
 /// A command's own arguments followed by the shared flag group it takes.
@@ -78,6 +91,9 @@ impl Before {
         self.plugins = g.plugins.or(self.plugins);
         self.dtype = g.dtype.or(self.dtype);
         self.dequantize = g.dequantize.or(self.dequantize);
+        for (mine, theirs) in self.kv_cache.iter_mut().zip(g.kv_cache) {
+            *mine = theirs.or(mine.take());
+        }
         self
     }
 }
@@ -96,7 +112,13 @@ impl From<PluginFlags> for Before {
 
 impl From<LoadFlags> for Before {
     fn from(f: LoadFlags) -> Self {
-        Before { config: f.config, plugins: f.plugins, dtype: f.dtype, dequantize: f.dequantize }
+        Before {
+            config: f.config,
+            plugins: f.plugins,
+            dtype: f.dtype,
+            dequantize: f.dequantize,
+            kv_cache: [f.kv_cache, f.kv_cache_k, f.kv_cache_v],
+        }
     }
 }
 

@@ -78,6 +78,11 @@ pub fn run() -> Result<()> {
     if let Some(d) = &g.dequantize {
         flags["dequantize"] = d.clone().into();
     }
+    for (key, v) in ["kv_cache", "kv_cache_k", "kv_cache_v"].into_iter().zip(&g.kv_cache) {
+        if let Some(v) = v {
+            flags[key] = v.clone().into();
+        }
+    }
     if let Command::Serve(a) = &cli.command {
         crate::logging::init(&serve::log_options(&a.args))?;
         flags["server"] = serve::flags(&a.args)?;

@@ -50,6 +50,29 @@ pub fn markdown_table(reg: &crate::plugins::Registry) -> String {
     out
 }
 
+/// Every KV-cache family with its storage bits per cached value (all of its
+/// components, scales and norms included) for heads of 64 and 128 dims with
+/// float16 activations, as the family's codec declares its slot layout.
+fn kv_families(reg: &crate::plugins::Registry) -> Vec<serde_json::Value> {
+    use rmlx_plugin_api::author::kv::{Component, LayerDims};
+    reg.kv_family_names()
+        .into_iter()
+        .map(|name| {
+            let bits = |head_dim: i32| -> serde_json::Value {
+                let dims = LayerDims { kv_heads: 8, head_dim, dtype: mlx_rs::Dtype::Float16 };
+                match reg.kv_codec(&name).and_then(|c| Ok(c.try_components(&dims)?)) {
+                    Ok(cs) => {
+                        let bytes: usize = cs.iter().map(Component::bytes_per_slot).sum();
+                        serde_json::json!((bytes * 8) as f64 / (8 * head_dim) as f64)
+                    }
+                    Err(e) => serde_json::json!(format!("error: {e:#}")),
+                }
+            };
+            serde_json::json!({"name": name, "bits_per_value_d128": bits(128), "bits_per_value_d64": bits(64)})
+        })
+        .collect()
+}
+
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
     let dir = settings.plugins_dir();
     let reg = crate::plugins::Registry::load(&dir)?;
@@ -72,7 +95,10 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
                 v
             })
             .collect();
-        println!("{}", serde_json::json!({"dir": dir, "plugins": plugins, "refused": refused}));
+        println!(
+            "{}",
+            serde_json::json!({"dir": dir, "plugins": plugins, "kv_families": kv_families(&reg), "refused": refused})
+        );
         return Ok(());
     }
     println!("plugins in {}", dir.display());

@@ -422,7 +422,7 @@ impl BlockManager {
         parent: Option<u64>,
         depth: usize,
         tokens: Vec<u32>,
-        kv: &[(Array, Array)],
+        kv: &[Array],
     ) -> bool {
         if self.cache.contains_key(&h) {
             return true;
@@ -592,16 +592,16 @@ mod tests {
     use super::*;
 
     fn mgr(block: usize, total: usize, sig: &str) -> BlockManager {
-        BlockManager::new(KvPool::new(1, 1, 2, block, total), sig)
+        BlockManager::new(super::super::kv_pool::test_pool(1, 1, 2, block, total), sig)
     }
 
-    /// One layer's (keys, values) [1, 1, block, 2] filled with x and -x.
-    fn data(x: f32, block: usize) -> Vec<(Array, Array)> {
+    /// One layer's keys and values [block, 1, 2] filled with x and -x.
+    fn data(x: f32, block: usize) -> Vec<Array> {
         let n = 2 * block;
-        vec![(
-            Array::from_slice(&vec![x; n], &[1, 1, block as i32, 2]),
-            Array::from_slice(&vec![-x; n], &[1, 1, block as i32, 2]),
-        )]
+        vec![
+            Array::from_slice(&vec![x; n], &[block as i32, 1, 2]),
+            Array::from_slice(&vec![-x; n], &[block as i32, 1, 2]),
+        ]
     }
 
     #[test]
@@ -695,8 +695,7 @@ mod tests {
         assert_eq!((s.ssd_reads, s.prefix_hits, s.cached_blocks), (2, 1, 2));
         let back = m.pool.read_block(hit[1]).unwrap();
         assert_eq!(
-            back[0]
-                .1
+            back[1]
                 .as_dtype(mlx_rs::Dtype::Float32)
                 .unwrap()
                 .as_slice::<f32>(),

@@ -2,61 +2,96 @@
 //! every sequence of a model, and `PagedForward`, the `Attention` one batched
 //! forward sees.
 //!
-//! Layout (docs/KV_CACHE.md): per layer, keys and values are each one array
-//! `[capacity_blocks * block_size, kv_heads, head_dim]`; physical block `b`
-//! is slots `b * block_size .. (b + 1) * block_size`, and a token at position
+//! What a slot holds is the KV family's (plugin-api `kv_codec`): each side
+//! (keys, values) has a codec that names its component arrays (the dense
+//! family: the vectors as they are; `q4`: packed codes, scales and biases;
+//! `turbo3`: codes and norms). Per layer and component the pool holds one
+//! array `[capacity_blocks * block_size, ...shape]`; physical block `b` is
+//! slots `b * block_size .. (b + 1) * block_size`, and a token at position
 //! `p` of a sequence lives in slot `table[p / block_size] * block_size + p %
 //! block_size`. The block manager hands out block ids; this file only stores.
 //!
 //! One attention call per layer for the whole batch: the new tokens' k/v are
-//! scattered into their slots (in place: the pool array is only referenced by
-//! the scatter), every row's context is gathered through its block table into
-//! `[B, kv_heads, L_ctx, head_dim]` (rows padded to the longest; padding
-//! reads slot 0 and is masked), then one `scaled_dot_product_attention` with
-//! a mask that is causal per row, stops at each row's length, and applies the
-//! layer's sliding window when it has one.
+//! encoded by the codecs and scattered into their slots (in place: the pool
+//! arrays are only referenced by the scatter), then the family attends over
+//! the pools read through the rows' block tables (rows padded to the longest;
+//! padding reads block 0 and is masked) with a mask that is causal per row,
+//! stops at each row's length, and applies the layer's sliding window when it
+//! has one. Keys and values of one family: that family's `attend` (the dense
+//! family: MLX's fused sdpa). Of two: the composed path (`scores`, softmax,
+//! `mix`).
 use mlx_rs::{
-    fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{
         concatenate,
-        indexing::{scatter_single, take_axis, TryIndexOp},
+        indexing::{scatter_single, TryIndexOp},
         zeros_dtype,
     },
-    Array, Dtype,
+    Array,
 };
-use rmlx_plugin_api::{AttendOptions, Attention, PluginError};
+#[cfg(test)]
+use mlx_rs::Dtype;
+use rmlx_plugin_api::{
+    author::kv::{composed_attend, AttendOpts, Component, KvCodecImpl, LayerDims, Paged},
+    AttendOptions, Attention, PluginError,
+};
 use std::collections::HashMap;
+use std::rc::Rc;
 
-/// A model's KV blocks: per layer (keys, values) `[slots, kv_heads, hd]`.
+/// One side (keys or values) of a model's KV cache: the family's codec and
+/// the layout it gives this model's layers.
+#[derive(Clone)]
+pub struct KvSide {
+    /// The family's name, as users type it (`f16`, `q4`, `turbo3`, ...).
+    pub family: String,
+    pub codec: Rc<dyn KvCodecImpl>,
+    pub dims: LayerDims,
+    pub comps: Vec<Component>,
+}
+
+impl KvSide {
+    pub fn new(family: &str, codec: Rc<dyn KvCodecImpl>, dims: LayerDims) -> Result<Self, PluginError> {
+        let comps = codec.components(&dims);
+        if comps.is_empty() {
+            return Err(PluginError::other(format!("KV family `{family}` declares no component arrays")));
+        }
+        Ok(Self { family: family.into(), codec, dims, comps })
+    }
+    /// Bytes one slot takes in one layer.
+    pub fn bytes_per_slot(&self) -> usize {
+        self.comps.iter().map(Component::bytes_per_slot).sum()
+    }
+}
+
+/// A block's data, as the SSD tier stores it: per layer, the keys'
+/// components then the values', each `[block_size, ...shape]`.
+pub type BlockData = Vec<Array>;
+
+/// A model's KV blocks: per layer, the component arrays of keys and values.
 pub struct KvPool {
     pub block_size: usize,
     /// The pool never grows past this many blocks (the KV budget).
     pub max_blocks: usize,
-    kv_heads: i32,
-    head_dim: i32,
-    layers: Vec<Option<(Array, Array)>>,
+    pub k: KvSide,
+    pub v: KvSide,
+    layers: Vec<Option<(Vec<Array>, Vec<Array>)>>,
     /// Blocks every layer will hold once it is next touched (grown lazily).
     cap_blocks: usize,
-    dtype: Option<Dtype>,
 }
 
 impl KvPool {
-    pub fn new(
-        num_layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        block_size: usize,
-        max_blocks: usize,
-    ) -> Self {
-        Self {
-            block_size,
-            max_blocks,
-            kv_heads: kv_heads as i32,
-            head_dim: head_dim as i32,
-            layers: vec![None; num_layers],
-            cap_blocks: 0,
-            dtype: None,
-        }
+    pub fn new(num_layers: usize, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> Self {
+        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], cap_blocks: 0 }
+    }
+
+    /// Bytes one token takes over all layers, keys and values (what the
+    /// arrays really hold per slot).
+    pub fn bytes_per_token(&self) -> usize {
+        self.layers.len() * (self.k.bytes_per_slot() + self.v.bytes_per_slot())
+    }
+
+    /// The families' key in prefix-cache and SSD signatures.
+    pub fn family_key(&self) -> String {
+        family_key(&self.k, &self.v)
     }
 
     /// Blocks the arrays hold (or will, once touched).
@@ -79,27 +114,32 @@ impl KvPool {
     /// Layer `l`'s arrays, grown to the capacity (created at the first
     /// touch). They stay in the pool: the caller computes new arrays from
     /// these and stores them with `put`, so an error or a panic before the
-    /// `put` leaves the layer as it was (never recreated as zeros). The first
-    /// dtype seen is the pool's.
-    fn layer(&mut self, l: usize, dtype: Dtype) -> Result<&(Array, Array), PluginError> {
-        let dtype = *self.dtype.get_or_insert(dtype);
+    /// `put` leaves the layer as it was (never recreated as zeros).
+    fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
         let slots = (self.cap_blocks * self.block_size) as i32;
-        let (kh, hd) = (self.kv_heads, self.head_dim);
+        let (kc, vc) = (&self.k.comps, &self.v.comps);
         let slot = self
             .layers
             .get_mut(l)
             .ok_or_else(|| PluginError::other(format!("attention layer {l} out of range")))?;
-        let zeros = |n: i32| zeros_dtype(&[n, kh, hd], dtype);
+        let zeros = |c: &Component, n: i32| {
+            let mut shape = vec![n];
+            shape.extend(&c.shape);
+            zeros_dtype(&shape, c.dtype)
+        };
+        let grow = |have: &[Array], comps: &[Component]| -> Result<Vec<Array>, PluginError> {
+            have.iter()
+                .zip(comps)
+                .map(|(a, c)| Ok(concatenate(&[a.clone(), zeros(c, slots - a.dim(0))?], 0)?))
+                .collect()
+        };
         let grown = match slot.as_ref() {
-            Some((k, _)) if k.dim(0) >= slots => None,
-            Some((k, v)) => {
-                let add = slots - k.dim(0);
-                Some((
-                    concatenate(&[k.clone(), zeros(add)?], 0)?,
-                    concatenate(&[v.clone(), zeros(add)?], 0)?,
-                ))
-            }
-            None => Some((zeros(slots)?, zeros(slots)?)),
+            Some((k, _)) if k[0].dim(0) >= slots => None,
+            Some((k, v)) => Some((grow(k, kc)?, grow(v, vc)?)),
+            None => Some((
+                kc.iter().map(|c| zeros(c, slots)).collect::<Result<Vec<_>, _>>()?,
+                vc.iter().map(|c| zeros(c, slots)).collect::<Result<Vec<_>, _>>()?,
+            )),
         };
         if let Some(kv) = grown {
             *slot = Some(kv);
@@ -108,56 +148,50 @@ impl KvPool {
     }
 
     /// Stores layer `l`'s new arrays (computed from `layer`'s).
-    fn put(&mut self, l: usize, kv: (Array, Array)) {
+    fn put(&mut self, l: usize, kv: (Vec<Array>, Vec<Array>)) {
         self.layers[l] = Some(kv);
     }
 
-    /// Copies of block `b`'s data, per layer (keys, values) `[1, kv_heads,
-    /// block, hd]` (lazy; the SSD tier evaluates them at once).
-    pub fn read_block(&self, b: u32) -> anyhow::Result<Vec<(Array, Array)>> {
-        let (s, e) = (
-            (b as usize * self.block_size) as i32,
-            ((b as usize + 1) * self.block_size) as i32,
-        );
-        let mut out = Vec::with_capacity(self.layers.len());
+    /// Copies of block `b`'s data (lazy; the SSD tier evaluates them at once).
+    pub fn read_block(&self, b: u32) -> anyhow::Result<BlockData> {
+        let (s, e) = ((b as usize * self.block_size) as i32, ((b as usize + 1) * self.block_size) as i32);
+        let mut out = Vec::new();
         for l in &self.layers {
-            let (k, v) = l
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("KV pool layer is empty"))?;
-            if k.dim(0) < e {
-                anyhow::bail!("KV block {b} is past the pool");
+            let (k, v) = l.as_ref().ok_or_else(|| anyhow::anyhow!("KV pool layer is empty"))?;
+            for x in k.iter().chain(v) {
+                if x.dim(0) < e {
+                    anyhow::bail!("KV block {b} is past the pool");
+                }
+                out.push(x.try_index(s..e)?);
             }
-            let one = |x: &Array| -> anyhow::Result<Array> {
-                Ok(x.try_index((s..e, .., ..))?
-                    .transpose_axes(&[1, 0, 2])?
-                    .expand_dims_axes(&[0])?)
-            };
-            out.push((one(k)?, one(v)?));
         }
         Ok(out)
     }
 
-    /// Writes block `b` from per-layer (keys, values) `[1, kv_heads, block,
-    /// hd]` (a block read back from the SSD tier).
-    pub fn write_block(&mut self, b: u32, kv: &[(Array, Array)]) -> anyhow::Result<()> {
-        if kv.len() != self.layers.len() {
-            anyhow::bail!(
-                "a KV block has {} layers, the model {}",
-                kv.len(),
-                self.layers.len()
-            );
+    /// Writes block `b` from a block's data (a block read back from the SSD tier).
+    pub fn write_block(&mut self, b: u32, data: &[Array]) -> anyhow::Result<()> {
+        let (nk, nv) = (self.k.comps.len(), self.v.comps.len());
+        if data.len() != self.layers.len() * (nk + nv) {
+            anyhow::bail!("a KV block has {} arrays, the pool {} per block", data.len(), self.layers.len() * (nk + nv));
         }
         self.reserve(b as usize);
         let idx = Array::from_slice(&self.slots_of(b), &[self.block_size as i32]);
-        for (l, (k, v)) in kv.iter().enumerate() {
-            let dt = *self.dtype.get_or_insert(k.dtype());
-            let upd = |x: &Array| -> anyhow::Result<Array> {
-                // [1, K, T, hd] -> [T, 1, K, hd]
-                Ok(x.as_dtype(dt)?.transpose_axes(&[2, 0, 1, 3])?)
+        let (kc, vc) = (self.k.comps.clone(), self.v.comps.clone());
+        for l in 0..self.layers.len() {
+            let part = &data[l * (nk + nv)..(l + 1) * (nk + nv)];
+            let (pk, pv) = self.layer(l)?;
+            let upd = |pool: &[Array], comps: &[Component], xs: &[Array]| -> anyhow::Result<Vec<Array>> {
+                pool.iter()
+                    .zip(comps)
+                    .zip(xs)
+                    .map(|((p, c), x)| {
+                        let mut shape = vec![x.dim(0), 1];
+                        shape.extend(&c.shape);
+                        Ok(scatter_single(p, &idx, x.as_dtype(c.dtype)?.reshape(&shape)?, 0)?)
+                    })
+                    .collect()
             };
-            let (uk, uv) = (upd(k)?, upd(v)?);
-            let (pk, pv) = self.layer(l, dt)?;
-            let new = (scatter_single(pk, &idx, uk, 0)?, scatter_single(pv, &idx, uv, 0)?);
+            let new = (upd(pk, &kc, &part[..nk])?, upd(pv, &vc, &part[nk..])?);
             self.put(l, new);
         }
         Ok(())
@@ -170,11 +204,37 @@ impl KvPool {
 
     /// All layers' arrays, to evaluate after writes that no forward follows.
     pub fn arrays(&self) -> Vec<&Array> {
-        self.layers
-            .iter()
-            .flatten()
-            .flat_map(|(k, v)| [k, v])
-            .collect()
+        self.layers.iter().flatten().flat_map(|(k, v)| k.iter().chain(v)).collect()
+    }
+}
+
+/// A float32 pool whose slots hold the vectors as they are (the dense
+/// family, without its plugin), for tests.
+#[cfg(test)]
+pub(crate) fn test_pool(layers: usize, kv_heads: i32, head_dim: i32, block: usize, max_blocks: usize) -> KvPool {
+    struct Plain;
+    impl KvCodecImpl for Plain {
+        fn components(&self, d: &LayerDims) -> Vec<Component> {
+            vec![Component::new("x", Dtype::Float32, &[d.kv_heads, d.head_dim])]
+        }
+        fn encode(&self, x: &Array, _: &LayerDims) -> Result<Vec<Array>, PluginError> {
+            Ok(vec![x.as_dtype(Dtype::Float32)?])
+        }
+        fn decode(&self, c: &[Array], d: &LayerDims) -> Result<Array, PluginError> {
+            Ok(c[0].transpose_axes(&[0, 2, 1, 3])?.as_dtype(d.dtype)?)
+        }
+    }
+    let dims = LayerDims { kv_heads, head_dim, dtype: Dtype::Float32 };
+    let side = KvSide::new("f32", Rc::new(Plain), dims).unwrap();
+    KvPool::new(layers, side.clone(), side, block, max_blocks)
+}
+
+/// `k` and `v`'s families as one key: `f16`, or `q8/turbo3` when they differ.
+pub fn family_key(k: &KvSide, v: &KvSide) -> String {
+    if k.family == v.family {
+        k.family.clone()
+    } else {
+        format!("{}/{}", k.family, v.family)
     }
 }
 
@@ -191,10 +251,10 @@ pub struct PagedForward<'a> {
     len: usize,
     /// int32 [B * len]: the slots the new tokens go to (row-major).
     write: Array,
-    /// int32 [B * blocks]: per row, its table's first `blocks` entries, the
+    /// int32 [B, blocks]: per row, its table's first `blocks` entries, the
     /// blocks holding positions 0..ctx (padding: block 0). Gathering whole
     /// blocks takes one index per block, not one per token.
-    gather: Array,
+    tables: Array,
     /// Positions gathered per row: the longest row's blocks x block size.
     ctx: usize,
     /// With one row: its exact context length (the gather is cut to it).
@@ -234,7 +294,7 @@ impl<'a> PagedForward<'a> {
             offsets: rows.iter().map(|r| r.offset as i32).collect(),
             len,
             write: Array::from_slice(&write, &[b * len as i32]),
-            gather: Array::from_slice(&gather, &[b * nblk as i32]),
+            tables: Array::from_slice(&gather, &[b, nblk as i32]),
             ctx,
             exact: (rows.len() == 1).then(|| rows[0].offset + len),
             masks: HashMap::new(),
@@ -306,60 +366,62 @@ impl super::attend::KvStore for PagedForward<'_> {
                 self.len
             )));
         }
-        if kh != self.pool.kv_heads || hd != self.pool.head_dim || v.shape() != k.shape() {
+        let (kd, vd) = (self.pool.k.dims, self.pool.v.dims);
+        if kh != kd.kv_heads || hd != kd.head_dim || v.dim(0) != b || v.dim(1) != vd.kv_heads || v.dim(2) != l || v.dim(3) != vd.head_dim {
             return Err(PluginError::other(format!(
                 "attention got k {:?} and v {:?}: they do not fit the KV pool ({} kv heads of {} dims)",
                 k.shape(),
                 v.shape(),
-                self.pool.kv_heads,
-                self.pool.head_dim
+                kd.kv_heads,
+                kd.head_dim
             )));
         }
-        let dt = *self.pool.dtype.get_or_insert(k.dtype());
-        // [B, K, L, hd] -> [B*L, 1, K, hd]: one update per slot.
-        let upd = |x: &Array| -> Result<Array, PluginError> {
-            Ok(x.as_dtype(dt)?
-                .transpose_axes(&[0, 2, 1, 3])?
-                .reshape(&[b * l, 1, kh, hd])?)
+        // [B, K, L, hd] -> [B*L, K, hd] -> components [B*L, ...] -> [B*L, 1, ...]: one update per slot.
+        let encode = |side: &KvSide, x: &Array| -> Result<Vec<Array>, PluginError> {
+            let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, x.dim(1), x.dim(3)])?;
+            let comps = side.codec.encode(&x, &side.dims)?;
+            if comps.len() != side.comps.len() {
+                return Err(PluginError::other(format!(
+                    "KV family `{}` encoded {} arrays for {} components",
+                    side.family,
+                    comps.len(),
+                    side.comps.len()
+                )));
+            }
+            comps
+                .into_iter()
+                .zip(&side.comps)
+                .map(|(a, c)| {
+                    let mut shape = vec![b * l, 1];
+                    shape.extend(&c.shape);
+                    Ok(a.as_dtype(c.dtype)?.reshape(&shape)?)
+                })
+                .collect()
         };
-        let (uk, uv) = (upd(&k)?, upd(&v)?);
+        let (uk, uv) = (encode(&self.pool.k, &k)?, encode(&self.pool.v, &v)?);
         // The layer stays in the pool until the new arrays replace it: an
         // error here (a k/v that does not fit the pool) leaves it as it was.
-        let (pk, pv) = self.pool.layer(layer as usize, dt)?;
-        let (pk, pv) = (scatter_single(pk, &self.write, uk, 0)?, scatter_single(pv, &self.write, uv, 0)?);
+        let (pk, pv) = self.pool.layer(layer as usize)?;
+        let scatter = |pool: &[Array], upd: Vec<Array>| -> Result<Vec<Array>, PluginError> {
+            pool.iter().zip(upd).map(|(p, u)| Ok(scatter_single(p, &self.write, u, 0)?)).collect()
+        };
+        let (pk, pv) = (scatter(pk, uk)?, scatter(pv, uv)?);
         self.pool.put(layer as usize, (pk.clone(), pv.clone()));
-        // pool [blocks, block*K*hd] -> [B*nblk, block*K*hd] -> [B, K, ctx, hd]
-        let (ctx, bs) = (self.ctx as i32, self.pool.block_size as i32);
         let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
-        let gather = |p: &Array| -> Result<Array, PluginError> {
-            let blocks = p.reshape(&[p.dim(0) / bs, bs * kh * hd])?;
-            let x = take_axis(&blocks, &self.gather, 0)?.reshape(&[b, ctx, kh, hd])?.transpose_axes(&[0, 2, 1, 3])?;
-            Ok(match cut {
-                Some(e) => x.try_index((.., .., ..e as i32, ..))?,
-                None => x,
-            })
+        let mask = self.mask(opts.window);
+        let paged = Paged {
+            tables: &self.tables,
+            block_size: self.pool.block_size as i32,
+            ctx: cut.unwrap_or(self.ctx) as i32,
+            mask: mask.as_ref(),
+            opts: AttendOpts::plain(opts.scale),
         };
-        let (keys, values) = (gather(&pk)?, gather(&pv)?);
-        let (keys, values) = if q.dtype() != dt {
-            (keys.as_dtype(q.dtype())?, values.as_dtype(q.dtype())?)
+        let (ks, vs) = (&self.pool.k, &self.pool.v);
+        if ks.family == vs.family {
+            ks.codec.attend(&q, &pk, &pv, &paged, &kd, &vd)
         } else {
-            (keys, values)
-        };
-        let out = match self.mask(opts.window) {
-            Some(m) => scaled_dot_product_attention(
-                &q,
-                &keys,
-                &values,
-                opts.scale,
-                ScaledDotProductAttentionMask::Array(&m),
-                None,
-            )?,
-            None => {
-                let causal = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-                scaled_dot_product_attention(&q, &keys, &values, opts.scale, causal, None)?
-            }
-        };
-        Ok(out)
+            composed_attend(&*ks.codec, &*vs.codec, &q, &pk, &pv, &paged, &kd, &vd)
+        }
     }
 }
 
@@ -367,7 +429,10 @@ impl super::attend::KvStore for PagedForward<'_> {
 mod tests {
     use super::*;
     use super::super::attend::KvStore;
-    use mlx_rs::random;
+    use mlx_rs::{
+        fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
+        random,
+    };
 
     /// Reference: attention of one row over its contiguous k/v history.
     fn reference(q: &Array, k: &Array, v: &Array, window: u32) -> Array {
@@ -411,12 +476,12 @@ mod tests {
             let r = |heads: i32| random::normal::<f32>(&[b, heads, l, hd], None, None, None).unwrap();
             (r(h), r(kh), r(kh))
         };
-        let mut pool = KvPool::new(1, kh as usize, hd as usize, bs, 64);
+        let mut pool = test_pool(1, kh, hd, bs, 64);
         let tables = [vec![5u32, 1, 7, 2], vec![0u32, 6, 3, 4]];
         let prompt = [6i32, 9];
         let mut hist: Vec<(Array, Array)> = Vec::new();
         for window in [0u32, 3] {
-            let mut pool_w = KvPool::new(1, kh as usize, hd as usize, bs, 64);
+            let mut pool_w = test_pool(1, kh, hd, bs, 64);
             let pool = if window == 0 { &mut pool } else { &mut pool_w };
             hist.clear();
             // prefill each row alone
@@ -454,9 +519,9 @@ mod tests {
         let a = pool.read_block(1).unwrap();
         pool.write_block(9, &a).unwrap();
         let b = pool.read_block(9).unwrap();
-        close(&a[0].0, &b[0].0);
-        close(&a[0].1, &b[0].1);
-        assert_eq!(a[0].0.shape(), &[1, kh, bs as i32, hd]);
+        close(&a[0], &b[0]);
+        close(&a[1], &b[1]);
+        assert_eq!(a[0].shape(), &[bs as i32, kh, hd]);
     }
 
     /// A write that fails in the middle of a forward (keys that do not fit
@@ -465,7 +530,7 @@ mod tests {
     fn a_failed_write_leaves_the_pool_as_it_was() {
         let (h, kh, hd, bs) = (4, 2, 8, 4);
         let r = |heads: i32, l: i32, d: i32| random::normal::<f32>(&[1, heads, l, d], None, None, None).unwrap();
-        let mut pool = KvPool::new(1, kh as usize, hd as usize, bs, 16);
+        let mut pool = test_pool(1, kh, hd, bs, 16);
         let table = vec![3u32];
         let (q, k, v) = (r(h, 2, hd), r(kh, 2, hd), r(kh, 2, hd));
         attend(&mut pool, &[Row { table: &table, offset: 0 }], &q, &k, &v, 0);
@@ -476,18 +541,18 @@ mod tests {
         assert!(format!("{:?}", bad.err()).contains("do not fit the KV pool"));
         drop(f);
         let after = pool.read_block(3).unwrap();
-        close(&before[0].0, &after[0].0);
-        close(&before[0].1, &after[0].1);
+        close(&before[0], &after[0]);
+        close(&before[1], &after[1]);
         // And the pool goes on: the next write lands beside the first.
         attend(&mut pool, &rows, &q, &k, &v, 0);
         let kept = pool.read_block(3).unwrap();
-        let first = |x: &Array| x.try_index((.., .., 0..2, ..)).unwrap();
-        close(&first(&before[0].0), &first(&kept[0].0));
+        let first = |x: &Array| x.try_index(0..2).unwrap();
+        close(&first(&before[0]), &first(&kept[0]));
     }
 
     #[test]
     fn capacity_doubles_within_the_budget() {
-        let mut p = KvPool::new(1, 1, 1, 4, 40);
+        let mut p = test_pool(1, 1, 1, 4, 40);
         p.reserve(0);
         assert_eq!(p.capacity(), 16);
         p.reserve(16);

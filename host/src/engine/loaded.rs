@@ -1,5 +1,6 @@
 //! A model built by its architecture plugin from a model directory.
 use crate::model::{policy::LoadPolicy, quant::Quant, weights::HostWeights, ModelDir, QuantSpec};
+use super::kv_pool::KvSide;
 use crate::plugins::Registry;
 use anyhow::{Context, Result};
 use rmlx_plugin_api::{ModelBox, ModelSpec};
@@ -15,8 +16,10 @@ pub struct LoadedModel {
     /// Tensors in the files the architecture did not use.
     pub unused: Vec<String>,
     pub architecture_plugin: String,
-    /// Bytes per KV-cache value (the activations' dtype, after the load policy).
+    /// Bytes per activation value (the activations' dtype, after the load policy).
     pub kv_bytes: u64,
+    /// The KV-cache families of its keys and values (`kv_family::resolve`).
+    pub kv: (KvSide, KvSide),
 }
 
 impl LoadedModel {
@@ -53,6 +56,9 @@ impl LoadedModel {
         }
         let layers = std::mem::take(&mut weights.layers);
         let kv_bytes = weights.activation_bytes();
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes })
+        let choice = super::kv_family::default_choice();
+        let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice)
+            .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv })
     }
 }

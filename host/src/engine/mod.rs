@@ -12,6 +12,7 @@ pub mod compiled;
 pub mod decode;
 pub mod generate;
 pub mod kv_budget;
+pub mod kv_family;
 pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;

@@ -152,25 +152,33 @@ impl Scheduler {
         let cfg = &self.cfg;
         self.managers.entry(model_id.to_string()).or_insert_with(|| {
             let s = &model.spec;
-            let dsize = model.kv_bytes;
-            let per_block = 2 * s.num_layers as u64 * s.num_kv_heads as u64 * s.head_dim as u64 * cfg.block_size as u64 * dsize;
+            let (k, v) = model.kv.clone();
+            let probe = KvPool::new(s.num_layers as usize, k.clone(), v.clone(), cfg.block_size, 0);
+            // What the pool's arrays really take per block, every layer, keys
+            // and values, scales and norms included.
+            let per_block = (probe.bytes_per_token() * cfg.block_size) as u64;
             // A ceiling: the blocks the whole budget holds; what the model
             // may take at a time is what the shared account has left.
             let total = (self.account.total() / per_block.max(1)) as usize;
-            // The config's hash and the KV shape too: the SSD tier outlives the process.
+            // The config's hash, the KV shape and families too: the SSD tier outlives the process.
             let config_hash = super::block_manager::signature_hash(&model.dir.config.to_string());
             let sig = format!(
-                "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:dense-v1",
+                "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:{}-v2",
                 model.dir.path.display(),
                 model.dir.model_type,
-                dsize,
+                model.kv_bytes,
                 s.num_layers,
                 s.num_kv_heads,
                 s.head_dim,
-                config_hash
+                config_hash,
+                probe.family_key()
             );
-            tracing::info!("KV for {model_id}: up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget", cfg.block_size);
-            let pool = KvPool::new(s.num_layers as usize, s.num_kv_heads as usize, s.head_dim as usize, cfg.block_size, total);
+            tracing::info!(
+                "KV for {model_id}: family {}, up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget",
+                probe.family_key(),
+                cfg.block_size
+            );
+            let pool = KvPool::new(s.num_layers as usize, k, v, cfg.block_size, total);
             let mut m = BlockManager::new(pool, &sig).with_account(self.account.clone(), per_block);
             if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
                 match super::ssd::SsdStore::open(ssd, m.signature) {

@@ -61,6 +61,18 @@ impl<'a> HostWeights<'a> {
         WeightSource_TO::from_ptr(self, TD_Opaque)
     }
 
+    /// The activations' dtype: float32 when `activation_bytes` is 4, else
+    /// bfloat16 when the model's float tensors are, else float16.
+    pub fn activation_dtype(&self) -> mlx_rs::Dtype {
+        if self.activation_bytes() == 4 {
+            mlx_rs::Dtype::Float32
+        } else if self.tensors.values().any(|a| a.dtype() == mlx_rs::Dtype::Bfloat16) {
+            mlx_rs::Dtype::Bfloat16
+        } else {
+            mlx_rs::Dtype::Float16
+        }
+    }
+
     /// Bytes per activation value (and so per KV-cache value): 4 when any
     /// norm-like (1-D) tensor or quantization scale is float32 (MLX promotes
     /// the activations to it), else 2.

@@ -3,7 +3,7 @@
 use super::loader::{load_dir, LoadedPlugin, Refusal};
 use abi_stable::std_types::{RResult, RStr};
 use anyhow::{anyhow, bail, Result};
-use rmlx_plugin_api::{ModelBox, WeightQuantBox, WeightSourceMut};
+use rmlx_plugin_api::{author::kv::RemoteCodec, ModelBox, WeightQuantBox, WeightSourceMut};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,6 +16,7 @@ pub struct Registry {
     kv_families: BTreeMap<String, usize>,
     drafters: BTreeMap<String, usize>,
     quant_cache: RefCell<HashMap<String, std::rc::Rc<WeightQuantBox>>>,
+    codec_cache: RefCell<HashMap<String, std::rc::Rc<RemoteCodec>>>,
 }
 
 impl Registry {
@@ -34,6 +35,7 @@ impl Registry {
             kv_families: BTreeMap::new(),
             drafters: BTreeMap::new(),
             quant_cache: RefCell::new(HashMap::new()),
+            codec_cache: RefCell::new(HashMap::new()),
         };
         let mut ids: BTreeMap<String, usize> = BTreeMap::new();
         for (i, p) in reg.plugins.iter().enumerate() {
@@ -99,6 +101,30 @@ impl Registry {
         let q = std::rc::Rc::new(into_anyhow(make(RStr::from(mode)), &plugin.info.id)?);
         self.quant_cache.borrow_mut().insert(mode.to_string(), q.clone());
         Ok(q)
+    }
+
+    /// The KV family names the loaded plugins provide.
+    pub fn kv_family_names(&self) -> Vec<String> {
+        self.kv_families.keys().cloned().collect()
+    }
+
+    /// The codec of KV family `name` (ABI 3.2 `kv_codec`), made once.
+    pub fn kv_codec(&self, name: &str) -> Result<std::rc::Rc<RemoteCodec>> {
+        if let Some(c) = self.codec_cache.borrow().get(name) {
+            return Ok(c.clone());
+        }
+        let plugin = self.kv_families.get(name).map(|&i| &self.plugins[i]).ok_or_else(|| {
+            anyhow!(
+                "unknown KV cache family `{name}` (known: {})",
+                self.kv_families.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let make = plugin.module.kv_codec().ok_or_else(|| {
+            anyhow!("plugin `{}` lists KV family `{name}` but exports no kv_codec (built for ABI 3.1 or older)", plugin.info.id)
+        })?;
+        let c = std::rc::Rc::new(RemoteCodec(into_anyhow(make(RStr::from(name)), &plugin.info.id)?));
+        self.codec_cache.borrow_mut().insert(name.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Builds a model of `model_type` with the plugin that provides it.

@@ -5,17 +5,20 @@ use anyhow::{bail, Result};
 use mlx_rs::Array;
 
 pub const MAGIC: &[u8; 8] = b"RMLXKVB\0";
-pub const VERSION: u32 = 2;
+/// 3: arrays of rank 1 to 4 (a KV family's components), the rank in the
+/// descriptor's second word.
+pub const VERSION: u32 = 3;
 /// Bytes of the fixed part of the header.
 pub const FIXED: usize = 64;
 /// Bytes of one array descriptor.
 pub const DESC: usize = 32;
 
-/// One array of a block as bytes: MLX dtype code, shape, row-major data.
+/// One array of a block as bytes: MLX dtype code, shape (1 to 4 dims),
+/// row-major data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawArray {
     pub dtype: u32,
-    pub shape: [u32; 4],
+    pub shape: Vec<u32>,
     pub data: Vec<u8>,
 }
 
@@ -67,9 +70,9 @@ pub fn encode(b: &BlockFile) -> Vec<u8> {
     }
     for a in &b.arrays {
         out.extend_from_slice(&a.dtype.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        for d in a.shape {
-            out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&(a.shape.len() as u32).to_le_bytes());
+        for i in 0..4 {
+            out.extend_from_slice(&a.shape.get(i).copied().unwrap_or(0).to_le_bytes());
         }
         out.extend_from_slice(&(a.data.len() as u64).to_le_bytes());
     }
@@ -146,12 +149,11 @@ pub fn decode(b: &[u8]) -> Result<BlockFile> {
     let mut arrays = Vec::with_capacity(n_arrays);
     for _ in 0..n_arrays {
         let dtype = u32_at(b, off);
-        let shape = [
-            u32_at(b, off + 8),
-            u32_at(b, off + 12),
-            u32_at(b, off + 16),
-            u32_at(b, off + 20),
-        ];
+        let rank = u32_at(b, off + 4) as usize;
+        if !(1..=4).contains(&rank) {
+            bail!("array rank {rank} is not 1 to 4");
+        }
+        let shape: Vec<u32> = (0..rank).map(|i| u32_at(b, off + 8 + 4 * i)).collect();
         let len = u64_at(b, off + 24);
         let elems: u64 = shape.iter().map(|&d| d as u64).product();
         let Some(size) = dtype_size(dtype) else {
@@ -186,8 +188,8 @@ pub fn decode(b: &[u8]) -> Result<BlockFile> {
 /// An evaluated MLX array's row-major bytes (copied to the host).
 pub fn to_raw(a: &Array) -> Result<RawArray> {
     let shape = a.shape();
-    if shape.len() != 4 {
-        bail!("KV block arrays are 4-D, got {shape:?}");
+    if !(1..=4).contains(&shape.len()) {
+        bail!("KV block arrays have 1 to 4 dims, got {shape:?}");
     }
     let stream = mlx_rs::Stream::thread_local_or_default();
     unsafe {
@@ -211,12 +213,7 @@ pub fn to_raw(a: &Array) -> Result<RawArray> {
         let data = std::slice::from_raw_parts(p, n).to_vec();
         Ok(RawArray {
             dtype,
-            shape: [
-                shape[0] as u32,
-                shape[1] as u32,
-                shape[2] as u32,
-                shape[3] as u32,
-            ],
+            shape: shape.iter().map(|&d| d as u32).collect(),
             data,
         })
     }
@@ -229,7 +226,7 @@ pub fn from_raw(r: &RawArray) -> Array {
         Array::from_ptr(mlx_sys::mlx_array_new_data(
             r.data.as_ptr().cast(),
             shape.as_ptr(),
-            4,
+            shape.len() as i32,
             r.dtype,
         ))
     }

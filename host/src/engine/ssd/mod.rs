@@ -310,7 +310,7 @@ impl SsdStore {
 
     /// Queues a block for writing (if not on disk yet). False when it was
     /// not written: larger than the cap, the queue is full, or a bad array.
-    pub fn put(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32], kv: &[(Array, Array)]) -> bool {
+    pub fn put(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32], kv: &[Array]) -> bool {
         self.put_with(hash, parent, depth, tokens, kv, false)
     }
 
@@ -322,7 +322,7 @@ impl SsdStore {
         parent: Option<u64>,
         depth: usize,
         tokens: &[u32],
-        kv: &[(Array, Array)],
+        kv: &[Array],
     ) -> bool {
         self.put_with(hash, parent, depth, tokens, kv, true)
     }
@@ -333,18 +333,18 @@ impl SsdStore {
         parent: Option<u64>,
         depth: usize,
         tokens: &[u32],
-        kv: &[(Array, Array)],
+        kv: &[Array],
         wait: bool,
     ) -> bool {
         if self.contains(hash) {
             self.touch(hash);
             return true;
         }
-        let mut arrays = Vec::with_capacity(kv.len() * 2);
-        for (k, v) in kv {
-            match (to_raw(k), to_raw(v)) {
-                (Ok(k), Ok(v)) => arrays.extend([k, v]),
-                (Err(e), _) | (_, Err(e)) => {
+        let mut arrays = Vec::with_capacity(kv.len());
+        for a in kv {
+            match to_raw(a) {
+                Ok(a) => arrays.push(a),
+                Err(e) => {
                     tracing::warn!("KV SSD tier: cannot serialize a block: {e:#}");
                     return false;
                 }
@@ -402,7 +402,7 @@ impl SsdStore {
     /// that fails a check (checksum, length, signature, hash, shapes), or
     /// that is not this block of this chain (tokens, parent, depth), is
     /// counted as corrupt, deleted, and is a miss too.
-    pub fn load(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32]) -> Option<Vec<(Array, Array)>> {
+    pub fn load(&mut self, hash: u64, parent: Option<u64>, depth: usize, tokens: &[u32]) -> Option<Vec<Array>> {
         if !self.contains(hash) {
             return None;
         }
@@ -431,9 +431,7 @@ impl SsdStore {
             if f.parent != parent.unwrap_or(0) || f.depth as usize != depth {
                 bail!("the block's parent or depth does not match");
             }
-            if f.arrays.is_empty()
-                || f.arrays.len() % 2 != 0
-                || f.arrays.iter().any(|a| a.shape[2] as usize != tokens.len())
+            if f.arrays.is_empty() || f.arrays.iter().any(|a| a.shape.first().map(|&n| n as usize) != Some(tokens.len()))
             {
                 bail!("array shapes do not match the block");
             }
@@ -448,13 +446,7 @@ impl SsdStore {
                         let _ = file.set_modified(SystemTime::now());
                     }
                 }
-                let arrays: Vec<Array> = f.arrays.iter().map(from_raw).collect();
-                let mut it = arrays.into_iter();
-                let mut kv = Vec::with_capacity(f.arrays.len() / 2);
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    kv.push((k, v));
-                }
-                Some(kv)
+                Some(f.arrays.iter().map(from_raw).collect())
             }
             Err(e) => {
                 tracing::warn!(
@@ -563,7 +555,7 @@ mod tests {
     fn block(hash: u64) -> BlockFile {
         let a = |seed: u8| RawArray {
             dtype: u32::from(mlx_rs::Dtype::Float32),
-            shape: [1, 2, 3, 2],
+            shape: vec![1, 2, 3, 2],
             data: (0..48).map(|i| i as u8 ^ seed).collect(),
         };
         BlockFile {
@@ -631,14 +623,10 @@ mod tests {
         assert!(format!("{e:#}").contains("--kv-ssd-dir"), "{e:#}");
     }
 
-    fn kv(seed: f32) -> Vec<(Array, Array)> {
-        let a = |x: f32| {
-            Array::from_slice(
-                &(0..24).map(|i| i as f32 * x).collect::<Vec<_>>(),
-                &[1, 2, 3, 4],
-            )
-        };
-        vec![(a(seed), a(seed + 1.0)), (a(seed + 2.0), a(seed + 3.0))]
+    /// Two layers' keys and values, each [3 slots, 2 heads, 4].
+    fn kv(seed: f32) -> Vec<Array> {
+        let a = |x: f32| Array::from_slice(&(0..24).map(|i| i as f32 * x).collect::<Vec<_>>(), &[3, 2, 4]);
+        vec![a(seed), a(seed + 1.0), a(seed + 2.0), a(seed + 3.0)]
     }
 
     /// Block and temp files (not the key).
@@ -685,8 +673,8 @@ mod tests {
         assert!(s.put(1, None, 0, &[1, 2, 3], &kv(1.0)));
         // Read at once: served from the queued bytes or the file, never corrupt.
         let got = s.load(1, None, 0, &[1, 2, 3]).unwrap();
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[1].1.as_slice::<f32>(), kv(1.0)[1].1.as_slice::<f32>());
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3].as_slice::<f32>(), kv(1.0)[3].as_slice::<f32>());
         assert_eq!((s.reads, s.corrupt), (1, 0));
         // Wrong tokens (a hash collision) are never served.
         assert!(s.load(1, None, 0, &[1, 2, 4]).is_none());
@@ -711,8 +699,8 @@ mod tests {
         let mut s = SsdStore::open(&cfg, 42).unwrap();
         assert_eq!((s.blocks(), s.bytes()), (3, 3 * one));
         assert_eq!(
-            s.load(2, Some(1), 1, &[4, 5, 6]).unwrap()[0].0.as_slice::<f32>(),
-            kv(2.0)[0].0.as_slice::<f32>()
+            s.load(2, Some(1), 1, &[4, 5, 6]).unwrap()[0].as_slice::<f32>(),
+            kv(2.0)[0].as_slice::<f32>()
         );
         // Flip a payload byte of block 3, truncate block 1.
         let p3 = sub.join(format!("{:016x}.kvb", 3));

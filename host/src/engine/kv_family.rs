@@ -1,0 +1,73 @@
+//! Which KV-cache family a model's keys and values use: `--kv-cache NAME`,
+//! or `--kv-cache-k`/`--kv-cache-v` for an asymmetric pair. Unset, a side
+//! takes the dense family of the model's activation dtype (`f32`, `bf16` or
+//! `f16`: the fast, exact default). Families are plugins (plugin-api
+//! `kv_codec`); the host never branches on their names.
+use super::kv_pool::KvSide;
+use crate::plugins::Registry;
+use anyhow::{Context, Result};
+use mlx_rs::Dtype;
+use rmlx_plugin_api::{author::kv::LayerDims, ModelSpec};
+use std::rc::Rc;
+use std::sync::RwLock;
+
+/// The families asked for; `None` is the default (dense, activation dtype).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct KvChoice {
+    pub k: Option<String>,
+    pub v: Option<String>,
+}
+
+impl KvChoice {
+    /// `--kv-cache`, `--kv-cache-k`, `--kv-cache-v`: a side's own flag wins.
+    pub fn from_flags(both: Option<&str>, k: Option<&str>, v: Option<&str>) -> Self {
+        let pick = |side: Option<&str>| side.or(both).filter(|s| !s.is_empty() && *s != "auto").map(str::to_string);
+        Self { k: pick(k), v: pick(v) }
+    }
+    /// `NAME` or `K/V`, as the choice reads in logs and signatures.
+    pub fn label(&self) -> String {
+        let side = |s: &Option<String>| s.clone().unwrap_or_else(|| "auto".into());
+        if self.k == self.v {
+            side(&self.k)
+        } else {
+            format!("{}/{}", side(&self.k), side(&self.v))
+        }
+    }
+}
+
+static DEFAULT: RwLock<KvChoice> = RwLock::new(KvChoice { k: None, v: None });
+
+/// Sets the process's default choice (from `serve`/`generate` flags).
+pub fn set_default(choice: KvChoice) {
+    *DEFAULT.write().unwrap_or_else(|e| e.into_inner()) = choice;
+}
+
+pub fn default_choice() -> KvChoice {
+    DEFAULT.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The dense family that stores `dtype` as it is.
+pub fn dense_family(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::Float32 => "f32",
+        Dtype::Bfloat16 => "bf16",
+        _ => "f16",
+    }
+}
+
+/// Keys' and values' sides for a model of `spec` whose activations are
+/// `dtype`, from the plugins that provide the chosen families.
+pub fn resolve(registry: &Registry, spec: &ModelSpec, dtype: Dtype, choice: &KvChoice) -> Result<(KvSide, KvSide)> {
+    let dims = LayerDims { kv_heads: spec.num_kv_heads as i32, head_dim: spec.head_dim as i32, dtype };
+    let side = |name: &Option<String>| -> Result<KvSide> {
+        let name = name.clone().unwrap_or_else(|| dense_family(dtype).to_string());
+        let codec = registry.kv_codec(&name)?;
+        let comps = codec.try_components(&dims).with_context(|| format!("KV cache family `{name}`"))?;
+        if comps.is_empty() {
+            anyhow::bail!("KV cache family `{name}` declares no component arrays");
+        }
+        let codec: Rc<dyn rmlx_plugin_api::author::kv::KvCodecImpl> = codec;
+        Ok(KvSide { family: name, codec, dims, comps })
+    };
+    Ok((side(&choice.k)?, side(&choice.v)?))
+}
