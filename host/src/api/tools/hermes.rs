@@ -1,5 +1,12 @@
 //! `<tool_call>...</tool_call>` parser (Hermes / Qwen JSON bodies and Qwen3-Coder XML
 //! bodies; a bare `<function=...>...</function>` outside a wrapper is accepted too).
+//!
+//! When the request declares tools, an answer that *starts* with a bare call object
+//! `{"name": <a declared tool>, "arguments": {...}}` (no `<tool_call>` around it) is a
+//! call too: small Qwen2.5 models often leave the tags out (Qwen2.5-Coder-0.5B-Instruct
+//! does, greedily, for a plain weather question), and llama.cpp's Hermes parser accepts
+//! the same. A name that is not a declared tool, or another key before the name, makes
+//! it ordinary text.
 
 use serde_json::Value;
 
@@ -15,9 +22,12 @@ const END: &str = "</tool_call>";
 const FUNC: &str = "<function=";
 
 enum State {
+    /// Start of the answer: with tools declared, a `{` here may open a bare call.
+    Start,
     Text,
     BodyStart,
-    Json { obj: CallObject, started: bool },
+    /// A JSON call body; `bare` when it came without `<tool_call>` (see the module doc).
+    Json { obj: CallObject, started: bool, bare: bool },
     Xml { body: XmlBody, wrapped: bool },
     AfterBody,
     /// After a call: whitespace before another call is dropped.
@@ -44,7 +54,7 @@ impl HermesParser {
             format,
             tools: Vec::new(),
             buf: String::new(),
-            state: State::Text,
+            state: State::Start,
             index: 0,
             raw: String::new(),
         }
@@ -53,6 +63,20 @@ impl HermesParser {
     fn run(&mut self, out: &mut Vec<ToolEvent>) {
         loop {
             match &mut self.state {
+                State::Start => {
+                    let t = self.buf.trim_start();
+                    let skipped = self.buf.len() - t.len();
+                    if self.tools.is_empty() || !(t.is_empty() || t.starts_with('{')) {
+                        self.state = State::Text;
+                    } else if t.is_empty() {
+                        return;
+                    } else {
+                        self.raw = self.buf.drain(..skipped).collect();
+                        let mut obj = CallObject::new();
+                        obj.strict_keys = true;
+                        self.state = State::Json { obj, started: false, bare: true };
+                    }
+                }
                 State::Text => match find_any(&self.buf, &[START, FUNC]) {
                     Some((p, m)) => {
                         let text: String = self.buf.drain(..p).collect();
@@ -86,6 +110,7 @@ impl HermesParser {
                         self.state = State::Json {
                             obj: CallObject::new(),
                             started: false,
+                            bare: false,
                         };
                     } else if self.buf.starts_with(FUNC) {
                         self.state = State::Xml {
@@ -102,7 +127,8 @@ impl HermesParser {
                         self.state = State::Fallback;
                     }
                 }
-                State::Json { obj, started } => {
+                State::Json { obj, started, bare } => {
+                    let bare = *bare;
                     let mut consumed = 0;
                     let mut outcome = OPush::Consumed;
                     for c in self.buf.chars() {
@@ -111,8 +137,23 @@ impl HermesParser {
                             break;
                         }
                         consumed += c.len_utf8();
+                        if bare && !*started && obj.name().is_some() {
+                            break;
+                        }
                     }
                     self.raw.extend(self.buf.drain(..consumed));
+                    let not_a_call = bare
+                        && !*started
+                        && (outcome == OPush::Error
+                            || obj.is_done() && obj.name().is_none()
+                            || obj.name().is_some_and(|n| !self.tools.iter().any(|(t, _)| t == n)));
+                    if not_a_call {
+                        // A JSON answer, not a call: pass it on as text.
+                        let raw = std::mem::take(&mut self.raw);
+                        push_event(out, ToolEvent::Text(raw));
+                        self.state = State::Text;
+                        continue;
+                    }
                     if let Some(name) = obj.take_name() {
                         *started = true;
                         push_event(
@@ -145,7 +186,8 @@ impl HermesParser {
                         if *started {
                             push_event(out, ToolEvent::CallEnd { index: self.index });
                             self.index += 1;
-                            self.state = State::Discard;
+                            // A bare call has no `</tool_call>` to discard up to.
+                            self.state = if bare { State::Text } else { State::Discard };
                         } else {
                             self.state = State::Fallback;
                         }
@@ -273,12 +315,12 @@ impl ToolParser for HermesParser {
         self.run(&mut out);
         let buf = std::mem::take(&mut self.buf);
         match std::mem::replace(&mut self.state, State::Text) {
-            State::Text => push_event(&mut out, ToolEvent::Text(buf)),
+            State::Start | State::Text => push_event(&mut out, ToolEvent::Text(buf)),
             State::BodyStart => {
                 let raw = std::mem::take(&mut self.raw) + &buf;
                 push_event(&mut out, ToolEvent::Text(raw));
             }
-            State::Json { mut obj, started } => {
+            State::Json { mut obj, started, bare } => {
                 if started {
                     obj.finish_input();
                     let args = obj.take_args();
@@ -291,6 +333,9 @@ impl ToolParser for HermesParser {
                     );
                     push_event(&mut out, ToolEvent::CallEnd { index: self.index });
                     self.index += 1;
+                } else if bare {
+                    let raw = std::mem::take(&mut self.raw) + &buf;
+                    push_event(&mut out, ToolEvent::Text(raw));
                 } else {
                     let raw = std::mem::take(&mut self.raw) + &buf;
                     self.lenient(raw, &mut out);
@@ -320,5 +365,74 @@ impl ToolParser for HermesParser {
 
     fn format(&self) -> ToolFormat {
         self.format
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::api::tools::{ToolEvent, ToolFormat};
+
+    /// (text, [(name, arguments)]) of `input` fed whole, char by char and split at every
+    /// char boundary; all must agree.
+    fn parse(tools: &Value, input: &str) -> (String, Vec<(String, Value)>) {
+        let run = |chunks: &[&str]| {
+            let mut p = ToolFormat::Hermes.parser();
+            p.set_tools(tools);
+            let mut ev: Vec<ToolEvent> = chunks.iter().flat_map(|c| p.feed(c)).collect();
+            ev.extend(p.finish());
+            let (mut text, mut calls) = (String::new(), Vec::<(String, String)>::new());
+            for e in ev {
+                match e {
+                    ToolEvent::Text(t) => text.push_str(&t),
+                    ToolEvent::CallStart { name, .. } => calls.push((name, String::new())),
+                    ToolEvent::CallArgs { delta, .. } => calls.last_mut().unwrap().1.push_str(&delta),
+                    ToolEvent::CallEnd { .. } => {}
+                }
+            }
+            let calls: Vec<(String, Value)> =
+                calls.into_iter().map(|(n, a)| (n, serde_json::from_str(&a).unwrap())).collect();
+            (text, calls)
+        };
+        let whole = run(&[input]);
+        let chars: Vec<String> = input.chars().map(String::from).collect();
+        assert_eq!(run(&chars.iter().map(String::as_str).collect::<Vec<_>>()), whole, "char by char");
+        for (i, _) in input.char_indices().skip(1) {
+            let (a, b) = input.split_at(i);
+            assert_eq!(run(&[a, b]), whole, "split at {i}");
+        }
+        whole
+    }
+
+    fn tools() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    }
+
+    #[test]
+    fn a_bare_call_object_is_a_call_when_the_tool_is_declared() {
+        // What Qwen2.5-Coder-0.5B-Instruct answers greedily (no <tool_call> tags).
+        let input = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}";
+        let (text, calls) = parse(&tools(), input);
+        assert_eq!(text, "");
+        assert_eq!(calls, vec![("get_weather".to_string(), json!({"city": "Paris", "unit": "celsius"}))]);
+        let (text, calls) = parse(&tools(), &format!("\n {input}\n<tool_call>\n{input}\n</tool_call>"));
+        assert_eq!((text.as_str(), calls.len()), ("", 2), "a tagged call may follow");
+    }
+
+    #[test]
+    fn json_answers_stay_text() {
+        for input in [
+            "{\"name\": \"Alice\", \"age\": 3}",          // not a declared tool
+            "{\"city\": \"Paris\", \"name\": \"get_weather\"}", // another key first
+            "{}",
+            "{\"name\": \"get_wea",                       // cut off
+            "Sure: {\"name\": \"get_weather\", \"arguments\": {}}", // not at the start
+        ] {
+            assert_eq!(parse(&tools(), input), (input.to_string(), vec![]), "{input}");
+        }
+        // Without declared tools nothing bare is a call.
+        let input = "{\"name\": \"get_weather\", \"arguments\": {}}";
+        assert_eq!(parse(&json!([]), input), (input.to_string(), vec![]));
     }
 }
