@@ -1,4 +1,5 @@
 //! `arch-llama`: Llama-family architectures.
+mod bitnet;
 mod llama;
 
 use rmlx_plugin_api::{
@@ -10,17 +11,21 @@ pub struct ArchLlama;
 
 impl PluginImpl for ArchLlama {
     fn manifest() -> Manifest {
-        Manifest::new("arch-llama", env!("CARGO_PKG_VERSION"), "Llama-family decoder (llama, mistral)")
-            .architectures(&["llama", "mistral"])
+        Manifest::new("arch-llama", env!("CARGO_PKG_VERSION"), "Llama-family decoder (llama, mistral, bitnet)")
+            .architectures(&["llama", "mistral", "bitnet"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
             "llama" | "mistral" => Ok(Box::new(llama::Llama::load(config, w)?)),
+            "bitnet" => Ok(Box::new(bitnet::BitNet::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-llama does not build {other}"))),
         }
     }
-    fn check_config(_model_type: &str, config: &str) -> Result<()> {
-        llama::Config::parse(config).map(|_| ())
+    fn check_config(model_type: &str, config: &str) -> Result<()> {
+        match model_type {
+            "bitnet" => bitnet::Config::parse(config).map(|_| ()),
+            _ => llama::Config::parse(config).map(|_| ()),
+        }
     }
 }
 

@@ -4,10 +4,14 @@
 //! per layer (llama's `layer_types`), RoPE. Projection biases (qwen2's q/k/v,
 //! llama's `attention_bias` / `mlp_bias`) need no option: the WeightQuant
 //! plugin that builds a linear adds `bias` when the checkpoint has one.
+//! BitNet's hooks are opt-in: an RMSNorm before `o_proj`
+//! (`SelfAttention::with_sub_norm`), another before `down_proj` and the ReLU²
+//! gate (`Mlp::with_activation`, `Mlp::with_sub_norm`), and blocks assembled
+//! from such parts (`Block::from_parts`, `Decoder::load_blocks`).
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, F intermediate, V vocab.
-use crate::{last_position, merge_heads, rms_norm, split_heads, swiglu, Positions, Rope};
+use crate::{last_position, merge_heads, relu2, rms_norm, split_heads, swiglu, Positions, Rope};
 use mlx_rs::Array;
 use rmlx_plugin_api::{
     author::{EmbeddingLayer, LinearLayer, Result, Weights},
@@ -36,6 +40,7 @@ pub struct SelfAttention {
     o_proj: LinearLayer,    // [H*hd] -> [D]
     q_norm: Option<Array>, // [hd]
     k_norm: Option<Array>, // [hd]
+    sub_norm: Option<Array>, // [H*hd]: RMSNorm before o_proj (BitNet's attn_sub_norm)
     spec: AttentionSpec,
     opts: AttendOptions,
 }
@@ -58,9 +63,17 @@ impl SelfAttention {
             o_proj: w.linear(&format!("{p}.o_proj"))?,
             q_norm,
             k_norm,
+            sub_norm: None,
             spec,
             opts,
         })
+    }
+
+    /// RMSNorm (weight `norm` [H*hd], eps of the spec) over the merged heads
+    /// before `o_proj`, as BitNet's `attn_sub_norm`.
+    pub fn with_sub_norm(mut self, norm: Array) -> Self {
+        self.sub_norm = Some(norm);
+        self
     }
 
     /// x: [B, L, D] -> [B, L, D]
@@ -77,17 +90,33 @@ impl SelfAttention {
         let q = s.rope.apply_at(&q, pos)?;
         let k = s.rope.apply_at(&k, pos)?;
         let o = attn.attend_arrays(layer, q, k, v, self.opts)?; // [B, H, L, hd]
-        self.o_proj.forward(&merge_heads(&o)?)
+        let mut o = merge_heads(&o)?; // [B, L, H*hd]
+        if let Some(n) = &self.sub_norm {
+            o = rms_norm(&o, n, s.eps)?;
+        }
+        self.o_proj.forward(&o)
     }
 }
 
 // ---- MLP ----
 
-/// SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+/// The gate's activation in `act(gate(x)) * up(x)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GateAct {
+    /// silu: SwiGLU (llama, qwen).
+    Silu,
+    /// max(x, 0)²: mlx.nn.relu2 (BitNet).
+    Relu2,
+}
+
+/// Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU unless told
+/// otherwise, with an optional RMSNorm before `down_proj`.
 pub struct Mlp {
     gate_proj: LinearLayer, // [D] -> [F]
     up_proj: LinearLayer,   // [D] -> [F]
     down_proj: LinearLayer, // [F] -> [D]
+    act: GateAct,
+    sub_norm: Option<(Array, f32)>, // [F], eps: BitNet's ffn_sub_norm
 }
 
 impl Mlp {
@@ -96,12 +125,33 @@ impl Mlp {
             gate_proj: w.linear(&format!("{p}.gate_proj"))?,
             up_proj: w.linear(&format!("{p}.up_proj"))?,
             down_proj: w.linear(&format!("{p}.down_proj"))?,
+            act: GateAct::Silu,
+            sub_norm: None,
         })
+    }
+
+    pub fn with_activation(mut self, act: GateAct) -> Self {
+        self.act = act;
+        self
+    }
+
+    /// RMSNorm (weight `norm` [F]) over act(gate) * up before `down_proj`.
+    pub fn with_sub_norm(mut self, norm: Array, eps: f32) -> Self {
+        self.sub_norm = Some((norm, eps));
+        self
     }
 
     /// x: [B, L, D] -> [B, L, D]
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        self.down_proj.forward(&swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?); // [B, L, F]
+        let mut h = match self.act {
+            GateAct::Silu => swiglu(&gate, &up)?,
+            GateAct::Relu2 => relu2(&gate)?.multiply(&up)?,
+        };
+        if let Some((n, eps)) = &self.sub_norm {
+            h = rms_norm(&h, n, *eps)?;
+        }
+        self.down_proj.forward(&h)
     }
 }
 
@@ -119,9 +169,17 @@ pub struct Block {
 impl Block {
     pub fn load(w: &mut Weights, p: &str, spec: AttentionSpec) -> Result<Self> {
         let eps = spec.eps;
+        let self_attn = SelfAttention::load(w, &format!("{p}.self_attn"), spec)?;
+        let mlp = Mlp::load(w, &format!("{p}.mlp"))?;
+        Self::from_parts(w, p, self_attn, mlp, eps)
+    }
+
+    /// A block around an attention and MLP built (and hooked) by the caller;
+    /// loads the two norms under `p`.
+    pub fn from_parts(w: &mut Weights, p: &str, self_attn: SelfAttention, mlp: Mlp, eps: f32) -> Result<Self> {
         Ok(Self {
-            self_attn: SelfAttention::load(w, &format!("{p}.self_attn"), spec)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"))?,
+            self_attn,
+            mlp,
             input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
             post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
             eps,
@@ -158,9 +216,20 @@ impl Decoder {
         tie_word_embeddings: bool,
         mut spec: impl FnMut(i32) -> Result<AttentionSpec>,
     ) -> Result<Self> {
+        Self::load_blocks(w, num_layers, eps, tie_word_embeddings, |w, i, p| Block::load(w, p, spec(i)?))
+    }
+
+    /// As `load`, with each block built by `block(w, i, "model.layers.{i}")`.
+    pub fn load_blocks(
+        w: &mut Weights,
+        num_layers: i32,
+        eps: f32,
+        tie_word_embeddings: bool,
+        mut block: impl FnMut(&mut Weights, i32, &str) -> Result<Block>,
+    ) -> Result<Self> {
         let embed_tokens = w.embedding("model.embed_tokens")?;
         let layers = (0..num_layers)
-            .map(|i| Block::load(w, &format!("model.layers.{i}"), spec(i)?))
+            .map(|i| block(w, i, &format!("model.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.tensor("model.norm.weight")?;
         // mlx-lm drops `lm_head` when embeddings are tied; a checkpoint that

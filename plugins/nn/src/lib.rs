@@ -24,6 +24,12 @@ pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
     Ok(nn::silu(gate)?.multiply(up)?)
 }
 
+/// max(x, 0)², as mlx.nn.relu2 (the zero in x's dtype, so bf16 stays bf16).
+pub fn relu2(x: &Array) -> Result<Array> {
+    let zero = Array::from_f32(0.0).as_dtype(x.dtype())?;
+    Ok(ops::maximum(x, &zero)?.square()?)
+}
+
 /// Rotary position embedding as mlx-lm's `initialize_rope` builds it.
 pub struct Rope {
     dims: i32,
