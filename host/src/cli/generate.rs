@@ -26,7 +26,7 @@ pub struct Args {
     /// System message, before the prompt in the chat template [default: none]
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
-    /// Print one JSON object: prompt_tokens, tokens, text, finish_reason, prompt_tps, generation_tps, peak_memory_gb
+    /// Print one JSON object: prompt_tokens, tokens, text, finish_reason, prompt_tps, generation_tps, peak_memory_gb, kv_cache, kv_bytes_per_token
     #[arg(long)]
     json: bool,
     /// Also print the prompt as the model sees it (after the template) and why generation stopped, to stderr
@@ -94,6 +94,8 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
                 "finish_reason": turn.finish_reason(),
                 "prompt_tps": turn.prompt_tps, "generation_tps": turn.generation_tps,
                 "peak_memory_gb": peak,
+                "kv_cache": crate::engine::kv_family::family_key_of(&model.loaded),
+                "kv_bytes_per_token": turn.kv_bytes_per_token,
             })
         );
     } else {

@@ -117,6 +117,8 @@ pub struct Turn {
     pub finish: Finish,
     pub prompt_tps: f64,
     pub generation_tps: f64,
+    /// Bytes per cached token, measured from the KV store's arrays.
+    pub kv_bytes_per_token: f64,
 }
 
 impl Turn {
@@ -165,7 +167,7 @@ pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_tex
         Ok(())
     };
     let eos = model.entry.text()?.eos_ids.clone();
-    let (done, prompt_tps, generation_tps) = if seq.takes_device_token() && params.stop.is_empty() {
+    let (done, prompt_tps, generation_tps, kv_bytes_per_token) = if seq.takes_device_token() && params.stop.is_empty() {
         // Greedy: the engine's pipelined loop; the sequence turns tokens into text.
         let opts = GenerateOptions {
             max_tokens: params.max_tokens,
@@ -200,7 +202,7 @@ pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_tex
             }
         }
         let done = done.unwrap_or_else(|| Ok(seq.finish(FinishReason::Stop, None)));
-        (done, out.prompt_tps, out.generation_tps)
+        (done, out.prompt_tps, out.generation_tps, out.kv_bytes_per_token)
     } else {
         let mut session = Session::new(&mut model.loaded);
         session.prefill_chunk = params.prefill_chunk;
@@ -219,11 +221,12 @@ pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_tex
             }
         };
         let n = seq.n as f64;
-        (done, prompt.len() as f64 / prompt_secs.max(1e-9), n / t1.elapsed().as_secs_f64().max(1e-9))
+        let gen_tps = n / t1.elapsed().as_secs_f64().max(1e-9);
+        (done, prompt.len() as f64 / prompt_secs.max(1e-9), gen_tps, session.kv_bytes_per_token())
     };
     drain(&mut rx)?;
     let finish = done.map_err(|e| anyhow!(e))?;
-    Ok(Turn { tokens, text, finish, prompt_tps, generation_tps })
+    Ok(Turn { tokens, text, finish, prompt_tps, generation_tps, kv_bytes_per_token })
 }
 
 /// Peak MLX memory in GB since the last reset.

@@ -70,6 +70,16 @@ impl KvCache {
         self.step
     }
 
+    /// Bytes per cached token the buffers hold: per layer, keys and values
+    /// over the slots they have, summed over layers.
+    pub fn measured_bytes_per_token(&self) -> f64 {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|s| (s.keys.nbytes() + s.values.nbytes()) as f64 / s.keys.dim(2).max(1) as f64)
+            .sum()
+    }
+
     /// Tokens already cached.
     pub fn offset(&self) -> i32 {
         self.offset

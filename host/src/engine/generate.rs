@@ -5,6 +5,7 @@ use super::{
     cache::KvCache,
     compiled::{self, grow, CompiledStep},
     sampler::Sampler,
+    seq_pool::SeqPool,
     LoadedModel,
 };
 use crate::plugins::registry::into_anyhow;
@@ -16,23 +17,39 @@ use std::time::Instant;
 pub struct Session<'m> {
     model: &'m mut LoadedModel,
     cache: KvCache,
+    /// The paged pool, when the model's KV family is not its dense default
+    /// (then `cache` stays empty and nothing is compiled).
+    paged: Option<SeqPool>,
     pub prefill_chunk: usize,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m mut LoadedModel) -> Self {
         let n = model.spec.num_layers as usize;
-        Self { model, cache: KvCache::new(n), prefill_chunk: 512 }
+        let paged = (!model.kv_is_dense_default()).then(|| SeqPool::new(model));
+        Self { model, cache: KvCache::new(n), paged, prefill_chunk: 512 }
     }
 
     /// Runs `input` (int32 [1, L], possibly lazy) through the model; returns
     /// the last position's logits [1, 1, V], lazily.
     fn forward_lazy(&mut self, input: Array, len: i32) -> Result<Array> {
+        if let Some(p) = self.paged.as_mut() {
+            return p.forward(self.model, input, true);
+        }
         let attention = self.cache.attention();
         let plugin = &self.model.architecture_plugin;
         let logits = into_anyhow(self.model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
         self.cache.advance(len);
         Ok(logits.into_array())
+    }
+
+    /// Bytes per cached token the KV store's arrays hold (every layer, keys
+    /// and values, scales and norms included), measured from the arrays.
+    pub fn kv_bytes_per_token(&self) -> f64 {
+        match &self.paged {
+            Some(p) => p.measured_bytes_per_token(),
+            None => self.cache.measured_bytes_per_token(),
+        }
     }
 
     fn forward_ids(&mut self, tokens: &[u32]) -> Result<Array> {
@@ -80,7 +97,7 @@ impl<'m> Session<'m> {
         y.eval()?;
         let prompt_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        if compiled::enabled(self.model) {
+        if self.paged.is_none() && compiled::enabled(self.model) {
             match self.greedy_compiled(&y, max_tokens, stop, &mut on_token) {
                 Err(e) if e.is::<NotCompiled>() => tracing::warn!("compiled decode unavailable, decoding op by op: {e:#}"),
                 r => return Ok((r?, prompt_secs, t1)),
@@ -129,7 +146,10 @@ impl<'m> Session<'m> {
     }
 
     pub fn offset(&self) -> i32 {
-        self.cache.offset()
+        match &self.paged {
+            Some(p) => p.len() as i32,
+            None => self.cache.offset(),
+        }
     }
 }
 
@@ -216,6 +236,8 @@ pub struct GenerateOutput {
     pub finish_reason: &'static str,
     pub prompt_tps: f64,
     pub generation_tps: f64,
+    /// Bytes per cached token, measured from the KV store's arrays.
+    pub kv_bytes_per_token: f64,
 }
 
 /// Generates after `prompt`, calling `on_token` for each new token (EOS excluded).
@@ -234,6 +256,7 @@ pub fn generate(
             finish_reason: if tokens.len() < opts.max_tokens { "stop" } else { "length" },
             prompt_tps: prompt.len() as f64 / prompt_secs.max(1e-9),
             generation_tps: tokens.len() as f64 / gen_secs.max(1e-9),
+            kv_bytes_per_token: session.kv_bytes_per_token(),
             tokens,
         });
     }
@@ -262,6 +285,7 @@ pub fn generate(
         finish_reason,
         prompt_tps: prompt.len() as f64 / prompt_secs.max(1e-9),
         generation_tps: tokens.len() as f64 / gen_secs.max(1e-9),
+        kv_bytes_per_token: session.kv_bytes_per_token(),
         tokens,
     })
 }

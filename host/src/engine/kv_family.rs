@@ -71,3 +71,8 @@ pub fn resolve(registry: &Registry, spec: &ModelSpec, dtype: Dtype, choice: &KvC
     };
     Ok((side(&choice.k)?, side(&choice.v)?))
 }
+
+/// A loaded model's families as one key (`f32`, or `q8/turbo3`).
+pub fn family_key_of(model: &super::LoadedModel) -> String {
+    super::kv_pool::family_key(&model.kv.0, &model.kv.1)
+}

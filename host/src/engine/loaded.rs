@@ -23,6 +23,13 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// Whether keys and values both use the dense family of the activation
+    /// dtype (the default; the contiguous cache and the compiled step serve it).
+    pub fn kv_is_dense_default(&self) -> bool {
+        let dense = super::kv_family::dense_family(self.kv.0.dims.dtype);
+        self.kv.0.family == dense && self.kv.1.family == dense
+    }
+
     pub fn load(path: &Path, registry: &Registry) -> Result<Self> {
         let dir = ModelDir::open(path)?;
         Self::from_dir(dir, registry)

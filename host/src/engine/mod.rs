@@ -20,6 +20,7 @@ pub mod sampler;
 pub mod requests;
 pub mod scheduler;
 pub mod score;
+pub mod seq_pool;
 pub mod sequence;
 pub mod ssd;
 pub mod worker;

@@ -1,0 +1,70 @@
+//! One sequence over the paged KV pool: what `rmlx generate`, `rmlx eval
+//! ppl` and `rmlx bench` use when the model's KV family is not its dense
+//! default (a compressed family stores and attends only through the pool).
+//! The block table is the blocks 0, 1, 2, ... in order.
+use super::{
+    kv_pool::{KvPool, PagedForward, Row},
+    LoadedModel,
+};
+use crate::plugins::registry::into_anyhow;
+use anyhow::Result;
+use mlx_rs::Array;
+use rmlx_plugin_api::MlxArray;
+
+pub struct SeqPool {
+    pool: KvPool,
+    table: Vec<u32>,
+    len: usize,
+}
+
+/// Tokens per block of the one-sequence pool.
+const BLOCK: usize = 16;
+
+impl SeqPool {
+    pub fn new(model: &LoadedModel) -> Self {
+        let (k, v) = model.kv.clone();
+        let max_blocks = (model.spec.max_context as usize).max(1 << 16).div_ceil(BLOCK) + 1;
+        Self { pool: KvPool::new(model.spec.num_layers as usize, k, v, BLOCK, max_blocks), table: Vec::new(), len: 0 }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `input` int32 [1, L] after the cached tokens: logits [1, L | 1, V]
+    /// (all positions unless `last_only`), lazily.
+    pub fn forward(&mut self, model: &mut LoadedModel, input: Array, last_only: bool) -> Result<Array> {
+        let l = input.dim(1) as usize;
+        let need = (self.len + l).div_ceil(BLOCK);
+        while self.table.len() < need {
+            self.table.push(self.table.len() as u32);
+        }
+        let rows = [Row { table: &self.table, offset: self.len }];
+        let mut paged = PagedForward::new(&mut self.pool, &rows, l)?;
+        let logits = into_anyhow(
+            model.model.forward(MlxArray::from_array(input), paged.attention(), last_only),
+            &model.architecture_plugin,
+        )?;
+        drop(paged);
+        self.len += l;
+        Ok(logits.into_array())
+    }
+
+    /// Bytes per cached token as the pool's arrays hold them: every layer's
+    /// keys and values, codes, scales and norms, over the slots they have.
+    pub fn measured_bytes_per_token(&self) -> f64 {
+        let bytes: usize = self.pool.arrays().iter().map(|a| a.nbytes()).sum();
+        let slots = self.pool.capacity() * self.pool.block_size;
+        bytes as f64 / slots.max(1) as f64
+    }
+
+    /// The families, as one key (`q4`, or `q8/turbo3`).
+    pub fn family_key(&self) -> String {
+        self.pool.family_key()
+    }
+}
