@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const MODELS: [&str; 4] = ["llama-f32", "qwen2-f32", "qwen3-f32", "gemma3_text-f32"];
+const MODELS: [&str; 6] = ["llama-f32", "qwen2-f32", "qwen3-f32", "bitnet-f32", "bitnet-options-f32", "gemma3_text-f32"];
 
 fn catalog() -> ModelCatalog {
     let list: Vec<_> = MODELS

@@ -1,4 +1,4 @@
-//! Level 1: every tiny model mlx-lm made (llama, qwen3; float32 and affine
+//! Level 1: every tiny model mlx-lm made (llama, qwen2, qwen3, bitnet; float32 and affine
 //! 2-8 bit, group 32/64, mixed recipes, tied/untied, sharded; mxfp4, mxfp8,
 //! nvfp4 and a recipe mixing modes per layer) against the logits and greedy
 //! tokens mlx-lm recorded (tests/goldens/make_goldens.py, make_fp_goldens.py).
@@ -23,6 +23,11 @@ fn tiny_models_match_mlx_lm() {
             let name = format!("{arch}-{mode}.json");
             assert!(paths.iter().any(|p| p.ends_with(&name)), "missing golden {name} (make_fp_goldens.py)");
         }
+    }
+    // BitNet: packed ternary BitLinear (f32; options: untied BitLinear lm_head,
+    // biases, traditional + linear RoPE; bf16 as the checkpoints ship).
+    for name in ["bitnet-f32", "bitnet-options-f32", "bitnet-bf16"] {
+        assert!(paths.iter().any(|p| p.ends_with(format!("{name}.json"))), "missing golden {name} (make_goldens.py bitnet)");
     }
     // Gemma 3: local (8-token window, shorter than the prompts) and global
     // layers, tied and untied head, float32 and affine 4/8 bits.

@@ -25,6 +25,10 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_lm.utils import load_model  # noqa: E402
 
+import bitlinear_cpu  # noqa: E402
+
+bitlinear_cpu.install()  # mlx-lm's BitLinear kernel is Metal-only (bitnet-* models)
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = ROOT / "tests" / "fixtures" / "models"
 GOLDENS_DIR = ROOT / "tests" / "fixtures" / "goldens"
@@ -35,7 +39,7 @@ def generate(model, prompt, n):
     seen = []
 
     def capture(tokens, logits):
-        seen.append(np.array(logits[0], dtype=np.float32))
+        seen.append(np.array(logits[0].astype(mx.float32)))  # bf16 has no numpy dtype
         return logits
 
     toks = [

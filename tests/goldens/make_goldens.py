@@ -36,7 +36,8 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import mlx_lm.utils as lm_utils  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models import llama, qwen2, qwen3  # noqa: E402
+from mlx_lm.models import bitnet, llama, qwen2, qwen3  # noqa: E402
+from mlx_lm.models.bitlinear_layers import bitnet_quantize  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,95 @@ NORM_STD = 0.1  # RMSNorm weights 1 + N(0, 0.1^2), so a missing weight shows
 QUANT_SUBSET = {"qwen2": ["q4-g64", "q8-g64"]}
 
 
+# BitNet (mlx_lm.models.bitnet): every projection is a packed ternary
+# BitLinear in mlx-lm's own class, so there is no dense or affine variant;
+# the goldens are that format with float32 activations, with the options on,
+# and in bfloat16 as the released checkpoints ship (embeddings, norms and
+# weight_scale bf16). mlx-lm's BitLinear kernel is Metal-only: on the CPU
+# bitlinear_cpu.install() swaps in its source transcribed into MLX ops.
+BITNET_COMMON = {
+    **COMMON,
+    "model_type": "bitnet",
+    "architectures": ["BitNetForCausalLM"],
+    "hidden_act": "relu2",
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "quantization_config": {
+        "quant_method": "bitnet",
+        "linear_class": "autobitlinear",
+        "quantization_mode": "offline",
+    },
+}
+BITNET = {
+    # name: (config, dtype, seed)
+    "bitnet-f32": (BITNET_COMMON, mx.float32, 5678),
+    # untied lm_head (mlx-lm's loader makes it a BitLinear too), q/k/v/o and
+    # MLP biases, one KV head, head_dim derived, traditional + linear RoPE.
+    "bitnet-options-f32": (
+        {
+            **{k: v for k, v in BITNET_COMMON.items() if k != "head_dim"},
+            "tie_word_embeddings": False,
+            "attention_bias": True,
+            "mlp_bias": True,
+            "num_key_value_heads": 1,
+            "rope_traditional": True,
+            "rope_scaling": {"type": "linear", "factor": 2.0},
+        },
+        mx.float32,
+        6789,
+    ),
+    "bitnet-bf16": (
+        {**BITNET_COMMON, "rope_theta": 500000.0, "torch_dtype": "bfloat16"},
+        mx.bfloat16,
+        7890,
+    ),
+}
+
+
+def pack_ternary(ternary):
+    """transformers' pack_weights: uint8 [out/4, in], bits 2j..2j+1 of row r
+    hold output row r + j*out/4 as the code weight + 1."""
+    rows = ternary.shape[0] // 4
+    codes = (ternary + 1).astype(np.uint8)
+    packed = np.zeros((rows, ternary.shape[1]), dtype=np.uint8)
+    for j in range(4):
+        packed |= codes[j * rows:(j + 1) * rows] << (2 * j)
+    return packed
+
+
+def bitnet_golden(name):
+    import bitlinear_cpu
+
+    bitlinear_cpu.install()
+    config, dtype, seed = BITNET[name]
+    model = bitnet.Model(bitnet.ModelArgs.from_dict(config))
+    model = bitnet_quantize(model, config["quantization_config"])  # as load_model does
+    rng = np.random.default_rng(seed)
+    params = []
+    for path, v in tree_flatten(model.parameters()):
+        if v.dtype == mx.uint8:  # a BitLinear's packed weight [out/4, in]
+            ternary = rng.integers(-1, 2, size=(4 * v.shape[0], v.shape[1]))
+            w = mx.array(pack_ternary(ternary))
+        elif path.endswith("weight_scale"):  # x·W (~sqrt(2/3·in)) * ~0.12
+            w = mx.array([rng.uniform(0.08, 0.16)], dtype=mx.float32).astype(dtype)
+        elif path.endswith("norm.weight"):
+            w = mx.array(1.0 + NORM_STD * rng.normal(size=v.shape), dtype=mx.float32).astype(dtype)
+        else:  # embeddings, biases
+            w = mx.array(WEIGHT_STD * rng.normal(size=v.shape), dtype=mx.float32).astype(dtype)
+        assert w.shape == v.shape, (path, w.shape, v.shape)
+        params.append((path, w))
+    model.update(tree_unflatten(params))
+    save(name, model, config)
+    # The golden comes from the files as mlx-lm's loader reads them back.
+    model, _ = lm_utils.load_model(MODELS_DIR / name)
+    packed = sum(1 for _, m in model.named_modules() if type(m).__name__ == "BitLinear")
+    min_margin, max_dev = golden(name, model)
+    log(
+        f"{name:22s} {packed} BitLinear layers, min top1-top2 margin "
+        f"{min_margin:.2g}, one-pass-prefill max |dlogit| {max_dev:.2g}"
+    )
+
+
 def log(msg):
     print(f"[goldens] {msg}", flush=True)
 
@@ -246,10 +336,11 @@ def r7(x):
 def record(model, prompt):
     """Greedy generation exactly as mlx-lm does it; the processor only sees
     (and returns unchanged) the raw logits each token is chosen from."""
-    seen = []
+    seen, dtypes = [], set()
 
     def capture(tokens, logits):
-        seen.append(np.array(logits[0], dtype=np.float32))
+        dtypes.add(logits.dtype)
+        seen.append(np.array(logits[0].astype(mx.float32)))  # bf16 has no numpy dtype
         return logits
 
     cache = make_prompt_cache(model)
@@ -267,6 +358,12 @@ def record(model, prompt):
     margins = []
     for t, lg in zip(tokens, logits):
         order = np.argsort(-lg, kind="stable")
+        if dtypes <= {mx.bfloat16, mx.float16}:
+            # mlx-lm takes the argmax of half logprobs (logits - logsumexp),
+            # whose rounding can tie or swap near-equal logits: the margin is
+            # then that of its pick over the best other, <= 0 where it differs.
+            margins.append(float(lg[t] - np.delete(lg, t).max()))
+            continue
         assert int(order[0]) == t, (t, int(order[0]))
         margins.append(float(lg[order[0]] - lg[order[1]]))
     return tokens, logits, margins
@@ -280,7 +377,7 @@ def full_prefill_logits(model, prompt, tokens):
     x = mx.array(prompt, dtype=mx.uint32)[None]
     for t in tokens:
         lg = model(x, cache=cache)[0, -1]
-        out.append(np.array(lg, dtype=np.float32))
+        out.append(np.array(lg.astype(mx.float32)))
         x = mx.array([[t]], dtype=mx.uint32)
     return out
 
@@ -357,8 +454,13 @@ def main():
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
     # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
-    only = sys.argv[1:] or list(ARCHS)
+    only = sys.argv[1:] or list(ARCHS) + ["bitnet"]
     for arch in only:
+        if arch == "bitnet":  # `make_goldens.py bitnet`: every BITNET model
+            for name in BITNET:
+                bitnet_golden(name)
+                names.append(name)
+            continue
         model, config, params = build_f32(arch)
         variants = [(f"{arch}-f32", model, config, None)]
         if arch == "llama":
