@@ -1,4 +1,5 @@
-//! model_type `bitnet` (plugins/arch-llama/src/bitnet.rs): the tiny models
+//! model_type `bitnet` (plugins/arch-llama/src/bitnet.rs) and Ternary Bonsai
+//! (qwen3 in MLX affine 2-bit g128, float16 scales): the tiny models
 //! tests/goldens/make_goldens.py built with mlx-lm's own classes, against the
 //! logits and greedy tokens mlx-lm recorded; which plugin builds each layer;
 //! and the bitnet configs that are refused by name.
@@ -53,6 +54,18 @@ fn bitnet_matches_mlx_lm() {
         let head = model.layers.get("lm_head").map(|q| q.mode.as_str());
         let want = if name == "bitnet-options-f32" { Some("bitnet-autobitlinear") } else { None };
         assert_eq!(head, want, "{name} lm_head");
+    }
+}
+
+#[test]
+fn ternary_bonsai_matches_mlx_lm() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let model = check("qwen3-bonsai-q2-g128", &reg);
+    assert_eq!(model.architecture_plugin, "arch-qwen3");
+    assert_eq!(model.layers.len(), 15, "{:?}", model.layers.keys().collect::<Vec<_>>());
+    for (path, q) in &model.layers {
+        assert_eq!((q.mode.as_str(), q.bits, q.group_size), ("affine", 2, 128), "{path}");
     }
 }
 

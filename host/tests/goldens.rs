@@ -26,7 +26,8 @@ fn tiny_models_match_mlx_lm() {
     }
     // BitNet: packed ternary BitLinear (f32; options: untied BitLinear lm_head,
     // biases, traditional + linear RoPE; bf16 as the checkpoints ship).
-    for name in ["bitnet-f32", "bitnet-options-f32", "bitnet-bf16"] {
+    // Ternary Bonsai: qwen3 in MLX affine 2-bit g128 with float16 scales.
+    for name in ["bitnet-f32", "bitnet-options-f32", "bitnet-bf16", "qwen3-bonsai-q2-g128"] {
         assert!(paths.iter().any(|p| p.ends_with(format!("{name}.json"))), "missing golden {name} (make_goldens.py bitnet)");
     }
     // Gemma 3: local (8-token window, shorter than the prompts) and global

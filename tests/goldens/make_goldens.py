@@ -237,6 +237,71 @@ def bitnet_golden(name):
     )
 
 
+# Ternary Bonsai (prism-ml/Ternary-Bonsai-{1.7B,4B,8B}-mlx-2bit): Qwen3 whose
+# every Linear and the Embedding hold w = s_g * t, t in {-1, 0, +1}, one
+# float16 s_g per group of 128, shipped in MLX's affine 2-bit format at group
+# 128 with float16 scales and biases (scale s_g, bias -s_g, codes t + 1; code
+# 3 unused). mlx-lm's quantizer would not write that (its min/max grid has no
+# zero), so the model is quantized by mlx-lm for its structure and config and
+# then given Bonsai's codes. Hidden 128 so that group 128 divides every input.
+BONSAI = {
+    "qwen3-bonsai-q2-g128": (
+        {
+            **ARCHS["qwen3"][1],
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "head_dim": 32,
+            "torch_dtype": "float16",
+        },
+        8901,
+    ),
+}
+
+
+def bonsai_golden(name):
+    config, seed = BONSAI[name]
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(seed)
+    f16 = mx.float16
+    ternary = {}  # module path -> (t int8 [out, in], s float16 [out, in/128])
+    params = []
+    for path, v in tree_flatten(model.parameters()):
+        if path.endswith("norm.weight"):
+            params.append((path, mx.array(1.0 + NORM_STD * rng.normal(size=v.shape)).astype(f16)))
+            continue
+        rows, cols = v.shape
+        t = rng.integers(-1, 2, size=(rows, cols)).astype(np.int8)
+        sc = mx.array(rng.uniform(0.05, 0.15, size=(rows, cols // 128))).astype(f16)
+        ternary[path.rsplit(".", 1)[0]] = (t, sc)
+        dense = mx.array(t.astype(np.float32)).reshape(rows, -1, 128) * sc.astype(mx.float32)[..., None]
+        params.append((path, dense.reshape(rows, cols).astype(f16)))
+    model.update(tree_unflatten(params))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, qconfig = lm_utils.quantize_model(model, dict(config), 128, 2, mode="affine")
+    packed = []
+    for path, m in model.named_modules():
+        if path not in ternary:
+            continue
+        assert isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)), path
+        t, sc = ternary[path]
+        codes = (t + 1).astype(np.uint32).reshape(t.shape[0], -1, 16)
+        words = (codes << (2 * np.arange(16, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
+        m.weight, m.scales, m.biases = mx.array(words), sc, -sc
+        dq = mx.dequantize(m.weight, m.scales, m.biases, group_size=128, bits=2)
+        want = mx.array(t.astype(np.float32)).reshape(t.shape[0], -1, 128) * sc.astype(mx.float32)[..., None]
+        assert mx.array_equal(dq, want.reshape(t.shape).astype(f16)).item(), path
+        packed.append(path)
+    assert len(packed) == len(ternary), (packed, list(ternary))
+    save(name, model, qconfig)
+    model, _ = lm_utils.load_model(MODELS_DIR / name)
+    min_margin, max_dev = golden(name, model)
+    bpw = lm_utils.compute_bits_per_weight(model)
+    log(
+        f"{name:22s} {bpw:6.3f} bits/weight, {len(packed)} ternary modules, min top1-top2 "
+        f"margin {min_margin:.2g}, one-pass-prefill max |dlogit| {max_dev:.2g}"
+    )
+
+
 def log(msg):
     print(f"[goldens] {msg}", flush=True)
 
@@ -454,8 +519,13 @@ def main():
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
     # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
-    only = sys.argv[1:] or list(ARCHS) + ["bitnet"]
+    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai"]
     for arch in only:
+        if arch == "bonsai":  # `make_goldens.py bonsai`: qwen3 in Ternary Bonsai's format
+            for name in BONSAI:
+                bonsai_golden(name)
+                names.append(name)
+            continue
         if arch == "bitnet":  # `make_goldens.py bitnet`: every BITNET model
             for name in BITNET:
                 bitnet_golden(name)
