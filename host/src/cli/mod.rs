@@ -3,6 +3,7 @@ mod bench;
 mod chat;
 pub mod common;
 mod convert;
+mod eval;
 mod generate;
 mod info;
 mod ls;
@@ -43,6 +44,8 @@ pub enum Command {
     Serve(With<serve::Args, LoadFlags>),
     /// Measure speed: in-process (--model DIR, like mlx_lm.benchmark) or against a server (--url URL).
     Bench(With<bench::Args, LoadFlags>),
+    /// Evaluate a model: `eval ppl` (perplexity under a KV-cache family).
+    Eval(eval::Args),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
@@ -65,6 +68,7 @@ pub fn run() -> Result<()> {
         Command::Chat(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Serve(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Bench(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Eval(a) => cli.before.clone().merge(a.flags()),
         Command::Metrics(a) => cli.before.clone().merge(a.flags.clone()),
         _ => cli.before.clone(),
     };
@@ -96,6 +100,7 @@ pub fn run() -> Result<()> {
         Command::Chat(a) => chat::run(a.args, &settings),
         Command::Serve(a) => serve::run(a.args, &settings),
         Command::Bench(a) => bench::run(a.args, &settings),
+        Command::Eval(a) => eval::run(a, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
         Command::Metrics(a) => metrics::run(a.args, &settings),

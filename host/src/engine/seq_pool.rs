@@ -23,6 +23,11 @@ const BLOCK: usize = 16;
 impl SeqPool {
     pub fn new(model: &LoadedModel) -> Self {
         let (k, v) = model.kv.clone();
+        Self::with_sides(model, k, v)
+    }
+
+    /// With other families than the model's own (a baseline to compare with).
+    pub fn with_sides(model: &LoadedModel, k: super::kv_pool::KvSide, v: super::kv_pool::KvSide) -> Self {
         let max_blocks = (model.spec.max_context as usize).max(1 << 16).div_ceil(BLOCK) + 1;
         Self { pool: KvPool::new(model.spec.num_layers as usize, k, v, BLOCK, max_blocks), table: Vec::new(), len: 0 }
     }
