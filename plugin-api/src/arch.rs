@@ -112,6 +112,10 @@ pub trait WeightSource {
     fn tensor(&mut self, name: RStr<'_>) -> PResult<MlxArray>;
     /// Whether a tensor of that full name exists.
     fn contains(&self, name: RStr<'_>) -> bool;
+    /// All experts of an MoE projection (ABI 3.2), built by the WeightQuant
+    /// plugin that owns its format.
+    #[sabi(last_prefix_field)]
+    fn switch_linear(&mut self, prefix: RStr<'_>) -> PResult<crate::wquant::SwitchLinearBox>;
 }
 
 pub type WeightSourceMut<'a> = WeightSource_TO<'a, RMut<'a, ()>>;

@@ -93,6 +93,20 @@ pub trait EmbeddingImpl: Send + 'static {
 pub trait QuantImpl: Send + 'static {
     fn linear(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn LinearImpl>>;
     fn embedding(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn EmbeddingImpl>>;
+    /// All experts of an MoE projection (ABI 3.2): `weight` [experts, out, in]
+    /// and the format's other tensors, stacked the same way.
+    fn switch_linear(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn SwitchLinearImpl>> {
+        let _ = tensors;
+        Err(PluginError::unsupported(format!("weight format {} has no expert (switch) layers", params.mode)))
+    }
+}
+
+/// All experts of one MoE projection, as mlx-lm's `SwitchLinear`.
+pub trait SwitchLinearImpl: Send + 'static {
+    /// `x` [..., 1 | k, 1, in], `indices` uint32 [..., k] -> [..., k, 1, out].
+    fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array>;
+    /// (experts, in_features, out_features)
+    fn dims(&self) -> (u32, u32, u32);
 }
 
 /// The tensors of one module, by local name (`weight`, `scales`, `biases`, `bias`).
@@ -139,6 +153,25 @@ impl<'a, 'b> Weights<'a, 'b> {
     }
     pub fn contains(&self, name: &str) -> bool {
         self.src.contains(RStr::from(name))
+    }
+    /// All experts of an MoE projection, in whatever format the checkpoint has.
+    pub fn switch_linear(&mut self, prefix: &str) -> Result<SwitchLayer> {
+        into_result(self.src.switch_linear(RStr::from(prefix))).map(SwitchLayer)
+    }
+}
+
+/// An MoE projection built by whichever WeightQuant plugin owns its format.
+pub struct SwitchLayer(pub crate::wquant::SwitchLinearBox);
+
+impl SwitchLayer {
+    /// `x` [..., 1 | k, 1, in], `indices` uint32 [..., k] -> [..., k, 1, out].
+    pub fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
+        into_result(self.0.forward(MlxArray::from_ref(x), MlxArray::from_ref(indices), sorted)).map(MlxArray::into_array)
+    }
+    /// (experts, in_features, out_features)
+    pub fn dims(&self) -> (u32, u32, u32) {
+        let t = self.0.dims();
+        (t.0, t.1, t.2)
     }
 }
 
@@ -237,6 +270,23 @@ impl WeightQuant for QuantAdapter {
     }
 }
 
+struct SwitchAdapter(Box<dyn SwitchLinearImpl>);
+
+impl crate::wquant::SwitchLinear for SwitchAdapter {
+    fn forward(&self, x: MlxArray, indices: MlxArray, sorted: bool) -> PResult<MlxArray> {
+        guard(|| self.0.forward(&x.into_array(), &indices.into_array(), sorted).map(MlxArray::from_array))
+    }
+    fn dims(&self) -> abi_stable::std_types::Tuple3<u32, u32, u32> {
+        let (e, i, o) = self.0.dims();
+        abi_stable::std_types::Tuple3(e, i, o)
+    }
+}
+
+/// Wraps a plain-Rust switch layer (for hosts and plugins that build layers).
+pub fn switch_box(layer: Box<dyn SwitchLinearImpl>) -> crate::wquant::SwitchLinearBox {
+    crate::wquant::SwitchLinear_TO::from_value(SwitchAdapter(layer), TD_Opaque)
+}
+
 /// Wraps a plain-Rust linear layer (for hosts and plugins that build layers).
 pub fn linear_box(layer: Box<dyn LinearImpl>) -> LinearBox {
     Linear_TO::from_value(LinearAdapter(layer), TD_Opaque)
@@ -277,6 +327,17 @@ pub extern "C" fn weight_quant_entry<P: PluginImpl>(mode: RStr<'_>) -> PResult<W
     guard(|| {
         let q = P::weight_quant(mode.as_str())?;
         Ok(WeightQuant_TO::from_value(QuantAdapter(q), TD_Opaque))
+    })
+}
+
+pub extern "C" fn switch_linear_entry<P: PluginImpl>(
+    mode: RStr<'_>,
+    tensors: RVec<NamedArray>,
+    params: QuantParams,
+) -> PResult<crate::wquant::SwitchLinearBox> {
+    guard(|| {
+        let q = P::weight_quant(mode.as_str())?;
+        Ok(switch_box(q.switch_linear(Tensors::new("", tensors), &params)?))
     })
 }
 

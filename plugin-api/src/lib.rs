@@ -34,7 +34,10 @@ pub use array::MlxArray;
 pub use error::{ErrorKind, PResult, PluginError};
 pub use manifest::Manifest;
 pub use module::{PluginModule, PluginRef};
-pub use wquant::{Embedding, EmbeddingBox, Linear, LinearBox, NamedArray, QuantParams, WeightQuant, WeightQuantBox};
+pub use wquant::{
+    Embedding, EmbeddingBox, Linear, LinearBox, NamedArray, QuantParams, SwitchLinear, SwitchLinearBox, WeightQuant,
+    WeightQuantBox,
+};
 
 /// The plugin ABI's major version. The host refuses plugins built for another.
 /// 2: `Attention` gained per-sequence offsets (`offsets()`, `batch()`) for batching.
@@ -48,7 +51,8 @@ pub const ABI_VERSION: u32 = 3;
 /// host is refused, since it may rely on what the host does not provide.
 /// 3.0: manifest, load_model, weight_quant, kv_family, drafter.
 /// 3.1: `check_config` (an architecture vets a config without loading weights).
-/// 3.2: `kv_codec` (KV-cache families: components, encode, attend).
+/// 3.2: `kv_codec` (KV-cache families: components, encode, attend);
+///      `switch_linear` (MoE expert layers) and `WeightSource::switch_linear`.
 pub const ABI_MINOR: u32 = 2;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.

@@ -3,7 +3,7 @@ use crate::{
     arch::{ModelBox, WeightSourceMut},
     drafter::DrafterBox,
     kv::{KvCodecBox, KvFamilyBox},
-    wquant::WeightQuantBox,
+    wquant::{NamedArray, QuantParams, SwitchLinearBox, WeightQuantBox},
     Manifest, PResult,
 };
 use abi_stable::{
@@ -11,7 +11,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings,
     sabi_types::VersionStrings,
-    std_types::RStr,
+    std_types::{RStr, RVec},
     StableAbi,
 };
 
@@ -45,6 +45,10 @@ pub struct PluginModule {
     /// for one side (keys or values) of the cache.
     #[sabi(missing_field(default))]
     pub kv_codec: Option<extern "C" fn(RStr<'_>) -> PResult<KvCodecBox>>,
+    /// WeightQuant: all experts of an MoE projection in format `mode`, from
+    /// the module's tensors (`weight` [experts, out, in], `scales`, ...).
+    #[sabi(missing_field(default))]
+    pub switch_linear: Option<extern "C" fn(RStr<'_>, RVec<NamedArray>, QuantParams) -> PResult<SwitchLinearBox>>,
 }
 
 impl RootModule for PluginRef {

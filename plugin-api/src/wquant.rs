@@ -52,6 +52,20 @@ pub trait WeightQuant: Send {
     fn embedding(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<EmbeddingBox>;
 }
 
+/// All experts of one MoE projection (ABI 3.2): what mlx-lm's `SwitchLinear`
+/// computes, through MLX's `gather_mm` / `gather_qmm` in the layer's format.
+#[sabi_trait]
+pub trait SwitchLinear: Send {
+    /// `x`: [..., 1 | k, 1, in] (as mlx-lm's SwitchGLU passes it), `indices`:
+    /// uint32 [..., k] expert ids -> [..., k, 1, out]. `sorted`: the indices
+    /// are sorted (MLX then reads each expert's weights once).
+    fn forward(&self, x: MlxArray, indices: MlxArray, sorted: bool) -> PResult<MlxArray>;
+    /// (experts, in_features, out_features).
+    #[sabi(last_prefix_field)]
+    fn dims(&self) -> abi_stable::std_types::Tuple3<u32, u32, u32>;
+}
+
 pub type LinearBox = Linear_TO<'static, RBox<()>>;
+pub type SwitchLinearBox = SwitchLinear_TO<'static, RBox<()>>;
 pub type EmbeddingBox = Embedding_TO<'static, RBox<()>>;
 pub type WeightQuantBox = WeightQuant_TO<'static, RBox<()>>;

@@ -196,6 +196,17 @@ impl WeightSource for HostWeights<'_> {
         })
     }
 
+    fn switch_linear(&mut self, prefix: RStr<'_>) -> PResult<rmlx_plugin_api::SwitchLinearBox> {
+        guard(|| {
+            let (items, q) = self.module(prefix.as_str())?;
+            let make = self
+                .registry
+                .switch_linear_entry(&q.mode)
+                .map_err(|e| PluginError::unsupported(format!("{prefix}: {e:#}")))?;
+            context(make(RStr::from(q.mode.as_str()), items, q.params()), prefix.as_str())
+        })
+    }
+
     fn tensor(&mut self, name: RStr<'_>) -> PResult<MlxArray> {
         guard(|| {
             let a = self

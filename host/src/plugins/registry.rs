@@ -103,6 +103,24 @@ impl Registry {
         Ok(q)
     }
 
+    /// The expert-layer (switch) builder of the plugin that owns `mode`.
+    #[allow(clippy::type_complexity)]
+    pub fn switch_linear_entry(
+        &self,
+        mode: &str,
+    ) -> Result<
+        extern "C" fn(
+            RStr<'_>,
+            abi_stable::std_types::RVec<rmlx_plugin_api::NamedArray>,
+            rmlx_plugin_api::QuantParams,
+        ) -> RResult<rmlx_plugin_api::SwitchLinearBox, rmlx_plugin_api::PluginError>,
+    > {
+        let plugin = self.weight_quant_plugin(mode)?;
+        plugin.module.switch_linear().ok_or_else(|| {
+            anyhow!("plugin `{}` builds no expert (switch) layers for `{mode}` (built for ABI 3.1 or older)", plugin.info.id)
+        })
+    }
+
     /// The KV family names the loaded plugins provide.
     pub fn kv_family_names(&self) -> Vec<String> {
         self.kv_families.keys().cloned().collect()
