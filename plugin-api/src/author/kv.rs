@@ -105,7 +105,15 @@ pub trait KvCodecImpl: Send + Sync + 'static {
         let bytes: usize = self.components(dims).iter().map(Component::bytes_per_slot).sum();
         (bytes * 8) as f32 / (dims.kv_heads * dims.head_dim).max(1) as f32
     }
-    /// The component arrays of one slot.
+    /// Whether this family can store a layer of `dims` (e.g. affine needs a
+    /// head_dim that its group size divides): the boundary's `components`
+    /// calls it first, so the host refuses an unsupported layer at load, not
+    /// at the first encode. The default accepts every layer.
+    fn check(&self, dims: &LayerDims) -> Result<()> {
+        let _ = dims;
+        Ok(())
+    }
+    /// The component arrays of one slot (for dims that `check` accepts).
     fn components(&self, dims: &LayerDims) -> Vec<Component>;
     /// `x` [N, K, D] -> one array per component, [N, ...shape].
     fn encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>>;
@@ -289,6 +297,7 @@ impl KvCodec for CodecAdapter {
     fn components(&self, dims: KvDims) -> PResult<RVec<KvComponent>> {
         super::guard(|| {
             let d = LayerDims::try_from(dims)?;
+            self.0.check(&d)?;
             Ok(self
                 .0
                 .components(&d)

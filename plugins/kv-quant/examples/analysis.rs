@@ -35,6 +35,7 @@ fn v(label: &'static str, codec: Box<dyn KvCodecImpl>) -> Variant {
 fn variants() -> Vec<Variant> {
     let dense = |d: i32, s: u64| Rotation::dense(d, s);
     let had = |d: i32, s: u64| Rotation::hadamard_or_dense(d, s);
+    let only = std::env::var("VARIANTS").ok();
     let mut out = vec![
         v("q8", codec("q8").unwrap()),
         v("fp8", codec("fp8").unwrap()),
@@ -67,7 +68,20 @@ fn variants() -> Vec<Variant> {
         out.push(Variant { values: codec(vn), ..v(label, codec(k).unwrap()) });
     }
     out.push(Variant { center: true, ..v("turbo4 centered", codec("turbo4").unwrap()) });
+    let g = |name: &'static str, bits: i32, rot: fn(i32, u64) -> Rotation, group: i32| -> Box<dyn KvCodecImpl> {
+        Box::new(RotatedCodec::new(name, bits, false, NormMode::Preserve, 1, rot).with_group(group))
+    };
+    out.push(v("turbo3 g32", g("t3g32", 3, had, 32)));
+    out.push(v("planar3 g32", g("p3g32", 3, rmlx_kv_quant::planar::givens, 32)));
+    out.push(v("planar3 g16", g("p3g16", 3, rmlx_kv_quant::planar::givens, 16)));
+    out.push(v("iso3 g32", g("i3g32", 3, rmlx_kv_quant::iso::quaternions, 32)));
+    out.push(v("rotor3 g32", g("r3g32", 3, rmlx_kv_quant::rotor::rotors, 32)));
+    out.push(v("planar4 g32", g("p4g32", 4, rmlx_kv_quant::planar::givens, 32)));
+    out.push(v("planar2 g32", g("p2g32", 2, rmlx_kv_quant::planar::givens, 32)));
     out.push(Variant { center: true, ..v("q8 centered", codec("q8").unwrap()) });
+    if let Some(only) = only {
+        out.retain(|v| only.split(',').any(|o| o == v.label));
+    }
     out
 }
 

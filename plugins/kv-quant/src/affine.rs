@@ -50,6 +50,10 @@ impl Affine {
 }
 
 impl KvCodecImpl for Affine {
+    fn check(&self, dims: &LayerDims) -> Result<()> {
+        self.group(dims.head_dim).map(|_| ())
+    }
+
     fn components(&self, dims: &LayerDims) -> Vec<Component> {
         let (k, d) = (dims.kv_heads, dims.head_dim);
         let g = self.group(d).unwrap_or(32);

@@ -65,3 +65,23 @@ pub fn codec(name: &str) -> Option<Box<dyn KvCodecImpl>> {
     };
     Some(c)
 }
+
+/// The plugin: every family above, under the `kv_codec` entry (ABI 3.2).
+pub struct KvQuant;
+
+impl rmlx_plugin_api::author::PluginImpl for KvQuant {
+    fn manifest() -> rmlx_plugin_api::Manifest {
+        rmlx_plugin_api::Manifest::new(
+            "kv-quant",
+            env!("CARGO_PKG_VERSION"),
+            "compressing KV-cache families: fp8, q8/q4/q2, turbo, planar, iso, rotor",
+        )
+        .kv_families(FAMILIES)
+    }
+
+    fn kv_codec(name: &str) -> rmlx_plugin_api::author::Result<Box<dyn KvCodecImpl>> {
+        codec(name).ok_or_else(|| rmlx_plugin_api::PluginError::unsupported(format!("kv-quant has no family {name}")))
+    }
+}
+
+rmlx_plugin_api::export_plugin!(KvQuant);

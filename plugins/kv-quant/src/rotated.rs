@@ -5,14 +5,16 @@
 //! Components per slot (K kv heads, D head dim, W(b) = b * ceil(D/32)):
 //! - `codes`  uint32 [K, W(b')]: the bit-plane packed codes ([`crate::pack`]),
 //!   b' = b, or b - 1 with QJL;
-//! - `norms`  activation dtype [K]: the per-vector norm ([`NormMode`]);
+//! - `norms`  activation dtype [K, D/G]: the norm of each group of G rotated
+//!   coordinates ([`NormMode`]); G = D (one norm per vector) unless the
+//!   family quantizes in groups (G must divide D, else G = D);
 //! - with QJL: `qjl_signs` uint32 [K, W(1)], the signs of `S r` for the
 //!   rotated unit residual `r = y - ĉ` and a seeded Gaussian `S` [D, D], and
 //!   `qjl_norms` activation dtype [K], `||r||`.
 //!
 //! Attention never leaves the rotated domain per token: `scores` rotates the
-//! query once (`s = (q R)·ĉ · norm`) and `mix` un-rotates the output once per
-//! head (`out = (Σ p·norm·ĉ) Rᵀ`). The QJL term is the paper's unbiased
+//! query once (`s = (q R)·(norm · ĉ)`) and `mix` un-rotates the output once
+//! per head (`out = (Σ p · norm · ĉ) Rᵀ`). The QJL term is the paper's unbiased
 //! estimator `<z, r> ≈ sqrt(π/2)/D · ||r|| · <S z, sign(S r)>`.
 use crate::{
     codebook::{qjl_const, sphere_codebook, Codebook},
@@ -47,6 +49,8 @@ pub struct RotatedCodec {
     pub bits: i32,
     pub qjl: bool,
     pub norm_mode: NormMode,
+    /// Coordinates per norm (None: the whole vector).
+    pub group: Option<i32>,
     seed: u64,
     rotation: fn(i32, u64) -> Rotation,
     cache: Mutex<HashMap<i32, Arc<Prepared>>>,
@@ -56,7 +60,23 @@ impl RotatedCodec {
     pub fn new(name: &'static str, bits: i32, qjl: bool, norm_mode: NormMode, seed: u64, rotation: fn(i32, u64) -> Rotation) -> Self {
         // QJL's estimator is unbiased only against the raw norm.
         let norm_mode = if qjl { NormMode::Raw } else { norm_mode };
-        Self { name, bits, qjl, norm_mode, seed, rotation, cache: Mutex::new(HashMap::new()) }
+        Self { name, bits, qjl, norm_mode, group: None, seed, rotation, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// One norm per `group` rotated coordinates (QJL keeps one per vector).
+    pub fn with_group(mut self, group: i32) -> Self {
+        if !self.qjl {
+            self.group = Some(group);
+        }
+        self
+    }
+
+    /// The group size at head dim `d`.
+    pub fn group_size(&self, d: i32) -> i32 {
+        match self.group {
+            Some(g) if g >= 8 && d % g == 0 => g,
+            _ => d,
+        }
     }
 
     /// Bits of the codebook codes (one fewer with QJL).
@@ -79,7 +99,7 @@ impl RotatedCodec {
         });
         let p = Arc::new(Prepared {
             rot: (self.rotation)(d, self.seed),
-            book: sphere_codebook(d as usize, self.mse_bits() as u32),
+            book: sphere_codebook(self.group_size(d) as usize, self.mse_bits() as u32),
             qjl,
         });
         cache.insert(d, p.clone());
@@ -90,10 +110,12 @@ impl RotatedCodec {
         Array::from_slice(p.qjl.as_deref().unwrap_or(&[]), &[d, d])
     }
 
-    /// The codebook levels [B, T, K, D] and, with QJL, the signs ±1 [B, T, K, D].
+    /// The rotated vectors `norm · ĉ` [B, T, K, D] and, with QJL, the signs
+    /// ±1 [B, T, K, D].
     fn unpack_all(&self, comps: &[Array], p: &Prepared, d: i32) -> Result<(Array, Option<Array>)> {
         self.expect(comps)?;
         let c = levels(&unpack(&comps[0], self.mse_bits(), d)?, &p.book)?;
+        let c = self.scale_groups(&c, &comps[1], d)?;
         let sg = if self.qjl {
             let bits = unpack(&comps[2], 1, d)?.as_dtype(Dtype::Float32)?;
             Some(bits.multiply(Array::from_f32(2.0))?.subtract(Array::from_f32(1.0))?)
@@ -101,6 +123,16 @@ impl RotatedCodec {
             None
         };
         Ok((c, sg))
+    }
+
+    /// `c` [.., D] times the group norms `n` [.., D/G] (activation dtype).
+    fn scale_groups(&self, c: &Array, n: &Array, d: i32) -> Result<Array> {
+        let g = self.group_size(d);
+        let n = n.as_dtype(Dtype::Float32)?;
+        let shape = c.shape().to_vec();
+        let mut split = shape[..shape.len() - 1].to_vec();
+        split.extend([d / g, g]);
+        Ok(c.reshape(&split)?.multiply(n.expand_dims(-1)?)?.reshape(&shape)?)
     }
 
     fn expect(&self, comps: &[Array]) -> Result<()> {
@@ -122,11 +154,15 @@ pub fn per_kv(x: &Array, w: &Array) -> Result<Array> {
 }
 
 impl KvCodecImpl for RotatedCodec {
+    fn check(&self, dims: &LayerDims) -> Result<()> {
+        self.prepared(dims.head_dim).map(|_| ())
+    }
+
     fn components(&self, dims: &LayerDims) -> Vec<Component> {
         let (k, d) = (dims.kv_heads, dims.head_dim);
         let mut c = vec![
             Component::new("codes", Dtype::Uint32, &[k, words(d, self.mse_bits())]),
-            Component::new("norms", dims.dtype, &[k]),
+            Component::new("norms", dims.dtype, &[k, d / self.group_size(d)]),
         ];
         if self.qjl {
             c.push(Component::new("qjl_signs", Dtype::Uint32, &[k, words(d, 1)]));
@@ -135,18 +171,22 @@ impl KvCodecImpl for RotatedCodec {
         c
     }
 
-    /// x [N, K, D] -> codes [N, K, W], norms [N, K] (+ qjl_signs, qjl_norms).
+    /// x [N, K, D] -> codes [N, K, W], norms [N, K, D/G] (+ qjl_signs, qjl_norms).
     fn encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>> {
         let d = dims.head_dim;
         let p = self.prepared(d)?;
-        let xf = x.as_dtype(Dtype::Float32)?; // [N, K, D]
-        let norm = norm_keep(&xf)?; // [N, K, 1]
-        let y = p.rot.forward(&safe_div(&xf, &norm)?)?; // unit, rotated [N, K, D]
+        let g = self.group_size(d);
+        let (n, k) = (x.dim(0), x.dim(1));
+        // rotate, then one norm per group: [N, K, D/G, G]
+        let z = p.rot.forward(x)?.reshape(&[n, k, d / g, g])?;
+        let norm = norm_keep(&z)?; // [N, K, D/G, 1]
+        let y = safe_div(&z, &norm)?; // unit groups
         let (codes, c) = quantize(&y, &p.book)?;
         let stored = match self.norm_mode {
             NormMode::Raw => norm.clone(),
             NormMode::Preserve => safe_div(&norm, &norm_keep(&c)?)?,
         };
+        let (codes, y, c) = (codes.reshape(&[n, k, d])?, y.reshape(&[n, k, d])?, c.reshape(&[n, k, d])?);
         let mut out = vec![pack(&codes, self.mse_bits())?, stored.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?];
         if self.qjl {
             let r = y.subtract(&c)?; // [N, K, D]
@@ -162,18 +202,18 @@ impl KvCodecImpl for RotatedCodec {
     fn decode(&self, comps: &[Array], dims: &LayerDims) -> Result<Array> {
         let d = dims.head_dim;
         let p = self.prepared(d)?;
-        let (mut c, sg) = self.unpack_all(comps, &p, d)?; // [B, T, K, D]
+        let (mut c, sg) = self.unpack_all(comps, &p, d)?; // norm · ĉ [B, T, K, D]
         if let Some(sg) = sg {
-            // r̂ = sqrt(π/2)/D · ||r|| · Sᵀ sign(S r)
-            let rn = comps[3].as_dtype(Dtype::Float32)?.expand_dims(-1)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
-            c = c.add(matmul(&sg, Self::s_matrix(&p, d))?.multiply(&rn)?)?;
+            // norm · r̂, r̂ = sqrt(π/2)/D · ||r|| · Sᵀ sign(S r)
+            let w = comps[1].squeeze_axes(&[-1])?.multiply(&comps[3])?.as_dtype(Dtype::Float32)?;
+            let w = w.multiply(Array::from_f32(qjl_const() / d as f32))?; // [B, T, K]
+            c = c.add(matmul(&sg, Self::s_matrix(&p, d))?.multiply(w.expand_dims(-1)?)?)?;
         }
-        let norm = comps[1].as_dtype(Dtype::Float32)?.expand_dims(-1)?; // [B, T, K, 1]
-        let x = p.rot.inverse(&c)?.multiply(&norm)?;
+        let x = p.rot.inverse(&c)?;
         Ok(x.transpose_axes(&[0, 2, 1, 3])?.as_dtype(dims.dtype)?)
     }
 
-    /// q [B, H, L, D] -> float32 [B, H, L, T]: `(q R)·ĉ · norm` (+ QJL term).
+    /// q [B, H, L, D] -> float32 [B, H, L, T]: `(q R)·(norm · ĉ)` (+ QJL term).
     fn scores(&self, q: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
         let d = dims.head_dim;
         let p = self.prepared(d)?;
@@ -183,21 +223,22 @@ impl KvCodecImpl for RotatedCodec {
         if let Some(sg) = sg {
             let qs = matmul(&qr, Self::s_matrix(&p, d).t())?; // S z
             let s2 = gqa_matmul(&qs, &sg.transpose_axes(&[0, 2, 3, 1])?)?;
-            let rn = comps[3].as_dtype(Dtype::Float32)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
-            s = s.add(per_kv(&s2, &rn)?)?;
+            // norms [B, T, K, 1] (QJL: one group)
+            let w = comps[1].squeeze_axes(&[-1])?.multiply(&comps[3])?.as_dtype(Dtype::Float32)?;
+            s = s.add(per_kv(&s2, &w.multiply(Array::from_f32(qjl_const() / d as f32))?)?)?;
         }
-        per_kv(&s, &comps[1])
+        Ok(s)
     }
 
-    /// p [B, H, L, T] -> [B, H, L, D]: `(Σ_t p·norm·ĉ) Rᵀ`, one inverse rotation per head.
+    /// p [B, H, L, T] -> [B, H, L, D]: `(Σ_t p · norm · ĉ) Rᵀ`, one inverse rotation per head.
     fn mix(&self, p: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
         let d = dims.head_dim;
         let prep = self.prepared(d)?;
-        let (c, sg) = self.unpack_all(comps, &prep, d)?; // [B, T, K, D]
+        let (c, sg) = self.unpack_all(comps, &prep, d)?; // norm · ĉ [B, T, K, D]
         let pf = p.as_dtype(Dtype::Float32)?;
-        let norm = comps[1].as_dtype(Dtype::Float32)?; // [B, T, K]
-        let mut out = gqa_matmul(&per_kv(&pf, &norm)?, &c.transpose_axes(&[0, 2, 1, 3])?)?; // [B, H, L, D]
+        let mut out = gqa_matmul(&pf, &c.transpose_axes(&[0, 2, 1, 3])?)?; // [B, H, L, D]
         if let Some(sg) = sg {
+            let norm = comps[1].squeeze_axes(&[-1])?.as_dtype(Dtype::Float32)?; // [B, T, K]
             let w = norm.multiply(&comps[3].as_dtype(Dtype::Float32)?)?.multiply(Array::from_f32(qjl_const() / d as f32))?;
             let acc = gqa_matmul(&per_kv(&pf, &w)?, &sg.transpose_axes(&[0, 2, 1, 3])?)?; // Σ p w sign
             out = out.add(matmul(&acc, Self::s_matrix(&prep, d))?)?;

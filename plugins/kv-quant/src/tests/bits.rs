@@ -80,10 +80,18 @@ fn the_crate_table_holds_at_d128_bf16() {
 fn unknown_names_and_bad_head_dims_are_refused() {
     assert!(codec("turbo5").is_none());
     assert!(codec("").is_none());
-    let x = gaussian(2, 2, 40, 1);
-    let err = codec("q4").unwrap().encode(&x, &dims(2, 40, Dtype::Float32)).unwrap_err();
+    // refused by `check` (what the host asks at load) and by `encode`
+    let (q4, d40) = (codec("q4").unwrap(), dims(2, 40, Dtype::Float32));
+    assert!(q4.check(&d40).unwrap_err().to_string().contains("not a multiple of 32"));
+    let err = q4.encode(&gaussian(2, 2, 40, 1), &d40).unwrap_err();
     assert!(err.to_string().contains("not a multiple of 32"), "{err}");
-    let x = gaussian(2, 2, 4, 1);
-    let err = codec("turbo3").unwrap().encode(&x, &dims(2, 4, Dtype::Float32)).unwrap_err();
+    let (t3, d4) = (codec("turbo3").unwrap(), dims(2, 4, Dtype::Float32));
+    assert!(t3.check(&d4).unwrap_err().to_string().contains("too small"));
+    let err = t3.encode(&gaussian(2, 2, 4, 1), &d4).unwrap_err();
     assert!(err.to_string().contains("too small"), "{err}");
+    for name in FAMILIES {
+        for hd in [64, 128, 96] {
+            codec(name).unwrap().check(&dims(2, hd, Dtype::Bfloat16)).unwrap();
+        }
+    }
 }
