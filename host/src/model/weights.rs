@@ -140,10 +140,12 @@ impl<'a> HostWeights<'a> {
 /// Replaces a dense `weight` by MLX affine `weight`/`scales`/`biases` at
 /// `q`'s bits and group size (what `mlx.nn.quantize` computes). `Ok(false)`:
 /// the input dimension does not divide by the group size (left dense).
+/// Expert weights [E, out, in] quantize along `in` like any other (MLX
+/// quantizes the last axis), as mlx-lm's `SwitchLinear.to_quantized`.
 fn quantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<bool, mlx_rs::error::Exception> {
     let i = items.iter().position(|n| n.name == "weight").expect("checked by module()");
     let w = items[i].array.clone().into_array();
-    if w.ndim() != 2 || w.dim(1) % q.group_size != 0 {
+    if !(2..=3).contains(&w.ndim()) || w.dim(-1) % q.group_size != 0 {
         return Ok(false);
     }
     let (wq, scales, biases) = mlx_rs::ops::quantize(&w, q.group_size, q.bits)?;
@@ -155,7 +157,8 @@ fn quantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<bool, mlx
 }
 
 /// Replaces affine `weight`/`scales`/`biases` by the dense `weight` they
-/// encode, in the scales' dtype (what `mx.dequantize` computes).
+/// encode, in the scales' dtype (what `mx.dequantize` computes); expert
+/// layers' stacked [E, ...] tensors become a dense [E, out, in].
 fn dequantize_at_load(items: &mut RVec<NamedArray>, q: &Quant) -> Result<(), mlx_rs::error::Exception> {
     let take = |items: &mut RVec<NamedArray>, name: &str| -> Option<Array> {
         let i = items.iter().position(|n| n.name == name)?;

@@ -12,9 +12,12 @@
 //! | nvfp4 | E2M1    | 4    | 16    | E4M3                     | none     |
 //!
 //! `weight` is uint32 `[out, in*bits/32]` (elements packed from the low bits
-//! up), `scales` uint8 `[out, in/group]`. nvfp4 may carry a float32
-//! `global_scale` (mlx-lm writes one only for MoE switch layers, which these
-//! plugins do not build); a dense module that has one is dequantized with it.
+//! up), `scales` uint8 `[out, in/group]`; MoE expert (switch) layers stack
+//! them on a leading experts axis and run through MLX's `gather_qmm` in the
+//! mode, as mlx-lm's `QuantizedSwitchLinear`. nvfp4 may carry a float32
+//! `global_scale` (mlx-lm writes one, per expert `[E]`, only for switch layers
+//! converted with a global scale); mlx-c's `gather_qmm` and `quantized_matmul`
+//! take none, so such a module is dequantized with it (at load for experts).
 //! `mx.dequantize` of these modes returns bfloat16 (the dtype is inferred from
 //! the uint8 scales), so a quantized embedding's lookup is bfloat16, exactly as
 //! in mlx.nn.QuantizedEmbedding; `quantized_matmul` keeps the input dtype.
@@ -22,7 +25,7 @@ pub mod ops;
 
 use mlx_rs::{Array, Dtype};
 use rmlx_plugin_api::{
-    author::{EmbeddingImpl, LinearImpl, QuantImpl, Result, Tensors},
+    author::{EmbeddingImpl, LinearImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
     ErrorKind, PluginError, QuantParams,
 };
 
@@ -78,18 +81,24 @@ impl FpFormat {
     }
 }
 
-/// The packed weight with its scales, checked against the format.
+/// The packed weight with its scales, checked against the format. Expert
+/// layers have a leading experts axis E.
 struct Packed {
     fmt: FpFormat,
-    weight: Array,               // uint32 [rows, cols*bits/32]
-    scales: Array,               // uint8 [rows, cols/group]
-    global_scale: Option<Array>, // float32 scalar (nvfp4 only)
+    weight: Array,               // uint32 [(E,) rows, cols*bits/32]
+    scales: Array,               // uint8 [(E,) rows, cols/group]
+    global_scale: Option<Array>, // float32 scalar, [E] for experts (nvfp4 only)
     rows: i32,
     cols: i32,
 }
 
 impl Packed {
     fn take(fmt: FpFormat, t: &mut Tensors, p: &QuantParams) -> Result<Self> {
+        Self::take_nd(fmt, t, p, 2)
+    }
+
+    /// `ndim` 2 for a layer, 3 for the experts of a switch layer.
+    fn take_nd(fmt: FpFormat, t: &mut Tensors, p: &QuantParams, ndim: usize) -> Result<Self> {
         if p.mode.as_str() != fmt.mode || p.bits != fmt.bits || p.group_size != fmt.group_size {
             return Err(PluginError::config(format!(
                 "{} needs bits {} and group size {}, got mode {} bits {} group size {}",
@@ -110,21 +119,36 @@ impl Packed {
         if global_scale.is_some() && fmt.mode != "nvfp4" {
             return Err(PluginError::config(format!("{}global_scale: only nvfp4 has a global scale", t.prefix)));
         }
-        if weight.dtype() != Dtype::Uint32 || weight.ndim() != 2 {
+        let lead = if ndim == 3 { "experts, " } else { "" };
+        if weight.dtype() != Dtype::Uint32 || weight.ndim() != ndim {
             return Err(PluginError::config(format!(
-                "{}weight: expected packed uint32 [out, in*{}/32], got {:?} {:?}",
+                "{}weight: expected packed uint32 [{lead}out, in*{}/32], got {:?} {:?}",
                 t.prefix,
                 fmt.bits,
                 weight.dtype(),
                 weight.shape()
             )));
         }
-        let rows = weight.dim(0);
-        let cols = weight.dim(1) * 32 / fmt.bits;
+        let rows = weight.dim(-2);
+        let cols = weight.dim(-1) * 32 / fmt.bits;
         let groups = cols / fmt.group_size;
-        if scales.dtype() != Dtype::Uint8 || scales.shape() != [rows, groups] {
+        let mut want = weight.shape()[..ndim - 2].to_vec();
+        want.extend([rows, groups]);
+        if let Some(g) = &global_scale {
+            // a scalar per layer; mlx-lm's switch layers hold one per expert
+            let ok = g.size() == 1 || (ndim == 3 && g.shape() == [weight.dim(0)]);
+            if !ok {
+                return Err(PluginError::config(format!(
+                    "{}global_scale: expected a scalar{}, got shape {:?}",
+                    t.prefix,
+                    if ndim == 3 { " or one per expert" } else { "" },
+                    g.shape()
+                )));
+            }
+        }
+        if scales.dtype() != Dtype::Uint8 || scales.shape() != want.as_slice() {
             return Err(PluginError::config(format!(
-                "{}scales: expected uint8 [{rows}, {groups}] for weight {:?} in {}, got {:?} {:?}",
+                "{}scales: expected uint8 {want:?} for weight {:?} in {}, got {:?} {:?}",
                 t.prefix,
                 weight.shape(),
                 fmt.mode,
@@ -193,6 +217,67 @@ impl EmbeddingImpl for FpEmbedding {
     }
 }
 
+/// All experts of one projection, as mlx-lm's QuantizedSwitchLinear.
+struct FpSwitch {
+    packed: Packed,         // E experts of [rows = out, cols = in]
+    dense_t: Option<Array>, // [E, in, out] float32: the experts dequantized with their global scales
+    bias: Option<Array>,    // [E, out]
+}
+
+impl FpSwitch {
+    fn new(packed: Packed, bias: Option<Array>) -> Result<Self> {
+        let dense_t = match &packed.global_scale {
+            None => None,
+            Some(g) => {
+                // One scalar per expert: MLX's dequantize takes a scalar global scale.
+                let e = packed.weight.dim(0);
+                let g = g.reshape(&[-1])?;
+                let experts = (0..e)
+                    .map(|i| {
+                        let i = Array::from_int(i);
+                        let gi = if g.size() == 1 { g.reshape(&[])? } else { g.take_axis(&i, 0)? };
+                        ops::dequantize(
+                            &packed.weight.take_axis(&i, 0)?,
+                            &packed.scales.take_axis(&i, 0)?,
+                            None,
+                            packed.fmt.group_size,
+                            packed.fmt.bits,
+                            packed.fmt.mode,
+                            Some(&gi),
+                            Some(Dtype::Float32),
+                        )
+                        .map_err(mlx)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let dense = mlx_rs::ops::stack(&experts, 0)?.swap_axes(-1, -2)?; // [E, in, out]
+                dense.eval()?;
+                Some(dense)
+            }
+        };
+        Ok(Self { packed, dense_t, bias })
+    }
+}
+
+impl SwitchLinearImpl for FpSwitch {
+    /// x [..., 1 | k, 1, in], indices uint32 [..., k] -> [..., k, 1, out]
+    fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
+        let p = &self.packed;
+        let y = match &self.dense_t {
+            Some(w) => mlx_rs::ops::gather_mm(x, w, None, indices, sorted)?.as_dtype(x.dtype())?,
+            None => ops::gather_qmm(x, &p.weight, &p.scales, None, indices, true, p.fmt.group_size, p.fmt.bits, p.fmt.mode, sorted)
+                .map_err(mlx)?,
+        };
+        Ok(match &self.bias {
+            // bias[indices] [..., k, out] -> [..., k, 1, out]
+            Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
+            None => y,
+        })
+    }
+    fn dims(&self) -> (u32, u32, u32) {
+        (self.packed.weight.dim(0) as u32, self.packed.cols as u32, self.packed.rows as u32)
+    }
+}
+
 /// The WeightQuant implementation for one format.
 pub struct FpQuant(pub FpFormat);
 
@@ -204,6 +289,15 @@ impl QuantImpl for FpQuant {
     fn embedding(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn EmbeddingImpl>> {
         Ok(Box::new(FpEmbedding { packed: Packed::take(self.0, &mut t, p)? }))
     }
+    fn switch_linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn SwitchLinearImpl>> {
+        let packed = Packed::take_nd(self.0, &mut t, p, 3)?;
+        let bias = t.take_opt("bias");
+        let (e, out) = (packed.weight.dim(0), packed.rows);
+        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [e, out]) {
+            return Err(PluginError::config(format!("{}bias: expected [{e}, {out}], got {:?}", t.prefix, b.shape())));
+        }
+        Ok(Box::new(FpSwitch::new(packed, bias)?))
+    }
 }
 
 /// `PluginImpl::weight_quant` for a plugin that provides exactly `fmt`.
@@ -214,3 +308,6 @@ pub fn weight_quant(fmt: FpFormat, plugin: &str, mode: &str) -> Result<Box<dyn Q
         Err(PluginError::unsupported(format!("{plugin} has no mode {mode}")))
     }
 }
+
+#[cfg(test)]
+mod tests;

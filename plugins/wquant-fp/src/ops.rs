@@ -176,3 +176,41 @@ pub fn quantized_matmul(
         )
     })
 }
+
+/// `mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose,
+/// group_size, bits, mode, sorted_indices)`, no lhs indices and no global
+/// scale (mlx-c 0.7 passes none; see scripts/patch-mlx-c.py).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_qmm(
+    x: &Array,
+    w: &Array,
+    scales: &Array,
+    biases: Option<&Array>,
+    rhs_indices: &Array,
+    transpose: bool,
+    group_size: i32,
+    bits: i32,
+    mode: &str,
+    sorted_indices: bool,
+) -> Result<Array> {
+    let m = mode_c(mode)?;
+    let null = Null::new();
+    let stream = Stream::thread_local_or_default();
+    array_op("gather_qmm", |res| unsafe {
+        mlx_sys::mlx_gather_qmm(
+            res,
+            x.as_ptr(),
+            w.as_ptr(),
+            scales.as_ptr(),
+            opt(biases, &null),
+            null.0,
+            rhs_indices.as_ptr(),
+            transpose,
+            opt_int(group_size),
+            opt_int(bits),
+            m.as_ptr(),
+            sorted_indices,
+            stream.as_ptr(),
+        )
+    })
+}
