@@ -7,7 +7,9 @@
 //! BitNet's hooks are opt-in: an RMSNorm before `o_proj`
 //! (`SelfAttention::with_sub_norm`), another before `down_proj` and the ReLU²
 //! gate (`Mlp::with_activation`, `Mlp::with_sub_norm`), and blocks assembled
-//! from such parts (`Block::from_parts`, `Decoder::load_blocks`).
+//! from such parts (`Block::from_parts`, `Decoder::load_blocks`). A block's
+//! feed-forward may be any [`FeedForward`] (`Block::with_ffn`): the dense
+//! [`Mlp`] or a mixture of experts (moe.rs).
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, F intermediate, V vocab.
@@ -155,12 +157,25 @@ impl Mlp {
     }
 }
 
+/// A block's feed-forward: the dense [`Mlp`], or a mixture of experts
+/// (`moe::SparseMoe`).
+pub trait FeedForward: Send {
+    /// x: [B, L, D] -> [B, L, D]
+    fn forward(&self, x: &Array) -> Result<Array>;
+}
+
+impl FeedForward for Mlp {
+    fn forward(&self, x: &Array) -> Result<Array> {
+        Mlp::forward(self, x)
+    }
+}
+
 // ---- block ----
 
 /// Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)).
 pub struct Block {
     self_attn: SelfAttention,
-    mlp: Mlp,
+    mlp: Box<dyn FeedForward>,
     input_layernorm: Array,          // [D]
     post_attention_layernorm: Array, // [D]
     eps: f32,
@@ -177,6 +192,17 @@ impl Block {
     /// A block around an attention and MLP built (and hooked) by the caller;
     /// loads the two norms under `p`.
     pub fn from_parts(w: &mut Weights, p: &str, self_attn: SelfAttention, mlp: Mlp, eps: f32) -> Result<Self> {
+        Self::with_ffn(w, p, self_attn, Box::new(mlp), eps)
+    }
+
+    /// As `from_parts`, with any feed-forward (e.g. an MoE block) as `mlp`.
+    pub fn with_ffn(
+        w: &mut Weights,
+        p: &str,
+        self_attn: SelfAttention,
+        mlp: Box<dyn FeedForward>,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(Self {
             self_attn,
             mlp,

@@ -1,9 +1,11 @@
 //! Building blocks shared by architecture plugins, mirroring mlx / mlx-lm:
 //! RoPE (default, linear, llama3 scaling), RMSNorm, SwiGLU, config helpers,
 //! and the decoder-only transformer (decoder.rs) that llama, qwen2 and qwen3
-//! share. Nothing here names a weight format.
+//! share, and the mixture-of-experts layers (moe.rs). Nothing here names a
+//! weight format.
 pub mod decoder;
 pub mod gemma;
+pub mod moe;
 
 use mlx_rs::{fast, nn, ops, Array};
 use rmlx_plugin_api::{author::Result, PluginError};

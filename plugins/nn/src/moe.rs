@@ -1,0 +1,252 @@
+//! Mixture-of-experts layers shared by the MoE architectures, after mlx-lm's
+//! `switch_layers.py` (`SwitchGLU`, `_gather_sort`, `_scatter_unsort`) and
+//! its top-k routed blocks (qwen3_moe's `Qwen3MoeSparseMoeBlock`).
+//!
+//! The experts of a projection are one switch layer (`Weights::switch_linear`:
+//! `weight` [E, out, in] in any format, run through MLX's `gather_mm` /
+//! `gather_qmm` by the WeightQuant plugin that owns the format); nothing here
+//! loops over experts or names a format.
+//!
+//! Shapes: B batch, L new tokens, N = B*L tokens, D hidden, F expert
+//! intermediate, E experts, k experts per token.
+use crate::decoder::{FeedForward, GateAct};
+use crate::{relu2, swiglu};
+use mlx_rs::{ops, Array};
+use rmlx_plugin_api::{
+    author::{LinearLayer, Result, SwitchLayer, Weights},
+    PluginError,
+};
+
+/// mlx-lm sorts the tokens by expert when a call routes at least this many
+/// (token, expert) pairs (`indices.size >= 64`), so that each expert's
+/// weights are read once.
+pub const SORT_THRESHOLD: usize = 64;
+
+// ---- routing ----
+
+/// Softmax router with top-k selection (qwen3_moe, qwen2_moe, qwen3_next):
+/// gates [..., E] logits -> (indices uint32 [..., k], scores [..., k]).
+/// The softmax is `precise` (float32 inside); `norm_topk_prob` renormalises
+/// the k scores to sum to 1.
+pub fn softmax_top_k(logits: &Array, k: i32, norm_topk_prob: bool) -> Result<(Array, Array)> {
+    let gates = ops::softmax_axis(logits, -1, true)?; // [..., E]
+    let e = gates.dim(-1);
+    // argpartition puts the k largest last; mlx-lm keeps them in that order.
+    let part = ops::argpartition_axis(&gates, -k, -1)?; // [..., E]
+    let inds = part.split_at_indices(&[e - k], -1)?.pop().expect("two parts"); // [..., k]
+    let mut scores = gates.take_along_axis(&inds, -1)?; // [..., k]
+    if norm_topk_prob {
+        scores = scores.divide(scores.sum_axis(-1, true)?)?;
+    }
+    Ok((inds, scores))
+}
+
+/// The routed experts' outputs weighted by their scores:
+/// y [..., k, D], scores [..., k] -> [..., D] in y's dtype.
+pub fn combine(y: &Array, scores: &Array) -> Result<Array> {
+    Ok(y.multiply(scores.expand_dims(-1)?)?.sum_axis(-2, false)?.as_dtype(y.dtype())?)
+}
+
+// ---- sorting ----
+
+/// mlx-lm's `_gather_sort`: x [..., 1, 1, D] and indices [..., k] ->
+/// (x per (token, expert) pair sorted by expert [N*k, 1, D], the sorted
+/// expert ids [N*k], the inverse permutation [N*k]).
+fn gather_sort(x: &Array, indices: &Array) -> Result<(Array, Array, Array)> {
+    let m = indices.dim(-1) as u32;
+    let flat = indices.flatten(None, None)?; // [N*k]
+    let order = ops::argsort_axis(&flat, 0)?; // [N*k]
+    let inv_order = ops::argsort_axis(&order, 0)?; // [N*k]
+    let token = order.floor_divide(Array::from_slice(&[m], &[1]))?; // [N*k]: the pair's token
+    let xs = x.flatten(0, -3)?.take_axis(&token, 0)?; // [N, 1, D] -> [N*k, 1, D]
+    Ok((xs, flat.take_axis(&order, 0)?, inv_order))
+}
+
+/// mlx-lm's `_scatter_unsort`: x [N*k, 1, D] back to the tokens' order,
+/// unflattened to `shape` [..., k] -> [..., k, 1, D].
+fn scatter_unsort(x: &Array, inv_order: &Array, shape: &[i32]) -> Result<Array> {
+    Ok(ops::unflatten(x.take_axis(inv_order, 0)?, 0, shape)?)
+}
+
+// ---- experts ----
+
+/// mlx-lm's `SwitchGLU`: down(act(gate(x)) * up(x)) through the experts each
+/// token was routed to, SwiGLU unless told otherwise.
+pub struct SwitchGlu {
+    gate_proj: SwitchLayer, // E x ([D] -> [F])
+    up_proj: SwitchLayer,   // E x ([D] -> [F])
+    down_proj: SwitchLayer, // E x ([F] -> [D])
+    act: GateAct,
+}
+
+impl SwitchGlu {
+    /// `p`: the module holding `gate_proj`, `up_proj` and `down_proj`
+    /// (mlx-lm's `...mlp.switch_mlp`); their shapes must agree.
+    pub fn load(w: &mut Weights, p: &str) -> Result<Self> {
+        let gate_proj = w.switch_linear(&format!("{p}.gate_proj"))?;
+        let up_proj = w.switch_linear(&format!("{p}.up_proj"))?;
+        let down_proj = w.switch_linear(&format!("{p}.down_proj"))?;
+        let (g, u, d) = (gate_proj.dims(), up_proj.dims(), down_proj.dims()); // (E, in, out)
+        if g != u || d != (g.0, g.2, g.1) {
+            return Err(PluginError::config(format!(
+                "{p}: expert shapes disagree: gate_proj {g:?}, up_proj {u:?}, down_proj {d:?} \
+                 (experts, in, out); expected up_proj = gate_proj and down_proj = (E, F, D)"
+            )));
+        }
+        Ok(Self { gate_proj, up_proj, down_proj, act: GateAct::Silu })
+    }
+
+    pub fn with_activation(mut self, act: GateAct) -> Self {
+        self.act = act;
+        self
+    }
+
+    /// (experts, hidden D, intermediate F)
+    pub fn dims(&self) -> (u32, u32, u32) {
+        self.gate_proj.dims()
+    }
+
+    /// x: [..., D], indices uint32 [..., k] -> [..., k, D]
+    pub fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let x = x.expand_dims_axes(&[-2, -3])?; // [..., 1, 1, D]
+        let sorted = indices.size() >= SORT_THRESHOLD;
+        // sorted: pairs [N*k, 1, D] with expert ids [N*k]; else [..., 1, 1, D] with [..., k]
+        let (x, idx, inv_order) = if sorted {
+            let (xs, idx, inv) = gather_sort(&x, indices)?;
+            (xs, idx, Some(inv))
+        } else {
+            (x, indices.clone(), None)
+        };
+        let up = self.up_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
+        let gate = self.gate_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
+        let h = match self.act {
+            GateAct::Silu => swiglu(&gate, &up)?,
+            GateAct::Relu2 => relu2(&gate)?.multiply(&up)?,
+        };
+        let mut y = self.down_proj.forward(&h, &idx, sorted)?; // [..., k, 1, D] | [N*k, 1, D]
+        if let Some(inv) = inv_order {
+            y = scatter_unsort(&y, &inv, indices.shape())?; // [..., k, 1, D]
+        }
+        Ok(y.squeeze_axes(&[-2])?) // [..., k, D]
+    }
+}
+
+// ---- block ----
+
+/// A sparse MoE feed-forward routed by a softmax over the experts with top-k
+/// selection (mlx-lm's `Qwen3MoeSparseMoeBlock`): router `gate` [D] -> [E],
+/// then the k chosen experts' SwiGLU outputs weighted by their scores.
+pub struct SparseMoe {
+    gate: LinearLayer, // [D] -> [E]
+    switch_mlp: SwitchGlu,
+    top_k: i32,
+    norm_topk_prob: bool,
+}
+
+impl SparseMoe {
+    /// `p`: the block (`model.layers.{i}.mlp`): the router `{p}.gate` and the
+    /// experts `{p}.switch_mlp.{gate,up,down}_proj`. `num_experts` is checked
+    /// against both.
+    pub fn load(w: &mut Weights, p: &str, num_experts: i32, top_k: i32, norm_topk_prob: bool) -> Result<Self> {
+        let gate = w.linear(&format!("{p}.gate"))?;
+        let switch_mlp = SwitchGlu::load(w, &format!("{p}.switch_mlp"))?;
+        let router_out = gate.0.dims().1;
+        let (experts, d, _) = switch_mlp.dims();
+        if router_out as i32 != num_experts || experts as i32 != num_experts {
+            return Err(PluginError::config(format!(
+                "{p}: num_experts is {num_experts} but the router `gate` has {router_out} outputs and \
+                 switch_mlp {experts} experts"
+            )));
+        }
+        if gate.0.dims().0 != d {
+            return Err(PluginError::config(format!(
+                "{p}: router `gate` takes {} inputs, the experts {d}",
+                gate.0.dims().0
+            )));
+        }
+        if !(1..=num_experts).contains(&top_k) {
+            return Err(PluginError::config(format!("{p}: top-k {top_k} is not in 1..={num_experts}")));
+        }
+        Ok(Self { gate, switch_mlp, top_k, norm_topk_prob })
+    }
+}
+
+impl FeedForward for SparseMoe {
+    /// x: [B, L, D] -> [B, L, D]
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let logits = self.gate.forward(x)?; // [B, L, E]
+        let (inds, scores) = softmax_top_k(&logits, self.top_k, self.norm_topk_prob)?; // [B, L, k]
+        let y = self.switch_mlp.forward(x, &inds)?; // [B, L, k, D]
+        combine(&y, &scores) // [B, L, D]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+    use rmlx_plugin_api::author::{switch_box, SwitchLinearImpl};
+
+    /// A dense switch layer: weight [E, out, in].
+    struct DenseExperts(Array);
+
+    impl SwitchLinearImpl for DenseExperts {
+        fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
+            Ok(ops::gather_mm(x, self.0.swap_axes(-1, -2)?, None, indices, sorted)?)
+        }
+        fn dims(&self) -> (u32, u32, u32) {
+            (self.0.dim(0) as u32, self.0.dim(2) as u32, self.0.dim(1) as u32)
+        }
+    }
+
+    fn layer(w: &Array) -> SwitchLayer {
+        SwitchLayer(switch_box(Box::new(DenseExperts(w.clone()))))
+    }
+
+    /// x [..., 1|k, 1, in] @ W[idx]^T -> [..., k, 1, out], by plain matmuls.
+    fn per_expert(x: &Array, w: &Array, idx: &Array) -> Array {
+        x.matmul(w.take_axis(idx, 0).unwrap().swap_axes(-1, -2).unwrap()).unwrap()
+    }
+
+    fn max_diff(a: &Array, b: &Array) -> f32 {
+        assert_eq!(a.shape(), b.shape());
+        a.subtract(b).unwrap().abs().unwrap().max(None).unwrap().item_cast::<f32>()
+    }
+
+    #[test]
+    fn switch_glu_sorted_and_unsorted_equal_per_expert_reference() {
+        random::seed(3).unwrap();
+        let (e, d, f, k) = (4, 8, 16, 2);
+        let normal = |s: &[i32]| random::normal::<f32>(s, None, None, None).unwrap();
+        let (wg, wu, wd) = (normal(&[e, f, d]), normal(&[e, f, d]), normal(&[e, d, f]));
+        let glu = SwitchGlu { gate_proj: layer(&wg), up_proj: layer(&wu), down_proj: layer(&wd), act: GateAct::Silu };
+        for l in [3, 40] {
+            // 2*3*2 = 12 pairs: unsorted; 2*40*2 = 160 >= 64: sorted, then unsorted back
+            let x = normal(&[2, l, d]);
+            let (inds, scores) = softmax_top_k(&normal(&[2, l, e]), k, true).unwrap();
+            assert_eq!(inds.shape(), [2, l, k]);
+            let y = glu.forward(&x, &inds).unwrap(); // [2, l, k, d]
+            let xe = x.expand_dims_axes(&[-2, -3]).unwrap(); // [2, l, 1, 1, d]
+            let h = swiglu(&per_expert(&xe, &wg, &inds), &per_expert(&xe, &wu, &inds)).unwrap();
+            let want = per_expert(&h, &wd, &inds).squeeze_axes(&[-2]).unwrap();
+            assert!(max_diff(&y, &want) < 1e-4, "L={l}: {}", max_diff(&y, &want));
+            // scores: the k largest softmax probabilities, renormalised
+            let s = scores.sum_axis(-1, false).unwrap();
+            assert!(max_diff(&s, &ops::ones_like(&s).unwrap()) < 1e-6);
+            let out = combine(&y, &scores).unwrap();
+            assert_eq!(out.shape(), [2, l, d]);
+        }
+    }
+
+    #[test]
+    fn top_k_picks_the_largest_gates() {
+        let logits = Array::from_slice(&[0.1f32, 2.0, -1.0, 1.5, 0.0, 3.0], &[1, 1, 6]);
+        let (inds, scores) = softmax_top_k(&logits, 2, false).unwrap();
+        let mut ids: Vec<u32> = inds.as_slice::<u32>().to_vec();
+        ids.sort();
+        assert_eq!(ids, [1, 5]);
+        let p = ops::softmax_axis(&logits, -1, true).unwrap();
+        let want = p.take_along_axis(&inds, -1).unwrap();
+        assert!(max_diff(&scores, &want) == 0.0, "unnormalised scores are the softmax probabilities");
+    }
+}
