@@ -179,7 +179,8 @@ impl Config {
         if has_local && !(1..=u32::MAX as i64).contains(&self.sliding_window) {
             return bad(format!("sliding_window must be a positive token count, got {}", self.sliding_window));
         }
-        if !(self.query_pre_attn_scalar > 0.0) {
+        // NaN is refused too.
+        if self.query_pre_attn_scalar.is_nan() || self.query_pre_attn_scalar <= 0.0 {
             return bad(format!("query_pre_attn_scalar must be positive, got {}", self.query_pre_attn_scalar));
         }
         if let Some(types) = &self.layer_types {
