@@ -143,6 +143,7 @@ pub fn worker_error(e: WorkerError) -> ApiError {
             .with_code("queue_full"),
         WorkerError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped"),
         WorkerError::BadRequest(m) => ApiError::bad_request("prompt", m),
+        WorkerError::BadField { field, message } => ApiError::bad_request(field, message),
         WorkerError::Internal(m) => ApiError::internal(m),
     }
 }

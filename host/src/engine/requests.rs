@@ -4,6 +4,7 @@
 //! worker.rs, which re-exports all of these.
 use super::sampler::SamplingParams;
 use super::catalog::ModelEntry;
+pub use super::kv_family::KvChoice;
 use anyhow::Result;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct GenParams {
     pub prefill_chunk: usize,
     /// Leave special tokens out of the text (keep them for tool-call parsing).
     pub skip_special: bool,
+    /// The KV-cache families of this request (the API's `kv_cache`); None,
+    /// or a side left None, takes the model's own (`LoadedModel::kv`). Each
+    /// family pair runs in its own lane of the model (scheduler.rs).
+    pub kv: Option<KvChoice>,
 }
 
 impl Default for GenParams {
@@ -58,6 +63,7 @@ impl Default for GenParams {
             logprobs: None,
             prefill_chunk: 512,
             skip_special: true,
+            kv: None,
         }
     }
 }
@@ -130,6 +136,10 @@ pub enum WorkerError {
     Stopped,
     #[error("{0}")]
     BadRequest(String),
+    /// A request field the engine refuses (`field`, then why): the API
+    /// answers 400 naming the field.
+    #[error("{message}")]
+    BadField { field: String, message: String },
     #[error("{0}")]
     Internal(String),
 }

@@ -3,6 +3,7 @@
 //! logits hook, incremental detokenizing, stop strings held back across token
 //! boundaries, EOS ids, max tokens, logprobs, cancellation).
 use super::sampler::{Sampled, Sampler};
+use super::scheduler::LaneId;
 use super::worker::{
     Finish, FinishReason, GenEvent, GenParams, GenRequest, KeepAlive, LogitsHook, ModelEntry,
     TokenLogprob, WorkerError,
@@ -25,6 +26,8 @@ pub struct Sequence {
     pub entry: Arc<ModelEntry>,
     pub keep_alive: Option<KeepAlive>,
     pub params: GenParams,
+    /// The lane it runs in (its model and KV families), set at admission.
+    pub lane: LaneId,
     /// Prompt then accepted generated tokens. While decoding, all but the
     /// last are in the KV cache; the last is the next input.
     pub tokens: Vec<u32>,
@@ -87,6 +90,7 @@ impl Sequence {
             id,
             entry: model,
             keep_alive,
+            lane: LaneId::default(),
             prompt_len: prompt.len(),
             tokens: prompt,
             table: Vec::new(),

@@ -1,0 +1,144 @@
+//! Lanes: the sequences of one model whose KV cache uses one pair of
+//! families (keys, values). Each lane has its own block manager and paged
+//! pool (families never share blocks: the prefix-cache and SSD signature
+//! carry the family key), its own pipelined tokens and its own decode
+//! forward per step. Every lane draws its blocks from the engine's one KV
+//! account, as models do.
+use super::super::block_manager::{signature_hash, BlockManager};
+use super::super::kv_pool::{family_key, KvPool, KvSide};
+use super::super::LoadedModel;
+use super::{Scheduler, SchedulerConfig};
+use mlx_rs::Array;
+
+/// A lane: a model and its KV families' key (`f32`, `q4`, `q8/turbo3`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LaneId {
+    pub model: String,
+    pub family: String,
+}
+
+impl LaneId {
+    /// The lane of `model_id`'s sequences whose keys and values use `k` and `v`.
+    pub fn new(model_id: &str, k: &KvSide, v: &KvSide) -> Self {
+        Self { model: model_id.to_string(), family: family_key(k, v) }
+    }
+
+    /// How stats and metrics name the lane: the model id for the model's
+    /// own families (what every request without `kv_cache` uses), else
+    /// `MODEL kv=FAMILY`.
+    pub fn label(&self, default: bool) -> String {
+        if default {
+            self.model.clone()
+        } else {
+            format!("{} kv={}", self.model, self.family)
+        }
+    }
+}
+
+/// One lane's state.
+pub struct Lane {
+    pub mgr: BlockManager,
+    /// The last pipelined decode step's tokens, [B, 1] on the device, not
+    /// read yet (rows point in with `Sequence::pending_row`).
+    pub pending: Option<Array>,
+    /// Whether these are the model's own families (`LoadedModel::kv`).
+    pub default: bool,
+}
+
+impl Lane {
+    /// A lane of `model` whose keys and values use `k` and `v`: its pool
+    /// may take up to the whole shared budget, counted in its own real bytes
+    /// per block (a compressed family fits proportionally more blocks).
+    fn new(cfg: &SchedulerConfig, account: &std::sync::Arc<super::KvAccount>, id: &LaneId, model: &LoadedModel, k: KvSide, v: KvSide) -> Self {
+        let s = &model.spec;
+        let probe = KvPool::new(s.num_layers as usize, k.clone(), v.clone(), cfg.block_size, 0);
+        // What the pool's arrays really take per block, every layer, keys
+        // and values, scales and norms included.
+        let per_block = (probe.bytes_per_token() * cfg.block_size) as u64;
+        // A ceiling: the blocks the whole budget holds; what the lane may
+        // take at a time is what the shared account has left.
+        let total = (account.total() / per_block.max(1)) as usize;
+        // The config's hash, the KV shape and families too: the SSD tier outlives the process.
+        let config_hash = signature_hash(&model.dir.config.to_string());
+        let sig = format!(
+            "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:{}-v2",
+            model.dir.path.display(),
+            model.dir.model_type,
+            model.kv_bytes,
+            s.num_layers,
+            s.num_kv_heads,
+            s.head_dim,
+            config_hash,
+            id.family
+        );
+        let default = id.family == super::super::kv_family::family_key_of(model);
+        let name = id.label(default);
+        tracing::info!(
+            "KV for {name}: family {}, up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget",
+            id.family,
+            cfg.block_size
+        );
+        let pool = KvPool::new(s.num_layers as usize, k, v, cfg.block_size, total);
+        let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
+        if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
+            match super::super::ssd::SsdStore::open(ssd, mgr.signature) {
+                Ok(store) => {
+                    tracing::info!("KV SSD tier for {name}: {} blocks on disk", store.blocks());
+                    mgr.attach_ssd(store);
+                }
+                Err(e) => tracing::warn!("KV SSD tier for {name} is off: {e:#}"),
+            }
+        }
+        Self { mgr, pending: None, default }
+    }
+}
+
+impl Scheduler {
+    /// Lane `id`'s block manager, made on first use with the families `kv`
+    /// (keys, values) of `model`.
+    pub fn lane(&mut self, id: &LaneId, model: &LoadedModel, kv: (KvSide, KvSide)) -> &mut BlockManager {
+        let (cfg, account) = (&self.cfg, &self.account);
+        &mut self.lanes.entry(id.clone()).or_insert_with(|| Lane::new(cfg, account, id, model, kv.0, kv.1)).mgr
+    }
+
+    /// The default lane's block manager of `model_id` (the model's own
+    /// families), made on first use.
+    pub fn manager(&mut self, model_id: &str, model: &LoadedModel) -> &mut BlockManager {
+        let id = LaneId::new(model_id, &model.kv.0, &model.kv.1);
+        self.lane(&id, model, model.kv.clone())
+    }
+
+    /// The lane's block manager (it exists while sequences use it).
+    pub(super) fn mgr(&self, lane: &LaneId) -> &BlockManager {
+        &self.lanes[lane].mgr
+    }
+
+    pub(super) fn mgr_mut(&mut self, lane: &LaneId) -> &mut BlockManager {
+        &mut self.lanes.get_mut(lane).expect("a running sequence's lane exists").mgr
+    }
+
+    /// Makes room for `blocks` more blocks of `lane` in the shared budget by
+    /// evicting idle cached blocks of the other lanes (of this model and the
+    /// others), least recently used first.
+    pub(super) fn shed_others(&mut self, lane: &LaneId, blocks: usize) {
+        let Some(m) = self.lanes.get(lane) else { return };
+        let want = (blocks.saturating_sub(m.mgr.available()) as u64) * m.mgr.snapshot().block_bytes;
+        let mut freed = 0;
+        for (id, other) in self.lanes.iter_mut() {
+            if freed >= want {
+                break;
+            }
+            if id != lane {
+                freed += other.mgr.shed(want - freed);
+            }
+        }
+    }
+
+    /// Lanes with running sequences, in a fixed order.
+    pub fn busy_lanes(&self) -> Vec<LaneId> {
+        let mut v: Vec<LaneId> = self.running.iter().map(|s| s.lane.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
