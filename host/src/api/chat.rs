@@ -189,6 +189,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
         entry.vocab_size,
     )?;
     let keep_alive = g::keep_alive(&req.keep_alive)?;
+    let kv = g::kv_choice(state, &req.kv_cache)?;
     let bytes = messages
         .iter()
         .chain(tools_json.as_ref())
@@ -210,6 +211,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     };
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
+    params.kv = kv;
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);
     }

@@ -94,6 +94,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         entry.vocab_size,
     )?;
     let keep_alive = g::keep_alive(&req.keep_alive)?;
+    let kv = g::kv_choice(state, &req.kv_cache)?;
     let count = match &req.prompt {
         PromptSpec::Texts(v) => v.len(),
         PromptSpec::TokenLists(v) => v.len(),
@@ -147,6 +148,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         let max = g::budget(&entry, p.len(), req.max_tokens.map(|v| v as usize), 16, "prompt", "max_tokens")?;
         let mut gp = g::gen_params(state, sampling.clone(), max, stop.clone());
         gp.logprobs = req.logprobs.map(|n| n as usize);
+        gp.kv = kv.clone();
         params.push(gp);
     }
     Ok(Job {

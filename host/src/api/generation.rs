@@ -3,11 +3,12 @@
 //! output splitter (thinking / answer / tool calls).
 use super::errors::ApiError;
 use super::tools::{ToolEvent, ToolParser};
+use super::types::kv_cache::KvCacheSpec;
 use super::types::openai::KeepAliveSpec;
 use super::State;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::worker::{
-    Finish, GenEvent, GenParams, GenRequest, KeepAlive, LogitsHook, ModelEntry, TokenLogprob, WorkerError,
+    Finish, GenEvent, GenParams, GenRequest, KeepAlive, KvChoice, LogitsHook, ModelEntry, TokenLogprob, WorkerError,
 };
 use poem::http::StatusCode;
 use std::collections::HashMap;
@@ -116,6 +117,42 @@ pub fn keep_alive(spec: &Option<KeepAliveSpec>) -> Result<Option<KeepAlive>, Api
         Some(KeepAliveSpec::Seconds(s)) => super::limits::keep_alive(Some(*s), None),
         Some(KeepAliveSpec::Duration(d)) => super::limits::keep_alive(None, Some(d)),
     }
+}
+
+/// `kv_cache` (rmlx extension) -> the engine's choice of KV families,
+/// every name checked against the families the plugins provide (400 naming
+/// the field and listing them). None: the model's own. Whether a family
+/// fits the model (head_dim) the engine finds out when it admits the
+/// request (a 400 naming `kv_cache` too).
+pub fn kv_choice(state: &State, spec: &Option<KvCacheSpec>) -> Result<Option<KvChoice>, ApiError> {
+    let known = state.worker.kv_families();
+    let check = |field: &str, name: &Option<String>| -> Result<Option<String>, ApiError> {
+        let Some(n) = name else { return Ok(None) };
+        if n == "auto" {
+            return Ok(None);
+        }
+        if known.iter().any(|k| k == n) {
+            return Ok(Some(n.clone()));
+        }
+        Err(ApiError::bad_request(
+            field,
+            format!("unknown KV cache family {n:?} in `{field}` (known: {})", known.join(", ")),
+        ))
+    };
+    let choice = match spec {
+        None => return Ok(None),
+        Some(KvCacheSpec::Both(n)) => {
+            let n = check("kv_cache", &Some(n.clone()))?;
+            KvChoice { k: n.clone(), v: n }
+        }
+        Some(KvCacheSpec::Sides(s)) => {
+            if s.k.is_none() && s.v.is_none() {
+                return Err(ApiError::bad_request("kv_cache", "`kv_cache` as an object needs `k`, `v` or both"));
+            }
+            KvChoice { k: check("kv_cache.k", &s.k)?, v: check("kv_cache.v", &s.v)? }
+        }
+    };
+    Ok((choice != KvChoice::default()).then_some(choice))
 }
 
 /// The generation budget (see [`super::limits::budget`]).

@@ -221,6 +221,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     )?;
     let ka: Option<KeepAliveSpec> = req.keep_alive.clone();
     let keep_alive = g::keep_alive(&ka)?;
+    let kv = g::kv_choice(&state, &req.kv_cache)?;
     check_bytes(&entry, &messages, &tools)?;
     let (e2, t2) = (entry.clone(), tools.clone());
     // Templating, tokenizing and reading the template's source (files) block.
@@ -231,6 +232,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     .await?;
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
     let mut params = g::gen_params(&state, sampling, max_tokens, stop);
+    params.kv = kv;
     let tool_parser = tools.as_ref().map(|t| {
         super::tools::report_unrendered_tools(&source, &entry.id);
         let mut p = super::tools::with_anthropic_ids(super::tools::parser_for_template(&source));

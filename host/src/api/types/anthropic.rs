@@ -268,6 +268,10 @@ pub struct MessagesRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<super::openai::KeepAliveSpec>,
+    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    #[serde(default)]
+    #[oai(nullable)]
+    pub kv_cache: Option<super::kv_cache::KvCacheSpec>,
 }
 
 /// POST /v1/messages/count_tokens

@@ -431,6 +431,10 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
+    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    #[serde(default)]
+    #[oai(nullable)]
+    pub kv_cache: Option<super::kv_cache::KvCacheSpec>,
 }
 
 // ------------------------------------------------------------------ chat: response
@@ -727,6 +731,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
+    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    #[serde(default)]
+    #[oai(nullable)]
+    pub kv_cache: Option<super::kv_cache::KvCacheSpec>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
