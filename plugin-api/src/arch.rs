@@ -114,7 +114,6 @@ pub trait WeightSource {
     fn contains(&self, name: RStr<'_>) -> bool;
     /// All experts of an MoE projection (ABI 3.2), built by the WeightQuant
     /// plugin that owns its format.
-    #[sabi(last_prefix_field)]
     fn switch_linear(&mut self, prefix: RStr<'_>) -> PResult<crate::wquant::SwitchLinearBox>;
 }
 

@@ -84,7 +84,6 @@ pub trait KvCodec: Send + Sync {
     fn mix(&self, p: MlxArray, comps: RVec<MlxArray>, dims: KvDims) -> PResult<MlxArray>;
     /// Keys and values both of this family: q [B, H, L, D] over the pools
     /// (per component `[slots, ...]`) read through the tables -> [B, H, L, D].
-    #[sabi(last_prefix_field)]
     fn attend(
         &self,
         q: MlxArray,

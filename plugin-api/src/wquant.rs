@@ -61,7 +61,6 @@ pub trait SwitchLinear: Send {
     /// are sorted (MLX then reads each expert's weights once).
     fn forward(&self, x: MlxArray, indices: MlxArray, sorted: bool) -> PResult<MlxArray>;
     /// (experts, in_features, out_features).
-    #[sabi(last_prefix_field)]
     fn dims(&self) -> abi_stable::std_types::Tuple3<u32, u32, u32>;
 }
 
