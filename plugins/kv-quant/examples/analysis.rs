@@ -87,10 +87,13 @@ fn variants() -> Vec<Variant> {
 
 /// [T, K, D] -> decoded [K, T, D] float32, optionally centered per head
 /// (the mean comes back after decoding: exact, it is not quantized).
-fn roundtrip(var: &Variant, codec: &dyn KvCodecImpl, x: &Array, d: &LayerDims) -> Array {
+fn roundtrip(var: &Variant, codec: &dyn KvCodecImpl, x: &Array, d: &LayerDims, calib: Option<&Array>) -> Array {
     let f32 = |a: &Array| a.as_dtype(Dtype::Float32).unwrap();
     let xb = x.as_dtype(Dtype::Bfloat16).unwrap().as_dtype(Dtype::Float32).unwrap();
-    let mean = if var.center { xb.mean_axis(0, true).unwrap() } else { mlx_rs::ops::zeros_like(&xb.take_axis(Array::from_int(0).expand_dims(0).unwrap(), 0).unwrap()).unwrap() }; // [1, K, D]
+    let mean = if var.center {
+        // the calibration text's mean key when given, else this text's own
+        calib.map(|c| c.mean_axis(1, true).unwrap().transpose_axes(&[1, 0, 2]).unwrap()).unwrap_or_else(|| xb.mean_axis(0, true).unwrap())
+    } else { mlx_rs::ops::zeros_like(&xb.take_axis(Array::from_int(0).expand_dims(0).unwrap(), 0).unwrap()).unwrap() }; // [1, K, D]
     let comps: Vec<Array> = codec.encode(&xb.subtract(&mean).unwrap().as_dtype(d.dtype).unwrap(), d).unwrap();
     let comps: Vec<Array> = comps.iter().map(|a| a.expand_dims(0).unwrap()).collect();
     let y = f32(&codec.decode(&comps, d).unwrap()).squeeze_axes(&[0]).unwrap(); // [K, T, D]
@@ -102,15 +105,15 @@ fn mean_f32(a: &Array) -> f32 {
 }
 
 /// q [H, T, D], k/v [K, T, D] (float32) -> (kmse, dlogit, kl, out).
-fn measure(var: &Variant, q: &Array, k: &Array, vv: &Array) -> [f32; 4] {
+fn measure(var: &Variant, q: &Array, k: &Array, vv: &Array, calib: Option<&Array>) -> [f32; 4] {
     let (h, t, dh) = (q.dim(0), q.dim(1), q.dim(2));
     let kh = k.dim(0);
     let d = LayerDims { kv_heads: kh, head_dim: dh, dtype: var.dtype };
     let kt = k.transpose_axes(&[1, 0, 2]).unwrap(); // [T, K, D]
-    let khat = roundtrip(var, var.codec.as_ref(), &kt, &d); // [K, T, D]
+    let khat = roundtrip(var, var.codec.as_ref(), &kt, &d, calib); // [K, T, D]
     let vhat = match &var.values {
         // values are not centered
-        Some(c) => roundtrip(&Variant { center: false, ..v("", codec("q8").unwrap()) }, c.as_ref(), &vv.transpose_axes(&[1, 0, 2]).unwrap(), &d),
+        Some(c) => roundtrip(&Variant { center: false, ..v("", codec("q8").unwrap()) }, c.as_ref(), &vv.transpose_axes(&[1, 0, 2]).unwrap(), &d, None),
         None => vv.clone(),
     };
     // energy-weighted: sum ||k̂ - k||² / sum ||k||²
@@ -183,12 +186,14 @@ fn synthetic(d: i32, t: i32, dc: f32, sink: f32, seed: u64) -> (Array, Array, Ar
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let mut layers: Vec<(String, Array, Array, Array)> = Vec::new();
+    let mut layers: Vec<(String, Array, Array, Array, Option<Array>)> = Vec::new();
+    // CALIB=dump: centered variants subtract that text's mean key per layer
+    let calib = std::env::var("CALIB").ok().map(|p| Array::load_safetensors(p).expect("read the calibration dump"));
     if args.get(1).map(String::as_str) == Some("synthetic") {
         let d: i32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
         for (i, (dc, sink)) in [(0.0, 1.0), (0.6, 1.0), (0.9, 1.0), (0.6, 3.0)].into_iter().enumerate() {
             let (q, k, v) = synthetic(d, 384, dc, sink, 100 + i as u64);
-            layers.push((format!("dc {dc} sink {sink}"), q, k, v));
+            layers.push((format!("dc {dc} sink {sink}"), q, k, v, None));
         }
     } else {
         let path = args.get(1).expect("usage: analysis DUMP.safetensors [l1,l2,..] | synthetic D");
@@ -200,12 +205,13 @@ fn main() {
         };
         for l in pick {
             let g = |p: &str| map[&format!("{p}{l}")].as_dtype(Dtype::Float32).unwrap();
-            layers.push((format!("layer {l}"), g("q"), g("k"), g("v")));
+            let c = calib.as_ref().map(|m| m[&format!("k{l}")].as_dtype(Dtype::Float32).unwrap());
+            layers.push((format!("layer {l}"), g("q"), g("k"), g("v"), c));
         }
     }
     println!("{:18} {:>8} {:>8} {:>9} {:>8}   worst kl (layer)", "variant", "kmse", "dlogit", "kl", "out");
     for var in variants() {
-        let rows: Vec<[f32; 4]> = layers.iter().map(|(_, q, k, v)| measure(&var, q, k, v)).collect();
+        let rows: Vec<[f32; 4]> = layers.iter().map(|(_, q, k, v, c)| measure(&var, q, k, v, c.as_ref())).collect();
         let avg = |i: usize| rows.iter().map(|r| r[i]).sum::<f32>() / rows.len() as f32;
         let (wi, w) = rows.iter().enumerate().fold((0, 0.0f32), |acc, (i, r)| if r[2] > acc.1 { (i, r[2]) } else { acc });
         println!("{:18} {:8.4} {:8.4} {:9.5} {:8.4}   {:.4} ({})", var.label, avg(0), avg(1), avg(2), avg(3), w, layers[wi].0);
