@@ -12,7 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const MODELS: [&str; 6] = ["llama-f32", "qwen2-f32", "qwen3-f32", "bitnet-f32", "bitnet-options-f32", "gemma3_text-f32"];
+const MODELS: [&str; 8] = [
+    "llama-f32",
+    "qwen2-f32",
+    "qwen3-f32",
+    "bitnet-f32",
+    "bitnet-options-f32",
+    "gemma3_text-f32",
+    "qwen3_moe-f32",
+    "qwen3_moe-q4-g64",
+];
 
 fn catalog() -> ModelCatalog {
     let list: Vec<_> = MODELS

@@ -1,4 +1,4 @@
-//! Level 1: every tiny model mlx-lm made (llama, qwen2, qwen3, bitnet; float32 and affine
+//! Level 1: every tiny model mlx-lm made (llama, qwen2, qwen3, qwen3_moe, bitnet, gemma3_text; float32 and affine
 //! 2-8 bit, group 32/64, mixed recipes, tied/untied, sharded; mxfp4, mxfp8,
 //! nvfp4 and a recipe mixing modes per layer) against the logits and greedy
 //! tokens mlx-lm recorded (tests/goldens/make_goldens.py, make_fp_goldens.py).
@@ -15,6 +15,8 @@ fn tiny_models_match_mlx_lm() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        // real-*.json: real models' greedy tokens (tests/real_*.rs), no logits
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("real-")))
         .collect();
     paths.sort();
     assert!(paths.len() >= 43, "expected the golden fixtures, found {}", paths.len());
@@ -34,6 +36,12 @@ fn tiny_models_match_mlx_lm() {
     // layers, tied and untied head, float32 and affine 4/8 bits.
     for name in ["gemma3_text-f32", "gemma3_text-q4-g64", "gemma3_text-q8-g64", "gemma3_text-untied-f32"] {
         assert!(paths.iter().any(|p| p.ends_with(format!("{name}.json"))), "missing golden {name} (make_goldens.py gemma3_text)");
+    }
+    // Qwen3-MoE: sparse (8 experts, top-2 renormalised / top-3 not) and
+    // dense layers, expert (switch) layers in float32, affine 4/8 bits and
+    // mxfp4; a 40-token prompt whose prefill sorts the tokens by expert.
+    for name in ["qwen3_moe-f32", "qwen3_moe-q4-g64", "qwen3_moe-q8-g64", "qwen3_moe-mxfp4", "qwen3_moe-nonorm-f32"] {
+        assert!(paths.iter().any(|p| p.ends_with(format!("{name}.json"))), "missing golden {name} (make_goldens.py qwen3_moe)");
     }
     let mut tally = Tally::default();
     for path in &paths {

@@ -364,12 +364,17 @@ def main():
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
     # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
-    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai"]
+    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai", "qwen3_moe"]
     for arch in only:
         if arch in ("bitnet", "bonsai"):  # lowbit_goldens.py: BitNet, Ternary Bonsai
             import lowbit_goldens
 
             names += lowbit_goldens.make(arch)
+            continue
+        if arch == "qwen3_moe":  # moe_goldens.py: mixture-of-experts families
+            import moe_goldens
+
+            names += moe_goldens.make(arch)
             continue
         model, config, params = build_f32(arch)
         variants = [(f"{arch}-f32", model, config, None)]
