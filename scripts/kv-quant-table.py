@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FAMILIES = "f32,fp8,q8,q4,q2,turbo4,turbo3,turbo2,turbo4q,planar4,planar3,iso4,iso3,rotor4,rotor3,q8/turbo4,q8/turbo3,q8/q4"
 
 
-def rmlx():
+def rmlx(given=None):
+    if given:
+        return given
     for p in ("target/release/rmlx", "target/debug/rmlx"):
         if (ROOT / p).exists():
             return str(ROOT / p)
@@ -57,8 +59,10 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--bench-prompt", type=int, default=512, help="prompt tokens before the timed decode")
     ap.add_argument("--out")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed bench")
+    ap.add_argument("--rmlx", help="the rmlx binary (its plugins/ beside it) [default: target/release, else target/debug]")
     a = ap.parse_args()
-    bin_ = rmlx()
+    bin_ = rmlx(a.rmlx)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, MLX CPU backend"
@@ -69,7 +73,7 @@ def main():
     for fam in a.families.split(","):
         ev = run_json([bin_, "eval", "ppl", "-m", a.model, "--file", a.text, "--context", str(a.context),
                        "--max-windows", str(a.windows), "--baseline", "--json", *kv_flags(fam)])
-        gen = run_json([bin_, "bench", "--model", a.model, "-p", str(a.bench_prompt), "-g", str(a.gen_tokens),
+        gen = {} if a.no_speed else run_json([bin_, "bench", "--model", a.model, "-p", str(a.bench_prompt), "-g", str(a.gen_tokens),
                         "-n", "2", "--json", *kv_flags(fam)])
         tps = gen.get("generation_tps")
         if fam in ("f32", "f16", "bf16") and tps:
