@@ -5,7 +5,8 @@
 //! device's argmax (one int per row crosses to the host); the others get
 //! their logits row.
 use super::{
-    kv_pool::{KvPool, PagedForward, Row},
+    kv_pool::KvPool,
+    paged::{PagedForward, Row},
     sequence::Sequence,
     LoadedModel,
 };

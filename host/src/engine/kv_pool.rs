@@ -1,6 +1,6 @@
 //! The paged KV store: one pool of fixed-size blocks per layer, shared by
-//! every sequence of a model, and `PagedForward`, the `Attention` one batched
-//! forward sees.
+//! every sequence of a lane (a model and its KV families); `paged.rs` lends
+//! it to one batched forward.
 //!
 //! What a slot holds is the KV family's (plugin-api `kv_codec`): each side
 //! (keys, values) has a codec that names its component arrays (the dense
@@ -11,15 +11,6 @@
 //! `p` of a sequence lives in slot `table[p / block_size] * block_size + p %
 //! block_size`. The block manager hands out block ids; this file only stores.
 //!
-//! One attention call per layer for the whole batch: the new tokens' k/v are
-//! encoded by the codecs and scattered into their slots (in place: the pool
-//! arrays are only referenced by the scatter), then the family attends over
-//! the pools read through the rows' block tables (rows padded to the longest;
-//! padding reads block 0 and is masked) with a mask that is causal per row,
-//! stops at each row's length, and applies the layer's sliding window when it
-//! has one. Keys and values of one family: that family's `attend` (the dense
-//! family: MLX's fused sdpa). Of two: the composed path (`scores`, softmax,
-//! `mix`).
 use mlx_rs::{
     ops::{
         concatenate,
@@ -31,10 +22,9 @@ use mlx_rs::{
 #[cfg(test)]
 use mlx_rs::Dtype;
 use rmlx_plugin_api::{
-    author::kv::{composed_attend, AttendOpts, Component, KvCodecImpl, LayerDims, Paged},
-    AttendOptions, Attention, PluginError,
+    author::kv::{Component, KvCodecImpl, LayerDims},
+    PluginError,
 };
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// One side (keys or values) of a model's KV cache: the family's codec and
@@ -115,7 +105,7 @@ impl KvPool {
     /// touch). They stay in the pool: the caller computes new arrays from
     /// these and stores them with `put`, so an error or a panic before the
     /// `put` leaves the layer as it was (never recreated as zeros).
-    fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
+    pub(super) fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
         let slots = (self.cap_blocks * self.block_size) as i32;
         let (kc, vc) = (&self.k.comps, &self.v.comps);
         let slot = self
@@ -148,7 +138,7 @@ impl KvPool {
     }
 
     /// Stores layer `l`'s new arrays (computed from `layer`'s).
-    fn put(&mut self, l: usize, kv: (Vec<Array>, Vec<Array>)) {
+    pub(super) fn put(&mut self, l: usize, kv: (Vec<Array>, Vec<Array>)) {
         self.layers[l] = Some(kv);
     }
 
@@ -235,329 +225,5 @@ pub fn family_key(k: &KvSide, v: &KvSide) -> String {
         k.family.clone()
     } else {
         format!("{}/{}", k.family, v.family)
-    }
-}
-
-/// One row of a paged forward: its block table and the tokens already in it.
-pub struct Row<'a> {
-    pub table: &'a [u32],
-    pub offset: usize,
-}
-
-/// The pool lent to one forward of `len` new tokens per row.
-pub struct PagedForward<'a> {
-    pool: &'a mut KvPool,
-    offsets: Vec<i32>,
-    len: usize,
-    /// int32 [B * len]: the slots the new tokens go to (row-major).
-    write: Array,
-    /// int32 [B, blocks]: per row, its table's first `blocks` entries, the
-    /// blocks holding positions 0..ctx (padding: block 0). Gathering whole
-    /// blocks takes one index per block, not one per token.
-    tables: Array,
-    /// Positions gathered per row: the longest row's blocks x block size.
-    ctx: usize,
-    /// With one row: its exact context length (the gather is cut to it).
-    exact: Option<usize>,
-    /// Per window (0: full attention): the mask, None when causal or none is enough.
-    masks: HashMap<u32, Option<Array>>,
-}
-
-impl<'a> PagedForward<'a> {
-    /// Rows' tables must already cover `offset + len` tokens.
-    pub fn new(pool: &'a mut KvPool, rows: &[Row], len: usize) -> anyhow::Result<Self> {
-        let bs = pool.block_size;
-        let nblk = rows.iter().map(|r| (r.offset + len).div_ceil(bs)).max().unwrap_or(0);
-        let ctx = nblk * bs;
-        let slot = |t: &[u32], p: usize| (t[p / bs] as usize * bs + p % bs) as i32;
-        let mut write = Vec::with_capacity(rows.len() * len);
-        let mut gather = Vec::with_capacity(rows.len() * nblk);
-        let mut max_id = 0;
-        for r in rows {
-            let end = r.offset + len;
-            if r.table.len() * bs < end {
-                anyhow::bail!(
-                    "a block table holds {} tokens, the forward needs {end}",
-                    r.table.len() * bs
-                );
-            }
-            max_id = max_id.max(r.table.iter().copied().max().unwrap_or(0) as usize);
-            write.extend((r.offset..end).map(|p| slot(r.table, p)));
-            let own = end.div_ceil(bs);
-            gather.extend(r.table[..own].iter().map(|&b| b as i32));
-            gather.extend(std::iter::repeat(0).take(nblk - own));
-        }
-        pool.reserve(max_id);
-        let b = rows.len() as i32;
-        Ok(Self {
-            pool,
-            offsets: rows.iter().map(|r| r.offset as i32).collect(),
-            len,
-            write: Array::from_slice(&write, &[b * len as i32]),
-            tables: Array::from_slice(&gather, &[b, nblk as i32]),
-            ctx,
-            exact: (rows.len() == 1).then(|| rows[0].offset + len),
-            masks: HashMap::new(),
-        })
-    }
-
-    pub fn attention(&mut self) -> Attention {
-        super::attend::lend(self)
-    }
-
-    /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
-    /// positions j <= offset_b + i, and j > offset_b + i - window when windowed.
-    /// None where plain causal masking (or none) is exact: one row, no window.
-    fn mask(&mut self, window: u32) -> Option<Array> {
-        let (len, ctx) = (self.len, self.ctx);
-        let offsets = &self.offsets;
-        self.masks
-            .entry(window)
-            .or_insert_with(|| {
-                if offsets.len() == 1 && window == 0 {
-                    return None; // the gather is cut to the row's length
-                }
-                let mut m = Vec::with_capacity(offsets.len() * len * ctx);
-                for &o in offsets {
-                    for i in 0..len {
-                        let pos = o as usize + i;
-                        m.extend(
-                            (0..ctx)
-                                .map(|j| j <= pos && (window == 0 || j + window as usize > pos)),
-                        );
-                    }
-                }
-                Some(Array::from_slice(
-                    &m,
-                    &[offsets.len() as i32, 1, len as i32, ctx as i32],
-                ))
-            })
-            .clone()
-    }
-}
-
-impl super::attend::KvStore for PagedForward<'_> {
-    fn batch(&self) -> u32 {
-        self.offsets.len() as u32
-    }
-
-    fn offset(&self) -> i32 {
-        self.offsets.first().copied().unwrap_or(0)
-    }
-
-    fn offsets(&self) -> Array {
-        Array::from_slice(&self.offsets, &[self.offsets.len() as i32])
-    }
-
-    /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
-    fn attend(
-        &mut self,
-        layer: u32,
-        q: Array,
-        k: Array,
-        v: Array,
-        opts: AttendOptions,
-    ) -> Result<Array, PluginError> {
-        let (b, kh, l, hd) = (k.dim(0), k.dim(1), k.dim(2), k.dim(3));
-        if b as usize != self.offsets.len() || l as usize != self.len {
-            return Err(PluginError::other(format!(
-                "attention got k of shape [{b}, {kh}, {l}, {hd}] for {} rows of {} tokens",
-                self.offsets.len(),
-                self.len
-            )));
-        }
-        let (kd, vd) = (self.pool.k.dims, self.pool.v.dims);
-        if kh != kd.kv_heads || hd != kd.head_dim || v.dim(0) != b || v.dim(1) != vd.kv_heads || v.dim(2) != l || v.dim(3) != vd.head_dim {
-            return Err(PluginError::other(format!(
-                "attention got k {:?} and v {:?}: they do not fit the KV pool ({} kv heads of {} dims)",
-                k.shape(),
-                v.shape(),
-                kd.kv_heads,
-                kd.head_dim
-            )));
-        }
-        // [B, K, L, hd] -> [B*L, K, hd] -> components [B*L, ...] -> [B*L, 1, ...]: one update per slot.
-        let encode = |side: &KvSide, x: &Array| -> Result<Vec<Array>, PluginError> {
-            let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, x.dim(1), x.dim(3)])?;
-            let comps = side.codec.encode(&x, &side.dims)?;
-            if comps.len() != side.comps.len() {
-                return Err(PluginError::other(format!(
-                    "KV family `{}` encoded {} arrays for {} components",
-                    side.family,
-                    comps.len(),
-                    side.comps.len()
-                )));
-            }
-            comps
-                .into_iter()
-                .zip(&side.comps)
-                .map(|(a, c)| {
-                    let mut shape = vec![b * l, 1];
-                    shape.extend(&c.shape);
-                    Ok(a.as_dtype(c.dtype)?.reshape(&shape)?)
-                })
-                .collect()
-        };
-        let (uk, uv) = (encode(&self.pool.k, &k)?, encode(&self.pool.v, &v)?);
-        // The layer stays in the pool until the new arrays replace it: an
-        // error here (a k/v that does not fit the pool) leaves it as it was.
-        let (pk, pv) = self.pool.layer(layer as usize)?;
-        let scatter = |pool: &[Array], upd: Vec<Array>| -> Result<Vec<Array>, PluginError> {
-            pool.iter().zip(upd).map(|(p, u)| Ok(scatter_single(p, &self.write, u, 0)?)).collect()
-        };
-        let (pk, pv) = (scatter(pk, uk)?, scatter(pv, uv)?);
-        self.pool.put(layer as usize, (pk.clone(), pv.clone()));
-        let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
-        let mask = self.mask(opts.window);
-        let paged = Paged {
-            tables: &self.tables,
-            block_size: self.pool.block_size as i32,
-            ctx: cut.unwrap_or(self.ctx) as i32,
-            mask: mask.as_ref(),
-            opts: AttendOpts::plain(opts.scale),
-        };
-        let (ks, vs) = (&self.pool.k, &self.pool.v);
-        if ks.family == vs.family {
-            ks.codec.attend(&q, &pk, &pv, &paged, &kd, &vd)
-        } else {
-            composed_attend(&*ks.codec, &*vs.codec, &q, &pk, &pv, &paged, &kd, &vd)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use super::super::attend::KvStore;
-    use mlx_rs::{
-        fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
-        random,
-    };
-
-    /// Reference: attention of one row over its contiguous k/v history.
-    fn reference(q: &Array, k: &Array, v: &Array, window: u32) -> Array {
-        let (l, lk) = (q.dim(2), k.dim(2));
-        let mut m = Vec::new();
-        for i in 0..l {
-            let pos = (lk - l + i) as usize;
-            m.extend(
-                (0..lk as usize).map(|j| j <= pos && (window == 0 || j + window as usize > pos)),
-            );
-        }
-        let m = Array::from_slice(&m, &[1, 1, l, lk]);
-        scaled_dot_product_attention(q, k, v, 0.5, ScaledDotProductAttentionMask::Array(&m), None)
-            .unwrap()
-    }
-
-    fn close(a: &Array, b: &Array) {
-        let d = (a - b)
-            .abs()
-            .unwrap()
-            .max(None)
-            .unwrap()
-            .item_exact::<f32>();
-        assert!(d < 1e-5, "max abs diff {d}");
-    }
-
-    /// One paged forward's attention (layer 0, scale 0.5) over `rows`.
-    fn attend(pool: &mut KvPool, rows: &[Row], q: &Array, k: &Array, v: &Array, window: u32) -> Array {
-        let mut f = PagedForward::new(pool, rows, k.dim(2) as usize).unwrap();
-        f.attend(0, q.clone(), k.clone(), v.clone(), AttendOptions { scale: 0.5, window }).unwrap()
-    }
-
-    /// Two sequences with scattered, interleaved block tables: a prefill
-    /// chunk each, then batched decode steps; every output equals attention
-    /// over the row's own contiguous history, with and without a window.
-    #[test]
-    fn paged_batch_matches_contiguous_attention() {
-        let (h, kh, hd, bs) = (4, 2, 8, 4);
-        // Random q [b, H, l, hd], k and v [b, K, l, hd].
-        let qkv = |b: i32, l: i32| {
-            let r = |heads: i32| random::normal::<f32>(&[b, heads, l, hd], None, None, None).unwrap();
-            (r(h), r(kh), r(kh))
-        };
-        let mut pool = test_pool(1, kh, hd, bs, 64);
-        let tables = [vec![5u32, 1, 7, 2], vec![0u32, 6, 3, 4]];
-        let prompt = [6i32, 9];
-        let mut hist: Vec<(Array, Array)> = Vec::new();
-        for window in [0u32, 3] {
-            let mut pool_w = test_pool(1, kh, hd, bs, 64);
-            let pool = if window == 0 { &mut pool } else { &mut pool_w };
-            hist.clear();
-            // prefill each row alone
-            for (r, &n) in prompt.iter().enumerate() {
-                let (q, k, v) = qkv(1, n);
-                let rows = [Row {
-                    table: &tables[r],
-                    offset: 0,
-                }];
-                let out = attend(pool, &rows, &q, &k, &v, window);
-                close(&out, &reference(&q, &k, &v, window));
-                hist.push((k, v));
-            }
-            // batched decode steps
-            for step in 0..4 {
-                let (q, k, v) = qkv(2, 1);
-                let rows: Vec<Row> = (0..2)
-                    .map(|r| Row {
-                        table: &tables[r],
-                        offset: prompt[r] as usize + step,
-                    })
-                    .collect();
-                let out = attend(pool, &rows, &q, &k, &v, window);
-                for r in 0..2i32 {
-                    let row = |x: &Array| x.try_index((r..r + 1, .., .., ..)).unwrap();
-                    let (hk, hv) = &hist[r as usize];
-                    let hk = concatenate(&[hk.clone(), row(&k)], 2).unwrap();
-                    let hv = concatenate(&[hv.clone(), row(&v)], 2).unwrap();
-                    close(&row(&out), &reference(&row(&q), &hk, &hv, window));
-                    hist[r as usize] = (hk, hv);
-                }
-            }
-        }
-        // A block read back and written to another id holds the same data.
-        let a = pool.read_block(1).unwrap();
-        pool.write_block(9, &a).unwrap();
-        let b = pool.read_block(9).unwrap();
-        close(&a[0], &b[0]);
-        close(&a[1], &b[1]);
-        assert_eq!(a[0].shape(), &[bs as i32, kh, hd]);
-    }
-
-    /// A write that fails in the middle of a forward (keys that do not fit
-    /// the pool) leaves the layer's KV as it was, never zeros.
-    #[test]
-    fn a_failed_write_leaves_the_pool_as_it_was() {
-        let (h, kh, hd, bs) = (4, 2, 8, 4);
-        let r = |heads: i32, l: i32, d: i32| random::normal::<f32>(&[1, heads, l, d], None, None, None).unwrap();
-        let mut pool = test_pool(1, kh, hd, bs, 16);
-        let table = vec![3u32];
-        let (q, k, v) = (r(h, 2, hd), r(kh, 2, hd), r(kh, 2, hd));
-        attend(&mut pool, &[Row { table: &table, offset: 0 }], &q, &k, &v, 0);
-        let before = pool.read_block(3).unwrap();
-        let rows = [Row { table: &table, offset: 2 }];
-        let mut f = PagedForward::new(&mut pool, &rows, 2).unwrap();
-        let bad = f.attend(0, q.clone(), r(kh, 2, hd / 2), r(kh, 2, hd / 2), AttendOptions { scale: 0.5, window: 0 });
-        assert!(format!("{:?}", bad.err()).contains("do not fit the KV pool"));
-        drop(f);
-        let after = pool.read_block(3).unwrap();
-        close(&before[0], &after[0]);
-        close(&before[1], &after[1]);
-        // And the pool goes on: the next write lands beside the first.
-        attend(&mut pool, &rows, &q, &k, &v, 0);
-        let kept = pool.read_block(3).unwrap();
-        let first = |x: &Array| x.try_index(0..2).unwrap();
-        close(&first(&before[0]), &first(&kept[0]));
-    }
-
-    #[test]
-    fn capacity_doubles_within_the_budget() {
-        let mut p = test_pool(1, 1, 1, 4, 40);
-        p.reserve(0);
-        assert_eq!(p.capacity(), 16);
-        p.reserve(16);
-        assert_eq!(p.capacity(), 32);
-        p.reserve(33);
-        assert_eq!(p.capacity(), 40);
     }
 }

@@ -16,6 +16,7 @@ pub mod kv_family;
 pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;
+pub mod paged;
 pub mod sampler;
 pub mod requests;
 pub mod scheduler;

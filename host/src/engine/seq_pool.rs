@@ -3,7 +3,8 @@
 //! default (a compressed family stores and attends only through the pool).
 //! The block table is the blocks 0, 1, 2, ... in order.
 use super::{
-    kv_pool::{KvPool, PagedForward, Row},
+    kv_pool::KvPool,
+    paged::{PagedForward, Row},
     LoadedModel,
 };
 use crate::plugins::registry::into_anyhow;
