@@ -93,7 +93,7 @@ fn roundtrip(var: &Variant, codec: &dyn KvCodecImpl, x: &Array, d: &LayerDims, c
     let mean = if var.center {
         // the calibration text's mean key when given, else this text's own
         calib.map(|c| c.mean_axis(1, true).unwrap().transpose_axes(&[1, 0, 2]).unwrap()).unwrap_or_else(|| xb.mean_axis(0, true).unwrap())
-    } else { mlx_rs::ops::zeros_like(&xb.take_axis(Array::from_int(0).expand_dims(0).unwrap(), 0).unwrap()).unwrap() }; // [1, K, D]
+    } else { mlx_rs::ops::zeros_like(xb.take_axis(Array::from_int(0).expand_dims(0).unwrap(), 0).unwrap()).unwrap() }; // [1, K, D]
     let comps: Vec<Array> = codec.encode(&xb.subtract(&mean).unwrap().as_dtype(d.dtype).unwrap(), d).unwrap();
     let comps: Vec<Array> = comps.iter().map(|a| a.expand_dims(0).unwrap()).collect();
     let y = f32(&codec.decode(&comps, d).unwrap()).squeeze_axes(&[0]).unwrap(); // [K, T, D]
@@ -128,9 +128,9 @@ fn measure(var: &Variant, q: &Array, k: &Array, vv: &Array, calib: Option<&Array
     // A constant shift per query does not change attention: compare the
     // logits after removing each row's mean over its visible positions.
     let cnt = Array::from_iter((1..=t).map(|c| c as f32), &[t, 1]);
-    let diff = select(&causal, &sh.subtract(&s).unwrap(), Array::from_f32(0.0)).unwrap();
+    let diff = select(&causal, sh.subtract(&s).unwrap(), Array::from_f32(0.0)).unwrap();
     let row_mean = diff.sum_axis(-1, true).unwrap().divide(&cnt).unwrap();
-    let centered = select(&causal, &diff.subtract(&row_mean).unwrap(), Array::from_f32(0.0)).unwrap();
+    let centered = select(&causal, diff.subtract(&row_mean).unwrap(), Array::from_f32(0.0)).unwrap();
     let dlogit = (centered.square().unwrap().sum(None).unwrap().item_cast::<f32>() / (h as f32 * (t * (t + 1) / 2) as f32)).sqrt();
     let lp = sm.subtract(logsumexp_axis(&sm, -1, true).unwrap()).unwrap();
     let lph = shm.subtract(logsumexp_axis(&shm, -1, true).unwrap()).unwrap();
@@ -163,12 +163,12 @@ fn synthetic(d: i32, t: i32, dc: f32, sink: f32, seed: u64) -> (Array, Array, Ar
         let m2: f32 = mu.iter().map(|x| x * x).sum();
         let a = (dc / (1.0 - dc) * d as f32 / m2).sqrt(); // DC energy share = dc
         for ti in 0..t as usize {
-            for c in 0..d as usize {
+            for (c, &m) in mu.iter().enumerate() {
                 let i = (head * t as usize + ti) * d as usize + c;
-                k[i] = a * mu[c] + rng.normal() as f32;
+                k[i] = a * m + rng.normal() as f32;
                 v[i] = rng.normal() as f32;
                 if ti == 0 {
-                    k[i] = a * mu[c] * sink;
+                    k[i] = a * m * sink;
                 }
             }
         }

@@ -76,11 +76,11 @@ impl Rotation {
         // Columns of `a` become the orthonormal basis.
         let mut a: Vec<Vec<f64>> = (0..n).map(|_| (0..n).map(|_| rng.normal()).collect()).collect();
         for j in 0..n {
-            for k in 0..j {
-                let dot: f64 = (0..n).map(|i| a[j][i] * a[k][i]).sum();
-                for i in 0..n {
-                    a[j][i] -= dot * a[k][i];
-                }
+            let (done, rest) = a.split_at_mut(j);
+            let col = &mut rest[0];
+            for prev in done.iter() {
+                let dot: f64 = col.iter().zip(prev).map(|(x, y)| x * y).sum();
+                col.iter_mut().zip(prev).for_each(|(x, y)| *x -= dot * y);
             }
             let norm = a[j].iter().map(|x| x * x).sum::<f64>().sqrt();
             a[j].iter_mut().for_each(|x| *x /= norm);

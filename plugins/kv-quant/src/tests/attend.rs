@@ -163,7 +163,7 @@ fn rotated_scores_and_mix_equal_decode_then_matmul() {
             assert_eq!(s.shape(), &[2, H, L, 9]);
             let tol = 1e-4 * to_vec(&s_ref.abs().unwrap().max(None).unwrap())[0].max(1.0);
             assert!(max_abs_diff(&s, &s_ref).unwrap() < tol, "{name} D {hd} scores");
-            let p = mlx_rs::ops::softmax_axis(&s_ref.multiply(Array::from_f32(0.05)).unwrap(), -1, true).unwrap();
+            let p = mlx_rs::ops::softmax_axis(s_ref.multiply(Array::from_f32(0.05)).unwrap(), -1, true).unwrap();
             let m = c.mix(&p, &comps, &d).unwrap();
             let m_ref = gqa_matmul(&p, &kk).unwrap();
             assert_eq!(m.shape(), &[2, H, L, hd]);

@@ -108,7 +108,7 @@ fn group_norms_isolate_outlier_channels() {
     let s = grouped.scores(&q, &comps, &d).unwrap();
     let s_ref = gqa_matmul(&q, &k.transpose_axes(&[0, 1, 3, 2]).unwrap()).unwrap();
     assert!(max_abs_diff(&s, &s_ref).unwrap() < 1e-3);
-    let p = mlx_rs::ops::softmax_axis(&s_ref.multiply(Array::from_f32(0.01)).unwrap(), -1, true).unwrap();
+    let p = mlx_rs::ops::softmax_axis(s_ref.multiply(Array::from_f32(0.01)).unwrap(), -1, true).unwrap();
     let m = grouped.mix(&p, &comps, &d).unwrap();
     assert!(max_abs_diff(&m, &gqa_matmul(&p, &k).unwrap()).unwrap() < 1e-4);
 }
