@@ -50,10 +50,10 @@ pub struct LoadFlags {
     /// dense family of the model's activation dtype]
     #[arg(long, value_name = "NAME")]
     pub kv_cache: Option<String>,
-    /// KV-cache family for keys only (over --kv-cache)
+    /// KV-cache family for keys only [default: the --kv-cache family]
     #[arg(long, value_name = "NAME")]
     pub kv_cache_k: Option<String>,
-    /// KV-cache family for values only (over --kv-cache)
+    /// KV-cache family for values only [default: the --kv-cache family]
     #[arg(long, value_name = "NAME")]
     pub kv_cache_v: Option<String>,
 }
