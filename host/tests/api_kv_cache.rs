@@ -113,11 +113,14 @@ async fn a_bad_kv_cache_is_a_400_naming_the_field() {
     assert_eq!((s, v["type"].as_str(), v["error"]["type"].as_str()), (400, Some("error"), Some("invalid_request_error")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("kv_cache"), "{v}");
     // Malformed values.
-    for bad in [json!(5), json!({}), json!({"k": "q8", "x": "q4"}), json!(""), json!(["q4"])] {
+    for bad in [json!(5), json!({"k": "q8", "x": "q4"}), json!(""), json!(["q4"])] {
         let (s, v) = post("/v1/completions", completion(bad.clone())).await;
         assert_eq!(s, 400, "{bad}: {v}");
         assert!(v["error"]["param"].as_str().unwrap_or_default().starts_with("kv_cache"), "{bad}: {v}");
     }
+    // `{}` leaves both sides out: the model's own family, as `null` does.
+    let (s, v) = post("/v1/completions", completion(json!({}))).await;
+    assert_eq!(s, 200, "{v}");
     // A family the model's shape does not fit (affine needs head_dim % 32).
     let (s, v) = post("/v1/completions", completion(json!("q4"))).await;
     assert_eq!((s, v["error"]["param"].as_str()), (400, Some("kv_cache")), "{v}");

@@ -8,6 +8,8 @@ these hooks steer the generated request inside those rules, and leave
 negative cases as generated (only `model` is pointed at the served model, so
 that a mutation is judged by validation rather than by a 404):
 
+- plugin-dependent: `kv_cache` family names (the installed KV plugins' names,
+  ones that fit the tiny model; unknown names are a 400 by design);
 - model-dependent: the model id, token ids below the vocabulary, the prompt
   within the context (earliest turns dropped, long strings clipped), `logit_bias` keys that are token ids, images (the
   model reads text only), JSON Schemas / regexes / grammars that compile;
@@ -169,6 +171,19 @@ def _steer_anthropic(body):
             tc["type"] = "auto"
 
 
+# KV families the tiny model (head_dim 16) takes; the affine ones need 32.
+KV_FAMILIES = ["f32", "fp8", "turbo4", "planar4"]
+
+
+def _steer_kv(body):
+    kv = body.get("kv_cache")
+    pick = lambda v: v if v in (None, "auto") else KV_FAMILIES[len(str(v)) % len(KV_FAMILIES)]
+    if isinstance(kv, str):
+        body["kv_cache"] = pick(kv)
+    elif isinstance(kv, dict):
+        body["kv_cache"] = {k: pick(v) for k, v in kv.items() if k in ("k", "v")}
+
+
 @schemathesis.hook
 def map_case(context, case):
     body = case.body
@@ -178,6 +193,7 @@ def map_case(context, case):
         case.path_parameters["id"] = MODEL
     if not _is_positive(case) or not isinstance(body, dict):
         return case
+    _steer_kv(body)
     if case.path.startswith("/v1/messages"):
         _steer_anthropic(body)
     else:

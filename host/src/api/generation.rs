@@ -145,10 +145,8 @@ pub fn kv_choice(state: &State, spec: &Option<KvCacheSpec>) -> Result<Option<KvC
             let n = check("kv_cache", &Some(n.clone()))?;
             KvChoice { k: n.clone(), v: n }
         }
+        // `{}`: both sides left out, the model's own (as each side alone).
         Some(KvCacheSpec::Sides(s)) => {
-            if s.k.is_none() && s.v.is_none() {
-                return Err(ApiError::bad_request("kv_cache", "`kv_cache` as an object needs `k`, `v` or both"));
-            }
             KvChoice { k: check("kv_cache.k", &s.k)?, v: check("kv_cache.v", &s.v)? }
         }
     };

@@ -268,7 +268,9 @@ pub struct MessagesRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<super::openai::KeepAliveSpec>,
-    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    // rmlx extension: the KV-cache families of this request (`KvCacheSpec`; a
+    // doc comment here would wrap the union in an allOf that generated
+    // clients cannot read).
     #[serde(default)]
     #[oai(nullable)]
     pub kv_cache: Option<super::kv_cache::KvCacheSpec>,

@@ -8,10 +8,23 @@ use serde::Deserialize;
 /// `kv_cache`: one family for keys and values (`"q4"`), or one per side
 /// (`{"k": "q8", "v": "turbo3"}`; a side left out takes the model's own).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "serde_json::Value")]
 pub enum KvCacheSpec {
     Both(String),
     Sides(KvCacheSides),
+}
+
+/// A string or an object, nothing else (serde would read an array into the
+/// object's fields by position).
+impl TryFrom<serde_json::Value> for KvCacheSpec {
+    type Error = String;
+    fn try_from(v: serde_json::Value) -> Result<Self, String> {
+        match v {
+            serde_json::Value::String(s) => Ok(Self::Both(s)),
+            o @ serde_json::Value::Object(_) => serde_json::from_value(o).map(Self::Sides).map_err(|e| e.to_string()),
+            other => Err(format!("`kv_cache` is a family name or {{\"k\": NAME, \"v\": NAME}}, not {other}")),
+        }
+    }
 }
 
 /// `kv_cache` per side.

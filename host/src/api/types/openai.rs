@@ -431,7 +431,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
-    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    // rmlx extension: the KV-cache families of this request (`KvCacheSpec`; a
+    // doc comment here would wrap the union in an allOf that generated
+    // clients cannot read).
     #[serde(default)]
     #[oai(nullable)]
     pub kv_cache: Option<super::kv_cache::KvCacheSpec>,
@@ -731,7 +733,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
-    /// rmlx extension: the KV-cache families of this request (see `KvCacheSpec`).
+    // rmlx extension: the KV-cache families of this request (`KvCacheSpec`; a
+    // doc comment here would wrap the union in an allOf that generated
+    // clients cannot read).
     #[serde(default)]
     #[oai(nullable)]
     pub kv_cache: Option<super::kv_cache::KvCacheSpec>,
