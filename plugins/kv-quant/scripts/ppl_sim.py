@@ -37,19 +37,25 @@ def splitmix_signs(d, seed):
 
 
 def codebook(d, bits, grid=1 << 16):
+    """Lloyd-Max levels of the sphere marginal (as codebook.rs: prefix sums)."""
     tmax = min(1.0, 12 / math.sqrt(d))
-    t = -tmax + (np.arange(grid) + 0.5) * (2 * tmax / grid)
+    dt = 2 * tmax / grid
+    t = -tmax + (np.arange(grid) + 0.5) * dt
     w = np.clip(1 - t * t, 0, None) ** ((d - 3) / 2)
     w /= w.sum()
+    cm, cx = np.concatenate([[0], np.cumsum(w)]), np.concatenate([[0], np.cumsum(w * t)])
     n = 1 << bits
-    c = np.quantile(np.random.default_rng(0).normal(size=200000) / math.sqrt(d), (np.arange(n) + 0.5) / n)
-    for _ in range(1000):
-        b = np.concatenate([[-np.inf], (c[:-1] + c[1:]) / 2, [np.inf]])
-        idx = np.searchsorted(b, t) - 1
-        nc = np.array([np.sum(w[idx == i] * t[idx == i]) / max(np.sum(w[idx == i]), 1e-300) for i in range(n)])
+    c = (np.arange(n) - (n - 1) / 2) * (5.0 / n) / math.sqrt(d)  # symmetric start
+    for _ in range(2000):
+        b = np.clip(np.round(((c[:-1] + c[1:]) / 2 + tmax) / dt).astype(int), 0, grid)
+        b = np.concatenate([[0], b, [grid]])
+        m = cm[b[1:]] - cm[b[:-1]]
+        nc = np.where(m > 0, (cx[b[1:]] - cx[b[:-1]]) / np.maximum(m, 1e-300), c)
         if np.max(np.abs(nc - c)) < 1e-12:
+            c = nc
             break
         c = nc
+    c = (c - c[::-1]) / 2  # exactly symmetric, as codebook.rs
     return mx.array(c, dtype=mx.float32), mx.array((c[:-1] + c[1:]) / 2, dtype=mx.float32)
 
 

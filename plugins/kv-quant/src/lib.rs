@@ -15,6 +15,12 @@
 //! | `rotor4`, `rotor3` | [`rotor`] | 4.125, 3.125 |
 //! | `rotor4q`, `rotor3q` (keys) | [`rotor`] | 4.25, 3.25 |
 //!
+//! Small dense models lose much more than big ones with the rotation
+//! families on keys (turbo3 keys: SmolLM2-135M perplexity +24%,
+//! Qwen2.5-0.5B far worse); ANALYSIS.md says why (the error follows the whole
+//! key norm, most of which is a component shared by every token) and what
+//! works (q8 keys with turbo values; centered keys).
+//!
 //! Shared pieces: [`pack`] (bit-plane packing), [`codebook`] (Lloyd-Max),
 //! [`rotation`] (seeded rotations), [`quant`] (norm + codebook quantizer),
 //! [`rotated`] (the rotation families' codec).
