@@ -8,7 +8,6 @@ use crate::plugins::Registry;
 use anyhow::{Context, Result};
 use mlx_rs::Dtype;
 use rmlx_plugin_api::{author::kv::LayerDims, ModelSpec};
-use std::rc::Rc;
 use std::sync::RwLock;
 
 /// The families asked for; `None` is the default (dense, activation dtype).
@@ -63,11 +62,7 @@ pub fn resolve(registry: &Registry, spec: &ModelSpec, dtype: Dtype, choice: &KvC
         let name = name.clone().unwrap_or_else(|| dense_family(dtype).to_string());
         let codec = registry.kv_codec(&name)?;
         let comps = codec.try_components(&dims).with_context(|| format!("KV cache family `{name}`"))?;
-        if comps.is_empty() {
-            anyhow::bail!("KV cache family `{name}` declares no component arrays");
-        }
-        let codec: Rc<dyn rmlx_plugin_api::author::kv::KvCodecImpl> = codec;
-        Ok(KvSide { family: name, codec, dims, comps })
+        Ok(KvSide::with_components(&name, codec, dims, comps)?)
     };
     Ok((side(&choice.k)?, side(&choice.v)?))
 }

@@ -41,6 +41,15 @@ pub struct KvSide {
 impl KvSide {
     pub fn new(family: &str, codec: Rc<dyn KvCodecImpl>, dims: LayerDims) -> Result<Self, PluginError> {
         let comps = codec.components(&dims);
+        Self::with_components(family, codec, dims, comps)
+    }
+    /// With the components the codec declared (asked once, by the caller).
+    pub fn with_components(
+        family: &str,
+        codec: Rc<dyn KvCodecImpl>,
+        dims: LayerDims,
+        comps: Vec<Component>,
+    ) -> Result<Self, PluginError> {
         if comps.is_empty() {
             return Err(PluginError::other(format!("KV family `{family}` declares no component arrays")));
         }
@@ -50,6 +59,11 @@ impl KvSide {
     pub fn bytes_per_slot(&self) -> usize {
         self.comps.iter().map(Component::bytes_per_slot).sum()
     }
+}
+
+/// Bytes one token takes in `layers` layers with keys `k` and values `v`.
+pub fn bytes_per_token(layers: usize, k: &KvSide, v: &KvSide) -> usize {
+    layers * (k.bytes_per_slot() + v.bytes_per_slot())
 }
 
 /// A block's data, as the SSD tier stores it: per layer, the keys'
@@ -76,7 +90,7 @@ impl KvPool {
     /// Bytes one token takes over all layers, keys and values (what the
     /// arrays really hold per slot).
     pub fn bytes_per_token(&self) -> usize {
-        self.layers.len() * (self.k.bytes_per_slot() + self.v.bytes_per_slot())
+        bytes_per_token(self.layers.len(), &self.k, &self.v)
     }
 
     /// The families' key in prefix-cache and SSD signatures.

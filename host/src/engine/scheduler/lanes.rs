@@ -51,10 +51,9 @@ impl Lane {
     /// per block (a compressed family fits proportionally more blocks).
     fn new(cfg: &SchedulerConfig, account: &std::sync::Arc<super::KvAccount>, id: &LaneId, model: &LoadedModel, k: KvSide, v: KvSide) -> Self {
         let s = &model.spec;
-        let probe = KvPool::new(s.num_layers as usize, k.clone(), v.clone(), cfg.block_size, 0);
         // What the pool's arrays really take per block, every layer, keys
         // and values, scales and norms included.
-        let per_block = (probe.bytes_per_token() * cfg.block_size) as u64;
+        let per_block = (super::super::kv_pool::bytes_per_token(s.num_layers as usize, &k, &v) * cfg.block_size) as u64;
         // A ceiling: the blocks the whole budget holds; what the lane may
         // take at a time is what the shared account has left.
         let total = (account.total() / per_block.max(1)) as usize;
