@@ -131,6 +131,23 @@ impl Tensors {
     pub fn names(&self) -> Vec<&str> {
         self.map.keys().map(String::as_str).collect()
     }
+    /// An expert layer's optional `bias`, which must be [experts, out].
+    pub fn take_expert_bias(&mut self, experts: i32, out: i32) -> Result<Option<Array>> {
+        let bias = self.take_opt("bias");
+        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [experts, out]) {
+            return Err(PluginError::config(format!("{}bias: expected [{experts}, {out}], got {:?}", self.prefix, b.shape())));
+        }
+        Ok(bias)
+    }
+}
+
+/// An expert layer's output `y` [..., k, 1, out] plus each picked expert's
+/// bias (`bias` [E, out], `indices` [..., k]), as mlx-lm's SwitchLinear adds it.
+pub fn add_expert_bias(y: Array, bias: Option<&Array>, indices: &Array) -> Result<Array> {
+    Ok(match bias {
+        Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
+        None => y,
+    })
 }
 
 /// The host's weights as an architecture sees them while loading.

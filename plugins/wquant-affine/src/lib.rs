@@ -8,7 +8,7 @@
 //! experts axis, through MLX's `gather_qmm`).
 use mlx_rs::{ops, Array, Dtype};
 use rmlx_plugin_api::{
-    author::{EmbeddingImpl, LinearImpl, PluginImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
+    author::{add_expert_bias, EmbeddingImpl, LinearImpl, PluginImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
     export_plugin, Manifest, PluginError, QuantParams,
 };
 
@@ -125,11 +125,7 @@ impl SwitchLinearImpl for AffineSwitch {
             p.bits,
             sorted,
         )?;
-        Ok(match &self.bias {
-            // bias[indices] [..., k, out] -> [..., k, 1, out]
-            Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
-            None => y,
-        })
+        add_expert_bias(y, self.bias.as_ref(), indices)
     }
     fn dims(&self) -> (u32, u32, u32) {
         (self.packed.weight.dim(0) as u32, self.packed.cols as u32, self.packed.rows as u32)
@@ -188,11 +184,7 @@ impl QuantImpl for Affine {
     }
     fn switch_linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn SwitchLinearImpl>> {
         let packed = Packed::take_nd(&mut t, p, 3)?;
-        let bias = t.take_opt("bias");
-        let (e, out) = (packed.weight.dim(0), packed.rows);
-        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [e, out]) {
-            return Err(PluginError::config(format!("{}bias: expected [{e}, {out}], got {:?}", t.prefix, b.shape())));
-        }
+        let bias = t.take_expert_bias(packed.weight.dim(0), packed.rows)?;
         Ok(Box::new(AffineSwitch { packed, bias }))
     }
 }

@@ -3,7 +3,7 @@
 //! `SwitchLinear` for the experts of an MoE layer.
 use mlx_rs::{ops, Array};
 use rmlx_plugin_api::{
-    author::{EmbeddingImpl, LinearImpl, PluginImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
+    author::{add_expert_bias, EmbeddingImpl, LinearImpl, PluginImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
     export_plugin, Manifest, PluginError, QuantParams,
 };
 
@@ -71,11 +71,7 @@ impl SwitchLinearImpl for DenseSwitch {
     fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
         // mlx-lm's SwitchLinear: gather_mm(x, W^T, rhs_indices=indices).
         let y = ops::gather_mm(x, &self.weight_t, None, indices, sorted)?;
-        Ok(match &self.bias {
-            // bias[indices] [..., k, out] -> [..., k, 1, out]
-            Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
-            None => y,
-        })
+        add_expert_bias(y, self.bias.as_ref(), indices)
     }
     fn dims(&self) -> (u32, u32, u32) {
         self.dims
@@ -111,17 +107,7 @@ impl QuantImpl for Dense {
             )));
         }
         let (e, out, inp) = (weight.dim(0), weight.dim(1), weight.dim(2));
-        let bias = t.take_opt("bias");
-        if let Some(b) = &bias {
-            if b.shape() != [e, out] {
-                return Err(PluginError::config(format!(
-                    "{}bias: expected [{e}, {out}] for weight {:?}, got {:?}",
-                    t.prefix,
-                    weight.shape(),
-                    b.shape()
-                )));
-            }
-        }
+        let bias = t.take_expert_bias(e, out)?;
         let weight_t = weight.swap_axes(-1, -2)?; // [E, in, out]
         Ok(Box::new(DenseSwitch { weight_t, bias, dims: (e as u32, inp as u32, out as u32) }))
     }

@@ -25,7 +25,7 @@ pub mod ops;
 
 use mlx_rs::{Array, Dtype};
 use rmlx_plugin_api::{
-    author::{EmbeddingImpl, LinearImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
+    author::{add_expert_bias, EmbeddingImpl, LinearImpl, QuantImpl, Result, SwitchLinearImpl, Tensors},
     ErrorKind, PluginError, QuantParams,
 };
 
@@ -267,11 +267,7 @@ impl SwitchLinearImpl for FpSwitch {
             None => ops::gather_qmm(x, &p.weight, &p.scales, None, indices, true, p.fmt.group_size, p.fmt.bits, p.fmt.mode, sorted)
                 .map_err(mlx)?,
         };
-        Ok(match &self.bias {
-            // bias[indices] [..., k, out] -> [..., k, 1, out]
-            Some(b) => y.add(b.take_axis(indices, 0)?.expand_dims(-2)?)?,
-            None => y,
-        })
+        add_expert_bias(y, self.bias.as_ref(), indices)
     }
     fn dims(&self) -> (u32, u32, u32) {
         (self.packed.weight.dim(0) as u32, self.packed.cols as u32, self.packed.rows as u32)
@@ -291,11 +287,7 @@ impl QuantImpl for FpQuant {
     }
     fn switch_linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn SwitchLinearImpl>> {
         let packed = Packed::take_nd(self.0, &mut t, p, 3)?;
-        let bias = t.take_opt("bias");
-        let (e, out) = (packed.weight.dim(0), packed.rows);
-        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [e, out]) {
-            return Err(PluginError::config(format!("{}bias: expected [{e}, {out}], got {:?}", t.prefix, b.shape())));
-        }
+        let bias = t.take_expert_bias(packed.weight.dim(0), packed.rows)?;
         Ok(Box::new(FpSwitch::new(packed, bias)?))
     }
 }
