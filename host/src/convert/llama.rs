@@ -310,22 +310,24 @@ impl LlamaPlan {
         }
         Ok(Value::Object(c))
     }
+}
 
-    pub fn generation_config(&self, tok: Option<&TokenizerFiles>) -> Value {
-        let mut c = serde_json::Map::new();
-        if let Some(t) = tok {
-            if let Some(b) = t.bos_token_id {
-                c.insert("bos_token_id".into(), json!(b));
-            }
-            if let Some(p) = t.pad_token_id {
-                c.insert("pad_token_id".into(), json!(p));
-            }
+/// generation_config.json from the tokenizer's special ids (every
+/// converted architecture writes the same keys).
+pub(crate) fn generation_config(tok: Option<&TokenizerFiles>) -> Value {
+    let mut c = serde_json::Map::new();
+    if let Some(t) = tok {
+        if let Some(b) = t.bos_token_id {
+            c.insert("bos_token_id".into(), json!(b));
         }
-        if let Some(e) = eos_value(tok) {
-            c.insert("eos_token_id".into(), e);
+        if let Some(p) = t.pad_token_id {
+            c.insert("pad_token_id".into(), json!(p));
         }
-        Value::Object(c)
     }
+    if let Some(e) = eos_value(tok) {
+        c.insert("eos_token_id".into(), e);
+    }
+    Value::Object(c)
 }
 
 /// `eos_token_id` for config.json: one id, or a list with the extra EOS ids.

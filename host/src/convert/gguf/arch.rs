@@ -94,10 +94,6 @@ impl ModelPlan {
     }
 
     pub fn generation_config(&self, tok: Option<&TokenizerFiles>) -> Value {
-        match self {
-            ModelPlan::Llama(p) => p.generation_config(tok),
-            ModelPlan::Qwen2(p) => p.generation_config(tok),
-            ModelPlan::Gemma(p) => p.generation_config(tok),
-        }
+        crate::convert::llama::generation_config(tok)
     }
 }

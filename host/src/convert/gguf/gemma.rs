@@ -302,20 +302,6 @@ impl GemmaPlan {
         }
         Ok(Value::Object(c))
     }
-
-    pub fn generation_config(&self, tok: Option<&TokenizerFiles>) -> Value {
-        let mut c = serde_json::Map::new();
-        if let Some(b) = tok.and_then(|t| t.bos_token_id) {
-            c.insert("bos_token_id".into(), json!(b));
-        }
-        if let Some(p) = tok.and_then(|t| t.pad_token_id) {
-            c.insert("pad_token_id".into(), json!(p));
-        }
-        if let Some(e) = eos_value(tok) {
-            c.insert("eos_token_id".into(), e);
-        }
-        Value::Object(c)
-    }
 }
 
 /// The period `n` of a per-layer sliding pattern where layer `i` is global

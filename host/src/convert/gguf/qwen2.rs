@@ -174,20 +174,6 @@ impl Qwen2Plan {
         }
         Ok(Value::Object(c))
     }
-
-    pub fn generation_config(&self, tok: Option<&TokenizerFiles>) -> Value {
-        let mut c = serde_json::Map::new();
-        if let Some(b) = tok.and_then(|t| t.bos_token_id) {
-            c.insert("bos_token_id".into(), json!(b));
-        }
-        if let Some(p) = tok.and_then(|t| t.pad_token_id) {
-            c.insert("pad_token_id".into(), json!(p));
-        }
-        if let Some(e) = eos_value(tok) {
-            c.insert("eos_token_id".into(), e);
-        }
-        Value::Object(c)
-    }
 }
 
 #[cfg(test)]
