@@ -1,5 +1,6 @@
 //! rmlx host: loads plugins, models and tokenizers, runs the engine, serves the API.
 pub mod api;
+pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod constrain;
