@@ -3,7 +3,7 @@ use crate::{EmbeddingBox, LinearBox, MlxArray, PResult};
 use abi_stable::{
     sabi_trait,
     sabi_types::RMut,
-    std_types::{RBox, RStr, RVec},
+    std_types::{RBox, RErr, ROption, RStr, RVec, Tuple2},
     StableAbi,
 };
 use std::ffi::c_void;
@@ -91,13 +91,92 @@ impl Attention {
     }
 }
 
+/// Attention options of one `ForwardCtx::attend` call (ABI 3.3). Passed by
+/// value, so it never grows: a later option comes with a new `attend`
+/// method appended to [`ForwardCtx`].
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct AttendSpec {
+    /// Softmax scale, usually 1/sqrt(head_dim).
+    pub scale: f32,
+    /// Attention window in tokens, 0 for full attention.
+    pub window: u32,
+    /// Logit soft-cap `c`: scores become `c * tanh(scores / c)`; 0 for none.
+    pub softcap: f32,
+    /// float [H]: per-head attention-sink logits (gpt-oss), an extra softmax
+    /// column that takes probability mass and no value.
+    pub sinks: ROption<MlxArray>,
+    /// False for encoders: every token sees every valid token of its row
+    /// (`ForwardCtx::lengths`), and nothing is cached.
+    pub causal: bool,
+}
+
+/// What the host wants back from `Model::forward_ctx` (`ForwardCtx::output`).
+pub mod output {
+    /// Logits of each row's last position: [B, 1, vocab].
+    pub const LOGITS_LAST: u32 = 0;
+    /// Logits of every position: [B, L, vocab] (verification, perplexity).
+    pub const LOGITS_ALL: u32 = 1;
+    /// The final hidden states after the last norm, without the LM head:
+    /// [B, L, hidden] (embeddings, pooled outputs).
+    pub const HIDDEN: u32 = 2;
+}
+
+/// Everything the host lends to one forward (ABI 3.3): positions, attention
+/// over the batch's cache, what to return, and optional inputs. Host-
+/// implemented, so methods are appended as the contract grows; a plugin only
+/// calls the methods of the ABI it was built for.
+///
+/// Rows: row b of `tokens` [B, L] is sequence b, whose first new token sits
+/// at position `offsets()[b]`; take positions from `offsets()` for every B
+/// (the host may trace `forward_ctx` into a compiled graph).
+#[sabi_trait]
+pub trait ForwardCtx {
+    /// B, the number of rows.
+    fn batch(&self) -> u32;
+    /// int32 [B]: each row's tokens already cached (its first new position).
+    fn offsets(&self) -> MlxArray;
+    /// Row 0's offset, for shape decisions outside traces (0 while tracing).
+    fn offset(&self) -> i32;
+    /// q: [B, H, L, D], k/v: [B, K, L, D] -> [B, H, L, D]. Stores k/v in the
+    /// layer's cache (causal) and attends over the cached context.
+    fn attend(&mut self, layer: u32, q: MlxArray, k: MlxArray, v: MlxArray, spec: AttendSpec) -> PResult<MlxArray>;
+    /// One of [`output`]'s constants.
+    fn output(&self) -> u32;
+    /// Layers whose output hidden states the host wants, ascending: layer i
+    /// is the residual stream after block i, [B, L, hidden] (drafters).
+    fn hidden_layers(&self) -> RVec<u32>;
+    /// Hands the host layer `layer`'s hidden states [B, L, hidden].
+    fn put_hidden(&mut self, layer: u32, hidden: MlxArray) -> PResult<()>;
+    /// Features that replace the token embeddings where `mask` is true:
+    /// (features [B, L, hidden], mask bool [B, L]); image or audio input.
+    fn input_embeddings(&self) -> ROption<Tuple2<MlxArray, MlxArray>>;
+    /// int32 [B]: each row's valid tokens (rows padded at the end); none
+    /// when every row is whole.
+    fn lengths(&self) -> ROption<MlxArray>;
+}
+
+pub type ForwardCtxMut<'a> = ForwardCtx_TO<'a, RMut<'a, ()>>;
+
 #[sabi_trait]
 pub trait Model: Send {
     fn spec(&self) -> ModelSpec;
     /// `tokens`: int32 [B, L]. Returns logits [B, L, vocab], or [B, 1, vocab]
     /// when `last_only`.
     fn forward(&mut self, tokens: MlxArray, attention: Attention, last_only: bool) -> PResult<MlxArray>;
+    /// ABI 3.3: the forward with a [`ForwardCtx`]; returns what
+    /// `ctx.output()` asks for. A plugin built for 3.2 or earlier lacks this
+    /// method; the default then answers `Unsupported` and the host calls
+    /// [`Model::forward`].
+    fn forward_ctx(&mut self, tokens: MlxArray, ctx: ForwardCtxMut<'_>) -> PResult<MlxArray> {
+        let _ = (tokens, ctx);
+        RErr(crate::PluginError::unsupported(crate::arch::NO_FORWARD_CTX))
+    }
 }
+
+/// The message of the `Unsupported` error a pre-3.3 model answers to
+/// `forward_ctx`.
+pub const NO_FORWARD_CTX: &str = "this plugin was built before ABI 3.3 and has no forward_ctx";
 
 pub type ModelBox = Model_TO<'static, RBox<()>>;
 

@@ -29,7 +29,10 @@ pub mod module;
 pub mod wquant;
 
 pub use abi_stable;
-pub use arch::{Attention, AttendOptions, Model, ModelBox, ModelSpec, WeightSource, WeightSourceMut};
+pub use arch::{
+    output, AttendOptions, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
+    WeightSourceMut,
+};
 pub use array::MlxArray;
 pub use error::{ErrorKind, PResult, PluginError};
 pub use manifest::Manifest;
@@ -53,7 +56,11 @@ pub const ABI_VERSION: u32 = 3;
 /// 3.1: `check_config` (an architecture vets a config without loading weights).
 /// 3.2: `kv_codec` (KV-cache families: components, encode, attend);
 ///      `switch_linear` (MoE expert layers) and `WeightSource::switch_linear`.
-pub const ABI_MINOR: u32 = 2;
+/// 3.3: `Model::forward_ctx` with a host-lent `ForwardCtx`: attention options
+///      (soft-cap, sinks, non-causal), logits of all/last positions or final
+///      hidden states, hidden states of named layers, input embeddings, and
+///      per-row lengths.
+pub const ABI_MINOR: u32 = 3;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

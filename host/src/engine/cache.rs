@@ -1,7 +1,7 @@
 //! A contiguous one-sequence KV cache, lent to architectures as `Attention`
 //! (`rmlx generate`, `rmlx bench` and the compiled step; the server's
 //! scheduler uses the paged pool in kv_pool.rs). Sliding-window layers
-//! (`AttendOptions.window`) attend over their window only, masked exactly as
+//! (`AttendOpts::window`) attend over their window only, masked exactly as
 //! the paged pool and mlx-lm mask them, and drop the positions no later query
 //! can see.
 use mlx_rs::{
@@ -13,7 +13,10 @@ use mlx_rs::{
     },
     Array,
 };
-use rmlx_plugin_api::{AttendOptions, Attention, PluginError};
+use rmlx_plugin_api::{
+    author::{kv::dense_attend, AttendOpts},
+    Attention, PluginError,
+};
 
 /// Capacity grows in steps of this many tokens (as mlx-lm's KVCache).
 const STEP: i32 = 256;
@@ -90,6 +93,15 @@ impl KvCache {
         self.offset += n;
     }
 
+    /// Forgets the positions from `len` on (speculative decoding's rejected
+    /// tokens); the next forward overwrites them. Exact for full-attention
+    /// layers only: a sliding-window layer may already have dropped
+    /// positions that queries after `len` would see, so callers refuse
+    /// windowed models.
+    pub fn truncate(&mut self, len: i32) {
+        self.offset = self.offset.min(len.max(0));
+    }
+
     /// Lends the cache to one forward call.
     pub fn attention(&mut self) -> Attention {
         super::attend::lend(self)
@@ -116,8 +128,9 @@ impl super::attend::KvStore for KvCache {
         q: Array,
         k: Array,
         v: Array,
-        opts: AttendOptions,
+        opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
+        super::attend::refuse_bidirectional(opts)?;
         let slot = self
             .layers
             .get_mut(layer as usize)
@@ -155,7 +168,11 @@ impl super::attend::KvStore for KvCache {
             values.try_index((.., .., s - base..end - base, ..))?,
         );
         *slot = Some(Slot { keys, values, base });
-        let out = if n == 1 {
+        let out = if !opts.is_plain() {
+            // Soft-cap or sinks: the composed path, masked as below.
+            let m = (n > 1).then(|| window_mask(prev, n, s, if w > 0 { w } else { end + 1 }));
+            dense_attend(&q, &k, &v, m.as_ref(), opts)?
+        } else if n == 1 {
             // One query: every key from `s` on is inside its window.
             scaled_dot_product_attention(&q, &k, &v, opts.scale, None, None)?
         } else if w == 0 || s >= end - w {
@@ -223,8 +240,8 @@ mod tests {
             let (q, k, v) = (r(h), r(kh), r(kh));
             let prev = cache.offset();
             for (layer, w) in [(0u32, window), (1, 0)] {
-                let opts = AttendOptions { scale: 0.5, window: w };
-                let got = cache.attend(layer, q.clone(), k.clone(), v.clone(), opts).unwrap();
+                let opts = AttendOpts::plain(0.5).window(w);
+                let got = cache.attend(layer, q.clone(), k.clone(), v.clone(), &opts).unwrap();
                 let hk = match hist.get(layer as usize) {
                     Some((hk, hv)) => (concatenate(&[hk, &k], 2).unwrap(), concatenate(&[hv, &v], 2).unwrap()),
                     None => (k.clone(), v.clone()),

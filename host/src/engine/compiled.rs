@@ -27,7 +27,10 @@ use mlx_rs::{
     Array, Dtype,
 };
 use mlx_sys::{mlx_array, mlx_closure, mlx_vector_array};
-use rmlx_plugin_api::{AttendOptions, MlxArray, PluginError};
+use rmlx_plugin_api::{
+    author::{kv::dense_attend, AttendOpts},
+    PluginError,
+};
 use std::ffi::c_void;
 
 /// What the trace function needs; lives as long as the compiled closure.
@@ -207,9 +210,7 @@ unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec
         (0..b as i32).map(|r| pos.try_index(r..r + 1)).collect::<Result<Vec<_>, _>>()?
     };
     let mut cache = TracedCache { pos: pos.clone(), row_pos, rows, masks: vec![None; b] };
-    let attention = super::attend::lend(&mut cache);
-    let logits = model.model.forward(MlxArray::from_array(tokens), attention, true);
-    let logits = crate::plugins::registry::into_anyhow(logits, &model.architecture_plugin)?.into_array(); // [B, 1, V]
+    let logits = model.logits(&tokens, &mut cache, true)?; // [B, 1, V]
     let next = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
     let mut outs = vec![next, logits, pos.add(Array::from_int(1))?];
     for row in cache.rows {
@@ -248,7 +249,8 @@ impl super::attend::KvStore for TracedCache {
     }
 
     /// q: [B, H, 1, hd], k/v: [B, K, 1, hd] -> [B, H, 1, hd]
-    fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: AttendOptions) -> Result<Array, PluginError> {
+    fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: &AttendOpts<'_>) -> Result<Array, PluginError> {
+        super::attend::refuse_bidirectional(opts)?;
         if opts.window != 0 {
             return Err(PluginError::unsupported("sliding-window attention is not compiled yet"));
         }
@@ -278,7 +280,11 @@ impl super::attend::KvStore for TracedCache {
             }
             let mask = self.masks[r].as_ref().unwrap();
             let q = row(&q)?;
-            outs.push(scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?);
+            outs.push(if opts.is_plain() {
+                scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?
+            } else {
+                dense_attend(&q, &keys, &values, Some(mask), opts)?
+            });
             self.rows[r][layer as usize] = (keys, values);
         }
         if b == 1 {

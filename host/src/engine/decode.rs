@@ -10,7 +10,6 @@ use super::{
     sequence::Sequence,
     LoadedModel,
 };
-use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
 use mlx_rs::{
     ops::{
@@ -20,7 +19,6 @@ use mlx_rs::{
     transforms::eval,
     Array, Dtype,
 };
-use rmlx_plugin_api::MlxArray;
 
 /// What a row gets from one decode step.
 pub enum RowOut {
@@ -129,17 +127,10 @@ pub fn forward(
         })
         .collect();
     let mut paged = PagedForward::new(pool, &rows, len)?;
-    let attention = paged.attention();
-    let plugin = &model.architecture_plugin;
-    let logits = into_anyhow(
-        model
-            .model
-            .forward(MlxArray::from_array(input), attention, true),
-        plugin,
-    )?;
+    let logits = model.logits(&input, &mut paged, true)?;
     drop(paged);
     for s in seqs.iter_mut() {
         s.kv_len += len;
     }
-    Ok(logits.into_array())
+    Ok(logits)
 }

@@ -8,10 +8,8 @@ use super::{
     seq_pool::SeqPool,
     LoadedModel,
 };
-use crate::plugins::registry::into_anyhow;
 use anyhow::{bail, Result};
 use mlx_rs::{ops::indexing::argmax_axis, transforms::async_eval, Array, Dtype};
-use rmlx_plugin_api::MlxArray;
 use std::time::Instant;
 
 pub struct Session<'m> {
@@ -36,11 +34,9 @@ impl<'m> Session<'m> {
         if let Some(p) = self.paged.as_mut() {
             return p.forward(self.model, input, true);
         }
-        let attention = self.cache.attention();
-        let plugin = &self.model.architecture_plugin;
-        let logits = into_anyhow(self.model.model.forward(MlxArray::from_array(input), attention, true), plugin)?;
+        let logits = self.model.logits(&input, &mut self.cache, true)?;
         self.cache.advance(len);
-        Ok(logits.into_array())
+        Ok(logits)
     }
 
     /// Bytes per cached token the KV store's arrays hold (every layer, keys

@@ -1,6 +1,8 @@
 //! A model built by its architecture plugin from a model directory.
 use crate::model::{policy::LoadPolicy, quant::Quant, weights::HostWeights, ModelDir, QuantSpec};
 use super::kv_pool::KvSide;
+use super::attend::{ForwardOut, ForwardRequest, KvStore};
+use mlx_rs::Array;
 use crate::plugins::Registry;
 use anyhow::{Context, Result};
 use rmlx_plugin_api::{ModelBox, ModelSpec};
@@ -23,6 +25,17 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// One forward of `tokens` [B, L] over `store`, as `req` asks.
+    pub fn run<T: KvStore>(&mut self, tokens: &Array, store: &mut T, req: ForwardRequest) -> Result<ForwardOut> {
+        let r = super::attend::forward(&mut self.model, tokens, store, req);
+        r.map_err(|e| anyhow::anyhow!("{} (plugin `{}`, {:?} error)", e.message, self.architecture_plugin, e.kind))
+    }
+
+    /// Logits of `tokens` [B, L] over `store`: [B, 1 | L, V], lazily.
+    pub fn logits<T: KvStore>(&mut self, tokens: &Array, store: &mut T, last_only: bool) -> Result<Array> {
+        Ok(self.run(tokens, store, ForwardRequest::logits(last_only))?.out)
+    }
+
     /// Whether keys and values both use the dense family of the activation
     /// dtype (the default; the contiguous cache and the compiled step serve it).
     pub fn kv_is_dense_default(&self) -> bool {

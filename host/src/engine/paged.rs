@@ -12,7 +12,7 @@ use super::kv_pool::{KvPool, KvSide};
 use mlx_rs::{ops::indexing::scatter_single, Array};
 use rmlx_plugin_api::{
     author::kv::{composed_attend, AttendOpts, Paged},
-    AttendOptions, Attention, PluginError,
+    Attention, PluginError,
 };
 use std::collections::HashMap;
 
@@ -134,8 +134,9 @@ impl super::attend::KvStore for PagedForward<'_> {
         q: Array,
         k: Array,
         v: Array,
-        opts: AttendOptions,
+        opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
+        super::attend::refuse_bidirectional(opts)?;
         let (b, kh, l, hd) = (k.dim(0), k.dim(1), k.dim(2), k.dim(3));
         if b as usize != self.offsets.len() || l as usize != self.len {
             return Err(PluginError::other(format!(
@@ -192,7 +193,7 @@ impl super::attend::KvStore for PagedForward<'_> {
             block_size: self.pool.block_size as i32,
             ctx: cut.unwrap_or(self.ctx) as i32,
             mask: mask.as_ref(),
-            opts: AttendOpts::plain(opts.scale),
+            opts: *opts,
         };
         let (ks, vs) = (&self.pool.k, &self.pool.v);
         if ks.family == vs.family {
@@ -242,7 +243,7 @@ mod tests {
     /// One paged forward's attention (layer 0, scale 0.5) over `rows`.
     fn attend(pool: &mut KvPool, rows: &[Row], q: &Array, k: &Array, v: &Array, window: u32) -> Array {
         let mut f = PagedForward::new(pool, rows, k.dim(2) as usize).unwrap();
-        f.attend(0, q.clone(), k.clone(), v.clone(), AttendOptions { scale: 0.5, window }).unwrap()
+        f.attend(0, q.clone(), k.clone(), v.clone(), &AttendOpts::plain(0.5).window(window)).unwrap()
     }
 
     /// Two sequences with scattered, interleaved block tables: a prefill
@@ -317,7 +318,7 @@ mod tests {
         let before = pool.read_block(3).unwrap();
         let rows = [Row { table: &table, offset: 2 }];
         let mut f = PagedForward::new(&mut pool, &rows, 2).unwrap();
-        let bad = f.attend(0, q.clone(), r(kh, 2, hd / 2), r(kh, 2, hd / 2), AttendOptions { scale: 0.5, window: 0 });
+        let bad = f.attend(0, q.clone(), r(kh, 2, hd / 2), r(kh, 2, hd / 2), &AttendOpts::plain(0.5));
         assert!(format!("{:?}", bad.err()).contains("do not fit the KV pool"));
         drop(f);
         let after = pool.read_block(3).unwrap();

@@ -5,7 +5,6 @@
 //! alternatives, computed on the device (only [L] values and [L, n] ids
 //! cross to the host, never [L, vocab]).
 use super::{cache::KvCache, LoadedModel};
-use crate::plugins::registry::into_anyhow;
 use anyhow::{bail, Result};
 use mlx_rs::{
     ops::{
@@ -15,7 +14,6 @@ use mlx_rs::{
     transforms::eval,
     Array, Dtype,
 };
-use rmlx_plugin_api::MlxArray;
 
 /// One prompt token's score: its log-probability given the tokens before
 /// it, and the `top_n` most likely tokens there (id, log-probability), most
@@ -42,10 +40,9 @@ pub fn score_prompt(model: &mut LoadedModel, prompt: &[u32], top_n: usize, chunk
         let ids: Vec<i32> = piece.iter().map(|&t| t as i32).collect();
         let len = ids.len() as i32;
         let input = Array::from_slice(&ids, &[1, len]);
-        let attention = cache.attention();
-        let logits = into_anyhow(model.model.forward(MlxArray::from_array(input), attention, false), &model.architecture_plugin)?;
+        let logits = model.logits(&input, &mut cache, false)?;
         cache.advance(len);
-        let logits = logits.into_array().as_dtype(Dtype::Float32)?; // [1, L, V]
+        let logits = logits.as_dtype(Dtype::Float32)?; // [1, L, V]
         let lp = logits.subtract(logits.logsumexp_axis(-1, true)?)?; // [1, L, V]
         let targets: Vec<i32> = prompt[start + 1..start + 1 + piece.len()].iter().map(|&t| t as i32).collect();
         let targets = Array::from_slice(&targets, &[1, len, 1]);

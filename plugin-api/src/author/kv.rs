@@ -79,23 +79,7 @@ pub struct Paged<'a> {
     pub opts: AttendOpts<'a>,
 }
 
-/// Options of one attention call beyond the mask.
-#[derive(Clone, Copy)]
-pub struct AttendOpts<'a> {
-    /// Softmax scale, usually 1/sqrt(head_dim).
-    pub scale: f32,
-    /// Logit soft-cap `c`: scores become `c * tanh(scores / c)`; 0 for none.
-    pub softcap: f32,
-    /// float [H]: per-head attention-sink logits (gpt-oss), an extra column
-    /// in the softmax that takes probability mass and no value.
-    pub sinks: Option<&'a Array>,
-}
-
-impl AttendOpts<'_> {
-    pub fn plain(scale: f32) -> Self {
-        Self { scale, softcap: 0.0, sinks: None }
-    }
-}
+pub use super::AttendOpts;
 
 /// A KV family: the codec of one side (keys or values) of the cache.
 pub trait KvCodecImpl: Send + Sync + 'static {
@@ -201,16 +185,26 @@ pub fn composed_attend<K: KvCodecImpl + ?Sized, V: KvCodecImpl + ?Sized>(
 ) -> Result<Array> {
     let kc = gather_blocks(k_pools, paged)?;
     let s = k.scores(q, &kc, k_dims)?.as_dtype(Dtype::Float32)?; // [B, H, L, T]
-    let p = softmax_scores(&s, paged)?;
+    let p = softmax_scores(&s, paged.mask, &paged.opts)?;
     let vc = gather_blocks(v_pools, paged)?;
     let out = v.mix(&p.as_dtype(q.dtype())?, &vc, v_dims)?; // [B, H, L, D]
     Ok(out.as_dtype(q.dtype())?)
 }
 
+/// Dense attention composed of ops, for every option: q [B, H, L, D] over
+/// k/v [B, K, T, D] -> [B, H, L, D]. `mask` as in [`softmax_scores`].
+pub fn dense_attend(q: &Array, k: &Array, v: &Array, mask: Option<&Array>, opts: &AttendOpts) -> Result<Array> {
+    let kt = k.swap_axes(-1, -2)?; // [B, K, D, T]
+    let s = gqa_matmul(&q.as_dtype(Dtype::Float32)?, &kt)?; // [B, H, L, T]
+    let p = softmax_scores(&s, mask, opts)?;
+    Ok(gqa_matmul(&p, &v.as_dtype(Dtype::Float32)?)?.as_dtype(q.dtype())?) // [B, H, L, D]
+}
+
 /// Unscaled float32 scores [B, H, L, T] -> probabilities [B, H, L, T]: scale,
-/// soft-cap, mask (or causal), sinks, softmax.
-pub fn softmax_scores(s: &Array, paged: &Paged) -> Result<Array> {
-    let o = &paged.opts;
+/// soft-cap, mask, sinks, softmax. `mask` (bool, broadcast to [B, H, L, T]):
+/// which keys each query sees; None: causal over the last L positions when
+/// `opts.causal` and L > 1, else every key.
+pub fn softmax_scores(s: &Array, mask: Option<&Array>, o: &AttendOpts) -> Result<Array> {
     let mut s = s.multiply(Array::from_f32(o.scale))?;
     if o.softcap > 0.0 {
         let c = Array::from_f32(o.softcap);
@@ -218,9 +212,9 @@ pub fn softmax_scores(s: &Array, paged: &Paged) -> Result<Array> {
     }
     let (l, t) = (s.dim(2), s.dim(3));
     let neg = Array::from_f32(f32::NEG_INFINITY);
-    s = match paged.mask {
+    s = match mask {
         Some(m) => mlx_rs::ops::select(m, &s, &neg)?,
-        None if l > 1 => {
+        None if l > 1 && o.causal => {
             // query i (position t - l + i) sees j <= t - l + i
             let qi = Array::from_iter(0..l, &[l, 1]).add(Array::from_int(t - l))?;
             let kj = Array::from_iter(0..t, &[1, t]);
@@ -343,7 +337,7 @@ impl KvCodec for CodecAdapter {
                 block_size: paged.block_size,
                 ctx: paged.ctx,
                 mask: mask.as_ref(),
-                opts: AttendOpts { scale: paged.scale, softcap: paged.softcap, sinks: sinks.as_ref() },
+                opts: AttendOpts::plain(paged.scale).softcap(paged.softcap).sinks(sinks.as_ref()),
             };
             let out = self.0.attend(
                 &q.into_array(),

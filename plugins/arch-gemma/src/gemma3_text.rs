@@ -16,10 +16,10 @@
 use mlx_rs::Array;
 use rmlx_nn::decoder::{model_spec, Dims};
 use rmlx_nn::gemma::{clip_residual, scale_embeddings, GeluMlp, GemmaNorm};
-use rmlx_nn::{last_position, merge_heads, parse_config, split_heads, Positions, Rope};
+use rmlx_nn::{finish, merge_heads, merge_inputs, offer_hidden, parse_config, split_heads, Positions, Rope};
 use rmlx_plugin_api::{
-    author::{EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
-    AttendOptions, Attention, ModelSpec, PluginError,
+    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
+    ModelSpec, PluginError,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -258,7 +258,9 @@ pub struct GemmaAttention {
     heads: i32,
     kv_heads: i32,
     rope: Rope,
-    opts: AttendOptions,
+    /// Softmax scale and window (0: full) of `AttendOpts`.
+    scale: f32,
+    window: u32,
 }
 
 impl GemmaAttention {
@@ -274,18 +276,19 @@ impl GemmaAttention {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             rope: c.rope(i)?,
-            opts: AttendOptions { scale, window: c.window(i) },
+            scale,
+            window: c.window(i),
         })
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let q = split_heads(&self.q_proj.forward(x)?, self.heads)?; // [B, H, L, hd]
         let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
         let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
         let q = self.rope.apply_at(&self.q_norm.forward(&q)?, pos)?; // [B, H, L, hd]
         let k = self.rope.apply_at(&self.k_norm.forward(&k)?, pos)?; // [B, K, L, hd]
-        let o = attn.attend_arrays(layer, q, k, v, self.opts)?; // [B, H, L, hd]
+        let o = attn.attend(layer, q, k, v, &AttendOpts::plain(self.scale).window(self.window))?; // [B, H, L, hd]
         self.o_proj.forward(&merge_heads(&o)?)
     }
 }
@@ -319,7 +322,7 @@ impl GemmaBlock {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, layer, pos, attn)?;
         let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
         let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
@@ -356,21 +359,21 @@ impl ModelImpl for Gemma3Text {
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
-    fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
+    fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let pos = Positions::of(attn); // each row's first position
         let h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
+        // mlx-vlm merges image features before the embedding scale.
+        let h = merge_inputs(h, attn)?; // [B, L, D]
         let mut h = scale_embeddings(&h, self.config.hidden_size)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, i as u32, &pos, attn)?;
+            offer_hidden(attn, i as u32, &h)?;
         }
-        let mut h = self.norm.forward(&h)?; // [B, L, D]
-        if last_only {
-            h = last_position(&h)?; // [B, 1, D]
-        }
-        match &self.lm_head {
-            Some(head) => head.forward(&h),         // [B, L | 1, V]
-            None => self.embed_tokens.as_linear(&h), // [B, L | 1, V]
-        }
+        let h = self.norm.forward(&h)?; // [B, L, D]
+        finish(h, attn, |h| match &self.lm_head {
+            Some(head) => head.forward(h),         // [B, L | 1, V]
+            None => self.embed_tokens.as_linear(h), // [B, L | 1, V]
+        })
     }
 }
 

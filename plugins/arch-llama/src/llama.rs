@@ -6,8 +6,8 @@ use mlx_rs::Array;
 use rmlx_nn::decoder::{model_spec, AttentionSpec, Decoder, Dims};
 use rmlx_nn::{parse_config, Rope};
 use rmlx_plugin_api::{
-    author::{ModelImpl, Result, Weights},
-    Attention, ModelSpec, PluginError,
+    author::{Attend, ModelImpl, Result, Weights},
+    ModelSpec, PluginError,
 };
 use serde::Deserialize;
 
@@ -119,8 +119,8 @@ impl ModelImpl for Llama {
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
-    fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
-        self.decoder.forward(tokens, attn, last_only)
+    fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
+        self.decoder.forward(tokens, attn)
     }
 }
 

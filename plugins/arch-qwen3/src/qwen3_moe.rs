@@ -19,8 +19,8 @@ use rmlx_nn::decoder::{model_spec, AttentionSpec, Block, Decoder, Dims, FeedForw
 use rmlx_nn::moe::SparseMoe;
 use rmlx_nn::{parse_config, Rope};
 use rmlx_plugin_api::{
-    author::{ModelImpl, Result, Weights},
-    Attention, ModelSpec, PluginError,
+    author::{Attend, ModelImpl, Result, Weights},
+    ModelSpec, PluginError,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -236,8 +236,8 @@ impl ModelImpl for Qwen3Moe {
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
-    fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
-        self.decoder.forward(tokens, attn, last_only)
+    fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
+        self.decoder.forward(tokens, attn)
     }
 }
 

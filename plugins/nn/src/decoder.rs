@@ -13,11 +13,11 @@
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, F intermediate, V vocab.
-use crate::{last_position, merge_heads, relu2, rms_norm, split_heads, swiglu, Positions, Rope};
+use crate::{finish, merge_heads, merge_inputs, offer_hidden, relu2, rms_norm, split_heads, swiglu, Positions, Rope};
 use mlx_rs::Array;
 use rmlx_plugin_api::{
-    author::{EmbeddingLayer, LinearLayer, Result, Weights},
-    AttendOptions, Attention, ModelSpec,
+    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, Result, Weights},
+    ModelSpec,
 };
 
 // ---- attention ----
@@ -44,7 +44,9 @@ pub struct SelfAttention {
     k_norm: Option<Array>, // [hd]
     sub_norm: Option<Array>, // [H*hd]: RMSNorm before o_proj (BitNet's attn_sub_norm)
     spec: AttentionSpec,
-    opts: AttendOptions,
+    /// Softmax scale and window (0: full) of `AttendOpts`.
+    scale: f32,
+    window: u32,
 }
 
 impl SelfAttention {
@@ -57,7 +59,7 @@ impl SelfAttention {
             }
         };
         let (q_norm, k_norm) = (norm(w, "q_norm")?, norm(w, "k_norm")?);
-        let opts = AttendOptions { scale: (spec.head_dim as f32).powf(-0.5), window: spec.window };
+        let (scale, window) = ((spec.head_dim as f32).powf(-0.5), spec.window);
         Ok(Self {
             q_proj: w.linear(&format!("{p}.q_proj"))?,
             k_proj: w.linear(&format!("{p}.k_proj"))?,
@@ -67,7 +69,8 @@ impl SelfAttention {
             k_norm,
             sub_norm: None,
             spec,
-            opts,
+            scale,
+            window,
         })
     }
 
@@ -79,7 +82,7 @@ impl SelfAttention {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let s = &self.spec;
         let mut q = split_heads(&self.q_proj.forward(x)?, s.heads)?; // [B, H, L, hd]
         let mut k = split_heads(&self.k_proj.forward(x)?, s.kv_heads)?; // [B, K, L, hd]
@@ -91,7 +94,7 @@ impl SelfAttention {
         }
         let q = s.rope.apply_at(&q, pos)?;
         let k = s.rope.apply_at(&k, pos)?;
-        let o = attn.attend_arrays(layer, q, k, v, self.opts)?; // [B, H, L, hd]
+        let o = attn.attend(layer, q, k, v, &AttendOpts::plain(self.scale).window(self.window))?; // [B, H, L, hd]
         let mut o = merge_heads(&o)?; // [B, L, H*hd]
         if let Some(n) = &self.sub_norm {
             o = rms_norm(&o, n, s.eps)?;
@@ -213,7 +216,7 @@ impl Block {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut Attention) -> Result<Array> {
+    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
         let h = x.add(&r)?;
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
@@ -265,21 +268,19 @@ impl Decoder {
         Ok(Self { embed_tokens, layers, norm, lm_head, eps })
     }
 
-    /// tokens: [B, L] -> logits [B, L | 1, V]
-    pub fn forward(&self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
+    /// tokens: [B, L] -> logits [B, L | 1, V], or hidden states [B, L, D]
+    pub fn forward(&self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let pos = Positions::of(attn); // each row's first position
-        let mut h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
+        let mut h = merge_inputs(self.embed_tokens.lookup(tokens)?, attn)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h, i as u32, &pos, attn)?;
+            offer_hidden(attn, i as u32, &h)?;
         }
-        let mut h = rms_norm(&h, &self.norm, self.eps)?;
-        if last_only {
-            h = last_position(&h)?; // [B, 1, D]
-        }
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
+        let h = rms_norm(&h, &self.norm, self.eps)?;
+        finish(h, attn, |h| match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => self.embed_tokens.as_linear(h),
+        })
     }
 }
 

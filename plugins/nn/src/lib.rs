@@ -8,7 +8,10 @@ pub mod gemma;
 pub mod moe;
 
 use mlx_rs::{fast, nn, ops, Array};
-use rmlx_plugin_api::{author::Result, PluginError};
+use rmlx_plugin_api::{
+    author::{Attend, Output, Result},
+    PluginError,
+};
 use serde::de::DeserializeOwned;
 
 /// Parses config.json text into an architecture's config struct with a clear error.
@@ -99,8 +102,39 @@ pub enum Positions {
 }
 
 impl Positions {
-    pub fn of(attn: &rmlx_plugin_api::Attention) -> Self {
-        Positions::PerRow(attn.offsets_array())
+    pub fn of(attn: &dyn Attend) -> Self {
+        Positions::PerRow(attn.offsets())
+    }
+}
+
+/// `h` [B, L, D] with the host's input features (image or audio) where its
+/// mask is set (ABI 3.3 `input_embeddings`); `h` itself when there are none.
+pub fn merge_inputs(h: Array, attn: &dyn Attend) -> Result<Array> {
+    match attn.input_embeddings() {
+        None => Ok(h),
+        Some((features, mask)) => {
+            // features [B, L, D], mask bool [B, L] -> [B, L, 1]
+            let mask = mask.expand_dims(-1)?;
+            Ok(mlx_rs::ops::select(&mask, &features.as_dtype(h.dtype())?, &h)?)
+        }
+    }
+}
+
+/// Hands the host block `layer`'s output `h` [B, L, D] if it asked for it.
+pub fn offer_hidden(attn: &mut dyn Attend, layer: u32, h: &Array) -> Result<()> {
+    if attn.wants_hidden(layer) {
+        attn.put_hidden(layer, h)?;
+    }
+    Ok(())
+}
+
+/// The forward's output from the final normed hidden states `h` [B, L, D]:
+/// `h` itself, or `head` over the last or every position, as the host asked.
+pub fn finish(h: Array, attn: &dyn Attend, head: impl FnOnce(&Array) -> Result<Array>) -> Result<Array> {
+    match attn.output() {
+        Output::Hidden => Ok(h),                      // [B, L, D]
+        Output::AllLogits => head(&h),                // [B, L, V]
+        Output::LastLogits => head(&last_position(&h)?), // [B, 1, V]
     }
 }
 

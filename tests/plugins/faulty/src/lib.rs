@@ -9,10 +9,10 @@
 //! - `panic`: layer 1 panics (the plugin boundary turns it into an error).
 //! Shapes: B batch, L new tokens, D hidden, H heads, K kv heads, hd head dim.
 use mlx_rs::{ops::indexing::TryIndexOp, Array};
-use rmlx_nn::{last_position, merge_heads, parse_config, rms_norm, split_heads, swiglu, Positions, Rope};
+use rmlx_nn::{finish, merge_heads, parse_config, rms_norm, split_heads, swiglu, Positions, Rope};
 use rmlx_plugin_api::{
-    author::{EmbeddingLayer, LinearLayer, ModelImpl, PluginImpl, Result, Weights},
-    export_plugin, AttendOptions, Attention, Manifest, ModelSpec, PluginError,
+    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, PluginImpl, Result, Weights},
+    export_plugin, Manifest, ModelSpec, PluginError,
 };
 use serde::Deserialize;
 
@@ -98,13 +98,13 @@ impl PluginImpl for Plugin {
 
 impl Faulty {
     /// x: [B, L, D] -> [B, L, D]
-    fn block(&self, i: usize, x: &Array, pos: &Positions, attn: &mut Attention, fail: bool) -> Result<Array> {
+    fn block(&self, i: usize, x: &Array, pos: &Positions, attn: &mut dyn Attend, fail: bool) -> Result<Array> {
         let l = &self.layers[i];
         let h = rms_norm(x, &l.ln1, self.c.rms_norm_eps)?;
         let q = self.rope.apply_at(&split_heads(&l.q.forward(&h)?, self.c.num_attention_heads)?, pos)?; // [B, H, L, hd]
         let k = self.rope.apply_at(&split_heads(&l.k.forward(&h)?, self.c.num_key_value_heads)?, pos)?; // [B, K, L, hd]
         let v = split_heads(&l.v.forward(&h)?, self.c.num_key_value_heads)?; // [B, K, L, hd]
-        let opts = AttendOptions { scale: (self.c.head_dim as f32).powf(-0.5), window: 0 };
+        let opts = AttendOpts::plain((self.c.head_dim as f32).powf(-0.5));
         let (k, v) = match (fail, self.c.faulty_mode.as_str()) {
             (true, "panic") => panic!("faulty plugin: trigger token in the batch"),
             (true, "error") => return Err(PluginError::other("faulty plugin: trigger token in the batch")),
@@ -115,7 +115,7 @@ impl Faulty {
             }
             (false, _) => (k, v),
         };
-        let o = attn.attend_arrays(i as u32, q, k, v, opts)?; // [B, H, L, hd]
+        let o = attn.attend(i as u32, q, k, v, &opts)?; // [B, H, L, hd]
         let h = x.add(&l.o.forward(&merge_heads(&o)?)?)?;
         let m = rms_norm(&h, &l.ln2, self.c.rms_norm_eps)?;
         Ok(h.add(&l.down.forward(&swiglu(&l.gate.forward(&m)?, &l.up.forward(&m)?)?)?)?)
@@ -136,7 +136,7 @@ impl ModelImpl for Faulty {
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
-    fn forward(&mut self, tokens: &Array, attn: &mut Attention, last_only: bool) -> Result<Array> {
+    fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         // The test plugin reads its input (a sync the real ones never do).
         tokens.eval()?;
         let fail = tokens.as_dtype(mlx_rs::Dtype::Int32)?.as_slice::<i32>().contains(&(self.c.faulty_trigger as i32));
@@ -145,14 +145,11 @@ impl ModelImpl for Faulty {
         for i in 0..self.layers.len() {
             h = self.block(i, &h, &pos, attn, fail && i == 1)?;
         }
-        let mut h = rms_norm(&h, &self.norm, self.c.rms_norm_eps)?;
-        if last_only {
-            h = last_position(&h)?;
-        }
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed.as_linear(&h),
-        }
+        let h = rms_norm(&h, &self.norm, self.c.rms_norm_eps)?;
+        finish(h, attn, |h| match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => self.embed.as_linear(h),
+        })
     }
 }
 

@@ -6,8 +6,8 @@
 //! - anything else: zero logits.
 use mlx_rs::{ops, Array};
 use rmlx_plugin_api::{
-    author::{ModelImpl, PluginImpl, Result, Weights},
-    export_plugin, Attention, Manifest, ModelSpec, PluginError,
+    author::{Attend, ModelImpl, PluginImpl, Result, Weights},
+    export_plugin, Manifest, ModelSpec, PluginError,
 };
 
 struct Probe;
@@ -43,7 +43,7 @@ impl ModelImpl for ProbeModel {
             sliding_window: vec![0].into(),
         }
     }
-    fn forward(&mut self, _tokens: &Array, _attn: &mut Attention, _last: bool) -> Result<Array> {
+    fn forward(&mut self, _tokens: &Array, _attn: &mut dyn Attend) -> Result<Array> {
         let mut logits = vec![0f32; self.vocab as usize];
         match self.mode.as_str() {
             "memory_limit" => logits[0] = (mlx_rs::memory::memory_limit()? / 1_000_000) as f32,
