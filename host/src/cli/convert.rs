@@ -1,5 +1,6 @@
 //! `rmlx convert`: MLX or Hugging Face safetensors -> MLX with a quantization
-//! recipe, and GGUF -> MLX (`--from-gguf`, re-quantized when a recipe is given).
+//! recipe, GGUF -> MLX (`--from-gguf`, re-quantized when a recipe is given), and
+//! CTranslate2 Whisper -> mlx-whisper's layout (`--from-ct2`).
 use crate::config::Settings;
 use crate::convert::mlx::{convert_dir, MlxOptions};
 use anyhow::{bail, Context, Result};
@@ -16,6 +17,11 @@ pub struct Args {
     /// The source is a GGUF file (implied by a .gguf extension).
     #[arg(long)]
     from_gguf: bool,
+    /// The source is a CTranslate2 Whisper model directory (model.bin, config.json,
+    /// vocabulary); writes mlx-whisper's layout [implied by a directory with
+    /// model.bin and a vocabulary file].
+    #[arg(long, conflicts_with_all = ["from_gguf", "quant", "group_size", "layers"])]
+    from_ct2: bool,
     /// Target format of every Linear/Embedding: q2 q3 q4 q5 q6 q8 (affine), mxfp4,
     /// mxfp8, nvfp4, or bf16/f16/f32 (dequantize) [default: as in the source]
     #[arg(long, value_name = "MODE")]
@@ -37,6 +43,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _settings: &Settings) -> Result<()> {
+    let m = &args.model;
+    let ct2_dir = m.join("model.bin").is_file() && (m.join("vocabulary.txt").is_file() || m.join("vocabulary.json").is_file());
+    if args.from_ct2 || ct2_dir {
+        if args.quant.is_some() || args.group_size.is_some() || !args.layers.is_empty() {
+            bail!("--quant, --group-size and --layer do not apply to a CTranslate2 model (its weights are written as float)");
+        }
+        let o = crate::convert::ct2::Ct2Options { force: args.force };
+        let report = crate::convert::ct2::convert_ct2(&args.model, &args.output, &o)?;
+        eprintln!("{report}");
+        return Ok(());
+    }
     let gguf = args.from_gguf || args.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let opts = MlxOptions {
         quant: args.quant.clone(),

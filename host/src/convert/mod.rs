@@ -29,6 +29,7 @@
 // Public API for the CLI; not every helper is used by the binary.
 #![allow(dead_code)]
 
+pub mod ct2;
 pub mod gguf;
 pub mod llama;
 pub mod mlx;
