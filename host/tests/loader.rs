@@ -122,6 +122,9 @@ fn a_plugin_built_for_the_previous_minor_abi_loads_and_runs() {
     let logits = Session::new(&mut model).prefill(&[3, 4, 6]).unwrap();
     let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
     assert_eq!(best, 7);
+    // It returns logits only: hidden states need a plugin of ABI 3.3.
+    let err = rmlx::engine::encoder::encode(&mut model, &[vec![3, 4]], 0).unwrap_err().to_string();
+    assert!(err.contains("predates ABI 3.3"), "{err}");
 }
 
 #[test]
