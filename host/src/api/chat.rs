@@ -142,7 +142,7 @@ fn validate(req: &ChatCompletionRequest) -> Result<(), ApiError> {
 pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepared, ChatCompletionRequest), ApiError> {
     validate(&req)?;
     let stop = super::limits::stops(req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(), super::limits::MAX_STOP, "stop")?;
-    let entry = state.model(&req.model)?;
+    let entry = state.generator(&req.model)?;
     let messages = template_messages(&req.messages)?;
     let mode = match &req.tool_choice {
         Some(ToolChoice::Mode(m)) => Some(*m),

@@ -75,7 +75,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         return Err(ApiError::bad_request("max_tokens", "`max_tokens` must be at least 1"));
     }
     let stop = super::limits::stops(req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(), super::limits::MAX_STOP, "stop")?;
-    let entry = state.model(&req.model)?;
+    let entry = state.generator(&req.model)?;
     // Every field is checked before the prompt is tokenized.
     let sampling = g::sampling(
         state,

@@ -150,7 +150,7 @@ fn kwargs(thinking: &Option<ThinkingConfig>) -> serde_json::Map<String, Value> {
 }
 
 async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensResponse, ApiError> {
-    let entry = state.model(&req.model)?;
+    let entry = state.generator(&req.model)?;
     let messages = template_messages(&req.system, &req.messages)?;
     let tools = tools_json(&req.tools, &req.tool_choice);
     let kw = kwargs(&req.thinking);
@@ -185,7 +185,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     if req.max_tokens == 0 {
         return Err(ApiError::bad_request("max_tokens", "`max_tokens` must be at least 1"));
     }
-    let entry = state.model(&req.model)?;
+    let entry = state.generator(&req.model)?;
     let model_id = entry.id.clone();
     let messages = template_messages(&req.system, &req.messages)?;
     if req.messages.is_empty() {

@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod chat;
 pub mod constraint_adapter;
+pub mod embeddings;
 pub mod reasoning_adapter;
 pub mod completions;
 pub mod errors;
@@ -83,6 +84,20 @@ impl AppState {
         }
         self.catalog.get(id).ok_or_else(|| ApiError::model_not_found(id))
     }
+
+    /// [`AppState::model`] for the generation routes: an embedding model
+    /// (model/pooling.rs) is a 400 pointing at /v1/embeddings.
+    pub fn generator(&self, id: &str) -> Result<Arc<ModelEntry>, ApiError> {
+        let e = self.model(id)?;
+        if e.embedding.is_some() {
+            return Err(ApiError::bad_request(
+                "model",
+                format!("The model `{}` is an embedding model: it serves POST /v1/embeddings, not text generation", e.id),
+            )
+            .with_code("model_not_generative"));
+        }
+        Ok(e)
+    }
 }
 
 pub type State = Arc<AppState>;
@@ -92,12 +107,13 @@ pub const TITLE: &str = "rmlx";
 /// The poem-openapi service: every documented route.
 pub fn service(
     state: State,
-) -> OpenApiService<(chat::ChatApi, completions::CompletionsApi, models::ModelsApi, messages::MessagesApi, health::HealthApi), ()>
+) -> OpenApiService<(chat::ChatApi, completions::CompletionsApi, embeddings::EmbeddingsApi, models::ModelsApi, messages::MessagesApi, health::HealthApi), ()>
 {
     OpenApiService::new(
         (
             chat::ChatApi(state.clone()),
             completions::CompletionsApi(state.clone()),
+            embeddings::EmbeddingsApi(state.clone()),
             models::ModelsApi(state.clone()),
             messages::MessagesApi(state.clone()),
             health::HealthApi(state),
@@ -297,7 +313,7 @@ pub fn error_response(e: ApiError) -> Response {
 /// Groups of routes in the documentation.
 #[derive(poem_openapi::Tags)]
 pub enum Tag {
-    /// OpenAI-compatible: chat completions and completions.
+    /// OpenAI-compatible: chat completions, completions and embeddings.
     OpenAI,
     /// Anthropic-compatible: messages and token counting.
     Anthropic,

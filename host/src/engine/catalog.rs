@@ -1,7 +1,7 @@
 //! The model catalog: the models a server may serve, by id, each with its
 //! directory, its config facts and (loaded lazily, shared with the API side)
 //! its tokenizer and chat template.
-use crate::model::{text::TextSide, ModelDir};
+use crate::model::{pooling::EmbedSpec, text::TextSide, ModelDir};
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +18,9 @@ pub struct ModelEntry {
     pub vocab_size: Option<usize>,
     /// Seconds since the epoch of the config file (OpenAI's `created`).
     pub created: u64,
+    /// How it embeds, when it is an embedding model (model/pooling.rs):
+    /// such a model serves /v1/embeddings and no generation routes.
+    pub embedding: Option<EmbedSpec>,
     text: OnceLock<std::result::Result<Arc<TextSide>, String>>,
 }
 
@@ -40,6 +43,7 @@ impl ModelEntry {
         ])
         .map(|v| v as usize);
         let vocab_size = pick(&["vocab_size"]).map(|v| v as usize);
+        let embedding = EmbedSpec::detect(&dir.path, &dir.model_type, cfg)?;
         let created = std::fs::metadata(dir.file("config.json"))
             .and_then(|m| m.modified())
             .ok()
@@ -53,6 +57,7 @@ impl ModelEntry {
             context_length,
             vocab_size,
             created,
+            embedding,
             text: OnceLock::new(),
         })
     }

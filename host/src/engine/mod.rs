@@ -10,6 +10,7 @@ pub mod cache;
 pub mod catalog;
 pub mod compiled;
 pub mod decode;
+pub mod embed;
 pub mod encoder;
 pub mod generate;
 pub mod kv_budget;

@@ -56,6 +56,14 @@ enum Job {
         keep_alive: Option<KeepAlive>,
         reply: oneshot::Sender<Result<Vec<Option<TokenScore>>, WorkerError>>,
     },
+    /// Embeddings of token-id rows (`Worker::embed`).
+    Embed {
+        model: Arc<ModelEntry>,
+        rows: Vec<Vec<u32>>,
+        dims: Option<usize>,
+        keep_alive: Option<KeepAlive>,
+        reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
+    },
     /// Test hook: a panic where `EnginePanic` says.
     Panic(EnginePanic),
     Shutdown,
@@ -228,6 +236,23 @@ impl Worker {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Score { model, prompt, top_n, keep_alive, reply })
+            .map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)?
+    }
+
+    /// Embeds token-id rows with an embedding model (engine/embed.rs): one
+    /// vector per row, in order, `dims` long when given. Runs between
+    /// scheduler steps on the engine thread; loads the model if needed.
+    pub async fn embed(
+        &self,
+        model: Arc<ModelEntry>,
+        rows: Vec<Vec<u32>>,
+        dims: Option<usize>,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Vec<Vec<f32>>, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Embed { model, rows, dims, keep_alive, reply })
             .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     }

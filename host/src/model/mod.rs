@@ -4,6 +4,7 @@ pub mod files;
 pub mod generation_config;
 pub mod params;
 pub mod policy;
+pub mod pooling;
 pub mod quant;
 pub mod safetensors;
 pub mod text;

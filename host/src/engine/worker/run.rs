@@ -195,6 +195,9 @@ impl Engine {
             Job::Score { model, prompt, top_n, keep_alive, reply } => {
                 let _ = reply.send(self.score(&model, &prompt, top_n, keep_alive));
             }
+            Job::Embed { model, rows, dims, keep_alive, reply } => {
+                let _ = reply.send(self.embed(&model, &rows, dims, keep_alive));
+            }
             Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
             Job::Panic(EnginePanic::Step(id)) => self.sched.panic_next_step = Some(id),
             Job::Load {

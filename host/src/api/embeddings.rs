@@ -1,0 +1,152 @@
+//! POST /v1/embeddings (OpenAI): inputs are tokenized here (off the async
+//! threads), embedded on the engine thread (`Worker::embed`,
+//! engine/embed.rs) and returned as numbers or base64.
+use super::errors::{ApiError, OaiResult, OpenAIError};
+use super::generation as g;
+use super::types::embeddings::*;
+use super::types::ApiJson;
+use super::{State, Tag};
+use crate::engine::embed::{base64_f32, not_an_embedder, EmbedTokenizer};
+use crate::engine::worker::ModelEntry;
+use poem_openapi::{payload::Json, OpenApi};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub struct EmbeddingsApi(pub State);
+
+#[OpenApi]
+impl EmbeddingsApi {
+    /// Create embeddings
+    ///
+    /// OpenAI's embeddings for an embedding model (a BERT-family encoder, or
+    /// a decoder with sentence-transformers files such as Qwen3-Embedding).
+    /// `input` is a string, an array of strings, an array of token ids, or
+    /// an array of those (one embedding per input, in order; at most 2048).
+    /// Strings are tokenized with the model's special tokens and truncated
+    /// to its limit (sentence-transformers' `max_seq_length`, else its
+    /// positions); token ids are used exactly as given and must fit the
+    /// limit. Pooling and normalisation follow the model's
+    /// sentence-transformers files. `encoding_format: base64` returns each
+    /// vector's little-endian float32 bytes in base64.
+    #[oai(path = "/v1/embeddings", method = "post", operation_id = "createEmbedding", tag = "Tag::OpenAI")]
+    async fn create(&self, body: ApiJson<EmbeddingRequest>) -> OaiResult<Json<CreateEmbeddingResponse>> {
+        create(self.0.clone(), body.0).await.map(Json).map_err(OpenAIError::from)
+    }
+}
+
+/// The embedding tokenizer of each model (by id and directory), built once.
+fn tokenizer(entry: &Arc<ModelEntry>, limit: usize) -> Result<Arc<EmbedTokenizer>, ApiError> {
+    static CACHE: OnceLock<Mutex<HashMap<(String, std::path::PathBuf), Arc<EmbedTokenizer>>>> = OnceLock::new();
+    let key = (entry.id.clone(), entry.path.clone());
+    if let Some(t) = CACHE.get_or_init(Default::default).lock().unwrap().get(&key) {
+        return Ok(t.clone());
+    }
+    let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let tok = text.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::bad_request("input", format!("model `{}` has no tokenizer: give the input as token ids", entry.id))
+    })?;
+    let t = Arc::new(EmbedTokenizer::new(tok, limit).map_err(|e| ApiError::internal(format!("{e:#}")))?);
+    CACHE.get_or_init(Default::default).lock().unwrap().insert(key, t.clone());
+    Ok(t)
+}
+
+/// Token-id input `v` (input `i` of a list when `i` is Some), checked
+/// against the vocabulary and the token limit.
+fn token_ids(v: &[i64], i: Option<usize>, vocab: Option<usize>, limit: usize) -> Result<Vec<u32>, ApiError> {
+    let at = i.map(|i| format!(" (input {i})")).unwrap_or_default();
+    if v.is_empty() {
+        return Err(ApiError::bad_request("input", format!("`input` holds an empty token list{at}")));
+    }
+    if v.len() > limit {
+        return Err(ApiError::bad_request("input", format!("`input` holds {} tokens{at}; this model takes at most {limit}", v.len()))
+            .with_code("context_length_exceeded"));
+    }
+    v.iter()
+        .map(|&t| match u32::try_from(t) {
+            Ok(id) if vocab.is_none_or(|n| (id as usize) < n) => Ok(id),
+            _ => Err(ApiError::bad_request(
+                "input",
+                format!("`input` holds token id {t}{at}, outside this model's vocabulary of {}", vocab.unwrap_or(u32::MAX as usize)),
+            )),
+        })
+        .collect()
+}
+
+pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddingResponse, ApiError> {
+    let entry = state.model(&req.model)?;
+    let Some(spec) = entry.embedding.clone() else {
+        return Err(ApiError::bad_request("model", format!("{}", not_an_embedder(&entry.id))).with_code("model_not_embedding"));
+    };
+    let dims = match req.dimensions {
+        None => None,
+        Some(d) => match spec.truncate_dim {
+            Some(max) if (d as usize) <= max => Some(d as usize),
+            Some(max) => {
+                return Err(ApiError::bad_request("dimensions", format!("`dimensions` must be between 1 and {max} for model `{}`", entry.id)))
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "dimensions",
+                    format!(
+                        "model `{}` does not support `dimensions` (it declares no Matryoshka `truncate_dim` in config_sentence_transformers.json)",
+                        entry.id
+                    ),
+                ))
+            }
+        },
+    };
+    let keep_alive = g::keep_alive(&req.keep_alive)?;
+    let count = match &req.input {
+        EmbeddingInput::Texts(v) => v.len(),
+        EmbeddingInput::TokenLists(v) => v.len(),
+        _ => 1,
+    };
+    if count == 0 {
+        return Err(ApiError::bad_request("input", "`input` is empty"));
+    }
+    if count > MAX_INPUTS {
+        return Err(ApiError::bad_request("input", format!("`input` holds {count} inputs; at most {MAX_INPUTS} are allowed")));
+    }
+    let limit = spec.max_tokens;
+    let (vocab, e2) = (entry.vocab_size, entry.clone());
+    let input = req.input;
+    let rows: Vec<Vec<u32>> = g::blocking(move || {
+        let text = |s: &str, i: Option<usize>| -> Result<Vec<u32>, ApiError> {
+            if s.is_empty() {
+                let at = i.map(|i| format!(" (input {i})")).unwrap_or_default();
+                return Err(ApiError::bad_request("input", format!("`input` holds an empty string{at}")));
+            }
+            let ids = tokenizer(&e2, limit)?.encode(s).map_err(|e| ApiError::internal(format!("{e:#}")))?;
+            if ids.is_empty() {
+                return Err(ApiError::bad_request("input", "an input has no tokens"));
+            }
+            Ok(ids)
+        };
+        match &input {
+            EmbeddingInput::Text(s) => Ok(vec![text(s, None)?]),
+            EmbeddingInput::Texts(v) => v.iter().enumerate().map(|(i, s)| text(s, Some(i))).collect(),
+            EmbeddingInput::Tokens(v) => Ok(vec![token_ids(v, None, vocab, limit)?]),
+            EmbeddingInput::TokenLists(v) => v.iter().enumerate().map(|(i, t)| token_ids(t, Some(i), vocab, limit)).collect(),
+        }
+    })
+    .await?;
+    let tokens: usize = rows.iter().map(Vec::len).sum();
+    let vecs = state.worker.embed(entry.clone(), rows, dims, keep_alive).await.map_err(g::worker_error)?;
+    let base64 = req.encoding_format == Some(EncodingFormat::Base64);
+    let data = vecs
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| Embedding {
+            object: EmbeddingObject::Embedding,
+            index: i as u32,
+            embedding: if base64 { EmbeddingValue::Base64(base64_f32(&v)) } else { EmbeddingValue::Float(v) },
+        })
+        .collect();
+    let tokens = tokens.min(u32::MAX as usize) as u32;
+    Ok(CreateEmbeddingResponse {
+        object: ListObject::List,
+        data,
+        model: entry.id.clone(),
+        usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
+    })
+}
