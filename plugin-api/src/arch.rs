@@ -91,6 +91,34 @@ impl Attention {
     }
 }
 
+/// How one layer caches what it has seen (ABI 3.3, `Model::layers`).
+pub mod cache_kind {
+    /// K/V blocks for the whole context.
+    pub const FULL: u32 = 0;
+    /// K/V blocks for the last `window` tokens.
+    pub const WINDOW: u32 = 1;
+    /// Reads the K/V of the earlier layer `shared_with`; allocates nothing.
+    pub const SHARED: u32 = 2;
+    /// A fixed-size recurrent state per sequence (e.g. gated DeltaNet's conv
+    /// and SSM state), through `ForwardCtx::state` / `set_state`.
+    pub const STATE: u32 = 3;
+}
+
+/// One layer's cache (ABI 3.3). Heads and head size may differ per layer.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct LayerCache {
+    /// One of [`cache_kind`]'s constants.
+    pub kind: u32,
+    /// WINDOW: the window in tokens.
+    pub window: u32,
+    /// FULL / WINDOW: K/V heads and head size of this layer.
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    /// SHARED: the layer whose K/V this one reads.
+    pub shared_with: u32,
+}
+
 /// Attention options of one `ForwardCtx::attend` call (ABI 3.3). Passed by
 /// value, so it never grows: a later option comes with a new `attend`
 /// method appended to [`ForwardCtx`].
@@ -154,6 +182,12 @@ pub trait ForwardCtx {
     /// int32 [B]: each row's valid tokens (rows padded at the end); none
     /// when every row is whole.
     fn lengths(&self) -> ROption<MlxArray>;
+    /// A STATE layer's recurrent state for the batch's rows, each array
+    /// [B, ...] as the layer last `set_state` it; empty when the rows have
+    /// none yet (a new sequence: start from zeros).
+    fn state(&mut self, layer: u32) -> PResult<RVec<MlxArray>>;
+    /// The state of a STATE layer after this forward's tokens, each [B, ...].
+    fn set_state(&mut self, layer: u32, state: RVec<MlxArray>) -> PResult<()>;
 }
 
 pub type ForwardCtxMut<'a> = ForwardCtx_TO<'a, RMut<'a, ()>>;
@@ -171,6 +205,12 @@ pub trait Model: Send {
     fn forward_ctx(&mut self, tokens: MlxArray, ctx: ForwardCtxMut<'_>) -> PResult<MlxArray> {
         let _ = (tokens, ctx);
         RErr(crate::PluginError::unsupported(crate::arch::NO_FORWARD_CTX))
+    }
+    /// ABI 3.3: each layer's cache, when layers differ from what
+    /// [`ModelSpec`] says for all of them (windows aside); empty (the
+    /// default, and a pre-3.3 plugin's answer) means "as the spec says".
+    fn layers(&self) -> RVec<LayerCache> {
+        RVec::new()
     }
 }
 

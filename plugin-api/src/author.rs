@@ -5,7 +5,10 @@
 //! The adapters here turn those into `StableAbi` trait objects, catching every
 //! panic so none crosses the boundary.
 use crate::{
-    arch::{output, AttendOptions, AttendSpec, Attention, ForwardCtxMut, Model, ModelSpec, Model_TO, WeightSourceMut},
+    arch::{
+        output, AttendOptions, AttendSpec, Attention, ForwardCtxMut, LayerCache, Model, ModelSpec, Model_TO,
+        WeightSourceMut,
+    },
     error::ErrorKind,
     wquant::{
         Embedding, EmbeddingBox, Embedding_TO, Linear, LinearBox, Linear_TO, NamedArray, QuantParams, WeightQuant,
@@ -76,6 +79,11 @@ pub trait ModelImpl: Send + 'static {
     /// `tokens`: int32 [B, L] -> what `attn.output()` asks for: logits
     /// [B, 1 | L, vocab], or the final hidden states [B, L, hidden].
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array>;
+    /// Each layer's cache when layers differ beyond windows (state layers,
+    /// KV sharing, per-layer head sizes); empty: as `spec()` says.
+    fn layers(&self) -> Vec<LayerCache> {
+        Vec::new()
+    }
 }
 
 /// What one forward returns (the host's choice, [`Attend::output`]).
@@ -160,6 +168,17 @@ pub trait Attend {
     /// int32 [B]: valid tokens per row (padded at the end), when the host gives them.
     fn lengths(&self) -> Option<Array> {
         None
+    }
+    /// A STATE layer's recurrent state, each array [B, ...]; empty for new
+    /// sequences (start from zeros).
+    fn state(&mut self, layer: u32) -> Result<Vec<Array>> {
+        let _ = layer;
+        Err(PluginError::unsupported("this host keeps no recurrent state (it predates ABI 3.3)"))
+    }
+    /// The state of a STATE layer after this forward's tokens.
+    fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<()> {
+        let _ = (layer, state);
+        Err(PluginError::unsupported("this host keeps no recurrent state (it predates ABI 3.3)"))
     }
 }
 
@@ -250,6 +269,12 @@ impl Attend for CtxAttend<'_> {
             RSome(l) => Some(l.into_array()),
             RNone => None,
         }
+    }
+    fn state(&mut self, layer: u32) -> Result<Vec<Array>> {
+        into_result(self.ctx.state(layer)).map(|v| v.into_iter().map(MlxArray::into_array).collect())
+    }
+    fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<()> {
+        into_result(self.ctx.set_state(layer, state.into_iter().map(MlxArray::from_array).collect()))
     }
 }
 
@@ -402,6 +427,7 @@ impl EmbeddingLayer {
 struct ModelAdapter {
     inner: Box<dyn ModelImpl>,
     spec: ModelSpec,
+    layers: Vec<LayerCache>,
 }
 
 impl Model for ModelAdapter {
@@ -420,6 +446,9 @@ impl Model for ModelAdapter {
             let tokens = tokens.into_array();
             with_ctx(ctx, |a| self.inner.forward(&tokens, a)).map(MlxArray::from_array)
         })
+    }
+    fn layers(&self) -> RVec<LayerCache> {
+        self.layers.iter().cloned().collect()
     }
 }
 
@@ -511,8 +540,8 @@ pub extern "C" fn load_model_entry<P: PluginImpl>(
     guard(|| {
         let mut w = Weights::new(&mut weights);
         let inner = P::load_model(model_type.as_str(), config_json.as_str(), &mut w)?;
-        let spec = inner.spec();
-        Ok(Model_TO::from_value(ModelAdapter { inner, spec }, TD_Opaque))
+        let (spec, layers) = (inner.spec(), inner.layers());
+        Ok(Model_TO::from_value(ModelAdapter { inner, spec, layers }, TD_Opaque))
     })
 }
 

@@ -30,7 +30,7 @@ pub mod wquant;
 
 pub use abi_stable;
 pub use arch::{
-    output, AttendOptions, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
+    cache_kind, output, AttendOptions, LayerCache, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
     WeightSourceMut,
 };
 pub use array::MlxArray;
@@ -58,8 +58,10 @@ pub const ABI_VERSION: u32 = 3;
 ///      `switch_linear` (MoE expert layers) and `WeightSource::switch_linear`.
 /// 3.3: `Model::forward_ctx` with a host-lent `ForwardCtx`: attention options
 ///      (soft-cap, sinks, non-causal), logits of all/last positions or final
-///      hidden states, hidden states of named layers, input embeddings, and
-///      per-row lengths.
+///      hidden states, hidden states of named layers, input embeddings,
+///      per-row lengths, recurrent state (`state`/`set_state`); and
+///      `Model::layers`: per-layer cache kinds (full, window, shared, state)
+///      with per-layer heads and head size.
 pub const ABI_MINOR: u32 = 3;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.

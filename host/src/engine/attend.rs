@@ -24,6 +24,22 @@ pub trait KvStore {
     fn offsets(&self) -> Array;
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]
     fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: &AttendOpts<'_>) -> Result<Array, PluginError>;
+    /// A recurrent-state layer's state, each [B, ...]; empty for new rows.
+    fn state(&mut self, layer: u32) -> Result<Vec<Array>, PluginError> {
+        let _ = layer;
+        Err(no_state())
+    }
+    /// Keeps a recurrent-state layer's state after this forward.
+    fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<(), PluginError> {
+        let _ = (layer, state);
+        Err(no_state())
+    }
+}
+
+fn no_state() -> PluginError {
+    PluginError::unsupported(
+        "recurrent-state layers (gated DeltaNet) run in `rmlx generate`/`chat` only: the server's paged KV pool and the encoder keep no per-sequence state yet",
+    )
 }
 
 /// What the host asks of one forward besides its tokens.
@@ -142,6 +158,12 @@ impl<T: KvStore> ForwardCtx for Ctx<'_, T> {
             Some((f, m)) => RSome(Tuple2(MlxArray::from_ref(f), MlxArray::from_ref(m))),
             None => RNone,
         }
+    }
+    fn state(&mut self, layer: u32) -> PResult<RVec<MlxArray>> {
+        guard(|| Ok(self.store.state(layer)?.into_iter().map(MlxArray::from_array).collect()))
+    }
+    fn set_state(&mut self, layer: u32, state: RVec<MlxArray>) -> PResult<()> {
+        guard(|| self.store.set_state(layer, state.into_iter().map(MlxArray::into_array).collect()))
     }
     fn lengths(&self) -> ROption<MlxArray> {
         match &self.req.lengths {

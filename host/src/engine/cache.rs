@@ -26,6 +26,8 @@ pub struct KvCache {
     /// `base..base + capacity`; those below `offset` are filled. Updated in
     /// place by slice assignment.
     layers: Vec<Option<Slot>>,
+    /// Per layer: a recurrent-state layer's arrays [1, ...] (empty: none yet).
+    states: Vec<Vec<Array>>,
     offset: i32,
     /// Capacity grows in steps of this many tokens.
     step: i32,
@@ -46,6 +48,7 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            states: vec![Vec::new(); num_layers],
             offset: 0,
             step: STEP,
         }
@@ -117,6 +120,19 @@ impl super::attend::KvStore for KvCache {
         self.offset
     }
 
+    fn state(&mut self, layer: u32) -> Result<Vec<Array>, PluginError> {
+        self.states.get(layer as usize).cloned().ok_or_else(|| PluginError::other(format!("state layer {layer} out of range")))
+    }
+
+    fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<(), PluginError> {
+        if self.layers.get(layer as usize).is_some_and(Option::is_some) {
+            return Err(PluginError::other(format!("layer {layer} holds K/V; it cannot also keep recurrent state")));
+        }
+        let slot = self.states.get_mut(layer as usize).ok_or_else(|| PluginError::other(format!("state layer {layer} out of range")))?;
+        *slot = state;
+        Ok(())
+    }
+
     fn offsets(&self) -> Array {
         Array::from_slice(&[self.offset], &[1])
     }
@@ -131,6 +147,9 @@ impl super::attend::KvStore for KvCache {
         opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
         super::attend::refuse_bidirectional(opts)?;
+        if !self.states.get(layer as usize).is_none_or(Vec::is_empty) {
+            return Err(PluginError::other(format!("layer {layer} keeps recurrent state; it has no KV to attend over")));
+        }
         let slot = self
             .layers
             .get_mut(layer as usize)

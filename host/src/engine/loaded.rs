@@ -5,7 +5,7 @@ use super::attend::{ForwardOut, ForwardRequest, KvStore};
 use mlx_rs::Array;
 use crate::plugins::Registry;
 use anyhow::{Context, Result};
-use rmlx_plugin_api::{ModelBox, ModelSpec};
+use rmlx_plugin_api::{cache_kind, LayerCache, ModelBox, ModelSpec};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -22,6 +22,9 @@ pub struct LoadedModel {
     pub kv_bytes: u64,
     /// The KV-cache families of its keys and values (`kv_family::resolve`).
     pub kv: (KvSide, KvSide),
+    /// Per layer, how it caches (ABI 3.3 `Model::layers`); empty: every
+    /// layer as `spec` says.
+    pub cache_layers: Vec<LayerCache>,
 }
 
 impl LoadedModel {
@@ -41,6 +44,19 @@ impl LoadedModel {
     pub fn kv_is_dense_default(&self) -> bool {
         let dense = super::kv_family::dense_family(self.kv.0.dims.dtype);
         self.kv.0.family == dense && self.kv.1.family == dense
+    }
+
+    /// Why the server's paged pool cannot serve this model's layers yet
+    /// (recurrent state, shared K/V, per-layer head sizes), if it cannot.
+    pub fn paged_refusal(&self) -> Option<String> {
+        let (kh, hd) = (self.spec.num_kv_heads, self.spec.head_dim);
+        let odd = self.cache_layers.iter().enumerate().find(|(_, l)| {
+            !matches!(l.kind, cache_kind::FULL | cache_kind::WINDOW) || l.kv_heads != kh || l.head_dim != hd
+        })?;
+        Some(format!(
+            "layer {} of {} caches as kind {} with {}x{} K/V: the server's paged KV pool serves uniform attention layers only so far; `rmlx generate` and `rmlx chat` run this model",
+            odd.0, self.dir.model_type, odd.1.kind, odd.1.kv_heads, odd.1.head_dim
+        ))
     }
 
     pub fn load(path: &Path, registry: &Registry) -> Result<Self> {
@@ -70,6 +86,10 @@ impl LoadedModel {
             .load_model(&dir.model_type, &dir.config_text, weights.as_source())
             .with_context(|| format!("loading {}", dir.path.display()))?;
         let spec = model.spec();
+        let cache_layers: Vec<LayerCache> = model.layers().into_iter().collect();
+        if !cache_layers.is_empty() && cache_layers.len() != spec.num_layers as usize {
+            anyhow::bail!("{} declares {} layer caches for {} layers", dir.model_type, cache_layers.len(), spec.num_layers);
+        }
         let unused = weights.unused();
         if !unused.is_empty() {
             tracing::warn!("{} tensors unused by {}: {:?}", unused.len(), dir.model_type, &unused[..unused.len().min(8)]);
@@ -79,6 +99,6 @@ impl LoadedModel {
         let choice = super::kv_family::default_choice();
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice)
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers })
     }
 }

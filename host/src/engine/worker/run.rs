@@ -281,6 +281,10 @@ impl Engine {
                     continue;
                 }
             };
+            if let Some(why) = self.models[i].model.paged_refusal() {
+                self.end((s, Err(WorkerError::BadRequest(why))));
+                continue;
+            }
             // The lane: the request's KV families, else the model's own.
             let kv = match self.lane_kv(i, s.params.kv.as_ref()) {
                 Ok(kv) => kv,
