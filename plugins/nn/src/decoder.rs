@@ -14,6 +14,7 @@
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, F intermediate, V vocab.
 use crate::{finish, merge_heads, merge_inputs, offer_hidden, relu2, rms_norm, split_heads, swiglu, Positions, Rope};
+use crate::moe::swiglu_oai;
 use mlx_rs::Array;
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, Result, Weights},
@@ -43,6 +44,7 @@ pub struct SelfAttention {
     q_norm: Option<Array>, // [hd]
     k_norm: Option<Array>, // [hd]
     sub_norm: Option<Array>, // [H*hd]: RMSNorm before o_proj (BitNet's attn_sub_norm)
+    sinks: Option<Array>,    // [H]: per-head attention-sink logits (gpt-oss)
     spec: AttentionSpec,
     /// Softmax scale and window (0: full) of `AttendOpts`.
     scale: f32,
@@ -68,6 +70,7 @@ impl SelfAttention {
             q_norm,
             k_norm,
             sub_norm: None,
+            sinks: None,
             spec,
             scale,
             window,
@@ -78,6 +81,13 @@ impl SelfAttention {
     /// before `o_proj`, as BitNet's `attn_sub_norm`.
     pub fn with_sub_norm(mut self, norm: Array) -> Self {
         self.sub_norm = Some(norm);
+        self
+    }
+
+    /// Learned per-head sink logits `sinks` [H] (gpt-oss): one more column
+    /// in each head's softmax that takes probability mass and adds no value.
+    pub fn with_sinks(mut self, sinks: Array) -> Self {
+        self.sinks = Some(sinks);
         self
     }
 
@@ -94,7 +104,8 @@ impl SelfAttention {
         }
         let q = s.rope.apply_at(&q, pos)?;
         let k = s.rope.apply_at(&k, pos)?;
-        let o = attn.attend(layer, q, k, v, &AttendOpts::plain(self.scale).window(self.window))?; // [B, H, L, hd]
+        let opts = AttendOpts::plain(self.scale).window(self.window).sinks(self.sinks.as_ref());
+        let o = attn.attend(layer, q, k, v, &opts)?; // [B, H, L, hd]
         let mut o = merge_heads(&o)?; // [B, L, H*hd]
         if let Some(n) = &self.sub_norm {
             o = rms_norm(&o, n, s.eps)?;
@@ -112,6 +123,20 @@ pub enum GateAct {
     Silu,
     /// max(x, 0)²: mlx.nn.relu2 (BitNet).
     Relu2,
+    /// gpt-oss's clamped SwiGLU, mlx-lm's `swiglu_oai` (alpha 1.702, limit 7):
+    /// (clip(up, ±7) + 1) * g * sigmoid(1.702 g), g = min(gate, 7).
+    SwigluOai,
+}
+
+impl GateAct {
+    /// act(gate) * up, or gpt-oss's variant of it.
+    pub fn apply(self, gate: &Array, up: &Array) -> Result<Array> {
+        match self {
+            GateAct::Silu => swiglu(gate, up),
+            GateAct::Relu2 => Ok(relu2(gate)?.multiply(up)?),
+            GateAct::SwigluOai => swiglu_oai(gate, up),
+        }
+    }
 }
 
 /// Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU unless told
@@ -149,10 +174,7 @@ impl Mlp {
     /// x: [B, L, D] -> [B, L, D]
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?); // [B, L, F]
-        let mut h = match self.act {
-            GateAct::Silu => swiglu(&gate, &up)?,
-            GateAct::Relu2 => relu2(&gate)?.multiply(&up)?,
-        };
+        let mut h = self.act.apply(&gate, &up)?;
         if let Some((n, eps)) = &self.sub_norm {
             h = rms_norm(&h, n, *eps)?;
         }

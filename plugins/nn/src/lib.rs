@@ -6,6 +6,7 @@
 pub mod decoder;
 pub mod gemma;
 pub mod moe;
+pub mod yarn;
 
 use mlx_rs::{fast, nn, ops, Array};
 use rmlx_plugin_api::{
@@ -42,12 +43,14 @@ pub struct Rope {
     base: Option<f32>,
     scale: f32,
     freqs: Option<Array>,
+    /// YaRN's attention factor: x[..., :dims] is multiplied by it first (1: none).
+    mscale: f32,
 }
 
 impl Rope {
     /// `scaling`: config.json's `rope_scaling` (null for none).
     pub fn new(dims: i32, base: f32, traditional: bool, scaling: Option<&serde_json::Value>) -> Result<Self> {
-        let plain = |scale| Rope { dims, traditional, base: Some(base), scale, freqs: None };
+        let plain = |scale| Rope { dims, traditional, base: Some(base), scale, freqs: None, mscale: 1.0 };
         let Some(cfg) = scaling.filter(|v| !v.is_null()) else {
             return Ok(plain(1.0));
         };
@@ -70,15 +73,49 @@ impl Rope {
                 let old_ctx = get("original_max_position_embeddings").unwrap_or(8192.0);
                 let freqs = llama3_freqs(dims, base as f64, factor, low, high, old_ctx);
                 let freqs = Array::from_slice(&freqs, &[freqs.len() as i32]);
-                Ok(Rope { dims, traditional, base: None, scale: 1.0, freqs: Some(freqs) })
+                Ok(Rope { dims, traditional, base: None, scale: 1.0, freqs: Some(freqs), mscale: 1.0 })
             }
             other => Err(PluginError::config(format!("unsupported rope_scaling type `{other}`"))),
         }
     }
 
+    /// As `new`, also building mlx-lm's `YarnRoPE` for the `yarn` types
+    /// (`yarn`, `deepseek_yarn`, `telechat3-yarn`: `factor`, and optionally
+    /// `original_max_position_embeddings`, `beta_fast`, `beta_slow`,
+    /// `mscale`, `mscale_all_dim`, with mlx-lm's defaults). Architectures
+    /// whose mlx-lm file reaches YaRN through `initialize_rope` call this
+    /// (`new` still refuses yarn for those whose tests say so).
+    pub fn with_yarn(dims: i32, base: f32, traditional: bool, scaling: Option<&serde_json::Value>) -> Result<Self> {
+        let Some(cfg) = scaling.filter(|v| !v.is_null()) else {
+            return Self::new(dims, base, traditional, scaling);
+        };
+        let kind = cfg.get("type").or_else(|| cfg.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
+        if !matches!(kind, "yarn" | "deepseek_yarn" | "telechat3-yarn") {
+            return Self::new(dims, base, traditional, scaling);
+        }
+        let y = yarn::Yarn::from_config(cfg)?;
+        let (freqs, mscale) = y.freqs(dims, base as f64);
+        let freqs = Array::from_slice(&freqs, &[freqs.len() as i32]);
+        Ok(Rope { dims, traditional, base: None, scale: 1.0, freqs: Some(freqs), mscale })
+    }
+
+    /// x[..., :dims] times YaRN's mscale (x itself when it is 1).
+    fn pre_scale(&self, x: &Array) -> Result<Array> {
+        if self.mscale == 1.0 {
+            return Ok(x.clone());
+        }
+        let m = Array::from_f32(self.mscale).as_dtype(x.dtype())?;
+        if x.dim(-1) == self.dims {
+            return Ok(x.multiply(&m)?);
+        }
+        let parts = x.split_at_indices(&[self.dims], -1)?; // [.., dims], [.., rest]
+        Ok(ops::concatenate(&[parts[0].multiply(&m)?, parts[1].clone()], -1)?)
+    }
+
     /// x: [B, heads, L, head_dim], positions offset.. offset+L.
     pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
-        Ok(fast::rope(x, self.dims, self.traditional, self.base, self.scale, offset, self.freqs.as_ref())?)
+        let x = self.pre_scale(x)?;
+        Ok(fast::rope(&x, self.dims, self.traditional, self.base, self.scale, offset, self.freqs.as_ref())?)
     }
 
     /// x: [B, heads, L, head_dim], row b at positions pos[b].. pos[b]+L.
@@ -86,7 +123,8 @@ impl Rope {
         match pos {
             Positions::Scalar(o) => self.apply(x, *o),
             Positions::PerRow(offsets) => {
-                Ok(fast::rope_dynamic(x, self.dims, self.traditional, self.base, self.scale, offsets, self.freqs.as_ref())?)
+                let x = self.pre_scale(x)?;
+                Ok(fast::rope_dynamic(&x, self.dims, self.traditional, self.base, self.scale, offsets, self.freqs.as_ref())?)
             }
         }
     }

@@ -10,8 +10,7 @@
 //! Shapes: B batch, L new tokens, N = B*L tokens, D hidden, F expert
 //! intermediate, E experts, k experts per token.
 use crate::decoder::{FeedForward, GateAct};
-use crate::{relu2, swiglu};
-use mlx_rs::{ops, Array};
+use mlx_rs::{nn, ops, Array};
 use rmlx_plugin_api::{
     author::{LinearLayer, Result, SwitchLayer, Weights},
     PluginError,
@@ -21,6 +20,22 @@ use rmlx_plugin_api::{
 /// (token, expert) pairs (`indices.size >= 64`), so that each expert's
 /// weights are read once.
 pub const SORT_THRESHOLD: usize = 64;
+
+// ---- activation ----
+
+/// mlx-lm's `swiglu_oai` (activations.py), gpt-oss's experts' gate with
+/// `SwigluOAI()`'s alpha 1.702 and limit 7: the gate clipped from above, the
+/// linear part clipped both ways and shifted by one. gate, up: [..., F].
+pub fn swiglu_oai(gate: &Array, up: &Array) -> Result<Array> {
+    const ALPHA: f32 = 1.702;
+    const LIMIT: f32 = 7.0;
+    // Python scalars are weakly typed in MLX: they take the array's dtype.
+    let s = |v: f32, like: &Array| Array::from_f32(v).as_dtype(like.dtype());
+    let g = ops::minimum(gate, s(LIMIT, gate)?)?;
+    let x = ops::clip(up, (s(-LIMIT, up)?, s(LIMIT, up)?))?;
+    let glu = g.multiply(nn::sigmoid(g.multiply(s(ALPHA, &g)?)?)?)?;
+    Ok(x.add(s(1.0, &x)?)?.multiply(&glu)?)
+}
 
 // ---- routing ----
 
@@ -39,6 +54,18 @@ pub fn softmax_top_k(logits: &Array, k: i32, norm_topk_prob: bool) -> Result<(Ar
         scores = scores.divide(scores.sum_axis(-1, true)?)?;
     }
     Ok((inds, scores))
+}
+
+/// Top-k of the router's logits, then a softmax over the k (gpt-oss's
+/// `mlx_topk` + softmax; mixtral routes the same way): logits [..., E] ->
+/// (indices uint32 [..., k], scores [..., k] summing to 1). The softmax is
+/// `precise`; the k are kept in `argpartition`'s order, as mlx-lm keeps them.
+pub fn top_k_softmax(logits: &Array, k: i32) -> Result<(Array, Array)> {
+    let e = logits.dim(-1);
+    let part = ops::argpartition_axis(logits, -k, -1)?; // [..., E]
+    let inds = part.split_at_indices(&[e - k], -1)?.pop().expect("two parts"); // [..., k]
+    let top = logits.take_along_axis(&inds, -1)?; // [..., k]
+    Ok((inds, ops::softmax_axis(&top, -1, true)?))
 }
 
 /// The routed experts' outputs weighted by their scores:
@@ -119,10 +146,7 @@ impl SwitchGlu {
         };
         let up = self.up_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
         let gate = self.gate_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
-        let h = match self.act {
-            GateAct::Silu => swiglu(&gate, &up)?,
-            GateAct::Relu2 => relu2(&gate)?.multiply(&up)?,
-        };
+        let h = self.act.apply(&gate, &up)?;
         let mut y = self.down_proj.forward(&h, &idx, sorted)?; // [..., k, 1, D] | [N*k, 1, D]
         if let Some(inv) = inv_order {
             y = scatter_unsort(&y, &inv, indices.shape())?; // [..., k, 1, D]
@@ -184,6 +208,7 @@ impl FeedForward for SparseMoe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::swiglu;
     use mlx_rs::random;
     use rmlx_plugin_api::author::{switch_box, SwitchLinearImpl};
 
@@ -235,6 +260,19 @@ mod tests {
             assert!(max_diff(&s, &ops::ones_like(&s).unwrap()) < 1e-6);
             let out = combine(&y, &scores).unwrap();
             assert_eq!(out.shape(), [2, l, d]);
+        }
+    }
+
+    /// Values from mlx-lm 0.32.2's `swiglu_oai(gate, x)` (dev venv): both
+    /// clips (gate above 7, up beyond ±7) and the +1.
+    #[test]
+    fn swiglu_oai_matches_mlx_lm() {
+        let g = Array::from_slice(&[-9.0f32, -1.5, 0.0, 0.3, 2.0, 6.9, 7.5, 12.0], &[8]);
+        let x = Array::from_slice(&[-8.0f32, -2.0, 0.5, 1.0, -0.7, 3.0, 7.2, -7.5], &[8]);
+        let want = [1.2019080e-05f32, 0.10833780, 0.0, 0.37496829, 0.58069760, 27.599781, 55.999626, -41.999718];
+        let got = swiglu_oai(&g, &x).unwrap();
+        for (a, b) in got.as_slice::<f32>().iter().zip(want) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
 
