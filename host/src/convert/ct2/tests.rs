@@ -158,6 +158,12 @@ fn read_out(dir: &Path) -> (HashMap<String, (Vec<usize>, Vec<f32>)>, safetensors
     let mut out = HashMap::new();
     let mut dtype = None;
     for (name, t) in st.tensors() {
+        if name == "alignment_heads" {
+            assert_eq!(t.dtype(), safetensors::Dtype::I64);
+            let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect();
+            out.insert(name, (t.shape().to_vec(), v));
+            continue;
+        }
         dtype = Some(t.dtype());
         let v: Vec<f32> = match t.dtype() {
             safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -294,7 +300,9 @@ fn every_variable_round_trips_for_f32_f16_and_int8() {
         assert!(!out.contains_key("decoder.blocks.0.cross_attn.key.bias"));
         assert_eq!(out["decoder.positional_embedding"].0, [TCTX, T]);
         // conv 4, 2 encoder blocks of 15, ln_post 2, embeddings 2, 1 decoder block of 24, ln 2
-        assert_eq!(out.len(), 4 + 2 * 15 + 2 + 2 + 24 + 2, "tensor count");
+        // and alignment_heads from config.json
+        assert_eq!(out.len(), 4 + 2 * 15 + 2 + 2 + 24 + 2 + 1, "tensor count");
+        assert_eq!(out["alignment_heads"], (vec![1, 2], vec![0.0, 1.0]));
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
         let want_cfg = serde_json::json!({"model_type": "whisper", "n_mels": MELS, "n_audio_ctx": ACTX, "n_audio_state": A,
             "n_audio_head": 2, "n_audio_layer": 2, "n_vocab": vocab.len(), "n_text_ctx": TCTX, "n_text_state": T,

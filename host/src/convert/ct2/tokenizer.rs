@@ -10,7 +10,8 @@
 //! bytes with only the ranks below its own; the two parts left are the
 //! merge. Tokens from `<|endoftext|>` on (`<|startoftranscript|>`, the
 //! languages, the tasks, `<|notimestamps|>`, the timestamps `<|0.00|>`..)
-//! are added tokens, all special.
+//! are added tokens, all special (`<|endoftext|>` is also in the BPE
+//! vocabulary, as in Hugging Face's Whisper files).
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
@@ -83,22 +84,21 @@ pub fn build(tokens: &[String]) -> Result<BuiltTokenizer> {
     }
     let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(regular);
     for (i, t) in tokens[..regular].iter().enumerate() {
+        // (Whisper's multilingual vocabulary has one empty token, 50256: kept, never produced.)
         let b = token_bytes(t, &inv).ok_or_else(|| anyhow!("token {i} {t:?} is not in GPT-2's byte-level alphabet"))?;
-        if b.is_empty() {
-            bail!("token {i} is empty");
-        }
         bytes.push(b);
     }
     if let Some(i) = (0..256).find(|&i| bytes[i].len() != 1) {
         bail!("token {i} {:?} should be a single byte", tokens[i]);
     }
-    let ranks: HashMap<&[u8], usize> = bytes.iter().enumerate().map(|(i, b)| (b.as_slice(), i)).collect();
-    if ranks.len() != regular {
+    let ranks: HashMap<&[u8], usize> =
+        bytes.iter().enumerate().filter(|(_, b)| !b.is_empty()).map(|(i, b)| (b.as_slice(), i)).collect();
+    if ranks.len() != bytes.iter().filter(|b| !b.is_empty()).count() {
         bail!("the vocabulary has duplicate tokens");
     }
     let mut merges = Vec::with_capacity(regular - 256);
     let mut unreachable = 0usize;
-    for (r, b) in bytes.iter().enumerate().skip(256) {
+    for (r, b) in bytes.iter().enumerate().skip(256).filter(|(_, b)| !b.is_empty()) {
         match last_merge(b, &ranks, r) {
             Some((x, y)) => {
                 let s = |p: &[u8]| p.iter().map(|&c| chars[c as usize]).collect::<String>();
@@ -111,7 +111,8 @@ pub fn build(tokens: &[String]) -> Result<BuiltTokenizer> {
     if unreachable > 0 {
         warnings.push(format!("{unreachable} vocabulary tokens have no merge that forms them (kept, never produced)"));
     }
-    let vocab: Map<String, Value> = tokens[..regular].iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // The BPE vocabulary also holds <|endoftext|>, as Hugging Face's Whisper tokenizers do.
+    let vocab: Map<String, Value> = tokens[..=regular].iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let added: Vec<Value> = tokens
         .iter()
         .enumerate()
@@ -159,4 +160,39 @@ pub fn build(tokens: &[String]) -> Result<BuiltTokenizer> {
     // The file must load.
     tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("the built tokenizer.json does not load: {e}"))?;
     Ok(BuiltTokenizer { json, regular, merges: n_merges, warnings })
+}
+
+/// The merges of a BPE tokenizer.json, as "a b" strings.
+fn merges_of(tokenizer_json: &str) -> Option<Vec<String>> {
+    let v: Value = serde_json::from_str(tokenizer_json).ok()?;
+    v["model"]["merges"]
+        .as_array()?
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(a) => Some(format!("{} {}", a.first()?.as_str()?, a.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A warning when a package's own tokenizer.json lacks merges that its
+/// vocabulary's ranks imply. Hugging Face's multilingual Whisper files lack
+/// the first, `Ġ t` (merges.txt's first line was read as a header), so they
+/// encode " t" as two tokens where Whisper's tiktoken has one; faster-whisper
+/// uses that file, so it is kept as is.
+pub fn missing_merges(own_json: &str, built_json: &str) -> Option<String> {
+    let (own, built) = (merges_of(own_json)?, merges_of(built_json)?);
+    let have: std::collections::HashSet<&String> = own.iter().collect();
+    let missing: Vec<&String> = built.iter().filter(|m| !have.contains(m)).collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = missing.iter().take(3).map(|m| format!("{m:?}")).collect();
+    Some(format!(
+        "the package's tokenizer.json lacks {} merge(s) that the vocabulary's ranks imply ({}): it encodes some text \
+         differently from Whisper's own tokenizer (tiktoken); copied as is, as faster-whisper uses it",
+        missing.len(),
+        shown.join(", ")
+    ))
 }

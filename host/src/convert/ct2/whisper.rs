@@ -6,7 +6,9 @@
 //!   `n_audio_head`, `n_audio_layer`, `n_vocab`, `n_text_ctx`,
 //!   `n_text_state`, `n_text_head`, `n_text_layer`) and nothing else
 //!   (mlx-whisper passes every other key to `ModelDimensions`);
-//! * `weights.safetensors` with mlx-whisper's parameter names (below);
+//! * `weights.safetensors` with mlx-whisper's parameter names (below), and
+//!   `alignment_heads` ([N, 2] int64, from the CT2 config; mlx-whisper's
+//!   converter saves it too, and `load_model` sets it);
 //! * `generation_config.json` (Hugging Face's Whisper keys: special token
 //!   ids, `suppress_tokens`, `begin_suppress_tokens`, `alignment_heads`,
 //!   `lang_to_id`, `task_to_id`), from the CT2 `config.json` and vocabulary;
@@ -121,6 +123,7 @@ impl fmt::Display for Ct2Report {
 /// A tensor ready to write: values already in the output type's bytes.
 struct OutTensor {
     shape: Vec<usize>,
+    dtype: Dtype,
     data: Vec<u8>,
 }
 
@@ -154,7 +157,7 @@ impl Mapper<'_> {
 
     fn put(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
         debug_assert_eq!(shape.iter().product::<usize>(), v.len());
-        self.out.insert(name, OutTensor { shape, data: encode(v, self.dtype) });
+        self.out.insert(name, OutTensor { shape, dtype: self.dtype, data: encode(v, self.dtype) });
     }
 
     fn copy(&mut self, src: &str, dst: &str, want: &[usize]) -> Result<()> {
@@ -294,6 +297,32 @@ pub fn dims(m: &Ct2Model) -> Result<Dims> {
         bail!("no encoder or decoder layers (encoder/layer_N, decoder/layer_N)");
     }
     Ok(d)
+}
+
+/// mlx-whisper's `alignment_heads` ([N, 2] int64 (layer, head) pairs, a
+/// model attribute its converter saves with the weights): the CT2 config's
+/// list, or mlx-whisper's default (every head of the last half of the layers).
+fn alignment_heads(cfg: &Value, d: &Dims, warnings: &mut Vec<String>) -> Vec<[i64; 2]> {
+    let default = || -> Vec<[i64; 2]> {
+        (d.n_text_layer / 2..d.n_text_layer).flat_map(|l| (0..d.n_text_head).map(move |h| [l as i64, h as i64])).collect()
+    };
+    let Some(list) = cfg.get("alignment_heads").and_then(Value::as_array) else {
+        return default();
+    };
+    let pairs: Option<Vec<[i64; 2]>> = list
+        .iter()
+        .map(|p| {
+            let (l, h) = (p.get(0)?.as_i64()?, p.get(1)?.as_i64()?);
+            ((0..d.n_text_layer as i64).contains(&l) && (0..d.n_text_head as i64).contains(&h)).then_some([l, h])
+        })
+        .collect();
+    match pairs {
+        Some(p) if !p.is_empty() => p,
+        _ => {
+            warnings.push("config.json's alignment_heads are not (layer, head) pairs of this model: mlx-whisper's default used".into());
+            default()
+        }
+    }
 }
 
 /// Checks the scalar options of the spec that mlx-whisper's model fixes.
@@ -451,7 +480,7 @@ pub fn convert_ct2(src: &Path, dst: &Path, opts: &Ct2Options) -> Result<Ct2Repor
         bail!("variables with no place in mlx-whisper's model: {unused:?}");
     }
     warnings.append(&mut mp.warnings);
-    let tensors = std::mem::take(&mut mp.out);
+    let mut tensors = std::mem::take(&mut mp.out);
     let parameters: u64 = tensors.values().map(|t| t.shape.iter().product::<usize>() as u64).sum();
 
     // ---- side files ----
@@ -466,11 +495,23 @@ pub fn convert_ct2(src: &Path, dst: &Path, opts: &Ct2Options) -> Result<Ct2Repor
         warnings.push("no config.json: suppress_tokens, lang_ids and alignment_heads are empty".into());
         json!({})
     };
+    let heads = alignment_heads(&ct2_cfg, &d, &mut warnings);
+    tensors.insert(
+        "alignment_heads".into(),
+        OutTensor { shape: vec![heads.len(), 2], dtype: Dtype::I64, data: heads.iter().flatten().flat_map(|x| x.to_le_bytes()).collect() },
+    );
     let own_tok = src.join("tokenizer.json");
+    let built = super::tokenizer::build(&vocab);
     let (tokenizer_json, tokenizer) = if own_tok.is_file() {
-        (fs::read_to_string(&own_tok).with_context(|| format!("reading {}", own_tok.display()))?, "copied".to_string())
+        let own = fs::read_to_string(&own_tok).with_context(|| format!("reading {}", own_tok.display()))?;
+        if let Ok(b) = &built {
+            if let Some(w) = super::tokenizer::missing_merges(&own, &b.json) {
+                warnings.push(w);
+            }
+        }
+        (own, "copied".to_string())
     } else {
-        let b = super::tokenizer::build(&vocab)?;
+        let b = built?;
         warnings.extend(b.warnings);
         (b.json, "built from the vocabulary".to_string())
     };
@@ -497,7 +538,7 @@ pub fn convert_ct2(src: &Path, dst: &Path, opts: &Ct2Options) -> Result<Ct2Repor
     files.push("tokenizer.json".into());
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), TensorView::new(dtype, t.shape.clone(), &t.data).map_err(|e| anyhow!("{k}: {e}"))?)))
+        .map(|(k, t)| Ok((k.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).map_err(|e| anyhow!("{k}: {e}"))?)))
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &tmp.join("weights.safetensors"))
