@@ -364,7 +364,7 @@ def main():
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
     # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
-    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai", "qwen3_moe", "gpt_oss"]
+    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai", "qwen3_moe", "gpt_oss", "qwen3_next"]
     for arch in only:
         if arch in ("bitnet", "bonsai"):  # lowbit_goldens.py: BitNet, Ternary Bonsai
             import lowbit_goldens
@@ -380,6 +380,11 @@ def main():
             import gpt_oss_goldens
 
             names += gpt_oss_goldens.make(arch)
+            continue
+        if arch.startswith("qwen3_next"):  # qwen3_next_goldens.py: gated DeltaNet hybrids
+            import qwen3_next_goldens
+
+            names += qwen3_next_goldens.make(arch)
             continue
         model, config, params = build_f32(arch)
         variants = [(f"{arch}-f32", model, config, None)]

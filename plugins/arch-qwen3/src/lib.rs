@@ -1,9 +1,10 @@
 //! `arch-qwen3`: the Qwen decoders, one file per `model_type`
 //! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3, qwen3_moe.rs for
-//! Qwen3-MoE).
+//! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid).
 mod qwen2;
 mod qwen3;
 mod qwen3_moe;
+mod qwen3_next;
 
 use rmlx_plugin_api::{
     author::{ModelImpl, PluginImpl, Result, Weights},
@@ -14,14 +15,15 @@ pub struct ArchQwen;
 
 impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe)")
-            .architectures(&["qwen2", "qwen3", "qwen3_moe"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next)")
+            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
             "qwen2" => Ok(Box::new(qwen2::Qwen2::load(config, w)?)),
             "qwen3" => Ok(Box::new(qwen3::Qwen3::load(config, w)?)),
             "qwen3_moe" => Ok(Box::new(qwen3_moe::Qwen3Moe::load(config, w)?)),
+            "qwen3_next" => Ok(Box::new(qwen3_next::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }
@@ -30,6 +32,7 @@ impl PluginImpl for ArchQwen {
             "qwen2" => qwen2::Config::parse(config).map(|_| ()),
             "qwen3" => qwen3::Config::parse(config).map(|_| ()),
             "qwen3_moe" => qwen3_moe::Config::parse(config).map(|_| ()),
+            "qwen3_next" => qwen3_next::Config::parse(config).map(|_| ()),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }

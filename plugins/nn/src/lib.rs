@@ -4,8 +4,10 @@
 //! share, and the mixture-of-experts layers (moe.rs). Nothing here names a
 //! weight format.
 pub mod decoder;
+pub mod gated_delta;
 pub mod gemma;
 pub mod moe;
+pub mod shared_expert;
 pub mod yarn;
 
 use mlx_rs::{fast, nn, ops, Array};

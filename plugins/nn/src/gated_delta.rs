@@ -1,0 +1,308 @@
+//! Gated DeltaNet, the linear-attention mixer of the Qwen3-Next / Qwen3.5
+//! hybrids, after mlx-lm's `gated_delta.py` (`compute_g`, `normalize_qk`,
+//! `gated_delta_ops`, `gated_delta_update`) and the parts of its
+//! `Qwen3NextGatedDeltaNet` that both hybrids share: the causal depthwise
+//! conv1d with its rolling state, the recurrence, the gated RMSNorm
+//! (`Qwen3NextRMSNormGated`) and `out_proj`.
+//!
+//! This is the composed-ops path (mlx-lm's `gated_delta_ops`: a loop over the
+//! L new tokens, one recurrent step each), which every backend runs; a fused
+//! kernel for CUDA/Metal is future work (kernels/).
+//!
+//! The recurrent state lives in the host (plugin-api 3.3 `cache_kind::STATE`):
+//! each forward reads `[conv_state, ssm_state]` with `Attend::state` (empty
+//! for a new sequence: zeros) and hands the new one back with `set_state`.
+//!
+//! Shapes: B batch, L new tokens, D hidden, Hk key heads, Hv value heads,
+//! Dk key head size, Dv value head size, C = 2*Hk*Dk + Hv*Dv conv channels,
+//! K conv kernel size.
+use mlx_rs::{fast, nn, ops, Array, Dtype};
+use rmlx_plugin_api::{
+    author::{Attend, LinearLayer, Result, Weights},
+    PluginError,
+};
+
+// ---- the recurrence ----
+
+/// The per-head decay g = exp(-exp(A_log) * softplus(a + dt_bias)), in
+/// float32 as mlx-lm's `compute_g`: a [B, L, Hv], A_log, dt_bias [Hv] ->
+/// [B, L, Hv].
+pub fn compute_g(a_log: &Array, a: &Array, dt_bias: &Array) -> Result<Array> {
+    let decay_rate = a_log.as_dtype(Dtype::Float32)?.exp()?; // [Hv]
+    let sp = nn::softplus(a.add(dt_bias)?)?; // [B, L, Hv]
+    Ok(decay_rate.negative()?.multiply(&sp)?.exp()?)
+}
+
+/// L2-normalises q and k over the head size and folds the `Dk^-0.5`
+/// readout scale into q (mlx-lm's `normalize_qk`): `eps` is added to
+/// sum(x²), so `fast::rms_norm` (which adds it to mean(x²)) gets
+/// eps * inv_scale². q, k: [B, L, Hk, Dk].
+pub fn normalize_qk(q: &Array, k: &Array, inv_scale: f32, eps: f32) -> Result<(Array, Array)> {
+    let rms_eps = eps * inv_scale * inv_scale;
+    let s = |v: f32, like: &Array| Array::from_f32(v).as_dtype(like.dtype());
+    let q = fast::rms_norm(q, None, rms_eps)?.multiply(s(inv_scale * inv_scale, q)?)?;
+    let k = fast::rms_norm(k, None, rms_eps)?.multiply(s(inv_scale, k)?)?;
+    Ok((q, k))
+}
+
+/// One recurrent step (mlx-lm's `_gated_delta_step_ops`, scalar gate):
+/// q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dv, Dk] ->
+/// (y [B, H, Dv] in q's dtype, state [B, H, Dv, Dk]).
+fn step(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: &Array) -> Result<(Array, Array)> {
+    let state = state.multiply(g.expand_dims_axes(&[-1, -2])?)?; // decay
+    let k_row = k.expand_dims(-2)?; // [B, H, 1, Dk]
+    let kv_mem = state.multiply(&k_row)?.sum_axis(-1, false)?; // [B, H, Dv]
+    let delta = v.subtract(&kv_mem)?.multiply(beta.expand_dims(-1)?)?; // [B, H, Dv]
+    let state = state.add(k_row.multiply(delta.expand_dims(-1)?)?)?; // [B, H, Dv, Dk]
+    let y = state.multiply(q.expand_dims(-2)?)?.sum_axis(-1, false)?; // [B, H, Dv]
+    Ok((y.as_dtype(q.dtype())?, state))
+}
+
+/// The gated delta rule over L tokens, one step at a time (mlx-lm's
+/// `gated_delta_ops`): q, k [B, L, Hk, Dk], v [B, L, Hv, Dv], g, beta
+/// [B, L, Hv], state [B, Hv, Dv, Dk] (float32) -> (y [B, L, Hv, Dv], state).
+/// Key heads are repeated to the value heads when Hv > Hk.
+pub fn gated_delta_ops(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: Array) -> Result<(Array, Array)> {
+    let (hk, hv) = (q.dim(2), v.dim(2));
+    let (mut q, mut k) = (q.clone(), k.clone());
+    if hv / hk > 1 {
+        q = Array::repeat_axis::<f32>(q, hv / hk, -2)?; // [B, L, Hv, Dk]
+        k = Array::repeat_axis::<f32>(k, hv / hk, -2)?;
+    }
+    let l = q.dim(1);
+    let at = |x: &Array, t: i32| -> Result<Array> {
+        Ok(x.take_axis(Array::from_int(t), 1)?) // [B, ...] at time t
+    };
+    let mut state = state;
+    let mut ys = Vec::with_capacity(l as usize);
+    for t in 0..l {
+        let (y, s) = step(&at(&q, t)?, &at(&k, t)?, &at(v, t)?, &at(g, t)?, &at(beta, t)?, &state)?;
+        ys.push(y);
+        state = s;
+    }
+    Ok((ops::stack(&ys, 1)?, state)) // [B, L, Hv, Dv]
+}
+
+/// mlx-lm's `gated_delta_update` on its ops path: beta = sigmoid(b),
+/// g = compute_g(A_log, a, dt_bias), zero state when none is given.
+/// q, k [B, L, Hk, Dk] (normalised), v [B, L, Hv, Dv], a, b [B, L, Hv] ->
+/// (y [B, L, Hv, Dv], state [B, Hv, Dv, Dk] float32).
+#[allow(clippy::too_many_arguments)]
+pub fn gated_delta_update(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    a: &Array,
+    b: &Array,
+    a_log: &Array,
+    dt_bias: &Array,
+    state: Option<Array>,
+) -> Result<(Array, Array)> {
+    let beta = nn::sigmoid(b)?; // [B, L, Hv]
+    let g = compute_g(a_log, a, dt_bias)?; // [B, L, Hv] float32
+    let state = match state {
+        Some(s) => s,
+        None => ops::zeros_dtype(&[q.dim(0), v.dim(2), v.dim(3), q.dim(3)], Dtype::Float32)?,
+    };
+    gated_delta_ops(q, k, v, &g, &beta, state)
+}
+
+// ---- gated RMSNorm ----
+
+/// `Qwen3NextRMSNormGated` with a gate: rms_norm(x) * silu(gate), the
+/// product in float32 (mlx-lm's `precise_swiglu`), cast back to x's dtype.
+/// x, gate: [..., Dv], weight [Dv].
+pub fn rms_norm_gated(x: &Array, gate: &Array, weight: &Array, eps: f32) -> Result<Array> {
+    let n = fast::rms_norm(x, Some(weight), eps)?;
+    let g = nn::silu(gate.as_dtype(Dtype::Float32)?)?;
+    Ok(g.multiply(n.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?)
+}
+
+// ---- the mixer ----
+
+/// Head counts and sizes of a gated DeltaNet layer.
+#[derive(Clone, Copy, Debug)]
+pub struct DeltaDims {
+    pub hidden: i32,
+    /// Hk, Hv: key and value heads (Hv a multiple of Hk).
+    pub k_heads: i32,
+    pub v_heads: i32,
+    /// Dk, Dv: key and value head sizes.
+    pub k_dim: i32,
+    pub v_dim: i32,
+    /// K: the causal conv's kernel size.
+    pub conv_kernel: i32,
+    /// The gated RMSNorm's epsilon.
+    pub eps: f32,
+}
+
+impl DeltaDims {
+    /// Hk*Dk
+    pub fn key_dim(&self) -> i32 {
+        self.k_heads * self.k_dim
+    }
+    /// Hv*Dv
+    pub fn value_dim(&self) -> i32 {
+        self.v_heads * self.v_dim
+    }
+    /// C = 2*Hk*Dk + Hv*Dv: q, k and v through the conv.
+    pub fn conv_dim(&self) -> i32 {
+        2 * self.key_dim() + self.value_dim()
+    }
+}
+
+/// What a gated DeltaNet layer does after its input projections: the causal
+/// depthwise conv over [q, k, v] (with the last K-1 inputs as state), SiLU,
+/// q/k normalisation, the gated delta recurrence, the gated RMSNorm with z,
+/// and `out_proj`. The projections differ between qwen3_next (fused
+/// `in_proj_qkvz`, `in_proj_ba`) and qwen3_5 (four of them), so the
+/// architectures compute them and call [`GatedDeltaNet::mix`].
+pub struct GatedDeltaNet {
+    conv1d: Array,  // [C, K, 1]: one K-tap filter per channel
+    a_log: Array,   // [Hv]
+    dt_bias: Array, // [Hv]
+    norm: Array,    // [Dv]
+    out_proj: LinearLayer, // [Hv*Dv] -> [D]
+    dims: DeltaDims,
+}
+
+impl GatedDeltaNet {
+    /// `p`: the layer's `linear_attn` module: `conv1d.weight` [C, K, 1]
+    /// (mlx's Conv1d layout, as mlx-lm's sanitize leaves it), `A_log`,
+    /// `dt_bias`, `norm.weight` and `out_proj`.
+    pub fn load(w: &mut Weights, p: &str, dims: DeltaDims) -> Result<Self> {
+        let conv1d = w.tensor(&format!("{p}.conv1d.weight"))?;
+        let (c, k) = (dims.conv_dim(), dims.conv_kernel);
+        if conv1d.shape() != [c, k, 1] {
+            let hint = if conv1d.shape() == [c, 1, k] {
+                " (the Hugging Face layout [C, 1, K]: convert the checkpoint with mlx_lm.convert first)"
+            } else {
+                ""
+            };
+            return Err(PluginError::config(format!(
+                "{p}.conv1d.weight: expected [{c}, {k}, 1] (conv channels, linear_conv_kernel_dim, 1), got {:?}{hint}",
+                conv1d.shape()
+            )));
+        }
+        let vec = |w: &mut Weights, n: &str, len: i32| -> Result<Array> {
+            let t = w.tensor(&format!("{p}.{n}"))?;
+            if t.shape() != [len] {
+                return Err(PluginError::config(format!("{p}.{n}: expected [{len}], got {:?}", t.shape())));
+            }
+            Ok(t)
+        };
+        let a_log = vec(w, "A_log", dims.v_heads)?;
+        let dt_bias = vec(w, "dt_bias", dims.v_heads)?;
+        let norm = vec(w, "norm.weight", dims.v_dim)?;
+        let out_proj = w.linear(&format!("{p}.out_proj"))?;
+        Ok(Self { conv1d, a_log, dt_bias, norm, out_proj, dims })
+    }
+
+    pub fn dims(&self) -> DeltaDims {
+        self.dims
+    }
+
+    /// The conv over `qkv` [B, L, C] after the K-1 inputs before it
+    /// (`conv_state` [B, K-1, C]): (silu(conv) [B, L, C], the new state: the
+    /// last K-1 inputs [B, K-1, C]).
+    fn conv(&self, qkv: &Array, conv_state: &Array) -> Result<(Array, Array)> {
+        let c = self.dims.conv_dim();
+        let input = ops::concatenate(&[conv_state, qkv], 1)?; // [B, K-1+L, C]
+        let n = input.dim(1);
+        let keep = self.dims.conv_kernel - 1;
+        let new_state = input.split_at_indices(&[n - keep], 1)?.pop().expect("two parts"); // [B, K-1, C]
+        let out = ops::conv1d(&input, &self.conv1d, 1, 0, 1, c)?; // [B, L, C]
+        Ok((nn::silu(out)?, new_state))
+    }
+
+    /// The mixer after the projections: `qkv` [B, L, C] (q, k, v each
+    /// flattened over heads, in that order), `z` [B, L, Hv, Dv], `b`, `a`
+    /// [B, L, Hv] -> [B, L, D]. Reads and sets `layer`'s state.
+    pub fn mix(&self, qkv: &Array, z: &Array, b: &Array, a: &Array, layer: u32, attn: &mut dyn Attend) -> Result<Array> {
+        let d = self.dims;
+        let (bsz, l) = (qkv.dim(0), qkv.dim(1));
+        if attn.lengths().is_some() {
+            return Err(PluginError::unsupported(
+                "gated DeltaNet layers cannot run padded rows yet (their state would take in the padding)",
+            ));
+        }
+        let conv_shape = [bsz, d.conv_kernel - 1, d.conv_dim()];
+        let ssm_shape = [bsz, d.v_heads, d.v_dim, d.k_dim];
+        let (conv_state, ssm_state) = match attn.state(layer)?.as_slice() {
+            [] => (ops::zeros_dtype(&conv_shape, qkv.dtype())?, None),
+            [c, s] if c.shape() == conv_shape && s.shape() == ssm_shape => (c.clone(), Some(s.clone())),
+            other => {
+                return Err(PluginError::other(format!(
+                    "layer {layer}: the host returned a recurrent state of shapes {:?}, expected {conv_shape:?} and {ssm_shape:?}",
+                    other.iter().map(|a| a.shape().to_vec()).collect::<Vec<_>>()
+                )))
+            }
+        };
+        let (conv_out, conv_state) = self.conv(qkv, &conv_state)?; // [B, L, C], [B, K-1, C]
+        let parts = conv_out.split_at_indices(&[d.key_dim(), 2 * d.key_dim()], -1)?;
+        let q = parts[0].reshape(&[bsz, l, d.k_heads, d.k_dim])?; // [B, L, Hk, Dk]
+        let k = parts[1].reshape(&[bsz, l, d.k_heads, d.k_dim])?; // [B, L, Hk, Dk]
+        let v = parts[2].reshape(&[bsz, l, d.v_heads, d.v_dim])?; // [B, L, Hv, Dv]
+        let (q, k) = normalize_qk(&q, &k, (d.k_dim as f32).powf(-0.5), 1e-6)?;
+        let (y, ssm_state) = gated_delta_update(&q, &k, &v, a, b, &self.a_log, &self.dt_bias, ssm_state)?;
+        attn.set_state(layer, vec![conv_state, ssm_state])?;
+        let y = rms_norm_gated(&y, z, &self.norm, d.eps)?; // [B, L, Hv, Dv]
+        self.out_proj.forward(&y.reshape(&[bsz, l, -1])?) // [B, L, D]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    fn max_diff(a: &Array, b: &Array) -> f32 {
+        assert_eq!(a.shape(), b.shape());
+        a.subtract(b).unwrap().abs().unwrap().max(None).unwrap().item_cast::<f32>()
+    }
+
+    /// Running L tokens at once equals running them in two pieces with the
+    /// state carried over, and equals a per-element scalar reference.
+    #[test]
+    fn recurrence_carries_state_across_pieces() {
+        random::seed(7).unwrap();
+        let n = |s: &[i32]| random::normal::<f32>(s, None, None, None).unwrap();
+        let (b, l, hk, hv, dk, dv) = (1, 5, 1, 2, 4, 3);
+        let (q, k) = normalize_qk(&n(&[b, l, hk, dk]), &n(&[b, l, hk, dk]), 0.5, 1e-6).unwrap();
+        let (v, a, bb) = (n(&[b, l, hv, dv]), n(&[b, l, hv]), n(&[b, l, hv]));
+        let (a_log, dt) = (n(&[hv]), n(&[hv]));
+        let (y, s) = gated_delta_update(&q, &k, &v, &a, &bb, &a_log, &dt, None).unwrap();
+        let cut = |x: &Array| x.split_at_indices(&[2], 1).unwrap();
+        let (qs, ks, vs, as_, bs) = (cut(&q), cut(&k), cut(&v), cut(&a), cut(&bb));
+        let (y0, s0) = gated_delta_update(&qs[0], &ks[0], &vs[0], &as_[0], &bs[0], &a_log, &dt, None).unwrap();
+        let (y1, s1) = gated_delta_update(&qs[1], &ks[1], &vs[1], &as_[1], &bs[1], &a_log, &dt, Some(s0)).unwrap();
+        assert!(max_diff(&y, &ops::concatenate(&[y0, y1], 1).unwrap()) < 1e-6);
+        assert!(max_diff(&s, &s1) < 1e-6);
+
+        // scalar reference: S <- g S; S += k (beta (v - S k))^T; y = S q
+        let f = |x: &Array| x.as_slice::<f32>().to_vec();
+        let (qv, kv, vv) = (f(&q), f(&k), f(&v));
+        let (av, bv, al, dtv) = (f(&a), f(&bb), f(&a_log), f(&dt));
+        let mut st = vec![0f32; (hv * dv * dk) as usize];
+        let yv = f(&y);
+        for t in 0..l as usize {
+            for h in 0..hv as usize {
+                let x = av[t * hv as usize + h] + dtv[h];
+                let g = (-al[h].exp() * (x.exp().ln_1p())).exp();
+                let beta = 1.0 / (1.0 + (-bv[t * hv as usize + h]).exp());
+                let kh = &kv[t * (hk * dk) as usize..][..dk as usize]; // hk = 1: every value head reads key head 0
+                let qh = &qv[t * (hk * dk) as usize..][..dk as usize];
+                for i in 0..dv as usize {
+                    let row = &mut st[(h * dv as usize + i) * dk as usize..][..dk as usize];
+                    row.iter_mut().for_each(|s| *s *= g);
+                    let mem: f32 = row.iter().zip(kh).map(|(s, k)| s * k).sum();
+                    let delta = (vv[(t * hv as usize + h) * dv as usize + i] - mem) * beta;
+                    row.iter_mut().zip(kh).for_each(|(s, k)| *s += k * delta);
+                    let out: f32 = row.iter().zip(qh).map(|(s, q)| s * q).sum();
+                    let got = yv[(t * hv as usize + h) * dv as usize + i];
+                    assert!((out - got).abs() < 1e-5, "t {t} h {h} i {i}: {out} vs {got}");
+                }
+            }
+        }
+    }
+}
