@@ -6,9 +6,10 @@
 //! model's sentence-transformers files say (model/pooling.rs).
 //!
 //! Batching: rows are sorted by length (longest first) and cut into batches
-//! of at most [`BATCH`] rows and [`BATCH_TOKENS`] padded tokens, so that rows
-//! of like lengths share a batch and padding stays small; the vectors come
-//! back in the inputs' order.
+//! of at most [`BATCH`] rows and [`BATCH_TOKENS`] padded tokens, none shorter
+//! than half its batch's longest row, so that rows of like lengths share a
+//! batch and padding at most doubles the work; the vectors come back in the
+//! inputs' order.
 //!
 //! Truncation: text is truncated to the token limit (`EmbedSpec::max_tokens`:
 //! sentence_bert_config.json's `max_seq_length` when given, capped by the
@@ -80,7 +81,10 @@ pub fn embed(model: &mut LoadedModel, spec: &EmbedSpec, rows: &[Vec<u32>], dims:
         // Longest first: the first row of a batch sets its padded length.
         let longest = rows[order[start]].len();
         let fit = (BATCH_TOKENS / longest.max(1)).clamp(1, BATCH);
-        let end = (start + fit).min(order.len());
+        let mut end = (start + fit).min(order.len());
+        // Rows under half the first's length start the next batch, so that
+        // padding at most doubles a batch's work.
+        end = start + 1 + order[start + 1..end].iter().take_while(|&&i| rows[i].len() * 2 >= longest).count();
         let batch: Vec<Vec<u32>> = order[start..end].iter().map(|&i| rows[i].clone()).collect();
         let vecs = embed_batch(model, spec, &batch, dims)?;
         for (k, v) in vecs.into_iter().enumerate() {

@@ -1,4 +1,5 @@
 //! OpenAI's embeddings shapes (POST /v1/embeddings), field for field.
+pub use super::openai::ListObject;
 use super::openai::KeepAliveSpec;
 use super::schema::{int_items, untagged_union};
 use poem_openapi::{registry::{MetaSchema, MetaSchemaRef}, Enum, Object};
@@ -88,12 +89,6 @@ untagged_union!(EmbeddingValue, "EmbeddingValue",
 pub enum EmbeddingObject {
     #[oai(rename = "embedding")]
     Embedding,
-}
-
-#[derive(Debug, Clone, Copy, Enum, PartialEq)]
-pub enum ListObject {
-    #[oai(rename = "list")]
-    List,
 }
 
 #[derive(Debug, Clone, Object)]
