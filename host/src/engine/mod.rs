@@ -25,6 +25,7 @@ pub mod scheduler;
 pub mod score;
 pub mod seq_pool;
 pub mod sequence;
+pub mod speculative;
 pub mod ssd;
 pub mod worker;
 
