@@ -1,6 +1,6 @@
 //! `rmlx generate`: one prompt, one completion, printed as text or JSON, with
 //! the speeds and peak memory as mlx-lm's `mlx_lm.generate` prints them.
-use super::textgen::{self, Model, SamplingArgs};
+use super::textgen::{self, Model, SamplingArgs, SpecArgs};
 use crate::config::Settings;
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
@@ -26,7 +26,7 @@ pub struct Args {
     /// System message, before the prompt in the chat template [default: none]
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
-    /// Print one JSON object: prompt_tokens, tokens, text, finish_reason, prompt_tps, generation_tps, peak_memory_gb, kv_cache, kv_bytes_per_token
+    /// Print one JSON object: prompt_tokens, tokens, text, finish_reason, prompt_tps, generation_tps, peak_memory_gb, kv_cache, kv_bytes_per_token (and drafted_tokens, accepted_tokens with --draft-model)
     #[arg(long)]
     json: bool,
     /// Also print the prompt as the model sees it (after the template) and why generation stopped, to stderr
@@ -34,6 +34,8 @@ pub struct Args {
     verbose: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    speculative: SpecArgs,
 }
 
 pub fn run(args: Args, settings: &Settings) -> Result<()> {
@@ -50,6 +52,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
         bail!("give --prompt TEXT (or --prompt - for stdin) or --prompt-tokens 1,2,3");
     }
     let mut model = Model::load(&args.model, settings)?;
+    let mut drafter = args.speculative.load(&model, settings)?;
     let text = model.entry.text()?;
     let (prompt, rendered): (Vec<u32>, Option<String>) = match (&args.prompt_tokens, &prompt_text) {
         (Some(ids), _) => (ids.clone(), None),
@@ -78,7 +81,7 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     textgen::reset_peak_memory();
     let has_text = text.tokenizer.is_some();
     let stdout = std::io::stdout();
-    let turn = textgen::run_turn(&mut model, &prompt, params, |piece| {
+    let turn = textgen::run_turn_with(&mut model, drafter.as_mut(), &prompt, params, |piece| {
         if !args.json {
             let mut lock = stdout.lock();
             let _ = lock.write_all(piece.as_bytes());
@@ -87,17 +90,19 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
     })?;
     let peak = textgen::peak_memory_gb();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "prompt_tokens": prompt, "tokens": turn.tokens, "text": turn.text,
-                "finish_reason": turn.finish_reason(),
-                "prompt_tps": turn.prompt_tps, "generation_tps": turn.generation_tps,
-                "peak_memory_gb": peak,
-                "kv_cache": crate::engine::kv_family::family_key_of(&model.loaded),
-                "kv_bytes_per_token": turn.kv_bytes_per_token,
-            })
-        );
+        let mut out = serde_json::json!({
+            "prompt_tokens": prompt, "tokens": turn.tokens, "text": turn.text,
+            "finish_reason": turn.finish_reason(),
+            "prompt_tps": turn.prompt_tps, "generation_tps": turn.generation_tps,
+            "peak_memory_gb": peak,
+            "kv_cache": crate::engine::kv_family::family_key_of(&model.loaded),
+            "kv_bytes_per_token": turn.kv_bytes_per_token,
+        });
+        if let Some((drafted, accepted)) = turn.speculation {
+            out["drafted_tokens"] = drafted.into();
+            out["accepted_tokens"] = accepted.into();
+        }
+        println!("{out}");
     } else {
         if has_text {
             println!();
@@ -114,6 +119,10 @@ pub fn run(args: Args, settings: &Settings) -> Result<()> {
         eprintln!("==========");
         eprintln!("Prompt: {} tokens, {:.3} tokens-per-sec", prompt.len(), turn.prompt_tps);
         eprintln!("Generation: {} tokens, {:.3} tokens-per-sec", turn.tokens.len(), turn.generation_tps);
+        if let Some((drafted, accepted)) = turn.speculation {
+            let rate = accepted as f64 / drafted.max(1) as f64;
+            eprintln!("Draft: {accepted} of {drafted} draft tokens accepted ({:.1}%)", 100.0 * rate);
+        }
         eprintln!("Peak memory: {peak:.3} GB");
     }
     Ok(())

@@ -7,12 +7,14 @@
 //! Greedy turns without stop strings decode through `engine::generate`
 //! (pipelined, the compiled step where it applies: the fast path mlx-lm
 //! compares with); the others feed host logits step by step (`Session`).
+//! With a draft model every turn runs through `engine::speculative`.
 use crate::config::Settings;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::sequence::{Outcome, Sequence};
 use crate::engine::worker::{Finish, FinishReason, GenEvent, GenParams, GenRequest, ModelEntry};
+use crate::engine::speculative::{self, SpecOptions};
 use crate::engine::{generate::generate, GenerateOptions, LoadedModel, Session};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -92,6 +94,46 @@ impl SamplingArgs {
     }
 }
 
+/// Speculative decoding, as mlx-lm names its flags (docs/SPECULATIVE.md).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Speculative decoding")]
+pub struct SpecArgs {
+    /// A smaller model with the same tokenizer that drafts tokens for the model to verify; the output stays the model's own [default: none (no speculation)]
+    #[arg(long, value_name = "DIR|REPO")]
+    pub draft_model: Option<std::path::PathBuf>,
+    /// Draft tokens per verifier forward at the start; the length then follows the measured acceptance (1 to 2K) [default: 3]
+    #[arg(long, value_name = "K", requires = "draft_model")]
+    pub num_draft_tokens: Option<usize>,
+    /// The drafter kind: `draft` (a separate draft model; mtp, eagle3 and dflash are planned) [default: draft]
+    #[arg(long, value_name = "KIND", requires = "draft_model")]
+    pub draft_kind: Option<String>,
+}
+
+/// A loaded draft model and how many tokens it drafts per round at first.
+pub struct Drafter {
+    pub model: LoadedModel,
+    pub num_draft_tokens: usize,
+}
+
+impl SpecArgs {
+    /// Loads the draft model, when one is given, and checks it against `model`.
+    pub fn load(&self, model: &Model, settings: &Settings) -> Result<Option<Drafter>> {
+        let Some(spec) = &self.draft_model else { return Ok(None) };
+        if let Some(kind) = &self.draft_kind {
+            speculative::DraftKind::parse(kind)?;
+        }
+        let k = self.num_draft_tokens.unwrap_or(speculative::DEFAULT_DRAFT_TOKENS);
+        if k == 0 {
+            bail!("--num-draft-tokens must be at least 1");
+        }
+        let reg = super::registry(settings)?;
+        let dir = crate::hub::resolve_dir(spec)?;
+        let draft = LoadedModel::load(&dir, &reg).with_context(|| format!("loading the draft model {}", spec.display()))?;
+        speculative::check_pair(&model.loaded, &draft)?;
+        Ok(Some(Drafter { model: draft, num_draft_tokens: k }))
+    }
+}
+
 /// A loaded model with its catalog entry (tokenizer, template, EOS ids).
 pub struct Model {
     pub entry: Arc<ModelEntry>,
@@ -119,6 +161,8 @@ pub struct Turn {
     pub generation_tps: f64,
     /// Bytes per cached token, measured from the KV store's arrays.
     pub kv_bytes_per_token: f64,
+    /// With a draft model: (draft tokens proposed, draft tokens kept).
+    pub speculation: Option<(usize, usize)>,
 }
 
 impl Turn {
@@ -134,7 +178,20 @@ impl Turn {
 
 /// Generates after `prompt`, calling `on_text` with each piece of text as it
 /// becomes safe to show.
-pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_text: impl FnMut(&str)) -> Result<Turn> {
+pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, on_text: impl FnMut(&str)) -> Result<Turn> {
+    run_turn_with(model, None, prompt, params, on_text)
+}
+
+/// `run_turn`, speculating with `drafter` when one is given (greedy or
+/// sampled; the sequence still applies EOS, stop strings and max tokens to
+/// every token the speculative loop emits).
+pub fn run_turn_with(
+    model: &mut Model,
+    drafter: Option<&mut Drafter>,
+    prompt: &[u32],
+    params: GenParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<Turn> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         model: model.entry.clone(),
@@ -167,7 +224,33 @@ pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_tex
         Ok(())
     };
     let eos = model.entry.text()?.eos_ids.clone();
-    let (done, prompt_tps, generation_tps, kv_bytes_per_token) = if seq.takes_device_token() && params.stop.is_empty() {
+    let mut speculation = None;
+    let (done, prompt_tps, generation_tps, kv_bytes_per_token) = if let Some(d) = drafter {
+        let opts = SpecOptions {
+            num_draft_tokens: d.num_draft_tokens,
+            adaptive: true,
+            max_tokens: params.max_tokens,
+            prefill_chunk: params.prefill_chunk,
+        };
+        let mut done: Option<Result<Finish, _>> = None;
+        let mut err = None;
+        let out = speculative::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, |t| {
+            if let Outcome::Done(r) = seq.on_token(t) {
+                done = Some(r);
+            }
+            if let Err(e) = drain(&mut rx) {
+                err.get_or_insert(e);
+            }
+            done.is_none() && err.is_none()
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        speculation = Some((out.drafted_tokens, out.accepted_tokens));
+        let done = done.unwrap_or_else(|| Ok(seq.finish_length()));
+        let n = out.tokens.len() as f64;
+        (done, prompt.len() as f64 / out.prompt_secs.max(1e-9), n / out.generation_secs.max(1e-9), out.kv_bytes_per_token)
+    } else if seq.takes_device_token() && params.stop.is_empty() {
         // Greedy: the engine's pipelined loop; the sequence turns tokens into text.
         let opts = GenerateOptions {
             max_tokens: params.max_tokens,
@@ -226,7 +309,7 @@ pub fn run_turn(model: &mut Model, prompt: &[u32], params: GenParams, mut on_tex
     };
     drain(&mut rx)?;
     let finish = done.map_err(|e| anyhow!(e))?;
-    Ok(Turn { tokens, text, finish, prompt_tps, generation_tps, kv_bytes_per_token })
+    Ok(Turn { tokens, text, finish, prompt_tps, generation_tps, kv_bytes_per_token, speculation })
 }
 
 /// Peak MLX memory in GB since the last reset.

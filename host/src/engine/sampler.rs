@@ -63,6 +63,9 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// Clone: speculative decoding processes draft positions on a copy whose
+/// history runs ahead of the accepted tokens.
+#[derive(Clone)]
 pub struct Sampler {
     p: SamplingParams,
     rng: ChaCha8Rng,
@@ -183,8 +186,46 @@ impl Sampler {
 
     /// The sampling chain on processed logits; does not record.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        let cand = match self.candidates(logits) {
+            Some(c) => c,
+            None => return argmax(logits),
+        };
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for c in &cand {
+            if r < c.1 {
+                return c.0;
+            }
+            r -= c.1;
+        }
+        cand.last().map(|c| c.0).unwrap_or(0)
+    }
+
+    /// The distribution `choose` draws from, as probabilities over the
+    /// vocabulary (zero outside what top-k, min-p and top-p keep; one-hot
+    /// at the argmax when greedy). Speculative decoding's acceptance uses
+    /// it for the verifier and the drafter alike.
+    pub fn distribution(&self, logits: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; logits.len()];
+        match self.candidates(logits) {
+            Some(cand) => {
+                let total: f32 = cand.iter().map(|c| c.1).sum();
+                for (id, w) in cand {
+                    out[id as usize] = w / total;
+                }
+            }
+            None if logits.is_empty() => {}
+            None => out[argmax(logits) as usize] = 1.0,
+        }
+        out
+    }
+
+    /// The tokens `choose` may draw, with their weights at `temperature`
+    /// (unnormalized), after top-k, min-p and top-p; None when greedy (or
+    /// nothing is finite): the argmax is the token.
+    fn candidates(&self, logits: &[f32]) -> Option<Vec<(u32, f32)>> {
         if self.p.temperature <= 0.0 {
-            return argmax(logits);
+            return None;
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // (id, untempered probability up to a constant, logit)
@@ -195,7 +236,7 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, (l - max).exp(), l))
             .collect();
         if cand.is_empty() {
-            return argmax(logits);
+            return None;
         }
         let filtering = (self.p.top_k > 0 && self.p.top_k < cand.len())
             || (self.p.top_p > 0.0 && self.p.top_p < 1.0)
@@ -224,16 +265,7 @@ impl Sampler {
                 cand.truncate(keep);
             }
         }
-        let weights: Vec<f32> = cand.iter().map(|c| ((c.2 - max) / self.p.temperature).exp()).collect();
-        let total: f32 = weights.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (c, w) in cand.iter().zip(&weights) {
-            if r < *w {
-                return c.0;
-            }
-            r -= w;
-        }
-        cand.last().map(|c| c.0).unwrap_or(0)
+        Some(cand.iter().map(|c| (c.0, ((c.2 - max) / self.p.temperature).exp())).collect())
     }
 }
 

@@ -61,6 +61,13 @@ impl SeqPool {
         Ok(logits.into_array())
     }
 
+    /// Forgets the positions from `len` on (speculative decoding's rejected
+    /// tokens): their slots stay in the table and the next forward
+    /// overwrites them (every family encodes each token slot on its own).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes per cached token as the pool's arrays hold them: every layer's
     /// keys and values, codes, scales and norms, over the slots they have.
     pub fn measured_bytes_per_token(&self) -> f64 {
