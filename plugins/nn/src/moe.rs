@@ -269,7 +269,7 @@ mod tests {
     fn swiglu_oai_matches_mlx_lm() {
         let g = Array::from_slice(&[-9.0f32, -1.5, 0.0, 0.3, 2.0, 6.9, 7.5, 12.0], &[8]);
         let x = Array::from_slice(&[-8.0f32, -2.0, 0.5, 1.0, -0.7, 3.0, 7.2, -7.5], &[8]);
-        let want = [1.2019080e-05f32, 0.10833780, 0.0, 0.37496829, 0.58069760, 27.599781, 55.999626, -41.999718];
+        let want = [1.201_908e-5_f32, 0.108_337_8, 0.0, 0.374_968_3, 0.580_697_6, 27.599_78, 55.999_626, -41.999_718];
         let got = swiglu_oai(&g, &x).unwrap();
         for (a, b) in got.as_slice::<f32>().iter().zip(want) {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");

@@ -40,8 +40,8 @@ impl Yarn {
             mscale: num("mscale", Some(1.0))?,
             mscale_all_dim: num("mscale_all_dim", Some(0.0))?,
         };
-        if !(y.factor > 0.0) || !(y.original_max_position_embeddings > 0.0) || !(y.beta_fast > 0.0) || !(y.beta_slow > 0.0)
-        {
+        let positive = |v: f64| v > 0.0; // NaN is not
+        if ![y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow].into_iter().all(positive) {
             return Err(PluginError::config(format!(
                 "rope_scaling yarn: factor, original_max_position_embeddings, beta_fast and beta_slow must be positive, got {y:?}"
             )));
