@@ -30,6 +30,7 @@
 //! Only Whisper (`WhisperSpec`) is converted ([`whisper`]); the reader itself is general.
 pub mod tokenizer;
 pub mod whisper;
+pub mod whisper_map;
 
 use std::collections::BTreeMap;
 use std::fmt;
