@@ -159,7 +159,8 @@ fn generate_json(args: &[&str]) -> Value {
 /// `rmlx generate --draft-model` prints the model's own greedy tokens, with
 /// `drafted_tokens` and `accepted_tokens` (also through a compressed KV
 /// family, whose one-sequence store is the paged pool); a draft model with
-/// another vocabulary is refused naming both sizes.
+/// another vocabulary is refused naming both sizes, and a model with
+/// recurrent state layers with a clear error.
 #[test]
 fn generate_reports_draft_counts_and_refuses_another_vocabulary() {
     let _g = common::mlx_lock();
@@ -197,4 +198,14 @@ fn generate_reports_draft_counts_and_refuses_another_vocabulary() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("vocabulary of 200") && err.contains("256") && !err.contains("panick"), "{err}");
+    // A model with recurrent-state layers cannot be rolled back (yet).
+    let next = m("qwen3_next-f32");
+    let out = Command::new(common::rmlx_bin())
+        .args(["--plugins", common::plugins_dir().to_str().unwrap(), "generate", "-m", &next, "--prompt-tokens", "1,2"])
+        .args(["--draft-model", &m("qwen3_next-q8-g64")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("recurrent state") && !err.contains("panick"), "{err}");
 }
