@@ -1,11 +1,13 @@
-//! model_type `qwen3_next` (plugins/arch-qwen3/src/qwen3_next.rs, the gated
+//! model_types `qwen3_next`, `qwen3_5` and `qwen3_5_moe`
+//! (plugins/arch-qwen3/src/qwen3_next.rs, qwen3_5.rs, qwen3_5_moe.rs; the gated
 //! DeltaNet of plugins/nn gated_delta.rs): the tiny hybrids
 //! tests/goldens/qwen3_next_goldens.py built with mlx-lm's own classes
 //! (float32, affine q4 and q8), against mlx-lm's logits and greedy tokens
 //! after a prompt, over 8 decode steps that carry the recurrent state, and
 //! with the prompt prefilled in chunks (the state crossing chunk
-//! boundaries); `rmlx generate` on it; configs refused by name; and the
-//! server's paged pool refusing it with the reason.
+//! boundaries); `rmlx generate` on it; configs refused by name; the
+//! server's paged pool refusing it with the reason; the MTP head's tensors
+//! loadable (left unused) and the Hugging Face layout refused with the way out.
 mod common;
 
 use common::golden::{compare, rel_err, Golden, Tally, MARGIN, REL_TOL};
@@ -15,7 +17,17 @@ use rmlx_plugin_api::cache_kind;
 use serde::Deserialize;
 use std::process::Command;
 
-const MODELS: [&str; 3] = ["qwen3_next-f32", "qwen3_next-q4-g64", "qwen3_next-q8-g64"];
+const S: u32 = cache_kind::STATE;
+const F: u32 = cache_kind::FULL;
+
+/// (architecture, its layers' cache kinds)
+const ARCHS: [(&str, [u32; 4]); 3] = [
+    // full_attention_interval 2
+    ("qwen3_next", [S, F, S, F]),
+    // interval 4: three DeltaNet layers, then attention
+    ("qwen3_5", [S, S, S, F]),
+    ("qwen3_5_moe", [S, F, S, F]),
+];
 
 /// The golden's prompt prefilled `chunk` tokens at a time (mlx-lm's
 /// `prefill_step_size`), then decoded.
@@ -74,15 +86,17 @@ fn compare_chunked(model: &mut LoadedModel, name: &str, cases: &[Chunked], tally
 }
 
 #[test]
-fn qwen3_next_matches_mlx_lm_across_decode_steps_and_prefill_chunks() {
+fn hybrids_match_mlx_lm_across_decode_steps_and_prefill_chunks() {
     let _g = common::mlx_lock();
     let reg = common::registry();
-    for name in MODELS {
+    let names = ARCHS.iter().flat_map(|(a, k)| ["f32", "q4-g64", "q8-g64"].map(|q| (format!("{a}-{q}"), *k)));
+    for (name, want_kinds) in names {
+        let name = name.as_str();
         let mut model = load(name, &reg);
         assert_eq!(model.architecture_plugin, "arch-qwen3");
-        // layers 0 and 2 gated DeltaNet (recurrent state), 1 and 3 attention
+        // gated DeltaNet layers keep recurrent state, attention layers K/V
         let kinds: Vec<u32> = model.cache_layers.iter().map(|l| l.kind).collect();
-        assert_eq!(kinds, [cache_kind::STATE, cache_kind::FULL, cache_kind::STATE, cache_kind::FULL], "{name}");
+        assert_eq!(kinds, want_kinds, "{name}");
         let mut tally = Tally::default();
         compare(&mut model, &read::<Golden>(name), &mut tally);
         let one_piece = tally.compared;
@@ -98,16 +112,23 @@ fn qwen3_next_matches_mlx_lm_across_decode_steps_and_prefill_chunks() {
         assert!(tally.failures.is_empty(), "{name}:\n{}", tally.failures.join("\n"));
     }
     // The quantized variants' routers and shared-expert gates are 8-bit (mlx-lm's quant_predicate).
-    let model = load("qwen3_next-q4-g64", &reg);
-    for (path, bits) in [
-        ("model.layers.0.mlp.gate", 8),
-        ("model.layers.0.mlp.shared_expert_gate", 8),
-        ("model.layers.0.mlp.switch_mlp.up_proj", 4),
-        ("model.layers.0.linear_attn.in_proj_qkvz", 4),
-        ("model.layers.1.self_attn.q_proj", 4),
-    ] {
-        let q = model.layers.get(path).unwrap_or_else(|| panic!("no layer {path}"));
-        assert_eq!((q.mode.as_str(), q.bits), ("affine", bits), "{path}");
+    let layers = [
+        ("qwen3_next-q4-g64", "model.layers.0.mlp.gate", 8),
+        ("qwen3_next-q4-g64", "model.layers.0.mlp.shared_expert_gate", 8),
+        ("qwen3_next-q4-g64", "model.layers.0.mlp.switch_mlp.up_proj", 4),
+        ("qwen3_next-q4-g64", "model.layers.0.linear_attn.in_proj_qkvz", 4),
+        ("qwen3_next-q4-g64", "model.layers.1.self_attn.q_proj", 4),
+        ("qwen3_5_moe-q4-g64", "language_model.model.layers.1.mlp.gate", 8),
+        ("qwen3_5_moe-q4-g64", "language_model.model.layers.1.mlp.shared_expert_gate", 8),
+        ("qwen3_5_moe-q4-g64", "language_model.model.layers.1.mlp.switch_mlp.down_proj", 4),
+        ("qwen3_5_moe-q4-g64", "language_model.model.layers.0.linear_attn.in_proj_qkv", 4),
+        ("qwen3_5-q4-g64", "language_model.model.layers.2.linear_attn.in_proj_a", 4),
+        ("qwen3_5-q4-g64", "language_model.model.layers.3.self_attn.o_proj", 4),
+    ];
+    for (name, path, bits) in layers {
+        let model = load(name, &reg);
+        let q = model.layers.get(path).unwrap_or_else(|| panic!("{name}: no layer {path}"));
+        assert_eq!((q.mode.as_str(), q.bits), ("affine", bits), "{name} {path}");
     }
 }
 
@@ -170,4 +191,77 @@ fn server_pool_refuses_qwen3_next_with_the_reason() {
     let model = load("qwen3_next-f32", &reg);
     let why = model.paged_refusal().expect("the paged pool cannot serve recurrent-state layers");
     assert!(why.contains("layer 0 of qwen3_next") && why.contains("rmlx generate"), "{why}");
+}
+
+/// qwen3_5_moe-f32's tensors renamed by `rename`, in a temporary directory.
+fn edited_copy(rename: impl Fn(&str, &mlx_rs::Array) -> Vec<(String, mlx_rs::Array)>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture("models/qwen3_5_moe-f32");
+    let tensors = mlx_rs::Array::load_safetensors(src.join("model.safetensors")).unwrap();
+    let out: Vec<(String, mlx_rs::Array)> = tensors.iter().flat_map(|(k, v)| rename(k, v)).collect();
+    mlx_rs::Array::save_safetensors(out, None, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    dir
+}
+
+/// The multi-token-prediction head (`mtp.*`, for speculative decoding) does
+/// not stop a load: its tensors are listed as unused, and the model still
+/// matches mlx-lm. The Hugging Face layout is refused with the way out.
+#[test]
+fn qwen3_5_keeps_mtp_loadable_and_refuses_the_hf_layout() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let mtp = ["mtp.fc.weight", "mtp.norm.weight", "language_model.mtp.layers.0.input_layernorm.weight"];
+    let dir = edited_copy(|k, v| {
+        let mut out = vec![(k.to_string(), v.clone())];
+        if k == "language_model.model.norm.weight" {
+            out.extend(mtp.iter().map(|m| (m.to_string(), v.clone())));
+        }
+        out
+    });
+    let mut model = LoadedModel::load_with(dir.path(), &reg, LoadPolicy::default()).unwrap();
+    let mut unused = model.unused.clone();
+    unused.sort();
+    let mut want: Vec<String> = mtp.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(unused, want);
+    let mut tally = Tally::default();
+    compare(&mut model, &read::<Golden>("qwen3_5_moe-f32"), &mut tally);
+    assert!(tally.failures.is_empty(), "{}", tally.failures.join("\n"));
+
+    let hf = edited_copy(|k, v| vec![(k.replacen("language_model.model.", "model.language_model.", 1), v.clone())]);
+    let e = match LoadedModel::load_with(hf.path(), &reg, LoadPolicy::default()) {
+        Ok(_) => panic!("the Hugging Face layout should be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("Hugging Face layout") && e.contains("mlx_lm.convert"), "{e}");
+    let fused = edited_copy(|k, v| match k.strip_suffix(".switch_mlp.gate_proj.weight") {
+        Some(layer) => vec![(format!("{layer}.experts.gate_up_proj"), v.clone())],
+        None => vec![(k.to_string(), v.clone())],
+    });
+    let e = match LoadedModel::load_with(fused.path(), &reg, LoadPolicy::default()) {
+        Ok(_) => panic!("the fused expert layout should be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("experts.gate_up_proj") && e.contains("mlx_lm.convert"), "{e}");
+}
+
+#[test]
+fn qwen3_5_configs_are_refused_by_name() {
+    let reg = common::registry();
+    let path = common::fixture("models/qwen3_5_moe-f32/config.json");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(reg.check_config("qwen3_5_moe", &base.to_string()).is_ok());
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("rope_parameters", serde_json::json!({"rope_type": "dynamic", "factor": 2.0}), "rope_scaling type `dynamic`"),
+        ("decoder_sparse_step", 2.into(), "decoder_sparse_step 2"),
+        ("hidden_act", "gelu".into(), "hidden_act `gelu`"),
+        ("linear_num_value_heads", 3.into(), "linear_num_value_heads 3"),
+    ];
+    for (key, value, want) in cases {
+        let mut c = base.clone();
+        c["text_config"][key] = value;
+        let e = format!("{:#}", reg.check_config("qwen3_5_moe", &c.to_string()).expect_err(want));
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+    }
 }

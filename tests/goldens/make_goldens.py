@@ -381,7 +381,7 @@ def main():
 
             names += gpt_oss_goldens.make(arch)
             continue
-        if arch.startswith("qwen3_next"):  # qwen3_next_goldens.py: gated DeltaNet hybrids
+        if arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):  # qwen3_next_goldens.py: gated DeltaNet hybrids
             import qwen3_next_goldens
 
             names += qwen3_next_goldens.make(arch)

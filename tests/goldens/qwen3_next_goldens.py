@@ -10,6 +10,10 @@ quantizer, writer and recorder (run through it: `make_goldens.py qwen3_next`).
   a dense MLP on layer 1 (`mlp_only_layers`), untied head; float32, and
   affine q4-g64 / q8-g64 from mlx-lm's quantizer (the router and
   `shared_expert_gate` at 8 bits, the model's own `quant_predicate`).
+- `qwen3_5-*` and `qwen3_5_moe-*` (Qwen3.5 / 3.6, text model only): see
+  TEXT35 below; tensors under `language_model.` as mlx-lm saves them.
+  `make_goldens.py qwen3_next` writes all three families; `qwen3_5` or
+  `qwen3_5_moe` only that one.
 
 Each model is saved, reloaded by mlx-lm's `load_model` and recorded from
 that. mlx-lm runs on the CPU here, so `gated_delta_update` takes its ops
@@ -28,7 +32,7 @@ import numpy as np
 import make_goldens as mg
 import mlx_lm.utils as lm_utils
 from mlx_lm.generate import generate_step
-from mlx_lm.models import qwen3_next
+from mlx_lm.models import qwen3_5, qwen3_5_moe, qwen3_next
 from mlx_lm.models.cache import make_prompt_cache
 
 NEXT = {
@@ -58,9 +62,69 @@ NEXT = {
     "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
 }
 
+# Qwen3.5 / 3.6 (mlx_lm.models.qwen3_5, qwen3_5_moe): the text model's keys
+# under `text_config`, RoPE from `rope_parameters`, four DeltaNet input
+# projections. The dense one: 4 layers with full_attention_interval 4 (three
+# DeltaNet layers, then attention, as the real models), as many key as
+# value heads, RoPE on half of head_dim, tied head. The MoE one: every layer
+# MoE (8 experts top-2 + shared expert), interval 2, keys repeated to
+# twice as many value heads, untied head.
+TEXT35 = {
+    **{k: v for k, v in mg.COMMON.items() if k not in ("rope_theta", "torch_dtype", "bos_token_id", "eos_token_id")},
+    "model_type": "qwen3_5_text",
+    "num_hidden_layers": 4,
+    "rms_norm_eps": 1e-6,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "rope_parameters": {
+        "rope_type": "default",
+        "mrope_section": [1, 1, 2],
+        "mrope_interleaved": True,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+    },
+}
+QWEN35 = {
+    "model_type": "qwen3_5",
+    "architectures": ["Qwen3_5ForConditionalGeneration"],
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "text_config": {
+        **TEXT35,
+        "full_attention_interval": 4,
+        "linear_num_value_heads": 2,
+        "tie_word_embeddings": True,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    },
+}
+QWEN35_MOE = {
+    "model_type": "qwen3_5_moe",
+    "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "text_config": {
+        **TEXT35,
+        "model_type": "qwen3_5_moe_text",
+        "full_attention_interval": 2,
+        "linear_num_value_heads": 4,
+        "tie_word_embeddings": False,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64,
+        "norm_topk_prob": True,
+    },
+}
+
 # name: (module, config, seed, quantized variants)
 HYBRIDS = {
     "qwen3_next": (qwen3_next, NEXT, 7890, ["q4-g64", "q8-g64"]),
+    "qwen3_5": (qwen3_5, QWEN35, 7891, ["q4-g64", "q8-g64"]),
+    "qwen3_5_moe": (qwen3_5_moe, QWEN35_MOE, 7892, ["q4-g64", "q8-g64"]),
 }
 
 CHUNKS = [11, 4]
@@ -143,7 +207,7 @@ def make(family):
     """Writes every model of `family` ("qwen3_next"); returns their names."""
     names = []
     for arch, (module, config, seed, quants) in HYBRIDS.items():
-        if not arch.startswith(family):
+        if arch != family and family != "qwen3_next":
             continue
         mg.ARCHS[arch] = (module, config, seed)
         model, config, params = mg.build_f32(arch)
@@ -153,8 +217,10 @@ def make(family):
             qmodel, qconfig = quantize(arch, params, gs, bits)
             # the model's quant_predicate: the routers at 8 bits, group 64.
             q = qconfig["quantization"]
-            assert q["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}, q
-            assert q["model.layers.0.mlp.shared_expert_gate"] == {"group_size": 64, "bits": 8}, q
+            root = "model" if arch == "qwen3_next" else "language_model.model"
+            if arch != "qwen3_5":
+                assert q[f"{root}.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}, q
+                assert q[f"{root}.layers.0.mlp.shared_expert_gate"] == {"group_size": 64, "bits": 8}, q
             variants.append((f"{arch}-{suffix}", qmodel, qconfig))
         for name, m, cfg in variants:
             mx.eval(m.parameters())

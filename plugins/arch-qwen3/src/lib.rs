@@ -1,8 +1,11 @@
 //! `arch-qwen3`: the Qwen decoders, one file per `model_type`
 //! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3, qwen3_moe.rs for
-//! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid).
+//! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid,
+//! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models).
 mod qwen2;
 mod qwen3;
+mod qwen3_5;
+mod qwen3_5_moe;
 mod qwen3_moe;
 mod qwen3_next;
 
@@ -15,8 +18,8 @@ pub struct ArchQwen;
 
 impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next)")
-            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe)")
+            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
@@ -24,6 +27,8 @@ impl PluginImpl for ArchQwen {
             "qwen3" => Ok(Box::new(qwen3::Qwen3::load(config, w)?)),
             "qwen3_moe" => Ok(Box::new(qwen3_moe::Qwen3Moe::load(config, w)?)),
             "qwen3_next" => Ok(Box::new(qwen3_next::load(config, w)?)),
+            "qwen3_5" => Ok(Box::new(qwen3_5::load(config, w)?)),
+            "qwen3_5_moe" => Ok(Box::new(qwen3_5_moe::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }
@@ -33,6 +38,8 @@ impl PluginImpl for ArchQwen {
             "qwen3" => qwen3::Config::parse(config).map(|_| ()),
             "qwen3_moe" => qwen3_moe::Config::parse(config).map(|_| ()),
             "qwen3_next" => qwen3_next::Config::parse(config).map(|_| ()),
+            "qwen3_5" => qwen3_5::Config::parse(config, "qwen3_5").map(|_| ()),
+            "qwen3_5_moe" => qwen3_5::Config::parse(config, "qwen3_5_moe").map(|_| ()),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }

@@ -277,9 +277,10 @@ impl Hybrid {
             }
             if let Some((i, t)) = types.iter().enumerate().find(|(i, t)| t.as_str() != want(*i as i32)) {
                 return bad(format!(
-                    "layer_types[{i}] is `{t}` but full_attention_interval {} makes it `{}` (mlx-lm follows the interval)",
+                    "layer_types[{i}] is `{t}` but full_attention_interval {} makes it `{}` (mlx-lm's {} follows the interval)",
                     self.full_attention_interval,
-                    want(i as i32)
+                    want(i as i32),
+                    self.model_type
                 ));
             }
         }

@@ -1,0 +1,33 @@
+//! model_type `qwen3_5_moe` (Qwen3.5 / Qwen3.6 MoE hybrids, e.g.
+//! Qwen3.6-35B-A3B), text model only. mlx_lm/models/qwen3_5_moe.py is
+//! qwen3_5's model with one more sanitize step: the Hugging Face fused expert
+//! layout (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj`)
+//! split into `mlp.switch_mlp.{gate,up,down}_proj`. The config and the model
+//! are qwen3_5.rs's (which builds on qwen3_next.rs): with `num_experts` > 0
+//! every layer's feed-forward is the routed MoE plus the shared expert.
+//!
+//! Checkpoints are read in the layout mlx-lm writes (experts already split
+//! and stacked as `switch_mlp`); a fused `gate_up_proj` is refused with the
+//! way out (mlx_lm.convert), since the host lends expert layers by module
+//! (`Weights::switch_linear`) and has no way yet to lend half of one tensor.
+use crate::qwen3_5::{check_layout, Config};
+use crate::qwen3_next::HybridModel;
+use rmlx_plugin_api::{
+    author::{Result, Weights},
+    PluginError,
+};
+
+pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
+    let c = Config::parse(config_json, "qwen3_5_moe")?;
+    check_layout(w, "qwen3_5_moe")?;
+    for i in 0..c.num_hidden_layers {
+        let fused = format!("language_model.model.layers.{i}.mlp.experts.gate_up_proj");
+        if w.contains(&fused) {
+            return Err(PluginError::unsupported(format!(
+                "{fused}: the fused expert layout (mlx-lm's qwen3_5_moe sanitize splits it into \
+                 switch_mlp.gate_proj and switch_mlp.up_proj); convert the checkpoint with mlx_lm.convert first"
+            )));
+        }
+    }
+    HybridModel::load(c, w, "language_model.")
+}
