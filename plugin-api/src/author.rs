@@ -571,5 +571,15 @@ pub extern "C" fn kv_codec_entry<P: PluginImpl>(name: RStr<'_>) -> PResult<crate
     guard(|| Ok(kv::codec_box(P::kv_codec(name.as_str())?)))
 }
 
+pub extern "C" fn kv_codec_calibrated_entry<P: PluginImpl>(
+    name: RStr<'_>,
+    data: RVec<NamedArray>,
+) -> PResult<crate::kv::KvCodecBox> {
+    guard(|| {
+        let codec = P::kv_codec(name.as_str())?;
+        Ok(kv::codec_box(kv::calibrated(codec, Tensors::new(format!("{name} calibration "), data))?))
+    })
+}
+
 #[doc(hidden)]
 pub fn _unused(_: RBox<()>, _: RResult<(), ()>) {}

@@ -16,6 +16,7 @@ pub fn root_module<P: PluginImpl>() -> PluginRef {
         check_config: (!m.architectures.is_empty()).then_some(check_config_entry::<P> as _),
         kv_codec: (!m.kv_families.is_empty()).then_some(kv_codec_entry::<P> as _),
         switch_linear: (!m.weight_quants.is_empty()).then_some(switch_linear_entry::<P> as _),
+        kv_codec_calibrated: (!m.kv_families.is_empty()).then_some(kv_codec_calibrated_entry::<P> as _),
     }
     .leak_into_prefix()
 }

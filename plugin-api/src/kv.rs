@@ -93,6 +93,13 @@ pub trait KvCodec: Send + Sync {
         k_dims: KvDims,
         v_dims: KvDims,
     ) -> PResult<MlxArray>;
+    /// ABI 3.3: the per-model calibration this family uses, by name
+    /// (`mean`: a per-layer, per-head mean vector [K, D] of its side,
+    /// which `rmlx kv-calibrate` fits), or empty when it needs none. A
+    /// calibrated codec comes from the root module's `kv_codec_calibrated`.
+    fn calibration(&self) -> RString {
+        RString::new()
+    }
 }
 
 pub type KvCodecBox = KvCodec_TO<'static, RBox<()>>;

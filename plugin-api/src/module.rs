@@ -49,6 +49,11 @@ pub struct PluginModule {
     /// the module's tensors (`weight` [experts, out, in], `scales`, ...).
     #[sabi(missing_field(default))]
     pub switch_linear: Option<extern "C" fn(RStr<'_>, RVec<NamedArray>, QuantParams) -> PResult<SwitchLinearBox>>,
+    // ---- ABI 3.3 ----
+    /// KvCache: the codec of a family for one layer's side, with the
+    /// calibration arrays its `KvCodec::calibration` names (e.g. `mean` [K, D]).
+    #[sabi(missing_field(default))]
+    pub kv_codec_calibrated: Option<extern "C" fn(RStr<'_>, RVec<NamedArray>) -> PResult<KvCodecBox>>,
 }
 
 impl RootModule for PluginRef {

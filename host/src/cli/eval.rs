@@ -116,7 +116,7 @@ fn ppl(args: PplArgs, settings: &Settings) -> Result<()> {
     let base_sides = if args.baseline {
         let reg = super::registry(settings)?;
         let l = &model.loaded;
-        Some(kv_family::resolve(&reg, &l.spec, l.kv.0.dims.dtype, &kv_family::KvChoice::default())?)
+        Some(kv_family::resolve(&reg, &l.spec, l.kv.0.dims.dtype, &kv_family::KvChoice::default(), l.kv_calibration.as_deref())?)
     } else {
         None
     };

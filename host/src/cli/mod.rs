@@ -6,6 +6,7 @@ mod convert;
 mod eval;
 mod generate;
 mod info;
+mod kv_calibrate;
 mod ls;
 mod metrics;
 mod openapi;
@@ -46,6 +47,8 @@ pub enum Command {
     Bench(With<bench::Args, LoadFlags>),
     /// Evaluate a model: `eval ppl` (perplexity under a KV-cache family).
     Eval(eval::Args),
+    /// Fit the per-model calibration of the KV families that use one (per-layer key and value means).
+    KvCalibrate(With<kv_calibrate::Args, LoadFlags>),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
@@ -69,6 +72,7 @@ pub fn run() -> Result<()> {
         Command::Serve(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Bench(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Eval(a) => cli.before.clone().merge(a.flags()),
+        Command::KvCalibrate(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Metrics(a) => cli.before.clone().merge(a.flags.clone()),
         _ => cli.before.clone(),
     };
@@ -101,6 +105,7 @@ pub fn run() -> Result<()> {
         Command::Serve(a) => serve::run(a.args, &settings),
         Command::Bench(a) => bench::run(a.args, &settings),
         Command::Eval(a) => eval::run(a, &settings),
+        Command::KvCalibrate(a) => kv_calibrate::run(a.args, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
         Command::Metrics(a) => metrics::run(a.args, &settings),

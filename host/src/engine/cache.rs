@@ -86,6 +86,16 @@ impl KvCache {
             .sum()
     }
 
+    /// Layer `layer`'s cached keys and values [B, K, T, hd] (the positions
+    /// it still holds), or None for a layer without K/V.
+    pub fn layer_kv(&self, layer: usize) -> Option<(Array, Array)> {
+        let s = self.layers.get(layer)?.as_ref()?;
+        let n = self.offset - s.base;
+        let k = s.keys.try_index((.., .., 0..n, ..)).ok()?;
+        let v = s.values.try_index((.., .., 0..n, ..)).ok()?;
+        Some((k, v))
+    }
+
     /// Tokens already cached.
     pub fn offset(&self) -> i32 {
         self.offset

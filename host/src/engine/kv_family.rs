@@ -7,7 +7,11 @@ use super::kv_pool::KvSide;
 use crate::plugins::Registry;
 use anyhow::{Context, Result};
 use mlx_rs::Dtype;
-use rmlx_plugin_api::{author::kv::LayerDims, ModelSpec};
+use super::kv_calibration::KvCalibration;
+use rmlx_plugin_api::{
+    author::kv::{KvCodecImpl, LayerDims},
+    ModelSpec,
+};
 use std::sync::RwLock;
 
 /// The families asked for; `None` is the default (dense, activation dtype).
@@ -56,15 +60,59 @@ pub fn dense_family(dtype: Dtype) -> &'static str {
 
 /// Keys' and values' sides for a model of `spec` whose activations are
 /// `dtype`, from the plugins that provide the chosen families.
-pub fn resolve(registry: &Registry, spec: &ModelSpec, dtype: Dtype, choice: &KvChoice) -> Result<(KvSide, KvSide)> {
+///
+/// A family that uses a calibration (`calibration() == "mean"`) gets one
+/// codec per layer from `calib` (the model directory's
+/// `kv_calibration.safetensors`), or runs uncalibrated with a warning.
+pub fn resolve(
+    registry: &Registry,
+    spec: &ModelSpec,
+    dtype: Dtype,
+    choice: &KvChoice,
+    calib: Option<&KvCalibration>,
+) -> Result<(KvSide, KvSide)> {
     let dims = LayerDims { kv_heads: spec.num_kv_heads as i32, head_dim: spec.head_dim as i32, dtype };
-    let side = |name: &Option<String>| -> Result<KvSide> {
+    let side = |name: &Option<String>, keys: bool| -> Result<KvSide> {
         let name = name.clone().unwrap_or_else(|| dense_family(dtype).to_string());
         let codec = registry.kv_codec(&name)?;
         let comps = codec.try_components(&dims).with_context(|| format!("KV cache family `{name}`"))?;
-        Ok(KvSide::with_components(&name, codec, dims, comps)?)
+        let wants = codec.calibration();
+        let mut side = KvSide::with_components(&name, codec, dims, comps)?;
+        match (wants.as_deref(), calib) {
+            (None, _) => {}
+            (Some(_), None) => warn_uncalibrated(&name),
+            (Some(_), Some(c)) => {
+                let mut codecs: Vec<std::rc::Rc<dyn KvCodecImpl>> = Vec::with_capacity(spec.num_layers as usize);
+                for layer in 0..spec.num_layers as usize {
+                    codecs.push(match c.mean(layer, keys) {
+                        Some(m) => {
+                            let cc = registry.kv_codec_calibrated(&name, vec![("mean".to_string(), m.clone())])?;
+                            cc.check(&dims).with_context(|| format!("KV cache family `{name}`, layer {layer}'s calibration"))?;
+                            std::rc::Rc::new(cc)
+                        }
+                        None => side.codec.clone(),
+                    });
+                }
+                side.layer_codecs = codecs;
+                side.calibration = Some(c.hash);
+            }
+        }
+        Ok(side)
     };
-    Ok((side(&choice.k)?, side(&choice.v)?))
+    Ok((side(&choice.k, true)?, side(&choice.v, false)?))
+}
+
+/// Says once per family that it runs without its calibration.
+fn warn_uncalibrated(name: &str) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !w.iter().any(|n| n == name) {
+        w.push(name.to_string());
+        tracing::warn!(
+            "KV family `{name}` works better calibrated: run `rmlx kv-calibrate --model DIR` (it writes {} beside the weights)",
+            super::kv_calibration::FILE
+        );
+    }
 }
 
 /// A loaded model's families as one key (`f32`, or `q8/turbo3`).

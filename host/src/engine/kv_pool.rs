@@ -34,6 +34,12 @@ pub struct KvSide {
     /// The family's name, as users type it (`f16`, `q4`, `turbo3`, ...).
     pub family: String,
     pub codec: Rc<dyn KvCodecImpl>,
+    /// Per layer, when the family is calibrated (`rmlx kv-calibrate`):
+    /// that layer's codec; empty: `codec` serves every layer.
+    pub layer_codecs: Vec<Rc<dyn KvCodecImpl>>,
+    /// The calibration file's content hash, when calibrated (it keys the
+    /// prefix cache and the SSD tier: calibrated blocks differ).
+    pub calibration: Option<u64>,
     pub dims: LayerDims,
     pub comps: Vec<Component>,
 }
@@ -53,7 +59,14 @@ impl KvSide {
         if comps.is_empty() {
             return Err(PluginError::other(format!("KV family `{family}` declares no component arrays")));
         }
-        Ok(Self { family: family.into(), codec, dims, comps })
+        Ok(Self { family: family.into(), codec, layer_codecs: Vec::new(), calibration: None, dims, comps })
+    }
+    /// Layer `layer`'s codec.
+    pub fn codec_for(&self, layer: usize) -> &dyn KvCodecImpl {
+        match self.layer_codecs.get(layer) {
+            Some(c) => &**c,
+            None => &*self.codec,
+        }
     }
     /// Bytes one slot takes in one layer.
     pub fn bytes_per_slot(&self) -> usize {

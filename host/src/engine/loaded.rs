@@ -25,6 +25,8 @@ pub struct LoadedModel {
     /// Per layer, how it caches (ABI 3.3 `Model::layers`); empty: every
     /// layer as `spec` says.
     pub cache_layers: Vec<LayerCache>,
+    /// The directory's `kv_calibration.safetensors`, when it has one.
+    pub kv_calibration: Option<std::rc::Rc<super::kv_calibration::KvCalibration>>,
 }
 
 impl LoadedModel {
@@ -97,8 +99,9 @@ impl LoadedModel {
         let layers = std::mem::take(&mut weights.layers);
         let kv_bytes = weights.activation_bytes();
         let choice = super::kv_family::default_choice();
-        let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice)
+        let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
+        let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers, kv_calibration })
     }
 }

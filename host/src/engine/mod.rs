@@ -14,6 +14,7 @@ pub mod embed;
 pub mod encoder;
 pub mod generate;
 pub mod kv_budget;
+pub mod kv_calibration;
 pub mod kv_family;
 pub mod kv_pool;
 pub mod loaded;

@@ -158,7 +158,7 @@ impl super::attend::KvStore for PagedForward<'_> {
         // [B, K, L, hd] -> [B*L, K, hd] -> components [B*L, ...] -> [B*L, 1, ...]: one update per slot.
         let encode = |side: &KvSide, x: &Array| -> Result<Vec<Array>, PluginError> {
             let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, x.dim(1), x.dim(3)])?;
-            let comps = side.codec.encode(&x, &side.dims)?;
+            let comps = side.codec_for(layer as usize).encode(&x, &side.dims)?;
             if comps.len() != side.comps.len() {
                 return Err(PluginError::other(format!(
                     "KV family `{}` encoded {} arrays for {} components",
@@ -196,10 +196,11 @@ impl super::attend::KvStore for PagedForward<'_> {
             opts: *opts,
         };
         let (ks, vs) = (&self.pool.k, &self.pool.v);
-        if ks.family == vs.family {
-            ks.codec.attend(&q, &pk, &pv, &paged, &kd, &vd)
+        let (kc, vc) = (ks.codec_for(layer as usize), vs.codec_for(layer as usize));
+        if ks.family == vs.family && ks.layer_codecs.is_empty() && vs.layer_codecs.is_empty() {
+            kc.attend(&q, &pk, &pv, &paged, &kd, &vd)
         } else {
-            composed_attend(&*ks.codec, &*vs.codec, &q, &pk, &pv, &paged, &kd, &vd)
+            composed_attend(kc, vc, &q, &pk, &pv, &paged, &kd, &vd)
         }
     }
 }

@@ -145,6 +145,24 @@ impl Registry {
         Ok(c)
     }
 
+    /// The codec of family `name` for one layer's side, calibrated with
+    /// `data` (what the family's `calibration()` names, e.g. `mean`).
+    pub fn kv_codec_calibrated(&self, name: &str, data: Vec<(String, mlx_rs::Array)>) -> Result<RemoteCodec> {
+        let plugin = self
+            .kv_families
+            .get(name)
+            .map(|&i| &self.plugins[i])
+            .ok_or_else(|| anyhow!("unknown KV cache family `{name}`"))?;
+        let make = plugin.module.kv_codec_calibrated().ok_or_else(|| {
+            anyhow!("plugin `{}` provides KV family `{name}` but takes no calibration (built before ABI 3.3)", plugin.info.id)
+        })?;
+        let data: abi_stable::std_types::RVec<rmlx_plugin_api::NamedArray> = data
+            .into_iter()
+            .map(|(n, a)| rmlx_plugin_api::NamedArray { name: n.into(), array: rmlx_plugin_api::MlxArray::from_array(a) })
+            .collect();
+        Ok(RemoteCodec(into_anyhow(make(RStr::from(name), data), &plugin.info.id)?))
+    }
+
     /// Builds a model of `model_type` with the plugin that provides it.
     pub fn load_model(&self, model_type: &str, config_json: &str, weights: WeightSourceMut<'_>) -> Result<ModelBox> {
         let plugin = self.architecture_plugin(model_type)?;

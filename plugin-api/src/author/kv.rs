@@ -129,6 +129,98 @@ pub trait KvCodecImpl: Send + Sync + 'static {
     ) -> Result<Array> {
         composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
     }
+    /// The per-model calibration this family uses (ABI 3.3): `Some("mean")`
+    /// for a per-layer, per-head mean vector of its side, which the codec
+    /// subtracts before encoding and adds back exactly in `decode`, `scores`
+    /// (`q·μ`) and `mix` (`Σp·μ`): the compressed part is what differs from
+    /// the mean, which is where the rotation families lose little. None
+    /// (the default): the family needs no calibration.
+    fn calibration(&self) -> Option<String> {
+        None
+    }
+}
+
+/// `codec` calibrated with `data` (what its `calibration` names).
+pub fn calibrated(codec: Box<dyn KvCodecImpl>, mut data: super::Tensors) -> Result<Box<dyn KvCodecImpl>> {
+    match codec.calibration().as_deref() {
+        Some("mean") => {
+            let mean = data.take("mean")?.as_dtype(Dtype::Float32)?; // [K, D]
+            if mean.ndim() != 2 {
+                return Err(PluginError::config(format!("{}mean: expected [kv_heads, head_dim], got {:?}", data.prefix, mean.shape())));
+            }
+            mean.eval()?;
+            let (k, d) = (mean.dim(0), mean.dim(1));
+            Ok(Box::new(Centered { inner: codec, mean: mean.as_slice::<f32>().to_vec(), k, d }))
+        }
+        Some(other) => Err(PluginError::unsupported(format!("unknown KV calibration `{other}`"))),
+        None => Err(PluginError::unsupported("this KV family needs no calibration")),
+    }
+}
+
+/// A codec over `x - mean` with the mean added back exactly (see
+/// [`KvCodecImpl::calibration`]).
+pub struct Centered {
+    inner: Box<dyn KvCodecImpl>,
+    /// float32 [K, D], row-major (host memory: codecs are `Sync`, arrays are not).
+    mean: Vec<f32>,
+    k: i32,
+    d: i32,
+}
+
+impl Centered {
+    fn check_dims(&self, dims: &LayerDims) -> Result<()> {
+        if (self.k, self.d) != (dims.kv_heads, dims.head_dim) {
+            return Err(PluginError::config(format!(
+                "calibration mean is [{}, {}], the layer has [{}, {}]: recalibrate (`rmlx kv-calibrate`)",
+                self.k,
+                self.d,
+                dims.kv_heads,
+                dims.head_dim
+            )));
+        }
+        Ok(())
+    }
+    /// [1, K, 1, D]
+    fn mean4(&self) -> Result<Array> {
+        Ok(Array::from_slice(&self.mean, &[1, self.k, 1, self.d]))
+    }
+}
+
+impl KvCodecImpl for Centered {
+    fn bits_per_value(&self, dims: &LayerDims) -> f32 {
+        self.inner.bits_per_value(dims)
+    }
+    fn check(&self, dims: &LayerDims) -> Result<()> {
+        self.check_dims(dims)?;
+        self.inner.check(dims)
+    }
+    fn components(&self, dims: &LayerDims) -> Vec<Component> {
+        self.inner.components(dims)
+    }
+    /// x [N, K, D] -> the inner codec's components of x - mean.
+    fn encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>> {
+        self.check_dims(dims)?;
+        let mean = Array::from_slice(&self.mean, &[self.k, self.d]);
+        let c = x.as_dtype(Dtype::Float32)?.subtract(&mean)?.as_dtype(x.dtype())?;
+        self.inner.encode(&c, dims)
+    }
+    fn decode(&self, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let x = self.inner.decode(comps, dims)?; // [B, K, T, D]
+        Ok(x.as_dtype(Dtype::Float32)?.add(self.mean4()?)?.as_dtype(dims.dtype)?)
+    }
+    /// q·(k̂ + μ) = q·k̂ + q·μ: [B, H, L, T] + [B, H, L, 1]
+    fn scores(&self, q: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let s = self.inner.scores(q, comps, dims)?;
+        let qm = gqa_matmul(&q.as_dtype(Dtype::Float32)?, &self.mean4()?.swap_axes(-1, -2)?)?; // [B, H, L, 1]
+        Ok(s.as_dtype(Dtype::Float32)?.add(qm)?)
+    }
+    /// Σp(v̂ + μ) = Σp·v̂ + (Σp)·μ: [B, H, L, D] + [B, H, L, 1] x [K, 1, D]
+    fn mix(&self, p: &Array, comps: &[Array], dims: &LayerDims) -> Result<Array> {
+        let o = self.inner.mix(p, comps, dims)?;
+        let mass = p.as_dtype(Dtype::Float32)?.sum_axis(-1, true)?; // [B, H, L, 1]
+        let add = gqa_matmul(&mass, &self.mean4()?)?; // [B, H, L, D]
+        Ok(o.as_dtype(Dtype::Float32)?.add(add)?.as_dtype(o.dtype())?)
+    }
 }
 
 /// `a` [B, H, L, X] times `b` [B, K, X, Y] with H = g * K query heads per KV
@@ -288,6 +380,9 @@ fn opt(a: &ROption<MlxArray>) -> Option<Array> {
 struct CodecAdapter(Box<dyn KvCodecImpl>);
 
 impl KvCodec for CodecAdapter {
+    fn calibration(&self) -> abi_stable::std_types::RString {
+        self.0.calibration().unwrap_or_default().into()
+    }
     fn components(&self, dims: KvDims) -> PResult<RVec<KvComponent>> {
         super::guard(|| {
             let d = LayerDims::try_from(dims)?;
@@ -366,6 +461,9 @@ fn into<T>(r: PResult<T>) -> Result<T> {
 pub struct RemoteCodec(pub KvCodecBox);
 
 impl KvCodecImpl for RemoteCodec {
+    fn calibration(&self) -> Option<String> {
+        Some(self.0.calibration().into_string()).filter(|c| !c.is_empty())
+    }
     fn components(&self, dims: &LayerDims) -> Vec<Component> {
         // A codec that cannot describe its layout serves nothing; the host
         // asks once at load (`try_components`) and refuses it there.

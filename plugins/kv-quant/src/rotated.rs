@@ -154,6 +154,13 @@ pub fn per_kv(x: &Array, w: &Array) -> Result<Array> {
 }
 
 impl KvCodecImpl for RotatedCodec {
+    /// A per-layer, per-head mean (`rmlx kv-calibrate`): the rotation and
+    /// the codebook then see what differs from the mean, which is where they
+    /// lose little (ANALYSIS.md: most of a small model's key norm is shared).
+    fn calibration(&self) -> Option<String> {
+        Some("mean".into())
+    }
+
     fn check(&self, dims: &LayerDims) -> Result<()> {
         self.prepared(dims.head_dim).map(|_| ())
     }

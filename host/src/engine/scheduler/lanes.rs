@@ -60,7 +60,7 @@ impl Lane {
         // The config's hash, the KV shape and families too: the SSD tier outlives the process.
         let config_hash = signature_hash(&model.dir.config.to_string());
         let sig = format!(
-            "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:{}-v2",
+            "{}|{}|dtype{}|L{}xK{}xD{}|config{:016x}|kv:{}-v2{}",
             model.dir.path.display(),
             model.dir.model_type,
             model.kv_bytes,
@@ -68,7 +68,12 @@ impl Lane {
             s.num_kv_heads,
             s.head_dim,
             config_hash,
-            id.family
+            id.family,
+            // Calibrated families encode differently: their blocks never mix with others'.
+            match (k.calibration, v.calibration) {
+                (None, None) => String::new(),
+                (a, b) => format!("|cal{:016x}/{:016x}", a.unwrap_or(0), b.unwrap_or(0)),
+            }
         );
         let default = id.family == super::super::kv_family::family_key_of(model);
         let name = id.label(default);

@@ -188,7 +188,7 @@ impl Engine {
         if let Some(kv) = r.kv_lanes.get(&full) {
             return Ok(kv.clone());
         }
-        let kv = kv_family::resolve(&self.reg, &r.model.spec, own.0.dims.dtype, &full).map_err(|e| WorkerError::BadField {
+        let kv = kv_family::resolve(&self.reg, &r.model.spec, own.0.dims.dtype, &full, r.model.kv_calibration.as_deref()).map_err(|e| WorkerError::BadField {
             field: "kv_cache".into(),
             message: format!("`kv_cache` {} does not fit model `{}`: {e:#}", full.label(), r.entry.id),
         })?;

@@ -2,6 +2,7 @@
 //! against a dense reference, rotated scores/mix, bits per value.
 mod attend;
 mod bits;
+mod centered;
 mod geometry;
 mod roundtrip;
 
