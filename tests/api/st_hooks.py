@@ -16,7 +16,10 @@ that a mutation is judged by validation rather than by a 404):
 - cross-field: `top_logprobs` needs `logprobs`, a named `tool_choice` names a
   tool in `tools`, `max_tokens: 0` on completions needs `echo`;
 - speed: `max_tokens` at most 4 (the test's time, not a server limit);
-- bytes: stop strings of at most 256 bytes (the schema counts characters).
+- bytes: stop strings of at most 256 bytes (the schema counts characters);
+- embeddings go to the embedding model (`RMLX_ST_EMBED_MODEL`): token ids
+  below its vocabulary, token lists within its 24 tokens, no `dimensions`
+  (it declares no Matryoshka truncation).
 """
 import os
 
@@ -25,6 +28,9 @@ import schemathesis
 MODEL = os.environ.get("RMLX_ST_MODEL", "tiny-chat")
 VOCAB = int(os.environ.get("RMLX_ST_VOCAB", "256"))
 MAX_TOKENS = 4
+EMBED_MODEL = os.environ.get("RMLX_ST_EMBED_MODEL", "tiny-embed")
+EMBED_VOCAB = int(os.environ.get("RMLX_ST_EMBED_VOCAB", "83"))
+EMBED_TOKENS = 24
 # The tiny model's context is 512 tokens and its tokenizer one token per
 # byte: prompts are kept under this many bytes (the template adds a few).
 PROMPT_BYTES = 320
@@ -184,17 +190,33 @@ def _steer_kv(body):
         body["kv_cache"] = {k: pick(v) for k, v in kv.items() if k in ("k", "v")}
 
 
+def _steer_embeddings(body):
+    body.pop("dimensions", None)
+    ids = lambda x: [t % EMBED_VOCAB if isinstance(t, int) and t >= 0 else t for t in x][:EMBED_TOKENS]
+    inp = body.get("input")
+    if isinstance(inp, list) and inp and all(isinstance(x, list) for x in inp):
+        body["input"] = [ids(x) for x in inp]
+    elif isinstance(inp, list) and inp and all(isinstance(x, int) for x in inp):
+        body["input"] = ids(inp)
+
+
 @schemathesis.hook
 def map_case(context, case):
     body = case.body
+    embeddings = case.path == "/v1/embeddings"
     if isinstance(body, dict) and isinstance(body.get("model"), str):
-        body["model"] = MODEL
+        body["model"] = EMBED_MODEL if embeddings else MODEL
+    if isinstance(body, dict) and "model" not in body and _is_positive(case):
+        # Two models are served: `model` may not be left out.
+        body["model"] = EMBED_MODEL if embeddings else MODEL
     if case.path_parameters and "id" in case.path_parameters and _is_positive(case):
         case.path_parameters["id"] = MODEL
     if not _is_positive(case) or not isinstance(body, dict):
         return case
     _steer_kv(body)
-    if case.path.startswith("/v1/messages"):
+    if embeddings:
+        _steer_embeddings(body)
+    elif case.path.startswith("/v1/messages"):
         _steer_anthropic(body)
     else:
         _steer_openai(body, case.path)

@@ -27,7 +27,7 @@ def gen(tmp_path_factory):
         mods = {name: importlib.import_module(f"rmlx_client.{name}") for name in (
             "models", "api.open_ai.create_chat_completion", "api.open_ai.create_completion",
             "api.models.list_models", "api.models.retrieve_model", "api.models.load_model",
-            "api.models.unload_model", "api.anthropic.create_message",
+            "api.models.unload_model", "api.anthropic.create_message", "api.open_ai.create_embedding",
             "api.anthropic.count_message_tokens", "api.health.health")}
         mods["client"] = importlib.import_module("rmlx_client")
     finally:
@@ -67,7 +67,7 @@ def test_generated_client_makes_every_call(tiny, gen):
 
     assert ok("api.health.health").status == "ok"
     listed = ok("api.models.list_models")
-    assert [x.id for x in listed.data] == [name]
+    assert sorted(x.id for x in listed.data) == sorted([name, tiny_chat.EMBED])
     assert ok("api.models.retrieve_model", id=name).id == name
     loaded = ok("api.models.load_model", id=name, body=m.LoadRequest.from_dict({"keep_alive": "5m"}))
     assert loaded.loaded and isinstance(loaded.expires_at, int)
@@ -93,6 +93,10 @@ def test_generated_client_makes_every_call(tiny, gen):
     count = ok("api.anthropic.count_message_tokens", body=m.AnthropicCountTokensRequest.from_dict({
         "model": name, "system": "s", "messages": [{"role": "user", "content": "hi"}]}))
     assert count.input_tokens > 0
+    for inp in ("hello", ["a", "b"], [2, 30, 3], [[2, 30, 3], [2, 3]]):
+        emb = ok("api.open_ai.create_embedding", body=m.EmbeddingRequest.from_dict({
+            "model": tiny_chat.EMBED, "input": inp, "encoding_format": "float"}))
+        assert len(emb.data) == (2 if isinstance(inp[0], (list, str)) and not isinstance(inp, str) else 1)
     every = {k for k in gen if k.startswith("api.")}
     assert calls == every, every - calls
 
@@ -105,7 +109,7 @@ def test_typescript_client_makes_every_call(tiny):
     if not (ts / "node_modules").is_dir():
         r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ts, capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
-    env = dict(__import__("os").environ, RMLX_BASE=tiny, RMLX_MODEL=tiny_chat.NAME)
+    env = dict(__import__("os").environ, RMLX_BASE=tiny, RMLX_MODEL=tiny_chat.NAME, RMLX_EMBED_MODEL=tiny_chat.EMBED)
     r = subprocess.run(["npm", "test", "--silent"], cwd=ts, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert "# pass 1" in r.stdout and "# fail 0" in r.stdout, r.stdout[-3000:]

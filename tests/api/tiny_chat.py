@@ -13,6 +13,12 @@ BASE = ROOT / "tests/fixtures/models/llama-f32"
 NAME = "tiny-chat"
 VOCAB = 256
 CONTEXT = 512
+# Served beside it for /v1/embeddings: the tiny BERT of
+# tests/goldens/embeddings_ref.py (WordPiece vocabulary of 83, 24 tokens).
+EMBED = "tiny-embed"
+EMBED_DIR = ROOT / "tests/fixtures/models/bert-tiny-f32"
+EMBED_VOCAB = 83
+EMBED_TOKENS = 24
 
 TEMPLATE = (
     "{{ bos_token }}"
@@ -75,7 +81,8 @@ def build(dest: pathlib.Path) -> pathlib.Path:
 
 
 def serve(tmp: pathlib.Path, *extra: str):
-    """`rmlx serve` of the tiny chat model on an ephemeral port: (process, base URL)."""
+    """`rmlx serve` of the tiny chat model (and the tiny embedder, `EMBED`)
+    on an ephemeral port: (process, base URL)."""
     import re
     import subprocess
     import threading
@@ -83,7 +90,8 @@ def serve(tmp: pathlib.Path, *extra: str):
     from conftest import rmlx_bin
 
     model = build(tmp)
-    proc = subprocess.Popen([str(rmlx_bin()), "serve", "--port", "0", "--model", str(model), *extra],
+    proc = subprocess.Popen([str(rmlx_bin()), "serve", "--port", "0", "--model", str(model),
+                             "--model", f"{EMBED}={EMBED_DIR}", *extra],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
     lines = []
     for line in proc.stderr:

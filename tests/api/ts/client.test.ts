@@ -13,6 +13,7 @@ type S = components["schemas"];
 
 const base = process.env.RMLX_BASE;
 const model = process.env.RMLX_MODEL ?? "tiny-chat";
+const embedModel = process.env.RMLX_EMBED_MODEL ?? "tiny-embed";
 if (!base) throw new Error("set RMLX_BASE to a running rmlx server");
 const client = createClient<paths>({ baseUrl: base });
 
@@ -25,7 +26,7 @@ test("every operation answers 200 with its documented shape", async () => {
   done.add("GET /health");
 
   const list = await client.GET("/v1/models");
-  assert.deepEqual(list.data?.data.map((m) => m.id), [model]);
+  assert.deepEqual(list.data?.data.map((m) => m.id).sort(), [model, embedModel].sort());
   done.add("GET /v1/models");
 
   const one = await client.GET("/v1/models/{id}", { params: { path: { id: model } } });
@@ -89,6 +90,16 @@ test("every operation answers 200 with its documented shape", async () => {
   });
   assert.ok((count.data?.input_tokens ?? 0) > 0);
   done.add("POST /v1/messages/count_tokens");
+
+  for (const input of ["hello", ["a", "b"], [2, 30, 3], [[2, 30, 3], [2, 3]]] as const) {
+    const emb = await client.POST("/v1/embeddings", {
+      body: { model: embedModel, input: input as string | string[] | number[] | number[][], encoding_format: "float" },
+    });
+    assert.equal(emb.response.status, 200, JSON.stringify(emb.error));
+    assert.equal(emb.data?.object, "list");
+    assert.ok((emb.data?.data.length ?? 0) >= 1);
+  }
+  done.add("POST /v1/embeddings");
 
   const bad = await client.POST("/v1/completions", { body: { model: "nope", prompt: "x" } });
   assert.equal(bad.response.status, 404);

@@ -20,8 +20,13 @@ pub enum EmbeddingInput {
 
 untagged_union!(EmbeddingInput, "EmbeddingInput",
     "`input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids (none empty; at most 2048 inputs; token ids below the model's vocabulary size).", { Text(String), Texts(Vec<String>), Tokens(Vec<i64>), TokenLists(Vec<Vec<i64>>) }, [
-    String::schema_ref(),
-    <Vec<String>>::schema_ref().merge(MetaSchema { min_items: Some(1), max_items: Some(MAX_INPUTS), ..MetaSchema::ANY }),
+    String::schema_ref().merge(MetaSchema { min_length: Some(1), ..MetaSchema::ANY }),
+    MetaSchemaRef::Inline(Box::new(MetaSchema {
+        items: Some(Box::new(String::schema_ref().merge(MetaSchema { min_length: Some(1), ..MetaSchema::ANY }))),
+        min_items: Some(1),
+        max_items: Some(MAX_INPUTS),
+        ..MetaSchema::new("array")
+    })),
     int_items(0.0, u32::MAX as f64, 1),
     MetaSchemaRef::Inline(Box::new(MetaSchema {
         items: Some(Box::new(int_items(0.0, u32::MAX as f64, 1))),
@@ -50,7 +55,8 @@ pub struct EmbeddingRequest {
     #[oai(default)]
     #[serde(default)]
     pub model: String,
-    /// `float` (the default) or `base64`.
+    // `float` (the default) or `base64` (no doc comment: it would wrap the
+    // reference in an allOf that generated clients cannot read).
     #[serde(default)]
     #[oai(nullable)]
     pub encoding_format: Option<EncodingFormat>,
@@ -65,7 +71,7 @@ pub struct EmbeddingRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub user: Option<String>,
-    /// rmlx extension: how long the model stays loaded afterwards.
+    // rmlx extension: how long the model stays loaded afterwards.
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
