@@ -83,13 +83,13 @@ fn truncated_safetensors() {
 fn unknown_model_type() {
     let d = model_copy("llama-q4-g64");
     let p = d.path().join("config.json");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"llama\"", "\"gpt_oss\"");
+    let text = std::fs::read_to_string(&p).unwrap().replace("\"llama\"", "\"falcon_mamba\"");
     std::fs::write(&p, text).unwrap();
     let m = d.path().to_str().unwrap();
     let (code, _, err) = rmlx(&["generate", "--model", m, "--prompt-tokens", "1"]);
     assert_ne!(code, 0);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("unknown model_type `gpt_oss`"), "{err}");
+    assert!(err.contains("unknown model_type `falcon_mamba`"), "{err}");
 }
 
 #[test]
