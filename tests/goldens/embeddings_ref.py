@@ -21,8 +21,11 @@ minilm: all-MiniLM-L6-v2 (scripts/real-models.sh all-minilm-l6-v2) through
         sentence-transformers on 50 sentences ->
         tests/fixtures/real/minilm-embeddings.json.gz (sentences, token ids,
         embeddings).
-bench:  sentences per second of sentence-transformers on the same 50
-        sentences, batch 32, on this CPU (prints one line).
+bench:  sentences per second on the same 50 sentences, batch 32, on this CPU:
+        sentence-transformers (`SentenceTransformer.encode`), then rmlx
+        (target/debug/rmlx serve with the model; the 50 sentences posted to
+        /v1/embeddings as two requests of 32 and 18, tokenization and HTTP
+        included). Mean of 5 runs after a warm-up; prints one line each.
 """
 import gzip
 import json
@@ -226,6 +229,49 @@ def bench():
     dt = (time.perf_counter() - t0) / runs
     print(f"sentence-transformers (torch {torch.__version__}, {torch.get_num_threads()} threads): "
           f"{len(SENTENCES) / dt:.1f} sentences/s ({dt * 1000:.0f} ms per 50, batch 32)")
+
+    bench_rmlx()
+
+
+def bench_rmlx():
+    import re
+    import subprocess
+    import threading
+    import urllib.request
+
+    binary = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug" / "rmlx"
+    proc = subprocess.Popen([str(binary), "serve", "--port", "0", "--model", f"minilm={MINILM}"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+    base = None
+    for line in proc.stderr:
+        m = re.search(r"on (http://[0-9.:]+)", line)
+        if m:
+            base = m.group(1)
+            break
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    try:
+        def post(batch):
+            req = urllib.request.Request(base + "/v1/embeddings", method="POST",
+                                         data=json.dumps({"model": "minilm", "input": batch}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                assert len(json.loads(r.read())["data"]) == len(batch)
+
+        def once():
+            for i in range(0, len(SENTENCES), 32):
+                post(SENTENCES[i:i + 32])
+
+        once()  # warm-up (loads the model)
+        runs = 5
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            once()
+        dt = (time.perf_counter() - t0) / runs
+        print(f"rmlx (target/debug/rmlx serve, HTTP): {len(SENTENCES) / dt:.1f} sentences/s "
+              f"({dt * 1000:.0f} ms per 50, batch 32)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 if __name__ == "__main__":
