@@ -95,7 +95,10 @@ QWEN35 = {
     "text_config": {
         **TEXT35,
         "full_attention_interval": 4,
-        "linear_num_value_heads": 2,
+        # 4 key = 4 value heads: value_dim 64, so group 64 divides out_proj's
+        # input and mlx-lm quantizes every Linear.
+        "linear_num_key_heads": 4,
+        "linear_num_value_heads": 4,
         "tie_word_embeddings": True,
         "layer_types": ["linear_attention"] * 3 + ["full_attention"],
     },
