@@ -319,3 +319,53 @@ fn gpt_oss_goldens_catch_a_wrong_model() {
         assert!(tally.worst > 1e-2, "{what}: the golden does not notice (worst relative error {:e})", tally.worst);
     }
 }
+
+/// The sinks reach the other KV families' attention: `gpt_oss-f32` served
+/// (six prompts batched, prefill in 8-token chunks) with float16 KV and with
+/// float16 keys + float32 values (mixed sides: the composed path of
+/// `author::kv`) gives the float32 lane's tokens; bf16 and fp8 + turbo4
+/// (lossy) run and are reported. Without the sinks the tokens would part at
+/// once (the goldens' no-sinks trial: relative error 0.97).
+#[test]
+fn gpt_oss_sinks_under_other_kv_families() {
+    use rmlx::engine::kv_family::KvChoice;
+    let _g = common::mlx_lock();
+    let model = "gpt_oss-f32";
+    let list = vec![(None, common::fixture(&format!("models/{model}")))];
+    let cat = ModelCatalog::discover(&list, &[]).unwrap();
+    let w = worker(&cat, false);
+    let entry = cat.get(model).unwrap();
+    let max_tokens = 20;
+    let run = |kv: Option<KvChoice>| -> Vec<Vec<u32>> {
+        let mut rxs: Vec<_> = prompts()
+            .iter()
+            .map(|p| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let params =
+                    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 8, kv: kv.clone(), ..GenParams::default() };
+                w.submit(GenRequest {
+                    model: entry.clone(),
+                    prompt: p.clone(),
+                    params,
+                    hook: None,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    keep_alive: None,
+                    events: tx,
+                })
+                .unwrap();
+                rx
+            })
+            .collect();
+        rxs.iter_mut().map(collect).collect()
+    };
+    let base = run(None);
+    for (k, v, exact) in [("f16", "f16", true), ("f16", "f32", true), ("bf16", "bf16", false), ("fp8", "turbo4", false)] {
+        let got = run(Some(KvChoice { k: Some(k.into()), v: Some(v.into()) }));
+        let same: usize = got.iter().zip(&base).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum();
+        eprintln!("kv {k}/{v}: {same} of {} leading tokens equal the f32 lane", base.len() * max_tokens);
+        assert!(got.iter().all(|t| t.len() == max_tokens), "kv {k}/{v}");
+        if exact {
+            assert_eq!(got, base, "kv {k}/{v} differs from the float32 lane");
+        }
+    }
+}
