@@ -58,7 +58,8 @@ pub fn residual(p: &[f32], q: &[f32]) -> Vec<f32> {
 /// are all zero.
 pub fn draw<R: Rng>(weights: &[f32], rng: &mut R) -> Option<u32> {
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
-    if !(total > 0.0) {
+    // Also None for a NaN total.
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
     let mut r = rng.random::<f64>() * total;

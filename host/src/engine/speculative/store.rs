@@ -13,7 +13,7 @@ use rmlx_plugin_api::cache_kind;
 
 enum Kv {
     Cache(KvCache),
-    Pool(SeqPool),
+    Pool(Box<SeqPool>),
 }
 
 pub struct Runner<'m> {
@@ -38,12 +38,13 @@ impl<'m> Runner<'m> {
             if let Some(why) = model.paged_refusal() {
                 bail!("speculative decoding over {} needs the paged one-sequence pool (sliding windows or a compressed KV family): {why}", name());
             }
-            Kv::Pool(SeqPool::new(model))
+            Kv::Pool(Box::new(SeqPool::new(model)))
         };
         Ok(Self { model, kv })
     }
 
     /// Tokens cached.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         match &self.kv {
             Kv::Cache(c) => c.offset() as usize,
