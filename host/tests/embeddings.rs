@@ -92,6 +92,13 @@ fn bert_tiny_matches_transformers_tokens_hidden_states_and_pooled_embeddings() {
         let want: Vec<f32> = got[i][..8].iter().map(|x| x / n).collect();
         assert!(max_diff(v, &want) < 1e-5);
     }
+    // CLS pooling, not normalised, cut to 8 values: token 0's first 8 states
+    // (a strided view read back row-major).
+    let mut cls = spec.clone();
+    cls.pooling = Pooling::Cls;
+    cls.normalize = false;
+    let v = embed(&mut model, &cls, &rows[..1], Some(8)).unwrap();
+    assert!(max_diff(&v[0], &floats(&g["hidden0"])[..8]) < 1e-4);
 }
 
 #[test]

@@ -107,9 +107,11 @@ fn embed_batch(model: &mut LoadedModel, spec: &EmbedSpec, rows: &[Vec<u32>], dim
     if spec.normalize {
         v = l2_normalize(&v)?;
     }
+    // A slice (cls pooling, `dims`) is a strided view: copy it row-major.
+    let v = v.contiguous()?;
     eval([&v])?;
     let (b, d) = (v.dim(0) as usize, v.dim(1) as usize);
-    let flat: &[f32] = v.as_slice();
+    let flat: &[f32] = v.try_as_slice().map_err(|e| anyhow!("reading embeddings: {e:?}"))?;
     if flat.len() != b * d {
         bail!("pooled embeddings have {} values for {b} x {d}", flat.len());
     }
@@ -190,7 +192,7 @@ mod tests {
         // [2, 3, 2]
         let h = Array::from_slice(&[1.0f32, 2., 3., 4., 5., 6., 7., 8., 9., 10., 99., 99.], &[2, 3, 2]);
         let get = |p| {
-            let a = pool(&h, &[3, 2], p).unwrap();
+            let a = pool(&h, &[3, 2], p).unwrap().contiguous().unwrap();
             a.as_slice::<f32>().to_vec()
         };
         assert_eq!(get(Pooling::Mean), vec![3., 4., 8., 9.]);
