@@ -209,3 +209,29 @@ fn generate_reports_draft_counts_and_refuses_another_vocabulary() {
     assert!(!out.status.success());
     assert!(err.contains("recurrent state") && !err.contains("panick"), "{err}");
 }
+
+/// On a real model with a tokenizer (SmolLM2-135M drafting for itself, so
+/// rounds end on bonus tokens): the text, an EOS inside a round, and a
+/// `--stop` string matched across tokens come out as without speculation.
+#[test]
+fn text_eos_and_stop_strings_apply_to_speculated_tokens() {
+    let _g = common::mlx_lock();
+    let m = common::default_model();
+    let m = m.to_str().unwrap();
+    let q = "What is the capital of France?";
+    for stop in [None, Some("Paris")] {
+        let mut base = vec!["-m", m, "--prompt", q, "--max-tokens", "48"];
+        if let Some(s) = stop {
+            base.extend(["--stop", s]);
+        }
+        let plain = generate_json(&base);
+        let mut spec = base.clone();
+        spec.extend(["--draft-model", m, "--num-draft-tokens", "4"]);
+        let s = generate_json(&spec);
+        for key in ["tokens", "text", "finish_reason"] {
+            assert_eq!(s[key], plain[key], "stop {stop:?}: {key}");
+        }
+        assert_eq!(s["finish_reason"], "stop", "{s}");
+        assert_eq!(s["drafted_tokens"], s["accepted_tokens"], "a model drafting for itself: {s}");
+    }
+}
