@@ -265,3 +265,31 @@ fn qwen3_5_configs_are_refused_by_name() {
         assert!(e.contains(want), "expected `{want}` in: {e}");
     }
 }
+
+/// Through the HTTP API: `rmlx serve` answers a completion on the hybrid
+/// with a 400 that says why (its paged pool keeps no recurrent state yet).
+#[test]
+fn server_answers_400_for_qwen3_next() {
+    let _g = common::mlx_lock(); // the engine thread loads the model
+    use rmlx::api::{AppState, ServerOptions};
+    use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
+    let catalog = ModelCatalog::discover(&[(None, common::fixture("models/qwen3_next-f32"))], &[]).unwrap();
+    let cfg = WorkerConfig {
+        plugins_dir: common::plugins_dir(),
+        max_queue_depth: 4,
+        max_loaded_models: 1,
+        idle_timeout: None,
+        prefill_chunk: 512,
+    };
+    let worker = Worker::start(cfg, &catalog).unwrap();
+    let state = std::sync::Arc::new(AppState { catalog: std::sync::Arc::new(catalog), worker, opts: ServerOptions::default() });
+    let base = common::serve(state);
+    let body = serde_json::json!({"model": "qwen3_next-f32", "prompt": [1, 17, 99], "max_tokens": 2});
+    let (status, v) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let r = reqwest::Client::new().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    });
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("layer 0 of qwen3_next") && msg.contains("rmlx generate"), "{v}");
+}
