@@ -110,6 +110,12 @@ fn hybrids_match_mlx_lm_across_decode_steps_and_prefill_chunks() {
         );
         assert_eq!(tally.compared, 3 * 8 + 2 * 8);
         assert!(tally.failures.is_empty(), "{name}:\n{}", tally.failures.join("\n"));
+        // Under the process's load policy too (as goldens.rs loads every
+        // golden: on a CPU, float32 and dense weights when they fit).
+        let mut model = LoadedModel::load(&common::fixture(&format!("models/{name}")), &reg).unwrap();
+        let mut tally = Tally::default();
+        compare(&mut model, &read::<Golden>(name), &mut tally);
+        assert!(tally.failures.is_empty(), "{name} (process policy):\n{}", tally.failures.join("\n"));
     }
     // The quantized variants' routers and shared-expert gates are 8-bit (mlx-lm's quant_predicate).
     let layers = [
