@@ -7,10 +7,8 @@ use super::{
     paged::{PagedForward, Row},
     LoadedModel,
 };
-use crate::plugins::registry::into_anyhow;
 use anyhow::Result;
 use mlx_rs::Array;
-use rmlx_plugin_api::MlxArray;
 
 pub struct SeqPool {
     pool: KvPool,
@@ -52,13 +50,10 @@ impl SeqPool {
         }
         let rows = [Row { table: &self.table, offset: self.len }];
         let mut paged = PagedForward::new(&mut self.pool, &rows, l)?;
-        let logits = into_anyhow(
-            model.model.forward(MlxArray::from_array(input), paged.attention(), last_only),
-            &model.architecture_plugin,
-        )?;
+        let logits = model.logits(&input, &mut paged, last_only)?;
         drop(paged);
         self.len += l;
-        Ok(logits.into_array())
+        Ok(logits)
     }
 
     /// Forgets the positions from `len` on (speculative decoding's rejected
