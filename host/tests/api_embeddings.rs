@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 fn golden() -> &'static Value {
     static G: OnceLock<Value> = OnceLock::new();
-    G.get_or_init(|| serde_json::from_str(&std::fs::read_to_string(common::fixture("goldens/embeddings-tiny.json")).unwrap()).unwrap())
+    G.get_or_init(|| serde_json::from_str(&std::fs::read_to_string(common::fixture("embeddings/tiny.json")).unwrap()).unwrap())
 }
 
 /// The tiny qwen3 fixture plus modules.json (last token, Normalize).

@@ -1,6 +1,6 @@
 //! Embeddings through the engine (engine/embed.rs, arch-bert) against
 //! references made by tests/goldens/embeddings_ref.py
-//! (tests/fixtures/goldens/embeddings-tiny.json):
+//! (tests/fixtures/embeddings/tiny.json):
 //! - a tiny random transformers `BertModel` with a tiny WordPiece tokenizer
 //!   and sentence-transformers files (mean + Normalize, max_seq_length 24):
 //!   the same token ids ([CLS] .. [SEP], truncated), the same hidden states,
@@ -23,7 +23,7 @@ use serde_json::Value;
 use std::path::Path;
 
 fn golden() -> Value {
-    let p = common::fixture("goldens/embeddings-tiny.json");
+    let p = common::fixture("embeddings/tiny.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

@@ -2,7 +2,7 @@
 a string, a list of strings, token ids, float and base64 (the SDK's default
 when numpy is installed: it asks for base64 and decodes the little-endian
 float32 itself), against the reference vectors of the tiny BERT fixture
-(tests/goldens/embeddings_ref.py -> tests/fixtures/goldens/embeddings-tiny.json)."""
+(tests/goldens/embeddings_ref.py -> tests/fixtures/embeddings/tiny.json)."""
 import base64
 import json
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, start_server
 
 BERT = "bert-tiny"
-GOLDEN = json.loads((ROOT / "tests/fixtures/goldens/embeddings-tiny.json").read_text())["bert"]
+GOLDEN = json.loads((ROOT / "tests/fixtures/embeddings/tiny.json").read_text())["bert"]
 
 
 @pytest.fixture(scope="module")

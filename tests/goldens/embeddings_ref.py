@@ -8,7 +8,7 @@ tiny:   tests/fixtures/models/bert-tiny-f32 (transformers' BertModel with a tiny
         files: mean pooling + Normalize, max_seq_length 24 < 32 positions) and
         tests/fixtures/models/roberta-tiny-f32 (RobertaForMaskedLM: `roberta.`
         names, positions from pad_token_id + 1, no sentence-transformers files);
-        references in tests/fixtures/goldens/embeddings-tiny.json:
+        references in tests/fixtures/embeddings/tiny.json:
         - bert: token ids of each text (the tokenizer, [CLS] .. [SEP],
           truncated to 24), the last hidden states of the first text, and the
           pooled, normalised embedding of every text (torch, computed as
@@ -190,7 +190,8 @@ def tiny():
         last = last / mx.maximum(mx.linalg.norm(last), 1e-12)
         q.append({"ids": r, "embedding": np.array(last).tolist()})
     golden["qwen3"] = q
-    out_path = FIX / "goldens" / "embeddings-tiny.json"
+    out_path = FIX / "embeddings" / "tiny.json"
+    out_path.parent.mkdir(exist_ok=True)
     out_path.write_text(json.dumps(golden) + "\n")
     print("wrote", out_path)
 
