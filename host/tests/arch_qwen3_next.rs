@@ -199,10 +199,10 @@ fn server_pool_refuses_qwen3_next_with_the_reason() {
     assert!(why.contains("layer 0 of qwen3_next") && why.contains("rmlx generate"), "{why}");
 }
 
-/// qwen3_5_moe-f32's tensors renamed by `rename`, in a temporary directory.
-fn edited_copy(rename: impl Fn(&str, &mlx_rs::Array) -> Vec<(String, mlx_rs::Array)>) -> tempfile::TempDir {
+/// Fixture `name`'s tensors renamed by `rename`, in a temporary directory.
+fn edited_copy(name: &str, rename: impl Fn(&str, &mlx_rs::Array) -> Vec<(String, mlx_rs::Array)>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let src = common::fixture("models/qwen3_5_moe-f32");
+    let src = common::fixture(&format!("models/{name}"));
     let tensors = mlx_rs::Array::load_safetensors(src.join("model.safetensors")).unwrap();
     let out: Vec<(String, mlx_rs::Array)> = tensors.iter().flat_map(|(k, v)| rename(k, v)).collect();
     mlx_rs::Array::save_safetensors(out, None, dir.path().join("model.safetensors")).unwrap();
@@ -212,13 +212,13 @@ fn edited_copy(rename: impl Fn(&str, &mlx_rs::Array) -> Vec<(String, mlx_rs::Arr
 
 /// The multi-token-prediction head (`mtp.*`, for speculative decoding) does
 /// not stop a load: its tensors are listed as unused, and the model still
-/// matches mlx-lm. The Hugging Face layout is refused with the way out.
+/// matches mlx-lm. The fused expert layout is refused with the way out.
 #[test]
-fn qwen3_5_keeps_mtp_loadable_and_refuses_the_hf_layout() {
+fn qwen3_5_keeps_mtp_loadable_and_refuses_fused_experts() {
     let _g = common::mlx_lock();
     let reg = common::registry();
     let mtp = ["mtp.fc.weight", "mtp.norm.weight", "language_model.mtp.layers.0.input_layernorm.weight"];
-    let dir = edited_copy(|k, v| {
+    let dir = edited_copy("qwen3_5_moe-f32", |k, v| {
         let mut out = vec![(k.to_string(), v.clone())];
         if k == "language_model.model.norm.weight" {
             out.extend(mtp.iter().map(|m| (m.to_string(), v.clone())));
@@ -235,13 +235,7 @@ fn qwen3_5_keeps_mtp_loadable_and_refuses_the_hf_layout() {
     compare(&mut model, &read::<Golden>("qwen3_5_moe-f32"), &mut tally);
     assert!(tally.failures.is_empty(), "{}", tally.failures.join("\n"));
 
-    let hf = edited_copy(|k, v| vec![(k.replacen("language_model.model.", "model.language_model.", 1), v.clone())]);
-    let e = match LoadedModel::load_with(hf.path(), &reg, LoadPolicy::default()) {
-        Ok(_) => panic!("the Hugging Face layout should be refused"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(e.contains("Hugging Face layout") && e.contains("mlx_lm.convert"), "{e}");
-    let fused = edited_copy(|k, v| match k.strip_suffix(".switch_mlp.gate_proj.weight") {
+    let fused = edited_copy("qwen3_5_moe-f32", |k, v| match k.strip_suffix(".switch_mlp.gate_proj.weight") {
         Some(layer) => vec![(format!("{layer}.experts.gate_up_proj"), v.clone())],
         None => vec![(k.to_string(), v.clone())],
     });
@@ -298,4 +292,34 @@ fn server_answers_400_for_qwen3_next() {
     assert_eq!(status, 400, "{v}");
     let msg = v["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("layer 0 of qwen3_next") && msg.contains("rmlx generate"), "{v}");
+}
+
+/// A checkpoint in the Hugging Face layout, made from an mlx-lm fixture by
+/// undoing what mlx-lm's sanitize does: names under `model.language_model.`
+/// (or `model.`) and `lm_head`, conv1d [C, 1, K], the blocks', q/k and final
+/// RMSNorm weights stored as offsets from 1 (the gated norm is not). rmlx
+/// reads it as mlx-lm does and matches the same goldens.
+#[test]
+fn qwen3_5_reads_the_hugging_face_layout() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let shifted = [".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight", ".q_norm.weight", ".k_norm.weight"];
+    for (name, root) in [("qwen3_5-f32", "model.language_model."), ("qwen3_5_moe-f32", "model."), ("qwen3_5-q4-g64", "model.language_model.")] {
+        let dir = edited_copy(name, |k, v| {
+            let key = k.replacen("language_model.model.", root, 1).replacen("language_model.lm_head", "lm_head", 1);
+            let v = if k.ends_with("conv1d.weight") {
+                v.swap_axes(1, 2).unwrap() // [C, K, 1] -> [C, 1, K]
+            } else if shifted.iter().any(|s| k.ends_with(s)) {
+                v.subtract(mlx_rs::Array::from_f32(1.0)).unwrap()
+            } else {
+                v.clone()
+            };
+            vec![(key, v)]
+        });
+        let mut model = LoadedModel::load_with(dir.path(), &reg, LoadPolicy::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(model.unused.is_empty(), "{name}: unused tensors {:?}", model.unused);
+        let mut tally = Tally::default();
+        compare(&mut model, &read::<Golden>(name), &mut tally);
+        assert!(tally.failures.is_empty(), "{name} in the HF layout:\n{}", tally.failures.join("\n"));
+    }
 }

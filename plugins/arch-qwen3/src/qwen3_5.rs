@@ -12,9 +12,12 @@
 //! - every layer's feed-forward is the MoE block when `num_experts` > 0
 //!   (qwen3_5_moe.rs), else the dense MLP;
 //! - tensors under `language_model.` (`language_model.model.*`,
-//!   `language_model.lm_head`), as mlx-lm's `Model` names them; the vision
-//!   tower and the multi-token-prediction head (`mtp.*`) are not read (the
-//!   host lists them as unused; the MTP head is for speculative decoding).
+//!   `language_model.lm_head`), as mlx-lm's `Model` names them, or in the
+//!   Hugging Face layout that its `sanitize` rewrites (`model.language_model.*`
+//!   or `model.*` and `lm_head`; conv1d [C, 1, K]; norms stored as offsets
+//!   from 1), read as mlx-lm reads it (`layout`); the vision tower and the
+//!   multi-token-prediction head (`mtp.*`) are not read (the host lists them
+//!   as unused; the MTP head is for speculative decoding).
 //!
 //! Shapes: see qwen3_next.rs.
 use crate::qwen3_next::{Hybrid, HybridModel, Projections};
@@ -211,6 +214,7 @@ impl Config {
             layer_types: t.layer_types.clone(),
             attention_bias: t.attention_bias,
             projections: Projections::Split,
+            hf_layout: false,
         };
         h.check()?;
         Ok(h)
@@ -219,24 +223,37 @@ impl Config {
 
 // ---- model ----
 
-/// Refuses the Hugging Face layout (which mlx-lm's sanitize rewrites:
-/// `model.language_model.*` names, conv weights [C, 1, K], norms stored as
-/// offsets from 1, fused `experts.gate_up_proj`) with the way out.
-pub fn check_layout(w: &Weights, model_type: &str) -> Result<()> {
-    if w.contains("model.language_model.embed_tokens.weight") || w.contains("model.embed_tokens.weight") {
-        return Err(PluginError::unsupported(format!(
-            "this {model_type} checkpoint is in the Hugging Face layout (model.language_model.* or model.*; \
-             mlx-lm's sanitize renames it to language_model.model.*, transposes conv1d, shifts the norms by 1 \
-             and splits experts.gate_up_proj): convert it with mlx_lm.convert first"
-        )));
+/// Where the text model's tensors are, as mlx-lm's `Model.sanitize` maps
+/// names: `language_model.model.*` and `language_model.lm_head` (mlx-lm's
+/// own layout), or the Hugging Face names `model.language_model.*` (or
+/// `model.*`) and `lm_head`. The vision tower and `mtp.*` are not read.
+/// Returns (model prefix, head module); sets `c.hf_layout` when the
+/// checkpoint's conv1d weights are unsanitized ([C, 1, K], so mlx-lm also
+/// shifts the norms by 1).
+pub fn layout(w: &mut Weights, c: &mut Hybrid) -> Result<(&'static str, &'static str)> {
+    let (model, head) = if w.contains("language_model.model.embed_tokens.weight") {
+        ("language_model.model.", "language_model.lm_head")
+    } else if w.contains("model.language_model.embed_tokens.weight") {
+        ("model.language_model.", "lm_head")
+    } else {
+        ("model.", "lm_head")
+    };
+    // mlx-lm's `has_unsanitized_conv1d`: any conv1d weight whose last axis is not 1.
+    let mut hf = false;
+    for i in (0..c.num_hidden_layers).filter(|&i| c.is_linear(i)) {
+        let name = format!("{model}layers.{i}.linear_attn.conv1d.weight");
+        if w.contains(&name) && w.tensor(&name)?.shape().last() != Some(&1) {
+            hf = true;
+        }
     }
-    Ok(())
+    c.hf_layout = hf;
+    Ok((model, head))
 }
 
 pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
-    let c = Config::parse(config_json, "qwen3_5")?;
-    check_layout(w, "qwen3_5")?;
-    HybridModel::load(c, w, "language_model.")
+    let mut c = Config::parse(config_json, "qwen3_5")?;
+    let (model, head) = layout(w, &mut c)?;
+    HybridModel::load(c, w, model, head)
 }
 
 #[cfg(test)]

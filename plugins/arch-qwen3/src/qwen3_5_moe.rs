@@ -6,11 +6,12 @@
 //! are qwen3_5.rs's (which builds on qwen3_next.rs): with `num_experts` > 0
 //! every layer's feed-forward is the routed MoE plus the shared expert.
 //!
-//! Checkpoints are read in the layout mlx-lm writes (experts already split
-//! and stacked as `switch_mlp`); a fused `gate_up_proj` is refused with the
+//! Checkpoints are read in the layout mlx-lm writes (experts split and
+//! stacked as `switch_mlp`), or with qwen3_5's Hugging Face names, conv and
+//! norms (qwen3_5.rs `layout`); a fused `gate_up_proj` is refused with the
 //! way out (mlx_lm.convert), since the host lends expert layers by module
 //! (`Weights::switch_linear`) and has no way yet to lend half of one tensor.
-use crate::qwen3_5::{check_layout, Config};
+use crate::qwen3_5::{layout, Config};
 use crate::qwen3_next::HybridModel;
 use rmlx_plugin_api::{
     author::{Result, Weights},
@@ -18,10 +19,10 @@ use rmlx_plugin_api::{
 };
 
 pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
-    let c = Config::parse(config_json, "qwen3_5_moe")?;
-    check_layout(w, "qwen3_5_moe")?;
+    let mut c = Config::parse(config_json, "qwen3_5_moe")?;
+    let (model, head) = layout(w, &mut c)?;
     for i in 0..c.num_hidden_layers {
-        let fused = format!("language_model.model.layers.{i}.mlp.experts.gate_up_proj");
+        let fused = format!("{model}layers.{i}.mlp.experts.gate_up_proj");
         if w.contains(&fused) {
             return Err(PluginError::unsupported(format!(
                 "{fused}: the fused expert layout (mlx-lm's qwen3_5_moe sanitize splits it into \
@@ -29,5 +30,5 @@ pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
             )));
         }
     }
-    HybridModel::load(c, w, "language_model.")
+    HybridModel::load(c, w, model, head)
 }

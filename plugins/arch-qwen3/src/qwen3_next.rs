@@ -135,6 +135,7 @@ impl Config {
             layer_types: self.layer_types.clone(),
             attention_bias: self.attention_bias,
             projections: Projections::Fused,
+            hf_layout: false,
         }
     }
 }
@@ -181,6 +182,22 @@ pub struct Hybrid {
     /// have them exactly when this is set).
     pub attention_bias: bool,
     pub projections: Projections,
+    /// qwen3_5's Hugging Face layout, which mlx-lm's sanitize rewrites at
+    /// load: conv1d weights [C, 1, K] (moved to [C, K, 1]) and the RMSNorm
+    /// weights of the blocks, q/k and the final norm stored as offsets from
+    /// 1 (1 is added; the DeltaNet's gated norm is not shifted).
+    pub hf_layout: bool,
+}
+
+impl Hybrid {
+    /// An RMSNorm weight (`name`), shifted by 1 in the Hugging Face layout.
+    fn norm(&self, w: &mut Weights, name: &str) -> Result<Array> {
+        let t = w.tensor(name)?;
+        if self.hf_layout && t.ndim() == 1 {
+            return Ok(t.add(Array::from_f32(1.0).as_dtype(t.dtype())?)?);
+        }
+        Ok(t)
+    }
 }
 
 impl Hybrid {
@@ -323,8 +340,8 @@ impl GatedAttention {
             k_proj: w.linear(&format!("{p}.k_proj"))?,
             v_proj: w.linear(&format!("{p}.v_proj"))?,
             o_proj: w.linear(&format!("{p}.o_proj"))?,
-            q_norm: w.tensor(&format!("{p}.q_norm.weight"))?,
-            k_norm: w.tensor(&format!("{p}.k_norm.weight"))?,
+            q_norm: c.norm(w, &format!("{p}.q_norm.weight"))?,
+            k_norm: c.norm(w, &format!("{p}.k_norm.weight"))?,
             rope: c.rope()?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
@@ -380,7 +397,7 @@ impl DeltaLayer {
                 a: lin(w, "in_proj_a")?,
             },
         };
-        Ok(Self { input, net: GatedDeltaNet::load(w, p, c.delta)? })
+        Ok(Self { input, net: GatedDeltaNet::load_layout(w, p, c.delta, c.hf_layout)? })
     }
 
     /// x: [B, L, D] -> [B, L, D]
@@ -459,8 +476,8 @@ impl HybridBlock {
         Ok(Self {
             mixer,
             mlp: feed_forward(w, c, i, &format!("{p}.mlp"))?,
-            input_layernorm: w.tensor(&format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: w.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+            input_layernorm: c.norm(w, &format!("{p}.input_layernorm.weight"))?,
+            post_attention_layernorm: c.norm(w, &format!("{p}.post_attention_layernorm.weight"))?,
             eps: c.rms_norm_eps,
         })
     }
@@ -491,17 +508,18 @@ pub struct HybridModel {
 }
 
 impl HybridModel {
-    /// `root`: where `model.` and `lm_head` live ("" for qwen3_next,
-    /// "language_model." for qwen3_5).
-    pub fn load(c: Hybrid, w: &mut Weights, root: &str) -> Result<Self> {
-        let embed_tokens = w.embedding(&format!("{root}model.embed_tokens"))?;
+    /// `model`: the prefix of `embed_tokens`, `layers` and `norm` ("model."
+    /// for qwen3_next, "language_model.model." for qwen3_5); `head`: the
+    /// output head's module ("lm_head", "language_model.lm_head").
+    pub fn load(c: Hybrid, w: &mut Weights, model: &str, head: &str) -> Result<Self> {
+        let embed_tokens = w.embedding(&format!("{model}embed_tokens"))?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| HybridBlock::load(w, &c, i, &format!("{root}model.layers.{i}")))
+            .map(|i| HybridBlock::load(w, &c, i, &format!("{model}layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.tensor(&format!("{root}model.norm.weight"))?;
+        let norm = c.norm(w, &format!("{model}norm.weight"))?;
         // mlx-lm's sanitize drops `lm_head` when tied (and `mtp.*`, the
         // multi-token-prediction head, which is left unread here).
-        let head = format!("{root}lm_head");
+        let head = head.to_string();
         let tied = c.tie_word_embeddings || !w.contains(&format!("{head}.weight"));
         let lm_head = if tied { None } else { Some(w.linear(&head)?) };
         Ok(Self { config: c, embed_tokens, layers, norm, lm_head })
@@ -562,7 +580,7 @@ impl ModelImpl for HybridModel {
 
 pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
     let c = Config::parse(config_json)?;
-    HybridModel::load(c.hybrid(), w, "")
+    HybridModel::load(c.hybrid(), w, "model.", "lm_head")
 }
 
 #[cfg(test)]

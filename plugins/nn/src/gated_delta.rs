@@ -171,8 +171,17 @@ impl GatedDeltaNet {
     /// (mlx's Conv1d layout, as mlx-lm's sanitize leaves it), `A_log`,
     /// `dt_bias`, `norm.weight` and `out_proj`.
     pub fn load(w: &mut Weights, p: &str, dims: DeltaDims) -> Result<Self> {
-        let conv1d = w.tensor(&format!("{p}.conv1d.weight"))?;
+        Self::load_layout(w, p, dims, false)
+    }
+
+    /// As `load`; with `hf_conv`, `conv1d.weight` is in the Hugging Face
+    /// layout [C, 1, K] and is moved to [C, K, 1] (mlx-lm's sanitize).
+    pub fn load_layout(w: &mut Weights, p: &str, dims: DeltaDims, hf_conv: bool) -> Result<Self> {
+        let mut conv1d = w.tensor(&format!("{p}.conv1d.weight"))?;
         let (c, k) = (dims.conv_dim(), dims.conv_kernel);
+        if hf_conv && conv1d.shape() == [c, 1, k] {
+            conv1d = conv1d.swap_axes(1, 2)?; // [C, 1, K] -> [C, K, 1]
+        }
         if conv1d.shape() != [c, k, 1] {
             let hint = if conv1d.shape() == [c, 1, k] {
                 " (the Hugging Face layout [C, 1, K]: convert the checkpoint with mlx_lm.convert first)"
