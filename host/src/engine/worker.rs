@@ -243,6 +243,8 @@ impl Worker {
     /// Embeds token-id rows with an embedding model (engine/embed.rs): one
     /// vector per row, in order, `dims` long when given. Runs between
     /// scheduler steps on the engine thread; loads the model if needed.
+    /// Open until answered, it counts in `open_requests` (/health's
+    /// `in_flight`, `--max-queue-depth`).
     pub async fn embed(
         &self,
         model: Arc<ModelEntry>,
@@ -250,6 +252,12 @@ impl Worker {
         dims: Option<usize>,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Vec<Vec<f32>>, WorkerError> {
+        // Counted with the generations against `--max-queue-depth` (429 past it).
+        let n = self.open_requests.fetch_add(1, Ordering::SeqCst);
+        let _open = OpenRequest(self.open_requests.clone());
+        if n > self.max_queue_depth {
+            return Err(WorkerError::QueueFull(n - 1));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Embed { model, rows, dims, keep_alive, reply })
