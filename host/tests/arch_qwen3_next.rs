@@ -323,3 +323,25 @@ fn qwen3_5_reads_the_hugging_face_layout() {
         assert!(tally.failures.is_empty(), "{name} in the HF layout:\n{}", tally.failures.join("\n"));
     }
 }
+
+/// bfloat16 as `mlx_lm.convert --dtype bfloat16` writes qwen3_5 (every float
+/// tensor bfloat16 but `A_log`, which its cast_predicate keeps float32):
+/// against mlx-lm's bfloat16 run.
+#[test]
+fn qwen3_5_bf16_matches_mlx_lm() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let name = "qwen3_5-bf16";
+    let mut model = load(name, &reg);
+    let mut tally = Tally::default();
+    compare(&mut model, &read::<Golden>(name), &mut tally);
+    compare_chunked(&mut model, name, &read::<ChunkedGolden>(name).chunked, &mut tally);
+    eprintln!("{name}: {} steps, worst relative error {:e}", tally.compared, tally.worst);
+    assert!(tally.failures.is_empty(), "{name}:\n{}", tally.failures.join("\n"));
+    // as goldens.rs loads it (the process's load policy)
+    let mut model = LoadedModel::load(&common::fixture(&format!("models/{name}")), &reg).unwrap();
+    let mut tally = Tally::default();
+    compare(&mut model, &read::<Golden>(name), &mut tally);
+    eprintln!("{name} (process policy): worst relative error {:e}", tally.worst);
+    assert!(tally.failures.is_empty(), "{name} (process policy):\n{}", tally.failures.join("\n"));
+}

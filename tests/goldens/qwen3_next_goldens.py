@@ -34,6 +34,7 @@ import mlx_lm.utils as lm_utils
 from mlx_lm.generate import generate_step
 from mlx_lm.models import qwen3_5, qwen3_5_moe, qwen3_next
 from mlx_lm.models.cache import make_prompt_cache
+from mlx.utils import tree_map_with_path
 
 NEXT = {
     **mg.COMMON,
@@ -135,9 +136,10 @@ CHUNKS = [11, 4]
 
 def record_chunked(model, prompt, chunk):
     """make_goldens.record with `prefill_step_size` = chunk."""
-    seen = []
+    seen, dtypes = [], set()
 
     def capture(tokens, logits):
+        dtypes.add(logits.dtype)
         seen.append(np.array(logits[0].astype(mx.float32)))
         return logits
 
@@ -154,6 +156,10 @@ def record_chunked(model, prompt, chunk):
     logits = seen[: mg.MAX_TOKENS]
     margins = []
     for t, lg in zip(tokens, logits):
+        if dtypes <= {mx.bfloat16, mx.float16}:
+            # as make_goldens.record: mlx-lm's pick over the best other
+            margins.append(float(lg[t] - np.delete(lg, t).max()))
+            continue
         order = np.argsort(-lg, kind="stable")
         assert int(order[0]) == t, (t, int(order[0]))
         margins.append(float(lg[order[0]] - lg[order[1]]))
@@ -215,6 +221,19 @@ def make(family):
         mg.ARCHS[arch] = (module, config, seed)
         model, config, params = mg.build_f32(arch)
         variants = [(f"{arch}-f32", model, config)]
+        # bfloat16 as mlx_lm.convert --dtype bfloat16 casts (its
+        # cast_predicate: qwen3_5 keeps A_log float32); the dense one only
+        # (MLX's CPU gather_mm, the experts, takes float32 only).
+        bf16 = mg.clone(arch, params)
+        keep = getattr(bf16, "cast_predicate", lambda _: True)
+        bf16.update(
+            tree_map_with_path(
+                lambda k, v: v.astype(mx.bfloat16) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+                bf16.parameters(),
+            )
+        )
+        if arch == "qwen3_5":
+            variants.append((f"{arch}-bf16", bf16, {**config, "torch_dtype": "bfloat16"}))
         for suffix in quants:
             _, gs, bits, _ = next(q for q in mg.QUANTS if q[0] == suffix)
             qmodel, qconfig = quantize(arch, params, gs, bits)
