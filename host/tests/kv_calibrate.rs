@@ -56,10 +56,11 @@ fn kv_calibrate_writes_means_that_calibrated_families_load_per_layer() {
     assert_eq!(cal.layers.iter().filter(|l| l.is_some()).count(), n);
     let (k, _) = cal.layers[0].as_ref().unwrap();
     assert_eq!(k.shape(), &[model.spec.num_kv_heads as i32, model.spec.head_dim as i32]);
-    // turbo3 gets a codec per layer and a calibration key; q8 keys none.
+    // turbo3 keys get a codec per layer and a calibration key (values stay
+    // uncentered); f32 keys none.
     let choice = KvChoice { k: Some("turbo3".into()), v: Some("turbo3".into()) };
     let (ks, vs) = kv_family::resolve(&reg, &model.spec, model.kv.0.dims.dtype, &choice, Some(&cal)).unwrap();
-    assert_eq!((ks.layer_codecs.len(), vs.layer_codecs.len()), (n, n));
+    assert_eq!((ks.layer_codecs.len(), vs.layer_codecs.len()), (n, 0));
     assert_eq!(ks.calibration, Some(cal.hash));
     let (ks, _) = kv_family::resolve(&reg, &model.spec, model.kv.0.dims.dtype, &KvChoice { k: Some("f32".into()), v: None }, Some(&cal)).unwrap();
     assert!(ks.layer_codecs.is_empty() && ks.calibration.is_none());

@@ -61,8 +61,8 @@ pub fn dense_family(dtype: Dtype) -> &'static str {
 /// Keys' and values' sides for a model of `spec` whose activations are
 /// `dtype`, from the plugins that provide the chosen families.
 ///
-/// A family that uses a calibration (`calibration() == "mean"`) gets one
-/// codec per layer from `calib` (the model directory's
+/// A keys family that uses a calibration (`calibration() == "mean"`) gets
+/// one codec per layer from `calib` (the model directory's
 /// `kv_calibration.safetensors`), or runs uncalibrated with a warning.
 pub fn resolve(
     registry: &Registry,
@@ -78,8 +78,12 @@ pub fn resolve(
         let comps = codec.try_components(&dims).with_context(|| format!("KV cache family `{name}`"))?;
         let wants = codec.calibration();
         let mut side = KvSide::with_components(&name, codec, dims, comps)?;
+        // Keys only: their shared component is what the rotation families
+        // lose (KV_QUANT.md); centering values measured no better (Qwen2.5
+        // q8/turbo3: x1.176 uncentered, x1.248 centered).
         match (wants.as_deref(), calib) {
             (None, _) => {}
+            (Some(_), _) if !keys => {}
             (Some(_), None) => warn_uncalibrated(&name),
             (Some(_), Some(c)) => {
                 let mut codecs: Vec<std::rc::Rc<dyn KvCodecImpl>> = Vec::with_capacity(spec.num_layers as usize);
