@@ -19,7 +19,8 @@
 //! families on keys (turbo3 keys: SmolLM2-135M perplexity +24%,
 //! Qwen2.5-0.5B far worse); ANALYSIS.md says why (the error follows the whole
 //! key norm, most of which is a component shared by every token) and what
-//! works (q8 keys with turbo values; centered keys).
+//! works (q8 keys with turbo values; centered keys: the rotation families
+//! declare the `mean` calibration that `rmlx kv-calibrate` fits).
 //!
 //! Shared pieces: [`pack`] (bit-plane packing), [`codebook`] (Lloyd-Max),
 //! [`rotation`] (seeded rotations), [`quant`] (norm + codebook quantizer),
