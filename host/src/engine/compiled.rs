@@ -140,7 +140,9 @@ impl Drop for CompiledStep {
 /// `RMLX_COMPILE=0`, and only for models without sliding-window layers.
 pub fn enabled(model: &LoadedModel) -> bool {
     let on = std::env::var("RMLX_COMPILE").map(|v| v != "0").unwrap_or(true);
-    on && model.spec.sliding_window.iter().all(|&w| w == 0)
+    // Uniform full-attention layers only: no windows, no recurrent state,
+    // no shared K/V or per-layer head sizes (ABI 3.3 `Model::layers`).
+    on && model.spec.sliding_window.iter().all(|&w| w == 0) && model.paged_refusal().is_none()
 }
 
 /// Grows every layer's buffers [1, K, cap, hd] by `add` zeroed slots.
