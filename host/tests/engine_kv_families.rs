@@ -174,7 +174,7 @@ fn lane(stats: &EngineStats, label: &str) -> BlockStats {
 fn bytes_per_token(model: &str, kv: &KvChoice) -> usize {
     let reg = common::registry();
     let m = LoadedModel::load(&common::fixture(&format!("models/{model}")), &reg).unwrap();
-    let (k, v) = kv_family::resolve(&reg, &m.spec, m.kv.0.dims.dtype, kv).unwrap();
+    let (k, v) = kv_family::resolve(&reg, &m.spec, m.kv.0.dims.dtype, kv, None).unwrap();
     m.spec.num_layers as usize * (k.bytes_per_slot() + v.bytes_per_slot())
 }
 
