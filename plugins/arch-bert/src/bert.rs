@@ -22,7 +22,7 @@
 //! Shapes: B batch, L tokens, D hidden, H heads, hd head_dim, F intermediate.
 use crate::layers::{gelu, LayerNorm};
 use mlx_rs::{ops::arange, Array};
-use rmlx_nn::{gemma::gelu_approx, merge_heads, parse_config, split_heads};
+use rmlx_nn::{gemma::gelu_approx, merge_heads, parse_config, require_positive, split_heads};
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Output, Result, Weights},
     ModelSpec, PluginError,
@@ -109,9 +109,7 @@ impl Config {
             ("intermediate_size", self.intermediate_size),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        if let Some((k, v)) = positive.iter().find(|(_, v)| *v <= 0) {
-            return bad(format!("{k} must be positive, got {v}"));
-        }
+        require_positive(&positive)?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

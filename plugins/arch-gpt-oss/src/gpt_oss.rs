@@ -20,7 +20,7 @@
 use mlx_rs::Array;
 use rmlx_nn::decoder::{model_spec, AttentionSpec, Block, Decoder, Dims, FeedForward, GateAct, SelfAttention};
 use rmlx_nn::moe::{combine, top_k_softmax, SwitchGlu};
-use rmlx_nn::{parse_config, Rope};
+use rmlx_nn::{parse_config, require_grouped_heads, require_positive, Rope};
 use rmlx_plugin_api::{
     author::{Attend, LinearLayer, ModelImpl, Result, Weights},
     ModelSpec, PluginError,
@@ -158,15 +158,8 @@ impl Config {
             ("vocab_size", self.vocab_size),
             ("num_local_experts", self.num_local_experts),
         ];
-        if let Some((k, v)) = positive.iter().find(|(_, v)| *v <= 0) {
-            return bad(format!("{k} must be positive, got {v}"));
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return bad(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
+        require_positive(&positive)?;
+        require_grouped_heads(self.num_attention_heads, self.num_key_value_heads)?;
         if self.head_dim % 2 != 0 {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }

@@ -31,7 +31,10 @@ use rmlx_nn::decoder::{FeedForward, Mlp};
 use rmlx_nn::gated_delta::{DeltaDims, GatedDeltaNet};
 use rmlx_nn::moe::SparseMoe;
 use rmlx_nn::shared_expert::WithSharedExpert;
-use rmlx_nn::{finish, merge_heads, merge_inputs, offer_hidden, parse_config, rms_norm, split_heads, Positions, Rope};
+use rmlx_nn::{
+    finish, merge_heads, merge_inputs, offer_hidden, parse_config, require_grouped_heads, require_positive, rms_norm,
+    split_heads, Positions, Rope,
+};
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     cache_kind, LayerCache, ModelSpec, PluginError,
@@ -238,18 +241,11 @@ impl Hybrid {
             ("linear_value_head_dim", d.v_dim),
             ("full_attention_interval", self.full_attention_interval),
         ];
-        if let Some((k, v)) = positive.iter().find(|(_, v)| *v <= 0) {
-            return bad(format!("{k} must be positive, got {v}"));
-        }
+        require_positive(&positive)?;
         if d.conv_kernel < 2 {
             return bad(format!("linear_conv_kernel_dim must be at least 2, got {}", d.conv_kernel));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return bad(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
+        require_grouped_heads(self.num_attention_heads, self.num_key_value_heads)?;
         if d.v_heads % d.k_heads != 0 {
             return bad(format!(
                 "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",

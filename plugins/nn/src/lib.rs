@@ -22,6 +22,24 @@ pub fn parse_config<T: DeserializeOwned>(json: &str) -> Result<T> {
     serde_json::from_str(json).map_err(|e| PluginError::config(format!("config.json: {e}")))
 }
 
+/// Refuses the first config key of `fields` that is not positive, by name.
+pub fn require_positive(fields: &[(&str, i32)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v <= 0) {
+        Some((k, v)) => Err(PluginError::config(format!("{k} must be positive, got {v}"))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses query heads that do not group over the KV heads (GQA).
+pub fn require_grouped_heads(heads: i32, kv_heads: i32) -> Result<()> {
+    if kv_heads <= 0 || heads % kv_heads != 0 {
+        return Err(PluginError::config(format!(
+            "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )));
+    }
+    Ok(())
+}
+
 /// mlx.fast.rms_norm over the last axis.
 pub fn rms_norm(x: &Array, weight: &Array, eps: f32) -> Result<Array> {
     Ok(fast::rms_norm(x, Some(weight), eps)?)
