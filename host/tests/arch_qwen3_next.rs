@@ -10,8 +10,8 @@
 //! loadable (left unused) and the Hugging Face layout refused with the way out.
 mod common;
 
-use common::golden::{compare, rel_err, Golden, Tally, MARGIN, REL_TOL};
-use rmlx::engine::{sampler, LoadedModel, Session};
+use common::golden::{compare, compare_run, Golden, Tally};
+use rmlx::engine::{LoadedModel, Session};
 use rmlx::model::policy::LoadPolicy;
 use rmlx_plugin_api::cache_kind;
 use serde::Deserialize;
@@ -63,25 +63,8 @@ fn compare_chunked(model: &mut LoadedModel, name: &str, cases: &[Chunked], tally
     for case in cases {
         let mut session = Session::new(model);
         session.prefill_chunk = case.chunk;
-        let mut logits = session.prefill(&case.prompt).unwrap();
-        for (step, want) in case.tokens.iter().enumerate() {
-            let err = rel_err(&logits, &case.logits[step]);
-            tally.worst = tally.worst.max(err);
-            tally.compared += 1;
-            if err > REL_TOL {
-                tally.failures.push(format!("{name} chunk {} step {step}: relative error {err:e}", case.chunk));
-            }
-            if case.margins[step] > MARGIN && sampler::argmax(&logits) != *want {
-                tally.failures.push(format!(
-                    "{name} chunk {} step {step}: greedy {} != mlx-lm {want}",
-                    case.chunk,
-                    sampler::argmax(&logits)
-                ));
-            }
-            if step + 1 < case.tokens.len() {
-                logits = session.step(*want).unwrap();
-            }
-        }
+        let label = format!("{name} chunk {}", case.chunk);
+        compare_run(session, &label, &case.prompt, &case.tokens, &case.logits, &case.margins, tally);
     }
 }
 

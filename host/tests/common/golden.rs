@@ -39,27 +39,37 @@ pub struct Tally {
 /// Runs every case of `golden` through `model`, teacher-forcing mlx-lm's
 /// tokens so later steps see the same context.
 pub fn compare(model: &mut LoadedModel, golden: &Golden, tally: &mut Tally) {
-    let name = &golden.model;
     for case in &golden.prompts {
-        let mut session = Session::new(model);
-        let mut logits = session.prefill(&case.prompt).unwrap();
-        for (step, want) in case.tokens.iter().enumerate() {
-            let err = rel_err(&logits, &case.logits[step]);
-            tally.worst = tally.worst.max(err);
-            tally.compared += 1;
-            if err > REL_TOL {
-                tally.failures.push(format!("{name} prompt {:?} step {step}: relative error {err:e}", case.prompt));
-            }
-            if case.margins[step] > MARGIN && sampler::argmax(&logits) != *want {
-                tally.failures.push(format!(
-                    "{name} prompt {:?} step {step}: greedy {} != mlx-lm {want}",
-                    case.prompt,
-                    sampler::argmax(&logits)
-                ));
-            }
-            if step + 1 < case.tokens.len() {
-                logits = session.step(*want).unwrap();
-            }
+        let label = format!("{} prompt {:?}", golden.model, case.prompt);
+        compare_run(Session::new(model), &label, &case.prompt, &case.tokens, &case.logits, &case.margins, tally);
+    }
+}
+
+/// One teacher-forced run through `session`: prefill `prompt`, then step
+/// mlx-lm's `tokens`, comparing each step's logits and (above the margin)
+/// greedy token.
+pub fn compare_run(
+    mut session: Session,
+    label: &str,
+    prompt: &[u32],
+    tokens: &[u32],
+    want_logits: &[Vec<f32>],
+    margins: &[f32],
+    tally: &mut Tally,
+) {
+    let mut logits = session.prefill(prompt).unwrap();
+    for (step, want) in tokens.iter().enumerate() {
+        let err = rel_err(&logits, &want_logits[step]);
+        tally.worst = tally.worst.max(err);
+        tally.compared += 1;
+        if err > REL_TOL {
+            tally.failures.push(format!("{label} step {step}: relative error {err:e}"));
+        }
+        if margins[step] > MARGIN && sampler::argmax(&logits) != *want {
+            tally.failures.push(format!("{label} step {step}: greedy {} != mlx-lm {want}", sampler::argmax(&logits)));
+        }
+        if step + 1 < tokens.len() {
+            logits = session.step(*want).unwrap();
         }
     }
 }
