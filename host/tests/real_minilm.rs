@@ -69,20 +69,8 @@ fn check_all(got: &[Vec<f32>], r: &Value, via: &str) {
 }
 
 fn unbase64(s: &str) -> Vec<f32> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("bad base64 {c}"),
-    } as u32;
-    let mut bytes = Vec::new();
-    for q in s.as_bytes().chunks(4) {
-        let pad = q.iter().filter(|&&c| c == b'=').count();
-        let n = q.iter().filter(|&&c| c != b'=').enumerate().fold(0u32, |n, (i, &c)| n | val(c) << (18 - 6 * i));
-        bytes.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).expect("valid base64");
     bytes.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
