@@ -15,7 +15,7 @@ use mlx_rs::{
 };
 use rmlx_plugin_api::{
     author::{kv::dense_attend, AttendOpts},
-    Attention, PluginError,
+    PluginError,
 };
 
 /// Capacity grows in steps of this many tokens (as mlx-lm's KVCache).
@@ -113,11 +113,6 @@ impl KvCache {
     /// windowed models.
     pub fn truncate(&mut self, len: i32) {
         self.offset = self.offset.min(len.max(0));
-    }
-
-    /// Lends the cache to one forward call.
-    pub fn attention(&mut self) -> Attention {
-        super::attend::lend(self)
     }
 }
 

@@ -12,7 +12,7 @@ use super::kv_pool::{KvPool, KvSide};
 use mlx_rs::{ops::indexing::scatter_single, Array};
 use rmlx_plugin_api::{
     author::kv::{composed_attend, AttendOpts, Paged},
-    Attention, PluginError,
+    PluginError,
 };
 use std::collections::HashMap;
 
@@ -77,10 +77,6 @@ impl<'a> PagedForward<'a> {
             exact: (rows.len() == 1).then(|| rows[0].offset + len),
             masks: HashMap::new(),
         })
-    }
-
-    pub fn attention(&mut self) -> Attention {
-        super::attend::lend(self)
     }
 
     /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
