@@ -86,6 +86,7 @@ pub fn parse_sse(text: &str) -> Vec<(Option<String>, String)> {
 /// Serves the API over `state` on 127.0.0.1:0 on a thread of its own;
 /// returns the base URL.
 pub fn serve(state: std::sync::Arc<rmlx::api::AppState>) -> String {
+    stop_at_exit(state.worker.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -108,4 +109,35 @@ pub fn greedy_reference(model: &str, prompt: &[u32], max_tokens: usize) -> Vec<u
     let mut m = LoadedModel::load(&fixture(&format!("models/{model}")), &reg).unwrap();
     let opts = GenerateOptions { max_tokens, temperature: 0.0, top_p: 1.0, seed: None, stop_ids: vec![], prefill_chunk: 512 };
     generate(&mut m, prompt, &opts, |_| {}).unwrap().tokens
+}
+
+/// Engines a test file keeps in a static for its whole run.
+static AT_EXIT: std::sync::Mutex<Vec<rmlx::engine::worker::Worker>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn stop_engines() {
+    let workers = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for w in workers {
+        w.shutdown();
+    }
+}
+
+/// Stops and joins `worker`'s engine thread when the test process exits.
+/// A server in a static is never dropped, so without this its engine thread
+/// may still be running a step (a request a test abandoned) while the C++
+/// static destructors of MLX run: heap corruption at exit. `atexit` hooks run
+/// in reverse order of registration, and this one is registered after MLX's
+/// statics were constructed, so it runs before they are destroyed.
+pub fn stop_at_exit(worker: rmlx::engine::worker::Worker) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(worker);
+    HOOK.call_once(|| {
+        // MLX builds some statics (allocator, scheduler, streams) on first
+        // use; use them here so that their destructors are registered
+        // before the hook.
+        let a = mlx_rs::Array::from_slice(&[1f32, 2.0, 3.0, 4.0], &[2, 2]);
+        let _ = a.matmul(&a).and_then(|b| b.sum(None)).map(|s| s.eval());
+        unsafe {
+            libc::atexit(stop_engines);
+        }
+    });
 }
