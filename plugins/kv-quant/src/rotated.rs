@@ -25,7 +25,7 @@ use crate::{
 use mlx_rs::{ops::matmul, Array, Dtype};
 use rmlx_plugin_api::{
     author::{
-        kv::{gqa_matmul, Component, KvCodecImpl, LayerDims},
+        kv::{composed_attend, gqa_matmul, Component, KvCodecImpl, LayerDims, Paged},
         Result,
     },
     PluginError,
@@ -135,6 +135,54 @@ impl RotatedCodec {
         Ok(c.reshape(&split)?.multiply(n.expand_dims(-1)?)?.reshape(&shape)?)
     }
 
+    /// Decode attention (one query per row) through the fused GPU kernel
+    /// (`rmlx_kernels::rotated_decode`): codes read in place through the
+    /// block tables, nothing decoded to full precision. None where it does
+    /// not apply (the CPU backend, prefill, QJL, keys and values of
+    /// different head sizes): the caller composes.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_decode(
+        &self,
+        q: &Array,
+        k_pools: &[Array],
+        v_pools: &[Array],
+        paged: &Paged,
+        k_dims: &LayerDims,
+        v_dims: &LayerDims,
+    ) -> Result<Option<Array>> {
+        let d = k_dims.head_dim;
+        if !rmlx_kernels::enabled() || self.qjl || q.dim(2) != 1 || v_dims.head_dim != d || q.dim(3) != d {
+            return Ok(None);
+        }
+        let p = self.prepared(d)?;
+        let (b, h) = (q.dim(0), q.dim(1));
+        // [B, H, 1, D] -> rotated float32 [B, H, D]
+        let qr = p.rot.forward(&q.as_dtype(Dtype::Float32)?)?.reshape(&[b, h, d])?;
+        let valid = match paged.mask {
+            Some(m) => m.reshape(&[b, paged.ctx])?,
+            None => mlx_rs::ops::ones::<bool>(&[b, paged.ctx])?,
+        };
+        let lv = Array::from_slice(&p.book.levels, &[p.book.levels.len() as i32]);
+        let shape = rmlx_kernels::RotatedShape {
+            heads: h,
+            kv_heads: k_dims.kv_heads,
+            head_dim: d,
+            k_bits: self.mse_bits(),
+            v_bits: self.mse_bits(),
+            k_group: self.group_size(d),
+            v_group: self.group_size(d),
+            block_size: paged.block_size,
+        };
+        let out = rmlx_kernels::rotated_decode(
+            &qr, &k_pools[0], &k_pools[1], &v_pools[0], &v_pools[1], paged.tables, &valid, &lv, &lv,
+            paged.opts.sinks, paged.opts.scale, paged.opts.softcap, shape,
+        )
+        .map_err(|e| PluginError::other(format!("{}: fused decode kernel: {e}", self.name)))?;
+        let Some(out) = out else { return Ok(None) };
+        // rotated [B, H, D] -> [B, H, 1, D], un-rotated once per head
+        Ok(Some(p.rot.inverse(&out.reshape(&[b, h, 1, d])?)?.as_dtype(q.dtype())?))
+    }
+
     fn expect(&self, comps: &[Array]) -> Result<()> {
         let want = if self.qjl { 4 } else { 2 };
         if comps.len() != want {
@@ -163,6 +211,23 @@ impl KvCodecImpl for RotatedCodec {
 
     fn check(&self, dims: &LayerDims) -> Result<()> {
         self.prepared(dims.head_dim).map(|_| ())
+    }
+
+    /// Keys and values of this family: on a GPU, decode steps go through the
+    /// fused kernel over the packed codes; everything else is composed.
+    fn attend(
+        &self,
+        q: &Array,
+        k_pools: &[Array],
+        v_pools: &[Array],
+        paged: &Paged,
+        k_dims: &LayerDims,
+        v_dims: &LayerDims,
+    ) -> Result<Array> {
+        if let Some(out) = self.fused_decode(q, k_pools, v_pools, paged, k_dims, v_dims)? {
+            return Ok(out);
+        }
+        composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
     }
 
     fn components(&self, dims: &LayerDims) -> Vec<Component> {

@@ -3,6 +3,7 @@
 mod attend;
 mod bits;
 mod centered;
+mod fused;
 mod geometry;
 mod roundtrip;
 
