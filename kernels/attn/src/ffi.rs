@@ -74,8 +74,8 @@ fn names(list: &[&str]) -> sys::mlx_vector_string {
 }
 
 impl Kernel {
-    pub fn cuda(name: &str, inputs: &[&str], output: &str, source: &str) -> Self {
-        let (n, s, hdr) = (cstr(name), cstr(source), cstr(""));
+    pub fn cuda(name: &str, inputs: &[&str], output: &str, source: &str, header: &str) -> Self {
+        let (n, s, hdr) = (cstr(name), cstr(source), cstr(header));
         unsafe {
             let (i, o) = (names(inputs), names(&[output]));
             let k = sys::mlx_fast_cuda_kernel_new(n.as_ptr(), i, o, s.as_ptr(), hdr.as_ptr(), true, 0);
@@ -85,8 +85,8 @@ impl Kernel {
         }
     }
 
-    pub fn metal(name: &str, inputs: &[&str], output: &str, source: &str) -> Self {
-        let (n, s, hdr) = (cstr(name), cstr(source), cstr(""));
+    pub fn metal(name: &str, inputs: &[&str], output: &str, source: &str, header: &str) -> Self {
+        let (n, s, hdr) = (cstr(name), cstr(source), cstr(header));
         unsafe {
             let (i, o) = (names(inputs), names(&[output]));
             let k = sys::mlx_fast_metal_kernel_new(n.as_ptr(), i, o, s.as_ptr(), hdr.as_ptr(), true, false);

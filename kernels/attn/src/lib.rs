@@ -1,12 +1,16 @@
 //! Fused GPU kernels that plugins call when the host's default device is a
 //! GPU: CUDA sources through MLX's `cuda_kernel` (NVRTC-compiled at first
 //! use, cached per template), Metal sources through `metal_kernel`. A kernel
-//! never changes global MLX state; it runs on the default GPU stream.
+//! never changes global MLX state; it runs on the default GPU stream, and its
+//! output is a graph node like any op's.
 //!
 //! Every entry point returns `Ok(None)` where it has no kernel for the
 //! backend in use (the CPU backend, say): the caller then takes its composed
-//! path. [`rotated_decode`] is the first: decode attention straight over the
-//! rotation KV families' codes (TurboQuant, PlanarQuant, IsoQuant, RotorQuant).
+//! path, which stays the reference the tests compare against.
+//!
+//! [`paged_decode`]: decode attention straight over a KV family's paged
+//! blocks through the block tables (one skeleton, `paged_decode.cu` /
+//! `.metal`; a prelude per family says how to read one coordinate).
 use mlx_rs::{Array, Dtype};
 use std::sync::OnceLock;
 
@@ -26,94 +30,164 @@ pub fn enabled() -> bool {
     !off && backend() != Backend::None
 }
 
-/// The static shape of one rotated-family layer.
+/// How a family's slot is laid out (keys and values alike).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RotatedShape {
+pub enum Family {
+    /// The vectors as they are: one pool [S, K, D] (any float dtype).
+    Dense,
+    /// MLX affine (mlx-lm's QuantizedKVCache): codes uint32 [S, K, D*bits/32]
+    /// (low bits first), scales and biases [S, K, D/group].
+    Affine { bits: i32, group: i32 },
+    /// The rotation families: bit-plane packed codebook codes uint32
+    /// [S, K, bits * ceil(D/32)], group norms [S, K, D/group]; the query
+    /// arrives rotated and the output leaves rotated.
+    Rotated { bits: i32, group: i32 },
+}
+
+impl Family {
+    fn name(&self) -> &'static str {
+        match self {
+            Family::Dense => "rmlx_decode_dense",
+            Family::Affine { .. } => "rmlx_decode_affine",
+            Family::Rotated { .. } => "rmlx_decode_rotated",
+        }
+    }
+
+    /// Input names of one side's pools, keys then values.
+    fn pools(&self) -> [&'static [&'static str]; 2] {
+        match self {
+            Family::Dense => [&["kp"], &["vp"]],
+            Family::Affine { .. } => [&["kw", "ks", "kb"], &["vw", "vs", "vb"]],
+            Family::Rotated { .. } => [&["kc", "kn", "klv"], &["vc", "vn", "vlv"]],
+        }
+    }
+
+    fn ints(&self) -> Vec<(&'static str, i32)> {
+        match *self {
+            Family::Dense => vec![],
+            Family::Affine { bits, group } | Family::Rotated { bits, group } => vec![("BITS", bits), ("G", group)],
+        }
+    }
+
+    /// Defines LOAD_K / LOAD_V for the skeleton (CUDA and Metal alike).
+    fn prelude(&self) -> &'static str {
+        match self {
+            Family::Dense => concat!(
+                "#define LOAD_K(row, i, d) static_cast<float>(kp[(row) * D + (d)])\n",
+                "#define LOAD_V(row, i, d) static_cast<float>(vp[(row) * D + (d)])\n",
+            ),
+            Family::Affine { .. } => concat!(
+                "constexpr int PERW = 32 / BITS;\n",
+                "#define AFF(w, s, z, row, d) (static_cast<float>(s[(row) * (D / G) + (d) / G]) * ",
+                "(float)((w[(row) * (D / PERW) + (d) / PERW] >> (((d) % PERW) * BITS)) & ((1u << BITS) - 1u)) + ",
+                "static_cast<float>(z[(row) * (D / G) + (d) / G]))\n",
+                "#define LOAD_K(row, i, d) AFF(kw, ks, kb, row, d)\n",
+                "#define LOAD_V(row, i, d) AFF(vw, vs, vb, row, d)\n",
+            ),
+            Family::Rotated { .. } => concat!(
+                "constexpr int WRD = (D + 31) / 32;\n",
+                "#define ROT(c, n, lv, row, i, d) (lv[plane_code(c + (row) * (BITS * WRD), i, lane, BITS, WRD)] * ",
+                "static_cast<float>(n[(row) * (D / G) + (d) / G]))\n",
+                "#define LOAD_K(row, i, d) ROT(kc, kn, klv, row, i, d)\n",
+                "#define LOAD_V(row, i, d) ROT(vc, vn, vlv, row, i, d)\n",
+            ),
+        }
+    }
+
+    fn check(&self, d: i32) -> bool {
+        match *self {
+            Family::Dense => true,
+            Family::Affine { bits, group } => {
+                matches!(bits, 2 | 4 | 8) && group > 0 && d % group == 0 && (d * bits) % 32 == 0
+            }
+            Family::Rotated { bits, group } => (1..=8).contains(&bits) && group > 0 && d % group == 0,
+        }
+    }
+}
+
+/// Helpers the rotated prelude calls (CUDA).
+const CUDA_HEADER: &str = "
+__device__ __forceinline__ uint32_t plane_code(const uint32_t* w, int i, int lane, int bits, int words) {
+  uint32_t c = 0;
+  for (int j = 0; j < bits; ++j) c |= ((w[j * words + i] >> lane) & 1u) << j;
+  return c;
+}
+";
+
+/// The same for Metal.
+const METAL_HEADER: &str = "
+inline uint plane_code(const device uint32_t* w, int i, int lane, int bits, int words) {
+  uint c = 0;
+  for (int j = 0; j < bits; ++j) c |= ((w[j * words + i] >> lane) & 1u) << j;
+  return c;
+}
+";
+
+/// The static shape of one layer's decode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeShape {
     /// Query heads and KV heads (H a multiple of K).
     pub heads: i32,
     pub kv_heads: i32,
-    /// Head size (<= 256).
+    /// Head size of keys and values (<= 256).
     pub head_dim: i32,
-    /// Code bits of keys and values.
-    pub k_bits: i32,
-    pub v_bits: i32,
-    /// Coordinates per norm of keys and values (dividing head_dim).
-    pub k_group: i32,
-    pub v_group: i32,
     pub block_size: i32,
 }
 
-/// Decode attention over compressed blocks, in the rotated domain.
+/// Decode attention over one family's paged pools.
 ///
-/// - `q` float32 [B, H, D], already rotated;
-/// - `k_codes`/`v_codes` uint32 [S, K, bits * ceil(D/32)] (bit-plane packed),
-///   `k_norms`/`v_norms` [S, K, D / group] (the pools, whole);
+/// - `q` float32 [B, H, D] (rotated for the rotation families);
+/// - `k`/`v`: the family's pools, whole ([S, K, ...] each), plus for the
+///   rotation families the codebook levels float32 [2^bits] as the last;
 /// - `tables` int32 [B, nblk]; `valid` bool [B, ctx];
-/// - `k_levels`/`v_levels` float32 [2^bits]; `sinks` float32 [H] or None;
-/// - `scale`, `softcap` (0: none).
+/// - `sinks` float [H] or None; `scale`; `softcap` (0: none).
 ///
-/// Returns float32 [B, H, D] (rotated; the caller un-rotates), or None where
-/// no kernel serves this backend or shape.
+/// Returns float32 [B, H, D], or None where no kernel serves this backend or
+/// shape (the caller composes).
 #[allow(clippy::too_many_arguments)]
-pub fn rotated_decode(
+pub fn paged_decode(
+    family: Family,
     q: &Array,
-    k_codes: &Array,
-    k_norms: &Array,
-    v_codes: &Array,
-    v_norms: &Array,
+    k: &[Array],
+    v: &[Array],
     tables: &Array,
     valid: &Array,
-    k_levels: &Array,
-    v_levels: &Array,
     sinks: Option<&Array>,
     scale: f32,
     softcap: f32,
-    s: RotatedShape,
+    s: DecodeShape,
 ) -> Result<Option<Array>, String> {
     let be = backend();
+    let [kn, vn] = family.pools();
     if be == Backend::None
-        || s.head_dim > 256
-        || s.head_dim < 8
+        || !(8..=256).contains(&s.head_dim)
         || s.kv_heads <= 0
         || s.heads % s.kv_heads != 0
-        || s.head_dim % s.k_group != 0
-        || s.head_dim % s.v_group != 0
-        || !(1..=8).contains(&s.k_bits)
-        || !(1..=8).contains(&s.v_bits)
+        || s.block_size <= 0
+        || !family.check(s.head_dim)
+        || k.len() != kn.len()
+        || v.len() != vn.len()
+        || q.ndim() != 3
     {
         return Ok(None);
     }
     let (b, h) = (q.dim(0), q.dim(1));
-    let params = Array::from_slice(&[scale, softcap], &[2]);
-    let has_sinks = sinks.is_some();
-    let sinks = match sinks {
-        Some(x) => x.as_dtype(Dtype::Float32).map_err(|e| e.to_string())?,
+    let f32 = |a: &Array| a.as_dtype(Dtype::Float32).map_err(|e| e.to_string());
+    let sinks_in = match sinks {
+        Some(x) => f32(x)?,
         None => Array::from_slice(&vec![0f32; h as usize], &[h]),
     };
-    let inputs = [
-        q.clone(),
-        k_codes.clone(),
-        k_norms.clone(),
-        v_codes.clone(),
-        v_norms.clone(),
-        tables.clone(),
-        valid.clone(),
-        k_levels.clone(),
-        v_levels.clone(),
-        params,
-        sinks,
-    ];
-    let ints = [
-        ("D", s.head_dim),
-        ("H", s.heads),
-        ("K", s.kv_heads),
-        ("KB", s.k_bits),
-        ("VB", s.v_bits),
-        ("KG", s.k_group),
-        ("VG", s.v_group),
-        ("BS", s.block_size),
-    ];
-    let bools = [("HAS_SINKS", has_sinks), ("SOFTCAP", softcap > 0.0)];
+    let mut inputs = vec![f32(q)?];
+    inputs.extend(k.iter().cloned());
+    inputs.extend(v.iter().cloned());
+    inputs.extend([tables.clone(), valid.clone(), Array::from_slice(&[scale, softcap], &[2]), sinks_in]);
+    let mut names: Vec<&str> = vec!["q"];
+    names.extend(kn);
+    names.extend(vn);
+    names.extend(["tables", "valid", "params", "sinks"]);
+    let mut ints = vec![("D", s.head_dim), ("H", s.heads), ("K", s.kv_heads), ("BS", s.block_size)];
+    ints.extend(family.ints());
+    let bools = [("HAS_SINKS", sinks.is_some()), ("SOFTCAP", softcap > 0.0)];
     let launch = ffi::Launch {
         grid: (128, h, b),
         threads: (128, 1, 1),
@@ -122,19 +196,71 @@ pub fn rotated_decode(
         ints: &ints,
         bools: &bools,
     };
-    let kernel = match be {
-        Backend::Cuda => {
-            static K: OnceLock<ffi::Kernel> = OnceLock::new();
-            K.get_or_init(|| ffi::Kernel::cuda("rmlx_rotated_decode", &INPUTS, "out", include_str!("rotated_decode.cu")))
+    static KERNELS: OnceLock<std::sync::Mutex<Vec<(Backend, &'static str, &'static ffi::Kernel)>>> = OnceLock::new();
+    let mut cache = KERNELS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let kernel = match cache.iter().find(|(kb, n, _)| *kb == be && *n == family.name()) {
+        Some((_, _, k)) => *k,
+        None => {
+            let k: &'static ffi::Kernel = Box::leak(Box::new(match be {
+                Backend::Cuda => ffi::Kernel::cuda(
+                    family.name(),
+                    &names,
+                    "out",
+                    &format!("{}{}", family.prelude(), include_str!("paged_decode.cu")),
+                    CUDA_HEADER,
+                ),
+                Backend::Metal => ffi::Kernel::metal(
+                    family.name(),
+                    &names,
+                    "out",
+                    &format!("{}{}", family.prelude(), include_str!("paged_decode.metal")),
+                    METAL_HEADER,
+                ),
+                Backend::None => return Ok(None),
+            }));
+            cache.push((be, family.name(), k));
+            k
         }
-        Backend::Metal => {
-            static K: OnceLock<ffi::Kernel> = OnceLock::new();
-            K.get_or_init(|| ffi::Kernel::metal("rmlx_rotated_decode", &INPUTS, "out", include_str!("rotated_decode.metal")))
-        }
-        Backend::None => return Ok(None),
     };
+    drop(cache);
     kernel.apply(&inputs, &launch).map(Some)
 }
 
-const INPUTS: [&str; 11] = ["q", "kc", "kn", "vc", "vn", "tables", "valid", "klv", "vlv", "params", "sinks"];
+/// bool [B, ctx]: which positions each row's one query sees, from a paged
+/// batch's mask (bool [B, 1, 1, ctx]) or, without one, all `ctx` of them.
+pub fn decode_valid(mask: Option<&Array>, b: i32, ctx: i32) -> Result<Array, String> {
+    match mask {
+        Some(m) => m.reshape(&[b, ctx]).map_err(|e| e.to_string()),
+        None => mlx_rs::ops::ones::<bool>(&[b, ctx]).map_err(|e| e.to_string()),
+    }
+}
 
+/// [`paged_decode`] for a family plugin's `attend`: `q` [B, H, L, D] in any
+/// float dtype, keys and values of `dims` read from the pools through
+/// `paged`. Some(float32 [B, H, 1, D]) on a GPU for a decode step (L = 1);
+/// None otherwise (prefill, the CPU backend, `RMLX_FUSED_KERNELS=0`, a shape
+/// the kernel does not take), for the caller to compose.
+pub fn attend_decode(
+    family: Family,
+    q: &Array,
+    k: &[Array],
+    v: &[Array],
+    paged: &rmlx_plugin_api::author::kv::Paged,
+    dims: &rmlx_plugin_api::author::kv::LayerDims,
+) -> rmlx_plugin_api::author::Result<Option<Array>> {
+    use rmlx_plugin_api::PluginError;
+    if !enabled() || q.ndim() != 4 || q.dim(2) != 1 || q.dim(3) != dims.head_dim {
+        return Ok(None);
+    }
+    let (b, h, d) = (q.dim(0), q.dim(1), q.dim(3));
+    let err = |e: String| PluginError::other(format!("fused decode kernel: {e}"));
+    let valid = decode_valid(paged.mask, b, paged.ctx).map_err(err)?;
+    let shape = DecodeShape { heads: h, kv_heads: dims.kv_heads, head_dim: d, block_size: paged.block_size };
+    let o = q.as_dtype(Dtype::Float32)?.reshape(&[b, h, d])?;
+    let out = paged_decode(family, &o, k, v, paged.tables, &valid, paged.opts.sinks, paged.opts.scale, paged.opts.softcap, shape)
+        .map_err(err)?;
+    Ok(match out {
+        Some(o) => Some(o.reshape(&[b, h, 1, d])?),
+        None => None,
+    })
+}

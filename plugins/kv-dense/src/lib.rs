@@ -2,8 +2,10 @@
 //! are, in `f16`, `bf16` or `f32` (`f16` etc. as users type them; the host
 //! picks the one equal to the model's activation dtype by default).
 //!
-//! Attention over keys and values both of this family is MLX's fused
-//! `scaled_dot_product_attention` on the gathered blocks (with its sinks);
+//! Attention over keys and values both of this family: decode steps on a GPU
+//! go through the fused paged kernel (`rmlx_kernels`, reading the blocks in
+//! place); otherwise MLX's fused `scaled_dot_product_attention` on the
+//! gathered blocks (with its sinks);
 //! a soft-capped call, and a pair with another family, go through the
 //! composed path (`author::kv::composed_attend`).
 use mlx_rs::{
@@ -51,6 +53,13 @@ impl KvCodecImpl for Dense {
         k_dims: &LayerDims,
         v_dims: &LayerDims,
     ) -> Result<Array> {
+        // Decode on a GPU: the fused paged kernel reads the blocks through
+        // the tables (no gather copy), soft-cap and sinks included.
+        if k_dims.head_dim == v_dims.head_dim {
+            if let Some(out) = rmlx_kernels::attend_decode(rmlx_kernels::Family::Dense, q, k_pools, v_pools, paged, k_dims)? {
+                return Ok(out.as_dtype(q.dtype())?);
+            }
+        }
         if paged.opts.softcap > 0.0 {
             return composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims);
         }

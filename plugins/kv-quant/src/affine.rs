@@ -13,7 +13,7 @@ use mlx_rs::{
 };
 use rmlx_plugin_api::{
     author::{
-        kv::{Component, KvCodecImpl, LayerDims},
+        kv::{composed_attend, Component, KvCodecImpl, LayerDims, Paged},
         Result,
     },
     PluginError,
@@ -52,6 +52,28 @@ impl Affine {
 impl KvCodecImpl for Affine {
     fn check(&self, dims: &LayerDims) -> Result<()> {
         self.group(dims.head_dim).map(|_| ())
+    }
+
+    /// Keys and values of this family: on a GPU, decode steps go through the
+    /// fused paged kernel, which reads the packed codes, scales and biases
+    /// through the block tables; everything else is composed (quantized
+    /// matmuls on the gathered blocks).
+    fn attend(
+        &self,
+        q: &Array,
+        k_pools: &[Array],
+        v_pools: &[Array],
+        paged: &Paged,
+        k_dims: &LayerDims,
+        v_dims: &LayerDims,
+    ) -> Result<Array> {
+        if k_dims.head_dim == v_dims.head_dim {
+            let family = rmlx_kernels::Family::Affine { bits: self.bits, group: self.group(k_dims.head_dim)? };
+            if let Some(out) = rmlx_kernels::attend_decode(family, q, k_pools, v_pools, paged, k_dims)? {
+                return Ok(out.as_dtype(q.dtype())?);
+            }
+        }
+        composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
     }
 
     fn components(&self, dims: &LayerDims) -> Vec<Component> {

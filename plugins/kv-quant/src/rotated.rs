@@ -136,7 +136,7 @@ impl RotatedCodec {
     }
 
     /// Decode attention (one query per row) through the fused GPU kernel
-    /// (`rmlx_kernels::rotated_decode`): codes read in place through the
+    /// (`rmlx_kernels::paged_decode`): codes read in place through the
     /// block tables, nothing decoded to full precision. None where it does
     /// not apply (the CPU backend, prefill, QJL, keys and values of
     /// different head sizes): the caller composes.
@@ -151,36 +151,17 @@ impl RotatedCodec {
         v_dims: &LayerDims,
     ) -> Result<Option<Array>> {
         let d = k_dims.head_dim;
-        if !rmlx_kernels::enabled() || self.qjl || q.dim(2) != 1 || v_dims.head_dim != d || q.dim(3) != d {
+        if self.qjl || q.dim(2) != 1 || v_dims.head_dim != d || !rmlx_kernels::enabled() {
             return Ok(None);
         }
         let p = self.prepared(d)?;
-        let (b, h) = (q.dim(0), q.dim(1));
-        // [B, H, 1, D] -> rotated float32 [B, H, D]
-        let qr = p.rot.forward(&q.as_dtype(Dtype::Float32)?)?.reshape(&[b, h, d])?;
-        let valid = match paged.mask {
-            Some(m) => m.reshape(&[b, paged.ctx])?,
-            None => mlx_rs::ops::ones::<bool>(&[b, paged.ctx])?,
-        };
+        let qr = p.rot.forward(&q.as_dtype(Dtype::Float32)?)?; // [B, H, 1, D], rotated
         let lv = Array::from_slice(&p.book.levels, &[p.book.levels.len() as i32]);
-        let shape = rmlx_kernels::RotatedShape {
-            heads: h,
-            kv_heads: k_dims.kv_heads,
-            head_dim: d,
-            k_bits: self.mse_bits(),
-            v_bits: self.mse_bits(),
-            k_group: self.group_size(d),
-            v_group: self.group_size(d),
-            block_size: paged.block_size,
-        };
-        let out = rmlx_kernels::rotated_decode(
-            &qr, &k_pools[0], &k_pools[1], &v_pools[0], &v_pools[1], paged.tables, &valid, &lv, &lv,
-            paged.opts.sinks, paged.opts.scale, paged.opts.softcap, shape,
-        )
-        .map_err(|e| PluginError::other(format!("{}: fused decode kernel: {e}", self.name)))?;
-        let Some(out) = out else { return Ok(None) };
-        // rotated [B, H, D] -> [B, H, 1, D], un-rotated once per head
-        Ok(Some(p.rot.inverse(&out.reshape(&[b, h, 1, d])?)?.as_dtype(q.dtype())?))
+        let family = rmlx_kernels::Family::Rotated { bits: self.mse_bits(), group: self.group_size(d) };
+        let (k, v) = ([k_pools[0].clone(), k_pools[1].clone(), lv.clone()], [v_pools[0].clone(), v_pools[1].clone(), lv]);
+        let Some(out) = rmlx_kernels::attend_decode(family, &qr, &k, &v, paged, k_dims)? else { return Ok(None) };
+        // rotated [B, H, 1, D], un-rotated once per head
+        Ok(Some(p.rot.inverse(&out)?.as_dtype(q.dtype())?))
     }
 
     fn expect(&self, comps: &[Array]) -> Result<()> {

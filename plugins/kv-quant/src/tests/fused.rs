@@ -1,6 +1,6 @@
-//! The fused decode kernel (`rmlx_kernels::rotated_decode`, on a GPU
+//! The fused decode kernel (`rmlx_kernels::paged_decode`, on a GPU
 //! backend) against the composed path on the same compressed blocks: every
-//! rotation family without QJL, head sizes 64/96/128, GQA, ragged rows with
+//! rotation family without QJL and the affine families, head sizes 64/96/128, GQA, ragged rows with
 //! scattered tables and a window, sinks and soft-cap, float32 and bfloat16
 //! activations. On the CPU backend `attend` composes, so the two agree
 //! exactly; on a GPU this is the kernel's check (run with `--nocapture` to
@@ -55,7 +55,7 @@ fn fused_decode_equals_composed() {
     let gpu = rmlx_kernels::enabled();
     eprintln!("fused kernels: {:?} ({})", rmlx_kernels::backend(), if gpu { "fused path checked" } else { "composed on both sides" });
     let mut worst = 0f32;
-    for name in ["turbo4", "turbo3", "turbo2", "planar4", "iso3", "rotor3"] {
+    for name in ["turbo4", "turbo3", "turbo2", "planar4", "iso3", "rotor3", "q8", "q4", "q2"] {
         for d in [64, 128, 96] {
             for (dtype, tol) in [(Dtype::Float32, 2e-4), (Dtype::Bfloat16, 2e-2)] {
                 for &(window, sinks, cap) in &[(0, false, 0.0), (17, true, 0.0), (0, false, 30.0)] {

@@ -1,9 +1,6 @@
-// The Metal twin of rotated_decode.cu (same inputs, layout and algorithm; see
-// there). One threadgroup per (row b, query head h) of 4 simdgroups of 32.
-// Written for MLX's metal_kernel: the signature and the template constants
-// are generated; `thread_position_in_threadgroup` and
-// `threadgroup_position_in_grid` are bound by name.
-constexpr int W = (D + 31) / 32;
+// The Metal twin of paged_decode.cu (same inputs, layout and algorithm; see
+// there): one threadgroup per (row b, query head h), 4 simdgroups of 32.
+// The family's prelude defines LOAD_K / LOAD_V.
 constexpr int PER = (D + 31) / 32;
 constexpr int WARPS = 4;
 const int h = threadgroup_position_in_grid.y;
@@ -30,17 +27,11 @@ for (int t = warp; t < ctx; t += WARPS) {
   const int blk = t / BS;
   if (blk >= nblk) break;
   if (!valid[(long)b * ctx + t]) continue;
-  const long slot = (long)tables[(long)b * nblk + blk] * BS + t % BS;
-  const long kbase = (slot * K + kvh) * (KB * W);
-  const long knb = (slot * K + kvh) * (D / KG);
+  const long row = ((long)tables[(long)b * nblk + blk] * BS + t % BS) * K + kvh;
   float s = 0.f;
   for (int i = 0; i < PER; ++i) {
     const int d = lane + 32 * i;
-    if (d < D) {
-      uint code = 0;
-      for (int j = 0; j < KB; ++j) code |= ((kc[kbase + j * W + i] >> lane) & 1u) << j;
-      s += qv[i] * klv[code] * float(kn[knb + d / KG]);
-    }
+    if (d < D) s += qv[i] * (LOAD_K(row, i, d));
   }
   s = simd_sum(s);
   s *= scale;
@@ -49,15 +40,9 @@ for (int t = warp; t < ctx; t += WARPS) {
   const float corr = exp(m - mn);
   const float p = exp(s - mn);
   l = l * corr + p;
-  const long vbase = (slot * K + kvh) * (VB * W);
-  const long vnb = (slot * K + kvh) * (D / VG);
   for (int i = 0; i < PER; ++i) {
     const int d = lane + 32 * i;
-    if (d < D) {
-      uint code = 0;
-      for (int j = 0; j < VB; ++j) code |= ((vc[vbase + j * W + i] >> lane) & 1u) << j;
-      acc[i] = acc[i] * corr + p * vlv[code] * float(vn[vnb + d / VG]);
-    }
+    if (d < D) acc[i] = acc[i] * corr + p * (LOAD_V(row, i, d));
   }
   m = mn;
 }
