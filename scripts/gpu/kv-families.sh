@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # usage: kv-families.sh [PROMPT] [GEN]   (from the bundle folder: rmlx, lib/, plugins/, kvq-test, make_model.py)
 # On the GPU machine, after sourcing the MLX CUDA installer:
-#  1. the fused decode kernel against the composed path (kv-quant's unit test, on the GPU);
+#  1. the fused decode kernels against the composed path (kv-quant's and kv-dense's tests, on the GPU);
 #  2. Qwen3-0.6B bf16 random weights: mlx-lm batch 1 and batch_generate 8 as the baseline;
 #  3. rmlx bench in-process (batch 1) and rmlx serve at 1 and 8 streams, per KV family:
 #     bf16 (the dense default), turbo4 and turbo3 (fused kernel), turbo4 with RMLX_FUSED_KERNELS=0
@@ -10,8 +10,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 P=${1:-512}; G=${2:-128}
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:$here/lib
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-echo "=== 1. fused kernel check"
-$here/kvq-test fused --nocapture 2>&1 | grep -E "fused kernels|worst|test result|panicked|error" | head -20
+echo "=== 1. fused kernel check (every family's decode kernel against its composed path)"
+$here/kvq-test fused --nocapture 2>&1 | grep -E "fused kernels|worst|test result|panicked|rror" | head -20
+$here/kvd-test --nocapture 2>&1 | grep -E "fused kernels|test result|panicked|rror" | head -20
 dir=$HOME/models/qwen3-0.6b-bf16
 [ -f $dir/config.json ] || python3 $here/make_model.py 0.6b bf16 $dir >/dev/null || exit 1
 echo "=== 2. mlx-lm, qwen3-0.6b bf16, prompt $P, generation $G"
