@@ -3,7 +3,10 @@
 //! scheduler uses the paged pool in kv_pool.rs). Sliding-window layers
 //! (`AttendOpts::window`) attend over their window only, masked exactly as
 //! the paged pool and mlx-lm mask them, and drop the positions no later query
-//! can see.
+//! can see. A layer declared `cache_kind::SHARED` (`KvCache::for_layers`)
+//! stores nothing: its `attend` ignores the k/v it is given and attends over
+//! the K/V its `shared_with` layer stored earlier in the same forward (as
+//! mlx-lm's gemma4_text hands the earlier layer's keys and values on).
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{
@@ -15,7 +18,7 @@ use mlx_rs::{
 };
 use rmlx_plugin_api::{
     author::{kv::dense_attend, AttendOpts},
-    PluginError,
+    cache_kind, LayerCache, PluginError,
 };
 
 /// Capacity grows in steps of this many tokens (as mlx-lm's KVCache).
@@ -31,6 +34,8 @@ pub struct KvCache {
     offset: i32,
     /// Capacity grows in steps of this many tokens.
     step: i32,
+    /// Per layer: the earlier layer whose K/V a SHARED layer reads.
+    shared: Vec<Option<usize>>,
 }
 
 /// One layer's buffers. `base` stays 0 on full-attention layers; a
@@ -42,6 +47,8 @@ struct Slot {
     keys: Array,   // [B, K, capacity, hd]
     values: Array, // [B, K, capacity, hd]
     base: i32,
+    /// Positions below this are written (offset + the last write's tokens).
+    end: i32,
 }
 
 impl KvCache {
@@ -51,7 +58,27 @@ impl KvCache {
             states: vec![Vec::new(); num_layers],
             offset: 0,
             step: STEP,
+            shared: vec![None; num_layers],
         }
+    }
+
+    /// A cache for `num_layers` layers cached as `layers` says (ABI 3.3
+    /// `Model::layers`; empty: every layer its own): SHARED layers keep no
+    /// K/V and read their `shared_with` layer's. Refuses a layer shared with
+    /// one that is not an earlier K/V layer.
+    pub fn for_layers(num_layers: usize, layers: &[LayerCache]) -> Result<Self, PluginError> {
+        let mut cache = Self::new(num_layers);
+        for (i, l) in layers.iter().enumerate().filter(|(_, l)| l.kind == cache_kind::SHARED) {
+            let src = l.shared_with as usize;
+            let ok = src < i && layers.get(src).is_some_and(|s| matches!(s.kind, cache_kind::FULL | cache_kind::WINDOW));
+            if !ok || i >= num_layers {
+                return Err(PluginError::config(format!(
+                    "layer {i} is declared shared with layer {src}, which is not an earlier full or window layer"
+                )));
+            }
+            cache.shared[i] = Some(src);
+        }
+        Ok(cache)
     }
 
     /// The per-layer buffers [1, K, capacity, hd] and the offset, when every
@@ -67,7 +94,7 @@ impl KvCache {
 
     /// Gives back buffers taken with `take_buffers`, now holding `offset` tokens.
     pub fn put_buffers(&mut self, layers: Vec<(Array, Array)>, offset: i32) {
-        self.layers = layers.into_iter().map(|(keys, values)| Some(Slot { keys, values, base: 0 })).collect();
+        self.layers = layers.into_iter().map(|(keys, values)| Some(Slot { keys, values, base: 0, end: offset })).collect();
         self.offset = offset;
     }
 
@@ -152,6 +179,9 @@ impl super::attend::KvStore for KvCache {
         opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
         super::attend::refuse_bidirectional(opts)?;
+        if let Some(src) = self.shared.get(layer as usize).copied().flatten() {
+            return self.attend_shared(layer, src, &q, opts);
+        }
         if !self.states.get(layer as usize).is_none_or(Vec::is_empty) {
             return Err(PluginError::other(format!("layer {layer} keeps recurrent state; it has no KV to attend over")));
         }
@@ -163,7 +193,7 @@ impl super::attend::KvStore for KvCache {
         let end = prev + n;
         // The first position any new query sees: its window's start.
         let first = if w > 0 { (prev + 1 - w).max(0) } else { 0 };
-        let Slot { mut keys, mut values, base } = match slot.take() {
+        let Slot { mut keys, mut values, base, .. } = match slot.take() {
             Some(s) if s.base + s.keys.dim(2) >= end => s,
             old => {
                 // Grow: keep what is filled from `first` on, add zeroed steps.
@@ -172,14 +202,14 @@ impl super::attend::KvStore for KvCache {
                     Ok(zeros_dtype(&[x.dim(0), x.dim(1), add, x.dim(3)], x.dtype())?)
                 };
                 match old {
-                    Some(Slot { keys, values, base }) => {
+                    Some(Slot { keys, values, base, .. }) => {
                         let keep = first.max(base);
                         let keys = keys.try_index((.., .., keep - base..prev - base, ..))?;
                         let values = values.try_index((.., .., keep - base..prev - base, ..))?;
                         let (zk, zv) = (zeros(&keys)?, zeros(&values)?);
-                        Slot { keys: concatenate(&[keys, zk], 2)?, values: concatenate(&[values, zv], 2)?, base: keep }
+                        Slot { keys: concatenate(&[keys, zk], 2)?, values: concatenate(&[values, zv], 2)?, base: keep, end }
                     }
-                    None => Slot { keys: zeros(&k)?, values: zeros(&v)?, base: prev },
+                    None => Slot { keys: zeros(&k)?, values: zeros(&v)?, base: prev, end },
                 }
             }
         };
@@ -191,24 +221,54 @@ impl super::attend::KvStore for KvCache {
             keys.try_index((.., .., s - base..end - base, ..))?,
             values.try_index((.., .., s - base..end - base, ..))?,
         );
-        *slot = Some(Slot { keys, values, base });
-        let out = if !opts.is_plain() {
-            // Soft-cap or sinks: the composed path, masked as below.
-            let m = (n > 1).then(|| window_mask(prev, n, s, if w > 0 { w } else { end + 1 }));
-            dense_attend(&q, &k, &v, m.as_ref(), opts)?
-        } else if n == 1 {
-            // One query: every key from `s` on is inside its window.
-            scaled_dot_product_attention(&q, &k, &v, opts.scale, None, None)?
-        } else if w == 0 || s >= end - w {
-            // No key before the last query's window: causal masking (aligned
-            // to the end of the keys) is exact.
-            scaled_dot_product_attention(&q, &k, &v, opts.scale, ScaledDotProductAttentionMask::Causal, None)?
-        } else {
-            let m = window_mask(prev, n, s, w); // bool [n, end - s]
-            scaled_dot_product_attention(&q, &k, &v, opts.scale, ScaledDotProductAttentionMask::Array(&m), None)?
-        };
-        Ok(out)
+        *slot = Some(Slot { keys, values, base, end });
+        attend_window(&q, &k, &v, prev, s, opts)
     }
+}
+
+impl KvCache {
+    /// A SHARED layer's attention: q [B, H, L, hd] over what layer `src`
+    /// holds after this forward's write, masked by this layer's `opts`.
+    fn attend_shared(&self, layer: u32, src: usize, q: &Array, opts: &AttendOpts<'_>) -> Result<Array, PluginError> {
+        let (prev, n, w) = (self.offset, q.dim(2), opts.window as i32);
+        let end = prev + n;
+        let slot = self.layers.get(src).and_then(Option::as_ref).filter(|s| s.end == end).ok_or_else(|| {
+            PluginError::other(format!(
+                "layer {layer} shares layer {src}'s K/V, which has not stored this forward's {n} tokens yet"
+            ))
+        })?;
+        let first = if w > 0 { (prev + 1 - w).max(0) } else { 0 };
+        let s = first.max(slot.base);
+        let (k, v) = (
+            slot.keys.try_index((.., .., s - slot.base..end - slot.base, ..))?,
+            slot.values.try_index((.., .., s - slot.base..end - slot.base, ..))?,
+        );
+        attend_window(q, &k, &v, prev, s, opts)
+    }
+}
+
+/// q [B, H, n, hd] at positions prev.. prev + n over keys and values
+/// [B, K, end - s, hd] at positions s..end (end = prev + n), causal and
+/// within `opts.window` (0: full) -> [B, H, n, hd].
+fn attend_window(q: &Array, k: &Array, v: &Array, prev: i32, s: i32, opts: &AttendOpts<'_>) -> Result<Array, PluginError> {
+    let (n, w) = (q.dim(2), opts.window as i32);
+    let end = prev + n;
+    let out = if !opts.is_plain() {
+        // Soft-cap or sinks: the composed path, masked as below.
+        let m = (n > 1).then(|| window_mask(prev, n, s, if w > 0 { w } else { end + 1 }));
+        dense_attend(q, k, v, m.as_ref(), opts)?
+    } else if n == 1 {
+        // One query: every key from `s` on is inside its window.
+        scaled_dot_product_attention(q, k, v, opts.scale, None, None)?
+    } else if w == 0 || s >= end - w {
+        // No key before the last query's window: causal masking (aligned
+        // to the end of the keys) is exact.
+        scaled_dot_product_attention(q, k, v, opts.scale, ScaledDotProductAttentionMask::Causal, None)?
+    } else {
+        let m = window_mask(prev, n, s, w); // bool [n, end - s]
+        scaled_dot_product_attention(q, k, v, opts.scale, ScaledDotProductAttentionMask::Array(&m), None)?
+    };
+    Ok(out)
 }
 
 /// bool [n, prev + n - s]: query i (position prev + i) sees key position
@@ -290,5 +350,52 @@ mod tests {
         }
         assert_eq!(cache.offset(), 35);
         assert!(cache.take_buffers().is_none(), "a trimmed layer is not handed to the compiled step");
+    }
+
+    /// SHARED layers (gemma4_text's last layers) store nothing and attend,
+    /// with their own queries and window, over what their `shared_with`
+    /// layer stored in the same forward; the k/v they pass are ignored.
+    #[test]
+    fn shared_layers_read_their_source_layer() {
+        let lc = |kind, window, shared_with| LayerCache { kind, window, kv_heads: 2, head_dim: 8, shared_with };
+        let layers = [
+            lc(cache_kind::FULL, 0, 0),
+            lc(cache_kind::WINDOW, 5, 0),
+            lc(cache_kind::SHARED, 0, 0),
+            lc(cache_kind::SHARED, 0, 1),
+        ];
+        let mut cache = KvCache::for_layers(4, &layers).unwrap();
+        cache.step = 4;
+        let mut hist: Vec<Option<(Array, Array)>> = vec![None, None];
+        for n in [7, 1, 1, 9, 1, 3] {
+            let r = |heads: i32, l: i32| random::normal::<f32>(&[1, heads, l, 8], None, None, None).unwrap();
+            for (src, w) in [(0usize, 0u32), (1, 5)] {
+                let (q, k, v) = (r(4, n), r(2, n), r(2, n));
+                let opts = AttendOpts::plain(0.5).window(w);
+                cache.attend(src as u32, q.clone(), k.clone(), v.clone(), &opts).unwrap();
+                let h = match &hist[src] {
+                    Some((hk, hv)) => (concatenate(&[hk, &k], 2).unwrap(), concatenate(&[hv, &v], 2).unwrap()),
+                    None => (k, v),
+                };
+                hist[src] = Some(h);
+            }
+            for (layer, src, w) in [(2u32, 0usize, 0u32), (3, 1, 5)] {
+                let q = r(4, n);
+                let (empty_k, empty_v) = (r(2, 0), r(2, 0));
+                let got = cache.attend(layer, q.clone(), empty_k, empty_v, &AttendOpts::plain(0.5).window(w)).unwrap();
+                let (hk, hv) = hist[src].as_ref().unwrap();
+                let d = max_diff(&got, &reference(&q, hk, hv, w));
+                assert!(d < 1e-5, "layer {layer} over layer {src}: max diff {d}");
+                assert!(cache.layers[layer as usize].is_none(), "a shared layer stores nothing");
+            }
+            cache.advance(n);
+        }
+        // Before its source has stored this forward's tokens: a clear error.
+        let q = random::normal::<f32>(&[1, 4, 1, 8], None, None, None).unwrap();
+        let e = cache.attend(2, q.clone(), q.clone(), q, &AttendOpts::plain(0.5)).unwrap_err();
+        assert!(e.message.contains("shares layer 0"), "{}", e.message);
+        // A layer shared with a later (or a shared) layer is refused.
+        let bad = [lc(cache_kind::SHARED, 0, 1), lc(cache_kind::FULL, 0, 0)];
+        assert!(KvCache::for_layers(2, &bad).is_err());
     }
 }

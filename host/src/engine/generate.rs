@@ -23,9 +23,8 @@ pub struct Session<'m> {
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m mut LoadedModel) -> Self {
-        let n = model.spec.num_layers as usize;
         let paged = (!model.kv_is_dense_default()).then(|| SeqPool::new(model));
-        Self { model, cache: KvCache::new(n), paged, prefill_chunk: 512 }
+        Self { cache: model.kv_cache(), model, paged, prefill_chunk: 512 }
     }
 
     /// Runs `input` (int32 [1, L], possibly lazy) through the model; returns

@@ -48,6 +48,13 @@ impl LoadedModel {
         self.kv.0.family == dense && self.kv.1.family == dense
     }
 
+    /// A one-sequence contiguous cache for this model's layers (SHARED
+    /// layers read their source's K/V; the declarations were checked at load).
+    pub fn kv_cache(&self) -> super::cache::KvCache {
+        let n = self.spec.num_layers as usize;
+        super::cache::KvCache::for_layers(n, &self.cache_layers).unwrap_or_else(|_| super::cache::KvCache::new(n))
+    }
+
     /// Why the server's paged pool cannot serve this model's layers yet
     /// (recurrent state, shared K/V, per-layer head sizes), if it cannot.
     pub fn paged_refusal(&self) -> Option<String> {
@@ -91,6 +98,9 @@ impl LoadedModel {
         let cache_layers: Vec<LayerCache> = model.layers().into_iter().collect();
         if !cache_layers.is_empty() && cache_layers.len() != spec.num_layers as usize {
             anyhow::bail!("{} declares {} layer caches for {} layers", dir.model_type, cache_layers.len(), spec.num_layers);
+        }
+        if let Err(e) = super::cache::KvCache::for_layers(spec.num_layers as usize, &cache_layers) {
+            anyhow::bail!("{}: {}", dir.model_type, e.message);
         }
         let unused = weights.unused();
         if !unused.is_empty() {

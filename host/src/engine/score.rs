@@ -4,7 +4,7 @@
 //! token after the first its log-probability and the most likely
 //! alternatives, computed on the device (only [L] values and [L, n] ids
 //! cross to the host, never [L, vocab]).
-use super::{cache::KvCache, LoadedModel};
+use super::LoadedModel;
 use anyhow::{bail, Result};
 use mlx_rs::{
     ops::{
@@ -32,7 +32,7 @@ pub fn score_prompt(model: &mut LoadedModel, prompt: &[u32], top_n: usize, chunk
         return Ok(out);
     }
     let n = top_n.min(vocab as usize);
-    let mut cache = KvCache::new(model.spec.num_layers as usize);
+    let mut cache = model.kv_cache();
     // Position p's logits score token p + 1: feed all but the last token.
     let inputs = &prompt[..prompt.len() - 1];
     let mut start = 0;
