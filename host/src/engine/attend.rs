@@ -36,9 +36,10 @@ pub trait KvStore {
     }
 }
 
-fn no_state() -> PluginError {
+/// The error of a store that keeps no recurrent state.
+pub(crate) fn no_state() -> PluginError {
     PluginError::unsupported(
-        "recurrent-state layers (gated DeltaNet) run in `rmlx generate`/`chat` only: the server's paged KV pool and the encoder keep no per-sequence state yet",
+        "recurrent-state layers (gated DeltaNet) need a KV store that keeps per-sequence state: `rmlx generate`/`chat`'s cache and the server's engine do; the encoder and the one-sequence paged pool (compressed KV families in `rmlx generate`) do not",
     )
 }
 

@@ -20,6 +20,7 @@
 //! join the memory cache like any other.
 use super::kv_budget::KvAccount;
 use super::kv_pool::KvPool;
+use super::recurrent::{RowState, Snapshots};
 use super::ssd::SsdStore;
 use mlx_rs::Array;
 use std::collections::HashMap;
@@ -146,6 +147,11 @@ pub struct BlockManager {
     cache: HashMap<u64, CachedBlock>,
     clock: u64,
     ssd: Option<SsdStore>,
+    /// The model keeps recurrent state (recurrent.rs): a prefix hit is only
+    /// as deep as its deepest block with a state snapshot.
+    pub recurrent: bool,
+    /// State snapshots of cached blocks, by block hash (dropped with the block).
+    pub snapshots: Snapshots,
     pub stats: BlockStats,
 }
 
@@ -169,6 +175,8 @@ impl BlockManager {
             cache: HashMap::new(),
             clock: 0,
             ssd: None,
+            recurrent: false,
+            snapshots: Snapshots::default(),
             stats: BlockStats::default(),
         }
     }
@@ -176,6 +184,7 @@ impl BlockManager {
     /// Draws this model's blocks from `account` (the engine's one KV
     /// budget), `block_bytes` each; `total_blocks` is then only a ceiling.
     pub fn with_account(mut self, account: Arc<KvAccount>, block_bytes: u64) -> Self {
+        self.snapshots.with_account(account.clone());
         self.account = Some(account);
         self.block_bytes = block_bytes;
         self
@@ -319,6 +328,7 @@ impl BlockManager {
         let h = *h;
         let c = self.cache.remove(&h).unwrap();
         self.hash_of[c.block as usize] = None;
+        self.snapshots.remove(h);
         self.idle -= 1;
         self.stats.evictions += 1;
         if let Some(ssd) = self.ssd.as_mut() {
@@ -390,6 +400,29 @@ impl BlockManager {
             self.stats.prefix_hit_tokens += (found.len() * self.block_size) as u64;
         }
         found
+    }
+
+    /// [`lookup_keeping`](Self::lookup_keeping) for a model with recurrent
+    /// state: the hit is cut to its deepest block that has a state snapshot
+    /// (the blocks after it are given back, and counted as not hit), and
+    /// comes with that snapshot, the state after the hit's tokens. Other
+    /// models: the plain lookup, no state.
+    pub fn lookup_state(&mut self, tokens: &[u32], keep_free: usize) -> (Vec<u32>, Option<RowState>) {
+        let mut hits = self.lookup_keeping(tokens, keep_free);
+        if !self.recurrent || hits.is_empty() {
+            return (hits, None);
+        }
+        let chain = self.chain(&tokens[..hits.len() * self.block_size]);
+        let keep = (1..=hits.len()).rev().find(|&j| self.snapshots.contains(chain[j - 1])).unwrap_or(0);
+        let dropped = hits.split_off(keep);
+        self.release(&dropped);
+        self.stats.prefix_hit_tokens -= (dropped.len() * self.block_size) as u64;
+        if keep == 0 {
+            self.stats.prefix_hits -= 1;
+            self.stats.prefix_misses += 1;
+            return (hits, None);
+        }
+        (hits, self.snapshots.get(chain[keep - 1]).cloned())
     }
 
     /// Reads block `h` from the SSD tier into a free pool block and the
@@ -530,6 +563,7 @@ impl BlockManager {
         for h in idle {
             let c = self.cache.remove(&h).unwrap();
             self.hash_of[c.block as usize] = None;
+            self.snapshots.remove(h);
             self.idle -= 1;
             self.give_free(c.block);
         }

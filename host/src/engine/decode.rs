@@ -7,6 +7,7 @@
 use super::{
     kv_pool::KvPool,
     paged::{PagedForward, Row},
+    recurrent::{self, RowState},
     sequence::Sequence,
     LoadedModel,
 };
@@ -126,11 +127,26 @@ pub fn forward(
             offset: s.kv_len,
         })
         .collect();
-    let mut paged = PagedForward::new(pool, &rows, len)?;
+    let states: Vec<&RowState> = seqs.iter().map(|s| &s.state).collect();
+    let bs = pool.block_size;
+    let mut paged = PagedForward::new(pool, &rows, len)?.with_states(states);
     let logits = model.logits(&input, &mut paged, true)?;
+    // Recurrent state: the rows' own change only now the forward succeeded.
+    let new_states = paged.take_states();
     drop(paged);
-    for s in seqs.iter_mut() {
+    let b = seqs.len();
+    for (r, s) in seqs.iter_mut().enumerate() {
         s.kv_len += len;
+        if new_states.is_empty() {
+            continue;
+        }
+        for (&layer, stacked) in &new_states {
+            s.state.insert(layer, recurrent::row(stacked, r, b)?);
+        }
+        // At a block boundary: the state the prefix cache keeps with the block.
+        if s.kv_len % bs == 0 {
+            s.snapshot = Some((s.kv_len / bs, recurrent::snapshot(&s.state)?));
+        }
     }
     Ok(logits)
 }

@@ -55,12 +55,22 @@ impl LoadedModel {
         super::cache::KvCache::for_layers(n, &self.cache_layers).unwrap_or_else(|_| super::cache::KvCache::new(n))
     }
 
+    /// Whether some layer keeps a recurrent state (`cache_kind::STATE`):
+    /// the server's engine keeps it per sequence (recurrent.rs); the
+    /// compiled step and speculative decoding do not serve such models.
+    pub fn has_state(&self) -> bool {
+        self.cache_layers.iter().any(|l| l.kind == cache_kind::STATE)
+    }
+
     /// Why the server's paged pool cannot serve this model's layers yet
-    /// (recurrent state, shared K/V, per-layer head sizes), if it cannot.
+    /// (shared K/V, per-layer head sizes), if it cannot. Recurrent-state
+    /// layers are served: their state lives beside the sequence's blocks.
     pub fn paged_refusal(&self) -> Option<String> {
         let (kh, hd) = (self.spec.num_kv_heads, self.spec.head_dim);
-        let odd = self.cache_layers.iter().enumerate().find(|(_, l)| {
-            !matches!(l.kind, cache_kind::FULL | cache_kind::WINDOW) || l.kv_heads != kh || l.head_dim != hd
+        let odd = self.cache_layers.iter().enumerate().find(|(_, l)| match l.kind {
+            cache_kind::STATE => false,
+            cache_kind::FULL | cache_kind::WINDOW => l.kv_heads != kh || l.head_dim != hd,
+            _ => true,
         })?;
         Some(format!(
             "layer {} of {} caches as kind {} with {}x{} K/V: the server's paged KV pool serves uniform attention layers only so far; `rmlx generate` and `rmlx chat` run this model",

@@ -20,6 +20,7 @@ pub mod kv_pool;
 pub mod loaded;
 pub mod metrics;
 pub mod paged;
+pub mod recurrent;
 pub mod sampler;
 pub mod requests;
 pub mod scheduler;

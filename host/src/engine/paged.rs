@@ -9,6 +9,7 @@
 //! one family: that family's `attend` (the dense family: MLX's fused sdpa).
 //! Of two: the composed path (`scores`, softmax, `mix`).
 use super::kv_pool::{KvPool, KvSide};
+use super::recurrent::{self, RowState};
 use mlx_rs::{ops::indexing::scatter_single, Array};
 use rmlx_plugin_api::{
     author::kv::{composed_attend, AttendOpts, Paged},
@@ -39,6 +40,11 @@ pub struct PagedForward<'a> {
     exact: Option<usize>,
     /// Per window (0: full attention): the mask, None when causal or none is enough.
     masks: HashMap<u32, Option<Array>>,
+    /// Per row, its recurrent state (`with_states`); None: this forward
+    /// keeps no state (a model with state layers is refused).
+    states: Option<Vec<&'a RowState>>,
+    /// Per state layer, what the model set: [B, ...] per component.
+    new_states: HashMap<u32, Vec<Array>>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -76,7 +82,22 @@ impl<'a> PagedForward<'a> {
             ctx,
             exact: (rows.len() == 1).then(|| rows[0].offset + len),
             masks: HashMap::new(),
+            states: None,
+            new_states: HashMap::new(),
         })
+    }
+
+    /// Lends the rows' recurrent states (one per row, in the rows' order)
+    /// to the forward's state layers.
+    pub fn with_states(mut self, states: Vec<&'a RowState>) -> Self {
+        self.states = Some(states);
+        self
+    }
+
+    /// What the forward's state layers set, per layer [B, ...] per
+    /// component (the caller splits it into rows once the forward succeeded).
+    pub fn take_states(&mut self) -> HashMap<u32, Vec<Array>> {
+        std::mem::take(&mut self.new_states)
     }
 
     /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
@@ -121,6 +142,35 @@ impl super::attend::KvStore for PagedForward<'_> {
 
     fn offsets(&self) -> Array {
         Array::from_slice(&self.offsets, &[self.offsets.len() as i32])
+    }
+
+    /// Layer `layer`'s state stacked over the rows ([B, ...] per component;
+    /// zeros for a fresh row; empty when every row is fresh).
+    fn state(&mut self, layer: u32) -> Result<Vec<Array>, PluginError> {
+        if let Some(s) = self.new_states.get(&layer) {
+            return Ok(s.clone());
+        }
+        match &self.states {
+            Some(rows) => recurrent::stack(rows, layer),
+            None => Err(super::attend::no_state()),
+        }
+    }
+
+    /// Keeps layer `layer`'s new state ([B, ...] per component) until the
+    /// forward is done; the rows' own states change only then.
+    fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<(), PluginError> {
+        if self.states.is_none() {
+            return Err(super::attend::no_state());
+        }
+        let b = self.offsets.len() as i32;
+        if let Some(bad) = state.iter().find(|a| a.ndim() == 0 || a.dim(0) != b) {
+            return Err(PluginError::other(format!(
+                "layer {layer} set a recurrent state of shape {:?} for {b} rows",
+                bad.shape()
+            )));
+        }
+        self.new_states.insert(layer, state);
+        Ok(())
     }
 
     /// q: [B, H, L, hd], k/v: [B, K, L, hd] -> [B, H, L, hd]

@@ -175,6 +175,8 @@ impl Scheduler {
             if s.lane == *lane {
                 s.table.clear();
                 s.kv_len = 0;
+                s.state.clear();
+                s.snapshot = None;
                 s.pending_row = None;
                 s.cached_upto = 0;
                 out.push((s, Err(WorkerError::Internal(msg.to_string()))));
@@ -227,7 +229,10 @@ impl Scheduler {
         out
     }
 
-    /// Frees a sequence's blocks (caching its full blocks first).
+    /// Frees a sequence's blocks (caching its full blocks first, with its
+    /// last block-boundary state snapshot), and drops its recurrent state:
+    /// a preempted sequence rebuilds it when it is prefilled again (from
+    /// the deepest snapshot the prefix cache still has, else from zeros).
     fn retire(&mut self, mut s: Sequence) -> Sequence {
         if let Some(l) = self.lanes.get_mut(&s.lane) {
             if self.cfg.prefix_cache {
@@ -237,6 +242,8 @@ impl Scheduler {
         }
         s.table.clear();
         s.kv_len = 0;
+        s.state.clear();
+        s.snapshot = None;
         s.pending_row = None;
         s.cached_upto = 0;
         s
@@ -295,10 +302,12 @@ impl Scheduler {
         s.cached_upto = 0;
         if prefix_cache {
             // Blocks read from the SSD tier must leave room for this sequence.
-            let hits = mgr.lookup_keeping(&s.tokens[..s.tokens.len() - 1], need + pending);
+            // A model with recurrent state resumes from the hit's snapshot.
+            let (hits, state) = mgr.lookup_state(&s.tokens[..s.tokens.len() - 1], need + pending);
             s.kv_len = hits.len() * mgr.block_size;
             s.cached_upto = hits.len();
             s.table = hits;
+            s.state = state.unwrap_or_default();
         }
         if first {
             let _ = s.events.send(GenEvent::Started);
@@ -371,17 +380,27 @@ impl Scheduler {
 }
 
 /// Puts a sequence's not-yet-cached full blocks (of tokens in its KV) into
-/// the prefix cache, where they are (no copy).
+/// the prefix cache, where they are (no copy), and its block-boundary state
+/// snapshot (models with recurrent state) beside the block it ends.
 fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
     let full = (s.kv_len.min(s.tokens.len()) / m.block_size).min(s.table.len());
-    if full <= s.cached_upto {
+    let snap = s.snapshot.as_ref().is_some_and(|(j, _)| (1..=full).contains(j));
+    if full <= s.cached_upto && !snap {
         return;
     }
     let chain = m.chain(&s.tokens[..full * m.block_size]);
-    for j in s.cached_upto..full {
+    for j in s.cached_upto.min(full)..full {
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
         let parent = j.checked_sub(1).map(|p| chain[p]);
         m.insert(chain[j], parent, j, s.tokens[a..b].to_vec(), s.table[j]);
     }
-    s.cached_upto = full;
+    s.cached_upto = s.cached_upto.max(full);
+    if snap {
+        let (j, state) = s.snapshot.take().expect("checked above");
+        // Only beside a block the cache holds (it may have refused none, but
+        // a snapshot must never outlive its block).
+        if m.contains(chain[j - 1]) {
+            m.snapshots.put(chain[j - 1], state);
+        }
+    }
 }

@@ -43,6 +43,12 @@ pub struct Sequence {
     pub pending_row: Option<usize>,
     /// Block hashes this sequence already put in the prefix cache.
     pub cached_upto: usize,
+    /// Its recurrent state after the `kv_len` tokens in its KV (models with
+    /// state layers; recurrent.rs): dropped with its blocks.
+    pub state: super::recurrent::RowState,
+    /// Its state at the last block boundary it crossed (blocks in its KV
+    /// then, state), for the prefix cache to keep with that block.
+    pub snapshot: Option<(usize, super::recurrent::RowState)>,
     pub preempted: u32,
     pub started_sent: bool,
     hook: Option<Box<dyn LogitsHook>>,
@@ -97,6 +103,8 @@ impl Sequence {
             kv_len: 0,
             pending_row: None,
             cached_upto: 0,
+            state: Default::default(),
+            snapshot: None,
             preempted: 0,
             started_sent: false,
             hook,

@@ -53,7 +53,12 @@ impl Lane {
         let s = &model.spec;
         // What the pool's arrays really take per block, every layer, keys
         // and values, scales and norms included.
-        let per_block = (super::super::kv_pool::bytes_per_token(s.num_layers as usize, &k, &v) * cfg.block_size) as u64;
+        // Recurrent-state layers hold no K/V (their arrays are never made).
+        let kv_layers = match model.cache_layers.is_empty() {
+            true => s.num_layers as usize,
+            false => model.cache_layers.iter().filter(|l| l.kind != rmlx_plugin_api::cache_kind::STATE).count(),
+        };
+        let per_block = (super::super::kv_pool::bytes_per_token(kv_layers, &k, &v) * cfg.block_size) as u64;
         // A ceiling: the blocks the whole budget holds; what the lane may
         // take at a time is what the shared account has left.
         let total = (account.total() / per_block.max(1)) as usize;
@@ -84,7 +89,14 @@ impl Lane {
         );
         let pool = KvPool::new(s.num_layers as usize, k, v, cfg.block_size, total);
         let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
-        if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
+        mgr.recurrent = model.cache_layers.iter().any(|l| l.kind == rmlx_plugin_api::cache_kind::STATE);
+        if mgr.recurrent && cfg.ssd.is_some() && cfg.prefix_cache {
+            // The SSD tier keeps blocks, not recurrent-state snapshots: a block
+            // read back without its snapshot cannot resume a sequence (a hit
+            // stops at the deepest snapshot in memory), so the tier is not
+            // offered to these lanes at all (and never writes their blocks).
+            tracing::info!("KV SSD tier is off for {name}: its recurrent-state snapshots stay in memory only");
+        } else if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
             match super::super::ssd::SsdStore::open(ssd, mgr.signature) {
                 Ok(store) => {
                     tracing::info!("KV SSD tier for {name}: {} blocks on disk", store.blocks());

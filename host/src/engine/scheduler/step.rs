@@ -67,7 +67,18 @@ impl Scheduler {
             if left == 0 {
                 break;
             }
-            let chunk = per.min(left).min(self.running[i].to_prefill());
+            let mut chunk = per.min(left).min(self.running[i].to_prefill());
+            // Recurrent state: a chunk that crosses a block boundary ends at
+            // the last one it crosses, so the state there can be snapshotted
+            // for the prefix cache (the rest is the next step's chunk).
+            let m = self.mgr(lane);
+            if m.recurrent {
+                let (start, bs) = (self.running[i].cached(), m.block_size);
+                let boundary = (start + chunk) / bs * bs;
+                if boundary > start {
+                    chunk = boundary - start;
+                }
+            }
             budget = Some(left - chunk);
             prefilled.push(self.running[i].id);
             let (ok, i) = self.reserve(lane, i, chunk, preempted);
