@@ -235,8 +235,40 @@ fn hybrid_preemption_rebuilds_state() {
     }
     wait_idle(&w);
     let b = blocks(&w, model);
+    println!(
+        "{model} under a small budget: {} preemptions, {} prefix hits ({} tokens resumed from snapshots), {} evictions",
+        b.preemptions, b.prefix_hits, b.prefix_hit_tokens, b.evictions
+    );
     assert!(b.preemptions >= 1, "the budget never forced a preemption: {b:?}");
     assert_eq!((b.ssd_writes, b.ssd_blocks), (0, 0), "a recurrent lane used the SSD tier: {b:?}");
     assert_eq!(b.seq_blocks, 0, "{b:?}");
     w.shutdown();
+}
+
+/// Two sequences that do not fit together: the newer one met at a block it
+/// cannot have is preempted, its blocks and state snapshot go to the prefix
+/// cache, and when it comes back it resumes from the snapshot (a prefix hit
+/// on its own blocks), not from zeros: its output is still the reference.
+#[test]
+fn hybrid_preempted_sequence_resumes_from_its_snapshot() {
+    let _g = common::mlx_lock();
+    let cat = catalog();
+    let sched = SchedulerConfig { kv_budget: KvBudget::Bytes(512 * 8 * 24), block_size: 8, ..SchedulerConfig::default() };
+    let w = worker(&cat, sched);
+    let model = "qwen3_next-f32";
+    let entry = cat.get(model).unwrap();
+    let ps: Vec<Vec<u32>> = (0..2).map(|k| prompt(30, k + 7)).collect();
+    let mut rx: Vec<_> = ps.iter().map(|p| submit(&w, &entry, p, 70, 512)).collect();
+    let outs: Vec<Vec<u32>> = rx.iter_mut().map(|r| collect(r, Vec::new())).collect();
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(outs[i], reference(model, p, 70), "prompt {i}");
+    }
+    wait_idle(&w);
+    let b = blocks(&w, model);
+    println!(
+        "{model}, two sequences in 24 blocks: {} preemptions, {} prefix hits ({} tokens resumed from snapshots)",
+        b.preemptions, b.prefix_hits, b.prefix_hit_tokens
+    );
+    assert!(b.preemptions >= 1, "{b:?}");
+    assert!(b.prefix_hits >= 1 && b.prefix_hit_tokens >= 8, "the preempted sequence did not resume from a snapshot: {b:?}");
 }
