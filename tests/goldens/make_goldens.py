@@ -364,7 +364,7 @@ def main():
     GOLDENS_DIR.mkdir(parents=True, exist_ok=True)
     names = []
     # `make_goldens.py qwen2`: only the named architectures (the others' fixtures stay).
-    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai", "qwen3_moe", "gpt_oss", "qwen3_next"]
+    only = sys.argv[1:] or list(ARCHS) + ["bitnet", "bonsai", "qwen3_moe", "gpt_oss", "qwen3_next", "gemma4_text"]
     for arch in only:
         if arch in ("bitnet", "bonsai"):  # lowbit_goldens.py: BitNet, Ternary Bonsai
             import lowbit_goldens
@@ -380,6 +380,11 @@ def main():
             import gpt_oss_goldens
 
             names += gpt_oss_goldens.make(arch)
+            continue
+        if arch == "gemma4_text":  # gemma4_goldens.py: KV sharing, per-layer inputs, experts
+            import gemma4_goldens
+
+            names += gemma4_goldens.make(arch)
             continue
         if arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):  # qwen3_next_goldens.py: gated DeltaNet hybrids
             import qwen3_next_goldens

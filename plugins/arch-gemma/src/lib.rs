@@ -1,6 +1,7 @@
 //! `arch-gemma`: the Gemma decoders, one file per `model_type`
-//! (gemma3_text.rs for Gemma 3's text models).
+//! (gemma3_text.rs for Gemma 3's text models, gemma4_text.rs for Gemma 4's).
 mod gemma3_text;
+mod gemma4_text;
 
 use rmlx_plugin_api::{
     author::{ModelImpl, PluginImpl, Result, Weights},
@@ -11,18 +12,20 @@ pub struct ArchGemma;
 
 impl PluginImpl for ArchGemma {
     fn manifest() -> Manifest {
-        Manifest::new("arch-gemma", env!("CARGO_PKG_VERSION"), "Gemma decoders (gemma3_text)")
-            .architectures(&["gemma3_text"])
+        Manifest::new("arch-gemma", env!("CARGO_PKG_VERSION"), "Gemma decoders (gemma3_text, gemma4_text)")
+            .architectures(&["gemma3_text", "gemma4_text"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
             "gemma3_text" => Ok(Box::new(gemma3_text::Gemma3Text::load(config, w)?)),
+            "gemma4_text" => Ok(Box::new(gemma4_text::Gemma4Text::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-gemma does not build {other}"))),
         }
     }
     fn check_config(model_type: &str, config: &str) -> Result<()> {
         match model_type {
             "gemma3_text" => gemma3_text::Config::parse(config).map(|_| ()),
+            "gemma4_text" => gemma4_text::Config::parse(config).map(|_| ()),
             other => Err(PluginError::unsupported(format!("arch-gemma does not build {other}"))),
         }
     }

@@ -126,6 +126,8 @@ pub enum GateAct {
     /// gpt-oss's clamped SwiGLU, mlx-lm's `swiglu_oai` (alpha 1.702, limit 7):
     /// (clip(up, ±7) + 1) * g * sigmoid(1.702 g), g = min(gate, 7).
     SwigluOai,
+    /// tanh-approximated GELU: mlx-lm's `geglu` (Gemma 4's experts).
+    GeluApprox,
 }
 
 impl GateAct {
@@ -135,6 +137,7 @@ impl GateAct {
             GateAct::Silu => swiglu(gate, up),
             GateAct::Relu2 => Ok(relu2(gate)?.multiply(up)?),
             GateAct::SwigluOai => swiglu_oai(gate, up),
+            GateAct::GeluApprox => Ok(crate::gemma::gelu_approx(gate)?.multiply(up)?),
         }
     }
 }

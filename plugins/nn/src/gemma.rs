@@ -1,14 +1,22 @@
-//! Pieces the Gemma family shares (mlx-lm's gemma, gemma2, gemma3_text):
-//! RMSNorm with the `1 + weight` convention, the tanh-approximated GELU and
-//! its gated MLP, the embedding scale, and the float16-safe residual add.
+//! Pieces the Gemma family shares (mlx-lm's gemma, gemma2, gemma3_text,
+//! gemma4_text): RMSNorm with the `1 + weight` convention, the
+//! tanh-approximated GELU and its gated MLP, the embedding scale, the
+//! float16-safe residual add; for Gemma 4 the proportional (partial) RoPE,
+//! the logit soft-cap and the scaled top-k expert router.
 //! Scalars are made in the activation's dtype, as Python's weak scalars are.
 //!
-//! Shapes: B batch, L new tokens, D hidden, F intermediate.
+//! Shapes: B batch, L new tokens, D hidden, F intermediate, E experts,
+//! k experts per token.
+use crate::Rope;
 use mlx_rs::{
-    ops::{clip, tanh},
+    fast,
+    ops::{self, clip, tanh},
     Array, Dtype,
 };
-use rmlx_plugin_api::author::{LinearLayer, Result, Weights};
+use rmlx_plugin_api::{
+    author::{LinearLayer, Result, Weights},
+    PluginError,
+};
 
 /// `v` as a 0-d array of `dtype` (a Python scalar next to an mlx array).
 fn scalar(v: f32, dtype: Dtype) -> Result<Array> {
@@ -90,4 +98,88 @@ pub fn clip_residual(x: &Array, y: &Array) -> Result<Array> {
     let sum = x.as_dtype(Dtype::Float32)?.add(&y.as_dtype(Dtype::Float32)?)?;
     let (lo, hi) = (Array::from_f32(-bound), Array::from_f32(bound));
     Ok(clip(&sum, (&lo, &hi))?.as_dtype(Dtype::Float16)?)
+}
+
+/// mlx-lm's `ProportionalRoPE` (rope type `proportional`, Gemma 4's global
+/// layers): the first `rotated_dims` of `dims` rotate with frequencies
+/// `factor * base^(i / dims)` (exponents over all `dims`, not the rotated
+/// part), the rest keep an infinite period (they do not rotate).
+pub fn proportional_rope(dims: i32, rotated_dims: i32, base: f32, factor: f32, traditional: bool) -> Result<Rope> {
+    if rotated_dims > dims || rotated_dims < 0 || dims % 2 != 0 {
+        return Err(PluginError::config(format!(
+            "proportional RoPE rotates {rotated_dims} of {dims} dimensions: needs 0 <= rotated <= dims, dims even"
+        )));
+    }
+    let freqs: Vec<f32> = (0..dims / 2)
+        .map(|j| {
+            let i = 2 * j;
+            if i < rotated_dims {
+                factor * base.powf(i as f32 / dims as f32)
+            } else {
+                f32::INFINITY
+            }
+        })
+        .collect();
+    let freqs = Array::from_slice(&freqs, &[dims / 2]);
+    Ok(Rope { dims, traditional, base: None, scale: 1.0, freqs: Some(freqs), mscale: 1.0 })
+}
+
+/// RMSNorm without a learned scale (mlx-lm's `RMSNormNoScale`).
+/// x: [..., D] -> [..., D]
+pub fn rms_norm_no_scale(x: &Array, eps: f32) -> Result<Array> {
+    Ok(fast::rms_norm(x, None, eps)?)
+}
+
+/// mlx-lm's `logit_softcap`: tanh(x / cap) * cap, in x's dtype.
+pub fn logit_softcap(x: &Array, cap: f32) -> Result<Array> {
+    let c = scalar(cap, x.dtype())?;
+    Ok(tanh(&x.divide(&c)?)?.multiply(&c)?)
+}
+
+/// Gemma 4's expert router (mlx-lm gemma4_text `Router`): RMSNorm with
+/// weight `scale * D^-0.5`, `proj` to expert scores, the top k scores'
+/// softmax, each weight times its expert's `per_expert_scale`.
+pub struct ScaledRouter {
+    norm: Array,             // [D]: scale * D^-0.5
+    proj: LinearLayer,       // [D] -> [E]
+    per_expert_scale: Array, // [E]
+    top_k: i32,
+    eps: f32,
+}
+
+impl ScaledRouter {
+    /// `p`: the router (`...router`): `scale`, `per_expert_scale`, `proj`.
+    pub fn load(w: &mut Weights, p: &str, experts: i32, top_k: i32, eps: f32) -> Result<Self> {
+        let scale = w.tensor(&format!("{p}.scale"))?;
+        let per_expert_scale = w.tensor(&format!("{p}.per_expert_scale"))?;
+        let proj = w.linear(&format!("{p}.proj"))?;
+        let (d_in, e) = (proj.0.dims().0, proj.0.dims().1);
+        if e as i32 != experts || per_expert_scale.shape() != [experts] || scale.shape() != [d_in as i32] {
+            return Err(PluginError::config(format!(
+                "{p}: num_experts is {experts} but proj has {e} outputs, per_expert_scale shape {:?}, scale shape {:?} for {d_in} inputs",
+                per_expert_scale.shape(),
+                scale.shape()
+            )));
+        }
+        if !(1..=experts).contains(&top_k) {
+            return Err(PluginError::config(format!("{p}: top_k_experts {top_k} is not in 1..={experts}")));
+        }
+        let norm = scale.multiply(&scalar((d_in as f32).powf(-0.5), scale.dtype())?)?;
+        norm.eval()?;
+        Ok(Self { norm, proj, per_expert_scale, top_k, eps })
+    }
+
+    /// x: [B, L, D] -> (indices uint32 [B, L, k], weights [B, L, k])
+    pub fn route(&self, x: &Array) -> Result<(Array, Array)> {
+        let x = crate::rms_norm(x, &self.norm, self.eps)?;
+        let scores = self.proj.forward(&x)?; // [B, L, E]
+        let e = scores.dim(-1);
+        // argpartition puts the k largest last; mlx-lm keeps them in that order.
+        let part = ops::argpartition_axis(&scores, -self.top_k, -1)?; // [B, L, E]
+        let inds = part.split_at_indices(&[e - self.top_k], -1)?.pop().expect("two parts"); // [B, L, k]
+        let top = scores.take_along_axis(&inds, -1)?; // [B, L, k]
+        let weights = ops::softmax_axis(&top, -1, false)?; // [B, L, k]
+        let weights = weights.multiply(self.per_expert_scale.take_axis(&inds, 0)?)?;
+        Ok((inds, weights))
+    }
 }

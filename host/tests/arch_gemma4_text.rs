@@ -1,0 +1,253 @@
+//! model_type `gemma4_text` (plugins/arch-gemma/src/gemma4_text.rs): the tiny
+//! models tests/goldens/gemma4_goldens.py built with mlx-lm's own classes
+//! (sliding and full layers with different head sizes, k_eq_v, proportional
+//! partial RoPE, KV sharing, per-layer inputs, experts, logit soft-cap),
+//! against the logits and greedy tokens mlx-lm recorded, in float32, affine
+//! q4 and mxfp4 experts; the layer caches it declares; the server refusing
+//! the shared-KV model and serving the uniform one batched as one at a time;
+//! configs refused by name.
+mod common;
+
+use common::golden::{compare, Golden, Tally};
+use rmlx::engine::scheduler::SchedulerConfig;
+use rmlx::engine::worker::{
+    FinishReason, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig, WorkerError,
+};
+use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
+use rmlx_plugin_api::cache_kind;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(common::fixture(&format!("goldens/{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load(path: &std::path::Path, reg: &rmlx::plugins::Registry) -> LoadedModel {
+    LoadedModel::load_with(path, reg, LoadPolicy::default()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
+}
+
+/// (mode, bits, group size) of a module as loaded.
+fn format(model: &LoadedModel, path: &str) -> (String, i32, i32) {
+    let q = model.layers.get(path).unwrap_or_else(|| panic!("no layer {path}"));
+    (q.mode.clone(), q.bits, q.group_size)
+}
+
+/// Prefill then 8 decode steps (teacher-forced on mlx-lm's tokens) of the
+/// four prompts (1, 7, 23 and 40 tokens) within REL_TOL of mlx-lm's logits,
+/// the greedy token equal wherever mlx-lm's margin allows; each layer built
+/// in the format mlx-lm quantized it to.
+#[test]
+fn gemma4_text_matches_mlx_lm() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    // (name, layers, experts, router, attention, per-layer embedding)
+    let none = ("none", 0, 0);
+    let cases = [
+        ("gemma4_text-f32", 6, Some(none), Some(none), none, Some(none)),
+        ("gemma4_text-q4-g64", 6, Some(("affine", 4, 64)), Some(("affine", 8, 64)), ("affine", 4, 64), Some(("affine", 4, 64))),
+        ("gemma4_text-mxfp4-q8", 6, Some(("mxfp4", 4, 32)), Some(("affine", 8, 64)), ("affine", 8, 64), Some(("affine", 8, 64))),
+        ("gemma4_text-dense-f32", 4, None, None, none, None),
+    ];
+    for (name, layers, experts, router, attn, ple) in cases {
+        let mut model = load(&common::fixture(&format!("models/{name}")), &reg);
+        assert!(model.unused.is_empty(), "{name}: unused tensors {:?}", model.unused);
+        assert_eq!(model.architecture_plugin, "arch-gemma");
+        let mut tally = Tally::default();
+        compare(&mut model, &golden(name), &mut tally);
+        eprintln!("{name}: {} steps, worst relative error {:e}", tally.compared, tally.worst);
+        assert!(tally.failures.is_empty(), "{name}:\n{}", tally.failures.join("\n"));
+        let expect = |path: &str, want: (&str, i32, i32)| {
+            let got = format(&model, path);
+            assert_eq!(got.0, want.0, "{name} {path}");
+            if want.0 != "none" {
+                assert_eq!((got.1, got.2), (want.1, want.2), "{name} {path}");
+            }
+        };
+        for i in 0..layers {
+            expect(&format!("model.layers.{i}.self_attn.q_proj"), attn);
+            if let (Some(e), Some(r)) = (experts, router) {
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    expect(&format!("model.layers.{i}.experts.switch_glu.{p}"), e);
+                }
+                expect(&format!("model.layers.{i}.router.proj"), r);
+            }
+        }
+        if let Some(p) = ple {
+            expect("model.embed_tokens_per_layer", p);
+        }
+    }
+}
+
+/// The layer caches gemma4_text-f32 declares: sliding layers windowed with 2
+/// K/V heads of 16, full layers 1 head of 32 (k_eq_v), the last two SHARED
+/// with the last earlier layer of their type; the dense model declares
+/// uniform layers.
+#[test]
+fn gemma4_text_declares_its_layer_caches() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let m = load(&common::fixture("models/gemma4_text-f32"), &reg);
+    let got: Vec<_> = m.cache_layers.iter().map(|l| (l.kind, l.window, l.kv_heads, l.head_dim, l.shared_with)).collect();
+    let (w, f, s) = (cache_kind::WINDOW, cache_kind::FULL, cache_kind::SHARED);
+    assert_eq!(got, [(w, 8, 2, 16, 0), (w, 8, 2, 16, 1), (f, 0, 1, 32, 2), (w, 8, 2, 16, 3), (s, 8, 2, 16, 3), (s, 0, 1, 32, 2)]);
+    assert_eq!(m.spec.sliding_window.to_vec(), [8, 8, 0, 8, 8, 0]);
+    let d = load(&common::fixture("models/gemma4_text-dense-f32"), &reg);
+    assert_eq!(d.paged_refusal(), None);
+    assert!(d.cache_layers.iter().all(|l| l.kind != s && l.head_dim == 16 && l.kv_heads == 2));
+}
+
+/// `rmlx generate` (the one-sequence cache, free-running greedy) continues
+/// each prompt with mlx-lm's tokens where its margins are clear.
+#[test]
+fn gemma4_text_generate_continues_like_mlx_lm() {
+    let _g = common::mlx_lock();
+    for name in ["gemma4_text-f32", "gemma4_text-q4-g64", "gemma4_text-mxfp4-q8"] {
+        let g = golden(name);
+        for case in &g.prompts {
+            // Greedy ties below the margin may part from mlx-lm: compare up to the first.
+            let n = case.margins.iter().take_while(|&&m| m > common::golden::MARGIN).count();
+            let got = common::greedy_reference(name, &case.prompt, case.tokens.len());
+            assert_eq!(got[..n], case.tokens[..n], "{name} prompt {:?}", case.prompt);
+        }
+    }
+}
+
+/// Each feature moves the result: gemma4_text-f32 with its soft-cap
+/// dropped, its window widened past every prompt, or plain RoPE on its full
+/// layers no longer matches mlx-lm's golden.
+#[test]
+fn gemma4_text_goldens_catch_a_wrong_model() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let src = common::fixture("models/gemma4_text-f32");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let want = golden("gemma4_text-f32");
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let trials: Vec<(&str, Edit)> = vec![
+        ("no soft-cap", Box::new(|c| c["final_logit_softcapping"] = serde_json::Value::Null)),
+        ("no window", Box::new(|c| c["sliding_window"] = 1000.into())),
+        ("full RoPE", Box::new(|c| c["rope_parameters"]["full_attention"]["rope_type"] = "default".into())),
+    ];
+    for (what, edit) in trials {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let mut model = load(dir.path(), &reg);
+        let mut tally = Tally::default();
+        compare(&mut model, &want, &mut tally);
+        eprintln!("{what}: worst relative error {:e}", tally.worst);
+        assert!(tally.worst > 1e-2, "{what}: the golden does not notice (worst relative error {:e})", tally.worst);
+    }
+}
+
+#[test]
+fn gemma4_text_configs_are_refused_by_name() {
+    let reg = common::registry();
+    let path = common::fixture("models/gemma4_text-f32/config.json");
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(reg.check_config("gemma4_text", &base.to_string()).is_ok());
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|c| c["layer_types"][1] = "chunked_attention".into()), "layer_types[1] `chunked_attention`"),
+        (Box::new(|c| c["num_kv_shared_layers"] = 5.into()), "no earlier layer of its type"),
+        (Box::new(|c| c["top_k_experts"] = serde_json::Value::Null), "top_k_experts"),
+        (Box::new(|c| c["rope_parameters"]["sliding_attention"]["rope_type"] = "mrope_x".into()), "mrope_x"),
+        (Box::new(|c| c["num_global_key_value_heads"] = 3.into()), "num_key_value_heads 3"),
+    ];
+    for (edit, want) in cases {
+        let mut c = base.clone();
+        edit(&mut c);
+        let e = format!("{:#}", reg.check_config("gemma4_text", &c.to_string()).expect_err(want));
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+    }
+}
+
+// ---- serving ----
+
+fn worker(catalog: &ModelCatalog) -> Worker {
+    Worker::start_with(
+        WorkerConfig {
+            plugins_dir: common::plugins_dir(),
+            max_queue_depth: 64,
+            max_loaded_models: 2,
+            idle_timeout: None,
+            prefill_chunk: 512,
+        },
+        SchedulerConfig::default(),
+        catalog,
+    )
+    .unwrap()
+}
+
+fn submit(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize, chunk: usize) -> mpsc::UnboundedReceiver<GenEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let params = GenParams { max_tokens, ignore_eos: true, prefill_chunk: chunk, ..GenParams::default() };
+    w.submit(GenRequest {
+        model: entry.clone(),
+        prompt: prompt.to_vec(),
+        params,
+        hook: None,
+        cancel: Arc::new(AtomicBool::new(false)),
+        keep_alive: None,
+        events: tx,
+    })
+    .unwrap();
+    rx
+}
+
+fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> Result<Vec<u32>, WorkerError> {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, .. } => ids.push(id),
+            GenEvent::Done(f) => {
+                assert_eq!(f.reason, FinishReason::Length);
+                return Ok(ids);
+            }
+            GenEvent::Error(e) => return Err(e),
+            _ => {}
+        }
+    }
+}
+
+/// The server's paged pool does not serve shared-KV or per-layer-size
+/// layers yet: gemma4_text-f32 is refused as a bad request (HTTP 400 in
+/// api/generation.rs) naming the layer and the way out; the uniform
+/// gemma4_text-dense-f32 is served, six prompts batched (prefill in 8-token
+/// chunks) equal to one at a time and to `rmlx generate`.
+#[test]
+fn gemma4_text_server_refuses_shared_kv_and_batches_the_dense_model() {
+    let _g = common::mlx_lock();
+    let names = ["gemma4_text-f32", "gemma4_text-dense-f32"];
+    let list: Vec<_> = names.iter().map(|m| (None, common::fixture(&format!("models/{m}")))).collect();
+    let cat = ModelCatalog::discover(&list, &[]).unwrap();
+    let w = worker(&cat);
+    match collect(&mut submit(&w, &cat.get(names[0]).unwrap(), &[1, 2, 3], 4, 512)) {
+        Err(WorkerError::BadRequest(why)) => {
+            assert!(why.contains("layer 2 of gemma4_text") && why.contains("rmlx generate"), "{why}")
+        }
+        other => panic!("expected a bad request, got {other:?}"),
+    }
+    let model = names[1];
+    let entry = cat.get(model).unwrap();
+    let max_tokens = 12;
+    let prompts: Vec<Vec<u32>> = [1usize, 5, 17, 40, 3, 30]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (0..n).map(|i| ((i * 7 + k * 31 + 3) % 250 + 3) as u32).collect())
+        .collect();
+    let solo: Vec<Vec<u32>> = prompts.iter().map(|p| collect(&mut submit(&w, &entry, p, max_tokens, 512)).unwrap()).collect();
+    let mut rxs: Vec<_> = prompts.iter().map(|p| submit(&w, &entry, p, max_tokens, 8)).collect();
+    let batched: Vec<Vec<u32>> = rxs.iter_mut().map(|r| collect(r).unwrap()).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        let want = common::greedy_reference(model, p, max_tokens);
+        assert_eq!(solo[i], want, "{model} prompt {i}: server one-at-a-time differs from rmlx generate");
+        assert_eq!(batched[i], want, "{model} prompt {i}: batched differs from one at a time");
+    }
+    assert!(w.stats().max_batch >= 4, "requests did not decode together: {:?}", w.stats());
+}
