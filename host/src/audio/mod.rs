@@ -1,5 +1,7 @@
 //! Audio input for Whisper: decoding (wav, flac, mp3) to mono 16 kHz f32
-//! samples ([`decode`]) and Whisper's log-mel front end ([`mel`]).
+//! samples ([`decode`]), Whisper's log-mel front end ([`mel`]), the loaded
+//! model ([`whisper`]), the transcription loop ([`transcribe`]) and its
+//! output formats ([`format`]).
 //!
 //! ```ignore
 //! let audio = rmlx::audio::decode::decode_file(path)?;           // mono, 16 kHz
@@ -7,7 +9,10 @@
 //! for w in mel.windows() { /* w.data: [3000, 80], w.seek: first frame */ }
 //! ```
 pub mod decode;
+pub mod format;
 pub mod mel;
+pub mod transcribe;
+pub mod whisper;
 
 /// Whisper's sample rate (Hz).
 pub const SAMPLE_RATE: u32 = 16_000;

@@ -14,6 +14,7 @@ mod plugins;
 mod pull;
 mod serve;
 mod textgen;
+mod transcribe;
 
 use crate::{config::Settings, plugins::Registry};
 use anyhow::Result;
@@ -49,6 +50,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Fit the per-model calibration of the KV families that use one (per-layer key and value means).
     KvCalibrate(With<kv_calibrate::Args, LoadFlags>),
+    /// Transcribe (or translate) speech with a Whisper model: text, json, srt or vtt.
+    Transcribe(With<transcribe::Args, LoadFlags>),
     /// Print the HTTP API's OpenAPI document.
     Openapi(openapi::Args),
     /// Convert a model into MLX format.
@@ -73,6 +76,7 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Eval(a) => cli.before.clone().merge(a.flags()),
         Command::KvCalibrate(a) => cli.before.clone().merge(a.flags.clone()),
+        Command::Transcribe(a) => cli.before.clone().merge(a.flags.clone()),
         Command::Metrics(a) => cli.before.clone().merge(a.flags.clone()),
         _ => cli.before.clone(),
     };
@@ -106,6 +110,7 @@ pub fn run() -> Result<()> {
         Command::Bench(a) => bench::run(a.args, &settings),
         Command::Eval(a) => eval::run(a, &settings),
         Command::KvCalibrate(a) => kv_calibrate::run(a.args, &settings),
+        Command::Transcribe(a) => transcribe::run(a.args, &settings),
         Command::Openapi(a) => openapi::run(a, &settings),
         Command::Convert(a) => convert::run(a, &settings),
         Command::Metrics(a) => metrics::run(a.args, &settings),
