@@ -251,3 +251,19 @@ fn gemma4_text_server_refuses_shared_kv_and_batches_the_dense_model() {
     }
     assert!(w.stats().max_batch >= 4, "requests did not decode together: {:?}", w.stats());
 }
+
+/// A KV family other than the dense default runs `rmlx generate` through
+/// the paged one-sequence pool, which cannot hold shared-KV layers: a clear
+/// error, not a wrong answer or a panic.
+#[test]
+fn gemma4_text_generate_refuses_other_kv_families_with_the_reason() {
+    use rmlx::engine::kv_family::{self, KvChoice};
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let mut m = load(&common::fixture("models/gemma4_text-f32"), &reg);
+    let choice = KvChoice { k: Some("f16".into()), v: Some("f16".into()) };
+    m.kv = kv_family::resolve(&reg, &m.spec, m.kv.0.dims.dtype, &choice, None).unwrap();
+    let mut s = rmlx::engine::Session::new(&mut m);
+    let e = format!("{:#}", s.prefill(&[1, 2, 3]).unwrap_err());
+    assert!(e.contains("paged pool") && e.contains("layer 2 of gemma4_text"), "{e}");
+}

@@ -31,6 +31,9 @@ impl<'m> Session<'m> {
     /// the last position's logits [1, 1, V], lazily.
     fn forward_lazy(&mut self, input: Array, len: i32) -> Result<Array> {
         if let Some(p) = self.paged.as_mut() {
+            if let Some(why) = self.model.paged_refusal() {
+                bail!("KV families other than the dense default run through the paged pool, which cannot serve this model: {why}");
+            }
             return p.forward(self.model, input, true);
         }
         let logits = self.model.logits(&input, &mut self.cache, true)?;
