@@ -20,7 +20,7 @@
 //! join the memory cache like any other.
 use super::kv_budget::KvAccount;
 use super::kv_pool::KvPool;
-use super::recurrent::{RowState, Snapshots};
+use super::recurrent::Snapshots;
 use super::ssd::SsdStore;
 use mlx_rs::Array;
 use std::collections::HashMap;
@@ -400,29 +400,6 @@ impl BlockManager {
             self.stats.prefix_hit_tokens += (found.len() * self.block_size) as u64;
         }
         found
-    }
-
-    /// [`lookup_keeping`](Self::lookup_keeping) for a model with recurrent
-    /// state: the hit is cut to its deepest block that has a state snapshot
-    /// (the blocks after it are given back, and counted as not hit), and
-    /// comes with that snapshot, the state after the hit's tokens. Other
-    /// models: the plain lookup, no state.
-    pub fn lookup_state(&mut self, tokens: &[u32], keep_free: usize) -> (Vec<u32>, Option<RowState>) {
-        let mut hits = self.lookup_keeping(tokens, keep_free);
-        if !self.recurrent || hits.is_empty() {
-            return (hits, None);
-        }
-        let chain = self.chain(&tokens[..hits.len() * self.block_size]);
-        let keep = (1..=hits.len()).rev().find(|&j| self.snapshots.contains(chain[j - 1])).unwrap_or(0);
-        let dropped = hits.split_off(keep);
-        self.release(&dropped);
-        self.stats.prefix_hit_tokens -= (dropped.len() * self.block_size) as u64;
-        if keep == 0 {
-            self.stats.prefix_hits -= 1;
-            self.stats.prefix_misses += 1;
-            return (hits, None);
-        }
-        (hits, self.snapshots.get(chain[keep - 1]).cloned())
     }
 
     /// Reads block `h` from the SSD tier into a free pool block and the

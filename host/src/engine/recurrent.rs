@@ -18,6 +18,7 @@
 //! the deepest one with a snapshot only, and the sequence starts from that
 //! snapshot. A snapshot lives as long as its block stays cached (evicting
 //! the block drops it) and is charged to the engine's KV budget.
+use super::block_manager::BlockManager;
 use super::kv_budget::KvAccount;
 use mlx_rs::{
     ops::{concatenate, indexing::TryIndexOp, zeros_like},
@@ -147,10 +148,110 @@ impl Snapshots {
     }
 }
 
+impl BlockManager {
+    /// [`lookup_keeping`](Self::lookup_keeping) for a model with recurrent
+    /// state: the hit is cut to its deepest block that has a state snapshot
+    /// (the blocks after it are given back, and counted as not hit), and
+    /// comes with that snapshot, the state after the hit's tokens. Other
+    /// models: the plain lookup, no state.
+    pub fn lookup_state(&mut self, tokens: &[u32], keep_free: usize) -> (Vec<u32>, Option<RowState>) {
+        let mut hits = self.lookup_keeping(tokens, keep_free);
+        if !self.recurrent || hits.is_empty() {
+            return (hits, None);
+        }
+        let chain = self.chain(&tokens[..hits.len() * self.block_size]);
+        let keep = (1..=hits.len()).rev().find(|&j| self.snapshots.contains(chain[j - 1])).unwrap_or(0);
+        let dropped = hits.split_off(keep);
+        self.release(&dropped);
+        self.stats.prefix_hit_tokens -= (dropped.len() * self.block_size) as u64;
+        if keep == 0 {
+            self.stats.prefix_hits -= 1;
+            self.stats.prefix_misses += 1;
+            return (hits, None);
+        }
+        (hits, self.snapshots.get(chain[keep - 1]).cloned())
+    }
+}
+
 impl Drop for Snapshots {
     fn drop(&mut self) {
         if let Some(a) = &self.account {
             a.credit(self.bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(layer: u32, x: f32) -> RowState {
+        RowState::from([(layer, vec![Array::from_slice(&[x, x + 1.0], &[1, 2]), Array::from_slice(&[x; 3], &[1, 3, 1])])])
+    }
+
+    fn values(a: &Array) -> Vec<f32> {
+        a.eval().unwrap();
+        a.try_as_slice::<f32>().unwrap().to_vec()
+    }
+
+    /// Rows' states stack in the rows' order, a fresh row as zeros; split
+    /// back, each row gets its own; a batch of fresh rows gets none.
+    #[test]
+    fn rows_stack_and_split() {
+        let (a, fresh, b) = (state(3, 1.0), RowState::new(), state(3, 5.0));
+        let st = stack(&[&a, &fresh, &b], 3).unwrap();
+        assert_eq!((st[0].shape(), st[1].shape()), (&[3, 2][..], &[3, 3, 1][..]));
+        assert_eq!(values(&st[0]), [1.0, 2.0, 0.0, 0.0, 5.0, 6.0]);
+        assert_eq!(values(&row(&st, 2, 3).unwrap()[0]), [5.0, 6.0]);
+        assert_eq!(values(&row(&st, 1, 3).unwrap()[1]), [0.0; 3]);
+        assert!(stack(&[&fresh, &fresh], 3).unwrap().is_empty());
+        assert!(stack(&[&a, &b], 4).unwrap().is_empty(), "another layer: no row has it");
+        // A snapshot owns its buffers and equals the state.
+        let s = snapshot(&RowState::from([(3, row(&st, 0, 3).unwrap())])).unwrap();
+        assert_eq!(values(&s[&3][0]), [1.0, 2.0]);
+        assert_eq!(bytes(&s), 4 * (2 + 3));
+    }
+
+    /// A block manager of a recurrent model: one layer of K/V, blocks of 2.
+    fn manager(account: &Arc<KvAccount>) -> BlockManager {
+        let mut m = BlockManager::new(super::super::kv_pool::test_pool(1, 1, 2, 2, 8), "r").with_account(account.clone(), 16);
+        m.recurrent = true;
+        m
+    }
+
+    /// A hit is cut to its deepest block with a snapshot and comes with it;
+    /// with none it is a miss. Snapshots are charged to the budget, refused
+    /// past it, and dropped (credited) with their block.
+    #[test]
+    fn hits_stop_at_the_deepest_snapshot() {
+        let account = Arc::new(KvAccount::new(8 * 16 + 40));
+        let mut m = manager(&account);
+        let tokens = [1, 2, 3, 4, 5, 6, 7];
+        let chain = m.chain(&tokens);
+        let kv = |x: f32| vec![Array::from_slice(&[x; 4], &[2, 1, 2]), Array::from_slice(&[-x; 4], &[2, 1, 2])];
+        for (j, &h) in chain.iter().enumerate() {
+            let parent = j.checked_sub(1).map(|p| chain[p]);
+            assert!(m.insert_data(h, parent, j, tokens[2 * j..2 * j + 2].to_vec(), &kv(j as f32)));
+        }
+        let (hit, st) = m.lookup_state(&tokens, 0);
+        assert!(hit.is_empty() && st.is_none(), "no snapshot: a miss");
+        assert_eq!((m.stats.prefix_hits, m.stats.prefix_misses, m.stats.prefix_hit_tokens), (0, 1, 0));
+        let used = account.used();
+        assert!(m.snapshots.put(chain[1], state(0, 2.0)));
+        assert_eq!(account.used(), used + 20);
+        let big = RowState::from([(0, vec![Array::from_slice(&[0f32; 100], &[1, 100])])]);
+        assert!(!m.snapshots.put(chain[0], big), "past the budget");
+        assert_eq!(account.used(), used + 20);
+        let (hit, st) = m.lookup_state(&tokens, 0);
+        assert_eq!(hit, [m.get(chain[0]).unwrap().block, m.get(chain[1]).unwrap().block]);
+        assert_eq!(values(&st.unwrap()[&0][0]), [2.0, 3.0]);
+        assert_eq!((m.stats.prefix_hits, m.stats.prefix_hit_tokens), (1, 4));
+        m.release(&hit);
+        // Every block idle: evicting them all drops the snapshot, credited.
+        assert!(m.allocate(8).is_some());
+        assert!(m.snapshots.is_empty() && m.snapshots.bytes == 0);
+        assert_eq!(account.used(), 8 * 16);
+        drop(m);
+        assert_eq!(account.used(), 0);
     }
 }
