@@ -150,3 +150,39 @@ fn tiny_en_transcribes_like_faster_whisper() {
     let vtt = transcribe(&model, "speech-fox.flac", "vtt");
     assert!(vtt.starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:03.200\nThe quick round-fark"), "{vtt}");
 }
+
+/// 40 s of audio (two 30 s windows; the second starts at the first one's
+/// last timestamp, and is prompted with the first one's tokens) through the
+/// library, against mlx-whisper's `transcribe` on the same samples.
+#[test]
+fn tiny_en_long_audio_matches_mlx_whisper_window_by_window() {
+    use rmlx::audio::{decode::decode_file, transcribe, whisper::WhisperModel};
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(dir) = tiny_en(tmp.path()) else { return };
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("real/whisper-tiny.en-long.json")).unwrap()).unwrap();
+    let clips: Vec<Vec<f32>> = ["speech-test.flac", "speech-fox.flac"]
+        .iter()
+        .map(|n| decode_file(&common::fixture(&format!("whisper/{n}"))).unwrap().samples)
+        .collect();
+    let mut audio = Vec::new();
+    for i in 0..6 {
+        audio.extend(&clips[i % 2]);
+        audio.extend(std::iter::repeat(0.0f32).take(32000));
+    }
+    assert_eq!(audio.len() as u64, fx["samples"].as_u64().unwrap());
+    let _g = common::mlx_lock();
+    let mut model = WhisperModel::load(&dir, &common::registry()).unwrap();
+    let t = transcribe::transcribe(&mut model, &audio, &transcribe::Options::default()).unwrap();
+    assert_eq!(t.text, fx["text"].as_str().unwrap());
+    let want = fx["segments"].as_array().unwrap();
+    assert_eq!(t.segments.len(), want.len());
+    assert!(t.segments.iter().any(|s| s.seek > 0), "one window only");
+    for (g, w) in t.segments.iter().zip(want) {
+        assert_eq!(g.seek as u64, w["seek"].as_u64().unwrap());
+        assert_eq!(g.text, w["text"].as_str().unwrap());
+        let wt: Vec<u32> = w["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(g.tokens, wt);
+        assert!((g.start - w["start"].as_f64().unwrap()).abs() < 1e-6 && (g.end - w["end"].as_f64().unwrap()).abs() < 1e-6);
+    }
+}

@@ -15,6 +15,17 @@ Builds mlx-whisper's `Whisper(dims, dtype=float32)` with a tiny random config
   - `steps` int32 [3] and `step_logits` [3, 300]: three more tokens, one
     forward each over mlx-whisper's kv_cache (self-attention K/V appended,
     cross-attention K/V reused), as its greedy decoder runs.
+
+    .venv-dev/bin/python tests/goldens/whisper_arch.py long DIR
+
+DIR is tiny.en converted by `rmlx convert --from-ct2` (scripts/real-models.sh
+whisper-tiny.en). Transcribes 40.3 s of audio made of the fixture clips
+(speech-test, 2 s of silence, speech-fox, 2 s of silence, six clips in all, as
+16 kHz samples int16 / 32768) with mlx-whisper's `transcribe` (temperature 0
+only, float32, its other defaults: timestamps, condition_on_previous_text) and
+writes tests/fixtures/real/whisper-tiny.en-long.json: the text and each
+segment's seek, start, end, text and tokens (two 30 s windows: the second
+starts where the first one's last timestamp says).
 """
 import json
 from pathlib import Path
@@ -27,6 +38,28 @@ from mlx_whisper.whisper import ModelDimensions, Whisper
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "tests/fixtures/models/whisper-tiny-f32"
 GOLDEN = ROOT / "tests/fixtures/whisper/arch_golden.safetensors"
+
+import sys
+
+if len(sys.argv) > 1 and sys.argv[1] == "long":
+    import mlx_whisper
+    from mlx_whisper.audio import load_audio
+
+    clips = [load_audio(str(ROOT / f"tests/fixtures/whisper/{n}")) for n in ["speech-test.flac", "speech-fox.flac"]]
+    silence = np.zeros(2 * 16000, np.float32)
+    audio = np.concatenate([x for i in range(6) for x in (clips[i % 2], silence)])
+    r = mlx_whisper.transcribe(audio, path_or_hf_repo=sys.argv[2], temperature=0.0, fp16=False)
+    out = {
+        "audio": "speech-test, 2 s silence, speech-fox, 2 s silence, x3 (16 kHz)",
+        "samples": int(len(audio)),
+        "decoding": "mlx_whisper.transcribe(temperature=0.0, fp16=False), other defaults",
+        "text": r["text"],
+        "segments": [{k: s[k] for k in ("seek", "start", "end", "text", "tokens")} for s in r["segments"]],
+    }
+    dst = ROOT / "tests/fixtures/real/whisper-tiny.en-long.json"
+    dst.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {dst}: {len(out['segments'])} segments")
+    sys.exit(0)
 
 dims = ModelDimensions(
     n_mels=80, n_audio_ctx=16, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
