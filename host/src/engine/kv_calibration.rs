@@ -6,7 +6,7 @@
 //!
 //! The file, `kv_calibration.safetensors` in the model's directory:
 //! `layers.{i}.keys.mean` and `layers.{i}.values.mean`, float32 [K, hd].
-use super::{cache::KvCache, LoadedModel};
+use super::LoadedModel;
 use anyhow::{bail, Context, Result};
 use mlx_rs::{Array, Dtype};
 use std::collections::hash_map::DefaultHasher;
@@ -33,7 +33,7 @@ impl KvCalibration {
             bail!("kv-calibrate needs a text of at least 2 tokens");
         }
         let n = model.spec.num_layers as usize;
-        let mut cache = KvCache::new(n);
+        let mut cache = model.kv_cache(); // shared-KV layers read their source (layer_kv: None)
         for piece in tokens.chunks(chunk.max(1)) {
             let ids: Vec<i32> = piece.iter().map(|&t| t as i32).collect();
             let input = Array::from_slice(&ids, &[1, ids.len() as i32]);
