@@ -1,7 +1,10 @@
 //! `arch-qwen3`: the Qwen decoders, one file per `model_type`
 //! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3, qwen3_moe.rs for
 //! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid,
-//! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models).
+//! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models),
+//! and hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
+//! share.
+mod hybrid;
 mod qwen2;
 mod qwen3;
 mod qwen3_5;

@@ -1,7 +1,7 @@
 //! model_type `qwen3_5` (Qwen3.5 / Qwen3.6 dense hybrids), text model only.
 //! Mirrors mlx_lm/models/qwen3_5.py, which reuses qwen3_next's attention,
-//! MLP, MoE block and gated RMSNorm (so does this file: qwen3_next.rs's
-//! `HybridModel`), and differs in:
+//! MLP, MoE block and gated RMSNorm (so does this file: hybrid.rs's
+//! `HybridModel`, as qwen3_next.rs does), and differs in:
 //! - the config: the text model's keys sit under `text_config` (or at the top
 //!   level when there is none), every key has a default, and RoPE comes from
 //!   `rope_parameters` (`rope_theta`, `partial_rotary_factor`, the RoPE type;
@@ -19,8 +19,8 @@
 //!   multi-token-prediction head (`mtp.*`) are not read (the host lists them
 //!   as unused; the MTP head is for speculative decoding).
 //!
-//! Shapes: see qwen3_next.rs.
-use crate::qwen3_next::{Hybrid, HybridModel, Projections};
+//! Shapes: see hybrid.rs.
+use crate::hybrid::{Hybrid, HybridModel, Projections};
 use rmlx_nn::gated_delta::DeltaDims;
 use rmlx_nn::parse_config;
 use rmlx_plugin_api::{

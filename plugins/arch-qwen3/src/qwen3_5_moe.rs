@@ -3,7 +3,7 @@
 //! qwen3_5's model with one more sanitize step: the Hugging Face fused expert
 //! layout (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj`)
 //! split into `mlp.switch_mlp.{gate,up,down}_proj`. The config and the model
-//! are qwen3_5.rs's (which builds on qwen3_next.rs): with `num_experts` > 0
+//! are qwen3_5.rs's (which builds on hybrid.rs): with `num_experts` > 0
 //! every layer's feed-forward is the routed MoE plus the shared expert.
 //!
 //! Checkpoints are read in the layout mlx-lm writes (experts split and
@@ -12,7 +12,7 @@
 //! way out (mlx_lm.convert), since the host lends expert layers by module
 //! (`Weights::switch_linear`) and has no way yet to lend half of one tensor.
 use crate::qwen3_5::{layout, Config};
-use crate::qwen3_next::HybridModel;
+use crate::hybrid::HybridModel;
 use rmlx_plugin_api::{
     author::{Result, Weights},
     PluginError,
