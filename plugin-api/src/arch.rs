@@ -3,7 +3,7 @@ use crate::{EmbeddingBox, LinearBox, MlxArray, PResult};
 use abi_stable::{
     sabi_trait,
     sabi_types::RMut,
-    std_types::{RBox, RErr, ROption, RStr, RVec, Tuple2},
+    std_types::{RBox, RErr, ROption, RStr, RString, RVec, Tuple2},
     StableAbi,
 };
 use std::ffi::c_void;
@@ -234,6 +234,11 @@ pub trait WeightSource {
     /// All experts of an MoE projection (ABI 3.2), built by the WeightQuant
     /// plugin that owns its format.
     fn switch_linear(&mut self, prefix: RStr<'_>) -> PResult<crate::wquant::SwitchLinearBox>;
+    /// ABI 3.4: the layers under `prefixes` (same input, same format) as one
+    /// linear, their outputs side by side in the order given, with each
+    /// one's output features (`WeightQuant::linear_fused`). `Unsupported`
+    /// when their formats differ or the format cannot stack them.
+    fn linear_fused(&mut self, prefixes: RVec<RString>) -> PResult<Tuple2<LinearBox, RVec<u32>>>;
 }
 
 pub type WeightSourceMut<'a> = WeightSource_TO<'a, RMut<'a, ()>>;

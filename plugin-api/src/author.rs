@@ -15,7 +15,7 @@ use crate::{
 };
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RBox, RErr, ROk, RResult, RStr, RVec, Tuple2},
+    std_types::{RBox, RErr, ROk, RResult, RStr, RString, RVec, Tuple2},
 };
 use mlx_rs::Array;
 use std::collections::BTreeMap;
@@ -102,6 +102,14 @@ pub trait EmbeddingImpl: Send + 'static {
 
 pub trait QuantImpl: Send + 'static {
     fn linear(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn LinearImpl>>;
+    /// Whether every tensor of a layer in this format is per output row
+    /// (`weight` [out, ...], `scales`/`biases` [out, ...], `bias` [out]), so
+    /// that layers of one input stack into one linear along the output axis
+    /// (ABI 3.4 `linear_fused`: q/k/v, gate/up). False (the default) keeps
+    /// them apart, e.g. for a per-tensor scale or a packing across rows.
+    fn rows_stack(&self) -> bool {
+        false
+    }
     fn embedding(&self, tensors: Tensors, params: &QuantParams) -> Result<Box<dyn EmbeddingImpl>>;
     /// All experts of an MoE projection (ABI 3.2): `weight` [experts, out, in]
     /// and the format's other tensors, stacked the same way.
@@ -141,6 +149,37 @@ impl Tensors {
     pub fn names(&self) -> Vec<&str> {
         self.map.keys().map(String::as_str).collect()
     }
+
+    /// Several layers' tensors stacked along the output axis (axis 0) into
+    /// one, with each part's output rows (its `weight`'s first dimension).
+    /// Every part must hold the same tensor names, each tensor's first
+    /// dimension must be that part's rows, and the other dimensions must
+    /// agree across parts.
+    pub fn stack_rows(parts: Vec<Tensors>) -> Result<(Tensors, Vec<u32>)> {
+        let first = parts.first().ok_or_else(|| PluginError::config("a fused linear of no layers"))?;
+        let names: Vec<String> = first.map.keys().cloned().collect();
+        let mut rows = Vec::with_capacity(parts.len());
+        for p in &parts {
+            if p.map.keys().ne(names.iter()) {
+                return Err(PluginError::unsupported(format!("{}: tensors {:?} differ from {:?}", p.prefix, p.names(), names)));
+            }
+            let out = p.map.get("weight").ok_or_else(|| PluginError::missing(format!("missing tensor {}.weight", p.prefix)))?.dim(0);
+            for (n, a) in &p.map {
+                let same_tail = a.shape()[1..] == first.map[n].shape()[1..];
+                if a.ndim() == 0 || a.dim(0) != out || !same_tail {
+                    return Err(PluginError::unsupported(format!("{}.{n} of shape {:?} does not stack by output rows", p.prefix, a.shape())));
+                }
+            }
+            rows.push(out as u32);
+        }
+        let mut map = BTreeMap::new();
+        for n in names {
+            let arrays: Vec<&Array> = parts.iter().map(|p| &p.map[&n]).collect();
+            map.insert(n, mlx_rs::ops::concatenate(&arrays, 0)?);
+        }
+        let prefix = parts.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>().join("+");
+        Ok((Tensors { prefix, map }, rows))
+    }
     /// An expert layer's optional `bias`, which must be [experts, out].
     pub fn take_expert_bias(&mut self, experts: i32, out: i32) -> Result<Option<Array>> {
         let bias = self.take_opt("bias");
@@ -175,6 +214,23 @@ impl<'a, 'b> Weights<'a, 'b> {
     pub fn embedding(&mut self, prefix: &str) -> Result<EmbeddingLayer> {
         into_result(self.src.embedding(RStr::from(prefix))).map(EmbeddingLayer)
     }
+    /// Layers of one input (`q_proj`, `k_proj`, `v_proj`; `gate_proj`,
+    /// `up_proj`) as one fused linear where their format stacks (ABI 3.4),
+    /// else one linear each: [`Linears::forward`] gives the same outputs
+    /// either way.
+    pub fn linears(&mut self, prefixes: &[&str]) -> Result<Linears> {
+        let names: RVec<RString> = prefixes.iter().map(|p| RString::from(*p)).collect();
+        match into_result(self.src.linear_fused(names)) {
+            Ok(Tuple2(layer, rows)) if rows.len() == prefixes.len() => {
+                Ok(Linears::Fused(LinearLayer(layer), rows.iter().map(|&r| r as i32).collect()))
+            }
+            Ok(_) => Err(PluginError::other("a fused linear answered a part count unlike the request")),
+            Err(e) if e.kind == crate::ErrorKind::Unsupported => {
+                prefixes.iter().map(|p| self.linear(p)).collect::<Result<Vec<_>>>().map(Linears::Separate)
+            }
+            Err(e) => Err(e),
+        }
+    }
     pub fn tensor(&mut self, name: &str) -> Result<Array> {
         into_result(self.src.tensor(RStr::from(name))).map(MlxArray::into_array)
     }
@@ -208,6 +264,36 @@ pub struct LinearLayer(pub LinearBox);
 impl LinearLayer {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         into_result(self.0.forward(MlxArray::from_ref(x))).map(MlxArray::into_array)
+    }
+}
+
+/// Layers of one input: one fused linear with each part's output features,
+/// or one linear each (see [`Weights::linears`]).
+pub enum Linears {
+    Fused(LinearLayer, Vec<i32>),
+    Separate(Vec<LinearLayer>),
+}
+
+impl Linears {
+    /// `x` [..., in] -> one output per layer, [..., out_i], in order.
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        match self {
+            Linears::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+            Linears::Fused(l, rows) => {
+                let y = l.forward(x)?;
+                let mut at = 0;
+                let mut cuts = Vec::with_capacity(rows.len().saturating_sub(1));
+                for r in &rows[..rows.len().saturating_sub(1)] {
+                    at += r;
+                    cuts.push(at);
+                }
+                Ok(y.split_at_indices(&cuts, -1)?)
+            }
+        }
+    }
+    /// Whether the layers run as one matmul.
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Linears::Fused(..))
     }
 }
 
@@ -293,6 +379,17 @@ impl WeightQuant for QuantAdapter {
         guard(|| {
             let layer = self.0.embedding(Tensors::new("", tensors), &params)?;
             Ok(Embedding_TO::from_value(EmbeddingAdapter(layer), TD_Opaque))
+        })
+    }
+    fn linear_fused(&self, parts: RVec<RVec<NamedArray>>, params: QuantParams) -> PResult<Tuple2<LinearBox, RVec<u32>>> {
+        guard(|| {
+            if !self.0.rows_stack() {
+                return Err(PluginError::unsupported(format!("weight format {} builds no fused linear", params.mode)));
+            }
+            let parts = parts.into_iter().map(|t| Tensors::new("", t)).collect();
+            let (tensors, rows) = Tensors::stack_rows(parts)?;
+            let layer = self.0.linear(tensors, &params)?;
+            Ok(Tuple2(Linear_TO::from_value(LinearAdapter(layer), TD_Opaque), rows.into_iter().collect()))
         })
     }
 }

@@ -62,7 +62,10 @@ pub const ABI_VERSION: u32 = 3;
 ///      per-row lengths, recurrent state (`state`/`set_state`); and
 ///      `Model::layers`: per-layer cache kinds (full, window, shared, state)
 ///      with per-layer heads and head size.
-pub const ABI_MINOR: u32 = 3;
+/// 3.4: fused linears (`WeightQuant::linear_fused`, `WeightSource::linear_fused`):
+///      q/k/v and gate/up as one matmul, in every format whose tensors are
+///      per output row.
+pub const ABI_MINOR: u32 = 4;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

@@ -7,7 +7,7 @@
 use crate::{MlxArray, PResult};
 use abi_stable::{
     sabi_trait,
-    std_types::{RBox, RString, RVec},
+    std_types::{RBox, RString, RVec, Tuple2},
     StableAbi,
 };
 
@@ -50,6 +50,16 @@ pub trait Embedding: Send {
 pub trait WeightQuant: Send {
     fn linear(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<LinearBox>;
     fn embedding(&self, tensors: RVec<NamedArray>, params: QuantParams) -> PResult<EmbeddingBox>;
+    /// ABI 3.4: one linear computing several layers of the same input and
+    /// format at once (q/k/v, gate/up): `parts`' tensors stacked along the
+    /// output axis. Returns the layer and each part's output features, in
+    /// order. A format whose tensors are not per output row (or a plugin
+    /// built for 3.3 or earlier, through this default) answers
+    /// `Unsupported`, and the architecture keeps the layers apart.
+    fn linear_fused(&self, parts: RVec<RVec<NamedArray>>, params: QuantParams) -> PResult<Tuple2<LinearBox, RVec<u32>>> {
+        let _ = parts;
+        PResult::RErr(crate::PluginError::unsupported(format!("weight format {} builds no fused linear", params.mode)))
+    }
 }
 
 /// All experts of one MoE projection (ABI 3.2): what mlx-lm's `SwitchLinear`

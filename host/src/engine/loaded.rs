@@ -27,6 +27,9 @@ pub struct LoadedModel {
     pub cache_layers: Vec<LayerCache>,
     /// The directory's `kv_calibration.safetensors`, when it has one.
     pub kv_calibration: Option<std::rc::Rc<super::kv_calibration::KvCalibration>>,
+    /// Groups of projections built as one fused linear (ABI 3.4), e.g. two
+    /// per layer (q/k/v, gate/up) where the weight format stacks.
+    pub fused_linears: usize,
 }
 
 impl LoadedModel {
@@ -117,11 +120,15 @@ impl LoadedModel {
             tracing::warn!("{} tensors unused by {}: {:?}", unused.len(), dir.model_type, &unused[..unused.len().min(8)]);
         }
         let layers = std::mem::take(&mut weights.layers);
+        let fused_linears = weights.fused.len();
+        if fused_linears > 0 {
+            tracing::info!("{}: {fused_linears} groups of projections run as one matmul each (q/k/v, gate/up)", dir.model_type);
+        }
         let kv_bytes = weights.activation_bytes();
         let choice = super::kv_family::default_choice();
         let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers, kv_calibration })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers, kv_calibration, fused_linears })
     }
 }

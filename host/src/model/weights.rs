@@ -8,7 +8,7 @@ use super::quant::{Quant, QuantSpec};
 use crate::plugins::{registry::into_anyhow, Registry};
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RStr, RVec},
+    std_types::{RStr, RString, RVec, Tuple2},
 };
 use anyhow::{anyhow, Result};
 use mlx_rs::Array;
@@ -27,6 +27,8 @@ pub struct HostWeights<'a> {
     used: BTreeSet<String>,
     /// Module path -> how it was built, for `rmlx info`.
     pub layers: BTreeMap<String, Quant>,
+    /// Groups of modules built as one fused linear (`q_proj+k_proj+v_proj`).
+    pub fused: Vec<String>,
     /// Affine layers become dense at load (`LoadPolicy::dequantize`).
     dequantize: bool,
 }
@@ -54,7 +56,7 @@ impl<'a> HostWeights<'a> {
                 }
             }
         }
-        Ok(Self { tensors, quant, registry, used: BTreeSet::new(), layers: BTreeMap::new(), dequantize: policy.dequantize })
+        Ok(Self { tensors, quant, registry, used: BTreeSet::new(), layers: BTreeMap::new(), fused: Vec::new(), dequantize: policy.dequantize })
     }
 
     pub fn as_source(&mut self) -> rmlx_plugin_api::WeightSourceMut<'_> {
@@ -188,6 +190,36 @@ impl WeightSource for HostWeights<'_> {
             let (items, q) = self.module(prefix.as_str())?;
             let plugin = self.quant_plugin(&q)?;
             context(plugin.linear(items, q.params()), prefix.as_str())
+        })
+    }
+
+    fn linear_fused(&mut self, prefixes: RVec<RString>) -> PResult<Tuple2<LinearBox, RVec<u32>>> {
+        guard(|| {
+            let mut parts = RVec::with_capacity(prefixes.len());
+            let mut params = None;
+            for p in &prefixes {
+                let (items, q) = self.module(p.as_str())?;
+                let qp = q.params();
+                match &params {
+                    None => params = Some(qp),
+                    Some(first) if *first != qp => {
+                        return Err(PluginError::unsupported(format!("{p}: format {qp:?} differs from {first:?}; not fused")));
+                    }
+                    Some(_) => {}
+                }
+                parts.push(items);
+            }
+            let params = params.ok_or_else(|| PluginError::config("a fused linear of no layers"))?;
+            let plugin = self.quant_plugin(&Quant::new(params.mode.as_str(), params.bits, params.group_size))?;
+            let joined = prefixes.iter().map(|p| p.as_str()).collect::<Vec<_>>().join("+");
+            match plugin.linear_fused(parts, params).into_result() {
+                Ok(r) => {
+                    self.fused.push(joined);
+                    Ok(r)
+                }
+                Err(e) if e.kind == rmlx_plugin_api::ErrorKind::Unsupported => Err(e),
+                Err(e) => Err(PluginError::config(format!("{joined}: {e}"))),
+            }
         })
     }
 

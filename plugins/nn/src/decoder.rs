@@ -17,8 +17,8 @@ use crate::{finish, merge_heads, merge_inputs, offer_hidden, relu2, rms_norm, sp
 use crate::moe::swiglu_oai;
 use mlx_rs::Array;
 use rmlx_plugin_api::{
-    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, Result, Weights},
-    ModelSpec,
+    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, Linears, Result, Weights},
+    ModelSpec, PluginError,
 };
 
 // ---- attention ----
@@ -37,9 +37,7 @@ pub struct AttentionSpec {
 }
 
 pub struct SelfAttention {
-    q_proj: LinearLayer,    // [D] -> [H*hd]
-    k_proj: LinearLayer,    // [D] -> [K*hd]
-    v_proj: LinearLayer,    // [D] -> [K*hd]
+    qkv: Linears,           // q_proj, k_proj, v_proj: [D] -> [H*hd], [K*hd], [K*hd] (one matmul where the format stacks)
     o_proj: LinearLayer,    // [H*hd] -> [D]
     q_norm: Option<Array>, // [hd]
     k_norm: Option<Array>, // [hd]
@@ -63,9 +61,7 @@ impl SelfAttention {
         let (q_norm, k_norm) = (norm(w, "q_norm")?, norm(w, "k_norm")?);
         let (scale, window) = ((spec.head_dim as f32).powf(-0.5), spec.window);
         Ok(Self {
-            q_proj: w.linear(&format!("{p}.q_proj"))?,
-            k_proj: w.linear(&format!("{p}.k_proj"))?,
-            v_proj: w.linear(&format!("{p}.v_proj"))?,
+            qkv: w.linears(&[&format!("{p}.q_proj"), &format!("{p}.k_proj"), &format!("{p}.v_proj")])?,
             o_proj: w.linear(&format!("{p}.o_proj"))?,
             q_norm,
             k_norm,
@@ -94,9 +90,10 @@ impl SelfAttention {
     /// x: [B, L, D] -> [B, L, D]
     pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let s = &self.spec;
-        let mut q = split_heads(&self.q_proj.forward(x)?, s.heads)?; // [B, H, L, hd]
-        let mut k = split_heads(&self.k_proj.forward(x)?, s.kv_heads)?; // [B, K, L, hd]
-        let v = split_heads(&self.v_proj.forward(x)?, s.kv_heads)?; // [B, K, L, hd]
+        let [q, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().map_err(|_| PluginError::other("q/k/v: three outputs expected"))?;
+        let mut q = split_heads(&q, s.heads)?; // [B, H, L, hd]
+        let mut k = split_heads(&k, s.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads(&v, s.kv_heads)?; // [B, K, L, hd]
         // RMSNorm over hd commutes with the head transpose.
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, s.eps)?;
@@ -145,8 +142,7 @@ impl GateAct {
 /// Gated feed-forward: down(act(gate(x)) * up(x)), SwiGLU unless told
 /// otherwise, with an optional RMSNorm before `down_proj`.
 pub struct Mlp {
-    gate_proj: LinearLayer, // [D] -> [F]
-    up_proj: LinearLayer,   // [D] -> [F]
+    gate_up: Linears,       // gate_proj, up_proj: [D] -> [F] each (one matmul where the format stacks)
     down_proj: LinearLayer, // [F] -> [D]
     act: GateAct,
     sub_norm: Option<(Array, f32)>, // [F], eps: BitNet's ffn_sub_norm
@@ -155,8 +151,7 @@ pub struct Mlp {
 impl Mlp {
     pub fn load(w: &mut Weights, p: &str) -> Result<Self> {
         Ok(Self {
-            gate_proj: w.linear(&format!("{p}.gate_proj"))?,
-            up_proj: w.linear(&format!("{p}.up_proj"))?,
+            gate_up: w.linears(&[&format!("{p}.gate_proj"), &format!("{p}.up_proj")])?,
             down_proj: w.linear(&format!("{p}.down_proj"))?,
             act: GateAct::Silu,
             sub_norm: None,
@@ -176,7 +171,7 @@ impl Mlp {
 
     /// x: [B, L, D] -> [B, L, D]
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?); // [B, L, F]
+        let [gate, up]: [Array; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| PluginError::other("gate/up: two outputs expected"))?; // [B, L, F]
         let mut h = self.act.apply(&gate, &up)?;
         if let Some((n, eps)) = &self.sub_norm {
             h = rms_norm(&h, n, *eps)?;

@@ -175,6 +175,10 @@ impl EmbeddingImpl for AffineEmbedding {
 }
 
 impl QuantImpl for Affine {
+    /// Every tensor is per output row: q/k/v and gate/up stack into one linear.
+    fn rows_stack(&self) -> bool {
+        true
+    }
     fn linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn LinearImpl>> {
         let packed = Packed::take(&mut t, p)?;
         Ok(Box::new(AffineLinear { packed, bias: t.take_opt("bias") }))

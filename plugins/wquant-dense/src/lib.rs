@@ -86,6 +86,10 @@ fn check_2d(t: &Tensors, w: &Array) -> Result<()> {
 }
 
 impl QuantImpl for Dense {
+    /// Every tensor is per output row: q/k/v and gate/up stack into one linear.
+    fn rows_stack(&self) -> bool {
+        true
+    }
     fn linear(&self, mut t: Tensors, _p: &QuantParams) -> Result<Box<dyn LinearImpl>> {
         let weight = t.take("weight")?;
         check_2d(&t, &weight)?;

@@ -278,6 +278,10 @@ impl SwitchLinearImpl for FpSwitch {
 pub struct FpQuant(pub FpFormat);
 
 impl QuantImpl for FpQuant {
+    /// Every tensor is per output row: q/k/v and gate/up stack into one linear.
+    fn rows_stack(&self) -> bool {
+        true
+    }
     fn linear(&self, mut t: Tensors, p: &QuantParams) -> Result<Box<dyn LinearImpl>> {
         let packed = Packed::take(self.0, &mut t, p)?;
         Ok(Box::new(FpLinear { packed, bias: t.take_opt("bias") }))
