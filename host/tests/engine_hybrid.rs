@@ -1,6 +1,7 @@
 //! The server's engine on hybrid models (gated DeltaNet layers with a
-//! recurrent state beside full-attention layers: the tiny qwen3_next and
-//! qwen3_5 fixtures tests/arch_qwen3_next.rs checks against mlx-lm). Each
+//! recurrent state beside full-attention layers: the tiny qwen3_next,
+//! qwen3_5 and qwen3_5_moe fixtures tests/arch_qwen3_next.rs checks against
+//! mlx-lm). Each
 //! sequence keeps its state beside its KV blocks (host/src/engine/recurrent.rs):
 //! continuous batching with sequences joining and leaving, chunked prefill,
 //! prefix-cache hits that resume from a state snapshot, and preemption all
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const MODELS: [&str; 2] = ["qwen3_next-f32", "qwen3_5-f32"];
+const MODELS: [&str; 3] = ["qwen3_next-f32", "qwen3_5-f32", "qwen3_5_moe-f32"];
 
 fn catalog() -> ModelCatalog {
     let list: Vec<_> = MODELS.iter().map(|m| (None, common::fixture(&format!("models/{m}")))).collect();
@@ -271,4 +272,32 @@ fn hybrid_preempted_sequence_resumes_from_its_snapshot() {
     );
     assert!(b.preemptions >= 1, "{b:?}");
     assert!(b.prefix_hits >= 1 && b.prefix_hit_tokens >= 8, "the preempted sequence did not resume from a snapshot: {b:?}");
+}
+
+/// The one-sequence paged pool (`rmlx generate` with a KV family other than
+/// the dense default, `rmlx eval ppl`) keeps the state too: a prompt fed in
+/// chunks of 10, then greedy steps, gives the reference.
+#[test]
+fn hybrid_one_sequence_pool_keeps_state() {
+    use mlx_rs::{ops::indexing::argmax_axis, Array};
+    use rmlx::engine::{seq_pool::SeqPool, LoadedModel};
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    for model in MODELS {
+        let mut m = LoadedModel::load(&common::fixture(&format!("models/{model}")), &reg).unwrap();
+        let p = prompt(37, 2);
+        let mut pool = SeqPool::new(&m);
+        let mut logits = None;
+        for c in p.chunks(10) {
+            let ids: Vec<i32> = c.iter().map(|&t| t as i32).collect();
+            logits = Some(pool.forward(&mut m, Array::from_slice(&ids, &[1, ids.len() as i32]), true).unwrap());
+        }
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            let t = argmax_axis(logits.as_ref().unwrap(), -1, None).unwrap().item_exact::<u32>();
+            got.push(t);
+            logits = Some(pool.forward(&mut m, Array::from_slice(&[t as i32], &[1, 1]), true).unwrap());
+        }
+        assert_eq!(got, reference(model, &p, 8), "{model}");
+    }
 }

@@ -39,7 +39,7 @@ pub trait KvStore {
 /// The error of a store that keeps no recurrent state.
 pub(crate) fn no_state() -> PluginError {
     PluginError::unsupported(
-        "recurrent-state layers (gated DeltaNet) need a KV store that keeps per-sequence state: `rmlx generate`/`chat`'s cache and the server's engine do; the encoder and the one-sequence paged pool (compressed KV families in `rmlx generate`) do not",
+        "recurrent-state layers (gated DeltaNet) need a KV store that keeps per-sequence state: `rmlx generate`/`chat`'s caches and the server's engine do; this one (the encoder's) does not",
     )
 }
 

@@ -1,10 +1,12 @@
 //! One sequence over the paged KV pool: what `rmlx generate`, `rmlx eval
 //! ppl` and `rmlx bench` use when the model's KV family is not its dense
 //! default (a compressed family stores and attends only through the pool).
-//! The block table is the blocks 0, 1, 2, ... in order.
+//! The block table is the blocks 0, 1, 2, ... in order. A model's
+//! recurrent-state layers keep their state here too (recurrent.rs).
 use super::{
     kv_pool::KvPool,
     paged::{PagedForward, Row},
+    recurrent::RowState,
     LoadedModel,
 };
 use anyhow::Result;
@@ -14,6 +16,8 @@ pub struct SeqPool {
     pool: KvPool,
     table: Vec<u32>,
     len: usize,
+    /// Recurrent-state layers' state after the `len` tokens.
+    state: RowState,
 }
 
 /// Tokens per block of the one-sequence pool.
@@ -28,7 +32,7 @@ impl SeqPool {
     /// With other families than the model's own (a baseline to compare with).
     pub fn with_sides(model: &LoadedModel, k: super::kv_pool::KvSide, v: super::kv_pool::KvSide) -> Self {
         let max_blocks = (model.spec.max_context as usize).max(1 << 16).div_ceil(BLOCK) + 1;
-        Self { pool: KvPool::new(model.spec.num_layers as usize, k, v, BLOCK, max_blocks), table: Vec::new(), len: 0 }
+        Self { pool: KvPool::new(model.spec.num_layers as usize, k, v, BLOCK, max_blocks), table: Vec::new(), len: 0, state: RowState::new() }
     }
 
     /// Tokens cached.
@@ -49,9 +53,11 @@ impl SeqPool {
             self.table.push(self.table.len() as u32);
         }
         let rows = [Row { table: &self.table, offset: self.len }];
-        let mut paged = PagedForward::new(&mut self.pool, &rows, l)?;
+        let mut paged = PagedForward::new(&mut self.pool, &rows, l)?.with_states(vec![&self.state]);
         let logits = model.logits(&input, &mut paged, last_only)?;
+        let new_states = paged.take_states();
         drop(paged);
+        self.state.extend(new_states);
         self.len += l;
         Ok(logits)
     }
@@ -59,6 +65,8 @@ impl SeqPool {
     /// Forgets the positions from `len` on (speculative decoding's rejected
     /// tokens): their slots stay in the table and the next forward
     /// overwrites them (every family encodes each token slot on its own).
+    /// Not exact for recurrent state (it cannot be rolled back): speculative
+    /// decoding refuses such models.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
