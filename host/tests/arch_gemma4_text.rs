@@ -81,6 +81,24 @@ fn gemma4_text_matches_mlx_lm() {
     }
 }
 
+/// bfloat16 as `mlx_lm.convert --dtype bfloat16` writes it (gemma4_text's
+/// config without experts: MLX's CPU gather_mm is float32 only), against
+/// mlx-lm's bfloat16 run, as loaded by default and under the process's load
+/// policy (what goldens.rs uses).
+#[test]
+fn gemma4_text_bf16_matches_mlx_lm() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let name = "gemma4_text-nomoe-bf16";
+    let path = common::fixture(&format!("models/{name}"));
+    for (how, mut model) in [("default", load(&path, &reg)), ("process policy", LoadedModel::load(&path, &reg).unwrap())] {
+        let mut tally = Tally::default();
+        compare(&mut model, &golden(name), &mut tally);
+        eprintln!("{name} ({how}): {} steps, worst relative error {:e}", tally.compared, tally.worst);
+        assert!(tally.failures.is_empty(), "{name} ({how}):\n{}", tally.failures.join("\n"));
+    }
+}
+
 /// The layer caches gemma4_text-f32 declares: sliding layers windowed with 2
 /// K/V heads of 16, full layers 1 head of 32 (k_eq_v), the last two SHARED
 /// with the last earlier layer of their type; the dense model declares

@@ -20,6 +20,10 @@ make_goldens.py's writer and recorder (run through it:
   model's own `quant_predicate`).
 - `gemma4_text-mxfp4-q8`: the experts mxfp4 (group 32), everything else
   affine 8-bit g64.
+- `gemma4_text-nomoe-bf16`: `gemma4_text`'s config without experts (MLX's
+  CPU `gather_mm` takes float32 only), every float tensor cast to bfloat16
+  (as `mlx_lm.convert --dtype bfloat16`), recorded in bfloat16 with a
+  `KVCache` per layer (keys in position order; see `record`).
 - `gemma4_text-dense-f32`: the other branches: no per-layer inputs, no
   experts, no KV sharing, no k_eq_v, one head size, `layer_types` from
   `sliding_window_pattern` 3, no soft-cap, an untied `lm_head`, and
@@ -35,11 +39,12 @@ import contextlib
 import io
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import make_goldens as mg
 import mlx_lm.utils as lm_utils
 from mlx_lm.models import gemma4_text
+from mlx_lm.models.cache import KVCache
 
 BASE = {
     "model_type": "gemma4_text",
@@ -87,7 +92,7 @@ GEMMA4 = {
             "tie_word_embeddings": True,
         },
         7410,
-        ["q4-g64", "mxfp4-q8"],
+        ["f32", "q4-g64", "mxfp4-q8"],
     ),
     "gemma4_text-dense": (
         {
@@ -102,9 +107,12 @@ GEMMA4 = {
             "tie_word_embeddings": False,
         },
         7411,
-        [],
+        ["f32"],
     ),
 }
+# gemma4_text without experts (MLX's CPU gather_mm takes float32 only), in
+# bfloat16 as `mlx_lm.convert --dtype bfloat16` casts it.
+GEMMA4["gemma4_text-nomoe"] = ({**GEMMA4["gemma4_text"][0], "enable_moe_block": False}, 7412, ["bf16"])
 
 LONG_PROMPT = [(i * 37 + 11) % 256 for i in range(40)]
 
@@ -169,6 +177,14 @@ def record(name, model, config):
     mg.save(name, model, config)
     # The golden comes from the files as mlx-lm's loader reads them back.
     model, _ = lm_utils.load_model(mg.MODELS_DIR / name)
+    if name.endswith("-bf16"):
+        # mlx-lm's RotatingKVCache keeps a sliding layer's keys in ring
+        # order once it wraps, which changes bfloat16 rounding (one step of
+        # the 7-token prompt by one ulp, 8.7e-3 relative); a KVCache per
+        # layer (masked to the window by its make_mask) keeps them in
+        # position order, as rmlx's caches do.
+        n = model.args.num_hidden_layers - model.args.num_kv_shared_layers
+        model.make_cache = lambda: [KVCache() for _ in range(n)]
     with prompts([LONG_PROMPT]):
         min_margin, max_dev = mg.golden(name, model)
     bpw = lm_utils.compute_bits_per_weight(model)
@@ -185,10 +201,17 @@ def make(family):
     for arch, (config, seed, quants) in GEMMA4.items():
         mg.ARCHS[arch] = (gemma4_text, config, seed)
         model, config, params = build_f32(arch)
-        variants = [(f"{arch}-f32", model, config)]
+        variants = []
         for suffix in quants:
-            qmodel, qconfig = quantize(arch, params, suffix)
-            variants.append((f"{arch}-{suffix}", qmodel, qconfig))
+            if suffix == "f32":
+                variants.append((f"{arch}-f32", model, config))
+            elif suffix == "bf16":
+                bf16 = mg.clone(arch, params)
+                bf16.update(tree_map(lambda v: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v, bf16.parameters()))
+                variants.append((f"{arch}-bf16", bf16, {**config, "torch_dtype": "bfloat16"}))
+            else:
+                qmodel, qconfig = quantize(arch, params, suffix)
+                variants.append((f"{arch}-{suffix}", qmodel, qconfig))
         for name, m, cfg in variants:
             mx.eval(m.parameters())
             record(name, m, cfg)
