@@ -179,6 +179,60 @@ fn write_json(dir: &Path, name: &str, v: &Value, files: &mut Vec<String>) -> Res
     Ok(())
 }
 
+/// Writes `shards` into `tmp` as MLX safetensors (`model.safetensors`, or
+/// `model-0000i-of-0000n.safetensors` when there are several), each tensor
+/// read through `view`. `View::data` cannot fail, so a producer leaves its
+/// first error in `error`, which stops the writing after that shard. Adds the
+/// file names to `files`; returns the weight map (tensor -> file).
+pub(crate) fn write_shards<'a, T, V: safetensors::View>(
+    tmp: &Path,
+    shards: &[Vec<&'a T>],
+    name: impl Fn(&T) -> &str,
+    view: impl Fn(&'a T) -> V,
+    error: &RefCell<Option<anyhow::Error>>,
+    files: &mut Vec<String>,
+) -> Result<serde_json::Map<String, Value>> {
+    let n_shards = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let fname = if n_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
+        };
+        let views: Vec<(String, V)> = shard.iter().map(|&t| (name(t).to_string(), view(t))).collect();
+        let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), &tmp.join(&fname))
+            .map_err(|e| anyhow!("writing {fname}: {e}"))?;
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e);
+        }
+        for &t in shard {
+            weight_map.insert(name(t).to_string(), json!(fname));
+        }
+        files.push(fname);
+    }
+    Ok(weight_map)
+}
+
+/// Puts the finished `tmp` in place of `dst` and disarms `guard`. A `dst`
+/// that appeared during the conversion is replaced only with `force`.
+pub(crate) fn commit_dir(tmp: &Path, dst: &Path, force: bool, guard: &mut TempDirGuard) -> Result<()> {
+    if dst.exists() {
+        if !force {
+            bail!("destination {} appeared during conversion", dst.display());
+        }
+        if dst.is_dir() {
+            fs::remove_dir_all(dst).with_context(|| format!("removing old {}", dst.display()))?;
+        } else {
+            fs::remove_file(dst).with_context(|| format!("removing old {}", dst.display()))?;
+        }
+    }
+    fs::rename(tmp, dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    guard.0 = None;
+    Ok(())
+}
+
 /// Convert the GGUF file `src` into an MLX model directory `dst`.
 ///
 /// Fails if `dst` exists unless `opts.force`. Everything is written into a
@@ -288,29 +342,7 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
         error: RefCell::new(None),
         pb,
     };
-    let n_shards = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let fname = if n_shards == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
-        };
-        let views: Vec<(String, LazyView)> = shard
-            .iter()
-            .map(|t| (t.name.clone(), LazyView { src: &source, t }))
-            .collect();
-        let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &tmp.join(&fname))
-            .map_err(|e| anyhow!("writing {fname}: {e}"))?;
-        if let Some(e) = source.error.borrow_mut().take() {
-            return Err(e);
-        }
-        for t in shard {
-            weight_map.insert(t.name.clone(), json!(fname));
-        }
-        files.push(fname);
-    }
+    let weight_map = write_shards(&tmp, &shards, |t| &t.name, |t| LazyView { src: &source, t }, &source.error, &mut files)?;
     source.pb.finish_and_clear();
     write_json(
         &tmp,
@@ -351,19 +383,7 @@ pub fn convert_gguf(src: &Path, dst: &Path, opts: &GgufOptions) -> Result<Conver
     }
 
     // ---- commit ----
-    if dst.exists() {
-        if !opts.force {
-            bail!("destination {} appeared during conversion", dst.display());
-        }
-        if dst.is_dir() {
-            fs::remove_dir_all(dst).with_context(|| format!("removing old {}", dst.display()))?;
-        } else {
-            fs::remove_file(dst).with_context(|| format!("removing old {}", dst.display()))?;
-        }
-    }
-    fs::rename(&tmp, dst)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
-    guard.0 = None;
+    commit_dir(&tmp, dst, opts.force, &mut guard)?;
 
     Ok(ConvertReport {
         src: src.to_path_buf(),

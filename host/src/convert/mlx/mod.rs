@@ -222,25 +222,7 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
         error: RefCell::new(None),
         pb,
     };
-    let n_shards = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let fname = if n_shards == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
-        };
-        let views: Vec<(String, LazyView)> = shard.iter().map(|t| (t.name.clone(), LazyView { p: &producer, t })).collect();
-        let meta = HashMap::from([("format".to_string(), "mlx".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &tmp.join(&fname)).map_err(|e| anyhow!("writing {fname}: {e}"))?;
-        if let Some(e) = producer.error.borrow_mut().take() {
-            return Err(e);
-        }
-        for t in shard {
-            weight_map.insert(t.name.clone(), json!(fname));
-        }
-        files.push(fname);
-    }
+    let weight_map = super::write_shards(&tmp, &shards, |t| &t.name, |t| LazyView { p: &producer, t }, &producer.error, &mut files)?;
     producer.pb.finish_and_clear();
     write_json(
         &tmp,
@@ -256,18 +238,7 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
     }
 
     // ---- commit ----
-    if dst.exists() {
-        if !opts.force {
-            bail!("output {} appeared during conversion", dst.display());
-        }
-        if dst.is_dir() {
-            fs::remove_dir_all(dst).with_context(|| format!("removing old {}", dst.display()))?;
-        } else {
-            fs::remove_file(dst).with_context(|| format!("removing old {}", dst.display()))?;
-        }
-    }
-    fs::rename(&tmp, dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
-    guard.0 = None;
+    super::commit_dir(&tmp, dst, opts.force, &mut guard)?;
 
     Ok(MlxReport {
         src: src.to_path_buf(),
