@@ -98,6 +98,9 @@ pub mod cache_kind {
     /// K/V blocks for the last `window` tokens.
     pub const WINDOW: u32 = 1;
     /// Reads the K/V of the earlier layer `shared_with`; allocates nothing.
+    /// The architecture calls `attend` on such a layer with its own queries
+    /// and zero-length k/v (`[B, K, 0, hd]`), after the source layer has
+    /// attended in the same forward (its new tokens are stored by then).
     pub const SHARED: u32 = 2;
     /// A fixed-size recurrent state per sequence (e.g. gated DeltaNet's conv
     /// and SSM state), through `ForwardCtx::state` / `set_state`.
