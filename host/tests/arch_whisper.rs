@@ -186,3 +186,81 @@ fn tiny_en_long_audio_matches_mlx_whisper_window_by_window() {
         assert!((g.start - w["start"].as_f64().unwrap()).abs() < 1e-6 && (g.end - w["end"].as_f64().unwrap()).abs() < 1e-6);
     }
 }
+
+/// A multipart/form-data body: (name, filename, bytes) parts.
+fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "rmlx-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, file, bytes) in parts {
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes());
+        if let Some(f) = file {
+            body.extend(format!("; filename=\"{f}\"\r\nContent-Type: application/octet-stream").as_bytes());
+        }
+        body.extend(b"\r\n\r\n");
+        body.extend(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// POST /v1/audio/transcriptions and /translations on an in-process server
+/// serving tiny.en: json, verbose_json and srt answers equal the CLI's;
+/// a file that is not audio, a temperature, a translation on an English-only
+/// model and a JSON body are 400/415 in OpenAI's error shape.
+#[test]
+fn tiny_en_over_the_openai_audio_routes() {
+    use rmlx::api::{AppState, ServerOptions};
+    use rmlx::engine::worker::{ModelCatalog, Worker, WorkerConfig};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(dir) = tiny_en(tmp.path()) else { return };
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("real/whisper-tiny.en.json")).unwrap()).unwrap();
+    let _g = common::mlx_lock(); // the engine thread runs MLX; keep the other tests' off it
+    let catalog = ModelCatalog::discover(&[(Some("tiny.en".into()), dir)], &[]).unwrap();
+    let worker = Worker::start(
+        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 8, max_loaded_models: 1, idle_timeout: None, prefill_chunk: 512 },
+        &catalog,
+    )
+    .unwrap();
+    let base = common::serve(Arc::new(AppState { catalog: Arc::new(catalog), worker, opts: ServerOptions::default() }));
+    let fox = std::fs::read(common::fixture("whisper/speech-fox.flac")).unwrap();
+    let want = &fx["results"][0]["faster_whisper"];
+    assert_eq!(fx["results"][0]["audio"], "speech-fox.flac");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let post = |path: &str, parts: Vec<(&str, Option<&str>, Vec<u8>)>| {
+        let (ct, body) = multipart(&parts);
+        let url = format!("{base}{path}");
+        rt.block_on(async move {
+            let r = reqwest::Client::new().post(url).header("content-type", ct).body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        })
+    };
+    let file = || ("file", Some("speech-fox.flac"), fox.clone());
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("model", None, b"tiny.en".to_vec())]);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(serde_json::from_str::<Value>(&b).unwrap(), serde_json::json!({"text": want["text"]}));
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("response_format", None, b"verbose_json".to_vec())]);
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!((v["language"].as_str(), v["task"].as_str()), (Some("en"), Some("transcribe")));
+    assert_eq!(v["segments"][0]["tokens"], want["segments"][0]["tokens"]);
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("response_format", None, b"srt".to_vec())]);
+    assert_eq!((s, b.as_str()), (200, "1\n00:00:00,000 --> 00:00:03,200\nThe quick round-fark jump over the lazy dog.\n\n"));
+    // Errors, in OpenAI's shape.
+    let err = |b: &str| serde_json::from_str::<Value>(b).unwrap()["error"].clone();
+    let (s, b) = post("/v1/audio/transcriptions", vec![("file", Some("notes.txt"), b"not audio at all".to_vec())]);
+    assert_eq!(s, 400, "{b}");
+    assert_eq!((err(&b)["param"].as_str(), err(&b)["code"].as_str()), (Some("file"), Some("invalid_file")));
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("temperature", None, b"0.4".to_vec())]);
+    assert_eq!((s, err(&b)["param"].as_str()), (400, Some("temperature")), "{b}");
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("response_format", None, b"xml".to_vec())]);
+    assert_eq!((s, err(&b)["param"].as_str()), (400, Some("response_format")), "{b}");
+    let (s, b) = post("/v1/audio/translations", vec![file()]);
+    assert_eq!(s, 400, "{b}");
+    assert!(err(&b)["message"].as_str().unwrap().contains("English-only"), "{b}");
+    let r = rt.block_on(reqwest::Client::new().post(format!("{base}/v1/audio/transcriptions")).json(&serde_json::json!({"file": "x"})).send()).unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+}

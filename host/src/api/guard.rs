@@ -130,7 +130,10 @@ fn check_content_type(req: &Request) -> Option<Response> {
     let ct = req.header(header::CONTENT_TYPE);
     let has_body = req.header(header::TRANSFER_ENCODING).is_some()
         || req.header(header::CONTENT_LENGTH).is_some_and(|n| n.trim() != "0");
+    // The audio routes take OpenAI's multipart uploads.
+    let multipart = req.uri().path().starts_with("/v1/audio/");
     let ok = match ct {
+        Some(ct) if multipart => ct.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"),
         Some(ct) => is_json(ct),
         None => !has_body,
     };

@@ -6,6 +6,7 @@
 //! files translate them into engine requests (`engine::worker`) through
 //! `generation.rs`; `errors.rs` renders failures in each API's shape.
 pub mod access_log;
+pub mod audio;
 pub mod chat;
 pub mod constraint_adapter;
 pub mod embeddings;
@@ -107,13 +108,14 @@ pub const TITLE: &str = "rmlx";
 /// The poem-openapi service: every documented route.
 pub fn service(
     state: State,
-) -> OpenApiService<(chat::ChatApi, completions::CompletionsApi, embeddings::EmbeddingsApi, models::ModelsApi, messages::MessagesApi, health::HealthApi), ()>
+) -> OpenApiService<(chat::ChatApi, completions::CompletionsApi, embeddings::EmbeddingsApi, audio::AudioApi, models::ModelsApi, messages::MessagesApi, health::HealthApi), ()>
 {
     OpenApiService::new(
         (
             chat::ChatApi(state.clone()),
             completions::CompletionsApi(state.clone()),
             embeddings::EmbeddingsApi(state.clone()),
+            audio::AudioApi(state.clone()),
             models::ModelsApi(state.clone()),
             messages::MessagesApi(state.clone()),
             health::HealthApi(state),

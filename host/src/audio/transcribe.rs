@@ -11,7 +11,7 @@
 use super::mel::{whisper_features, WINDOW_FRAMES};
 use super::whisper::WhisperModel;
 use super::{AudioError, SAMPLE_RATE};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 /// What the caller chooses.
@@ -33,6 +33,12 @@ impl Default for Options {
         Self { language: None, translate: false, timestamps: true, condition_on_previous_text: true }
     }
 }
+
+/// An option the model cannot honour (unknown language, translation on an
+/// English-only model): the caller's error, not the model's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadOption(pub String);
 
 /// mlx-whisper's thresholds: a window whose no-speech probability exceeds
 /// 0.6 while its average log-probability is at most -1 is skipped as silence.
@@ -93,7 +99,7 @@ pub fn transcribe(model: &mut WhisperModel, samples: &[f32], opts: &Options) -> 
             }
         };
         let id = *sp.languages.get(&lang).ok_or_else(|| {
-            anyhow::anyhow!("unknown language `{lang}` (this model knows: {})", sp.languages.keys().cloned().collect::<Vec<_>>().join(", "))
+            BadOption(format!("unknown language `{lang}` (this model knows: {})", sp.languages.keys().cloned().collect::<Vec<_>>().join(", ")))
         })?;
         sot_seq.push(id);
         let task = if opts.translate { sp.translate } else { sp.transcribe };
@@ -101,10 +107,10 @@ pub fn transcribe(model: &mut WhisperModel, samples: &[f32], opts: &Options) -> 
         lang
     } else {
         if opts.translate {
-            bail!("this is an English-only Whisper model: it cannot translate (use a multilingual one, e.g. base)");
+            return Err(BadOption("this is an English-only Whisper model: it cannot translate (use a multilingual one, e.g. base)".into()).into());
         }
         if let Some(l) = opts.language.as_deref().filter(|l| !l.eq_ignore_ascii_case("en")) {
-            bail!("this is an English-only Whisper model: --language {l} is not available (en only)");
+            return Err(BadOption(format!("this is an English-only Whisper model: language `{l}` is not available (en only)")).into());
         }
         "en".to_string()
     };

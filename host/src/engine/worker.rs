@@ -64,6 +64,9 @@ enum Job {
         keep_alive: Option<KeepAlive>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
     },
+    /// A closure run on the engine thread with its plugin registry
+    /// (`Worker::on_engine`: MLX work outside the scheduler, e.g. Whisper).
+    Run(Box<dyn FnOnce(&crate::plugins::Registry) + Send>),
     /// Test hook: a panic where `EnginePanic` says.
     Panic(EnginePanic),
     Shutdown,
@@ -263,6 +266,22 @@ impl Worker {
             .send(Job::Embed { model, rows, dims, keep_alive, reply })
             .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)?
+    }
+
+    /// Runs `f` on the engine thread, between scheduler steps, with the
+    /// plugin registry: for MLX work that the scheduler does not serve
+    /// (Whisper transcription, api/audio.rs). It blocks the engine while it
+    /// runs.
+    pub async fn on_engine<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::plugins::Registry) -> T + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Run(Box::new(move |reg| {
+            let _ = reply.send(f(reg));
+        }));
+        self.tx.send(job).map_err(|_| WorkerError::Stopped)?;
+        rx.await.map_err(|_| WorkerError::Stopped)
     }
 
     /// Unloads a model. While requests use it (running or waiting) it stays

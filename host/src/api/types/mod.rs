@@ -2,6 +2,7 @@
 //! (a JSON body parsed with serde so errors name the field, and an SSE body
 //! documented with its event schema). Engine types never appear here.
 pub mod anthropic;
+pub mod audio;
 pub mod embeddings;
 pub mod kv_cache;
 pub mod openai;

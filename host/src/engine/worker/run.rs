@@ -198,6 +198,7 @@ impl Engine {
             Job::Embed { model, rows, dims, keep_alive, reply } => {
                 let _ = reply.send(self.embed(&model, &rows, dims, keep_alive));
             }
+            Job::Run(f) => f(&self.reg),
             Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
             Job::Panic(EnginePanic::Step(id)) => self.sched.panic_next_step = Some(id),
             Job::Load {
