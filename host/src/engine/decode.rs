@@ -134,18 +134,23 @@ pub fn forward(
     // Recurrent state: the rows' own change only now the forward succeeded.
     let new_states = paged.take_states();
     drop(paged);
+    // Split into rows first: an error here leaves every row as it was.
     let b = seqs.len();
-    for (r, s) in seqs.iter_mut().enumerate() {
+    let per_row = (0..b)
+        .map(|r| new_states.iter().map(|(&layer, st)| Ok((layer, recurrent::row(st, r, b)?))).collect::<Result<Vec<_>>>())
+        .collect::<Result<Vec<_>>>()?;
+    for (s, new) in seqs.iter_mut().zip(per_row) {
         s.kv_len += len;
-        if new_states.is_empty() {
+        if new.is_empty() {
             continue;
         }
-        for (&layer, stacked) in &new_states {
-            s.state.insert(layer, recurrent::row(stacked, r, b)?);
-        }
-        // At a block boundary: the state the prefix cache keeps with the block.
+        s.state.extend(new);
+        // At a block boundary: the state the prefix cache keeps with the
+        // block (a copy that fails only costs a later prefix hit).
         if s.kv_len % bs == 0 {
-            s.snapshot = Some((s.kv_len / bs, recurrent::snapshot(&s.state)?));
+            if let Ok(snap) = recurrent::snapshot(&s.state) {
+                s.snapshot = Some((s.kv_len / bs, snap));
+            }
         }
     }
     Ok(logits)
