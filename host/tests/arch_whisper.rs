@@ -217,7 +217,8 @@ fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> (String, Vec<u8>) {
 /// POST /v1/audio/transcriptions and /translations on an in-process server
 /// serving tiny.en: json, verbose_json and srt answers equal the CLI's;
 /// a file that is not audio, a temperature, a translation on an English-only
-/// model and a JSON body are 400/415 in OpenAI's error shape.
+/// model and a JSON body are 400/415 in OpenAI's error shape; a generation
+/// route naming the Whisper model is a 400.
 #[test]
 fn tiny_en_over_the_openai_audio_routes() {
     use rmlx::api::{AppState, ServerOptions};
@@ -273,6 +274,13 @@ fn tiny_en_over_the_openai_audio_routes() {
     assert!(err(&b)["message"].as_str().unwrap().contains("English-only"), "{b}");
     let r = rt.block_on(reqwest::Client::new().post(format!("{base}/v1/audio/transcriptions")).json(&serde_json::json!({"file": "x"})).send()).unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    // The generation routes refuse a Whisper model by name.
+    let r = rt
+        .block_on(reqwest::Client::new().post(format!("{base}/v1/completions")).json(&serde_json::json!({"prompt": "hi", "max_tokens": 2})).send())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = rt.block_on(r.json()).unwrap();
+    assert_eq!(v["error"]["code"], "model_not_generative", "{v}");
 }
 
 /// Multilingual base (a 140 MB download): the language detected from the

@@ -87,13 +87,21 @@ impl AppState {
     }
 
     /// [`AppState::model`] for the generation routes: an embedding model
-    /// (model/pooling.rs) is a 400 pointing at /v1/embeddings.
+    /// (model/pooling.rs) is a 400 pointing at /v1/embeddings, a Whisper
+    /// model one pointing at the audio routes.
     pub fn generator(&self, id: &str) -> Result<Arc<ModelEntry>, ApiError> {
         let e = self.model(id)?;
         if e.embedding.is_some() {
             return Err(ApiError::bad_request(
                 "model",
                 format!("The model `{}` is an embedding model: it serves POST /v1/embeddings, not text generation", e.id),
+            )
+            .with_code("model_not_generative"));
+        }
+        if e.model_type == "whisper" {
+            return Err(ApiError::bad_request(
+                "model",
+                format!("The model `{}` is a Whisper speech model: it serves POST /v1/audio/transcriptions and /v1/audio/translations, not text generation", e.id),
             )
             .with_code("model_not_generative"));
         }
