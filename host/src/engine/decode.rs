@@ -129,22 +129,31 @@ pub fn forward(
         .collect();
     let states: Vec<&RowState> = seqs.iter().map(|s| &s.state).collect();
     let bs = pool.block_size;
-    let mut paged = PagedForward::new(pool, &rows, len)?.with_states(states);
+    // The same rows as the last batched forward, none changed since: its
+    // stacked states as they are.
+    let b = seqs.len();
+    let same = |t: u64| seqs.iter().enumerate().all(|(r, s)| s.state_tag == Some((t, r)));
+    let stacked = pool.batch_state.as_ref().filter(|l| l.rows == b && same(l.tag)).map(|l| l.states.clone());
+    let mut paged = PagedForward::new(pool, &rows, len)?.with_states(states).with_stacked(stacked);
     let logits = model.logits(&input, &mut paged, true)?;
     // Recurrent state: the rows' own change only now the forward succeeded.
     let new_states = paged.take_states();
     drop(paged);
     // Split into rows first: an error here leaves every row as it was.
-    let b = seqs.len();
     let per_row = (0..b)
         .map(|r| new_states.iter().map(|(&layer, st)| Ok((layer, recurrent::row(st, r, b)?))).collect::<Result<Vec<_>>>())
         .collect::<Result<Vec<_>>>()?;
-    for (s, new) in seqs.iter_mut().zip(per_row) {
+    let tag = (b > 1 && !new_states.is_empty()).then(recurrent::next_tag);
+    if let Some(tag) = tag {
+        pool.batch_state = Some(recurrent::BatchState { tag, rows: b, states: new_states });
+    }
+    for (r, (s, new)) in seqs.iter_mut().zip(per_row).enumerate() {
         s.kv_len += len;
         if new.is_empty() {
             continue;
         }
         s.state.extend(new);
+        s.state_tag = tag.map(|t| (t, r));
         // At a block boundary: the state the prefix cache keeps with the
         // block (a copy that fails only costs a later prefix hit).
         if s.kv_len % bs == 0 {

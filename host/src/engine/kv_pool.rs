@@ -93,11 +93,13 @@ pub struct KvPool {
     layers: Vec<Option<(Vec<Array>, Vec<Array>)>>,
     /// Blocks every layer will hold once it is next touched (grown lazily).
     cap_blocks: usize,
+    /// Recurrent state: the last batched forward's, stacked (recurrent.rs).
+    pub batch_state: Option<super::recurrent::BatchState>,
 }
 
 impl KvPool {
     pub fn new(num_layers: usize, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> Self {
-        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], cap_blocks: 0 }
+        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], cap_blocks: 0, batch_state: None }
     }
 
     /// Bytes one token takes over all layers, keys and values (what the

@@ -45,6 +45,8 @@ pub struct PagedForward<'a> {
     states: Option<Vec<&'a RowState>>,
     /// Per state layer, what the model set: [B, ...] per component.
     new_states: HashMap<u32, Vec<Array>>,
+    /// The rows' states already stacked (the last batch's, same rows).
+    stacked: Option<HashMap<u32, Vec<Array>>>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -84,6 +86,7 @@ impl<'a> PagedForward<'a> {
             masks: HashMap::new(),
             states: None,
             new_states: HashMap::new(),
+            stacked: None,
         })
     }
 
@@ -91,6 +94,13 @@ impl<'a> PagedForward<'a> {
     /// to the forward's state layers.
     pub fn with_states(mut self, states: Vec<&'a RowState>) -> Self {
         self.states = Some(states);
+        self
+    }
+
+    /// The rows' states already stacked, per layer (`BatchState`): lent as
+    /// they are instead of stacking `with_states`' rows.
+    pub fn with_stacked(mut self, stacked: Option<HashMap<u32, Vec<Array>>>) -> Self {
+        self.stacked = stacked;
         self
     }
 
@@ -148,6 +158,9 @@ impl super::attend::KvStore for PagedForward<'_> {
     /// zeros for a fresh row; empty when every row is fresh).
     fn state(&mut self, layer: u32) -> Result<Vec<Array>, PluginError> {
         if let Some(s) = self.new_states.get(&layer) {
+            return Ok(s.clone());
+        }
+        if let Some(s) = self.stacked.as_ref().and_then(|m| m.get(&layer)) {
             return Ok(s.clone());
         }
         match &self.states {

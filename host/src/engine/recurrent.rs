@@ -62,6 +62,22 @@ pub fn stack(rows: &[&RowState], layer: u32) -> Result<Vec<Array>, PluginError> 
     Ok(out)
 }
 
+/// The last batched forward's new states, stacked as the model set them
+/// (kept in the lane's pool): while the next step has the same rows in the
+/// same order and none changed since (`Sequence::state_tag`), it lends these
+/// as they are instead of stacking the rows' views of them again.
+pub struct BatchState {
+    pub tag: u64,
+    pub rows: usize,
+    pub states: HashMap<u32, Vec<Array>>,
+}
+
+/// A tag no other batch state has.
+pub fn next_tag() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Row `r` of a stacked state (each component [B, ...] -> [1, ...]).
 pub fn row(stacked: &[Array], r: usize, b: usize) -> Result<Vec<Array>, PluginError> {
     if b == 1 {

@@ -177,6 +177,7 @@ impl Scheduler {
                 s.kv_len = 0;
                 s.state.clear();
                 s.snapshot = None;
+                s.state_tag = None;
                 s.pending_row = None;
                 s.cached_upto = 0;
                 out.push((s, Err(WorkerError::Internal(msg.to_string()))));
@@ -244,6 +245,7 @@ impl Scheduler {
         s.kv_len = 0;
         s.state.clear();
         s.snapshot = None;
+        s.state_tag = None;
         s.pending_row = None;
         s.cached_upto = 0;
         s
@@ -308,6 +310,7 @@ impl Scheduler {
             s.cached_upto = hits.len();
             s.table = hits;
             s.state = state.unwrap_or_default();
+            s.state_tag = None;
         }
         if first {
             let _ = s.events.send(GenEvent::Started);

@@ -49,6 +49,9 @@ pub struct Sequence {
     /// Its state at the last block boundary it crossed (blocks in its KV
     /// then, state), for the prefix cache to keep with that block.
     pub snapshot: Option<(usize, super::recurrent::RowState)>,
+    /// (tag, row) while `state` is row `row` of the lane's last batch state
+    /// of that tag (`recurrent::BatchState`), unchanged since; else None.
+    pub state_tag: Option<(u64, usize)>,
     pub preempted: u32,
     pub started_sent: bool,
     hook: Option<Box<dyn LogitsHook>>,
@@ -105,6 +108,7 @@ impl Sequence {
             cached_upto: 0,
             state: Default::default(),
             snapshot: None,
+            state_tag: None,
             preempted: 0,
             started_sent: false,
             hook,
