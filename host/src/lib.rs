@@ -8,6 +8,7 @@ pub mod convert;
 pub mod engine;
 pub mod hub;
 pub mod logging;
+pub mod media;
 pub mod metrics_db;
 pub mod model;
 pub mod plugins;
