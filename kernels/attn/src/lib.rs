@@ -264,3 +264,69 @@ pub fn attend_decode(
         None => None,
     })
 }
+
+/// Whether a kernel has been checked against its composed path in this
+/// process: 0 not yet, 1 agreed, 2 disagreed or failed (then off for good).
+static CHECKED: std::sync::Mutex<Vec<(&'static str, u8)>> = std::sync::Mutex::new(Vec::new());
+
+fn checked(key: &'static str) -> u8 {
+    let v = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    v.iter().find(|(k, _)| *k == key).map_or(0, |(_, s)| *s)
+}
+
+fn set_checked(key: &'static str, state: u8) {
+    let mut v = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    match v.iter_mut().find(|(k, _)| *k == key) {
+        Some(e) => e.1 = state,
+        None => v.push((key, state)),
+    }
+}
+
+/// Whether the kernel `key` may still run (not turned off by a failed check).
+pub fn usable(key: &'static str) -> bool {
+    checked(key) != 2
+}
+
+/// The first output of kernel `key` in this process is checked against the
+/// composed path on the same inputs before it is used: a kernel that fails
+/// to compile or run, or disagrees (beyond `rel_tol` of the reference's
+/// largest magnitude), is turned off for the process with one line on
+/// stderr, and that call answers with the reference. Later calls trust it.
+pub fn verified(
+    key: &'static str,
+    fused: Array,
+    rel_tol: f32,
+    composed: impl FnOnce() -> rmlx_plugin_api::author::Result<Array>,
+) -> rmlx_plugin_api::author::Result<Array> {
+    if checked(key) == 1 {
+        return Ok(fused);
+    }
+    let reference = composed()?;
+    let agree = (|| -> Result<(bool, f32), String> {
+        let x = |e: mlx_rs::error::Exception| e.to_string();
+        let f = fused.as_dtype(Dtype::Float32).map_err(x)?;
+        let r = reference.as_dtype(Dtype::Float32).map_err(x)?;
+        let err = f.subtract(&r).map_err(x)?.abs().map_err(x)?.max(None).map_err(x)?;
+        let mag = r.abs().map_err(x)?.max(None).map_err(x)?;
+        mlx_rs::transforms::eval([&err, &mag]).map_err(x)?;
+        let item = |a: &Array| a.try_item_exact::<f32>().map_err(|e| e.to_string());
+        let (e, m) = (item(&err)?, item(&mag)?);
+        Ok((e.is_finite() && e <= rel_tol * m.max(1e-6) + 1e-5, e))
+    })();
+    match agree {
+        Ok((true, _)) => {
+            set_checked(key, 1);
+            Ok(fused)
+        }
+        Ok((false, e)) => {
+            set_checked(key, 2);
+            eprintln!("rmlx-kernels: {key} differs from the composed path (max error {e}); using the composed path");
+            Ok(reference)
+        }
+        Err(e) => {
+            set_checked(key, 2);
+            eprintln!("rmlx-kernels: {key} failed ({e}); using the composed path");
+            Ok(reference)
+        }
+    }
+}

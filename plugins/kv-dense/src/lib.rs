@@ -55,9 +55,12 @@ impl KvCodecImpl for Dense {
     ) -> Result<Array> {
         // Decode on a GPU: the fused paged kernel reads the blocks through
         // the tables (no gather copy), soft-cap and sinks included.
-        if k_dims.head_dim == v_dims.head_dim {
+        if k_dims.head_dim == v_dims.head_dim && rmlx_kernels::usable("paged_decode/dense") {
             if let Some(out) = rmlx_kernels::attend_decode(rmlx_kernels::Family::Dense, q, k_pools, v_pools, paged, k_dims)? {
-                return Ok(out.as_dtype(q.dtype())?);
+                let out = out.as_dtype(q.dtype())?;
+                return rmlx_kernels::verified("paged_decode/dense", out, 2e-2, || {
+                    composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
+                });
             }
         }
         if paged.opts.softcap > 0.0 {

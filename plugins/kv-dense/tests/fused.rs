@@ -55,4 +55,7 @@ fn dense_decode_equals_composed() {
             }
         }
     }
+    if rmlx_kernels::enabled() {
+        assert!(rmlx_kernels::usable("paged_decode/dense"), "the dense kernel was turned off by its first check");
+    }
 }

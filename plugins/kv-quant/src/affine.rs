@@ -67,10 +67,13 @@ impl KvCodecImpl for Affine {
         k_dims: &LayerDims,
         v_dims: &LayerDims,
     ) -> Result<Array> {
-        if k_dims.head_dim == v_dims.head_dim {
+        if k_dims.head_dim == v_dims.head_dim && rmlx_kernels::usable("paged_decode/affine") {
             let family = rmlx_kernels::Family::Affine { bits: self.bits, group: self.group(k_dims.head_dim)? };
             if let Some(out) = rmlx_kernels::attend_decode(family, q, k_pools, v_pools, paged, k_dims)? {
-                return Ok(out.as_dtype(q.dtype())?);
+                let out = out.as_dtype(q.dtype())?;
+                return rmlx_kernels::verified("paged_decode/affine", out, 2e-2, || {
+                    composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
+                });
             }
         }
         composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)

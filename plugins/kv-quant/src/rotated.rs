@@ -205,8 +205,12 @@ impl KvCodecImpl for RotatedCodec {
         k_dims: &LayerDims,
         v_dims: &LayerDims,
     ) -> Result<Array> {
-        if let Some(out) = self.fused_decode(q, k_pools, v_pools, paged, k_dims, v_dims)? {
-            return Ok(out);
+        if rmlx_kernels::usable("paged_decode/rotated") {
+            if let Some(out) = self.fused_decode(q, k_pools, v_pools, paged, k_dims, v_dims)? {
+                return rmlx_kernels::verified("paged_decode/rotated", out, 2e-2, || {
+                    composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
+                });
+            }
         }
         composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
     }

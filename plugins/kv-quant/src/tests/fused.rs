@@ -67,4 +67,11 @@ fn fused_decode_equals_composed() {
         }
     }
     eprintln!("worst |fused - composed| = {worst}");
+    // On a GPU, `attend` checks each kernel's first output against the
+    // composed path and turns it off when they differ: it must have stayed on.
+    if gpu {
+        for key in ["paged_decode/rotated", "paged_decode/affine"] {
+            assert!(rmlx_kernels::usable(key), "{key} was turned off by its first check");
+        }
+    }
 }
