@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::api::tools::{ToolEvent, ToolFormat};
-use crate::model::tokenizer::test_tokenizer;
+use crate::model::tokenizer::{test_tokenizer, Tokenizer};
 
 /// Texts that close structures, tried in order by the closing policy.
 const CLOSERS: [&str; 7] = ["\"", "}", "]", ")", "</function>", "\n</tool_call>", "\n```"];

@@ -3,11 +3,12 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::tests::{check_calls, person_schema, tools, validate};
 use super::*;
-use crate::model::tokenizer::test_tokenizer;
+use crate::model::tokenizer::{test_tokenizer, Tokenizer};
 
 fn assert_short_spec_error(r: Result<Constraint>, case: &str) {
     let e = match r {
