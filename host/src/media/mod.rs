@@ -38,7 +38,7 @@ use std::time::Duration;
 pub enum MediaError {
     #[error("{part}: malformed data URL ({reason})")]
     BadDataUrl { part: String, reason: String },
-    #[error("{part}: unsupported image URL scheme {scheme:?} (use data:, http:// or https://)")]
+    #[error("{part}: unsupported image source {scheme:?} (use data:, http:// or https://)")]
     UnsupportedScheme { part: String, scheme: String },
     #[error("{part}: refused URL ({reason})")]
     Refused { part: String, reason: String },

@@ -72,18 +72,18 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
-        // C's (int) truncates toward zero; the operands are >= -0.5 here.
+        // `as` truncates toward zero, as C's (int) cast in PIL.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-        let mut ww = 0.0;
-        for x in 0..xmax {
-            w[x] = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
-            ww += w[x];
+        let w = &mut w[..xmax];
+        for (x, wx) in w.iter_mut().enumerate() {
+            *wx = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
         }
-        for x in 0..xmax {
-            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+        let ww: f64 = w.iter().sum();
+        for (kx, &wx) in k[xx * ksize..].iter_mut().zip(w.iter()) {
+            let v = if ww != 0.0 { wx / ww } else { wx };
             let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[xx * ksize + x] = if v < 0.0 {
+            *kx = if v < 0.0 {
                 (f - 0.5) as i32
             } else {
                 (f + 0.5) as i32

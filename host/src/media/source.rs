@@ -23,6 +23,35 @@ impl ImageSource {
     pub fn from_url(url: impl Into<String>) -> Self {
         ImageSource::Url(url.into())
     }
+
+    /// An Anthropic image block's `source` object: `{"type": "base64",
+    /// "media_type", "data"}` or `{"type": "url", "url"}`.
+    pub fn from_anthropic(part: &str, source: &serde_json::Value) -> Result<Self, MediaError> {
+        let field = |k: &str| source.get(k).and_then(serde_json::Value::as_str);
+        let bad = |reason: String| MediaError::BadDataUrl {
+            part: part.into(),
+            reason,
+        };
+        match field("type") {
+            Some("base64") => Ok(ImageSource::Base64 {
+                media_type: field("media_type")
+                    .ok_or_else(|| bad("base64 source without media_type".into()))?
+                    .into(),
+                data: field("data")
+                    .ok_or_else(|| bad("base64 source without data".into()))?
+                    .into(),
+            }),
+            Some("url") => Ok(ImageSource::Url(
+                field("url")
+                    .ok_or_else(|| bad("url source without url".into()))?
+                    .into(),
+            )),
+            other => Err(MediaError::UnsupportedScheme {
+                part: part.into(),
+                scheme: other.unwrap_or("(no type)").into(),
+            }),
+        }
+    }
 }
 
 /// The encoded bytes of an image and the media type its source claimed.

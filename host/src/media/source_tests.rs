@@ -181,8 +181,7 @@ async fn oversize_and_schemes() {
         .await
         .unwrap_err();
     assert!(
-        e.to_string()
-            .contains("unsupported image URL scheme \"ftp\""),
+        e.to_string().contains("unsupported image source \"ftp\""),
         "{e}"
     );
     // Literal private addresses are refused before any connection.
@@ -266,7 +265,7 @@ async fn serve() -> u16 {
                         "HTTP/1.1 {s}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n"
                     )
                 };
-                let mut out = match path.as_str() {
+                let out = match path.as_str() {
                     "/img" => {
                         let body = png_bytes();
                         let mut o =
@@ -278,7 +277,7 @@ async fn serve() -> u16 {
                     "/loop" => head("302 Found", "Location: /loop\r\n", 0).into_bytes(),
                     _ => head("404 Not Found", "", 0).into_bytes(),
                 };
-                let _ = sock.write_all(&mut out).await;
+                let _ = sock.write_all(&out).await;
             });
         }
     });
@@ -312,4 +311,32 @@ async fn http_fetch_redirects_and_caps() {
     };
     let e = load(&format!("{base}/img"), &capped).await.unwrap_err();
     assert!(matches!(e, MediaError::TooLarge { .. }), "{e}");
+}
+
+#[test]
+fn anthropic_sources() {
+    let v = serde_json::json!({"type": "base64", "media_type": "image/png", "data": "aGk="});
+    assert_eq!(
+        ImageSource::from_anthropic(PART, &v).unwrap(),
+        ImageSource::Base64 {
+            media_type: "image/png".into(),
+            data: "aGk=".into()
+        }
+    );
+    let v = serde_json::json!({"type": "url", "url": "https://example.com/a.png"});
+    assert_eq!(
+        ImageSource::from_anthropic(PART, &v).unwrap(),
+        ImageSource::from_url("https://example.com/a.png")
+    );
+    let e = ImageSource::from_anthropic(PART, &serde_json::json!({"type": "file", "file_id": "x"}))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("messages[0].content[1]: unsupported"),
+        "{e}"
+    );
+    let e =
+        ImageSource::from_anthropic(PART, &serde_json::json!({"type": "base64", "data": "aGk="}))
+            .unwrap_err();
+    assert!(e.to_string().contains("without media_type"), "{e}");
 }
