@@ -3,7 +3,7 @@ Hugging Face image processors (transformers' PIL backends) make of them.
 
 Run from the repo root with the dev venv (needs transformers and pillow):
     .venv-dev/bin/python tests/goldens/make_image_goldens.py
-Writes tests/fixtures/images/: the PNGs, one <image>.<config>.json (shape,
+Writes tests/fixtures/images/: the PNGs (and one JPEG), one <image>.<config>.json (shape,
 grid_thw) and <image>.<config>.f32 (little-endian f32 pixel_values) per pair,
 and configs/<config>.json (the preprocessor_config.json used).
 """
@@ -53,6 +53,7 @@ def images():
     gy, gx = np.mgrid[0:61, 0:50]
     grey = ((gx * 7 + gy * 3) % 256).astype(np.uint8)
     yield "grey50x61", Image.fromarray(grey, "L")
+    yield "rgbjpeg37x23", Image.fromarray(rgb, "RGB")
 
 
 def main():
@@ -61,8 +62,10 @@ def main():
         with open(f"{OUT}/configs/{name}.json", "w") as f:
             json.dump(cfg, f, indent=1)
     for iname, img in images():
-        path = f"{OUT}/{iname}.png"
-        img.save(path)
+        # One JPEG (4:2:0, quality 85): decoders differ by a few u8 steps.
+        ext = "jpg" if iname == "rgbjpeg37x23" else "png"
+        path = f"{OUT}/{iname}.{ext}"
+        img.save(path, **({"quality": 85} if ext == "jpg" else {}))
         loaded = Image.open(path)  # what rmlx decodes: the PNG on disk
         for cname, (cls, cfg) in CONFIGS.items():
             kwargs = {k: v for k, v in cfg.items() if k != "image_processor_type"}

@@ -16,8 +16,12 @@ fn processor(name: &str) -> ImageProcessor {
 }
 
 fn check(image: &str, config: &str) {
+    check_within(image, "png", config, 1e-5);
+}
+
+fn check_within(image: &str, ext: &str, config: &str, tol: f32) {
     let dir = fixtures();
-    let png = std::fs::read(dir.join(format!("{image}.png"))).unwrap();
+    let png = std::fs::read(dir.join(format!("{image}.{ext}"))).unwrap();
     let img = decode_image("messages[0].content[0]", &png, &MediaOptions::default()).unwrap();
     let got = processor(config)
         .preprocess("messages[0].content[0]", &img)
@@ -47,7 +51,7 @@ fn check(image: &str, config: &str) {
         }
     }
     assert!(
-        worst <= 1e-5,
+        worst <= tol,
         "{image} {config}: max |diff| {worst} at {at} (got {}, want {})",
         got.data[at],
         want[at]
@@ -73,6 +77,22 @@ fn qwen2vl_matches_hf() {
     // 37x23 rounds within bounds, 13x9 scales up to min_pixels, 50x61 down to max_pixels.
     for img in ["rgb37x23", "rgba13x9", "grey50x61"] {
         check(img, "qwen2vl");
+    }
+}
+
+/// JPEG decoders differ: image-rs (zune-jpeg) and PIL (libjpeg-turbo) give
+/// up to 3 u8 steps apart on this 4:2:0 image (max 3, 658 of 2553 values
+/// differ before resizing), so JPEG pixels match HF only to 3/255/std.
+#[test]
+fn jpeg_within_decoder_tolerance() {
+    for config in ["siglip", "gemma3", "qwen2vl"] {
+        let min_std = processor(config)
+            .normalize
+            .unwrap()
+            .1
+            .into_iter()
+            .fold(f32::MAX, f32::min);
+        check_within("rgbjpeg37x23", "jpg", config, 3.0 / 255.0 / min_std + 1e-5);
     }
 }
 
