@@ -5,13 +5,14 @@
 //! read back when a request's chain misses in memory. The format (all
 //! little-endian; docs/KV_CACHE.md has the table):
 //!
-//! - fixed header, 64 bytes: magic `RMLXKVB\0`, format version (u32, 2),
+//! - fixed header, 64 bytes: magic `RMLXKVB\0`, format version (u32, 3),
 //!   header length (u32), signature hash (u64), block hash (u64), depth
 //!   (u32), token count (u32), array count (u32), reserved (u32, 0), payload
 //!   length (u64), the parent block's hash (u64, 0 for a first block);
 //! - the token ids (u32 each);
 //! - one 32-byte descriptor per array (layer 0 K, layer 0 V, layer 1 K, ...):
-//!   MLX dtype code (u32), reserved (u32), 4 dims (u32 each), byte length (u64);
+//!   MLX dtype code (u32), rank (u32, 1 to 4), 4 dims (u32 each, 0 past the
+//!   rank), byte length (u64);
 //! - the payload: each array's row-major bytes, in descriptor order;
 //! - CRC-32 (IEEE, `crc32fast`) of everything before it (u32).
 //!
