@@ -6,11 +6,12 @@
 //! ```ignore
 //! let opts = MediaOptions::default();
 //! let proc = ImageProcessor::from_model_dir(model_dir)?;            // preprocessor_config.json
-//! let src = ImageSource::from_url(url);                              // data:, http(s)://, file://
-//! let bytes = load_source("messages[0].content[1]", &src, &opts).await?;
-//! let img = decode_image("messages[0].content[1]", &bytes.bytes, &opts)?;
-//! let pixels = proc.preprocess(&img);     // f32 data + shape, see [`Pixels`]
-//! let key = MediaHash::of_rgb(&img);      // prefix-cache key for image-token blocks
+//! let part = "messages[0].content[1]";                               // named in every error
+//! let src = ImageSource::from_url(url);      // or ImageSource::from_anthropic(part, &block.source)?
+//! let bytes = load_source(part, &src, &opts).await?;                 // data:, http(s)://, file://
+//! let img = decode_image(part, &bytes.bytes, &opts)?;                // RGB8
+//! let pixels = proc.preprocess(part, &img)?; // f32 data + shape (+ grid_thw), see [`Pixels`]
+//! let key = MediaHash::of_rgb(&img);         // prefix-cache key for image-token blocks
 //! ```
 pub mod hash;
 pub mod preprocess;
