@@ -28,7 +28,7 @@ def run(base: str, max_examples: int, out: pathlib.Path, seed: int = 1, extra=()
     env = dict(os.environ, SCHEMATHESIS_HOOKS="st_hooks", PYTHONPATH=str(HERE),
                RMLX_ST_MODEL=tiny_chat.NAME, RMLX_ST_VOCAB=str(tiny_chat.VOCAB))
     st = pathlib.Path(sys.executable).parent / "st"
-    cmd = [str(st), "run", str(SPEC), "--url", base, "--checks", "all", "--mode", "all",
+    cmd = [str(st), "--config-file", str(HERE / "schemathesis.toml"), "run", str(SPEC), "--url", base, "--checks", "all", "--mode", "all",
            "--max-examples", str(max_examples), "--seed", str(seed), "--workers", "1",
            "--request-timeout", "60", "--suppress-health-check", "all",
            "--report", "har", "--report-har-path", str(out / "run.har"), "--no-color", *extra]

@@ -101,6 +101,20 @@ test("every operation answers 200 with its documented shape", async () => {
   }
   done.add("POST /v1/embeddings");
 
+  // The audio routes take multipart forms and need a Whisper model; the tiny
+  // chat model gets the documented 400 naming `model` (their 200 path is
+  // tested with tiny.en in host/tests/arch_whisper.rs).
+  for (const route of ["/v1/audio/transcriptions", "/v1/audio/translations"] as const) {
+    const form = new FormData();
+    form.append("file", new Blob([new Uint8Array(64)], { type: "audio/wav" }), "a.wav");
+    form.append("model", model);
+    const r: Response = await fetch(base + route, { method: "POST", body: form });
+    assert.equal(r.status, 400);
+    const err = (await r.json()) as S["ErrorResponse"];
+    assert.equal(err.error.param, "model");
+    done.add(`POST ${route}`);
+  }
+
   const bad = await client.POST("/v1/completions", { body: { model: "nope", prompt: "x" } });
   assert.equal(bad.response.status, 404);
   assert.equal(bad.error?.error.code, "model_not_found");
