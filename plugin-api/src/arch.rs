@@ -151,6 +151,18 @@ pub mod output {
     /// The final hidden states after the last norm, without the LM head:
     /// [B, L, hidden] (embeddings, pooled outputs).
     pub const HIDDEN: u32 = 2;
+    /// ABI 3.5: run the model's media encoder (a vision tower and its
+    /// projector) instead of the language model. `input_embeddings()` lends
+    /// the preprocessed media as features: pixel values [N, C, H, W] (channels
+    /// first, normalised, as the model's `preprocessor_config.json` makes
+    /// them; N images of one size), the mask unused; `tokens` is a
+    /// placeholder [N, 1]. Returns [N, T, hidden]: per image, the T features
+    /// that replace its T placeholder tokens in a later forward's
+    /// `input_embeddings()` (in the language model's embedding scale, ready
+    /// to merge). Nothing is cached; `attend` takes `causal: false`.
+    /// A plugin that has no media encoder answers `Unsupported`. The host
+    /// asks only plugins built for 3.5 or later.
+    pub const MEDIA: u32 = 3;
 }
 
 /// Everything the host lends to one forward (ABI 3.3): positions, attention

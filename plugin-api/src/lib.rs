@@ -65,7 +65,10 @@ pub const ABI_VERSION: u32 = 3;
 /// 3.4: fused linears (`WeightQuant::linear_fused`, `WeightSource::linear_fused`):
 ///      q/k/v and gate/up as one matmul, in every format whose tensors are
 ///      per output row.
-pub const ABI_MINOR: u32 = 4;
+/// 3.5: `arch::output::MEDIA`: a forward that runs the model's media encoder
+///      (vision tower + projector) on pixel values and returns the features
+///      that replace the image's placeholder tokens.
+pub const ABI_MINOR: u32 = 5;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

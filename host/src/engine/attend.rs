@@ -60,7 +60,7 @@ impl ForwardRequest {
         Self { output: Some(if last_only { Output::LastLogits } else { Output::AllLogits }), ..Self::default() }
     }
     fn needs_ctx(&self) -> bool {
-        self.output == Some(Output::Hidden) || !self.hidden_layers.is_empty() || self.inputs.is_some()
+        matches!(self.output, Some(Output::Hidden | Output::Media)) || !self.hidden_layers.is_empty() || self.inputs.is_some()
     }
 }
 
@@ -139,6 +139,7 @@ impl<T: KvStore> ForwardCtx for Ctx<'_, T> {
         match self.req.output {
             Some(Output::AllLogits) => output::LOGITS_ALL,
             Some(Output::Hidden) => output::HIDDEN,
+            Some(Output::Media) => output::MEDIA,
             _ => output::LOGITS_LAST,
         }
     }

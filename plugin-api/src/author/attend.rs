@@ -18,6 +18,9 @@ pub enum Output {
     AllLogits,
     /// Final hidden states after the last norm, no LM head: [B, L, hidden].
     Hidden,
+    /// ABI 3.5: the media encoder (`arch::output::MEDIA`): pixel values
+    /// [N, C, H, W] in `input_embeddings()` -> features [N, T, hidden].
+    Media,
 }
 
 /// Attention options, as architectures and KV families see them.
@@ -172,6 +175,7 @@ impl Attend for CtxAttend<'_> {
         match self.ctx.output() {
             output::LOGITS_ALL => Output::AllLogits,
             output::HIDDEN => Output::Hidden,
+            output::MEDIA => Output::Media,
             _ => Output::LastLogits,
         }
     }

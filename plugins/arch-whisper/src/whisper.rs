@@ -313,6 +313,7 @@ impl Decoder {
             Output::AllLogits => self.token_embedding.as_linear(&x),
             Output::LastLogits => self.token_embedding.as_linear(&rmlx_nn::last_position(&x)?),
             Output::Hidden => Ok(x),
+            Output::Media => Err(PluginError::unsupported("whisper's encoder runs as Output::Hidden with log-mel features, not as a media (image) encoder")),
         }
     }
 }

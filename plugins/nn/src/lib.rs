@@ -193,6 +193,7 @@ pub fn finish(h: Array, attn: &dyn Attend, head: impl FnOnce(&Array) -> Result<A
         Output::Hidden => Ok(h),                      // [B, L, D]
         Output::AllLogits => head(&h),                // [B, L, V]
         Output::LastLogits => head(&last_position(&h)?), // [B, 1, V]
+        Output::Media => Err(rmlx_plugin_api::PluginError::unsupported("this model has no media encoder")),
     }
 }
 
