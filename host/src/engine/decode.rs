@@ -119,6 +119,18 @@ pub fn forward(
     seqs: &mut [&mut Sequence],
     input: Array,
 ) -> Result<Array> {
+    forward_with(model, pool, seqs, input, None)
+}
+
+/// [`forward`] with input embeddings (features [B, L, hidden], mask bool
+/// [B, L]) replacing the token embeddings where the mask is set (images).
+pub fn forward_with(
+    model: &mut LoadedModel,
+    pool: &mut KvPool,
+    seqs: &mut [&mut Sequence],
+    input: Array,
+    inputs: Option<(Array, Array)>,
+) -> Result<Array> {
     let len = input.dim(1) as usize;
     let rows: Vec<Row> = seqs
         .iter()
@@ -135,7 +147,8 @@ pub fn forward(
     let same = |t: u64| seqs.iter().enumerate().all(|(r, s)| s.state_tag == Some((t, r)));
     let stacked = pool.batch_state.as_ref().filter(|l| l.rows == b && same(l.tag)).map(|l| l.states.clone());
     let mut paged = PagedForward::new(pool, &rows, len)?.with_states(states).with_stacked(stacked);
-    let logits = model.logits(&input, &mut paged, true)?;
+    let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };
+    let logits = model.run(&input, &mut paged, req)?.out;
     // Recurrent state: the rows' own change only now the forward succeeded.
     let new_states = paged.take_states();
     drop(paged);

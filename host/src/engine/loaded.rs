@@ -18,6 +18,8 @@ pub struct LoadedModel {
     /// Tensors in the files the architecture did not use.
     pub unused: Vec<String>,
     pub architecture_plugin: String,
+    /// The plugin ABI (major, minor) the architecture plugin was built for.
+    pub plugin_abi: (u32, u32),
     /// Bytes per activation value (the activations' dtype, after the load policy).
     pub kv_bytes: u64,
     /// The KV-cache families of its keys and values (`kv_family::resolve`).
@@ -30,6 +32,9 @@ pub struct LoadedModel {
     /// Groups of projections built as one fused linear (ABI 3.4), e.g. two
     /// per layer (q/k/v, gate/up) where the weight format stacks.
     pub fused_linears: usize,
+    /// The server's draft model for speculative decoding (`rmlx serve
+    /// --draft-model`), loaded beside this one (speculative/serve.rs).
+    pub draft: Option<Box<super::speculative::serve::Drafter>>,
 }
 
 impl LoadedModel {
@@ -101,7 +106,9 @@ impl LoadedModel {
     }
 
     pub fn from_dir_with(dir: ModelDir, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
-        let architecture_plugin = registry.architecture_plugin(&dir.model_type)?.info.id.clone();
+        let info = &registry.architecture_plugin(&dir.model_type)?.info;
+        let architecture_plugin = info.id.clone();
+        let plugin_abi = parse_abi(&info.abi);
         let quant = QuantSpec::from_config(&dir.config)?;
         let mut weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
         let model = registry
@@ -129,6 +136,12 @@ impl LoadedModel {
         let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, kv_bytes, kv, cache_layers, kv_calibration, fused_linears })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, draft: None })
     }
+}
+
+/// "3.5" -> (3, 5); (0, 0) when unreadable.
+fn parse_abi(s: &str) -> (u32, u32) {
+    let mut it = s.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }

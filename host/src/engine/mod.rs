@@ -18,6 +18,7 @@ pub mod kv_calibration;
 pub mod kv_family;
 pub mod kv_pool;
 pub mod loaded;
+pub mod media;
 pub mod metrics;
 pub mod paged;
 pub mod recurrent;

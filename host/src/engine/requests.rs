@@ -50,6 +50,9 @@ pub struct GenParams {
     /// or a side left None, takes the model's own (`LoadedModel::kv`). Each
     /// family pair runs in its own lane of the model (scheduler.rs).
     pub kv: Option<KvChoice>,
+    /// The prompt's images (issue 15): pixels, MediaHash and placeholder
+    /// span of each; prefill lends their features (engine/media.rs).
+    pub media: Option<Arc<super::media::PromptMedia>>,
 }
 
 impl Default for GenParams {
@@ -64,6 +67,7 @@ impl Default for GenParams {
             prefill_chunk: 512,
             skip_special: true,
             kv: None,
+            media: None,
         }
     }
 }

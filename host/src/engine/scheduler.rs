@@ -305,7 +305,10 @@ impl Scheduler {
         if prefix_cache {
             // Blocks read from the SSD tier must leave room for this sequence.
             // A model with recurrent state resumes from the hit's snapshot.
-            let (hits, state) = mgr.lookup_state(&s.tokens[..s.tokens.len() - 1], need + pending);
+            // Image placeholders are keyed by their image (engine/media.rs).
+            let key = super::media::cache_tokens(&s);
+            let (hits, state) = mgr.lookup_state(&key[..key.len() - 1], need + pending);
+            drop(key);
             s.kv_len = hits.len() * mgr.block_size;
             s.cached_upto = hits.len();
             s.table = hits;
@@ -391,12 +394,15 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
     if full <= s.cached_upto && !snap {
         return;
     }
-    let chain = m.chain(&s.tokens[..full * m.block_size]);
+    // Image placeholders are keyed by their image (engine/media.rs).
+    let key = super::media::cache_tokens(s);
+    let chain = m.chain(&key[..full * m.block_size]);
     for j in s.cached_upto.min(full)..full {
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
         let parent = j.checked_sub(1).map(|p| chain[p]);
-        m.insert(chain[j], parent, j, s.tokens[a..b].to_vec(), s.table[j]);
+        m.insert(chain[j], parent, j, key[a..b].to_vec(), s.table[j]);
     }
+    drop(key);
     s.cached_upto = s.cached_upto.max(full);
     if snap {
         let (j, state) = s.snapshot.take().expect("checked above");

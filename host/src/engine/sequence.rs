@@ -52,6 +52,8 @@ pub struct Sequence {
     /// (tag, row) while `state` is row `row` of the lane's last batch state
     /// of that tag (`recurrent::BatchState`), unchanged since; else None.
     pub state_tag: Option<(u64, usize)>,
+    /// Per prompt image, its media features [T, hidden] once encoded.
+    pub media_features: Vec<Option<mlx_rs::Array>>,
     pub preempted: u32,
     pub started_sent: bool,
     hook: Option<Box<dyn LogitsHook>>,
@@ -109,6 +111,7 @@ impl Sequence {
             state: Default::default(),
             snapshot: None,
             state_tag: None,
+            media_features: Vec::new(),
             preempted: 0,
             started_sent: false,
             hook,

@@ -3,7 +3,7 @@
 //! (pipelined when every row is greedy on the device). A model's step runs
 //! each of its lanes in turn, so one batch of a model may hold several
 //! families, each attending its own pool.
-use super::super::decode::{decode_forward, forward, read_rows, RowOut};
+use super::super::decode::{decode_forward, forward_with, read_rows, RowOut};
 use super::super::sequence::{Outcome, Sequence};
 use super::super::worker::WorkerError;
 use super::super::LoadedModel;
@@ -93,8 +93,13 @@ impl Scheduler {
                 let s = &mut self.running[i];
                 let start = s.cached();
                 let ids: Vec<i32> = s.tokens[start..start + chunk].iter().map(|&t| t as i32).collect();
+                // The prompt's image features that fall into this chunk (engine/media.rs).
+                let inputs = super::super::media::chunk_inputs(model, s, start, chunk);
                 let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
-                let r = forward(model, pool, &mut [s], Array::from_slice(&ids, &[1, chunk as i32])).and_then(|l| Ok(l.eval()?));
+                let r = inputs.and_then(|inputs| {
+                    let input = Array::from_slice(&ids, &[1, chunk as i32]);
+                    forward_with(model, pool, &mut [s], input, inputs).and_then(|l| Ok(l.eval()?))
+                });
                 if let Err(e) = r {
                     let s = self.running.remove(i);
                     ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
