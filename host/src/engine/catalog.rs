@@ -21,6 +21,9 @@ pub struct ModelEntry {
     /// How it embeds, when it is an embedding model (model/pooling.rs):
     /// such a model serves /v1/embeddings and no generation routes.
     pub embedding: Option<EmbedSpec>,
+    /// Its draft model for speculative decoding (`rmlx serve --draft-model`),
+    /// loaded with it (speculative/serve.rs).
+    pub draft: Option<crate::engine::speculative::serve::DraftSpec>,
     text: OnceLock<std::result::Result<Arc<TextSide>, String>>,
 }
 
@@ -58,6 +61,7 @@ impl ModelEntry {
             vocab_size,
             created,
             embedding,
+            draft: None,
             text: OnceLock::new(),
         })
     }

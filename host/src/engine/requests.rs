@@ -50,6 +50,10 @@ pub struct GenParams {
     /// or a side left None, takes the model's own (`LoadedModel::kv`). Each
     /// family pair runs in its own lane of the model (scheduler.rs).
     pub kv: Option<KvChoice>,
+    /// Speculative decoding (the API's `num_draft_tokens`): draft tokens per
+    /// round at first for this request; Some(0) turns it off. None: the
+    /// model's drafter's own (`--num-draft-tokens`), when it has one.
+    pub num_draft_tokens: Option<usize>,
     /// The prompt's images (issue 15): pixels, MediaHash and placeholder
     /// span of each; prefill lends their features (engine/media.rs).
     pub media: Option<Arc<super::media::PromptMedia>>,
@@ -67,6 +71,7 @@ impl Default for GenParams {
             prefill_chunk: 512,
             skip_special: true,
             kv: None,
+            num_draft_tokens: None,
             media: None,
         }
     }
@@ -113,6 +118,8 @@ pub struct Finish {
     pub completion_tokens: usize,
     pub prompt_secs: f64,
     pub generation_secs: f64,
+    /// With speculative decoding: (draft tokens proposed, draft tokens kept).
+    pub speculation: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone)]

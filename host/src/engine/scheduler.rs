@@ -21,6 +21,7 @@
 //! cached blocks are evicted across lanes as across models, all from the
 //! one shared KV budget.
 mod lanes;
+mod spec;
 mod step;
 
 pub use lanes::{Lane, LaneId};
@@ -47,6 +48,9 @@ pub struct SchedulerConfig {
     pub prefix_cache: bool,
     /// The prefix cache's SSD tier (`--kv-ssd-dir`, `--kv-ssd-gb`), per model.
     pub ssd: Option<super::ssd::SsdConfig>,
+    /// Speculative decoding runs while a lane decodes at most this many
+    /// sequences (`--spec-max-batch`; speculative/serve.rs says why 8).
+    pub spec_max_batch: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -57,6 +61,7 @@ impl Default for SchedulerConfig {
             max_running: 16,
             prefix_cache: true,
             ssd: None,
+            spec_max_batch: super::speculative::serve::DEFAULT_SPEC_MAX_BATCH,
         }
     }
 }
@@ -87,6 +92,17 @@ pub struct EngineStats {
     /// (held by sequences or in the prefix cache) take of it now.
     pub kv_budget_bytes: u64,
     pub kv_used_bytes: u64,
+    /// Speculative decoding, per drafter kind (`draft`).
+    pub speculation: std::collections::BTreeMap<String, SpecCounts>,
+}
+
+/// What one drafter kind did since the server started.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SpecCounts {
+    /// Speculative decode steps (one verify forward each).
+    pub steps: u64,
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 pub struct Scheduler {
@@ -180,6 +196,7 @@ impl Scheduler {
                 s.state_tag = None;
                 s.pending_row = None;
                 s.cached_upto = 0;
+                s.spec = None;
                 out.push((s, Err(WorkerError::Internal(msg.to_string()))));
             } else {
                 self.running.push(s);
@@ -195,6 +212,10 @@ impl Scheduler {
     pub fn repair(&mut self, lane: &LaneId) {
         if let Some(l) = self.lanes.get_mut(lane) {
             l.mgr.rebuild_refs(self.running.iter().filter(|s| s.lane == *lane).map(|s| s.table.as_slice()));
+            if let Some(d) = l.draft.as_mut() {
+                let tables = self.running.iter().filter(|s| s.lane == *lane).filter_map(|s| s.spec.as_ref());
+                d.rebuild_refs(tables.map(|sp| sp.table.as_slice()));
+            }
         }
     }
 
@@ -240,6 +261,12 @@ impl Scheduler {
                 cache_blocks(&mut l.mgr, &mut s);
             }
             l.mgr.release(&s.table);
+            // Its draft KV goes too (rebuilt from its tokens if it comes back).
+            if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
+                d.release(&sp.table);
+                sp.table.clear();
+                sp.kv_len = 0;
+            }
         }
         s.table.clear();
         s.kv_len = 0;

@@ -54,6 +54,14 @@ pub struct Sequence {
     pub state_tag: Option<(u64, usize)>,
     /// Per prompt image, its media features [T, hidden] once encoded.
     pub media_features: Vec<Option<mlx_rs::Array>>,
+    /// Speculative decoding (scheduler/spec.rs): its draft KV and draft
+    /// length while it speculates.
+    pub spec: Option<Box<super::speculative::serve::SpecRow>>,
+    /// Whether its model speculated for it (the usage then reports the counts).
+    pub spec_on: bool,
+    /// Draft tokens proposed for it, and kept.
+    pub drafted: usize,
+    pub accepted: usize,
     pub preempted: u32,
     pub started_sent: bool,
     hook: Option<Box<dyn LogitsHook>>,
@@ -112,6 +120,10 @@ impl Sequence {
             snapshot: None,
             state_tag: None,
             media_features: Vec::new(),
+            spec: None,
+            spec_on: false,
+            drafted: 0,
+            accepted: 0,
             preempted: 0,
             started_sent: false,
             hook,
@@ -191,7 +203,25 @@ impl Sequence {
                 .t_first
                 .map(|t| t.elapsed().as_secs_f64())
                 .unwrap_or(0.0),
+            speculation: self.spec_on.then_some((self.drafted, self.accepted)),
         }
+    }
+
+    /// Whether a drafter may propose tokens for it: no logits hook
+    /// (constrained decoding, thinking budgets), no logprobs, and the
+    /// request did not turn speculation off.
+    pub fn may_speculate(&self) -> bool {
+        self.hook.is_none() && self.params.logprobs.is_none() && self.params.num_draft_tokens != Some(0)
+    }
+
+    /// Its sampler (speculative acceptance processes positions ahead on a copy).
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// Tokens it may still generate (max tokens, context).
+    pub fn left(&self) -> usize {
+        self.params.max_tokens.saturating_sub(self.n).min(self.max_ctx.saturating_sub(self.prompt_len + self.n))
     }
 
     /// True when no more tokens may be generated (checked before sampling,

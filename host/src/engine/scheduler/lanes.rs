@@ -43,6 +43,9 @@ pub struct Lane {
     pub pending: Option<Array>,
     /// Whether these are the model's own families (`LoadedModel::kv`).
     pub default: bool,
+    /// The draft model's pool and blocks for this lane's speculating
+    /// sequences (spec.rs), made on first use.
+    pub draft: Option<BlockManager>,
 }
 
 impl Lane {
@@ -105,7 +108,7 @@ impl Lane {
                 Err(e) => tracing::warn!("KV SSD tier for {name} is off: {e:#}"),
             }
         }
-        Self { mgr, pending: None, default }
+        Self { mgr, pending: None, default, draft: None }
     }
 }
 

@@ -113,7 +113,7 @@ impl Scheduler {
     }
 
     /// Indices of the lane's sequences whose prompt is in.
-    fn decoding_rows(&self, lane: &LaneId) -> Vec<usize> {
+    pub(super) fn decoding_rows(&self, lane: &LaneId) -> Vec<usize> {
         (0..self.running.len()).filter(|&i| self.running[i].lane == *lane && self.running[i].to_prefill() == 0).collect()
     }
 
@@ -135,6 +135,10 @@ impl Scheduler {
                 let f = s.finish_length();
                 ended.push((self.retire(s), Ok(f)));
             }
+        }
+        // Speculative decoding (spec.rs), when the model has a drafter.
+        if self.spec_decode(lane, model, ended) {
+            return;
         }
         let rows = self.decoding_rows(lane);
         let prev = self.lanes.get_mut(lane).and_then(|l| l.pending.take());
@@ -227,7 +231,7 @@ impl Scheduler {
 
     /// Hands the previous pipelined step's tokens ([B, 1] int32, computed on
     /// the device) to the lane's rows still waiting for them.
-    fn take_pending_tokens(&mut self, lane: &LaneId, tokens: &Array, ended: &mut Vec<Ended>) {
+    pub(super) fn take_pending_tokens(&mut self, lane: &LaneId, tokens: &Array, ended: &mut Vec<Ended>) {
         let toks: Result<Vec<u32>> = tokens
             .eval()
             .map_err(Into::into)

@@ -9,6 +9,7 @@
 pub mod accept;
 pub mod adapt;
 pub mod draft;
+pub mod serve;
 pub mod stats;
 pub mod store;
 

@@ -78,7 +78,15 @@ impl Engine {
         }
         let t0 = Instant::now();
         let reg = &self.reg;
-        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| LoadedModel::load(&entry.path, reg)))
+        // With its draft model, when it has one (speculative/serve.rs).
+        let load = || {
+            let mut m = LoadedModel::load(&entry.path, reg)?;
+            if let Some(d) = &entry.draft {
+                super::super::speculative::serve::attach(&mut m, d, reg)?;
+            }
+            Ok::<_, anyhow::Error>(m)
+        };
+        let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
             .map_err(|p| anyhow!("loading panicked: {}", panic_message(&*p)))??;
         tracing::info!("loaded {} in {:.2}s", entry.id, t0.elapsed().as_secs_f64());
         self.models.push(Resident {

@@ -1,0 +1,492 @@
+//! A speculative decode step of one lane (issue 14, docs/SPECULATIVE.md):
+//! the model's draft model proposes k_i tokens for each row that may
+//! speculate, the model verifies every row in ONE forward of
+//! `[B, k_max + 1]`, and each row keeps what accept.rs keeps.
+//!
+//! 1. Rows that may not speculate (a logits hook, logprobs, the request's
+//!    `num_draft_tokens: 0`) have k_i = 0; the others start at the
+//!    drafter's K and adapt per row (adapt.rs), never drafting more than
+//!    their tokens left minus one.
+//! 2. Blocks: each drafting row's draft table covers its catch-up and k_max
+//!    draft tokens, every row's verifier table k_max + 1 tokens. Nothing is
+//!    preempted for speculation: a row whose draft blocks do not come does
+//!    not draft this step, and when the verifier's do not come the step is
+//!    the plain one.
+//! 3. The draft KV catches up with the context (tokens it has not seen: the
+//!    whole prompt at first, then the last kept draft), batched by equal
+//!    lengths, then k_max `[B_d, 1]` draft forwards run for all drafting
+//!    rows at once. Greedy rows' drafts stay on the device (argmax), so the
+//!    step reads the host once; a row that samples draws each draft on the
+//!    host from its own sampler chain (q_i).
+//! 4. The verify forward is `[B, k_max + 1]` with every position's logits:
+//!    a row with k_i < k_max is padded (its own later drafts, or its last
+//!    token for a row that does not draft). Padding sits after the row's
+//!    real tokens, so causal attention keeps it out of the real positions,
+//!    and it is rolled back with the rejected drafts.
+//! 5. Per row: accept (greedy: the longest run of drafts equal to the
+//!    verifier's argmax; sampling: rejection sampling with the row's
+//!    seeded RNG), emit the kept tokens and the verifier's next one through
+//!    the sequence's own per-token logic, then roll back: `kv_len` is the
+//!    kept context in both caches, and blocks wholly past it go back to
+//!    their managers. Rejected tokens never reach the prefix cache
+//!    (`cache_blocks` reads only the first `kv_len` tokens).
+//!
+//! An error in a forward leaves every row as it was (lengths only move
+//! after success); those rows stop speculating and the plain step runs.
+use super::super::block_manager::BlockManager;
+use super::super::kv_pool::{bytes_per_token, KvPool};
+use super::super::paged::{PagedForward, Row};
+use super::super::sampler::{argmax, Sampler};
+use super::super::sequence::{Outcome, Sequence};
+use super::super::speculative::{
+    accept::{accept_greedy, accept_sampled, draw},
+    serve::{kind_label, Drafter, SpecRow},
+};
+use super::super::LoadedModel;
+use super::{Ended, LaneId, Scheduler, SpecCounts};
+use anyhow::Result;
+use mlx_rs::{
+    ops::{
+        concatenate,
+        indexing::{argmax_axis, take_axis},
+        select,
+    },
+    transforms::{async_eval, eval},
+    Array, Dtype,
+};
+
+/// Puts the drafter back into its model however the step ends (a panic
+/// included: the lane's sequences fail, the model keeps its drafter).
+struct Split<'a> {
+    model: &'a mut LoadedModel,
+    drafter: Option<Box<Drafter>>,
+}
+
+impl Drop for Split<'_> {
+    fn drop(&mut self) {
+        self.model.draft = self.drafter.take();
+    }
+}
+
+/// One row of a speculative step.
+struct SpecRowPlan {
+    id: u64,
+    /// Draft tokens this row verifies (0: it only decodes).
+    k: usize,
+    /// Its verifier and draft lengths before the step.
+    kv: usize,
+    draft_kv: usize,
+    /// Samples on the host (drafts drawn from q; rejection sampling).
+    sampled: bool,
+}
+
+impl Scheduler {
+    /// Runs this step's decode of `lane` speculatively when it applies
+    /// (the model has a drafter, the lane's decoding rows are at most
+    /// `spec_max_batch`, one of them may speculate and gets its blocks).
+    /// False: the caller runs the plain step (the previous pipelined
+    /// tokens may have been handed out already).
+    pub(super) fn spec_decode(&mut self, lane: &LaneId, model: &mut LoadedModel, ended: &mut Vec<Ended>) -> bool {
+        if model.draft.is_none() {
+            return false;
+        }
+        let rows = self.decoding_rows(lane);
+        if rows.is_empty() || rows.len() > self.cfg.spec_max_batch || !rows.iter().any(|&i| self.running[i].may_speculate()) {
+            return false;
+        }
+        let drafter = model.draft.take();
+        let mut split = Split { model, drafter };
+        let Split { model, drafter } = &mut split;
+        let drafter = drafter.as_mut().expect("checked above");
+        // The host reads the acceptance before the next step: no pipelining.
+        if let Some(p) = self.lanes.get_mut(lane).and_then(|l| l.pending.take()) {
+            self.take_pending_tokens(lane, &p, ended);
+        }
+        let Some(plan) = self.plan(lane, drafter) else { return false };
+        let kind = kind_label(drafter.kind).to_string();
+        match self.run_spec(lane, model, &mut drafter.model, &plan) {
+            Ok(out) => {
+                self.emit_spec(lane, &plan, out, &kind, ended);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("a speculative step of {} rows failed ({e:#}); those requests go on without speculation", plan.len());
+                for p in &plan {
+                    let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
+                    let s = &mut self.running[i];
+                    s.kv_len = p.kv;
+                    if p.k > 0 {
+                        s.params.num_draft_tokens = Some(0);
+                    }
+                    if let Some(sp) = s.spec.as_mut() {
+                        sp.kv_len = p.draft_kv.min(sp.kv_len);
+                    }
+                }
+                self.trim_rows(lane, &plan);
+                false
+            }
+        }
+    }
+
+    /// Each decoding row's draft length and blocks; None when no row drafts
+    /// (blocks taken for it are given back).
+    fn plan(&mut self, lane: &LaneId, drafter: &Drafter) -> Option<Vec<SpecRowPlan>> {
+        let rows = self.decoding_rows(lane);
+        let mut plan: Vec<SpecRowPlan> = Vec::with_capacity(rows.len());
+        for &i in &rows {
+            let s = &mut self.running[i];
+            let mut k = 0;
+            if s.may_speculate() {
+                s.spec_on = true;
+                let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
+                let seed = s.params.sampling.seed;
+                let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
+                k = sp.len.get().min(s.left().saturating_sub(1));
+            }
+            let sampled = !s.sampler().is_plain_greedy();
+            let draft_kv = s.spec.as_ref().map_or(0, |sp| sp.kv_len);
+            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled });
+        }
+        let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
+        if k_max == 0 {
+            return None;
+        }
+        self.draft_lane(lane, &drafter.model);
+        // Draft blocks: the catch-up and k_max draft tokens.
+        for p in plan.iter_mut().filter(|p| p.k > 0) {
+            let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
+            let s = &mut self.running[i];
+            let sp = s.spec.as_mut().expect("a drafting row has its state");
+            let d = self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made above");
+            let need = d.blocks_for(s.tokens.len() - 1 + k_max).saturating_sub(sp.table.len());
+            match d.allocate(need) {
+                Some(b) => sp.table.extend(b),
+                None => p.k = 0,
+            }
+        }
+        let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
+        // Verifier blocks: k_max + 1 tokens for every row (padding included).
+        let mut ok = k_max > 0;
+        for p in plan.iter() {
+            if !ok {
+                break;
+            }
+            let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
+            let extra = self.mgr(lane).blocks_for(p.kv + k_max + 1).saturating_sub(self.running[i].table.len());
+            if self.mgr(lane).available() < extra {
+                self.shed_others(lane, extra);
+            }
+            match self.mgr_mut(lane).allocate(extra) {
+                Some(b) => self.running[i].table.extend(b),
+                None => ok = false,
+            }
+        }
+        if !ok {
+            self.trim_rows(lane, &plan);
+            return None;
+        }
+        Some(plan)
+    }
+
+    /// The lane's draft pool and block manager (made on first use), drawing
+    /// from the engine's one KV budget.
+    fn draft_lane(&mut self, lane: &LaneId, draft: &LoadedModel) {
+        let (cfg, account) = (&self.cfg, &self.account);
+        let l = self.lanes.get_mut(lane).expect("a running sequence's lane exists");
+        if l.draft.is_some() {
+            return;
+        }
+        let layers = draft.spec.num_layers as usize;
+        let (k, v) = draft.kv.clone();
+        let per_block = (bytes_per_token(layers, &k, &v) * cfg.block_size) as u64;
+        let total = (account.total() / per_block.max(1)) as usize;
+        tracing::info!("draft KV for {}: up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget", lane.model, cfg.block_size);
+        let pool = KvPool::new(layers, k, v, cfg.block_size, total);
+        l.draft = Some(BlockManager::new(pool, &format!("draft|{}", draft.dir.path.display())).with_account(account.clone(), per_block));
+    }
+
+    /// Gives back the blocks wholly past each planned row's context (its
+    /// verifier table keeps room for the next token).
+    fn trim_rows(&mut self, lane: &LaneId, plan: &[SpecRowPlan]) {
+        let Some(l) = self.lanes.get_mut(lane) else { return };
+        for p in plan {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
+            trim(&mut l.mgr, &mut s.table, s.kv_len + 1);
+            if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
+                trim(d, &mut sp.table, sp.kv_len);
+            }
+        }
+    }
+
+    /// The drafts and the verify forward (nothing is emitted here).
+    fn run_spec(&mut self, lane: &LaneId, model: &mut LoadedModel, draft: &mut LoadedModel, plan: &[SpecRowPlan]) -> Result<Verified> {
+        let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
+        let idx: Vec<usize> = plan.iter().map(|p| self.running.iter().position(|s| s.id == p.id).expect("a planned row runs")).collect();
+        let drafting: Vec<usize> = (0..plan.len()).filter(|&r| plan[r].k > 0).collect();
+        let chunk = idx.iter().map(|&i| self.running[i].params.prefill_chunk).min().unwrap_or(512).max(1);
+        let l = self.lanes.get_mut(lane).expect("the lane exists");
+        let dpool = &mut l.draft.as_mut().expect("made by plan").pool;
+        // Catch-up: feed each drafting row the context tokens its draft KV
+        // lacks (all but the last token), rows of equal need together.
+        loop {
+            let behind: Vec<usize> = drafting
+                .iter()
+                .copied()
+                .filter(|&r| {
+                    let s = &self.running[idx[r]];
+                    s.spec.as_ref().expect("drafting").kv_len < s.tokens.len() - 1
+                })
+                .collect();
+            let Some(n) = behind
+                .iter()
+                .map(|&r| {
+                    let s = &self.running[idx[r]];
+                    s.tokens.len() - 1 - s.spec.as_ref().expect("drafting").kv_len
+                })
+                .min()
+            else {
+                break;
+            };
+            let n = n.min(chunk);
+            let mut ids = Vec::with_capacity(behind.len() * n);
+            for &r in &behind {
+                let s = &self.running[idx[r]];
+                let at = s.spec.as_ref().expect("drafting").kv_len;
+                ids.extend(s.tokens[at..at + n].iter().map(|&t| t as i32));
+            }
+            let input = Array::from_slice(&ids, &[behind.len() as i32, n as i32]);
+            let mut rows: Vec<&mut SpecRow> = rows_of(&mut self.running, &behind.iter().map(|&r| idx[r]).collect::<Vec<_>>());
+            draft_forward(draft, dpool, &mut rows, input)?.eval()?;
+        }
+        // k_max draft steps, [B_d, 1] each, for every drafting row at once.
+        let d_idx: Vec<usize> = drafting.iter().map(|&r| idx[r]).collect();
+        let bd = d_idx.len() as i32;
+        let lasts: Vec<i32> = d_idx.iter().map(|&i| *self.running[i].tokens.last().unwrap() as i32).collect();
+        let host = drafting.iter().any(|&r| plan[r].sampled);
+        // Per drafting row: its drafts (host mode) and the distributions they came from.
+        let mut drafts_host: Vec<Vec<u32>> = vec![Vec::with_capacity(k_max); d_idx.len()];
+        let mut qs: Vec<Vec<Vec<f32>>> = vec![Vec::new(); d_idx.len()];
+        let mut samplers: Vec<Option<Sampler>> = drafting
+            .iter()
+            .map(|&r| plan[r].sampled.then(|| self.running[idx[r]].sampler().clone()))
+            .collect();
+        let mut dev_drafts: Vec<Array> = Vec::with_capacity(k_max);
+        let mut input = Array::from_slice(&lasts, &[bd, 1]);
+        for _ in 0..k_max {
+            let mut rows = rows_of(&mut self.running, &d_idx);
+            let logits = draft_forward(draft, dpool, &mut rows, input)?; // [B_d, 1, V]
+            if host {
+                let v = logits.dim(-1) as usize;
+                let l = logits.as_dtype(Dtype::Float32)?;
+                l.eval()?;
+                let all = l.try_as_slice::<f32>()?;
+                let mut next = Vec::with_capacity(d_idx.len());
+                for (j, row) in all.chunks(v).enumerate() {
+                    let rd = drafting[j];
+                    let t = match samplers[j].as_mut() {
+                        Some(sm) => {
+                            let mut lg = row.to_vec();
+                            sm.process(&mut lg);
+                            let q = sm.distribution(&lg);
+                            let sp = self.running[idx[rd]].spec.as_mut().expect("drafting");
+                            let t = draw(&q, &mut sp.rng).unwrap_or_else(|| argmax(&lg));
+                            sm.accept(t);
+                            qs[j].push(q);
+                            t
+                        }
+                        None => argmax(row),
+                    };
+                    drafts_host[j].push(t);
+                    next.push(t as i32);
+                }
+                input = Array::from_slice(&next, &[bd, 1]);
+            } else {
+                let d = argmax_axis(logits.reshape(&[bd, -1])?, -1, None)?.as_dtype(Dtype::Int32)?.reshape(&[bd, 1])?;
+                async_eval([&d])?;
+                dev_drafts.push(d.clone());
+                input = d;
+            }
+        }
+        // The verify input [B, k_max + 1]: each row's last token, then its
+        // drafts (padding: a non-drafting row repeats its last token).
+        let b = plan.len() as i32;
+        let lasts_all: Vec<i32> = idx.iter().map(|&i| *self.running[i].tokens.last().unwrap() as i32).collect();
+        let lasts_all = Array::from_slice(&lasts_all, &[b, 1]);
+        let pos_in_d: Vec<i32> = (0..plan.len()).map(|r| drafting.iter().position(|&x| x == r).unwrap_or(0) as i32).collect();
+        let body = if host {
+            let v: Vec<i32> = drafts_host.iter().flat_map(|d| d.iter().map(|&t| t as i32)).collect();
+            Array::from_slice(&v, &[bd, k_max as i32])
+        } else {
+            concatenate(&dev_drafts, 1)? // [B_d, k_max]
+        };
+        let body = take_axis(&body, Array::from_slice(&pos_in_d, &[b]), 0)?; // [B, k_max]
+        let is_d: Vec<bool> = (0..plan.len()).map(|r| plan[r].k > 0).collect();
+        let body = select(&Array::from_slice(&is_d, &[b, 1]), &body, &lasts_all)?;
+        let input = concatenate(&[lasts_all, body], 1)?; // [B, k_max + 1]
+        let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
+        let logits = {
+            let rows: Vec<Row> = idx.iter().map(|&i| Row { table: &self.running[i].table, offset: self.running[i].kv_len }).collect();
+            let mut paged = PagedForward::new(pool, &rows, k_max + 1)?;
+            model.logits(&input, &mut paged, false)? // [B, k_max + 1, V]
+        };
+        let best = argmax_axis(&logits, -1, None)?.as_dtype(Dtype::Int32)?; // [B, k_max + 1]
+        // Rows that read logits on the host: sampling drafters, and the
+        // non-drafting rows that do not take the device's argmax as it is.
+        let host_rows: Vec<usize> = (0..plan.len())
+            .filter(|&r| {
+                let s = &self.running[idx[r]];
+                if plan[r].k > 0 {
+                    plan[r].sampled
+                } else {
+                    !(s.takes_device_token() && s.device_bias().is_empty())
+                }
+            })
+            .collect();
+        let sub = if host_rows.is_empty() {
+            None
+        } else {
+            let ix: Vec<i32> = host_rows.iter().map(|&r| r as i32).collect();
+            Some(take_axis(&logits, Array::from_slice(&ix, &[ix.len() as i32]), 0)?.as_dtype(Dtype::Float32)?)
+        };
+        match &sub {
+            Some(s) => eval([&input, &best, s])?,
+            None => eval([&input, &best])?,
+        }
+        let width = k_max + 1;
+        let inp = input.try_as_slice::<i32>()?;
+        let bst = best.try_as_slice::<i32>()?;
+        let mut logits_of: Vec<Option<Vec<Vec<f32>>>> = vec![None; plan.len()];
+        if let Some(s) = &sub {
+            let v = s.dim(-1) as usize;
+            let all = s.try_as_slice::<f32>()?;
+            for (j, &r) in host_rows.iter().enumerate() {
+                let rows = all[j * width * v..(j + 1) * width * v].chunks(v).map(|c| c.to_vec()).collect();
+                logits_of[r] = Some(rows);
+            }
+        }
+        let mut out = Verified { rows: Vec::with_capacity(plan.len()) };
+        for r in 0..plan.len() {
+            let drafts: Vec<u32> = inp[r * width + 1..r * width + 1 + plan[r].k].iter().map(|&t| t as u32).collect();
+            let best: Vec<u32> = bst[r * width..r * width + plan[r].k + 1].iter().map(|&t| t as u32).collect();
+            let q = drafting.iter().position(|&x| x == r).map(|j| std::mem::take(&mut qs[j])).unwrap_or_default();
+            out.rows.push(VerifiedRow { drafts, best, q, logits: logits_of[r].take() });
+        }
+        Ok(out)
+    }
+
+    /// Accepts, emits and rolls back each row (see the module doc).
+    fn emit_spec(&mut self, lane: &LaneId, plan: &[SpecRowPlan], out: Verified, kind: &str, ended: &mut Vec<Ended>) {
+        let (mut drafted, mut accepted) = (0u64, 0u64);
+        for (p, v) in plan.iter().zip(out.rows) {
+            let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
+            let s = &mut self.running[i];
+            let (kept, outcome) = if p.k == 0 {
+                s.kv_len = p.kv + 1;
+                let o = match v.logits {
+                    Some(mut l) => s.on_logits(l.swap_remove(0)),
+                    None => s.on_token(v.best[0]),
+                };
+                (0, o)
+            } else {
+                let (n, next) = if p.sampled {
+                    let rows = v.logits.unwrap_or_default();
+                    let mut pv = s.sampler().clone();
+                    let drafts = v.drafts.clone();
+                    let p_at = |j: usize| {
+                        if j > 0 {
+                            pv.accept(drafts[j - 1]);
+                        }
+                        let mut l = rows[j].clone();
+                        pv.process(&mut l);
+                        pv.distribution(&l)
+                    };
+                    let sp = s.spec.as_mut().expect("drafting");
+                    accept_sampled(&v.drafts, &v.q, p_at, &mut sp.rng)
+                } else {
+                    accept_greedy(&v.drafts, &v.best)
+                };
+                s.kv_len = p.kv + 1 + n;
+                s.drafted += p.k;
+                s.accepted += n;
+                drafted += p.k as u64;
+                accepted += n as u64;
+                let sp = s.spec.as_mut().expect("drafting");
+                sp.len.update(p.k, n);
+                let mut o = Outcome::Continue;
+                for &t in v.drafts[..n].iter().chain(std::iter::once(&next)) {
+                    o = s.on_token(t);
+                    if matches!(o, Outcome::Done(_)) {
+                        break;
+                    }
+                }
+                (n, o)
+            };
+            let _ = kept;
+            match outcome {
+                Outcome::Done(res) => {
+                    let s = self.running.remove(i);
+                    ended.push((self.retire(s), res));
+                }
+                Outcome::Continue => {
+                    let s = &mut self.running[i];
+                    if let Some(sp) = s.spec.as_mut() {
+                        sp.kv_len = sp.kv_len.min(s.kv_len);
+                    }
+                }
+            }
+        }
+        self.trim_rows(lane, plan);
+        let c = self.stats.speculation.entry(kind.to_string()).or_insert_with(SpecCounts::default);
+        c.steps += 1;
+        c.drafted_tokens += drafted;
+        c.accepted_tokens += accepted;
+    }
+}
+
+/// What the verify forward gave each row.
+struct VerifiedRow {
+    /// Its k drafts, and the verifier's argmax at positions 0..=k.
+    drafts: Vec<u32>,
+    best: Vec<u32>,
+    /// The drafter's distributions (sampling rows).
+    q: Vec<Vec<f32>>,
+    /// Host logits of positions 0..=k_max (rows that read them).
+    logits: Option<Vec<Vec<f32>>>,
+}
+
+struct Verified {
+    rows: Vec<VerifiedRow>,
+}
+
+/// Gives `table`'s blocks wholly past `len` tokens back to `mgr`.
+fn trim(mgr: &mut BlockManager, table: &mut Vec<u32>, len: usize) {
+    let keep = mgr.blocks_for(len);
+    if table.len() > keep {
+        mgr.release(&table[keep..]);
+        table.truncate(keep);
+    }
+}
+
+/// The draft states of `running[i]` for each i in `idx` (distinct), in order.
+fn rows_of<'a>(running: &'a mut [Sequence], idx: &[usize]) -> Vec<&'a mut SpecRow> {
+    let mut refs: Vec<Option<&mut Sequence>> = running.iter_mut().map(Some).collect();
+    idx.iter()
+        .map(|&i| &mut **refs[i].take().expect("distinct rows").spec.as_mut().expect("a drafting row has its state"))
+        .collect()
+}
+
+/// One forward of the draft model: `input` [B, L] after each row's draft
+/// KV; logits [B, 1, V] of the last position, lazily. The rows' draft
+/// lengths advance by L.
+fn draft_forward(draft: &mut LoadedModel, pool: &mut KvPool, rows: &mut [&mut SpecRow], input: Array) -> Result<Array> {
+    let len = input.dim(1) as usize;
+    let logits = {
+        let r: Vec<Row> = rows.iter().map(|d| Row { table: &d.table, offset: d.kv_len }).collect();
+        let mut paged = PagedForward::new(pool, &r, len)?;
+        draft.logits(&input, &mut paged, true)?
+    };
+    for d in rows.iter_mut() {
+        d.kv_len += len;
+    }
+    Ok(logits)
+}
