@@ -1,6 +1,7 @@
 //! Unit tests of `gemma4_text.rs`: config parsing, defaults, refusals and the layer
 //! cache layout (no weights).
 use super::*;
+use serde_json::Value;
 
 /// A 6-layer config with `extra` (`,"key":value...`) over its keys.
 fn cfg(extra: &str) -> Result<Config> {

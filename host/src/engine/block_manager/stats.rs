@@ -1,0 +1,54 @@
+//! What the block manager reports (`/metrics`, the metrics database).
+use super::BlockManager;
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BlockStats {
+    pub block_size: usize,
+    /// Bytes of one block (keys and values of every layer).
+    pub block_bytes: u64,
+    pub total_blocks: usize,
+    /// Held by running sequences (a block several share counts once).
+    pub seq_blocks: usize,
+    /// In the prefix cache (some may also be held by running sequences).
+    pub cached_blocks: usize,
+    /// Neither held nor cached.
+    pub free_blocks: usize,
+    /// Blocks the pool's arrays hold now (it grows on demand up to total_blocks).
+    pub pool_blocks: usize,
+    pub prefix_hits: u64,
+    pub prefix_misses: u64,
+    /// Tokens whose prefill a prefix-cache hit skipped.
+    pub prefix_hit_tokens: u64,
+    pub evictions: u64,
+    pub preemptions: u64,
+    /// SSD tier (`--kv-ssd-dir`): blocks read back from disk, blocks written
+    /// to disk, blocks and bytes on disk now, and files found corrupt and skipped.
+    pub ssd_reads: u64,
+    pub ssd_writes: u64,
+    pub ssd_blocks: u64,
+    pub ssd_bytes: u64,
+    pub ssd_corrupt: u64,
+}
+
+impl BlockManager {
+    pub fn snapshot(&self) -> BlockStats {
+        let mut s = BlockStats {
+            block_size: self.block_size,
+            block_bytes: self.block_bytes,
+            total_blocks: self.total_blocks,
+            seq_blocks: self.held,
+            cached_blocks: self.cache.len(),
+            free_blocks: self.free.len(),
+            pool_blocks: self.pool.capacity(),
+            ..self.stats.clone()
+        };
+        if let Some(ssd) = self.ssd.as_ref() {
+            s.ssd_reads = ssd.reads;
+            s.ssd_writes = ssd.writes;
+            s.ssd_blocks = ssd.blocks();
+            s.ssd_bytes = ssd.bytes();
+            s.ssd_corrupt = ssd.corrupt;
+        }
+        s
+    }
+}
