@@ -197,9 +197,9 @@ fn edited_copy(name: &str, rename: impl Fn(&str, &mlx_rs::Array) -> Vec<(String,
 
 /// The multi-token-prediction head (`mtp.*`, for speculative decoding) does
 /// not stop a load: its tensors are listed as unused, and the model still
-/// matches mlx-lm. The fused expert layout is refused with the way out.
+/// matches mlx-lm. Hugging Face's fused expert layout loads too.
 #[test]
-fn qwen3_5_keeps_mtp_loadable_and_refuses_fused_experts() {
+fn qwen3_5_keeps_mtp_loadable_and_loads_fused_experts() {
     let _g = common::mlx_lock();
     let reg = common::registry();
     let mtp = ["mtp.fc.weight", "mtp.norm.weight", "language_model.mtp.layers.0.input_layernorm.weight"];
@@ -220,15 +220,47 @@ fn qwen3_5_keeps_mtp_loadable_and_refuses_fused_experts() {
     compare(&mut model, &read::<Golden>("qwen3_5_moe-f32"), &mut tally);
     assert!(tally.failures.is_empty(), "{}", tally.failures.join("\n"));
 
-    let fused = edited_copy("qwen3_5_moe-f32", |k, v| match k.strip_suffix(".switch_mlp.gate_proj.weight") {
+    // Hugging Face's fused expert layout: per layer `mlp.experts.gate_up_proj`
+    // [E, 2F, D] (gate rows, then up rows) and `mlp.experts.down_proj`, bare
+    // tensors. It loads and gives mlx-lm's logits (mlx-lm splits it at load).
+    let src = mlx_rs::Array::load_safetensors(common::fixture("models/qwen3_5_moe-f32/model.safetensors")).unwrap();
+    let mut fused: Vec<(String, mlx_rs::Array)> = Vec::new();
+    let mut layers = 0;
+    for (k, v) in &src {
+        if let Some(layer) = k.strip_suffix(".switch_mlp.gate_proj.weight") {
+            let up = &src[&format!("{layer}.switch_mlp.up_proj.weight")];
+            let gate_up = mlx_rs::ops::concatenate(&[v.clone(), up.clone()], 1).unwrap(); // [E, 2F, D]
+            fused.push((format!("{layer}.experts.gate_up_proj"), gate_up));
+            let down = &src[&format!("{layer}.switch_mlp.down_proj.weight")];
+            fused.push((format!("{layer}.experts.down_proj"), down.clone()));
+            layers += 1;
+        } else if !k.contains(".switch_mlp.") {
+            fused.push((k.clone(), v.clone()));
+        }
+    }
+    assert!(layers > 0, "the fixture has expert layers");
+    let dir = tempfile::tempdir().unwrap();
+    mlx_rs::Array::save_safetensors(fused, None, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(common::fixture("models/qwen3_5_moe-f32/config.json"), dir.path().join("config.json")).unwrap();
+    let mut model = LoadedModel::load_with(dir.path(), &reg, LoadPolicy::default()).unwrap();
+    assert!(model.unused.is_empty(), "unused: {:?}", model.unused);
+    let mut tally = Tally::default();
+    compare(&mut model, &read::<Golden>("qwen3_5_moe-f32"), &mut tally);
+    assert!(tally.failures.is_empty(), "{}", tally.failures.join("\n"));
+
+    // Fused tensors of the wrong shape are refused by name.
+    let bad = edited_copy("qwen3_5_moe-f32", |k, v| match k.strip_suffix(".switch_mlp.gate_proj.weight") {
         Some(layer) => vec![(format!("{layer}.experts.gate_up_proj"), v.clone())],
+        None if k.contains(".switch_mlp.down_proj.") => {
+            vec![(k.replace(".switch_mlp.down_proj.weight", ".experts.down_proj"), v.clone())]
+        }
         None => vec![(k.to_string(), v.clone())],
     });
-    let e = match LoadedModel::load_with(fused.path(), &reg, LoadPolicy::default()) {
-        Ok(_) => panic!("the fused expert layout should be refused"),
+    let e = match LoadedModel::load_with(bad.path(), &reg, LoadPolicy::default()) {
+        Ok(_) => panic!("gate_up_proj with F rows instead of 2F should be refused"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(e.contains("experts.gate_up_proj") && e.contains("mlx_lm.convert"), "{e}");
+    assert!(e.contains("experts") && e.contains("gate_up_proj"), "{e}");
 }
 
 #[test]

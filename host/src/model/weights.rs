@@ -109,6 +109,15 @@ impl<'a> HostWeights<'a> {
                 }
             }
         }
+        // A module stored as one bare tensor (Hugging Face's fused expert
+        // parameters `experts.gate_up_proj` / `experts.down_proj`) is that
+        // module's weight.
+        if items.is_empty() {
+            if let Some(array) = self.tensors.get(prefix) {
+                items.push(NamedArray { name: "weight".into(), array: MlxArray::from_ref(array) });
+                self.used.insert(prefix.to_string());
+            }
+        }
         if !items.iter().any(|n| n.name == "weight") {
             return Err(PluginError::missing(format!("missing tensor {prefix}.weight")));
         }

@@ -8,27 +8,16 @@
 //!
 //! Checkpoints are read in the layout mlx-lm writes (experts split and
 //! stacked as `switch_mlp`), or with qwen3_5's Hugging Face names, conv and
-//! norms (qwen3_5.rs `layout`); a fused `gate_up_proj` is refused with the
-//! way out (mlx_lm.convert), since the host lends expert layers by module
-//! (`Weights::switch_linear`) and has no way yet to lend half of one tensor.
+//! norms (qwen3_5.rs `layout`), fused experts included: nn's `SparseMoe`
+//! finds `experts.gate_up_proj` and runs it as one switch layer whose
+//! output it splits into gate and up (mlx-lm splits the tensor at load;
+//! the result is the same, with one expert matmul instead of two).
 use crate::qwen3_5::{layout, Config};
 use crate::hybrid::HybridModel;
-use rmlx_plugin_api::{
-    author::{Result, Weights},
-    PluginError,
-};
+use rmlx_plugin_api::author::{Result, Weights};
 
 pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
     let mut c = Config::parse(config_json, "qwen3_5_moe")?;
     let (model, head) = layout(w, &mut c)?;
-    for i in 0..c.num_hidden_layers {
-        let fused = format!("{model}layers.{i}.mlp.experts.gate_up_proj");
-        if w.contains(&fused) {
-            return Err(PluginError::unsupported(format!(
-                "{fused}: the fused expert layout (mlx-lm's qwen3_5_moe sanitize splits it into \
-                 switch_mlp.gate_proj and switch_mlp.up_proj); convert the checkpoint with mlx_lm.convert first"
-            )));
-        }
-    }
     HybridModel::load(c, w, model, head)
 }

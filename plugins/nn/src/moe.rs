@@ -100,10 +100,21 @@ fn scatter_unsort(x: &Array, inv_order: &Array, shape: &[i32]) -> Result<Array> 
 /// mlx-lm's `SwitchGLU`: down(act(gate(x)) * up(x)) through the experts each
 /// token was routed to, SwiGLU unless told otherwise.
 pub struct SwitchGlu {
-    gate_proj: SwitchLayer, // E x ([D] -> [F])
-    up_proj: SwitchLayer,   // E x ([D] -> [F])
+    gate_up: GateUp,
     down_proj: SwitchLayer, // E x ([F] -> [D])
     act: GateAct,
+}
+
+/// The gate and up projections of the experts: two switch layers (mlx-lm's
+/// `switch_mlp.{gate,up}_proj`), or one whose outputs are gate then up
+/// (Hugging Face's fused `experts.gate_up_proj` [E, 2F, D]), split after
+/// the matmul instead of at load (one expert matmul instead of two).
+enum GateUp {
+    Separate {
+        gate: SwitchLayer, // E x ([D] -> [F])
+        up: SwitchLayer,   // E x ([D] -> [F])
+    },
+    Fused(SwitchLayer), // E x ([D] -> [2F]): gate | up
 }
 
 impl SwitchGlu {
@@ -120,7 +131,24 @@ impl SwitchGlu {
                  (experts, in, out); expected up_proj = gate_proj and down_proj = (E, F, D)"
             )));
         }
-        Ok(Self { gate_proj, up_proj, down_proj, act: GateAct::Silu })
+        Ok(Self { gate_up: GateUp::Separate { gate: gate_proj, up: up_proj }, down_proj, act: GateAct::Silu })
+    }
+
+    /// The Hugging Face fused layout under `p` (`...mlp.experts`):
+    /// `{p}.gate_up_proj` [E, 2F, D] (gate rows first, as mlx-lm's
+    /// qwen3_5_moe sanitize splits it) and `{p}.down_proj` [E, D, F], stored
+    /// as bare tensors that the host lends as each layer's weight.
+    pub fn load_fused(w: &mut Weights, p: &str) -> Result<Self> {
+        let gate_up = w.switch_linear(&format!("{p}.gate_up_proj"))?;
+        let down_proj = w.switch_linear(&format!("{p}.down_proj"))?;
+        let (g, d) = (gate_up.dims(), down_proj.dims()); // (E, in, out)
+        if g.2 % 2 != 0 || d != (g.0, g.2 / 2, g.1) {
+            return Err(PluginError::config(format!(
+                "{p}: expert shapes disagree: gate_up_proj {g:?}, down_proj {d:?} (experts, in, out); \
+                 expected gate_up_proj = (E, D, 2F) and down_proj = (E, F, D)"
+            )));
+        }
+        Ok(Self { gate_up: GateUp::Fused(gate_up), down_proj, act: GateAct::Silu })
     }
 
     pub fn with_activation(mut self, act: GateAct) -> Self {
@@ -130,7 +158,13 @@ impl SwitchGlu {
 
     /// (experts, hidden D, intermediate F)
     pub fn dims(&self) -> (u32, u32, u32) {
-        self.gate_proj.dims()
+        match &self.gate_up {
+            GateUp::Separate { gate, .. } => gate.dims(),
+            GateUp::Fused(gu) => {
+                let (e, d, f2) = gu.dims();
+                (e, d, f2 / 2)
+            }
+        }
     }
 
     /// x: [..., D], indices uint32 [..., k] -> [..., k, D]
@@ -144,8 +178,18 @@ impl SwitchGlu {
         } else {
             (x, indices.clone(), None)
         };
-        let up = self.up_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
-        let gate = self.gate_proj.forward(&x, &idx, sorted)?; // [..., k, 1, F] | [N*k, 1, F]
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (
+                gate.forward(&x, &idx, sorted)?, // [..., k, 1, F] | [N*k, 1, F]
+                up.forward(&x, &idx, sorted)?,   // [..., k, 1, F] | [N*k, 1, F]
+            ),
+            GateUp::Fused(gu) => {
+                let f = (gu.dims().2 / 2) as i32;
+                let mut parts = gu.forward(&x, &idx, sorted)?.split_at_indices(&[f], -1)?; // [..., 2F] -> 2 x [..., F]
+                let up = parts.pop().expect("two parts");
+                (parts.pop().expect("two parts"), up)
+            }
+        };
         let h = self.act.apply(&gate, &up)?;
         let mut y = self.down_proj.forward(&h, &idx, sorted)?; // [..., k, 1, D] | [N*k, 1, D]
         if let Some(inv) = inv_order {
@@ -169,11 +213,16 @@ pub struct SparseMoe {
 
 impl SparseMoe {
     /// `p`: the block (`model.layers.{i}.mlp`): the router `{p}.gate` and the
-    /// experts `{p}.switch_mlp.{gate,up,down}_proj`. `num_experts` is checked
+    /// experts `{p}.switch_mlp.{gate,up,down}_proj`, or Hugging Face's fused
+    /// `{p}.experts.{gate_up,down}_proj` ([`SwitchGlu::load_fused`]). `num_experts` is checked
     /// against both.
     pub fn load(w: &mut Weights, p: &str, num_experts: i32, top_k: i32, norm_topk_prob: bool) -> Result<Self> {
         let gate = w.linear(&format!("{p}.gate"))?;
-        let switch_mlp = SwitchGlu::load(w, &format!("{p}.switch_mlp"))?;
+        let switch_mlp = if w.contains(&format!("{p}.experts.gate_up_proj")) {
+            SwitchGlu::load_fused(w, &format!("{p}.experts"))?
+        } else {
+            SwitchGlu::load(w, &format!("{p}.switch_mlp"))?
+        };
         let router_out = gate.0.dims().1;
         let (experts, d, _) = switch_mlp.dims();
         if router_out as i32 != num_experts || experts as i32 != num_experts {
@@ -244,7 +293,11 @@ mod tests {
         let (e, d, f, k) = (4, 8, 16, 2);
         let normal = |s: &[i32]| random::normal::<f32>(s, None, None, None).unwrap();
         let (wg, wu, wd) = (normal(&[e, f, d]), normal(&[e, f, d]), normal(&[e, d, f]));
-        let glu = SwitchGlu { gate_proj: layer(&wg), up_proj: layer(&wu), down_proj: layer(&wd), act: GateAct::Silu };
+        let glu = SwitchGlu {
+            gate_up: GateUp::Separate { gate: layer(&wg), up: layer(&wu) },
+            down_proj: layer(&wd),
+            act: GateAct::Silu,
+        };
         for l in [3, 40] {
             // 2*3*2 = 12 pairs: unsorted; 2*40*2 = 160 >= 64: sorted, then unsorted back
             let x = normal(&[2, l, d]);
