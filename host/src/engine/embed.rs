@@ -11,6 +11,11 @@
 //! batch and padding at most doubles the work; the vectors come back in the
 //! inputs' order.
 //!
+//! Across requests: the engine thread gathers the embedding jobs that wait
+//! when it is free (and those that arrive a few ms after it wakes from idle)
+//! and runs those of one model and `dims` as one [`embed`] call, so the rows
+//! of concurrent requests share padded batches (engine/worker/embeds.rs).
+//!
 //! Truncation: text is truncated to the token limit (`EmbedSpec::max_tokens`:
 //! sentence_bert_config.json's `max_seq_length` when given, capped by the
 //! model's positions) keeping the special tokens, as sentence-transformers
@@ -61,9 +66,41 @@ impl EmbedTokenizer {
     }
 }
 
+/// Why `rows` cannot be embedded by a model of vocabulary `vocab` taking at
+/// most `limit` tokens a row (None: they can). Checked per request before
+/// requests share a forward, so that one bad input fails only its request.
+pub fn check_rows(rows: &[Vec<u32>], vocab: u32, limit: usize) -> Option<String> {
+    if rows.is_empty() {
+        return Some("`input` is empty".into());
+    }
+    for (i, r) in rows.iter().enumerate() {
+        if r.is_empty() {
+            return Some(format!("input {i} has no tokens"));
+        }
+        if r.len() > limit {
+            return Some(format!("input {i} holds {} tokens; this model takes at most {limit}", r.len()));
+        }
+        if let Some(bad) = r.iter().find(|&&t| t >= vocab) {
+            return Some(format!("input {i}: token id {bad} is out of range for a vocabulary of {vocab}"));
+        }
+    }
+    None
+}
+
 /// One embedding per row of token ids, in the rows' order: `dims` keeps the
 /// first `dims` values (then normalises when the model does).
 pub fn embed(model: &mut LoadedModel, spec: &EmbedSpec, rows: &[Vec<u32>], dims: Option<usize>) -> Result<Vec<Vec<f32>>> {
+    embed_observed(model, spec, rows, dims, &mut |_| {})
+}
+
+/// [`embed`], calling `on_forward(rows)` with each forward's row count.
+pub fn embed_observed(
+    model: &mut LoadedModel,
+    spec: &EmbedSpec,
+    rows: &[Vec<u32>],
+    dims: Option<usize>,
+    on_forward: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<f32>>> {
     let vocab = model.spec.vocab_size;
     for (i, r) in rows.iter().enumerate() {
         if r.is_empty() {
@@ -87,6 +124,7 @@ pub fn embed(model: &mut LoadedModel, spec: &EmbedSpec, rows: &[Vec<u32>], dims:
         end = start + 1 + order[start + 1..end].iter().take_while(|&&i| rows[i].len() * 2 >= longest).count();
         let batch: Vec<Vec<u32>> = order[start..end].iter().map(|&i| rows[i].clone()).collect();
         let vecs = embed_batch(model, spec, &batch, dims)?;
+        on_forward(batch.len());
         for (k, v) in vecs.into_iter().enumerate() {
             out[order[start + k]] = v;
         }

@@ -75,11 +75,18 @@ pub struct Metrics {
     pub ttft: HistogramVec,
     pub itl: HistogramVec,
     pub duration: HistogramVec,
+    /// Embedding requests served by one engine run (requests that waited
+    /// together share padded forwards: engine/worker/embeds.rs).
+    pub embed_requests: HistogramVec,
+    /// Rows (inputs) in one embedding forward.
+    pub embed_rows: HistogramVec,
     sink: OnceLock<RowSink>,
 }
 
 const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5];
+const EMBED_REQUEST_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+const EMBED_ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
 const DURATION_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 impl Metrics {
@@ -96,12 +103,14 @@ impl Metrics {
             ttft: hist("rmlx_time_to_first_token_seconds", "From the engine taking a sequence to its first token.", TTFT_BUCKETS),
             itl: hist("rmlx_inter_token_latency_seconds", "Gap between two consecutive tokens of a sequence.", ITL_BUCKETS),
             duration: hist("rmlx_request_duration_seconds", "From a generation request's arrival to its end (last token sent).", DURATION_BUCKETS),
+            embed_requests: hist("rmlx_embedding_batch_requests", "Embedding requests served together by one engine run.", EMBED_REQUEST_BUCKETS),
+            embed_rows: hist("rmlx_embedding_forward_rows", "Inputs (rows) in one embedding forward.", EMBED_ROW_BUCKETS),
             sink: OnceLock::new(),
         };
         for c in [&m.requests, &m.prompt_tokens, &m.generation_tokens] {
             m.registry.register(Box::new(c.clone())).expect("unique metric");
         }
-        for h in [&m.ttft, &m.itl, &m.duration] {
+        for h in [&m.ttft, &m.itl, &m.duration, &m.embed_requests, &m.embed_rows] {
             m.registry.register(Box::new(h.clone())).expect("unique metric");
         }
         m
@@ -258,6 +267,11 @@ struct SeqState {
 impl SeqTracker {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self { metrics, seqs: HashMap::new() }
+    }
+
+    /// The server's metrics (for figures the engine counts outside sequences).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// A sequence was queued, on behalf of `record` when an HTTP request sent it.

@@ -20,6 +20,7 @@
 //!
 //! This file is the handle and the jobs it sends; the engine thread's loop
 //! is worker/run.rs.
+mod embeds;
 mod models;
 mod run;
 
@@ -245,7 +246,9 @@ impl Worker {
 
     /// Embeds token-id rows with an embedding model (engine/embed.rs): one
     /// vector per row, in order, `dims` long when given. Runs between
-    /// scheduler steps on the engine thread; loads the model if needed.
+    /// scheduler steps on the engine thread, in padded batches shared with
+    /// the other embedding requests waiting then (worker/embeds.rs); loads
+    /// the model if needed.
     /// Open until answered, it counts in `open_requests` (/health's
     /// `in_flight`, `--max-queue-depth`).
     pub async fn embed(

@@ -1,6 +1,6 @@
 //! The engine thread's models: which are resident, loading on demand (the
 //! least recently used goes first at `max_loaded`), keep-alive expiry, the
-//! list /v1/models shows, scoring and embedding jobs, and the KV families of a request's
+//! list /v1/models shows, scoring jobs (embedding jobs: embeds.rs), and the KV families of a request's
 //! lane (resolved once per model and choice).
 use super::super::kv_family::{self, KvChoice};
 use super::super::kv_pool::KvSide;
@@ -116,27 +116,6 @@ impl Engine {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(WorkerError::Internal(format!("{e:#}"))),
             Err(p) => Err(WorkerError::Internal(format!("internal error while scoring the prompt: {}", panic_message(&*p)))),
-        }
-    }
-
-    /// Runs an embedding job between steps (a panic in it fails only it).
-    pub(super) fn embed(&mut self, entry: &Arc<ModelEntry>, rows: &[Vec<u32>], dims: Option<usize>, keep_alive: Option<KeepAlive>) -> Result<Vec<Vec<f32>>, WorkerError> {
-        let Some(spec) = entry.embedding.clone() else {
-            return Err(WorkerError::BadField { field: "model".into(), message: format!("{}", super::super::embed::not_an_embedder(&entry.id)) });
-        };
-        let busy = self.sched.busy_models();
-        let i = match self.ensure(entry, keep_alive, &busy) {
-            Ok(Some(i)) => i,
-            Ok(None) => return Err(WorkerError::Internal("every loaded model is busy; try again later".into())),
-            Err(e) => return Err(WorkerError::Internal(format!("loading model `{}`: {e:#}", entry.id))),
-        };
-        let model = &mut self.models[i].model;
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::super::embed::embed(model, &spec, rows, dims)));
-        self.models[i].last_used = Instant::now();
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(WorkerError::Internal(format!("{e:#}"))),
-            Err(p) => Err(WorkerError::Internal(format!("internal error while embedding: {}", panic_message(&*p)))),
         }
     }
 

@@ -66,6 +66,7 @@ pub(super) fn thread_main(
         stats: shared.stats,
         tracker,
         health: shared.health,
+        embeds: Vec::new(),
     };
     // A panic that escapes the loop (outside a step, which catches its own)
     // fails the requests in the engine and the loop starts again; the
@@ -104,6 +105,8 @@ pub(super) struct Engine {
     pub(super) stats: Arc<Mutex<EngineStats>>,
     pub(super) tracker: SeqTracker,
     pub(super) health: Arc<Mutex<EngineHealth>>,
+    /// Embedding jobs taken and not run yet (worker/embeds.rs).
+    pub(super) embeds: Vec<super::embeds::PendingEmbed>,
 }
 
 impl Engine {
@@ -152,6 +155,8 @@ impl Engine {
                     Err(std_mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            // The embedding jobs taken so far, together.
+            self.run_embeds();
             for e in self.sched.reap_cancelled() {
                 self.end(e);
             }
@@ -195,8 +200,9 @@ impl Engine {
             Job::Score { model, prompt, top_n, keep_alive, reply } => {
                 let _ = reply.send(self.score(&model, &prompt, top_n, keep_alive));
             }
+            // Run with the others taken in this round (`run_embeds`).
             Job::Embed { model, rows, dims, keep_alive, reply } => {
-                let _ = reply.send(self.embed(&model, &rows, dims, keep_alive));
+                self.embeds.push(super::embeds::PendingEmbed { model, rows, dims, keep_alive, reply });
             }
             Job::Run(f) => f(&self.reg),
             Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
