@@ -89,6 +89,54 @@ pub struct ServerSettings {
     /// ... up to this many GB per model (default 10).
     #[serde(default)]
     pub kv_ssd_gb: Option<f64>,
+    /// Image inputs of the chat routes (`[server.images]`).
+    #[serde(default)]
+    pub images: ImageSettings,
+}
+
+/// `[server.images]`: limits and permissions for image parts (docs/SERVER.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageSettings {
+    /// Largest encoded image (data URL payload, HTTP body or file), bytes.
+    pub max_bytes: usize,
+    /// Largest decoded image, width * height.
+    pub max_pixels: u64,
+    /// Seconds an `http(s)://` fetch may take in all.
+    pub fetch_timeout_secs: u64,
+    /// Redirects an `http(s)://` fetch follows.
+    pub max_redirects: usize,
+    /// Let image URLs reach loopback, private and link-local addresses.
+    pub allow_private_urls: bool,
+    /// Directories `file://` image URLs may read (none: file URLs refused).
+    pub allowed_dirs: Vec<PathBuf>,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        let m = crate::media::MediaOptions::default();
+        Self {
+            max_bytes: m.max_bytes,
+            max_pixels: m.max_pixels,
+            fetch_timeout_secs: m.fetch_timeout.as_secs(),
+            max_redirects: m.max_redirects,
+            allow_private_urls: m.allow_private,
+            allowed_dirs: m.allowed_dirs,
+        }
+    }
+}
+
+impl ImageSettings {
+    pub fn options(&self) -> crate::media::MediaOptions {
+        crate::media::MediaOptions {
+            max_bytes: self.max_bytes,
+            max_pixels: self.max_pixels,
+            fetch_timeout: std::time::Duration::from_secs(self.fetch_timeout_secs),
+            max_redirects: self.max_redirects,
+            allow_private: self.allow_private_urls,
+            allowed_dirs: self.allowed_dirs.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +218,7 @@ impl Default for Settings {
                 no_metrics_db: false,
                 kv_ssd_dir: None,
                 kv_ssd_gb: None,
+                images: ImageSettings::default(),
             },
             generate: GenerateSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, prefill_chunk: 512 },
         }

@@ -5,6 +5,8 @@ use super::types::openai::*;
 use super::types::{ApiJson, JsonOrStream, Sse};
 use super::{State, Tag};
 use crate::engine::worker::{FinishReason, ModelEntry, TokenLogprob as EngineLogprob};
+use super::images::ImageRef;
+use crate::media::ImageSource;
 use crate::model::chat_template::RenderOptions;
 use poem::web::sse::Event;
 use poem_openapi::{types::ToJSON, OpenApi};
@@ -39,34 +41,46 @@ pub struct Prepared {
     pub has_tools: bool,
 }
 
-fn content_text(c: &MessageContent, field: &str) -> Result<String, ApiError> {
+/// A message's content for the template: its text, or with images (user
+/// turns only; each collected into `images`) the list of parts.
+fn content(c: &MessageContent, field: &str, images: Option<&mut Vec<ImageRef>>) -> Result<Value, ApiError> {
     match c {
-        MessageContent::Text(s) => Ok(s.clone()),
+        MessageContent::Text(s) => Ok(Value::String(s.clone())),
         MessageContent::Parts(parts) => {
-            let mut out = String::new();
+            let mut out = super::images::Content::default();
+            let mut images = images;
             for (i, p) in parts.iter().enumerate() {
                 match p {
-                    ContentPart::Text(t) => out.push_str(&t.text),
-                    ContentPart::ImageUrl(_) => {
-                        return Err(ApiError::bad_request(format!("{field}[{i}]"), "image content is not supported by this model"))
+                    ContentPart::Text(t) => out.text(&t.text),
+                    ContentPart::ImageUrl(img) => {
+                        let Some(list) = images.as_deref_mut() else {
+                            return Err(ApiError::bad_request(format!("{field}[{i}]"), "images are accepted in user messages only"));
+                        };
+                        out.image();
+                        list.push(ImageRef { part: format!("{field}[{i}]"), source: Ok(ImageSource::from_url(img.image_url.url.clone())) });
                     }
                 }
             }
-            Ok(out)
+            Ok(out.value())
         }
     }
 }
 
-/// OpenAI messages -> the JSON the chat template reads.
-pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
+fn content_text(c: &MessageContent, field: &str) -> Result<Value, ApiError> {
+    content(c, field, None)
+}
+
+/// OpenAI messages -> the JSON the chat template reads; image parts of user
+/// messages are collected into `images`, in order.
+pub fn template_messages(messages: &[ChatMessage], images: &mut Vec<ImageRef>) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let f = format!("messages[{i}].content");
         out.push(match m {
             ChatMessage::System(s) | ChatMessage::Developer(s) => json!({"role": "system", "content": content_text(&s.content, &f)?}),
-            ChatMessage::User(u) => json!({"role": "user", "content": content_text(&u.content, &f)?}),
+            ChatMessage::User(u) => json!({"role": "user", "content": content(&u.content, &f, Some(&mut *images))?}),
             ChatMessage::Assistant(a) => {
-                let mut v = json!({"role": "assistant", "content": match &a.content { Some(c) => content_text(c, &f)?, None => String::new() }});
+                let mut v = json!({"role": "assistant", "content": match &a.content { Some(c) => content_text(c, &f)?, None => json!("") }});
                 if let Some(calls) = &a.tool_calls {
                     v["tool_calls"] = Value::Array(
                         calls
@@ -97,10 +111,21 @@ pub fn render_prompt(
     tools: Option<Value>,
     kwargs: serde_json::Map<String, Value>,
 ) -> Result<(Vec<u32>, String), ApiError> {
+    let rendered = render_text(entry, messages, tools, kwargs)?;
+    tokenize(entry, rendered)
+}
+
+/// The chat template's text for `messages`.
+pub fn render_text(
+    entry: &ModelEntry,
+    messages: Vec<Value>,
+    tools: Option<Value>,
+    kwargs: serde_json::Map<String, Value>,
+) -> Result<String, ApiError> {
     let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let tok = text.tokenizer.as_ref().ok_or_else(|| {
-        ApiError::bad_request("model", format!("model `{}` has no tokenizer: use /v1/completions with token ids", entry.id))
-    })?;
+    if text.tokenizer.is_none() {
+        return Err(ApiError::bad_request("model", format!("model `{}` has no tokenizer: use /v1/completions with token ids", entry.id)));
+    }
     if text.template.is_none() {
         return Err(ApiError::bad_request("model", format!("model `{}` has no chat template: use /v1/completions", entry.id)));
     }
@@ -114,7 +139,15 @@ pub fn render_prompt(
     for (k, v) in kwargs {
         opts = opts.with_kwarg(k, v);
     }
-    let rendered = text.render(&messages, &opts).map_err(|e| ApiError::bad_request("messages", format!("{e:#}")))?;
+    text.render(&messages, &opts).map_err(|e| ApiError::bad_request("messages", format!("{e:#}")))
+}
+
+/// The ids of a rendered prompt (and the text back).
+pub fn tokenize(entry: &ModelEntry, rendered: String) -> Result<(Vec<u32>, String), ApiError> {
+    let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let tok = text.tokenizer.as_ref().ok_or_else(|| {
+        ApiError::bad_request("model", format!("model `{}` has no tokenizer: use /v1/completions with token ids", entry.id))
+    })?;
     let ids = tok.encode(&rendered, false).map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok((ids, rendered))
 }
@@ -143,7 +176,8 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     validate(&req)?;
     let stop = super::limits::stops(req.stop.clone().map(StopSpec::into_vec).unwrap_or_default(), super::limits::MAX_STOP, "stop")?;
     let entry = state.generator(&req.model)?;
-    let messages = template_messages(&req.messages)?;
+    let mut images = Vec::new();
+    let messages = template_messages(&req.messages, &mut images)?;
     let mode = match &req.tool_choice {
         Some(ToolChoice::Mode(m)) => Some(*m),
         Some(ToolChoice::Named(_)) => Some(ToolChoiceMode::Required),
@@ -197,12 +231,14 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
         .map(super::limits::text_bytes)
         .fold(0usize, usize::saturating_add);
     super::limits::check_prompt_bytes(&entry, bytes, "messages")?;
+    // Images: fetched, decoded and preprocessed (400 naming a bad part).
+    let loaded = super::images::load(state, &entry, images).await?;
     let e2 = entry.clone();
     let tj = tools_json.clone();
     // Templating, tokenizing and reading the template's source (files) block.
-    let (prompt, rendered, source) = g::blocking(move || {
-        let (ids, rendered) = render_prompt(&e2, messages, tj, kwargs)?;
-        Ok((ids, rendered, g::template_source(&e2.path)))
+    let (prompt, rendered, media, source) = g::blocking(move || {
+        let (ids, rendered, media) = super::images::render(&e2, messages, tj, kwargs, loaded)?;
+        Ok((ids, rendered, media, g::template_source(&e2.path)))
     })
     .await?;
     let (max, max_field) = match (req.max_completion_tokens, req.max_tokens) {
@@ -212,6 +248,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
     params.kv = kv;
+    params.media = media;
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);
     }

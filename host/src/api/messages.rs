@@ -4,7 +4,9 @@ use super::generation::{self as g, Piece, Splitter};
 use super::types::anthropic::*;
 use super::types::openai::{ToolChoiceMode, KeepAliveSpec};
 use super::types::{ApiJson, JsonOrStream, Sse};
+use super::images::ImageRef;
 use super::{State, Tag};
+use crate::media::ImageSource;
 use crate::engine::worker::{Finish, FinishReason, GenEvent};
 use poem::web::sse::Event;
 use poem_openapi::{payload::Json, types::ToJSON, OpenApi};
@@ -42,7 +44,7 @@ fn blocks_text(blocks: &[ContentBlockParam], field: &str) -> Result<String, ApiE
         match b {
             ContentBlockParam::Text(t) => out.push_str(&t.text),
             ContentBlockParam::Image(_) => {
-                return Err(ApiError::bad_request(format!("{field}[{i}]"), "image content is not supported by this model"))
+                return Err(ApiError::bad_request(format!("{field}[{i}]"), "images are accepted in user turns' content only (not in tool results)"))
             }
             _ => {}
         }
@@ -50,8 +52,9 @@ fn blocks_text(blocks: &[ContentBlockParam], field: &str) -> Result<String, ApiE
     Ok(out)
 }
 
-/// Anthropic messages (+ system) -> the JSON the chat template reads.
-fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) -> Result<Vec<Value>, ApiError> {
+/// Anthropic messages (+ system) -> the JSON the chat template reads; image
+/// blocks of user turns are collected into `images`, in order.
+fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam], images: &mut Vec<ImageRef>) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::new();
     match system {
         Some(SystemParam::Text(s)) if !s.is_empty() => out.push(json!({"role": "system", "content": s})),
@@ -76,11 +79,15 @@ fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) ->
         };
         match m.role {
             Role::User => {
-                // tool results become `tool` turns, in order; text becomes a user turn.
-                let mut text = String::new();
+                // tool results become `tool` turns, in order; text and images become a user turn.
+                let mut content = super::images::Content::default();
+                let mut any = false;
                 for (j, b) in blocks.iter().enumerate() {
                     match b {
-                        ContentBlockParam::Text(t) => text.push_str(&t.text),
+                        ContentBlockParam::Text(t) => {
+                            content.text(&t.text);
+                            any |= !t.text.is_empty();
+                        }
                         ContentBlockParam::ToolResult(r) => {
                             let content = match &r.content {
                                 None => String::new(),
@@ -89,29 +96,35 @@ fn template_messages(system: &Option<SystemParam>, messages: &[MessageParam]) ->
                             };
                             out.push(json!({"role": "tool", "content": content, "tool_call_id": super::tools::template_call_id(&r.tool_use_id)}));
                         }
-                        ContentBlockParam::Image(_) => {
-                            return Err(ApiError::bad_request(format!("{field}[{j}]"), "image content is not supported by this model"))
+                        ContentBlockParam::Image(img) => {
+                            let part = format!("{field}[{j}]");
+                            content.image();
+                            any = true;
+                            images.push(ImageRef { source: ImageSource::from_anthropic(&part, &img.source), part });
                         }
                         _ => {}
                     }
                 }
                 // A turn with no text and no tool result (empty or thinking
                 // blocks only) is an empty user turn, as `"content": ""` is.
-                if !text.is_empty() || !blocks.iter().any(|b| matches!(b, ContentBlockParam::ToolResult(_))) {
-                    out.push(json!({"role": "user", "content": text}));
+                if any || !blocks.iter().any(|b| matches!(b, ContentBlockParam::ToolResult(_))) {
+                    out.push(json!({"role": "user", "content": content.value()}));
                 }
             }
             Role::Assistant => {
                 let mut text = String::new();
                 let mut thinking = String::new();
                 let mut calls = Vec::new();
-                for b in blocks {
+                for (j, b) in blocks.iter().enumerate() {
                     match b {
                         ContentBlockParam::Text(t) => text.push_str(&t.text),
                         ContentBlockParam::Thinking(t) => thinking.push_str(&t.thinking),
                         ContentBlockParam::ToolUse(u) => calls.push(json!({
                             "id": super::tools::template_call_id(&u.id), "type": "function", "function": {"name": u.name, "arguments": u.input}
                         })),
+                        ContentBlockParam::Image(_) => {
+                            return Err(ApiError::bad_request(format!("{field}[{j}]"), "images are accepted in user turns only"))
+                        }
                         _ => {}
                     }
                 }
@@ -151,12 +164,30 @@ fn kwargs(thinking: &Option<ThinkingConfig>) -> serde_json::Map<String, Value> {
 
 async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensResponse, ApiError> {
     let entry = state.generator(&req.model)?;
-    let messages = template_messages(&req.system, &req.messages)?;
+    let mut images = Vec::new();
+    let messages = template_messages(&req.system, &req.messages, &mut images)?;
     let tools = tools_json(&req.tools, &req.tool_choice);
     let kw = kwargs(&req.thinking);
     check_bytes(&entry, &messages, &tools)?;
-    let (prompt, _) = g::blocking(move || super::chat::render_prompt(&entry, messages, tools, kw)).await?;
-    Ok(CountTokensResponse { input_tokens: prompt.len() as u32 })
+    // Images count as their placeholder tokens; none is loaded (the count
+    // does not depend on them), but their sources must parse.
+    let spec = match images.is_empty() {
+        true => None,
+        false => Some(super::images::vision(&entry).await?),
+    };
+    let n_images = images.len();
+    for r in images {
+        r.source.map_err(|e| ApiError::bad_request(r.part.clone(), e.to_string()))?;
+    }
+    let n = g::blocking(move || {
+        let rendered = super::chat::render_text(&entry, messages, tools, kw)?;
+        match &spec {
+            Some(spec) => super::images::count(&entry, &rendered, spec, n_images),
+            None => Ok(super::chat::tokenize(&entry, rendered)?.0.len()),
+        }
+    })
+    .await?;
+    Ok(CountTokensResponse { input_tokens: n as u32 })
 }
 
 /// A prompt far over the context is refused before it is rendered.
@@ -187,7 +218,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     }
     let entry = state.generator(&req.model)?;
     let model_id = entry.id.clone();
-    let messages = template_messages(&req.system, &req.messages)?;
+    let mut images = Vec::new();
+    let messages = template_messages(&req.system, &req.messages, &mut images)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "`messages` must not be empty"));
     }
@@ -223,16 +255,19 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let keep_alive = g::keep_alive(&ka)?;
     let kv = g::kv_choice(&state, &req.kv_cache)?;
     check_bytes(&entry, &messages, &tools)?;
+    // Images: fetched, decoded and preprocessed (400 naming a bad block).
+    let loaded = super::images::load(&state, &entry, images).await?;
     let (e2, t2) = (entry.clone(), tools.clone());
     // Templating, tokenizing and reading the template's source (files) block.
-    let (prompt, rendered, source) = g::blocking(move || {
-        let (ids, rendered) = super::chat::render_prompt(&e2, messages, t2, kw)?;
-        Ok((ids, rendered, g::template_source(&e2.path)))
+    let (prompt, rendered, media, source) = g::blocking(move || {
+        let (ids, rendered, media) = super::images::render(&e2, messages, t2, kw, loaded)?;
+        Ok((ids, rendered, media, g::template_source(&e2.path)))
     })
     .await?;
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
     let mut params = g::gen_params(&state, sampling, max_tokens, stop);
     params.kv = kv;
+    params.media = media;
     let tool_parser = tools.as_ref().map(|t| {
         super::tools::report_unrendered_tools(&source, &entry.id);
         let mut p = super::tools::with_anthropic_ids(super::tools::parser_for_template(&source));

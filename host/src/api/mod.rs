@@ -16,6 +16,7 @@ pub mod errors;
 pub mod generation;
 pub mod guard;
 pub mod health;
+pub mod images;
 pub mod limits;
 pub mod messages;
 pub mod metrics;
@@ -48,6 +49,8 @@ pub struct ServerOptions {
     pub prefill_chunk: usize,
     /// Host / Origin / Content-Type checks (api/guard.rs).
     pub cross_site: guard::CrossSite,
+    /// Image inputs: size limits, fetch timeout, private addresses, file dirs.
+    pub media: crate::media::MediaOptions,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +63,7 @@ impl Default for ServerOptions {
             top_p: 1.0,
             prefill_chunk: 512,
             cross_site: guard::CrossSite::default(),
+            media: crate::media::MediaOptions::default(),
         }
     }
 }

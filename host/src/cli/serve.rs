@@ -217,6 +217,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
         top_p: settings.generate.top_p,
         prefill_chunk,
         cross_site: crate::api::guard::CrossSite::for_bind(&s.host, s.allowed_hosts.clone(), s.cors_origins.clone()),
+        media: s.images.options(),
     };
     Ok(Arc::new(AppState { catalog: Arc::new(catalog), worker, opts }))
 }

@@ -1,7 +1,8 @@
-//! Image input, the front end only (issue 15): an OpenAI `image_url` content
+//! Image input, the front end (issue 15): an OpenAI `image_url` content
 //! part or an Anthropic `image` block source becomes preprocessed pixels that a
-//! vision tower can take. No vision tower exists yet, so the API routes still
-//! refuse images; this module is what they will call.
+//! vision tower can take. api/images.rs calls it; `vision` says which models
+//! take images and how their placeholder tokens are laid out; engine/media.rs
+//! runs the tower and lends its features to prefill.
 //!
 //! ```ignore
 //! let opts = MediaOptions::default();
@@ -18,6 +19,7 @@ pub mod preprocess;
 pub mod resample;
 pub mod source;
 pub mod ssrf;
+pub mod vision;
 
 #[cfg(test)]
 mod preprocess_tests;
@@ -72,7 +74,7 @@ impl MediaError {
     }
 }
 
-/// Limits and permissions for loading images (server config later).
+/// Limits and permissions for loading images (rmlx.toml `[server.images]`).
 #[derive(Debug, Clone)]
 pub struct MediaOptions {
     /// Largest encoded image (data URL payload, HTTP body or file), bytes.
