@@ -51,9 +51,34 @@ pub fn decode_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&m
         let from_prev = take_axis(prev, Array::from_slice(&idx, &[b]), 0)?; // [B, 1]
         input = select(&Array::from_slice(&use_prev, &[b, 1]), &from_prev, &input)?;
     }
+    let counting = super::op_count::enabled().then(|| super::op_count::count(&[&input])).transpose()?;
     let logits = forward(model, pool, seqs, input)?;
     let tokens = argmax_axis(&with_bias(seqs, &logits)?, -1, None)?.as_dtype(Dtype::Int32)?; // [B, 1]
+    if let Some(before) = counting {
+        report_ops(b, &before, &[&tokens, &logits])?;
+    }
     Ok(Step { tokens, logits })
+}
+
+/// `RMLX_COUNT_OPS=1`: prints the primitives of the first decode step at
+/// each batch size, less those of its input (the previous step's tokens,
+/// possibly still queued).
+fn report_ops(b: i32, input: &super::op_count::OpCount, outputs: &[&Array]) -> Result<()> {
+    static SEEN: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.contains(&b) {
+        return Ok(());
+    }
+    seen.push(b);
+    let mut step = super::op_count::count(outputs)?;
+    for (k, n) in &input.by_kind {
+        if let Some(m) = step.by_kind.get_mut(k) {
+            *m = m.saturating_sub(*n);
+        }
+    }
+    step.by_kind.retain(|_, n| *n > 0);
+    eprintln!("server decode step (B = {b}): {step}");
+    Ok(())
 }
 
 /// The logits the device's argmax reads: with the `logit_bias` of the rows

@@ -179,6 +179,9 @@ fn pipelined(
         let ny = if tokens.len() + 1 < max_tokens {
             let tb = Instant::now();
             let ny = next(&y)?;
+            if tokens.is_empty() && super::op_count::enabled() {
+                eprintln!("decode step (B = 1): {}", super::op_count::count(&[&ny])?);
+            }
             async_eval([&ny])?;
             build += tb.elapsed().as_secs_f64();
             Some(ny)

@@ -20,6 +20,7 @@ pub mod kv_pool;
 pub mod loaded;
 pub mod media;
 pub mod metrics;
+pub mod op_count;
 pub mod paged;
 pub mod recurrent;
 pub mod sampler;

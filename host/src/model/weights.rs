@@ -204,6 +204,10 @@ impl WeightSource for HostWeights<'_> {
 
     fn linear_fused(&mut self, prefixes: RVec<RString>) -> PResult<Tuple2<LinearBox, RVec<u32>>> {
         guard(|| {
+            // RMLX_FUSED_LINEARS=0: load every projection on its own (A/B runs).
+            if std::env::var("RMLX_FUSED_LINEARS").is_ok_and(|v| v == "0") {
+                return Err(PluginError::unsupported("fused linears are off (RMLX_FUSED_LINEARS=0)"));
+            }
             let mut parts = RVec::with_capacity(prefixes.len());
             let mut params = None;
             for p in &prefixes {
