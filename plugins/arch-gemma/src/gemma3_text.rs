@@ -21,7 +21,7 @@ use rmlx_nn::{
     Positions, Rope,
 };
 use rmlx_plugin_api::{
-    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
+    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Output, Result, Weights},
     ModelSpec, PluginError,
 };
 use serde::Deserialize;
@@ -338,13 +338,18 @@ pub struct Gemma3Text {
 
 impl Gemma3Text {
     pub fn load(config_json: &str, w: &mut Weights) -> Result<Self> {
-        let c = Config::parse(config_json)?;
-        let embed_tokens = w.embedding("model.embed_tokens")?;
+        Self::load_under(Config::parse(config_json)?, w, "")
+    }
+
+    /// The language model with its tensors under `prefix`: "" for
+    /// gemma3_text checkpoints, "language_model." inside gemma3's (gemma3.rs).
+    pub(crate) fn load_under(c: Config, w: &mut Weights, prefix: &str) -> Result<Self> {
+        let embed_tokens = w.embedding(&format!("{prefix}model.embed_tokens"))?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| GemmaBlock::load(w, &format!("model.layers.{i}"), &c, i))
+            .map(|i| GemmaBlock::load(w, &format!("{prefix}model.layers.{i}"), &c, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = GemmaNorm::load(w, "model.norm", c.rms_norm_eps)?;
-        let lm_head = sanitize_head(w)?;
+        let norm = GemmaNorm::load(w, &format!("{prefix}model.norm"), c.rms_norm_eps)?;
+        let lm_head = sanitize_head(w, prefix)?;
         Ok(Self { config: c, embed_tokens, layers, norm, lm_head })
     }
 }
@@ -356,6 +361,9 @@ impl ModelImpl for Gemma3Text {
 
     /// tokens: [B, L] -> logits [B, L | 1, V]
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
+        if attn.output() == Output::Media {
+            return Err(PluginError::unsupported("gemma3_text has no media encoder (model_type gemma3 has one)"));
+        }
         let pos = Positions::of(attn); // each row's first position
         let h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         // mlx-vlm merges image features before the embedding scale.
@@ -377,9 +385,9 @@ impl ModelImpl for Gemma3Text {
 
 /// mlx-lm's `sanitize`: without `lm_head.weight` the head is the embedding
 /// (tied); with it, `lm_head` is its own layer.
-fn sanitize_head(w: &mut Weights) -> Result<Option<LinearLayer>> {
-    if w.contains("lm_head.weight") {
-        Ok(Some(w.linear("lm_head")?))
+fn sanitize_head(w: &mut Weights, prefix: &str) -> Result<Option<LinearLayer>> {
+    if w.contains(&format!("{prefix}lm_head.weight")) {
+        Ok(Some(w.linear(&format!("{prefix}lm_head"))?))
     } else {
         Ok(None)
     }
