@@ -3,9 +3,9 @@
 //! (sliding and full layers with different head sizes, k_eq_v, proportional
 //! partial RoPE, KV sharing, per-layer inputs, experts, logit soft-cap),
 //! against the logits and greedy tokens mlx-lm recorded, in float32, affine
-//! q4 and mxfp4 experts; the layer caches it declares; the server refusing
-//! the shared-KV model and serving the uniform one batched as one at a time;
-//! configs refused by name.
+//! q4 and mxfp4 experts; the layer caches it declares; the paged pool and
+//! the server serving the shared-KV model (one and three streams, the prefix
+//! cache) and the uniform one batched as one at a time; configs refused by name.
 mod common;
 
 use common::golden::{compare, Golden, Tally};
@@ -233,24 +233,95 @@ fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> Result<Vec<u32>, Worke
     }
 }
 
-/// The server's paged pool does not serve shared-KV or per-layer-size
-/// layers yet: gemma4_text-f32 is refused as a bad request (HTTP 400 in
-/// api/generation.rs) naming the layer and the way out; the uniform
-/// gemma4_text-dense-f32 is served, six prompts batched (prefill in 8-token
-/// chunks) equal to one at a time and to `rmlx generate`.
+/// Greedy tokens of `prompt` through the paged one-sequence pool
+/// (`SeqPool`: the server's per-layer layout, SHARED layers reading their
+/// source's blocks, one row), feeding the argmax back.
+fn greedy_paged(model: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    use mlx_rs::{ops::indexing::argmax_axis, Array};
+    let mut pool = rmlx::engine::seq_pool::SeqPool::new(model);
+    let mut input = Array::from_slice(&prompt.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, prompt.len() as i32]);
+    let mut out = Vec::new();
+    while out.len() < n {
+        let logits = pool.forward(model, input, true).unwrap(); // [1, 1, V]
+        let t = argmax_axis(&logits.reshape(&[-1]).unwrap(), 0, None).unwrap().item_exact::<u32>();
+        out.push(t);
+        input = Array::from_slice(&[t as i32], &[1, 1]);
+    }
+    out
+}
+
+/// The paged pool holds gemma4_text-f32's layers as declared: sliding
+/// layers 2 K/V heads of 16, the full layer 1 head of 32, the SHARED layers
+/// nothing (their attention reads layers 3 and 2): greedy through it equals
+/// the one-sequence cache, and mlx-lm's tokens where their margins are clear.
 #[test]
-fn gemma4_text_server_refuses_shared_kv_and_batches_the_dense_model() {
+fn gemma4_text_paged_pool_equals_the_one_sequence_cache() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let name = "gemma4_text-f32";
+    let mut m = load(&common::fixture(&format!("models/{name}")), &reg);
+    assert_eq!(m.paged_refusal(), None);
+    assert!(!m.uniform_layers(), "shared layers and two head sizes");
+    let g = golden(name);
+    for case in &g.prompts {
+        let got = greedy_paged(&mut m, &case.prompt, case.tokens.len());
+        assert_eq!(got, common::greedy_reference(name, &case.prompt, case.tokens.len()), "prompt {:?}", case.prompt);
+        let n = case.margins.iter().take_while(|&&x| x > common::golden::MARGIN).count();
+        assert_eq!(got[..n], case.tokens[..n], "mlx-lm, prompt {:?}", case.prompt);
+    }
+}
+
+/// `rmlx serve` serves gemma4_text-f32 (SHARED layers, per-layer head
+/// sizes, sliding windows): mlx-lm's prompts one at a time equal `rmlx
+/// generate` and mlx-lm's tokens; three streams at once (prefill in 8-token
+/// chunks, the window's size) equal one at a time; a repeated prompt and a
+/// next turn hit the prefix cache and answer the same. A block holds the
+/// four storing layers only (the shared two allocate nothing). The uniform
+/// gemma4_text-dense-f32 still batches six prompts as one at a time.
+#[test]
+fn gemma4_text_server_serves_shared_kv_batched_and_cached() {
     let _g = common::mlx_lock();
     let names = ["gemma4_text-f32", "gemma4_text-dense-f32"];
     let list: Vec<_> = names.iter().map(|m| (None, common::fixture(&format!("models/{m}")))).collect();
     let cat = ModelCatalog::discover(&list, &[]).unwrap();
     let w = worker(&cat);
-    match collect(&mut submit(&w, &cat.get(names[0]).unwrap(), &[1, 2, 3], 4, 512)) {
-        Err(WorkerError::BadRequest(why)) => {
-            assert!(why.contains("layer 2 of gemma4_text") && why.contains("rmlx generate"), "{why}")
-        }
-        other => panic!("expected a bad request, got {other:?}"),
+    let (model, entry) = (names[0], cat.get(names[0]).unwrap());
+    let g = golden(model);
+    let solo: Vec<Vec<u32>> = g.prompts.iter().map(|c| collect(&mut submit(&w, &entry, &c.prompt, c.tokens.len(), 512)).unwrap()).collect();
+    for (c, got) in g.prompts.iter().zip(&solo) {
+        assert_eq!(*got, common::greedy_reference(model, &c.prompt, c.tokens.len()), "{model} prompt {:?}: server vs rmlx generate", c.prompt);
+        let n = c.margins.iter().take_while(|&&x| x > common::golden::MARGIN).count();
+        assert_eq!(got[..n], c.tokens[..n], "{model} prompt {:?}: server vs mlx-lm", c.prompt);
     }
+    let stats = |w: &Worker| w.stats().blocks.iter().find(|(id, _)| id == model).map(|(_, s)| s.clone()).unwrap();
+    let s = stats(&w);
+    // Per token: 3 sliding layers x (k, v) x 2 x 16 + 1 full layer x (k, v) x 1 x 32, float32.
+    assert_eq!(s.block_bytes, (3 * 2 * 2 * 16 + 2 * 32) * 4 * s.block_size as u64, "{s:?}");
+    // Three streams at once, longer than the window, prefilled in chunks.
+    let three: Vec<Vec<u32>> = (0..3).map(|k| (0..[30usize, 45, 19][k]).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect();
+    let one: Vec<Vec<u32>> = three.iter().map(|p| collect(&mut submit(&w, &entry, p, 12, 512)).unwrap()).collect();
+    let mut rxs: Vec<_> = three.iter().map(|p| submit(&w, &entry, p, 12, 8)).collect();
+    let together: Vec<Vec<u32>> = rxs.iter_mut().map(|r| collect(r).unwrap()).collect();
+    for (i, p) in three.iter().enumerate() {
+        assert_eq!(one[i], common::greedy_reference(model, p, 12), "{model} stream {i}: server vs rmlx generate");
+        assert_eq!(together[i], one[i], "{model} stream {i}: three at once vs one at a time");
+    }
+    assert!(w.stats().max_batch >= 3, "streams did not decode together: {:?}", w.stats());
+    // The 45-token prompt again: its full blocks come from the prefix cache.
+    let before = stats(&w);
+    let again = collect(&mut submit(&w, &entry, &three[1], 12, 512)).unwrap();
+    let after = stats(&w);
+    assert!(after.prefix_hit_tokens >= before.prefix_hit_tokens + 32, "no prefix-cache hit: {after:?}");
+    assert_eq!(again, one[1], "a prefix-cache hit answers differently");
+    // A next turn: prompt + reply + more, cached through the reply.
+    let mut turn = three[1].clone();
+    turn.extend(&again);
+    turn.extend([9, 10, 11]);
+    let hit0 = after.prefix_hit_tokens;
+    let next = collect(&mut submit(&w, &entry, &turn, 8, 512)).unwrap();
+    assert!(stats(&w).prefix_hit_tokens >= hit0 + 48, "{:?}", stats(&w));
+    assert_eq!(next, common::greedy_reference(model, &turn, 8), "{model}: next turn over cached blocks");
+
     let model = names[1];
     let entry = cat.get(model).unwrap();
     let max_tokens = 12;
@@ -271,17 +342,31 @@ fn gemma4_text_server_refuses_shared_kv_and_batches_the_dense_model() {
 }
 
 /// A KV family other than the dense default runs `rmlx generate` through
-/// the paged one-sequence pool, which cannot hold shared-KV layers: a clear
-/// error, not a wrong answer or a panic.
+/// the paged one-sequence pool, which now holds the shared-KV layers: f16
+/// keys and values continue mlx-lm's prompts with its tokens where the
+/// margins are wide.
 #[test]
-fn gemma4_text_generate_refuses_other_kv_families_with_the_reason() {
+fn gemma4_text_generate_runs_other_kv_families_through_the_pool() {
     use rmlx::engine::kv_family::{self, KvChoice};
     let _g = common::mlx_lock();
     let reg = common::registry();
-    let mut m = load(&common::fixture("models/gemma4_text-f32"), &reg);
+    let name = "gemma4_text-f32";
+    let mut m = load(&common::fixture(&format!("models/{name}")), &reg);
     let choice = KvChoice { k: Some("f16".into()), v: Some("f16".into()) };
     m.kv = kv_family::resolve(&reg, &m.spec, m.kv.0.dims.dtype, &choice, None).unwrap();
-    let mut s = rmlx::engine::Session::new(&mut m);
-    let e = format!("{:#}", s.prefill(&[1, 2, 3]).unwrap_err());
-    assert!(e.contains("paged pool") && e.contains("layer 2 of gemma4_text"), "{e}");
+    assert_eq!(m.paged_refusal(), None);
+    let g = golden(name);
+    for case in &g.prompts {
+        let opts = rmlx::engine::GenerateOptions {
+            max_tokens: case.tokens.len(),
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+            stop_ids: vec![],
+            prefill_chunk: 512,
+        };
+        let got = rmlx::engine::generate::generate(&mut m, &case.prompt, &opts, |_| {}).unwrap().tokens;
+        let n = case.margins.iter().take_while(|&&x| x > 0.03).count();
+        assert_eq!(got[..n], case.tokens[..n], "f16 KV, prompt {:?}", case.prompt);
+    }
 }

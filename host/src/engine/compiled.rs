@@ -142,7 +142,7 @@ pub fn enabled(model: &LoadedModel) -> bool {
     let on = std::env::var("RMLX_COMPILE").map(|v| v != "0").unwrap_or(true);
     // Uniform full-attention layers only: no windows, no recurrent state,
     // no shared K/V or per-layer head sizes (ABI 3.3 `Model::layers`).
-    on && model.spec.sliding_window.iter().all(|&w| w == 0) && model.paged_refusal().is_none() && !model.has_state()
+    on && model.spec.sliding_window.iter().all(|&w| w == 0) && model.uniform_layers() && !model.has_state()
 }
 
 /// Grows every layer's buffers [1, K, cap, hd] by `add` zeroed slots.

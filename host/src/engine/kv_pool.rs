@@ -10,7 +10,8 @@
 //! slots `b * block_size .. (b + 1) * block_size`, and a token at position
 //! `p` of a sequence lives in slot `table[p / block_size] * block_size + p %
 //! block_size`. The block manager hands out block ids; this file only stores.
-//!
+//! What each layer stores (its own shape, another layer's K/V, nothing) is
+//! its `kv_layout::LayerLayout`: per-layer head sizes, shared layers.
 use mlx_rs::{
     ops::{
         concatenate,
@@ -21,9 +22,10 @@ use mlx_rs::{
 };
 #[cfg(test)]
 use mlx_rs::Dtype;
+use super::kv_layout::{self, LayerLayout, SideShape};
 use rmlx_plugin_api::{
     author::kv::{Component, KvCodecImpl, LayerDims},
-    PluginError,
+    LayerCache, PluginError,
 };
 use std::rc::Rc;
 
@@ -91,6 +93,8 @@ pub struct KvPool {
     pub k: KvSide,
     pub v: KvSide,
     layers: Vec<Option<(Vec<Array>, Vec<Array>)>>,
+    /// Per layer, what it stores (kv_layout.rs).
+    layout: Vec<LayerLayout>,
     /// Blocks every layer will hold once it is next touched (grown lazily).
     cap_blocks: usize,
     /// Recurrent state: the last batched forward's, stacked (recurrent.rs).
@@ -98,14 +102,51 @@ pub struct KvPool {
 }
 
 impl KvPool {
+    /// Every layer storing its own K/V in the sides' shape.
     pub fn new(num_layers: usize, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> Self {
-        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], cap_blocks: 0, batch_state: None }
+        let layout = kv_layout::uniform(num_layers, &k, &v);
+        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], layout, cap_blocks: 0, batch_state: None }
+    }
+
+    /// The layers as a model declares them (`Model::layers`; empty: every
+    /// layer its own, in the sides' shape): per-layer K/V heads and head
+    /// sizes, SHARED layers storing nothing, state layers no K/V.
+    pub fn with_layers(mut self, layers: &[LayerCache]) -> Result<Self, PluginError> {
+        self.layout = kv_layout::for_layers(self.layers.len(), &self.k, &self.v, layers)?;
+        Ok(self)
+    }
+
+    /// A pool for `model`'s layers (`with_layers` of its declared caches).
+    pub fn for_model(model: &super::LoadedModel, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> anyhow::Result<Self> {
+        let pool = Self::new(model.spec.num_layers as usize, k, v, block_size, max_blocks);
+        pool.with_layers(&model.cache_layers)
+            .map_err(|e| anyhow::anyhow!("the paged KV pool of {}: {}", model.dir.model_type, e.message))
+    }
+
+    /// The block ceiling (the KV budget's blocks, known once the block's
+    /// bytes are).
+    pub fn with_max_blocks(mut self, max_blocks: usize) -> Self {
+        self.max_blocks = max_blocks;
+        self
     }
 
     /// Bytes one token takes over all layers, keys and values (what the
-    /// arrays really hold per slot).
+    /// arrays really hold per slot; shared and state layers hold none).
     pub fn bytes_per_token(&self) -> usize {
-        bytes_per_token(self.layers.len(), &self.k, &self.v)
+        self.layout.iter().map(LayerLayout::bytes_per_token).sum()
+    }
+
+    /// What layer `l` stores.
+    pub fn layout(&self, l: usize) -> Option<&LayerLayout> {
+        self.layout.get(l)
+    }
+
+    /// Layer `l`'s shapes (keys, values) when it stores its own K/V.
+    fn own(&self, l: usize) -> Option<(&SideShape, &SideShape)> {
+        match self.layout.get(l)? {
+            LayerLayout::Own { k, v } => Some((k, v)),
+            _ => None,
+        }
     }
 
     /// The families' key in prefix-cache and SSD signatures.
@@ -136,7 +177,10 @@ impl KvPool {
     /// `put` leaves the layer as it was (never recreated as zeros).
     pub(super) fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
         let slots = (self.cap_blocks * self.block_size) as i32;
-        let (kc, vc) = (&self.k.comps, &self.v.comps);
+        let (kc, vc) = match self.layout.get(l) {
+            Some(LayerLayout::Own { k, v }) => (&k.comps, &v.comps),
+            _ => return Err(PluginError::other(format!("layer {l} stores no K/V of its own in the KV pool"))),
+        };
         let slot = self
             .layers
             .get_mut(l)
@@ -166,6 +210,11 @@ impl KvPool {
         Ok(slot.as_ref().expect("the layer was just set"))
     }
 
+    /// Layer `l`'s arrays as they are (None before its first write).
+    pub(super) fn stored(&self, l: usize) -> Option<&(Vec<Array>, Vec<Array>)> {
+        self.layers.get(l)?.as_ref()
+    }
+
     /// Stores layer `l`'s new arrays (computed from `layer`'s).
     pub(super) fn put(&mut self, l: usize, kv: (Vec<Array>, Vec<Array>)) {
         self.layers[l] = Some(kv);
@@ -175,8 +224,8 @@ impl KvPool {
     pub fn read_block(&self, b: u32) -> anyhow::Result<BlockData> {
         let (s, e) = ((b as usize * self.block_size) as i32, ((b as usize + 1) * self.block_size) as i32);
         let mut out = Vec::new();
-        for l in &self.layers {
-            let (k, v) = l.as_ref().ok_or_else(|| anyhow::anyhow!("KV pool layer is empty"))?;
+        for (i, l) in self.layers.iter().enumerate().filter(|(i, _)| self.own(*i).is_some()) {
+            let (k, v) = l.as_ref().ok_or_else(|| anyhow::anyhow!("KV pool layer {i} is empty"))?;
             for x in k.iter().chain(v) {
                 if x.dim(0) < e {
                     anyhow::bail!("KV block {b} is past the pool");
@@ -189,15 +238,20 @@ impl KvPool {
 
     /// Writes block `b` from a block's data (a block read back from the SSD tier).
     pub fn write_block(&mut self, b: u32, data: &[Array]) -> anyhow::Result<()> {
-        let (nk, nv) = (self.k.comps.len(), self.v.comps.len());
-        if data.len() != self.layers.len() * (nk + nv) {
-            anyhow::bail!("a KV block has {} arrays, the pool {} per block", data.len(), self.layers.len() * (nk + nv));
+        let own: Vec<(usize, Vec<Component>, Vec<Component>)> = (0..self.layers.len())
+            .filter_map(|l| self.own(l).map(|(k, v)| (l, k.comps.clone(), v.comps.clone())))
+            .collect();
+        let want: usize = own.iter().map(|(_, k, v)| k.len() + v.len()).sum();
+        if data.len() != want {
+            anyhow::bail!("a KV block has {} arrays, the pool {want} per block", data.len());
         }
         self.reserve(b as usize);
         let idx = Array::from_slice(&self.slots_of(b), &[self.block_size as i32]);
-        let (kc, vc) = (self.k.comps.clone(), self.v.comps.clone());
-        for l in 0..self.layers.len() {
-            let part = &data[l * (nk + nv)..(l + 1) * (nk + nv)];
+        let mut at = 0;
+        for (l, kc, vc) in own {
+            let (nk, nv) = (kc.len(), vc.len());
+            let part = &data[at..at + nk + nv];
+            at += nk + nv;
             let (pk, pv) = self.layer(l)?;
             let upd = |pool: &[Array], comps: &[Component], xs: &[Array]| -> anyhow::Result<Vec<Array>> {
                 pool.iter()

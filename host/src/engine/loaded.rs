@@ -70,20 +70,28 @@ impl LoadedModel {
         self.cache_layers.iter().any(|l| l.kind == cache_kind::STATE)
     }
 
-    /// Why the server's paged pool cannot serve this model's layers yet
-    /// (shared K/V, per-layer head sizes), if it cannot. Recurrent-state
-    /// layers are served: their state lives beside the sequence's blocks.
+    /// Why the paged pool cannot hold this model's layers in its KV
+    /// families, if it cannot (a layer kind this host does not know, dims a
+    /// family cannot store). Per-layer shapes, SHARED layers (kv_layout.rs)
+    /// and recurrent-state layers (their state lives beside the sequence's
+    /// blocks) are served.
     pub fn paged_refusal(&self) -> Option<String> {
-        let (kh, hd) = (self.spec.num_kv_heads, self.spec.head_dim);
-        let odd = self.cache_layers.iter().enumerate().find(|(_, l)| match l.kind {
-            cache_kind::STATE => false,
-            cache_kind::FULL | cache_kind::WINDOW => l.kv_heads != kh || l.head_dim != hd,
-            _ => true,
-        })?;
+        let n = self.spec.num_layers as usize;
+        let e = super::kv_layout::for_layers(n, &self.kv.0, &self.kv.1, &self.cache_layers).err()?;
         Some(format!(
-            "layer {} of {} caches as kind {} with {}x{} K/V: the server's paged KV pool serves uniform attention layers only so far; `rmlx generate` and `rmlx chat` run this model",
-            odd.0, self.dir.model_type, odd.1.kind, odd.1.kv_heads, odd.1.head_dim
+            "the paged KV pool cannot hold the layers of {}: {}; `rmlx generate` and `rmlx chat` run this model with its dense default KV cache",
+            self.dir.model_type, e.message
         ))
+    }
+
+    /// Whether every layer keeps its own K/V in the model's one shape (no
+    /// SHARED layers, no per-layer head sizes, no recurrent state): what
+    /// the compiled step's traced buffers assume.
+    pub fn uniform_layers(&self) -> bool {
+        let (kh, hd) = (self.spec.num_kv_heads, self.spec.head_dim);
+        self.cache_layers
+            .iter()
+            .all(|l| matches!(l.kind, cache_kind::FULL | cache_kind::WINDOW) && l.kv_heads == kh && l.head_dim == hd)
     }
 
     pub fn load(path: &Path, registry: &Registry) -> Result<Self> {

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod kv_budget;
 pub mod kv_calibration;
 pub mod kv_family;
+pub mod kv_layout;
 pub mod kv_pool;
 pub mod loaded;
 pub mod media;

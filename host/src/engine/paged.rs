@@ -8,11 +8,17 @@
 //! and applies the layer's sliding window when it has one. Keys and values of
 //! one family: that family's `attend` (the dense family: MLX's fused sdpa).
 //! Of two: the composed path (`scores`, softmax, `mix`).
-use super::kv_pool::{KvPool, KvSide};
+//!
+//! Layers have their own shapes (kv_layout.rs: per-layer K/V heads and head
+//! size); a SHARED layer writes nothing and attends, with its own queries
+//! and window, over its source layer's blocks, which the source wrote
+//! earlier in the same forward.
+use super::kv_layout::{LayerLayout, SideShape};
+use super::kv_pool::KvPool;
 use super::recurrent::{self, RowState};
 use mlx_rs::{ops::indexing::scatter_single, Array};
 use rmlx_plugin_api::{
-    author::kv::{composed_attend, AttendOpts, Paged},
+    author::kv::{composed_attend, AttendOpts, LayerDims, Paged},
     PluginError,
 };
 use std::collections::HashMap;
@@ -47,6 +53,8 @@ pub struct PagedForward<'a> {
     new_states: HashMap<u32, Vec<Array>>,
     /// The rows' states already stacked (the last batch's, same rows).
     stacked: Option<HashMap<u32, Vec<Array>>>,
+    /// Layers that stored this forward's tokens (what a SHARED layer reads).
+    written: Vec<bool>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -87,6 +95,7 @@ impl<'a> PagedForward<'a> {
             states: None,
             new_states: HashMap::new(),
             stacked: None,
+            written: Vec::new(),
         })
     }
 
@@ -196,18 +205,23 @@ impl super::attend::KvStore for PagedForward<'_> {
         opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
         super::attend::refuse_bidirectional(opts)?;
-        let (b, kh, l, hd) = (k.dim(0), k.dim(1), k.dim(2), k.dim(3));
-        if b as usize != self.offsets.len() || l as usize != self.len {
-            return Err(PluginError::other(format!(
-                "attention got k of shape [{b}, {kh}, {l}, {hd}] for {} rows of {} tokens",
-                self.offsets.len(),
-                self.len
-            )));
+        let (b, n) = (self.offsets.len() as i32, self.len as i32);
+        if q.ndim() != 4 || q.dim(0) != b || q.dim(2) != n {
+            return Err(PluginError::other(format!("attention got q of shape {:?} for {b} rows of {n} tokens", q.shape())));
         }
-        let (kd, vd) = (self.pool.k.dims, self.pool.v.dims);
-        if kh != kd.kv_heads || hd != kd.head_dim || v.dim(0) != b || v.dim(1) != vd.kv_heads || v.dim(2) != l || v.dim(3) != vd.head_dim {
+        let (ks, vs) = match self.pool.layout(layer as usize) {
+            Some(LayerLayout::Own { k, v }) => (k.clone(), v.clone()),
+            Some(LayerLayout::Shared(src)) => return self.attend_shared(layer, *src, &q, opts),
+            Some(LayerLayout::NoKv) => {
+                return Err(PluginError::other(format!("layer {layer} keeps recurrent state; it has no K/V to attend over")))
+            }
+            None => return Err(PluginError::other(format!("attention layer {layer} out of range"))),
+        };
+        let (kd, vd) = (ks.dims, vs.dims);
+        let fits = |x: &Array, d: &LayerDims| x.ndim() == 4 && x.dim(0) == b && x.dim(1) == d.kv_heads && x.dim(2) == n && x.dim(3) == d.head_dim;
+        if !fits(&k, &kd) || !fits(&v, &vd) {
             return Err(PluginError::other(format!(
-                "attention got k {:?} and v {:?}: they do not fit the KV pool ({} kv heads of {} dims)",
+                "attention got k {:?} and v {:?}: they do not fit the KV pool's layer {layer} ({} kv heads of {} dims)",
                 k.shape(),
                 v.shape(),
                 kd.kv_heads,
@@ -215,28 +229,29 @@ impl super::attend::KvStore for PagedForward<'_> {
             )));
         }
         // [B, K, L, hd] -> [B*L, K, hd] -> components [B*L, ...] -> [B*L, 1, ...]: one update per slot.
-        let encode = |side: &KvSide, x: &Array| -> Result<Vec<Array>, PluginError> {
-            let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, x.dim(1), x.dim(3)])?;
-            let comps = side.codec_for(layer as usize).encode(&x, &side.dims)?;
-            if comps.len() != side.comps.len() {
+        let (kf, vf) = (&self.pool.k, &self.pool.v);
+        let encode = |codec: &dyn rmlx_plugin_api::author::kv::KvCodecImpl, family: &str, shape: &SideShape, x: &Array| -> Result<Vec<Array>, PluginError> {
+            let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * n, x.dim(1), x.dim(3)])?;
+            let comps = codec.encode(&x, &shape.dims)?;
+            if comps.len() != shape.comps.len() {
                 return Err(PluginError::other(format!(
-                    "KV family `{}` encoded {} arrays for {} components",
-                    side.family,
+                    "KV family `{family}` encoded {} arrays for {} components",
                     comps.len(),
-                    side.comps.len()
+                    shape.comps.len()
                 )));
             }
             comps
                 .into_iter()
-                .zip(&side.comps)
+                .zip(&shape.comps)
                 .map(|(a, c)| {
-                    let mut shape = vec![b * l, 1];
-                    shape.extend(&c.shape);
-                    Ok(a.as_dtype(c.dtype)?.reshape(&shape)?)
+                    let mut s = vec![b * n, 1];
+                    s.extend(&c.shape);
+                    Ok(a.as_dtype(c.dtype)?.reshape(&s)?)
                 })
                 .collect()
         };
-        let (uk, uv) = (encode(&self.pool.k, &k)?, encode(&self.pool.v, &v)?);
+        let uk = encode(kf.codec_for(layer as usize), &kf.family, &ks, &k)?;
+        let uv = encode(vf.codec_for(layer as usize), &vf.family, &vs, &v)?;
         // The layer stays in the pool until the new arrays replace it: an
         // error here (a k/v that does not fit the pool) leaves it as it was.
         let (pk, pv) = self.pool.layer(layer as usize)?;
@@ -245,6 +260,47 @@ impl super::attend::KvStore for PagedForward<'_> {
         };
         let (pk, pv) = (scatter(pk, uk)?, scatter(pv, uv)?);
         self.pool.put(layer as usize, (pk.clone(), pv.clone()));
+        if self.written.len() <= layer as usize {
+            self.written.resize(layer as usize + 1, false);
+        }
+        self.written[layer as usize] = true;
+        self.attend_over(layer as usize, &q, &pk, &pv, (&kd, &vd), opts)
+    }
+}
+
+impl PagedForward<'_> {
+    /// A SHARED layer's attention: q [B, H, L, hd] over what layer `src`
+    /// holds after this forward's write, masked by this layer's `opts`.
+    fn attend_shared(&mut self, layer: u32, src: usize, q: &Array, opts: &AttendOpts<'_>) -> Result<Array, PluginError> {
+        let ready = self.written.get(src).copied().unwrap_or(false);
+        let (pk, pv) = match (ready, self.pool.stored(src)) {
+            (true, Some((k, v))) => (k.clone(), v.clone()),
+            _ => {
+                return Err(PluginError::other(format!(
+                    "layer {layer} shares layer {src}'s K/V, which has not stored this forward's {} tokens yet",
+                    self.len
+                )))
+            }
+        };
+        let (kd, vd) = match self.pool.layout(src) {
+            Some(LayerLayout::Own { k, v }) => (k.dims, v.dims),
+            _ => return Err(PluginError::other(format!("layer {layer} shares layer {src}, which stores no K/V"))),
+        };
+        self.attend_over(src, q, &pk, &pv, (&kd, &vd), opts)
+    }
+
+    /// q [B, H, L, hd] over the pool arrays `pk`/`pv` of layer `src` (this
+    /// forward's tokens written), read through the rows' tables, masked
+    /// causally per row and by `opts.window`.
+    fn attend_over(
+        &mut self,
+        src: usize,
+        q: &Array,
+        pk: &[Array],
+        pv: &[Array],
+        (kd, vd): (&LayerDims, &LayerDims),
+        opts: &AttendOpts<'_>,
+    ) -> Result<Array, PluginError> {
         let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
         let mask = self.mask(opts.window);
         let paged = Paged {
@@ -255,11 +311,11 @@ impl super::attend::KvStore for PagedForward<'_> {
             opts: *opts,
         };
         let (ks, vs) = (&self.pool.k, &self.pool.v);
-        let (kc, vc) = (ks.codec_for(layer as usize), vs.codec_for(layer as usize));
+        let (kc, vc) = (ks.codec_for(src), vs.codec_for(src));
         if ks.family == vs.family && ks.layer_codecs.is_empty() && vs.layer_codecs.is_empty() {
-            kc.attend(&q, &pk, &pv, &paged, &kd, &vd)
+            kc.attend(q, pk, pv, &paged, kd, vd)
         } else {
-            composed_attend(kc, vc, &q, &pk, &pv, &paged, &kd, &vd)
+            composed_attend(kc, vc, q, pk, pv, &paged, kd, vd)
         }
     }
 }

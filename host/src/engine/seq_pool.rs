@@ -30,9 +30,21 @@ impl SeqPool {
     }
 
     /// With other families than the model's own (a baseline to compare with).
+    /// Layers as the model declares them (kv_layout.rs); a layout the
+    /// families cannot hold (`LoadedModel::paged_refusal`, checked by the
+    /// callers) falls back to uniform layers, whose attention then refuses
+    /// the misfit k/v with an error.
     pub fn with_sides(model: &LoadedModel, k: super::kv_pool::KvSide, v: super::kv_pool::KvSide) -> Self {
         let max_blocks = (model.spec.max_context as usize).max(1 << 16).div_ceil(BLOCK) + 1;
-        Self { pool: KvPool::new(model.spec.num_layers as usize, k, v, BLOCK, max_blocks), table: Vec::new(), len: 0, state: RowState::new() }
+        let n = model.spec.num_layers as usize;
+        let pool = match KvPool::for_model(model, k.clone(), v.clone(), BLOCK, max_blocks) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{e:#}");
+                KvPool::new(n, k, v, BLOCK, max_blocks)
+            }
+        };
+        Self { pool, table: Vec::new(), len: 0, state: RowState::new() }
     }
 
     /// Tokens cached.

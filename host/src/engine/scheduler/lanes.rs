@@ -54,14 +54,20 @@ impl Lane {
     /// per block (a compressed family fits proportionally more blocks).
     fn new(cfg: &SchedulerConfig, account: &std::sync::Arc<super::KvAccount>, id: &LaneId, model: &LoadedModel, k: KvSide, v: KvSide) -> Self {
         let s = &model.spec;
-        // What the pool's arrays really take per block, every layer, keys
-        // and values, scales and norms included.
-        // Recurrent-state layers hold no K/V (their arrays are never made).
-        let kv_layers = match model.cache_layers.is_empty() {
-            true => s.num_layers as usize,
-            false => model.cache_layers.iter().filter(|l| l.kind != rmlx_plugin_api::cache_kind::STATE).count(),
+        // Each layer as the model declares it (kv_layout.rs: its own shape,
+        // SHARED with an earlier layer, or recurrent state). The worker
+        // checked the layout fits the families (`lane_kv`).
+        let pool = match KvPool::for_model(model, k.clone(), v.clone(), cfg.block_size, 0) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("{e:#}; the lane's layers are taken as uniform");
+                KvPool::new(s.num_layers as usize, k, v, cfg.block_size, 0)
+            }
         };
-        let per_block = (super::super::kv_pool::bytes_per_token(kv_layers, &k, &v) * cfg.block_size) as u64;
+        // What the pool's arrays really take per block: every layer that
+        // stores K/V (shared and recurrent-state layers store none), keys
+        // and values in the layer's own shape, scales and norms included.
+        let per_block = (pool.bytes_per_token() * cfg.block_size) as u64;
         // A ceiling: the blocks the whole budget holds; what the lane may
         // take at a time is what the shared account has left.
         let total = (account.total() / per_block.max(1)) as usize;
@@ -78,7 +84,7 @@ impl Lane {
             config_hash,
             id.family,
             // Calibrated families encode differently: their blocks never mix with others'.
-            match (k.calibration, v.calibration) {
+            match (pool.k.calibration, pool.v.calibration) {
                 (None, None) => String::new(),
                 (a, b) => format!("|cal{:016x}/{:016x}", a.unwrap_or(0), b.unwrap_or(0)),
             }
@@ -90,7 +96,7 @@ impl Lane {
             id.family,
             cfg.block_size
         );
-        let pool = KvPool::new(s.num_layers as usize, k, v, cfg.block_size, total);
+        let pool = pool.with_max_blocks(total);
         let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
         mgr.recurrent = model.cache_layers.iter().any(|l| l.kind == rmlx_plugin_api::cache_kind::STATE);
         if mgr.recurrent && cfg.ssd.is_some() && cfg.prefix_cache {

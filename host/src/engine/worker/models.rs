@@ -179,6 +179,14 @@ impl Engine {
             field: "kv_cache".into(),
             message: format!("`kv_cache` {} does not fit model `{}`: {e:#}", full.label(), r.entry.id),
         })?;
+        // Per-layer shapes (kv_layout.rs) each get the family's layout for their dims.
+        let n = r.model.spec.num_layers as usize;
+        if let Err(e) = super::super::kv_layout::for_layers(n, &kv.0, &kv.1, &r.model.cache_layers) {
+            return Err(WorkerError::BadField {
+                field: "kv_cache".into(),
+                message: format!("`kv_cache` {} does not fit model `{}`: {}", full.label(), r.entry.id, e.message),
+            });
+        }
         r.kv_lanes.insert(full, kv.clone());
         Ok(kv)
     }
