@@ -205,6 +205,7 @@ pub fn chunk_inputs(model: &mut LoadedModel, s: &mut Sequence, start: usize, len
     if s.media_features.len() != media.images.len() {
         s.media_features = vec![None; media.images.len()];
     }
+    // Images before this chunk are in the KV already (or a prefix-cache hit).
     // Every image not encoded yet from here on, so later chunks reuse them.
     let todo: Vec<usize> = (0..media.images.len()).filter(|&i| s.media_features[i].is_none() && media.images[i].span.end > start).collect();
     if !todo.is_empty() {
@@ -234,6 +235,11 @@ pub fn chunk_inputs(model: &mut LoadedModel, s: &mut Sequence, start: usize, len
         pieces.push(zeros_dtype(&[(chunk.end - at) as i32, hidden], dtype)?);
     }
     let features = concatenate(&pieces, 0)?.reshape(&[1, len as i32, hidden])?; // [1, L, hidden]
+    // Past the last image: the features are in this chunk's graph; the
+    // sequence need not keep them (a preempted one encodes them again).
+    if media.images.iter().all(|i| i.span.end <= chunk.end) {
+        s.media_features.clear();
+    }
     Ok(Some((features, Array::from_slice(&mask, &[1, len as i32]))))
 }
 

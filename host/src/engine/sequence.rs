@@ -211,7 +211,9 @@ impl Sequence {
     /// (constrained decoding, thinking budgets), no logprobs, and the
     /// request did not turn speculation off.
     pub fn may_speculate(&self) -> bool {
-        self.hook.is_none() && self.params.logprobs.is_none() && self.params.num_draft_tokens != Some(0)
+        // A prompt with images does not: the draft model has no vision tower
+        // and would read the placeholder ids as text (outside its vocabulary).
+        self.hook.is_none() && self.params.logprobs.is_none() && self.params.num_draft_tokens != Some(0) && self.params.media.is_none()
     }
 
     /// Its sampler (speculative acceptance processes positions ahead on a copy).
