@@ -89,6 +89,10 @@ pub struct ServerSettings {
     /// ... up to this many GB per model (default 10).
     #[serde(default)]
     pub kv_ssd_gb: Option<f64>,
+    /// Speculative decoding runs while a lane decodes at most this many
+    /// sequences (`--spec-max-batch`, default 8).
+    #[serde(default)]
+    pub spec_max_batch: Option<usize>,
     /// Image inputs of the chat routes (`[server.images]`).
     #[serde(default)]
     pub images: ImageSettings,
@@ -144,6 +148,15 @@ pub struct ServedModel {
     #[serde(default)]
     pub id: Option<String>,
     pub path: PathBuf,
+    /// Its draft model for speculative decoding (docs/SPECULATIVE.md).
+    #[serde(default)]
+    pub draft_model: Option<PathBuf>,
+    /// Draft tokens per round at first (default 3).
+    #[serde(default)]
+    pub num_draft_tokens: Option<usize>,
+    /// The drafter kind (default `draft`).
+    #[serde(default)]
+    pub draft_kind: Option<String>,
 }
 
 fn default_queue() -> usize {
@@ -218,6 +231,7 @@ impl Default for Settings {
                 no_metrics_db: false,
                 kv_ssd_dir: None,
                 kv_ssd_gb: None,
+                spec_max_batch: None,
                 images: ImageSettings::default(),
             },
             generate: GenerateSettings { max_tokens: 256, temperature: 0.0, top_p: 1.0, prefill_chunk: 512 },

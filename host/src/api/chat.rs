@@ -248,6 +248,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
     params.kv = kv;
+    params.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
     params.media = media;
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);
@@ -308,11 +309,7 @@ pub fn finish_reason(r: FinishReason, tool_calls: bool) -> FinishReasonOai {
 }
 
 fn usage(f: &crate::engine::worker::Finish) -> Usage {
-    Usage {
-        prompt_tokens: f.prompt_tokens as u32,
-        completion_tokens: f.completion_tokens as u32,
-        total_tokens: (f.prompt_tokens + f.completion_tokens) as u32,
-    }
+    Usage::new(f.prompt_tokens as u32, f.completion_tokens as u32, f.speculation)
 }
 
 async fn create(state: State, req: ChatCompletionRequest) -> Result<JsonOrStream<ChatCompletion, ChatCompletionChunk>, ApiError> {

@@ -149,6 +149,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         let mut gp = g::gen_params(state, sampling.clone(), max, stop.clone());
         gp.logprobs = req.logprobs.map(|n| n as usize);
         gp.kv = kv.clone();
+        gp.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
         params.push(gp);
     }
     Ok(Job {
@@ -253,6 +254,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
     }
     let mut choices = Vec::new();
     let (mut pt, mut ct) = (0u32, 0u32);
+    let mut spec = None;
     let mut run = Some(first);
     for (i, prompt) in job.prompts.iter().enumerate() {
         let r = match run.take() {
@@ -264,6 +266,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
         let f = c.finish();
         pt += f.prompt_tokens as u32;
         ct += f.completion_tokens as u32;
+        spec = add_speculation(spec, f.speculation);
         let mut lp = Lp::default();
         let mut text = String::new();
         if job.echo {
@@ -292,7 +295,7 @@ async fn create(state: State, req: CompletionRequest) -> Result<JsonOrStream<Com
         created,
         model,
         choices,
-        usage: Some(Usage { prompt_tokens: pt, completion_tokens: ct, total_tokens: pt + ct }),
+        usage: Some(Usage::new(pt, ct, spec)),
         system_fingerprint: None,
     }))
 }
@@ -310,6 +313,7 @@ fn stream(state: State, job: Job, first: g::Running, id: String, created: u64, m
             system_fingerprint: None,
         };
         let (mut pt, mut ct) = (0u32, 0u32);
+        let mut spec = None;
         let mut run = Some(first);
         for (i, prompt) in job.prompts.iter().enumerate() {
             let mut r = match run.take() {
@@ -373,6 +377,7 @@ fn stream(state: State, job: Job, first: g::Running, id: String, created: u64, m
                 Ok(f) => {
                     pt += f.prompt_tokens as u32;
                     ct += f.completion_tokens as u32;
+                    spec = add_speculation(spec, f.speculation);
                     let c = CompletionChoice {
                         text: String::new(),
                         index: i as u32,
@@ -392,7 +397,7 @@ fn stream(state: State, job: Job, first: g::Running, id: String, created: u64, m
             }
         }
         if include_usage {
-            let _ = tx.send(data(&obj(vec![], Some(Usage { prompt_tokens: pt, completion_tokens: ct, total_tokens: pt + ct })))).await;
+            let _ = tx.send(data(&obj(vec![], Some(Usage::new(pt, ct, spec))))).await;
         }
         let _ = tx.send(Event::message("[DONE]")).await;
     });

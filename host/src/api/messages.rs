@@ -267,6 +267,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
     let mut params = g::gen_params(&state, sampling, max_tokens, stop);
     params.kv = kv;
+    params.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
     params.media = media;
     let tool_parser = tools.as_ref().map(|t| {
         super::tools::report_unrendered_tools(&source, &entry.id);
@@ -334,6 +335,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
             output_tokens: f.completion_tokens as u32,
             cache_creation_input_tokens: None,
             cache_read_input_tokens: None,
+            drafted_tokens: f.speculation.map(|s| s.0 as u32),
+            accepted_tokens: f.speculation.map(|s| s.1 as u32),
         },
     }))
 }
@@ -426,7 +429,7 @@ fn stream(mut run: g::Running, mut splitter: Splitter, id: String, model: String
             model,
             stop_reason: None,
             stop_sequence: None,
-            usage: MessageUsage { input_tokens: prompt_len as u32, output_tokens: 0, cache_creation_input_tokens: None, cache_read_input_tokens: None },
+            usage: MessageUsage { input_tokens: prompt_len as u32, output_tokens: 0, cache_creation_input_tokens: None, cache_read_input_tokens: None, drafted_tokens: None, accepted_tokens: None },
         };
         if tx.send(event(StreamEvent::MessageStart(MessageStartEvent { message: start }))).await.is_err() {
             return;
@@ -464,7 +467,12 @@ fn stream(mut run: g::Running, mut splitter: Splitter, id: String, model: String
                 b.close(&mut out);
                 out.push(StreamEvent::MessageDelta(MessageDeltaEvent {
                     delta: MessageDeltaBody { stop_reason: Some(stop_reason(&f, b.tool_calls)), stop_sequence: f.stop.clone() },
-                    usage: MessageDeltaUsage { output_tokens: f.completion_tokens as u32, input_tokens: None },
+                    usage: MessageDeltaUsage {
+                        output_tokens: f.completion_tokens as u32,
+                        input_tokens: None,
+                        drafted_tokens: f.speculation.map(|s| s.0 as u32),
+                        accepted_tokens: f.speculation.map(|s| s.1 as u32),
+                    },
                 }));
                 out.push(StreamEvent::MessageStop(MessageStopEvent {}));
             }

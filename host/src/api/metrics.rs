@@ -193,6 +193,23 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
     for c in [hits, misses, hit_tokens, ssd_reads, ssd_writes, preemptions] {
         snap.register(Box::new(c))?;
     }
+    // Speculative decoding, per drafter kind (`draft`).
+    let per_kind = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["drafter"]);
+    let drafted = per_kind("rmlx_spec_draft_tokens_total", "Draft tokens proposed by speculative decoding.")?;
+    let accepted = per_kind("rmlx_spec_accepted_tokens_total", "Draft tokens the model kept.")?;
+    let steps = per_kind("rmlx_spec_steps_total", "Speculative decode steps (one verify forward each).")?;
+    let rate = prometheus::GaugeVec::new(Opts::new("rmlx_spec_acceptance_rate", "Draft tokens kept / proposed since the server started."), &["drafter"])?;
+    for (kind, c) in &stats.speculation {
+        let l = [kind.as_str()];
+        drafted.with_label_values(&l).inc_by(c.drafted_tokens);
+        accepted.with_label_values(&l).inc_by(c.accepted_tokens);
+        steps.with_label_values(&l).inc_by(c.steps);
+        rate.with_label_values(&l).set(c.accepted_tokens as f64 / c.drafted_tokens.max(1) as f64);
+    }
+    for c in [drafted, accepted, steps] {
+        snap.register(Box::new(c))?;
+    }
+    snap.register(Box::new(rate))?;
     let mut families = state.worker.metrics().registry.gather();
     families.extend(snap.gather());
     families.sort_by(|a, b| a.name().cmp(b.name()));

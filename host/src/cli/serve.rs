@@ -80,6 +80,23 @@ pub struct Args {
     /// used blocks are deleted past it.
     #[arg(long, allow_hyphen_values = true)]
     pub kv_ssd_gb: Option<String>,
+    /// Speculative decoding: a smaller model with the same tokenizer that
+    /// drafts tokens for the served model to verify (the output stays the
+    /// model's own): DIR when one model is served, else ID=DIR (repeatable;
+    /// also `draft_model` in [[server.models]]) [default: none]
+    #[arg(long, value_name = "[ID=]DIR")]
+    pub draft_model: Vec<String>,
+    /// Draft tokens per round at first, adapted per sequence after
+    /// (requests may set `num_draft_tokens`, 0 turns it off) [default: 3]
+    #[arg(long, value_name = "K")]
+    pub num_draft_tokens: Option<usize>,
+    /// The drafter kind: `draft` (a separate draft model) [default: draft]
+    #[arg(long, value_name = "KIND")]
+    pub draft_kind: Option<String>,
+    /// Speculative decoding runs while a model's lane decodes at most this
+    /// many sequences; larger batches take the plain step [default: 8]
+    #[arg(long, value_name = "N")]
+    pub spec_max_batch: Option<usize>,
     /// SQLite run log that `rmlx metrics` reads (default: metrics.sqlite in
     /// the rmlx cache dir, ~/.cache/rmlx).
     #[arg(long)]
@@ -149,7 +166,7 @@ pub fn flags(a: &Args) -> Result<serde_json::Value> {
         "idle_timeout": idle, "max_body_bytes": a.max_body_bytes,
         "allowed_hosts": (!a.allowed_host.is_empty()).then_some(&a.allowed_host),
         "cors_origins": (!a.cors_origin.is_empty()).then_some(&a.cors_origin),
-        "kv_ssd_dir": a.kv_ssd_dir, "kv_ssd_gb": ssd_gb,
+        "kv_ssd_dir": a.kv_ssd_dir, "kv_ssd_gb": ssd_gb, "spec_max_batch": a.spec_max_batch,
         "metrics_db": a.metrics_db, "no_metrics_db": a.no_metrics_db.then_some(true),
     }))
 }
@@ -178,6 +195,59 @@ fn model_list(args: &Args, settings: &Settings) -> Result<(Vec<(Option<String>, 
     Ok((models, dirs))
 }
 
+/// Gives the catalog's models their draft models (`--draft-model [ID=]DIR`,
+/// `draft_model` in [[server.models]]), checked against them from their
+/// configs now (the models load on demand): a draft model that does not
+/// open or whose vocabulary differs stops the server at start.
+fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -> Result<()> {
+    use crate::engine::speculative::serve::{check_at_start, DraftSpec};
+    // (model id or None for "the one model", model dir to match, draft dir, k, kind)
+    let mut wanted: Vec<(Option<String>, Option<PathBuf>, PathBuf, Option<usize>, Option<String>)> = Vec::new();
+    for m in &settings.server.models {
+        if let Some(d) = &m.draft_model {
+            wanted.push((m.id.clone(), Some(m.path.clone()), d.clone(), m.num_draft_tokens.or(args.num_draft_tokens), m.draft_kind.clone().or(args.draft_kind.clone())));
+        }
+    }
+    for d in &args.draft_model {
+        let (id, dir) = match d.split_once('=') {
+            Some((id, dir)) if !id.is_empty() && !id.contains('/') => (Some(id.to_string()), dir),
+            _ => (None, d.as_str()),
+        };
+        wanted.push((id, None, PathBuf::from(dir), args.num_draft_tokens, args.draft_kind.clone()));
+    }
+    if wanted.is_empty() {
+        if args.num_draft_tokens.is_some() || args.draft_kind.is_some() {
+            bail!("--num-draft-tokens and --draft-kind need --draft-model");
+        }
+        return Ok(());
+    }
+    let same_dir = |a: &std::path::Path, b: &std::path::Path| a == b || std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+    for (id, dir, draft, k, kind) in wanted {
+        let i = match (&id, &dir) {
+            (Some(id), _) => catalog.entries.iter().position(|e| e.id == *id),
+            (None, Some(dir)) => catalog.entries.iter().position(|e| same_dir(&e.path, dir)),
+            (None, None) if catalog.entries.len() == 1 => Some(0),
+            (None, None) => bail!("--draft-model {}: several models are served; name one with --draft-model ID=DIR", draft.display()),
+        };
+        let Some(i) = i else {
+            bail!("--draft-model {}: no served model `{}`", draft.display(), id.unwrap_or_default());
+        };
+        let draft = match draft.to_str() {
+            Some(s) => crate::hub::resolve(s)?.path,
+            None => draft,
+        };
+        let spec = DraftSpec::new(draft, k, kind.as_deref())?;
+        let entry = &mut catalog.entries[i];
+        check_at_start(&entry.id, &entry.path, &spec)?;
+        let id = entry.id.clone();
+        let Some(e) = std::sync::Arc::get_mut(entry) else {
+            bail!("internal error: the catalog entry of `{id}` is shared before the server starts");
+        };
+        e.draft = Some(spec);
+    }
+    Ok(())
+}
+
 /// Builds the engine and the app state from settings.
 pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     let (models, dirs) = model_list(args, settings)?;
@@ -195,9 +265,13 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     if s.idle_timeout > crate::api::limits::MAX_KEEP_ALIVE_SECS {
         bail!("idle timeout of {} seconds is more than the maximum of {} (ten years)", s.idle_timeout, crate::api::limits::MAX_KEEP_ALIVE_SECS);
     }
+    attach_drafts(args, settings, &mut catalog)?;
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
     let mut sched = scheduler_config(args)?;
     sched.ssd = ssd_config(settings)?;
+    if let Some(n) = s.spec_max_batch {
+        sched.spec_max_batch = n;
+    }
     let worker = Worker::start_with(
         WorkerConfig {
             plugins_dir: settings.plugins_dir(),

@@ -91,6 +91,11 @@ impl Scheduler {
             return false;
         }
         let rows = self.decoding_rows(lane);
+        // Its usage reports draft counts (zero while the batch is too large).
+        for &i in &rows {
+            let s = &mut self.running[i];
+            s.spec_on |= s.may_speculate();
+        }
         if rows.is_empty() || rows.len() > self.cfg.spec_max_batch || !rows.iter().any(|&i| self.running[i].may_speculate()) {
             return false;
         }
@@ -137,7 +142,6 @@ impl Scheduler {
             let s = &mut self.running[i];
             let mut k = 0;
             if s.may_speculate() {
-                s.spec_on = true;
                 let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
                 let seed = s.params.sampling.seed;
                 let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));

@@ -55,6 +55,13 @@ pub struct MessageUsage {
     pub cache_creation_input_tokens: Option<u32>,
     #[oai(nullable)]
     pub cache_read_input_tokens: Option<u32>,
+    /// rmlx extension: draft tokens speculative decoding proposed (only
+    /// when the model has a draft model and the request did not turn it off).
+    #[oai(skip_serializing_if_is_none)]
+    pub drafted_tokens: Option<u32>,
+    /// rmlx extension: draft tokens the model kept (at most `drafted_tokens`).
+    #[oai(skip_serializing_if_is_none)]
+    pub accepted_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Enum, PartialEq)]

@@ -85,6 +85,13 @@ pub struct MessageDeltaUsage {
     pub output_tokens: u32,
     #[oai(nullable)]
     pub input_tokens: Option<u32>,
+    /// rmlx extension: draft tokens speculative decoding proposed (only
+    /// when the model has a draft model and the request did not turn it off).
+    #[oai(skip_serializing_if_is_none)]
+    pub drafted_tokens: Option<u32>,
+    /// rmlx extension: draft tokens the model kept (at most `drafted_tokens`).
+    #[oai(skip_serializing_if_is_none)]
+    pub accepted_tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, Object)]

@@ -118,6 +118,12 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub kv_cache: Option<crate::api::types::kv_cache::KvCacheSpec>,
+    /// rmlx extension: speculative decoding's draft tokens per round at first
+    /// for this request (0 turns speculation off; the model's default when
+    /// absent). Only a model served with a draft model speculates.
+    #[serde(default)]
+    #[oai(nullable, validator(minimum(value = "0"), maximum(value = "32")))]
+    pub num_draft_tokens: Option<u32>,
 }
 
 

@@ -67,6 +67,36 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// rmlx extension: draft tokens speculative decoding proposed (only
+    /// when the model has a draft model and the request did not turn it off).
+    #[oai(skip_serializing_if_is_none)]
+    pub drafted_tokens: Option<u32>,
+    /// rmlx extension: draft tokens the model kept (at most `drafted_tokens`;
+    /// every completion token not kept from a draft came from the model).
+    #[oai(skip_serializing_if_is_none)]
+    pub accepted_tokens: Option<u32>,
+}
+
+impl Usage {
+    /// `prompt` and `completion` tokens, and speculative decoding's counts
+    /// (drafted, accepted) when it ran.
+    pub fn new(prompt: u32, completion: u32, speculation: Option<(usize, usize)>) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            drafted_tokens: speculation.map(|s| s.0 as u32),
+            accepted_tokens: speculation.map(|s| s.1 as u32),
+        }
+    }
+}
+
+/// Speculative decoding's counts (drafted, accepted) summed over generations.
+pub fn add_speculation(acc: Option<(usize, usize)>, f: Option<(usize, usize)>) -> Option<(usize, usize)> {
+    match (acc, f) {
+        (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
+        (a, b) => a.or(b),
+    }
 }
 
 

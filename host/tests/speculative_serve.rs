@@ -1,0 +1,252 @@
+//! Speculative decoding inside the server's continuous-batching engine
+//! (engine/scheduler/spec.rs) on the tiny fixture models (vocabulary 256):
+//! greedy output with a draft model equals output without, token for token,
+//! one stream and several at once; a batch mixing drafted and undrafted rows
+//! equals one at a time; sampled output follows the verifier's distribution;
+//! the usage counts are consistent; a model with recurrent-state layers runs
+//! without speculation; `rmlx serve` refuses a draft model of another
+//! vocabulary at start.
+mod common;
+
+use rmlx::engine::sampler::{Sampler, SamplingParams};
+use rmlx::engine::scheduler::SchedulerConfig;
+use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::{LoadedModel, Session};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A catalog of `(id, model, draft model)`: the same directory may appear
+/// under two ids, with and without a drafter.
+fn catalog(models: &[(&str, &str, Option<&str>)], k: usize) -> ModelCatalog {
+    let list: Vec<_> = models.iter().map(|(id, m, _)| (Some(id.to_string()), common::fixture(&format!("models/{m}")))).collect();
+    let mut cat = ModelCatalog::discover(&list, &[]).unwrap();
+    for (e, (_, _, d)) in cat.entries.iter_mut().zip(models) {
+        if let Some(d) = d {
+            Arc::get_mut(e).unwrap().draft = Some(DraftSpec::new(common::fixture(&format!("models/{d}")), Some(k), None).unwrap());
+        }
+    }
+    cat
+}
+
+fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
+    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
+    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
+}
+
+fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
+    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
+}
+
+fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+    w.submit(req).unwrap();
+    rx
+}
+
+/// Reads to the end: (token ids, how it finished).
+fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, .. } => ids.push(id),
+            GenEvent::Done(f) => return (ids, f),
+            GenEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
+    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
+}
+
+/// Prompts of several lengths (ids < 256); 40 tokens pass gemma3's window of 8.
+fn prompts() -> Vec<Vec<u32>> {
+    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+}
+
+/// Greedy output with a drafter equals output without, one stream at a time
+/// and all prompts at once, for a drafter that agrees (the model itself),
+/// one that partly does (quantized copies, a sliding-window model) and one
+/// that does not (another model); the usage carries the counts.
+#[test]
+fn greedy_speculation_in_the_engine_equals_plain_decoding() {
+    let _g = common::mlx_lock();
+    const N: usize = 20;
+    let pairs = [("llama-f32", "llama-f32"), ("llama-f32", "llama-q4-g64"), ("llama-f32", "qwen3-f32"), ("gemma3_text-f32", "gemma3_text-q8-g64")];
+    for (m, d) in pairs {
+        let cat = catalog(&[("plain", m, None), ("spec", m, Some(d))], 3);
+        let w = worker(&cat, SchedulerConfig::default());
+        let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
+        let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
+        let (mut drafted, mut kept) = (0, 0);
+        // One stream at a time.
+        for (p, want) in prompts().iter().zip(&want) {
+            let (got, f) = collect(&mut submit(&w, &spec, p, greedy(N, None)));
+            assert_eq!(&got, want, "{m} drafted by {d}, prompt of {}", p.len());
+            let (dr, ac) = f.speculation.expect("the usage reports draft counts");
+            assert!(ac <= dr && dr > 0, "{m}/{d}: {ac} of {dr}");
+            drafted += dr;
+            kept += ac;
+        }
+        // All at once (one batch of 5 rows, each with its own draft length).
+        let mut rxs: Vec<_> = prompts().iter().map(|p| submit(&w, &spec, p, greedy(N, None))).collect();
+        for (rx, want) in rxs.iter_mut().zip(&want) {
+            let (got, f) = collect(rx);
+            assert_eq!(&got, want, "{m} drafted by {d}, batched");
+            let (dr, ac) = f.speculation.unwrap();
+            assert!(ac <= dr && dr > 0);
+        }
+        match (m == d, d) {
+            (true, _) => assert_eq!(kept, drafted, "{m} drafting for itself keeps every draft"),
+            (_, "qwen3-f32") => assert!(kept * 4 < drafted, "an unrelated drafter: {kept} of {drafted} kept"),
+            _ => assert!(kept > 0 && kept < drafted, "{m} drafted by {d}: {kept} of {drafted} kept"),
+        }
+        let s = w.stats().speculation["draft"].clone();
+        assert!(s.steps > 0 && s.accepted_tokens <= s.drafted_tokens && s.drafted_tokens >= drafted as u64, "{s:?}");
+        // Without a drafter the usage has no counts.
+        assert!(collect(&mut submit(&w, &plain, &prompts()[0], greedy(4, None))).1.speculation.is_none());
+    }
+}
+
+/// Rows that do not draft (the request's `num_draft_tokens: 0`), rows with
+/// other draft lengths and rows that draft by default share batches; each
+/// equals its own run alone. Above `spec_max_batch` the plain step runs and
+/// the output is the same.
+#[test]
+fn a_batch_mixing_drafted_and_undrafted_rows_equals_one_at_a_time() {
+    let _g = common::mlx_lock();
+    const N: usize = 24;
+    let cat = catalog(&[("plain", "llama-f32", None), ("spec", "llama-f32", Some("llama-q4-g64"))], 3);
+    let ks = [Some(0), None, Some(1), Some(5), Some(0)];
+    for max_batch in [8, 2] {
+        let w = worker(&cat, SchedulerConfig { spec_max_batch: max_batch, ..SchedulerConfig::default() });
+        let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
+        let alone: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
+        let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &spec, p, greedy(N, k))).collect();
+        for ((rx, want), k) in rxs.iter_mut().zip(&alone).zip(ks) {
+            let (got, f) = collect(rx);
+            assert_eq!(&got, want, "k {k:?}, spec_max_batch {max_batch}");
+            match (k, f.speculation) {
+                (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
+                (_, Some((d, a))) => assert!(a <= d, "{a} of {d}"),
+                (_, None) => panic!("a drafted row reports its counts"),
+            }
+        }
+        let s = w.stats().speculation.get("draft").cloned().unwrap_or_default();
+        if max_batch == 2 {
+            // Five rows decode together from the start: none speculates while more than two run.
+            assert!(s.drafted_tokens < 3 * 5 * N as u64, "{s:?}");
+        } else {
+            assert!(s.drafted_tokens > 0, "{s:?}");
+        }
+    }
+}
+
+/// Three tokens at temperature 1 with top-k 3 and a repetition penalty,
+/// drafted by a quantized copy through the engine (rows batched together,
+/// each with its seed), over 1200 seeds: the 27 possible sequences occur as
+/// often as the verifier's own sampler gives them (chi-square p > 0.001).
+#[test]
+fn sampled_speculation_in_the_engine_follows_the_verifiers_distribution() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 45];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
+    let mut dist_after = |generated: &[u32]| -> Vec<f32> {
+        let mut s = Session::new(&mut target);
+        let mut logits = s.prefill(&prompt).unwrap();
+        for &t in generated {
+            logits = s.step(t).unwrap();
+        }
+        let mut sampler = Sampler::with_params(params.clone());
+        sampler.set_prompt(&prompt);
+        for &t in generated {
+            sampler.accept(t);
+        }
+        sampler.process(&mut logits);
+        sampler.distribution(&logits)
+    };
+    let support = |p: &[f32]| -> Vec<u32> { (0..p.len() as u32).filter(|&i| p[i as usize] > 0.0).collect() };
+    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
+    let p0 = dist_after(&[]);
+    for a in support(&p0) {
+        let p1 = dist_after(&[a]);
+        for b in support(&p1) {
+            let p2 = dist_after(&[a, b]);
+            for c in support(&p2) {
+                expected.push((vec![a, b, c], p0[a as usize] as f64 * p1[b as usize] as f64 * p2[c as usize] as f64));
+            }
+        }
+    }
+    assert_eq!(expected.len(), 27);
+    let cat = catalog(&[("spec", "llama-f32", Some("llama-q4-g64"))], 2);
+    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
+    let spec = entry(&cat, "spec");
+    let mut counts = vec![0u64; expected.len()];
+    let (mut drafted, mut kept, mut other) = (0, 0, 0);
+    for wave in 0..1200u64 / 16 {
+        let mut rxs: Vec<_> = (0..16)
+            .map(|j| {
+                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
+                submit(&w, &spec, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
+            })
+            .collect();
+        for rx in rxs.iter_mut() {
+            let (toks, f) = collect(rx);
+            let (d, a) = f.speculation.unwrap();
+            assert!(a <= d);
+            drafted += d;
+            kept += a;
+            match expected.iter().position(|(s, _)| *s == toks) {
+                Some(i) => counts[i] += 1,
+                None => other += 1,
+            }
+        }
+    }
+    assert_eq!(other, 0, "sequences outside the verifier's top-k support were emitted");
+    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
+    let pv = chi_square_p(&counts, &probs);
+    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
+}
+
+/// A model with recurrent-state layers cannot roll back: it is served
+/// without speculation (a warning at load), with the same output.
+#[test]
+fn a_recurrent_model_runs_without_speculation() {
+    let _g = common::mlx_lock();
+    let cat = catalog(&[("plain", "qwen3_next-f32", None), ("spec", "qwen3_next-f32", Some("qwen3_next-q8-g64"))], 3);
+    let w = worker(&cat, SchedulerConfig::default());
+    let p = &prompts()[2];
+    let (want, _) = collect(&mut submit(&w, &entry(&cat, "plain"), p, greedy(8, None)));
+    let (got, f) = collect(&mut submit(&w, &entry(&cat, "spec"), p, greedy(8, None)));
+    assert_eq!(got, want);
+    assert!(f.speculation.is_none(), "{:?}", f.speculation);
+}
+
+/// `rmlx serve --draft-model` with a draft model whose vocabulary differs
+/// stops at start with one clear line naming both sizes.
+#[test]
+fn serve_refuses_a_draft_model_of_another_vocabulary_at_start() {
+    let dir = std::env::temp_dir().join(format!("rmlx-spec-serve-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "model.safetensors.index.json"] {
+        let _ = std::fs::copy(common::fixture("models/llama-f32").join(f), dir.join(f));
+    }
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(common::fixture("models/llama-f32/config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = 200.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let out = std::process::Command::new(common::rmlx_bin())
+        .args(["--plugins", common::plugins_dir().to_str().unwrap(), "serve", "--port", "0", "--no-metrics-db"])
+        .args(["--model", common::fixture("models/llama-f32").to_str().unwrap(), "--draft-model", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("vocabulary of 200") && err.contains("256") && !err.contains("panick"), "{err}");
+}
