@@ -165,6 +165,12 @@ async fn bad_images_are_400_naming_the_part() {
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("messages[0].content[1]"), "{v}");
+    // More images than the context holds placeholders for (512 / 4), refused
+    // before any is decoded (these are not even images).
+    let parts: Vec<Value> = (0..128).map(|_| json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})).collect();
+    let (s, v) = post("/v1/chat/completions", json!({"model": VISION, "max_tokens": 2, "messages": [{"role": "user", "content": parts}]})).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     // An image in an assistant turn.
     let body = json!({"model": VISION, "max_tokens": 2, "messages": [
         {"role": "user", "content": "what"},

@@ -92,6 +92,16 @@ pub async fn load(state: &State, entry: &Arc<ModelEntry>, refs: Vec<ImageRef>) -
         return Ok(None);
     }
     let spec = vision(entry).await?;
+    // Their placeholders alone must fit the context: checked before any
+    // image is fetched or decoded.
+    let need = refs.len().saturating_mul(spec.tokens_per_image);
+    if let Some(ctx) = entry.context_length.filter(|&c| need >= c) {
+        return Err(ApiError::bad_request(
+            "messages",
+            format!("{} images take {need} placeholder tokens; the context of `{}` is {ctx}", refs.len(), entry.id),
+        )
+        .with_code("context_length_exceeded"));
+    }
     let opts = &state.opts.media;
     let mut images = Vec::with_capacity(refs.len());
     for r in refs {
