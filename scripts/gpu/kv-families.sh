@@ -18,6 +18,11 @@ dir=$HOME/models/qwen3-0.6b-bf16
 echo "=== 2. mlx-lm, qwen3-0.6b bf16, prompt $P, generation $G"
 echo -n "mlx-lm b1: "; python3 -m mlx_lm.benchmark --model $dir -p $P -g $G -b 1 -n 3 2>&1 | grep Averages
 echo -n "mlx-lm batch_generate b8: "; python3 -m mlx_lm.benchmark --model $dir -p $P -g $G -b 8 -n 3 2>&1 | grep Averages
+echo "=== 2b. MLX primitives per decode step (RMLX_COUNT_OPS=1; op by op, so each is one dispatch) and fused projections A/B"
+for f in 1 0; do
+  echo -n "fused linears $f: "; RMLX_FUSED_LINEARS=$f RMLX_COUNT_OPS=1 RMLX_COMPILE=0 $here/rmlx bench --plugins $here/plugins --model $dir -p 16 -g 3 -n 1 2>&1 | grep -m1 "decode step"
+  echo -n "rmlx b1 fused linears $f: "; RMLX_FUSED_LINEARS=$f $here/rmlx bench --plugins $here/plugins --model $dir -p $P -g $G -n 3 2>&1 | grep Averages
+done
 echo "=== 3. rmlx per KV family"
 port=8123
 for fam in bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8; do
@@ -25,11 +30,12 @@ for fam in bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8; do
   [ "$fam" != "$name" ] && env="RMLX_FUSED_KERNELS=0"
   echo "--- $fam"
   echo -n "rmlx b1: "; env $env $here/rmlx bench --plugins $here/plugins --kv-cache $name --model $dir -p $P -g $G -n 3 2>&1 | grep Averages
-  env $env $here/rmlx serve --plugins $here/plugins --kv-cache $name --model $dir --host 127.0.0.1 --port $port --no-metrics-db > /tmp/serve-$name.log 2>&1 &
+  env $env RMLX_COUNT_OPS=1 $here/rmlx serve --plugins $here/plugins --kv-cache $name --model $dir --host 127.0.0.1 --port $port --no-metrics-db > /tmp/serve-$name.log 2>&1 &
   pid=$!
   for i in $(seq 120); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 0.5; done
   $here/rmlx bench --url http://127.0.0.1:$port -p $P -g $G --concurrency 1,8 2>&1 | tail -3
   kill $pid; wait $pid 2>/dev/null
+  grep "server decode step" /tmp/serve-$name.log | cut -c1-400
   port=$((port + 1))
 done
 exit 0
