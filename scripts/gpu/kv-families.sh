@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: kv-families.sh [PROMPT] [GEN]   (from the bundle folder: rmlx, lib/, plugins/, kvq-test, make_model.py)
+# usage: [FAMS="bf16 turbo4 ..."] kv-families.sh [PROMPT] [GEN]   (from the bundle folder: rmlx, lib/, plugins/, kvq-test, make_model.py)
 # On the GPU machine, after sourcing the MLX CUDA installer:
 #  1. the fused decode kernels against the composed path (kv-quant's and kv-dense's tests, on the GPU);
 #  2. Qwen3-0.6B bf16 random weights: mlx-lm batch 1 and batch_generate 8 as the baseline;
@@ -25,7 +25,7 @@ for f in 1 0; do
 done
 echo "=== 3. rmlx per KV family"
 port=8123
-for fam in bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8; do
+for fam in ${FAMS:-bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8}; do
   name=${fam%%:*}; env=""
   [ "$fam" != "$name" ] && env="RMLX_FUSED_KERNELS=0"
   echo "--- $fam"
