@@ -200,7 +200,7 @@ fn gemma3_without_images_runs_text_only() {
 fn gemma3_media_forward_refuses_bad_pixels() {
     let _g = common::mlx_lock();
     let mut m = load();
-    let msg = |r: anyhow::Result<Array>| format!("{:#}", r.err().expect("a wrong pixel array was accepted"));
+    let msg = |r: anyhow::Result<Array>| format!("{:#}", r.expect_err("a wrong pixel array was accepted"));
     let z = |s: &[i32]| mlx_rs::ops::zeros::<f32>(s).unwrap();
     for bad in [&[1, 3, 16, 16][..], &[1, 3, 32, 31], &[2, 1, 32, 32], &[3, 32, 32]] {
         let e = msg(media(&mut m, z(bad)));
