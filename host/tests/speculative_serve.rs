@@ -250,3 +250,74 @@ fn serve_refuses_a_draft_model_of_another_vocabulary_at_start() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("vocabulary of 200") && err.contains("256") && !err.contains("panick"), "{err}");
 }
+
+/// Through the HTTP API: `usage` carries `drafted_tokens` and
+/// `accepted_tokens` (OpenAI completions, JSON and the streamed usage chunk;
+/// Anthropic messages with a real tokenizer, SmolLM2 drafting for itself),
+/// a request's `num_draft_tokens: 0` turns them off with the same tokens,
+/// an out-of-range value is a 400 naming the field, and /metrics counts
+/// per drafter kind.
+#[tokio::test]
+async fn the_api_reports_draft_counts_and_takes_num_draft_tokens() {
+    use serde_json::{json, Value};
+    let _g = common::mlx_lock();
+    let mut cat = ModelCatalog::discover(&[(Some("tiny".into()), common::fixture("models/llama-f32")), (Some("smol".into()), common::default_model())], &[]).unwrap();
+    Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(common::fixture("models/llama-q4-g64"), Some(3), None).unwrap());
+    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(common::default_model(), Some(4), None).unwrap());
+    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
+    let worker = Worker::start(cfg, &cat).unwrap();
+    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
+    let base = common::serve(st);
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        let r = client.post(format!("{base}{path}")).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let completion = |k: Option<u32>, stream: bool| {
+        let mut b = json!({"model": "tiny", "prompt": [3, 14, 15, 92, 65], "max_tokens": 16, "temperature": 0, "stream": stream, "stream_options": {"include_usage": true}});
+        if let Some(k) = k {
+            b["num_draft_tokens"] = k.into();
+        }
+        b
+    };
+    let (s, spec) = post("/v1/completions", completion(None, false)).await;
+    assert_eq!(s, 200, "{spec}");
+    let spec: Value = serde_json::from_str(&spec).unwrap();
+    let (s, off) = post("/v1/completions", completion(Some(0), false)).await;
+    assert_eq!(s, 200, "{off}");
+    let off: Value = serde_json::from_str(&off).unwrap();
+    assert_eq!(spec["choices"][0]["token_ids"], off["choices"][0]["token_ids"]);
+    let u = &spec["usage"];
+    let (d, a) = (u["drafted_tokens"].as_u64().unwrap(), u["accepted_tokens"].as_u64().unwrap());
+    assert!(d > 0 && a <= d && u["completion_tokens"] == 16, "{u}");
+    assert!(off["usage"].get("drafted_tokens").is_none() && off["usage"].get("accepted_tokens").is_none(), "{}", off["usage"]);
+    // Streamed: the usage chunk carries them too.
+    let (s, text) = post("/v1/completions", completion(Some(2), true)).await;
+    assert_eq!(s, 200, "{text}");
+    let last_usage = common::parse_sse(&text).into_iter().filter_map(|(_, d)| serde_json::from_str::<Value>(&d).ok()).filter_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned()).last().unwrap();
+    assert!(last_usage["drafted_tokens"].as_u64().unwrap() >= last_usage["accepted_tokens"].as_u64().unwrap(), "{last_usage}");
+    // Out of range: a 400 naming the field.
+    let (s, err) = post("/v1/completions", completion(Some(33), false)).await;
+    assert_eq!(s, 400, "{err}");
+    assert!(err.contains("num_draft_tokens"), "{err}");
+    // Anthropic messages (a real tokenizer and chat template).
+    let msg = json!({"model": "smol", "max_tokens": 10, "messages": [{"role": "user", "content": "Count to five."}]});
+    let (s, m) = post("/v1/messages", msg).await;
+    assert_eq!(s, 200, "{m}");
+    let m: Value = serde_json::from_str(&m).unwrap();
+    let u = &m["usage"];
+    assert_eq!(u["drafted_tokens"], u["accepted_tokens"], "a model drafting for itself keeps every draft: {u}");
+    assert!(u["drafted_tokens"].as_u64().unwrap() > 0, "{u}");
+    // /metrics: per drafter kind.
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"draft\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));
+    assert!(dr >= (d + 1) as f64 && ac <= dr && (rate - ac / dr).abs() < 1e-9, "{dr} {ac} {rate}");
+}

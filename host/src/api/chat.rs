@@ -248,7 +248,7 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
     params.kv = kv;
-    params.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
+    params.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
     params.media = media;
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);

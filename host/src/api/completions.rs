@@ -149,7 +149,7 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         let mut gp = g::gen_params(state, sampling.clone(), max, stop.clone());
         gp.logprobs = req.logprobs.map(|n| n as usize);
         gp.kv = kv.clone();
-        gp.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
+        gp.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
         params.push(gp);
     }
     Ok(Job {

@@ -387,3 +387,19 @@ pub fn template_source(dir: &std::path::Path) -> String {
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("task failed: {e}")))?
 }
+
+/// The most draft tokens a request's `num_draft_tokens` (rmlx extension) may ask for.
+pub const MAX_DRAFT_TOKENS: u32 = 32;
+
+/// `num_draft_tokens` (rmlx extension: speculative decoding's draft tokens
+/// per round at first; 0 turns it off) -> the engine's; a 400 naming the
+/// field past `MAX_DRAFT_TOKENS`.
+pub fn num_draft_tokens(v: Option<u32>) -> Result<Option<usize>, ApiError> {
+    match v {
+        Some(k) if k > MAX_DRAFT_TOKENS => Err(ApiError::bad_request(
+            "num_draft_tokens",
+            format!("`num_draft_tokens` must be between 0 and {MAX_DRAFT_TOKENS} (0 turns speculative decoding off), got {k}"),
+        )),
+        v => Ok(v.map(|k| k as usize)),
+    }
+}

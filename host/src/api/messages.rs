@@ -267,7 +267,7 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
     let mut params = g::gen_params(&state, sampling, max_tokens, stop);
     params.kv = kv;
-    params.num_draft_tokens = req.num_draft_tokens.map(|k| k as usize);
+    params.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
     params.media = media;
     let tool_parser = tools.as_ref().map(|t| {
         super::tools::report_unrendered_tools(&source, &entry.id);

@@ -34,7 +34,7 @@
 //! An error in a forward leaves every row as it was (lengths only move
 //! after success); those rows stop speculating and the plain step runs.
 use super::super::block_manager::BlockManager;
-use super::super::kv_pool::{bytes_per_token, KvPool};
+use super::super::kv_pool::KvPool;
 use super::super::paged::{PagedForward, Row};
 use super::super::sampler::{argmax, Sampler};
 use super::super::sequence::{Outcome, Sequence};
@@ -155,7 +155,10 @@ impl Scheduler {
         if k_max == 0 {
             return None;
         }
-        self.draft_lane(lane, &drafter.model);
+        if let Err(e) = self.draft_lane(lane, &drafter.model) {
+            tracing::warn!("{}: no speculation ({e:#})", lane.model);
+            return None;
+        }
         // Draft blocks: the catch-up and k_max draft tokens.
         for p in plan.iter_mut().filter(|p| p.k > 0) {
             let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
@@ -194,19 +197,21 @@ impl Scheduler {
 
     /// The lane's draft pool and block manager (made on first use), drawing
     /// from the engine's one KV budget.
-    fn draft_lane(&mut self, lane: &LaneId, draft: &LoadedModel) {
+    fn draft_lane(&mut self, lane: &LaneId, draft: &LoadedModel) -> Result<()> {
         let (cfg, account) = (&self.cfg, &self.account);
         let l = self.lanes.get_mut(lane).expect("a running sequence's lane exists");
         if l.draft.is_some() {
-            return;
+            return Ok(());
         }
-        let layers = draft.spec.num_layers as usize;
+        // Each layer as the draft model declares it (kv_layout.rs).
         let (k, v) = draft.kv.clone();
-        let per_block = (bytes_per_token(layers, &k, &v) * cfg.block_size) as u64;
+        let pool = KvPool::for_model(draft, k, v, cfg.block_size, 0)?;
+        let per_block = (pool.bytes_per_token() * cfg.block_size) as u64;
         let total = (account.total() / per_block.max(1)) as usize;
         tracing::info!("draft KV for {}: up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget", lane.model, cfg.block_size);
-        let pool = KvPool::new(layers, k, v, cfg.block_size, total);
+        let pool = pool.with_max_blocks(total);
         l.draft = Some(BlockManager::new(pool, &format!("draft|{}", draft.dir.path.display())).with_account(account.clone(), per_block));
+        Ok(())
     }
 
     /// Gives back the blocks wholly past each planned row's context (its
