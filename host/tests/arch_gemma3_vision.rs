@@ -12,7 +12,9 @@
 //!   then three cached steps, gives mlx-vlm's logits; zero features instead
 //!   do not (so the merge is what moves them);
 //! - a text-only prompt (no input embeddings) gives mlx-vlm's text logits;
-//! - wrong pixel shapes and a missing pixel array are clear errors.
+//! - wrong pixel shapes and a missing pixel array are clear errors;
+//! - the same weights with the PyTorch conv layout and a stored head give
+//!   the same features and logits.
 mod common;
 
 use common::golden::{rel_err, MARGIN, REL_TOL};
@@ -218,4 +220,42 @@ fn gemma3_media_forward_refuses_bad_pixels() {
     let mut t = LoadedModel::load(&common::fixture("models/gemma3_text-f32"), &common::registry()).unwrap();
     let e = msg(media(&mut t, z(&[1, 3, 32, 32])));
     assert!(e.contains("has no media encoder"), "{e}");
+}
+
+/// The fixture as Hugging Face's original checkpoints store it: the patch
+/// conv in PyTorch's layout [Dv, C, p, p] (transposed at load, as mlx-vlm's
+/// `sanitize` does) and `language_model.lm_head.weight` present (mlx-vlm's
+/// converted checkpoints carry the tied copy): the same features and logits.
+#[test]
+fn gemma3_loads_the_pytorch_conv_layout_and_a_stored_head() {
+    let _g = common::mlx_lock();
+    let meta = meta();
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture(MODEL);
+    let tensors = Array::load_safetensors(src.join("model.safetensors")).unwrap();
+    let mut out: Vec<(String, Array)> = Vec::new();
+    for (k, v) in &tensors {
+        if k.ends_with("patch_embedding.weight") {
+            out.push((k.clone(), v.transpose_axes(&[0, 3, 1, 2]).unwrap())); // [Dv, p, p, C] -> [Dv, C, p, p]
+        } else {
+            out.push((k.clone(), v.clone()));
+        }
+        if k == "language_model.model.embed_tokens.weight" {
+            out.push(("language_model.lm_head.weight".into(), v.clone()));
+        }
+    }
+    Array::save_safetensors(out, None, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut m = LoadedModel::load(dir.path(), &common::registry()).unwrap();
+    assert!(m.unused.is_empty(), "unused tensors {:?}", m.unused);
+
+    let pixels = Array::from_slice(&f32s("pixels.f32"), &shape(&meta["pixels_shape"]));
+    let got = values(&media(&mut m, pixels).unwrap());
+    let e = rel_err(&got, &f32s("features.f32"));
+    assert!(e < REL_TOL, "media features relative error {e:e}");
+    let prompt = ids(&meta["prompt_image"]);
+    let image = meta["image_token_index"].as_u64().unwrap() as u32;
+    let rows = run_prompt(&mut m, &prompt, Some(merge_inputs(&prompt, image, &got, 64)), &ids(&meta["continue_image"]));
+    let (fails, _) = check_rows("stored head", &rows, &f32s("logits_image.f32"), meta["vocab"].as_u64().unwrap() as usize);
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
 }
