@@ -165,6 +165,12 @@ async fn bad_images_are_400_naming_the_part() {
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("messages[0].content[1]"), "{v}");
+    // An http URL to a loopback address: refused by the SSRF guard
+    // (allow_private_urls is off), never fetched.
+    let (s, v) = post("/v1/chat/completions", chat(VISION, "http://127.0.0.1:9/pic.png")).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(openai_error(&v).0, "messages[0].content[1]", "{v}");
+    assert!(openai_error(&v).1.contains("refused"), "{v}");
     // More images than the context holds placeholders for (512 / 4), refused
     // before any is decoded (these are not even images).
     let parts: Vec<Value> = (0..128).map(|_| json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})).collect();
