@@ -9,7 +9,7 @@
 mod common;
 
 use rmlx::engine::sampler::{Sampler, SamplingParams};
-use rmlx::engine::scheduler::SchedulerConfig;
+use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
 use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
 use rmlx::engine::{LoadedModel, Session};
@@ -212,6 +212,43 @@ fn sampled_speculation_in_the_engine_follows_the_verifiers_distribution() {
     let pv = chi_square_p(&counts, &probs);
     assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
     assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
+}
+
+/// A KV budget far too small for every sequence at once, shared by the
+/// verifier's and the draft model's blocks: sequences are preempted (their
+/// draft KV freed with them and rebuilt when they come back) and every
+/// output still equals plain decoding; when all are done no block is held.
+#[test]
+fn preemption_under_a_small_budget_keeps_speculative_output_exact() {
+    let _g = common::mlx_lock();
+    // llama-f32 and llama-q4-g64 (f32 activations): 512 bytes of KV per token each.
+    let per_token = 2 * 2 * 16 * 4 * 2;
+    let cat = catalog(&[("spec", "llama-f32", Some("llama-q4-g64"))], 3);
+    let sched = SchedulerConfig { kv_budget: KvBudget::Bytes(per_token * 8 * 64), block_size: 8, ..SchedulerConfig::default() };
+    let w = worker(&cat, sched);
+    let ps: Vec<Vec<u32>> = prompts()
+        .into_iter()
+        .map(|mut p| {
+            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
+            p
+        })
+        .collect();
+    const N: usize = 48;
+    let mut rxs: Vec<_> = ps.iter().map(|p| submit(&w, &entry(&cat, "spec"), p, greedy(N, None))).collect();
+    for (rx, p) in rxs.iter_mut().zip(&ps) {
+        let (got, f) = collect(rx);
+        assert_eq!(got, common::greedy_reference("llama-f32", p, N), "prompt of {}", p.len());
+        assert!(f.speculation.is_some());
+    }
+    let t0 = std::time::Instant::now();
+    while w.stats().running > 0 && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = w.stats();
+    let b = &s.blocks[0].1;
+    assert!(b.preemptions >= 1, "the budget never forced a preemption: {b:?}");
+    assert!(s.speculation["draft"].drafted_tokens > 0, "{s:?}");
+    assert_eq!(s.kv_used_bytes, 0, "blocks (verifier or draft) still held: {s:?}");
 }
 
 /// A model with recurrent-state layers cannot roll back: it is served
