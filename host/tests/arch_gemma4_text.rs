@@ -243,7 +243,7 @@ fn greedy_paged(model: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     while out.len() < n {
         let logits = pool.forward(model, input, true).unwrap(); // [1, 1, V]
-        let t = argmax_axis(&logits.reshape(&[-1]).unwrap(), 0, None).unwrap().item_exact::<u32>();
+        let t = argmax_axis(logits.reshape(&[-1]).unwrap(), 0, None).unwrap().item_exact::<u32>();
         out.push(t);
         input = Array::from_slice(&[t as i32], &[1, 1]);
     }

@@ -79,7 +79,7 @@ impl<'a> PagedForward<'a> {
             write.extend((r.offset..end).map(|p| slot(r.table, p)));
             let own = end.div_ceil(bs);
             gather.extend(r.table[..own].iter().map(|&b| b as i32));
-            gather.extend(std::iter::repeat(0).take(nblk - own));
+            gather.extend(std::iter::repeat_n(0, nblk - own));
         }
         pool.reserve(max_id);
         let b = rows.len() as i32;
