@@ -133,6 +133,9 @@ pub fn tokenize(entry: &ModelEntry, rendered: &str, spec: &VisionSpec, images: V
     Ok((ids, PromptMedia { images }))
 }
 
+/// A rendered chat prompt: its ids, the template's text, its images.
+pub type Rendered = (Vec<u32>, String, Option<Arc<PromptMedia>>);
+
 /// What a chat route renders: the prompt ids, the template's text, and the
 /// images (None without). Blocking (templating, tokenizing).
 pub fn render(
@@ -141,7 +144,7 @@ pub fn render(
     tools: Option<Value>,
     kwargs: serde_json::Map<String, Value>,
     loaded: Option<Loaded>,
-) -> Result<(Vec<u32>, String, Option<Arc<PromptMedia>>), ApiError> {
+) -> Result<Rendered, ApiError> {
     let rendered = super::chat::render_text(entry, messages, tools, kwargs)?;
     match loaded {
         None => {
