@@ -202,7 +202,8 @@ fn model_list(args: &Args, settings: &Settings) -> Result<(Vec<(Option<String>, 
 fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -> Result<()> {
     use crate::engine::speculative::serve::{check_at_start, DraftSpec};
     // (model id or None for "the one model", model dir to match, draft dir, k, kind)
-    let mut wanted: Vec<(Option<String>, Option<PathBuf>, PathBuf, Option<usize>, Option<String>)> = Vec::new();
+    type Wanted = (Option<String>, Option<PathBuf>, PathBuf, Option<usize>, Option<String>);
+    let mut wanted: Vec<Wanted> = Vec::new();
     for m in &settings.server.models {
         if let Some(d) = &m.draft_model {
             wanted.push((m.id.clone(), Some(m.path.clone()), d.clone(), m.num_draft_tokens.or(args.num_draft_tokens), m.draft_kind.clone().or(args.draft_kind.clone())));
