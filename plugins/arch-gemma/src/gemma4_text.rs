@@ -77,23 +77,30 @@ pub struct Gemma4Text {
     layers: Vec<Gemma4Block>,
     norm: Array,                  // [D]
     lm_head: Option<LinearLayer>, // [D] -> [V]; None when tied
+    /// Inside gemma4 (gemma4.rs): the multimodal token ids.
+    mm: Option<Vec<i32>>,
 }
 
 impl Gemma4Text {
     pub fn load(config_json: &str, w: &mut Weights) -> Result<Self> {
-        let c = Config::parse(config_json)?;
+        Self::load_under(Config::parse(config_json)?, w, "")
+    }
+
+    /// The language model with its tensors under `prefix`: "" for
+    /// gemma4_text checkpoints, "language_model." inside gemma4's (gemma4.rs).
+    pub(crate) fn load_under(c: Config, w: &mut Weights, prefix: &str) -> Result<Self> {
         // mlx-lm's `sanitize` splits a Hugging Face checkpoint's fused experts.
-        if let Some(i) = (0..c.num_hidden_layers).find(|i| w.contains(&format!("model.layers.{i}.experts.gate_up_proj"))) {
+        if let Some(i) = (0..c.num_hidden_layers).find(|i| w.contains(&format!("{prefix}model.layers.{i}.experts.gate_up_proj"))) {
             return Err(PluginError::config(format!(
-                "model.layers.{i}.experts.gate_up_proj: fused experts of a Hugging Face checkpoint; convert it with mlx_lm.convert first"
+                "{prefix}model.layers.{i}.experts.gate_up_proj: fused experts of a Hugging Face checkpoint; convert it with mlx_lm.convert (or mlx_vlm.convert) first"
             )));
         }
-        let embed_tokens = w.embedding("model.embed_tokens")?;
+        let embed_tokens = w.embedding(&format!("{prefix}model.embed_tokens"))?;
         let per_layer_inputs = match c.per_layer_input() {
             Some(p) => Some(PerLayerInputs {
-                embed_tokens_per_layer: w.embedding("model.embed_tokens_per_layer")?,
-                per_layer_model_projection: w.linear("model.per_layer_model_projection")?,
-                per_layer_projection_norm: w.tensor("model.per_layer_projection_norm.weight")?,
+                embed_tokens_per_layer: w.embedding(&format!("{prefix}model.embed_tokens_per_layer"))?,
+                per_layer_model_projection: w.linear(&format!("{prefix}model.per_layer_model_projection"))?,
+                per_layer_projection_norm: w.tensor(&format!("{prefix}model.per_layer_projection_norm.weight"))?,
                 layers: c.num_hidden_layers,
                 size: p,
                 hidden: c.hidden_size,
@@ -102,11 +109,31 @@ impl Gemma4Text {
             None => None,
         };
         let layers = (0..c.num_hidden_layers)
-            .map(|i| Gemma4Block::load(w, &format!("model.layers.{i}"), &c, i))
+            .map(|i| Gemma4Block::load(w, &format!("{prefix}model.layers.{i}"), &c, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.tensor("model.norm.weight")?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(w.linear("lm_head")?) };
-        Ok(Self { config: c, embed_tokens, per_layer_inputs, layers, norm, lm_head })
+        let norm = w.tensor(&format!("{prefix}model.norm.weight"))?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(w.linear(&format!("{prefix}lm_head"))?) };
+        Ok(Self { config: c, embed_tokens, per_layer_inputs, layers, norm, lm_head, mm: None })
+    }
+
+    /// As mlx-vlm's gemma4 `get_input_embeddings` feeds its language model:
+    /// input features replace the embeddings *after* the sqrt(hidden) scale,
+    /// and the per-layer token embeddings read token 0 (pad) at the
+    /// positions of these multimodal token ids (image, audio, video).
+    pub(crate) fn set_multimodal(&mut self, ids: Vec<i32>) {
+        self.mm = Some(ids);
+    }
+
+    /// tokens [B, L] with the multimodal ids replaced by 0.
+    fn per_layer_tokens(&self, tokens: &Array) -> Result<Array> {
+        let Some(ids) = &self.mm else { return Ok(tokens.clone()) };
+        let mut out = tokens.clone();
+        let zero = Array::from_int(0).as_dtype(tokens.dtype())?;
+        for &id in ids {
+            let hit = tokens.eq(Array::from_int(id).as_dtype(tokens.dtype())?)?; // [B, L]
+            out = ops::select(&hit, &zero, &out)?;
+        }
+        Ok(out)
     }
 }
 
@@ -152,11 +179,17 @@ impl ModelImpl for Gemma4Text {
         let c = &self.config;
         let pos = Positions::of(attn); // each row's first position
         let h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
-        // mlx-vlm's features replace embeddings before the scale.
-        let h = merge_inputs(h, attn)?; // [B, L, D]
-        let mut h = h.multiply(Array::from_f32((c.hidden_size as f64).sqrt() as f32).as_dtype(h.dtype())?)?; // [B, L, D]
+        let scale = |h: Array| -> Result<Array> {
+            Ok(h.multiply(Array::from_f32((c.hidden_size as f64).sqrt() as f32).as_dtype(h.dtype())?)?)
+        };
+        // Text-only gemma4_text merges input features before the scale;
+        // inside gemma4, mlx-vlm merges them after it.
+        let mut h = match self.mm {
+            None => scale(merge_inputs(h, attn)?)?,   // [B, L, D]
+            Some(_) => merge_inputs(scale(h)?, attn)?, // [B, L, D]
+        };
         let per_layer = match &self.per_layer_inputs {
-            Some(p) => p.forward(tokens, &h)?.into_iter().map(Some).collect(), // N x [B, L, P]
+            Some(p) => p.forward(&self.per_layer_tokens(tokens)?, &h)?.into_iter().map(Some).collect(), // N x [B, L, P]
             None => vec![None; self.layers.len()],
         };
         for (i, (layer, pli)) in self.layers.iter().zip(&per_layer).enumerate() {
