@@ -258,6 +258,9 @@ fn tiny_en_over_the_openai_audio_routes() {
     let v: Value = serde_json::from_str(&b).unwrap();
     assert_eq!((v["language"].as_str(), v["task"].as_str()), (Some("en"), Some("transcribe")));
     assert_eq!(v["segments"][0]["tokens"], want["segments"][0]["tokens"]);
+    // Greedy passed the fallback's thresholds: temperature 0, its ratio shown.
+    assert_eq!(v["segments"][0]["temperature"], 0.0);
+    assert!(v["segments"][0]["compression_ratio"].as_f64().is_some_and(|r| r > 0.0 && r <= 2.4), "{v}");
     let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("response_format", None, b"srt".to_vec())]);
     assert_eq!((s, b.as_str()), (200, "1\n00:00:00,000 --> 00:00:03,200\nThe quick round-fark jump over the lazy dog.\n\n"));
     // Errors, in OpenAI's shape.
@@ -265,7 +268,7 @@ fn tiny_en_over_the_openai_audio_routes() {
     let (s, b) = post("/v1/audio/transcriptions", vec![("file", Some("notes.txt"), b"not audio at all".to_vec())]);
     assert_eq!(s, 400, "{b}");
     assert_eq!((err(&b)["param"].as_str(), err(&b)["code"].as_str()), (Some("file"), Some("invalid_file")));
-    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("temperature", None, b"0.4".to_vec())]);
+    let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("temperature", None, b"1.5".to_vec())]);
     assert_eq!((s, err(&b)["param"].as_str()), (400, Some("temperature")), "{b}");
     let (s, b) = post("/v1/audio/transcriptions", vec![file(), ("response_format", None, b"xml".to_vec())]);
     assert_eq!((s, err(&b)["param"].as_str()), (400, Some("response_format")), "{b}");

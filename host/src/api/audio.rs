@@ -10,7 +10,7 @@ use super::{State, Tag};
 use crate::audio::{
     decode::decode_bytes,
     format::{render, Format},
-    transcribe::{transcribe, BadOption, Options, Transcript},
+    transcribe::{fallback_temperatures, transcribe, BadOption, Options, Transcript},
     whisper::WhisperModel,
 };
 use poem_openapi::{
@@ -22,16 +22,23 @@ use std::path::PathBuf;
 
 pub struct AudioApi(pub State);
 
+/// The step of the temperature fallback schedule (openai-whisper's default).
+const FALLBACK_STEP: f32 = 0.2;
+
 #[OpenApi]
 impl AudioApi {
     /// Create a transcription
     ///
     /// OpenAI's speech-to-text with a served Whisper model (`model_type:
-    /// whisper`). The file is wav, flac or mp3; greedy decoding over 30 s
-    /// windows with timestamps, as `rmlx transcribe` (docs/CLI.md).
+    /// whisper`). The file is wav, flac or mp3; decoded over 30 s windows
+    /// with timestamps, as `rmlx transcribe` (docs/CLI.md).
     /// `response_format`: `json` (default), `text`, `srt`, `verbose_json`,
-    /// `vtt`. Only `temperature` 0 is supported. A file that is not audio
-    /// rmlx can read is a 400.
+    /// `vtt`. `temperature` (0 to 1, default 0) is the first of a fallback
+    /// schedule stepping by 0.2 up to 1: 0 decodes greedily, and a window
+    /// whose text is repetitive (gzip compression ratio over 2.4) or
+    /// unlikely (average log-probability under -1) is decoded again at the
+    /// next temperature (sampled, best of 5, seeded). A file that is not
+    /// audio rmlx can read is a 400.
     #[oai(path = "/v1/audio/transcriptions", method = "post", operation_id = "createTranscription", tag = "Tag::OpenAI")]
     async fn transcriptions(&self, form: AudioForm) -> OaiResult<TranscriptionResponse> {
         run(self.0.clone(), form, false).await.map_err(OpenAIError::from)
@@ -78,8 +85,9 @@ async fn run(state: State, form: AudioForm, translate: bool) -> Result<Transcrip
     }
     let format = Format::parse(form.response_format.as_deref().unwrap_or("json"))
         .map_err(|e| ApiError::bad_request("response_format", e.to_string()))?;
-    if form.temperature.is_some_and(|t| t != 0.0) {
-        return Err(ApiError::bad_request("temperature", "only temperature 0 (greedy decoding) is supported"));
+    let temperature = form.temperature.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&temperature) {
+        return Err(ApiError::bad_request("temperature", format!("`temperature` must be between 0 and 1 (got {temperature})")));
     }
     let ext = form.file.file_name().and_then(|n| n.rsplit_once('.')).map(|(_, e)| e.to_ascii_lowercase());
     let bytes = form.file.into_vec().await.map_err(|e| ApiError::bad_request("file", format!("reading the upload: {e}")))?;
@@ -87,7 +95,13 @@ async fn run(state: State, form: AudioForm, translate: bool) -> Result<Transcrip
         .await
         .map_err(|e| ApiError::internal(format!("audio decoding thread: {e}")))?
         .map_err(|e| ApiError::bad_request("file", e.to_string()).with_code("invalid_file"))?;
-    let opts = Options { language: if translate { None } else { form.language.clone() }, translate, ..Options::default() };
+    let opts = Options {
+        language: if translate { None } else { form.language.clone() },
+        translate,
+        // OpenAI: at 0 the temperature rises while the thresholds fail.
+        temperatures: fallback_temperatures(temperature as f32, FALLBACK_STEP),
+        ..Options::default()
+    };
     let path = entry.path.clone();
     let t = state
         .worker
@@ -121,7 +135,7 @@ fn verbose(t: &Transcript) -> Transcription {
             tokens: s.tokens.clone(),
             temperature: s.temperature as f64,
             avg_logprob: s.avg_logprob as f64,
-            compression_ratio: None,
+            compression_ratio: Some(s.compression_ratio as f64),
             no_speech_prob: s.no_speech_prob as f64,
         })
         .collect();

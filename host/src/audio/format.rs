@@ -89,6 +89,7 @@ mod tests {
             tokens: vec![],
             temperature: 0.0,
             avg_logprob: -0.1,
+            compression_ratio: 1.0,
             no_speech_prob: 0.01,
         };
         Transcript {

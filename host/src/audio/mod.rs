@@ -1,6 +1,7 @@
 //! Audio input for Whisper: decoding (wav, flac, mp3) to mono 16 kHz f32
 //! samples ([`decode`]), Whisper's log-mel front end ([`mel`]), the loaded
-//! model ([`whisper`]), the transcription loop ([`transcribe`]) and its
+//! model ([`whisper`]), one window's decoding ([`window`]), the
+//! transcription loop with its temperature fallback ([`transcribe`]) and its
 //! output formats ([`format`]).
 //!
 //! ```ignore
@@ -13,6 +14,7 @@ pub mod format;
 pub mod mel;
 pub mod transcribe;
 pub mod whisper;
+pub mod window;
 
 /// Whisper's sample rate (Hz).
 pub const SAMPLE_RATE: u32 = 16_000;

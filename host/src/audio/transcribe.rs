@@ -1,17 +1,32 @@
-//! Whisper transcription, as mlx-whisper's `transcribe()` runs it with
-//! greedy decoding (temperature 0, no fallback): log-mel features
-//! (faster-whisper's front end, mel.rs), 30 s windows starting at `seek`,
-//! one encoder forward per window, the SOT sequence (`<|startofprev|>` and
-//! the previous windows' text when conditioning on it, `<|startoftranscript|>`,
-//! language and task on multilingual models, `<|notimestamps|>` without
-//! timestamps), greedy decoding under Whisper's logit filters (suppressed
-//! tokens, blank suppression at the first position, the timestamp rules),
-//! then segments cut at timestamp pairs and `seek` moved to the last
-//! timestamp (or past the window).
+//! Whisper transcription, as openai-whisper's / faster-whisper's
+//! `transcribe()` runs it: log-mel features (faster-whisper's front end,
+//! mel.rs), 30 s windows starting at `seek`, one encoder forward per window,
+//! the SOT sequence (`<|startofprev|>` and the previous windows' text when
+//! conditioning on it, `<|startoftranscript|>`, language and task on
+//! multilingual models, `<|notimestamps|>` without timestamps), decoding
+//! under Whisper's logit filters (window.rs), then segments cut at timestamp
+//! pairs and `seek` moved to the last timestamp (or past the window).
+//!
+//! Temperature fallback (faster-whisper's `generate_with_fallback`, the
+//! same thresholds): each window is decoded at the first of
+//! `Options::temperatures`; while the result's gzip compression ratio is
+//! above `compression_ratio_threshold` (2.4: repetitive) or its average
+//! log-probability below `logprob_threshold` (-1.0), and it is not silence
+//! (no-speech probability above `no_speech_threshold`, 0.6, with that low
+//! log-probability), the window is decoded again at the next temperature
+//! (sampling, best of `best_of`, from a ChaCha8 RNG seeded with `seed`). When
+//! every temperature fails, the result with the best average log-probability
+//! among those under the compression threshold (else among all) is kept. A
+//! window decoded above 0.5 does not prompt the next ones. With one
+//! temperature, 0 (`Options::default()`), this is greedy decoding with no
+//! fallback, as before.
 use super::mel::{whisper_features, WINDOW_FRAMES};
 use super::whisper::WhisperModel;
+use super::window::{compression_ratio, decode_window, Decoded};
 use super::{AudioError, SAMPLE_RATE};
 use anyhow::Result;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 /// What the caller chooses.
@@ -26,24 +41,72 @@ pub struct Options {
     pub timestamps: bool,
     /// Prompt each window with the text decoded so far (mlx-whisper's default).
     pub condition_on_previous_text: bool,
+    /// Temperatures tried in turn while a window fails the thresholds
+    /// below (0: greedy). `[0.0]`: greedy, no fallback.
+    pub temperatures: Vec<f32>,
+    /// A window whose text's gzip compression ratio is above this failed
+    /// (repetitive). None: not checked.
+    pub compression_ratio_threshold: Option<f32>,
+    /// A window whose average log-probability is below this failed; with
+    /// `no_speech_threshold`, also the silence test.
+    pub logprob_threshold: Option<f32>,
+    /// A window whose no-speech probability is above this and whose average
+    /// log-probability is below `logprob_threshold` is silence: skipped, and
+    /// never retried.
+    pub no_speech_threshold: Option<f32>,
+    /// Samples drawn per window at a temperature above 0; the likeliest
+    /// (sum of log-probabilities over length) is kept.
+    pub best_of: usize,
+    /// Seed of the sampling RNG (one per transcription).
+    pub seed: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { language: None, translate: false, timestamps: true, condition_on_previous_text: true }
+        Self {
+            language: None,
+            translate: false,
+            timestamps: true,
+            condition_on_previous_text: true,
+            temperatures: vec![0.0],
+            compression_ratio_threshold: Some(2.4),
+            logprob_threshold: Some(-1.0),
+            no_speech_threshold: Some(0.6),
+            best_of: 5,
+            seed: 0,
+        }
     }
 }
+
+/// `start`, `start + increment`, ... up to 1.0 (openai-whisper's CLI
+/// schedule, `np.arange(start, 1.0 + 1e-6, increment)`); `[start]` alone
+/// when `increment` is 0 or less. 0 with 0.2: 0.0, 0.2, ..., 1.0.
+pub fn fallback_temperatures(start: f32, increment: f32) -> Vec<f32> {
+    if increment <= 0.0 {
+        return vec![start];
+    }
+    let mut out = Vec::new();
+    for i in 0.. {
+        let t = start as f64 + i as f64 * increment as f64;
+        if t > 1.0 + 1e-6 {
+            break;
+        }
+        out.push(((t * 1e6).round() / 1e6) as f32);
+    }
+    if out.is_empty() {
+        out.push(start);
+    }
+    out
+}
+
+/// Above this temperature a window's text does not prompt the next windows.
+const PROMPT_RESET_ON_TEMPERATURE: f32 = 0.5;
 
 /// An option the model cannot honour (unknown language, translation on an
 /// English-only model): the caller's error, not the model's.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadOption(pub String);
-
-/// mlx-whisper's thresholds: a window whose no-speech probability exceeds
-/// 0.6 while its average log-probability is at most -1 is skipped as silence.
-const NO_SPEECH_THRESHOLD: f32 = 0.6;
-const LOGPROB_THRESHOLD: f32 = -1.0;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Segment {
@@ -54,8 +117,11 @@ pub struct Segment {
     pub end: f64,
     pub text: String,
     pub tokens: Vec<u32>,
+    /// The temperature of the decoding kept (the last tried when all failed).
     pub temperature: f32,
     pub avg_logprob: f32,
+    /// gzip compression ratio of the window's text.
+    pub compression_ratio: f32,
     pub no_speech_prob: f32,
 }
 
@@ -70,18 +136,15 @@ pub struct Transcript {
     pub duration: f64,
 }
 
-/// One window's decoding result.
-struct Decoded {
-    tokens: Vec<u32>,
-    avg_logprob: f32,
-    no_speech_prob: f32,
-}
-
 /// Transcribes mono 16 kHz `samples`.
 pub fn transcribe(model: &mut WhisperModel, samples: &[f32], opts: &Options) -> Result<Transcript> {
     if samples.is_empty() {
         return Err(AudioError::Empty.into());
     }
+    if opts.temperatures.is_empty() || opts.temperatures.iter().any(|t| !t.is_finite() || *t < 0.0) {
+        return Err(BadOption(format!("temperatures must be one or more finite values >= 0 (got {:?})", opts.temperatures)).into());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let sp = model.specials.clone();
     let mel = whisper_features(samples, model.dims.n_mels)?;
     let content_frames = mel.content_frames;
@@ -129,10 +192,19 @@ pub fn transcribe(model: &mut WhisperModel, samples: &[f32], opts: &Options) -> 
         let segment_duration = segment_size as f64 * super::mel::HOP as f64 / SAMPLE_RATE as f64;
         let xa = model.encode(&window.data)?;
         let prompt = if opts.condition_on_previous_text { &all_tokens[prompt_reset_since..] } else { &[][..] };
-        let d = decode_window(model, &xa, &sot_seq, prompt, opts.timestamps)?;
-        if d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob <= LOGPROB_THRESHOLD {
-            seek += segment_size;
-            continue;
+        let prompt = prompt.to_vec();
+        let (d, temperature, ratio) = decode_with_fallback(opts, |t| {
+            let d = best_of(opts.best_of, t, |t| decode_window(model, &xa, &sot_seq, &prompt, opts.timestamps, t, &mut rng))?;
+            let ratio = compression_ratio(model.text(&d.tokens)?.trim());
+            Ok((d, ratio))
+        })?;
+        // Silence: skipped, unless the log-probability is high enough.
+        if let Some(ns) = opts.no_speech_threshold {
+            let confident = opts.logprob_threshold.is_some_and(|lp| d.avg_logprob > lp);
+            if d.no_speech_prob > ns && !confident {
+                seek += segment_size;
+                continue;
+            }
         }
         let tokens = &d.tokens;
         let is_ts = |t: u32| t >= sp.timestamp_begin;
@@ -185,12 +257,13 @@ pub fn transcribe(model: &mut WhisperModel, samples: &[f32], opts: &Options) -> 
                 end: round2(end),
                 text,
                 tokens: toks,
-                temperature: 0.0,
+                temperature,
                 avg_logprob: d.avg_logprob,
+                compression_ratio: ratio,
                 no_speech_prob: d.no_speech_prob,
             });
         }
-        if !opts.condition_on_previous_text {
+        if !opts.condition_on_previous_text || temperature > PROMPT_RESET_ON_TEMPERATURE {
             prompt_reset_since = all_tokens.len();
         }
     }
@@ -219,136 +292,65 @@ pub fn detect_language(model: &mut WhisperModel, xa: &mlx_rs::Array) -> Result<S
     Ok(lang.clone())
 }
 
-/// Greedy decoding of one window (mlx-whisper's `DecodingTask.run` with
-/// temperature 0): returns the sampled tokens up to (not including) EOT.
-fn decode_window(model: &mut WhisperModel, xa: &mlx_rs::Array, sot_seq: &[u32], prompt: &[u32], timestamps: bool) -> Result<Decoded> {
-    let sp = model.specials.clone();
-    let n_ctx = model.dims.n_text_ctx;
-    let sample_len = n_ctx / 2;
-    let mut initial = Vec::new();
-    if !prompt.is_empty() {
-        initial.push(sp.sot_prev);
-        initial.extend(&prompt[prompt.len().saturating_sub(n_ctx / 2 - 1)..]);
-    }
-    let sot_index = initial.len();
-    initial.extend(sot_seq);
-    let sample_begin = initial.len();
 
-    let mut cache = model.new_cache();
-    let first = model.decode(&mut cache, &initial, xa, true)?;
-    let no_speech_prob = match sp.no_speech {
-        Some(ns) => softmax_at(&first[sot_index], ns as usize),
-        None => f32::NAN,
-    };
-    let mut logits = first.last().cloned().unwrap_or_default();
-    let mut tokens = initial;
-    let mut sum_logprob = 0f64;
-    let mut sampled = 0usize;
-    loop {
-        apply_filters(&mut logits, &tokens, sample_begin, &sp, timestamps);
-        let next = argmax(&logits);
-        sum_logprob += log_softmax_at(&logits, next) as f64;
-        tokens.push(next as u32);
-        sampled += 1;
-        if next as u32 == sp.eot || sampled >= sample_len || tokens.len() > n_ctx {
-            break;
+/// The window decoded at `temperature`: greedy at 0; else `n` samples, the
+/// likeliest kept (openai-whisper's ranking without a length penalty: sum of
+/// log-probabilities over the number of tokens).
+fn best_of(n: usize, temperature: f32, mut decode: impl FnMut(f32) -> Result<Decoded>) -> Result<Decoded> {
+    if temperature <= 0.0 {
+        return decode(0.0);
+    }
+    let mut best: Option<(f64, Decoded)> = None;
+    for _ in 0..n.max(1) {
+        let d = decode(temperature)?;
+        let score = d.sum_logprob / d.tokens.len().max(1) as f64;
+        if best.as_ref().is_none_or(|(s, _)| score > *s) {
+            best = Some((score, d));
         }
-        logits = model.decode(&mut cache, &[next as u32], xa, false)?.pop().unwrap_or_default();
     }
-    let mut out: Vec<u32> = tokens[sample_begin..].to_vec();
-    // The EOT's log-probability is counted (mlx-whisper adds each step's
-    // while the previous token was not EOT).
-    if let Some(p) = out.iter().position(|&t| t == sp.eot) {
-        out.truncate(p);
-    }
-    let avg_logprob = (sum_logprob / (out.len() + 1) as f64) as f32;
-    Ok(Decoded { tokens: out, avg_logprob, no_speech_prob })
+    Ok(best.expect("at least one sample").1)
 }
 
-/// Whisper's logit filters, in mlx-whisper's order: blank suppression at
-/// the first sampled position, the suppressed tokens, the timestamp rules.
-fn apply_filters(logits: &mut [f32], tokens: &[u32], sample_begin: usize, sp: &super::whisper::Specials, timestamps: bool) {
-    let ninf = f32::NEG_INFINITY;
-    let set = |logits: &mut [f32], ids: &mut dyn Iterator<Item = usize>| {
-        for i in ids {
-            if let Some(x) = logits.get_mut(i) {
-                *x = ninf;
+/// faster-whisper's `generate_with_fallback`: `decode(t)` (the decoding and
+/// its compression ratio) at each of `opts.temperatures` until one passes
+/// the thresholds (see the module doc). Returns the decoding kept, its
+/// temperature (the last tried when all failed) and compression ratio.
+fn decode_with_fallback(opts: &Options, mut decode: impl FnMut(f32) -> Result<(Decoded, f32)>) -> Result<(Decoded, f32, f32)> {
+    let mut all: Vec<(Decoded, f32, f32)> = Vec::new();
+    let mut below_cr: Vec<usize> = Vec::new();
+    for &t in &opts.temperatures {
+        let (d, ratio) = decode(t)?;
+        let mut needs_fallback = false;
+        if let Some(cr) = opts.compression_ratio_threshold {
+            if ratio > cr {
+                needs_fallback = true; // too repetitive
+            } else {
+                below_cr.push(all.len());
             }
         }
-    };
-    if tokens.len() == sample_begin {
-        set(logits, &mut sp.begin_suppress.iter().map(|&t| t as usize));
-    }
-    set(logits, &mut sp.suppress.iter().map(|&t| t as usize));
-    if !timestamps {
-        return;
-    }
-    let tb = sp.timestamp_begin as usize;
-    let v = logits.len();
-    if tb >= v {
-        return;
-    }
-    // <|notimestamps|> is decided by the SOT sequence, never sampled.
-    set(logits, &mut std::iter::once(sp.no_timestamps as usize));
-    let seq = &tokens[sample_begin..];
-    let is_ts = |t: u32| t as usize >= tb;
-    let last_was_ts = seq.last().is_some_and(|&t| is_ts(t));
-    let penultimate_was_ts = seq.len() < 2 || is_ts(seq[seq.len() - 2]);
-    if last_was_ts {
-        if penultimate_was_ts {
-            set(logits, &mut (tb..v)); // has to be a text token
-        } else {
-            set(logits, &mut (0..sp.eot as usize)); // cannot be a text token
+        let low_logprob = opts.logprob_threshold.is_some_and(|lp| d.avg_logprob < lp);
+        if low_logprob {
+            needs_fallback = true;
         }
-    }
-    // Timestamps never decrease, and each segment has a nonzero length
-    // (openai-whisper's and faster-whisper's rule; mlx-whisper 0.4.3 slices
-    // with the timestamp's index instead of its value, which masks nothing).
-    if let Some(&last) = seq.iter().rev().find(|&&t| is_ts(t)) {
-        let last = if last_was_ts && !penultimate_was_ts { last as usize } else { last as usize + 1 };
-        set(logits, &mut (tb..last.min(v)));
-    }
-    if tokens.len() == sample_begin {
-        set(logits, &mut (0..tb)); // the first token is a timestamp
-        if let Some(m) = sp.max_initial_timestamp_index {
-            set(logits, &mut ((tb + m as usize + 1).min(v)..v));
+        if opts.no_speech_threshold.is_some_and(|ns| d.no_speech_prob > ns) && low_logprob {
+            needs_fallback = false; // silence
         }
-    }
-    // If the timestamps together are likelier than any text token, sample a timestamp.
-    let lse = log_sum_exp(logits);
-    let ts_lp = log_sum_exp(&logits[tb..]) - lse;
-    let max_text = logits[..tb].iter().copied().fold(ninf, f32::max) - lse;
-    if ts_lp > max_text {
-        set(logits, &mut (0..tb));
-    }
-}
-
-fn log_sum_exp(x: &[f32]) -> f32 {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if m == f32::NEG_INFINITY {
-        return m;
-    }
-    m + x.iter().map(|&v| (v - m).exp()).sum::<f32>().ln()
-}
-
-fn log_softmax_at(x: &[f32], i: usize) -> f32 {
-    x[i] - log_sum_exp(x)
-}
-
-fn softmax_at(x: &[f32], i: usize) -> f32 {
-    if i >= x.len() {
-        return f32::NAN;
-    }
-    log_softmax_at(x, i).exp()
-}
-
-/// The first index of the largest value (numpy's and MLX's argmax).
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
+        if !needs_fallback {
+            return Ok((d, t, ratio));
         }
+        all.push((d, t, ratio));
     }
-    best
+    // Every temperature failed: the best average log-probability among
+    // those under the compression threshold, else among all, with the last
+    // temperature tried (it decides the prompt reset).
+    let last_t = *opts.temperatures.last().expect("checked non-empty");
+    let pool: Vec<usize> = if below_cr.is_empty() { (0..all.len()).collect() } else { below_cr };
+    // The first of equals, as Python's max.
+    let best = pool.into_iter().reduce(|a, b| if all[b].0.avg_logprob > all[a].0.avg_logprob { b } else { a }).expect("one at least");
+    let (d, _, ratio) = all.swap_remove(best);
+    Ok((d, last_t, ratio))
 }
+
+#[cfg(test)]
+#[path = "transcribe_tests.rs"]
+mod tests;

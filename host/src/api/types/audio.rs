@@ -19,7 +19,9 @@ pub struct AudioForm {
     pub language: Option<String>,
     /// `json` (default), `text`, `srt`, `verbose_json` or `vtt`.
     pub response_format: Option<String>,
-    /// Sampling temperature: only 0 (greedy decoding) is supported.
+    /// Sampling temperature, 0 to 1 (default 0: greedy). As OpenAI documents it, the
+    /// temperature rises (by 0.2, up to 1) for a window whose text is repetitive
+    /// (gzip compression ratio over 2.4) or unlikely (average log-probability under -1).
     pub temperature: Option<f64>,
     /// Accepted and ignored (rmlx conditions each window on the text decoded before it).
     pub prompt: Option<String>,
@@ -38,9 +40,10 @@ pub struct TranscriptionSegment {
     pub text: String,
     /// Token ids, timestamp tokens included.
     pub tokens: Vec<u32>,
+    /// The temperature the window was decoded at.
     pub temperature: f64,
     pub avg_logprob: f64,
-    /// Not computed yet (rmlx has no temperature fallback that would use it).
+    /// The gzip compression ratio of the window's text (the fallback's repetition test).
     pub compression_ratio: Option<f64>,
     pub no_speech_prob: f64,
 }
