@@ -7,6 +7,7 @@
 //! - `language_model.model.*`: the gemma4_text decoder (gemma4_text.rs) on
 //!   `text_config`; the head is always the tied embedding (mlx-vlm's
 //!   `LanguageModel` has no `lm_head`).
+//!
 //! Audio (`audio_tower`, `embed_audio`) is not built: a config with
 //! `audio_config` loads, its audio tensors stay unused.
 //!
@@ -166,15 +167,30 @@ impl ModelImpl for Gemma4 {
 mod tests {
     use super::*;
 
+    /// The base config with `top`, `text` and `vision` (`,"key":value...`)
+    /// laid over its top level, `text_config` and `vision_config`.
     fn cfg(top: &str, text: &str, vision: &str) -> Result<Config> {
-        Config::parse(&format!(
-            r#"{{"model_type":"gemma4","image_token_id":290,"audio_token_id":291{top},
-               "text_config":{{"hidden_size":64,"num_hidden_layers":2,"intermediate_size":64,"head_dim":16,"global_head_dim":16,
+        let mut c: Value = serde_json::from_str(
+            r#"{"model_type":"gemma4","image_token_id":290,"audio_token_id":291,
+               "text_config":{"hidden_size":64,"num_hidden_layers":2,"intermediate_size":64,"head_dim":16,"global_head_dim":16,
                   "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":300,"vocab_size_per_layer_input":300,
-                  "hidden_size_per_layer_input":8,"num_kv_shared_layers":0{text}}},
-               "vision_config":{{"hidden_size":32,"num_hidden_layers":2,"intermediate_size":64,"num_attention_heads":4,
-                  "num_key_value_heads":2,"head_dim":8,"patch_size":4,"pooling_kernel_size":2{vision}}}}}"#
-        ))
+                  "hidden_size_per_layer_input":8,"num_kv_shared_layers":0},
+               "vision_config":{"hidden_size":32,"num_hidden_layers":2,"intermediate_size":64,"num_attention_heads":4,
+                  "num_key_value_heads":2,"head_dim":8,"patch_size":4,"pooling_kernel_size":2}}"#,
+        )
+        .unwrap();
+        let over = |target: &mut Value, extra: &str| {
+            if !extra.is_empty() {
+                let o: Value = serde_json::from_str(&format!("{{{}}}", &extra[1..])).unwrap();
+                for (k, v) in o.as_object().unwrap() {
+                    target[k] = v.clone();
+                }
+            }
+        };
+        over(&mut c, top);
+        over(&mut c["text_config"], text);
+        over(&mut c["vision_config"], vision);
+        Config::parse(&c.to_string())
     }
 
     #[test]
