@@ -5,18 +5,18 @@ word-level tokenizer and a Gemma-3-style chat template (the fixture has
 neither). The config file's `[server.images] allowed_dirs` lets file://
 URLs read one directory."""
 import base64
-import io
+import struct
 import json
 import pathlib
 import re
 import shutil
 import subprocess
 import threading
+import zlib
 
 import anthropic
 import openai
 import pytest
-from PIL import Image
 
 from conftest import ROOT, rmlx_bin
 
@@ -51,12 +51,22 @@ def tokenizer_json() -> dict:
 
 
 def png(rgb) -> bytes:
-    img = Image.new("RGB", (20, 12), tuple(rgb))
-    for i in range(12):
-        img.putpixel((i, i), (255, 255, 255))
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+    """A 20x12 RGB PNG of colour `rgb` with a white diagonal, written with
+    zlib and struct (no imaging library in the test environment)."""
+    w, h = 20, 12
+    rows = []
+    for y in range(h):
+        row = bytearray([0])  # filter type 0 (none)
+        for x in range(w):
+            row += bytes((255, 255, 255)) if (x == y) else bytes(rgb)
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
