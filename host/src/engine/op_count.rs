@@ -88,9 +88,11 @@ fn print_graph(outputs: &[&Array]) -> Result<String> {
     }
 }
 
-/// Whether `RMLX_COUNT_OPS` asks for counts.
+/// Whether `RMLX_COUNT_OPS` asks for counts (read once: this is asked on
+/// every decode step).
 pub fn enabled() -> bool {
-    std::env::var("RMLX_COUNT_OPS").map(|v| v != "0" && !v.is_empty()).unwrap_or(false)
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RMLX_COUNT_OPS").map(|v| v != "0" && !v.is_empty()).unwrap_or(false))
 }
 
 #[cfg(test)]
