@@ -26,8 +26,7 @@ language_model(inputs_embeds=...) without its 4-D padding mask, so
 attention is causal (windowed on local layers) throughout, image tokens
 included; the logits here are computed the same way.
 """
-import json
-import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,6 +37,9 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 
 from mlx_vlm.models import gemma3
 from mlx_vlm.utils import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vision_golden_common import save_model, write_golden  # noqa: E402
 
 MODEL = Path("tests/fixtures/models/gemma3-vision-tiny")
 GOLD = Path("tests/fixtures/goldens/gemma3-vision-tiny")
@@ -156,12 +158,7 @@ def pixels():
 
 
 def main():
-    MODEL.mkdir(parents=True, exist_ok=True)
-    GOLD.mkdir(parents=True, exist_ok=True)
-    weights = build()
-    mx.save_safetensors(str(MODEL / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (MODEL / "config.json").write_text(json.dumps(CONFIG, indent=1) + "\n")
-    (MODEL / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1) + "\n")
+    save_model(MODEL, build(), CONFIG, {"preprocessor_config.json": PREPROCESSOR})
 
     model = load_model(MODEL)  # mlx-vlm's own loading: config, sanitize, strict weights
     pv = pixels()
@@ -185,10 +182,7 @@ def main():
     logits_text = model.language_model(tids, inputs_embeds=temb).logits[0]
     np.testing.assert_allclose(np.array(logits_text), np.array(model.language_model(tids).logits[0]), atol=1e-5)
 
-    np.asarray(pv, "<f4").tofile(GOLD / "pixels.f32")
-    np.asarray(merged, "<f4").tofile(GOLD / "features.f32")
-    np.asarray(logits_image, "<f4").tofile(GOLD / "logits_image.f32")
-    np.asarray(logits_text, "<f4").tofile(GOLD / "logits_text.f32")
+    arrays = {"pixels": pv, "features": merged, "logits_image": logits_image, "logits_text": logits_text}
     meta = {
         "images": IMAGES,
         "pixels_shape": list(pv.shape),
@@ -202,14 +196,8 @@ def main():
         "eoi_token_index": EOI,
         "mm_tokens_per_image": T,
         "feature_divisor": float(model.config.hidden_size ** 0.5),
-        "mlx": mx.__version__,
     }
-    import mlx_vlm
-    meta["mlx_vlm"] = mlx_vlm.__version__ if hasattr(mlx_vlm, "__version__") else "?"
-    (GOLD / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(json.dumps(meta))
-    print("sizes:", {f: os.path.getsize(MODEL / f) for f in os.listdir(MODEL)})
-
+    write_golden(GOLD, arrays, meta, MODEL)
 
 if __name__ == "__main__":
     main()

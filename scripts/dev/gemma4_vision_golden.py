@@ -24,8 +24,7 @@ A 16x24 image with patch 4 is a 4x6 patch grid (24 patches), pooled 2x2 to
 (windowed on sliding layers) over image tokens too: mlx-vlm's `Model.__call__`
 without `mm_token_type_ids` does not apply the bidirectional vision overlay.
 """
-import json
-import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +33,9 @@ from mlx.utils import tree_flatten
 
 from mlx_vlm.models import gemma4
 from mlx_vlm.utils import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vision_golden_common import save_model, write_golden  # noqa: E402
 
 MODEL = Path("tests/fixtures/models/gemma4-vision-tiny")
 GOLD = Path("tests/fixtures/goldens/gemma4-vision-tiny")
@@ -143,11 +145,8 @@ def build():
 
 
 def main():
-    MODEL.mkdir(parents=True, exist_ok=True)
-    GOLD.mkdir(parents=True, exist_ok=True)
     weights = build()
-    mx.save_safetensors(str(MODEL / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (MODEL / "config.json").write_text(json.dumps(CONFIG, indent=1) + "\n")
+    save_model(MODEL, weights, CONFIG)
 
     model = load_model(MODEL)  # mlx-vlm's own loading: config, sanitize, strict weights
     # Keep only what mlx-vlm loaded (its sanitize drops shared layers' K/V).
@@ -171,11 +170,7 @@ def main():
     tids = mx.array([PROMPT_TEXT])
     logits_text = model(tids).logits[0]
 
-    np.asarray(pv, "<f4").tofile(GOLD / "pixels.f32")
-    np.asarray(feats, "<f4").tofile(GOLD / "features.f32")
-    np.asarray(logits_image, "<f4").tofile(GOLD / "logits_image.f32")
-    np.asarray(logits_text, "<f4").tofile(GOLD / "logits_text.f32")
-    import mlx_vlm
+    arrays = {"pixels": pv, "features": feats, "logits_image": logits_image, "logits_text": logits_text}
     meta = {
         "pixels_shape": list(pv.shape),
         "features_shape": list(feats.shape),
@@ -187,13 +182,8 @@ def main():
         "boi_token_id": BOI,
         "eoi_token_id": EOI,
         "tokens_per_image": T,
-        "mlx": mx.__version__,
-        "mlx_vlm": getattr(mlx_vlm, "__version__", "?"),
     }
-    (GOLD / "golden.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(json.dumps(meta))
-    print("sizes:", {f: os.path.getsize(MODEL / f) for f in os.listdir(MODEL)})
-
+    write_golden(GOLD, arrays, meta, MODEL)
 
 if __name__ == "__main__":
     main()
