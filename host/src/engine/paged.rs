@@ -5,7 +5,10 @@
 //! scatter), then the family attends over the pools read through the rows'
 //! block tables (rows padded to the longest; padding reads block 0 and is
 //! masked) with a mask that is causal per row, stops at each row's length,
-//! and applies the layer's sliding window when it has one. Keys and values of
+//! and applies the layer's sliding window when it has one. Rows may bring
+//! different numbers of new tokens (`PagedForward::ragged`, the scheduler's
+//! batched prefill): they are left-padded, and padding is neither stored
+//! nor seen. Keys and values of
 //! one family: that family's `attend` (the dense family: MLX's fused sdpa).
 //! Of two: the composed path (`scores`, softmax, `mix`).
 //!
@@ -34,8 +37,11 @@ pub struct PagedForward<'a> {
     pool: &'a mut KvPool,
     offsets: Vec<i32>,
     len: usize,
-    /// int32 [B * len]: the slots the new tokens go to (row-major).
+    /// int32 [N]: the slots the new real tokens go to (row-major).
     write: Array,
+    /// Ragged rows: int32 [N], the real tokens' indices in the forward's
+    /// [B * len] (row-major); None when no row is padded (N = B * len).
+    keep: Option<Array>,
     /// int32 [B, blocks]: per row, its table's first `blocks` entries, the
     /// blocks holding positions 0..ctx (padding: block 0). Gathering whole
     /// blocks takes one index per block, not one per token.
@@ -60,15 +66,31 @@ pub struct PagedForward<'a> {
 impl<'a> PagedForward<'a> {
     /// Rows' tables must already cover `offset + len` tokens.
     pub fn new(pool: &'a mut KvPool, rows: &[Row], len: usize) -> anyhow::Result<Self> {
+        Self::ragged(pool, rows, &vec![len; rows.len()])
+    }
+
+    /// Ragged rows (batched prefill): row b brings `lens[b]` new tokens,
+    /// LEFT-padded to the longest, L = max(lens). Its first real token is
+    /// at column L - lens[b], so every row's last real token is column
+    /// L - 1 and `LOGITS_LAST` is each row's own. Its positions start at
+    /// `offset - pad` (possibly negative: only padding sits there), so real
+    /// tokens keep their true positions. Padding writes nothing (`keep`),
+    /// real queries never see it (it is in no table), and padding queries
+    /// see position 0 only (no all-masked softmax). Rows' tables must
+    /// already cover `offset + lens[b]` tokens.
+    pub fn ragged(pool: &'a mut KvPool, rows: &[Row], lens: &[usize]) -> anyhow::Result<Self> {
+        anyhow::ensure!(lens.len() == rows.len(), "{} lengths for {} rows", lens.len(), rows.len());
+        let len = lens.iter().copied().max().unwrap_or(0);
         let bs = pool.block_size;
-        let nblk = rows.iter().map(|r| (r.offset + len).div_ceil(bs)).max().unwrap_or(0);
+        let nblk = rows.iter().zip(lens).map(|(r, &n)| (r.offset + n).div_ceil(bs)).max().unwrap_or(0);
         let ctx = nblk * bs;
         let slot = |t: &[u32], p: usize| (t[p / bs] as usize * bs + p % bs) as i32;
         let mut write = Vec::with_capacity(rows.len() * len);
+        let mut keep = Vec::new();
         let mut gather = Vec::with_capacity(rows.len() * nblk);
         let mut max_id = 0;
-        for r in rows {
-            let end = r.offset + len;
+        for (b, (r, &n)) in rows.iter().zip(lens).enumerate() {
+            let end = r.offset + n;
             if r.table.len() * bs < end {
                 anyhow::bail!(
                     "a block table holds {} tokens, the forward needs {end}",
@@ -77,17 +99,20 @@ impl<'a> PagedForward<'a> {
             }
             max_id = max_id.max(r.table.iter().copied().max().unwrap_or(0) as usize);
             write.extend((r.offset..end).map(|p| slot(r.table, p)));
+            keep.extend((b * len + len - n..(b + 1) * len).map(|i| i as i32));
             let own = end.div_ceil(bs);
             gather.extend(r.table[..own].iter().map(|&b| b as i32));
             gather.extend(std::iter::repeat_n(0, nblk - own));
         }
         pool.reserve(max_id);
         let b = rows.len() as i32;
+        let padded = lens.iter().any(|&n| n != len);
         Ok(Self {
             pool,
-            offsets: rows.iter().map(|r| r.offset as i32).collect(),
+            offsets: rows.iter().zip(lens).map(|(r, &n)| r.offset as i32 - (len - n) as i32).collect(),
             len,
-            write: Array::from_slice(&write, &[b * len as i32]),
+            keep: padded.then(|| Array::from_slice(&keep, &[keep.len() as i32])),
+            write: Array::from_slice(&write, &[write.len() as i32]),
             tables: Array::from_slice(&gather, &[b, nblk as i32]),
             ctx,
             exact: (rows.len() == 1).then(|| rows[0].offset + len),
@@ -134,7 +159,11 @@ impl<'a> PagedForward<'a> {
                 let mut m = Vec::with_capacity(offsets.len() * len * ctx);
                 for &o in offsets {
                     for i in 0..len {
-                        let pos = o as usize + i;
+                        // Negative: a ragged row's padding (it sees position 0 only).
+                        let Ok(pos) = usize::try_from(o as isize + i as isize) else {
+                            m.extend((0..ctx).map(|j| j == 0));
+                            continue;
+                        };
                         m.extend(
                             (0..ctx)
                                 .map(|j| j <= pos && (window == 0 || j + window as usize > pos)),
@@ -228,10 +257,16 @@ impl super::attend::KvStore for PagedForward<'_> {
                 kd.head_dim
             )));
         }
-        // [B, K, L, hd] -> [B*L, K, hd] -> components [B*L, ...] -> [B*L, 1, ...]: one update per slot.
+        // [B, K, L, hd] -> [B*L, K, hd] -> components [N, ...] -> [N, 1, ...]: one update per slot.
         let (kf, vf) = (&self.pool.k, &self.pool.v);
         let encode = |codec: &dyn rmlx_plugin_api::author::kv::KvCodecImpl, family: &str, shape: &SideShape, x: &Array| -> Result<Vec<Array>, PluginError> {
             let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * n, x.dim(1), x.dim(3)])?;
+            // Ragged rows: only the real tokens are stored. [B*L, K, hd] -> [N, K, hd]
+            let x = match &self.keep {
+                Some(keep) => x.take_axis(keep, 0)?,
+                None => x,
+            };
+            let rows = x.dim(0);
             let comps = codec.encode(&x, &shape.dims)?;
             if comps.len() != shape.comps.len() {
                 return Err(PluginError::other(format!(
@@ -244,7 +279,7 @@ impl super::attend::KvStore for PagedForward<'_> {
                 .into_iter()
                 .zip(&shape.comps)
                 .map(|(a, c)| {
-                    let mut s = vec![b * n, 1];
+                    let mut s = vec![rows, 1];
                     s.extend(&c.shape);
                     Ok(a.as_dtype(c.dtype)?.reshape(&s)?)
                 })
@@ -419,6 +454,61 @@ mod tests {
         close(&a[0], &b[0]);
         close(&a[1], &b[1]);
         assert_eq!(a[0].shape(), &[bs as i32, kh, hd]);
+    }
+
+    /// Ragged rows (batched prefill): rows of 5, 2 and 1 new tokens,
+    /// left-padded to 5, over different cached contexts, in one forward,
+    /// equal attention over each row's own contiguous history, with and
+    /// without a window, and store exactly what per-row forwards store
+    /// (padding writes nothing).
+    #[test]
+    fn ragged_rows_equal_per_row_attention() {
+        let (h, kh, hd, bs) = (4, 2, 8, 4);
+        let r = |b: i32, heads: i32, l: i32| random::normal::<f32>(&[b, heads, l, hd], None, None, None).unwrap();
+        let tables = [vec![5u32, 1, 7], vec![0u32, 6, 3], vec![2u32, 4, 8]];
+        let (cached, lens) = ([3usize, 6, 0], [5usize, 2, 1]);
+        for window in [0u32, 3] {
+            let (mut batched, mut alone) = (test_pool(1, kh, hd, bs, 64), test_pool(1, kh, hd, bs, 64));
+            // Each row's cached context, written alike into both pools.
+            let mut hist = Vec::new();
+            for (t, &c) in tables.iter().zip(&cached) {
+                let (q, k, v) = (r(1, h, c.max(1) as i32), r(1, kh, c.max(1) as i32), r(1, kh, c.max(1) as i32));
+                if c > 0 {
+                    let rows = [Row { table: t, offset: 0 }];
+                    attend(&mut batched, &rows, &q, &k, &v, window);
+                    attend(&mut alone, &rows, &q, &k, &v, window);
+                }
+                hist.push((k, v, c));
+            }
+            // The new tokens, left-padded to L = 5 (padding: random too).
+            let l = 5;
+            let (q, k, v) = (r(3, h, l), r(3, kh, l), r(3, kh, l));
+            let rows: Vec<Row> = (0..3).map(|b| Row { table: &tables[b], offset: cached[b] }).collect();
+            let mut f = PagedForward::ragged(&mut batched, &rows, &lens).unwrap();
+            assert_eq!(f.offsets().as_slice::<i32>(), &[3, 3, -4]);
+            let out = f.attend(0, q.clone(), k.clone(), v.clone(), &AttendOpts::plain(0.5).window(window)).unwrap();
+            drop(f);
+            for b in 0..3usize {
+                let pad = (l as usize - lens[b]) as i32;
+                let real = |x: &Array| x.try_index((b as i32..b as i32 + 1, .., pad..l, ..)).unwrap();
+                let (hk, hv, c) = &hist[b];
+                let (hk, hv) = if *c > 0 {
+                    (concatenate(&[hk.clone(), real(&k)], 2).unwrap(), concatenate(&[hv.clone(), real(&v)], 2).unwrap())
+                } else {
+                    (real(&k), real(&v))
+                };
+                close(&real(&out), &reference(&real(&q), &hk, &hv, window));
+                // The same row alone, unpadded, into the other pool.
+                let one = [Row { table: &tables[b], offset: cached[b] }];
+                attend(&mut alone, &one, &real(&q), &real(&k), &real(&v), window);
+            }
+            assert!(out.try_index((2..3, .., 0..4, ..)).unwrap().abs().unwrap().max(None).unwrap().item_exact::<f32>().is_finite());
+            for id in 0..9 {
+                let (x, y) = (batched.read_block(id).unwrap(), alone.read_block(id).unwrap());
+                close(&x[0], &y[0]);
+                close(&x[1], &y[1]);
+            }
+        }
     }
 
     /// A write that fails in the middle of a forward (keys that do not fit
