@@ -67,8 +67,9 @@ pub struct Hybrid {
     /// have them exactly when this is set).
     pub attention_bias: bool,
     pub projections: Projections,
-    /// qwen3_5's Hugging Face layout, which mlx-lm's sanitize rewrites at
-    /// load: conv1d weights [C, 1, K] (moved to [C, K, 1]) and the RMSNorm
+    /// The Hugging Face layout (qwen3_5: conv1d weights [C, 1, K];
+    /// qwen3_next: experts stored one by one), which mlx-lm's sanitize
+    /// rewrites at load: conv1d weights [C, 1, K] (moved to [C, K, 1]) and the RMSNorm
     /// weights of the blocks, q/k and the final norm stored as offsets from
     /// 1 (1 is added; the DeltaNet's gated norm is not shifted).
     pub hf_layout: bool,
@@ -314,14 +315,6 @@ fn feed_forward(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Box<dyn 
     if !c.is_sparse(i) {
         return Ok(Box::new(Mlp::load(w, p)?)); // [D] -> [intermediate_size] -> [D]
     }
-    if w.contains(&format!("{p}.experts.0.up_proj.weight")) {
-        return Err(PluginError::unsupported(format!(
-            "{p}.experts.*: the experts are stored one by one (the Hugging Face layout, whose norms and conv \
-             weights mlx-lm also rewrites); rmlx reads the layout mlx-lm's sanitize writes \
-             ({p}.switch_mlp.{{gate,up,down}}_proj.weight [experts, out, in]): convert the checkpoint with \
-             mlx_lm.convert first"
-        )));
-    }
     // E x ([D] -> [moe_intermediate_size] -> [D]), k per token
     let routed = SparseMoe::load(w, p, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)?;
     // + sigmoid(shared_expert_gate(x)) * shared_expert(x)
@@ -345,7 +338,7 @@ pub struct HybridBlock {
 }
 
 impl HybridBlock {
-    fn load(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Self> {
+    pub(crate) fn load(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Self> {
         let mixer = if c.is_linear(i) {
             Mixer::Delta(DeltaLayer::load(w, &format!("{p}.linear_attn"), c)?)
         } else {
@@ -361,7 +354,7 @@ impl HybridBlock {
     }
 
     /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+    pub(crate) fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let n = rms_norm(x, &self.input_layernorm, self.eps)?;
         let r = match &self.mixer {
             Mixer::Attention(a) => a.forward(&n, layer, pos, attn)?,

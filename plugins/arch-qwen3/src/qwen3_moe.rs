@@ -175,13 +175,6 @@ fn feed_forward(w: &mut Weights, c: &Config, i: i32, p: &str) -> Result<Box<dyn 
     if !c.is_sparse(i) {
         return Ok(Box::new(Mlp::load(w, p)?)); // [D] -> [intermediate_size] -> [D]
     }
-    if w.contains(&format!("{p}.experts.0.up_proj.weight")) {
-        return Err(PluginError::unsupported(format!(
-            "{p}.experts.*: the experts are stored one by one (the Hugging Face layout); rmlx reads them \
-             stacked as mlx-lm's sanitize writes them ({p}.switch_mlp.{{gate,up,down}}_proj.weight \
-             [experts, out, in]): convert the checkpoint with mlx_lm.convert first"
-        )));
-    }
     let moe = SparseMoe::load(w, p, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)?;
     Ok(Box::new(moe)) // [D] -> E x ([D] -> [moe_intermediate_size] -> [D]), k per token
 }
@@ -205,7 +198,8 @@ impl Qwen3Moe {
     pub fn load(config_json: &str, w: &mut Weights) -> Result<Self> {
         let c = Config::parse(config_json)?;
         // Weight sanitising as mlx-lm's: a tied head drops `lm_head` (the
-        // decoder never asks for it); per-expert tensors are refused above.
+        // decoder never asks for it); Hugging Face's per-expert tensors are
+        // stacked at load by `SparseMoe::load`.
         let decoder = Decoder::load_blocks(w, c.num_hidden_layers, c.rms_norm_eps, c.tie_word_embeddings, |w, i, p| {
             block(w, &c, i, p)
         })?;

@@ -144,7 +144,13 @@ impl Config {
 
 pub fn load(config_json: &str, w: &mut Weights) -> Result<HybridModel> {
     let c = Config::parse(config_json)?;
-    HybridModel::load(c.hybrid(), w, "model.", "lm_head")
+    let mut h = c.hybrid();
+    // mlx-lm's qwen3_next sanitize takes a checkpoint whose experts are
+    // stored one by one for the Hugging Face layout: besides stacking the
+    // experts (`SparseMoe::load` does) it moves the conv1d weights to
+    // [C, K, 1] and adds 1 to the RMSNorm weights (`Hybrid::norm`).
+    h.hf_layout = (0..h.num_hidden_layers).any(|i| w.contains(&format!("model.layers.{i}.mlp.experts.0.up_proj.weight")));
+    HybridModel::load(h, w, "model.", "lm_head")
 }
 
 #[cfg(test)]

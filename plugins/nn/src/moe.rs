@@ -5,14 +5,16 @@
 //! The experts of a projection are one switch layer (`Weights::switch_linear`:
 //! `weight` [E, out, in] in any format, run through MLX's `gather_mm` /
 //! `gather_qmm` by the WeightQuant plugin that owns the format); nothing here
-//! loops over experts or names a format.
+//! loops over experts at run time or names a format. Hugging Face's
+//! per-expert float tensors are stacked once at load into the same
+//! [E, out, in] layer ([`SwitchGlu::load_per_expert`]).
 //!
 //! Shapes: B batch, L new tokens, N = B*L tokens, D hidden, F expert
 //! intermediate, E experts, k experts per token.
 use crate::decoder::{FeedForward, GateAct};
-use mlx_rs::{nn, ops, Array};
+use mlx_rs::{nn, ops, Array, Dtype};
 use rmlx_plugin_api::{
-    author::{LinearLayer, Result, SwitchLayer, Weights},
+    author::{add_expert_bias, switch_box, LinearLayer, Result, SwitchLayer, SwitchLinearImpl, Weights},
     PluginError,
 };
 
@@ -151,6 +153,25 @@ impl SwitchGlu {
         Ok(Self { gate_up: GateUp::Fused(gate_up), down_proj, act: GateAct::Silu })
     }
 
+    /// Hugging Face's per-expert layout under `p` (`...mlp.experts`):
+    /// `{p}.{e}.{gate,up,down}_proj.weight` [out, in] for each of the
+    /// `num_experts` experts, stacked once at load into switch layers of
+    /// [E, out, in] as mlx-lm's qwen3_moe / qwen3_next `sanitize` does, so
+    /// the forward is the stacked layout's (`gather_mm`).
+    pub fn load_per_expert(w: &mut Weights, p: &str, num_experts: i32) -> Result<Self> {
+        let gate = stack_experts(w, p, "gate_proj", num_experts)?;
+        let up = stack_experts(w, p, "up_proj", num_experts)?;
+        let down_proj = stack_experts(w, p, "down_proj", num_experts)?;
+        let (g, u, d) = (gate.dims(), up.dims(), down_proj.dims()); // (E, in, out)
+        if g != u || d != (g.0, g.2, g.1) {
+            return Err(PluginError::config(format!(
+                "{p}: expert shapes disagree: gate_proj {g:?}, up_proj {u:?}, down_proj {d:?} \
+                 (experts, in, out); expected up_proj = gate_proj and down_proj = (E, F, D)"
+            )));
+        }
+        Ok(Self { gate_up: GateUp::Separate { gate, up }, down_proj, act: GateAct::Silu })
+    }
+
     pub fn with_activation(mut self, act: GateAct) -> Self {
         self.act = act;
         self
@@ -199,6 +220,77 @@ impl SwitchGlu {
     }
 }
 
+/// Experts stored one by one, stacked at load: weight [E, out, in] kept
+/// transposed [E, in, out] for `gather_mm`, as mlx-lm's `SwitchLinear`
+/// after its sanitize stacked them; `bias` [E, out] when the experts have one.
+struct StackedExperts {
+    weight_t: Array,      // [E, in, out]
+    bias: Option<Array>,  // [E, out]
+    dims: (u32, u32, u32), // (E, in, out)
+}
+
+impl SwitchLinearImpl for StackedExperts {
+    /// x [..., 1 | k, 1, in], indices [..., k] -> [..., k, 1, out]
+    fn forward(&self, x: &Array, indices: &Array, sorted: bool) -> Result<Array> {
+        let y = ops::gather_mm(x, &self.weight_t, None, indices, sorted)?;
+        add_expert_bias(y, self.bias.as_ref(), indices)
+    }
+    fn dims(&self) -> (u32, u32, u32) {
+        self.dims
+    }
+}
+
+/// `{p}.{e}.{proj}.weight` [out, in] for e in 0..n (and `bias` [out] when
+/// expert 0 has one), stacked into one switch layer [n, out, in]. The
+/// stack is lazy like every loaded tensor: MLX computes it once, at the first
+/// forward, and keeps the result (the per-expert tensors are then released).
+fn stack_experts(w: &mut Weights, p: &str, proj: &str, n: i32) -> Result<SwitchLayer> {
+    let name = |e: i32, t: &str| format!("{p}.{e}.{proj}.{t}");
+    let stored = (0..).take_while(|&e| w.contains(&name(e, "weight"))).count() as i32;
+    if stored != n {
+        let which = if stored < n { format!("{} is missing", name(stored, "weight")) } else { format!("{} is there too", name(n, "weight")) };
+        return Err(PluginError::config(format!(
+            "{p}: num_experts is {n} but the checkpoint stores {stored} experts one by one ({which})"
+        )));
+    }
+    let with_bias = w.contains(&name(0, "bias"));
+    let (mut weights, mut biases) = (Vec::with_capacity(n as usize), Vec::new());
+    for e in 0..n {
+        let t = w.tensor(&name(e, "weight"))?; // [out, in]
+        if !matches!(t.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
+            return Err(PluginError::unsupported(format!(
+                "{}: {:?}, not plain float: quantized experts stored one by one are not a layout rmlx reads \
+                 (no tool we know writes it); load the float checkpoint, or quantize it with \
+                 `rmlx convert` or mlx_lm.convert, which stack the experts",
+                name(e, "weight"),
+                t.dtype()
+            )));
+        }
+        let first: &Array = weights.first().unwrap_or(&t);
+        if t.ndim() != 2 || t.shape() != first.shape() {
+            return Err(PluginError::config(format!(
+                "{}: shape {:?}; every expert's {proj} must be 2-D [out, in] of one shape ({:?})",
+                name(e, "weight"),
+                t.shape(),
+                first.shape()
+            )));
+        }
+        if with_bias {
+            let b = w.tensor(&name(e, "bias"))?;
+            if b.shape() != [t.dim(0)] {
+                return Err(PluginError::config(format!("{}: shape {:?}, expected [{}]", name(e, "bias"), b.shape(), t.dim(0))));
+            }
+            biases.push(b);
+        }
+        weights.push(t);
+    }
+    let (out, inp) = (weights[0].dim(0), weights[0].dim(1));
+    let weight = ops::stack(&weights, 0)?; // n x [out, in] -> [E, out, in]
+    let bias = if with_bias { Some(ops::stack(&biases, 0)?) } else { None }; // [E, out]
+    let experts = StackedExperts { weight_t: weight.swap_axes(-1, -2)?, bias, dims: (n as u32, inp as u32, out as u32) };
+    Ok(SwitchLayer(switch_box(Box::new(experts))))
+}
+
 // ---- block ----
 
 /// A sparse MoE feed-forward routed by a softmax over the experts with top-k
@@ -213,13 +305,17 @@ pub struct SparseMoe {
 
 impl SparseMoe {
     /// `p`: the block (`model.layers.{i}.mlp`): the router `{p}.gate` and the
-    /// experts `{p}.switch_mlp.{gate,up,down}_proj`, or Hugging Face's fused
-    /// `{p}.experts.{gate_up,down}_proj` ([`SwitchGlu::load_fused`]). `num_experts` is checked
-    /// against both.
+    /// experts `{p}.switch_mlp.{gate,up,down}_proj`, Hugging Face's fused
+    /// `{p}.experts.{gate_up,down}_proj` ([`SwitchGlu::load_fused`]) or its
+    /// experts one by one, `{p}.experts.{e}.{gate,up,down}_proj`
+    /// ([`SwitchGlu::load_per_expert`]). `num_experts` is checked against
+    /// the router and the experts.
     pub fn load(w: &mut Weights, p: &str, num_experts: i32, top_k: i32, norm_topk_prob: bool) -> Result<Self> {
         let gate = w.linear(&format!("{p}.gate"))?;
         let switch_mlp = if w.contains(&format!("{p}.experts.gate_up_proj")) {
             SwitchGlu::load_fused(w, &format!("{p}.experts"))?
+        } else if w.contains(&format!("{p}.experts.0.gate_proj.weight")) {
+            SwitchGlu::load_per_expert(w, &format!("{p}.experts"), num_experts)?
         } else {
             SwitchGlu::load(w, &format!("{p}.switch_mlp"))?
         };
@@ -259,7 +355,6 @@ mod tests {
     use super::*;
     use crate::swiglu;
     use mlx_rs::random;
-    use rmlx_plugin_api::author::{switch_box, SwitchLinearImpl};
 
     /// A dense switch layer: weight [E, out, in].
     struct DenseExperts(Array);
