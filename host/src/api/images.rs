@@ -57,6 +57,8 @@ impl Content {
 pub struct Loaded {
     pub spec: VisionSpec,
     pub images: Vec<(Pixels, MediaHash)>,
+    /// Each image's placeholder count (it may depend on the image's size).
+    pub counts: Vec<usize>,
 }
 
 fn media_error(e: MediaError, part: &str) -> ApiError {
@@ -76,7 +78,7 @@ pub async fn vision(entry: &Arc<ModelEntry>) -> Result<VisionSpec, ApiError> {
             ApiError::bad_request(
                 "messages",
                 format!(
-                    "model `{}` takes no images: it has no vision encoder the server can use (config.json `vision_config` with `image_token_index` and `mm_tokens_per_image`, and a preprocessor_config.json)",
+                    "model `{}` takes no images: it has no vision encoder the server can use (config.json `vision_config` with an image token id, and a preprocessor_config.json or processor_config.json whose placeholder layout the server knows: `mm_tokens_per_image`, or a `max_soft_tokens` budget)",
                     e.id
                 ),
             )
@@ -93,17 +95,18 @@ pub async fn load(state: &State, entry: &Arc<ModelEntry>, refs: Vec<ImageRef>) -
     }
     let spec = vision(entry).await?;
     // Their placeholders alone must fit the context: checked before any
-    // image is fetched or decoded.
-    let need = refs.len().saturating_mul(spec.tokens_per_image);
+    // image is fetched or decoded (with the fewest an image can take).
+    let need = refs.len().saturating_mul(spec.min_tokens());
     if let Some(ctx) = entry.context_length.filter(|&c| need >= c) {
         return Err(ApiError::bad_request(
             "messages",
-            format!("{} images take {need} placeholder tokens; the context of `{}` is {ctx}", refs.len(), entry.id),
+            format!("{} images take at least {need} placeholder tokens; the context of `{}` is {ctx}", refs.len(), entry.id),
         )
         .with_code("context_length_exceeded"));
     }
     let opts = &state.opts.media;
     let mut images = Vec::with_capacity(refs.len());
+    let mut counts = Vec::with_capacity(refs.len());
     for r in refs {
         let src = r.source.map_err(|e| media_error(e, &r.part))?;
         let bytes = load_source(&r.part, &src, opts).await.map_err(|e| media_error(e, &r.part))?;
@@ -115,20 +118,37 @@ pub async fn load(state: &State, entry: &Arc<ModelEntry>, refs: Vec<ImageRef>) -
             Ok((pixels, hash))
         })
         .await?;
+        counts.push(spec.tokens_for(&img.0).map_err(|m| ApiError::bad_request(&r.part, format!("{}: {m}", r.part)))?);
         images.push(img);
     }
-    Ok(Some(Loaded { spec, images }))
+    Ok(Some(Loaded { spec, images, counts }))
+}
+
+/// Each image's placeholder count for count_tokens: without loading any
+/// when the count is fixed (their sources must still parse), else the
+/// images loaded and preprocessed as a chat request would.
+pub async fn counts(state: &State, entry: &Arc<ModelEntry>, spec: &VisionSpec, refs: Vec<ImageRef>) -> Result<Vec<usize>, ApiError> {
+    match spec.fixed_tokens() {
+        Some(t) => {
+            let n = refs.len();
+            for r in refs {
+                r.source.map_err(|e| ApiError::bad_request(r.part.clone(), e.to_string()))?;
+            }
+            Ok(vec![t; n])
+        }
+        None => Ok(load(state, entry, refs).await?.map(|l| l.counts).unwrap_or_default()),
+    }
 }
 
 /// The rendered prompt with its image markers expanded, tokenized; with the
 /// images, the request's [`PromptMedia`]. `rendered` is the template's text.
-pub fn tokenize(entry: &ModelEntry, rendered: &str, spec: &VisionSpec, images: Vec<(Pixels, MediaHash)>) -> Result<(Vec<u32>, PromptMedia), ApiError> {
-    let n = images.len();
-    let expanded = spec.expand(rendered, n).map_err(|m| ApiError::bad_request("messages", m))?;
+pub fn tokenize(entry: &ModelEntry, rendered: &str, loaded: Loaded) -> Result<(Vec<u32>, PromptMedia), ApiError> {
+    let Loaded { spec, images, counts } = loaded;
+    let expanded = spec.expand(rendered, &counts).map_err(|m| ApiError::bad_request("messages", m))?;
     let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let tok = text.tokenizer.as_ref().ok_or_else(|| ApiError::internal("a vision model without a tokenizer"))?;
     let ids = tok.encode(&expanded, false).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let spans = spec.placeholder_spans(&ids, n).map_err(|m| ApiError::bad_request("messages", m))?;
+    let spans = spec.placeholder_spans(&ids, &counts).map_err(|m| ApiError::bad_request("messages", m))?;
     let images = images.into_iter().zip(spans).map(|((p, h), s)| PromptImage::new(p, h, s)).collect();
     Ok((ids, PromptMedia { images }))
 }
@@ -152,16 +172,16 @@ pub fn render(
             Ok((ids, rendered, None))
         }
         Some(l) => {
-            let (ids, media) = tokenize(entry, &rendered, &l.spec, l.images)?;
+            let (ids, media) = tokenize(entry, &rendered, l)?;
             Ok((ids, rendered, Some(Arc::new(media))))
         }
     }
 }
 
-/// The prompt length of a request with `n` images (count_tokens): the
-/// markers expanded, no image loaded (the count does not depend on them).
-pub fn count(entry: &ModelEntry, rendered: &str, spec: &VisionSpec, n: usize) -> Result<usize, ApiError> {
-    let expanded = spec.expand(rendered, n).map_err(|m| ApiError::bad_request("messages", m))?;
+/// The prompt length of a request whose images take `counts` placeholders
+/// (count_tokens): the markers expanded.
+pub fn count(entry: &ModelEntry, rendered: &str, spec: &VisionSpec, counts: &[usize]) -> Result<usize, ApiError> {
+    let expanded = spec.expand(rendered, counts).map_err(|m| ApiError::bad_request("messages", m))?;
     let text = entry.text().map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let tok = text.tokenizer.as_ref().ok_or_else(|| ApiError::internal("a vision model without a tokenizer"))?;
     Ok(tok.encode(&expanded, false).map_err(|e| ApiError::internal(format!("{e:#}")))?.len())

@@ -169,20 +169,20 @@ async fn count(state: State, req: CountTokensRequest) -> Result<CountTokensRespo
     let tools = tools_json(&req.tools, &req.tool_choice);
     let kw = kwargs(&req.thinking);
     check_bytes(&entry, &messages, &tools)?;
-    // Images count as their placeholder tokens; none is loaded (the count
-    // does not depend on them), but their sources must parse.
+    // Images count as their placeholder tokens: with a fixed count none is
+    // loaded (their sources must parse), else each is loaded to size it.
     let spec = match images.is_empty() {
         true => None,
-        false => Some(super::images::vision(&entry).await?),
+        false => {
+            let spec = super::images::vision(&entry).await?;
+            let counts = super::images::counts(&state, &entry, &spec, images).await?;
+            Some((spec, counts))
+        }
     };
-    let n_images = images.len();
-    for r in images {
-        r.source.map_err(|e| ApiError::bad_request(r.part.clone(), e.to_string()))?;
-    }
     let n = g::blocking(move || {
         let rendered = super::chat::render_text(&entry, messages, tools, kw)?;
         match &spec {
-            Some(spec) => super::images::count(&entry, &rendered, spec, n_images),
+            Some((spec, counts)) => super::images::count(&entry, &rendered, spec, counts),
             None => Ok(super::chat::tokenize(&entry, rendered)?.0.len()),
         }
     })

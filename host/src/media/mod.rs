@@ -6,7 +6,7 @@
 //!
 //! ```ignore
 //! let opts = MediaOptions::default();
-//! let proc = ImageProcessor::from_model_dir(model_dir)?;            // preprocessor_config.json
+//! let proc = ImageProcessor::from_model_dir(model_dir)?; // (pre)processor_config.json
 //! let part = "messages[0].content[1]";                               // named in every error
 //! let src = ImageSource::from_url(url);      // or ImageSource::from_anthropic(part, &block.source)?
 //! let bytes = load_source(part, &src, &opts).await?;                 // data:, http(s)://, file://
@@ -17,6 +17,7 @@
 pub mod hash;
 pub mod preprocess;
 pub mod resample;
+pub mod sizing;
 pub mod source;
 pub mod ssrf;
 pub mod vision;
@@ -60,7 +61,7 @@ pub enum MediaError {
     NotAnImage { part: String, reason: String },
     #[error("{part}: unusable image ({reason})")]
     Unusable { part: String, reason: String },
-    #[error("preprocessor_config.json: {0}")]
+    #[error("image processor config: {0}")]
     Config(String),
 }
 

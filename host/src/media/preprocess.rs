@@ -8,11 +8,24 @@
 //!   `patch_size * merge_size` within [min_pixels, max_pixels], same rescale
 //!   and normalisation, the frame repeated to `temporal_patch_size`, then
 //!   patches: output [grid_t * grid_h * grid_w, C * T * P * P] plus grid_thw.
+//! * patch budget (Gemma 4: `patch_size`, `pooling_kernel_size`,
+//!   `max_soft_tokens`): the aspect ratio kept, resized to the largest size
+//!   of at most `max_soft_tokens * pooling_kernel_size^2` patches whose
+//!   sides are multiples of `patch_size * pooling_kernel_size`
+//!   ([`budget_size`]), bicubic, `x * rescale_factor` in f32 (mlx-vlm's
+//!   processor), no normalisation unless `do_normalize`; output [3, H, W],
+//!   the model patchifies. Each image thus has its own size and its own
+//!   number of soft tokens, (H / p / k) * (W / p / k).
+//!
+//! The processor settings come from `processor_config.json`'s
+//! `image_processor` object where there is one (Hugging Face's Gemma 4
+//! repos; mlx-vlm reads it first), else from `preprocessor_config.json`.
 use std::path::Path;
 
 use serde_json::Value;
 
 use super::resample::{resize_rgb8, Filter};
+pub use super::sizing::{budget_size, smart_resize};
 use super::MediaError;
 
 /// Preprocessed pixels: row-major f32 with its shape, ready for an MLX array.
@@ -41,6 +54,13 @@ pub enum Resize {
         min_pixels: usize,
         max_pixels: usize,
     },
+    /// Gemma 4: aspect ratio kept, at most `max_patches` patches of
+    /// `patch` pixels, sides multiples of `patch * pool`.
+    PatchBudget {
+        patch: usize,
+        pool: usize,
+        max_patches: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +77,9 @@ pub struct ImageProcessor {
     pub resize: Resize,
     pub filter: Filter,
     pub rescale: Option<f64>,
+    /// Rescale in f32 (`x as f32 * factor as f32`, mlx-vlm's Gemma 4
+    /// processor) rather than in f64 then rounded (Hugging Face's `rescale`).
+    pub rescale_f32: bool,
     /// (mean, std) per channel.
     pub normalize: Option<([f32; 3], [f32; 3])>,
     pub patching: Option<Patching>,
@@ -66,12 +89,35 @@ const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 impl ImageProcessor {
+    /// The image processor settings of a model directory, if it has any:
+    /// `processor_config.json`'s `image_processor` object, else
+    /// `preprocessor_config.json`.
+    pub fn config_json(dir: &Path) -> Result<Option<Value>, MediaError> {
+        let read = |name: &str| -> Result<Option<Value>, MediaError> {
+            let path = dir.join(name);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                return Ok(None);
+            };
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| MediaError::Config(format!("{}: {e}", path.display())))
+        };
+        if let Some(ip) = read("processor_config.json")?
+            .and_then(|mut v| v.get_mut("image_processor").map(Value::take))
+            .filter(Value::is_object)
+        {
+            return Ok(Some(ip));
+        }
+        read("preprocessor_config.json")
+    }
+
     pub fn from_model_dir(dir: &Path) -> Result<Self, MediaError> {
-        let path = dir.join("preprocessor_config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| MediaError::Config(format!("reading {}: {e}", path.display())))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| MediaError::Config(format!("{}: {e}", path.display())))?;
+        let v = Self::config_json(dir)?.ok_or_else(|| {
+            MediaError::Config(format!(
+                "{}: neither processor_config.json with an image_processor nor preprocessor_config.json",
+                dir.display()
+            ))
+        })?;
         Self::from_json(&v)
     }
 
@@ -88,6 +134,8 @@ impl ImageProcessor {
         let qwen = kind.starts_with("Qwen2VL")
             || kind.starts_with("Qwen2_5_VL")
             || (v.get("merge_size").is_some() && v.get("temporal_patch_size").is_some());
+        // Gemma 4's processors: a soft-token budget over pooled patches.
+        let budget = !qwen && (v.get("max_soft_tokens").is_some() || v.get("pooling_kernel_size").is_some());
         if flag("do_pan_and_scan", false) {
             return Err(cfg("do_pan_and_scan is not supported yet".into()));
         }
@@ -146,6 +194,28 @@ impl ImageProcessor {
                 Resize::None
             };
             (resize, Some(p))
+        } else if budget {
+            // Hugging Face's Gemma4ImageProcessor defaults.
+            let (patch, pool, soft) = (
+                uint("patch_size").unwrap_or(16),
+                uint("pooling_kernel_size").unwrap_or(3),
+                uint("max_soft_tokens").unwrap_or(280),
+            );
+            if patch == 0 || pool == 0 || soft == 0 {
+                return Err(cfg(
+                    "patch_size, pooling_kernel_size and max_soft_tokens must be positive".into(),
+                ));
+            }
+            let resize = if flag("do_resize", true) {
+                Resize::PatchBudget {
+                    patch,
+                    pool,
+                    max_patches: soft * pool * pool,
+                }
+            } else {
+                Resize::None
+            };
+            (resize, None)
         } else {
             let resize = if !flag("do_resize", true) {
                 Resize::None
@@ -189,7 +259,8 @@ impl ImageProcessor {
         } else {
             ([0.5; 3], [0.5; 3])
         };
-        let normalize = if flag("do_normalize", true) {
+        // Gemma 4 was trained on [0, 1] pixels: no normalisation by default.
+        let normalize = if flag("do_normalize", !budget) {
             let (m, s) = (triple("image_mean", dmean)?, triple("image_std", dstd)?);
             if s.contains(&0.0) {
                 return Err(cfg("image_std holds a zero".into()));
@@ -203,6 +274,7 @@ impl ImageProcessor {
             resize,
             filter,
             rescale,
+            rescale_f32: budget,
             normalize,
             patching,
         })
@@ -240,6 +312,16 @@ impl ImageProcessor {
                     part: part.into(),
                     reason,
                 }),
+            Resize::PatchBudget {
+                patch,
+                pool,
+                max_patches,
+            } => budget_size(height, width, patch, pool, max_patches)
+                .map(|(h, w)| (w, h))
+                .map_err(|reason| MediaError::Unusable {
+                    part: part.into(),
+                    reason,
+                }),
         }
     }
 
@@ -253,12 +335,19 @@ impl ImageProcessor {
                 reason: format!("resizes to {ow}x{oh}"),
             });
         }
-        let rgb = resize_rgb8(img.as_raw(), w, h, ow, oh, self.filter); // [oh, ow, 3]
-                                                                        // Channels first, rescaled (f64 multiply, then f32, as HF) and normalised in f32.
+        // [oh, ow, 3]; an image already at its size is not resampled (as PIL).
+        let rgb = if (ow, oh) == (w, h) {
+            std::borrow::Cow::Borrowed(img.as_raw().as_slice())
+        } else {
+            std::borrow::Cow::Owned(resize_rgb8(img.as_raw(), w, h, ow, oh, self.filter))
+        };
+        // Channels first, rescaled (f64 multiply then f32 as HF, or in f32
+        // as mlx-vlm's Gemma 4 processor) and normalised in f32.
         let mut chw = vec![0f32; 3 * oh * ow]; // [3, oh, ow]
         for (i, px) in rgb.chunks_exact(3).enumerate() {
             for c in 0..3 {
                 let mut x = match self.rescale {
+                    Some(s) if self.rescale_f32 => px[c] as f32 * s as f32,
                     Some(s) => (px[c] as f64 * s) as f32,
                     None => px[c] as f32,
                 };
@@ -277,36 +366,6 @@ impl ImageProcessor {
             Some(p) => Ok(patchify(&chw, oh, ow, p)),
         }
     }
-}
-
-/// Qwen2-VL's `smart_resize`: (height, width) rounded to multiples of
-/// `factor`, scaled into [min_pixels, max_pixels], aspect ratio at most 200.
-/// Python's `round` is round-half-even, kept here.
-pub fn smart_resize(
-    height: usize,
-    width: usize,
-    factor: usize,
-    min_pixels: usize,
-    max_pixels: usize,
-) -> Result<(usize, usize), String> {
-    let (hf, wf, f) = (height as f64, width as f64, factor as f64);
-    if height.max(width) as f64 / height.min(width).max(1) as f64 > 200.0 {
-        return Err(format!("aspect ratio of {width}x{height} is over 200"));
-    }
-    // No floor at `factor` here (as in HF): a dimension rounding to 0 lands
-    // in the min_pixels branch below.
-    let mut h_bar = ((hf / f).round_ties_even() * f) as usize;
-    let mut w_bar = ((wf / f).round_ties_even() * f) as usize;
-    if h_bar * w_bar > max_pixels {
-        let beta = (hf * wf / max_pixels as f64).sqrt();
-        h_bar = factor.max(((hf / beta / f).floor() * f) as usize);
-        w_bar = factor.max(((wf / beta / f).floor() * f) as usize);
-    } else if h_bar * w_bar < min_pixels {
-        let beta = (min_pixels as f64 / (hf * wf)).sqrt();
-        h_bar = ((hf * beta / f).ceil() * f) as usize;
-        w_bar = ((wf * beta / f).ceil() * f) as usize;
-    }
-    Ok((h_bar, w_bar))
 }
 
 /// [3, H, W] -> [grid_t*grid_h*grid_w, C*T*P*P]: the one frame repeated T

@@ -1,5 +1,6 @@
 //! Preprocessing against Hugging Face's image processors (transformers' PIL
-//! backends), via fixtures from tests/goldens/make_image_goldens.py.
+//! backends), via fixtures from tests/goldens/make_image_goldens.py, and
+//! against mlx-vlm's Gemma4ImageProcessor (scripts/dev/gemma4_serve_golden.py).
 use std::path::PathBuf;
 
 use super::preprocess::{smart_resize, ImageProcessor, Resize};
@@ -78,6 +79,45 @@ fn qwen2vl_matches_hf() {
     for img in ["rgb37x23", "rgba13x9", "grey50x61"] {
         check(img, "qwen2vl");
     }
+}
+
+/// mlx-vlm's Gemma 4 processor (patch 4, pooling 2, 6 soft tokens): the
+/// aspect ratio kept (37x23 -> 24x8, 50x61 -> 16x16), the 1-row fallback
+/// (61x5 -> 48x8), no resize (24x16), upscaling (11x7 -> 24x8); bicubic,
+/// rescaled in f32, not normalised. Bit-exact.
+#[test]
+fn gemma4_matches_mlx_vlm() {
+    for img in ["rgb37x23", "grey50x61", "thin61x5", "rgb24x16", "rgb11x7"] {
+        check_within(img, "png", "gemma4", 0.0);
+    }
+    let p = processor("gemma4");
+    assert_eq!(p.resize, Resize::PatchBudget { patch: 4, pool: 2, max_patches: 24 });
+    assert_eq!((p.filter, p.normalize, p.rescale_f32), (Filter::Bicubic, None, true));
+    // Hugging Face's defaults: patch 16, pooling 3, 280 soft tokens.
+    let d = ImageProcessor::from_json(&serde_json::json!({"max_soft_tokens": 280})).unwrap();
+    assert_eq!(d.resize, Resize::PatchBudget { patch: 16, pool: 3, max_patches: 2520 });
+    let e = ImageProcessor::from_json(&serde_json::json!({"pooling_kernel_size": 0})).unwrap_err();
+    assert!(e.to_string().contains("must be positive"), "{e}");
+}
+
+/// processor_config.json's `image_processor` wins over
+/// preprocessor_config.json (mlx-vlm reads it first); without it, the
+/// latter; neither: none.
+#[test]
+fn processor_config_json_is_read_first() {
+    let d = tempfile::tempdir().unwrap();
+    assert!(ImageProcessor::config_json(d.path()).unwrap().is_none());
+    assert!(ImageProcessor::from_model_dir(d.path()).unwrap_err().to_string().contains("neither"));
+    std::fs::write(d.path().join("preprocessor_config.json"), r#"{"size": {"height": 8, "width": 8}}"#).unwrap();
+    // Gemma 3's processor_config.json has no image_processor: not used.
+    std::fs::write(d.path().join("processor_config.json"), r#"{"image_seq_length": 256}"#).unwrap();
+    let p = ImageProcessor::from_model_dir(d.path()).unwrap();
+    assert_eq!(p.resize, Resize::Fixed { height: 8, width: 8 });
+    std::fs::write(d.path().join("processor_config.json"), r#"{"image_processor": {"max_soft_tokens": 70, "patch_size": 4}}"#).unwrap();
+    let p = ImageProcessor::from_model_dir(d.path()).unwrap();
+    assert_eq!(p.resize, Resize::PatchBudget { patch: 4, pool: 3, max_patches: 630 });
+    std::fs::write(d.path().join("processor_config.json"), "{").unwrap();
+    assert_eq!(ImageProcessor::from_model_dir(d.path()).unwrap_err().http_status(), 500);
 }
 
 /// JPEG decoders differ: image-rs (zune-jpeg) and PIL (libjpeg-turbo) give

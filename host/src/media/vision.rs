@@ -1,40 +1,75 @@
 //! Which models take images, and how an image becomes placeholder tokens in
 //! the prompt (issue 15).
 //!
-//! The host reads it from the model directory, never from a plugin's name: a
-//! `config.json` with a `vision_config`, an image placeholder token
-//! (`image_token_index` or `image_token_id`) and a fixed count of them per
-//! image (`mm_tokens_per_image`, Gemma 3), plus a `preprocessor_config.json`.
-//! Models whose placeholder count depends on the image (Qwen2-VL's grid)
-//! are not served images yet.
+//! The host reads it from the model directory, never from a plugin's name:
+//! a `config.json` with a `vision_config` and an image placeholder token
+//! (`image_token_index` or `image_token_id`), image processor settings
+//! (`processor_config.json`'s `image_processor`, or
+//! `preprocessor_config.json`: [`ImageProcessor::config_json`]) and one of
+//! two placeholder layouts, told apart by their fields as the Hugging Face /
+//! mlx-vlm processors are:
 //!
-//! Prompt building, as Gemma3Processor does it: the chat template writes a
-//! marker per image part (Gemma 3's `<start_of_image>`, the `boi` token);
-//! each marker becomes `"\n\n" + boi + image_token * T + eoi + "\n\n"`, and
-//! the expanded text is tokenized. The T placeholder ids of each image are
-//! then found in the token list ([`placeholder_spans`]).
-use super::{ImageProcessor, MediaError};
+//! * a fixed count per image, `mm_tokens_per_image` T (Gemma3Processor):
+//!   the chat template writes the begin-of-image token (`boi_token_index`)
+//!   per image part; each becomes `"\n\n" + boi + image_token * T + eoi +
+//!   "\n\n"`.
+//! * a count per image from its preprocessed size (Gemma4Processor; the
+//!   processor has a soft-token budget, `max_soft_tokens` /
+//!   `pooling_kernel_size`): the template writes the image token itself
+//!   (`<|image|>`) per image part; each becomes `boi + image_token * T_i +
+//!   eoi` with T_i = (H / p / k) * (W / p / k) for the image resized to
+//!   H x W, p and k the tower's `vision_config.patch_size` and
+//!   `pooling_kernel_size` (what its media forward returns per image).
+//!
+//! Models whose placeholder layout is neither (Qwen2-VL's merged grid with
+//! vision start/end tokens) are not served images yet.
+//!
+//! The expanded text is tokenized and each image's placeholder ids are found
+//! in the token list ([`VisionSpec::placeholder_spans`]).
+use super::preprocess::Resize;
+use super::{ImageProcessor, MediaError, Pixels};
 use crate::model::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::ops::Range;
 use std::path::Path;
 
+/// How many placeholder tokens (features) an image takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placeholders {
+    /// The same count for every image.
+    Fixed(usize),
+    /// (H / patch / pool) * (W / patch / pool) of the preprocessed [3, H, W].
+    PooledPatches { patch: usize, pool: usize },
+}
+
 #[derive(Debug, Clone)]
 pub struct VisionSpec {
     /// The placeholder token id the image's features replace.
     pub image_token: u32,
-    /// Placeholders (features) per image, T.
-    pub tokens_per_image: usize,
+    pub placeholders: Placeholders,
     /// What the chat template writes for an image part.
     pub marker: String,
-    /// What each marker becomes before tokenizing.
-    pub expansion: String,
+    /// Each marker becomes `before + image * T + after`.
+    before: String,
+    image: String,
+    after: String,
     pub processor: ImageProcessor,
 }
 
-/// `key` as u64 from `config` (or its `text_config`).
+/// `key` as u64 from `config`.
 fn int(config: &Value, key: &str) -> Option<u64> {
     config.get(key).and_then(Value::as_u64)
+}
+
+/// What `config.json` says about images: placeholder, begin/end tokens, and
+/// the fixed count or the tower's (patch, pool).
+#[derive(Debug, PartialEq)]
+struct Parts {
+    image: u32,
+    boi: Option<u32>,
+    eoi: Option<u32>,
+    fixed: Option<usize>,
+    tower: (Option<usize>, Option<usize>),
 }
 
 impl VisionSpec {
@@ -47,65 +82,128 @@ impl VisionSpec {
         let Some(parts) = Self::parts(&config) else {
             return Ok(None);
         };
-        if !dir.join("preprocessor_config.json").is_file() {
+        let Some(json) = ImageProcessor::config_json(dir)? else {
             return Ok(None);
-        }
+        };
         let Some(tok) = tok else {
             return Ok(None);
         };
-        let processor = ImageProcessor::from_model_dir(dir)?;
-        Self::build(parts, tok, processor).map(Some)
+        let processor = ImageProcessor::from_json(&json)?;
+        let Some(placeholders) = Self::layout(&parts, &processor)? else {
+            return Ok(None);
+        };
+        Self::build(&parts, placeholders, tok, processor).map(Some)
     }
 
-    /// (image token, T, boi, eoi) when `config` describes a vision model
-    /// with a fixed placeholder count.
-    fn parts(config: &Value) -> Option<(u32, usize, Option<u32>, Option<u32>)> {
-        config.get("vision_config").filter(|v| v.is_object())?;
+    fn parts(config: &Value) -> Option<Parts> {
+        let vision = config.get("vision_config").filter(|v| v.is_object())?;
         let image = int(config, "image_token_index").or_else(|| int(config, "image_token_id"))?;
-        let t = int(config, "mm_tokens_per_image").filter(|&t| t > 0)?;
         let boi = int(config, "boi_token_index").or_else(|| int(config, "boi_token_id"));
         let eoi = int(config, "eoi_token_index").or_else(|| int(config, "eoi_token_id"));
-        Some((image as u32, t as usize, boi.map(|b| b as u32), eoi.map(|e| e as u32)))
+        let fixed = int(config, "mm_tokens_per_image").filter(|&t| t > 0).map(|t| t as usize);
+        let tower = (int(vision, "patch_size").map(|p| p as usize), int(vision, "pooling_kernel_size").map(|k| k as usize));
+        Some(Parts { image: image as u32, boi: boi.map(|b| b as u32), eoi: eoi.map(|e| e as u32), fixed, tower })
     }
 
-    fn build(
-        (image, t, boi, eoi): (u32, usize, Option<u32>, Option<u32>),
-        tok: &Tokenizer,
-        processor: ImageProcessor,
-    ) -> Result<Self, MediaError> {
+    /// The placeholder layout, None when the model's is not one the host
+    /// knows. A budget processor whose patch or pooling differs from the
+    /// tower's would give the prompt a count the tower does not return: a
+    /// config error.
+    fn layout(parts: &Parts, processor: &ImageProcessor) -> Result<Option<Placeholders>, MediaError> {
+        if let Some(t) = parts.fixed {
+            return Ok(Some(Placeholders::Fixed(t)));
+        }
+        let Resize::PatchBudget { patch, pool, .. } = processor.resize else {
+            return Ok(None);
+        };
+        let (tp, tk) = (parts.tower.0.unwrap_or(patch), parts.tower.1.unwrap_or(pool));
+        if (tp, tk) != (patch, pool) {
+            return Err(MediaError::Config(format!(
+                "the image processor's patch_size {patch} / pooling_kernel_size {pool} differ from vision_config's {tp} / {tk}"
+            )));
+        }
+        Ok(Some(Placeholders::PooledPatches { patch, pool }))
+    }
+
+    fn build(parts: &Parts, placeholders: Placeholders, tok: &Tokenizer, processor: ImageProcessor) -> Result<Self, MediaError> {
         let name = |id: u32| {
             tok.id_to_token(id).ok_or_else(|| MediaError::Config(format!("config.json: token id {id} is not in the tokenizer")))
         };
-        let image_str = name(image)?;
-        let (marker, expansion) = match (boi, eoi) {
-            (Some(b), Some(e)) => {
-                let (b, e) = (name(b)?, name(e)?);
-                let exp = format!("\n\n{b}{}{e}\n\n", image_str.repeat(t));
-                (b, exp)
-            }
-            _ => (image_str.clone(), image_str.repeat(t)),
+        let image = name(parts.image)?;
+        let (boi, eoi) = match (parts.boi, parts.eoi) {
+            (Some(b), Some(e)) => (Some(name(b)?), Some(name(e)?)),
+            _ => (None, None),
         };
-        Ok(VisionSpec { image_token: image, tokens_per_image: t, marker, expansion, processor })
+        let (marker, before, after) = match (&placeholders, boi, eoi) {
+            // Gemma3Processor: the template's boi becomes the whole block.
+            (Placeholders::Fixed(_), Some(b), Some(e)) => (b.clone(), format!("\n\n{b}"), format!("{e}\n\n")),
+            // Gemma4Processor: the template's image token becomes the block.
+            (Placeholders::PooledPatches { .. }, Some(b), Some(e)) => (image.clone(), b, e),
+            _ => (image.clone(), String::new(), String::new()),
+        };
+        Ok(VisionSpec { image_token: parts.image, placeholders, marker, before, image, after, processor })
     }
 
-    /// `rendered` with each image marker expanded; an error (the caller's
-    /// 400) when the markers are not one per image.
-    pub fn expand(&self, rendered: &str, images: usize) -> Result<String, String> {
+    /// The count of every image when it does not depend on the image.
+    pub fn fixed_tokens(&self) -> Option<usize> {
+        match self.placeholders {
+            Placeholders::Fixed(t) => Some(t),
+            Placeholders::PooledPatches { .. } => None,
+        }
+    }
+
+    /// The fewest placeholders an image can take.
+    pub fn min_tokens(&self) -> usize {
+        self.fixed_tokens().unwrap_or(1)
+    }
+
+    /// The placeholders of an image preprocessed to `pixels`; an error (the
+    /// caller's 400) when its size does not pool evenly.
+    pub fn tokens_for(&self, pixels: &Pixels) -> Result<usize, String> {
+        match self.placeholders {
+            Placeholders::Fixed(t) => Ok(t),
+            Placeholders::PooledPatches { patch, pool } => {
+                let side = patch * pool;
+                match pixels.shape[..] {
+                    [_, h, w] if h % side == 0 && w % side == 0 && h > 0 && w > 0 => Ok((h / side) * (w / side)),
+                    _ => Err(format!("preprocessed to {:?}: not [3, H, W] with H and W multiples of {side}", pixels.shape)),
+                }
+            }
+        }
+    }
+
+    /// `rendered` with each image marker expanded to its image's `counts`
+    /// placeholders; an error (the caller's 400) when the markers are not
+    /// one per image.
+    pub fn expand(&self, rendered: &str, counts: &[usize]) -> Result<String, String> {
         let found = rendered.matches(&self.marker).count();
-        if found != images {
+        if found != counts.len() {
             return Err(format!(
-                "the prompt has {found} image marker(s) `{}` for {images} image(s) (does the chat template render image parts? is the marker in a text part?)",
-                self.marker
+                "the prompt has {found} image marker(s) `{}` for {} image(s) (does the chat template render image parts? is the marker in a text part?)",
+                self.marker,
+                counts.len()
             ));
         }
-        Ok(rendered.replace(&self.marker, &self.expansion))
+        // One pass over the text: the expansion may hold the marker itself.
+        let mut out = String::with_capacity(rendered.len() + counts.iter().sum::<usize>() * self.image.len());
+        let mut pieces = rendered.split(self.marker.as_str());
+        out.push_str(pieces.next().unwrap_or(""));
+        for (piece, &t) in pieces.zip(counts) {
+            out.push_str(&self.before);
+            for _ in 0..t {
+                out.push_str(&self.image);
+            }
+            out.push_str(&self.after);
+            out.push_str(piece);
+        }
+        Ok(out)
     }
 
-    /// Per image, its placeholder positions in `ids` (T consecutive image
-    /// tokens each, in prompt order).
-    pub fn placeholder_spans(&self, ids: &[u32], images: usize) -> Result<Vec<Range<usize>>, String> {
-        let t = self.tokens_per_image;
-        let mut spans = Vec::new();
+    /// Per image, its placeholder positions in `ids`: `counts[i]`
+    /// consecutive image tokens each, in prompt order (two images' runs may
+    /// touch).
+    pub fn placeholder_spans(&self, ids: &[u32], counts: &[usize]) -> Result<Vec<Range<usize>>, String> {
+        let mut runs = Vec::new(); // (start, end) of each run of image tokens
         let mut i = 0;
         while i < ids.len() {
             if ids[i] != self.image_token {
@@ -113,65 +211,34 @@ impl VisionSpec {
                 continue;
             }
             let end = (i..ids.len()).find(|&j| ids[j] != self.image_token).unwrap_or(ids.len());
-            if (end - i) % t != 0 {
-                return Err(format!("a run of {} image placeholder tokens is not a multiple of {t}", end - i));
-            }
-            spans.extend((i..end).step_by(t).map(|s| s..s + t));
+            runs.push((i, end));
             i = end;
         }
-        if spans.len() != images {
-            return Err(format!("the prompt has {} image placeholder runs for {images} image(s)", spans.len()));
+        let total: usize = runs.iter().map(|(s, e)| e - s).sum();
+        let want: usize = counts.iter().sum();
+        if total != want {
+            return Err(format!("the prompt has {total} image placeholder tokens; its {} image(s) take {want}", counts.len()));
+        }
+        let mut spans = Vec::with_capacity(counts.len());
+        let mut run = runs.iter();
+        let (mut at, mut end) = (0, 0);
+        for &t in counts {
+            if at == end {
+                (at, end) = *run.next().ok_or("more images than placeholder runs")?;
+            }
+            if at + t > end {
+                return Err(format!("an image of {t} placeholders straddles runs of image tokens at {at}..{end}"));
+            }
+            spans.push(at..at + t);
+            at += t;
+        }
+        if at != end || run.next().is_some() {
+            return Err("image placeholder runs do not line up with the images".into());
         }
         Ok(spans)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(t: usize) -> VisionSpec {
-        let processor = ImageProcessor::from_json(&serde_json::json!({
-            "image_processor_type": "SiglipImageProcessor", "size": {"height": 4, "width": 4},
-            "do_resize": true, "do_rescale": true, "rescale_factor": 0.00392156862745098,
-            "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]
-        }))
-        .unwrap();
-        VisionSpec {
-            image_token: 9,
-            tokens_per_image: t,
-            marker: "<boi>".into(),
-            expansion: format!("\n\n<boi>{}<eoi>\n\n", "<img>".repeat(t)),
-            processor,
-        }
-    }
-
-    #[test]
-    fn gemma3_config_parts() {
-        let c = serde_json::json!({"vision_config": {}, "image_token_index": 262144, "mm_tokens_per_image": 256,
-            "boi_token_index": 255999, "eoi_token_index": 256000});
-        assert_eq!(VisionSpec::parts(&c), Some((262144, 256, Some(255999), Some(256000))));
-        // No vision tower, or a placeholder count that depends on the image: no images.
-        assert_eq!(VisionSpec::parts(&serde_json::json!({"image_token_index": 5, "mm_tokens_per_image": 4})), None);
-        assert_eq!(VisionSpec::parts(&serde_json::json!({"vision_config": {}, "image_token_id": 5})), None);
-    }
-
-    #[test]
-    fn markers_expand_as_gemma3_processor() {
-        let s = spec(3);
-        let out = s.expand("<user>look <boi> and <boi>!", 2).unwrap();
-        assert_eq!(out, "<user>look \n\n<boi><img><img><img><eoi>\n\n and \n\n<boi><img><img><img><eoi>\n\n!");
-        let e = s.expand("<user>look <boi>", 2).unwrap_err();
-        assert!(e.contains("1 image marker(s) `<boi>` for 2 image(s)"), "{e}");
-    }
-
-    #[test]
-    fn placeholder_spans_in_prompt_order() {
-        let s = spec(2);
-        // Two images back to back form one run of 4.
-        let ids = [1, 8, 9, 9, 7, 2, 8, 9, 9, 9, 9, 7];
-        assert_eq!(s.placeholder_spans(&ids, 3).unwrap(), vec![2..4, 7..9, 9..11]);
-        assert!(s.placeholder_spans(&ids, 2).is_err());
-        assert!(s.placeholder_spans(&[9, 9, 9], 1).unwrap_err().contains("multiple of 2"));
-    }
-}
+#[path = "vision_tests.rs"]
+mod tests;
