@@ -22,13 +22,14 @@
 //!   `pooling_kernel_size`), row-major, times sqrt(Dv); then with
 //!   `standardize`, (x - std_bias) * std_scale.
 //!
-//! Fixed-size only: one [N, C, H, W] array carries N images of one size, so
-//! every image gives the same T = (H/p/k) * (W/p/k) soft tokens. mlx-vlm's
-//! processor resizes each image to its own aspect ratio (any H, W multiple of
-//! p*k under a patch budget) and, for a batch of mixed sizes, pads patches
-//! and passes `pixel_position_ids` [N, Pmax, 2] (-1 for padding) with
-//! patchified pixels; that path (and its padding mask) is not implemented.
-//! Mixed sizes work when the host runs one media forward per image.
+//! One size per forward: one [N, C, H, W] array carries N images of one
+//! size, so every image gives the same T = (H/p/k) * (W/p/k) soft tokens.
+//! The host resizes each image to its own aspect ratio (any H, W multiple of
+//! p*k under the processor's patch budget, host/src/media/sizing.rs) and
+//! runs one media forward per distinct size (host/src/engine/media.rs).
+//! mlx-vlm batches mixed sizes instead, padding patches and passing
+//! `pixel_position_ids` [N, Pmax, 2] (-1 for padding) with patchified
+//! pixels; that path (and its padding mask) is not implemented.
 //!
 //! Attention runs inside the plugin with MLX's fast SDPA, as siglip.rs does
 //! (the media forward's tokens are placeholders, one per image).
