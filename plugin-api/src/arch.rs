@@ -227,7 +227,31 @@ pub trait Model: Send {
     fn layers(&self) -> RVec<LayerCache> {
         RVec::new()
     }
+    /// ABI 3.6: non-empty when this model is a **drafter head** (an MTP
+    /// head, an Eagle-3 head): the verifier layers whose hidden states it
+    /// conditions on, numbered as [`ForwardCtx::hidden_layers`] numbers
+    /// them, negative from the end (-1: the verifier's last block, the
+    /// residual stream before its final norm). A head's forward takes
+    /// `tokens` [B, L] and, through `input_embeddings()`, the conditioning
+    /// (features [B, L, C], mask all true): for token t at position p, the
+    /// hidden states of position p - 1, those layers' concatenated along the
+    /// last axis, or, on a chained draft step, the head's own
+    /// [`HEAD_STATE`] of the step before. It caches its own layers' K/V
+    /// through `attend` like any model (the host pages them); `offsets()`
+    /// count the head's own cached positions. It loads from the verifier's
+    /// checkpoint (the same `WeightSource`: shared embeddings and LM head,
+    /// its own tensors under its prefix). Empty (the default, and a pre-3.6
+    /// plugin's answer): a plain model.
+    fn conditioning(&self) -> RVec<i32> {
+        RVec::new()
+    }
 }
+
+/// ABI 3.6: the hidden-layer id (in `ForwardCtx::hidden_layers` /
+/// `put_hidden`) of a drafter head's own output state, [B, L, C]: what its
+/// next chained draft step conditions on in place of the verifier's hidden
+/// states (for Qwen3.5's MTP head, its normed output).
+pub const HEAD_STATE: u32 = u32::MAX;
 
 /// The message of the `Unsupported` error a pre-3.3 model answers to
 /// `forward_ctx`.

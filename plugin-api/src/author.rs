@@ -85,6 +85,11 @@ pub trait ModelImpl: Send + 'static {
     fn layers(&self) -> Vec<LayerCache> {
         Vec::new()
     }
+    /// ABI 3.6: a drafter head's conditioning layers (`Model::conditioning`);
+    /// empty for a plain model.
+    fn conditioning(&self) -> Vec<i32> {
+        Vec::new()
+    }
 }
 
 pub trait LinearImpl: Send + 'static {
@@ -336,6 +341,9 @@ impl Model for ModelAdapter {
     }
     fn layers(&self) -> RVec<LayerCache> {
         self.layers.iter().cloned().collect()
+    }
+    fn conditioning(&self) -> RVec<i32> {
+        self.inner.conditioning().into_iter().collect()
     }
 }
 

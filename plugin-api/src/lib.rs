@@ -30,7 +30,7 @@ pub mod wquant;
 
 pub use abi_stable;
 pub use arch::{
-    cache_kind, output, AttendOptions, LayerCache, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
+    cache_kind, output, AttendOptions, HEAD_STATE, LayerCache, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
     WeightSourceMut,
 };
 pub use array::MlxArray;
@@ -68,7 +68,10 @@ pub const ABI_VERSION: u32 = 3;
 /// 3.5: `arch::output::MEDIA`: a forward that runs the model's media encoder
 ///      (vision tower + projector) on pixel values and returns the features
 ///      that replace the image's placeholder tokens.
-pub const ABI_MINOR: u32 = 5;
+/// 3.6: drafter heads: `Model::conditioning` (the verifier layers an MTP or
+///      Eagle-3 head conditions on, lent through `input_embeddings()`) and
+///      `arch::HEAD_STATE` (the head's own state for chained draft steps).
+pub const ABI_MINOR: u32 = 6;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

@@ -20,6 +20,9 @@ pub struct LoadedModel {
     pub architecture_plugin: String,
     /// The plugin ABI (major, minor) the architecture plugin was built for.
     pub plugin_abi: (u32, u32),
+    /// A drafter head's conditioning layers (`Model::conditioning`, ABI 3.6):
+    /// the verifier layers whose hidden states it reads; empty for a model.
+    pub conditioning: Vec<i32>,
     /// Bytes per activation value (the activations' dtype, after the load policy).
     pub kv_bytes: u64,
     /// The KV-cache families of its keys and values (`kv_family::resolve`).
@@ -105,6 +108,29 @@ impl LoadedModel {
         Self::from_dir_with(ModelDir::open(path)?, registry, policy)
     }
 
+    /// A drafter head of `kind` (`mtp`) stored in the verifier's own
+    /// checkpoint at `path`: the architecture registered for
+    /// `{model_type}_{kind}` (e.g. `qwen3_5_mtp`) loads from the same
+    /// config and weights. Refused when no plugin builds one, or when the
+    /// model it builds is not a drafter head (`Model::conditioning`, ABI 3.6).
+    pub fn load_head(path: &Path, kind: &str, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
+        let mut dir = ModelDir::open(path)?;
+        let verifier = dir.model_type.clone();
+        dir.model_type = format!("{verifier}_{kind}");
+        if registry.architecture_plugin(&dir.model_type).is_err() {
+            anyhow::bail!(
+                "{}: no architecture plugin builds a `{kind}` drafter head for model_type `{verifier}` (it would register `{}`)",
+                path.display(),
+                dir.model_type
+            );
+        }
+        let head = Self::from_dir_with(dir, registry, policy)?;
+        if head.conditioning.is_empty() {
+            anyhow::bail!("{}: `{}` is not a drafter head (it names no verifier layers to condition on)", path.display(), head.dir.model_type);
+        }
+        Ok(head)
+    }
+
     /// Loads under the process's policy setting, resolved for this model
     /// (`policy::resolve`: on a CPU, float32 and dense weights when they fit).
     pub fn from_dir(dir: ModelDir, registry: &Registry) -> Result<Self> {
@@ -124,6 +150,8 @@ impl LoadedModel {
             .with_context(|| format!("loading {}", dir.path.display()))?;
         let spec = model.spec();
         let cache_layers: Vec<LayerCache> = model.layers().into_iter().collect();
+        // ABI 3.6: a drafter head names the verifier layers it conditions on.
+        let conditioning: Vec<i32> = if plugin_abi >= (3, 6) { model.conditioning().into_iter().collect() } else { Vec::new() };
         if !cache_layers.is_empty() && cache_layers.len() != spec.num_layers as usize {
             anyhow::bail!("{} declares {} layer caches for {} layers", dir.model_type, cache_layers.len(), spec.num_layers);
         }
@@ -144,7 +172,7 @@ impl LoadedModel {
         let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, draft: None })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, conditioning, draft: None })
     }
 }
 

@@ -1,0 +1,159 @@
+//! The Qwen3.5 multi-token-prediction head as a drafter head (plugin ABI
+//! 3.6: `Model::conditioning`, `HEAD_STATE`; plugins/arch-qwen3
+//! qwen3_5_mtp.rs), against mlx-vlm 0.7.10's `Qwen3_5MTPDraftModel` bound to
+//! mlx-lm's qwen3_5 (tests/goldens/qwen3_5_mtp_golden.py; fixture
+//! tests/fixtures/models/qwen3_5-mtp-f32: the tiny qwen3_5 verifier plus a
+//! random `mtp.*` head stored as Hugging Face stores it):
+//! - the verifier still loads from that checkpoint as a plain model, and the
+//!   hidden states it hands back for layer `num_layers - 1` (what the head's
+//!   conditioning `-1` names) are mlx-lm's before its final norm;
+//! - `LoadedModel::load_head(dir, "mtp")` builds the head from the same
+//!   checkpoint (`qwen3_5_mtp`), which names `[-1]`;
+//! - its prefill (the prompt shifted by one, then the verifier's first token,
+//!   conditioned on the verifier's hidden states) gives mlx-vlm's logits, and
+//!   four chained draft steps, each conditioned on the head's own state of
+//!   the step before (`HEAD_STATE`), give mlx-vlm's logits and proposals;
+//! - a head without its conditioning, and a model type with no head, are
+//!   clear errors.
+mod common;
+
+use common::golden::{rel_err, MARGIN, REL_TOL};
+use mlx_rs::{Array, Dtype};
+use rmlx::engine::attend::ForwardRequest;
+use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
+use rmlx_plugin_api::{author::Output, HEAD_STATE};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Step {
+    token: u32,
+    logits: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    prompt: Vec<u32>,
+    first: u32,
+    hidden: Vec<Vec<f32>>,
+    verifier_last_logits: Vec<f32>,
+    prefill_logits: Vec<Vec<f32>>,
+    chain: Vec<Step>,
+    margins: Vec<f32>,
+}
+
+fn golden() -> Golden {
+    let text = std::fs::read_to_string(common::fixture("goldens/qwen3_5-mtp.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn values(a: &Array) -> Vec<f32> {
+    let a = a.as_dtype(Dtype::Float32).unwrap();
+    a.eval().unwrap();
+    a.as_slice::<f32>().to_vec()
+}
+
+fn ids(t: &[u32]) -> Array {
+    let v: Vec<i32> = t.iter().map(|&t| t as i32).collect();
+    Array::from_slice(&v, &[1, v.len() as i32])
+}
+
+/// (conditioning [1, L, D], an all-true mask [1, L]) as the head takes them.
+fn conditioning(rows: &[f32], l: usize, d: usize) -> (Array, Array) {
+    (Array::from_slice(rows, &[1, l as i32, d as i32]), Array::from_slice(&vec![true; l], &[1, l as i32]))
+}
+
+fn check(label: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(e < REL_TOL, "{label}: relative error {e} against mlx-vlm");
+}
+
+#[test]
+fn the_mtp_head_drafts_as_mlx_vlm_does() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let g = golden();
+    let dir = common::fixture("models/qwen3_5-mtp-f32");
+    let (n, d) = (g.prompt.len(), g.hidden[0].len());
+
+    // The verifier: its last block's output is the head's conditioning.
+    let mut verifier = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    assert!(verifier.conditioning.is_empty(), "the verifier is not a head");
+    let last = verifier.spec.num_layers - 1;
+    let mut cache = verifier.kv_cache();
+    let req = ForwardRequest { output: Some(Output::LastLogits), hidden_layers: vec![last], ..ForwardRequest::default() };
+    let out = verifier.run(&ids(&g.prompt), &mut cache, req).unwrap();
+    check("verifier logits", &values(&out.out), &g.verifier_last_logits);
+    let (layer, hidden) = &out.hidden[0];
+    assert_eq!((*layer, hidden.shape()), (last, &[1, n as i32, d as i32][..]));
+    check("verifier hidden states", &values(hidden), &g.hidden.concat());
+
+    // The head, from the same checkpoint.
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    assert_eq!(head.dir.model_type, "qwen3_5_mtp");
+    assert_eq!(head.conditioning, vec![-1]);
+    assert_eq!(head.spec.num_layers, 1);
+    let mut hc = head.kv_cache();
+
+    // Prefill: [p_1 .. p_{n-1}, first], conditioned on h_0 .. h_{n-1}.
+    let mut shifted = g.prompt[1..].to_vec();
+    shifted.push(g.first);
+    let req = ForwardRequest {
+        output: Some(Output::AllLogits),
+        hidden_layers: vec![HEAD_STATE],
+        inputs: Some(conditioning(&values(hidden), n, d)),
+        ..ForwardRequest::default()
+    };
+    let out = head.run(&ids(&shifted), &mut hc, req).unwrap();
+    hc.advance(n as i32);
+    check("head prefill logits", &values(&out.out), &g.prefill_logits.concat());
+    let v = out.out.dim(2) as usize;
+    let rows = values(&out.out);
+    let proposal = argmax(&rows[(n - 1) * v..]);
+    assert_eq!(proposal, g.chain[0].token, "the prefill's proposal");
+    let (layer, state) = &out.hidden[0];
+    assert_eq!(*layer, HEAD_STATE);
+    let mut state = values(state)[(n - 1) * d..].to_vec();
+
+    // Chained draft steps: the proposal, conditioned on the head's own state.
+    let mut tok = proposal;
+    for (i, step) in g.chain.iter().enumerate() {
+        assert_eq!(tok, step.token, "draft step {i}");
+        let req = ForwardRequest {
+            output: Some(Output::LastLogits),
+            hidden_layers: vec![HEAD_STATE],
+            inputs: Some(conditioning(&state, 1, d)),
+            ..ForwardRequest::default()
+        };
+        let out = head.run(&ids(&[tok]), &mut hc, req).unwrap();
+        hc.advance(1);
+        let logits = values(&out.out);
+        check(&format!("draft step {i} logits"), &logits, &step.logits);
+        state = values(&out.hidden[0].1);
+        if g.margins[i] > MARGIN {
+            tok = argmax(&logits);
+        } else {
+            tok = g.chain.get(i + 1).map(|s| s.token).unwrap_or(tok);
+        }
+    }
+}
+
+#[test]
+fn a_head_needs_its_conditioning_and_a_model_type_with_none_is_refused() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let dir = common::fixture("models/qwen3_5-mtp-f32");
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    let mut hc = head.kv_cache();
+    let e = head.run(&ids(&[1, 2]), &mut hc, ForwardRequest::logits(true)).err().expect("no conditioning");
+    assert!(format!("{e:#}").contains("conditioning"), "{e:#}");
+
+    let e = LoadedModel::load_head(&common::fixture("models/qwen3_5-f32"), "mtp", &reg, LoadPolicy::default()).err().unwrap();
+    assert!(format!("{e:#}").contains("no multi-token-prediction head"), "{e:#}");
+    let e = LoadedModel::load_head(&common::fixture("models/qwen3_5-f32"), "eagle3", &reg, LoadPolicy::default()).err().unwrap();
+    assert!(format!("{e:#}").contains("no architecture plugin builds a `eagle3` drafter head"), "{e:#}");
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+}
