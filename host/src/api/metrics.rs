@@ -135,6 +135,21 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         "MLX allocator cache (freed buffers kept for reuse).",
         stats.memory_cache_bytes,
     )?;
+    let counter = |name: &str, help: &str, v: u64| -> prometheus::Result<()> {
+        let c = prometheus::IntCounter::new(name, help)?;
+        c.inc_by(v);
+        snap.register(Box::new(c))
+    };
+    counter(
+        "rmlx_prefill_forwards_total",
+        "Prefill forwards run (a batched one carries the chunks of several prompts).",
+        stats.prefill_forwards,
+    )?;
+    counter(
+        "rmlx_prefill_chunks_total",
+        "Prompt chunks prefilled (rmlx_prefill_forwards_total less than this: batched prefill).",
+        stats.prefill_chunks,
+    )?;
     let per_model_gauge =
         |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
     let per_model_counter =

@@ -2,9 +2,11 @@
 //!
 //! Sequences wait in a FIFO queue, are admitted while the KV budget and
 //! `max_running` allow, and run together: every engine step runs at most one
-//! prefill chunk (of the oldest sequence still prefilling) and then ONE
-//! batched forward of all decoding sequences ([B, 1] tokens, each row at its
-//! own position), samples each row with its own parameters, and streams.
+//! `--prefill-chunk` of prompt tokens while streams decode (everyone's chunk
+//! when none does), the chosen chunks batched into forwards with ragged rows
+//! (prefill.rs), and then ONE batched forward of all decoding sequences
+//! ([B, 1] tokens, each row at its own position), samples each row with its
+//! own parameters, and streams.
 //! Sequences join and leave between steps; a cancelled one (flag, or its
 //! client gone) leaves at the next step and frees its blocks. When a step
 //! needs blocks the budget does not have, the most recently admitted other
@@ -21,6 +23,7 @@
 //! cached blocks are evicted across lanes as across models, all from the
 //! one shared KV budget.
 mod lanes;
+mod prefill;
 mod spec;
 mod step;
 
@@ -74,6 +77,10 @@ pub struct EngineStats {
     pub steps: u64,
     /// Rows in the last decode step (of one lane).
     pub last_batch: usize,
+    /// Prefill forwards run, and prompt chunks they carried (a batched
+    /// prefill forward carries several: scheduler/prefill.rs).
+    pub prefill_forwards: u64,
+    pub prefill_chunks: u64,
     pub max_batch: usize,
     /// The most sequences ever running at once (every lane and model).
     pub max_running: usize,

@@ -1,13 +1,14 @@
 //! One engine step of one lane: at most one prefill chunk budget of
-//! prompts, then one batched decode forward of the lane's decoding rows
+//! prompts (prefill.rs: the chosen chunks in one batched forward with
+//! ragged rows), then one batched decode forward of the lane's decoding rows
 //! (pipelined when every row is greedy on the device). A model's step runs
 //! each of its lanes in turn, so one batch of a model may hold several
 //! families, each attending its own pool.
-use super::super::decode::{decode_forward, forward_with, read_rows, RowOut};
+use super::super::decode::{decode_forward, read_rows, RowOut};
 use super::super::sequence::{Outcome, Sequence};
 use super::super::worker::WorkerError;
 use super::super::LoadedModel;
-use super::{cache_blocks, Ended, LaneId, Reserved, Scheduler};
+use super::{Ended, LaneId, Reserved, Scheduler};
 use anyhow::Result;
 use mlx_rs::{transforms::async_eval, Array};
 
@@ -45,71 +46,6 @@ impl Scheduler {
         self.stats.completed += ended.len() as u64;
         self.stats.generated_tokens += ended.iter().map(|(s, _)| s.n as u64).sum::<u64>();
         ended
-    }
-
-    /// Prefill: chunks of prompts in arrival order, at most one
-    /// `--prefill-chunk` of tokens per step in all (so running streams never
-    /// wait longer than one chunk; short prompts share a step). The budget
-    /// protects decoding streams; while none is decoding, every prefilling
-    /// sequence takes its chunk this step (prompts that arrive together
-    /// start decoding together).
-    fn prefill(&mut self, lane: &LaneId, model: &mut LoadedModel, ended: &mut Vec<Ended>, preempted: &mut Vec<Sequence>) {
-        let decoding = self.running.iter().any(|s| s.lane == *lane && s.to_prefill() == 0);
-        let mut budget: Option<usize> = (!decoding).then_some(usize::MAX);
-        let mut prefilled: Vec<u64> = Vec::new();
-        while let Some(i) = self
-            .running
-            .iter()
-            .position(|s| s.lane == *lane && s.to_prefill() > 0 && !prefilled.contains(&s.id))
-        {
-            let per = self.running[i].params.prefill_chunk.max(1);
-            let left = *budget.get_or_insert(per);
-            if left == 0 {
-                break;
-            }
-            let mut chunk = per.min(left).min(self.running[i].to_prefill());
-            // Recurrent state: a chunk that crosses a block boundary ends at
-            // the last one it crosses, so the state there can be snapshotted
-            // for the prefix cache (the rest is the next step's chunk).
-            let m = self.mgr(lane);
-            if m.recurrent {
-                let (start, bs) = (self.running[i].cached(), m.block_size);
-                let boundary = (start + chunk) / bs * bs;
-                if boundary > start {
-                    chunk = boundary - start;
-                }
-            }
-            budget = Some(left - chunk);
-            prefilled.push(self.running[i].id);
-            let (ok, i) = self.reserve(lane, i, chunk, preempted);
-            if ok == Reserved::Wait {
-                let s = self.running.remove(i);
-                preempted.push(self.retire(s));
-            } else if ok == Reserved::Never {
-                let s = self.running.remove(i);
-                let err = WorkerError::BadRequest("the prompt does not fit in --kv-budget".into());
-                ended.push((self.retire(s), Err(err)));
-            } else {
-                let s = &mut self.running[i];
-                let start = s.cached();
-                let ids: Vec<i32> = s.tokens[start..start + chunk].iter().map(|&t| t as i32).collect();
-                // The prompt's image features that fall into this chunk (engine/media.rs).
-                let inputs = super::super::media::chunk_inputs(model, s, start, chunk);
-                let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
-                let r = inputs.and_then(|inputs| {
-                    let input = Array::from_slice(&ids, &[1, chunk as i32]);
-                    forward_with(model, pool, &mut [s], input, inputs).and_then(|l| Ok(l.eval()?))
-                });
-                if let Err(e) = r {
-                    let s = self.running.remove(i);
-                    ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
-                } else if self.cfg.prefix_cache && self.running[i].to_prefill() == 0 {
-                    // Prompt done: share its blocks with requests that come meanwhile.
-                    let m = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr;
-                    cache_blocks(m, &mut self.running[i]);
-                }
-            }
-        }
     }
 
     /// Indices of the lane's sequences whose prompt is in.
