@@ -7,7 +7,8 @@
 //! with the prompt prefilled in chunks (the state crossing chunk
 //! boundaries); `rmlx generate` on it; configs refused by name; the
 //! server serving it (tests/engine_hybrid.rs checks its output); the MTP head's tensors
-//! loadable (left unused) and the Hugging Face layout refused with the way out.
+//! loadable (left unused); qwen3_next's Hugging Face layout (experts one by
+//! one) is tests/arch_hf_moe.rs's.
 mod common;
 
 use common::golden::{compare, compare_run, Golden, Tally};

@@ -7,10 +7,14 @@
 //!
 //! The source is a model directory: an MLX one (quantized in any mode rmlx
 //! reads, or dense) or a Hugging Face checkpoint (bf16/f16/f32 safetensors,
-//! sharded or not; llama/qwen3 tensor names are already MLX names). Every
-//! module with a 2-D `weight` (Linear, Embedding) gets a target format from the
-//! recipe: `--quant` for all of them, then each matching `--layer PATTERN=SPEC`
-//! (the last match wins). The math is MLX's own (`mx.quantize` /
+//! sharded or not; llama/qwen3 tensor names are already MLX names; for
+//! qwen3_moe / qwen3_next the experts stored one by one are stacked as
+//! mlx-lm's sanitize stacks them, see sanitize.rs). Every module with a 2-D
+//! `weight` (Linear, Embedding) or a 3-D one under `switch_mlp` / `experts`
+//! (all experts of an MoE projection, [experts, out, in]) gets a target format
+//! from the recipe: `--quant` for all of them (the model type's
+//! `quant_predicate` aside: MoE routers at 8 bits), then each matching
+//! `--layer PATTERN=SPEC` (the last match wins). The math is MLX's own (`mx.quantize` /
 //! `mx.dequantize` with the mode, through mlx-c), so a dense source quantized
 //! here is bit-identical to mlx-lm's `quantize_model` of the same weights.
 //!
@@ -32,6 +36,7 @@
 mod plan;
 mod produce;
 mod recipe;
+mod sanitize;
 
 pub use recipe::{check_recipe, parse_spec, Format, Rule, Spec};
 
@@ -157,11 +162,13 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
     for (i, f) in dir.weight_files.iter().enumerate() {
         for (name, info) in st::read_header(f)? {
             let dtype = st_dtype(&info.dtype).with_context(|| format!("{}: tensor {name}", f.display()))?;
-            if src_tensors.insert(name.clone(), SrcTensor { file: i, dtype, shape: info.shape }).is_some() {
+            if src_tensors.insert(name.clone(), SrcTensor { file: i, dtype, shape: info.shape, derive: None }).is_some() {
                 bail!("tensor {name} appears in more than one weight file");
             }
         }
     }
+    // What mlx-lm's sanitize rewrites for this model type (experts stacked, ...).
+    sanitize::sanitize(&dir.model_type, &config, &mut src_tensors, &mut warnings)?;
     // What mlx-lm's llama/qwen3 sanitize drops.
     let tied = config.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
     let dropped: Vec<String> = src_tensors
@@ -175,7 +182,8 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
     }
 
     // ---- modules: every 2-D `weight` (with its scales/biases if quantized) ----
-    let (modules, owned) = plan_modules(&src_tensors, &spec, &default, &rules, &mut warnings)?;
+    let predicate = sanitize::quant_predicate(&dir.model_type);
+    let (modules, owned) = plan_modules(&src_tensors, &spec, &default, &rules, &predicate, &mut warnings)?;
     if modules.is_empty() {
         bail!("{}: no Linear or Embedding weights found", src.display());
     }

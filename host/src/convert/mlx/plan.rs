@@ -14,6 +14,27 @@ pub(super) struct SrcTensor {
     pub(super) file: usize,
     pub(super) dtype: Dtype,
     pub(super) shape: Vec<usize>,
+    /// A tensor mlx-lm's sanitize makes from other source tensors
+    /// (sanitize.rs); `file` is then unused.
+    pub(super) derive: Option<Derive>,
+}
+
+/// How a sanitized tensor is made from source tensors (mlx-lm's `sanitize`).
+#[derive(Debug, Clone)]
+pub(super) enum Derive {
+    /// The experts' 2-D weights stacked along a new first axis: [E, out, in].
+    Stack(Vec<String>),
+    /// A conv1d weight [C, 1, K] moved to [C, K, 1] (`moveaxis(2, 1)`).
+    MoveAxis(String),
+    /// An RMSNorm weight stored as an offset from 1, plus 1.
+    PlusOne(String),
+}
+
+/// Whether a `weight` of this many dimensions under `module` is a module's
+/// (Linear, Embedding: 2-D; all experts of an MoE projection, mlx-lm's
+/// `SwitchLinear` under `switch_mlp` / `experts`: 3-D [E, out, in]).
+fn is_module_weight(module: &str, ndim: usize) -> bool {
+    ndim == 2 || (ndim == 3 && module.split('.').any(|c| c == "switch_mlp" || c == "experts"))
 }
 
 /// What one output tensor is made from.
@@ -77,6 +98,7 @@ pub(super) fn plan_modules(
     spec: &QuantSpec,
     default: &Spec,
     rules: &[Rule],
+    predicate: &dyn Fn(&str) -> Option<Format>,
     warnings: &mut Vec<String>,
 ) -> Result<(BTreeMap<String, ModulePlan>, HashMap<String, String>)> {
     let mut modules: BTreeMap<String, ModulePlan> = BTreeMap::new();
@@ -84,7 +106,7 @@ pub(super) fn plan_modules(
     for (name, t) in src_tensors {
         let Some(module) = name.strip_suffix(".weight") else { continue };
         let has_scales = src_tensors.contains_key(&format!("{module}.scales"));
-        if t.shape.len() != 2 || (!has_scales && !is_float(t.dtype)) {
+        if !is_module_weight(module, t.shape.len()) || (!has_scales && !is_float(t.dtype)) {
             continue;
         }
         let from = if has_scales {
@@ -97,12 +119,13 @@ pub(super) fn plan_modules(
         } else {
             Format::Dense(None)
         };
-        let cols = match &from {
-            Format::Quant { bits, .. } => t.shape[1] * 32 / *bits as usize,
-            Format::Dense(_) => t.shape[1],
+        let cols = in_features(&from, &t.shape);
+        // The spec that applies: the last matching rule, else --quant (or
+        // what the model's own quant_predicate says for this module).
+        let mut target = match (default, predicate(module)) {
+            (Spec::To(Format::Quant { .. }), Some(f)) => Spec::To(f),
+            _ => default.clone(),
         };
-        // The spec that applies: the last matching rule, else --quant.
-        let mut target = default.clone();
         for r in rules {
             if r.matches(module) {
                 target = r.spec.clone();
@@ -135,6 +158,15 @@ pub(super) fn plan_modules(
         modules.insert(module.to_string(), ModulePlan { from, to, dense_dtype });
     }
     Ok((modules, owned))
+}
+
+/// A module's input features: its weight's last axis (unpacked when quantized).
+fn in_features(from: &Format, shape: &[usize]) -> usize {
+    let last = shape[shape.len() - 1];
+    match from {
+        Format::Quant { bits, .. } => last * 32 / *bits as usize,
+        Format::Dense(_) => last,
+    }
 }
 
 /// The output tensors, sorted by name, with what they add up to.
@@ -179,11 +211,11 @@ pub(super) fn plan_outputs(
     let mut per_module: BTreeMap<String, (String, i32, i32)> = BTreeMap::new();
     for (module, plan) in modules {
         let w = &src_tensors[&format!("{module}.weight")];
-        let rows = w.shape[0];
-        let cols = match &plan.from {
-            Format::Quant { bits, .. } => w.shape[1] * 32 / *bits as usize,
-            Format::Dense(_) => w.shape[1],
-        };
+        // [out] or [experts, out]: every axis but the input's
+        let lead = &w.shape[..w.shape.len() - 1];
+        let rows: usize = lead.iter().product();
+        let cols = in_features(&plan.from, &w.shape);
+        let shape = |last: usize| [lead, &[last]].concat();
         parameters += (rows * cols) as u64;
         *formats.entry(plan.to.describe()).or_default() += 1;
         if plan.to == plan.from {
@@ -209,15 +241,15 @@ pub(super) fn plan_outputs(
                 shape,
             };
             match &plan.to {
-                Format::Dense(d) => outs.push(m("weight", d.unwrap_or(plan.dense_dtype), vec![rows, cols])),
+                Format::Dense(d) => outs.push(m("weight", d.unwrap_or(plan.dense_dtype), shape(cols))),
                 Format::Quant { mode, bits, group_size } => {
                     let g = cols / *group_size as usize;
-                    outs.push(m("weight", Dtype::U32, vec![rows, cols * *bits as usize / 32]));
+                    outs.push(m("weight", Dtype::U32, shape(cols * *bits as usize / 32)));
                     if mode == "affine" {
-                        outs.push(m("scales", plan.dense_dtype, vec![rows, g]));
-                        outs.push(m("biases", plan.dense_dtype, vec![rows, g]));
+                        outs.push(m("scales", plan.dense_dtype, shape(g)));
+                        outs.push(m("biases", plan.dense_dtype, shape(g)));
                     } else {
-                        outs.push(m("scales", Dtype::U8, vec![rows, g]));
+                        outs.push(m("scales", Dtype::U8, shape(g)));
                     }
                 }
             }

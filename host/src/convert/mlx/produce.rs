@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use super::plan::{Make, ModulePlan, Out, SrcTensor};
+use super::plan::{Derive, Make, ModulePlan, Out, SrcTensor};
 use super::recipe::Format;
 
 fn mlx_dtype(d: Dtype) -> Result<MDtype> {
@@ -66,7 +66,25 @@ pub(super) struct Producer<'a> {
 impl Producer<'_> {
     fn source(&self, name: &str) -> Result<Array> {
         let t = self.src.get(name).ok_or_else(|| anyhow!("missing source tensor {name}"))?;
-        self.arrays[t.file].get(name).cloned().ok_or_else(|| anyhow!("MLX did not load tensor {name}"))
+        let file = |n: &str| self.arrays[t.file].get(n).cloned().ok_or_else(|| anyhow!("MLX did not load tensor {n}"));
+        Ok(match &t.derive {
+            None => file(name)?,
+            Some(Derive::Stack(parts)) => {
+                // each part was in the same file set; look it up across files
+                let parts: Vec<Array> = parts.iter().map(|p| self.file_tensor(p)).collect::<Result<_>>()?;
+                mlx_rs::ops::stack(&parts, 0)? // E x [out, in] -> [E, out, in]
+            }
+            Some(Derive::MoveAxis(src)) => file(src)?.swap_axes(1, 2)?, // [C, 1, K] -> [C, K, 1]
+            Some(Derive::PlusOne(src)) => {
+                let a = file(src)?;
+                a.add(Array::from_f32(1.0).as_dtype(a.dtype())?)?
+            }
+        })
+    }
+
+    /// A tensor as stored in any of the weight files.
+    fn file_tensor(&self, name: &str) -> Result<Array> {
+        self.arrays.iter().find_map(|m| m.get(name).cloned()).ok_or_else(|| anyhow!("MLX did not load tensor {name}"))
     }
 
     /// The module's weight as a dense array.
