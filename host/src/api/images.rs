@@ -1,10 +1,13 @@
 //! Image parts of chat requests (issue 15): OpenAI `image_url` parts and
 //! Anthropic `image` blocks become template content parts (`{"type":
-//! "image"}`, which e.g. Gemma 3's template renders as `<start_of_image>`)
+//! "image"}`, which e.g. Gemma 3's template renders as `<start_of_image>`,
+//! Gemma 4's as `<|image|>`)
 //! and images loaded, decoded and preprocessed for the model
 //! (crate::media). The prompt's image markers are expanded as the model's
-//! processor does it and each image's placeholder positions recorded
-//! (media/vision.rs); the engine runs the vision tower (engine/media.rs).
+//! processor does it, each image to its own placeholder count (fixed for
+//! Gemma 3, from the resized size for Gemma 4), and each image's
+//! placeholder positions recorded (media/vision.rs); the engine runs the
+//! vision tower (engine/media.rs).
 //!
 //! Order of checks: a model that takes no images answers 400 before any
 //! image is fetched; then each image in prompt order (a bad one: 400 naming
