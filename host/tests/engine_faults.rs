@@ -272,6 +272,39 @@ fn a_plugin_panic_mid_batch_fails_only_its_request() {
     a_failing_forward_fails_only_its_request("panic");
 }
 
+/// A prompt that breaks the batched prefill forward it shares with others
+/// (its trigger token mid-prompt, a KV write the host refuses after layer 0
+/// already wrote the batch): the batch is retried row by row
+/// (engine/scheduler/prefill.rs), so only that request fails, and the
+/// prompts prefilled beside it answer as they do alone.
+#[test]
+fn a_failing_row_of_a_batched_prefill_fails_alone() {
+    let _g = common::mlx_lock();
+    let plugins = plugins_with_faulty();
+    let model = tempfile::tempdir().unwrap();
+    let ps = prompts();
+    let n = 12;
+    let refs = references(plugins.path(), model.path(), &ps, n);
+    let used: Vec<u32> = ps.iter().chain(&refs).flatten().copied().collect();
+    let trigger = (3..250u32).find(|t| !used.contains(t)).expect("an unused token id");
+    write_faulty_model(model.path(), trigger, "bad_kv");
+    let cat = catalog(&[("faulty", model.path().to_path_buf())]);
+    let e = cat.get("faulty").unwrap();
+    let w = worker_in(plugins.path(), &cat, None);
+    // 48 tokens, the trigger at 10: one prefill group with the 20-, 35- and 50-token prompts.
+    let mut bad_prompt: Vec<u32> = (0..48).map(|i| (i * 5 % 200 + 3) as u32).filter(|t| *t != trigger).collect();
+    bad_prompt[10] = trigger;
+    let mut reqs: Vec<Req> = ps.iter().map(|p| submit(&w, &e, p, n)).collect();
+    let mut bad = submit(&w, &e, &bad_prompt, n);
+    let (_, end) = finish(&mut bad);
+    assert!(internal(&end).contains("do not fit the KV pool"), "{end:?}");
+    for (i, r) in reqs.iter_mut().enumerate() {
+        assert_eq!(tokens(r), refs[i], "prompt {i}: changed by another prompt's failed prefill");
+    }
+    wait_idle(&w);
+    assert_eq!(w.stats().blocks[0].1.seq_blocks, 0);
+}
+
 // ---------------------------------------------------------------- panics on the engine thread
 
 /// A logits hook that panics at its `n`th token.

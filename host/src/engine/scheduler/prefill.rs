@@ -8,7 +8,8 @@
 //! in all while streams of the lane decode (they never wait longer than one
 //! chunk), every prefilling sequence's chunk when none decodes.
 //!
-//! Rows stay on the one-sequence path where batching is not exact:
+//! Rows stay on the one-sequence path where batching is not exact (and
+//! all do with `RMLX_BATCHED_PREFILL=0`):
 //! - a chunk that holds image features (engine/media.rs `chunk_inputs`);
 //! - a model with recurrent STATE layers (gated DeltaNet): their state
 //!   would take in the padding (and `PagedForward::ragged` lends no state,
@@ -145,7 +146,7 @@ impl Scheduler {
         // A later reservation may have preempted an earlier chosen row: only
         // those still running go on. Rows with image features in their chunk,
         // and every row of a model with state layers, go alone.
-        let alone_all = model.has_state();
+        let alone_all = model.has_state() || !batching();
         let mut batch: Vec<(u64, usize)> = Vec::new();
         for (id, chunk) in chosen {
             let Some(i) = self.running.iter().position(|s| s.id == id) else { continue };
@@ -232,6 +233,13 @@ impl Scheduler {
             cache_blocks(m, &mut self.running[i]);
         }
     }
+}
+
+/// Batched prefill, on unless `RMLX_BATCHED_PREFILL=0` (then every chunk
+/// runs alone, as before issue 16: for comparisons and as an escape hatch).
+fn batching() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RMLX_BATCHED_PREFILL").map(|v| v != "0").unwrap_or(true))
 }
 
 #[cfg(test)]
