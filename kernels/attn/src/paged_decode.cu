@@ -25,6 +25,9 @@ const int ctx = valid_shape[1];
 const float scale = params[0];
 const float cap = params[1];
 
+// NVRTC has no `inf`/INFINITY without headers: the bit pattern of +inf.
+const float inf = __int_as_float(0x7f800000);
+
 float qv[PER];
 float acc[PER];
 #pragma unroll

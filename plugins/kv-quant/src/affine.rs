@@ -119,7 +119,12 @@ impl KvCodecImpl for Affine {
         let w = Self::per_head(comps)?; // [B, K, 1, T, ..]
         // [B, K, H/K, L, D] x [B, K, 1, T, D]ᵀ -> [B, K, H/K, L, T]
         let qg = q.as_dtype(comps[1].dtype())?.reshape(&[b, k, h / k, l, d])?;
-        let s = quantized_matmul(&qg, &w[0], &w[1], &w[2], true, g, self.bits)?;
+        let s = if dequantize_first() {
+            let kd = dequantize(&w[0], &w[1], &w[2], g, self.bits)?; // [B, K, 1, T, D]
+            qg.matmul(&kd.swap_axes(-1, -2)?)?
+        } else {
+            quantized_matmul(&qg, &w[0], &w[1], &w[2], true, g, self.bits)?
+        };
         Ok(s.reshape(&[b, h, l, s.dim(-1)])?.as_dtype(Dtype::Float32)?)
     }
 
@@ -131,7 +136,22 @@ impl KvCodecImpl for Affine {
         let k = comps[0].dim(2);
         let w = Self::per_head(comps)?;
         let pg = p.as_dtype(comps[1].dtype())?.reshape(&[b, k, h / k, l, t])?;
-        let out = quantized_matmul(&pg, &w[0], &w[1], &w[2], false, g, self.bits)?; // [B, K, H/K, L, D]
+        let out = if dequantize_first() {
+            pg.matmul(&dequantize(&w[0], &w[1], &w[2], g, self.bits)?)? // [B, K, H/K, L, D]
+        } else {
+            quantized_matmul(&pg, &w[0], &w[1], &w[2], false, g, self.bits)? // [B, K, H/K, L, D]
+        };
         Ok(out.reshape(&[b, h, l, dims.head_dim])?.as_dtype(p.dtype())?)
     }
+}
+
+/// MLX's CUDA `quantized_matmul` (0.32) has no kernel for these batched
+/// shapes ([B, K, H/K, L, D] against per-head pools: "No implementation for
+/// problem shape" at eval, measured on an H100): there the composed path
+/// dequantizes the gathered blocks for the matmul (a per-step temporary; the
+/// blocks stay packed), and decode goes through the fused paged kernel,
+/// which reads the packed blocks. Metal and the CPU use `quantized_matmul`,
+/// as mlx-lm does.
+fn dequantize_first() -> bool {
+    rmlx_kernels::backend() == rmlx_kernels::Backend::Cuda
 }
