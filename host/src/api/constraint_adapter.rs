@@ -32,8 +32,10 @@ pub struct HookSpec<'a> {
     pub max_tokens: usize,
 }
 
-/// Tokens that may still be generated, shared by [`Counted`] (which counts
-/// every token) and [`Constrained`] (which may start after a thinking block).
+/// Tokens that may still be generated, as [`Counted`] (which counts every
+/// token) hands it to [`Constrained`] (which may start after a thinking
+/// block): `Counted` stores its own count before each `apply`, so a fork of
+/// the hook (speculative decoding) shares the cell but not the count.
 type Left = Arc<AtomicUsize>;
 
 struct Constrained {
@@ -54,24 +56,36 @@ impl LogitsHook for Constrained {
     fn is_finished(&self) -> bool {
         self.c.is_finished()
     }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(Constrained { c: self.c.clone(), left: self.left.clone() }))
+    }
 }
 
 /// The outermost hook: counts each generated token off the budget.
 struct Counted {
     inner: Box<dyn LogitsHook>,
     left: Left,
+    /// Tokens left (usize::MAX: no budget), stored into `left` before each `apply`.
+    n: usize,
 }
 
 impl LogitsHook for Counted {
     fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        self.left.store(self.n, Ordering::Relaxed);
         self.inner.apply(logits)
     }
     fn commit(&mut self, token: u32) -> anyhow::Result<()> {
-        let _ = self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| (l != usize::MAX).then(|| l.saturating_sub(1)));
+        if self.n != usize::MAX {
+            self.n = self.n.saturating_sub(1);
+        }
+        self.left.store(self.n, Ordering::Relaxed);
         self.inner.commit(token)
     }
     fn is_finished(&self) -> bool {
         self.inner.is_finished()
+    }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(Counted { inner: self.inner.fork()?, left: self.left.clone(), n: self.n }))
     }
 }
 
@@ -110,7 +124,8 @@ pub async fn hook(entry: &Arc<ModelEntry>, s: HookSpec<'_>) -> Result<Option<Box
     if need.is_none() && s.thinking_budget.is_none() {
         return Ok(None);
     }
-    let left: Left = Arc::new(AtomicUsize::new(if s.max_tokens == 0 { usize::MAX } else { s.max_tokens }));
+    let n = if s.max_tokens == 0 { usize::MAX } else { s.max_tokens };
+    let left: Left = Arc::new(AtomicUsize::new(n));
     let e = entry.clone();
     // Loading the tokenizer, building the trie and compiling block: cached, off the runtime.
     let (text, c) = g::blocking(move || {
@@ -138,5 +153,5 @@ pub async fn hook(entry: &Arc<ModelEntry>, s: HookSpec<'_>) -> Result<Option<Box
             Err(inner) => inner,
         };
     }
-    Ok(inner.map(|inner| Box::new(Counted { inner, left }) as Box<dyn LogitsHook>))
+    Ok(inner.map(|inner| Box::new(Counted { inner, left, n }) as Box<dyn LogitsHook>))
 }

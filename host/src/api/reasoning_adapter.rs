@@ -184,6 +184,28 @@ impl LogitsHook for ReasoningGate {
     fn is_finished(&self) -> bool {
         self.inner_on && self.inner.as_ref().is_some_and(|h| h.is_finished())
     }
+
+    /// A copy of the whole state (splitter, decoder, forced tokens, the
+    /// constraint's fork): a speculative draft may think, close the block
+    /// and start the constraint ahead of the sequence.
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        let inner = match &self.inner {
+            Some(h) => Some(h.fork()?),
+            None => None,
+        };
+        Some(Box::new(ReasoningGate {
+            splitter: self.splitter.clone(),
+            decoder: self.decoder.clone(),
+            tokenizer: self.tokenizer.clone(),
+            forced: self.forced.clone(),
+            inner,
+            inner_on: self.inner_on,
+            inner_pending: self.inner_pending,
+            open_id: self.open_id,
+            eos_ids: self.eos_ids.clone(),
+            recent: self.recent.clone(),
+        }))
+    }
 }
 
 #[cfg(test)]

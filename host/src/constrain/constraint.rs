@@ -21,7 +21,10 @@ const ZONE: usize = 10;
 /// With fewer tokens left than this, output that is complete ends (nothing new starts).
 const END_BEFORE: usize = 32;
 
-/// The token-level constraint of one generation.
+/// The token-level constraint of one generation. Clone: a copy runs ahead
+/// of the generation on draft tokens (speculative decoding); the matcher
+/// shares its compiled grammar, the copy is its parser state.
+#[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
     factory: Arc<ConstraintFactory>,

@@ -29,6 +29,14 @@ pub trait LogitsHook: Send {
     fn is_finished(&self) -> bool {
         false
     }
+    /// An independent copy of the hook's state, for speculative decoding
+    /// (engine/scheduler/spec/): the copy masks the draft positions and is
+    /// committed along the drafts, ahead of the sequence, then dropped; the
+    /// hook itself only ever sees the tokens kept. None (the default): the
+    /// hook cannot be copied, and its request does not speculate.
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]

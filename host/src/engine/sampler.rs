@@ -172,16 +172,7 @@ impl Sampler {
     pub fn sample_processed(&mut self, logits: &[f32], top_n: Option<usize>) -> Sampled {
         let token = self.choose(logits);
         self.accept(token);
-        let (logprob, top) = match top_n {
-            Some(n) => {
-                let lse = logsumexp(logits);
-                let lp = logits[token as usize] - lse;
-                let top = top_indices(logits, n).into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
-                (lp, top)
-            }
-            None => (0.0, Vec::new()),
-        };
-        Sampled { token, logprob, top }
+        logprobs(logits, token, top_n)
     }
 
     /// The sampling chain on processed logits; does not record.
@@ -267,6 +258,23 @@ impl Sampler {
         }
         Some(cand.iter().map(|c| (c.0, ((c.2 - max) / self.p.temperature).exp())).collect())
     }
+}
+
+/// `token` with its log-probability and the `top_n` most likely tokens
+/// under already processed (and masked) `logits` at temperature 1: what a
+/// request's `logprobs` reports (plain decoding, and speculative decoding
+/// at each verified position). None: no logprobs (0 and no alternatives).
+pub fn logprobs(logits: &[f32], token: u32, top_n: Option<usize>) -> Sampled {
+    let (logprob, top) = match top_n {
+        Some(n) => {
+            let lse = logsumexp(logits);
+            let lp = logits[token as usize] - lse;
+            let top = top_indices(logits, n).into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+            (lp, top)
+        }
+        None => (0.0, Vec::new()),
+    };
+    Sampled { token, logprob, top }
 }
 
 fn logsumexp(logits: &[f32]) -> f32 {

@@ -65,6 +65,8 @@ pub struct Sequence {
     pub preempted: u32,
     pub started_sent: bool,
     hook: Option<Box<dyn LogitsHook>>,
+    /// Its hook (if any) can be forked (`LogitsHook::fork`): it may speculate.
+    hook_forks: bool,
     cancel: Arc<AtomicBool>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     text: Option<Arc<TextSide>>,
@@ -105,6 +107,7 @@ impl Sequence {
             held: String::new(),
         };
         let max_ctx = model.context_length.unwrap_or(usize::MAX);
+        let hook_forks = hook.as_ref().is_none_or(|h| h.fork().is_some());
         Self {
             id,
             entry: model,
@@ -127,6 +130,7 @@ impl Sequence {
             preempted: 0,
             started_sent: false,
             hook,
+            hook_forks,
             cancel,
             events,
             text: None,
@@ -207,13 +211,31 @@ impl Sequence {
         }
     }
 
-    /// Whether a drafter may propose tokens for it: no logits hook
-    /// (constrained decoding, thinking budgets), no logprobs, and the
-    /// request did not turn speculation off.
+    /// Whether a drafter may propose tokens for it: the request did not
+    /// turn speculation off, and its logits hook, if any (constrained
+    /// decoding, thinking budgets), can be forked to mask draft positions
+    /// ahead of the sequence (`LogitsHook::fork`; every hook the API makes
+    /// can). Logprobs come from the verifier's logits at each position.
     pub fn may_speculate(&self) -> bool {
         // A prompt with images does not: the draft model has no vision tower
         // and would read the placeholder ids as text (outside its vocabulary).
-        self.hook.is_none() && self.params.logprobs.is_none() && self.params.num_draft_tokens != Some(0) && self.params.media.is_none()
+        self.hook_forks && self.params.num_draft_tokens != Some(0) && self.params.media.is_none()
+    }
+
+    /// Whether a logits hook constrains its tokens.
+    pub fn has_hook(&self) -> bool {
+        self.hook.is_some()
+    }
+
+    /// A copy of its hook's state to run ahead on draft tokens (None: no
+    /// hook, or one that cannot be forked).
+    pub fn fork_hook(&self) -> Option<Box<dyn LogitsHook>> {
+        self.hook.as_ref().and_then(|h| h.fork())
+    }
+
+    /// The ids that end it (EOS and the request's stop ids; none with `ignore_eos`).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
     }
 
     /// Its sampler (speculative acceptance processes positions ahead on a copy).
@@ -266,6 +288,14 @@ impl Sequence {
 
     /// The next token, chosen on the device (see `takes_device_token`).
     pub fn on_token(&mut self, token: u32) -> Outcome {
+        self.on_sampled(Sampled { token, logprob: 0.0, top: Vec::new() })
+    }
+
+    /// The next token, chosen outside the sequence with its logprobs
+    /// (speculative decoding: `sampler::logprobs` of the verifier's
+    /// processed and masked logits at its position). The sequence's hook
+    /// and sampler then see it as if it had sampled it.
+    pub fn on_sampled(&mut self, sampled: Sampled) -> Outcome {
         if self.t_first.is_none() {
             self.prompt_secs = self.t_arrive.elapsed().as_secs_f64();
             self.t_first = Some(Instant::now());
@@ -274,12 +304,8 @@ impl Sequence {
             return o;
         }
         guarded(|| {
-            self.sampler.accept(token);
-            self.emit(Sampled {
-                token,
-                logprob: 0.0,
-                top: Vec::new(),
-            })
+            self.sampler.accept(sampled.token);
+            self.emit(sampled)
         })
     }
 

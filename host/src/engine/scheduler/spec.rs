@@ -3,10 +3,15 @@
 //! speculate, the model verifies every row in ONE forward of
 //! `[B, k_max + 1]`, and each row keeps what accept.rs keeps.
 //!
-//! 1. Rows that may not speculate (a logits hook, logprobs, the request's
-//!    `num_draft_tokens: 0`) have k_i = 0; the others start at the
-//!    drafter's K and adapt per row (adapt.rs), never drafting more than
-//!    their tokens left minus one.
+//! 1. Rows that may not speculate (the request's `num_draft_tokens: 0`,
+//!    images, a logits hook that cannot be forked) have k_i = 0; the others
+//!    start at the drafter's K and adapt per row (adapt.rs), never drafting
+//!    more than their tokens left minus one.
+//!    A row with a logits hook (constrained decoding, thinking budgets)
+//!    drafts under a fork of its hook: each draft step's logits are
+//!    processed and masked as plain decoding would, and the fork is
+//!    committed with the draft (forward.rs). A row with logprobs reads the
+//!    verifier's logits on the host.
 //! 2. Blocks: each drafting row's draft table covers its catch-up and k_max
 //!    draft tokens, every row's verifier table k_max + 1 tokens. Nothing is
 //!    preempted for speculation: a row whose draft blocks do not come does
@@ -26,7 +31,14 @@
 //! 5. Per row: accept (greedy: the longest run of drafts equal to the
 //!    verifier's argmax; sampling: rejection sampling with the row's
 //!    seeded RNG), emit the kept tokens and the verifier's next one through
-//!    the sequence's own per-token logic, then roll back: `kv_len` is the
+//!    the sequence's own per-token logic, then roll back. A row that reads
+//!    its logits on the host (sampling, a hook, logprobs) takes position
+//!    j's target from targets.rs: the verifier's logits processed and
+//!    masked by a fresh fork of its hook advanced through the kept drafts,
+//!    so greedy output is token for token and sampled output distributed
+//!    exactly as constrained plain decoding; each emitted token carries the
+//!    logprobs of its position (`sampler::logprobs`, plain decoding's code).
+//!    Then roll back: `kv_len` is the
 //!    kept context in both caches, and blocks wholly past it go back to
 //!    their managers. Rejected tokens never reach the prefix cache
 //!    (`cache_blocks` reads only the first `kv_len` tokens).
@@ -34,18 +46,21 @@
 //! An error in a forward leaves every row as it was (lengths only move
 //! after success); those rows stop speculating and the plain step runs.
 mod forward;
+mod targets;
 
 use super::super::block_manager::BlockManager;
 use super::super::kv_pool::KvPool;
 use super::super::sequence::Outcome;
+use super::super::worker::WorkerError;
 use super::super::speculative::{
-    accept::{accept_greedy, accept_sampled},
+    accept::{accept_greedy, accept_greedy_with, accept_sampled},
     serve::{kind_label, Drafter, SpecRow},
 };
 use super::super::LoadedModel;
 use super::{Ended, LaneId, Scheduler};
 use anyhow::Result;
 use forward::Verified;
+use targets::Targets;
 
 /// Puts the drafter back into its model however the step ends (a panic
 /// included: the lane's sequences fail, the model keeps its drafter).
@@ -70,6 +85,10 @@ struct SpecRowPlan {
     draft_kv: usize,
     /// Samples on the host (drafts drawn from q; rejection sampling).
     sampled: bool,
+    /// Has a logits hook: drafts under a fork of it, verified on the host.
+    hooked: bool,
+    /// Verifies on the host (sampled, hooked, or asks for logprobs).
+    host: bool,
 }
 
 impl Scheduler {
@@ -142,8 +161,10 @@ impl Scheduler {
                 k = sp.len.get().min(s.left().saturating_sub(1));
             }
             let sampled = !s.sampler().is_plain_greedy();
+            let hooked = s.has_hook();
+            let host = sampled || hooked || s.params.logprobs.is_some();
             let draft_kv = s.spec.as_ref().map_or(0, |sp| sp.kv_len);
-            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled });
+            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled, hooked, host });
         }
         let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
         if k_max == 0 {
@@ -234,31 +255,52 @@ impl Scheduler {
                     None => s.on_token(v.best[0]),
                 };
                 (0, o)
-            } else {
-                let (n, next) = if p.sampled {
-                    let rows = v.logits.unwrap_or_default();
-                    let mut pv = s.sampler().clone();
-                    let drafts = v.drafts.clone();
-                    let p_at = |j: usize| {
-                        if j > 0 {
-                            pv.accept(drafts[j - 1]);
+            } else if p.host {
+                match s.fork_hook().map(Some).or_else(|| (!p.hooked).then_some(None)) {
+                    Some(hook) => {
+                        let rows = v.logits.unwrap_or_default();
+                        let eos = s.eos_ids().to_vec();
+                        let mut tg = Targets::new(&rows, &v.drafts, s.sampler().clone(), hook, &eos);
+                        let sp = s.spec.as_mut().expect("drafting");
+                        let (n, next) = if p.sampled {
+                            accept_sampled(&v.drafts, &v.q, |j| tg.distribution(j), &mut sp.rng)
+                        } else {
+                            accept_greedy_with(&v.drafts, |j| tg.argmax(j))
+                        };
+                        let top_n = s.params.logprobs;
+                        // Counted first: a row that ends in this step reports them.
+                        s.kv_len = p.kv + 1 + n;
+                        count(s, p.k, n, &mut drafted, &mut accepted);
+                        let mut o = Outcome::Continue;
+                        for (j, &t) in v.drafts[..n].iter().chain(std::iter::once(&next)).enumerate() {
+                            // The hook failed at this position: plain decoding would too.
+                            if let Some((_, e)) = tg.error.as_ref().filter(|(at, _)| *at == j) {
+                                o = Outcome::Done(Err(WorkerError::Internal(e.clone())));
+                                break;
+                            }
+                            let sampled = tg.sampled(j, t, top_n);
+                            o = s.on_sampled(sampled);
+                            if matches!(o, Outcome::Done(_)) {
+                                break;
+                            }
                         }
-                        let mut l = rows[j].clone();
-                        pv.process(&mut l);
-                        pv.distribution(&l)
-                    };
-                    let sp = s.spec.as_mut().expect("drafting");
-                    accept_sampled(&v.drafts, &v.q, p_at, &mut sp.rng)
-                } else {
-                    accept_greedy(&v.drafts, &v.best)
-                };
+                        (n, o)
+                    }
+                    // A hook that cannot be forked now (every hook the API
+                    // makes can): only position 0, as plain decoding.
+                    None => {
+                        s.kv_len = p.kv + 1;
+                        let o = match v.logits {
+                            Some(mut l) => s.on_logits(l.swap_remove(0)),
+                            None => s.on_token(v.best[0]),
+                        };
+                        (0, o)
+                    }
+                }
+            } else {
+                let (n, next) = accept_greedy(&v.drafts, &v.best);
                 s.kv_len = p.kv + 1 + n;
-                s.drafted += p.k;
-                s.accepted += n;
-                drafted += p.k as u64;
-                accepted += n as u64;
-                let sp = s.spec.as_mut().expect("drafting");
-                sp.len.update(p.k, n);
+                count(s, p.k, n, &mut drafted, &mut accepted);
                 let mut o = Outcome::Continue;
                 for &t in v.drafts[..n].iter().chain(std::iter::once(&next)) {
                     o = s.on_token(t);
@@ -290,6 +332,18 @@ impl Scheduler {
     }
 }
 
+
+/// Counts a verified row's drafts (the request's usage, the step's totals)
+/// and adapts its draft length.
+fn count(s: &mut super::super::sequence::Sequence, k: usize, n: usize, drafted: &mut u64, accepted: &mut u64) {
+    s.drafted += k;
+    s.accepted += n;
+    *drafted += k as u64;
+    *accepted += n as u64;
+    if let Some(sp) = s.spec.as_mut() {
+        sp.len.update(k, n);
+    }
+}
 
 /// Gives `table`'s blocks wholly past `len` tokens back to `mgr`.
 fn trim(mgr: &mut BlockManager, table: &mut Vec<u32>, len: usize) {

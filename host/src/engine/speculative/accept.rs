@@ -18,8 +18,21 @@ use rand::Rng;
 /// Returns (draft tokens kept, the verifier's token that follows them).
 pub fn accept_greedy(draft: &[u32], target: &[u32]) -> (usize, u32) {
     assert_eq!(target.len(), draft.len() + 1, "the verifier scores every draft position and one more");
-    let n = draft.iter().zip(target).take_while(|(d, t)| d == t).count();
-    (n, target[n])
+    accept_greedy_with(draft, |i| target[i])
+}
+
+/// Greedy acceptance with the verifier's token at position i computed on
+/// demand (`target(i)`, called in order and only as far as needed): a
+/// constrained row's position i needs its constraint advanced through
+/// `draft[..i]` first.
+pub fn accept_greedy_with(draft: &[u32], mut target: impl FnMut(usize) -> u32) -> (usize, u32) {
+    for (i, &d) in draft.iter().enumerate() {
+        let t = target(i);
+        if t != d {
+            return (i, t);
+        }
+    }
+    (draft.len(), target(draft.len()))
 }
 
 /// Rejection-sampling acceptance. `q[i]` is the distribution draft token
@@ -89,6 +102,13 @@ mod tests {
         assert_eq!(accept_greedy(&[5, 6, 7], &[5, 9, 7, 8]), (1, 9));
         assert_eq!(accept_greedy(&[5, 6, 7], &[1, 6, 7, 8]), (0, 1));
         assert_eq!(accept_greedy(&[], &[4]), (0, 4));
+        // On demand: positions past the first mismatch are never asked for.
+        let mut asked = Vec::new();
+        let r = accept_greedy_with(&[5, 6, 7], |i| {
+            asked.push(i);
+            [5, 9, 7, 8][i]
+        });
+        assert_eq!((r, asked), ((1, 9), vec![0, 1]));
     }
 
     #[test]

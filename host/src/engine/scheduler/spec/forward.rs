@@ -6,6 +6,7 @@ use super::super::super::paged::{PagedForward, Row};
 use super::super::super::sampler::{argmax, Sampler};
 use super::super::super::sequence::Sequence;
 use super::super::super::speculative::{accept::draw, serve::SpecRow};
+use super::super::super::worker::LogitsHook;
 use super::super::super::LoadedModel;
 use super::super::{LaneId, Scheduler};
 use super::SpecRowPlan;
@@ -65,14 +66,19 @@ impl Scheduler {
         let d_idx: Vec<usize> = drafting.iter().map(|&r| idx[r]).collect();
         let bd = d_idx.len() as i32;
         let lasts: Vec<i32> = d_idx.iter().map(|&i| *self.running[i].tokens.last().unwrap() as i32).collect();
-        let host = drafting.iter().any(|&r| plan[r].sampled);
+        // Host mode: a row samples its drafts or masks them with its hook.
+        let host = drafting.iter().any(|&r| plan[r].sampled || plan[r].hooked);
         // Per drafting row: its drafts (host mode) and the distributions they came from.
         let mut drafts_host: Vec<Vec<u32>> = vec![Vec::with_capacity(k_max); d_idx.len()];
         let mut qs: Vec<Vec<Vec<f32>>> = vec![Vec::new(); d_idx.len()];
         let mut samplers: Vec<Option<Sampler>> = drafting
             .iter()
-            .map(|&r| plan[r].sampled.then(|| self.running[idx[r]].sampler().clone()))
+            .map(|&r| (plan[r].sampled || plan[r].hooked).then(|| self.running[idx[r]].sampler().clone()))
             .collect();
+        // A fork of each hooked row's hook, committed with its drafts (a
+        // row whose fork fails or ends drafts on unmasked: the verify step's
+        // own fork decides what is kept).
+        let mut hooks: Vec<Option<Box<dyn LogitsHook>>> = drafting.iter().map(|&r| if plan[r].hooked { self.running[idx[r]].fork_hook() } else { None }).collect();
         let mut dev_drafts: Vec<Array> = Vec::with_capacity(k_max);
         let mut input = Array::from_slice(&lasts, &[bd, 1]);
         for _ in 0..k_max {
@@ -88,13 +94,30 @@ impl Scheduler {
                     let rd = drafting[j];
                     let t = match samplers[j].as_mut() {
                         Some(sm) => {
+                            // As plain decoding: processors, then the hook's mask.
                             let mut lg = row.to_vec();
                             sm.process(&mut lg);
-                            let q = sm.distribution(&lg);
-                            let sp = self.running[idx[rd]].spec.as_mut().expect("drafting");
-                            let t = draw(&q, &mut sp.rng).unwrap_or_else(|| argmax(&lg));
+                            if let Some(h) = hooks[j].as_mut() {
+                                if h.apply(&mut lg).is_err() {
+                                    hooks[j] = None;
+                                }
+                            }
+                            let t = if plan[rd].sampled {
+                                let q = sm.distribution(&lg);
+                                let sp = self.running[idx[rd]].spec.as_mut().expect("drafting");
+                                let t = draw(&q, &mut sp.rng).unwrap_or_else(|| argmax(&lg));
+                                qs[j].push(q);
+                                t
+                            } else {
+                                argmax(&lg)
+                            };
                             sm.accept(t);
-                            qs[j].push(q);
+                            let s = &self.running[idx[rd]];
+                            if let Some(h) = hooks[j].as_mut() {
+                                if s.eos_ids().contains(&t) || h.commit(t).is_err() || h.is_finished() {
+                                    hooks[j] = None;
+                                }
+                            }
                             t
                         }
                         None => argmax(row),
@@ -139,7 +162,7 @@ impl Scheduler {
             .filter(|&r| {
                 let s = &self.running[idx[r]];
                 if plan[r].k > 0 {
-                    plan[r].sampled
+                    plan[r].host
                 } else {
                     !(s.takes_device_token() && s.device_bias().is_empty())
                 }
@@ -171,7 +194,9 @@ impl Scheduler {
         for r in 0..plan.len() {
             let drafts: Vec<u32> = inp[r * width + 1..r * width + 1 + plan[r].k].iter().map(|&t| t as u32).collect();
             let best: Vec<u32> = bst[r * width..r * width + plan[r].k + 1].iter().map(|&t| t as u32).collect();
-            let q = drafting.iter().position(|&x| x == r).map(|j| std::mem::take(&mut qs[j])).unwrap_or_default();
+            // A row drafting fewer than k_max keeps the distributions of its own drafts.
+            let mut q = drafting.iter().position(|&x| x == r).map(|j| std::mem::take(&mut qs[j])).unwrap_or_default();
+            q.truncate(plan[r].k);
             out.rows.push(VerifiedRow { drafts, best, q, logits: logits_of[r].take() });
         }
         Ok(out)
@@ -186,7 +211,8 @@ pub(super) struct VerifiedRow {
     pub(super) best: Vec<u32>,
     /// The drafter's distributions (sampling rows).
     pub(super) q: Vec<Vec<f32>>,
-    /// Host logits of positions 0..=k_max (rows that read them).
+    /// Host logits of positions 0..=k_max (rows that read them: sampling,
+    /// a hook or logprobs when drafting, else not taking the device token).
     pub(super) logits: Option<Vec<Vec<f32>>>,
 }
 
