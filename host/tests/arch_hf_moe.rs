@@ -7,7 +7,8 @@
 //! reading the same directory through its sanitize); the same model in
 //! mlx-lm's layout matches the same golden; `rmlx convert` stacks the experts
 //! as mlx_lm.convert does (tensor for tensor equal to mlx-lm's layout) and
-//! quantizes stacked experts and routers as mlx-lm's `quantize_model`; bad
+//! quantizes stacked experts and routers as mlx-lm's `quantize_model` (and
+//! mlx-lm loads its quantized output with rmlx's numbers); bad
 //! checkpoints are refused by name.
 mod common;
 
@@ -112,11 +113,36 @@ fn convert_stacks_the_experts_as_mlx_lm_does() {
         assert_eq!(header["model.layers.0.mlp.switch_mlp.gate_proj.weight"].shape, [4, 16, 4], "{arch}: [E, out, in*4/32]");
         assert_eq!(header["model.layers.0.mlp.switch_mlp.gate_proj.scales"].shape, [4, 16, 1], "{arch}");
         assert_eq!(header["model.layers.0.mlp.switch_mlp.down_proj.weight"].dtype, "F32", "{arch}");
-        let model = LoadedModel::load_with(&dst, &reg, LoadPolicy::default()).unwrap_or_else(|e| panic!("{arch} q4: {e:#}"));
+        let mut model = LoadedModel::load_with(&dst, &reg, LoadPolicy::default()).unwrap_or_else(|e| panic!("{arch} q4: {e:#}"));
         assert!(model.unused.is_empty(), "{arch} q4: {:?}", model.unused);
         let q = &model.layers["model.layers.0.mlp.switch_mlp.up_proj"];
         assert_eq!((q.mode.as_str(), q.bits, q.group_size), ("affine", 4, 32), "{arch}");
+        // mlx-lm loads what rmlx wrote and gives rmlx's logits and tokens
+        // (tests/goldens/convert_check.py, as tests/convert_mlx.rs)
+        let check = mlx_lm_check(&fixture_dir(&format!("{arch}-hf-f32")), &dst);
+        assert_eq!(check["bit_mismatches"], serde_json::json!([]), "{arch}: {check}");
+        let mut golden = check.clone();
+        golden["model"] = format!("{arch}-q4").into();
+        let golden: Golden = serde_json::from_value(golden).unwrap();
+        let mut tally = Tally::default();
+        compare(&mut model, &golden, &mut tally);
+        eprintln!("{arch} q4:32: {} steps against mlx-lm, worst relative error {:e}", tally.compared, tally.worst);
+        assert!(tally.compared >= 16 && tally.failures.is_empty(), "{arch} q4 against mlx-lm:\n{}", tally.failures.join("\n"));
     }
+}
+
+/// mlx-lm (dev venv) on `dst`: tests/goldens/convert_check.py's record.
+fn mlx_lm_check(src: &Path, dst: &Path) -> serde_json::Value {
+    let py = common::repo().join(".venv-dev/bin/python");
+    assert!(py.exists(), "no dev venv: run `make dev-venv`");
+    let out = dst.with_extension("check.json");
+    let o = std::process::Command::new(py)
+        .arg(common::repo().join("tests/goldens/convert_check.py"))
+        .args([src, dst, &out])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "convert_check.py failed on {}:\n{}", dst.display(), String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
 }
 
 /// `rmlx convert --quant q4` of the float mlx-lm qwen3_moe / qwen3_5_moe
