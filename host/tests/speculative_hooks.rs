@@ -7,6 +7,8 @@
 //!   logprobs (top alternatives included) within 1e-5, one at a time and
 //!   batched with rows that do not ask for them;
 //! - sampled rows' logprobs are the verifier's at their position;
+//! - sampled rows with a stateful logits hook follow constrained plain
+//!   sampling's distribution (chi-square over 1200 seeds);
 //! - through the HTTP API (the tiny256 fixture tokenizer), a constrained
 //!   greedy request equals the same request without a drafter, token for
 //!   token, its output parses, and its usage shows drafted tokens; sampled
@@ -18,11 +20,11 @@ use futures_util::future::join_all;
 use rmlx::api::{AppState, ServerOptions};
 use rmlx::engine::sampler::{logprobs, SamplingParams, Sampler};
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::serve::DraftSpec;
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
+use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::{LoadedModel, Session};
 use serde_json::{json, Value};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
@@ -165,6 +167,126 @@ fn sampled_logprobs_under_speculation_are_the_verifiers() {
         }
     }
     assert!(drafted > 0 && checked == 36, "{drafted} drafted, {checked} checked");
+}
+
+/// A stateful constraint for the engine-level test: no token in the same
+/// class mod 3 as the one before it. Its forks share the counters: every
+/// commit, and the commits of a token it forbids.
+#[derive(Clone)]
+struct NoRepeatClass {
+    last: u32,
+    commits: Arc<AtomicUsize>,
+    broken: Arc<AtomicUsize>,
+}
+
+impl LogitsHook for NoRepeatClass {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if t as u32 % 3 == self.last % 3 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if token % 3 == self.last % 3 {
+            self.broken.fetch_add(1, Ordering::Relaxed);
+        }
+        anyhow::ensure!(token % 3 != self.last % 3, "token {token} breaks the constraint after {}", self.last);
+        self.last = token;
+        Ok(())
+    }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(self.clone()))
+    }
+}
+
+/// Three tokens at temperature 1 with top-k 3, a repetition penalty and a
+/// stateful logits hook, drafted by a quantized copy (rows batched, each
+/// with its seed), over 1200 seeds: the 27 possible sequences occur as
+/// often as constrained plain sampling gives them (the verifier's logits,
+/// processed, masked by the hook after the tokens before, then top-k):
+/// chi-square p > 0.001; the drafts were masked (a draft the hook forbids
+/// would never be kept) and both acceptance and rejection ran.
+#[test]
+fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 46];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
+    let mut dist_after = |generated: &[u32]| -> Vec<f32> {
+        let mut s = Session::new(&mut target);
+        let mut logits = s.prefill(&prompt).unwrap();
+        for &t in generated {
+            logits = s.step(t).unwrap();
+        }
+        let mut sampler = Sampler::with_params(params.clone());
+        sampler.set_prompt(&prompt);
+        for &t in generated {
+            sampler.accept(t);
+        }
+        sampler.process(&mut logits);
+        NoRepeatClass { last: *generated.last().unwrap_or(&prompt[2]), commits: Default::default(), broken: Default::default() }.apply(&mut logits).unwrap();
+        sampler.distribution(&logits)
+    };
+    let support = |p: &[f32]| -> Vec<u32> { (0..p.len() as u32).filter(|&i| p[i as usize] > 0.0).collect() };
+    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
+    let p0 = dist_after(&[]);
+    for a in support(&p0) {
+        let p1 = dist_after(&[a]);
+        for b in support(&p1) {
+            let p2 = dist_after(&[a, b]);
+            for c in support(&p2) {
+                expected.push((vec![a, b, c], p0[a as usize] as f64 * p1[b as usize] as f64 * p2[c as usize] as f64));
+            }
+        }
+    }
+    assert_eq!(expected.len(), 27);
+    let cat = catalog();
+    let w = Worker::start_with(
+        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 256, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 },
+        SchedulerConfig { prefix_cache: false, spec_max_batch: 16, ..SchedulerConfig::default() },
+        &cat,
+    )
+    .unwrap();
+    let spec = entry(&cat, "spec");
+    let (commits, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut counts = vec![0u64; expected.len()];
+    let (mut drafted, mut kept, mut other) = (0, 0, 0);
+    for wave in 0..1200u64 / 16 {
+        let mut rxs: Vec<_> = (0..16)
+            .map(|j| {
+                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
+                let (tx, rx) = mpsc::unbounded_channel();
+                let params = GenParams { sampling, max_tokens: 3, ignore_eos: true, num_draft_tokens: Some(2), ..GenParams::default() };
+                let hook: Box<dyn LogitsHook> = Box::new(NoRepeatClass { last: prompt[2], commits: commits.clone(), broken: broken.clone() });
+                let req = GenRequest { model: spec.clone(), prompt: prompt.to_vec(), params, hook: Some(hook), cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+                w.submit(req).unwrap();
+                rx
+            })
+            .collect();
+        for rx in rxs.iter_mut() {
+            let (toks, _, f) = collect(rx);
+            let (d, a) = f.speculation.expect("a hooked request speculates");
+            drafted += d;
+            kept += a;
+            match expected.iter().position(|(s, _)| *s == toks) {
+                Some(i) => counts[i] += 1,
+                None => other += 1,
+            }
+        }
+    }
+    assert_eq!(other, 0, "sequences outside constrained sampling's support were emitted");
+    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
+    let pv = chi_square_p(&counts, &probs);
+    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
+    // The draft forks committed every draft (beyond each request's own three
+    // commits; the verify forks commit the kept ones), and no draft broke
+    // the constraint: the drafts were masked.
+    assert_eq!(commits.load(Ordering::Relaxed), 1200 * 3 + drafted + kept, "{drafted} drafted, {kept} kept");
+    assert_eq!(broken.load(Ordering::Relaxed), 0, "drafts the hook forbids were proposed");
 }
 
 // ---- Through the HTTP API, with the tiny256 tokenizer ----
