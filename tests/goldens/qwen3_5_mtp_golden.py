@@ -9,7 +9,7 @@ tests/goldens/qwen3_5_mtp_golden.py`. Writes
   model.safetensors is a symlink to ../qwen3_5-f32's) plus `mtp.safetensors`,
   a random head stored as Hugging Face checkpoints store it (`mtp.*`, RMSNorm
   weights as offsets from 1);
-- tests/fixtures/goldens/qwen3_5-mtp.json: the prompt, the verifier's
+- tests/fixtures/goldens/qwen3_5-mtp/golden.json: the prompt, the verifier's
   hidden states before its final norm (the head's conditioning), its first
   greedy token, the head's logits over its prefill (the prompt shifted by
   one, then that token), and a chain of greedy draft steps, each with the
@@ -32,7 +32,7 @@ from mlx_vlm.speculative.drafters.qwen3_5_mtp.config import Qwen3_5MTPConfig
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "tests/fixtures/models/qwen3_5-f32"
 OUT = ROOT / "tests/fixtures/models/qwen3_5-mtp-f32"
-GOLDEN = ROOT / "tests/fixtures/goldens/qwen3_5-mtp.json"
+GOLDEN = ROOT / "tests/fixtures/goldens/qwen3_5-mtp/golden.json"
 STEPS = 4  # chained draft steps after the prefill's proposal
 
 NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", ".q_norm.weight", ".k_norm.weight",

@@ -102,35 +102,57 @@ pub struct SpecArgs {
     #[arg(long, value_name = "DIR|REPO")]
     pub draft_model: Option<std::path::PathBuf>,
     /// Draft tokens per verifier forward at the start; the length then follows the measured acceptance (1 to 2K) [default: 3]
-    #[arg(long, value_name = "K", requires = "draft_model")]
+    #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model; mtp, eagle3 and dflash are planned) [default: draft]
-    #[arg(long, value_name = "KIND", requires = "draft_model")]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model) or `mtp` (the model's own multi-token-prediction head, from its checkpoint; Qwen3.5/3.6); eagle3 and dflash are planned [default: draft]
+    #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
 }
 
-/// A loaded draft model and how many tokens it drafts per round at first.
+/// A loaded draft model (or drafter head) and how many tokens it drafts
+/// per round at first.
 pub struct Drafter {
     pub model: LoadedModel,
     pub num_draft_tokens: usize,
+    pub kind: speculative::DraftKind,
 }
 
 impl SpecArgs {
     /// Loads the draft model, when one is given, and checks it against `model`.
     pub fn load(&self, model: &Model, settings: &Settings) -> Result<Option<Drafter>> {
-        let Some(spec) = &self.draft_model else { return Ok(None) };
-        if let Some(kind) = &self.draft_kind {
-            speculative::DraftKind::parse(kind)?;
+        let kind = self.draft_kind.as_deref().map(speculative::DraftKind::parse).transpose()?;
+        if kind.is_none() && self.draft_model.is_none() {
+            if self.num_draft_tokens.is_some() {
+                bail!("--num-draft-tokens needs a drafter: --draft-model DIR, or --draft-kind mtp");
+            }
+            return Ok(None);
         }
+        let kind = kind.unwrap_or(speculative::DraftKind::Draft);
         let k = self.num_draft_tokens.unwrap_or(speculative::DEFAULT_DRAFT_TOKENS);
         if k == 0 {
             bail!("--num-draft-tokens must be at least 1");
         }
         let reg = super::registry(settings)?;
-        let dir = crate::hub::resolve_dir(spec)?;
-        let draft = LoadedModel::load(&dir, &reg).with_context(|| format!("loading the draft model {}", spec.display()))?;
-        speculative::check_pair(&model.loaded, &draft)?;
-        Ok(Some(Drafter { model: draft, num_draft_tokens: k }))
+        let draft = match kind {
+            speculative::DraftKind::Mtp => {
+                if self.draft_model.is_some() {
+                    bail!("--draft-kind mtp reads the head from the model's own checkpoint: leave out --draft-model");
+                }
+                let path = model.loaded.dir.path.clone();
+                let policy = crate::model::policy::resolve(&crate::model::ModelDir::open(&path)?)?.policy;
+                LoadedModel::load_head(&path, "mtp", &reg, policy).context("loading the multi-token-prediction head")?
+            }
+            speculative::DraftKind::Draft => {
+                let Some(spec) = &self.draft_model else {
+                    bail!("--draft-kind draft needs --draft-model DIR");
+                };
+                let dir = crate::hub::resolve_dir(spec)?;
+                let draft = LoadedModel::load(&dir, &reg).with_context(|| format!("loading the draft model {}", spec.display()))?;
+                speculative::check_pair(&model.loaded, &draft)?;
+                draft
+            }
+        };
+        Ok(Some(Drafter { model: draft, num_draft_tokens: k, kind }))
     }
 }
 
@@ -234,7 +256,7 @@ pub fn run_turn_with(
         };
         let mut done: Option<Result<Finish, _>> = None;
         let mut err = None;
-        let out = speculative::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, |t| {
+        let on_token = |t| {
             if let Outcome::Done(r) = seq.on_token(t) {
                 done = Some(r);
             }
@@ -242,7 +264,11 @@ pub fn run_turn_with(
                 err.get_or_insert(e);
             }
             done.is_none() && err.is_none()
-        })?;
+        };
+        let out = match d.kind {
+            speculative::DraftKind::Mtp => speculative::mtp::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
+            speculative::DraftKind::Draft => speculative::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
+        };
         if let Some(e) = err {
             return Err(e);
         }

@@ -141,6 +141,23 @@ impl KvCache {
     pub fn truncate(&mut self, len: i32) {
         self.offset = self.offset.min(len.max(0));
     }
+
+    /// Whether some layer keeps a recurrent state (which `truncate` cannot
+    /// roll back: restore a `states` snapshot and feed the kept tokens again).
+    pub fn has_states(&self) -> bool {
+        self.states.iter().any(|s| !s.is_empty())
+    }
+
+    /// The recurrent states as they are now (arrays are immutable, so this
+    /// is a list of references, not a copy).
+    pub fn states(&self) -> Vec<Vec<Array>> {
+        self.states.clone()
+    }
+
+    /// Puts back states taken with `states`.
+    pub fn restore_states(&mut self, states: Vec<Vec<Array>>) {
+        self.states = states;
+    }
 }
 
 impl super::attend::KvStore for KvCache {

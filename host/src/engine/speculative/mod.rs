@@ -4,11 +4,13 @@
 //! are kept (accept.rs: greedy, or rejection sampling that leaves the
 //! output distribution exactly the verifier's). Rejected tokens are rolled
 //! back from both KV caches (store.rs). The draft length adapts to the
-//! measured acceptance (adapt.rs). Only the `draft` kind (a separate small
-//! model with the same vocabulary, draft.rs) exists so far; docs/SPECULATIVE.md.
+//! measured acceptance (adapt.rs). Kinds: `draft` (a separate small model
+//! with the same vocabulary, draft.rs) and `mtp` (the verifier's own
+//! multi-token-prediction head, mtp.rs); docs/SPECULATIVE.md.
 pub mod accept;
 pub mod adapt;
 pub mod draft;
+pub mod mtp;
 pub mod serve;
 pub mod stats;
 pub mod store;
@@ -25,16 +27,18 @@ use std::time::Instant;
 pub enum DraftKind {
     /// A separate draft model with the verifier's vocabulary.
     Draft,
+    /// The verifier's own multi-token-prediction head (a drafter head,
+    /// plugin ABI 3.6), from the verifier's checkpoint (mtp.rs).
+    Mtp,
 }
 
 impl DraftKind {
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "draft" => Ok(Self::Draft),
-            "mtp" | "eagle3" | "dflash" => bail!(
-                "--draft-kind {s} is not implemented yet (it needs the verifier's hidden states); the kinds available are: draft"
-            ),
-            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft (mtp, eagle3 and dflash are planned)"),
+            "mtp" => Ok(Self::Mtp),
+            "eagle3" | "dflash" => bail!("--draft-kind {s} is not implemented yet; the kinds available are: draft, mtp"),
+            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft, mtp (eagle3 and dflash are planned)"),
         }
     }
 }

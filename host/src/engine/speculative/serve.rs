@@ -45,6 +45,9 @@ pub struct DraftSpec {
 impl DraftSpec {
     pub fn new(path: PathBuf, num_draft_tokens: Option<usize>, kind: Option<&str>) -> Result<Self> {
         let kind = DraftKind::parse(kind.unwrap_or("draft"))?;
+        if kind == DraftKind::Mtp {
+            bail!("--draft-kind mtp drafts in `rmlx generate` so far; the server speculates with a draft model (--draft-kind draft)");
+        }
         let k = num_draft_tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
         if k == 0 {
             bail!("--num-draft-tokens must be at least 1 (a request's num_draft_tokens of 0 turns speculation off)");
@@ -57,6 +60,7 @@ impl DraftSpec {
 pub fn kind_label(kind: DraftKind) -> &'static str {
     match kind {
         DraftKind::Draft => "draft",
+        DraftKind::Mtp => "mtp",
     }
 }
 
