@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# usage: [FAMS="bf16 turbo4 ..."] kv-families.sh [PROMPT] [GEN]   (from the bundle folder: rmlx, lib/, plugins/, kvq-test, make_model.py)
+# usage: [FAMS="bf16 turbo4 ..."] [SKIP_OPS=1] kv-families.sh [PROMPT] [GEN]   (from the bundle folder: rmlx, lib/, plugins/, kvq-test, make_model.py)
 # On the GPU machine, after sourcing the MLX CUDA installer:
 #  1. the fused decode kernels against the composed path (kv-quant's and kv-dense's tests, on the GPU);
 #  2. Qwen3-0.6B bf16 random weights: mlx-lm batch 1 and batch_generate 8 as the baseline;
@@ -18,11 +18,13 @@ dir=$HOME/models/qwen3-0.6b-bf16
 echo "=== 2. mlx-lm, qwen3-0.6b bf16, prompt $P, generation $G"
 echo -n "mlx-lm b1: "; python3 -m mlx_lm.benchmark --model $dir -p $P -g $G -b 1 -n 3 2>&1 | grep Averages
 echo -n "mlx-lm batch_generate b8: "; python3 -m mlx_lm.benchmark --model $dir -p $P -g $G -b 8 -n 3 2>&1 | grep Averages
+[ -n "$SKIP_OPS" ] || {
 echo "=== 2b. MLX primitives per decode step (RMLX_COUNT_OPS=1; op by op, so each is one dispatch) and fused projections A/B"
 for f in 1 0; do
   echo -n "fused linears $f: "; RMLX_FUSED_LINEARS=$f RMLX_COUNT_OPS=1 RMLX_COMPILE=0 $here/rmlx bench --plugins $here/plugins --model $dir -p 16 -g 3 -n 1 2>&1 | grep -m1 "decode step"
   echo -n "rmlx b1 fused linears $f: "; RMLX_FUSED_LINEARS=$f $here/rmlx bench --plugins $here/plugins --model $dir -p $P -g $G -n 3 2>&1 | grep Averages
 done
+}
 echo "=== 3. rmlx per KV family"
 port=8123
 for fam in ${FAMS:-bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8}; do
