@@ -289,6 +289,61 @@ fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
     assert_eq!(broken.load(Ordering::Relaxed), 0, "drafts the hook forbids were proposed");
 }
 
+/// A hook that panics in `apply` once it has seen `n` tokens (forks too).
+#[derive(Clone)]
+struct PanicsAfter {
+    seen: usize,
+    n: usize,
+}
+
+impl LogitsHook for PanicsAfter {
+    fn apply(&mut self, _logits: &mut [f32]) -> anyhow::Result<()> {
+        assert!(self.seen < self.n, "hook panicked after {} tokens", self.seen);
+        Ok(())
+    }
+    fn commit(&mut self, _token: u32) -> anyhow::Result<()> {
+        self.seen += 1;
+        Ok(())
+    }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(self.clone()))
+    }
+}
+
+/// A hook that panics under speculation (in its draft fork, then in its
+/// verify fork) fails its own request only, after the same 5 tokens plain
+/// decoding gives; the request batched beside it equals plain decoding, and
+/// the engine serves the next one.
+#[test]
+fn a_panicking_hook_under_speculation_fails_only_its_request() {
+    let _g = common::mlx_lock();
+    let cat = catalog();
+    let w = worker(&cat);
+    let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
+    let p = &prompts()[2];
+    let (want, _, _) = collect(&mut submit(&w, &plain, p, greedy(24, None, None)));
+    let (tx, mut bad) = mpsc::unbounded_channel();
+    let hook: Box<dyn LogitsHook> = Box::new(PanicsAfter { seen: 0, n: 5 });
+    let req = GenRequest { model: spec.clone(), prompt: p.clone(), params: greedy(24, None, None), hook: Some(hook), cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+    w.submit(req).unwrap();
+    let mut good = submit(&w, &spec, p, greedy(24, None, None));
+    let mut ids = Vec::new();
+    let err = loop {
+        match bad.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, .. } => ids.push(id),
+            GenEvent::Error(e) => break e.to_string(),
+            GenEvent::Done(f) => panic!("the panicking hook's request finished: {f:?}"),
+            _ => {}
+        }
+    };
+    assert!(err.contains("hook panicked after 5 tokens"), "{err}");
+    assert_eq!(ids, want[..5], "the tokens before the panic");
+    assert_eq!(collect(&mut good).0, want);
+    let (again, _, f) = collect(&mut submit(&w, &spec, p, greedy(24, None, None)));
+    assert_eq!(again, want);
+    assert!(f.speculation.is_some_and(|(d, _)| d > 0));
+}
+
 // ---- Through the HTTP API, with the tiny256 tokenizer ----
 
 const TEMPLATE: &str = "{%- for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}\n{% endfor %}\

@@ -107,7 +107,7 @@ impl Sequence {
             held: String::new(),
         };
         let max_ctx = model.context_length.unwrap_or(usize::MAX);
-        let hook_forks = hook.as_ref().is_none_or(|h| h.fork().is_some());
+        let hook_forks = hook.as_ref().is_none_or(|h| fork_of(&**h).is_some());
         Self {
             id,
             entry: model,
@@ -230,7 +230,7 @@ impl Sequence {
     /// A copy of its hook's state to run ahead on draft tokens (None: no
     /// hook, or one that cannot be forked).
     pub fn fork_hook(&self) -> Option<Box<dyn LogitsHook>> {
-        self.hook.as_ref().and_then(|h| h.fork())
+        self.hook.as_ref().and_then(|h| fork_of(&**h))
     }
 
     /// The ids that end it (EOS and the request's stop ids; none with `ignore_eos`).
@@ -420,6 +420,11 @@ fn guarded(f: impl FnOnce() -> Result<Outcome, WorkerError>) -> Outcome {
             panic_message(&*p)
         )))),
     }
+}
+
+/// `hook.fork()`; a panic is None (the request then does not speculate).
+fn fork_of(hook: &dyn LogitsHook) -> Option<Box<dyn LogitsHook>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.fork())).ok().flatten()
 }
 
 /// The text a panic carried.

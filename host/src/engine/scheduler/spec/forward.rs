@@ -9,6 +9,7 @@ use super::super::super::speculative::{accept::draw, serve::SpecRow};
 use super::super::super::worker::LogitsHook;
 use super::super::super::LoadedModel;
 use super::super::{LaneId, Scheduler};
+use super::targets::caught;
 use super::SpecRowPlan;
 use anyhow::Result;
 use mlx_rs::{
@@ -98,7 +99,7 @@ impl Scheduler {
                             let mut lg = row.to_vec();
                             sm.process(&mut lg);
                             if let Some(h) = hooks[j].as_mut() {
-                                if h.apply(&mut lg).is_err() {
+                                if caught(|| h.apply(&mut lg)).is_err() {
                                     hooks[j] = None;
                                 }
                             }
@@ -114,7 +115,7 @@ impl Scheduler {
                             sm.accept(t);
                             let s = &self.running[idx[rd]];
                             if let Some(h) = hooks[j].as_mut() {
-                                if s.eos_ids().contains(&t) || h.commit(t).is_err() || h.is_finished() {
+                                if s.eos_ids().contains(&t) || caught(|| h.commit(t)).is_err() || h.is_finished() {
                                     hooks[j] = None;
                                 }
                             }

@@ -8,7 +8,17 @@
 //! acceptance asks, so the hook's fork only ever sees drafts that were kept
 //! up to the position it masks.
 use super::super::super::sampler::{argmax, logprobs, Sampled, Sampler};
+use super::super::super::sequence::panic_message;
 use super::super::super::worker::LogitsHook;
+
+/// Runs a hook fork's `apply` or `commit`: a panic is its error (as
+/// plain decoding's `guarded` makes it), so it fails that row only.
+pub(super) fn caught(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(anyhow::anyhow!("internal error while sampling: {}", panic_message(&*p))),
+    }
+}
 
 pub(super) struct Targets<'a> {
     /// The verifier's raw logits at positions 0..=k (f32, [V] each).
@@ -47,7 +57,7 @@ impl<'a> Targets<'a> {
                 }
                 if !self.ended {
                     if let Some(h) = self.hook.as_mut() {
-                        match h.commit(t) {
+                        match caught(|| h.commit(t)) {
                             Err(e) => self.fail(i, e),
                             Ok(()) if h.is_finished() => self.ended = true,
                             Ok(()) => {}
@@ -59,7 +69,7 @@ impl<'a> Targets<'a> {
             self.sampler.process(&mut l);
             if !self.ended {
                 if let Some(h) = self.hook.as_mut() {
-                    if let Err(e) = h.apply(&mut l) {
+                    if let Err(e) = caught(|| h.apply(&mut l)) {
                         self.fail(i, e);
                     }
                 }
