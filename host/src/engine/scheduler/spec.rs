@@ -31,16 +31,15 @@
 //! 5. Per row: accept (greedy: the longest run of drafts equal to the
 //!    verifier's argmax; sampling: rejection sampling with the row's
 //!    seeded RNG), emit the kept tokens and the verifier's next one through
-//!    the sequence's own per-token logic, then roll back. A row that reads
-//!    its logits on the host (sampling, a hook, logprobs) takes position
-//!    j's target from targets.rs: the verifier's logits processed and
-//!    masked by a fresh fork of its hook advanced through the kept drafts,
-//!    so greedy output is token for token and sampled output distributed
-//!    exactly as constrained plain decoding; each emitted token carries the
-//!    logprobs of its position (`sampler::logprobs`, plain decoding's code).
-//!    Then roll back: `kv_len` is the
-//!    kept context in both caches, and blocks wholly past it go back to
-//!    their managers. Rejected tokens never reach the prefix cache
+//!    the sequence's own per-token logic. A row that reads its logits on
+//!    the host (sampling, a hook, logprobs) takes position j's target from
+//!    targets.rs: the verifier's logits processed and masked by a fresh
+//!    fork of its hook advanced through the kept drafts, so greedy output
+//!    is token for token and sampled output distributed exactly as
+//!    constrained plain decoding; each emitted token carries the logprobs
+//!    of its position (`sampler::logprobs`, plain decoding's code). Then
+//!    roll back: `kv_len` is the kept context in both caches, and blocks
+//!    wholly past it go back to their managers. Rejected tokens never reach the prefix cache
 //!    (`cache_blocks` reads only the first `kv_len` tokens).
 //!
 //! An error in a forward leaves every row as it was (lengths only move
