@@ -32,6 +32,7 @@ pub mod seq_pool;
 pub mod sequence;
 pub mod speculative;
 pub mod ssd;
+pub mod stop;
 pub mod worker;
 
 pub use generate::{GenerateOptions, GenerateOutput, Session};
