@@ -12,6 +12,10 @@
 //! block_size`. The block manager hands out block ids; this file only stores.
 //! What each layer stores (its own shape, another layer's K/V, nothing) is
 //! its `kv_layout::LayerLayout`: per-layer head sizes, shared layers.
+//! A lane's pool may split its layers in a full and a window group
+//! (`kv_groups.rs`): window layers' arrays are then addressed by window
+//! block ids (`WindowGroup::map` of the full block id) and hold only the
+//! blocks some sequence's window still reads.
 use mlx_rs::{
     ops::{
         concatenate,
@@ -22,6 +26,7 @@ use mlx_rs::{
 };
 #[cfg(test)]
 use mlx_rs::Dtype;
+use super::kv_groups::{self, WindowGroup, NONE};
 use super::kv_layout::{self, LayerLayout, SideShape};
 use rmlx_plugin_api::{
     author::kv::{Component, KvCodecImpl, LayerDims},
@@ -97,6 +102,11 @@ pub struct KvPool {
     layout: Vec<LayerLayout>,
     /// Blocks every layer will hold once it is next touched (grown lazily).
     cap_blocks: usize,
+    /// Per layer, the window its attention uses (0: full); what the window
+    /// group is planned from.
+    windows: Vec<u32>,
+    /// The window group, when the layers are split (`split_windows`).
+    pub win: Option<WindowGroup>,
     /// Recurrent state: the last batched forward's, stacked (recurrent.rs).
     pub batch_state: Option<super::recurrent::BatchState>,
 }
@@ -105,7 +115,18 @@ impl KvPool {
     /// Every layer storing its own K/V in the sides' shape.
     pub fn new(num_layers: usize, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> Self {
         let layout = kv_layout::uniform(num_layers, &k, &v);
-        Self { block_size, max_blocks, k, v, layers: vec![None; num_layers], layout, cap_blocks: 0, batch_state: None }
+        Self {
+            block_size,
+            max_blocks,
+            k,
+            v,
+            layers: vec![None; num_layers],
+            layout,
+            cap_blocks: 0,
+            windows: vec![0; num_layers],
+            win: None,
+            batch_state: None,
+        }
     }
 
     /// The layers as a model declares them (`Model::layers`; empty: every
@@ -118,9 +139,105 @@ impl KvPool {
 
     /// A pool for `model`'s layers (`with_layers` of its declared caches).
     pub fn for_model(model: &super::LoadedModel, k: KvSide, v: KvSide, block_size: usize, max_blocks: usize) -> anyhow::Result<Self> {
-        let pool = Self::new(model.spec.num_layers as usize, k, v, block_size, max_blocks);
-        pool.with_layers(&model.cache_layers)
-            .map_err(|e| anyhow::anyhow!("the paged KV pool of {}: {}", model.dir.model_type, e.message))
+        let n = model.spec.num_layers as usize;
+        let mut pool = Self::new(n, k, v, block_size, max_blocks)
+            .with_layers(&model.cache_layers)
+            .map_err(|e| anyhow::anyhow!("the paged KV pool of {}: {}", model.dir.model_type, e.message))?;
+        // A declared WINDOW layer's own window, else the spec's per layer.
+        pool.windows = (0..n)
+            .map(|i| match model.cache_layers.get(i) {
+                Some(l) if l.kind == rmlx_plugin_api::cache_kind::WINDOW || l.kind == rmlx_plugin_api::cache_kind::SHARED => l.window,
+                Some(_) => 0,
+                None => model.spec.sliding_window.get(i).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(pool)
+    }
+
+    /// Per layer, the window its attention uses (tests).
+    pub fn with_windows(mut self, windows: &[u32]) -> Self {
+        self.windows = windows.to_vec();
+        self
+    }
+
+    /// The ceiling on window blocks (the KV budget's, in window blocks).
+    pub fn with_window_max(mut self, max: usize) -> Self {
+        if let Some(w) = self.win.as_mut() {
+            w.max = max;
+        }
+        self
+    }
+
+    /// Splits the layers in a full and a window group (`kv_groups::plan`;
+    /// nothing when they do not split). Call before the first write; the
+    /// block manager then maps window blocks (`WindowGroup::map`).
+    pub fn split_windows(mut self) -> Self {
+        if let Some((window, layers)) = kv_groups::plan(&self.layout, &self.windows) {
+            self.win = Some(WindowGroup { window, layers, map: Vec::new(), cap: 0, max: self.max_blocks });
+        }
+        self
+    }
+
+    /// Whether layer `l` (or, SHARED, its source) is in the window group.
+    pub fn in_window(&self, l: usize) -> bool {
+        self.win.as_ref().is_some_and(|w| w.layers.get(l).copied().unwrap_or(false))
+    }
+
+    /// Bytes one token takes in the full group and in the window group
+    /// (0 without a split): what a block of each costs.
+    pub fn group_bytes_per_token(&self) -> (usize, usize) {
+        let mut out = (0, 0);
+        for (l, x) in self.layout.iter().enumerate() {
+            if self.in_window(l) {
+                out.1 += x.bytes_per_token();
+            } else {
+                out.0 += x.bytes_per_token();
+            }
+        }
+        out
+    }
+
+    /// Every layer's layout.
+    pub fn layouts(&self) -> &[LayerLayout] {
+        &self.layout
+    }
+
+    /// Makes window block ids up to `max_id` addressable (as `reserve`).
+    pub fn reserve_window(&mut self, max_id: usize) {
+        if let Some(w) = self.win.as_mut() {
+            if max_id >= w.cap {
+                w.cap = (max_id + 1).max(w.cap * 2).max(16).min(w.max.max(max_id + 1));
+            }
+        }
+    }
+
+    /// Maps full block `b` to window block `w` ([`NONE`]: unmapped).
+    pub fn set_window(&mut self, b: u32, w: u32) {
+        if w != NONE {
+            self.reserve_window(w as usize);
+        }
+        if let Some(g) = self.win.as_mut() {
+            if g.map.len() <= b as usize {
+                g.map.resize(b as usize + 1, NONE);
+            }
+            g.map[b as usize] = w;
+        }
+    }
+
+    /// Whether block `b` has all its layers' data (a window block when split).
+    pub fn whole(&self, b: u32) -> bool {
+        self.win.as_ref().is_none_or(|w| w.of(b).is_some())
+    }
+
+    /// Where layer `l` keeps full block `b`: `b`, or its window block.
+    fn physical(&self, l: usize, b: u32) -> anyhow::Result<u32> {
+        if !self.in_window(l) {
+            return Ok(b);
+        }
+        self.win
+            .as_ref()
+            .and_then(|w| w.of(b))
+            .ok_or_else(|| anyhow::anyhow!("KV block {b} has no window-layer data (released)"))
     }
 
     /// The block ceiling (the KV budget's blocks, known once the block's
@@ -176,7 +293,11 @@ impl KvPool {
     /// these and stores them with `put`, so an error or a panic before the
     /// `put` leaves the layer as it was (never recreated as zeros).
     pub(super) fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
-        let slots = (self.cap_blocks * self.block_size) as i32;
+        let cap = match self.win.as_ref() {
+            Some(w) if self.in_window(l) => w.cap,
+            _ => self.cap_blocks,
+        };
+        let slots = (cap * self.block_size) as i32;
         let (kc, vc) = match self.layout.get(l) {
             Some(LayerLayout::Own { k, v }) => (&k.comps, &v.comps),
             _ => return Err(PluginError::other(format!("layer {l} stores no K/V of its own in the KV pool"))),
@@ -222,9 +343,10 @@ impl KvPool {
 
     /// Copies of block `b`'s data (lazy; the SSD tier evaluates them at once).
     pub fn read_block(&self, b: u32) -> anyhow::Result<BlockData> {
-        let (s, e) = ((b as usize * self.block_size) as i32, ((b as usize + 1) * self.block_size) as i32);
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate().filter(|(i, _)| self.own(*i).is_some()) {
+            let p = self.physical(i, b)? as usize;
+            let (s, e) = ((p * self.block_size) as i32, ((p + 1) * self.block_size) as i32);
             let (k, v) = l.as_ref().ok_or_else(|| anyhow::anyhow!("KV pool layer {i} is empty"))?;
             for x in k.iter().chain(v) {
                 if x.dim(0) < e {
@@ -246,9 +368,9 @@ impl KvPool {
             anyhow::bail!("a KV block has {} arrays, the pool {want} per block", data.len());
         }
         self.reserve(b as usize);
-        let idx = Array::from_slice(&self.slots_of(b), &[self.block_size as i32]);
         let mut at = 0;
         for (l, kc, vc) in own {
+            let idx = Array::from_slice(&self.slots_of(self.physical(l, b)?), &[self.block_size as i32]);
             let (nk, nv) = (kc.len(), vc.len());
             let part = &data[at..at + nk + nv];
             at += nk + nv;

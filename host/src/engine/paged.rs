@@ -16,7 +16,14 @@
 //! size); a SHARED layer writes nothing and attends, with its own queries
 //! and window, over its source layer's blocks, which the source wrote
 //! earlier in the same forward.
+//!
+//! A pool split in layer groups (kv_groups.rs): full layers read every
+//! block through the tables (entries flagged `DEAD` read as their block),
+//! window layers write and read their own window blocks, gathering only
+//! the span their queries' window reaches (paged_window.rs).
+use super::kv_groups;
 use super::kv_layout::{LayerLayout, SideShape};
+use super::paged_window::WinTables;
 use super::kv_pool::KvPool;
 use super::recurrent::{self, RowState};
 use mlx_rs::{ops::indexing::scatter_single, Array};
@@ -61,6 +68,8 @@ pub struct PagedForward<'a> {
     stacked: Option<HashMap<u32, Vec<Array>>>,
     /// Layers that stored this forward's tokens (what a SHARED layer reads).
     written: Vec<bool>,
+    /// The window group's writes and tables, when the pool is split.
+    win: Option<WinTables>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -84,7 +93,7 @@ impl<'a> PagedForward<'a> {
         let bs = pool.block_size;
         let nblk = rows.iter().zip(lens).map(|(r, &n)| (r.offset + n).div_ceil(bs)).max().unwrap_or(0);
         let ctx = nblk * bs;
-        let slot = |t: &[u32], p: usize| (t[p / bs] as usize * bs + p % bs) as i32;
+        let slot = |t: &[u32], p: usize| (kv_groups::id(t[p / bs]) as usize * bs + p % bs) as i32;
         let mut write = Vec::with_capacity(rows.len() * len);
         let mut keep = Vec::new();
         let mut gather = Vec::with_capacity(rows.len() * nblk);
@@ -97,14 +106,15 @@ impl<'a> PagedForward<'a> {
                     r.table.len() * bs
                 );
             }
-            max_id = max_id.max(r.table.iter().copied().max().unwrap_or(0) as usize);
+            max_id = max_id.max(r.table.iter().map(|&e| kv_groups::id(e)).max().unwrap_or(0) as usize);
             write.extend((r.offset..end).map(|p| slot(r.table, p)));
             keep.extend((b * len + len - n..(b + 1) * len).map(|i| i as i32));
             let own = end.div_ceil(bs);
-            gather.extend(r.table[..own].iter().map(|&b| b as i32));
+            gather.extend(r.table[..own].iter().map(|&b| kv_groups::id(b) as i32));
             gather.extend(std::iter::repeat_n(0, nblk - own));
         }
         pool.reserve(max_id);
+        let win = pool.win.as_ref().map(|g| WinTables::new(g, bs, rows, lens)).transpose()?;
         let b = rows.len() as i32;
         let padded = lens.iter().any(|&n| n != len);
         Ok(Self {
@@ -121,6 +131,7 @@ impl<'a> PagedForward<'a> {
             new_states: HashMap::new(),
             stacked: None,
             written: Vec::new(),
+            win,
         })
     }
 
@@ -289,9 +300,13 @@ impl super::attend::KvStore for PagedForward<'_> {
         let uv = encode(vf.codec_for(layer as usize), &vf.family, &vs, &v)?;
         // The layer stays in the pool until the new arrays replace it: an
         // error here (a k/v that does not fit the pool) leaves it as it was.
+        let write = match &self.win {
+            Some(w) if self.pool.in_window(layer as usize) => &w.write,
+            _ => &self.write,
+        };
         let (pk, pv) = self.pool.layer(layer as usize)?;
         let scatter = |pool: &[Array], upd: Vec<Array>| -> Result<Vec<Array>, PluginError> {
-            pool.iter().zip(upd).map(|(p, u)| Ok(scatter_single(p, &self.write, u, 0)?)).collect()
+            pool.iter().zip(upd).map(|(p, u)| Ok(scatter_single(p, write, u, 0)?)).collect()
         };
         let (pk, pv) = (scatter(pk, uk)?, scatter(pv, uv)?);
         self.pool.put(layer as usize, (pk.clone(), pv.clone()));
@@ -336,6 +351,19 @@ impl PagedForward<'_> {
         (kd, vd): (&LayerDims, &LayerDims),
         opts: &AttendOpts<'_>,
     ) -> Result<Array, PluginError> {
+        if let Some(w) = self.win.as_mut().filter(|_| self.pool.in_window(src)) {
+            // A window layer: only its window's blocks are there.
+            let group = self.pool.win.as_ref().map_or(0, |g| g.window);
+            if opts.window == 0 || opts.window > group {
+                return Err(PluginError::other(format!(
+                    "layer {src}'s K/V is kept for a window of {group} positions; an attention with window {} cannot read it",
+                    opts.window
+                )));
+            }
+            let mask = w.mask(&self.offsets, self.len, opts.window);
+            let paged = Paged { tables: &w.tables, block_size: self.pool.block_size as i32, ctx: w.ctx as i32, mask: Some(&mask), opts: *opts };
+            return attend_paged(self.pool, src, q, pk, pv, (kd, vd), &paged);
+        }
         let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
         let mask = self.mask(opts.window);
         let paged = Paged {
@@ -345,13 +373,18 @@ impl PagedForward<'_> {
             mask: mask.as_ref(),
             opts: *opts,
         };
-        let (ks, vs) = (&self.pool.k, &self.pool.v);
-        let (kc, vc) = (ks.codec_for(src), vs.codec_for(src));
-        if ks.family == vs.family && ks.layer_codecs.is_empty() && vs.layer_codecs.is_empty() {
-            kc.attend(q, pk, pv, &paged, kd, vd)
-        } else {
-            composed_attend(kc, vc, q, pk, pv, &paged, kd, vd)
-        }
+        attend_paged(self.pool, src, q, pk, pv, (kd, vd), &paged)
+    }
+}
+
+/// The families' attention of q over layer `src`'s pools read as `paged` says.
+fn attend_paged(pool: &KvPool, src: usize, q: &Array, pk: &[Array], pv: &[Array], (kd, vd): (&LayerDims, &LayerDims), paged: &Paged) -> Result<Array, PluginError> {
+    let (ks, vs) = (&pool.k, &pool.v);
+    let (kc, vc) = (ks.codec_for(src), vs.codec_for(src));
+    if ks.family == vs.family && ks.layer_codecs.is_empty() && vs.layer_codecs.is_empty() {
+        kc.attend(q, pk, pv, paged, kd, vd)
+    } else {
+        composed_attend(kc, vc, q, pk, pv, paged, kd, vd)
     }
 }
 

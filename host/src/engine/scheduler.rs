@@ -29,6 +29,7 @@ mod step;
 
 pub use lanes::{Lane, LaneId};
 use super::block_manager::{BlockManager, BlockStats};
+use super::kv_groups;
 use super::kv_pool::KvSide;
 use super::sequence::Sequence;
 use super::worker::{Finish, FinishReason, GenEvent, WorkerError};
@@ -307,30 +308,32 @@ impl Scheduler {
         let lane = LaneId::new(&s.entry.id, &kv.0, &kv.1);
         self.lane(&lane, model, kv);
         s.lane = lane.clone();
-        // Blocks the prompts still prefilling in this lane will take.
-        let pending: usize = {
+        // Blocks the prompts still prefilling in this lane will take (a
+        // pool split in layer groups: as many window blocks as their window
+        // and prefill chunk reach at once, `window_need`).
+        let (pending, pending_win) = {
             let m = self.mgr(&lane);
-            self.running
-                .iter()
-                .filter(|r| r.lane == lane && r.to_prefill() > 0)
-                .map(|r| m.blocks_for(r.tokens.len() + 1).saturating_sub(r.table.len()))
-                .sum()
+            self.running.iter().filter(|r| r.lane == lane && r.to_prefill() > 0).fold((0, 0), |(f, w), r| {
+                let n = m.blocks_for(r.tokens.len() + 1).saturating_sub(r.table.len());
+                (f + n, w + n.min(m.window_need(r.params.prefill_chunk)))
+            })
         };
         let mgr = self.mgr(&lane);
         let need = mgr.blocks_for(s.tokens.len() + 1);
-        if need > mgr.total_blocks {
+        let need_win = need.min(mgr.window_need(s.params.prefill_chunk));
+        if need > mgr.total_blocks || !mgr.fits_budget(need, need_win) {
             let msg = format!(
                 "the prompt needs {need} KV blocks of {} tokens but --kv-budget holds {} (KV cache {})",
                 mgr.block_size, mgr.total_blocks, lane.family
             );
             return Ok(Some((s, Err(WorkerError::BadRequest(msg)))));
         }
-        if mgr.available() < need + pending {
+        if !mgr.room_for(need + pending, need_win + pending_win) {
             self.shed_others(&lane, need + pending);
         }
         let prefix_cache = self.cfg.prefix_cache;
         let mgr = self.mgr_mut(&lane);
-        if mgr.available() < need + pending {
+        if !mgr.room_for(need + pending, need_win + pending_win) {
             return Err(s);
         }
         // Prefix cache: whole blocks of everything but the last token. Hit
@@ -368,6 +371,20 @@ impl Scheduler {
     /// other sequences of this lane preempted, if needed.
     fn reserve(&mut self, lane: &LaneId, i: usize, n: usize, preempted: &mut Vec<Sequence>) -> (Reserved, usize) {
         let mut i = i;
+        // Window layers: the blocks wholly before this forward's first
+        // query's window go back first (kv_groups.rs). Its full blocks join
+        // the prefix cache before, so the window blocks released stay
+        // there, idle (evictable), for a later prompt that ends near them.
+        {
+            let cache = self.cfg.prefix_cache;
+            let s = &mut self.running[i];
+            if let Some(l) = self.lanes.get_mut(lane).filter(|l| l.mgr.splits_windows()) {
+                if cache {
+                    cache_blocks(&mut l.mgr, s);
+                }
+                l.mgr.slide(&mut s.table, s.kv_len);
+            }
+        }
         loop {
             let extra = {
                 let s = &self.running[i];
@@ -434,7 +451,7 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
     for j in s.cached_upto.min(full)..full {
         let (a, b) = (j * m.block_size, (j + 1) * m.block_size);
         let parent = j.checked_sub(1).map(|p| chain[p]);
-        m.insert(chain[j], parent, j, key[a..b].to_vec(), s.table[j]);
+        m.insert(chain[j], parent, j, key[a..b].to_vec(), kv_groups::id(s.table[j]));
     }
     drop(key);
     s.cached_upto = s.cached_upto.max(full);

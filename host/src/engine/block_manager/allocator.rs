@@ -1,7 +1,10 @@
 //! The block allocator: the free list (low ids first), per-block reference
 //! counts (one per sequence table holding a block), and the engine's shared
-//! KV budget every block out of the free list is charged to.
+//! KV budget every block out of the free list is charged to. A pool split
+//! in layer groups (kv_groups.rs) gives each new block a window block too
+//! (window.rs); table entries flagged `DEAD` hold no window reference.
 use super::BlockManager;
+use crate::engine::kv_groups::{id, DEAD};
 
 impl BlockManager {
     /// A free block, charged to the account; None when there is none or the
@@ -36,9 +39,13 @@ impl BlockManager {
     pub fn shed(&mut self, bytes: u64) -> u64 {
         let mut freed = 0;
         while freed < bytes && self.idle > 0 {
+            let w = self.window_blocks();
             let Some(b) = self.evict_one() else { break };
             self.give_free(b);
-            freed += self.block_bytes;
+            freed += self.block_bytes + (w - self.window_blocks()) as u64 * self.win.as_ref().map_or(0, |a| a.bytes);
+        }
+        if freed < bytes {
+            freed += self.shed_windows(bytes - freed);
         }
         freed
     }
@@ -51,7 +58,22 @@ impl BlockManager {
             Some(a) => self.free.len().min((a.room() / self.block_bytes.max(1)) as usize),
             None => self.free.len(),
         };
-        free + self.idle
+        if self.win.is_none() {
+            return free + self.idle;
+        }
+        // Each new block takes a window block too: the most n for which
+        // both can be had from the account's one room.
+        let fits = |n: usize| self.room_for(n, n);
+        let (mut lo, mut hi) = (0, self.free.len() + self.idle);
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
     }
 
     /// `n` blocks for a sequence's table (each held once), evicting idle
@@ -62,13 +84,25 @@ impl BlockManager {
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let b = match self.take_free() {
+            let b = match self.take_free().or_else(|| self.evict_one()) {
                 Some(b) => b,
-                None => self.evict_one().expect("available() counted an idle block"),
+                // The account's room is held by idle window blocks.
+                None if self.win.is_some() => match self.take_full_shedding_windows() {
+                    Some(b) => b,
+                    None => {
+                        self.release(&out);
+                        return None;
+                    }
+                },
+                None => unreachable!("available() counted an idle block"),
             };
             self.refs[b as usize] = 1;
             self.held += 1;
             out.push(b);
+            if self.win.is_some() && !self.map_window(b) {
+                self.release(&out);
+                return None;
+            }
         }
         Some(out)
     }
@@ -89,7 +123,11 @@ impl BlockManager {
     /// become idle (evictable), the others free.
     pub fn release(&mut self, table: &[u32]) {
         self.clock += 1;
-        for &b in table {
+        for &e in table {
+            let b = id(e);
+            if e & DEAD == 0 {
+                self.drop_window_ref(b);
+            }
             let r = &mut self.refs[b as usize];
             if *r == 0 {
                 continue;
@@ -108,7 +146,10 @@ impl BlockManager {
                         self.touch_ancestors(parent);
                     }
                 }
-                None => self.give_free(b),
+                None => {
+                    self.unmap_window(b);
+                    self.give_free(b)
+                }
             }
         }
     }
@@ -118,14 +159,16 @@ impl BlockManager {
     /// (after a panic left some sequence's references behind): blocks no
     /// table holds become idle (cached) or free. The prefix cache is kept.
     pub fn rebuild_refs<'a>(&mut self, tables: impl IntoIterator<Item = &'a [u32]>) {
+        let tables: Vec<&[u32]> = tables.into_iter().collect();
         self.refs = vec![0; self.total_blocks];
-        for t in tables {
-            for &b in t {
-                if let Some(r) = self.refs.get_mut(b as usize) {
+        for t in &tables {
+            for &e in t.iter() {
+                if let Some(r) = self.refs.get_mut(id(e) as usize) {
                     *r += 1;
                 }
             }
         }
+        self.rebuild_window_refs(tables.iter().copied());
         let before = self.charged();
         self.held = self.refs.iter().filter(|&&r| r > 0).count();
         self.idle = (0..self.total_blocks)

@@ -21,7 +21,8 @@
 //! By concept: `hash` (the keyed chain hashes), `allocator` (the free list,
 //! reference counts and the shared KV budget), `prefix` (the prefix cache:
 //! insert, lookup, LRU eviction), `ssd_tier` (spilling to and reading back
-//! from the SSD tier), `stats` (what is reported).
+//! from the SSD tier), `stats` (what is reported), `window` (the window
+//! layers' blocks of a pool split in layer groups, kv_groups.rs).
 mod allocator;
 mod hash;
 mod prefix;
@@ -29,6 +30,9 @@ mod ssd_tier;
 mod stats;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_window;
+mod window;
 
 pub use hash::{block_hash, signature_hash, HashKey};
 pub use prefix::CachedBlock;
@@ -75,11 +79,14 @@ pub struct BlockManager {
     /// State snapshots of cached blocks, by block hash (dropped with the block).
     pub snapshots: Snapshots,
     pub stats: BlockStats,
+    /// The window group's blocks, when the pool splits its layers.
+    win: Option<window::WinAlloc>,
 }
 
 impl BlockManager {
     pub fn new(pool: KvPool, signature: &str) -> Self {
         let total_blocks = pool.max_blocks;
+        let win = pool.win.as_ref().map(|g| window::WinAlloc::new(g.window, g.max, total_blocks));
         Self {
             block_size: pool.block_size.max(1),
             total_blocks,
@@ -100,13 +107,19 @@ impl BlockManager {
             recurrent: false,
             snapshots: Snapshots::default(),
             stats: BlockStats::default(),
+            win,
         }
     }
 
     /// Draws this model's blocks from `account` (the engine's one KV
-    /// budget), `block_bytes` each; `total_blocks` is then only a ceiling.
+    /// budget), `block_bytes` each (the full group's layers, when the pool
+    /// splits them; its window blocks are charged the window layers' bytes);
+    /// `total_blocks` is then only a ceiling.
     pub fn with_account(mut self, account: Arc<KvAccount>, block_bytes: u64) -> Self {
         self.snapshots.with_account(account.clone());
+        if let Some(w) = self.win.as_mut() {
+            w.bytes = (self.pool.group_bytes_per_token().1 * self.block_size) as u64;
+        }
         self.account = Some(account);
         self.block_bytes = block_bytes;
         self

@@ -3,6 +3,7 @@
 //! recently used first, a chain's leaves before its root.
 use super::hash::block_hash;
 use super::BlockManager;
+use crate::engine::kv_groups::DEAD;
 use mlx_rs::Array;
 
 /// One cached block: its tokens, its parent and depth (all checked on every
@@ -29,11 +30,13 @@ impl BlockManager {
             .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))?;
         let h = *h;
         let c = self.cache.remove(&h).unwrap();
-        self.hash_of[c.block as usize] = None;
         self.snapshots.remove(h);
         self.idle -= 1;
         self.stats.evictions += 1;
         self.spill_evicted(h, &c);
+        // Its window block goes too (the block id is reused).
+        self.unmap_window(c.block);
+        self.hash_of[c.block as usize] = None;
         Some(c.block)
     }
 
@@ -59,6 +62,9 @@ impl BlockManager {
     /// [`lookup`](Self::lookup); blocks missing in memory are read from the
     /// SSD tier (into free pool blocks) only while more than `keep_free`
     /// blocks stay available, so the caller can still allocate them.
+    /// A pool split in layer groups: the hit is cut to where its next
+    /// query's window blocks are all there (`fit_window`), and its entries
+    /// before that window come flagged `DEAD`.
     pub fn lookup_keeping(&mut self, tokens: &[u32], keep_free: usize) -> Vec<u32> {
         self.clock += 1;
         let mut found = Vec::new();
@@ -79,9 +85,11 @@ impl BlockManager {
             c.last_used = self.clock;
             let b = c.block;
             self.hold(b);
-            found.push(b);
+            // Held, no window reference yet (`fit_window` takes those).
+            found.push(if self.win.is_some() { b | DEAD } else { b });
             parent = Some(h);
         }
+        self.fit_window(&mut found);
         if found.is_empty() {
             self.stats.prefix_misses += 1;
         } else {
@@ -182,6 +190,7 @@ impl BlockManager {
             .collect();
         for h in idle {
             let c = self.cache.remove(&h).unwrap();
+            self.unmap_window(c.block);
             self.hash_of[c.block as usize] = None;
             self.snapshots.remove(h);
             self.idle -= 1;

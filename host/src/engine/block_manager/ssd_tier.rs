@@ -49,6 +49,12 @@ impl BlockManager {
             ssd.touch(h); // already on disk: marks it used
             return;
         }
+        if !self.pool.whole(c.block) {
+            // Its window layers' data was released (kv_groups.rs): the tier
+            // keeps whole blocks only (it was spilled when that happened,
+            // unless the tier was full or the block was still in use).
+            return;
+        }
         match self.pool.read_block(c.block) {
             Ok(kv) => {
                 ssd.put(h, c.parent, c.depth, &c.tokens, &kv);
@@ -66,6 +72,7 @@ impl Drop for BlockManager {
         // The model's share of the budget goes back to the others.
         if let Some(a) = &self.account {
             a.credit(self.charged() as u64 * self.block_bytes);
+            a.credit(self.window_charged() as u64 * self.win.as_ref().map_or(0, |w| w.bytes));
         }
         let Some(ssd) = self.ssd.as_mut() else { return };
         let mut blocks: Vec<(&u64, &CachedBlock)> = self.cache.iter().collect();
@@ -73,7 +80,7 @@ impl Drop for BlockManager {
         blocks.sort_by_key(|(_, c)| c.depth);
         let mut n = 0;
         for (h, c) in blocks {
-            if ssd.contains(*h) {
+            if ssd.contains(*h) || !self.pool.whole(c.block) {
                 continue;
             }
             match self.pool.read_block(c.block) {

@@ -28,6 +28,17 @@ pub struct BlockStats {
     pub ssd_blocks: u64,
     pub ssd_bytes: u64,
     pub ssd_corrupt: u64,
+    /// Layer groups (kv_groups.rs): bytes of one window block (the window
+    /// layers' share of `block_bytes`; 0 when the layers are not split),
+    /// window blocks mapped now (read by sequences or idle in the cache),
+    /// idle window blocks evicted, and prefix-hit tokens cut because the
+    /// window blocks a hit's next query reads were gone.
+    pub window_block_bytes: u64,
+    pub window_blocks: usize,
+    /// Window blocks sequences read now (the rest of `window_blocks` is idle).
+    pub window_held: usize,
+    pub window_evictions: u64,
+    pub window_cut_tokens: u64,
 }
 
 impl BlockManager {
@@ -40,8 +51,15 @@ impl BlockManager {
             cached_blocks: self.cache.len(),
             free_blocks: self.free.len(),
             pool_blocks: self.pool.capacity(),
+            window_blocks: self.window_blocks(),
+            window_held: self.window_held(),
             ..self.stats.clone()
         };
+        if let Some(w) = self.win.as_ref() {
+            // A block position in every layer: the full block and its window block.
+            s.window_block_bytes = w.bytes;
+            s.block_bytes += w.bytes;
+        }
         if let Some(ssd) = self.ssd.as_ref() {
             s.ssd_reads = ssd.reads;
             s.ssd_writes = ssd.writes;

@@ -57,7 +57,12 @@ impl Lane {
         // Each layer as the model declares it (kv_layout.rs: its own shape,
         // SHARED with an earlier layer, or recurrent state). The worker
         // checked the layout fits the families (`lane_kv`).
+        // Window layers in a group of their own (kv_groups.rs): they keep
+        // only the blocks their window reads (`RMLX_KV_WINDOW_GROUPS=0`:
+        // every layer keeps every block, for A/B runs).
+        let split = std::env::var("RMLX_KV_WINDOW_GROUPS").map_or(true, |v| v != "0");
         let pool = match KvPool::for_model(model, k.clone(), v.clone(), cfg.block_size, 0) {
+            Ok(p) if split => p.split_windows(),
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e:#}; the lane's layers are taken as uniform");
@@ -67,10 +72,15 @@ impl Lane {
         // What the pool's arrays really take per block: every layer that
         // stores K/V (shared and recurrent-state layers store none), keys
         // and values in the layer's own shape, scales and norms included.
-        let per_block = (pool.bytes_per_token() * cfg.block_size) as u64;
+        // Split in layer groups: a full block is charged the full layers'
+        // bytes, a window block the window layers' (the block manager).
+        let (full_bytes, win_bytes) = pool.group_bytes_per_token();
+        let per_block = (full_bytes * cfg.block_size) as u64;
+        let win_block = (win_bytes * cfg.block_size) as u64;
         // A ceiling: the blocks the whole budget holds; what the lane may
         // take at a time is what the shared account has left.
         let total = (account.total() / per_block.max(1)) as usize;
+        let win_total = (account.total() / win_block.max(1)) as usize;
         // The config's hash, the KV shape and families too: the SSD tier outlives the process.
         let config_hash = signature_hash(&model.dir.config.to_string());
         let sig = format!(
@@ -96,7 +106,10 @@ impl Lane {
             id.family,
             cfg.block_size
         );
-        let pool = pool.with_max_blocks(total);
+        if let Some(w) = pool.win.as_ref() {
+            tracing::info!("KV for {name}: window layers ({} positions) in blocks of their own, {win_block} bytes each", w.window);
+        }
+        let pool = pool.with_max_blocks(total).with_window_max(win_total);
         let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
         mgr.recurrent = model.cache_layers.iter().any(|l| l.kind == rmlx_plugin_api::cache_kind::STATE);
         if mgr.recurrent && cfg.ssd.is_some() && cfg.prefix_cache {
