@@ -397,40 +397,49 @@ impl HybridModel {
     }
 }
 
-impl ModelImpl for HybridModel {
-    // ---- cache spec ----
-    fn spec(&self) -> ModelSpec {
-        let c = &self.config;
+impl Hybrid {
+    /// The cache spec of a model of these settings.
+    pub(crate) fn model_spec(&self) -> ModelSpec {
         ModelSpec {
-            num_layers: c.num_hidden_layers as u32,
-            num_kv_heads: c.num_key_value_heads as u32,
-            head_dim: c.head_dim as u32,
-            vocab_size: c.vocab_size as u32,
-            hidden_size: c.hidden_size as u32,
-            max_context: c.max_position_embeddings.max(0) as u32,
-            sliding_window: vec![0u32; c.num_hidden_layers as usize].into(),
+            num_layers: self.num_hidden_layers as u32,
+            num_kv_heads: self.num_key_value_heads as u32,
+            head_dim: self.head_dim as u32,
+            vocab_size: self.vocab_size as u32,
+            hidden_size: self.hidden_size as u32,
+            max_context: self.max_position_embeddings.max(0) as u32,
+            sliding_window: vec![0u32; self.num_hidden_layers as usize].into(),
         }
     }
 
     /// DeltaNet layers keep a recurrent state; attention layers full K/V.
-    fn layers(&self) -> Vec<LayerCache> {
-        let c = &self.config;
-        (0..c.num_hidden_layers)
+    pub(crate) fn layer_caches(&self) -> Vec<LayerCache> {
+        (0..self.num_hidden_layers)
             .map(|i| {
                 let full = LayerCache {
                     kind: cache_kind::FULL,
                     window: 0,
-                    kv_heads: c.num_key_value_heads as u32,
-                    head_dim: c.head_dim as u32,
+                    kv_heads: self.num_key_value_heads as u32,
+                    head_dim: self.head_dim as u32,
                     shared_with: 0,
                 };
-                if c.is_linear(i) {
+                if self.is_linear(i) {
                     LayerCache { kind: cache_kind::STATE, kv_heads: 0, head_dim: 0, ..full }
                 } else {
                     full
                 }
             })
             .collect()
+    }
+}
+
+impl ModelImpl for HybridModel {
+    // ---- cache spec ----
+    fn spec(&self) -> ModelSpec {
+        self.config.model_spec()
+    }
+
+    fn layers(&self) -> Vec<LayerCache> {
+        self.config.layer_caches()
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V], or hidden states [B, L, D]

@@ -34,7 +34,7 @@ use mlx_rs::Array;
 use rmlx_nn::{concatenate, finish, offer_hidden, rms_norm, Positions};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
-    cache_kind, LayerCache, ModelSpec, PluginError, HEAD_STATE,
+    LayerCache, ModelSpec, PluginError, HEAD_STATE,
 };
 use serde_json::Value;
 
@@ -124,28 +124,12 @@ impl Qwen3_5Mtp {
 impl ModelImpl for Qwen3_5Mtp {
     // ---- cache spec ----
     fn spec(&self) -> ModelSpec {
-        let c = &self.config;
-        ModelSpec {
-            num_layers: c.num_hidden_layers as u32,
-            num_kv_heads: c.num_key_value_heads as u32,
-            head_dim: c.head_dim as u32,
-            vocab_size: c.vocab_size as u32,
-            hidden_size: c.hidden_size as u32,
-            max_context: c.max_position_embeddings.max(0) as u32,
-            sliding_window: vec![0u32; c.num_hidden_layers as usize].into(),
-        }
+        self.config.model_spec()
     }
 
+    /// Every head layer is full attention (`full_attention_interval` 1).
     fn layers(&self) -> Vec<LayerCache> {
-        let c = &self.config;
-        let full = LayerCache {
-            kind: cache_kind::FULL,
-            window: 0,
-            kv_heads: c.num_key_value_heads as u32,
-            head_dim: c.head_dim as u32,
-            shared_with: 0,
-        };
-        vec![full; c.num_hidden_layers as usize]
+        self.config.layer_caches()
     }
 
     /// The verifier's last block, before its final norm.
