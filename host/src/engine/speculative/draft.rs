@@ -5,10 +5,7 @@
 //! that kept every draft, the last draft token was never fed to it, so the
 //! next round feeds the tokens it lacks (`pending`) in one forward.
 use super::super::sampler::Sampler;
-use super::{
-    accept::draw,
-    store::{ids, rows, Runner},
-};
+use super::store::{ids, rows, Runner};
 use anyhow::Result;
 use mlx_rs::{ops::indexing::argmax_axis, transforms::async_eval, Array, Dtype};
 use rand_chacha::ChaCha8Rng;
@@ -49,10 +46,8 @@ impl<'m> DraftModel<'m> {
         let (mut toks, mut dists) = (Vec::with_capacity(k), Vec::with_capacity(k));
         let mut input = ids(pending);
         for _ in 0..k {
-            let mut logits = rows(&self.runner.forward(input, true)?)?.pop().unwrap_or_default();
-            sampler.process(&mut logits);
-            let q = sampler.distribution(&logits);
-            let d = draw(&q, rng).unwrap_or_else(|| super::super::sampler::argmax(&logits));
+            let logits = rows(&self.runner.forward(input, true)?)?.pop().unwrap_or_default();
+            let (d, q) = super::draw_row(logits, &sampler, rng);
             sampler.accept(d);
             toks.push(d);
             dists.push(q);

@@ -121,10 +121,7 @@ pub fn generate(
     let mut proc = Sampler::with_params(params.clone());
     proc.set_prompt(prompt);
     let plain_greedy = proc.is_plain_greedy();
-    let mut rng = match params.seed {
-        Some(s) => ChaCha8Rng::seed_from_u64(s),
-        None => ChaCha8Rng::from_os_rng(),
-    };
+    let mut rng = seeded(params.seed);
     let mut len = DraftLength::new(opts.num_draft_tokens, opts.adaptive);
     // Prompt and emitted tokens; the target caches all but the last.
     let mut ctx = prompt.to_vec();
@@ -148,17 +145,7 @@ pub fn generate(
             let (drafts, q) = drafter.propose_sampled(pending, k, proc.clone(), &mut rng)?;
             let input: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
             let rows = store::rows(&target.forward(store::ids(&input), false)?)?;
-            // The verifier's distribution at position i sees drafts[..i] in its history.
-            let mut pv = proc.clone();
-            let p_at = |i: usize| {
-                if i > 0 {
-                    pv.accept(drafts[i - 1]);
-                }
-                let mut l = rows[i].clone();
-                pv.process(&mut l);
-                pv.distribution(&l)
-            };
-            let (n, next) = accept::accept_sampled(&drafts, &q, p_at, &mut rng);
+            let (n, next) = verify_sampled(&drafts, &q, &rows, &proc, &mut rng);
             (drafts, n, next)
         };
         out.rounds += 1;
@@ -185,3 +172,37 @@ pub fn generate(
 }
 
 use adapt::DraftLength;
+
+/// The request's generator: seeded when it gives a seed.
+fn seeded(seed: Option<u64>) -> ChaCha8Rng {
+    match seed {
+        Some(s) => ChaCha8Rng::seed_from_u64(s),
+        None => ChaCha8Rng::from_os_rng(),
+    }
+}
+
+/// A token drawn from one row of logits under `sampler` (whose history is
+/// the context): the token and the distribution it was drawn from.
+fn draw_row(mut row: Vec<f32>, sampler: &Sampler, rng: &mut ChaCha8Rng) -> (u32, Vec<f32>) {
+    sampler.process(&mut row);
+    let q = sampler.distribution(&row);
+    let t = accept::draw(&q, rng).unwrap_or_else(|| super::sampler::argmax(&row));
+    (t, q)
+}
+
+/// Sampled verification of `drafts` (drawn from `q`) against the verifier's
+/// `rows` [k + 1][V]: the distribution at position i comes from `proc`'s
+/// chain with drafts[..i] in its history; rejection sampling keeps the
+/// output the verifier's.
+fn verify_sampled(drafts: &[u32], q: &[Vec<f32>], rows: &[Vec<f32>], proc: &Sampler, rng: &mut ChaCha8Rng) -> (usize, u32) {
+    let mut pv = proc.clone();
+    let p_at = |i: usize| {
+        if i > 0 {
+            pv.accept(drafts[i - 1]);
+        }
+        let mut l = rows[i].clone();
+        pv.process(&mut l);
+        pv.distribution(&l)
+    };
+    accept::accept_sampled(drafts, q, p_at, rng)
+}

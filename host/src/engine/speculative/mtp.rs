@@ -32,7 +32,6 @@ use mlx_rs::{
     transforms::eval,
     Array, Dtype,
 };
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rmlx_plugin_api::{author::Output, cache_kind, HEAD_STATE};
 use std::time::Instant;
@@ -136,11 +135,7 @@ fn argmaxes(logits: &Array) -> Result<Vec<u32>> {
 /// A token drawn from logits [1, 1, V] under `proc` (whose history is the
 /// context): (token, the distribution it was drawn from).
 fn draw_from(logits: &Array, proc: &Sampler, rng: &mut ChaCha8Rng) -> Result<(u32, Vec<f32>)> {
-    let mut row = rows(logits)?.pop().unwrap_or_default();
-    proc.process(&mut row);
-    let q = proc.distribution(&row);
-    let t = accept::draw(&q, rng).unwrap_or_else(|| super::super::sampler::argmax(&row));
-    Ok((t, q))
+    Ok(super::draw_row(rows(logits)?.pop().unwrap_or_default(), proc, rng))
 }
 
 /// Generates after `prompt` with `head` (a drafter head built from the
@@ -188,10 +183,7 @@ pub fn generate(
     let mut proc = Sampler::with_params(params.clone());
     proc.set_prompt(prompt);
     let greedy = proc.is_plain_greedy();
-    let mut rng = match params.seed {
-        Some(s) => ChaCha8Rng::seed_from_u64(s),
-        None => ChaCha8Rng::from_os_rng(),
-    };
+    let mut rng = super::seeded(params.seed);
     let tail = tail.expect("the prompt is not empty");
     let first = if greedy { argmaxes(&tail)?[0] } else { draw_from(&tail, &proc, &mut rng)?.0 };
     // The head's prefill: [p_1 .. p_{P-1}, first] on h_0 .. h_{P-1}.
@@ -247,17 +239,7 @@ pub fn generate(
             let (kept, next) = if greedy {
                 accept::accept_greedy(&drafts, &argmaxes(&logits)?)
             } else {
-                let rows = rows(&logits)?;
-                let mut pv = proc.clone();
-                let p_at = |i: usize| {
-                    if i > 0 {
-                        pv.accept(drafts[i - 1]);
-                    }
-                    let mut l = rows[i].clone();
-                    pv.process(&mut l);
-                    pv.distribution(&l)
-                };
-                accept::accept_sampled(&drafts, &q, p_at, &mut rng)
+                super::verify_sampled(&drafts, &q, &rows(&logits)?, &proc, &mut rng)
             };
             out.rounds += 1;
             out.drafted_tokens += k;
