@@ -210,33 +210,9 @@ fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
     let prompt = [17u32, 45, 46];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
     let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
-    let mut dist_after = |generated: &[u32]| -> Vec<f32> {
-        let mut s = Session::new(&mut target);
-        let mut logits = s.prefill(&prompt).unwrap();
-        for &t in generated {
-            logits = s.step(t).unwrap();
-        }
-        let mut sampler = Sampler::with_params(params.clone());
-        sampler.set_prompt(&prompt);
-        for &t in generated {
-            sampler.accept(t);
-        }
-        sampler.process(&mut logits);
-        NoRepeatClass { last: *generated.last().unwrap_or(&prompt[2]), commits: Default::default(), broken: Default::default() }.apply(&mut logits).unwrap();
-        sampler.distribution(&logits)
-    };
-    let support = |p: &[f32]| -> Vec<u32> { (0..p.len() as u32).filter(|&i| p[i as usize] > 0.0).collect() };
-    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
-    let p0 = dist_after(&[]);
-    for a in support(&p0) {
-        let p1 = dist_after(&[a]);
-        for b in support(&p1) {
-            let p2 = dist_after(&[a, b]);
-            for c in support(&p2) {
-                expected.push((vec![a, b, c], p0[a as usize] as f64 * p1[b as usize] as f64 * p2[c as usize] as f64));
-            }
-        }
-    }
+    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |generated, logits| {
+        NoRepeatClass { last: *generated.last().unwrap_or(&prompt[2]), commits: Default::default(), broken: Default::default() }.apply(logits).unwrap();
+    });
     assert_eq!(expected.len(), 27);
     let cat = catalog();
     let w = Worker::start_with(

@@ -8,11 +8,11 @@
 //! vocabulary at start.
 mod common;
 
-use rmlx::engine::sampler::{Sampler, SamplingParams};
+use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
 use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
-use rmlx::engine::{LoadedModel, Session};
+use rmlx::engine::LoadedModel;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -156,32 +156,7 @@ fn sampled_speculation_in_the_engine_follows_the_verifiers_distribution() {
     let prompt = [17u32, 45, 45];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
     let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
-    let mut dist_after = |generated: &[u32]| -> Vec<f32> {
-        let mut s = Session::new(&mut target);
-        let mut logits = s.prefill(&prompt).unwrap();
-        for &t in generated {
-            logits = s.step(t).unwrap();
-        }
-        let mut sampler = Sampler::with_params(params.clone());
-        sampler.set_prompt(&prompt);
-        for &t in generated {
-            sampler.accept(t);
-        }
-        sampler.process(&mut logits);
-        sampler.distribution(&logits)
-    };
-    let support = |p: &[f32]| -> Vec<u32> { (0..p.len() as u32).filter(|&i| p[i as usize] > 0.0).collect() };
-    let mut expected: Vec<(Vec<u32>, f64)> = Vec::new();
-    let p0 = dist_after(&[]);
-    for a in support(&p0) {
-        let p1 = dist_after(&[a]);
-        for b in support(&p1) {
-            let p2 = dist_after(&[a, b]);
-            for c in support(&p2) {
-                expected.push((vec![a, b, c], p0[a as usize] as f64 * p1[b as usize] as f64 * p2[c as usize] as f64));
-            }
-        }
-    }
+    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
     assert_eq!(expected.len(), 27);
     let cat = catalog(&[("spec", "llama-f32", Some("llama-q4-g64"))], 2);
     let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });

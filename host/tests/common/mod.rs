@@ -1,6 +1,7 @@
 //! Shared test helpers: paths to the built plugins and fixtures.
 #![allow(dead_code)]
 pub mod golden;
+pub mod sampling;
 pub mod vision;
 use rmlx::plugins::Registry;
 use std::path::PathBuf;
