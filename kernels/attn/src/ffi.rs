@@ -1,6 +1,6 @@
 //! The mlx-c custom-kernel calls behind a small safe surface: a kernel made
 //! once per process, applied with its launch (grid in threads, as MLX takes
-//! it; template constants; one output).
+//! it; template constants; one output, or several with `apply_outputs`).
 use mlx_rs::{Array, Dtype};
 use mlx_sys as sys;
 use std::ffi::{c_char, CString};
@@ -75,9 +75,14 @@ fn names(list: &[&str]) -> sys::mlx_vector_string {
 
 impl Kernel {
     pub fn cuda(name: &str, inputs: &[&str], output: &str, source: &str, header: &str) -> Self {
+        Self::cuda_outputs(name, inputs, &[output], source, header)
+    }
+
+    /// As [`Kernel::cuda`], with several outputs (see [`Kernel::apply_outputs`]).
+    pub fn cuda_outputs(name: &str, inputs: &[&str], outputs: &[&str], source: &str, header: &str) -> Self {
         let (n, s, hdr) = (cstr(name), cstr(source), cstr(header));
         unsafe {
-            let (i, o) = (names(inputs), names(&[output]));
+            let (i, o) = (names(inputs), names(outputs));
             let k = sys::mlx_fast_cuda_kernel_new(n.as_ptr(), i, o, s.as_ptr(), hdr.as_ptr(), true, 0);
             sys::mlx_vector_string_free(i);
             sys::mlx_vector_string_free(o);
@@ -86,9 +91,14 @@ impl Kernel {
     }
 
     pub fn metal(name: &str, inputs: &[&str], output: &str, source: &str, header: &str) -> Self {
+        Self::metal_outputs(name, inputs, &[output], source, header)
+    }
+
+    /// As [`Kernel::metal`], with several outputs (see [`Kernel::apply_outputs`]).
+    pub fn metal_outputs(name: &str, inputs: &[&str], outputs: &[&str], source: &str, header: &str) -> Self {
         let (n, s, hdr) = (cstr(name), cstr(source), cstr(header));
         unsafe {
-            let (i, o) = (names(inputs), names(&[output]));
+            let (i, o) = (names(inputs), names(outputs));
             let k = sys::mlx_fast_metal_kernel_new(n.as_ptr(), i, o, s.as_ptr(), hdr.as_ptr(), true, false);
             sys::mlx_vector_string_free(i);
             sys::mlx_vector_string_free(o);
@@ -98,6 +108,15 @@ impl Kernel {
 
     /// Runs the kernel lazily (its output is a graph node like any op's).
     pub fn apply(&self, inputs: &[Array], l: &Launch) -> Result<Array, String> {
+        let mut outs = self.apply_outputs(inputs, l, &[])?;
+        Ok(outs.remove(0))
+    }
+
+    /// As [`Kernel::apply`] for a kernel of several outputs: the first is
+    /// `l.out_shape`/`l.out_dtype`, then one per entry of `more`.
+    pub fn apply_outputs(&self, inputs: &[Array], l: &Launch, more: &[(&[i32], Dtype)]) -> Result<Vec<Array>, String> {
+        let mut shapes: Vec<(&[i32], Dtype)> = vec![(&l.out_shape, l.out_dtype)];
+        shapes.extend_from_slice(more);
         unsafe {
             let ins = sys::mlx_vector_array_new();
             for a in inputs {
@@ -105,12 +124,13 @@ impl Kernel {
             }
             let mut outs = sys::mlx_vector_array_new();
             let stream = sys::mlx_default_gpu_stream_new();
-            let dtype = l.out_dtype as sys::mlx_dtype;
             let keep: Vec<CString> = l.ints.iter().map(|(n, _)| cstr(n)).chain(l.bools.iter().map(|(n, _)| cstr(n))).collect();
             let rc = match &self.0 {
                 Raw::Cuda(k) => {
                     let cfg = sys::mlx_fast_cuda_kernel_config_new();
-                    sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, l.out_shape.as_ptr(), l.out_shape.len(), dtype);
+                    for (shape, dt) in &shapes {
+                        sys::mlx_fast_cuda_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), *dt as sys::mlx_dtype);
+                    }
                     sys::mlx_fast_cuda_kernel_config_set_grid(cfg, l.grid.0, l.grid.1, l.grid.2);
                     sys::mlx_fast_cuda_kernel_config_set_thread_group(cfg, l.threads.0, l.threads.1, l.threads.2);
                     for (i, (_, v)) in l.ints.iter().enumerate() {
@@ -125,7 +145,9 @@ impl Kernel {
                 }
                 Raw::Metal(k) => {
                     let cfg = sys::mlx_fast_metal_kernel_config_new();
-                    sys::mlx_fast_metal_kernel_config_add_output_arg(cfg, l.out_shape.as_ptr(), l.out_shape.len(), dtype);
+                    for (shape, dt) in &shapes {
+                        sys::mlx_fast_metal_kernel_config_add_output_arg(cfg, shape.as_ptr(), shape.len(), *dt as sys::mlx_dtype);
+                    }
                     sys::mlx_fast_metal_kernel_config_set_grid(cfg, l.grid.0, l.grid.1, l.grid.2);
                     sys::mlx_fast_metal_kernel_config_set_thread_group(cfg, l.threads.0, l.threads.1, l.threads.2);
                     for (i, (_, v)) in l.ints.iter().enumerate() {
@@ -141,14 +163,18 @@ impl Kernel {
             };
             sys::mlx_stream_free(stream);
             sys::mlx_vector_array_free(ins);
-            if rc != 0 || sys::mlx_vector_array_size(outs) != 1 {
+            if rc != 0 || sys::mlx_vector_array_size(outs) != shapes.len() {
                 sys::mlx_vector_array_free(outs);
                 return Err("MLX refused the custom kernel launch".into());
             }
-            let mut out = sys::mlx_array_new();
-            sys::mlx_vector_array_get(&mut out, outs, 0);
+            let mut res = Vec::with_capacity(shapes.len());
+            for i in 0..shapes.len() {
+                let mut out = sys::mlx_array_new();
+                sys::mlx_vector_array_get(&mut out, outs, i);
+                res.push(Array::from_ptr(out));
+            }
             sys::mlx_vector_array_free(outs);
-            Ok(Array::from_ptr(out))
+            Ok(res)
         }
     }
 }

@@ -11,11 +11,17 @@
 //! [`paged_decode`]: decode attention straight over a KV family's paged
 //! blocks through the block tables (one skeleton, `paged_decode.cu` /
 //! `.metal`; a prelude per family says how to read one coordinate).
+//!
+//! [`gated_delta`]: the gated DeltaNet recurrence of the Qwen3-Next /
+//! Qwen3.5 hybrids over all of a forward's tokens in one launch
+//! (`gated_delta.cu` / `.metal`).
 use mlx_rs::{Array, Dtype};
 use std::sync::OnceLock;
 
 mod ffi;
+mod gated_delta;
 pub use ffi::Backend;
+pub use gated_delta::gated_delta;
 
 /// The GPU backend of the default device, if the default device is a GPU.
 pub fn backend() -> Backend {
