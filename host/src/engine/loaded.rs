@@ -140,11 +140,56 @@ impl LoadedModel {
     }
 
     pub fn from_dir_with(dir: ModelDir, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
+        let quant = QuantSpec::from_config(&dir.config)?;
+        let weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
+        Self::build(dir, registry, weights)
+    }
+
+    /// A drafter head of `kind` stored in its own directory `sidecar` (an
+    /// Eagle-3 head: config.json and safetensors of its own) that may lack
+    /// tensors it shares with the verifier at `verifier` (the embedding):
+    /// the architecture registered for `{sidecar model_type}_{kind}` (e.g.
+    /// `llama_eagle3`) loads from a `WeightSource` over both directories,
+    /// the sidecar's tensors first, each directory read under its own
+    /// quantization config (`HostWeights::with_fallback`). Its config is
+    /// the sidecar's config.json with the verifier's config.json added under
+    /// `verifier_config` (unless the sidecar has that key), so a head can
+    /// size itself against the verifier (e.g. Eagle-3's default layers).
+    /// Refused when no plugin builds one, or when the model is not a
+    /// drafter head (`Model::conditioning`, ABI 3.6).
+    pub fn load_head_from(sidecar: &Path, verifier: &Path, kind: &str, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
+        let mut dir = ModelDir::open(sidecar).with_context(|| format!("the `{kind}` drafter head"))?;
+        let vdir = ModelDir::open(verifier)?;
+        let own = dir.model_type.clone();
+        dir.model_type = format!("{own}_{kind}");
+        if registry.architecture_plugin(&dir.model_type).is_err() {
+            anyhow::bail!(
+                "{}: no architecture plugin builds a `{kind}` drafter head of model_type `{own}` (it would register `{}`)",
+                sidecar.display(),
+                dir.model_type
+            );
+        }
+        if let Some(obj) = dir.config.as_object_mut() {
+            if !obj.contains_key("verifier_config") {
+                obj.insert("verifier_config".into(), vdir.config.clone());
+                dir.config_text = serde_json::to_string(&dir.config)?;
+            }
+        }
+        let (quant, vquant) = (QuantSpec::from_config(&dir.config)?, QuantSpec::from_config(&vdir.config)?);
+        let weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?
+            .with_fallback(HostWeights::open_with(&vdir.weight_files, &vquant, registry, policy)?);
+        let head = Self::build(dir, registry, weights)?;
+        if head.conditioning.is_empty() {
+            anyhow::bail!("{}: `{}` is not a drafter head (it names no verifier layers to condition on)", sidecar.display(), head.dir.model_type);
+        }
+        Ok(head)
+    }
+
+    /// The architecture plugin builds the model from `weights`.
+    fn build(dir: ModelDir, registry: &Registry, mut weights: HostWeights<'_>) -> Result<Self> {
         let info = &registry.architecture_plugin(&dir.model_type)?.info;
         let architecture_plugin = info.id.clone();
         let plugin_abi = parse_abi(&info.abi);
-        let quant = QuantSpec::from_config(&dir.config)?;
-        let mut weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
         let model = registry
             .load_model(&dir.model_type, &dir.config_text, weights.as_source())
             .with_context(|| format!("loading {}", dir.path.display()))?;
@@ -162,8 +207,8 @@ impl LoadedModel {
         if !unused.is_empty() {
             tracing::warn!("{} tensors unused by {}: {:?}", unused.len(), dir.model_type, &unused[..unused.len().min(8)]);
         }
-        let layers = std::mem::take(&mut weights.layers);
-        let fused_linears = weights.fused.len();
+        let layers = weights.take_layers();
+        let fused_linears = weights.fused_count();
         if fused_linears > 0 {
             tracing::info!("{}: {fused_linears} groups of projections run as one matmul each (q/k/v, gate/up)", dir.model_type);
         }

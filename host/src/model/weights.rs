@@ -31,6 +31,10 @@ pub struct HostWeights<'a> {
     pub fused: Vec<String>,
     /// Affine layers become dense at load (`LoadPolicy::dequantize`).
     dequantize: bool,
+    /// Where a module or tensor this source lacks is looked up next
+    /// (`with_fallback`): a drafter head's sidecar directory first, then the
+    /// verifier's checkpoint, each read under its own quantization config.
+    fallback: Option<Box<HostWeights<'a>>>,
 }
 
 impl<'a> HostWeights<'a> {
@@ -56,7 +60,67 @@ impl<'a> HostWeights<'a> {
                 }
             }
         }
-        Ok(Self { tensors, quant, registry, used: BTreeSet::new(), layers: BTreeMap::new(), fused: Vec::new(), dequantize: policy.dequantize })
+        Ok(Self {
+            tensors,
+            quant,
+            registry,
+            used: BTreeSet::new(),
+            layers: BTreeMap::new(),
+            fused: Vec::new(),
+            dequantize: policy.dequantize,
+            fallback: None,
+        })
+    }
+
+    /// Two directories as one source: a module or tensor is this one's when
+    /// it has it, else `next`'s (e.g. an Eagle-3 head's sidecar checkpoint,
+    /// then the verifier's for the embedding it shares). `unused` reports
+    /// this source's tensors only; `layers` and `fused` gather both.
+    pub fn with_fallback(mut self, next: HostWeights<'a>) -> Self {
+        self.fallback = Some(Box::new(next));
+        self
+    }
+
+    /// Whether this source (not its fallback) holds module `prefix`: a
+    /// tensor under `prefix.` or the bare tensor `prefix`.
+    fn has_module(&self, prefix: &str) -> bool {
+        let dot = format!("{prefix}.");
+        self.tensors.contains_key(prefix) || self.tensors.keys().any(|n| n.strip_prefix(&dot).is_some_and(|l| !l.contains('.')))
+    }
+
+    /// The source that answers for module `prefix`: this one, or the
+    /// fallback when only it has the module.
+    fn owner_of_module(&mut self, prefix: &str) -> &mut Self {
+        if !self.has_module(prefix) && self.fallback.as_ref().is_some_and(|f| f.has_module(prefix)) {
+            return self.fallback.as_mut().unwrap().owner_of_module(prefix);
+        }
+        self
+    }
+
+    /// The source that answers for tensor `name` (as `owner_of_module`).
+    fn owner_of_tensor(&mut self, name: &str) -> &mut Self {
+        if !self.tensors.contains_key(name) && self.fallback.as_ref().is_some_and(|f| f.contains_tensor(name)) {
+            return self.fallback.as_mut().unwrap().owner_of_tensor(name);
+        }
+        self
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.fallback.as_ref().is_some_and(|f| f.contains_tensor(name))
+    }
+
+    /// Module path -> how it was built, over this source and its fallback.
+    pub fn take_layers(&mut self) -> BTreeMap<String, Quant> {
+        let mut layers = std::mem::take(&mut self.layers);
+        if let Some(f) = &mut self.fallback {
+            layers.extend(f.take_layers());
+        }
+        layers
+    }
+
+    /// Groups built as one fused linear, over this source and its fallback.
+    pub fn fused_count(&self) -> usize {
+        self.fused.len() + self.fallback.as_ref().map_or(0, |f| f.fused_count())
     }
 
     pub fn as_source(&mut self) -> rmlx_plugin_api::WeightSourceMut<'_> {
@@ -78,12 +142,14 @@ impl<'a> HostWeights<'a> {
     /// Bytes per activation value (and so per KV-cache value): 4 when any
     /// norm-like (1-D) tensor or quantization scale is float32 (MLX promotes
     /// the activations to it), else 2.
+    /// With a fallback, the wider of the two (the head computes in the
+    /// verifier's dtype where it reads the verifier's tensors).
     pub fn activation_bytes(&self) -> u64 {
         let f32_seen = self
             .tensors
             .iter()
             .any(|(n, a)| a.dtype() == mlx_rs::Dtype::Float32 && (a.ndim() == 1 || n.ends_with(".scales")));
-        if f32_seen {
+        if f32_seen || self.fallback.as_ref().is_some_and(|f| f.activation_bytes() == 4) {
             4
         } else {
             2
@@ -196,8 +262,9 @@ fn context<T>(r: PResult<T>, prefix: &str) -> Result<T, PluginError> {
 impl WeightSource for HostWeights<'_> {
     fn linear(&mut self, prefix: RStr<'_>) -> PResult<LinearBox> {
         guard(|| {
-            let (items, q) = self.module(prefix.as_str())?;
-            let plugin = self.quant_plugin(&q)?;
+            let this = self.owner_of_module(prefix.as_str());
+            let (items, q) = this.module(prefix.as_str())?;
+            let plugin = this.quant_plugin(&q)?;
             context(plugin.linear(items, q.params()), prefix.as_str())
         })
     }
@@ -208,10 +275,19 @@ impl WeightSource for HostWeights<'_> {
             if std::env::var("RMLX_FUSED_LINEARS").is_ok_and(|v| v == "0") {
                 return Err(PluginError::unsupported("fused linears are off (RMLX_FUSED_LINEARS=0)"));
             }
+            // Every part from one directory, or the layers stay apart.
+            let owners: Vec<bool> = prefixes.iter().map(|p| self.has_module(p.as_str())).collect();
+            if owners.iter().any(|&o| o != owners[0]) {
+                return Err(PluginError::unsupported("the parts come from two directories; not fused"));
+            }
+            let this = match prefixes.first() {
+                Some(p) => self.owner_of_module(p.as_str()),
+                None => self,
+            };
             let mut parts = RVec::with_capacity(prefixes.len());
             let mut params = None;
             for p in &prefixes {
-                let (items, q) = self.module(p.as_str())?;
+                let (items, q) = this.module(p.as_str())?;
                 let qp = q.params();
                 match &params {
                     None => params = Some(qp),
@@ -223,11 +299,11 @@ impl WeightSource for HostWeights<'_> {
                 parts.push(items);
             }
             let params = params.ok_or_else(|| PluginError::config("a fused linear of no layers"))?;
-            let plugin = self.quant_plugin(&Quant::new(params.mode.as_str(), params.bits, params.group_size))?;
+            let plugin = this.quant_plugin(&Quant::new(params.mode.as_str(), params.bits, params.group_size))?;
             let joined = prefixes.iter().map(|p| p.as_str()).collect::<Vec<_>>().join("+");
             match plugin.linear_fused(parts, params).into_result() {
                 Ok(r) => {
-                    self.fused.push(joined);
+                    this.fused.push(joined);
                     Ok(r)
                 }
                 Err(e) if e.kind == rmlx_plugin_api::ErrorKind::Unsupported => Err(e),
@@ -238,16 +314,18 @@ impl WeightSource for HostWeights<'_> {
 
     fn embedding(&mut self, prefix: RStr<'_>) -> PResult<EmbeddingBox> {
         guard(|| {
-            let (items, q) = self.module(prefix.as_str())?;
-            let plugin = self.quant_plugin(&q)?;
+            let this = self.owner_of_module(prefix.as_str());
+            let (items, q) = this.module(prefix.as_str())?;
+            let plugin = this.quant_plugin(&q)?;
             context(plugin.embedding(items, q.params()), prefix.as_str())
         })
     }
 
     fn switch_linear(&mut self, prefix: RStr<'_>) -> PResult<rmlx_plugin_api::SwitchLinearBox> {
         guard(|| {
-            let (items, q) = self.module(prefix.as_str())?;
-            let make = self
+            let this = self.owner_of_module(prefix.as_str());
+            let (items, q) = this.module(prefix.as_str())?;
+            let make = this
                 .registry
                 .switch_linear_entry(&q.mode)
                 .map_err(|e| PluginError::unsupported(format!("{prefix}: {e:#}")))?;
@@ -257,16 +335,17 @@ impl WeightSource for HostWeights<'_> {
 
     fn tensor(&mut self, name: RStr<'_>) -> PResult<MlxArray> {
         guard(|| {
-            let a = self
+            let this = self.owner_of_tensor(name.as_str());
+            let a = this
                 .tensors
                 .get(name.as_str())
                 .ok_or_else(|| PluginError::missing(format!("missing tensor {name}")))?;
-            self.used.insert(name.to_string());
+            this.used.insert(name.to_string());
             Ok(MlxArray::from_ref(a))
         })
     }
 
     fn contains(&self, name: RStr<'_>) -> bool {
-        self.tensors.contains_key(name.as_str())
+        self.contains_tensor(name.as_str())
     }
 }
