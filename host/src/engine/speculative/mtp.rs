@@ -36,21 +36,22 @@ use rand_chacha::ChaCha8Rng;
 use rmlx_plugin_api::{author::Output, cache_kind, HEAD_STATE};
 use std::time::Instant;
 
-/// The verifier with its cache and the layers the head conditions on.
-struct Verifier<'m> {
-    model: &'m mut LoadedModel,
-    cache: KvCache,
+/// The verifier with its cache and the layers the head conditions on
+/// (shared by the head kinds: mtp, dflash).
+pub(super) struct Verifier<'m> {
+    pub(super) model: &'m mut LoadedModel,
+    pub(super) cache: KvCache,
     /// The conditioning's layers in the head's order (absolute indices).
-    layers: Vec<u32>,
+    pub(super) layers: Vec<u32>,
 }
 
 impl<'m> Verifier<'m> {
-    fn new(model: &'m mut LoadedModel, conditioning: &[i32]) -> Result<Self> {
+    pub(super) fn new(model: &'m mut LoadedModel, conditioning: &[i32]) -> Result<Self> {
         let windowed = model.spec.sliding_window.iter().any(|&w| w > 0)
             || model.cache_layers.iter().any(|l| l.kind == cache_kind::WINDOW);
         if windowed || !model.kv_is_dense_default() {
             bail!(
-                "--draft-kind mtp runs the verifier on the contiguous cache: {} has sliding windows or a compressed KV family",
+                "a drafter head (--draft-kind mtp, dflash) runs the verifier on the contiguous cache: {} has sliding windows or a compressed KV family",
                 model.dir.path.display()
             );
         }
@@ -71,7 +72,7 @@ impl<'m> Verifier<'m> {
 
     /// `tokens` after the cached ones -> (logits [1, L, V], conditioning
     /// [1, L, C]), lazily; the cache advances.
-    fn forward(&mut self, tokens: &[u32]) -> Result<(Array, Array)> {
+    pub(super) fn forward(&mut self, tokens: &[u32]) -> Result<(Array, Array)> {
         let mut asked = self.layers.clone();
         asked.sort_unstable();
         asked.dedup();
@@ -115,18 +116,18 @@ impl Head<'_> {
 }
 
 /// Positions `a..b` of [1, L, X].
-fn span(x: &Array, a: i32, b: i32) -> Result<Array> {
+pub(super) fn span(x: &Array, a: i32, b: i32) -> Result<Array> {
     Ok(x.try_index((.., a..b, ..))?)
 }
 
 /// The last position of [1, L, X]: [1, 1, X].
-fn last(x: &Array) -> Result<Array> {
+pub(super) fn last(x: &Array) -> Result<Array> {
     let l = x.dim(1);
     span(x, l - 1, l)
 }
 
 /// Greedy picks of logits [1, L, V], read on the host.
-fn argmaxes(logits: &Array) -> Result<Vec<u32>> {
+pub(super) fn argmaxes(logits: &Array) -> Result<Vec<u32>> {
     let best = argmax_axis(logits, -1, None)?.as_dtype(Dtype::Int32)?;
     best.eval()?;
     Ok(best.try_as_slice::<i32>()?.iter().map(|&t| t as u32).collect())
@@ -134,7 +135,7 @@ fn argmaxes(logits: &Array) -> Result<Vec<u32>> {
 
 /// A token drawn from logits [1, 1, V] under `proc` (whose history is the
 /// context): (token, the distribution it was drawn from).
-fn draw_from(logits: &Array, proc: &Sampler, rng: &mut ChaCha8Rng) -> Result<(u32, Vec<f32>)> {
+pub(super) fn draw_from(logits: &Array, proc: &Sampler, rng: &mut ChaCha8Rng) -> Result<(u32, Vec<f32>)> {
     Ok(super::draw_row(rows(logits)?.pop().unwrap_or_default(), proc, rng))
 }
 
