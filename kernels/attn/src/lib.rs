@@ -21,6 +21,8 @@ use std::sync::OnceLock;
 mod ffi;
 mod gated_delta;
 pub use ffi::Backend;
+mod encode;
+pub use encode::{rotated_encode, verified_parts, EncodeConsts, EncodeRotation, EncodeSpec};
 pub use gated_delta::gated_delta;
 
 /// The GPU backend of the default device, if the default device is a GPU.
@@ -48,6 +50,9 @@ pub enum Family {
     /// [S, K, bits * ceil(D/32)], group norms [S, K, D/group]; the query
     /// arrives rotated and the output leaves rotated.
     Rotated { bits: i32, group: i32 },
+    /// `fp8`: e4m3 codes uint8 [S, K, D], one scale per (slot, kv head)
+    /// [S, K] (bfloat16).
+    Fp8,
 }
 
 impl Family {
@@ -56,6 +61,7 @@ impl Family {
             Family::Dense => "rmlx_decode_dense",
             Family::Affine { .. } => "rmlx_decode_affine",
             Family::Rotated { .. } => "rmlx_decode_rotated",
+            Family::Fp8 => "rmlx_decode_fp8",
         }
     }
 
@@ -65,12 +71,13 @@ impl Family {
             Family::Dense => [&["kp"], &["vp"]],
             Family::Affine { .. } => [&["kw", "ks", "kb"], &["vw", "vs", "vb"]],
             Family::Rotated { .. } => [&["kc", "kn", "klv"], &["vc", "vn", "vlv"]],
+            Family::Fp8 => [&["kc", "ks"], &["vc", "vs"]],
         }
     }
 
     fn ints(&self) -> Vec<(&'static str, i32)> {
         match *self {
-            Family::Dense => vec![],
+            Family::Dense | Family::Fp8 => vec![],
             Family::Affine { bits, group } | Family::Rotated { bits, group } => vec![("BITS", bits), ("G", group)],
         }
     }
@@ -97,12 +104,16 @@ impl Family {
                 "#define LOAD_K(row, i, d) ROT(kc, kn, klv, row, i, d)\n",
                 "#define LOAD_V(row, i, d) ROT(vc, vn, vlv, row, i, d)\n",
             ),
+            Family::Fp8 => concat!(
+                "#define LOAD_K(row, i, d) (e4m3_float(kc[(row) * D + (d)]) * static_cast<float>(ks[row]))\n",
+                "#define LOAD_V(row, i, d) (e4m3_float(vc[(row) * D + (d)]) * static_cast<float>(vs[row]))\n",
+            ),
         }
     }
 
     fn check(&self, d: i32) -> bool {
         match *self {
-            Family::Dense => true,
+            Family::Dense | Family::Fp8 => true,
             Family::Affine { bits, group } => {
                 matches!(bits, 2 | 4 | 8) && group > 0 && d % group == 0 && (d * bits) % 32 == 0
             }
@@ -118,6 +129,15 @@ __device__ __forceinline__ uint32_t plane_code(const uint32_t* w, int i, int lan
   for (int j = 0; j < bits; ++j) c |= ((w[j * words + i] >> lane) & 1u) << j;
   return c;
 }
+// e4m3 (fn: no infinities, 0x7f / 0xff NaN; bias 7) to float.
+__device__ __forceinline__ float e4m3_float(uint32_t b) {
+  const uint32_t sign = (b & 0x80u) << 24;
+  const uint32_t e = (b >> 3) & 0xfu;
+  const uint32_t m = b & 7u;
+  if (e == 15u && m == 7u) return __uint_as_float(0x7fc00000u);
+  if (e == 0u) return __uint_as_float(sign | __float_as_uint((float)m * 0.001953125f));
+  return __uint_as_float(sign | ((e + 120u) << 23) | (m << 20));
+}
 ";
 
 /// The same for Metal.
@@ -126,6 +146,14 @@ inline uint plane_code(const device uint32_t* w, int i, int lane, int bits, int 
   uint c = 0;
   for (int j = 0; j < bits; ++j) c |= ((w[j * words + i] >> lane) & 1u) << j;
   return c;
+}
+inline float e4m3_float(uint b) {
+  const uint sign = (b & 0x80u) << 24;
+  const uint e = (b >> 3) & 0xfu;
+  const uint m = b & 7u;
+  if (e == 15u && m == 7u) return as_type<float>(0x7fc00000u);
+  if (e == 0u) return as_type<float>(sign | as_type<uint>((float)m * 0.001953125f));
+  return as_type<float>(sign | ((e + 120u) << 23) | (m << 20));
 }
 ";
 

@@ -5,10 +5,13 @@
 //! range, so tiny and huge heads both keep a usable scale). Bits per value:
 //! `8 + 16/D` (8.125 at D = 128). Relative error per value: e4m3 has 3
 //! mantissa bits, a rounding error of at most 2^-4 of the value (normals).
+//!
+//! On a GPU, decode steps attend through the fused paged kernel
+//! (`rmlx_kernels::Family::Fp8`: e4m3 decoded in registers, no float copy).
 use mlx_rs::{ops::maximum, Array, Dtype};
 use rmlx_plugin_api::{
     author::{
-        kv::{Component, KvCodecImpl, LayerDims},
+        kv::{composed_attend, Component, KvCodecImpl, LayerDims, Paged},
         Result,
     },
     PluginError,
@@ -20,6 +23,29 @@ const E4M3_MAX: f32 = 448.0;
 pub struct Fp8;
 
 impl KvCodecImpl for Fp8 {
+    /// Keys and values of this family: on a GPU, decode steps go through the
+    /// fused paged kernel, which reads the e4m3 codes and scales through the
+    /// block tables; everything else composes (decode, then dense attention).
+    fn attend(
+        &self,
+        q: &Array,
+        k_pools: &[Array],
+        v_pools: &[Array],
+        paged: &Paged,
+        k_dims: &LayerDims,
+        v_dims: &LayerDims,
+    ) -> Result<Array> {
+        if k_dims.head_dim == v_dims.head_dim && rmlx_kernels::usable("paged_decode/fp8") {
+            if let Some(out) = rmlx_kernels::attend_decode(rmlx_kernels::Family::Fp8, q, k_pools, v_pools, paged, k_dims)? {
+                let out = out.as_dtype(q.dtype())?;
+                return rmlx_kernels::verified("paged_decode/fp8", out, 2e-2, || {
+                    composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
+                });
+            }
+        }
+        composed_attend(self, self, q, k_pools, v_pools, paged, k_dims, v_dims)
+    }
+
     fn components(&self, dims: &LayerDims) -> Vec<Component> {
         vec![
             Component::new("codes", Dtype::Uint8, &[dims.kv_heads, dims.head_dim]),

@@ -24,7 +24,8 @@
 //!
 //! Shared pieces: [`pack`] (bit-plane packing), [`codebook`] (Lloyd-Max),
 //! [`rotation`] (seeded rotations), [`quant`] (norm + codebook quantizer),
-//! [`rotated`] (the rotation families' codec).
+//! [`rotated`] (the rotation families' codec; [`rotated_gpu`] its fused
+//! encode on a GPU).
 pub mod affine;
 pub mod codebook;
 pub mod fp8;
@@ -33,6 +34,7 @@ pub mod pack;
 pub mod planar;
 pub mod quant;
 pub mod rotated;
+pub mod rotated_gpu;
 pub mod rotation;
 pub mod rotor;
 pub mod turbo;

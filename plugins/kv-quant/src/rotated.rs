@@ -54,13 +54,26 @@ pub struct RotatedCodec {
     seed: u64,
     rotation: fn(i32, u64) -> Rotation,
     cache: Mutex<HashMap<i32, Arc<Prepared>>>,
+    /// The fused encode kernel's constants per head dim (None: no kernel
+    /// for that shape), see [`crate::rotated_gpu`].
+    pub(crate) gpu: Mutex<HashMap<i32, Option<Arc<rmlx_kernels::EncodeConsts>>>>,
 }
 
 impl RotatedCodec {
     pub fn new(name: &'static str, bits: i32, qjl: bool, norm_mode: NormMode, seed: u64, rotation: fn(i32, u64) -> Rotation) -> Self {
         // QJL's estimator is unbiased only against the raw norm.
         let norm_mode = if qjl { NormMode::Raw } else { norm_mode };
-        Self { name, bits, qjl, norm_mode, group: None, seed, rotation, cache: Mutex::new(HashMap::new()) }
+        Self {
+            name,
+            bits,
+            qjl,
+            norm_mode,
+            group: None,
+            seed,
+            rotation,
+            cache: Mutex::new(HashMap::new()),
+            gpu: Mutex::new(HashMap::new()),
+        }
     }
 
     /// One norm per `group` rotated coordinates (QJL keeps one per vector).
@@ -164,6 +177,35 @@ impl RotatedCodec {
         Ok(Some(p.rot.inverse(&out)?.as_dtype(q.dtype())?))
     }
 
+    /// The composed encode (the CPU's path and the fused kernel's
+    /// reference): x [N, K, D] -> codes [N, K, W], norms [N, K, D/G]
+    /// (+ qjl_signs [N, K, W(1)], qjl_norms [N, K]).
+    pub fn composed_encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>> {
+        let d = dims.head_dim;
+        let p = self.prepared(d)?;
+        let g = self.group_size(d);
+        let (n, k) = (x.dim(0), x.dim(1));
+        // rotate, then one norm per group: [N, K, D/G, G]
+        let z = p.rot.forward(x)?.reshape(&[n, k, d / g, g])?;
+        let norm = norm_keep(&z)?; // [N, K, D/G, 1]
+        let y = safe_div(&z, &norm)?; // unit groups
+        let (codes, c) = quantize(&y, &p.book)?;
+        let stored = match self.norm_mode {
+            NormMode::Raw => norm.clone(),
+            NormMode::Preserve => safe_div(&norm, &norm_keep(&c)?)?,
+        };
+        let (codes, y, c) = (codes.reshape(&[n, k, d])?, y.reshape(&[n, k, d])?, c.reshape(&[n, k, d])?);
+        let mut out = vec![pack(&codes, self.mse_bits())?, stored.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?];
+        if self.qjl {
+            let r = y.subtract(&c)?; // [N, K, D]
+            let proj = matmul(&r, Self::s_matrix(&p, d).t())?; // S r
+            let signs = proj.ge(Array::from_f32(0.0))?.as_dtype(Dtype::Uint32)?;
+            out.push(pack(&signs, 1)?);
+            out.push(norm_keep(&r)?.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?);
+        }
+        Ok(out)
+    }
+
     fn expect(&self, comps: &[Array]) -> Result<()> {
         let want = if self.qjl { 4 } else { 2 };
         if comps.len() != want {
@@ -228,31 +270,21 @@ impl KvCodecImpl for RotatedCodec {
         c
     }
 
-    /// x [N, K, D] -> codes [N, K, W], norms [N, K, D/G] (+ qjl_signs, qjl_norms).
+    /// x [N, K, D] -> codes [N, K, W], norms [N, K, D/G] (+ qjl_signs,
+    /// qjl_norms): on a GPU through the fused encode kernel (checked against
+    /// [`RotatedCodec::composed_encode`] on its first call in the process),
+    /// else composed.
     fn encode(&self, x: &Array, dims: &LayerDims) -> Result<Vec<Array>> {
-        let d = dims.head_dim;
-        let p = self.prepared(d)?;
-        let g = self.group_size(d);
-        let (n, k) = (x.dim(0), x.dim(1));
-        // rotate, then one norm per group: [N, K, D/G, G]
-        let z = p.rot.forward(x)?.reshape(&[n, k, d / g, g])?;
-        let norm = norm_keep(&z)?; // [N, K, D/G, 1]
-        let y = safe_div(&z, &norm)?; // unit groups
-        let (codes, c) = quantize(&y, &p.book)?;
-        let stored = match self.norm_mode {
-            NormMode::Raw => norm.clone(),
-            NormMode::Preserve => safe_div(&norm, &norm_keep(&c)?)?,
-        };
-        let (codes, y, c) = (codes.reshape(&[n, k, d])?, y.reshape(&[n, k, d])?, c.reshape(&[n, k, d])?);
-        let mut out = vec![pack(&codes, self.mse_bits())?, stored.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?];
-        if self.qjl {
-            let r = y.subtract(&c)?; // [N, K, D]
-            let proj = matmul(&r, Self::s_matrix(&p, d).t())?; // S r
-            let signs = proj.ge(Array::from_f32(0.0))?.as_dtype(Dtype::Uint32)?;
-            out.push(pack(&signs, 1)?);
-            out.push(norm_keep(&r)?.squeeze_axes(&[-1])?.as_dtype(dims.dtype)?);
+        if let Some(fused) = self.fused_encode(x, dims)? {
+            let key = self.encode_key(dims.head_dim)?;
+            return rmlx_kernels::verified_parts(
+                key,
+                fused,
+                |f, r| self.encode_agree(f, r, dims.head_dim),
+                || self.composed_encode(x, dims),
+            );
         }
-        Ok(out)
+        self.composed_encode(x, dims)
     }
 
     /// [B, T, K, ..] -> [B, K, T, D]

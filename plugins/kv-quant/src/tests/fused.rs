@@ -55,12 +55,15 @@ fn fused_decode_equals_composed() {
     let gpu = rmlx_kernels::enabled();
     eprintln!("fused kernels: {:?} ({})", rmlx_kernels::backend(), if gpu { "fused path checked" } else { "composed on both sides" });
     let mut worst = 0f32;
-    for name in ["turbo4", "turbo3", "turbo2", "planar4", "iso3", "rotor3", "q8", "q4", "q2"] {
+    for name in ["turbo4", "turbo3", "turbo2", "planar4", "iso3", "rotor3", "q8", "q4", "q2", "fp8"] {
         for d in [64, 128, 96] {
             for (dtype, tol) in [(Dtype::Float32, 2e-4), (Dtype::Bfloat16, 2e-2)] {
                 for &(window, sinks, cap) in &[(0, false, 0.0), (17, true, 0.0), (0, false, 30.0)] {
                     let e = case(name, d, dtype, window, sinks, cap);
                     worst = worst.max(e);
+                    if name == "fp8" && gpu {
+                        eprintln!("fp8 d={d} {dtype:?} window={window} sinks={sinks} cap={cap}: max |fused - composed| = {e}");
+                    }
                     assert!(e <= tol, "{name} d={d} {dtype:?} window={window} sinks={sinks} cap={cap}: max |fused - composed| = {e}");
                 }
             }
@@ -70,7 +73,7 @@ fn fused_decode_equals_composed() {
     // On a GPU, `attend` checks each kernel's first output against the
     // composed path and turns it off when they differ: it must have stayed on.
     if gpu {
-        for key in ["paged_decode/rotated", "paged_decode/affine"] {
+        for key in ["paged_decode/rotated", "paged_decode/affine", "paged_decode/fp8"] {
             assert!(rmlx_kernels::usable(key), "{key} was turned off by its first check");
         }
     }

@@ -4,6 +4,7 @@ mod attend;
 mod bits;
 mod centered;
 mod fused;
+mod fused_encode;
 mod geometry;
 mod roundtrip;
 
