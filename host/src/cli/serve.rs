@@ -62,7 +62,7 @@ pub struct Args {
     /// Tokens per KV block (prefix-cache granularity, default 16).
     #[arg(long)]
     pub kv_block_size: Option<usize>,
-    /// Most sequences decoding together (default 16).
+    /// Most sequences decoding together (default 16 on a CPU, 256 on a GPU).
     #[arg(long)]
     pub max_running: Option<usize>,
     /// Turn automatic prefix caching off (default: on).
@@ -90,7 +90,7 @@ pub struct Args {
     /// (requests may set `num_draft_tokens`, 0 turns it off) [default: 3]
     #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model) [default: draft]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model) or `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model) [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
     /// Speculative decoding runs while a model's lane decodes at most this
@@ -207,6 +207,16 @@ fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -
     for m in &settings.server.models {
         if let Some(d) = &m.draft_model {
             wanted.push((m.id.clone(), Some(m.path.clone()), d.clone(), m.num_draft_tokens.or(args.num_draft_tokens), m.draft_kind.clone().or(args.draft_kind.clone())));
+        } else if let Some(kind) = m.draft_kind.as_ref().filter(|k| *k != "draft") {
+            // A drafter head read from the model's own checkpoint (`mtp`).
+            wanted.push((m.id.clone(), Some(m.path.clone()), m.path.clone(), m.num_draft_tokens.or(args.num_draft_tokens), Some(kind.clone())));
+        }
+    }
+    if args.draft_model.is_empty() && wanted.is_empty() && args.draft_kind.as_deref().is_some_and(|k| k != "draft") {
+        // `--draft-kind mtp` alone: the one served model drafts with its own head.
+        match catalog.entries.as_slice() {
+            [e] => wanted.push((Some(e.id.clone()), None, e.path.clone(), args.num_draft_tokens, args.draft_kind.clone())),
+            _ => bail!("--draft-kind {} without --draft-model: several models are served; set draft_kind per model in rmlx.toml ([[server.models]])", args.draft_kind.as_deref().unwrap_or_default()),
         }
     }
     for d in &args.draft_model {
@@ -218,7 +228,7 @@ fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -
     }
     if wanted.is_empty() {
         if args.num_draft_tokens.is_some() || args.draft_kind.is_some() {
-            bail!("--num-draft-tokens and --draft-kind need --draft-model");
+            bail!("--num-draft-tokens and --draft-kind need a drafter: --draft-model DIR, or --draft-kind mtp (the model's own head)");
         }
         return Ok(());
     }

@@ -45,6 +45,8 @@
 //! An error in a forward leaves every row as it was (lengths only move
 //! after success); those rows stop speculating and the plain step runs.
 mod forward;
+mod head;
+mod settle;
 mod targets;
 
 use super::super::block_manager::BlockManager;
@@ -88,6 +90,9 @@ struct SpecRowPlan {
     hooked: bool,
     /// Verifies on the host (sampled, hooked, or asks for logprobs).
     host: bool,
+    /// Feeds the model's drafter head this step (drafting or not): the
+    /// kept tokens go into the head with the verifier's hidden states.
+    head: bool,
 }
 
 impl Scheduler {
@@ -121,9 +126,9 @@ impl Scheduler {
         self.stats.last_batch = plan.len();
         self.stats.max_batch = self.stats.max_batch.max(plan.len());
         let kind = kind_label(drafter.kind).to_string();
-        match self.run_spec(lane, model, &mut drafter.model, &plan) {
+        match self.run_spec(lane, model, drafter, &plan) {
             Ok(out) => {
-                self.emit_spec(lane, &plan, out, &kind, ended);
+                self.emit_spec(lane, model, drafter, &plan, out, &kind, ended);
                 true
             }
             Err(e) => {
@@ -137,6 +142,9 @@ impl Scheduler {
                     }
                     if let Some(sp) = s.spec.as_mut() {
                         sp.kv_len = p.draft_kv.min(sp.kv_len);
+                        if p.head {
+                            sp.seed = None;
+                        }
                     }
                 }
                 self.trim_rows(lane, &plan);
@@ -152,42 +160,66 @@ impl Scheduler {
         let mut plan: Vec<SpecRowPlan> = Vec::with_capacity(rows.len());
         for &i in &rows {
             let s = &mut self.running[i];
-            let mut k = 0;
+            let (mut k, mut head) = (0, false);
             if s.may_speculate() {
                 let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
                 let seed = s.params.sampling.seed;
+                let (left, kv) = (s.left(), s.kv_len);
                 let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
-                k = sp.len.get().min(s.left().saturating_sub(1));
+                k = sp.len.get().min(left.saturating_sub(1));
+                if drafter.is_head() {
+                    // A head drafts from its seed, the output after the
+                    // context's last token. Without one that follows the
+                    // context now (the row's first speculative step, or it
+                    // decoded without the head since: plain steps, a
+                    // preemption) the head starts over: its KV is dropped,
+                    // the row drafts nothing this step, and the head takes
+                    // this step's token with the verifier's hidden states.
+                    if !sp.seed.as_ref().is_some_and(|h| h.at == kv) {
+                        sp.seed = None;
+                        sp.kv_len = 0;
+                        k = 0;
+                    }
+                    head = left > 1;
+                }
             }
             let sampled = !s.sampler().is_plain_greedy();
             let hooked = s.has_hook();
             let host = sampled || hooked || s.params.logprobs.is_some();
             let draft_kv = s.spec.as_ref().map_or(0, |sp| sp.kv_len);
-            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled, hooked, host });
+            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled, hooked, host, head });
         }
         let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
-        if k_max == 0 {
+        if k_max == 0 && !plan.iter().any(|p| p.head) {
             return None;
         }
         if let Err(e) = self.draft_lane(lane, &drafter.model) {
             tracing::warn!("{}: no speculation ({e:#})", lane.model);
             return None;
         }
-        // Draft blocks: the catch-up and k_max draft tokens.
-        for p in plan.iter_mut().filter(|p| p.k > 0) {
+        // Draft blocks: a draft model's catch-up and k_max draft tokens; a
+        // head's k_max - 1 chained entries, then at most k_max + 1 kept.
+        for p in plan.iter_mut().filter(|p| p.k > 0 || p.head) {
             let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
             let s = &mut self.running[i];
             let sp = s.spec.as_mut().expect("a drafting row has its state");
             let d = self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made above");
-            let need = d.blocks_for(s.tokens.len() - 1 + k_max).saturating_sub(sp.table.len());
+            let upto = if p.head { sp.kv_len + k_max + 1 } else { s.tokens.len() - 1 + k_max };
+            let need = d.blocks_for(upto).saturating_sub(sp.table.len());
             match d.allocate(need) {
                 Some(b) => sp.table.extend(b),
-                None => p.k = 0,
+                None => {
+                    p.k = 0;
+                    if p.head {
+                        p.head = false;
+                        sp.seed = None;
+                    }
+                }
             }
         }
         let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
         // Verifier blocks: k_max + 1 tokens for every row (padding included).
-        let mut ok = k_max > 0;
+        let mut ok = k_max > 0 || plan.iter().any(|p| p.head);
         for p in plan.iter() {
             if !ok {
                 break;
@@ -234,7 +266,9 @@ impl Scheduler {
         let Some(l) = self.lanes.get_mut(lane) else { return };
         for p in plan {
             let Some(s) = self.running.iter_mut().find(|s| s.id == p.id) else { continue };
-            trim(&mut l.mgr, &mut s.table, s.kv_len + 1);
+            // The context's length: a row whose recurrent state is fed
+            // again (settle.rs) keeps the blocks its kept tokens are in.
+            trim(&mut l.mgr, &mut s.table, s.tokens.len().max(s.kv_len + 1));
             if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
                 trim(d, &mut sp.table, sp.kv_len);
             }
@@ -242,9 +276,13 @@ impl Scheduler {
     }
 
     /// Accepts, emits and rolls back each row (see the module doc).
-    fn emit_spec(&mut self, lane: &LaneId, plan: &[SpecRowPlan], out: Verified, kind: &str, ended: &mut Vec<Ended>) {
+    #[allow(clippy::too_many_arguments)]
+    fn emit_spec(&mut self, lane: &LaneId, model: &mut LoadedModel, drafter: &mut Drafter, plan: &[SpecRowPlan], out: Verified, kind: &str, ended: &mut Vec<Ended>) {
         let (mut drafted, mut accepted) = (0u64, 0u64);
-        for (p, v) in plan.iter().zip(out.rows) {
+        let (width, cond) = (out.width, out.cond);
+        let mut states = Vec::with_capacity(plan.len());
+        for (p, mut v) in plan.iter().zip(out.rows) {
+            states.push(std::mem::take(&mut v.state));
             let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
             let s = &mut self.running[i];
             let (kept, outcome) = if p.k == 0 {
@@ -318,11 +356,13 @@ impl Scheduler {
                 Outcome::Continue => {
                     let s = &mut self.running[i];
                     if let Some(sp) = s.spec.as_mut() {
-                        sp.kv_len = sp.kv_len.min(s.kv_len);
+                        sp.kv_len = sp.kv_len.min(s.tokens.len() - 1);
                     }
                 }
             }
         }
+        // The verifier's recurrent state and the drafter head (settle.rs).
+        self.settle(lane, model, drafter, plan, states, cond, width);
         self.trim_rows(lane, plan);
         let c = self.stats.speculation.entry(kind.to_string()).or_default();
         c.steps += 1;

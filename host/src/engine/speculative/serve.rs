@@ -13,6 +13,20 @@
 //! kept context go back to the manager). Draft blocks are never put in the
 //! prefix cache: a sequence's draft KV is rebuilt from its tokens (one
 //! batched catch-up forward) when it starts speculating or after a preemption.
+//!
+//! Drafter heads (plugin ABI 3.6: `Model::conditioning`; the `mtp` kind, and
+//! any head kind whose architecture the registry builds as
+//! `{model_type}_{kind}`) take the same per-lane paged pool for their own
+//! K/V. What differs is where their input comes from: the verifier's hidden
+//! states at the layers the head names, returned by the verify forward
+//! itself, and the head's own state (`HEAD_STATE`) for its chained draft
+//! steps. A speculating row keeps the head's last output (`HeadSeed`)
+//! between steps; the host never asks which head it is.
+//!
+//! A verifier with recurrent-state layers (gated DeltaNet) rolls back by
+//! restoring the state from before the verify forward (the sequence's own
+//! state is only replaced when a row keeps every position it verified) and
+//! feeding the kept tokens again (scheduler/spec.rs).
 use super::{adapt::DraftLength, check_pair, DraftKind, DEFAULT_DRAFT_TOKENS};
 use crate::engine::LoadedModel;
 use crate::model::ModelDir;
@@ -45,9 +59,6 @@ pub struct DraftSpec {
 impl DraftSpec {
     pub fn new(path: PathBuf, num_draft_tokens: Option<usize>, kind: Option<&str>) -> Result<Self> {
         let kind = DraftKind::parse(kind.unwrap_or("draft"))?;
-        if kind == DraftKind::Mtp {
-            bail!("--draft-kind mtp drafts in `rmlx generate` so far; the server speculates with a draft model (--draft-kind draft)");
-        }
         let k = num_draft_tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
         if k == 0 {
             bail!("--num-draft-tokens must be at least 1 (a request's num_draft_tokens of 0 turns speculation off)");
@@ -56,12 +67,10 @@ impl DraftSpec {
     }
 }
 
-/// The drafter kind's name in metrics labels and logs.
-pub fn kind_label(kind: DraftKind) -> &'static str {
-    match kind {
-        DraftKind::Draft => "draft",
-        DraftKind::Mtp => "mtp",
-    }
+/// The drafter kind's name in metrics labels and logs, and the suffix of a
+/// head kind's architecture (`{model_type}_{kind}`): `draft`, `mtp`, ...
+pub fn kind_label(kind: DraftKind) -> String {
+    format!("{kind:?}").to_lowercase()
 }
 
 /// `vocab_size` of a model directory's config (or its `text_config`).
@@ -88,11 +97,39 @@ pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Res
     Ok(())
 }
 
-/// A loaded draft model beside its verifier.
+/// A loaded draft model (or drafter head) beside its verifier.
 pub struct Drafter {
     pub model: LoadedModel,
     pub num_draft_tokens: usize,
     pub kind: DraftKind,
+    /// A drafter head's conditioning: the verifier layers (absolute
+    /// indices, in the head's order) whose hidden states it reads, which
+    /// the verify forward returns. Empty for a draft model.
+    pub conditioning: Vec<u32>,
+}
+
+impl Drafter {
+    /// Whether it is a drafter head (fed the verifier's hidden states)
+    /// rather than a separate draft model (fed tokens).
+    pub fn is_head(&self) -> bool {
+        !self.conditioning.is_empty()
+    }
+}
+
+/// A head's conditioning layers as absolute verifier layer indices
+/// (negative counts from the end).
+pub fn absolute_layers(conditioning: &[i32], num_layers: u32) -> Result<Vec<u32>> {
+    let n = num_layers as i32;
+    conditioning
+        .iter()
+        .map(|&l| {
+            let i = if l < 0 { n + l } else { l };
+            if !(0..n).contains(&i) {
+                bail!("the drafter head conditions on layer {l}, but the model has {n} layers");
+            }
+            Ok(i as u32)
+        })
+        .collect()
 }
 
 /// Loads `spec`'s draft model for `model` (`LoadedModel::draft`). An Err is
@@ -100,28 +137,45 @@ pub struct Drafter {
 /// for this model). A verifier whose cache cannot be rolled back
 /// (recurrent-state layers) serves without speculation, with a warning.
 pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugins::Registry) -> Result<()> {
-    if let Some(why) = refusal(model) {
-        tracing::warn!("{}: speculative decoding is off for this model ({why}); it runs without its draft model", model.dir.path.display());
+    let label = kind_label(spec.kind);
+    let (draft, what) = if spec.kind == DraftKind::Draft {
+        let d = LoadedModel::load(&spec.path, registry).with_context(|| format!("loading the draft model {}", spec.path.display()))?;
+        (d, "draft model")
+    } else {
+        // A drafter head from `spec.path` (the verifier's own checkpoint
+        // for `mtp`), built by whichever plugin registers `{model_type}_{kind}`.
+        let policy = crate::model::policy::resolve(&ModelDir::open(&spec.path)?)?.policy;
+        let h = LoadedModel::load_head(&spec.path, &label, registry, policy).with_context(|| format!("loading the `{label}` drafter head of {}", spec.path.display()))?;
+        (h, "drafter head")
+    };
+    check_pair(model, &draft)?;
+    let conditioning = absolute_layers(&draft.conditioning, model.spec.num_layers)?;
+    if spec.kind != DraftKind::Draft && conditioning.is_empty() {
+        bail!("the `{label}` drafter of {} names no verifier layers to condition on", spec.path.display());
+    }
+    if let Some(why) = refusal(&draft) {
+        tracing::warn!("{}: speculative decoding is off for this model ({why}); it runs without its {what}", model.dir.path.display());
         return Ok(());
     }
-    let draft = LoadedModel::load(&spec.path, registry).with_context(|| format!("loading the draft model {}", spec.path.display()))?;
-    check_pair(model, &draft)?;
-    if let Some(why) = refusal(&draft).or_else(|| draft.paged_refusal()) {
-        bail!("the draft model {} cannot draft in the server: {why}", spec.path.display());
+    if let Some(why) = draft.paged_refusal() {
+        bail!("the {what} {} cannot draft in the server: {why}", spec.path.display());
     }
     tracing::info!(
-        "{}: speculative decoding with draft model {} ({} draft tokens at first)",
+        "{}: speculative decoding with the {what} {} (`{label}`, {} draft tokens at first{})",
         model.dir.path.display(),
         spec.path.display(),
-        spec.num_draft_tokens
+        spec.num_draft_tokens,
+        if model.has_state() { "; recurrent state rolled back by re-feeding kept tokens" } else { "" }
     );
-    model.draft = Some(Box::new(Drafter { model: draft, num_draft_tokens: spec.num_draft_tokens, kind: spec.kind }));
+    model.draft = Some(Box::new(Drafter { model: draft, num_draft_tokens: spec.num_draft_tokens, kind: spec.kind, conditioning }));
     Ok(())
 }
 
-/// Why a model's paged KV cannot be rolled back by a length, if it cannot.
+/// Why a drafter's own paged KV cannot be rolled back by a length, if it
+/// cannot (the verifier's state is rolled back by re-feeding; a drafter's
+/// is not yet).
 fn refusal(model: &LoadedModel) -> Option<String> {
-    model.has_state().then(|| "a layer keeps a recurrent state, which a roll-back would need snapshots of".to_string())
+    model.has_state().then(|| "a layer of the drafter keeps a recurrent state; only the verifier's is rolled back".to_string())
 }
 
 /// What a speculating sequence keeps between steps: its draft KV (a block
@@ -132,6 +186,20 @@ pub struct SpecRow {
     pub kv_len: usize,
     pub len: DraftLength,
     pub rng: ChaCha8Rng,
+    /// A drafter head's last output, which proposes the next draft.
+    pub seed: Option<HeadSeed>,
+}
+
+/// A drafter head's output after its last entry: its logits propose the
+/// first draft of the next step, its state (`HEAD_STATE`) conditions the
+/// chained step after that.
+pub struct HeadSeed {
+    /// [1, 1, V] and [1, 1, C]
+    pub logits: mlx_rs::Array,
+    pub state: mlx_rs::Array,
+    /// The verifier's `kv_len` it follows: the seed is stale when the
+    /// sequence decoded since without the head (plain steps, preemption).
+    pub at: usize,
 }
 
 impl SpecRow {
@@ -142,6 +210,6 @@ impl SpecRow {
             Some(s) => ChaCha8Rng::seed_from_u64(s ^ 0x5eed_d4af_7000_0001),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng }
+        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None }
     }
 }

@@ -1,0 +1,226 @@
+//! Drafter heads in the server's batched speculative step (`rmlx serve
+//! --draft-kind mtp`; engine/scheduler/spec.rs, spec/head.rs, spec/settle.rs)
+//! on the tiny Qwen3.5 hybrid with its tiny random MTP head
+//! (tests/fixtures/models/qwen3_5-mtp-f32: gated-DeltaNet layers, so every
+//! rejected draft rolls the verifier's recurrent state back):
+//! greedy output with the head equals output without, one stream and
+//! several at once; a batch mixing drafted and undrafted rows equals one at
+//! a time; sampled output follows the verifier's distribution (chi-square);
+//! usage and /metrics report the `mtp` drafter's counts.
+mod common;
+
+use rmlx::engine::sampler::SamplingParams;
+use rmlx::engine::scheduler::SchedulerConfig;
+use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::LoadedModel;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+const HYBRID: &str = "models/qwen3_5-mtp-f32";
+
+/// The hybrid twice: `plain` without a drafter, `mtp` with its own head.
+fn catalog(k: usize) -> ModelCatalog {
+    let dir = common::fixture(HYBRID);
+    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("mtp".into()), dir.clone())], &[]).unwrap();
+    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(dir, Some(k), Some("mtp")).unwrap());
+    cat
+}
+
+fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
+    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
+    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
+}
+
+fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
+    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
+}
+
+fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+    w.submit(req).unwrap();
+    rx
+}
+
+fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, .. } => ids.push(id),
+            GenEvent::Done(f) => return (ids, f),
+            GenEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
+    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+}
+
+/// Greedy output with the MTP head equals the model's own, one stream at a
+/// time and five at once; every request drafted (the random head's drafts
+/// are rejected: the recurrent state is restored and the kept token fed
+/// again each step).
+#[test]
+fn greedy_mtp_speculation_in_the_engine_equals_plain_decoding() {
+    let _g = common::mlx_lock();
+    const N: usize = 16;
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig::default());
+    let (plain, mtp) = (entry(&cat, "plain"), entry(&cat, "mtp"));
+    let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
+    for (p, want) in prompts().iter().zip(&want) {
+        let (got, f) = collect(&mut submit(&w, &mtp, p, greedy(N, None)));
+        assert_eq!(&got, want, "prompt of {}", p.len());
+        let (d, a) = f.speculation.expect("the usage reports draft counts");
+        assert!(d > 0 && a <= d, "{a} of {d}");
+    }
+    let mut rxs: Vec<_> = prompts().iter().map(|p| submit(&w, &mtp, p, greedy(N, None))).collect();
+    for (rx, want) in rxs.iter_mut().zip(&want) {
+        let (got, f) = collect(rx);
+        assert_eq!(&got, want, "batched");
+        assert!(f.speculation.unwrap().0 > 0);
+    }
+    let s = w.stats().speculation["mtp"].clone();
+    assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
+    assert!(!w.stats().speculation.contains_key("draft"));
+}
+
+/// Rows with `num_draft_tokens` 0, the default, 1 and 5 share batches with
+/// the head; each equals its own run alone, with `spec_max_batch` 8 and 2
+/// (above it the plain step runs, and the head starts over after it).
+#[test]
+fn a_batch_mixing_mtp_drafted_and_undrafted_rows_equals_one_at_a_time() {
+    let _g = common::mlx_lock();
+    const N: usize = 20;
+    let cat = catalog(3);
+    let ks = [Some(0), None, Some(1), Some(5), Some(0)];
+    for max_batch in [8, 2] {
+        let w = worker(&cat, SchedulerConfig { spec_max_batch: max_batch, ..SchedulerConfig::default() });
+        let (plain, mtp) = (entry(&cat, "plain"), entry(&cat, "mtp"));
+        let alone: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
+        let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &mtp, p, greedy(N, k))).collect();
+        for ((rx, want), k) in rxs.iter_mut().zip(&alone).zip(ks) {
+            let (got, f) = collect(rx);
+            assert_eq!(&got, want, "k {k:?}, spec_max_batch {max_batch}");
+            match (k, f.speculation) {
+                (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
+                (_, Some((d, a))) => assert!(a <= d, "{a} of {d}"),
+                (_, None) => panic!("a drafted row reports its counts"),
+            }
+        }
+        assert!(w.stats().speculation.get("mtp").is_some_and(|s| s.drafted_tokens > 0), "{:?}", w.stats().speculation);
+    }
+}
+
+/// Three tokens at temperature 1 with top-k 3 and a repetition penalty,
+/// drafted by the head, 1200 seeds in batches of 16: the 27 possible
+/// sequences occur as often as the verifier's own sampler gives them
+/// (chi-square p > 0.001), none outside its support.
+#[test]
+fn sampled_mtp_speculation_follows_the_verifiers_distribution() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 45];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let mut target = LoadedModel::load(&common::fixture(HYBRID), &common::registry()).unwrap();
+    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
+    assert_eq!(expected.len(), 27);
+    let cat = catalog(2);
+    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
+    let mtp = entry(&cat, "mtp");
+    let mut counts = vec![0u64; expected.len()];
+    let (mut drafted, mut other) = (0, 0);
+    for wave in 0..1200u64 / 16 {
+        let mut rxs: Vec<_> = (0..16)
+            .map(|j| {
+                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
+                submit(&w, &mtp, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
+            })
+            .collect();
+        for rx in rxs.iter_mut() {
+            let (toks, f) = collect(rx);
+            let (d, a) = f.speculation.unwrap();
+            assert!(a <= d);
+            drafted += d;
+            match expected.iter().position(|(s, _)| *s == toks) {
+                Some(i) => counts[i] += 1,
+                None => other += 1,
+            }
+        }
+    }
+    assert_eq!(other, 0, "sequences outside the verifier's top-k support were emitted");
+    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
+    let pv = chi_square_p(&counts, &probs);
+    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    assert!(drafted > 0);
+}
+
+/// At a high temperature the random head's drafts are often kept, so rows
+/// that keep every verified position (the verify forward's own state) and
+/// rows that roll back share steps; a seed reproduces its tokens.
+#[test]
+fn hot_sampling_keeps_mtp_drafts_and_a_seed_reproduces() {
+    let _g = common::mlx_lock();
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig::default());
+    let mtp = entry(&cat, "mtp");
+    let params = |seed| GenParams { sampling: SamplingParams { temperature: 20.0, seed: Some(seed), ..SamplingParams::default() }, max_tokens: 24, ignore_eos: true, ..GenParams::default() };
+    let run = || -> Vec<(Vec<u32>, (usize, usize))> {
+        let mut rxs: Vec<_> = prompts().iter().enumerate().map(|(i, p)| submit(&w, &mtp, p, params(i as u64))).collect();
+        rxs.iter_mut().map(|rx| collect(rx)).map(|(t, f)| (t, f.speculation.unwrap())).collect()
+    };
+    let a = run();
+    let (d, k): (usize, usize) = a.iter().fold((0, 0), |(d, k), (_, s)| (d + s.0, k + s.1));
+    assert!(k > 0 && k < d, "{k} of {d} kept");
+    assert!(a.iter().all(|(t, _)| t.len() == 24));
+    let b = run();
+    assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>(), "a seed reproduces");
+}
+
+/// Through the HTTP API: `usage` carries the counts, `num_draft_tokens: 0`
+/// gives the same tokens without them, and /metrics counts the `mtp` drafter.
+#[tokio::test]
+async fn the_api_reports_mtp_counts_and_metrics() {
+    use serde_json::{json, Value};
+    let _g = common::mlx_lock();
+    let dir = common::fixture(HYBRID);
+    let mut cat = ModelCatalog::discover(&[(Some("hybrid".into()), dir.clone())], &[]).unwrap();
+    Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(dir, Some(3), Some("mtp")).unwrap());
+    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
+    let worker = Worker::start(cfg, &cat).unwrap();
+    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
+    let base = common::serve(st);
+    let client = reqwest::Client::new();
+    let post = |k: Option<u32>| {
+        let mut b = json!({"model": "hybrid", "prompt": [3, 14, 15, 92, 65], "max_tokens": 12, "temperature": 0});
+        if let Some(k) = k {
+            b["num_draft_tokens"] = k.into();
+        }
+        let r = client.post(format!("{base}/v1/completions")).json(&b).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let (spec, off) = (post(None).await, post(Some(0)).await);
+    assert_eq!(spec["choices"][0]["token_ids"], off["choices"][0]["token_ids"]);
+    let u = &spec["usage"];
+    let (d, a) = (u["drafted_tokens"].as_u64().unwrap(), u["accepted_tokens"].as_u64().unwrap());
+    assert!(d > 0 && a <= d && u["completion_tokens"] == 12, "{u}");
+    assert!(off["usage"].get("drafted_tokens").is_none(), "{}", off["usage"]);
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"mtp\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));
+    assert!(dr >= d as f64 && ac <= dr && (rate - ac / dr).abs() < 1e-9, "{dr} {ac} {rate}");
+}
