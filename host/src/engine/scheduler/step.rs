@@ -8,6 +8,7 @@ use super::super::decode::{decode_forward, read_rows, RowOut};
 use super::super::sequence::{Outcome, Sequence};
 use super::super::worker::WorkerError;
 use super::super::LoadedModel;
+use super::profile::{self, Phase};
 use super::{Ended, LaneId, Reserved, Scheduler};
 use anyhow::Result;
 use mlx_rs::{transforms::async_eval, Array};
@@ -30,15 +31,24 @@ impl Scheduler {
         let mut ended = Vec::new();
         let mut preempted = Vec::new();
         self.stats.steps += 1;
+        profile::begin();
         // A prefill is coming: hand out the pipelined tokens first, so running
         // streams (and first tokens) do not wait for it.
         if self.running.iter().any(|s| s.lane == *lane && s.to_prefill() > 0) {
             if let Some(p) = self.lanes.get_mut(lane).and_then(|l| l.pending.take()) {
-                self.take_pending_tokens(lane, &p, &mut ended);
+                profile::time(Phase::Wait, || self.take_pending_tokens(lane, &p, &mut ended));
             }
         }
-        self.prefill(lane, model, &mut ended, &mut preempted);
+        if profile::enabled() {
+            let (forwards, left) = (self.stats.prefill_forwards, self.prompt_left(lane));
+            profile::time(Phase::Prefill, || self.prefill(lane, model, &mut ended, &mut preempted));
+            let done = left.saturating_sub(self.prompt_left(lane));
+            profile::note(self.stats.prefill_forwards - forwards, done as u64, 0);
+        } else {
+            self.prefill(lane, model, &mut ended, &mut preempted);
+        }
         self.decode(lane, model, &mut ended, &mut preempted);
+        profile::end(self.stats.steps, &format!("{}/{}", lane.model, lane.family));
         // Preempted sequences go back to the front, oldest first.
         for s in preempted.into_iter() {
             self.waiting.push_front(s);
@@ -46,6 +56,11 @@ impl Scheduler {
         self.stats.completed += ended.len() as u64;
         self.stats.generated_tokens += ended.iter().map(|(s, _)| s.n as u64).sum::<u64>();
         ended
+    }
+
+    /// Prompt tokens the lane's running sequences still have to prefill.
+    fn prompt_left(&self, lane: &LaneId) -> usize {
+        self.running.iter().filter(|s| s.lane == *lane).map(|s| s.to_prefill()).sum()
     }
 
     /// Indices of the lane's sequences whose prompt is in.
@@ -85,6 +100,7 @@ impl Scheduler {
             return;
         }
         let b = rows.len();
+        profile::note(0, 0, b);
         self.stats.last_batch = b;
         self.stats.max_batch = self.stats.max_batch.max(b);
         let row_ids: Vec<u64> = rows.iter().map(|&i| self.running[i].id).collect();
@@ -97,12 +113,12 @@ impl Scheduler {
             // Borrow the rows mutably, in row order.
             let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
             let mut seqs: Vec<&mut Sequence> = rows.iter().map(|&i| refs[i].take().unwrap()).collect();
-            decode_forward(model, pool, &mut seqs, prev.as_ref()).and_then(|st| {
+            profile::time(Phase::Build, || decode_forward(model, pool, &mut seqs, prev.as_ref())).and_then(|st| {
                 if pipelined {
-                    async_eval([&st.tokens])?;
+                    profile::time(Phase::Dispatch, || async_eval([&st.tokens]))?;
                     Ok((st, None))
                 } else {
-                    let outs = read_rows(&seqs, &st)?;
+                    let outs = profile::time(Phase::Wait, || read_rows(&seqs, &st))?;
                     Ok((st, Some(outs)))
                 }
             })
@@ -134,7 +150,7 @@ impl Scheduler {
         };
         // The previous step's tokens first (they come before this step's).
         if let Some(p) = prev {
-            self.take_pending_tokens(lane, &p, ended);
+            profile::time(Phase::Wait, || self.take_pending_tokens(lane, &p, ended));
         }
         match step {
             Decoded::Pipelined(tokens) => {
