@@ -5,9 +5,14 @@
 //! conv1d with its rolling state, the recurrence, the gated RMSNorm
 //! (`Qwen3NextRMSNormGated`) and `out_proj`.
 //!
-//! This is the composed-ops path (mlx-lm's `gated_delta_ops`: a loop over the
-//! L new tokens, one recurrent step each), which every backend runs; a fused
-//! kernel for CUDA/Metal is future work (kernels/).
+//! The recurrence has two paths. On a GPU backend (`rmlx_kernels::enabled()`:
+//! CUDA or Metal, unless `RMLX_FUSED_KERNELS=0`) it is one fused kernel over
+//! all L new tokens (`rmlx_kernels::gated_delta`: the float32 state stays in
+//! registers from the first token to the last), prefill and decode alike; its
+//! first output in a process is checked against the composed path
+//! (`rmlx_kernels::verified`). Everywhere else, and as the reference, it is
+//! composed ops ([`gated_delta_ops`], mlx-lm's `gated_delta_ops`: a loop over
+//! the L new tokens, one recurrent step each).
 //!
 //! The recurrent state lives in the host (plugin-api 3.3 `cache_kind::STATE`):
 //! each forward reads `[conv_state, ssm_state]` with `Attend::state` (empty
@@ -83,8 +88,123 @@ pub fn gated_delta_ops(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array,
     Ok((ops::stack(&ys, 1)?, state)) // [B, L, Hv, Dv]
 }
 
-/// mlx-lm's `gated_delta_update` on its ops path: beta = sigmoid(b),
-/// g = compute_g(A_log, a, dt_bias), zero state when none is given.
+/// The composed path with a padding mask (mlx-lm's `gated_delta_ops` with
+/// `mask`, except that a masked token's y is 0 here, as in its kernel):
+/// shapes as [`gated_delta_ops`], `mask` bool [B, L]; a false token leaves
+/// the state as it is.
+pub fn gated_delta_ops_masked(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: Array,
+    mask: &Array,
+) -> Result<(Array, Array)> {
+    let (hk, hv) = (q.dim(2), v.dim(2));
+    let (mut q, mut k) = (q.clone(), k.clone());
+    if hv / hk > 1 {
+        q = Array::repeat_axis::<f32>(q, hv / hk, -2)?; // [B, L, Hv, Dk]
+        k = Array::repeat_axis::<f32>(k, hv / hk, -2)?;
+    }
+    let at = |x: &Array, t: i32| -> Result<Array> { Ok(x.take_axis(Array::from_int(t), 1)?) };
+    let mut state = state;
+    let mut ys = Vec::with_capacity(q.dim(1) as usize);
+    for t in 0..q.dim(1) {
+        let (y, s) = step(&at(&q, t)?, &at(&k, t)?, &at(v, t)?, &at(g, t)?, &at(beta, t)?, &state)?;
+        let m = at(mask, t)?; // [B]
+        let zero = Array::from_f32(0.0).as_dtype(y.dtype())?;
+        ys.push(ops::select(&m.expand_dims_axes(&[-1, -2])?, &y, &zero)?); // [B, H, Dv]
+        state = ops::select(&m.expand_dims_axes(&[-1, -2, -3])?, &s, &state)?; // [B, H, Dv, Dk]
+    }
+    Ok((ops::stack(&ys, 1)?, state))
+}
+
+/// The key of the fused kernel's first-output check.
+const FUSED: &str = "gated_delta";
+
+/// The fused kernel alone, unchecked: Some((y, state)) as [`gated_delta_ops`]
+/// (y in q's dtype, state float32) when a GPU backend serves it and
+/// `RMLX_FUSED_KERNELS` is not 0; None on the CPU or for a shape the kernel
+/// does not take. `mask` bool [B, L] as [`gated_delta_ops_masked`].
+pub fn gated_delta_fused(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: &Array,
+    mask: Option<&Array>,
+) -> Result<Option<(Array, Array)>> {
+    if !rmlx_kernels::enabled() {
+        return Ok(None);
+    }
+    rmlx_kernels::gated_delta(q, k, v, g, beta, state, mask)
+        .map_err(|e| PluginError::other(format!("fused gated delta kernel: {e}")))
+}
+
+/// The fused kernel where it serves, its first output in the process checked
+/// against the composed path (a kernel that fails or disagrees is turned off
+/// and that call answers composed); None where it does not serve.
+fn fused_checked(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: &Array,
+    mask: Option<&Array>,
+) -> Result<Option<(Array, Array)>> {
+    if !rmlx_kernels::usable(FUSED) {
+        return Ok(None);
+    }
+    let Some((y, s)) = gated_delta_fused(q, k, v, g, beta, state, mask)? else { return Ok(None) };
+    let mut reference_state = None;
+    let y = rmlx_kernels::verified(FUSED, y, 2e-2, || {
+        let (yr, sr) = match mask {
+            Some(m) => gated_delta_ops_masked(q, k, v, g, beta, state.clone(), m)?,
+            None => gated_delta_ops(q, k, v, g, beta, state.clone())?,
+        };
+        reference_state = Some(sr);
+        Ok(yr)
+    })?;
+    // Turned off by this call's check: y is the reference, so is the state.
+    let s = match reference_state {
+        Some(sr) if !rmlx_kernels::usable(FUSED) => sr,
+        _ => s,
+    };
+    Ok(Some((y, s)))
+}
+
+/// The gated delta rule over L tokens on the path that serves: the fused
+/// kernel on a GPU backend, else [`gated_delta_ops`]. Shapes as there.
+pub fn gated_delta(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: Array) -> Result<(Array, Array)> {
+    match fused_checked(q, k, v, g, beta, &state, None)? {
+        Some(out) => Ok(out),
+        None => gated_delta_ops(q, k, v, g, beta, state),
+    }
+}
+
+/// As [`gated_delta`] with a padding mask bool [B, L] (see
+/// [`gated_delta_ops_masked`]).
+pub fn gated_delta_masked(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    g: &Array,
+    beta: &Array,
+    state: Array,
+    mask: &Array,
+) -> Result<(Array, Array)> {
+    match fused_checked(q, k, v, g, beta, &state, Some(mask))? {
+        Some(out) => Ok(out),
+        None => gated_delta_ops_masked(q, k, v, g, beta, state, mask),
+    }
+}
+
+/// mlx-lm's `gated_delta_update`: beta = sigmoid(b),
+/// g = compute_g(A_log, a, dt_bias), zero state when none is given, then
+/// [`gated_delta`] (the fused kernel on a GPU, else composed).
 /// q, k [B, L, Hk, Dk] (normalised), v [B, L, Hv, Dv], a, b [B, L, Hv] ->
 /// (y [B, L, Hv, Dv], state [B, Hv, Dv, Dk] float32).
 #[allow(clippy::too_many_arguments)]
@@ -104,7 +224,7 @@ pub fn gated_delta_update(
         Some(s) => s,
         None => ops::zeros_dtype(&[q.dim(0), v.dim(2), v.dim(3), q.dim(3)], Dtype::Float32)?,
     };
-    gated_delta_ops(q, k, v, &g, &beta, state)
+    gated_delta(q, k, v, &g, &beta, state) // fused on a GPU, else gated_delta_ops
 }
 
 // ---- gated RMSNorm ----
