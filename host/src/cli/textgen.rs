@@ -104,7 +104,7 @@ pub struct SpecArgs {
     /// Draft tokens per verifier forward at the start; the length then follows the measured acceptance (1 to 2K) [default: 3]
     #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model, --draft-model) or `mtp` (the model's own multi-token-prediction head, from its checkpoint; Qwen3.5/3.6); eagle3 and dflash are planned [default: draft]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; Qwen3.5/3.6) or `eagle3` (an Eagle-3 head, --draft-model its own directory); dflash is planned [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
 }
@@ -123,7 +123,7 @@ impl SpecArgs {
         let kind = self.draft_kind.as_deref().map(speculative::DraftKind::parse).transpose()?;
         if kind.is_none() && self.draft_model.is_none() {
             if self.num_draft_tokens.is_some() {
-                bail!("--num-draft-tokens needs a drafter: --draft-model DIR, or --draft-kind mtp");
+                bail!("--num-draft-tokens needs a drafter: --draft-model DIR, --draft-kind mtp, or --draft-kind eagle3 --draft-model DIR");
             }
             return Ok(None);
         }
@@ -141,6 +141,16 @@ impl SpecArgs {
                 let path = model.loaded.dir.path.clone();
                 let policy = crate::model::policy::resolve(&crate::model::ModelDir::open(&path)?)?.policy;
                 LoadedModel::load_head(&path, "mtp", &reg, policy).context("loading the multi-token-prediction head")?
+            }
+            speculative::DraftKind::Eagle3 => {
+                let Some(spec) = &self.draft_model else {
+                    bail!("--draft-kind eagle3 needs --draft-model DIR: the Eagle-3 head's own directory");
+                };
+                let sidecar = crate::hub::resolve_dir(spec)?;
+                let path = model.loaded.dir.path.clone();
+                let policy = crate::model::policy::resolve(&crate::model::ModelDir::open(&path)?)?.policy;
+                LoadedModel::load_head_from(&sidecar, &path, "eagle3", &reg, policy)
+                    .with_context(|| format!("loading the Eagle-3 head {}", spec.display()))?
             }
             speculative::DraftKind::Draft => {
                 let Some(spec) = &self.draft_model else {
@@ -266,7 +276,7 @@ pub fn run_turn_with(
             done.is_none() && err.is_none()
         };
         let out = match d.kind {
-            speculative::DraftKind::Mtp => speculative::mtp::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
+            speculative::DraftKind::Mtp | speculative::DraftKind::Eagle3 => speculative::mtp::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
             speculative::DraftKind::Draft => speculative::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
         };
         if let Some(e) = err {

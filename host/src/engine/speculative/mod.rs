@@ -9,6 +9,7 @@
 //! multi-token-prediction head, mtp.rs); docs/SPECULATIVE.md.
 pub mod accept;
 pub mod adapt;
+pub mod dflash;
 pub mod draft;
 pub mod mtp;
 pub mod serve;
@@ -30,6 +31,10 @@ pub enum DraftKind {
     /// The verifier's own multi-token-prediction head (a drafter head,
     /// plugin ABI 3.6), from the verifier's checkpoint (mtp.rs).
     Mtp,
+    /// An Eagle-3 head (a drafter head reading three verifier layers) from
+    /// its own sidecar directory (`--draft-model`), sharing the verifier's
+    /// embedding (`LoadedModel::load_head_from`); mtp.rs's loop drives it.
+    Eagle3,
 }
 
 impl DraftKind {
@@ -37,8 +42,9 @@ impl DraftKind {
         match s {
             "draft" => Ok(Self::Draft),
             "mtp" => Ok(Self::Mtp),
-            "eagle3" | "dflash" => bail!("--draft-kind {s} is not implemented yet; the kinds available are: draft, mtp"),
-            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft, mtp (eagle3 and dflash are planned)"),
+            "eagle3" => Ok(Self::Eagle3),
+            "dflash" => bail!("--draft-kind {s} is not implemented yet; the kinds available are: draft, mtp, eagle3"),
+            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft, mtp, eagle3 (dflash is planned)"),
         }
     }
 }
