@@ -2,7 +2,8 @@
 //! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3, qwen3_moe.rs for
 //! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid,
 //! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models,
-//! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head),
+//! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head,
+//! qwen3_dflash.rs for the DFlash block-diffusion drafter, another),
 //! and hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
 //! share.
 mod hybrid;
@@ -11,6 +12,7 @@ mod qwen3;
 mod qwen3_5;
 mod qwen3_5_moe;
 mod qwen3_5_mtp;
+mod qwen3_dflash;
 mod qwen3_moe;
 mod qwen3_next;
 
@@ -23,8 +25,8 @@ pub struct ArchQwen;
 
 impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe) and the Qwen3.5 MTP drafter head")
-            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe), the Qwen3.5 MTP drafter head and the DFlash drafter (qwen3_dflash)")
+            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
@@ -35,6 +37,7 @@ impl PluginImpl for ArchQwen {
             "qwen3_5" => Ok(Box::new(qwen3_5::load(config, w)?)),
             "qwen3_5_moe" => Ok(Box::new(qwen3_5_moe::load(config, w)?)),
             "qwen3_5_mtp" | "qwen3_5_moe_mtp" => Ok(Box::new(qwen3_5_mtp::Qwen3_5Mtp::load(model_type, config, w)?)),
+            "qwen3_dflash" => Ok(Box::new(qwen3_dflash::Qwen3DFlash::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }
@@ -47,6 +50,7 @@ impl PluginImpl for ArchQwen {
             "qwen3_5" => qwen3_5::Config::parse(config, "qwen3_5").map(|_| ()),
             "qwen3_5_moe" => qwen3_5::Config::parse(config, "qwen3_5_moe").map(|_| ()),
             "qwen3_5_mtp" | "qwen3_5_moe_mtp" => qwen3_5_mtp::check(model_type, config),
+            "qwen3_dflash" => qwen3_dflash::check(config),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }

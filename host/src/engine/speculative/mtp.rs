@@ -88,6 +88,38 @@ impl<'m> Verifier<'m> {
         let cond = if parts.len() == 1 { parts[0].clone() } else { concatenate(&parts, -1)? };
         Ok((out.out, cond))
     }
+
+    /// Where a verify forward starts: the cached length and, with
+    /// recurrent-state layers, their states (references, not copies).
+    pub(super) fn mark(&self) -> Mark {
+        Mark { offset: self.cache.offset(), states: self.cache.has_states().then(|| self.cache.states()) }
+    }
+
+    /// After a verify forward of `input` from `mark`, keeps its first `n`
+    /// tokens: K/V is truncated; a recurrent state cannot be, so it is
+    /// restored from the mark and the kept tokens are fed again (one more
+    /// forward, only when some were dropped).
+    pub(super) fn keep(&mut self, mark: Mark, input: &[u32], n: usize) -> Result<()> {
+        if n >= input.len() {
+            return Ok(());
+        }
+        match mark.states {
+            Some(states) => {
+                self.cache.truncate(mark.offset);
+                self.cache.restore_states(states);
+                let (l, c) = self.forward(&input[..n])?;
+                eval([&l, &c])?;
+            }
+            None => self.cache.truncate(mark.offset + n as i32),
+        }
+        Ok(())
+    }
+}
+
+/// The verifier's cache before a verify forward (`Verifier::mark`).
+pub(super) struct Mark {
+    offset: i32,
+    states: Option<Vec<Vec<Array>>>,
 }
 
 /// The head with its own cache.
@@ -233,8 +265,7 @@ pub fn generate(
                 drafts.push(d);
             }
             // 2. Verify [last, d_1 .. d_k] in one forward.
-            let snapshot = v.cache.has_states().then(|| v.cache.states());
-            let base = v.cache.offset();
+            let mark = v.mark();
             let input: Vec<u32> = std::iter::once(*ctx.last().unwrap()).chain(drafts.iter().copied()).collect();
             let (logits, vcond) = v.forward(&input)?;
             let (kept, next) = if greedy {
@@ -252,17 +283,7 @@ pub fn generate(
                 }
             }
             // 3. Roll the verifier back to the context but its last token.
-            if kept < k {
-                match snapshot {
-                    Some(states) => {
-                        v.cache.truncate(base);
-                        v.cache.restore_states(states);
-                        let (l, c) = v.forward(&input[..=kept])?;
-                        eval([&l, &c])?;
-                    }
-                    None => v.cache.truncate(base + kept as i32 + 1),
-                }
-            }
+            v.keep(mark, &input, kept + 1)?;
             // 4. The head: its chained entries out, the kept tokens in on the
             //    verifier's own hidden states.
             h.cache.truncate(head_len);
