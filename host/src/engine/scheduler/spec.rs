@@ -145,6 +145,10 @@ impl Scheduler {
                         if p.head {
                             sp.seed = None;
                         }
+                        // A draft model's state may have moved: it starts over.
+                        if !sp.state.is_empty() {
+                            sp.kv_len = 0;
+                        }
                     }
                 }
                 self.trim_rows(lane, &plan);
@@ -167,6 +171,9 @@ impl Scheduler {
                 let (left, kv) = (s.left(), s.kv_len);
                 let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
                 k = sp.len.get().min(left.saturating_sub(1));
+                if sp.kv_len == 0 {
+                    sp.state.clear(); // its draft KV starts over (new, preempted)
+                }
                 if drafter.is_head() {
                     // A head drafts from its seed, the output after the
                     // context's last token. Without one that follows the
@@ -282,7 +289,7 @@ impl Scheduler {
         let (width, cond) = (out.width, out.cond);
         let mut states = Vec::with_capacity(plan.len());
         for (p, mut v) in plan.iter().zip(out.rows) {
-            states.push(std::mem::take(&mut v.state));
+            states.push((std::mem::take(&mut v.state), std::mem::take(&mut v.draft_states)));
             let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
             let s = &mut self.running[i];
             let (kept, outcome) = if p.k == 0 {

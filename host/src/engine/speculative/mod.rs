@@ -35,6 +35,10 @@ pub enum DraftKind {
     /// its own sidecar directory (`--draft-model`), sharing the verifier's
     /// embedding (`LoadedModel::load_head_from`); mtp.rs's loop drives it.
     Eagle3,
+    /// A DFlash block-diffusion drafter (a drafter head proposing a whole
+    /// block in one forward) from its sidecar directory (`--draft-model`),
+    /// sharing the verifier's embedding and LM head (dflash.rs).
+    Dflash,
 }
 
 impl DraftKind {
@@ -43,8 +47,8 @@ impl DraftKind {
             "draft" => Ok(Self::Draft),
             "mtp" => Ok(Self::Mtp),
             "eagle3" => Ok(Self::Eagle3),
-            "dflash" => bail!("--draft-kind {s} is not implemented yet; the kinds available are: draft, mtp, eagle3"),
-            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft, mtp, eagle3 (dflash is planned)"),
+            "dflash" => Ok(Self::Dflash),
+            _ => bail!("unknown --draft-kind {s:?}; the kinds are: draft, mtp, eagle3, dflash"),
         }
     }
 }
@@ -168,9 +172,9 @@ pub fn generate(
         }
         // Roll back what was rejected: the target keeps the context but its
         // last token; the drafter as much of that as it had.
-        target.truncate(ctx.len() - 1);
+        target.truncate(ctx.len() - 1)?;
         let d = drafter.runner.len().min(ctx.len() - 1);
-        drafter.runner.truncate(d);
+        drafter.runner.truncate(d)?;
     }
     out.generation_secs = t1.elapsed().as_secs_f64();
     out.kv_bytes_per_token = target.kv_bytes_per_token();

@@ -156,7 +156,7 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
     if spec.kind != DraftKind::Draft && conditioning.is_empty() {
         bail!("the `{label}` drafter of {} names no verifier layers to condition on", spec.path.display());
     }
-    if let Some(why) = refusal(&draft) {
+    if let Some(why) = (spec.kind != DraftKind::Draft).then(|| refusal(&draft)).flatten() {
         tracing::warn!("{}: speculative decoding is off for this model ({why}); it runs without its {what}", model.dir.path.display());
         return Ok(());
     }
@@ -174,11 +174,11 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
     Ok(())
 }
 
-/// Why a drafter's own paged KV cannot be rolled back by a length, if it
-/// cannot (the verifier's state is rolled back by re-feeding; a drafter's
-/// is not yet).
+/// Why a drafter head's own KV cannot be rolled back by a length, if it
+/// cannot (the verifier's state is rolled back by re-feeding, a draft
+/// model's by the state each draft step left; a head's is not).
 fn refusal(model: &LoadedModel) -> Option<String> {
-    model.has_state().then(|| "a layer of the drafter keeps a recurrent state; only the verifier's is rolled back".to_string())
+    model.has_state().then(|| "a layer of the drafter head keeps a recurrent state, which is not rolled back".to_string())
 }
 
 /// What a speculating sequence keeps between steps: its draft KV (a block
@@ -191,6 +191,8 @@ pub struct SpecRow {
     pub rng: ChaCha8Rng,
     /// A drafter head's last output, which proposes the next draft.
     pub seed: Option<HeadSeed>,
+    /// A draft model's recurrent state after its `kv_len` tokens.
+    pub state: crate::engine::recurrent::RowState,
 }
 
 /// A drafter head's output after its last entry: its logits propose the
@@ -213,6 +215,6 @@ impl SpecRow {
             Some(s) => ChaCha8Rng::seed_from_u64(s ^ 0x5eed_d4af_7000_0001),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None }
+        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None, state: Default::default() }
     }
 }

@@ -6,9 +6,17 @@
 //! family go through the paged one-sequence pool (engine/seq_pool.rs),
 //! which masks windows instead of dropping positions, so a roll-back never
 //! needs a position that was already dropped.
+//!
+//! A model with recurrent-state layers (gated DeltaNet: qwen3_next, the
+//! Qwen3.5 hybrids) runs on the contiguous cache, whose states cannot be
+//! truncated: each forward since the last roll-back keeps the states from
+//! before it (arrays are immutable: references, not copies) and its input,
+//! and `truncate` restores the states of the forward the new length falls
+//! in and feeds that forward's first tokens again (none when the length is
+//! where a forward began: the draft model's one-token steps).
 use super::super::{cache::KvCache, seq_pool::SeqPool, LoadedModel};
 use anyhow::{bail, Result};
-use mlx_rs::{Array, Dtype};
+use mlx_rs::{ops::indexing::TryIndexOp, Array, Dtype};
 use rmlx_plugin_api::cache_kind;
 
 enum Kv {
@@ -19,19 +27,27 @@ enum Kv {
 pub struct Runner<'m> {
     pub model: &'m mut LoadedModel,
     kv: Kv,
+    /// State models: per forward since the last roll-back, (its offset,
+    /// the states before it, its input [1, L]).
+    history: Option<Vec<(i32, Vec<Vec<Array>>, Array)>>,
 }
 
 impl<'m> Runner<'m> {
-    /// Refuses models whose cache cannot be rolled back here: recurrent
-    /// state layers (a roll-back needs snapshots), and layouts the paged
-    /// pool does not serve when a window or a compressed family needs it.
+    /// Refuses models whose cache cannot be rolled back here: layouts the
+    /// paged pool does not serve when a window or a compressed family needs
+    /// it, and recurrent-state layers beside a window or a compressed
+    /// family (the states roll back on the contiguous cache only).
     pub fn new(model: &'m mut LoadedModel) -> Result<Self> {
         let name = || model.dir.path.display().to_string();
-        if let Some(i) = model.cache_layers.iter().position(|l| l.kind == cache_kind::STATE) {
-            bail!("speculative decoding cannot roll back {}: layer {i} keeps a recurrent state (snapshots are not implemented yet)", name());
-        }
         let windowed = model.spec.sliding_window.iter().any(|&w| w > 0)
             || model.cache_layers.iter().any(|l| l.kind == cache_kind::WINDOW);
+        if let Some(i) = model.cache_layers.iter().position(|l| l.kind == cache_kind::STATE) {
+            if windowed || !model.kv_is_dense_default() {
+                bail!("speculative decoding rolls back {}'s recurrent state (layer {i}) on the contiguous cache only: not with sliding windows or a compressed KV family", name());
+            }
+            let kv = Kv::Cache(model.kv_cache());
+            return Ok(Self { model, kv, history: Some(Vec::new()) });
+        }
         let kv = if model.kv_is_dense_default() && !windowed {
             Kv::Cache(KvCache::new(model.spec.num_layers as usize))
         } else {
@@ -40,7 +56,7 @@ impl<'m> Runner<'m> {
             }
             Kv::Pool(Box::new(SeqPool::new(model)))
         };
-        Ok(Self { model, kv })
+        Ok(Self { model, kv, history: None })
     }
 
     /// Tokens cached.
@@ -58,8 +74,12 @@ impl<'m> Runner<'m> {
         match &mut self.kv {
             Kv::Pool(p) => p.forward(self.model, input, last_only),
             Kv::Cache(c) => {
+                let before = self.history.is_some().then(|| (c.offset(), c.states()));
                 let logits = self.model.logits(&input, c, last_only)?;
                 c.advance(input.dim(1));
+                if let (Some(h), Some((at, states))) = (self.history.as_mut(), before) {
+                    h.push((at, states, input));
+                }
                 Ok(logits)
             }
         }
@@ -73,12 +93,30 @@ impl<'m> Runner<'m> {
         Ok(())
     }
 
-    /// Rolls the cache back to its first `len` tokens.
-    pub fn truncate(&mut self, len: usize) {
+    /// Rolls the cache back to its first `len` tokens (a recurrent state:
+    /// restored and fed again, see the module doc).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let len = len.min(self.len());
         match &mut self.kv {
-            Kv::Cache(c) => c.truncate(len as i32),
+            Kv::Cache(c) => match self.history.as_mut().map(std::mem::take) {
+                Some(h) if len < c.offset() as usize => {
+                    let Some((at, states, input)) = h.into_iter().rev().find(|(at, ..)| (*at as usize) <= len) else {
+                        bail!("cannot roll a recurrent state back to {len} tokens: it was not kept");
+                    };
+                    c.truncate(at);
+                    c.restore_states(states);
+                    let n = len as i32 - at;
+                    if n > 0 {
+                        let again = input.try_index((.., 0..n))?;
+                        self.model.logits(&again, c, true)?.eval()?;
+                        c.advance(n);
+                    }
+                }
+                _ => c.truncate(len as i32),
+            },
             Kv::Pool(p) => p.truncate(len),
         }
+        Ok(())
     }
 
     /// Bytes per cached token, measured from the store's arrays.

@@ -40,6 +40,7 @@ impl Scheduler {
         let drafting: Vec<usize> = (0..plan.len()).filter(|&r| plan[r].k > 0).collect();
         let d_idx: Vec<usize> = drafting.iter().map(|&r| idx[r]).collect();
         let mut picker = Picker::new(&self.running, plan, &drafting, &d_idx, k_max);
+        let mut draft_states: Vec<Vec<RowState>> = vec![Vec::new(); d_idx.len()];
         let l = self.lanes.get_mut(lane).expect("the lane exists");
         let dpool = &mut l.draft.as_mut().expect("made by plan").pool;
         if drafter.is_head() {
@@ -63,10 +64,17 @@ impl Scheduler {
         } else {
             let chunk = idx.iter().map(|&i| self.running[i].params.prefill_chunk).min().unwrap_or(512).max(1);
             catch_up(&mut self.running, &d_idx, &mut drafter.model, dpool, chunk)?;
-            // k_max draft steps, [B_d, 1] each, for every drafting row at once.
+            // k_max draft steps, [B_d, 1] each, for every drafting row at
+            // once; a draft model with state layers keeps each step's state.
+            let keep = drafter.model.has_state();
             for _ in 0..k_max {
                 let mut rows = rows_of(&mut self.running, &d_idx);
                 let logits = draft_forward(&mut drafter.model, dpool, &mut rows, picker.input.clone())?; // [B_d, 1, V]
+                if keep {
+                    for (j, r) in rows.iter().enumerate() {
+                        draft_states[j].push(r.state.clone());
+                    }
+                }
                 picker.pick(&mut self.running, plan, &logits)?;
             }
         }
@@ -160,7 +168,8 @@ impl Scheduler {
                 .map(|(&layer, st)| Ok((layer, recurrent::row(st, r, plan.len())?)))
                 .collect::<Result<RowState, rmlx_plugin_api::PluginError>>()
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            out.rows.push(VerifiedRow { drafts, best, q, logits: logits_of[r].take(), state });
+            let draft_states = drafting.iter().position(|&x| x == r).map(|j| std::mem::take(&mut draft_states[j])).unwrap_or_default();
+            out.rows.push(VerifiedRow { drafts, best, q, logits: logits_of[r].take(), state, draft_states });
         }
         Ok(out)
     }
@@ -311,6 +320,8 @@ pub(super) struct VerifiedRow {
     /// The verifier's recurrent state after all k_max + 1 positions (empty
     /// without state layers): the row's own when it keeps every position.
     pub(super) state: RowState,
+    /// A draft model with state layers: its state after each draft step.
+    pub(super) draft_states: Vec<RowState>,
 }
 
 pub(super) struct Verified {
@@ -334,13 +345,24 @@ pub(super) fn rows_of<'a>(running: &'a mut [Sequence], idx: &[usize]) -> Vec<&'a
 /// lengths advance by L.
 pub(super) fn draft_forward(draft: &mut LoadedModel, pool: &mut KvPool, rows: &mut [&mut SpecRow], input: Array) -> Result<Array> {
     let len = input.dim(1) as usize;
-    let logits = {
+    let (logits, states) = {
         let r: Vec<Row> = rows.iter().map(|d| Row { table: &d.table, offset: d.kv_len }).collect();
         let mut paged = PagedForward::new(pool, &r, len)?;
-        draft.logits(&input, &mut paged, true)?
+        if draft.has_state() {
+            paged = paged.with_states(rows.iter().map(|d| &d.state).collect());
+        }
+        let logits = draft.logits(&input, &mut paged, true)?;
+        (logits, paged.take_states())
     };
-    for d in rows.iter_mut() {
+    // Its recurrent state, per row, once the forward succeeded.
+    let b = rows.len();
+    let per_row = (0..b)
+        .map(|r| states.iter().map(|(&layer, st)| Ok((layer, recurrent::row(st, r, b)?))).collect::<Result<Vec<_>, rmlx_plugin_api::PluginError>>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    for (d, st) in rows.iter_mut().zip(per_row) {
         d.kv_len += len;
+        d.state.extend(st);
     }
     Ok(logits)
 }

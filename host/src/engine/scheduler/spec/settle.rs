@@ -13,6 +13,8 @@
 //!   forward wrote there. Should such a forward fail, the rows keep their
 //!   length before the step and the scheduler's prefill feeds the kept
 //!   tokens at the next step (`to_prefill`).
+//! - **A draft model's recurrent state**: each draft step's state was kept;
+//!   the row takes the one of the step its kept length ends at.
 //! - **A drafter head**: its chained entries are dropped (its length goes
 //!   back to where the step began) and the kept tokens and the verifier's
 //!   next one go in with the verify forward's hidden states at their
@@ -31,7 +33,7 @@ impl Scheduler {
     /// See the module doc. `states[r]`: plan row r's state after the verify
     /// forward; `cond` [B, width, C]: a head's conditioning.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn settle(&mut self, lane: &LaneId, model: &mut LoadedModel, drafter: &mut Drafter, plan: &[SpecRowPlan], states: Vec<RowState>, cond: Option<Array>, width: usize) {
+    pub(super) fn settle(&mut self, lane: &LaneId, model: &mut LoadedModel, drafter: &mut Drafter, plan: &[SpecRowPlan], states: Vec<(RowState, Vec<RowState>)>, cond: Option<Array>, width: usize) {
         // Rows that go on: (plan row, running index, tokens kept this step).
         let going: Vec<(usize, usize, usize)> = plan
             .iter()
@@ -41,6 +43,21 @@ impl Scheduler {
                 Some((r, i, self.running[i].tokens.len() - 1 - p.kv))
             })
             .collect();
+        // A draft model's state: the one its step at the kept length left
+        // (its length went back to at most the context but its last token).
+        for &(r, i, _) in &going {
+            let Some(sp) = self.running[i].spec.as_mut() else { continue };
+            let steps = &states[r].1;
+            if plan[r].k > 0 && !steps.is_empty() {
+                match (sp.kv_len).checked_sub(plan[r].kv).and_then(|j| j.checked_sub(1)).and_then(|j| steps.get(j)) {
+                    Some(st) => sp.state = st.clone(),
+                    None => {
+                        sp.kv_len = 0; // not where a step ended: it starts over
+                        sp.state.clear();
+                    }
+                }
+            }
+        }
         if model.has_state() {
             let bs = self.mgr(lane).block_size;
             // Feeds again, by number of kept tokens: (kept, running ids).
@@ -48,7 +65,7 @@ impl Scheduler {
             for &(r, i, kept) in &going {
                 let s = &mut self.running[i];
                 if kept == width {
-                    s.state.extend(states[r].clone());
+                    s.state.extend(states[r].0.clone());
                     s.state_tag = None;
                     if s.kv_len % bs == 0 {
                         if let Ok(snap) = recurrent::snapshot(&s.state) {
