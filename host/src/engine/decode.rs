@@ -156,7 +156,25 @@ pub fn forward_with(
     input: Array,
     inputs: Option<(Array, Array)>,
 ) -> Result<Array> {
-    let len = input.dim(1) as usize;
+    let lens = vec![input.dim(1) as usize; seqs.len()];
+    forward_rows(model, pool, seqs, input, &lens, inputs, false)
+}
+
+/// One forward of ragged rows (`PagedForward::ragged`): row b of `input`
+/// [B, L] brings `lens[b]` new tokens of `seqs[b]`, left-padded to L; each
+/// row's `kv_len` advances by its own length and its recurrent state (if
+/// the model keeps one) becomes what the model set. Logits [B, 1, V] of each
+/// row's last token; with `eval` they are evaluated before any row changes
+/// (an error leaves every row as it was), else lazily.
+pub(crate) fn forward_rows(
+    model: &mut LoadedModel,
+    pool: &mut KvPool,
+    seqs: &mut [&mut Sequence],
+    input: Array,
+    lens: &[usize],
+    inputs: Option<(Array, Array)>,
+    eval: bool,
+) -> Result<Array> {
     let rows: Vec<Row> = seqs
         .iter()
         .map(|s| Row {
@@ -171,12 +189,15 @@ pub fn forward_with(
     let b = seqs.len();
     let same = |t: u64| seqs.iter().enumerate().all(|(r, s)| s.state_tag == Some((t, r)));
     let stacked = pool.batch_state.as_ref().filter(|l| l.rows == b && same(l.tag)).map(|l| l.states.clone());
-    let mut paged = PagedForward::new(pool, &rows, len)?.with_states(states).with_stacked(stacked);
+    let mut paged = PagedForward::ragged(pool, &rows, lens)?.with_states(states).with_stacked(stacked);
     let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };
     let logits = model.run(&input, &mut paged, req)?.out;
     // Recurrent state: the rows' own change only now the forward succeeded.
     let new_states = paged.take_states();
     drop(paged);
+    if eval {
+        logits.eval()?;
+    }
     // Split into rows first: an error here leaves every row as it was.
     let per_row = (0..b)
         .map(|r| new_states.iter().map(|(&layer, st)| Ok((layer, recurrent::row(st, r, b)?))).collect::<Result<Vec<_>>>())
@@ -185,7 +206,7 @@ pub fn forward_with(
     if let Some(tag) = tag {
         pool.batch_state = Some(recurrent::BatchState { tag, rows: b, states: new_states });
     }
-    for (r, (s, new)) in seqs.iter_mut().zip(per_row).enumerate() {
+    for (r, ((s, new), &len)) in seqs.iter_mut().zip(per_row).zip(lens).enumerate() {
         s.kv_len += len;
         if new.is_empty() {
             continue;

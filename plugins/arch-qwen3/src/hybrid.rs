@@ -304,8 +304,40 @@ impl DeltaLayer {
                 a.forward(x)?,                                                 // [B, L, Hv]
             ),
         };
+        let (qkv, b, a) = mask_padding(qkv, b, a, attn)?;
         self.net.mix(&qkv, &z, &b, &a, layer, attn) // [B, L, D]
     }
+}
+
+/// What `a` and `b` become at padding: softplus(-1e4 + dt_bias) is 0, so
+/// the decay exp(-exp(A_log) * 0) is exactly 1, and sigmoid(-1e4) is 0
+/// (beta 0: nothing is written). Finite, so every dtype holds it.
+const PAD_GATE: f32 = -1e4;
+
+/// Ragged rows (the host's batched prefill, `PagedForward::ragged`): rows
+/// are LEFT-padded to the longest, and a padded row's positions start below
+/// 0 (`Attend::offsets` is its cached tokens minus its padding), so column i
+/// of row b is padding where offsets[b] + i < 0. There the conv input is
+/// zero and the recurrence leaves the state as it was (decay 1, beta 0;
+/// mlx-lm's `mx.where(mask, ...)` on `mixed_qkv` and the state). With a
+/// fresh row (zero conv state) this is exact: the conv sees zeros before
+/// the row's first token either way. A row that resumes a state never
+/// comes padded (the host pads only rows that start fresh; offsets >= 0
+/// then mask nothing). One row or one token per row has no padding.
+/// qkv [B, L, C], b, a [B, L, Hv] -> the same, masked.
+fn mask_padding(qkv: Array, b: Array, a: Array, attn: &dyn Attend) -> Result<(Array, Array, Array)> {
+    let (bsz, l) = (qkv.dim(0), qkv.dim(1));
+    if bsz == 1 || l == 1 {
+        return Ok((qkv, b, a));
+    }
+    let cols = mlx_rs::ops::arange::<_, i32>(0, l, None)?.reshape(&[1, l])?; // [1, L]
+    let pos = attn.offsets().reshape(&[bsz, 1])?.add(&cols)?; // [B, L]: each column's position
+    let real = pos.ge(Array::from_int(0))?.expand_dims(-1)?; // bool [B, L, 1]
+    let qkv = mlx_rs::ops::select(&real, &qkv, Array::from_f32(0.0).as_dtype(qkv.dtype())?)?;
+    let gate = |x: &Array| -> Result<Array> {
+        Ok(mlx_rs::ops::select(&real, x, Array::from_f32(PAD_GATE).as_dtype(x.dtype())?)?)
+    };
+    Ok((qkv, gate(&b)?, gate(&a)?))
 }
 
 // ---- MLP / MoE ----

@@ -9,11 +9,18 @@
 //! chunk), every prefilling sequence's chunk when none decodes.
 //!
 //! Rows stay on the one-sequence path where batching is not exact (and
-//! all do with `RMLX_BATCHED_PREFILL=0`):
-//! - a chunk that holds image features (engine/media.rs `chunk_inputs`);
-//! - a model with recurrent STATE layers (gated DeltaNet): their state
-//!   would take in the padding (and `PagedForward::ragged` lends no state,
-//!   so such a forward would fail, never be wrong).
+//! all do with `RMLX_BATCHED_PREFILL=0`): a chunk that holds image
+//! features (engine/media.rs `chunk_inputs`).
+//!
+//! Models with recurrent STATE layers (gated DeltaNet, issue 13) batch
+//! too: each row lends its own state and gets its own back
+//! (`decode::forward_rows`), and the model masks the padding (its
+//! positions are negative: the conv input is zero there and the state
+//! steps with decay 1 and beta 0, plugins/arch-qwen3/src/hybrid.rs). That
+//! is exact only for a row whose state starts fresh (zero conv state
+//! before its first token), so a row that resumes a state (a later chunk,
+//! a prefix-cache hit) is never padded: it shares a forward only with rows
+//! no longer than itself ([`groups`]' `fixed`).
 //!
 //! Rows are grouped so padding stays a small share of each forward
 //! ([`groups`]). A batched forward that fails is retried row by row, so
@@ -21,9 +28,8 @@
 //! of the failed forward is kept: `kv_len` only advances after the logits
 //! were evaluated, and the pool's layers are only replaced by complete
 //! writes).
-use super::super::decode::forward_with;
+use super::super::decode::{forward_rows, forward_with};
 use super::super::kv_pool::KvPool;
-use super::super::paged::{PagedForward, Row};
 use super::super::sequence::Sequence;
 use super::super::worker::WorkerError;
 use super::super::LoadedModel;
@@ -47,17 +53,22 @@ const MAX_TOKENS: usize = 8192;
 /// Groups rows of `lens` tokens for batched forwards: longest first, a row
 /// joins the current group while the group's padding stays within
 /// [`MAX_PAD_SHARE`] of its B x L and within [`MAX_ROWS`] / [`MAX_TOKENS`].
-/// Returns indices into `lens`, each group longest first.
-pub(crate) fn groups(lens: &[usize]) -> Vec<Vec<usize>> {
+/// A `fixed` row (one that resumes a recurrent state) takes no padding: it
+/// joins only a group as long as itself. Returns indices into `lens`, each
+/// group longest first.
+pub(crate) fn groups(lens: &[usize], fixed: &[bool]) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lens[i])); // stable: arrival order among equals
+    // Longest first; among equals fixed rows first (a group they start
+    // pads none of them), then arrival order (the sort is stable).
+    order.sort_by_key(|&i| (std::cmp::Reverse(lens[i]), !fixed.get(i).copied().unwrap_or(false)));
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut real = 0usize;
     for i in order {
         let fits = out.last().is_some_and(|g| {
             let (b, l) = (g.len() + 1, lens[g[0]]);
             let pad = b * l - (real + lens[i]);
-            b <= MAX_ROWS && b * l <= MAX_TOKENS && pad as f64 <= MAX_PAD_SHARE * (b * l) as f64
+            let unpadded = !fixed.get(i).copied().unwrap_or(false) || lens[i] == l;
+            unpadded && b <= MAX_ROWS && b * l <= MAX_TOKENS && pad as f64 <= MAX_PAD_SHARE * (b * l) as f64
         });
         if fits {
             out.last_mut().expect("checked").push(i);
@@ -74,7 +85,8 @@ pub(crate) fn groups(lens: &[usize]) -> Vec<Vec<usize>> {
 /// prompt tokens (from its `kv_len`), left-padded to the longest with its
 /// own first token (any id: padding is masked and never stored). The rows'
 /// tables must cover the new tokens. Evaluates the forward, then advances
-/// each row's `kv_len`; on an error no row changes.
+/// each row's `kv_len` (and sets its recurrent state); on an error no row
+/// changes.
 pub(crate) fn ragged_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&mut Sequence], lens: &[usize]) -> Result<()> {
     let len = lens.iter().copied().max().unwrap_or(0);
     let b = seqs.len();
@@ -85,16 +97,15 @@ pub(crate) fn ragged_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &
         ids.extend(real.iter().map(|&t| t as i32));
     }
     let input = Array::from_slice(&ids, &[b as i32, len as i32]); // [B, L]
-    let rows: Vec<Row> = seqs.iter().map(|s| Row { table: &s.table, offset: s.kv_len }).collect();
-    let mut paged = PagedForward::ragged(pool, &rows, lens)?;
-    let req = super::super::attend::ForwardRequest::logits(true);
-    let logits = model.run(&input, &mut paged, req)?.out; // [B, 1, V]: each row's last real token
-    drop(paged);
-    logits.eval()?;
-    for (s, &n) in seqs.iter_mut().zip(lens) {
-        s.kv_len += n;
-    }
+    // Logits [B, 1, V] of each row's last real token, evaluated before any row changes.
+    forward_rows(model, pool, seqs, input, lens, None, true)?;
     Ok(())
+}
+
+/// Whether `s` resumes a recurrent state (a later chunk, a prefix-cache
+/// hit): such a row must not be padded (module doc).
+fn resumes_state(s: &Sequence) -> bool {
+    s.cached() > 0 || !s.state.is_empty()
 }
 
 impl Scheduler {
@@ -144,10 +155,11 @@ impl Scheduler {
             }
         }
         // A later reservation may have preempted an earlier chosen row: only
-        // those still running go on. Rows with image features in their chunk,
-        // and every row of a model with state layers, go alone.
-        let alone_all = model.has_state() || !batching();
-        let mut batch: Vec<(u64, usize)> = Vec::new();
+        // those still running go on. Rows with image features in their chunk
+        // go alone.
+        let alone_all = !batching();
+        let state = model.has_state();
+        let mut batch: Vec<(u64, usize, bool)> = Vec::new();
         for (id, chunk) in chosen {
             let Some(i) = self.running.iter().position(|s| s.id == id) else { continue };
             let s = &mut self.running[i];
@@ -159,11 +171,13 @@ impl Scheduler {
                 }
                 Ok(Some(inputs)) => self.prefill_one(lane, model, id, chunk, Some(inputs), ended),
                 Ok(None) if alone_all => self.prefill_one(lane, model, id, chunk, None, ended),
-                Ok(None) => batch.push((id, chunk)),
+                Ok(None) => batch.push((id, chunk, state && resumes_state(s))),
             }
         }
-        let lens: Vec<usize> = batch.iter().map(|&(_, n)| n).collect();
-        for g in groups(&lens) {
+        let lens: Vec<usize> = batch.iter().map(|&(_, n, _)| n).collect();
+        let fixed: Vec<bool> = batch.iter().map(|&(_, _, f)| f).collect();
+        let batch: Vec<(u64, usize)> = batch.into_iter().map(|(id, n, _)| (id, n)).collect();
+        for g in groups(&lens, &fixed) {
             let rows: Vec<(u64, usize)> = g.iter().map(|&k| batch[k]).collect();
             self.prefill_rows(lane, model, &rows, ended);
         }
@@ -249,20 +263,37 @@ mod tests {
     #[test]
     fn groups_bound_padding_rows_and_tokens() {
         // Similar lengths share one forward, longest first, arrival order among equals.
-        assert_eq!(groups(&[40, 50, 45, 50]), vec![vec![1, 3, 2, 0]]);
+        assert_eq!(groups(&[40, 50, 45, 50], &[]), vec![vec![1, 3, 2, 0]]);
         // A short prompt beside long ones would be mostly padding: its own forward.
-        assert_eq!(groups(&[512, 3, 500]), vec![vec![0, 2], vec![1]]);
+        assert_eq!(groups(&[512, 3, 500], &[]), vec![vec![0, 2], vec![1]]);
         // Padding within a quarter of B x L.
-        for g in groups(&[100, 90, 80, 75, 70, 60, 30, 20, 20, 5]) {
+        for g in groups(&[100, 90, 80, 75, 70, 60, 30, 20, 20, 5], &[]) {
             let l = [100, 90, 80, 75, 70, 60, 30, 20, 20, 5][g[0]];
             let real: usize = g.iter().map(|&i| [100, 90, 80, 75, 70, 60, 30, 20, 20, 5][i]).sum();
             assert!((g.len() * l - real) as f64 <= 0.25 * (g.len() * l) as f64, "{g:?}");
         }
         // At most MAX_ROWS rows and MAX_TOKENS tokens a forward.
-        let gs = groups(&[8; 40]);
+        let gs = groups(&[8; 40], &[]);
         assert_eq!(gs.iter().map(Vec::len).collect::<Vec<_>>(), vec![16, 16, 8]);
-        let gs = groups(&[2048; 9]);
+        let gs = groups(&[2048; 9], &[]);
         assert!(gs.iter().all(|g| g.len() * 2048 <= MAX_TOKENS), "{gs:?}");
-        assert_eq!(groups(&[]), Vec::<Vec<usize>>::new());
+        assert_eq!(groups(&[], &[]), Vec::<Vec<usize>>::new());
+    }
+
+    #[test]
+    fn rows_that_resume_a_state_are_never_padded() {
+        // Fixed rows (they resume a recurrent state) share a forward only
+        // with rows no longer than themselves; fresh rows may be padded.
+        let lens = [16, 14, 16, 15, 13, 16];
+        let fixed = [false, true, true, false, false, false];
+        let gs = groups(&lens, &fixed);
+        for g in &gs {
+            let l = lens[g[0]];
+            assert!(g.iter().all(|&i| !fixed[i] || lens[i] == l), "{gs:?}");
+        }
+        // The 16s (the fixed one first) take the fresh 15 and 13; the fixed 14 starts its own.
+        assert_eq!(gs, vec![vec![2, 0, 5, 3], vec![1, 4]]);
+        // Fixed rows of equal length share one forward with nothing padded.
+        assert_eq!(groups(&[8, 8, 8], &[true, true, true]), vec![vec![0, 1, 2]]);
     }
 }
