@@ -37,31 +37,56 @@ for (int i = 0; i < PER; ++i) {
   s[i] = d < Dk ? s_in[d] : 0.f;
 }
 
-for (int t = 0; t < T; ++t) {
+// Token t + 1's inputs are loaded while token t is computed (the loop is a
+// chain of two warp sums per token; the loads need not wait for it).
+float kn[PER];
+float qn[PER];
+float vn = 0.f;
+float gn = 0.f;
+float bn = 0.f;
+auto load = [&](int t) {
   const int64_t bt = (int64_t)b * T + t;
-  const int64_t gh = bt * Hv + h;       // into g, beta: [B, T, Hv]
-  const int64_t vy = gh * Dv + row;     // into v, y: [B, T, Hv, Dv]
+  const int64_t gh = bt * Hv + h;         // into g, beta: [B, T, Hv]
+  const int64_t qk = (bt * Hk + hk) * Dk; // into q, k: [B, T, Hk, Dk]
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = lane + 32 * i;
+    kn[i] = d < Dk ? static_cast<float>(k[qk + d]) : 0.f;
+    qn[i] = d < Dk ? static_cast<float>(q[qk + d]) : 0.f;
+  }
+  vn = static_cast<float>(v[gh * Dv + row]); // v: [B, T, Hv, Dv]
+  gn = static_cast<float>(g[gh]);
+  bn = static_cast<float>(beta[gh]);
+};
+load(0);
+
+for (int t = 0; t < T; ++t) {
+  float kk[PER];
+  float qq[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    kk[i] = kn[i];
+    qq[i] = qn[i];
+  }
+  const float vt = vn;
+  const float gt = gn;
+  const float beta_t = bn;
+  if (t + 1 < T) load(t + 1);
+  const int64_t bt = (int64_t)b * T + t;
+  const int64_t vy = (bt * Hv + h) * Dv + row; // into y: [B, T, Hv, Dv]
   if (!(GD_VALID(bt))) {
     if (lane == 0) gd_put(y + vy, 0.f);
     continue;
   }
-  const int64_t qk = (bt * Hk + hk) * Dk; // into q, k: [B, T, Hk, Dk]
-  const float gt = static_cast<float>(g[gh]);
-  const float beta_t = static_cast<float>(beta[gh]);
-  float kk[PER];
-  float qq[PER];
   float mem = 0.f;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {
-    const int d = lane + 32 * i;
-    kk[i] = d < Dk ? static_cast<float>(k[qk + d]) : 0.f;
-    qq[i] = d < Dk ? static_cast<float>(q[qk + d]) : 0.f;
     s[i] *= gt;
     mem += s[i] * kk[i];
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mem += __shfl_xor_sync(0xffffffffu, mem, o);
-  const float delta = (static_cast<float>(v[vy]) - mem) * beta_t;
+  const float delta = (vt - mem) * beta_t;
   float out = 0.f;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {
