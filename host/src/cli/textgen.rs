@@ -104,7 +104,7 @@ pub struct SpecArgs {
     /// Draft tokens per verifier forward at the start; the length then follows the measured acceptance (1 to 2K) [default: 3]
     #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; Qwen3.5/3.6) or `eagle3` (an Eagle-3 head, --draft-model its own directory); dflash is planned [default: draft]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; Qwen3.5/3.6), `eagle3` (an Eagle-3 head, --draft-model its own directory) or `dflash` (a DFlash block-diffusion drafter, --draft-model its own directory; K defaults to its block size less one) [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
 }
@@ -123,7 +123,7 @@ impl SpecArgs {
         let kind = self.draft_kind.as_deref().map(speculative::DraftKind::parse).transpose()?;
         if kind.is_none() && self.draft_model.is_none() {
             if self.num_draft_tokens.is_some() {
-                bail!("--num-draft-tokens needs a drafter: --draft-model DIR, --draft-kind mtp, or --draft-kind eagle3 --draft-model DIR");
+                bail!("--num-draft-tokens needs a drafter: --draft-model DIR, --draft-kind mtp, or --draft-kind eagle3|dflash --draft-model DIR");
             }
             return Ok(None);
         }
@@ -151,6 +151,18 @@ impl SpecArgs {
                 let policy = crate::model::policy::resolve(&crate::model::ModelDir::open(&path)?)?.policy;
                 LoadedModel::load_head_from(&sidecar, &path, "eagle3", &reg, policy)
                     .with_context(|| format!("loading the Eagle-3 head {}", spec.display()))?
+            }
+            speculative::DraftKind::Dflash => {
+                let Some(spec) = &self.draft_model else {
+                    bail!("--draft-kind dflash needs --draft-model DIR: the DFlash drafter's own directory");
+                };
+                let sidecar = crate::hub::resolve_dir(spec)?;
+                let path = model.loaded.dir.path.clone();
+                let policy = crate::model::policy::resolve(&crate::model::ModelDir::open(&path)?)?.policy;
+                let head = LoadedModel::load_head_from(&sidecar, &path, "dflash", &reg, policy)
+                    .with_context(|| format!("loading the DFlash drafter {}", spec.display()))?;
+                let k = self.num_draft_tokens.unwrap_or_else(|| speculative::dflash::default_draft_tokens(&head));
+                return Ok(Some(Drafter { model: head, num_draft_tokens: k, kind }));
             }
             speculative::DraftKind::Draft => {
                 let Some(spec) = &self.draft_model else {
@@ -277,6 +289,7 @@ pub fn run_turn_with(
         };
         let out = match d.kind {
             speculative::DraftKind::Mtp | speculative::DraftKind::Eagle3 => speculative::mtp::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
+            speculative::DraftKind::Dflash => speculative::dflash::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
             speculative::DraftKind::Draft => speculative::generate(&mut model.loaded, &mut d.model, prompt, &params.sampling, &opts, on_token)?,
         };
         if let Some(e) = err {

@@ -62,6 +62,9 @@ impl DraftSpec {
         if kind == DraftKind::Eagle3 {
             bail!("--draft-kind eagle3 drafts in `rmlx generate` so far; the server speculates with --draft-kind draft or mtp");
         }
+        if kind == DraftKind::Dflash {
+            bail!("--draft-kind dflash drafts in `rmlx generate` so far; the server speculates with --draft-kind draft or mtp");
+        }
         let k = num_draft_tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
         if k == 0 {
             bail!("--num-draft-tokens must be at least 1 (a request's num_draft_tokens of 0 turns speculation off)");
