@@ -27,6 +27,15 @@ use rmlx_plugin_api::{
 };
 use std::sync::Arc;
 
+/// Whether the fused encode is in use: fused kernels on (a GPU backend,
+/// not `RMLX_FUSED_KERNELS=0`) and not `RMLX_FUSED_ENCODE=0` (which keeps
+/// the fused decode but composes the encode, to measure the encode alone).
+pub fn encode_enabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("RMLX_FUSED_ENCODE").is_ok_and(|v| v == "0"));
+    !off && rmlx_kernels::enabled()
+}
+
 /// Share of codes (and QJL signs) that may sit in a neighbouring cell.
 const NEIGHBOUR_SHARE: f64 = 0.01;
 /// Largest relative difference of a stored norm (bf16 rounding, a
@@ -78,11 +87,11 @@ impl RotatedCodec {
 
     /// The fused encode of `x` [N, K, D]: the components of
     /// [`RotatedCodec::composed_encode`] (same shapes and dtypes), or None
-    /// (the CPU backend, `RMLX_FUSED_KERNELS=0`, a kernel turned off by its
-    /// check, a shape it does not take).
+    /// (the CPU backend, `RMLX_FUSED_KERNELS=0` or `RMLX_FUSED_ENCODE=0`, a
+    /// kernel turned off by its check, a shape it does not take).
     pub fn fused_encode(&self, x: &Array, dims: &LayerDims) -> Result<Option<Vec<Array>>> {
         let d = dims.head_dim;
-        if !rmlx_kernels::enabled() || x.ndim() != 3 || x.dim(2) != d || !rmlx_kernels::usable(self.encode_key(d)?) {
+        if !encode_enabled() || x.ndim() != 3 || x.dim(2) != d || !rmlx_kernels::usable(self.encode_key(d)?) {
             return Ok(None);
         }
         let Some(consts) = self.encode_consts(d)? else { return Ok(None) };
