@@ -254,7 +254,10 @@ fn hybrid_preemption_rebuilds_state() {
 fn hybrid_preempted_sequence_resumes_from_its_snapshot() {
     let _g = common::mlx_lock();
     let cat = catalog();
-    let sched = SchedulerConfig { kv_budget: KvBudget::Bytes(512 * 8 * 24), block_size: 8, ..SchedulerConfig::default() };
+    // 24 blocks of 8 tokens (4096 bytes each), and two recurrent states
+    // (11264 bytes each: the running sequences' live states, or one live
+    // state and the preempted sequence's snapshot, all charged to the budget).
+    let sched = SchedulerConfig { kv_budget: KvBudget::Bytes(512 * 8 * 24 + 2 * 11264), block_size: 8, ..SchedulerConfig::default() };
     let w = worker(&cat, sched);
     let model = "qwen3_next-f32";
     let entry = cat.get(model).unwrap();

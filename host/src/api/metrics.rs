@@ -166,6 +166,14 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         "rmlx_kv_blocks_cached",
         "KV blocks held by the prefix cache (evictable when unreferenced).",
     )?;
+    let live_state = per_model_gauge(
+        "rmlx_kv_state_bytes",
+        "Recurrent state (hybrid models' gated DeltaNet conv + SSM state) of running sequences, charged to the KV budget.",
+    )?;
+    let snapshot_state = per_model_gauge(
+        "rmlx_kv_state_snapshot_bytes",
+        "Recurrent-state snapshots kept with prefix-cache blocks, charged to the KV budget.",
+    )?;
     let hits = per_model_counter(
         "rmlx_prefix_cache_hits_total",
         "Admissions that reused prefix-cache blocks.",
@@ -195,6 +203,8 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         used.with_label_values(&l).set(b.seq_blocks as i64);
         cached.with_label_values(&l).set(b.cached_blocks as i64);
         free.with_label_values(&l).set(b.free_blocks as i64);
+        live_state.with_label_values(&l).set(b.live_state_bytes as i64);
+        snapshot_state.with_label_values(&l).set(b.snapshot_bytes as i64);
         hits.with_label_values(&l).inc_by(b.prefix_hits);
         misses.with_label_values(&l).inc_by(b.prefix_misses);
         hit_tokens.with_label_values(&l).inc_by(b.prefix_hit_tokens);
@@ -202,7 +212,7 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         ssd_writes.with_label_values(&l).inc_by(b.ssd_writes);
         preemptions.with_label_values(&l).inc_by(b.preemptions);
     }
-    for g in [used, free, cached] {
+    for g in [used, free, cached, live_state, snapshot_state] {
         snap.register(Box::new(g))?;
     }
     for c in [hits, misses, hit_tokens, ssd_reads, ssd_writes, preemptions] {

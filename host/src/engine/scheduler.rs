@@ -234,6 +234,8 @@ impl Scheduler {
     pub fn repair(&mut self, lane: &LaneId) {
         if let Some(l) = self.lanes.get_mut(lane) {
             l.mgr.rebuild_refs(self.running.iter().filter(|s| s.lane == *lane).map(|s| s.table.as_slice()));
+            let ids: Vec<u64> = self.running.iter().filter(|s| s.lane == *lane).map(|s| s.id).collect();
+            l.mgr.keep_states(&ids);
             if let Some(d) = l.draft.as_mut() {
                 let tables = self.running.iter().filter(|s| s.lane == *lane).filter_map(|s| s.spec.as_ref());
                 d.rebuild_refs(tables.map(|sp| sp.table.as_slice()));
@@ -283,6 +285,7 @@ impl Scheduler {
                 cache_blocks(&mut l.mgr, &mut s);
             }
             l.mgr.release(&s.table);
+            l.mgr.credit_state(s.id);
             // Its draft KV goes too (rebuilt from its tokens if it comes back).
             if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
                 d.release(&sp.table);
@@ -322,6 +325,7 @@ impl Scheduler {
         let lane = LaneId::new(&s.entry.id, &kv.0, &kv.1);
         self.lane(&lane, model, kv);
         s.lane = lane.clone();
+        self.measure_state(&lane, model);
         // Blocks the prompts still prefilling in this lane will take (a
         // pool split in layer groups: as many window blocks as their window
         // and prefill chunk reach at once, `window_need`).
@@ -335,19 +339,30 @@ impl Scheduler {
         let mgr = self.mgr(&lane);
         let need = mgr.blocks_for(s.tokens.len() + 1);
         let need_win = need.min(mgr.window_need(s.params.prefill_chunk));
-        if need > mgr.total_blocks || !mgr.fits_budget(need, need_win) {
+        if need > mgr.total_blocks || !mgr.fits_budget(need, need_win) || !mgr.fits_with_state(need) {
+            let state = match mgr.state_bytes() {
+                Some(n) if n > 0 => format!(" and its recurrent state of {n} bytes"),
+                _ => String::new(),
+            };
             let msg = format!(
-                "the prompt needs {need} KV blocks of {} tokens but --kv-budget holds {} (KV cache {})",
+                "the prompt needs {need} KV blocks of {} tokens{state} but --kv-budget holds {} (KV cache {})",
                 mgr.block_size, mgr.total_blocks, lane.family
             );
             return Ok(Some((s, Err(WorkerError::BadRequest(msg)))));
         }
+        // Its recurrent state (hybrids) is charged while it runs, first:
+        // the blocks' room check below sees what it takes.
+        if !self.charge_state(&lane, s.id) {
+            return Err(s);
+        }
+        let mgr = self.mgr(&lane);
         if !mgr.room_for(need + pending, need_win + pending_win) {
             self.shed_others(&lane, need + pending);
         }
         let prefix_cache = self.cfg.prefix_cache;
         let mgr = self.mgr_mut(&lane);
         if !mgr.room_for(need + pending, need_win + pending_win) {
+            mgr.credit_state(s.id);
             return Err(s);
         }
         // Prefix cache: whole blocks of everything but the last token. Hit

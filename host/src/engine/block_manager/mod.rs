@@ -22,11 +22,13 @@
 //! reference counts and the shared KV budget), `prefix` (the prefix cache:
 //! insert, lookup, LRU eviction), `ssd_tier` (spilling to and reading back
 //! from the SSD tier), `stats` (what is reported), `window` (the window
-//! layers' blocks of a pool split in layer groups, kv_groups.rs).
+//! layers' blocks of a pool split in layer groups, kv_groups.rs), `state`
+//! (running sequences' recurrent state charged to the budget).
 mod allocator;
 mod hash;
 mod prefix;
 mod ssd_tier;
+mod state;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -36,13 +38,14 @@ mod window;
 
 pub use hash::{block_hash, signature_hash, HashKey};
 pub use prefix::CachedBlock;
+pub use state::probe_state_bytes;
 pub use stats::BlockStats;
 
 use super::kv_budget::KvAccount;
 use super::kv_pool::KvPool;
 use super::recurrent::Snapshots;
 use super::ssd::SsdStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 pub struct BlockManager {
@@ -78,6 +81,10 @@ pub struct BlockManager {
     pub recurrent: bool,
     /// State snapshots of cached blocks, by block hash (dropped with the block).
     pub snapshots: Snapshots,
+    /// Bytes of one running sequence's recurrent state (state.rs; None
+    /// until measured), and the sequences whose state is charged now.
+    state_bytes: Option<u64>,
+    live_states: HashSet<u64>,
     pub stats: BlockStats,
     /// The window group's blocks, when the pool splits its layers.
     win: Option<window::WinAlloc>,
@@ -106,6 +113,8 @@ impl BlockManager {
             ssd: None,
             recurrent: false,
             snapshots: Snapshots::default(),
+            state_bytes: None,
+            live_states: HashSet::new(),
             stats: BlockStats::default(),
             win,
         }

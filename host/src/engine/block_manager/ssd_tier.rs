@@ -73,6 +73,7 @@ impl Drop for BlockManager {
         if let Some(a) = &self.account {
             a.credit(self.charged() as u64 * self.block_bytes);
             a.credit(self.window_charged() as u64 * self.win.as_ref().map_or(0, |w| w.bytes));
+            a.credit(self.live_states().1);
         }
         let Some(ssd) = self.ssd.as_mut() else { return };
         let mut blocks: Vec<(&u64, &CachedBlock)> = self.cache.iter().collect();

@@ -39,6 +39,12 @@ pub struct BlockStats {
     pub window_held: usize,
     pub window_evictions: u64,
     pub window_cut_tokens: u64,
+    /// Recurrent state (hybrids, state.rs): one running sequence's bytes,
+    /// the running sequences' bytes charged to the budget now, and the
+    /// prefix cache's state snapshots' bytes (charged too).
+    pub state_bytes: u64,
+    pub live_state_bytes: u64,
+    pub snapshot_bytes: u64,
 }
 
 impl BlockManager {
@@ -53,6 +59,9 @@ impl BlockManager {
             pool_blocks: self.pool.capacity(),
             window_blocks: self.window_blocks(),
             window_held: self.window_held(),
+            state_bytes: self.state_bytes.unwrap_or(0),
+            live_state_bytes: self.live_states().1,
+            snapshot_bytes: self.snapshots.bytes,
             ..self.stats.clone()
         };
         if let Some(w) = self.win.as_ref() {

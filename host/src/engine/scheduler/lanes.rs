@@ -172,6 +172,48 @@ impl Scheduler {
         }
     }
 
+    /// Measures once what one sequence's recurrent state takes in `lane`
+    /// (models with STATE layers; block_manager/state.rs), so that running
+    /// sequences are charged it. A probe that fails leaves it uncharged.
+    pub(super) fn measure_state(&mut self, lane: &LaneId, model: &mut LoadedModel) {
+        let m = self.mgr(lane);
+        if !m.recurrent || m.state_bytes().is_some() {
+            return;
+        }
+        let name = lane.label(self.lanes[lane].default);
+        let bytes = match super::super::block_manager::probe_state_bytes(model) {
+            Ok(n) => {
+                tracing::info!("KV for {name}: recurrent state of {n} bytes per running sequence, charged to the shared budget");
+                n
+            }
+            Err(e) => {
+                tracing::warn!("KV for {name}: the recurrent state's size is unknown ({e:#}); running sequences' states are not charged to the budget");
+                0
+            }
+        };
+        self.mgr_mut(lane).set_state_bytes(bytes);
+    }
+
+    /// Charges sequence `id`'s recurrent state to the budget while it runs
+    /// (nothing for models without one), evicting idle cached blocks (this
+    /// lane's, then the others') if that makes room. False: no room now.
+    pub(super) fn charge_state(&mut self, lane: &LaneId, id: u64) -> bool {
+        if self.mgr_mut(lane).charge_state(id) {
+            return true;
+        }
+        let want = self.mgr(lane).state_bytes().unwrap_or(0);
+        let mut freed = self.mgr_mut(lane).shed(want);
+        for (other, l) in self.lanes.iter_mut() {
+            if freed >= want {
+                break;
+            }
+            if other != lane {
+                freed += l.mgr.shed(want - freed);
+            }
+        }
+        self.mgr_mut(lane).charge_state(id)
+    }
+
     /// Lanes with running sequences, in a fixed order.
     pub fn busy_lanes(&self) -> Vec<LaneId> {
         let mut v: Vec<LaneId> = self.running.iter().map(|s| s.lane.clone()).collect();
