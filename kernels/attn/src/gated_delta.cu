@@ -16,8 +16,9 @@
 // state [B, Hv, Dv, Dk] (float32); mask bool [B, T] in the masked variant,
 // whose prelude defines GD_VALID(bt) as mask[bt] (else it is true).
 // outputs: y [B, T, Hv, Dv] (q's dtype), state_out [B, Hv, Dv, Dk] float32.
-// template: Hk, Hv, Dk, Dv, DTYPES (only to tell the input dtypes apart in
-// MLX's kernel cache, which is keyed on the name and template values).
+// template: Hk, Hv, Dk, Dv; DTYPES and SRC only tell the input dtypes and
+// this source's versions apart in MLX's kernel caches (keyed on the name and
+// the template values).
 constexpr int PER = (Dk + 31) / 32;
 const int lane = threadIdx.x;
 const int row = blockIdx.y * blockDim.y + threadIdx.y;
@@ -28,6 +29,7 @@ const int h = n % Hv;
 const int hk = h / (Hv / Hk);
 const int T = v_shape[1];
 (void)DTYPES;
+(void)SRC;
 
 float s[PER];
 const float* s_in = state + ((int64_t)n * Dv + row) * Dk;

@@ -11,6 +11,7 @@ const int h = n % Hv;
 const int hk = h / (Hv / Hk);
 const int T = v_shape[1];
 (void)DTYPES;
+(void)SRC;
 
 float s[PER];
 const long s_at = ((long)n * Dv + row) * Dk;

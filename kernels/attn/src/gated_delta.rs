@@ -79,7 +79,9 @@ pub fn gated_delta(
         inputs.push(if m.dtype() == Dtype::Bool { m.clone() } else { m.as_dtype(Dtype::Bool).map_err(x)? });
         names.push("mask");
     }
-    let ints = [("Hk", hk), ("Hv", hv), ("Dk", dk), ("Dv", dv), ("DTYPES", dtypes_tag(&[q, k, v, g, beta]))];
+    let name = if mask.is_some() { "rmlx_gated_delta_mask" } else { "rmlx_gated_delta" };
+    let (kernel, src) = kernel(be, name, &names)?;
+    let ints = [("Hk", hk), ("Hv", hv), ("Dk", dk), ("Dv", dv), ("DTYPES", dtypes_tag(&[q, k, v, g, beta])), ("SRC", src)];
     let launch = ffi::Launch {
         grid: (32, dv, b * hv),
         threads: (32, ROWS, 1),
@@ -88,8 +90,6 @@ pub fn gated_delta(
         ints: &ints,
         bools: &[],
     };
-    let name = if mask.is_some() { "rmlx_gated_delta_mask" } else { "rmlx_gated_delta" };
-    let kernel = kernel(be, name, &names)?;
     let state_shape = [b, hv, dv, dk];
     let mut outs = kernel.apply_outputs(&inputs, &launch, &[(&state_shape, Dtype::Float32)])?;
     let s = outs.pop().ok_or("the kernel gave no state")?;
@@ -97,33 +97,35 @@ pub fn gated_delta(
     Ok(Some((y, s)))
 }
 
-/// The kernel `name` for backend `be`, made once per process.
-fn kernel(be: Backend, name: &'static str, names: &[&str]) -> Result<&'static ffi::Kernel, String> {
-    type Cache = Mutex<Vec<(Backend, &'static str, &'static ffi::Kernel)>>;
+/// A 31-bit FNV-1a hash of a kernel's source: a template value, so that
+/// MLX's caches (in memory and its PTX files on disk, keyed on the name and
+/// the template values) never serve another version of the source.
+fn source_tag(src: &str) -> i32 {
+    let h = src.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    (h & 0x7fff_ffff) as i32
+}
+
+/// The kernel `name` for backend `be`, made once per process, and its
+/// source's tag.
+fn kernel(be: Backend, name: &'static str, names: &[&str]) -> Result<(&'static ffi::Kernel, i32), String> {
+    type Cache = Mutex<Vec<(Backend, &'static str, &'static ffi::Kernel, i32)>>;
     static KERNELS: OnceLock<Cache> = OnceLock::new();
     let mut cache = KERNELS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, k)) = cache.iter().find(|(kb, n, _)| *kb == be && *n == name) {
-        return Ok(k);
+    if let Some((_, _, k, tag)) = cache.iter().find(|(kb, n, _, _)| *kb == be && *n == name) {
+        return Ok((k, *tag));
     }
     let valid = if names.contains(&"mask") { "#define GD_VALID(bt) (mask[(bt)])\n" } else { "#define GD_VALID(bt) true\n" };
     let outputs = ["y", "state_out"];
-    let k: &'static ffi::Kernel = Box::leak(Box::new(match be {
-        Backend::Cuda => ffi::Kernel::cuda_outputs(
-            name,
-            names,
-            &outputs,
-            &format!("{valid}{}", include_str!("gated_delta.cu")),
-            CUDA_HEADER,
-        ),
-        Backend::Metal => ffi::Kernel::metal_outputs(
-            name,
-            names,
-            &outputs,
-            &format!("{valid}{}", include_str!("gated_delta.metal")),
-            METAL_HEADER,
-        ),
+    let (source, header) = match be {
+        Backend::Cuda => (format!("{valid}{}", include_str!("gated_delta.cu")), CUDA_HEADER),
+        Backend::Metal => (format!("{valid}{}", include_str!("gated_delta.metal")), METAL_HEADER),
         Backend::None => return Err("no GPU backend".into()),
+    };
+    let tag = source_tag(&format!("{header}{source}"));
+    let k: &'static ffi::Kernel = Box::leak(Box::new(match be {
+        Backend::Cuda => ffi::Kernel::cuda_outputs(name, names, &outputs, &source, header),
+        _ => ffi::Kernel::metal_outputs(name, names, &outputs, &source, header),
     }));
-    cache.push((be, name, k));
-    Ok(k)
+    cache.push((be, name, k, tag));
+    Ok((k, tag))
 }
