@@ -224,3 +224,41 @@ async fn the_api_reports_mtp_counts_and_metrics() {
     let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));
     assert!(dr >= d as f64 && ac <= dr && (rate - ac / dr).abs() < 1e-9, "{dr} {ac} {rate}");
 }
+
+/// A KV budget far too small for every sequence at once, shared by the
+/// verifier's blocks and the head's: sequences are preempted (their head KV
+/// and seed dropped, their recurrent state rebuilt by the prefill) and
+/// every output still equals plain decoding; when all are done no block
+/// is held.
+#[test]
+fn preemption_under_a_small_budget_keeps_mtp_output_exact() {
+    let _g = common::mlx_lock();
+    // One full-attention layer of 2 KV heads x 16 dims in f32, K and V: 256
+    // bytes per token, in the verifier and in the head alike.
+    let per_token = 2 * 16 * 4 * 2;
+    let cat = catalog(3);
+    let sched = SchedulerConfig { kv_budget: rmlx::engine::scheduler::KvBudget::Bytes(per_token * 8 * 40), block_size: 8, ..SchedulerConfig::default() };
+    let w = worker(&cat, sched);
+    let ps: Vec<Vec<u32>> = prompts()
+        .into_iter()
+        .map(|mut p| {
+            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
+            p
+        })
+        .collect();
+    const N: usize = 40;
+    let mut rxs: Vec<_> = ps.iter().map(|p| submit(&w, &entry(&cat, "mtp"), p, greedy(N, None))).collect();
+    for (rx, p) in rxs.iter_mut().zip(&ps) {
+        let (got, f) = collect(rx);
+        assert_eq!(got, common::greedy_reference("qwen3_5-mtp-f32", p, N), "prompt of {}", p.len());
+        assert!(f.speculation.is_some());
+    }
+    let t0 = std::time::Instant::now();
+    while w.stats().running > 0 && t0.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = w.stats();
+    assert!(s.blocks[0].1.preemptions >= 1, "the budget never forced a preemption: {:?}", s.blocks[0].1);
+    assert!(s.speculation["mtp"].drafted_tokens > 0, "{s:?}");
+    assert_eq!(s.kv_used_bytes, 0, "blocks (verifier or head) still held: {s:?}");
+}
