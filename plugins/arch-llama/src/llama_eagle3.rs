@@ -296,7 +296,8 @@ impl Eagle3 {
         let (b, l) = (logits.dim(0), logits.dim(1));
         let none = ops::broadcast_to(Array::from_f32(f32::NEG_INFINITY).as_dtype(logits.dtype())?, &[b, l, 1])?;
         let ext = concatenate(&[&logits, &none], -1)?; // [B, L, Vd + 1]
-        Ok(ext.take_axis(inv, -1)?) // [B, L, V]
+        // The gather's result may be strided; the host reads logits as rows.
+        Ok(ext.take_axis(inv, -1)?.contiguous()?) // [B, L, V]
     }
 }
 
