@@ -152,6 +152,15 @@ fn hybrid_rows_that_resume_a_state_batch_unpadded() {
             }
             assert!(forwards < chunks, "{model} chunk {chunk}: {chunks} prompt chunks took {forwards} forwards");
         }
+        // Four 40-token prompts: 32 tokens each (to the block boundary) in
+        // one forward of fresh rows, then the 7 left of each in one forward
+        // of rows that resume their states, unpadded.
+        let four: Vec<Vec<u32>> = (0..4).map(|k| prompt(40, k + 20)).collect();
+        let (outs, forwards, chunks) = together(&w, &entry, &four, max_tokens, 512);
+        assert_eq!((forwards, chunks), (2, 8), "{model}: four 40-token prompts");
+        for (i, p) in four.iter().enumerate() {
+            assert_eq!(outs[i].0, common::greedy_reference(model, p, max_tokens), "{model}: 40-token prompt {i}");
+        }
         common::stop_at_exit(w);
 
         // Prefix cache: a 40-token prompt first; then it again with a new
