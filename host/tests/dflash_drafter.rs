@@ -11,7 +11,8 @@
 //!   non-causal) give mlx-vlm's logits and proposals, the context taken in
 //!   with the first block or in a prefill of its own;
 //! - `rmlx generate --draft-kind dflash`'s loop is lossless: greedy equals
-//!   plain greedy decoding token for token; sampled output follows the
+//!   plain greedy decoding token for token (also on the Qwen3.5 hybrid,
+//!   whose recurrent state rejected drafts roll back); sampled output follows the
 //!   verifier's distribution (chi-square over 1200 seeds); `--json` reports
 //!   the draft counts; bad input is a clear error.
 mod common;
@@ -210,6 +211,29 @@ fn dflash_speculation_is_lossless() {
     eprintln!("dflash at temperature 20: {} of {} drafts kept in {} rounds", out.accepted_tokens, out.drafted_tokens, out.rounds);
     assert!(out.accepted_tokens * 2 > out.drafted_tokens, "kept {} of {}", out.accepted_tokens, out.drafted_tokens);
     assert!(out.rounds < 39, "some rounds kept drafts: {} rounds for 39 tokens", out.rounds);
+}
+
+/// The same sidecar drafting for the tiny Qwen3.5 hybrid (hidden size 64,
+/// its embedding under `language_model.model.`): the target layers are
+/// gated-DeltaNet layers, whose recurrent state each rejected draft rolls
+/// back (restored from before the verify forward, the kept tokens fed
+/// again); greedy output equals plain greedy decoding.
+#[test]
+fn dflash_on_a_hybrid_verifier_rolls_its_state_back() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let hybrid = common::fixture("models/qwen3_5-f32");
+    let mut target = LoadedModel::load_with(&hybrid, &reg, LoadPolicy::default()).unwrap();
+    assert!(target.has_state());
+    let mut head = LoadedModel::load_head_from(&sidecar_dir(), &hybrid, "dflash", &reg, LoadPolicy::default()).unwrap();
+    let prompt = golden().prompt;
+    let want = plain_greedy(&mut target, &prompt, 20);
+    for (k, adaptive, chunk) in [(3, false, 5), (2, true, 64)] {
+        let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 20, prefill_chunk: chunk };
+        let out = dflash::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
+        assert_eq!(out.tokens, want, "k {k} adaptive {adaptive} chunk {chunk}");
+        assert!(out.drafted_tokens > out.accepted_tokens, "drafts were rejected: the state rolled back");
+    }
 }
 
 /// Three tokens at temperature 1 with top-k 3 and a repetition penalty,
