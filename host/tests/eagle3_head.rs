@@ -194,6 +194,7 @@ fn the_eagle_layout_loads_the_same_head() {
     check_head_against_golden(&mut head, &g, "EAGLE layout");
 }
 
+/// Refusals, and the two-directory source's quantization per directory.
 #[test]
 fn eagle3_refusals_are_clear() {
     let _g = common::mlx_lock();
@@ -201,6 +202,15 @@ fn eagle3_refusals_are_clear() {
     // A sidecar of a model type no plugin builds a head for.
     let e = LoadedModel::load_head_from(&common::fixture("models/qwen3-f32"), &verifier_dir(), "eagle3", &reg, LoadPolicy::default()).err().unwrap();
     assert!(format!("{e:#}").contains("no architecture plugin builds a `eagle3` drafter head of model_type `qwen3`"), "{e:#}");
+    // Over a 4-bit verifier, each directory is read under its own
+    // quantization: the shared embedding as the verifier stores it, the
+    // head's own layers dense.
+    let q4 = common::fixture("models/llama-q4-g64");
+    let head = LoadedModel::load_head_from(&head_dir(), &q4, "eagle3", &reg, LoadPolicy::default()).unwrap();
+    let mode = |m: &str| head.layers.get(m).map(|q| (q.mode.clone(), q.bits));
+    assert_eq!(mode("model.embed_tokens"), Some(("affine".to_string(), 4)));
+    assert_eq!(mode("fc").map(|m| m.0), Some("none".to_string()));
+    assert!(head.unused.is_empty(), "{:?}", head.unused);
     // A head without its conditioning.
     let mut head = load_head(&head_dir(), &reg);
     let mut hc = head.kv_cache();
@@ -291,19 +301,27 @@ fn rmlx(args: &[&str]) -> std::process::Output {
 #[test]
 fn generate_with_eagle3_reports_counts_and_refuses_bad_input() {
     let _g = common::mlx_lock();
-    let (v, h) = (verifier_dir(), head_dir());
-    let (v, h) = (v.to_str().unwrap(), h.to_str().unwrap());
+    let h = head_dir();
+    let h = h.to_str().unwrap();
+    // The f32 verifier, and a 4-bit one whose embedding the head reads as
+    // the verifier stores it (each directory under its own quantization).
+    for model in ["llama-f32", "llama-q4-g64"] {
+        let v = common::fixture(&format!("models/{model}"));
+        let base = ["generate", "--json", "-m", v.to_str().unwrap(), "--prompt-tokens", "3,14,15,92,65", "--max-tokens", "16"];
+        let plain = rmlx(&base);
+        assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+        let plain: Value = serde_json::from_slice(&plain.stdout).unwrap();
+        let spec = rmlx(&[&base[..], &["--draft-kind", "eagle3", "--draft-model", h, "--num-draft-tokens", "2"]].concat());
+        assert!(spec.status.success(), "{}", String::from_utf8_lossy(&spec.stderr));
+        let spec: Value = serde_json::from_slice(&spec.stdout).unwrap();
+        assert_eq!(spec["tokens"], plain["tokens"], "{model}");
+        assert!(plain.get("drafted_tokens").is_none());
+        let (d, a) = (spec["drafted_tokens"].as_u64().unwrap(), spec["accepted_tokens"].as_u64().unwrap());
+        assert!(d > 0 && a <= d, "{model}: {spec}");
+    }
+    let v = verifier_dir();
+    let v = v.to_str().unwrap();
     let base = ["generate", "--json", "-m", v, "--prompt-tokens", "3,14,15,92,65", "--max-tokens", "16"];
-    let plain = rmlx(&base);
-    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
-    let plain: Value = serde_json::from_slice(&plain.stdout).unwrap();
-    let spec = rmlx(&[&base[..], &["--draft-kind", "eagle3", "--draft-model", h, "--num-draft-tokens", "2"]].concat());
-    assert!(spec.status.success(), "{}", String::from_utf8_lossy(&spec.stderr));
-    let spec: Value = serde_json::from_slice(&spec.stdout).unwrap();
-    assert_eq!(spec["tokens"], plain["tokens"]);
-    assert!(plain.get("drafted_tokens").is_none());
-    let (d, a) = (spec["drafted_tokens"].as_u64().unwrap(), spec["accepted_tokens"].as_u64().unwrap());
-    assert!(d > 0 && a <= d, "{spec}");
 
     let one_line = |out: std::process::Output, needle: &str| {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
