@@ -218,24 +218,45 @@ fn eagle3_refusals_are_clear() {
     assert!(format!("{e:#}").contains("conditioning"), "{e:#}");
 }
 
+/// Plain greedy decoding of `n` tokens after `prompt` (the reference).
+fn plain_greedy(m: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = m.kv_cache();
+    let (mut out, mut input) = (Vec::new(), prompt.to_vec());
+    while out.len() < n {
+        let logits = m.logits(&ids(&input), &mut cache, true).unwrap();
+        cache.advance(input.len() as i32);
+        let t = argmax(&values(&logits));
+        out.push(t);
+        input = vec![t];
+    }
+    out
+}
+
 /// `rmlx generate --draft-kind eagle3`'s loop (mtp.rs, the drafter-head
 /// loop) equals plain greedy decoding token for token: the random head's
 /// drafts are nearly all rejected, so the verifier's K/V and the head's
-/// chained entries roll back every round; prompts prefilled in chunks.
+/// chained entries roll back every round; prompts prefilled in chunks. The
+/// same head (hidden 64, vocabulary 256) also drafts for qwen3-f32 (tied
+/// embedding) and the qwen3_5 hybrid (embedding under `language_model.`;
+/// its gated-DeltaNet state restored from a snapshot on rejection).
 #[test]
 fn eagle3_speculation_is_lossless_greedy() {
     let _g = common::mlx_lock();
     let reg = common::registry();
-    let mut target = LoadedModel::load_with(&verifier_dir(), &reg, LoadPolicy::default()).unwrap();
-    let mut head = load_head(&head_dir(), &reg);
-    for prompt in [golden().prompt, vec![7], (0..40).map(|i| (i * 37 + 5) % 256).collect()] {
-        let want = common::greedy_reference("llama-f32", &prompt, 24);
-        for (k, adaptive, chunk) in [(3, false, 5), (1, false, 64), (4, true, 7)] {
-            let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 24, prefill_chunk: chunk };
-            let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
-            assert_eq!(out.tokens, want, "prompt of {} k {k} adaptive {adaptive} chunk {chunk}", prompt.len());
-            assert!(out.drafted_tokens > 0 && out.accepted_tokens <= out.drafted_tokens);
-            assert_eq!(out.rounds + out.accepted_tokens, want.len() - 1, "one token before the rounds, then kept drafts + one per round");
+    for model in ["llama-f32", "qwen3-f32", "qwen3_5-f32"] {
+        let vdir = common::fixture(&format!("models/{model}"));
+        let mut target = LoadedModel::load_with(&vdir, &reg, LoadPolicy::default()).unwrap();
+        let mut head = LoadedModel::load_head_from(&head_dir(), &vdir, "eagle3", &reg, LoadPolicy::default()).unwrap();
+        for prompt in [golden().prompt, vec![7], (0..40).map(|i| (i * 37 + 5) % 256).collect()] {
+            let want = plain_greedy(&mut target, &prompt, 24);
+            for (k, adaptive, chunk) in [(3, false, 5), (1, false, 64), (4, true, 7)] {
+                let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 24, prefill_chunk: chunk };
+                let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
+                let label = format!("{model}: prompt of {} k {k} adaptive {adaptive} chunk {chunk}", prompt.len());
+                assert_eq!(out.tokens, want, "{label}");
+                assert!(out.drafted_tokens > 0 && out.accepted_tokens <= out.drafted_tokens, "{label}");
+                assert_eq!(out.rounds + out.accepted_tokens, want.len() - 1, "{label}: one token before the rounds, then kept drafts + one per round");
+            }
         }
     }
 }
