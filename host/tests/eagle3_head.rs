@@ -16,7 +16,7 @@
 //!   token; sampled 3-token continuations follow the verifier's own
 //!   distribution (chi-square over 1200 seeds);
 //! - `rmlx generate --json --draft-kind eagle3` reports the counts, and bad
-//!   input is one clear line.
+//!   input is one clear line (the server: speculative_serve_eagle3.rs).
 mod common;
 
 use common::golden::{rel_err, MARGIN, REL_TOL};
@@ -318,7 +318,7 @@ fn rmlx(args: &[&str]) -> std::process::Output {
 /// `rmlx generate --json --draft-kind eagle3 --draft-model HEAD` prints the
 /// model's own tokens plus `drafted_tokens` and `accepted_tokens`; without
 /// `--draft-model`, or with a directory that is no Eagle-3 head, it is one
-/// line and a non-zero exit; `rmlx serve` refuses the kind for now.
+/// line and a non-zero exit.
 #[test]
 fn generate_with_eagle3_reports_counts_and_refuses_bad_input() {
     let _g = common::mlx_lock();
@@ -352,5 +352,4 @@ fn generate_with_eagle3_reports_counts_and_refuses_bad_input() {
     one_line(rmlx(&[&base[..], &["--draft-kind", "eagle3"]].concat()), "--draft-kind eagle3 needs --draft-model");
     let q = common::fixture("models/qwen3-f32");
     one_line(rmlx(&[&base[..], &["--draft-kind", "eagle3", "--draft-model", q.to_str().unwrap()]].concat()), "drafter head of model_type `qwen3`");
-    one_line(rmlx(&["serve", "--model", v, "--draft-model", h, "--draft-kind", "eagle3", "--port", "0"]), "--draft-kind eagle3 drafts in `rmlx generate` so far");
 }

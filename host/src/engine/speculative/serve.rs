@@ -59,9 +59,6 @@ pub struct DraftSpec {
 impl DraftSpec {
     pub fn new(path: PathBuf, num_draft_tokens: Option<usize>, kind: Option<&str>) -> Result<Self> {
         let kind = DraftKind::parse(kind.unwrap_or("draft"))?;
-        if kind == DraftKind::Eagle3 {
-            bail!("--draft-kind eagle3 drafts in `rmlx generate` so far; the server speculates with --draft-kind draft or mtp");
-        }
         if kind == DraftKind::Dflash {
             bail!("--draft-kind dflash drafts in `rmlx generate` so far; the server speculates with --draft-kind draft or mtp");
         }
@@ -149,9 +146,16 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
         (d, "draft model")
     } else {
         // A drafter head from `spec.path` (the verifier's own checkpoint
-        // for `mtp`), built by whichever plugin registers `{model_type}_{kind}`.
-        let policy = crate::model::policy::resolve(&ModelDir::open(&spec.path)?)?.policy;
-        let h = LoadedModel::load_head(&spec.path, &label, registry, policy).with_context(|| format!("loading the `{label}` drafter head of {}", spec.path.display()))?;
+        // for `mtp`; for `eagle3` a directory of its own whose missing
+        // tensors, the embedding, are the verifier's), built by whichever
+        // plugin registers `{model_type}_{kind}`.
+        let policy = crate::model::policy::resolve(&ModelDir::open(&model.dir.path)?)?.policy;
+        let h = if spec.kind == DraftKind::Eagle3 {
+            LoadedModel::load_head_from(&spec.path, &model.dir.path, &label, registry, policy)
+        } else {
+            LoadedModel::load_head(&spec.path, &label, registry, policy)
+        };
+        let h = h.with_context(|| format!("loading the `{label}` drafter head of {}", spec.path.display()))?;
         (h, "drafter head")
     };
     check_pair(model, &draft)?;

@@ -1,0 +1,92 @@
+//! The Eagle-3 head in the server's batched speculative step (`rmlx serve
+//! --draft-kind eagle3 --draft-model HEAD`; engine/speculative/serve.rs
+//! `attach` loads it with `LoadedModel::load_head_from`, and the drafter-head
+//! step of engine/scheduler/spec.rs drives it as it drives an MTP head) on
+//! the tiny llama-f32 verifier with its tiny random Eagle-3 head
+//! (tests/fixtures/models/llama-eagle3-head, tests/goldens/eagle3_golden.py):
+//! greedy output with the head equals output without, one stream and five
+//! at once, rows with and without drafting mixed; the usage and the engine's
+//! per-kind counts report `eagle3`.
+mod common;
+
+use rmlx::engine::scheduler::SchedulerConfig;
+use rmlx::engine::speculative::serve::DraftSpec;
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// llama-f32 twice: `plain` without a drafter, `eagle3` with the head.
+fn catalog(k: usize) -> ModelCatalog {
+    let dir = common::fixture("models/llama-f32");
+    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("eagle3".into()), dir)], &[]).unwrap();
+    let head = common::fixture("models/llama-eagle3-head");
+    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(head, Some(k), Some("eagle3")).unwrap());
+    cat
+}
+
+fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
+    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
+    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
+}
+
+fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
+    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
+}
+
+fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+    w.submit(req).unwrap();
+    rx
+}
+
+fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, .. } => ids.push(id),
+            GenEvent::Done(f) => return (ids, f),
+            GenEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
+    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+}
+
+#[test]
+fn greedy_eagle3_speculation_in_the_engine_equals_plain_decoding() {
+    let _g = common::mlx_lock();
+    const N: usize = 16;
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig::default());
+    let (plain, eagle3) = (entry(&cat, "plain"), entry(&cat, "eagle3"));
+    let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
+    for (p, want) in prompts().iter().zip(&want) {
+        let (got, f) = collect(&mut submit(&w, &eagle3, p, greedy(N, None)));
+        assert_eq!(&got, want, "prompt of {}", p.len());
+        let (d, a) = f.speculation.expect("the usage reports draft counts");
+        assert!(d > 0 && a <= d, "{a} of {d}");
+    }
+    // Five at once, two of them not drafting.
+    let ks = [None, Some(0), Some(1), Some(5), Some(0)];
+    let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &eagle3, p, greedy(N, k))).collect();
+    for ((rx, want), k) in rxs.iter_mut().zip(&want).zip(ks) {
+        let (got, f) = collect(rx);
+        assert_eq!(&got, want, "batched, k {k:?}");
+        match (k, f.speculation) {
+            (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
+            (_, Some((d, a))) => assert!(d > 0 && a <= d, "{a} of {d}"),
+            (_, None) => panic!("a drafted row reports its counts"),
+        }
+    }
+    let s = w.stats().speculation["eagle3"].clone();
+    assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
+}
