@@ -12,7 +12,7 @@ mod common;
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -261,4 +261,82 @@ fn preemption_under_a_small_budget_keeps_mtp_output_exact() {
     assert!(s.blocks[0].1.preemptions >= 1, "the budget never forced a preemption: {:?}", s.blocks[0].1);
     assert!(s.speculation["mtp"].drafted_tokens > 0, "{s:?}");
     assert_eq!(s.kv_used_bytes, 0, "blocks (verifier or head) still held: {s:?}");
+}
+
+/// A stateful constraint: no token in the same class mod 3 as the one before.
+#[derive(Clone)]
+struct NoRepeatClass(u32);
+
+impl LogitsHook for NoRepeatClass {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if t as u32 % 3 == self.0 % 3 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        anyhow::ensure!(token % 3 != self.0 % 3, "token {token} breaks the constraint after {}", self.0);
+        self.0 = token;
+        Ok(())
+    }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(self.clone()))
+    }
+}
+
+/// Greedy rows with `logprobs` (3 alternatives), half of them under a
+/// stateful logits hook, batched through the head (its drafts masked by a
+/// fork of the hook, verified on the host): tokens equal the model's own
+/// without a drafter and every logprob and alternative is within 1e-5.
+#[test]
+fn hooked_greedy_with_logprobs_under_mtp_equals_plain() {
+    let _g = common::mlx_lock();
+    const N: usize = 14;
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig::default());
+    let run = |e: &Arc<ModelEntry>, rows: &[(Vec<u32>, bool)]| -> Vec<(Vec<u32>, Vec<TokenLogprob>, Finish)> {
+        let mut rxs: Vec<_> = rows
+            .iter()
+            .map(|(p, hooked)| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let hook: Option<Box<dyn LogitsHook>> = hooked.then(|| Box::new(NoRepeatClass(*p.last().unwrap())) as Box<dyn LogitsHook>);
+                let params = GenParams { logprobs: Some(3), ..greedy(N, None) };
+                w.submit(GenRequest { model: e.clone(), prompt: p.clone(), params, hook, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx }).unwrap();
+                rx
+            })
+            .collect();
+        rxs.iter_mut()
+            .map(|rx| {
+                let (mut ids, mut lps) = (Vec::new(), Vec::new());
+                loop {
+                    match rx.blocking_recv().expect("engine hung up") {
+                        GenEvent::Token { id, logprob, .. } => {
+                            ids.push(id);
+                            lps.extend(logprob);
+                        }
+                        GenEvent::Done(f) => return (ids, lps, f),
+                        GenEvent::Error(e) => panic!("request failed: {e}"),
+                        _ => {}
+                    }
+                }
+            })
+            .collect()
+    };
+    let rows: Vec<(Vec<u32>, bool)> = prompts().into_iter().enumerate().map(|(i, p)| (p, i % 2 == 0)).collect();
+    let want: Vec<_> = rows.iter().map(|r| run(&entry(&cat, "plain"), std::slice::from_ref(r)).pop().unwrap()).collect();
+    let got = run(&entry(&cat, "mtp"), &rows);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.0, w.0, "row {i}");
+        assert_eq!(g.1.len(), N, "row {i}");
+        for (j, (a, b)) in g.1.iter().zip(&w.1).enumerate() {
+            assert!((a.logprob - b.logprob).abs() <= 1e-5, "row {i} token {j}: {} vs {}", a.logprob, b.logprob);
+            assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>(), "row {i} token {j}");
+            for (x, y) in a.top.iter().zip(&b.top) {
+                assert!((x.2 - y.2).abs() <= 1e-5, "row {i} token {j}: top {} vs {}", x.2, y.2);
+            }
+        }
+        assert!(g.2.speculation.is_some_and(|(d, _)| d > 0), "row {i} drafted");
+    }
 }
