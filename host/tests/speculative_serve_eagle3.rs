@@ -6,11 +6,14 @@
 //! (tests/fixtures/models/llama-eagle3-head, tests/goldens/eagle3_golden.py):
 //! greedy output with the head equals output without, one stream and five
 //! at once, rows with and without drafting mixed; the usage and the engine's
-//! per-kind counts report `eagle3`.
+//! per-kind counts report `eagle3`; sampled output follows the verifier's
+//! distribution (chi-square).
 mod common;
 
+use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::serve::DraftSpec;
+use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::LoadedModel;
 use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -89,4 +92,61 @@ fn greedy_eagle3_speculation_in_the_engine_equals_plain_decoding() {
     }
     let s = w.stats().speculation["eagle3"].clone();
     assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
+}
+
+/// Three tokens at temperature 1 with top-k 3, a repetition penalty and a
+/// logit bias of +20 on three tokens of the head's draft vocabulary (so the
+/// head's top-3 are the verifier's, with other weights), 1200 seeds in
+/// batches of 16: the 27 sequences occur as often as the verifier's own
+/// sampler gives them (chi-square over the cells expected 5 times or more,
+/// the rest pooled; p > 0.001); drafts both kept and rejected.
+#[test]
+fn sampled_eagle3_speculation_in_the_engine_follows_the_verifiers_distribution() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 45];
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(common::fixture("goldens/eagle3/golden.json")).unwrap()).unwrap();
+    let hot = |i: usize| golden["hot"][i].as_u64().unwrap() as u32;
+    let bias = vec![(hot(10), 20.0), (hot(60), 20.0), (hot(120), 20.0)];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, logit_bias: bias, ..SamplingParams::default() };
+    let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
+    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
+    assert_eq!(expected.len(), 27);
+    let cat = catalog(2);
+    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
+    let eagle3 = entry(&cat, "eagle3");
+    let mut counts = vec![0u64; expected.len()];
+    let (mut drafted, mut kept) = (0, 0);
+    for wave in 0..1200u64 / 16 {
+        let mut rxs: Vec<_> = (0..16)
+            .map(|j| {
+                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
+                submit(&w, &eagle3, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
+            })
+            .collect();
+        for rx in rxs.iter_mut() {
+            let (toks, f) = collect(rx);
+            let (d, a) = f.speculation.unwrap();
+            assert!(a <= d);
+            (drafted, kept) = (drafted + d, kept + a);
+            let i = expected.iter().position(|(s, _)| *s == toks).expect("a sequence outside the verifier's support");
+            counts[i] += 1;
+        }
+    }
+    let (mut pc, mut pp, mut rest) = (Vec::new(), Vec::new(), (0u64, 0f64));
+    for (c, e) in counts.iter().zip(&expected) {
+        if e.1 * 1200.0 >= 5.0 {
+            pc.push(*c);
+            pp.push(e.1);
+        } else {
+            rest = (rest.0 + c, rest.1 + e.1);
+        }
+    }
+    if rest.1 > 0.0 {
+        pc.push(rest.0);
+        pp.push(rest.1);
+    }
+    let pv = chi_square_p(&pc, &pp);
+    eprintln!("eagle3 in the engine, sampled: p-value {pv}, {kept} of {drafted} drafts kept, pooled counts {pc:?}");
+    assert!(pv > 1e-3, "chi-square p-value {pv}: pooled counts {pc:?}, expected {pp:?}");
+    assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
 }
