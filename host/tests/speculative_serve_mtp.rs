@@ -340,3 +340,24 @@ fn hooked_greedy_with_logprobs_under_mtp_equals_plain() {
         assert!(g.2.speculation.is_some_and(|(d, _)| d > 0), "row {i} drafted");
     }
 }
+
+/// `rmlx serve --draft-kind mtp` for a model whose type no plugin builds a
+/// head for stops at start with one line naming it; with two models and no
+/// `--draft-model` it asks to name the model.
+#[test]
+fn serve_refuses_mtp_without_a_head_at_start() {
+    let m = |n: &str| common::fixture(&format!("models/{n}")).to_str().unwrap().to_string();
+    let serve = |args: &[&str]| {
+        let out = std::process::Command::new(common::rmlx_bin())
+            .args(["--plugins", common::plugins_dir().to_str().unwrap(), "serve", "--port", "0", "--no-metrics-db"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = serve(&["--model", &m("llama-f32"), "--draft-kind", "mtp"]);
+    assert!(err.contains("llama_mtp") && !err.contains("panick"), "{err}");
+    let err = serve(&["--model", &m("llama-f32"), "--model", &m("qwen3_5-mtp-f32"), "--draft-kind", "mtp"]);
+    assert!(err.contains("several models") && !err.contains("panick"), "{err}");
+}

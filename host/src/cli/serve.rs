@@ -199,8 +199,8 @@ fn model_list(args: &Args, settings: &Settings) -> Result<(Vec<(Option<String>, 
 /// `draft_model` in [[server.models]]), checked against them from their
 /// configs now (the models load on demand): a draft model that does not
 /// open or whose vocabulary differs stops the server at start.
-fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -> Result<()> {
-    use crate::engine::speculative::serve::{check_at_start, DraftSpec};
+fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog, reg: &crate::plugins::Registry) -> Result<()> {
+    use crate::engine::speculative::serve::{check_at_start, check_head_at_start, DraftSpec};
     // (model id or None for "the one model", model dir to match, draft dir, k, kind)
     type Wanted = (Option<String>, Option<PathBuf>, PathBuf, Option<usize>, Option<String>);
     let mut wanted: Vec<Wanted> = Vec::new();
@@ -250,6 +250,7 @@ fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog) -
         let spec = DraftSpec::new(draft, k, kind.as_deref())?;
         let entry = &mut catalog.entries[i];
         check_at_start(&entry.id, &entry.path, &spec)?;
+        check_head_at_start(&entry.id, &spec, reg)?;
         let id = entry.id.clone();
         let Some(e) = std::sync::Arc::get_mut(entry) else {
             bail!("internal error: the catalog entry of `{id}` is shared before the server starts");
@@ -276,7 +277,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     if s.idle_timeout > crate::api::limits::MAX_KEEP_ALIVE_SECS {
         bail!("idle timeout of {} seconds is more than the maximum of {} (ten years)", s.idle_timeout, crate::api::limits::MAX_KEEP_ALIVE_SECS);
     }
-    attach_drafts(args, settings, &mut catalog)?;
+    attach_drafts(args, settings, &mut catalog, &reg)?;
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
     let mut sched = scheduler_config(args)?;
     sched.ssd = ssd_config(settings)?;

@@ -100,6 +100,22 @@ pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Res
     Ok(())
 }
 
+/// The check made at start for a head read from the model's own checkpoint
+/// (`mtp`): some plugin builds `{model_type}_{kind}` for the model's type
+/// (whether the checkpoint holds the head's tensors shows at load).
+pub fn check_head_at_start(model_id: &str, spec: &DraftSpec, registry: &crate::plugins::Registry) -> Result<()> {
+    if spec.kind != DraftKind::Mtp {
+        return Ok(());
+    }
+    let dir = ModelDir::open(&spec.path)?;
+    let label = kind_label(spec.kind);
+    let arch = format!("{}_{label}", dir.model_type);
+    if registry.architecture_plugin(&arch).is_err() {
+        bail!("--draft-kind {label} for `{model_id}`: no architecture plugin builds a `{label}` drafter head for model_type `{}` (it would register `{arch}`)", dir.model_type);
+    }
+    Ok(())
+}
+
 /// A loaded draft model (or drafter head) beside its verifier.
 pub struct Drafter {
     pub model: LoadedModel,
