@@ -150,3 +150,27 @@ fn sampled_eagle3_speculation_in_the_engine_follows_the_verifiers_distribution()
     assert!(pv > 1e-3, "chi-square p-value {pv}: pooled counts {pc:?}, expected {pp:?}");
     assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
 }
+
+/// `rmlx serve --draft-kind eagle3` stops at start with one line when the
+/// head's directory is missing (the model's own would be taken) or holds no
+/// Eagle-3 head a plugin builds.
+#[test]
+fn serve_refuses_an_eagle3_kind_without_its_head_at_start() {
+    let model = common::fixture("models/llama-f32");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .arg("60")
+            .arg(common::rmlx_bin())
+            .args(["--plugins", common::plugins_dir().to_str().unwrap(), "serve", "--port", "0", "--model", model.to_str().unwrap(), "--draft-kind", "eagle3"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success() && out.status.code() != Some(124), "it started: {out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&[]);
+    assert!(err.contains("--draft-kind eagle3 for `llama-f32` needs --draft-model DIR") && !err.contains("panick"), "{err}");
+    let q = common::fixture("models/qwen3-f32");
+    let err = run(&["--draft-model", q.to_str().unwrap()]);
+    assert!(err.contains("no architecture plugin builds a `eagle3` drafter head for model_type `qwen3`") && !err.contains("panick"), "{err}");
+}

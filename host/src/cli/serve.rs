@@ -90,7 +90,7 @@ pub struct Args {
     /// (requests may set `num_draft_tokens`, 0 turns it off) [default: 3]
     #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model, --draft-model) or `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model) [default: draft]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model) or `eagle3` (an Eagle-3 head, --draft-model its own directory) [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
     /// Speculative decoding runs while a model's lane decodes at most this

@@ -86,6 +86,9 @@ fn config_vocab(dir: &ModelDir) -> Option<u64> {
 /// models load on demand): the draft directory opens and its vocabulary
 /// size is the model's.
 pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Result<()> {
+    if spec.kind == DraftKind::Eagle3 && (spec.path == model_dir || std::fs::canonicalize(&spec.path).ok() == std::fs::canonicalize(model_dir).ok()) {
+        bail!("--draft-kind eagle3 for `{model_id}` needs --draft-model DIR: the Eagle-3 head's own directory (it shares the model's embedding)");
+    }
     let draft = ModelDir::open(&spec.path).with_context(|| format!("the draft model of `{model_id}`"))?;
     let main = ModelDir::open(model_dir)?;
     if let (Some(v), Some(d)) = (config_vocab(&main), config_vocab(&draft)) {
@@ -104,7 +107,7 @@ pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Res
 /// (`mtp`): some plugin builds `{model_type}_{kind}` for the model's type
 /// (whether the checkpoint holds the head's tensors shows at load).
 pub fn check_head_at_start(model_id: &str, spec: &DraftSpec, registry: &crate::plugins::Registry) -> Result<()> {
-    if spec.kind != DraftKind::Mtp {
+    if !matches!(spec.kind, DraftKind::Mtp | DraftKind::Eagle3) {
         return Ok(());
     }
     let dir = ModelDir::open(&spec.path)?;
