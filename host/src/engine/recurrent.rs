@@ -154,13 +154,19 @@ impl Snapshots {
 
     /// Drops block `h`'s snapshot (its block left the prefix cache).
     pub fn remove(&mut self, h: u64) {
-        if let Some(s) = self.map.remove(&h) {
-            let n = bytes(&s);
-            self.bytes -= n;
-            if let Some(a) = &self.account {
-                a.credit(n);
-            }
+        self.take(h);
+    }
+
+    /// Takes block `h`'s snapshot out (credited): its block left the
+    /// prefix cache, maybe for the SSD tier, which keeps it beside the block.
+    pub fn take(&mut self, h: u64) -> Option<RowState> {
+        let s = self.map.remove(&h)?;
+        let n = bytes(&s);
+        self.bytes -= n;
+        if let Some(a) = &self.account {
+            a.credit(n);
         }
+        Some(s)
     }
 }
 
@@ -168,15 +174,33 @@ impl BlockManager {
     /// [`lookup_keeping`](Self::lookup_keeping) for a model with recurrent
     /// state: the hit is cut to its deepest block that has a state snapshot
     /// (the blocks after it are given back, and counted as not hit), and
-    /// comes with that snapshot, the state after the hit's tokens. Other
-    /// models: the plain lookup, no state.
+    /// comes with that snapshot, the state after the hit's tokens. A block
+    /// whose snapshot is not in memory may have it in the SSD tier (kept
+    /// there with the block): read back, checked, and kept in memory again;
+    /// one that fails to read makes the hit shorter. Other models: the
+    /// plain lookup, no state.
     pub fn lookup_state(&mut self, tokens: &[u32], keep_free: usize) -> (Vec<u32>, Option<RowState>) {
         let mut hits = self.lookup_keeping(tokens, keep_free);
         if !self.recurrent || hits.is_empty() {
             return (hits, None);
         }
         let chain = self.chain(&tokens[..hits.len() * self.block_size]);
-        let keep = (1..=hits.len()).rev().find(|&j| self.snapshots.contains(chain[j - 1])).unwrap_or(0);
+        let bs = self.block_size;
+        let block = |j: usize| &tokens[j * bs..(j + 1) * bs];
+        let mut keep = 0;
+        let mut state = None;
+        for j in (1..=hits.len()).rev() {
+            let h = chain[j - 1];
+            if let Some(s) = self.snapshots.get(h) {
+                (keep, state) = (j, Some(s.clone()));
+                break;
+            }
+            let parent = j.checked_sub(2).map(|p| chain[p]);
+            if let Some(s) = self.load_state_from_ssd(h, parent, j - 1, block(j - 1)) {
+                (keep, state) = (j, Some(s));
+                break;
+            }
+        }
         let dropped = hits.split_off(keep);
         self.release(&dropped);
         self.stats.prefix_hit_tokens -= (dropped.len() * self.block_size) as u64;
@@ -185,7 +209,7 @@ impl BlockManager {
             self.stats.prefix_misses += 1;
             return (hits, None);
         }
-        (hits, self.snapshots.get(chain[keep - 1]).cloned())
+        (hits, state)
     }
 }
 

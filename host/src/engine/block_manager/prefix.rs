@@ -30,10 +30,11 @@ impl BlockManager {
             .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))?;
         let h = *h;
         let c = self.cache.remove(&h).unwrap();
-        self.snapshots.remove(h);
+        let snap = self.snapshots.take(h);
         self.idle -= 1;
         self.stats.evictions += 1;
-        self.spill_evicted(h, &c);
+        // Its state snapshot (if any) goes to the SSD tier with it.
+        self.spill_evicted(h, &c, snap.as_ref());
         // Its window block goes too (the block id is reused).
         self.unmap_window(c.block);
         self.hash_of[c.block as usize] = None;

@@ -3,6 +3,7 @@
 //! a manager going away spills what is not on disk yet.
 use super::prefix::CachedBlock;
 use super::BlockManager;
+use crate::engine::recurrent::RowState;
 use crate::engine::ssd::SsdStore;
 
 impl BlockManager {
@@ -41,25 +42,45 @@ impl BlockManager {
         }
     }
 
+    /// Block `h`'s recurrent-state snapshot from the SSD tier (checked
+    /// against one sequence's state bytes), kept in memory again beside
+    /// the block when the budget has room. None: none there, or a bad file.
+    pub(crate) fn load_state_from_ssd(&mut self, h: u64, parent: Option<u64>, depth: usize, tokens: &[u32]) -> Option<RowState> {
+        let want = self.state_bytes.filter(|&n| n > 0);
+        let st = self.ssd.as_mut()?.load_state(h, parent, depth, tokens, want)?;
+        if self.cache.contains_key(&h) {
+            self.snapshots.put(h, st.clone());
+        }
+        Some(st)
+    }
+
     /// An evicted block goes to the SSD tier (if there is one) unless it is
-    /// on disk already, in which case it is marked used there.
-    pub(super) fn spill_evicted(&mut self, h: u64, c: &CachedBlock) {
+    /// on disk already, in which case it is marked used there; its state
+    /// snapshot `snap` (a model with recurrent state) goes beside it.
+    pub(super) fn spill_evicted(&mut self, h: u64, c: &CachedBlock, snap: Option<&RowState>) {
         let Some(ssd) = self.ssd.as_mut() else { return };
         if ssd.contains(h) {
             ssd.touch(h); // already on disk: marks it used
-            return;
-        }
-        if !self.pool.whole(c.block) {
+        } else if !self.pool.whole(c.block) {
             // Its window layers' data was released (kv_groups.rs): the tier
             // keeps whole blocks only (it was spilled when that happened,
             // unless the tier was full or the block was still in use).
             return;
-        }
-        match self.pool.read_block(c.block) {
-            Ok(kv) => {
-                ssd.put(h, c.parent, c.depth, &c.tokens, &kv);
+        } else {
+            match self.pool.read_block(c.block) {
+                Ok(kv) => {
+                    if !ssd.put(h, c.parent, c.depth, &c.tokens, &kv) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block);
+                    return;
+                }
             }
-            Err(e) => tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block),
+        }
+        if let Some(st) = snap {
+            ssd.put_state(h, c.parent, c.depth, &c.tokens, st, false);
         }
     }
 }
@@ -81,13 +102,22 @@ impl Drop for BlockManager {
         blocks.sort_by_key(|(_, c)| c.depth);
         let mut n = 0;
         for (h, c) in blocks {
-            if ssd.contains(*h) || !self.pool.whole(c.block) {
-                continue;
-            }
-            match self.pool.read_block(c.block) {
-                Ok(kv) if ssd.put_wait(*h, c.parent, c.depth, &c.tokens, &kv) => n += 1,
-                Ok(_) => {}
-                Err(e) => tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block),
+            let on_disk = ssd.contains(*h)
+                || (self.pool.whole(c.block)
+                    && match self.pool.read_block(c.block) {
+                        Ok(kv) if ssd.put_wait(*h, c.parent, c.depth, &c.tokens, &kv) => {
+                            n += 1;
+                            true
+                        }
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::warn!("KV SSD tier: reading block {} failed: {e:#}", c.block);
+                            false
+                        }
+                    });
+            // Its state snapshot (models with recurrent state) goes beside it.
+            if let Some(st) = self.snapshots.get(*h).filter(|_| on_disk) {
+                ssd.put_state(*h, c.parent, c.depth, &c.tokens, st, true);
             }
         }
         if n > 0 {

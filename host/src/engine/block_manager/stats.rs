@@ -28,6 +28,10 @@ pub struct BlockStats {
     pub ssd_blocks: u64,
     pub ssd_bytes: u64,
     pub ssd_corrupt: u64,
+    /// Recurrent-state snapshots written to the SSD tier beside their
+    /// blocks, and read back from it (ssd/state.rs).
+    pub ssd_state_writes: u64,
+    pub ssd_state_reads: u64,
     /// Layer groups (kv_groups.rs): bytes of one window block (the window
     /// layers' share of `block_bytes`; 0 when the layers are not split),
     /// window blocks mapped now (read by sequences or idle in the cache),
@@ -75,6 +79,8 @@ impl BlockManager {
             s.ssd_blocks = ssd.blocks();
             s.ssd_bytes = ssd.bytes();
             s.ssd_corrupt = ssd.corrupt;
+            s.ssd_state_writes = ssd.state_writes;
+            s.ssd_state_reads = ssd.state_reads;
         }
         s
     }

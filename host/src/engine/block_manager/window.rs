@@ -146,7 +146,9 @@ impl BlockManager {
             .min_by_key(|(_, c)| (c.last_used, std::cmp::Reverse(c.depth)))?;
         let h = *h;
         let c = self.cache.remove(&h).expect("found above");
-        self.spill_evicted(h, &c);
+        // The block stays cached with its state snapshot; a copy goes beside it.
+        let snap = self.snapshots.get(h).cloned();
+        self.spill_evicted(h, &c, snap.as_ref());
         let b = c.block;
         self.cache.insert(h, c);
         let w = self.window_of(b).expect("an idle window block is mapped");

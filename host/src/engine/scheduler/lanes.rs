@@ -112,13 +112,9 @@ impl Lane {
         let pool = pool.with_max_blocks(total).with_window_max(win_total);
         let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
         mgr.recurrent = model.cache_layers.iter().any(|l| l.kind == rmlx_plugin_api::cache_kind::STATE);
-        if mgr.recurrent && cfg.ssd.is_some() && cfg.prefix_cache {
-            // The SSD tier keeps blocks, not recurrent-state snapshots: a block
-            // read back without its snapshot cannot resume a sequence (a hit
-            // stops at the deepest snapshot in memory), so the tier is not
-            // offered to these lanes at all (and never writes their blocks).
-            tracing::info!("KV SSD tier is off for {name}: its recurrent-state snapshots stay in memory only");
-        } else if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
+        // A model with recurrent state keeps its blocks' state snapshots in
+        // the SSD tier beside them (ssd/state.rs).
+        if let Some(ssd) = cfg.ssd.as_ref().filter(|_| cfg.prefix_cache) {
             match super::super::ssd::SsdStore::open(ssd, mgr.signature) {
                 Ok(store) => {
                     tracing::info!("KV SSD tier for {name}: {} blocks on disk", store.blocks());

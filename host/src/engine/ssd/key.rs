@@ -1,6 +1,6 @@
 //! The directory's hash key (`hash.key`): the block hashes of the files there
 //! are keyed with it.
-use super::{EXT, KEY_FILE};
+use super::{EXT, KEY_FILE, STATE_EXT};
 use crate::engine::block_manager::HashKey;
 use anyhow::{Context, Result};
 use std::fs;
@@ -17,7 +17,7 @@ pub(super) fn load_or_make_key(dir: &Path) -> Result<HashKey> {
         tracing::warn!("KV SSD tier: {} is not a key; making a new one", path.display());
     }
     for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
-        if e.path().extension().is_some_and(|x| x == EXT) {
+        if e.path().extension().is_some_and(|x| x == EXT || x == STATE_EXT) {
             let _ = fs::remove_file(e.path());
         }
     }

@@ -25,12 +25,23 @@
 //! a block whose tokens, parent or depth are not the ones looked up (a hash
 //! collision). Past the size cap the least recently used files are deleted.
 //!
+//! A model with recurrent state (the hybrids' gated DeltaNet layers) keeps a
+//! state snapshot beside some cached blocks (engine/recurrent.rs); such a
+//! block goes to disk with its snapshot in `<block hash, 16 hex>.kvs`, a file
+//! of the same format (state.rs): same header (the block's hash, parent,
+//! depth and tokens), its first array a layer table, then the state's arrays
+//! (each with its dtype and shape). It is read back (every check, and its
+//! bytes against one state's) when a hit ends at its block; one that fails
+//! is counted corrupt and deleted, and the hit stops at a shallower snapshot.
+//! Its bytes count in the tier's size; it goes when its block goes.
+//!
 //! The block hashes are keyed (block_manager.rs): the key lives in
 //! `<dir>/<signature>/hash.key` (16 random bytes, made with the directory;
 //! without it the files there are unmatchable and are deleted).
 mod config;
 mod format;
 mod key;
+mod state;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -41,4 +52,6 @@ pub use format::*;
 pub use store::SsdStore;
 
 const EXT: &str = "kvb";
+/// A block's recurrent-state snapshot, beside its `.kvb` (state.rs).
+const STATE_EXT: &str = "kvs";
 const KEY_FILE: &str = "hash.key";

@@ -2,7 +2,7 @@
 //! recency), written through the writer thread and read back with every check.
 use super::key::load_or_make_key;
 use super::writer::{spawn_writer, Job, Shared};
-use super::{decode, encode, from_raw, parse_fixed, to_raw, BlockFile, SsdConfig, EXT, FIXED};
+use super::{decode, encode, from_raw, parse_fixed, to_raw, BlockFile, SsdConfig, EXT, FIXED, STATE_EXT};
 use crate::engine::block_manager::HashKey;
 use anyhow::{bail, Context, Result};
 use mlx_rs::Array;
@@ -14,26 +14,32 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-struct Entry {
-    bytes: u64,
-    last_used: u64,
+pub(super) struct Entry {
+    pub(super) bytes: u64,
+    pub(super) last_used: u64,
+    /// Bytes of the block's state snapshot file (`.kvs`, state.rs); 0: none.
+    pub(super) state: u64,
 }
 
 /// One model's (signature's) blocks on disk.
 pub struct SsdStore {
-    dir: PathBuf,
-    max_bytes: u64,
-    signature: u64,
-    index: HashMap<u64, Entry>,
-    bytes: u64,
-    clock: u64,
+    pub(super) dir: PathBuf,
+    pub(super) max_bytes: u64,
+    pub(super) signature: u64,
+    pub(super) index: HashMap<u64, Entry>,
+    /// Bytes on disk: block files and state snapshot files.
+    pub(super) bytes: u64,
+    pub(super) clock: u64,
     key: HashKey,
-    shared: Arc<Mutex<Shared>>,
-    tx: Option<SyncSender<Job>>,
+    pub(super) shared: Arc<Mutex<Shared>>,
+    pub(super) tx: Option<SyncSender<Job>>,
     writer: Option<JoinHandle<()>>,
     pub reads: u64,
     pub writes: u64,
     pub corrupt: u64,
+    /// State snapshots read back and written (state.rs).
+    pub state_reads: u64,
+    pub state_writes: u64,
 }
 
 impl SsdStore {
@@ -60,6 +66,8 @@ impl SsdStore {
             reads: 0,
             writes: 0,
             corrupt: 0,
+            state_reads: 0,
+            state_writes: 0,
         };
         store.scan()?;
         Ok(store)
@@ -70,13 +78,14 @@ impl SsdStore {
         self.key
     }
 
-    fn path(&self, hash: u64) -> PathBuf {
+    pub(super) fn path(&self, hash: u64) -> PathBuf {
         self.dir.join(format!("{hash:016x}.{EXT}"))
     }
 
     /// Builds the index from the directory (least recently modified = least recently used).
     fn scan(&mut self) -> Result<()> {
         let mut found = Vec::new();
+        let mut states = Vec::new();
         for e in
             fs::read_dir(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?
         {
@@ -85,6 +94,10 @@ impl SsdStore {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
                 let _ = fs::remove_file(&path);
+                continue;
+            }
+            if let Some(h) = name.strip_suffix(&format!(".{STATE_EXT}")).and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                states.push((h, path));
                 continue;
             }
             let Some(hash) = name
@@ -136,9 +149,14 @@ impl SsdStore {
                 Entry {
                     bytes,
                     last_used: self.clock,
+                    state: 0,
                 },
             );
             self.bytes += bytes;
+        }
+        // State snapshots join their blocks' entries (one without its block is deleted).
+        for (hash, path) in states {
+            self.scan_state(hash, &path);
         }
         self.make_room(0);
         Ok(())
@@ -147,9 +165,11 @@ impl SsdStore {
     /// Forgets writes that failed.
     fn drain_failed(&mut self) {
         let failed = std::mem::take(&mut self.shared.lock().unwrap().failed);
-        for h in failed {
-            if let Some(e) = self.index.remove(&h) {
-                self.bytes -= e.bytes;
+        for (h, state) in failed {
+            if state {
+                self.forget_state(h);
+            } else {
+                self.remove(h);
             }
         }
     }
@@ -175,13 +195,19 @@ impl SsdStore {
         self.bytes
     }
 
-    /// Deletes a block's file (after any queued write of it).
+    /// Deletes a block's file and its state snapshot's (after any queued
+    /// write of them).
     fn remove(&mut self, hash: u64) {
         if let Some(e) = self.index.remove(&hash) {
-            self.bytes -= e.bytes;
+            self.bytes -= e.bytes + e.state;
         }
-        self.shared.lock().unwrap().pending.remove(&hash);
-        let path = self.path(hash);
+        self.shared.lock().unwrap().pending.remove(&(hash, false));
+        self.delete_file(self.path(hash));
+        self.forget_state(hash);
+    }
+
+    /// Deletes a file through the writer (after its queued writes).
+    pub(super) fn delete_file(&mut self, path: PathBuf) {
         match self.tx.as_ref() {
             Some(tx) => {
                 let _ = tx.send(Job::Remove(path));
@@ -193,7 +219,7 @@ impl SsdStore {
     }
 
     /// Deletes least recently used files until `need` more bytes fit.
-    fn make_room(&mut self, need: u64) {
+    pub(super) fn make_room(&mut self, need: u64) {
         while self.bytes + need > self.max_bytes {
             let Some(victim) = self
                 .index
@@ -272,15 +298,15 @@ impl SsdStore {
             .lock()
             .unwrap()
             .pending
-            .insert(hash, bytes.clone());
-        let job = Job::Write { hash, path, bytes };
+            .insert((hash, false), bytes.clone());
+        let job = Job::Write { hash: (hash, false), path, bytes };
         let sent = if wait {
             tx.send(job).is_ok()
         } else {
             tx.try_send(job).is_ok()
         };
         if !sent {
-            self.shared.lock().unwrap().pending.remove(&hash);
+            self.shared.lock().unwrap().pending.remove(&(hash, false));
             tracing::debug!("KV SSD tier: write queue full; block not spilled");
             return false;
         }
@@ -290,6 +316,7 @@ impl SsdStore {
             Entry {
                 bytes: len,
                 last_used: self.clock,
+                state: 0,
             },
         );
         self.bytes += len;
@@ -305,7 +332,7 @@ impl SsdStore {
         if !self.contains(hash) {
             return None;
         }
-        let pending = self.shared.lock().unwrap().pending.get(&hash).cloned();
+        let pending = self.shared.lock().unwrap().pending.get(&(hash, false)).cloned();
         let path = self.path(hash);
         let bytes = match &pending {
             Some(b) => b.clone(),
@@ -313,9 +340,7 @@ impl SsdStore {
                 Ok(b) => Arc::new(b),
                 Err(e) => {
                     tracing::warn!("KV SSD tier: reading {} failed: {e}", path.display());
-                    if let Some(en) = self.index.remove(&hash) {
-                        self.bytes -= en.bytes;
-                    }
+                    self.remove(hash);
                     return None;
                 }
             },

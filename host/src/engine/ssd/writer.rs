@@ -12,18 +12,22 @@ use std::thread::JoinHandle;
 /// Writes that may wait for the writer thread; more are dropped (a cache).
 const QUEUE: usize = 64;
 
+/// A file of the tier: a block's hash, and whether it is the block's
+/// recurrent-state snapshot (`.kvs`) rather than its KV (`.kvb`).
+pub(super) type FileId = (u64, bool);
+
 /// State shared with the writer thread.
 #[derive(Default)]
 pub(super) struct Shared {
     /// Files queued or being written: served from these bytes meanwhile.
-    pub(super) pending: HashMap<u64, Arc<Vec<u8>>>,
+    pub(super) pending: HashMap<FileId, Arc<Vec<u8>>>,
     /// Writes that failed (the index drops them).
-    pub(super) failed: Vec<u64>,
+    pub(super) failed: Vec<FileId>,
 }
 
 pub(super) enum Job {
     Write {
-        hash: u64,
+        hash: FileId,
         path: PathBuf,
         bytes: Arc<Vec<u8>>,
     },
@@ -40,7 +44,8 @@ pub(super) fn spawn_writer(shared: Arc<Mutex<Shared>>) -> Result<(SyncSender<Job
             for job in rx {
                 match job {
                     Job::Write { hash, path, bytes } => {
-                        let tmp = path.with_extension(format!("{EXT}.tmp"));
+                        let ext = path.extension().map_or(EXT.into(), |e| e.to_string_lossy().into_owned());
+                        let tmp = path.with_extension(format!("{ext}.tmp"));
                         let r = fs::write(&tmp, &bytes[..]).and_then(|_| fs::rename(&tmp, &path));
                         let mut s = shared.lock().unwrap();
                         if s.pending.get(&hash).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
