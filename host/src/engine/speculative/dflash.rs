@@ -124,9 +124,8 @@ impl KvStore for ContextStore {
         let (ks, vs) = (keys.try_index((.., .., 0..end, ..))?, values.try_index((.., .., 0..end, ..))?); // [1, K, end, hd]
         *slot = Some((keys, values));
         if opts.softcap != 0.0 || opts.sinks.is_some() {
-            // Rows i see keys j <= prev + i when causal.
-            let mask = opts.causal.then(|| causal_mask(prev, n));
-            return dense_attend(&q, &ks, &vs, mask.as_ref(), opts);
+            // No mask given: causal over the last n positions when asked.
+            return dense_attend(&q, &ks, &vs, None, opts);
         }
         if opts.causal && n > 1 {
             // Aligned to the end of the keys: row i sees positions <= prev + i.
@@ -135,12 +134,6 @@ impl KvStore for ContextStore {
             Ok(scaled_dot_product_attention(&q, &ks, &vs, opts.scale, None, None)?)
         }
     }
-}
-
-/// bool [n, prev + n]: row i (position prev + i) sees positions <= prev + i.
-fn causal_mask(prev: i32, n: i32) -> Array {
-    let m: Vec<bool> = (0..n).flat_map(|i| (0..prev + n).map(move |j| j <= prev + i)).collect();
-    Array::from_slice(&m, &[n, prev + n])
 }
 
 /// The drafter with its context store and its block's settings.
@@ -347,4 +340,38 @@ pub fn generate(
     out.generation_secs = t1.elapsed().as_secs_f64();
     out.kv_bytes_per_token = v.cache.measured_bytes_per_token();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    /// Over two forwards (3 rows, 2 of them committed, then 4 rows), the
+    /// store's attention equals the composed attention over the committed
+    /// context and the forward's rows, non-causal and causal, with and
+    /// without a soft-cap; the block row of the first forward is forgotten.
+    #[test]
+    fn the_context_store_attends_over_committed_context_and_the_forward() {
+        let r = |heads: i32, l: i32| random::normal::<f32>(&[1, heads, l, 8], None, None, None).unwrap();
+        for (causal, softcap) in [(false, 0.0), (true, 0.0), (false, 30.0), (true, 30.0)] {
+            let mut opts = AttendOpts::plain(0.35).softcap(softcap);
+            if !causal {
+                opts = opts.bidirectional();
+            }
+            let mut store = ContextStore::new(1);
+            let (q1, k1, v1) = (r(4, 3), r(2, 3), r(2, 3));
+            let got = store.attend(0, q1.clone(), k1.clone(), v1.clone(), &opts).unwrap();
+            let want = dense_attend(&q1, &k1, &v1, None, &opts).unwrap();
+            assert!(got.all_close(&want, 1e-4, 1e-4, None).unwrap(), "first forward, causal {causal} softcap {softcap}");
+            store.commit(2);
+            assert_eq!(store.len(), 2);
+            let (q2, k2, v2) = (r(4, 4), r(2, 4), r(2, 4));
+            let got = store.attend(0, q2.clone(), k2.clone(), v2.clone(), &opts).unwrap();
+            let keep = |x: &Array| x.try_index((.., .., 0..2, ..)).unwrap();
+            let (ks, vs) = (concatenate(&[keep(&k1), k2], 2).unwrap(), concatenate(&[keep(&v1), v2], 2).unwrap());
+            let want = dense_attend(&q2, &ks, &vs, None, &opts).unwrap();
+            assert!(got.all_close(&want, 1e-4, 1e-4, None).unwrap(), "second forward, causal {causal} softcap {softcap}");
+        }
+    }
 }
