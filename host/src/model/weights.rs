@@ -91,7 +91,8 @@ impl<'a> HostWeights<'a> {
     /// The source that answers for module `prefix`: this one, or the
     /// fallback when only it has the module.
     fn owner_of_module(&mut self, prefix: &str) -> &mut Self {
-        if !self.has_module(prefix) && self.fallback.as_ref().is_some_and(|f| f.has_module(prefix)) {
+        // (has_module scans the tensor names: only a stacked source pays it.)
+        if self.fallback.is_some() && !self.has_module(prefix) && self.fallback.as_ref().is_some_and(|f| f.has_module(prefix)) {
             return self.fallback.as_mut().unwrap().owner_of_module(prefix);
         }
         self
@@ -276,7 +277,10 @@ impl WeightSource for HostWeights<'_> {
                 return Err(PluginError::unsupported("fused linears are off (RMLX_FUSED_LINEARS=0)"));
             }
             // Every part from one directory, or the layers stay apart.
-            let owners: Vec<bool> = prefixes.iter().map(|p| self.has_module(p.as_str())).collect();
+            let owners: Vec<bool> = match self.fallback {
+                Some(_) => prefixes.iter().map(|p| self.has_module(p.as_str())).collect(),
+                None => Vec::new(),
+            };
             if owners.iter().any(|&o| o != owners[0]) {
                 return Err(PluginError::unsupported("the parts come from two directories; not fused"));
             }
