@@ -9,7 +9,8 @@
 //! - the verifier's hidden states of those layers are mlx-lm's, and three
 //!   draft rounds (each: new context rows + [bonus, mask x 3] in one forward,
 //!   non-causal) give mlx-vlm's logits and proposals, the context taken in
-//!   with the first block or in a prefill of its own;
+//!   with the first block or in a prefill of its own; with
+//!   `dflash_config.causal` the block attends causally, as in mlx-vlm;
 //! - `rmlx generate --draft-kind dflash`'s loop is lossless: greedy equals
 //!   plain greedy decoding token for token (also on the Qwen3.5 hybrid,
 //!   whose recurrent state rejected drafts roll back); sampled output follows the
@@ -48,6 +49,7 @@ struct Golden {
     mask_token_id: u32,
     verifier_last_logits: Vec<f32>,
     rounds: Vec<Round>,
+    causal_round0_logits: Vec<Vec<f32>>,
 }
 
 fn golden() -> Golden {
@@ -150,6 +152,33 @@ fn the_dflash_drafter_drafts_as_mlx_vlm_does() {
             ctx_tokens = std::iter::once(round.block[0]).chain(round.drafts[..round.accepted].iter().copied()).collect();
         }
     }
+}
+
+/// The same weights with `dflash_config.causal: true` (a copy of the
+/// sidecar in a temporary directory): the block attends causally, as
+/// mlx-vlm's `is_causal` makes it, and its logits differ from the
+/// non-causal drafter's.
+#[test]
+fn a_causal_dflash_drafter_drafts_as_mlx_vlm_does() {
+    let _g = common::mlx_lock();
+    let g = golden();
+    let dir = std::env::temp_dir().join(format!("rmlx-dflash-causal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(sidecar_dir().join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(sidecar_dir().join("config.json")).unwrap()).unwrap();
+    cfg["dflash_config"]["causal"] = true.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let reg = common::registry();
+    let head = LoadedModel::load_head_from(&dir, &verifier_dir(), "dflash", &reg, LoadPolicy::default());
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut head = head.unwrap();
+    let round = &g.rounds[0];
+    let (s, w) = (round.context.len(), round.context[0].len());
+    let ctx = Array::from_slice(&round.context.concat(), &[1, s as i32, w as i32]);
+    let mut d = dflash::Drafter::new(&mut head).unwrap();
+    let got = values(&d.propose(&g.prompt, Some(&ctx), round.block[0], g.block_size - 1).unwrap());
+    check("causal round 0 logits", &got, &g.causal_round0_logits.concat());
+    assert!(rel_err(&got, &round.logits.concat()) > 1e-2, "causal and non-causal blocks differ");
 }
 
 /// Plain greedy decoding of `n` tokens after `prompt` (the reference).

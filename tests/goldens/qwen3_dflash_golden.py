@@ -19,7 +19,8 @@ tests/goldens/qwen3_dflash_golden.py`. Writes
   hidden states the drafter's cache takes in that round), its block
   [bonus, mask ...] and the drafter's logits for the masked positions; after
   each round the verifier scores [bonus, drafts] and keeps its greedy walk,
-  whose hidden states are the next round's context.
+  whose hidden states are the next round's context; and the first round's
+  logits of the same drafter with `dflash_config.causal: true`.
 """
 import json
 from pathlib import Path
@@ -131,6 +132,15 @@ def main():
         ctx = vh[:, : n + 1, :]
         bonus = new[-1]
 
+    # The same weights with `dflash_config.causal` (mlx-vlm's is_causal):
+    # the first round's block attends causally.
+    causal_cfg = ModelConfig.from_dict(CONFIG | {"dflash_config": CONFIG["dflash_config"] | {"causal": True}})
+    causal = DFlashDraftModel(causal_cfg)
+    causal.load_weights(list(params.items()))
+    causal.set_dtype(mx.float32)
+    causal_cache = causal.reset(model)
+    causal_logits = causal(mx.array([rounds[0]["block"]]), hidden, causal_cache)[0, 1:]
+
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "config.json").write_text(json.dumps(CONFIG, indent=4) + "\n")
     # As DFlash sidecars store it: no `model.` prefix, norms as they are.
@@ -147,6 +157,7 @@ def main():
         "verifier_last_logits": np.array(logits[0, -1]).tolist(),
         "rounds": rounds,
         "emitted": emitted,
+        "causal_round0_logits": np.array(causal_logits).tolist(),
     }) + "\n")
     print("first", first, "rounds", [(r["drafts"], r["accepted"]) for r in rounds], "golden", GOLDEN.stat().st_size, "bytes")
 
