@@ -81,8 +81,9 @@ fn stats(w: &Worker) -> BlockStats {
     w.stats().blocks.iter().find(|(m, _)| m == MODEL).map(|(_, b)| b.clone()).unwrap_or_default()
 }
 
-/// State snapshot files (`*.kvs`) under `dir`, with the depth in their header.
-fn state_files(dir: &Path) -> Vec<(u32, PathBuf)> {
+/// State snapshot files (`*.kvs`) under `dir` of blocks of `conv`'s chain
+/// (their header's tokens are `conv`'s at their depth), by depth.
+fn state_files(dir: &Path, conv: &[u32]) -> Vec<(u32, PathBuf)> {
     let mut out = Vec::new();
     for sub in std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.path().is_dir()) {
         for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
@@ -90,7 +91,12 @@ fn state_files(dir: &Path) -> Vec<(u32, PathBuf)> {
             if p.extension().is_some_and(|e| e == "kvs") {
                 let b = std::fs::read(&p).unwrap();
                 assert!(b.len() > FIXED);
-                out.push((u32::from_le_bytes(b[32..36].try_into().unwrap()), p));
+                let word = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+                let (depth, n) = (word(32) as usize, word(36) as usize);
+                let tokens: Vec<u32> = (0..n).map(|i| word(FIXED + 4 * i)).collect();
+                if conv.get(depth * BLOCK..(depth + 1) * BLOCK) == Some(&tokens[..]) {
+                    out.push((depth as u32, p));
+                }
             }
         }
     }
@@ -149,7 +155,7 @@ fn hybrid_prefix_resumes_from_ssd_snapshots() {
     conv.extend(&out2);
     conv.extend(prompt(8, 21));
     let deep = resumable(conv.len(), 8) as usize / BLOCK;
-    let files = state_files(tmp.path());
+    let files = state_files(tmp.path(), &conv);
     let (_, path) = files.iter().find(|(d, _)| *d as usize == deep - 1).unwrap_or_else(|| panic!("no snapshot at block {deep}: {files:?}"));
     let shallower = files.iter().filter(|(d, _)| (*d as usize) < deep - 1).map(|(d, _)| *d as u64 + 1).max().expect("a shallower snapshot");
     let mut b = std::fs::read(path).unwrap();

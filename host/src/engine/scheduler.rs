@@ -489,7 +489,8 @@ fn cache_blocks(m: &mut BlockManager, s: &mut Sequence) {
         // Only beside a block the cache holds (it may have refused none, but
         // a snapshot must never outlive its block).
         if m.contains(chain[j - 1]) {
-            m.snapshots.put(chain[j - 1], state);
+            // Idle blocks are evicted for its room if needed (keep_snapshot).
+            m.keep_snapshot(chain[j - 1], state);
         }
     }
 }

@@ -15,6 +15,8 @@
 //! are known from its shape and dtype).
 use super::BlockManager;
 use crate::engine::attend::ForwardRequest;
+use crate::engine::kv_groups::DEAD;
+use crate::engine::recurrent::RowState;
 use crate::engine::LoadedModel;
 use mlx_rs::Array;
 use rmlx_plugin_api::author::Output;
@@ -85,6 +87,25 @@ impl BlockManager {
     pub fn live_states(&self) -> (usize, u64) {
         let n = self.live_states.len();
         (n, n as u64 * self.state_bytes.unwrap_or(0))
+    }
+
+    /// Keeps `state` as cached block `h`'s snapshot (recurrent.rs
+    /// `Snapshots`). When the budget is full (in a steady state, of idle
+    /// cached blocks), idle blocks are evicted for its room, least recently
+    /// used first and never `h` (it is held meanwhile); a prefix cache
+    /// full of blocks without snapshots could never be hit. False when not
+    /// kept (`h` is not cached, or no idle block is left to evict).
+    pub fn keep_snapshot(&mut self, h: u64, state: RowState) -> bool {
+        let Some(b) = self.cache.get(&h).map(|c| c.block) else { return false };
+        if self.snapshots.put(h, state.clone()) {
+            return true;
+        }
+        self.hold(b);
+        self.shed(crate::engine::recurrent::bytes(&state));
+        let kept = self.snapshots.put(h, state);
+        // Held without a window reference (as `lookup` holds): give it back so.
+        self.release(&[b | DEAD]);
+        kept
     }
 
     /// Whether `full` blocks and one sequence's state fit the whole budget
