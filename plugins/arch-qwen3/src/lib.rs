@@ -8,6 +8,7 @@
 //! share.
 mod hybrid;
 mod qwen2;
+pub mod qwen2_5_vl_vision;
 mod qwen3;
 mod qwen3_5;
 mod qwen3_5_moe;
