@@ -137,8 +137,11 @@ pub struct AttendSpec {
     /// float [H]: per-head attention-sink logits (gpt-oss), an extra softmax
     /// column that takes probability mass and no value.
     pub sinks: ROption<MlxArray>,
-    /// False for encoders: every token sees every valid token of its row
-    /// (`ForwardCtx::lengths`), and nothing is cached.
+    /// False: no causal mask. In a cacheless forward (an encoder) every
+    /// token sees every valid token of its row (`ForwardCtx::lengths`) and
+    /// nothing is cached; where the host lends a cache (a DFlash drafter's
+    /// context store), the new tokens see the whole cached context and each
+    /// other. The paged pool of the server refuses it.
     pub causal: bool,
 }
 
@@ -236,11 +239,15 @@ pub trait Model: Send {
     /// (features [B, L, C], mask all true): for token t at position p, the
     /// hidden states of position p - 1, those layers' concatenated along the
     /// last axis, or, on a chained draft step, the head's own
-    /// [`HEAD_STATE`] of the step before. It caches its own layers' K/V
-    /// through `attend` like any model (the host pages them); `offsets()`
-    /// count the head's own cached positions. It loads from the verifier's
-    /// checkpoint (the same `WeightSource`: shared embeddings and LM head,
-    /// its own tensors under its prefix). Empty (the default, and a pre-3.6
+    /// [`HEAD_STATE`] of the step before. A head may also read conditioning
+    /// only on the rows the mask sets (a DFlash drafter: the context rows
+    /// carry their own position's hidden states, the block's rows none).
+    /// It caches its own layers' K/V through `attend` like any model (the
+    /// host pages them); `offsets()` count the head's own cached positions.
+    /// It loads from the verifier's checkpoint (the same `WeightSource`:
+    /// shared embeddings and LM head, its own tensors under its prefix), or
+    /// from a sidecar directory with the verifier's as its fallback
+    /// (`LoadedModel::load_head_from`: Eagle-3, DFlash). Empty (the default, and a pre-3.6
     /// plugin's answer): a plain model.
     fn conditioning(&self) -> RVec<i32> {
         RVec::new()

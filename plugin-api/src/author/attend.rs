@@ -35,7 +35,8 @@ pub struct AttendOpts<'a> {
     /// float [H]: per-head attention-sink logits (gpt-oss), an extra column
     /// in the softmax that takes probability mass and no value.
     pub sinks: Option<&'a Array>,
-    /// False for encoders: no causal mask, no cache.
+    /// False: no causal mask (encoders, without a cache; a DFlash block over
+    /// its context store). See `arch::AttendSpec::causal`.
     pub causal: bool,
 }
 
