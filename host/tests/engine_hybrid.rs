@@ -209,7 +209,8 @@ fn hybrid_prefix_hit_equals_miss_and_skips_prefill() {
 /// A KV budget far too small for the requests at once: sequences are
 /// preempted (their state dropped with their blocks) and prefilled again
 /// later, from a snapshot or from zeros; every output is still the
-/// reference. With an SSD tier configured, which these lanes do not use.
+/// reference. With an SSD tier: evicted blocks go to disk with their state
+/// snapshots (tests/engine_hybrid_ssd.rs checks hits from there).
 #[test]
 fn hybrid_preemption_rebuilds_state() {
     let _g = common::mlx_lock();
@@ -241,7 +242,7 @@ fn hybrid_preemption_rebuilds_state() {
         b.preemptions, b.prefix_hits, b.prefix_hit_tokens, b.evictions
     );
     assert!(b.preemptions >= 1, "the budget never forced a preemption: {b:?}");
-    assert_eq!((b.ssd_writes, b.ssd_blocks), (0, 0), "a recurrent lane used the SSD tier: {b:?}");
+    assert!(b.ssd_state_writes <= b.ssd_writes, "a snapshot went to disk without its block: {b:?}");
     assert_eq!(b.seq_blocks, 0, "{b:?}");
     w.shutdown();
 }

@@ -45,6 +45,8 @@ mod state;
 mod store;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_state;
 mod writer;
 
 pub use config::*;
