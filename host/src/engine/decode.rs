@@ -190,6 +190,11 @@ pub(crate) fn forward_rows(
     let same = |t: u64| seqs.iter().enumerate().all(|(r, s)| s.state_tag == Some((t, r)));
     let stacked = pool.batch_state.as_ref().filter(|l| l.rows == b && same(l.tag)).map(|l| l.states.clone());
     let mut paged = PagedForward::ragged(pool, &rows, lens)?.with_states(states).with_stacked(stacked);
+    // Images of a model that attends bidirectionally within each (media.rs).
+    if inputs.is_some() && model.bidirectional_media() {
+        let runs = seqs.iter().zip(lens).map(|(s, &n)| super::media::bidirectional_runs(s, s.kv_len, n)).collect();
+        paged = paged.with_runs(runs)?;
+    }
     let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };
     let logits = model.run(&input, &mut paged, req)?.out;
     // Recurrent state: the rows' own change only now the forward succeeded.

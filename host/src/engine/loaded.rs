@@ -73,6 +73,18 @@ impl LoadedModel {
         self.cache_layers.iter().any(|l| l.kind == cache_kind::STATE)
     }
 
+    /// Whether the language model's image tokens attend bidirectionally
+    /// within each image: `use_bidirectional_attention: "vision"` in
+    /// config.json's `text_config` (or at its top, for a config without
+    /// one), the Hugging Face key Gemma 4 uses (vision_config's own key is
+    /// the vision tower's and is not read). Prefill then keeps each image's
+    /// placeholders in one chunk and lets them see each other (media.rs).
+    pub fn bidirectional_media(&self) -> bool {
+        let c = &self.dir.config;
+        let text = c.get("text_config").unwrap_or(c);
+        text.get("use_bidirectional_attention").and_then(|v| v.as_str()) == Some("vision")
+    }
+
     /// Why the paged pool cannot hold this model's layers in its KV
     /// families, if it cannot (a layer kind this host does not know, dims a
     /// family cannot store). Per-layer shapes, SHARED layers (kv_layout.rs)

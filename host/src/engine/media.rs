@@ -243,6 +243,50 @@ pub fn chunk_inputs(model: &mut LoadedModel, s: &mut Sequence, start: usize, len
     Ok(Some((features, Array::from_slice(&mask, &[1, len as i32]))))
 }
 
+/// A model with `use_bidirectional_attention: "vision"`
+/// (`LoadedModel::bidirectional_media`) lets each image's placeholder
+/// tokens attend to every placeholder of the same image, both ways, on top
+/// of the causal mask, in every layer (windowed ones too), as mlx-vlm's
+/// Gemma 4 does with the processor's `mm_token_type_ids`: runs of adjacent
+/// placeholders are one block. Prefill therefore keeps each image's
+/// placeholders in one chunk ([`align_chunk`]), and the paged forward gets
+/// the runs of the chunk ([`bidirectional_runs`], `PagedForward::with_runs`).
+///
+/// The runs of `s`'s images that reach into its new tokens `start..start +
+/// len`: absolute positions, cut at the chunk's end (a run's part before
+/// `start` is in the cache, computed with the whole image seen).
+pub fn bidirectional_runs(s: &Sequence, start: usize, len: usize) -> Vec<Range<usize>> {
+    let Some(media) = &s.params.media else { return Vec::new() };
+    let end = start + len;
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for span in media.images.iter().map(|i| &i.span) {
+        if span.is_empty() || span.start >= end || span.end <= start {
+            continue;
+        }
+        let r = span.start..span.end.min(end);
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end, // adjacent placeholders: one block
+            _ => runs.push(r),
+        }
+    }
+    runs
+}
+
+/// The prefill chunk of `s` from `start`, `chunk` tokens asked, moved so no
+/// image's placeholders are split across chunks (bidirectional models,
+/// [`bidirectional_runs`]): a chunk ending inside an image ends before it
+/// instead, or, when the image begins at `start` (or before it: a
+/// prefix-cache hit inside it), at the image's end, past `chunk`.
+pub fn align_chunk(s: &Sequence, start: usize, chunk: usize) -> usize {
+    let Some(media) = &s.params.media else { return chunk };
+    let end = start + chunk;
+    match media.images.iter().map(|i| &i.span).find(|sp| sp.start < end && end < sp.end) {
+        Some(sp) if sp.start > start => sp.start - start,
+        Some(sp) => sp.end - start,
+        None => chunk,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::block_manager::{block_hash, HashKey};

@@ -32,6 +32,7 @@ use rmlx_plugin_api::{
     PluginError,
 };
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// One row of a paged forward: its block table and the tokens already in it.
 pub struct Row<'a> {
@@ -70,6 +71,9 @@ pub struct PagedForward<'a> {
     written: Vec<bool>,
     /// The window group's writes and tables, when the pool is split.
     win: Option<WinTables>,
+    /// Per row, runs of positions that see each other both ways on top of
+    /// the causal mask (`with_runs`); empty: plain causal.
+    runs: Vec<Vec<Range<usize>>>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -132,7 +136,27 @@ impl<'a> PagedForward<'a> {
             stacked: None,
             written: Vec::new(),
             win,
+            runs: Vec::new(),
         })
+    }
+
+    /// Bidirectional runs per row (in the rows' order): absolute positions
+    /// [a, b) whose tokens all see each other in every causal attention of
+    /// this forward, on top of the causal (and windowed) mask: an image's
+    /// placeholders where the model asks for it (`use_bidirectional_attention:
+    /// "vision"`, media.rs). A run must end within its row's new tokens (keys
+    /// past them hold no data yet); the part before them is in the cache.
+    pub fn with_runs(mut self, runs: Vec<Vec<Range<usize>>>) -> anyhow::Result<Self> {
+        anyhow::ensure!(runs.len() == self.offsets.len(), "{} rows of bidirectional runs for {} rows", runs.len(), self.offsets.len());
+        for (b, row) in runs.iter().enumerate() {
+            let end = (self.offsets[b] + self.len as i32).max(0) as usize;
+            if let Some(r) = row.iter().find(|r| r.end > end || r.start >= r.end) {
+                anyhow::bail!("a bidirectional run {}..{} of row {b} is empty or ends past its {end} tokens", r.start, r.end);
+            }
+        }
+        self.masks.clear();
+        self.runs = runs;
+        Ok(self)
     }
 
     /// Lends the rows' recurrent states (one per row, in the rows' order)
@@ -156,19 +180,23 @@ impl<'a> PagedForward<'a> {
     }
 
     /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
-    /// positions j <= offset_b + i, and j > offset_b + i - window when windowed.
-    /// None where plain causal masking (or none) is exact: one row, no window.
+    /// positions j <= offset_b + i, and j > offset_b + i - window when windowed,
+    /// and every position of a bidirectional run it is in (`with_runs`).
+    /// None where plain causal masking (or none) is exact: one row, no
+    /// window, no runs.
     fn mask(&mut self, window: u32) -> Option<Array> {
         let (len, ctx) = (self.len, self.ctx);
-        let offsets = &self.offsets;
+        let (offsets, runs) = (&self.offsets, &self.runs);
+        let plain = runs.iter().all(Vec::is_empty);
         self.masks
             .entry(window)
             .or_insert_with(|| {
-                if offsets.len() == 1 && window == 0 {
+                if offsets.len() == 1 && window == 0 && plain {
                     return None; // the gather is cut to the row's length
                 }
                 let mut m = Vec::with_capacity(offsets.len() * len * ctx);
-                for &o in offsets {
+                for (b, &o) in offsets.iter().enumerate() {
+                    let run = runs.get(b).map_or(&[][..], Vec::as_slice);
                     for i in 0..len {
                         // Negative: a ragged row's padding (it sees position 0 only).
                         let Ok(pos) = usize::try_from(o as isize + i as isize) else {
@@ -177,7 +205,7 @@ impl<'a> PagedForward<'a> {
                         };
                         m.extend(
                             (0..ctx)
-                                .map(|j| j <= pos && (window == 0 || j + window as usize > pos)),
+                                .map(|j| (j <= pos && (window == 0 || j + window as usize > pos)) || same_run(run, pos, j)),
                         );
                     }
                 }
@@ -360,12 +388,13 @@ impl PagedForward<'_> {
                     opts.window
                 )));
             }
-            let mask = w.mask(&self.offsets, self.len, opts.window);
+            let mask = w.mask(&self.offsets, self.len, opts.window, &self.runs).map_err(PluginError::unsupported)?;
             let paged = Paged { tables: &w.tables, block_size: self.pool.block_size as i32, ctx: w.ctx as i32, mask: Some(&mask), opts: *opts };
             return attend_paged(self.pool, src, q, pk, pv, (kd, vd), &paged);
         }
-        let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0);
         let mask = self.mask(opts.window);
+        // One row, no mask: the gather cut to its exact length (the mask, when there is one, spans ctx).
+        let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0 && mask.is_none());
         let paged = Paged {
             tables: &self.tables,
             block_size: self.pool.block_size as i32,
@@ -375,6 +404,11 @@ impl PagedForward<'_> {
         };
         attend_paged(self.pool, src, q, pk, pv, (kd, vd), &paged)
     }
+}
+
+/// Whether positions `p` and `j` lie in one of `runs`.
+pub(crate) fn same_run(runs: &[Range<usize>], p: usize, j: usize) -> bool {
+    runs.iter().any(|r| r.contains(&p) && r.contains(&j))
 }
 
 /// The families' attention of q over layer `src`'s pools read as `paged` says.

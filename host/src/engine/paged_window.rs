@@ -6,9 +6,10 @@
 //! may be released (table entries flagged `DEAD`) and are never read. Rows
 //! are padded to the longest span (padding reads window block 0, masked).
 use super::kv_groups::{self, WindowGroup};
-use super::paged::Row;
+use super::paged::{same_run, Row};
 use mlx_rs::Array;
 use std::collections::HashMap;
+use std::ops::Range;
 
 pub struct WinTables {
     /// int32 [N]: the window slots the new real tokens go to (row-major).
@@ -65,14 +66,27 @@ impl WinTables {
     /// bool [B, 1, len, ctx]: query i of row b (position offsets[b] + i;
     /// negative: a ragged row's padding, which sees slot 0 only) sees the
     /// gathered slot j (position starts[b] + j) when it is at or before it
-    /// and within `window` of it.
-    pub fn mask(&mut self, offsets: &[i32], len: usize, window: u32) -> Array {
+    /// and within `window` of it, or when both lie in one of the row's
+    /// bidirectional `runs` (an image's placeholders, paged.rs). A run that
+    /// begins before the row's gathered span (a prefix hit inside an image
+    /// longer than the window) cannot be seen whole: an error.
+    pub fn mask(&mut self, offsets: &[i32], len: usize, window: u32, runs: &[Vec<Range<usize>>]) -> Result<Array, String> {
         let (ctx, starts) = (self.ctx, &self.starts);
-        self.masks
+        for (b, row) in runs.iter().enumerate() {
+            if let Some(r) = row.iter().find(|r| r.start < starts[b]) {
+                return Err(format!(
+                    "an image's tokens at {}..{} attend to each other, but the window layers keep only positions from {} on \
+                     (a prefix-cache hit that ends inside an image longer than the window of {window})",
+                    r.start, r.end, starts[b]
+                ));
+            }
+        }
+        Ok(self
+            .masks
             .entry(window)
             .or_insert_with(|| {
                 let mut m = Vec::with_capacity(offsets.len() * len * ctx);
-                for (&o, &s) in offsets.iter().zip(starts) {
+                for (b, (&o, &s)) in offsets.iter().zip(starts).enumerate() {
                     for i in 0..len {
                         let Ok(pos) = usize::try_from(o as isize + i as isize) else {
                             m.extend((0..ctx).map(|j| j == 0));
@@ -80,12 +94,12 @@ impl WinTables {
                         };
                         m.extend((0..ctx).map(|j| {
                             let p = s + j;
-                            p <= pos && (window == 0 || p + window as usize > pos)
+                            (p <= pos && (window == 0 || p + window as usize > pos)) || runs.get(b).is_some_and(|r| same_run(r, pos, p))
                         }));
                     }
                 }
                 Array::from_slice(&m, &[offsets.len() as i32, 1, len as i32, ctx as i32])
             })
-            .clone()
+            .clone())
     }
 }

@@ -142,7 +142,12 @@ impl Scheduler {
                     chunk = boundary - start;
                 }
             }
-            budget = Some(left - chunk);
+            // Bidirectional images: no image split across chunks (media.rs).
+            if model.bidirectional_media() {
+                let s = &self.running[i];
+                chunk = super::super::media::align_chunk(s, s.cached(), chunk).min(s.to_prefill());
+            }
+            budget = Some(left.saturating_sub(chunk));
             chosen.push((self.running[i].id, chunk));
             let (ok, i) = self.reserve(lane, i, chunk, preempted);
             if ok == Reserved::Wait {
