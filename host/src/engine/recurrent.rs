@@ -191,6 +191,11 @@ impl BlockManager {
         let mut state = None;
         for j in (1..=hits.len()).rev() {
             let h = chain[j - 1];
+            // With window layers too: a hit of j blocks needs its next
+            // query's window blocks (block_manager/window.rs).
+            if !self.window_fits(&hits, j) {
+                continue;
+            }
             if let Some(s) = self.snapshots.get(h) {
                 (keep, state) = (j, Some(s.clone()));
                 break;
@@ -203,6 +208,10 @@ impl BlockManager {
         }
         let dropped = hits.split_off(keep);
         self.release(&dropped);
+        // Window layers: blocks the longer hit flagged `DEAD` may be in the
+        // shorter one's window: they take their window references again
+        // (window_fits held above, so nothing more is cut).
+        self.fit_window(&mut hits);
         self.stats.prefix_hit_tokens -= (dropped.len() * self.block_size) as u64;
         if keep == 0 {
             self.stats.prefix_hits -= 1;

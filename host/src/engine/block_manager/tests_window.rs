@@ -111,3 +111,47 @@ fn a_hit_is_cut_to_where_its_window_blocks_are() {
     let s = m.snapshot();
     assert_eq!((s.seq_blocks, s.window_blocks), (0, 0), "{s:?}");
 }
+
+/// A model with recurrent state and window layers: a hit cut to its
+/// deepest snapshot is checked again for the window blocks its next query
+/// reads, and those blocks (flagged `DEAD` in the longer hit) hold their
+/// window references again; a snapshot whose window blocks are gone is
+/// passed over.
+#[test]
+fn a_hit_cut_to_a_snapshot_rechecks_its_window() {
+    use crate::engine::recurrent::RowState;
+    let mut m = mgr(64);
+    m.recurrent = true;
+    let tokens: Vec<u32> = (1..=12).collect();
+    let ch = m.chain(&tokens);
+    for j in 0..6usize {
+        let parent = j.checked_sub(1).map(|p| ch[p]);
+        assert!(m.insert_data(ch[j], parent, j, tokens[2 * j..2 * j + 2].to_vec(), &data(j as f32)));
+    }
+    let st = |x: f32| RowState::from([(1, vec![Array::from_slice(&[x; 2], &[1, 2])])]);
+    assert!(m.snapshots.put(ch[0], st(1.0)) && m.snapshots.put(ch[2], st(3.0)));
+    let mut probe = tokens.clone();
+    probe.push(99);
+    // The whole hit is 6 blocks (0..4 DEAD); cut to 3 (the snapshot after
+    // 6 tokens), its next query (6) reads 3..=6: blocks 1 and 2.
+    let (hit, state) = m.lookup_state(&probe, 0);
+    assert_eq!(hit.len(), 3, "{hit:?}");
+    assert_eq!(state.unwrap()[&1][0].as_slice::<f32>(), [3.0, 3.0]);
+    assert!(hit[0] & DEAD != 0 && hit[1..].iter().all(|&e| e & DEAD == 0 && m.pool.whole(id(e))), "{hit:?}");
+    m.release(&hit);
+    // Block 2's window block evicted: the snapshot after block 2 is passed
+    // over for the one after block 0 (a query at 2 reads blocks 0 and 1),
+    // if theirs are still there; else a miss. Never a hit missing its window.
+    let b2 = m.get(ch[2]).unwrap().block;
+    while m.pool.win.as_ref().unwrap().of(b2).is_some() {
+        assert!(m.shed_windows(1) > 0);
+    }
+    let (hit, state) = m.lookup_state(&probe, 0);
+    assert!(hit.len() <= 1 && hit.is_empty() == state.is_none(), "{hit:?}");
+    for &e in &hit {
+        assert!(e & DEAD == 0 && m.pool.whole(id(e)), "{hit:?}");
+    }
+    m.release(&hit);
+    m.rebuild_refs(std::iter::empty());
+    assert_eq!(m.snapshot().seq_blocks, 0);
+}

@@ -197,11 +197,11 @@ impl BlockManager {
     /// next query finds the window blocks it reads: those take a window
     /// reference, the blocks before them are flagged `DEAD`, the blocks
     /// cut are released. Nothing without a window group.
-    pub(super) fn fit_window(&mut self, hits: &mut Vec<u32>) {
+    pub(crate) fn fit_window(&mut self, hits: &mut Vec<u32>) {
         let Some(a) = self.win.as_ref() else { return };
         let (window, bs) = (a.window, self.block_size);
         let mut n = hits.len();
-        while n > 0 && !(first_block(n * bs, window, bs)..n).all(|j| self.window_of(id(hits[j])).is_some()) {
+        while n > 0 && !self.window_fits(hits, n) {
             n -= 1;
         }
         let cut = hits.split_off(n);
@@ -220,6 +220,17 @@ impl BlockManager {
                 *e = b | DEAD;
             }
         }
+    }
+
+    /// Whether a hit cut to its first `n` blocks leaves its next query
+    /// (at `n` blocks' tokens) the window blocks it reads (always true
+    /// without a window group). A hit cut shorter than `fit_window` cut it
+    /// (a model with recurrent state cuts it to a snapshot) must check
+    /// again: blocks it flagged `DEAD` may now be in the window.
+    pub(crate) fn window_fits(&self, hits: &[u32], n: usize) -> bool {
+        let Some(a) = self.win.as_ref() else { return true };
+        let bs = self.block_size;
+        (first_block(n * bs, a.window, bs)..n).all(|j| self.window_of(id(hits[j])).is_some())
     }
 
     fn take_window_ref_of(&mut self, b: u32) {
