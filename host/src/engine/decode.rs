@@ -192,7 +192,7 @@ pub(crate) fn forward_rows(
     let mut paged = PagedForward::ragged(pool, &rows, lens)?.with_states(states).with_stacked(stacked);
     // Images of a model that attends bidirectionally within each (media.rs).
     if inputs.is_some() && model.bidirectional_media() {
-        let runs = seqs.iter().zip(lens).map(|(s, &n)| super::media::bidirectional_runs(s, s.kv_len, n)).collect();
+        let runs = seqs.iter().zip(lens).map(|(s, &n)| s.params.media.as_ref().map_or_else(Vec::new, |m| m.bidirectional_runs(s.kv_len, n))).collect();
         paged = paged.with_runs(runs)?;
     }
     let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };

@@ -243,47 +243,47 @@ pub fn chunk_inputs(model: &mut LoadedModel, s: &mut Sequence, start: usize, len
     Ok(Some((features, Array::from_slice(&mask, &[1, len as i32]))))
 }
 
-/// A model with `use_bidirectional_attention: "vision"`
-/// (`LoadedModel::bidirectional_media`) lets each image's placeholder
-/// tokens attend to every placeholder of the same image, both ways, on top
-/// of the causal mask, in every layer (windowed ones too), as mlx-vlm's
-/// Gemma 4 does with the processor's `mm_token_type_ids`: runs of adjacent
-/// placeholders are one block. Prefill therefore keeps each image's
-/// placeholders in one chunk ([`align_chunk`]), and the paged forward gets
-/// the runs of the chunk ([`bidirectional_runs`], `PagedForward::with_runs`).
-///
-/// The runs of `s`'s images that reach into its new tokens `start..start +
-/// len`: absolute positions, cut at the chunk's end (a run's part before
-/// `start` is in the cache, computed with the whole image seen).
-pub fn bidirectional_runs(s: &Sequence, start: usize, len: usize) -> Vec<Range<usize>> {
-    let Some(media) = &s.params.media else { return Vec::new() };
-    let end = start + len;
-    let mut runs: Vec<Range<usize>> = Vec::new();
-    for span in media.images.iter().map(|i| &i.span) {
-        if span.is_empty() || span.start >= end || span.end <= start {
-            continue;
+impl PromptMedia {
+    /// A model with `use_bidirectional_attention: "vision"`
+    /// (`LoadedModel::bidirectional_media`) lets each image's placeholder
+    /// tokens attend to every placeholder of the same image, both ways, on
+    /// top of the causal mask, in every layer (windowed ones too), as
+    /// mlx-vlm's Gemma 4 does with the processor's `mm_token_type_ids`:
+    /// runs of adjacent placeholders are one block. Prefill therefore keeps
+    /// each image's placeholders in one chunk ([`Self::align_chunk`]), and
+    /// the paged forward gets the chunk's runs (`PagedForward::with_runs`).
+    ///
+    /// The runs that reach into the new tokens `start..start + len`:
+    /// absolute positions, cut at the chunk's end (a run's part before
+    /// `start` is in the cache, computed with the whole image seen).
+    pub fn bidirectional_runs(&self, start: usize, len: usize) -> Vec<Range<usize>> {
+        let end = start + len;
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for span in self.images.iter().map(|i| &i.span) {
+            if span.is_empty() || span.start >= end || span.end <= start {
+                continue;
+            }
+            let r = span.start..span.end.min(end);
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end, // adjacent placeholders: one block
+                _ => runs.push(r),
+            }
         }
-        let r = span.start..span.end.min(end);
-        match runs.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end, // adjacent placeholders: one block
-            _ => runs.push(r),
-        }
+        runs
     }
-    runs
-}
 
-/// The prefill chunk of `s` from `start`, `chunk` tokens asked, moved so no
-/// image's placeholders are split across chunks (bidirectional models,
-/// [`bidirectional_runs`]): a chunk ending inside an image ends before it
-/// instead, or, when the image begins at `start` (or before it: a
-/// prefix-cache hit inside it), at the image's end, past `chunk`.
-pub fn align_chunk(s: &Sequence, start: usize, chunk: usize) -> usize {
-    let Some(media) = &s.params.media else { return chunk };
-    let end = start + chunk;
-    match media.images.iter().map(|i| &i.span).find(|sp| sp.start < end && end < sp.end) {
-        Some(sp) if sp.start > start => sp.start - start,
-        Some(sp) => sp.end - start,
-        None => chunk,
+    /// The prefill chunk from `start`, `chunk` tokens asked, moved so no
+    /// image's placeholders are split across chunks (bidirectional models):
+    /// a chunk ending inside an image ends before it instead, or, when the
+    /// image begins at `start` (or before it: a prefix-cache hit inside
+    /// it), at the image's end, past `chunk`.
+    pub fn align_chunk(&self, start: usize, chunk: usize) -> usize {
+        let end = start + chunk;
+        match self.bidirectional_runs(0, usize::MAX / 2).into_iter().find(|sp| sp.start < end && end < sp.end) {
+            Some(sp) if sp.start > start => sp.start - start,
+            Some(sp) => sp.end - start,
+            None => chunk,
+        }
     }
 }
 
@@ -335,6 +335,27 @@ mod tests {
         assert!(matches!(PromptMedia { images: vec![] }.cache_tokens(&prompt), Cow::Borrowed(_)));
         // A prompt cut inside the image (a partial lookup) still keys it.
         assert_eq!(a.cache_tokens(&prompt[..8])[..], ka[..8]);
+    }
+
+    #[test]
+    fn images_stay_in_one_chunk_and_form_runs() {
+        let m = PromptMedia { images: vec![image(1, 5..9), image(2, 9..12), image(3, 20..30)] };
+        // A chunk ending inside an image ends before it...
+        assert_eq!(m.align_chunk(0, 7), 5);
+        assert_eq!(m.align_chunk(12, 10), 8);
+        // ...or, starting at (or inside) it, at its end, past the chunk.
+        assert_eq!(m.align_chunk(5, 2), 7);
+        assert_eq!(m.align_chunk(20, 3), 10);
+        assert_eq!(m.align_chunk(22, 3), 8);
+        // Adjacent images are one run; ends between runs or past them stay.
+        assert_eq!(m.align_chunk(0, 9), 5);
+        assert_eq!(m.align_chunk(0, 12), 12);
+        assert_eq!(m.align_chunk(0, 40), 40);
+        // Adjacent placeholders are one run; runs are cut at the chunk's end.
+        assert_eq!(m.bidirectional_runs(0, 40), vec![5..12, 20..30]);
+        assert_eq!(m.bidirectional_runs(12, 13), vec![20..25]);
+        assert_eq!(m.bidirectional_runs(7, 3), vec![5..10]);
+        assert_eq!(m.bidirectional_runs(12, 8), Vec::<Range<usize>>::new());
     }
 
     #[test]

@@ -22,12 +22,11 @@
 //!   the mask is set *after* the sqrt(hidden) embedding scale (unlike
 //!   Gemma 3), and the per-layer token embeddings reading token 0 at the
 //!   `image_token_id`, `audio_token_id` and `video_token_id` positions, as
-//!   mlx-vlm's `get_input_embeddings` does. Attention stays causal (windowed
-//!   on sliding layers) over image tokens: mlx-vlm applies its bidirectional
-//!   vision overlay (`use_bidirectional_attention: "vision"`) only when
-//!   `mm_token_type_ids` are passed, which the contract cannot express (it
-//!   would need a per-position block id beside the mask). Without input
-//!   embeddings it is the text-only model.
+//!   mlx-vlm's `get_input_embeddings` does. Attention is the host's: with
+//!   `use_bidirectional_attention: "vision"` in `text_config` the host lets
+//!   each image's tokens see each other in every `attend` call (its mask,
+//!   host/src/engine/media.rs); this plugin asks for plain causal attention
+//!   either way. Without input embeddings it is the text-only model.
 //!
 //! Placeholders: per image the prompt carries `boi_token_id`, T times
 //! `image_token_id`, then `eoi_token_id`; the host puts the media forward's

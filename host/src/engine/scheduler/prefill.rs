@@ -145,7 +145,7 @@ impl Scheduler {
             // Bidirectional images: no image split across chunks (media.rs).
             if model.bidirectional_media() {
                 let s = &self.running[i];
-                chunk = super::super::media::align_chunk(s, s.cached(), chunk).min(s.to_prefill());
+                chunk = s.params.media.as_ref().map_or(chunk, |m| m.align_chunk(s.cached(), chunk)).min(s.to_prefill());
             }
             budget = Some(left.saturating_sub(chunk));
             chosen.push((self.running[i].id, chunk));
