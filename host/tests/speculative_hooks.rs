@@ -14,10 +14,12 @@
 //! tested through HTTP in speculative_hooks_api.rs.
 mod common;
 
+use common::engine::{entry, submit};
+
 use rmlx::engine::sampler::{logprobs, SamplingParams, Sampler};
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::{LoadedModel, Session};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,17 +38,6 @@ fn catalog() -> ModelCatalog {
 fn worker(cat: &ModelCatalog) -> Worker {
     let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 256, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
     Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..SchedulerConfig::default() }, cat).unwrap()
-}
-
-fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
-    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
-}
-
-fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-    w.submit(req).unwrap();
-    rx
 }
 
 /// Reads to the end: (token ids, their logprobs when asked, how it finished).

@@ -8,14 +8,14 @@
 //! vocabulary at start.
 mod common;
 
+use common::engine::{worker, entry, submit, collect};
+
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::worker::{GenParams, ModelCatalog, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// A catalog of `(id, model, draft model)`: the same directory may appear
 /// under two ids, with and without a drafter.
@@ -28,35 +28,6 @@ fn catalog(models: &[(&str, &str, Option<&str>)], k: usize) -> ModelCatalog {
         }
     }
     cat
-}
-
-fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
-    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
-}
-
-fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
-    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
-}
-
-fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-    w.submit(req).unwrap();
-    rx
-}
-
-/// Reads to the end: (token ids, how it finished).
-fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
-    let mut ids = Vec::new();
-    loop {
-        match rx.blocking_recv().expect("engine hung up") {
-            GenEvent::Token { id, .. } => ids.push(id),
-            GenEvent::Done(f) => return (ids, f),
-            GenEvent::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
 }
 
 fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {

@@ -10,14 +10,14 @@
 //! distribution (chi-square).
 mod common;
 
+use common::engine::{worker, entry, submit, collect};
+
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
 use rmlx::engine::LoadedModel;
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
-use std::sync::atomic::AtomicBool;
+use rmlx::engine::worker::{GenParams, ModelCatalog};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// llama-f32 twice: `plain` without a drafter, `eagle3` with the head.
 fn catalog(k: usize) -> ModelCatalog {
@@ -26,34 +26,6 @@ fn catalog(k: usize) -> ModelCatalog {
     let head = common::fixture("models/llama-eagle3-head");
     Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(head, Some(k), Some("eagle3")).unwrap());
     cat
-}
-
-fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
-    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
-}
-
-fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
-    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
-}
-
-fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-    w.submit(req).unwrap();
-    rx
-}
-
-fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
-    let mut ids = Vec::new();
-    loop {
-        match rx.blocking_recv().expect("engine hung up") {
-            GenEvent::Token { id, .. } => ids.push(id),
-            GenEvent::Done(f) => return (ids, f),
-            GenEvent::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
 }
 
 fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {

@@ -9,6 +9,8 @@
 //! usage and /metrics report the `mtp` drafter's counts.
 mod common;
 
+use common::engine::{worker, entry, submit, collect};
+
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
@@ -26,34 +28,6 @@ fn catalog(k: usize) -> ModelCatalog {
     let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("mtp".into()), dir.clone())], &[]).unwrap();
     Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(dir, Some(k), Some("mtp")).unwrap());
     cat
-}
-
-fn worker(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 4096, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
-    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
-}
-
-fn entry(cat: &ModelCatalog, id: &str) -> Arc<ModelEntry> {
-    cat.entries.iter().find(|e| e.id == id).unwrap().clone()
-}
-
-fn submit(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams) -> mpsc::UnboundedReceiver<GenEvent> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-    w.submit(req).unwrap();
-    rx
-}
-
-fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish) {
-    let mut ids = Vec::new();
-    loop {
-        match rx.blocking_recv().expect("engine hung up") {
-            GenEvent::Token { id, .. } => ids.push(id),
-            GenEvent::Done(f) => return (ids, f),
-            GenEvent::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
 }
 
 fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
