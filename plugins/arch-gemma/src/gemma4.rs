@@ -82,6 +82,13 @@ impl Config {
         if tc.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
             return bad("text_config.tie_word_embeddings false is not supported (mlx-vlm's gemma4 always uses the embedding as the head)".into());
         }
+        // mlx-vlm knows "vision" (the host's image runs); any other value
+        // would be computed causally, so it is refused by name.
+        match tc.get("use_bidirectional_attention") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::String(v)) if v == "vision" => {}
+            Some(v) => return bad(format!("text_config.use_bidirectional_attention {v} is not supported (only \"vision\": each image's tokens see each other)")),
+        }
         let text = gemma4_text::Config::parse(&Value::Object(tc).to_string())?;
         let vocab = text.vocab_size as i64;
         for (k, id) in [("image_token_id", Some(top.image_token_id)), ("video_token_id", top.video_token_id)] {
@@ -210,6 +217,9 @@ mod tests {
         assert!(err("", "", r#","hidden_activation":"relu""#).contains("hidden_activation"));
         assert!(err("", "", r#","model_type":"siglip_vision_model""#).contains("gemma4_vision"));
         assert!(err(r#","video_token_id":400"#, "", "").contains("video_token_id"));
+        assert!(err("", r#","use_bidirectional_attention":"all""#, "").contains("use_bidirectional_attention"));
+        assert!(err("", r#","use_bidirectional_attention":true"#, "").contains("use_bidirectional_attention"));
+        assert!(cfg("", r#","use_bidirectional_attention":"vision""#, "").is_ok());
         assert!(Config::parse(r#"{"model_type":"gemma4","text_config":{}}"#).is_err());
     }
 }
