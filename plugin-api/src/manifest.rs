@@ -18,7 +18,8 @@ pub struct Manifest {
     pub weight_quants: RVec<RString>,
     /// KV-cache families it provides (KvCache).
     pub kv_families: RVec<RString>,
-    /// Drafter kinds it provides (Drafter).
+    /// The drafter heads among its architectures (ABI 3.6 `conditioning`):
+    /// the `{model_type}_{kind}` names it registers for them.
     pub drafters: RVec<RString>,
 }
 

@@ -14,6 +14,8 @@ impl PluginImpl for ArchLlama {
     fn manifest() -> Manifest {
         Manifest::new("arch-llama", env!("CARGO_PKG_VERSION"), "Llama-family decoder (llama, mistral, bitnet) and the Eagle-3 draft head")
             .architectures(&["llama", "mistral", "bitnet", "llama_eagle3", "speculator_model_eagle3"])
+            // The drafter heads among them (ABI 3.6), listed as drafters too.
+            .drafters(&["llama_eagle3", "speculator_model_eagle3"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {

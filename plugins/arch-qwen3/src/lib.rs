@@ -28,6 +28,9 @@ impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
         Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe), the Qwen3.5 MTP drafter head and the DFlash drafter (qwen3_dflash)")
             .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
+            // The drafter heads among them (ABI 3.6: models that name the
+            // verifier layers they condition on), listed as drafters too.
+            .drafters(&["qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
     }
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
