@@ -203,7 +203,7 @@ async fn metrics_and_run_log() {
     assert!(m.get("rmlx_prefix_cache_misses_total", &model) >= 1.0, "{text}");
     assert!(m.get("rmlx_kv_blocks_free", &model) > 0.0, "{text}");
     assert!(m.get("rmlx_kv_blocks_cached", &model) > 0.0, "{text}");
-    for name in ["rmlx_kv_blocks_used", "rmlx_kv_ssd_reads_total", "rmlx_kv_ssd_writes_total", "rmlx_kv_preemptions_total"] {
+    for name in ["rmlx_kv_blocks_used", "rmlx_kv_ssd_reads_total", "rmlx_kv_ssd_writes_total", "rmlx_kv_ssd_state_reads_total", "rmlx_kv_ssd_state_writes_total", "rmlx_kv_preemptions_total"] {
         assert!(m.has(name), "{name} missing:\n{text}");
     }
     assert_eq!(m.get("rmlx_running_sequences", &[]), 0.0);

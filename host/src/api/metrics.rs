@@ -194,6 +194,14 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         "rmlx_kv_ssd_writes_total",
         "KV blocks written to the SSD tier.",
     )?;
+    let ssd_state_reads = per_model_counter(
+        "rmlx_kv_ssd_state_reads_total",
+        "Recurrent-state snapshots read back from the SSD tier (hybrid models).",
+    )?;
+    let ssd_state_writes = per_model_counter(
+        "rmlx_kv_ssd_state_writes_total",
+        "Recurrent-state snapshots written to the SSD tier beside their blocks.",
+    )?;
     let preemptions = per_model_counter(
         "rmlx_kv_preemptions_total",
         "Sequences preempted for KV room (requeued).",
@@ -210,12 +218,14 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         hit_tokens.with_label_values(&l).inc_by(b.prefix_hit_tokens);
         ssd_reads.with_label_values(&l).inc_by(b.ssd_reads);
         ssd_writes.with_label_values(&l).inc_by(b.ssd_writes);
+        ssd_state_reads.with_label_values(&l).inc_by(b.ssd_state_reads);
+        ssd_state_writes.with_label_values(&l).inc_by(b.ssd_state_writes);
         preemptions.with_label_values(&l).inc_by(b.preemptions);
     }
     for g in [used, free, cached, live_state, snapshot_state] {
         snap.register(Box::new(g))?;
     }
-    for c in [hits, misses, hit_tokens, ssd_reads, ssd_writes, preemptions] {
+    for c in [hits, misses, hit_tokens, ssd_reads, ssd_writes, ssd_state_reads, ssd_state_writes, preemptions] {
         snap.register(Box::new(c))?;
     }
     // Speculative decoding, per drafter kind (`draft`).
