@@ -18,8 +18,10 @@
 //!   the draft counts; bad input is a clear error.
 mod common;
 
+use common::model::{argmax, ids, plain_greedy, values};
+
 use common::golden::{rel_err, MARGIN, REL_TOL};
-use mlx_rs::{Array, Dtype};
+use mlx_rs::Array;
 use rmlx::engine::attend::ForwardRequest;
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::speculative::{dflash, stats::chi_square_p, SpecOptions};
@@ -57,25 +59,10 @@ fn golden() -> Golden {
     serde_json::from_str(&text).unwrap()
 }
 
-fn values(a: &Array) -> Vec<f32> {
-    let a = a.as_dtype(Dtype::Float32).unwrap();
-    a.eval().unwrap();
-    a.as_slice::<f32>().to_vec()
-}
-
-fn ids(t: &[u32]) -> Array {
-    let v: Vec<i32> = t.iter().map(|&t| t as i32).collect();
-    Array::from_slice(&v, &[1, v.len() as i32])
-}
-
 fn check(label: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{label}: sizes");
     let e = rel_err(got, want);
     assert!(e < REL_TOL, "{label}: relative error {e} against mlx-vlm");
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
 }
 
 fn verifier_dir() -> std::path::PathBuf {
@@ -179,21 +166,6 @@ fn a_causal_dflash_drafter_drafts_as_mlx_vlm_does() {
     let got = values(&d.propose(&g.prompt, Some(&ctx), round.block[0], g.block_size - 1).unwrap());
     check("causal round 0 logits", &got, &g.causal_round0_logits.concat());
     assert!(rel_err(&got, &round.logits.concat()) > 1e-2, "causal and non-causal blocks differ");
-}
-
-/// Plain greedy decoding of `n` tokens after `prompt` (the reference).
-fn plain_greedy(m: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.kv_cache();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    while out.len() < n {
-        let logits = m.logits(&ids(&input), &mut cache, true).unwrap();
-        cache.advance(input.len() as i32);
-        let t = argmax(&values(&logits));
-        out.push(t);
-        input = vec![t];
-    }
-    out
 }
 
 /// Greedy `dflash::generate` equals plain greedy decoding token for token

@@ -19,8 +19,10 @@
 //!   input is one clear line (the server: speculative_serve_eagle3.rs).
 mod common;
 
+use common::model::{argmax, ids, plain_greedy, values};
+
 use common::golden::{rel_err, MARGIN, REL_TOL};
-use mlx_rs::{Array, Dtype};
+use mlx_rs::Array;
 use rmlx::engine::attend::ForwardRequest;
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::speculative::{mtp, stats::chi_square_p, SpecOptions};
@@ -67,21 +69,6 @@ fn head_dir() -> PathBuf {
 
 fn load_head(dir: &Path, reg: &Registry) -> LoadedModel {
     LoadedModel::load_head_from(dir, &verifier_dir(), "eagle3", reg, LoadPolicy::default()).unwrap()
-}
-
-fn values(a: &Array) -> Vec<f32> {
-    let a = a.as_dtype(Dtype::Float32).unwrap();
-    a.eval().unwrap();
-    a.as_slice::<f32>().to_vec()
-}
-
-fn ids(t: &[u32]) -> Array {
-    let v: Vec<i32> = t.iter().map(|&t| t as i32).collect();
-    Array::from_slice(&v, &[1, v.len() as i32])
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
 }
 
 /// A head forward of `tokens` on `cond` [1, L, C] (all-true mask) with
@@ -216,20 +203,6 @@ fn eagle3_refusals_are_clear() {
     let mut hc = head.kv_cache();
     let e = head.run(&ids(&[1, 2]), &mut hc, ForwardRequest::logits(true)).err().expect("no conditioning");
     assert!(format!("{e:#}").contains("conditioning"), "{e:#}");
-}
-
-/// Plain greedy decoding of `n` tokens after `prompt` (the reference).
-fn plain_greedy(m: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.kv_cache();
-    let (mut out, mut input) = (Vec::new(), prompt.to_vec());
-    while out.len() < n {
-        let logits = m.logits(&ids(&input), &mut cache, true).unwrap();
-        cache.advance(input.len() as i32);
-        let t = argmax(&values(&logits));
-        out.push(t);
-        input = vec![t];
-    }
-    out
 }
 
 /// `rmlx generate --draft-kind eagle3`'s loop (mtp.rs, the drafter-head

@@ -19,8 +19,10 @@
 //!   clear errors.
 mod common;
 
+use common::model::{argmax, ids, plain_greedy, values};
+
 use common::golden::{rel_err, MARGIN, REL_TOL};
-use mlx_rs::{Array, Dtype};
+use mlx_rs::Array;
 use rmlx::engine::attend::ForwardRequest;
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
@@ -47,17 +49,6 @@ struct Golden {
 fn golden() -> Golden {
     let text = std::fs::read_to_string(common::fixture("goldens/qwen3_5-mtp/golden.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn values(a: &Array) -> Vec<f32> {
-    let a = a.as_dtype(Dtype::Float32).unwrap();
-    a.eval().unwrap();
-    a.as_slice::<f32>().to_vec()
-}
-
-fn ids(t: &[u32]) -> Array {
-    let v: Vec<i32> = t.iter().map(|&t| t as i32).collect();
-    Array::from_slice(&v, &[1, v.len() as i32])
 }
 
 /// (conditioning [1, L, D], an all-true mask [1, L]) as the head takes them.
@@ -156,21 +147,6 @@ fn a_head_needs_its_conditioning_and_a_model_type_with_none_is_refused() {
     assert!(format!("{e:#}").contains("no architecture plugin builds a `eagle3` drafter head"), "{e:#}");
 }
 
-/// Plain greedy decoding of `n` tokens after `prompt` (the reference).
-fn plain_greedy(m: &mut LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = m.kv_cache();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    while out.len() < n {
-        let logits = m.logits(&ids(&input), &mut cache, true).unwrap();
-        cache.advance(input.len() as i32);
-        let t = argmax(&values(&logits));
-        out.push(t);
-        input = vec![t];
-    }
-    out
-}
-
 /// `rmlx generate --draft-kind mtp`'s loop (engine/speculative/mtp.rs) on
 /// the hybrid verifier: greedy output equals plain greedy decoding token for
 /// token, across rounds that keep some drafts and reject others (the
@@ -221,6 +197,3 @@ fn mtp_speculation_is_lossless_on_the_hybrid() {
     assert!(out.rounds < 39, "some rounds kept drafts: {} rounds for 39 tokens", out.rounds);
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
-}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 pub mod engine;
 pub mod golden;
+pub mod model;
 pub mod sampling;
 pub mod vision;
 use rmlx::plugins::Registry;
