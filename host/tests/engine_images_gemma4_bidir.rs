@@ -14,6 +14,8 @@
 //!   (each image kept in one chunk) and through a prefix-cache hit.
 mod common;
 
+use common::vision::{assert_as_mlx_vlm, generate_with_media};
+
 use common::golden::rel_err;
 use common::vision::values;
 use mlx_rs::{
@@ -26,7 +28,7 @@ use rmlx::engine::kv_pool::KvPool;
 use rmlx::engine::media::{encode_images, PromptImage, PromptMedia};
 use rmlx::engine::paged::{PagedForward, Row};
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::worker::{GenEvent, GenParams, GenRequest, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::worker::{ModelCatalog, ModelEntry, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
 use rmlx::media::vision::VisionSpec;
 use rmlx::media::{decode_image, MediaHash, MediaOptions};
@@ -34,9 +36,7 @@ use rmlx::model::tokenizer::Tokenizer;
 use rmlx_plugin_api::author::Output;
 use serde_json::Value;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 const MODEL: &str = "models/gemma4-vision-tiny";
 const GOLD: &str = "goldens/gemma4-vision-bidir";
@@ -183,36 +183,6 @@ fn worker(dir: &Path, chunk: usize) -> (Worker, Arc<ModelEntry>) {
     (w, entry)
 }
 
-/// Greedy tokens with each step's top-5 (id, logprob).
-fn generate(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], media: Arc<PromptMedia>, chunk: usize, steps: usize) -> Vec<(u32, Vec<(u32, f32)>)> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let params = GenParams { max_tokens: steps, ignore_eos: true, prefill_chunk: chunk, logprobs: Some(5), media: Some(media), ..GenParams::default() };
-    let cancel = Arc::new(AtomicBool::new(false));
-    w.submit(GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel, keep_alive: None, events: tx }).unwrap();
-    let mut out = Vec::new();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            GenEvent::Token { id, logprob, .. } => out.push((id, logprob.unwrap().top.iter().map(|(id, _, lp)| (*id, *lp)).collect())),
-            GenEvent::Done(_) => break,
-            GenEvent::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
-    out
-}
-
-fn assert_as_mlx_vlm(got: &[(u32, Vec<(u32, f32)>)], case: &Value, what: &str) {
-    let tokens: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), tokens, "{what}: greedy tokens");
-    for (step, ((_, top), want)) in got.iter().zip(case["top5"].as_array().unwrap()).enumerate() {
-        for ((gi, gl), w) in top.iter().zip(want.as_array().unwrap()) {
-            let (wi, wl) = (w[0].as_u64().unwrap() as u32, w[1].as_f64().unwrap() as f32);
-            assert_eq!(*gi, wi, "{what} step {step}: top-5 {top:?} vs mlx-vlm {want}");
-            assert!((gl - wl).abs() < 1e-4, "{what} step {step}: logprob of {gi}: {gl} vs mlx-vlm {wl}");
-        }
-    }
-}
-
 fn hit_tokens(w: &Worker) -> u64 {
     w.stats().blocks.iter().map(|(_, b)| b.prefix_hit_tokens).sum()
 }
@@ -228,12 +198,12 @@ fn bidirectional_gemma4_images_generate_as_mlx_vlm() {
         let case = &g["cases"][name];
         let steps = case["tokens"].as_array().unwrap().len();
         let (prompt, media) = prompt_and_media(dir.path(), case);
-        assert_as_mlx_vlm(&generate(&w, &e, &prompt, media.clone(), 512, steps), case, &format!("{name}, one chunk"));
+        assert_as_mlx_vlm(&generate_with_media(&w, &e, &prompt, media.clone(), 512, steps), case, &format!("{name}, one chunk"));
         // Again: the prefix cache serves every full block but the last one's.
         let before = hit_tokens(&w);
-        assert_as_mlx_vlm(&generate(&w, &e, &prompt, media.clone(), 512, steps), case, &format!("{name}, prefix-cache hit"));
+        assert_as_mlx_vlm(&generate_with_media(&w, &e, &prompt, media.clone(), 512, steps), case, &format!("{name}, prefix-cache hit"));
         assert_eq!(hit_tokens(&w) - before, ((prompt.len() - 1) / 4 * 4) as u64);
         // Chunks of 3: each image (3 to 6 soft tokens) still prefills in one chunk.
-        assert_as_mlx_vlm(&generate(&w3, &e3, &prompt, media, 3, steps), case, &format!("{name}, chunks of 3"));
+        assert_as_mlx_vlm(&generate_with_media(&w3, &e3, &prompt, media, 3, steps), case, &format!("{name}, chunks of 3"));
     }
 }

@@ -10,7 +10,12 @@ use rmlx::engine::encoder::EncoderStore;
 use rmlx::engine::{sampler, LoadedModel};
 use rmlx_plugin_api::author::Output;
 use serde_json::Value;
+use rmlx::engine::media::PromptMedia;
+use rmlx::engine::worker::{GenEvent, GenParams, GenRequest, ModelEntry, Worker};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// A model fixture and its golden directory.
 pub struct VisionGolden {
@@ -175,4 +180,37 @@ pub fn check_rows(label: &str, got: &[Vec<f32>], want: &[f32], v: usize) -> (Vec
         }
     }
     (fails, worst)
+}
+
+/// Through the engine: greedy tokens of a prompt with images, with each
+/// step's top-5 (id, logprob).
+pub fn generate_with_media(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], media: Arc<PromptMedia>, chunk: usize, steps: usize) -> Vec<(u32, Vec<(u32, f32)>)> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let params = GenParams { max_tokens: steps, ignore_eos: true, prefill_chunk: chunk, logprobs: Some(5), media: Some(media), ..GenParams::default() };
+    let cancel = Arc::new(AtomicBool::new(false));
+    w.submit(GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook: None, cancel, keep_alive: None, events: tx }).unwrap();
+    let mut out = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            GenEvent::Token { id, logprob, .. } => out.push((id, logprob.unwrap().top.iter().map(|(id, _, lp)| (*id, *lp)).collect())),
+            GenEvent::Done(_) => break,
+            GenEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `got` (from [`generate_with_media`]) equals a golden case's greedy
+/// tokens and top-5 logprobs (within 1e-4).
+pub fn assert_as_mlx_vlm(got: &[(u32, Vec<(u32, f32)>)], case: &Value, what: &str) {
+    let tokens: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), tokens, "{what}: greedy tokens");
+    for (step, ((_, top), want)) in got.iter().zip(case["top5"].as_array().unwrap()).enumerate() {
+        for ((gi, gl), w) in top.iter().zip(want.as_array().unwrap()) {
+            let (wi, wl) = (w[0].as_u64().unwrap() as u32, w[1].as_f64().unwrap() as f32);
+            assert_eq!(*gi, wi, "{what} step {step}: top-5 {top:?} vs mlx-vlm {want}");
+            assert!((gl - wl).abs() < 1e-4, "{what} step {step}: logprob of {gi}: {gl} vs mlx-vlm {wl}");
+        }
+    }
 }
