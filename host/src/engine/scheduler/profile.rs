@@ -94,13 +94,15 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Ends the step in progress and prints its line.
-pub fn end(step: u64, lane: &str) {
+pub fn end(step: u64, lane: &super::LaneId) {
     if !enabled() {
         return;
     }
     let Some((t0, p)) = CURRENT.with(|c| c.borrow_mut().take()) else { return };
     eprintln!(
-        "step {step} lane={lane} rows={} prefill={}/{} prefill_ms={:.2} build_ms={:.2} dispatch_ms={:.2} wait_ms={:.2} total_ms={:.2}",
+        "step {step} lane={}/{} rows={} prefill={}/{} prefill_ms={:.2} build_ms={:.2} dispatch_ms={:.2} wait_ms={:.2} total_ms={:.2}",
+        lane.model,
+        lane.family,
         p.rows,
         p.prefill_forwards,
         p.prefill_tokens,

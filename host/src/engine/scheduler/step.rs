@@ -48,7 +48,7 @@ impl Scheduler {
             self.prefill(lane, model, &mut ended, &mut preempted);
         }
         self.decode(lane, model, &mut ended, &mut preempted);
-        profile::end(self.stats.steps, &format!("{}/{}", lane.model, lane.family));
+        profile::end(self.stats.steps, lane);
         // Preempted sequences go back to the front, oldest first.
         for s in preempted.into_iter() {
             self.waiting.push_front(s);
