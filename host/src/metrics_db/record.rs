@@ -75,6 +75,9 @@ impl RunLog {
                     match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
                         Ok(Msg::Request(row)) => w.request(&row),
                         Ok(Msg::Flush(done)) => {
+                            // A flush also records the engine as it is now, so
+                            // a report read right after it is current.
+                            w.sample(&stats);
                             let _ = done.send(());
                         }
                         Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
@@ -107,7 +110,8 @@ impl RunLog {
         self.send(Msg::Request(row));
     }
 
-    /// Waits until everything queued before has been written.
+    /// Waits until everything queued before has been written, and writes a
+    /// sample of the engine as it is now (skipped when unchanged).
     pub fn flush(&self) {
         let (tx, rx) = channel();
         if self.send(Msg::Flush(tx)) {
