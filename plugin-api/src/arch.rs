@@ -206,6 +206,19 @@ pub trait ForwardCtx {
     fn state(&mut self, layer: u32) -> PResult<RVec<MlxArray>>;
     /// The state of a STATE layer after this forward's tokens, each [B, ...].
     fn set_state(&mut self, layer: u32, state: RVec<MlxArray>) -> PResult<()>;
+    /// ABI 3.7: int32 [3, B, L], explicit multimodal-RoPE positions
+    /// (temporal, height, width) of each new token, for models whose media
+    /// forward hands [`MEDIA_POSITIONS`] (Qwen2-VL's M-RoPE). None (the
+    /// default, the only answer for models without media positions): token l
+    /// of row b sits at `offsets()[b] + l` on all three axes. Where the host
+    /// gives them, they replace what `offsets()` implies for RoPE only:
+    /// `offsets()` still counts cached tokens (attention, cache slots).
+    /// Padding columns of ragged rows get `offsets()[b] + l` on all axes.
+    /// A plugin of an older minor never calls it; the default body is what
+    /// a pre-3.7 host's vtable answers.
+    fn positions(&self) -> ROption<MlxArray> {
+        abi_stable::std_types::RNone
+    }
 }
 
 pub type ForwardCtxMut<'a> = ForwardCtx_TO<'a, RMut<'a, ()>>;
@@ -259,6 +272,27 @@ pub trait Model: Send {
 /// next chained draft step conditions on in place of the verifier's hidden
 /// states (for Qwen3.5's MTP head, its normed output).
 pub const HEAD_STATE: u32 = u32::MAX;
+
+/// ABI 3.7: the hidden-layer id (in `ForwardCtx::hidden_layers` /
+/// `put_hidden`) of a media forward's feature positions. In an
+/// [`output::MEDIA`] forward of a model with multimodal RoPE (Qwen2-VL,
+/// Qwen2.5-VL), when the host lists it in `hidden_layers()`, the plugin hands
+/// int32 [N, T, 3]: each feature token's (t, h, w) position relative to the
+/// first feature of its image (for Qwen2.5-VL: t = 0, h = row and w = column
+/// in the merged grid of (H / patch / merge) x (W / patch / merge)).
+///
+/// The host then builds every prompt token's positions, without knowing the
+/// model (Qwen2-VL's `get_rope_index`): text tokens advance all three axes by
+/// one; an image's run of T placeholders that starts where the next text
+/// position would be, `s`, takes `s + rel`; the text after it continues at
+/// `s + max(rel) + 1`. It lends them through [`ForwardCtx::positions`], and
+/// keeps each sequence's rope delta (its last position + 1 - its tokens), so
+/// a later token at index i (decode) sits at `i + delta` on all axes. The
+/// layout depends only on the image (its hash), so the host keeps it per
+/// image and re-derives a sequence's positions after a prefix-cache hit or a
+/// preemption. A media forward that does not hand it (Gemma) leaves
+/// positions to `offsets()`: such models never see `positions()`.
+pub const MEDIA_POSITIONS: u32 = u32::MAX - 1;
 
 /// The message of the `Unsupported` error a pre-3.3 model answers to
 /// `forward_ctx`.

@@ -30,7 +30,7 @@ pub mod wquant;
 
 pub use abi_stable;
 pub use arch::{
-    cache_kind, output, AttendOptions, HEAD_STATE, LayerCache, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
+    cache_kind, output, AttendOptions, HEAD_STATE, MEDIA_POSITIONS, LayerCache, AttendSpec, Attention, ForwardCtx, ForwardCtxMut, Model, ModelBox, ModelSpec, WeightSource,
     WeightSourceMut,
 };
 pub use array::MlxArray;
@@ -71,7 +71,11 @@ pub const ABI_VERSION: u32 = 3;
 /// 3.6: drafter heads: `Model::conditioning` (the verifier layers an MTP or
 ///      Eagle-3 head conditions on, lent through `input_embeddings()`) and
 ///      `arch::HEAD_STATE` (the head's own state for chained draft steps).
-pub const ABI_MINOR: u32 = 6;
+/// 3.7: multimodal RoPE: `ForwardCtx::positions` (explicit [3, B, L]
+///      temporal/height/width positions of the new tokens) and
+///      `arch::MEDIA_POSITIONS` (a media forward's per-feature relative
+///      positions, from which the host builds them; Qwen2.5-VL).
+pub const ABI_MINOR: u32 = 7;
 
 /// Exported by every plugin as a plain C symbol, read before anything else.
 pub const ABI_VERSION_SYMBOL: &[u8] = b"rmlx_plugin_abi_version\0";

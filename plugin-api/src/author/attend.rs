@@ -107,6 +107,12 @@ pub trait Attend {
         let _ = (layer, state);
         Err(PluginError::unsupported("this host keeps no recurrent state (it predates ABI 3.3)"))
     }
+    /// ABI 3.7: int32 [3, B, L] multimodal-RoPE positions (t, h, w) of the
+    /// new tokens (`ForwardCtx::positions`); None: `offsets()[b] + l` on
+    /// every axis (always so on a host older than 3.7).
+    fn positions(&self) -> Option<Array> {
+        None
+    }
 }
 
 /// An older host's [`Attention`] with the forward's `last_only`.
@@ -203,6 +209,13 @@ impl Attend for CtxAttend<'_> {
     }
     fn set_state(&mut self, layer: u32, state: Vec<Array>) -> Result<()> {
         into_result(self.ctx.set_state(layer, state.into_iter().map(MlxArray::from_array).collect()))
+    }
+    fn positions(&self) -> Option<Array> {
+        // A pre-3.7 host's vtable lacks the method: its default answers none.
+        match self.ctx.positions() {
+            RSome(p) => Some(p.into_array()),
+            RNone => None,
+        }
     }
 }
 
