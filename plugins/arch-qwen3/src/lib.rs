@@ -16,6 +16,7 @@ mod qwen3_5_mtp;
 mod qwen3_dflash;
 mod qwen3_moe;
 mod qwen3_next;
+pub mod qwen3_vl_vision;
 
 use rmlx_plugin_api::{
     author::{ModelImpl, PluginImpl, Result, Weights},

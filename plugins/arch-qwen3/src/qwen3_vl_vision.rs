@@ -1,0 +1,531 @@
+//! The vision tower of Qwen3-VL (`vision_config`, model_type `qwen3_vl`), as
+//! mlx-vlm 0.7.10's qwen3_vl/vision.py computes it, from the layout mlx-vlm
+//! loads (`vision_tower.*`, HF's `model.visual.*` renamed):
+//! - input: pre-patchified pixels [Np, C*T*P*P] and each image's grid
+//!   (t, h, w) in patches, in the Qwen2-VL image processor's layout (a still
+//!   image repeated T = `temporal_patch_size` times, patches ordered
+//!   (t, h/m, w/m, m, m), each flattened (C, T, P, P); [`patchify`]);
+//! - patch embedding: a Conv3d with kernel = stride = (T, P, P) and a bias,
+//!   one matmul on such patches (`patch_embed.proj.weight` in HF's
+//!   [D, C, T, P, P] or mlx's [D, T, P, P, C] layout, `.bias` [D]);
+//! - learned position embeddings: a G x G table (`pos_embed`,
+//!   G^2 = `num_position_embeddings`) bilinearly resampled to each grid's
+//!   h x w (sample points `linspace(0, G-1, h)` per axis, corners clamped
+//!   at G-1), tiled over the frames, added to the patch embeddings;
+//! - 2-D RoPE: the head's first half rotated by the patch row, second by its
+//!   column (theta 10000, hd/4 frequencies per axis, duplicated for
+//!   rotate_half over the whole head), as in Qwen2.5-VL;
+//! - attention: every block attends within its frame (no windows);
+//! - blocks: x + attn(ln1(x)), x + fc2(gelu_tanh(fc1(ln2(x)))) (LayerNorms
+//!   with bias, eps 1e-6; qkv, proj, fc1, fc2 with biases; scale hd^-0.5);
+//! - merger: LayerNorm over D, m*m neighbouring patches concatenated,
+//!   Linear -> exact GELU -> Linear to `out_hidden_size`;
+//! - deepstack: after each block listed in `deepstack_visual_indexes`, its
+//!   output goes through that index's own merger (`deepstack_merger_list.j`,
+//!   whose LayerNorm is over the concatenated m*m*D, "post-shuffle"); the
+//!   language model adds feature j to its hidden states after decoder
+//!   layer j at the image positions.
+//!
+//! Shapes: Np patches, U = Np / (m*m) merged tokens, D hidden, F
+//! intermediate, H heads, hd head_dim, O out_hidden_size, K = C*T*P*P,
+//! S = number of deepstack indexes.
+use mlx_rs::{
+    fast::{layer_norm, scaled_dot_product_attention},
+    ops, Array,
+};
+use rmlx_nn::{gemma::gelu_approx, require_positive};
+use rmlx_plugin_api::{
+    author::{EmbeddingLayer, LinearLayer, Result, Weights},
+    PluginError,
+};
+use serde::Deserialize;
+
+pub use crate::qwen2_5_vl_vision::Grid;
+
+// ---- config ----
+
+/// mlx-vlm's qwen3_vl `VisionConfig`: the keys that change the computation
+/// (defaults are mlx-vlm's; real checkpoints set them all).
+#[derive(Deserialize, Debug, Clone)]
+pub struct VisionConfig {
+    pub model_type: Option<String>,
+    #[serde(default = "d_depth")]
+    pub depth: i32,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: i32,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: i32,
+    #[serde(default = "d_out")]
+    pub out_hidden_size: i32,
+    #[serde(default = "d_heads")]
+    pub num_heads: i32,
+    #[serde(default = "d_patch")]
+    pub patch_size: i32,
+    #[serde(default = "d_merge")]
+    pub spatial_merge_size: i32,
+    #[serde(default = "d_temporal")]
+    pub temporal_patch_size: i32,
+    #[serde(default = "d_channels", alias = "in_chans")]
+    pub in_channels: i32,
+    #[serde(default = "d_pos")]
+    pub num_position_embeddings: i32,
+    #[serde(default)]
+    pub deepstack_visual_indexes: Vec<i32>,
+    pub hidden_act: Option<String>,
+}
+
+fn d_depth() -> i32 {
+    32
+}
+fn d_hidden() -> i32 {
+    1280
+}
+fn d_intermediate() -> i32 {
+    3420
+}
+fn d_out() -> i32 {
+    1536
+}
+fn d_heads() -> i32 {
+    16
+}
+fn d_patch() -> i32 {
+    14
+}
+fn d_merge() -> i32 {
+    2
+}
+fn d_temporal() -> i32 {
+    2
+}
+fn d_channels() -> i32 {
+    3
+}
+fn d_pos() -> i32 {
+    2304
+}
+
+/// The vision model types mlx-vlm builds this tower for.
+const MODEL_TYPES: [&str; 7] =
+    ["qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen4_exp", "qwen4_exp_vision"];
+/// The tower's LayerNorm eps (mlx-vlm builds them with 1e-6).
+const NORM_EPS: f32 = 1e-6;
+/// The 2-D RoPE base (mlx-vlm's VisionRotaryEmbedding default).
+const ROPE_THETA: f32 = 10000.0;
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> i32 {
+        self.hidden_size / self.num_heads
+    }
+
+    /// G, the side of the learned position-embedding table.
+    pub fn grid_side(&self) -> i32 {
+        (self.num_position_embeddings as f64).sqrt().round() as i32
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(PluginError::config(format!("vision_config: {m}")));
+        require_positive(&[
+            ("vision_config.depth", self.depth),
+            ("vision_config.hidden_size", self.hidden_size),
+            ("vision_config.intermediate_size", self.intermediate_size),
+            ("vision_config.out_hidden_size", self.out_hidden_size),
+            ("vision_config.num_heads", self.num_heads),
+            ("vision_config.patch_size", self.patch_size),
+            ("vision_config.spatial_merge_size", self.spatial_merge_size),
+            ("vision_config.temporal_patch_size", self.temporal_patch_size),
+            ("vision_config.in_channels", self.in_channels),
+            ("vision_config.num_position_embeddings", self.num_position_embeddings),
+        ])?;
+        if let Some(t) = self.model_type.as_deref().filter(|t| !MODEL_TYPES.contains(t)) {
+            return bad(format!("model_type `{t}` is not a Qwen3-VL vision tower ({})", MODEL_TYPES.join(", ")));
+        }
+        if self.hidden_size % self.num_heads != 0 || self.head_dim() % 4 != 0 {
+            return bad(format!(
+                "hidden_size {} / num_heads {} must give a head_dim that is a multiple of 4 (two rotary halves per spatial axis)",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        let g = self.grid_side();
+        if g * g != self.num_position_embeddings {
+            return bad(format!("num_position_embeddings {} is not a square (a G x G table)", self.num_position_embeddings));
+        }
+        let idx = &self.deepstack_visual_indexes;
+        if let Some(i) = idx.iter().find(|&&i| i < 0 || i >= self.depth) {
+            return bad(format!("deepstack_visual_indexes holds {i}, outside the {} blocks", self.depth));
+        }
+        if let Some((j, i)) = idx.iter().enumerate().find(|(j, i)| idx[..*j].contains(i)) {
+            return bad(format!("deepstack_visual_indexes holds {i} twice (at {j})"));
+        }
+        if let Some(a) = self.hidden_act.as_deref().filter(|a| *a != "gelu_pytorch_tanh") {
+            return bad(format!("hidden_act `{a}` is not supported (mlx-vlm's tower uses the tanh GELU, gelu_pytorch_tanh)"));
+        }
+        Ok(())
+    }
+}
+
+/// Pixels [N, C, H, W] (normalised, channels first; H, W multiples of P*m)
+/// -> patches [N*h*w, C*T*P*P] in the Qwen2-VL / Qwen3-VL image processor's
+/// layout and N grids (1, H/P, W/P): each image repeated T times as T frames.
+pub fn patchify(c: &VisionConfig, pixels: &Array) -> Result<(Array, Vec<Grid>)> {
+    let (ch, t, p, m) = (c.in_channels, c.temporal_patch_size, c.patch_size, c.spatial_merge_size);
+    let (n, h, w) = (pixels.dim(0), pixels.dim(2) / p, pixels.dim(3) / p);
+    let x = pixels.expand_dims(1)?; // [N, 1, C, H, W]
+    let x = ops::broadcast_to(&x, &[n, t, ch, h * p, w * p])?; // [N, T, C, H, W]
+    let x = x.reshape(&[n, t, ch, h / m, m, p, w / m, m, p])?;
+    let x = x.transpose_axes(&[0, 3, 6, 4, 7, 2, 1, 5, 8])?; // [N, h/m, w/m, m, m, C, T, P, P]
+    let x = x.reshape(&[n * h * w, ch * t * p * p])?; // [Np, K]
+    Ok((x, vec![Grid { t: 1, h, w }; n as usize]))
+}
+
+// ---- host-side index arithmetic ----
+
+/// Each patch's (row, col) in its frame, in the patch order (per frame
+/// (h/m, w/m, m, m)).
+fn positions(grids: &[Grid], m: i32) -> Vec<(i32, i32)> {
+    let mut pos = Vec::new();
+    for g in grids {
+        for _ in 0..g.t {
+            for a in 0..g.h / m {
+                for b in 0..g.w / m {
+                    for i in 0..m {
+                        for j in 0..m {
+                            pos.push((a * m + i, b * m + j));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    pos
+}
+
+/// `mx.linspace(0, g - 1, num)` as mlx computes it in float32.
+fn linspace(g: i32, num: i32) -> Vec<f32> {
+    if num == 1 {
+        return vec![0.0];
+    }
+    let stop = (g - 1) as f32;
+    (0..num).map(|i| (i as f32 / (num - 1) as f32) * stop).collect()
+}
+
+/// mlx-vlm's `fast_pos_embed_interpolate` bookkeeping for all grids: the
+/// table rows of the four bilinear corners and their weights, [4, sum h*w]
+/// each (row-major over every grid's h x w), and the gather that puts the
+/// blended rows into the patch order, tiled over frames ([Np]).
+fn bilinear(grids: &[Grid], g: i32, m: i32) -> (Vec<i32>, Vec<f32>, Vec<i32>) {
+    let total: usize = grids.iter().map(|x| (x.h * x.w) as usize).sum();
+    let (mut idx, mut wts) = (vec![Vec::with_capacity(total); 4], vec![Vec::with_capacity(total); 4]);
+    let mut order = Vec::new();
+    let mut base = 0;
+    for gr in grids {
+        let (hs, ws) = (linspace(g, gr.h), linspace(g, gr.w));
+        for &hv in &hs {
+            let (hf, dh) = (hv as i32, hv - (hv as i32) as f32);
+            let hc = (hf + 1).min(g - 1);
+            for &wv in &ws {
+                let (wf, dw) = (wv as i32, wv - (wv as i32) as f32);
+                let wc = (wf + 1).min(g - 1);
+                let corners = [
+                    (hf * g + wf, (1.0 - dh) * (1.0 - dw)),
+                    (hf * g + wc, (1.0 - dh) * dw),
+                    (hc * g + wf, dh * (1.0 - dw)),
+                    (hc * g + wc, dh * dw),
+                ];
+                for (k, (i, wt)) in corners.into_iter().enumerate() {
+                    idx[k].push(i);
+                    wts[k].push(wt);
+                }
+            }
+        }
+        for _ in 0..gr.t {
+            for a in 0..gr.h / m {
+                for b in 0..gr.w / m {
+                    for i in 0..m {
+                        for j in 0..m {
+                            order.push(base + (a * m + i) * gr.w + b * m + j);
+                        }
+                    }
+                }
+            }
+        }
+        base += gr.h * gr.w;
+    }
+    (idx.concat(), wts.concat(), order)
+}
+
+/// cos, sin [Np, 1, hd] for the patches at `pos` (row, col).
+fn rope_tables(pos: &[(i32, i32)], hd: i32, dtype: mlx_rs::Dtype) -> Result<(Array, Array)> {
+    let dim = hd / 2; // rotary dim; hd/4 frequencies per axis
+    let inv: Vec<f32> = (0..dim / 2).map(|k| 1.0 / ROPE_THETA.powf(2.0 * k as f32 / dim as f32)).collect();
+    let (mut cos, mut sin) = (Vec::with_capacity(pos.len() * hd as usize), Vec::with_capacity(pos.len() * hd as usize));
+    for &(r, c) in pos {
+        // (row freqs, col freqs) twice: rotate_half pairs channel i with i + hd/2.
+        for _ in 0..2 {
+            for p in [r, c] {
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+    }
+    let shape = [pos.len() as i32, 1, hd];
+    Ok((Array::from_slice(&cos, &shape).as_dtype(dtype)?, Array::from_slice(&sin, &shape).as_dtype(dtype)?))
+}
+
+/// x * cos + rotate_half(x) * sin; x: [Np, H, hd], halves (a, b) -> (-b, a).
+fn rope(x: &Array, cos: &Array, sin: &Array) -> Result<Array> {
+    let h = x.split_equal(2, -1)?; // 2 x [Np, H, hd/2]
+    let rot = ops::concatenate(&[h[1].negative()?, h[0].clone()], -1)?; // [Np, H, hd]
+    Ok(x.multiply(cos)?.add(&rot.multiply(sin)?)?)
+}
+
+/// The exact (erf) GELU of mlx.nn.GELU.
+fn gelu(x: &Array) -> Result<Array> {
+    let dt = x.dtype();
+    let k = Array::from_f32(std::f32::consts::FRAC_1_SQRT_2).as_dtype(dt)?;
+    let half = Array::from_f32(0.5).as_dtype(dt)?;
+    let one = Array::from_f32(1.0).as_dtype(dt)?;
+    Ok(x.multiply(&half)?.multiply(&ops::erf(&x.multiply(&k)?)?.add(&one)?)?)
+}
+
+// ---- layers ----
+
+/// mlx's LayerNorm with weight and bias, eps 1e-6.
+struct LayerNorm {
+    weight: Array, // [N]
+    bias: Array,   // [N]
+}
+
+impl LayerNorm {
+    fn load(w: &mut Weights, p: &str) -> Result<Self> {
+        Ok(Self { weight: w.tensor(&format!("{p}.weight"))?, bias: w.tensor(&format!("{p}.bias"))? })
+    }
+
+    /// x: [..., N] -> [..., N]
+    fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(layer_norm(x, Some(&self.weight), Some(&self.bias), NORM_EPS)?)
+    }
+}
+
+struct Block {
+    norm1: LayerNorm, // [D]
+    norm2: LayerNorm, // [D]
+    qkv: LinearLayer, // [D] -> [3D], bias
+    proj: LinearLayer, // [D] -> [D], bias
+    fc1: LinearLayer, // [D] -> [F], bias
+    fc2: LinearLayer, // [F] -> [D], bias
+    heads: i32,
+    scale: f32,
+}
+
+impl Block {
+    fn load(w: &mut Weights, p: &str, c: &VisionConfig) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(w, &format!("{p}.norm1"))?,
+            norm2: LayerNorm::load(w, &format!("{p}.norm2"))?,
+            qkv: w.linear(&format!("{p}.attn.qkv"))?,
+            proj: w.linear(&format!("{p}.attn.proj"))?,
+            fc1: w.linear(&format!("{p}.mlp.linear_fc1"))?,
+            fc2: w.linear(&format!("{p}.mlp.linear_fc2"))?,
+            heads: c.num_heads,
+            scale: (c.head_dim() as f32).powf(-0.5),
+        })
+    }
+
+    /// x: [Np, D], rope (cos, sin) [Np, 1, hd], `cuts`: where each frame
+    /// after the first starts (attention stays within a frame) -> [Np, D]
+    fn forward(&self, x: &Array, rope_cs: &(Array, Array), cuts: &[i32]) -> Result<Array> {
+        let n = x.dim(0);
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?.reshape(&[n, 3, self.heads, -1])?; // [Np, 3, H, hd]
+        let parts = qkv.split_equal(3, 1)?; // 3 x [Np, 1, H, hd]
+        let t = |a: &Array| -> Result<Array> { Ok(a.transpose_axes(&[1, 2, 0, 3])?) }; // -> [1, H, Np, hd]
+        let q = t(&rope(&parts[0].squeeze_axes(&[1])?, &rope_cs.0, &rope_cs.1)?.expand_dims(1)?)?;
+        let k = t(&rope(&parts[1].squeeze_axes(&[1])?, &rope_cs.0, &rope_cs.1)?.expand_dims(1)?)?;
+        let v = t(&parts[2])?;
+        let o = if cuts.is_empty() {
+            scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)? // [1, H, Np, hd]
+        } else {
+            let (qs, ks, vs) = (q.split_at_indices(cuts, 2)?, k.split_at_indices(cuts, 2)?, v.split_at_indices(cuts, 2)?);
+            let outs = (0..qs.len())
+                .map(|i| scaled_dot_product_attention(&qs[i], &ks[i], &vs[i], self.scale, None, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?; // each [1, H, Nf, hd]
+            ops::concatenate(&outs, 2)? // [1, H, Np, hd]
+        };
+        let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[n, -1])?; // [Np, D]
+        let h = x.add(&self.proj.forward(&o)?)?; // [Np, D]
+        let m = gelu_approx(&self.fc1.forward(&self.norm2.forward(&h)?)?)?; // [Np, F]
+        Ok(h.add(&self.fc2.forward(&m)?)?)
+    }
+}
+
+/// mlx-vlm's PatchMerger: the main one normalises each patch over D before
+/// the m*m concatenation, a deepstack one ("post-shuffle") after it.
+struct Merger {
+    norm: LayerNorm,  // [D] or [m*m*D]
+    fc1: LinearLayer, // [m*m*D] -> [m*m*D]
+    fc2: LinearLayer, // [m*m*D] -> [O]
+    post_shuffle: bool,
+    width: i32, // m*m*D
+}
+
+impl Merger {
+    fn load(w: &mut Weights, p: &str, c: &VisionConfig, post_shuffle: bool) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::load(w, &format!("{p}.norm"))?,
+            fc1: w.linear(&format!("{p}.linear_fc1"))?,
+            fc2: w.linear(&format!("{p}.linear_fc2"))?,
+            post_shuffle,
+            width: c.hidden_size * c.spatial_merge_size * c.spatial_merge_size,
+        })
+    }
+
+    /// x: [Np, D] -> [U, O]
+    fn forward(&self, x: &Array) -> Result<Array> {
+        let x = if self.post_shuffle {
+            self.norm.forward(&x.reshape(&[-1, self.width])?)?
+        } else {
+            self.norm.forward(x)?.reshape(&[-1, self.width])?
+        }; // [U, m*m*D]
+        self.fc2.forward(&gelu(&self.fc1.forward(&x)?)?)
+    }
+}
+
+// ---- the tower ----
+
+pub struct Qwen3VlVision {
+    config: VisionConfig,
+    patch_w: Array, // [K, D]
+    patch_b: Array, // [D]
+    pos_embed: EmbeddingLayer, // [G*G, D]
+    blocks: Vec<Block>,
+    merger: Merger,
+    deepstack: Vec<Merger>, // one per deepstack_visual_indexes entry, in its order
+}
+
+impl Qwen3VlVision {
+    /// Loads the tower under `p` (`vision_tower`).
+    pub fn load(c: &VisionConfig, w: &mut Weights, p: &str) -> Result<Self> {
+        c.check()?;
+        let (o, ch, t, ps) = (c.hidden_size, c.in_channels, c.temporal_patch_size, c.patch_size);
+        let name = format!("{p}.patch_embed.proj.weight");
+        let pe = w.tensor(&name)?;
+        // mlx's Conv3d layout [O, T, P, P, C], or HF's [O, C, T, P, P].
+        let pe = if pe.shape() == [o, t, ps, ps, ch] {
+            pe.transpose_axes(&[0, 4, 1, 2, 3])?
+        } else if pe.shape() == [o, ch, t, ps, ps] {
+            pe
+        } else {
+            return Err(PluginError::config(format!(
+                "{name} is {:?}, expected [{o}, {ch}, {t}, {ps}, {ps}] or [{o}, {t}, {ps}, {ps}, {ch}]",
+                pe.shape()
+            )));
+        };
+        let patch_w = pe.reshape(&[o, -1])?.transpose()?; // [K, D]
+        let patch_b = w.tensor(&format!("{p}.patch_embed.proj.bias"))?;
+        let pos_embed = w.embedding(&format!("{p}.pos_embed"))?;
+        let blocks = (0..c.depth).map(|i| Block::load(w, &format!("{p}.blocks.{i}"), c)).collect::<Result<Vec<_>>>()?;
+        let merger = Merger::load(w, &format!("{p}.merger"), c, false)?;
+        let deepstack = (0..c.deepstack_visual_indexes.len())
+            .map(|j| Merger::load(w, &format!("{p}.deepstack_merger_list.{j}"), c, true))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { config: c.clone(), patch_w, patch_b, pos_embed, blocks, merger, deepstack })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+
+    /// Refuses pixel values the tower cannot take, saying what it wants.
+    pub fn check_pixels(&self, pixels: &Array) -> Result<()> {
+        let c = &self.config;
+        let s = pixels.shape();
+        let side = c.patch_size * c.spatial_merge_size;
+        let ok = s.len() == 4 && s[0] >= 1 && s[1] == c.in_channels && s[2] > 0 && s[3] > 0 && s[2] % side == 0 && s[3] % side == 0;
+        if !ok {
+            return Err(PluginError::other(format!(
+                "qwen3_vl media forward: pixel values must be [N, {}, H, W] (channels first, normalised) with H and W \
+                 multiples of {side} (patch_size {} x spatial_merge_size {}), got {s:?}",
+                c.in_channels, c.patch_size, c.spatial_merge_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pixels [N, C, H, W] -> (main [N, T, O], S deepstack features
+    /// [N, T, O]), T = (H/P/m)*(W/P/m).
+    pub fn forward(&self, pixels: &Array) -> Result<(Array, Vec<Array>)> {
+        self.check_pixels(pixels)?;
+        let n = pixels.dim(0);
+        let (patches, grids) = patchify(&self.config, &pixels.as_dtype(self.patch_w.dtype())?)?;
+        let (main, deep) = self.forward_patches(&patches, &grids)?;
+        let o = self.config.out_hidden_size;
+        let deep = deep.iter().map(|d| Ok(d.reshape(&[n, -1, o])?)).collect::<Result<Vec<_>>>()?;
+        Ok((main.reshape(&[n, -1, o])?, deep))
+    }
+
+    /// One way to carry the deepstack features through a single MEDIA
+    /// output: pixels [N, C, H, W] -> [N, T, (1+S)*O], the main features
+    /// then each deepstack feature in order, concatenated on the last axis.
+    pub fn forward_stacked(&self, pixels: &Array) -> Result<Array> {
+        let (main, deep) = self.forward(pixels)?;
+        let mut all = vec![main];
+        all.extend(deep);
+        Ok(ops::concatenate(&all, -1)?)
+    }
+
+    /// mlx-vlm's `VisionModel.__call__`: patches [Np, K] of `grids` (in
+    /// order) -> (merged features [U, O], deepstack features S x [U, O], in
+    /// block order), each image's rows in its own patch order.
+    pub fn forward_patches(&self, patches: &Array, grids: &[Grid]) -> Result<(Array, Vec<Array>)> {
+        let c = &self.config;
+        let (m, k) = (c.spatial_merge_size, self.patch_w.dim(0));
+        let np: i32 = grids.iter().map(|g| g.t * g.h * g.w).sum();
+        let grids_ok = !grids.is_empty() && grids.iter().all(|g| g.t > 0 && g.h > 0 && g.w > 0 && g.h % m == 0 && g.w % m == 0);
+        if !grids_ok || patches.shape() != [np, k] {
+            return Err(PluginError::other(format!(
+                "qwen3_vl vision: patches must be [{np}, {k}] for grids {grids:?} (each h and w a positive multiple of {m}), got {:?}",
+                patches.shape()
+            )));
+        }
+        let x = patches.as_dtype(self.patch_w.dtype())?.matmul(&self.patch_w)?.add(&self.patch_b)?; // [Np, D]
+        let mut x = x.add(&self.position_embeddings(grids)?.as_dtype(x.dtype())?)?; // [Np, D]
+        let rope_cs = rope_tables(&positions(grids, m), c.head_dim(), x.dtype())?;
+        let mut cuts = Vec::new();
+        let mut at = 0;
+        for g in grids {
+            for _ in 0..g.t {
+                at += g.h * g.w;
+                cuts.push(at);
+            }
+        }
+        cuts.pop(); // the last frame ends at Np
+        let mut deep = Vec::with_capacity(self.deepstack.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward(&x, &rope_cs, &cuts)?;
+            if let Some(j) = c.deepstack_visual_indexes.iter().position(|&d| d == i as i32) {
+                deep.push(self.deepstack[j].forward(&x)?); // [U, O]
+            }
+        }
+        Ok((self.merger.forward(&x)?, deep))
+    }
+
+    /// The learned position embeddings resampled to every grid, in the
+    /// patch order: [Np, D].
+    fn position_embeddings(&self, grids: &[Grid]) -> Result<Array> {
+        let c = &self.config;
+        let (idx, wts, order) = bilinear(grids, c.grid_side(), c.spatial_merge_size);
+        let hw = (idx.len() / 4) as i32;
+        let rows = self.pos_embed.lookup(&Array::from_slice(&idx, &[4, hw]))?; // [4, hw, D]
+        let wts = Array::from_slice(&wts, &[4, hw, 1]).as_dtype(rows.dtype())?;
+        let p = rows.multiply(&wts)?.split_equal(4, 0)?; // 4 x [1, hw, D]
+        let blended = p[0].add(&p[1])?.add(&p[2])?.add(&p[3])?.squeeze_axes(&[0])?; // [hw, D]
+        Ok(blended.take_axis(&Array::from_slice(&order, &[order.len() as i32]), 0)?) // [Np, D]
+    }
+}
+
+#[cfg(test)]
+#[path = "qwen3_vl_vision_tests.rs"]
+mod tests;
