@@ -1,5 +1,6 @@
 //! `arch-qwen3`: the Qwen decoders, one file per `model_type`
-//! (qwen2.rs for Qwen2 / Qwen2.5, qwen3.rs for Qwen3, qwen3_moe.rs for
+//! (qwen2.rs for Qwen2 / Qwen2.5, qwen2_5_vl.rs for Qwen2.5-VL with its
+//! vision tower in qwen2_5_vl_vision.rs, qwen3.rs for Qwen3, qwen3_moe.rs for
 //! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid,
 //! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models,
 //! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head,
@@ -8,6 +9,7 @@
 //! share.
 mod hybrid;
 mod qwen2;
+mod qwen2_5_vl;
 pub mod qwen2_5_vl_vision;
 mod qwen3;
 mod qwen3_5;
@@ -27,8 +29,8 @@ pub struct ArchQwen;
 
 impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe), the Qwen3.5 MTP drafter head and the DFlash drafter (qwen3_dflash)")
-            .architectures(&["qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen2_5_vl with images, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe), the Qwen3.5 MTP drafter head, the DFlash drafter (qwen3_dflash)")
+            .architectures(&["qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
             // The drafter heads among them (ABI 3.6: models that name the
             // verifier layers they condition on), listed as drafters too.
             .drafters(&["qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
@@ -36,6 +38,7 @@ impl PluginImpl for ArchQwen {
     fn load_model(model_type: &str, config: &str, w: &mut Weights<'_, '_>) -> Result<Box<dyn ModelImpl>> {
         match model_type {
             "qwen2" => Ok(Box::new(qwen2::Qwen2::load(config, w)?)),
+            "qwen2_5_vl" => Ok(Box::new(qwen2_5_vl::Qwen25Vl::load(config, w)?)),
             "qwen3" => Ok(Box::new(qwen3::Qwen3::load(config, w)?)),
             "qwen3_moe" => Ok(Box::new(qwen3_moe::Qwen3Moe::load(config, w)?)),
             "qwen3_next" => Ok(Box::new(qwen3_next::load(config, w)?)),
@@ -49,6 +52,7 @@ impl PluginImpl for ArchQwen {
     fn check_config(model_type: &str, config: &str) -> Result<()> {
         match model_type {
             "qwen2" => qwen2::Config::parse(config).map(|_| ()),
+            "qwen2_5_vl" => qwen2_5_vl::check(config),
             "qwen3" => qwen3::Config::parse(config).map(|_| ()),
             "qwen3_moe" => qwen3_moe::Config::parse(config).map(|_| ()),
             "qwen3_next" => qwen3_next::Config::parse(config).map(|_| ()),

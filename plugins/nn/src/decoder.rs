@@ -274,26 +274,46 @@ impl Decoder {
         num_layers: i32,
         eps: f32,
         tie_word_embeddings: bool,
+        block: impl FnMut(&mut Weights, i32, &str) -> Result<Block>,
+    ) -> Result<Self> {
+        Self::load_blocks_under(w, "", num_layers, eps, tie_word_embeddings, block)
+    }
+
+    /// As `load_blocks`, every tensor under `root` (`""`: `model.*` and
+    /// `lm_head` as mlx-lm names them; `"language_model."`: mlx-vlm's layout
+    /// of a multimodal model's language model).
+    pub fn load_blocks_under(
+        w: &mut Weights,
+        root: &str,
+        num_layers: i32,
+        eps: f32,
+        tie_word_embeddings: bool,
         mut block: impl FnMut(&mut Weights, i32, &str) -> Result<Block>,
     ) -> Result<Self> {
-        let embed_tokens = w.embedding("model.embed_tokens")?;
+        let embed_tokens = w.embedding(&format!("{root}model.embed_tokens"))?;
         let layers = (0..num_layers)
-            .map(|i| block(w, i, &format!("model.layers.{i}")))
+            .map(|i| block(w, i, &format!("{root}model.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.tensor("model.norm.weight")?;
+        let norm = w.tensor(&format!("{root}model.norm.weight"))?;
         // mlx-lm drops `lm_head` when embeddings are tied; a checkpoint that
         // says untied but has no `lm_head` is treated as tied, as HF does.
-        let tied = tie_word_embeddings || !w.contains("lm_head.weight");
-        let lm_head = if tied { None } else { Some(w.linear("lm_head")?) };
+        let tied = tie_word_embeddings || !w.contains(&format!("{root}lm_head.weight"));
+        let lm_head = if tied { None } else { Some(w.linear(&format!("{root}lm_head"))?) };
         Ok(Self { embed_tokens, layers, norm, lm_head, eps })
     }
 
     /// tokens: [B, L] -> logits [B, L | 1, V], or hidden states [B, L, D]
     pub fn forward(&self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let pos = Positions::of(attn); // each row's first position
+        self.forward_at(tokens, attn, &pos)
+    }
+
+    /// `forward` with the new tokens' RoPE positions given (multimodal RoPE).
+    pub fn forward_at(&self, tokens: &Array, attn: &mut dyn Attend, pos: &Positions) -> Result<Array> {
+        let pos = pos;
         let mut h = merge_inputs(self.embed_tokens.lookup(tokens)?, attn)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
+            h = layer.forward(&h, i as u32, pos, attn)?;
             offer_hidden(attn, i as u32, &h)?;
         }
         let h = rms_norm(&h, &self.norm, self.eps)?;

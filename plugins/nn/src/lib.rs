@@ -146,8 +146,19 @@ impl Rope {
                 let x = self.pre_scale(x)?;
                 Ok(fast::rope_dynamic(&x, self.dims, self.traditional, self.base, self.scale, offsets, self.freqs.as_ref())?)
             }
+            Positions::Rotations { cos, sin } => rotate_half_rope(x, cos, sin),
         }
     }
+}
+
+/// x * cos + rotate_half(x) * sin over the whole head, rotate_half pairing
+/// channel i with i + hd/2 (Hugging Face's `apply_rotary_pos_emb`).
+/// x: [B, H, L, hd], cos/sin: [B, 1, L, hd] -> [B, H, L, hd]
+pub fn rotate_half_rope(x: &Array, cos: &Array, sin: &Array) -> Result<Array> {
+    let (cos, sin) = (cos.as_dtype(x.dtype())?, sin.as_dtype(x.dtype())?);
+    let h = x.split_equal(2, -1)?; // 2 x [B, H, L, hd/2]
+    let rot = ops::concatenate(&[h[1].negative()?, h[0].clone()], -1)?; // [B, H, L, hd]
+    Ok(x.multiply(&cos)?.add(&rot.multiply(&sin)?)?)
 }
 
 /// Where a forward's new tokens sit: one offset per row (int32 [B],
@@ -157,6 +168,10 @@ impl Rope {
 pub enum Positions {
     Scalar(i32),
     PerRow(Array),
+    /// Precomputed rotations, cos and sin [B, 1, L, hd], applied over the
+    /// whole head with rotate_half (multimodal RoPE: Qwen2.5-VL builds them
+    /// from the host's [3, B, L] positions, qwen2_5_vl.rs).
+    Rotations { cos: Array, sin: Array },
 }
 
 impl Positions {

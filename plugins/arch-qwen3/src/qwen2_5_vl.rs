@@ -1,0 +1,299 @@
+//! model_type `qwen2_5_vl` (Qwen2.5-VL), as mlx-vlm 0.7.10's qwen2_5_vl
+//! computes it: the language model is qwen2 (qwen2.rs: q/k/v biases,
+//! plugins/nn's decoder) with multimodal RoPE (M-RoPE), and images go
+//! through the vision tower of qwen2_5_vl_vision.rs in an `output::MEDIA`
+//! forward; the host merges its features into the image's placeholder
+//! tokens (`input_embeddings()`).
+//!
+//! M-RoPE (`rope_scaling.mrope_section` [s_t, s_h, s_w], s_t + s_h + s_w =
+//! hd/2, mlx-vlm's "chunked" layout): each token has three positions
+//! (temporal, height, width; ABI 3.7 `positions()`, or `offsets()[b] + l`
+//! on all three for text); frequency i of the hd/2 inverse frequencies
+//! rotates by the position of the section it falls in (the first s_t by t,
+//! the next s_h by h, the last s_w by w), applied with rotate_half over the
+//! whole head. The media forward hands the host each feature's (t, h, w)
+//! relative to its image's first (`arch::MEDIA_POSITIONS`): t = 0, h and w
+//! its row and column in the merged grid (H / P / m) x (W / P / m); the
+//! host lays out the prompt's positions from them (Qwen2-VL's
+//! `get_rope_index`) and keeps each sequence's rope delta for decode.
+//!
+//! Weights: mlx-vlm's layout (`language_model.model.*`,
+//! `language_model.lm_head`, `vision_tower.*`: what its `sanitize` makes
+//! and `mlx_vlm.convert` writes), or Hugging Face's original one
+//! (`model.*`, `lm_head`, `visual.*`). Images only: video input is not
+//! taken (the host never sends it).
+//!
+//! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
+//! hd head_dim, V vocab, N images, T features per image.
+use crate::qwen2_5_vl_vision::{Qwen25Vision, VisionConfig};
+use mlx_rs::{ops, ops::indexing::IndexOp, Array, Dtype};
+use rmlx_nn::decoder::{model_spec, AttentionSpec, Block, Decoder, Dims};
+use rmlx_nn::{parse_config, require_grouped_heads, require_positive, Positions, Rope};
+use rmlx_plugin_api::{
+    author::{Attend, ModelImpl, Output, Result, Weights},
+    ModelSpec, PluginError, MEDIA_POSITIONS,
+};
+use serde::Deserialize;
+
+// ---- config ----
+
+/// The keys mlx-vlm's qwen2_5_vl `ModelConfig` / `TextConfig` read (the
+/// text keys at the top level of config.json, as mlx-vlm takes them).
+#[derive(Deserialize, Debug, Clone)]
+pub struct Config {
+    pub hidden_size: i32,
+    pub num_hidden_layers: i32,
+    pub num_attention_heads: i32,
+    pub rms_norm_eps: f32,
+    pub vocab_size: i32,
+    pub num_key_value_heads: Option<i32>,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: i32,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    /// Absent (or its weights absent): a text-only build, the media forward refused.
+    pub vision_config: Option<VisionConfig>,
+}
+
+fn default_max_positions() -> i32 {
+    128000
+}
+fn default_rope_theta() -> f32 {
+    1_000_000.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    pub fn parse(json: &str) -> Result<Self> {
+        let c: Config = parse_config(json)?;
+        require_positive(&[
+            ("hidden_size", c.hidden_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("vocab_size", c.vocab_size),
+        ])?;
+        if c.hidden_size % c.num_attention_heads != 0 || c.head_dim() % 2 != 0 {
+            return Err(PluginError::config(format!(
+                "hidden_size {} / num_attention_heads {} must give an even head_dim",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        require_grouped_heads(c.num_attention_heads, c.kv_heads())?;
+        if c.use_sliding_window {
+            return Err(PluginError::config("use_sliding_window: true is not supported for qwen2_5_vl (mlx-vlm attends over the whole context)"));
+        }
+        if let Some(v) = &c.vision_config {
+            v.check()?;
+            if v.out_hidden_size != c.hidden_size {
+                return Err(PluginError::config(format!(
+                    "vision_config.out_hidden_size {} differs from hidden_size {}: the image features could not replace token embeddings",
+                    v.out_hidden_size, c.hidden_size
+                )));
+            }
+        }
+        c.mrope_section()?;
+        Ok(c)
+    }
+
+    fn head_dim(&self) -> i32 {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn kv_heads(&self) -> i32 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// `rope_scaling`'s [s_t, s_h, s_w] (mlx-vlm's default [24, 20, 20] when
+    /// absent), checked against hd/2; its type must be `mrope` or `default`.
+    fn mrope_section(&self) -> Result<[i32; 3]> {
+        let bad = |m: String| Err(PluginError::config(format!("rope_scaling: {m}")));
+        let mut section = [24, 20, 20];
+        if let Some(rs) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            let Some(obj) = rs.as_object() else {
+                return bad(format!("must be an object, got {rs}"));
+            };
+            let kind = obj.get("type").or_else(|| obj.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
+            if !matches!(kind, "mrope" | "default") {
+                return bad(format!("type `{kind}` is not supported for qwen2_5_vl (mrope or default)"));
+            }
+            for k in obj.keys() {
+                if !matches!(k.as_str(), "type" | "rope_type" | "mrope_section") {
+                    return bad(format!("key `{k}` is not supported for qwen2_5_vl (type, rope_type, mrope_section)"));
+                }
+            }
+            if let Some(s) = obj.get("mrope_section") {
+                let v: Vec<i32> = s.as_array().into_iter().flatten().filter_map(|x| x.as_i64()).map(|x| x as i32).collect();
+                if v.len() != 3 || s.as_array().map_or(0, |a| a.len()) != 3 {
+                    return bad(format!("mrope_section must be three integers, got {s}"));
+                }
+                section = [v[0], v[1], v[2]];
+            }
+        }
+        if section.iter().any(|&s| s < 0) || section.iter().sum::<i32>() != self.head_dim() / 2 {
+            return bad(format!(
+                "mrope_section {section:?} must be non-negative and sum to head_dim / 2 = {}",
+                self.head_dim() / 2
+            ));
+        }
+        Ok(section)
+    }
+}
+
+// ---- rotary: M-RoPE ----
+
+/// The rotations of positions [3, B, L]: cos and sin [B, 1, L, hd].
+struct MRope {
+    inv_freq: Array, // [hd/2]: 1 / theta^(2i/hd), computed in f32 as mlx-vlm
+    section: [i32; 3],
+}
+
+impl MRope {
+    fn new(c: &Config) -> Result<Self> {
+        let hd = c.head_dim();
+        let exps = ops::arange::<_, f32>(0, hd, 2)?.divide(&Array::from_f32(hd as f32))?; // [hd/2]
+        let inv_freq = Array::from_f32(1.0).divide(&Array::from_f32(c.rope_theta).power(&exps)?)?;
+        Ok(Self { inv_freq, section: c.mrope_section()? })
+    }
+
+    /// positions int32 [3, B, L] -> (cos, sin) [B, 1, L, hd], f32 (cast to
+    /// q/k's dtype where they are applied, as mlx-vlm casts them).
+    fn rotations(&self, positions: &Array) -> Result<(Array, Array)> {
+        let p = positions.as_dtype(Dtype::Float32)?.expand_dims(-1)?; // [3, B, L, 1]
+        let freqs = p.multiply(&self.inv_freq)?; // [3, B, L, hd/2]
+        let mut parts = Vec::with_capacity(3);
+        let mut at = 0;
+        for (axis, &n) in self.section.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let cols = Array::from_iter(at..at + n, &[n]);
+            parts.push(freqs.index(axis as i32).take_axis(&cols, -1)?); // [B, L, n]
+            at += n;
+        }
+        let f = ops::concatenate(&parts, -1)?; // [B, L, hd/2]
+        let emb = ops::concatenate(&[f.clone(), f], -1)?.expand_dims(1)?; // [B, 1, L, hd]
+        Ok((emb.cos()?, emb.sin()?))
+    }
+}
+
+/// The new tokens' positions [3, B, L]: the host's, or offsets[b] + l on
+/// every axis.
+fn positions(attn: &dyn Attend, l: i32) -> Result<Array> {
+    if let Some(p) = attn.positions() {
+        let b = attn.batch() as i32;
+        if p.shape() != [3, b, l] {
+            return Err(PluginError::other(format!("qwen2_5_vl: positions() is {:?}, want [3, {b}, {l}]", p.shape())));
+        }
+        return Ok(p.as_dtype(Dtype::Int32)?);
+    }
+    let offsets = attn.offsets().as_dtype(Dtype::Int32)?.expand_dims(-1)?; // [B, 1]
+    let p = offsets.add(&ops::arange::<_, i32>(0, l, 1)?)?; // [B, L]
+    let b = p.dim(0);
+    Ok(ops::broadcast_to(&p.expand_dims(0)?, &[3, b, l])?)
+}
+
+// ---- model ----
+
+pub struct Qwen25Vl {
+    config: Config,
+    decoder: Decoder,
+    /// None: a checkpoint without the tower (text only).
+    vision: Option<Qwen25Vision>,
+    mrope: MRope,
+}
+
+impl Qwen25Vl {
+    pub fn load(config_json: &str, w: &mut Weights) -> Result<Self> {
+        let c = Config::parse(config_json)?;
+        // mlx-vlm's layout, else Hugging Face's original one.
+        let (root, tower) = if w.contains("language_model.model.embed_tokens.weight") {
+            ("language_model.", "vision_tower")
+        } else {
+            ("", "visual")
+        };
+        let decoder = Decoder::load_blocks_under(w, root, c.num_hidden_layers, c.rms_norm_eps, c.tie_word_embeddings, |w, _, p| {
+            let spec = AttentionSpec {
+                heads: c.num_attention_heads,
+                kv_heads: c.kv_heads(),
+                head_dim: c.head_dim(),
+                qk_norm: false,
+                eps: c.rms_norm_eps,
+                window: 0,
+                // Unused: the forward hands every layer M-RoPE's rotations.
+                rope: Rope::new(c.head_dim(), c.rope_theta, false, None)?,
+            };
+            Block::load(w, p, spec)
+        })?;
+        let vision = match &c.vision_config {
+            Some(v) if w.contains(&format!("{tower}.patch_embed.proj.weight")) => Some(Qwen25Vision::load(v, w, tower)?),
+            _ => None,
+        };
+        let mrope = MRope::new(&c)?;
+        Ok(Self { config: c, decoder, vision, mrope })
+    }
+
+    /// The media forward: pixels [N, C, H, W] -> features [N, T, D]; hands
+    /// the features' relative positions [N, T, 3] when the host asks.
+    fn media(&self, attn: &mut dyn Attend) -> Result<Array> {
+        let Some((pixels, _)) = attn.input_embeddings() else {
+            return Err(PluginError::other("qwen2_5_vl media forward: no pixel values in input_embeddings()"));
+        };
+        let Some(vision) = &self.vision else {
+            return Err(PluginError::unsupported("this qwen2_5_vl checkpoint has no vision tower (vision_config or its weights are missing): it takes text only"));
+        };
+        let feats = vision.forward(&pixels)?; // [N, T, D]
+        if attn.wants_hidden(MEDIA_POSITIONS) {
+            let v = vision.config();
+            let side = v.patch_size * v.spatial_merge_size;
+            let (n, gh, gw) = (pixels.dim(0), pixels.dim(2) / side, pixels.dim(3) / side);
+            let mut rel = Vec::with_capacity((gh * gw * 3) as usize);
+            for r in 0..gh {
+                for col in 0..gw {
+                    rel.extend_from_slice(&[0, r, col]);
+                }
+            }
+            let rel = Array::from_slice(&rel, &[1, gh * gw, 3]);
+            let rel = ops::broadcast_to(&rel, &[n, gh * gw, 3])?; // [N, T, 3]
+            attn.put_hidden(MEDIA_POSITIONS, &rel)?;
+        }
+        Ok(feats)
+    }
+}
+
+impl ModelImpl for Qwen25Vl {
+    fn spec(&self) -> ModelSpec {
+        let c = &self.config;
+        let dims = Dims {
+            num_layers: c.num_hidden_layers,
+            kv_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            max_context: c.max_position_embeddings,
+        };
+        model_spec(dims, |_| 0)
+    }
+
+    /// tokens: [B, L] -> logits [B, L | 1, V]; a media forward: [N, T, D]
+    fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
+        if attn.output() == Output::Media {
+            return self.media(attn);
+        }
+        let l = tokens.dim(1);
+        let pos = positions(attn, l)?; // [3, B, L]
+        let (cos, sin) = self.mrope.rotations(&pos)?; // [B, 1, L, hd]
+        self.decoder.forward_at(tokens, attn, &Positions::Rotations { cos, sin })
+    }
+}
+
+/// config.json vetted without weights.
+pub fn check(config: &str) -> Result<()> {
+    Config::parse(config).map(|_| ())
+}
