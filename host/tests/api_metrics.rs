@@ -206,6 +206,18 @@ async fn metrics_and_run_log() {
     for name in ["rmlx_kv_blocks_used", "rmlx_kv_ssd_reads_total", "rmlx_kv_ssd_writes_total", "rmlx_kv_ssd_state_reads_total", "rmlx_kv_ssd_state_writes_total", "rmlx_kv_preemptions_total"] {
         assert!(m.has(name), "{name} missing:\n{text}");
     }
+    // Per layer group: this model has full layers only, so one group; its
+    // blocks, all idle in the prefix cache now, are what the budget holds.
+    let full = [("model", SMOL), ("group", "full")];
+    assert_eq!(m.get("rmlx_kv_group_blocks_used", &full), 0.0, "{text}");
+    assert_eq!(m.get("rmlx_kv_group_blocks_cached", &full), m.get("rmlx_kv_blocks_cached", &model), "{text}");
+    assert!(m.get("rmlx_kv_group_block_bytes", &full) > 0.0, "{text}");
+    assert!(!text.contains("group=\"window\""), "{text}");
+    assert_eq!(
+        m.get("rmlx_kv_used_bytes", &[]),
+        m.get("rmlx_kv_group_blocks_cached", &full) * m.get("rmlx_kv_group_block_bytes", &full),
+        "{text}"
+    );
     assert_eq!(m.get("rmlx_running_sequences", &[]), 0.0);
     assert_eq!(m.get("rmlx_queue_depth", &[]), 0.0);
     assert!(m.get("rmlx_memory_peak_bytes", &[]) > 0.0, "{text}");

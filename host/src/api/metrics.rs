@@ -222,7 +222,35 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
         ssd_state_writes.with_label_values(&l).inc_by(b.ssd_state_writes);
         preemptions.with_label_values(&l).inc_by(b.preemptions);
     }
-    for g in [used, free, cached, live_state, snapshot_state] {
+    // Per layer group (kv_groups.rs): blocks held / idle and one block's bytes.
+    let per_group = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model", "group"]);
+    let g_used = per_group(
+        "rmlx_kv_group_blocks_used",
+        "KV blocks held by running sequences, per layer group (full: every block of a sequence; window: sliding-window layers' blocks still in a window).",
+    )?;
+    let g_cached = per_group(
+        "rmlx_kv_group_blocks_cached",
+        "KV blocks of a layer group in the prefix cache that no running sequence holds (window group: idle window blocks).",
+    )?;
+    let g_bytes = per_group(
+        "rmlx_kv_group_block_bytes",
+        "Bytes of one KV block of a layer group (its layers' keys and values).",
+    )?;
+    let kv_used = IntGauge::new(
+        "rmlx_kv_used_bytes",
+        "Bytes charged to the KV budget now (every model's blocks of every group, recurrent state and snapshots).",
+    )?;
+    kv_used.set(stats.kv_used_bytes as i64);
+    for (model, b) in &stats.blocks {
+        for g in group_figures(b) {
+            let l = [model.as_str(), g.group];
+            g_used.with_label_values(&l).set(g.used as i64);
+            g_cached.with_label_values(&l).set(g.idle as i64);
+            g_bytes.with_label_values(&l).set(g.block_bytes as i64);
+        }
+    }
+    snap.register(Box::new(kv_used))?;
+    for g in [used, free, cached, live_state, snapshot_state, g_used, g_cached, g_bytes] {
         snap.register(Box::new(g))?;
     }
     for c in [hits, misses, hit_tokens, ssd_reads, ssd_writes, ssd_state_reads, ssd_state_writes, preemptions] {
@@ -251,4 +279,70 @@ pub fn render(state: &AppState) -> prometheus::Result<String> {
     let mut buf = Vec::new();
     TextEncoder::new().encode(&families, &mut buf)?;
     String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+/// One layer group's figures for `/metrics`.
+#[derive(Debug, PartialEq)]
+pub struct GroupFigures {
+    pub group: &'static str,
+    /// Blocks running sequences hold (one a block, however many share it).
+    pub used: usize,
+    /// Blocks kept for the prefix cache only (held by no sequence).
+    pub idle: usize,
+    pub block_bytes: u64,
+}
+
+/// A model's KV blocks per layer group: `full` (the group that keeps every
+/// block of a sequence: the full-attention layers, or every storing layer
+/// when the pool is not split) and, when the pool splits its sliding-window
+/// layers off (`window_block_bytes > 0`), `window`.
+pub fn group_figures(b: &crate::engine::block_manager::BlockStats) -> Vec<GroupFigures> {
+    let mut v = vec![GroupFigures {
+        group: "full",
+        used: b.seq_blocks,
+        idle: b.total_blocks.saturating_sub(b.seq_blocks + b.free_blocks),
+        block_bytes: b.block_bytes - b.window_block_bytes,
+    }];
+    if b.window_block_bytes > 0 {
+        v.push(GroupFigures {
+            group: "window",
+            used: b.window_held,
+            idle: b.window_blocks - b.window_held,
+            block_bytes: b.window_block_bytes,
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::block_manager::BlockStats;
+
+    #[test]
+    fn group_figures_split_and_unsplit() {
+        // Gemma-3-270M's figures at blocks of 16: 3 full layers (98,304
+        // bytes a block), 15 window layers (491,520); `snapshot` reports
+        // block_bytes as a block position in every layer.
+        let split = BlockStats {
+            total_blocks: 100,
+            seq_blocks: 40,
+            cached_blocks: 50,
+            free_blocks: 45,
+            block_bytes: 589_824,
+            window_block_bytes: 491_520,
+            window_blocks: 36,
+            window_held: 33,
+            ..BlockStats::default()
+        };
+        assert_eq!(
+            group_figures(&split),
+            vec![
+                GroupFigures { group: "full", used: 40, idle: 15, block_bytes: 98_304 },
+                GroupFigures { group: "window", used: 33, idle: 3, block_bytes: 491_520 },
+            ]
+        );
+        let unsplit = BlockStats { window_block_bytes: 0, window_blocks: 0, window_held: 0, ..split };
+        assert_eq!(group_figures(&unsplit), vec![GroupFigures { group: "full", used: 40, idle: 15, block_bytes: 589_824 }]);
+    }
 }
