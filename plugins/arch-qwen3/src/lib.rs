@@ -4,7 +4,8 @@
 //! Qwen3-MoE, qwen3_next.rs for the Qwen3-Next gated DeltaNet hybrid,
 //! qwen3_5.rs and qwen3_5_moe.rs for the Qwen3.5 / 3.6 hybrids' text models,
 //! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head,
-//! qwen3_dflash.rs for the DFlash block-diffusion drafter, another),
+//! qwen3_dflash.rs for the DFlash block-diffusion drafter, another,
+//! qwen3_vl.rs for Qwen3-VL with its vision tower in qwen3_vl_vision.rs),
 //! and hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
 //! share.
 mod hybrid;
@@ -18,7 +19,10 @@ mod qwen3_5_mtp;
 mod qwen3_dflash;
 mod qwen3_moe;
 mod qwen3_next;
+mod qwen3_vl;
 pub mod qwen3_vl_vision;
+#[cfg(test)]
+mod test_weights;
 
 use rmlx_plugin_api::{
     author::{ModelImpl, PluginImpl, Result, Weights},
@@ -29,8 +33,8 @@ pub struct ArchQwen;
 
 impl PluginImpl for ArchQwen {
     fn manifest() -> Manifest {
-        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen2_5_vl with images, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe), the Qwen3.5 MTP drafter head, the DFlash drafter (qwen3_dflash)")
-            .architectures(&["qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
+        Manifest::new("arch-qwen3", env!("CARGO_PKG_VERSION"), "Qwen decoders (qwen2, qwen2_5_vl with images, qwen3, qwen3_moe, qwen3_next, qwen3_5, qwen3_5_moe, qwen3_vl with images), the Qwen3.5 MTP drafter head, the DFlash drafter (qwen3_dflash)")
+            .architectures(&["qwen2", "qwen2_5_vl", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash", "qwen3_vl"])
             // The drafter heads among them (ABI 3.6: models that name the
             // verifier layers they condition on), listed as drafters too.
             .drafters(&["qwen3_5_mtp", "qwen3_5_moe_mtp", "qwen3_dflash"])
@@ -46,6 +50,7 @@ impl PluginImpl for ArchQwen {
             "qwen3_5_moe" => Ok(Box::new(qwen3_5_moe::load(config, w)?)),
             "qwen3_5_mtp" | "qwen3_5_moe_mtp" => Ok(Box::new(qwen3_5_mtp::Qwen3_5Mtp::load(model_type, config, w)?)),
             "qwen3_dflash" => Ok(Box::new(qwen3_dflash::Qwen3DFlash::load(config, w)?)),
+            "qwen3_vl" => Ok(Box::new(qwen3_vl::Qwen3Vl::load(config, w)?)),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }
@@ -60,6 +65,7 @@ impl PluginImpl for ArchQwen {
             "qwen3_5_moe" => qwen3_5::Config::parse(config, "qwen3_5_moe").map(|_| ()),
             "qwen3_5_mtp" | "qwen3_5_moe_mtp" => qwen3_5_mtp::check(model_type, config),
             "qwen3_dflash" => qwen3_dflash::check(config),
+            "qwen3_vl" => qwen3_vl::check(config),
             other => Err(PluginError::unsupported(format!("arch-qwen3 does not build {other}"))),
         }
     }

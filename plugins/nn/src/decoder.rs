@@ -288,17 +288,32 @@ impl Decoder {
         num_layers: i32,
         eps: f32,
         tie_word_embeddings: bool,
+        block: impl FnMut(&mut Weights, i32, &str) -> Result<Block>,
+    ) -> Result<Self> {
+        Self::load_blocks_named(w, &format!("{root}model"), &format!("{root}lm_head"), num_layers, eps, tie_word_embeddings, block)
+    }
+
+    /// As `load_blocks_under`, the body under `model` (`embed_tokens`,
+    /// `layers.{i}`, `norm`) and the head at `head`, named apart (Hugging
+    /// Face's Qwen3-VL: `model.language_model.*` beside a top-level `lm_head`).
+    pub fn load_blocks_named(
+        w: &mut Weights,
+        model: &str,
+        head: &str,
+        num_layers: i32,
+        eps: f32,
+        tie_word_embeddings: bool,
         mut block: impl FnMut(&mut Weights, i32, &str) -> Result<Block>,
     ) -> Result<Self> {
-        let embed_tokens = w.embedding(&format!("{root}model.embed_tokens"))?;
+        let embed_tokens = w.embedding(&format!("{model}.embed_tokens"))?;
         let layers = (0..num_layers)
-            .map(|i| block(w, i, &format!("{root}model.layers.{i}")))
+            .map(|i| block(w, i, &format!("{model}.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.tensor(&format!("{root}model.norm.weight"))?;
+        let norm = w.tensor(&format!("{model}.norm.weight"))?;
         // mlx-lm drops `lm_head` when embeddings are tied; a checkpoint that
         // says untied but has no `lm_head` is treated as tied, as HF does.
-        let tied = tie_word_embeddings || !w.contains(&format!("{root}lm_head.weight"));
-        let lm_head = if tied { None } else { Some(w.linear(&format!("{root}lm_head"))?) };
+        let tied = tie_word_embeddings || !w.contains(&format!("{head}.weight"));
+        let lm_head = if tied { None } else { Some(w.linear(head)?) };
         Ok(Self { embed_tokens, layers, norm, lm_head, eps })
     }
 
@@ -310,10 +325,25 @@ impl Decoder {
 
     /// `forward` with the new tokens' RoPE positions given (multimodal RoPE).
     pub fn forward_at(&self, tokens: &Array, attn: &mut dyn Attend, pos: &Positions) -> Result<Array> {
-        let pos = pos;
-        let mut h = merge_inputs(self.embed_tokens.lookup(tokens)?, attn)?; // [B, L, D]
+        self.forward_with(tokens, attn, pos, merge_inputs, |_, h| Ok(h))
+    }
+
+    /// `forward_at` with the token embeddings [B, L, D] merged with the
+    /// host's input features by `merge` (`merge_inputs` by default), and
+    /// each block's output [B, L, D] passed through `after(layer, h)` before
+    /// the next block sees it (Qwen3-VL's deepstack adds image features
+    /// after its first layers).
+    pub fn forward_with(
+        &self,
+        tokens: &Array,
+        attn: &mut dyn Attend,
+        pos: &Positions,
+        merge: impl FnOnce(Array, &dyn Attend) -> Result<Array>,
+        mut after: impl FnMut(u32, Array) -> Result<Array>,
+    ) -> Result<Array> {
+        let mut h = merge(self.embed_tokens.lookup(tokens)?, &*attn)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, pos, attn)?;
+            h = after(i as u32, layer.forward(&h, i as u32, pos, attn)?)?;
             offer_hidden(attn, i as u32, &h)?;
         }
         let h = rms_norm(&h, &self.norm, self.eps)?;
