@@ -34,6 +34,11 @@ pub trait KvStore {
         let _ = (layer, state);
         Err(no_state())
     }
+    /// int32 [3, B, L]: the new tokens' multimodal-RoPE positions (ABI 3.7,
+    /// engine/mrope.rs), or None: `offsets()[b] + l` on every axis.
+    fn positions(&self) -> Option<Array> {
+        None
+    }
 }
 
 /// The error of a store that keeps no recurrent state.
@@ -170,6 +175,12 @@ impl<T: KvStore> ForwardCtx for Ctx<'_, T> {
     fn lengths(&self) -> ROption<MlxArray> {
         match &self.req.lengths {
             Some(l) => RSome(MlxArray::from_ref(l)),
+            None => RNone,
+        }
+    }
+    fn positions(&self) -> ROption<MlxArray> {
+        match self.store.positions() {
+            Some(p) => RSome(MlxArray::from_array(p)),
             None => RNone,
         }
     }

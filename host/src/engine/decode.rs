@@ -195,6 +195,8 @@ pub(crate) fn forward_rows(
         let runs = seqs.iter().zip(lens).map(|(s, &n)| s.params.media.as_ref().map_or_else(Vec::new, |m| m.bidirectional_runs(s.kv_len, n))).collect();
         paged = paged.with_runs(runs)?;
     }
+    // Multimodal RoPE (ABI 3.7): rows whose prompt has a layout (mrope.rs).
+    paged = paged.with_positions(super::mrope::batch_positions(seqs, lens));
     let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };
     let logits = model.run(&input, &mut paged, req)?.out;
     // Recurrent state: the rows' own change only now the forward succeeded.

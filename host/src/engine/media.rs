@@ -16,6 +16,7 @@
 //! an image whose ids collide with another's; the price is that image
 //! blocks on the SSD tier are not found again after a restart.
 use super::attend::{ForwardRequest, KvStore};
+use super::mrope::{Layouts, MropeLayout, Rel};
 use super::sequence::Sequence;
 use super::LoadedModel;
 use crate::media::{MediaHash, Pixels};
@@ -27,7 +28,7 @@ use mlx_rs::{
 };
 use rmlx_plugin_api::{
     author::{kv::dense_attend, AttendOpts, Output},
-    PluginError,
+    PluginError, MEDIA_POSITIONS,
 };
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -144,6 +145,13 @@ impl KvStore for MediaStore {
 /// Runs the media encoder over `images` (one forward per size): per image,
 /// its features [T, hidden].
 pub fn encode_images(model: &mut LoadedModel, images: &[&PromptImage]) -> Result<Vec<Array>> {
+    Ok(encode_images_with_positions(model, images)?.0)
+}
+
+/// [`encode_images`], also asking a 3.7 plugin for each feature's relative
+/// (t, h, w) (`MEDIA_POSITIONS`, engine/mrope.rs): Some per image when the
+/// model hands them (every forward must), None when it does not.
+pub fn encode_images_with_positions(model: &mut LoadedModel, images: &[&PromptImage]) -> Result<(Vec<Array>, Option<Vec<Rel>>)> {
     if model.plugin_abi < (3, 5) {
         bail!(
             "the architecture plugin `{}` is built for ABI {}.{}: images need 3.5 or later (output::MEDIA)",
@@ -153,6 +161,8 @@ pub fn encode_images(model: &mut LoadedModel, images: &[&PromptImage]) -> Result
         );
     }
     let mut out: Vec<Option<Array>> = vec![None; images.len()];
+    let mut rels: Vec<Option<Rel>> = vec![None; images.len()];
+    let ask = if model.plugin_abi >= (3, 7) { vec![MEDIA_POSITIONS] } else { Vec::new() };
     let mut done = vec![false; images.len()];
     for i in 0..images.len() {
         if done[i] {
@@ -173,8 +183,18 @@ pub fn encode_images(model: &mut LoadedModel, images: &[&PromptImage]) -> Result
         let pixels = Array::from_slice(&data, &dims); // [N, C, H, W]
         let mask = Array::from_slice(&vec![true; group.len()], &[n, 1]);
         let tokens = Array::from_slice(&vec![0i32; group.len()], &[n, 1]);
-        let req = ForwardRequest { output: Some(Output::Media), inputs: Some((pixels, mask)), ..ForwardRequest::default() };
-        let feats = model.run(&tokens, &mut MediaStore { rows: n as u32 }, req)?.out; // [N, T, hidden]
+        let req = ForwardRequest { output: Some(Output::Media), inputs: Some((pixels, mask)), hidden_layers: ask.clone(), ..ForwardRequest::default() };
+        let run = model.run(&tokens, &mut MediaStore { rows: n as u32 }, req)?;
+        let feats = run.out; // [N, T, hidden]
+        if let Some((_, p)) = run.hidden.iter().find(|(l, _)| *l == MEDIA_POSITIONS) {
+            let per = super::mrope::rels_of(p)?; // [N, T, 3]
+            if per.len() != group.len() || per.iter().any(|r| r.len() as i32 != feats.dim(1)) {
+                bail!("the media forward's feature positions {:?} do not match its features {:?}", p.shape(), feats.shape());
+            }
+            for (&j, r) in group.iter().zip(per) {
+                rels[j] = Some(r);
+            }
+        }
         if feats.ndim() != 3 || feats.dim(0) != n {
             bail!("the media forward returned {:?} for {n} images (want [N, T, hidden])", feats.shape());
         }
@@ -186,7 +206,61 @@ pub fn encode_images(model: &mut LoadedModel, images: &[&PromptImage]) -> Result
             out[j] = Some(feats.index(r as i32)); // [T, hidden]
         }
     }
-    Ok(out.into_iter().map(|a| a.expect("every image encoded")).collect())
+    let feats = out.into_iter().map(|a| a.expect("every image encoded")).collect();
+    let rels = match rels.iter().filter(|r| r.is_some()).count() {
+        0 => None,
+        k if k == rels.len() => Some(rels.into_iter().map(|r| r.expect("counted")).collect()),
+        _ => bail!("the media forward handed feature positions for some images only"),
+    };
+    Ok((feats, rels))
+}
+
+/// Lays out `s`'s multimodal-RoPE positions (engine/mrope.rs) before its
+/// prefill chunk from `start`, once: from every prompt image's relative
+/// positions, kept per image ([`Layouts`]) or asked of a media forward
+/// (whose features are kept for the images still to prefill). A model whose
+/// media forward hands none is remembered, and its sequences get none.
+fn ensure_layout(model: &mut LoadedModel, s: &mut Sequence, start: usize) -> Result<()> {
+    if s.mrope_done {
+        return Ok(());
+    }
+    let dir = model.dir.path.clone();
+    let media = match s.params.media.clone() {
+        Some(m) if !m.images.is_empty() && model.plugin_abi >= (3, 7) && !Layouts::global().without(&dir) => m,
+        _ => {
+            s.mrope_done = true;
+            return Ok(());
+        }
+    };
+    let n = media.images.len();
+    let mut rels: Vec<Option<Rel>> = media.images.iter().map(|i| Layouts::global().get(&dir, &i.hash)).collect();
+    let missing: Vec<usize> = (0..n).filter(|&i| rels[i].is_none()).collect();
+    if !missing.is_empty() {
+        let imgs: Vec<&PromptImage> = missing.iter().map(|&i| &media.images[i]).collect();
+        let (feats, got) = encode_images_with_positions(model, &imgs)?;
+        if s.media_features.len() != n {
+            s.media_features = vec![None; n];
+        }
+        for (&i, f) in missing.iter().zip(feats) {
+            if media.images[i].span.end > start {
+                s.media_features[i] = Some(f);
+            }
+        }
+        let Some(got) = got else {
+            Layouts::global().mark_without(&dir);
+            s.mrope_done = true;
+            return Ok(());
+        };
+        for (&i, r) in missing.iter().zip(got) {
+            Layouts::global().put(&dir, &media.images[i].hash, r.clone());
+            rels[i] = Some(r);
+        }
+    }
+    let spans: Vec<Range<usize>> = media.images.iter().map(|i| i.span.clone()).collect();
+    let rels: Vec<Rel> = rels.into_iter().map(|r| r.expect("laid out")).collect();
+    s.mrope = Some(std::sync::Arc::new(MropeLayout::build(s.prompt_len, &spans, &rels)?));
+    s.mrope_done = true;
+    Ok(())
 }
 
 /// The input embeddings of the prefill chunk `start..start + len` of `s`:
@@ -196,6 +270,7 @@ pub fn chunk_inputs(model: &mut LoadedModel, s: &mut Sequence, start: usize, len
     let Some(media) = s.params.media.clone() else {
         return Ok(None);
     };
+    ensure_layout(model, s, start)?;
     let chunk = start..start + len;
     let hit: Vec<usize> =
         (0..media.images.len()).filter(|&i| media.images[i].span.start < chunk.end && chunk.start < media.images[i].span.end).collect();

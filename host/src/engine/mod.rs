@@ -22,6 +22,7 @@ pub mod kv_pool;
 pub mod loaded;
 pub mod media;
 pub mod metrics;
+pub mod mrope;
 pub mod op_count;
 pub mod paged;
 pub mod paged_window;

@@ -74,6 +74,8 @@ pub struct PagedForward<'a> {
     /// Per row, runs of positions that see each other both ways on top of
     /// the causal mask (`with_runs`); empty: plain causal.
     runs: Vec<Vec<Range<usize>>>,
+    /// int32 [3, B, L]: multimodal-RoPE positions (`with_positions`).
+    positions: Option<Array>,
 }
 
 impl<'a> PagedForward<'a> {
@@ -137,7 +139,15 @@ impl<'a> PagedForward<'a> {
             written: Vec::new(),
             win,
             runs: Vec::new(),
+            positions: None,
         })
+    }
+
+    /// The rows' multimodal-RoPE positions [3, B, L] (engine/mrope.rs),
+    /// lent through `ForwardCtx::positions`; None leaves them to `offsets()`.
+    pub fn with_positions(mut self, positions: Option<Array>) -> Self {
+        self.positions = positions;
+        self
     }
 
     /// Bidirectional runs per row (in the rows' order): absolute positions
@@ -229,6 +239,10 @@ impl super::attend::KvStore for PagedForward<'_> {
 
     fn offsets(&self) -> Array {
         Array::from_slice(&self.offsets, &[self.offsets.len() as i32])
+    }
+
+    fn positions(&self) -> Option<Array> {
+        self.positions.clone()
     }
 
     /// Layer `layer`'s state stacked over the rows ([B, ...] per component;

@@ -55,6 +55,11 @@ pub struct Sequence {
     pub state_tag: Option<(u64, usize)>,
     /// Per prompt image, its media features [T, hidden] once encoded.
     pub media_features: Vec<Option<mlx_rs::Array>>,
+    /// Its prompt's multimodal-RoPE positions (mrope.rs), once laid out;
+    /// None for models without media positions and text-only prompts.
+    pub mrope: Option<Arc<super::mrope::MropeLayout>>,
+    /// Whether `mrope` was decided (laid out, or found not to apply).
+    pub mrope_done: bool,
     /// Speculative decoding (scheduler/spec.rs): its draft KV and draft
     /// length while it speculates.
     pub spec: Option<Box<super::speculative::serve::SpecRow>>,
@@ -124,6 +129,8 @@ impl Sequence {
             snapshot: None,
             state_tag: None,
             media_features: Vec::new(),
+            mrope: None,
+            mrope_done: false,
             spec: None,
             spec_on: false,
             drafted: 0,

@@ -21,8 +21,16 @@
 //!   H x W, p and k the tower's `vision_config.patch_size` and
 //!   `pooling_kernel_size` (what its media forward returns per image).
 //!
-//! Models whose placeholder layout is neither (Qwen2-VL's merged grid with
-//! vision start/end tokens) are not served images yet.
+//! * Qwen2-VL / Qwen2.5-VL's merged grid (a smart-resize processor with
+//!   `patch_size`, `merge_size` and `temporal_patch_size`): the template
+//!   writes `<|vision_start|><|image_pad|><|vision_end|>` per image part; the
+//!   image token becomes `image_token * T_i`, T_i = (H / p / m) * (W / p / m)
+//!   for the image smart-resized to H x W, p and m the processor's
+//!   `patch_size` and `merge_size` (vision_config's `patch_size` and
+//!   `spatial_merge_size` must agree). The host hands the tower [3, H, W]
+//!   like the other layouts (the tower patchifies: the processor's patch
+//!   flattening is left to it), and a 3.7 media forward returns each
+//!   feature's grid position for multimodal RoPE (engine/mrope.rs).
 //!
 //! The expanded text is tokenized and each image's placeholder ids are found
 //! in the token list ([`VisionSpec::placeholder_spans`]).
@@ -70,6 +78,8 @@ struct Parts {
     eoi: Option<u32>,
     fixed: Option<usize>,
     tower: (Option<usize>, Option<usize>),
+    /// vision_config's `spatial_merge_size` (Qwen2-VL's merged grid).
+    merge: Option<usize>,
 }
 
 impl VisionSpec {
@@ -88,10 +98,12 @@ impl VisionSpec {
         let Some(tok) = tok else {
             return Ok(None);
         };
-        let processor = ImageProcessor::from_json(&json)?;
+        let mut processor = ImageProcessor::from_json(&json)?;
         let Some(placeholders) = Self::layout(&parts, &processor)? else {
             return Ok(None);
         };
+        // The media forward takes [3, H, W]: a merged-grid tower patchifies itself.
+        processor.patching = None;
         Self::build(&parts, placeholders, tok, processor).map(Some)
     }
 
@@ -102,7 +114,8 @@ impl VisionSpec {
         let eoi = int(config, "eoi_token_index").or_else(|| int(config, "eoi_token_id"));
         let fixed = int(config, "mm_tokens_per_image").filter(|&t| t > 0).map(|t| t as usize);
         let tower = (int(vision, "patch_size").map(|p| p as usize), int(vision, "pooling_kernel_size").map(|k| k as usize));
-        Some(Parts { image: image as u32, boi: boi.map(|b| b as u32), eoi: eoi.map(|e| e as u32), fixed, tower })
+        let merge = int(vision, "spatial_merge_size").map(|m| m as usize);
+        Some(Parts { image: image as u32, boi: boi.map(|b| b as u32), eoi: eoi.map(|e| e as u32), fixed, tower, merge })
     }
 
     /// The placeholder layout, None when the model's is not one the host
@@ -112,6 +125,16 @@ impl VisionSpec {
     fn layout(parts: &Parts, processor: &ImageProcessor) -> Result<Option<Placeholders>, MediaError> {
         if let Some(t) = parts.fixed {
             return Ok(Some(Placeholders::Fixed(t)));
+        }
+        if let (Resize::Smart { .. }, Some(p)) = (&processor.resize, &processor.patching) {
+            let (patch, merge) = (p.patch_size, p.merge_size);
+            let (tp, tm) = (parts.tower.0.unwrap_or(patch), parts.merge.unwrap_or(merge));
+            if (tp, tm) != (patch, merge) {
+                return Err(MediaError::Config(format!(
+                    "the image processor's patch_size {patch} / merge_size {merge} differ from vision_config's patch_size {tp} / spatial_merge_size {tm}"
+                )));
+            }
+            return Ok(Some(Placeholders::PooledPatches { patch, pool: merge }));
         }
         let Resize::PatchBudget { patch, pool, .. } = processor.resize else {
             return Ok(None);
