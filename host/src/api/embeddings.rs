@@ -8,6 +8,7 @@ use super::types::ApiJson;
 use super::{State, Tag};
 use crate::engine::embed::{base64_f32, not_an_embedder, EmbedTokenizer};
 use crate::engine::worker::ModelEntry;
+use crate::model::pooling::EmbedTasks;
 use poem_openapi::{payload::Json, OpenApi};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -72,14 +73,68 @@ fn token_ids(v: &[i64], i: Option<usize>, vocab: Option<usize>, limit: usize) ->
         .collect()
 }
 
+/// A multi-task embedder's task index and text prefix for the request's
+/// `task` and `prompt_name` (docs/SERVER.md, Embeddings); (None, None) for
+/// other models, which refuse both fields.
+fn task_and_prefix(
+    id: &str,
+    spec: &crate::model::pooling::EmbedSpec,
+    task: Option<&str>,
+    prompt_name: Option<&str>,
+) -> Result<(Option<usize>, Option<&'static str>), ApiError> {
+    let Some(tasks) = &spec.tasks else {
+        for (field, v) in [("task", task), ("prompt_name", prompt_name)] {
+            if v.is_some() {
+                return Err(ApiError::bad_request(field, format!("model `{id}` has no task adapters: `{field}` is for multi-task embedders")));
+            }
+        }
+        return Ok((None, None));
+    };
+    // Jina's API form: `retrieval.query`, `code.passage`.
+    let (name, implied) = match task.and_then(|t| t.rsplit_once('.')) {
+        Some((t, p)) if EmbedTasks::PROMPTS.iter().any(|(n, _)| *n == p) => (Some(t), Some(p)),
+        _ => (task, None),
+    };
+    let t = match name {
+        None => tasks.default,
+        Some(n) => tasks.task(n).ok_or_else(|| {
+            ApiError::bad_request("task", format!("`task` must be one of {:?} for model `{id}`, got `{n}`", tasks.names))
+        })?,
+    };
+    let pn = match (prompt_name, implied) {
+        (Some(p), Some(q)) if p != q => {
+            return Err(ApiError::bad_request("prompt_name", format!("`prompt_name` `{p}` contradicts `task` `{}`", task.unwrap_or(""))))
+        }
+        (Some(p), _) => p,
+        (None, Some(q)) => q,
+        (None, None) => "query",
+    };
+    let prefix = tasks.prefix(t, pn).ok_or_else(|| {
+        let names: Vec<&str> = EmbedTasks::PROMPTS.iter().map(|(n, _)| *n).collect();
+        ApiError::bad_request("prompt_name", format!("`prompt_name` must be one of {names:?}, got `{pn}`"))
+    })?;
+    Ok((Some(t), Some(prefix)))
+}
+
 pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddingResponse, ApiError> {
     let entry = state.model(&req.model)?;
     let Some(spec) = entry.embedding.clone() else {
         return Err(ApiError::bad_request("model", format!("{}", not_an_embedder(&entry.id))).with_code("model_not_embedding"));
     };
-    let dims = match req.dimensions {
-        None => None,
-        Some(d) => match spec.truncate_dim {
+    let (task, prefix) = task_and_prefix(&entry.id, &spec, req.task.as_deref(), req.prompt_name.as_deref())?;
+    let dims = match (req.dimensions, &spec.tasks) {
+        (None, Some(t)) => t.default_dims,
+        (Some(d), Some(t)) => {
+            if !t.dims.contains(&(d as usize)) {
+                return Err(ApiError::bad_request(
+                    "dimensions",
+                    format!("`dimensions` must be one of {:?} for model `{}` (its matryoshka_dims)", t.dims, entry.id),
+                ));
+            }
+            Some(d as usize)
+        }
+        (None, None) => None,
+        (Some(d), None) => match spec.truncate_dim {
             Some(max) if (d as usize) <= max => Some(d as usize),
             Some(max) => {
                 return Err(ApiError::bad_request("dimensions", format!("`dimensions` must be between 1 and {max} for model `{}`", entry.id)))
@@ -116,6 +171,14 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
                 let at = i.map(|i| format!(" (input {i})")).unwrap_or_default();
                 return Err(ApiError::bad_request("input", format!("`input` holds an empty string{at}")));
             }
+            let prefixed;
+            let s = match prefix {
+                Some(p) => {
+                    prefixed = format!("{p}{s}");
+                    prefixed.as_str()
+                }
+                None => s,
+            };
             let ids = tokenizer(&e2, limit)?.encode(s).map_err(|e| ApiError::internal(format!("{e:#}")))?;
             if ids.is_empty() {
                 return Err(ApiError::bad_request("input", "an input has no tokens"));
@@ -131,7 +194,7 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
     })
     .await?;
     let tokens: usize = rows.iter().map(Vec::len).sum();
-    let vecs = state.worker.embed(entry.clone(), rows, dims, keep_alive).await.map_err(g::worker_error)?;
+    let vecs = state.worker.embed_task(entry.clone(), rows, dims, task, keep_alive).await.map_err(g::worker_error)?;
     let base64 = req.encoding_format == Some(EncodingFormat::Base64);
     let data = vecs
         .into_iter()

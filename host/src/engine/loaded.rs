@@ -38,6 +38,10 @@ pub struct LoadedModel {
     /// The server's draft model for speculative decoding (`rmlx serve
     /// --draft-model`), loaded beside this one (speculative/serve.rs).
     pub draft: Option<Box<super::speculative::serve::Drafter>>,
+    /// Per-task LoRA adapters from the directory's `adapters/`
+    /// (model/adapters.rs), applied in the layers they adapt; the task of
+    /// the next forwards is chosen with [`LoadedModel::select_task`].
+    pub adapters: Option<std::sync::Arc<crate::model::adapters::TaskAdapters>>,
 }
 
 impl LoadedModel {
@@ -153,8 +157,47 @@ impl LoadedModel {
 
     pub fn from_dir_with(dir: ModelDir, registry: &Registry, policy: LoadPolicy) -> Result<Self> {
         let quant = QuantSpec::from_config(&dir.config)?;
-        let weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
-        Self::build(dir, registry, weights)
+        let mut weights = HostWeights::open_with(&dir.weight_files, &quant, registry, policy)?;
+        let adapters = crate::model::adapters::TaskAdapters::open(&dir.path, &dir.config, weights.activation_dtype())
+            .with_context(|| format!("the task adapters of {}", dir.path.display()))?
+            .map(std::sync::Arc::new);
+        if let Some(a) = &adapters {
+            weights = weights.with_adapters(a.clone());
+        }
+        let mut m = Self::build(dir, registry, weights)?;
+        if let Some(a) = &adapters {
+            let unused = a.unused();
+            if unused.len() == a.module_count() {
+                anyhow::bail!(
+                    "{}: the architecture built none of the modules its adapters/ adapt (e.g. `{}`): their names do not match the model's",
+                    m.dir.path.display(),
+                    unused[0]
+                );
+            }
+            if !unused.is_empty() {
+                tracing::warn!("{}: adapters of {} modules the architecture does not build are not applied: {:?}", m.dir.path.display(), unused.len(), unused);
+            }
+            tracing::info!("{}: LoRA adapters (r {}, scale {}) for tasks {:?}", m.dir.path.display(), a.rank, a.scale, a.tasks);
+        }
+        m.adapters = adapters;
+        Ok(m)
+    }
+
+    /// The task whose adapters the next forwards apply (an index into the
+    /// adapters' `tasks`), or none (the base model). A model without
+    /// adapters refuses a task.
+    pub fn select_task(&self, task: Option<usize>) -> Result<()> {
+        match (&self.adapters, task) {
+            (Some(a), t) => {
+                if let Some(t) = t.filter(|&t| t >= a.tasks.len()) {
+                    anyhow::bail!("task {t} is out of range: the model has tasks {:?}", a.tasks);
+                }
+                a.select(t);
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            (None, Some(_)) => anyhow::bail!("model {} has no task adapters", self.dir.path.display()),
+        }
     }
 
     /// A drafter head of `kind` stored in its own directory `sidecar` (an
@@ -229,7 +272,7 @@ impl LoadedModel {
         let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, conditioning, draft: None })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, conditioning, draft: None, adapters: None })
     }
 }
 

@@ -62,6 +62,8 @@ enum Job {
         model: Arc<ModelEntry>,
         rows: Vec<Vec<u32>>,
         dims: Option<usize>,
+        /// A multi-task embedder's task (an index into its adapters' tasks).
+        task: Option<usize>,
         keep_alive: Option<KeepAlive>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
     },
@@ -258,6 +260,20 @@ impl Worker {
         dims: Option<usize>,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Vec<Vec<f32>>, WorkerError> {
+        self.embed_task(model, rows, dims, None, keep_alive).await
+    }
+
+    /// [`Worker::embed`] under a multi-task embedder's task `task` (an
+    /// index into its tasks; model/adapters.rs): the rows run with that
+    /// task's adapters, in forwards of that task only.
+    pub async fn embed_task(
+        &self,
+        model: Arc<ModelEntry>,
+        rows: Vec<Vec<u32>>,
+        dims: Option<usize>,
+        task: Option<usize>,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Vec<Vec<f32>>, WorkerError> {
         // Counted with the generations against `--max-queue-depth` (429 past it).
         let n = self.open_requests.fetch_add(1, Ordering::SeqCst);
         let _open = OpenRequest(self.open_requests.clone());
@@ -266,7 +282,7 @@ impl Worker {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Embed { model, rows, dims, keep_alive, reply })
+            .send(Job::Embed { model, rows, dims, task, keep_alive, reply })
             .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     }

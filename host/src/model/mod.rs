@@ -1,4 +1,5 @@
 //! Files on disk -> config, weights, tokenizer, chat template.
+pub mod adapters;
 pub mod chat_template;
 pub mod files;
 pub mod generation_config;

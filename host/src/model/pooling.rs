@@ -10,6 +10,14 @@
 //! whose Pooling module has no config pools by the last token (Qwen3-Embedding).
 //! A decoder without `modules.json` is a generator, not an embedder.
 //!
+//! A **multi-task embedder** (jina-embeddings-v4's layout; [`EmbedTasks`]):
+//! config.json lists `task_names` and `matryoshka_dims`, and `adapters/`
+//! holds the per-task LoRA adapters (model/adapters.rs). It pools by mean
+//! over the valid tokens and normalises (`single_vector_pool_strategy`
+//! `mean`; another is refused by name), as its published
+//! `get_single_vector_embeddings` does; `dimensions` must be one of
+//! `matryoshka_dims`; text gets the task's prompt prefix (api/embeddings.rs).
+//!
 //! Refused by name (the model is listed as unavailable, with the reason):
 //! several pooling modes at once (concatenated outputs), weighted-mean
 //! pooling, and modules other than Transformer, Pooling and Normalize (a
@@ -66,6 +74,88 @@ pub struct EmbedSpec {
     /// positions (config.json's `max_position_embeddings`, less RoBERTa's
     /// `pad_token_id + 1` offset), 512 when neither is given.
     pub max_tokens: usize,
+    /// A multi-task embedder's tasks, prompts and Matryoshka sizes.
+    pub tasks: Option<EmbedTasks>,
+}
+
+/// What a multi-task embedder (jina-embeddings-v4) declares. The published
+/// definition (modeling_jina_embeddings_v4.py) prefixes text with
+/// `"Query: "` or `"Passage: "` by `prompt_name` (query by default), except
+/// under `text-matching`, a symmetric task, where both get `"Query: "`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedTasks {
+    /// config.json's `task_names`: an index is the adapters' task index.
+    pub names: Vec<String>,
+    /// The task of a request that names none: `retrieval` when listed, else the first.
+    pub default: usize,
+    /// `dimensions` a request may ask for (config.json's `matryoshka_dims`).
+    pub dims: Vec<usize>,
+    /// config.json's `truncate_dim`: the size of a request without `dimensions`.
+    pub default_dims: Option<usize>,
+}
+
+impl EmbedTasks {
+    /// Prompt names and their prefixes, as the published definition has them.
+    pub const PROMPTS: [(&'static str, &'static str); 2] = [("query", "Query: "), ("passage", "Passage: ")];
+    /// Tasks whose passages are embedded as queries.
+    pub const SYMMETRIC: [&'static str; 1] = ["text-matching"];
+
+    /// The task index of `name`.
+    pub fn task(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// The prefix of `prompt_name` under task `task` (None: an unknown prompt name).
+    pub fn prefix(&self, task: usize, prompt_name: &str) -> Option<&'static str> {
+        let pn = if Self::SYMMETRIC.contains(&self.names[task].as_str()) { "query" } else { prompt_name };
+        Self::PROMPTS.iter().find(|(n, _)| *n == prompt_name).and(Self::PROMPTS.iter().find(|(n, _)| *n == pn)).map(|(_, p)| *p)
+    }
+
+    /// The task settings of config.json, when it declares `task_names` and
+    /// the directory has `adapters/adapter_config.json`.
+    fn detect(dir: &Path, config: &Value) -> Result<Option<Self>> {
+        let Some(names) = config.get("task_names") else {
+            return Ok(None);
+        };
+        if !dir.join("adapters").join("adapter_config.json").is_file() {
+            return Ok(None);
+        }
+        let names: Vec<String> = names
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .filter(|v: &Vec<String>| !v.is_empty())
+            .ok_or_else(|| anyhow!("config.json: `task_names` must be a non-empty list of strings"))?;
+        if let Some(p) = config.get("single_vector_pool_strategy").and_then(Value::as_str).filter(|p| *p != "mean") {
+            bail!("config.json: single_vector_pool_strategy `{p}` is not supported (mean is)");
+        }
+        let hidden = config
+            .get("hidden_size")
+            .or_else(|| config.get("text_config").and_then(|t| t.get("hidden_size")))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize);
+        let mut dims: Vec<usize> = match config.get("matryoshka_dims") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect())
+                .ok_or_else(|| anyhow!("config.json: `matryoshka_dims` must be a list of sizes"))?,
+        };
+        if let Some(h) = hidden {
+            if let Some(bad) = dims.iter().find(|&&d| d == 0 || d > h) {
+                bail!("config.json: matryoshka_dims holds {bad}, outside 1..={h}");
+            }
+            if !dims.contains(&h) {
+                dims.push(h);
+            }
+        }
+        dims.sort_unstable();
+        let default_dims = config.get("truncate_dim").and_then(Value::as_u64).map(|n| n as usize);
+        if let Some(d) = default_dims.filter(|d| !dims.contains(d)) {
+            bail!("config.json: truncate_dim {d} is not one of matryoshka_dims {dims:?}");
+        }
+        let default = names.iter().position(|n| n == "retrieval").unwrap_or(0);
+        Ok(Some(Self { names, default, dims, default_dims }))
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
@@ -82,6 +172,18 @@ impl EmbedSpec {
     pub fn detect(dir: &Path, model_type: &str, config: &Value) -> Result<Option<Self>> {
         let encoder = ENCODER_TYPES.contains(&model_type);
         let max_tokens = max_tokens(dir, model_type, config)?;
+        if let Some(tasks) = EmbedTasks::detect(dir, config)? {
+            // The published processor truncates text to 32768 tokens.
+            return Ok(Some(Self {
+                pooling: Pooling::Mean,
+                normalize: true,
+                max_seq_length: None,
+                truncate_dim: None,
+                from_files: false,
+                max_tokens: max_tokens.min(32768),
+                tasks: Some(tasks),
+            }));
+        }
         let Some(modules) = read_json(&dir.join("modules.json"))? else {
             if !encoder {
                 return Ok(None);
@@ -93,6 +195,7 @@ impl EmbedSpec {
                 truncate_dim: truncate_dim(dir)?,
                 from_files: false,
                 max_tokens,
+                tasks: None,
             }));
         };
         let list = modules.as_array().ok_or_else(|| anyhow!("modules.json: expected an array of modules"))?;
@@ -121,7 +224,7 @@ impl EmbedSpec {
             }
             return Ok(None);
         };
-        Ok(Some(Self { pooling, normalize, max_seq_length: max_seq_length(dir)?, truncate_dim: truncate_dim(dir)?, from_files: true, max_tokens }))
+        Ok(Some(Self { pooling, normalize, max_seq_length: max_seq_length(dir)?, truncate_dim: truncate_dim(dir)?, from_files: true, max_tokens, tasks: None }))
     }
 }
 
@@ -170,7 +273,11 @@ fn max_seq_length(dir: &Path) -> Result<Option<usize>> {
 
 /// `max_seq_length` capped by the positions the model has.
 fn max_tokens(dir: &Path, model_type: &str, config: &Value) -> Result<usize> {
-    let positions = config.get("max_position_embeddings").and_then(Value::as_u64).map(|n| {
+    let positions = config
+        .get("max_position_embeddings")
+        .or_else(|| config.get("text_config").and_then(|t| t.get("max_position_embeddings")))
+        .and_then(Value::as_u64)
+        .map(|n| {
         let offset = match model_type {
             "roberta" | "xlm-roberta" => config.get("pad_token_id").and_then(Value::as_u64).unwrap_or(1) + 1,
             _ => 0,
@@ -233,6 +340,19 @@ mod tests {
         assert_eq!((s.pooling, s.max_seq_length, s.truncate_dim, s.max_tokens), (Pooling::Cls, Some(128), Some(64), 128));
         let s = EmbedSpec::detect(d.path(), "roberta", &json!({"max_position_embeddings": 100, "pad_token_id": 1})).unwrap().unwrap();
         assert_eq!(s.max_tokens, 98);
+        // A multi-task embedder: config.json's task_names + adapters/.
+        let t = tempfile::tempdir().unwrap();
+        let cfg = json!({"hidden_size": 32, "max_position_embeddings": 512, "task_names": ["retrieval", "text-matching", "code"], "matryoshka_dims": [8, 16]});
+        assert!(EmbedSpec::detect(t.path(), "qwen2_5_vl", &cfg).unwrap().is_none(), "no adapters/: a generator");
+        std::fs::create_dir(t.path().join("adapters")).unwrap();
+        std::fs::write(t.path().join("adapters/adapter_config.json"), "{}").unwrap();
+        let s = EmbedSpec::detect(t.path(), "qwen2_5_vl", &cfg).unwrap().unwrap();
+        let k = s.tasks.clone().unwrap();
+        assert_eq!((s.pooling, s.normalize, s.max_tokens), (Pooling::Mean, true, 512));
+        assert_eq!((k.default, k.dims.clone(), k.task("code")), (0, vec![8, 16, 32], Some(2)));
+        assert_eq!((k.prefix(0, "passage"), k.prefix(1, "passage"), k.prefix(2, "query"), k.prefix(0, "doc")), (Some("Passage: "), Some("Query: "), Some("Query: "), None));
+        let bad = json!({"hidden_size": 32, "task_names": ["a"], "single_vector_pool_strategy": "cls"});
+        assert!(format!("{}", EmbedSpec::detect(t.path(), "qwen2_5_vl", &bad).unwrap_err()).contains("single_vector_pool_strategy"));
         // A Dense module is refused by name.
         std::fs::write(d.path().join("modules.json"), r#"[{"path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#).unwrap();
         let e = EmbedSpec::detect(d.path(), "bert", &json!({})).unwrap_err();

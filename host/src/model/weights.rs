@@ -35,6 +35,9 @@ pub struct HostWeights<'a> {
     /// (`with_fallback`): a drafter head's sidecar directory first, then the
     /// verifier's checkpoint, each read under its own quantization config.
     fallback: Option<Box<HostWeights<'a>>>,
+    /// Per-task LoRA adapters (adapters.rs): the layers of adapted modules
+    /// are wrapped so that the selected task's update is added.
+    adapters: Option<std::sync::Arc<super::adapters::TaskAdapters>>,
 }
 
 impl<'a> HostWeights<'a> {
@@ -69,7 +72,14 @@ impl<'a> HostWeights<'a> {
             fused: Vec::new(),
             dequantize: policy.dequantize,
             fallback: None,
+            adapters: None,
         })
+    }
+
+    /// Layers of the modules `adapters` adapts come wrapped with them.
+    pub fn with_adapters(mut self, adapters: std::sync::Arc<super::adapters::TaskAdapters>) -> Self {
+        self.adapters = Some(adapters);
+        self
     }
 
     /// Two directories as one source: a module or tensor is this one's when
@@ -263,10 +273,15 @@ fn context<T>(r: PResult<T>, prefix: &str) -> Result<T, PluginError> {
 impl WeightSource for HostWeights<'_> {
     fn linear(&mut self, prefix: RStr<'_>) -> PResult<LinearBox> {
         guard(|| {
+            let adapters = self.adapters.clone();
             let this = self.owner_of_module(prefix.as_str());
             let (items, q) = this.module(prefix.as_str())?;
             let plugin = this.quant_plugin(&q)?;
-            context(plugin.linear(items, q.params()), prefix.as_str())
+            let layer = context(plugin.linear(items, q.params()), prefix.as_str())?;
+            match adapters {
+                Some(a) => a.wrap(prefix.as_str(), layer),
+                None => Ok(layer),
+            }
         })
     }
 
@@ -275,6 +290,12 @@ impl WeightSource for HostWeights<'_> {
             // RMLX_FUSED_LINEARS=0: load every projection on its own (A/B runs).
             if std::env::var("RMLX_FUSED_LINEARS").is_ok_and(|v| v == "0") {
                 return Err(PluginError::unsupported("fused linears are off (RMLX_FUSED_LINEARS=0)"));
+            }
+            // Adapted modules stay apart: each adds its own low-rank update.
+            if let Some(a) = &self.adapters {
+                if let Some(p) = prefixes.iter().find(|p| a.adapts(p.as_str())) {
+                    return Err(PluginError::unsupported(format!("{p} has LoRA adapters; not fused")));
+                }
             }
             // Every part from one directory, or the layers stay apart.
             let owners: Vec<bool> = match self.fallback {

@@ -63,7 +63,8 @@ pub struct EmbeddingRequest {
     /// Keep the first `dimensions` values (normalised again when the model
     /// normalises). Only for models that declare Matryoshka truncation
     /// (`truncate_dim` in config_sentence_transformers.json), up to it; or
-    /// the model's full size.
+    /// the model's full size. For a multi-task embedder (jina-embeddings-v4),
+    /// one of its `matryoshka_dims`.
     #[serde(default)]
     #[oai(nullable, validator(minimum(value = "1"), maximum(value = "65536")))]
     pub dimensions: Option<u32>,
@@ -75,6 +76,21 @@ pub struct EmbeddingRequest {
     #[serde(default)]
     #[oai(nullable)]
     pub keep_alive: Option<KeepAliveSpec>,
+    /// rmlx extension for multi-task embedders (jina-embeddings-v4): the
+    /// task whose adapters embed the inputs, one of the model's
+    /// `task_names` (`retrieval`, `text-matching`, `code`); default
+    /// `retrieval`. `retrieval.query` / `retrieval.passage` (Jina's API
+    /// form) set `prompt_name` too. Refused for other models.
+    #[serde(default)]
+    #[oai(nullable)]
+    pub task: Option<String>,
+    /// rmlx extension for multi-task embedders: `query` (default) or
+    /// `passage`; text inputs get the prefix `Query: ` or `Passage: `
+    /// (`Query: ` for both under `text-matching`). Token-id inputs are
+    /// used as given. Refused for other models.
+    #[serde(default)]
+    #[oai(nullable)]
+    pub prompt_name: Option<String>,
 }
 
 /// One embedding: numbers, or base64 of little-endian float32.

@@ -2,8 +2,9 @@
 //! the engine thread takes it: it waits in [`Engine::embeds`] until the
 //! thread has taken every job that is waiting (between scheduler steps, or
 //! after waking from idle, those that arrive within the arrival gap; see
-//! worker/run.rs). Then [`Engine::run_embeds`] runs the jobs of one model
-//! and `dims` together: their rows go into one `embed` call, which sorts
+//! worker/run.rs). Then [`Engine::run_embeds`] runs the jobs of one model,
+//! `dims` and task (a multi-task embedder's adapters, selected on the model
+//! around the run: model/adapters.rs) together: their rows go into one `embed` call, which sorts
 //! them by length and packs them into padded batches (each row's valid
 //! length masks its padding), and each request gets its own rows back, in
 //! its order.
@@ -28,6 +29,7 @@ pub(super) struct PendingEmbed {
     pub model: Arc<ModelEntry>,
     pub rows: Vec<Vec<u32>>,
     pub dims: Option<usize>,
+    pub task: Option<usize>,
     pub keep_alive: Option<KeepAlive>,
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
 }
@@ -49,7 +51,7 @@ impl Engine {
         let jobs = std::mem::take(&mut self.embeds);
         let mut groups: Vec<Vec<PendingEmbed>> = Vec::new();
         for j in jobs {
-            let same = |g: &Vec<PendingEmbed>| merge() && g[0].model.id == j.model.id && g[0].dims == j.dims;
+            let same = |g: &Vec<PendingEmbed>| merge() && g[0].model.id == j.model.id && g[0].dims == j.dims && g[0].task == j.task;
             match groups.iter_mut().find(|g| same(g)) {
                 Some(g) => g.push(j),
                 None => groups.push(vec![j]),
@@ -105,8 +107,14 @@ impl Engine {
         }
         let metrics = self.tracker.metrics().clone();
         let label = [entry.id.as_str()];
-        let dims = jobs[0].dims;
+        let (dims, task) = (jobs[0].dims, jobs[0].task);
         let model = &mut self.models[i].model;
+        if let Err(e) = model.select_task(task) {
+            for j in jobs {
+                let _ = j.reply.send(Err(WorkerError::BadField { field: "task".into(), message: format!("{e:#}") }));
+            }
+            return;
+        }
         let mut run = |rows: &[Vec<u32>]| -> Result<Vec<Vec<f32>>, WorkerError> {
             let mut seen = |n: usize| metrics.embed_rows.with_label_values(&label).observe(n as f64);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| embed_observed(model, &spec, rows, dims, &mut seen)));
@@ -140,6 +148,8 @@ impl Engine {
                 }
             }
         }
+        // The base model again for whatever runs next.
+        let _ = self.models[i].model.select_task(None);
         self.models[i].last_used = Instant::now();
     }
 }
