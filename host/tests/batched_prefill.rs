@@ -20,9 +20,13 @@ fn catalog() -> ModelCatalog {
 }
 
 fn worker(catalog: &ModelCatalog) -> Worker {
+    worker_with(catalog, SchedulerConfig::default())
+}
+
+fn worker_with(catalog: &ModelCatalog, sched: SchedulerConfig) -> Worker {
     let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 64, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
     // No prefix cache: every prompt is prefilled whole.
-    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..SchedulerConfig::default() }, catalog).unwrap()
+    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, catalog).unwrap()
 }
 
 /// A prompt of `n` token ids < 256 (the fixtures' vocabulary), `k` varies it.
@@ -83,6 +87,31 @@ fn ragged_prefill_equals_one_at_a_time() {
         }
     }
     common::stop_at_exit(w);
+}
+
+/// While a stream decodes, a step budget of many chunks (the GPU default of
+/// `prefill_step_tokens`) lets the other prompts' chunks prefill together
+/// instead of one chunk a step (the CPU default): the one-token prompt
+/// decodes from the first step, and the seven others, in chunks of 8, take
+/// fewer forwards under the larger budget and answer the same.
+#[test]
+fn step_budget_prefills_prompts_together_while_a_stream_decodes() {
+    let _g = common::mlx_lock();
+    let cat = catalog();
+    let entry = cat.get("llama-f32").unwrap();
+    let lens = [1usize, 5, 17, 40, 3, 70, 33, 29];
+    let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(k, &n)| prompt(n, k)).collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| common::greedy_reference("llama-f32", p, 12)).collect();
+    let mut forwards = Vec::new();
+    for step_tokens in [0, 4096] {
+        let w = worker_with(&cat, SchedulerConfig { prefill_step_tokens: step_tokens, ..SchedulerConfig::default() });
+        let (outs, f, chunks) = together(&w, &entry, &prompts, 12, 8);
+        assert_eq!(outs, want, "step budget {step_tokens}: differs from one at a time");
+        forwards.push((f, chunks));
+        common::stop_at_exit(w);
+    }
+    let ((one, _), (many, chunks)) = (forwards[0], forwards[1]);
+    assert!(many < one, "{chunks} chunks: {many} forwards with a budget of 4096 tokens a step, {one} with one chunk a step");
 }
 
 /// Eight prompts of similar length arriving together at an idle engine

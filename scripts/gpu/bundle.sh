@@ -3,7 +3,7 @@
 # Builds what the GPU runs need (release rmlx and plugins, libmlxc.so, and the
 # fused-kernel test binaries of kv-quant, kv-dense and rmlx-nn's gated DeltaNet:
 # kvq-test, kvd-test, gdn-test) and packs them with the
-# drivers in scripts/gpu/ as one folder `b/`, xz-compressed (~10 MB), to carry
+# drivers in scripts/gpu/ (and scripts/ttft-streams.*) as one folder `b/`, xz-compressed (~10 MB), to carry
 # in the last call after the MLX CUDA wheel's parts (docs/PERF.md, "How to
 # reproduce on the GPU machine").
 set -euo pipefail
@@ -27,6 +27,7 @@ cp "$kvd" "$tmp/b/kvd-test"
 cp "$gdn" "$tmp/b/gdn-test"
 strip "$tmp/b/rmlx" "$tmp/b/kvq-test" "$tmp/b/kvd-test" "$tmp/b/gdn-test" "$tmp/b/plugins/"*.so "$tmp/b/lib/libmlxc.so" || true
 cp scripts/gpu/*.sh scripts/gpu/*.py "$tmp/b/"
+cp scripts/ttft-streams.sh scripts/ttft-streams.py "$tmp/b/"
 tar -C "$tmp" -cf - b | xz -T2 -6 > "$out"
 rm -rf "$tmp"
 ls -la "$out"

@@ -4,9 +4,12 @@
 //! logits from its own last token), instead of one forward per sequence.
 //! Prompts that arrive together thus prefill together.
 //!
-//! The budget is today's: at most one `--prefill-chunk` of tokens per step
-//! in all while streams of the lane decode (they never wait longer than one
-//! chunk), every prefilling sequence's chunk when none decodes.
+//! The budget: while streams of the lane decode, at most
+//! `SchedulerConfig::prefill_step_tokens` prompt tokens per step in all
+//! (at least one `--prefill-chunk`; the backend's default: one chunk on a
+//! CPU, 8,192 tokens on a GPU, where prompts that join a decoding batch
+//! then prefill together instead of one a step); every prefilling
+//! sequence's chunk when none decodes.
 //!
 //! Rows stay on the one-sequence path where batching is not exact (and
 //! all do with `RMLX_BATCHED_PREFILL=0`): a chunk that holds image
@@ -109,9 +112,10 @@ fn resumes_state(s: &Sequence) -> bool {
 }
 
 impl Scheduler {
-    /// Prefill: chunks of prompts in arrival order, at most one
-    /// `--prefill-chunk` of tokens per step in all (so running streams never
-    /// wait longer than one chunk; short prompts share a step). The budget
+    /// Prefill: chunks of prompts in arrival order, at most
+    /// `prefill_step_tokens` (at least one `--prefill-chunk`) of tokens per
+    /// step in all (so running streams wait at most that long; short
+    /// prompts share a step). The budget
     /// protects decoding streams; while none is decoding, every prefilling
     /// sequence takes its chunk this step (prompts that arrive together
     /// start decoding together). The chosen chunks run as batched forwards
@@ -126,7 +130,7 @@ impl Scheduler {
             .position(|s| s.lane == *lane && s.to_prefill() > 0 && !chosen.iter().any(|(id, _)| *id == s.id))
         {
             let per = self.running[i].params.prefill_chunk.max(1);
-            let left = *budget.get_or_insert(per);
+            let left = *budget.get_or_insert(per.max(self.cfg.prefill_step_tokens));
             if left == 0 {
                 break;
             }

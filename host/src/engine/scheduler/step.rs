@@ -106,8 +106,12 @@ impl Scheduler {
         let row_ids: Vec<u64> = rows.iter().map(|&i| self.running[i].id).collect();
         // Every row greedy on the device: this step's tokens stay on the
         // device as the next step's input, and the host reads them one
-        // step later, while the device runs that next step.
-        let pipelined = pipelining() && rows.iter().all(|&i| self.running[i].takes_device_token());
+        // step later, while the device runs that next step. Not while a
+        // row waits for its first token: pipelined, it would reach the
+        // client only after the next step's graph is built and dispatched
+        // (its TTFT one decode step longer); read now, it goes out at once.
+        let first = rows.iter().any(|&i| self.running[i].t_first.is_none());
+        let pipelined = pipelining() && !first && rows.iter().all(|&i| self.running[i].takes_device_token());
         let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
         let step = {
             // Borrow the rows mutably, in row order.
