@@ -214,3 +214,69 @@ pub fn assert_as_mlx_vlm(got: &[(u32, Vec<(u32, f32)>)], case: &Value, what: &st
         }
     }
 }
+
+/// A chat case's prompt ids and images as the API builds them (the model
+/// directory's VisionSpec: processor, placeholder expansion, spans), the
+/// ids checked against mlx-vlm's (`prompt_ids`), the counts against
+/// `image_tokens`, each image's pixels against `shape` [C, H, W]. `model`
+/// relative to tests/fixtures, the images from tests/fixtures/images.
+pub fn prompt_and_media(model: &str, case: &Value, shape: [usize; 3]) -> (Vec<u32>, Arc<PromptMedia>) {
+    use rmlx::engine::media::PromptImage;
+    use rmlx::media::vision::VisionSpec;
+    use rmlx::media::{decode_image, MediaHash, MediaOptions};
+    use rmlx::model::tokenizer::Tokenizer;
+    let dir = super::fixture(model);
+    let tok = Tokenizer::from_model_dir(&dir).unwrap();
+    let spec = VisionSpec::from_model_dir(&dir, Some(&tok)).unwrap().expect("the fixture takes images");
+    let mut images = Vec::new();
+    let mut counts = Vec::new();
+    for part in case["parts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).filter(|p| p.ends_with(".png")) {
+        let bytes = std::fs::read(super::fixture("images").join(part)).unwrap();
+        let img = decode_image(part, &bytes, &MediaOptions::default()).unwrap();
+        let pixels = spec.processor.preprocess(part, &img).unwrap();
+        assert_eq!(pixels.shape, shape, "{part}: preprocessed shape");
+        counts.push(spec.tokens_for(&pixels).unwrap());
+        images.push((pixels, MediaHash::of_rgb(&img)));
+    }
+    let want_counts: Vec<usize> = case["image_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    assert_eq!(counts, want_counts, "image token counts");
+    let expanded = spec.expand(case["prompt"].as_str().unwrap(), &counts).unwrap();
+    let ids = tok.encode(&expanded, false).unwrap();
+    let want: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, want, "the host's prompt ids differ from mlx-vlm's");
+    let spans = spec.placeholder_spans(&ids, &counts).unwrap();
+    let images = images.into_iter().zip(spans).map(|((p, h), s)| PromptImage::new(p, h, s)).collect();
+    (ids, Arc::new(PromptMedia { images }))
+}
+
+/// A one-sequence cache with explicit multimodal-RoPE positions [3, 1, L]
+/// (ABI 3.7 `positions()`).
+pub struct Positioned<'a> {
+    pub cache: &'a mut rmlx::engine::cache::KvCache,
+    pub pos: Array,
+}
+
+impl rmlx::engine::attend::KvStore for Positioned<'_> {
+    fn batch(&self) -> u32 {
+        self.cache.batch()
+    }
+    fn offset(&self) -> i32 {
+        self.cache.offset()
+    }
+    fn offsets(&self) -> Array {
+        self.cache.offsets()
+    }
+    fn attend(
+        &mut self,
+        layer: u32,
+        q: Array,
+        k: Array,
+        v: Array,
+        opts: &rmlx_plugin_api::author::AttendOpts<'_>,
+    ) -> Result<Array, rmlx_plugin_api::PluginError> {
+        self.cache.attend(layer, q, k, v, opts)
+    }
+    fn positions(&self) -> Option<Array> {
+        Some(self.pos.clone())
+    }
+}
