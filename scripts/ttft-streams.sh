@@ -48,7 +48,8 @@ fi
 echo "$N streams, prompts of $P tokens arriving together, generation $G; $T trial(s); model $M; rmlx $RMLX"
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 log=$(mktemp); out=$(mktemp)
-RMLX_STEP_PROFILE=1 "$RMLX" serve "${plugins[@]}" --model "$M" --host 127.0.0.1 --port "$PORT" --no-metrics-db > "$log" 2>&1 &
+# No prefix cache: every pass sends the same seeded prompts (rmlx bench), and each must prefill whole.
+RMLX_STEP_PROFILE=1 "$RMLX" serve "${plugins[@]}" --model "$M" --host 127.0.0.1 --port "$PORT" --no-metrics-db --no-prefix-cache > "$log" 2>&1 &
 pid=$!
 for i in $(seq 240); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.5; done
 pass() {
