@@ -4,9 +4,10 @@
 Dev script (stdlib only; run by scripts/long-context-kv.sh, which builds nothing).
 
   kv     MODEL_DIR N [N ...]   one server per context length N: a prompt of N token
-         ids + a few generated tokens; polls /metrics while it runs and prints the
+         ids + GEN generated tokens (N + GEN within the model's positions); polls /metrics while it runs and prints the
          most blocks each layer group held (rmlx_kv_group_blocks_used), the most
-         bytes charged to the KV budget (rmlx_kv_used_bytes), what every layer
+         bytes charged to the KV budget (rmlx_kv_used_bytes), the most MLX memory in use between
+         steps, what every layer
          keeping every block would hold (full-group blocks x the bytes of a block
          in every layer), MLX's peak memory and the process's peak RSS (VmHWM).
   chat   MODEL_DIR             a 4-turn conversation, token ids, growing context
@@ -20,7 +21,8 @@ GEN (generated tokens, default 4), VOCAB (token ids drawn below it, default
 30000; the hybrid fixtures need 256), TURN (tokens a user turn adds, default
 1024), FIRST (first turn's tokens, default TURN), BUDGET (default 8GB),
 SERVE_ARGS (more `rmlx serve` flags), AB=1 (kv: also run each N with
-RMLX_KV_WINDOW_GROUPS=0, every layer keeping every block, and compare outputs).
+RMLX_KV_WINDOW_GROUPS=0, every layer keeping every block, and compare outputs),
+CACHE=1 (kv: prefix cache on, as `rmlx serve` defaults; off otherwise).
 Output: one JSON object per measurement on stdout, progress on stderr.
 """
 import json
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 RMLX = os.environ.get("RMLX", "target/debug/rmlx")
@@ -104,7 +107,11 @@ def complete(prompt, max_tokens):
                                  headers={"content-type": "application/json"})
     t0 = time.time()
     ttft, out = None, []
-    with urllib.request.urlopen(req, timeout=3600) as r:
+    try:
+        r = urllib.request.urlopen(req, timeout=3600)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"HTTP {e.code}: {e.read().decode()[:500]}")
+    with r:
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data:") or line == "data: [DONE]":
@@ -124,8 +131,9 @@ def kv(model_dir, ns):
         runs = [("1", None)] + ([("0", None)] if ab else [])
         outs = {}
         for split, _ in runs:
-            srv = Server(model_dir, ["--no-prefix-cache"], {"RMLX_KV_WINDOW_GROUPS": split})
-            peak = {"full": 0, "window": 0, "used_bytes": 0, "last": None}
+            cache = os.environ.get("CACHE") == "1"
+            srv = Server(model_dir, [] if cache else ["--no-prefix-cache"], {"RMLX_KV_WINDOW_GROUPS": split})
+            peak = {"full": 0, "window": 0, "used_bytes": 0, "active": 0, "last": None}
             done = threading.Event()
 
             def poll():
@@ -138,6 +146,7 @@ def kv(model_dir, ns):
                     for g in ("full", "window"):
                         peak[g] = max(peak[g], get(m, "rmlx_kv_group_blocks_used", model="m", group=g))
                     peak["used_bytes"] = max(peak["used_bytes"], get(m, "rmlx_kv_used_bytes"))
+                    peak["active"] = max(peak["active"], get(m, "rmlx_memory_active_bytes"))
                     if get(m, "rmlx_running_sequences"):
                         # The last sample while the sequence runs (decoding, once prefilled).
                         peak["last"] = [int(get(m, "rmlx_kv_group_blocks_used", model="m", group=g)) for g in ("full", "window")] + [int(get(m, "rmlx_kv_used_bytes"))]
@@ -146,20 +155,27 @@ def kv(model_dir, ns):
             th = threading.Thread(target=poll)
             th.start()
             log(f"[kv] N={n} window groups={split} ...")
-            toks, ttft, total = complete([2] + ids(n - 1, 0), GEN)
-            done.set()
-            th.join()
+            try:
+                toks, ttft, total = complete([2] + ids(n - 1, 0), GEN)
+            finally:
+                done.set()
+                th.join()
+                if sys.exc_info()[0] is not None:
+                    srv.stop()
             m = metrics()
             fb = get(m, "rmlx_kv_group_block_bytes", model="m", group="full")
             wb = get(m, "rmlx_kv_group_block_bytes", model="m", group="window")
             rec = {
-                "what": "kv", "tokens": n, "generated": len(toks), "window_groups": split == "1",
+                "what": "kv", "tokens": n, "generated": len(toks), "window_groups": split == "1", "prefix_cache": cache,
                 "prefill_s": round(ttft, 1), "total_s": round(total, 1),
                 "full_blocks_max": int(peak["full"]), "window_blocks_max": int(peak["window"]),
                 "full_block_bytes": int(fb), "window_block_bytes": int(wb),
                 "kv_used_bytes_max": int(peak["used_bytes"]),
                 "last_sample_full_window_bytes": peak["last"],
                 "every_layer_every_block_bytes": int(peak["full"] * (fb + wb)),
+                # MLX's peak is set while the model loads (1.5 GiB for Gemma-3-270M),
+                # so the most memory in use while the request ran is polled too.
+                "mlx_active_max_bytes": int(peak["active"]),
                 "mlx_peak_bytes": int(get(m, "rmlx_memory_peak_bytes")),
                 "process_peak_rss_bytes": srv.hwm(),
                 "load": os.getloadavg()[0],
@@ -185,7 +201,11 @@ def chat(model_dir):
             print(json.dumps({
                 "what": "chat", "prefix_cache": cache, "turn": k + 1, "prompt_tokens": len(prompt),
                 "hit_tokens": int(hit), "prefilled_tokens": len(prompt) - int(hit),
-                "ttft_s": round(ttft, 3), "total_s": round(total, 3), "answer": toks, "load": os.getloadavg()[0],
+                "ttft_s": round(ttft, 3), "total_s": round(total, 3), "answer": toks,
+                # After the turn: blocks the prefix cache keeps per group, bytes charged.
+                "cached_full_window": [int(get(after, "rmlx_kv_group_blocks_cached", model="m", group=g)) for g in ("full", "window")],
+                "kv_used_bytes": int(get(after, "rmlx_kv_used_bytes")),
+                "load": os.getloadavg()[0],
             }), flush=True)
             prompt = prompt + toks + ids(turn, k + 2)
         srv.stop()

@@ -6,7 +6,7 @@
 #
 #   bash scripts/long-context-kv.sh [kv|chat|hybrid|all] [N ...]
 #     kv      Gemma-3-270M (scripts/real-models.sh), one prompt of N tokens
-#             each (default 2048 8192 16384 32768) + GEN tokens: per layer
+#             each (default 2048 8192 16384 32764: 32,768 positions) + GEN tokens: per layer
 #             group the most blocks held, bytes charged, MLX / process peaks
 #             (AB=1: also with RMLX_KV_WINDOW_GROUPS=0, outputs compared)
 #     chat    Gemma-3-270M, 4 turns of TURN tokens, prefix cache on and off
@@ -28,7 +28,7 @@ PY=python3
 [ -x "$ROOT/.venv-dev/bin/python" ] && PY=$ROOT/.venv-dev/bin/python
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 case $WHAT in
-  kv) [ $# -gt 0 ] || set -- 2048 8192 16384 32768
+  kv) [ $# -gt 0 ] || set -- 2048 8192 16384 32764
       "$PY" scripts/long-context-kv.py kv "$GEMMA" "$@" ;;
   chat) "$PY" scripts/long-context-kv.py chat "$GEMMA" ;;
   hybrid) VOCAB=256 TURN=${TURN:-96} FIRST=${FIRST:-128} "$PY" scripts/long-context-kv.py chat "$ROOT/tests/fixtures/models/qwen3_5-f32" ;;
