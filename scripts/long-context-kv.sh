@@ -14,8 +14,10 @@
 #             same 4-turn chat in its 256-token vocabulary and 512 positions
 #
 # Env: GEMMA (model dir, default ~/.cache/rmlx/real-models/gemma-3-270m),
-# RMLX, PORT, GEN, TURN, FIRST, BUDGET, SERVE_ARGS, AB (scripts/long-context-kv.py).
-# One JSON line per measurement on stdout.
+# RMLX, PORT, GEN, TURN, FIRST, BUDGET, SERVE_ARGS, AB, CACHE
+# (scripts/long-context-kv.py). One JSON line per measurement on stdout.
+# Time on 2 shared CPU cores (2026-12-07): kv 2k 0.5-1 min, 8k 2-4, 16k 4,
+# 32,764 13 (AB doubles); chat 4 min; hybrid seconds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
