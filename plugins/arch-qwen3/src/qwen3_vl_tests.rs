@@ -286,3 +286,25 @@ fn qwen3_vl_config_refusals() {
     let m = MRope::new(&Config::parse(&base.to_string()).unwrap()).unwrap();
     assert_eq!(values(&m.axis.as_dtype(Dtype::Float32).unwrap()), vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0]);
 }
+
+#[test]
+fn qwen3_vl_without_its_tower_takes_text_only() {
+    // A checkpoint without `vision_tower.*`: loads (every text tensor used),
+    // refuses a media forward by saying so, and runs text at offsets.
+    let raw = Array::load_safetensors(root().join("models/qwen3_vl-tiny/model.safetensors")).unwrap();
+    let mut mem = Mem(raw.into_iter().filter(|(k, _)| !k.starts_with("vision_tower.")).collect());
+    let mut model = {
+        let mut src = WeightSource_TO::from_ptr(&mut mem, TD_Opaque);
+        let mut w = Weights::new(&mut src);
+        Qwen3Vl::load(&config_json(), &mut w).unwrap()
+    };
+    assert!(mem.0.is_empty(), "unused tensors {:?}", mem.0.keys());
+    let pixels = ops::zeros::<f32>(&[1, 3, 16, 24]).unwrap();
+    let mut h = Host { media: true, inputs: Some((pixels, Array::from_slice(&[true], &[1, 1]))), ..Host::default() };
+    let e = model.forward(&Array::from_slice(&[0i32], &[1, 1]), &mut h).err().expect("media without a tower").to_string();
+    assert!(e.contains("no vision tower"), "{e}");
+    let mut h = Host::default();
+    let out = model.forward(&Array::from_slice(&[1i32, 4, 7], &[1, 3]), &mut h).unwrap();
+    assert_eq!(out.shape(), [1, 3, 300]);
+    assert!(values(&out).iter().all(|x| x.is_finite()));
+}
