@@ -16,20 +16,15 @@
 mod common;
 
 use common::golden::{rel_err, REL_TOL};
-use common::vision::{assert_as_mlx_vlm, generate_with_media, values};
+use common::vision::{assert_as_mlx_vlm, generate_with_media, prompt_and_media, values, Positioned};
 use mlx_rs::Array;
-use rmlx::engine::attend::{ForwardRequest, KvStore};
-use rmlx::engine::cache::KvCache;
-use rmlx::engine::media::{encode_images_with_positions, PromptImage, PromptMedia};
+use rmlx::engine::attend::ForwardRequest;
+use rmlx::engine::media::{encode_images_with_positions, PromptImage};
 use rmlx::engine::mrope::MropeLayout;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::worker::{ModelCatalog, ModelEntry, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
-use rmlx::media::vision::VisionSpec;
-use rmlx::media::{decode_image, MediaHash, MediaOptions};
-use rmlx::model::tokenizer::Tokenizer;
-use rmlx_plugin_api::author::{AttendOpts, Output};
-use rmlx_plugin_api::PluginError;
+use rmlx_plugin_api::author::Output;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -41,61 +36,11 @@ fn case(name: &str) -> Value {
     g["cases"][name].clone()
 }
 
-/// The case's prompt ids and images, as the API builds them.
-fn prompt_and_media(case: &Value) -> (Vec<u32>, Arc<PromptMedia>) {
-    let dir = common::fixture(MODEL);
-    let tok = Tokenizer::from_model_dir(&dir).unwrap();
-    let spec = VisionSpec::from_model_dir(&dir, Some(&tok)).unwrap().expect("the fixture takes images");
-    let mut images = Vec::new();
-    let mut counts = Vec::new();
-    for part in case["parts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).filter(|p| p.ends_with(".png")) {
-        let bytes = std::fs::read(common::fixture("images").join(part)).unwrap();
-        let img = decode_image(part, &bytes, &MediaOptions::default()).unwrap();
-        let pixels = spec.processor.preprocess(part, &img).unwrap();
-        assert_eq!(pixels.shape, [3, 16, 24], "no resize: 24x16 is a multiple of patch * merge in range");
-        counts.push(spec.tokens_for(&pixels).unwrap());
-        images.push((pixels, MediaHash::of_rgb(&img)));
-    }
-    let want_counts: Vec<usize> = case["image_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-    assert_eq!(counts, want_counts);
-    let expanded = spec.expand(case["prompt"].as_str().unwrap(), &counts).unwrap();
-    let ids = tok.encode(&expanded, false).unwrap();
-    let want: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    assert_eq!(ids, want, "the host's prompt ids differ from mlx-vlm's");
-    let spans = spec.placeholder_spans(&ids, &counts).unwrap();
-    let images = images.into_iter().zip(spans).map(|((p, h), s)| PromptImage::new(p, h, s)).collect();
-    (ids, Arc::new(PromptMedia { images }))
-}
-
-/// The one-sequence cache with explicit positions [3, 1, L].
-struct Positioned<'a> {
-    cache: &'a mut KvCache,
-    pos: Array,
-}
-
-impl KvStore for Positioned<'_> {
-    fn batch(&self) -> u32 {
-        self.cache.batch()
-    }
-    fn offset(&self) -> i32 {
-        self.cache.offset()
-    }
-    fn offsets(&self) -> Array {
-        self.cache.offsets()
-    }
-    fn attend(&mut self, layer: u32, q: Array, k: Array, v: Array, opts: &AttendOpts<'_>) -> Result<Array, PluginError> {
-        self.cache.attend(layer, q, k, v, opts)
-    }
-    fn positions(&self) -> Option<Array> {
-        Some(self.pos.clone())
-    }
-}
-
 #[test]
 fn qwen2_5_vl_prompt_logits_as_mlx_vlm() {
     let _l = common::mlx_lock();
     let case = case("image_a");
-    let (prompt, media) = prompt_and_media(&case);
+    let (prompt, media) = prompt_and_media(MODEL, &case, [3, 16, 24]);
     let mut m = LoadedModel::load(&common::fixture(MODEL), &common::registry()).unwrap();
     assert_eq!(m.architecture_plugin, "arch-qwen3");
     assert!(m.unused.is_empty(), "unused tensors {:?}", m.unused);
@@ -159,8 +104,8 @@ fn qwen2_5_vl_generates_as_mlx_vlm_through_the_engine() {
     let _l = common::mlx_lock();
     let (a, b) = (case("image_a"), case("image_b"));
     let steps = a["tokens"].as_array().unwrap().len();
-    let (prompt_a, media_a) = prompt_and_media(&a);
-    let (prompt_b, media_b) = prompt_and_media(&b);
+    let (prompt_a, media_a) = prompt_and_media(MODEL, &a, [3, 16, 24]);
+    let (prompt_b, media_b) = prompt_and_media(MODEL, &b, [3, 16, 24]);
     assert_eq!(prompt_a, prompt_b, "the same prompt, another image");
 
     let (w, e) = worker(512);
