@@ -127,6 +127,36 @@ fn a_plugin_built_for_the_previous_minor_abi_loads_and_runs() {
     assert!(err.contains("predates ABI 3.3"), "{err}");
 }
 
+/// A plugin built against ABI 3.6 (tests/plugins/prev-abi-3.6: the minor
+/// before 3.7 appended `ForwardCtx::positions` to the host-implemented
+/// ForwardCtx) loads beside today's plugins, and its forward runs through
+/// this host's longer ForwardCtx (it calls only the methods it knows).
+#[test]
+fn a_plugin_built_for_abi_3_6_loads_and_runs() {
+    let _g = common::mlx_lock();
+    let prev = common::test_plugins_dir().join(lib("rmlx_test_prev_abi_36"));
+    assert!(prev.exists(), "{} missing: run `make build` (scripts/build-prev-abi.sh)", prev.display());
+    let dir = plugin_dir(&[(lib("rmlx_test_prev_abi_36").as_str(), prev)]);
+    let reg = Registry::load(dir.path()).unwrap();
+    assert!(reg.refused.is_empty(), "{:?}", reg.refused);
+    let p = reg.architecture_plugin("rmlx_prev_abi_36").unwrap();
+    assert_eq!(p.info.id, "test-prev-abi-36");
+    assert_eq!(p.info.abi, "3.6");
+    // Today's plugins beside it are of this host's minor (3.7: positions).
+    let today = format!("{}.{}", rmlx_plugin_api::ABI_VERSION, rmlx_plugin_api::ABI_MINOR);
+    assert_eq!(reg.architecture_plugin("qwen2_5_vl").unwrap().info.abi, today);
+    let model_dir = tempfile::tempdir().unwrap();
+    std::fs::write(model_dir.path().join("config.json"), r#"{"model_type": "rmlx_prev_abi_36", "vocab_size": 16}"#).unwrap();
+    let data = 1f32.to_le_bytes();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+    safetensors::serialize_to_file([("dummy", view)], None, &model_dir.path().join("model.safetensors")).unwrap();
+    let mut model = LoadedModel::load(model_dir.path(), &reg).unwrap();
+    assert_eq!(model.plugin_abi, (3, 6));
+    let logits = Session::new(&mut model).prefill(&[3, 4, 9]).unwrap();
+    let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(best, 10);
+}
+
 #[test]
 fn refuses_a_plugin_of_a_newer_minor_abi() {
     use rmlx::plugins::loader::abi_check;
