@@ -277,8 +277,8 @@ fn rmlx(args: &[&str]) -> std::process::Output {
 
 /// `rmlx generate --draft-kind dflash --draft-model SIDECAR --json`: the
 /// model's own greedy tokens, with `drafted_tokens` and `accepted_tokens`;
-/// a missing sidecar, a sidecar for another hidden size and the server are
-/// refused with one line each.
+/// a missing sidecar and a sidecar for another hidden size are refused
+/// with one line each, by `rmlx generate` and at `rmlx serve`'s start.
 #[test]
 fn generate_with_dflash_reports_draft_counts_and_refuses_bad_input() {
     let _g = common::mlx_lock();
@@ -317,5 +317,11 @@ fn generate_with_dflash_reports_draft_counts_and_refuses_bad_input() {
         &["generate", "-m", other.to_str().unwrap(), "--prompt-tokens", "1,2", "--draft-kind", "dflash", "--draft-model", s],
         "the DFlash drafter's hidden size is 64 but the model's is 128",
     );
-    refused(&["serve", "--model", v, "--draft-kind", "dflash", "--draft-model", s, "--port", "0"], "--draft-kind dflash drafts in `rmlx generate` so far");
+    // The server checks the pair from the config files at start (the
+    // batched path itself: tests/speculative_serve_dflash.rs).
+    refused(&["serve", "--model", v, "--draft-kind", "dflash", "--port", "0"], "--draft-kind dflash for `qwen3-f32` needs --draft-model DIR");
+    refused(
+        &["serve", "--model", other.to_str().unwrap(), "--draft-kind", "dflash", "--draft-model", s, "--port", "0"],
+        "has a hidden size of 64 but the model `gemma3_text-f32`",
+    );
 }

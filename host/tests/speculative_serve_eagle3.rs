@@ -14,8 +14,9 @@ use common::engine::{worker, entry, submit, collect};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions};
 use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
 use rmlx::engine::worker::{GenParams, ModelCatalog};
 use std::sync::Arc;
 
@@ -34,6 +35,36 @@ fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
 
 fn prompts() -> Vec<Vec<u32>> {
     [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+}
+
+/// The prompt's conditioning (the verifier's hidden states at the head's
+/// three layers) reaches the head during prefill, so the server's drafts
+/// are `rmlx generate`'s (`mtp::generate` drives Eagle-3 heads): round by
+/// round the same draft tokens and the same counts, prompts of 1 to 40
+/// tokens prefilled in chunks of 16 on both sides.
+#[test]
+fn server_eagle3_drafts_with_the_prompt_context_equal_generate() {
+    let _g = common::mlx_lock();
+    const N: usize = 16;
+    let reg = common::registry();
+    let vdir = common::fixture("models/llama-f32");
+    let mut target = LoadedModel::load_with(&vdir, &reg, LoadPolicy::default()).unwrap();
+    let mut head = LoadedModel::load_head_from(&common::fixture("models/llama-eagle3-head"), &vdir, "eagle3", &reg, LoadPolicy::default()).unwrap();
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig { log_drafts: true, ..SchedulerConfig::default() });
+    let e = entry(&cat, "eagle3");
+    let (mut seen, mut rounds) = (0, 0);
+    for (n, p) in prompts().iter().enumerate() {
+        let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: N, prefill_chunk: 16 };
+        let want = mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), &opts, |_| true).unwrap();
+        let (got, f) = collect(&mut submit(&w, &e, p, greedy(N, None)));
+        assert_eq!(got, want.tokens, "prompt of {}", p.len());
+        let log = common::engine::stats_after(&w, n as u64 + 1).speculation["eagle3"].draft_log.clone();
+        assert_eq!(log[seen..], want.draft_log[..], "drafts, prompt of {}", p.len());
+        assert_eq!(f.speculation, Some((want.drafted_tokens, want.accepted_tokens)), "prompt of {}", p.len());
+        (seen, rounds) = (log.len(), rounds + want.draft_log.len());
+    }
+    assert!(rounds >= 20, "{rounds} draft rounds compared");
 }
 
 #[test]

@@ -13,9 +13,10 @@ use common::engine::{worker, entry, submit, collect};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
+use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions};
 use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -65,6 +66,39 @@ fn greedy_mtp_speculation_in_the_engine_equals_plain_decoding() {
     let s = w.stats().speculation["mtp"].clone();
     assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
     assert!(!w.stats().speculation.contains_key("draft"));
+}
+
+/// The prompt's conditioning reaches the head during prefill (the prefill
+/// forward returns the verifier's hidden states, engine/scheduler/spec/
+/// prompt.rs), so the server's drafts are `rmlx generate`'s
+/// (`mtp::generate`): round by round the same draft tokens, the same
+/// tokens, the same drafted and accepted counts, for prompts of 1 to 40
+/// tokens prefilled in chunks of 16 (two and three chunks) on both sides.
+/// (Before, the head's context began at the first speculative step and
+/// its drafts differed.)
+#[test]
+fn server_mtp_drafts_with_the_prompt_context_equal_generate() {
+    let _g = common::mlx_lock();
+    const N: usize = 16;
+    let dir = common::fixture(HYBRID);
+    let reg = common::registry();
+    let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    let cat = catalog(3);
+    let w = worker(&cat, SchedulerConfig { log_drafts: true, ..SchedulerConfig::default() });
+    let e = entry(&cat, "mtp");
+    let (mut seen, mut rounds) = (0, 0);
+    for (n, p) in prompts().iter().enumerate() {
+        let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: N, prefill_chunk: 16 };
+        let want = mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), &opts, |_| true).unwrap();
+        let (got, f) = collect(&mut submit(&w, &e, p, greedy(N, None)));
+        assert_eq!(got, want.tokens, "prompt of {}", p.len());
+        let log = common::engine::stats_after(&w, n as u64 + 1).speculation["mtp"].draft_log.clone();
+        assert_eq!(log[seen..], want.draft_log[..], "drafts, prompt of {}", p.len());
+        assert_eq!(f.speculation, Some((want.drafted_tokens, want.accepted_tokens)), "prompt of {}", p.len());
+        (seen, rounds) = (log.len(), rounds + want.draft_log.len());
+    }
+    assert!(rounds >= 20, "{rounds} draft rounds compared");
 }
 
 /// Rows with `num_draft_tokens` 0, the default, 1 and 5 share batches with

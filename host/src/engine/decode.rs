@@ -175,6 +175,23 @@ pub(crate) fn forward_rows(
     inputs: Option<(Array, Array)>,
     eval: bool,
 ) -> Result<Array> {
+    Ok(forward_rows_hidden(model, pool, seqs, input, lens, inputs, eval, Vec::new())?.0)
+}
+
+/// [`forward_rows`] that also returns the hidden states of `hidden_layers`
+/// (`ForwardRequest::hidden_layers`: [B, L, D] each, left-padded as the
+/// input), lazily: a drafter head's conditioning during prefill.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_rows_hidden(
+    model: &mut LoadedModel,
+    pool: &mut KvPool,
+    seqs: &mut [&mut Sequence],
+    input: Array,
+    lens: &[usize],
+    inputs: Option<(Array, Array)>,
+    eval: bool,
+    hidden_layers: Vec<u32>,
+) -> Result<(Array, Vec<(u32, Array)>)> {
     let rows: Vec<Row> = seqs
         .iter()
         .map(|s| Row {
@@ -197,8 +214,9 @@ pub(crate) fn forward_rows(
     }
     // Multimodal RoPE (ABI 3.7): rows whose prompt has a layout (mrope.rs).
     paged = paged.with_positions(super::mrope::batch_positions(seqs, lens));
-    let req = super::attend::ForwardRequest { inputs, ..super::attend::ForwardRequest::logits(true) };
-    let logits = model.run(&input, &mut paged, req)?.out;
+    let req = super::attend::ForwardRequest { inputs, hidden_layers, ..super::attend::ForwardRequest::logits(true) };
+    let out = model.run(&input, &mut paged, req)?;
+    let (logits, hidden) = (out.out, out.hidden);
     // Recurrent state: the rows' own change only now the forward succeeded.
     let new_states = paged.take_states();
     drop(paged);
@@ -228,5 +246,5 @@ pub(crate) fn forward_rows(
             }
         }
     }
-    Ok(logits)
+    Ok((logits, hidden))
 }

@@ -61,6 +61,9 @@ pub struct SchedulerConfig {
     /// Speculative decoding runs while a lane decodes at most this many
     /// sequences (`--spec-max-batch`; speculative/serve.rs says why 8).
     pub spec_max_batch: usize,
+    /// Keep every verified row's drafts in `SpecCounts::draft_log` (tests
+    /// compare them with `rmlx generate`'s; off in the server).
+    pub log_drafts: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -73,6 +76,7 @@ impl Default for SchedulerConfig {
             prefix_cache: true,
             ssd: None,
             spec_max_batch: super::speculative::serve::DEFAULT_SPEC_MAX_BATCH,
+            log_drafts: false,
         }
     }
 }
@@ -154,6 +158,9 @@ pub struct SpecCounts {
     pub steps: u64,
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// Each verified row's drafts, in order (`SchedulerConfig::log_drafts`).
+    #[serde(skip)]
+    pub draft_log: Vec<Vec<u32>>,
 }
 
 pub struct Scheduler {
@@ -320,6 +327,13 @@ impl Scheduler {
                 d.release(&sp.table);
                 sp.table.clear();
                 sp.kv_len = 0;
+            }
+            // A drafter head's seed and a block drafter's context store too.
+            if let Some(sp) = s.spec.as_mut() {
+                sp.seed = None;
+                if let Some(b) = sp.block.take() {
+                    self.account.credit(b.charged);
+                }
             }
         }
         s.table.clear();

@@ -38,3 +38,17 @@ pub fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Finish)
         }
     }
 }
+
+/// The engine's stats once `completed` requests have finished (they are
+/// published after the step that ends them; waits at most 30 s).
+#[allow(dead_code)]
+pub fn stats_after(w: &Worker, completed: u64) -> rmlx::engine::scheduler::EngineStats {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = w.stats();
+        if s.completed >= completed || t0.elapsed().as_secs() > 30 {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -31,7 +31,7 @@
 //! of the failed forward is kept: `kv_len` only advances after the logits
 //! were evaluated, and the pool's layers are only replaced by complete
 //! writes).
-use super::super::decode::{forward_rows, forward_with};
+use super::super::decode::forward_rows_hidden;
 use super::super::kv_pool::KvPool;
 use super::super::sequence::Sequence;
 use super::super::worker::WorkerError;
@@ -89,8 +89,9 @@ pub(crate) fn groups(lens: &[usize], fixed: &[bool]) -> Vec<Vec<usize>> {
 /// own first token (any id: padding is masked and never stored). The rows'
 /// tables must cover the new tokens. Evaluates the forward, then advances
 /// each row's `kv_len` (and sets its recurrent state); on an error no row
-/// changes.
-pub(crate) fn ragged_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&mut Sequence], lens: &[usize]) -> Result<()> {
+/// changes. Returns the hidden states of `hidden` ([B, L, D] each, rows
+/// left-padded: a drafter's conditioning, spec/prompt.rs).
+pub(crate) fn ragged_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &mut [&mut Sequence], lens: &[usize], hidden: Vec<u32>) -> Result<Vec<(u32, Array)>> {
     let len = lens.iter().copied().max().unwrap_or(0);
     let b = seqs.len();
     let mut ids: Vec<i32> = Vec::with_capacity(b * len);
@@ -101,8 +102,7 @@ pub(crate) fn ragged_forward(model: &mut LoadedModel, pool: &mut KvPool, seqs: &
     }
     let input = Array::from_slice(&ids, &[b as i32, len as i32]); // [B, L]
     // Logits [B, 1, V] of each row's last real token, evaluated before any row changes.
-    forward_rows(model, pool, seqs, input, lens, None, true)?;
-    Ok(())
+    Ok(forward_rows_hidden(model, pool, seqs, input, lens, None, true, hidden)?.1)
 }
 
 /// Whether `s` resumes a recurrent state (a later chunk, a prefix-cache
@@ -203,17 +203,21 @@ impl Scheduler {
         }
         let idx: Vec<usize> = rows.iter().map(|(id, _)| self.running.iter().position(|s| s.id == *id).expect("checked above")).collect();
         let lens: Vec<usize> = rows.iter().map(|&(_, n)| n).collect();
+        let starts: Vec<usize> = idx.iter().map(|&i| self.running[i].cached()).collect();
+        let hidden = self.prompt_conditioning(model, &idx);
         let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
         let r = {
             // Borrow the rows mutably, in group order.
             let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
             let mut seqs: Vec<&mut Sequence> = idx.iter().map(|&i| refs[i].take().expect("distinct rows")).collect();
-            ragged_forward(model, pool, &mut seqs, &lens)
+            ragged_forward(model, pool, &mut seqs, &lens, hidden)
         };
         match r {
-            Ok(()) => {
+            Ok(hidden) => {
                 self.stats.prefill_forwards += 1;
                 self.stats.prefill_chunks += rows.len() as u64;
+                let fed: Vec<(u64, usize, usize)> = rows.iter().zip(&starts).map(|(&(id, n), &a)| (id, a, n)).collect();
+                self.feed_prompt(lane, model, &fed, &hidden);
                 for &(id, _) in &rows {
                     self.prefilled(lane, id);
                 }
@@ -231,19 +235,27 @@ impl Scheduler {
     /// error ends that sequence.
     fn prefill_one(&mut self, lane: &LaneId, model: &mut LoadedModel, id: u64, chunk: usize, inputs: Option<(Array, Array)>, ended: &mut Vec<Ended>) {
         let Some(i) = self.running.iter().position(|s| s.id == id) else { return };
+        let hidden = if inputs.is_none() { self.prompt_conditioning(model, &[i]) } else { Vec::new() };
         let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
         let s = &mut self.running[i];
         let start = s.cached();
         let ids: Vec<i32> = s.tokens[start..start + chunk].iter().map(|&t| t as i32).collect();
         let input = Array::from_slice(&ids, &[1, chunk as i32]);
-        let r = forward_with(model, pool, &mut [s], input, inputs).and_then(|l| Ok(l.eval()?));
+        let r = forward_rows_hidden(model, pool, &mut [s], input, &[chunk], inputs, false, hidden).and_then(|(l, h)| {
+            l.eval()?;
+            Ok(h)
+        });
         self.stats.prefill_forwards += 1;
         self.stats.prefill_chunks += 1;
-        if let Err(e) = r {
-            let s = self.running.remove(i);
-            ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
-        } else {
-            self.prefilled(lane, id);
+        match r {
+            Err(e) => {
+                let s = self.running.remove(i);
+                ended.push((self.retire(s), Err(WorkerError::Internal(format!("{e:#}")))));
+            }
+            Ok(hidden) => {
+                self.feed_prompt(lane, model, &[(id, start, chunk)], &hidden);
+                self.prefilled(lane, id);
+            }
         }
     }
 

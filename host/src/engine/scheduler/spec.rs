@@ -44,8 +44,10 @@
 //!
 //! An error in a forward leaves every row as it was (lengths only move
 //! after success); those rows stop speculating and the plain step runs.
+mod dflash;
 mod forward;
 mod head;
+mod prompt;
 mod settle;
 mod targets;
 
@@ -144,6 +146,8 @@ impl Scheduler {
                         sp.kv_len = p.draft_kv.min(sp.kv_len);
                         if p.head {
                             sp.seed = None;
+                            sp.ctx_at = usize::MAX;
+                            prompt::drop_block(sp, &self.account);
                         }
                         // A draft model's state may have moved: it starts over.
                         if !sp.state.is_empty() {
@@ -168,23 +172,46 @@ impl Scheduler {
             if s.may_speculate() {
                 let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
                 let seed = s.params.sampling.seed;
-                let (left, kv) = (s.left(), s.kv_len);
+                let (left, kv, first) = (s.left(), s.kv_len, s.n == 0);
                 let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
                 k = sp.len.get().min(left.saturating_sub(1));
                 if sp.kv_len == 0 {
                     sp.state.clear(); // its draft KV starts over (new, preempted)
                 }
-                if drafter.is_head() {
+                if let Some(bd) = drafter.block {
+                    // A block drafter drafts over its context, which must
+                    // end at the context's last token but one (the prefill
+                    // and each step fill it). Otherwise (it decoded without
+                    // the drafter since: plain steps, a preemption) its
+                    // context starts over here: no drafts this step, and it
+                    // takes this step's kept positions.
+                    if sp.block.is_none() || sp.ctx_at != kv {
+                        prompt::restart_block(sp, &self.account, kv, drafter.model.spec.num_layers as usize, self.cfg.block_size);
+                        k = 0;
+                    }
+                    // The first token is the verifier's own, from the
+                    // prompt's last position (as `rmlx generate` takes it
+                    // from its prefill), so the drafts after it are the
+                    // ones `rmlx generate` makes.
+                    let empty = sp.block.as_ref().is_none_or(|b| b.store.is_empty() && b.tokens.is_empty());
+                    k = if empty || first { 0 } else { k.min(bd.size - 1) };
+                    head = left > 1;
+                } else if drafter.is_head() {
                     // A head drafts from its seed, the output after the
                     // context's last token. Without one that follows the
-                    // context now (the row's first speculative step, or it
-                    // decoded without the head since: plain steps, a
-                    // preemption) the head starts over: its KV is dropped,
-                    // the row drafts nothing this step, and the head takes
-                    // this step's token with the verifier's hidden states.
+                    // context now it drafts nothing this step, and the head
+                    // takes this step's token with the verifier's hidden
+                    // states: after the prefill fed it the prompt (prompt.rs:
+                    // its entries end where the sequence's K/V does) its KV
+                    // stays; otherwise (the row decoded without the head
+                    // since: plain steps, a preemption, a prompt too short
+                    // to prefill) it starts over.
                     if !sp.seed.as_ref().is_some_and(|h| h.at == kv) {
+                        if sp.ctx_at != kv {
+                            sp.kv_len = 0;
+                        }
                         sp.seed = None;
-                        sp.kv_len = 0;
+                        sp.ctx_at = kv;
                         k = 0;
                     }
                     head = left > 1;
@@ -200,13 +227,16 @@ impl Scheduler {
         if k_max == 0 && !plan.iter().any(|p| p.head) {
             return None;
         }
-        if let Err(e) = self.draft_lane(lane, &drafter.model) {
-            tracing::warn!("{}: no speculation ({e:#})", lane.model);
-            return None;
+        // A block drafter's context is its own store: no draft pool.
+        if drafter.block.is_none() {
+            if let Err(e) = self.draft_lane(lane, &drafter.model) {
+                tracing::warn!("{}: no speculation ({e:#})", lane.model);
+                return None;
+            }
         }
         // Draft blocks: a draft model's catch-up and k_max draft tokens; a
         // head's k_max - 1 chained entries, then at most k_max + 1 kept.
-        for p in plan.iter_mut().filter(|p| p.k > 0 || p.head) {
+        for p in plan.iter_mut().filter(|p| (p.k > 0 || p.head) && drafter.block.is_none()) {
             let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
             let s = &mut self.running[i];
             let sp = s.spec.as_mut().expect("a drafting row has its state");
@@ -288,7 +318,11 @@ impl Scheduler {
         let (mut drafted, mut accepted) = (0u64, 0u64);
         let (width, cond) = (out.width, out.cond);
         let mut states = Vec::with_capacity(plan.len());
+        let mut log = Vec::new();
         for (p, mut v) in plan.iter().zip(out.rows) {
+            if self.cfg.log_drafts && p.k > 0 {
+                log.push(v.drafts.clone());
+            }
             states.push((std::mem::take(&mut v.state), std::mem::take(&mut v.draft_states)));
             let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
             let s = &mut self.running[i];
@@ -375,6 +409,7 @@ impl Scheduler {
         c.steps += 1;
         c.drafted_tokens += drafted;
         c.accepted_tokens += accepted;
+        c.draft_log.extend(log);
     }
 }
 

@@ -42,7 +42,8 @@ use rmlx_plugin_api::{
 };
 use std::time::Instant;
 
-/// The drafter's cache grows in steps of this many positions.
+/// The drafter's cache grows in steps of this many positions (`rmlx
+/// generate`; the server passes its block size, `ContextStore::with_step`).
 const STEP: i32 = 256;
 
 /// The DFlash drafter's own KV store: per layer, the K/V of the context
@@ -56,11 +57,19 @@ pub struct ContextStore {
     layers: Vec<Option<(Array, Array)>>,
     /// Committed context positions.
     len: i32,
+    /// Capacity grows to a multiple of this, and by at least half.
+    step: i32,
 }
 
 impl ContextStore {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self::with_step(num_layers, STEP as usize)
+    }
+
+    /// A store whose capacity grows in multiples of `step` positions (and
+    /// by at least half of what it holds, so growing stays linear).
+    pub fn with_step(num_layers: usize, step: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0, step: step.max(1) as i32 }
     }
 
     /// Committed context positions.
@@ -75,6 +84,11 @@ impl ContextStore {
     /// After a forward: its first `n` rows join the context.
     pub fn commit(&mut self, n: i32) {
         self.len += n;
+    }
+
+    /// Bytes its K/V arrays hold (their whole capacity).
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().flatten().map(|(k, v)| (k.nbytes() + v.nbytes()) as u64).sum()
     }
 }
 
@@ -104,7 +118,8 @@ impl KvStore for ContextStore {
             Some((ks, vs)) if ks.dim(2) >= end => (ks, vs),
             old => {
                 // Grow: keep the committed context, add zeroed steps.
-                let cap = (end + STEP - 1) / STEP * STEP;
+                let want = end.max(prev + prev / 2);
+                let cap = (want + self.step - 1) / self.step * self.step;
                 let grow = |x: &Array, old: Option<&Array>| -> Result<Array, PluginError> {
                     let z = zeros_dtype(&[1, x.dim(1), cap - prev, x.dim(3)], x.dtype())?;
                     Ok(match old {
@@ -180,7 +195,7 @@ impl<'m> Drafter<'m> {
         if mask_id >= model.spec.vocab_size {
             bail!("the DFlash mask token {mask_id} is outside the vocabulary of {}", model.spec.vocab_size);
         }
-        let width = model.conditioning.len() as i32 * model.spec.hidden_size as i32;
+        let width = context_width(model);
         let store = ContextStore::new(model.spec.num_layers as usize);
         Ok(Self { model, store, mask_id, block, width })
     }
@@ -190,26 +205,7 @@ impl<'m> Drafter<'m> {
     /// `block` tokens. Returns what `output` asks for over all S + L rows;
     /// the context rows are committed, the block's dropped.
     pub fn forward(&mut self, ctx_tokens: &[u32], ctx: Option<&Array>, block: &[u32], output: Output) -> Result<Array> {
-        let (s, l) = (ctx_tokens.len() as i32, block.len() as i32);
-        let mut feats = Vec::with_capacity(2);
-        if let Some(c) = ctx {
-            if c.shape() != [1, s, self.width] {
-                bail!("the drafter's context is {:?}, expected [1, {s}, {}]", c.shape(), self.width);
-            }
-            feats.push(c.clone());
-        }
-        if l > 0 {
-            let dtype = ctx.map(|c| c.dtype()).unwrap_or(mlx_rs::Dtype::Float32);
-            feats.push(zeros_dtype(&[1, l, self.width], dtype)?);
-        }
-        let feats = if feats.len() == 1 { feats.pop().unwrap() } else { concatenate(&feats, 1)? }; // [1, S + L, C]
-        let is_ctx: Vec<bool> = (0..s + l).map(|i| i < s).collect();
-        let mask = Array::from_slice(&is_ctx, &[1, s + l]);
-        let tokens: Vec<u32> = ctx_tokens.iter().chain(block).copied().collect();
-        let req = ForwardRequest { output: Some(output), inputs: Some((feats, mask)), ..ForwardRequest::default() };
-        let out = self.model.run(&ids(&tokens), &mut self.store, req)?;
-        self.store.commit(s);
-        Ok(out.out)
+        forward_over(self.model, &mut self.store, self.width, ctx_tokens, ctx, block, output)
     }
 
     /// Logits [1, k, V] proposing the k tokens after `bonus`, with `ctx`
@@ -220,6 +216,38 @@ impl<'m> Drafter<'m> {
         let logits = self.forward(ctx_tokens, ctx, &block, Output::AllLogits)?; // [1, S + 1 + k, V]
         span(&logits, s + 1, s + 1 + k as i32)
     }
+}
+
+/// Width of a DFlash drafter's conditioning: its target layers times its
+/// hidden size.
+pub fn context_width(model: &LoadedModel) -> i32 {
+    model.conditioning.len() as i32 * model.spec.hidden_size as i32
+}
+
+/// One forward of the drafter `model` over `store` (see `Drafter::forward`;
+/// `width`: `context_width`). The server calls it per sequence, each with
+/// its own store (scheduler/spec/dflash.rs).
+pub fn forward_over(model: &mut LoadedModel, store: &mut ContextStore, width: i32, ctx_tokens: &[u32], ctx: Option<&Array>, block: &[u32], output: Output) -> Result<Array> {
+    let (s, l) = (ctx_tokens.len() as i32, block.len() as i32);
+    let mut feats = Vec::with_capacity(2);
+    if let Some(c) = ctx {
+        if c.shape() != [1, s, width] {
+            bail!("the drafter's context is {:?}, expected [1, {s}, {width}]", c.shape());
+        }
+        feats.push(c.clone());
+    }
+    if l > 0 {
+        let dtype = ctx.map(|c| c.dtype()).unwrap_or(mlx_rs::Dtype::Float32);
+        feats.push(zeros_dtype(&[1, l, width], dtype)?);
+    }
+    let feats = if feats.len() == 1 { feats.pop().unwrap() } else { concatenate(&feats, 1)? }; // [1, S + L, C]
+    let is_ctx: Vec<bool> = (0..s + l).map(|i| i < s).collect();
+    let mask = Array::from_slice(&is_ctx, &[1, s + l]);
+    let tokens: Vec<u32> = ctx_tokens.iter().chain(block).copied().collect();
+    let req = ForwardRequest { output: Some(output), inputs: Some((feats, mask)), ..ForwardRequest::default() };
+    let out = model.run(&ids(&tokens), store, req)?;
+    store.commit(s);
+    Ok(out.out)
 }
 
 /// Generates after `prompt` with `head` (a DFlash drafter loaded from its
@@ -318,6 +346,9 @@ pub fn generate(
                 super::verify_sampled(&drafts, &q, &rows(&logits)?, &proc, &mut rng)
             };
             out.rounds += 1;
+            if k > 0 {
+                out.draft_log.push(drafts.clone());
+            }
             out.drafted_tokens += k;
             out.accepted_tokens += kept;
             len.update(k, kept);

@@ -82,6 +82,10 @@ pub struct SpecOutput {
     pub generation_secs: f64,
     /// The verifier's KV bytes per cached token.
     pub kv_bytes_per_token: f64,
+    /// Each round's drafts, in order (drafter heads: the server's tests
+    /// compare them with the server's `SpecCounts::draft_log`).
+    #[serde(skip)]
+    pub draft_log: Vec<Vec<u32>>,
 }
 
 /// The draft model must score the verifier's token ids: refuses a pair

@@ -274,6 +274,9 @@ pub fn generate(
                 super::verify_sampled(&drafts, &q, &rows(&logits)?, &proc, &mut rng)
             };
             out.rounds += 1;
+            if k > 0 {
+                out.draft_log.push(drafts.clone());
+            }
             out.drafted_tokens += k;
             out.accepted_tokens += kept;
             len.update(k, kept);

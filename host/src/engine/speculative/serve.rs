@@ -51,7 +51,8 @@ pub const DEFAULT_SPEC_MAX_BATCH: usize = 8;
 #[derive(Debug, Clone)]
 pub struct DraftSpec {
     pub path: PathBuf,
-    /// Draft tokens per round at first (adaptive per sequence after).
+    /// Draft tokens per round at first (adaptive per sequence after); 0
+    /// for a DFlash drafter: its block size less one.
     pub num_draft_tokens: usize,
     pub kind: DraftKind,
 }
@@ -59,13 +60,11 @@ pub struct DraftSpec {
 impl DraftSpec {
     pub fn new(path: PathBuf, num_draft_tokens: Option<usize>, kind: Option<&str>) -> Result<Self> {
         let kind = DraftKind::parse(kind.unwrap_or("draft"))?;
-        if kind == DraftKind::Dflash {
-            bail!("--draft-kind dflash drafts in `rmlx generate` so far; the server speculates with --draft-kind draft or mtp");
-        }
-        let k = num_draft_tokens.unwrap_or(DEFAULT_DRAFT_TOKENS);
-        if k == 0 {
+        if num_draft_tokens == Some(0) {
             bail!("--num-draft-tokens must be at least 1 (a request's num_draft_tokens of 0 turns speculation off)");
         }
+        // A DFlash drafter's default is its trained block less one (set at load).
+        let k = num_draft_tokens.unwrap_or(if kind == DraftKind::Dflash { 0 } else { DEFAULT_DRAFT_TOKENS });
         Ok(Self { path, num_draft_tokens: k, kind })
     }
 }
@@ -76,21 +75,41 @@ pub fn kind_label(kind: DraftKind) -> String {
     format!("{kind:?}").to_lowercase()
 }
 
+/// `key` of a model directory's config (or its `text_config`).
+fn config_u64(dir: &ModelDir, key: &str) -> Option<u64> {
+    let c = &dir.config;
+    c.get(key).or_else(|| c.get("text_config").and_then(|t| t.get(key))).and_then(|v| v.as_u64())
+}
+
 /// `vocab_size` of a model directory's config (or its `text_config`).
 fn config_vocab(dir: &ModelDir) -> Option<u64> {
-    let c = &dir.config;
-    c.get("vocab_size").or_else(|| c.get("text_config").and_then(|t| t.get("vocab_size"))).and_then(|v| v.as_u64())
+    config_u64(dir, "vocab_size")
 }
 
 /// The check made when the server starts, from the config files only (the
 /// models load on demand): the draft directory opens and its vocabulary
 /// size is the model's.
 pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Result<()> {
-    if spec.kind == DraftKind::Eagle3 && (spec.path == model_dir || std::fs::canonicalize(&spec.path).ok() == std::fs::canonicalize(model_dir).ok()) {
+    let same = spec.path == model_dir || std::fs::canonicalize(&spec.path).ok() == std::fs::canonicalize(model_dir).ok();
+    if spec.kind == DraftKind::Eagle3 && same {
         bail!("--draft-kind eagle3 for `{model_id}` needs --draft-model DIR: the Eagle-3 head's own directory (it shares the model's embedding)");
+    }
+    if spec.kind == DraftKind::Dflash && same {
+        bail!("--draft-kind dflash for `{model_id}` needs --draft-model DIR: the DFlash drafter's own directory (it shares the model's embedding and LM head)");
     }
     let draft = ModelDir::open(&spec.path).with_context(|| format!("the draft model of `{model_id}`"))?;
     let main = ModelDir::open(model_dir)?;
+    if spec.kind == DraftKind::Dflash {
+        if let (Some(v), Some(d)) = (config_u64(&main, "hidden_size"), config_u64(&draft, "hidden_size")) {
+            if v != d {
+                bail!(
+                    "the DFlash drafter {} has a hidden size of {d} but the model `{model_id}` ({}) has {v}: it reads the model's hidden states and embedding",
+                    spec.path.display(),
+                    model_dir.display()
+                );
+            }
+        }
+    }
     if let (Some(v), Some(d)) = (config_vocab(&main), config_vocab(&draft)) {
         if v != d {
             bail!(
@@ -107,7 +126,7 @@ pub fn check_at_start(model_id: &str, model_dir: &Path, spec: &DraftSpec) -> Res
 /// (`mtp`): some plugin builds `{model_type}_{kind}` for the model's type
 /// (whether the checkpoint holds the head's tensors shows at load).
 pub fn check_head_at_start(model_id: &str, spec: &DraftSpec, registry: &crate::plugins::Registry) -> Result<()> {
-    if !matches!(spec.kind, DraftKind::Mtp | DraftKind::Eagle3) {
+    if spec.kind == DraftKind::Draft {
         return Ok(());
     }
     let dir = ModelDir::open(&spec.path)?;
@@ -128,6 +147,21 @@ pub struct Drafter {
     /// indices, in the head's order) whose hidden states it reads, which
     /// the verify forward returns. Empty for a draft model.
     pub conditioning: Vec<u32>,
+    /// A block drafter (DFlash): proposes a whole block in one forward over
+    /// a context store of its own per sequence (scheduler/spec/dflash.rs).
+    pub block: Option<BlockDrafter>,
+}
+
+/// A DFlash drafter's block settings (dflash.rs `block_settings`).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockDrafter {
+    /// The token of the block's masked positions.
+    pub mask_id: u32,
+    /// The block it was trained with (the bonus and the drafts): a step
+    /// drafts at most `size - 1`.
+    pub size: usize,
+    /// Its conditioning's width (target layers x hidden size).
+    pub width: i32,
 }
 
 impl Drafter {
@@ -135,6 +169,12 @@ impl Drafter {
     /// rather than a separate draft model (fed tokens).
     pub fn is_head(&self) -> bool {
         !self.conditioning.is_empty()
+    }
+
+    /// Whether it is a head that chains one token per step over the lane's
+    /// paged pool (mtp, eagle3), as opposed to a block drafter.
+    pub fn is_chained_head(&self) -> bool {
+        self.is_head() && self.block.is_none()
     }
 }
 
@@ -169,7 +209,7 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
         // tensors, the embedding, are the verifier's), built by whichever
         // plugin registers `{model_type}_{kind}`.
         let policy = crate::model::policy::resolve(&ModelDir::open(&model.dir.path)?)?.policy;
-        let h = if spec.kind == DraftKind::Eagle3 {
+        let h = if matches!(spec.kind, DraftKind::Eagle3 | DraftKind::Dflash) {
             LoadedModel::load_head_from(&spec.path, &model.dir.path, &label, registry, policy)
         } else {
             LoadedModel::load_head(&spec.path, &label, registry, policy)
@@ -186,17 +226,40 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
         tracing::warn!("{}: speculative decoding is off for this model ({why}); it runs without its {what}", model.dir.path.display());
         return Ok(());
     }
-    if let Some(why) = draft.paged_refusal() {
-        bail!("the {what} {} cannot draft in the server: {why}", spec.path.display());
-    }
+    let mut num_draft_tokens = spec.num_draft_tokens;
+    let block = if spec.kind == DraftKind::Dflash {
+        if draft.spec.hidden_size != model.spec.hidden_size {
+            bail!(
+                "the DFlash drafter's hidden size is {} but the model's is {}: it reads the model's hidden states and embedding",
+                draft.spec.hidden_size,
+                model.spec.hidden_size
+            );
+        }
+        let (mask_id, size) = super::dflash::block_settings(&draft)?;
+        if mask_id >= draft.spec.vocab_size {
+            bail!("the DFlash mask token {mask_id} is outside the vocabulary of {}", draft.spec.vocab_size);
+        }
+        if num_draft_tokens == 0 {
+            num_draft_tokens = size - 1;
+        }
+        // Its context store is its own (the paged pool does not attend
+        // non-causally), so the paged pool's refusals do not apply.
+        Some(BlockDrafter { mask_id, size, width: super::dflash::context_width(&draft) })
+    } else {
+        if let Some(why) = draft.paged_refusal() {
+            bail!("the {what} {} cannot draft in the server: {why}", spec.path.display());
+        }
+        None
+    };
+    let num_draft_tokens = num_draft_tokens.max(1);
     tracing::info!(
         "{}: speculative decoding with the {what} {} (`{label}`, {} draft tokens at first{})",
         model.dir.path.display(),
         spec.path.display(),
-        spec.num_draft_tokens,
+        num_draft_tokens,
         if model.has_state() { "; recurrent state rolled back by re-feeding kept tokens" } else { "" }
     );
-    model.draft = Some(Box::new(Drafter { model: draft, num_draft_tokens: spec.num_draft_tokens, kind: spec.kind, conditioning }));
+    model.draft = Some(Box::new(Drafter { model: draft, num_draft_tokens, kind: spec.kind, conditioning, block }));
     Ok(())
 }
 
@@ -219,6 +282,27 @@ pub struct SpecRow {
     pub seed: Option<HeadSeed>,
     /// A draft model's recurrent state after its `kv_len` tokens.
     pub state: crate::engine::recurrent::RowState,
+    /// A drafter head's or block drafter's context: the verifier position
+    /// whose hidden states its next context entry takes. Its entries cover
+    /// consecutive verifier positions ending here (fed by the prefill and
+    /// after each step); when the sequence's `kv_len` is elsewhere (plain
+    /// steps, preemption) its context starts over.
+    pub ctx_at: usize,
+    /// A block drafter's (DFlash) own context store and the context rows it
+    /// has not taken in yet.
+    pub block: Option<BlockContext>,
+}
+
+/// A DFlash drafter's context for one sequence: its store (K/V of the
+/// context rows, outside the paged pool: docs/SPECULATIVE.md) and the
+/// verifier's hidden states of the positions kept since its last forward.
+pub struct BlockContext {
+    pub store: super::dflash::ContextStore,
+    /// Tokens and hidden states [1, n, C] not taken into the store yet.
+    pub tokens: Vec<u32>,
+    pub pending: Option<mlx_rs::Array>,
+    /// Bytes charged to the engine's KV budget for the store.
+    pub charged: u64,
 }
 
 /// A drafter head's output after its last entry: its logits propose the
@@ -241,6 +325,6 @@ impl SpecRow {
             Some(s) => ChaCha8Rng::seed_from_u64(s ^ 0x5eed_d4af_7000_0001),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None, state: Default::default() }
+        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None, state: Default::default(), ctx_at: 0, block: None }
     }
 }

@@ -41,9 +41,21 @@ impl Scheduler {
         let d_idx: Vec<usize> = drafting.iter().map(|&r| idx[r]).collect();
         let mut picker = Picker::new(&self.running, plan, &drafting, &d_idx, k_max);
         let mut draft_states: Vec<Vec<RowState>> = vec![Vec::new(); d_idx.len()];
-        let l = self.lanes.get_mut(lane).expect("the lane exists");
-        let dpool = &mut l.draft.as_mut().expect("made by plan").pool;
-        if drafter.is_head() {
+        if let Some(bd) = drafter.block {
+            // A block drafter: every draft of a row from one forward over
+            // its own context store (dflash.rs), picked position by position.
+            if !d_idx.is_empty() {
+                let ks: Vec<usize> = drafting.iter().map(|&r| plan[r].k).collect();
+                let account = self.account.clone();
+                let logits = super::dflash::propose(&mut drafter.model, bd, &mut self.running, &d_idx, &ks, k_max, &account)?; // [B_d, k_max, V]
+                for j in 0..k_max as i32 {
+                    // A gathered copy, not a strided view: host rows read it as a slice.
+                    picker.pick(&mut self.running, plan, &take_axis(&logits, Array::from_slice(&[j], &[1]), 1)?)?;
+                }
+            }
+        } else if drafter.is_head() {
+            let l = self.lanes.get_mut(lane).expect("the lane exists");
+            let dpool = &mut l.draft.as_mut().expect("made by plan").pool;
             // A drafter head: the first draft from each row's seed, each next
             // one from a chained head step on the draft before and the
             // head's own state.
@@ -62,6 +74,8 @@ impl Scheduler {
                 }
             }
         } else {
+            let l = self.lanes.get_mut(lane).expect("the lane exists");
+            let dpool = &mut l.draft.as_mut().expect("made by plan").pool;
             let chunk = idx.iter().map(|&i| self.running[i].params.prefill_chunk).min().unwrap_or(512).max(1);
             catch_up(&mut self.running, &d_idx, &mut drafter.model, dpool, chunk)?;
             // k_max draft steps, [B_d, 1] each, for every drafting row at

@@ -86,6 +86,9 @@ impl Scheduler {
         if heads.is_empty() {
             return;
         }
+        if drafter.block.is_some() {
+            return self.settle_blocks(plan, &heads, &cond);
+        }
         let mut tokens = Vec::with_capacity(heads.len());
         let mut conds = Vec::with_capacity(heads.len());
         for &(r, i, kept) in &heads {
@@ -113,12 +116,43 @@ impl Scheduler {
                 for (&i, (logits, state)) in idx.iter().zip(seeds) {
                     let s = &mut self.running[i];
                     let at = s.tokens.len() - 1;
-                    s.spec.as_mut().expect("a head row has its state").seed = Some(HeadSeed { logits, state, at });
+                    let sp = s.spec.as_mut().expect("a head row has its state");
+                    sp.seed = Some(HeadSeed { logits, state, at });
+                    sp.ctx_at = at;
                 }
             }
             Err(e) => {
                 tracing::warn!("a drafter head's forward failed ({e:#}); its rows' heads start over");
                 self.drop_heads(&heads);
+            }
+        }
+    }
+
+    /// A block drafter's rows: the kept positions `[last, kept drafts]` and
+    /// their hidden states (`cond` [B, width, C]) wait in each row's
+    /// context for its next drafter forward (dflash.rs).
+    fn settle_blocks(&mut self, plan: &[SpecRowPlan], heads: &[(usize, usize, usize)], cond: &Array) {
+        for &(r, i, kept) in heads {
+            let s = &mut self.running[i];
+            let kv = plan[r].kv;
+            let tokens = s.tokens[kv..kv + kept].to_vec();
+            let (r32, n) = (r as i32, kept as i32);
+            let Some(sp) = s.spec.as_mut() else { continue };
+            let Some(ctx) = sp.block.as_mut() else { continue };
+            if sp.ctx_at != kv {
+                continue; // not where its context ends: it starts over
+            }
+            let rows = cond.try_index((r32..r32 + 1, 0..n, ..)).map_err(anyhow::Error::from).and_then(|c| super::prompt::pending_with(ctx, &tokens, &c));
+            match rows {
+                Ok((toks, rows)) => {
+                    ctx.tokens = toks;
+                    ctx.pending = Some(rows);
+                    sp.ctx_at = kv + kept;
+                }
+                Err(e) => {
+                    tracing::warn!("a DFlash drafter's context could not be read ({e:#}); it starts over");
+                    super::prompt::drop_block(sp, &self.account);
+                }
             }
         }
     }
@@ -129,6 +163,7 @@ impl Scheduler {
             if let Some(sp) = self.running[i].spec.as_mut() {
                 sp.seed = None;
                 sp.kv_len = 0;
+                sp.ctx_at = usize::MAX;
             }
         }
     }
