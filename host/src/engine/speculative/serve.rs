@@ -23,6 +23,12 @@
 //! steps. A speculating row keeps the head's last output (`HeadSeed`)
 //! between steps; the host never asks which head it is.
 //!
+//! A block drafter (`dflash`: proposes a whole block in one forward over a
+//! context it attends to non-causally, which the paged pool refuses) keeps
+//! no pool: each speculating sequence holds its own `ContextStore`
+//! (`SpecRow::block`), charged to the engine's KV budget
+//! (scheduler/spec/dflash.rs, spec/prompt.rs).
+//!
 //! A verifier with recurrent-state layers (gated DeltaNet) rolls back by
 //! restoring the state from before the verify forward (the sequence's own
 //! state is only replaced when a row keeps every position it verified) and
