@@ -173,6 +173,19 @@ def table(args):
             su = f"{tps / base_tps[eng]:.2f}x" if eng in base_tps else "-"
             print(f"{eng:7} {label:26} {kind:7} {ad:>17} {rate:>6} {tpr:>9} {tps:7.2f} {su:>8}")
     print()
+    # per prompt, the drafted runs side by side (tokens per verifier forward)
+    a, b = res["rmlx-k.jsonl"], res["mlx-k.jsonl"]
+    if a and b:
+        print(f"{'prompt':7} {'rmlx acc/drafted':>17} {'tok/round':>9} {'mlx-lm acc/drafted':>19} {'tok/round':>9}")
+        for i in a:
+            if i not in b:
+                continue
+            row = []
+            for v in (a[i], b[i]):
+                n, ac, dr = len(v["tokens"]), v["accepted_tokens"], v["drafted_tokens"]
+                row += [f"{ac}/{dr}", f"{n / max(n - ac, 1):.2f}"]
+            print(f"{i:7} {row[0]:>17} {row[1]:>9} {row[2]:>19} {row[3]:>9}")
+        print()
 
     def same(a, b):
         if not res[a] or not res[b]:
@@ -185,6 +198,7 @@ def table(args):
         ("rmlx greedy == rmlx --draft-model default K (lossless)", "rmlx-base.jsonl", "rmlx-default.jsonl", True),
         ("mlx-lm greedy == mlx-lm --draft-model K", "mlx-base.jsonl", "mlx-k.jsonl", False),
         ("rmlx greedy == mlx-lm greedy", "rmlx-base.jsonl", "mlx-base.jsonl", False),
+        ("rmlx greedy == mlx-lm --draft-model K", "rmlx-base.jsonl", "mlx-k.jsonl", False),
     ]
     bad = False
     for name, a, b, must in checks:
