@@ -60,6 +60,36 @@ pub struct Config {
     pub vision_config: Option<VisionConfig>,
 }
 
+/// transformers 5 writes Qwen2.5-VL's text keys under `text_config` (its
+/// `model_type` `qwen2_5_vl_text`) and RoPE as `rope_parameters` {type or
+/// rope_type, mrope_section, rope_theta}; mlx-vlm and transformers 4 keep
+/// them at the top level as `rope_theta` and `rope_scaling`. Both read the
+/// same: `text_config`'s keys fill the top level where it lacks them, and
+/// `rope_parameters` becomes `rope_theta` + `rope_scaling`.
+fn flatten_text_config(json: &str) -> Result<String> {
+    use serde_json::Value;
+    let mut v: Value = parse_config(json)?;
+    let Some(top) = v.as_object_mut() else {
+        return Err(PluginError::config("config.json: not a JSON object"));
+    };
+    if let Some(Value::Object(text)) = top.remove("text_config") {
+        for (k, val) in text {
+            if k != "model_type" && !top.contains_key(&k) {
+                top.insert(k, val);
+            }
+        }
+    }
+    if !top.contains_key("rope_scaling") {
+        if let Some(Value::Object(mut p)) = top.remove("rope_parameters") {
+            if let Some(theta) = p.remove("rope_theta") {
+                top.entry("rope_theta").or_insert(theta);
+            }
+            top.insert("rope_scaling".into(), Value::Object(p));
+        }
+    }
+    Ok(v.to_string())
+}
+
 fn default_max_positions() -> i32 {
     128000
 }
@@ -72,7 +102,7 @@ fn yes() -> bool {
 
 impl Config {
     pub fn parse(json: &str) -> Result<Self> {
-        let c: Config = parse_config(json)?;
+        let c: Config = parse_config(&flatten_text_config(json)?)?;
         require_positive(&[
             ("hidden_size", c.hidden_size),
             ("num_hidden_layers", c.num_hidden_layers),
@@ -296,4 +326,37 @@ impl ModelImpl for Qwen25Vl {
 /// config.json vetted without weights.
 pub fn check(config: &str) -> Result<()> {
     Config::parse(config).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    /// transformers 5's layout (text keys under `text_config`, RoPE as
+    /// `rope_parameters`, the tower's model_type `qwen2_5_vl_vision`) reads
+    /// as mlx-vlm's flat one.
+    #[test]
+    fn transformers_5_configs_read_as_flat_ones() {
+        let vision = r#"{"model_type": "qwen2_5_vl_vision", "depth": 1, "hidden_size": 16, "out_hidden_size": 32, "num_heads": 2,
+            "intermediate_size": 32, "patch_size": 2, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3,
+            "window_size": 8, "fullatt_block_indexes": [0]}"#;
+        let nested = format!(
+            r#"{{"model_type": "qwen2_5_vl", "tie_word_embeddings": false, "vision_config": {vision},
+            "text_config": {{"model_type": "qwen2_5_vl_text", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+              "rope_parameters": {{"type": "mrope", "rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}}}}}}"#
+        );
+        let flat = r#"{"model_type": "qwen2_5_vl", "tie_word_embeddings": false, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}"#;
+        let (a, b) = (Config::parse(&nested).unwrap(), Config::parse(flat).unwrap());
+        assert_eq!((a.hidden_size, a.num_hidden_layers, a.kv_heads(), a.vocab_size), (b.hidden_size, b.num_hidden_layers, b.kv_heads(), b.vocab_size));
+        assert_eq!((a.rope_theta, a.tie_word_embeddings), (10000.0, false));
+        assert_eq!(a.mrope_section().unwrap(), [2, 1, 1]);
+        assert!(a.vision_config.is_some());
+        // An unknown RoPE key is still refused by name.
+        let bad = nested.replace(r#""rope_theta": 10000.0"#, r#""rope_theta": 10000.0, "factor": 2.0"#);
+        let e = Config::parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("factor"), "{e}");
+    }
 }

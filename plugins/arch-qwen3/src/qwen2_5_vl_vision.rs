@@ -128,8 +128,9 @@ impl VisionConfig {
             ("vision_config.in_channels", self.in_channels),
             ("vision_config.window_size", self.window_size),
         ])?;
-        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "qwen2_5_vl") {
-            return bad(format!("model_type `{t}` is not a Qwen2.5-VL vision tower (qwen2_5_vl)"));
+        // mlx-vlm writes `qwen2_5_vl`, transformers 5 `qwen2_5_vl_vision`.
+        if let Some(t) = self.model_type.as_deref().filter(|t| !matches!(*t, "qwen2_5_vl" | "qwen2_5_vl_vision")) {
+            return bad(format!("model_type `{t}` is not a Qwen2.5-VL vision tower (qwen2_5_vl, qwen2_5_vl_vision)"));
         }
         if self.hidden_size % self.num_heads != 0 || self.head_dim() % 4 != 0 {
             return bad(format!(

@@ -110,8 +110,9 @@ fn d_pos() -> i32 {
 }
 
 /// The vision model types mlx-vlm builds this tower for.
-const MODEL_TYPES: [&str; 7] =
-    ["qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen4_exp", "qwen4_exp_vision"];
+/// mlx-vlm's list, plus `qwen3_vl_vision` (what transformers writes).
+const MODEL_TYPES: [&str; 8] =
+    ["qwen3_vl", "qwen3_vl_vision", "qwen3_5", "qwen3_5_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen4_exp", "qwen4_exp_vision"];
 /// The tower's LayerNorm eps (mlx-vlm builds them with 1e-6).
 const NORM_EPS: f32 = 1e-6;
 /// The 2-D RoPE base (mlx-vlm's VisionRotaryEmbedding default).
