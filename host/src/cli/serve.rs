@@ -90,11 +90,12 @@ pub struct Args {
     /// (requests may set `num_draft_tokens`, 0 turns it off) [default: 3]
     #[arg(long, value_name = "K")]
     pub num_draft_tokens: Option<usize>,
-    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model) or `eagle3` (an Eagle-3 head, --draft-model its own directory) [default: draft]
+    /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model), `eagle3` (an Eagle-3 head, --draft-model its own directory) or `dflash` (a DFlash block drafter, --draft-model its own directory) [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
     /// Speculative decoding runs while a model's lane decodes at most this
-    /// many sequences; larger batches take the plain step [default: 8]
+    /// many sequences; larger batches take the plain step [default: 8 on a
+    /// GPU, 1 on a CPU]
     #[arg(long, value_name = "N")]
     pub spec_max_batch: Option<usize>,
     /// SQLite run log that `rmlx metrics` reads (default: metrics.sqlite in
@@ -281,9 +282,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
     let mut sched = scheduler_config(args)?;
     sched.ssd = ssd_config(settings)?;
-    if let Some(n) = s.spec_max_batch {
-        sched.spec_max_batch = n;
-    }
+    sched.spec_max_batch = s.spec_max_batch.unwrap_or_else(crate::engine::speculative::serve::default_spec_max_batch);
     let worker = Worker::start_with(
         WorkerConfig {
             plugins_dir: settings.plugins_dir(),

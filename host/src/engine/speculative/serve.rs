@@ -52,6 +52,21 @@ use std::path::{Path, PathBuf};
 /// the bandwidth-bound range of a GPU for models of 0.5B-8B parameters.
 pub const DEFAULT_SPEC_MAX_BATCH: usize = 8;
 
+/// `rmlx serve`'s `spec_max_batch` for the backend in use: the GPU's
+/// [`DEFAULT_SPEC_MAX_BATCH`], and 1 on a CPU (a lone sequence speculates).
+/// A CPU's forward stops being bound by reading the weights after a few
+/// rows: measured with the real Qwen2.5-Coder 0.5B -> 1.5B pair at 8
+/// streams on this project's 2-core CPU, speculation ran at 0.73x the plain
+/// step (docs/SPECULATIVE.md, "Real pair on CPU"); 2 to 7 rows are not
+/// measured. `--spec-max-batch` tunes it.
+pub fn default_spec_max_batch() -> usize {
+    if crate::model::policy::on_cpu() {
+        1
+    } else {
+        DEFAULT_SPEC_MAX_BATCH
+    }
+}
+
 /// A served model's draft model, as configured (`--draft-model`,
 /// `[[server.models]] draft_model`).
 #[derive(Debug, Clone)]
