@@ -12,12 +12,25 @@
 //!   `retrieval.passage` form), float and base64, `dimensions`, and the 400s
 //!   (a task the model lacks, a prompt name, dimensions outside
 //!   matryoshka_dims, `task` for a model without tasks).
+//!
+//! Images (the fixture has the tower and a preprocessor_config.json; the
+//! references are transformers' Qwen2.5-VL with its own processor and
+//! get_rope_index, pooled over vision_start..=vision_end):
+//! - through the engine: for each task, both 24 x 16 images' document ids,
+//!   grid and M-RoPE positions, and their embeddings at full size and at 16;
+//! - through POST /v1/embeddings: `{"text"}` and `{"image": data URL}`
+//!   items mixed in one request, each equal to its reference; a bad image
+//!   is a 400 naming its item; an item with both or neither field, and
+//!   images for a model without a tower, are 400s.
 mod common;
 
 use rmlx::api::{AppState, ServerOptions};
 use rmlx::engine::{
     catalog::ModelEntry,
     embed::{embed, EmbedTokenizer},
+    embed_image::{doc_ids, embed_image_doc, DOC_AFTER, DOC_BEFORE},
+    media::{encode_images_with_positions, PromptImage},
+    mrope::MropeLayout,
     worker::{ModelCatalog, Worker, WorkerConfig},
     LoadedModel,
 };
@@ -183,4 +196,102 @@ async fn the_api_serves_tasks_prompts_dimensions_and_refuses_by_name() {
     refused(json!({"model": "jina", "input": "x", "dimensions": 12}), "dimensions", "[8, 16, 32]").await;
     refused(json!({"model": "bert", "input": "x", "task": "retrieval"}), "task", "no task adapters").await;
     refused(json!({"model": "bert", "input": "x", "prompt_name": "query"}), "prompt_name", "no task adapters").await;
+}
+
+// ---- images ----
+
+fn image_cases() -> &'static [Value] {
+    golden()["images"].as_array().unwrap()
+}
+
+fn image_case(task: &str, image: &str) -> &'static Value {
+    image_cases().iter().find(|c| c["task"] == task && c["image"] == image).unwrap()
+}
+
+#[test]
+fn image_documents_match_the_published_definition() {
+    use rmlx::media::{decode_image, vision::VisionSpec, MediaHash, MediaOptions};
+    let _g = common::mlx_lock();
+    let dir = common::fixture("models/jina-v4-tiny");
+    let e = ModelEntry::open("jina".into(), &dir).unwrap();
+    let spec = e.embedding.clone().unwrap();
+    let tasks = spec.tasks.clone().unwrap();
+    assert_eq!(tasks.vision, Some((250, 251)));
+    let tokenizer = Tokenizer::from_model_dir(&dir).unwrap();
+    let vision = VisionSpec::from_model_dir(&dir, Some(&tokenizer)).unwrap().expect("the fixture takes images");
+    let tok = EmbedTokenizer::new(&tokenizer, spec.max_tokens).unwrap();
+    let (before, after) = (tok.encode(DOC_BEFORE).unwrap(), tok.encode(DOC_AFTER).unwrap());
+    let reg = common::registry();
+    let mut model = LoadedModel::load(&dir, &reg).unwrap();
+    // Every vision-tower tensor is used (the multi-vector projector is not: single vectors only).
+    assert!(model.unused.iter().all(|t| t.starts_with("multi_vector_projector.")), "unused tensors {:?}", model.unused);
+    let mut worst = (1.0f32, 0.0f32);
+    for c in image_cases() {
+        let (task, name) = (c["task"].as_str().unwrap(), c["image"].as_str().unwrap());
+        let bytes = std::fs::read(common::fixture("images").join(name)).unwrap();
+        let img = decode_image(name, &bytes, &MediaOptions::default()).unwrap();
+        let pixels = vision.processor.preprocess(name, &img).unwrap();
+        let count = vision.tokens_for(&pixels).unwrap();
+        let grid: Vec<usize> = c["grid"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        assert_eq!(count, grid.iter().product::<usize>() / 4, "{name}: placeholders");
+        let (doc, span) = doc_ids(&before, &after, tasks.vision.unwrap(), vision.image_token, count);
+        assert_eq!(doc, ids(&c["ids"]), "{task}/{name}: document ids");
+        let image = PromptImage::new(pixels, MediaHash::of_rgb(&img), span.clone());
+        // The positions the engine lays out are get_rope_index's.
+        let (_, rels) = encode_images_with_positions(&mut model, &[&image]).unwrap();
+        let layout = MropeLayout::build(doc.len(), &[span], &rels.expect("MEDIA_POSITIONS")).unwrap();
+        for a in 0..3 {
+            let want: Vec<i32> = c["positions"][a].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+            let got: Vec<i32> = layout.pos.iter().map(|p| p[a]).collect();
+            assert_eq!(got, want, "{task}/{name}: positions of axis {a}");
+        }
+        model.select_task(tasks.task(task)).unwrap();
+        let full = embed_image_doc(&mut model, &spec, &doc, &image, None).unwrap();
+        let short = embed_image_doc(&mut model, &spec, &doc, &image, Some(16)).unwrap();
+        model.select_task(None).unwrap();
+        close(&full, &floats(&c["full"]), &format!("{task}/{name}"));
+        close(&short, &floats(&c["dims16"]), &format!("{task}/{name} at 16"));
+        for (got, want) in [(&full, &c["full"]), (&short, &c["dims16"])] {
+            let (cos, max) = compare(got, &floats(want));
+            worst = (worst.0.min(cos), worst.1.max(max));
+        }
+    }
+    eprintln!("jina-v4-tiny images: lowest cosine {}, largest abs diff {}", worst.0, worst.1);
+}
+
+fn data_url(name: &str) -> String {
+    use base64::Engine;
+    let bytes = std::fs::read(common::fixture("images").join(name)).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+#[tokio::test]
+async fn the_api_embeds_text_and_image_items_together() {
+    let texts = golden()["texts"].clone();
+    let (a, b) = (data_url("qwa24x16.png"), data_url("qwb24x16.png"));
+    let input = json!([{"text": texts[0]}, {"image": a}, {"text": texts[2]}, {"image": b}]);
+    for (task, dims) in [("retrieval", None), ("code", Some(16))] {
+        let mut body = json!({"model": "jina", "input": input, "task": task, "prompt_name": "passage"});
+        if let Some(d) = dims {
+            body["dimensions"] = json!(d);
+        }
+        let (s, v) = post(body).await;
+        assert_eq!(s, 200, "{v}");
+        let key = if dims.is_some() { "dims16" } else { "full" };
+        let d = v["data"].as_array().unwrap();
+        assert_eq!(d.len(), 4);
+        let c = case(task, "passage");
+        close(&floats(&d[0]["embedding"]), &floats(&c[key][0]), &format!("{task}: text 0"));
+        close(&floats(&d[2]["embedding"]), &floats(&c[key][2]), &format!("{task}: text 2"));
+        // Images get no prefix: the same under any prompt name.
+        close(&floats(&d[1]["embedding"]), &floats(&image_case(task, "qwa24x16.png")[key]), &format!("{task}: image a"));
+        close(&floats(&d[3]["embedding"]), &floats(&image_case(task, "qwb24x16.png")[key]), &format!("{task}: image b"));
+        assert_eq!(d[3]["index"], 3);
+    }
+    // Refused by name.
+    refused(json!({"model": "jina", "input": [{"text": "x"}, {"image": "data:image/png;base64,AAAA"}]}), "input[1]", "input[1]").await;
+    refused(json!({"model": "jina", "input": [{"text": "x", "image": a}]}), "input[0]", "exactly one").await;
+    refused(json!({"model": "jina", "input": [{}]}), "input[0]", "exactly one").await;
+    refused(json!({"model": "jina", "input": [{"image": "file:///etc/passwd"}]}), "input[0]", "file://").await;
+    refused(json!({"model": "bert", "input": [{"image": a}]}), "input", "takes no images").await;
 }

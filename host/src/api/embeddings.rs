@@ -7,6 +7,9 @@ use super::types::embeddings::*;
 use super::types::ApiJson;
 use super::{State, Tag};
 use crate::engine::embed::{base64_f32, not_an_embedder, EmbedTokenizer};
+use crate::engine::embed_image::{doc_ids, DOC_AFTER, DOC_BEFORE};
+use crate::engine::media::PromptImage;
+use crate::media::{ImageSource, MediaHash, Pixels};
 use crate::engine::worker::ModelEntry;
 use crate::model::pooling::EmbedTasks;
 use poem_openapi::{payload::Json, OpenApi};
@@ -154,6 +157,7 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
     let count = match &req.input {
         EmbeddingInput::Texts(v) => v.len(),
         EmbeddingInput::TokenLists(v) => v.len(),
+        EmbeddingInput::Items(v) => v.len(),
         _ => 1,
     };
     if count == 0 {
@@ -163,9 +167,10 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
         return Err(ApiError::bad_request("input", format!("`input` holds {count} inputs; at most {MAX_INPUTS} are allowed")));
     }
     let limit = spec.max_tokens;
+    let docs = image_docs(&state, &entry, &spec, &req.input).await?;
     let (vocab, e2) = (entry.vocab_size, entry.clone());
     let input = req.input;
-    let rows: Vec<Vec<u32>> = g::blocking(move || {
+    let (rows, images): (Vec<Vec<u32>>, Vec<(usize, PromptImage)>) = g::blocking(move || {
         let text = |s: &str, i: Option<usize>| -> Result<Vec<u32>, ApiError> {
             if s.is_empty() {
                 let at = i.map(|i| format!(" (input {i})")).unwrap_or_default();
@@ -185,16 +190,23 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
             }
             Ok(ids)
         };
-        match &input {
-            EmbeddingInput::Text(s) => Ok(vec![text(s, None)?]),
-            EmbeddingInput::Texts(v) => v.iter().enumerate().map(|(i, s)| text(s, Some(i))).collect(),
-            EmbeddingInput::Tokens(v) => Ok(vec![token_ids(v, None, vocab, limit)?]),
-            EmbeddingInput::TokenLists(v) => v.iter().enumerate().map(|(i, t)| token_ids(t, Some(i), vocab, limit)).collect(),
-        }
+        let rows = match &input {
+            EmbeddingInput::Text(s) => vec![text(s, None)?],
+            EmbeddingInput::Texts(v) => v.iter().enumerate().map(|(i, s)| text(s, Some(i))).collect::<Result<_, _>>()?,
+            EmbeddingInput::Tokens(v) => vec![token_ids(v, None, vocab, limit)?],
+            EmbeddingInput::TokenLists(v) => {
+                v.iter().enumerate().map(|(i, t)| token_ids(t, Some(i), vocab, limit)).collect::<Result<_, _>>()?
+            }
+            EmbeddingInput::Items(v) => {
+                // Image items get their document ids below; a placeholder row here.
+                v.iter().enumerate().map(|(i, it)| it.text.as_deref().map_or(Ok(Vec::new()), |s| text(s, Some(i)))).collect::<Result<_, _>>()?
+            }
+        };
+        place_images(&e2, limit, rows, docs)
     })
     .await?;
     let tokens: usize = rows.iter().map(Vec::len).sum();
-    let vecs = state.worker.embed_task(entry.clone(), rows, dims, task, keep_alive).await.map_err(g::worker_error)?;
+    let vecs = state.worker.embed_mixed(entry.clone(), rows, images, dims, task, keep_alive).await.map_err(g::worker_error)?;
     let base64 = req.encoding_format == Some(EncodingFormat::Base64);
     let data = vecs
         .into_iter()
@@ -212,4 +224,82 @@ pub async fn create(state: State, req: EmbeddingRequest) -> Result<CreateEmbeddi
         model: entry.id.clone(),
         usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens },
     })
+}
+
+/// A request's image items, loaded and preprocessed (api/images.rs, chat's
+/// rules): per image, (input index, pixels, hash, placeholder count), and
+/// the model's image token. Each item must hold exactly one of `text` and
+/// `image`; images need a multi-task embedder with a vision tower.
+struct ImageItems {
+    images: Vec<(usize, Pixels, MediaHash, usize)>,
+    image_token: u32,
+    vision: (u32, u32),
+}
+
+async fn image_docs(
+    state: &State,
+    entry: &Arc<ModelEntry>,
+    spec: &crate::model::pooling::EmbedSpec,
+    input: &EmbeddingInput,
+) -> Result<Option<ImageItems>, ApiError> {
+    let EmbeddingInput::Items(items) = input else {
+        return Ok(None);
+    };
+    let mut refs = Vec::new();
+    let mut at = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let part = format!("input[{i}]");
+        match (&it.text, &it.image) {
+            (Some(_), None) => {}
+            (None, Some(url)) => {
+                refs.push(super::images::ImageRef { part, source: Ok(ImageSource::from_url(url.clone())) });
+                at.push(i);
+            }
+            _ => return Err(ApiError::bad_request(&part, format!("{part} must hold exactly one of `text` and `image`"))),
+        }
+    }
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let Some(vision) = spec.tasks.as_ref().and_then(|t| t.vision) else {
+        return Err(ApiError::bad_request(
+            "input",
+            format!("model `{}` takes no images: image inputs are for multi-task embedders with a vision tower (jina-embeddings-v4)", entry.id),
+        ));
+    };
+    let loaded = super::images::load(state, entry, refs).await?.expect("images were given");
+    let image_token = loaded.spec.image_token;
+    let images = at.into_iter().zip(loaded.images).zip(loaded.counts).map(|((i, (p, h)), n)| (i, p, h, n)).collect();
+    Ok(Some(ImageItems { images, image_token, vision }))
+}
+
+/// `rows` with each image item's document ids in its place, and the images
+/// with their placeholder spans.
+fn place_images(
+    entry: &Arc<ModelEntry>,
+    limit: usize,
+    mut rows: Vec<Vec<u32>>,
+    docs: Option<ImageItems>,
+) -> Result<(Vec<Vec<u32>>, Vec<(usize, PromptImage)>), ApiError> {
+    let Some(docs) = docs else {
+        return Ok((rows, Vec::new()));
+    };
+    // The document's text around the image (a few tokens).
+    let tok = tokenizer(entry, limit)?;
+    let enc = |s: &str| tok.encode(s).map_err(|e| ApiError::internal(format!("{e:#}")));
+    let (before, after) = (enc(DOC_BEFORE)?, enc(DOC_AFTER)?);
+    let mut images = Vec::with_capacity(docs.images.len());
+    for (i, pixels, hash, count) in docs.images {
+        let (ids, span) = doc_ids(&before, &after, docs.vision, docs.image_token, count);
+        if ids.len() > limit {
+            return Err(ApiError::bad_request(
+                format!("input[{i}]"),
+                format!("input[{i}]: the image takes {} tokens; this model takes at most {limit}", ids.len()),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        rows[i] = ids;
+        images.push((i, PromptImage::new(pixels, hash, span)));
+    }
+    Ok((rows, images))
 }

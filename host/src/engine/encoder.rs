@@ -22,11 +22,13 @@ pub struct EncoderStore {
     len: i32,
     /// bool [B, 1, L, L] per (causal, window), built on first use.
     masks: Vec<((bool, u32), Array)>,
+    /// int32 [3, B, L] multimodal-RoPE positions (ABI 3.7), when given.
+    positions: Option<Array>,
 }
 
 impl EncoderStore {
     pub fn new(lengths: &[i32], len: i32) -> Self {
-        Self { lengths: lengths.to_vec(), len, masks: Vec::new() }
+        Self { lengths: lengths.to_vec(), len, masks: Vec::new(), positions: None }
     }
 
     /// bool [B, 1, L, L]: query i of row b sees key j < lengths[b] (and
@@ -81,11 +83,27 @@ impl KvStore for EncoderStore {
             dense_attend(&q, &k, &v, Some(&mask), opts)
         }
     }
+    fn positions(&self) -> Option<Array> {
+        self.positions.clone()
+    }
 }
 
 /// The final hidden states [B, L, hidden] of `rows` (token ids, any
 /// lengths), padded at the end with `pad`: one forward, no cache.
 pub fn encode(model: &mut LoadedModel, rows: &[Vec<u32>], pad: u32) -> Result<Array> {
+    encode_with(model, rows, pad, None, None)
+}
+
+/// [`encode`] with input embeddings (features [B, L, hidden] used where the
+/// bool [B, L] mask is set: an image's placeholders) and int32 [3, B, L]
+/// multimodal-RoPE positions (engine/mrope.rs).
+pub fn encode_with(
+    model: &mut LoadedModel,
+    rows: &[Vec<u32>],
+    pad: u32,
+    inputs: Option<(Array, Array)>,
+    positions: Option<Array>,
+) -> Result<Array> {
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
     if len == 0 || len > i32::MAX as usize {
         bail!("nothing to encode");
@@ -98,8 +116,10 @@ pub fn encode(model: &mut LoadedModel, rows: &[Vec<u32>], pad: u32) -> Result<Ar
     let lengths: Vec<i32> = rows.iter().map(|r| r.len() as i32).collect();
     let tokens = Array::from_slice(&ids, &[rows.len() as i32, len as i32]);
     let mut store = EncoderStore::new(&lengths, len as i32);
+    store.positions = positions;
     let req = ForwardRequest {
         output: Some(Output::Hidden),
+        inputs,
         lengths: Some(Array::from_slice(&lengths, &[lengths.len() as i32])),
         ..ForwardRequest::default()
     };

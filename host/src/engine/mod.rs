@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod compiled;
 pub mod decode;
 pub mod embed;
+pub mod embed_image;
 pub mod encoder;
 pub mod generate;
 pub mod kv_budget;

@@ -64,6 +64,8 @@ enum Job {
         dims: Option<usize>,
         /// A multi-task embedder's task (an index into its adapters' tasks).
         task: Option<usize>,
+        /// Rows that are image documents (engine/embed_image.rs): (row, image).
+        images: Vec<(usize, crate::engine::media::PromptImage)>,
         keep_alive: Option<KeepAlive>,
         reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
     },
@@ -274,6 +276,22 @@ impl Worker {
         task: Option<usize>,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Vec<Vec<f32>>, WorkerError> {
+        self.embed_mixed(model, rows, Vec::new(), dims, task, keep_alive).await
+    }
+
+    /// [`Worker::embed_task`] where the rows at `images`' indices are image
+    /// documents (engine/embed_image.rs: their ids with the image's
+    /// placeholders at its span), each embedded in a forward of its own; a
+    /// request with images runs by itself.
+    pub async fn embed_mixed(
+        &self,
+        model: Arc<ModelEntry>,
+        rows: Vec<Vec<u32>>,
+        images: Vec<(usize, crate::engine::media::PromptImage)>,
+        dims: Option<usize>,
+        task: Option<usize>,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Vec<Vec<f32>>, WorkerError> {
         // Counted with the generations against `--max-queue-depth` (429 past it).
         let n = self.open_requests.fetch_add(1, Ordering::SeqCst);
         let _open = OpenRequest(self.open_requests.clone());
@@ -282,7 +300,7 @@ impl Worker {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Embed { model, rows, dims, task, keep_alive, reply })
+            .send(Job::Embed { model, rows, dims, task, images, keep_alive, reply })
             .map_err(|_| WorkerError::Stopped)?;
         rx.await.map_err(|_| WorkerError::Stopped)?
     }

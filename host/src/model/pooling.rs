@@ -92,6 +92,10 @@ pub struct EmbedTasks {
     pub dims: Vec<usize>,
     /// config.json's `truncate_dim`: the size of a request without `dimensions`.
     pub default_dims: Option<usize>,
+    /// config.json's (`vision_start_token_id`, `vision_end_token_id`): an
+    /// image document pools over the span from the one to the other,
+    /// inclusive (engine/embed_image.rs). None: the model takes no images.
+    pub vision: Option<(u32, u32)>,
 }
 
 impl EmbedTasks {
@@ -154,7 +158,12 @@ impl EmbedTasks {
             bail!("config.json: truncate_dim {d} is not one of matryoshka_dims {dims:?}");
         }
         let default = names.iter().position(|n| n == "retrieval").unwrap_or(0);
-        Ok(Some(Self { names, default, dims, default_dims }))
+        let id = |k: &str| config.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
+        let vision = match (config.get("vision_config"), id("vision_start_token_id"), id("vision_end_token_id")) {
+            (Some(Value::Object(_)), Some(s), Some(e)) => Some((s, e)),
+            _ => None,
+        };
+        Ok(Some(Self { names, default, dims, default_dims, vision }))
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Inputs one request may hold (strings or token-id arrays); OpenAI allows 2048.
 pub const MAX_INPUTS: usize = 2048;
 
-/// `input`: a string, strings, token ids, or lists of token ids.
+/// `input`: a string, strings, token ids, lists of token ids, or documents.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum EmbeddingInput {
@@ -16,10 +16,29 @@ pub enum EmbeddingInput {
     Texts(Vec<String>),
     Tokens(Vec<i64>),
     TokenLists(Vec<Vec<i64>>),
+    Items(Vec<EmbeddingItem>),
+}
+
+/// One document of an `input` array in Jina's form (rmlx extension, for
+/// multi-task embedders that take images: jina-embeddings-v4):
+/// `{"text": "..."}` or `{"image": "..."}`, exactly one of them.
+#[derive(Debug, Clone, Object, Deserialize, Serialize)]
+pub struct EmbeddingItem {
+    /// A text: embedded as a string input is (with the task's prompt prefix).
+    #[serde(default)]
+    #[oai(skip_serializing_if_is_none)]
+    pub text: Option<String>,
+    /// An image: a `data:` URL, an http(s) URL or a `file://` path, under
+    /// the rules of chat's `image_url` (rmlx.toml `[server.images]`: no
+    /// private addresses, files only under the allowed directories).
+    /// Embedded as the model's image document (no prompt prefix).
+    #[serde(default)]
+    #[oai(skip_serializing_if_is_none)]
+    pub image: Option<String>,
 }
 
 untagged_union!(EmbeddingInput, "EmbeddingInput",
-    "`input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids (none empty; at most 2048 inputs; token ids below the model's vocabulary size).", { Text(String), Texts(Vec<String>), Tokens(Vec<i64>), TokenLists(Vec<Vec<i64>>) }, [
+    "`input`: a string, an array of strings, an array of token ids, an array of arrays of token ids, or (multi-task embedders that take images) an array of `{\"text\": ...}` / `{\"image\": ...}` documents (none empty; at most 2048 inputs; token ids below the model's vocabulary size).", { Text(String), Texts(Vec<String>), Tokens(Vec<i64>), TokenLists(Vec<Vec<i64>>), Items(Vec<EmbeddingItem>) }, [
     String::schema_ref().merge(MetaSchema { min_length: Some(1), ..MetaSchema::ANY }),
     MetaSchemaRef::Inline(Box::new(MetaSchema {
         items: Some(Box::new(String::schema_ref().merge(MetaSchema { min_length: Some(1), ..MetaSchema::ANY }))),
@@ -30,6 +49,12 @@ untagged_union!(EmbeddingInput, "EmbeddingInput",
     int_items(0.0, u32::MAX as f64, 1),
     MetaSchemaRef::Inline(Box::new(MetaSchema {
         items: Some(Box::new(int_items(0.0, u32::MAX as f64, 1))),
+        min_items: Some(1),
+        max_items: Some(MAX_INPUTS),
+        ..MetaSchema::new("array")
+    })),
+    MetaSchemaRef::Inline(Box::new(MetaSchema {
+        items: Some(Box::new(<EmbeddingItem as poem_openapi::types::Type>::schema_ref())),
         min_items: Some(1),
         max_items: Some(MAX_INPUTS),
         ..MetaSchema::new("array")

@@ -17,6 +17,7 @@
 //! Metrics: `rmlx_embedding_batch_requests` (requests per run) and
 //! `rmlx_embedding_forward_rows` (rows per forward), per model.
 use super::super::embed::{check_rows, embed_observed};
+use super::super::embed_image::embed_image_doc;
 use super::super::sequence::panic_message;
 use super::run::Engine;
 use super::{KeepAlive, ModelEntry, WorkerError};
@@ -30,6 +31,8 @@ pub(super) struct PendingEmbed {
     pub rows: Vec<Vec<u32>>,
     pub dims: Option<usize>,
     pub task: Option<usize>,
+    /// Rows that are image documents: (row, image). Such a job runs alone.
+    pub images: Vec<(usize, crate::engine::media::PromptImage)>,
     pub keep_alive: Option<KeepAlive>,
     pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, WorkerError>>,
 }
@@ -51,7 +54,14 @@ impl Engine {
         let jobs = std::mem::take(&mut self.embeds);
         let mut groups: Vec<Vec<PendingEmbed>> = Vec::new();
         for j in jobs {
-            let same = |g: &Vec<PendingEmbed>| merge() && g[0].model.id == j.model.id && g[0].dims == j.dims && g[0].task == j.task;
+            let same = |g: &Vec<PendingEmbed>| {
+                merge()
+                    && g[0].model.id == j.model.id
+                    && g[0].dims == j.dims
+                    && g[0].task == j.task
+                    && g[0].images.is_empty()
+                    && j.images.is_empty()
+            };
             match groups.iter_mut().find(|g| same(g)) {
                 Some(g) => g.push(j),
                 None => groups.push(vec![j]),
@@ -125,7 +135,33 @@ impl Engine {
             }
         };
         metrics.embed_requests.with_label_values(&label).observe(jobs.len() as f64);
-        if jobs.len() == 1 {
+        if jobs.len() == 1 && !jobs[0].images.is_empty() {
+            // Text rows in one run, then each image document in a forward of its own.
+            let j = jobs.into_iter().next().expect("one job");
+            let texts: Vec<usize> = (0..j.rows.len()).filter(|r| !j.images.iter().any(|(i, _)| i == r)).collect();
+            let text_rows: Vec<Vec<u32>> = texts.iter().map(|&r| j.rows[r].clone()).collect();
+            let result: Result<Vec<Vec<f32>>, WorkerError> = 'run: {
+                let mut out: Vec<Vec<f32>> = vec![Vec::new(); j.rows.len()];
+                if !text_rows.is_empty() {
+                    match run(&text_rows) {
+                        Ok(vecs) => texts.iter().zip(vecs).for_each(|(r, v)| out[*r] = v),
+                        Err(e) => break 'run Err(e),
+                    }
+                }
+                for (r, image) in &j.images {
+                    let ids = &j.rows[*r];
+                    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| embed_image_doc(model, &spec, ids, image, dims)));
+                    out[*r] = match e {
+                        Ok(Ok(v)) => v,
+                        Ok(Err(e)) => break 'run Err(WorkerError::Internal(format!("{e:#}"))),
+                        Err(p) => break 'run Err(WorkerError::Internal(format!("internal error while embedding: {}", panic_message(&*p)))),
+                    };
+                    metrics.embed_rows.with_label_values(&label).observe(1.0);
+                }
+                Ok(out)
+            };
+            let _ = j.reply.send(result);
+        } else if jobs.len() == 1 {
             let j = jobs.into_iter().next().expect("one job");
             let _ = j.reply.send(run(&j.rows));
         } else {

@@ -201,8 +201,8 @@ impl Engine {
                 let _ = reply.send(self.score(&model, &prompt, top_n, keep_alive));
             }
             // Run with the others taken in this round (`run_embeds`).
-            Job::Embed { model, rows, dims, task, keep_alive, reply } => {
-                self.embeds.push(super::embeds::PendingEmbed { model, rows, dims, task, keep_alive, reply });
+            Job::Embed { model, rows, dims, task, images, keep_alive, reply } => {
+                self.embeds.push(super::embeds::PendingEmbed { model, rows, dims, task, images, keep_alive, reply });
             }
             Job::Run(f) => f(&self.reg),
             Job::Panic(EnginePanic::Loop) => panic!("injected panic in the engine loop (test hook)"),
