@@ -37,7 +37,13 @@ fn submit(w: &Worker, entry: &Arc<ModelEntry>, prompt: &[u32], max_tokens: usize
 }
 
 fn stats(w: &Worker) -> BlockStats {
-    w.stats().blocks.iter().find(|(id, _)| id == MODEL).map(|(_, s)| s.clone()).expect("the model's lane")
+    lane_stats(w).expect("the model's lane")
+}
+
+/// The lane's stats as last published: none before the lane's first step
+/// ends (a first token is sent within its step, before the step's stats).
+fn lane_stats(w: &Worker) -> Option<BlockStats> {
+    w.stats().blocks.iter().find(|(id, _)| id == MODEL).map(|(_, s)| s.clone())
 }
 
 /// The tokens of a stream; `each` sees the lane's stats at every token.
@@ -47,7 +53,9 @@ fn collect(w: &Worker, rx: &mut mpsc::UnboundedReceiver<GenEvent>, mut each: imp
         match rx.blocking_recv().expect("engine hung up") {
             GenEvent::Token { id, .. } => {
                 ids.push(id);
-                each(&stats(w));
+                if let Some(s) = lane_stats(w) {
+                    each(&s);
+                }
             }
             GenEvent::Done(f) => {
                 assert_eq!(f.reason, FinishReason::Length);
@@ -188,9 +196,10 @@ fn measure_window_kv_bytes() {
                     ids.push(id);
                     let st = w.stats();
                     used = used.max(st.kv_used_bytes);
-                    let b = st.blocks.iter().find(|(id, _)| id == "m").map(|(_, s)| s.clone()).unwrap();
-                    held = held.max(b.seq_blocks);
-                    win = win.max(b.window_held);
+                    if let Some(b) = st.blocks.iter().find(|(id, _)| id == "m").map(|(_, s)| s.clone()) {
+                        held = held.max(b.seq_blocks);
+                        win = win.max(b.window_held);
+                    }
                 }
                 GenEvent::Done(_) => break,
                 GenEvent::Error(e) => panic!("{e:?}"),
