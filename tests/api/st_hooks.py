@@ -19,7 +19,8 @@ that a mutation is judged by validation rather than by a 404):
 - bytes: stop strings of at most 256 bytes (the schema counts characters);
 - embeddings go to the embedding model (`RMLX_ST_EMBED_MODEL`): token ids
   below its vocabulary, token lists within its 24 tokens, no `dimensions`
-  (it declares no Matryoshka truncation).
+  (it declares no Matryoshka truncation), no `task`/`prompt_name` and no
+  image items (it has no task adapters and no vision tower).
 """
 import os
 
@@ -192,6 +193,13 @@ def _steer_kv(body):
 
 def _steer_embeddings(body):
     body.pop("dimensions", None)
+    # Multi-task (jina-v4) extensions and image items: the embedding model
+    # has no task adapters and no vision tower (both are 400s there).
+    body.pop("task", None)
+    body.pop("prompt_name", None)
+    inp = body.get("input")
+    if isinstance(inp, list) and any(isinstance(x, dict) for x in inp):
+        body["input"] = ["text" for _ in inp]
     ids = lambda x: [t % EMBED_VOCAB if isinstance(t, int) and t >= 0 else t for t in x][:EMBED_TOKENS]
     inp = body.get("input")
     if isinstance(inp, list) and inp and all(isinstance(x, list) for x in inp):
