@@ -5,7 +5,8 @@
 #  2. Qwen3-0.6B bf16 random weights: mlx-lm batch 1 and batch_generate 8 as the baseline;
 #  3. rmlx bench in-process (batch 1) and rmlx serve at 1 and 8 streams, per KV family:
 #     bf16 (the dense default), turbo4 and turbo3 (fused kernel), turbo4 with RMLX_FUSED_KERNELS=0
-#     (composed), q8 and q4 (affine, quantized matmuls), fp8.
+#     (composed), q8 and q4 (affine, quantized matmuls), fp8; NAME:noencode keeps the fused decode
+#     but encodes with composed ops (RMLX_FUSED_ENCODE=0).
 here=$(cd "$(dirname "$0")" && pwd)
 P=${1:-512}; G=${2:-128}
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:$here/lib
@@ -29,7 +30,7 @@ echo "=== 3. rmlx per KV family"
 port=8123
 for fam in ${FAMS:-bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8}; do
   name=${fam%%:*}; env=""
-  [ "$fam" != "$name" ] && env="RMLX_FUSED_KERNELS=0"
+  case $fam in *:composed) env="RMLX_FUSED_KERNELS=0";; *:noencode) env="RMLX_FUSED_ENCODE=0";; esac
   echo "--- $fam"
   echo -n "rmlx b1: "; env $env $here/rmlx bench --plugins $here/plugins --kv-cache $name --model $dir -p $P -g $G -n 3 2>&1 | grep Averages
   env $env RMLX_COUNT_OPS=1 $here/rmlx serve --plugins $here/plugins --kv-cache $name --model $dir --host 127.0.0.1 --port $port --no-metrics-db > /tmp/serve-$name.log 2>&1 &
