@@ -37,6 +37,7 @@ for fam in ${FAMS:-bf16 turbo4 turbo4:composed turbo3 q8 q4 fp8}; do
   pid=$!
   for i in $(seq 120); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 0.5; done
   $here/rmlx bench --url http://127.0.0.1:$port -p $P -g $G --concurrency 1,8 2>&1 | tail -3
+  echo "kv bytes per block (16 tokens, every layer): $(curl -s http://127.0.0.1:$port/metrics | grep '^rmlx_kv_group_block_bytes' | awk '{print $2}' | tr '\n' ' ')"
   kill $pid; wait $pid 2>/dev/null
   grep "server decode step" /tmp/serve-$name.log | cut -c1-400
   port=$((port + 1))
