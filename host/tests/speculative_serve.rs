@@ -9,12 +9,12 @@
 mod common;
 
 use common::engine::{worker, entry, submit, collect};
+use common::spec::{greedy, prompts};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::{KvBudget, SchedulerConfig};
-use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
-use rmlx::engine::worker::{GenParams, ModelCatalog, Worker, WorkerConfig};
-use rmlx::engine::LoadedModel;
+use rmlx::engine::speculative::serve::DraftSpec;
+use rmlx::engine::worker::ModelCatalog;
 use std::sync::Arc;
 
 /// A catalog of `(id, model, draft model)`: the same directory may appear
@@ -28,15 +28,6 @@ fn catalog(models: &[(&str, &str, Option<&str>)], k: usize) -> ModelCatalog {
         }
     }
     cat
-}
-
-fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
-    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
-}
-
-/// Prompts of several lengths (ids < 256); 40 tokens pass gemma3's window of 8.
-fn prompts() -> Vec<Vec<u32>> {
-    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
 }
 
 /// Greedy output with a drafter equals output without, one stream at a time
@@ -96,17 +87,7 @@ fn a_batch_mixing_drafted_and_undrafted_rows_equals_one_at_a_time() {
     for max_batch in [8, 2] {
         let w = worker(&cat, SchedulerConfig { spec_max_batch: max_batch, ..SchedulerConfig::default() });
         let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
-        let alone: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
-        let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &spec, p, greedy(N, k))).collect();
-        for ((rx, want), k) in rxs.iter_mut().zip(&alone).zip(ks) {
-            let (got, f) = collect(rx);
-            assert_eq!(&got, want, "k {k:?}, spec_max_batch {max_batch}");
-            match (k, f.speculation) {
-                (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
-                (_, Some((d, a))) => assert!(a <= d, "{a} of {d}"),
-                (_, None) => panic!("a drafted row reports its counts"),
-            }
-        }
+        common::spec::assert_mixed_batch_equals_alone(&w, &plain, &spec, &prompts(), &[N; 5], &ks, &format!("spec_max_batch {max_batch}"));
         let s = w.stats().speculation.get("draft").cloned().unwrap_or_default();
         if max_batch == 2 {
             // Five rows decode together from the start: none speculates while more than two run.
@@ -126,37 +107,10 @@ fn sampled_speculation_in_the_engine_follows_the_verifiers_distribution() {
     let _g = common::mlx_lock();
     let prompt = [17u32, 45, 45];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
-    let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
-    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
-    assert_eq!(expected.len(), 27);
+    let expected = common::spec::verifier_sequences("models/llama-f32", &prompt, &params);
     let cat = catalog(&[("spec", "llama-f32", Some("llama-q4-g64"))], 2);
-    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
-    let spec = entry(&cat, "spec");
-    let mut counts = vec![0u64; expected.len()];
-    let (mut drafted, mut kept, mut other) = (0, 0, 0);
-    for wave in 0..1200u64 / 16 {
-        let mut rxs: Vec<_> = (0..16)
-            .map(|j| {
-                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
-                submit(&w, &spec, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
-            })
-            .collect();
-        for rx in rxs.iter_mut() {
-            let (toks, f) = collect(rx);
-            let (d, a) = f.speculation.unwrap();
-            assert!(a <= d);
-            drafted += d;
-            kept += a;
-            match expected.iter().position(|(s, _)| *s == toks) {
-                Some(i) => counts[i] += 1,
-                None => other += 1,
-            }
-        }
-    }
-    assert_eq!(other, 0, "sequences outside the verifier's top-k support were emitted");
-    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
-    let pv = chi_square_p(&counts, &probs);
-    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    let (counts, drafted, kept) = common::spec::sample_sequences(&cat, "spec", &prompt, &params, &expected);
+    common::spec::assert_follows(&counts, &expected);
     assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
 }
 
@@ -172,13 +126,7 @@ fn preemption_under_a_small_budget_keeps_speculative_output_exact() {
     let cat = catalog(&[("spec", "llama-f32", Some("llama-q4-g64"))], 3);
     let sched = SchedulerConfig { kv_budget: KvBudget::Bytes(per_token * 8 * 64), block_size: 8, ..SchedulerConfig::default() };
     let w = worker(&cat, sched);
-    let ps: Vec<Vec<u32>> = prompts()
-        .into_iter()
-        .map(|mut p| {
-            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
-            p
-        })
-        .collect();
+    let ps = common::spec::lengthened(prompts());
     const N: usize = 48;
     let mut rxs: Vec<_> = ps.iter().map(|p| submit(&w, &entry(&cat, "spec"), p, greedy(N, None))).collect();
     for (rx, p) in rxs.iter_mut().zip(&ps) {
@@ -186,10 +134,7 @@ fn preemption_under_a_small_budget_keeps_speculative_output_exact() {
         assert_eq!(got, common::greedy_reference("llama-f32", p, N), "prompt of {}", p.len());
         assert!(f.speculation.is_some());
     }
-    let t0 = std::time::Instant::now();
-    while w.stats().running > 0 && t0.elapsed().as_secs() < 30 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::spec::wait_idle(&w);
     let s = w.stats();
     let b = &s.blocks[0].1;
     assert!(b.preemptions >= 1, "the budget never forced a preemption: {b:?}");
@@ -248,10 +193,7 @@ async fn the_api_reports_draft_counts_and_takes_num_draft_tokens() {
     let mut cat = ModelCatalog::discover(&[(Some("tiny".into()), common::fixture("models/llama-f32")), (Some("smol".into()), common::default_model())], &[]).unwrap();
     Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(common::fixture("models/llama-q4-g64"), Some(3), None).unwrap());
     Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(common::default_model(), Some(4), None).unwrap());
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
-    let worker = Worker::start(cfg, &cat).unwrap();
-    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
-    let base = common::serve(st);
+    let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
     let post = |path: &str, body: Value| {
         let r = client.post(format!("{base}{path}")).json(&body).send();
@@ -298,10 +240,7 @@ async fn the_api_reports_draft_counts_and_takes_num_draft_tokens() {
     assert!(u["drafted_tokens"].as_u64().unwrap() > 0, "{u}");
     // /metrics: per drafter kind.
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"draft\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
-        line.rsplit_once(' ').unwrap().1.parse().unwrap()
-    };
+    let value = |name: &str| common::spec::drafter_metric(&text, name, "draft");
     let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));
     assert!(dr >= (d + 1) as f64 && ac <= dr && (rate - ac / dr).abs() < 1e-9, "{dr} {ac} {rate}");
 }

@@ -13,10 +13,11 @@
 mod common;
 
 use common::engine::{collect, entry, submit, worker};
+use common::spec::greedy;
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{dflash, serve::DraftSpec, stats::chi_square_p, SpecOptions};
+use rmlx::engine::speculative::{dflash, serve::DraftSpec};
 use rmlx::engine::worker::{GenParams, ModelCatalog, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
@@ -28,18 +29,11 @@ const SIDECAR: &str = "models/qwen3-dflash-f32";
 /// qwen3-f32 twice: `plain` without a drafter, `dflash` with the sidecar
 /// (`k`: None takes the drafter's default, its block size less one).
 fn catalog(k: Option<usize>) -> ModelCatalog {
-    let dir = common::fixture(VERIFIER);
-    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("dflash".into()), dir)], &[]).unwrap();
-    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(common::fixture(SIDECAR), k, Some("dflash")).unwrap());
-    cat
-}
-
-fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
-    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
+    common::spec::plain_and("dflash", &common::fixture(VERIFIER), DraftSpec::new(common::fixture(SIDECAR), k, Some("dflash")).unwrap())
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 240 + 3) as u32).collect()).collect()
+    common::spec::prompts_in(240)
 }
 
 /// Greedy output with the DFlash drafter equals the model's own, one
@@ -48,26 +42,7 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn greedy_dflash_speculation_in_the_engine_equals_plain_decoding() {
     let _g = common::mlx_lock();
-    const N: usize = 20;
-    let cat = catalog(None);
-    let w = worker(&cat, SchedulerConfig::default());
-    let (plain, dflash) = (entry(&cat, "plain"), entry(&cat, "dflash"));
-    let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
-    for (p, want) in prompts().iter().zip(&want) {
-        let (got, f) = collect(&mut submit(&w, &dflash, p, greedy(N, None)));
-        assert_eq!(&got, want, "prompt of {}", p.len());
-        let (d, a) = f.speculation.expect("the usage reports draft counts");
-        assert!(d > 0 && a <= d, "{a} of {d}");
-    }
-    let mut rxs: Vec<_> = prompts().iter().map(|p| submit(&w, &dflash, p, greedy(N, None))).collect();
-    for (rx, want) in rxs.iter_mut().zip(&want) {
-        let (got, f) = collect(rx);
-        assert_eq!(&got, want, "batched");
-        assert!(f.speculation.unwrap().0 > 0);
-    }
-    let s = w.stats().speculation["dflash"].clone();
-    assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
-    assert!(!w.stats().speculation.contains_key("draft"));
+    common::spec::assert_greedy_equals_plain(&catalog(None), "dflash", &prompts(), 20, &[None; 5]);
 }
 
 /// Rows with `num_draft_tokens` 0, the default, 1, 5 (capped at the block's
@@ -86,17 +61,7 @@ fn a_batch_mixing_dflash_drafted_and_undrafted_rows_equals_one_at_a_time() {
         let sched = SchedulerConfig { spec_max_batch: max_batch, log_drafts: true, ..SchedulerConfig::default() };
         let w = worker(&cat, sched);
         let (plain, dflash) = (entry(&cat, "plain"), entry(&cat, "dflash"));
-        let alone: Vec<Vec<u32>> = prompts().iter().zip(ns).map(|(p, n)| collect(&mut submit(&w, &plain, p, greedy(n, None))).0).collect();
-        let mut rxs: Vec<_> = prompts().iter().zip(ks).zip(ns).map(|((p, k), n)| submit(&w, &dflash, p, greedy(n, k))).collect();
-        for ((rx, want), k) in rxs.iter_mut().zip(&alone).zip(ks) {
-            let (got, f) = collect(rx);
-            assert_eq!(&got, want, "k {k:?}, spec_max_batch {max_batch}");
-            match (k, f.speculation) {
-                (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
-                (_, Some((d, a))) => assert!(a <= d, "{a} of {d}, k {k:?}, spec_max_batch {max_batch}"),
-                (_, None) => panic!("a drafted row reports its counts"),
-            }
-        }
+        common::spec::assert_mixed_batch_equals_alone(&w, &plain, &dflash, &prompts(), &ns, &ks, &format!("spec_max_batch {max_batch}"));
         let s = w.stats().speculation["dflash"].clone();
         assert!(s.drafted_tokens > 0, "{s:?}");
         assert!(s.draft_log.iter().all(|d| (1..=3).contains(&d.len())), "{:?}", s.draft_log);
@@ -113,37 +78,9 @@ fn sampled_dflash_speculation_in_the_engine_follows_the_verifiers_distribution()
     // dflash_drafter.rs's prompt: the drafter's top 3 and the verifier's overlap.
     let prompt = [37u32, 215, 112];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
-    let mut target = LoadedModel::load(&common::fixture(VERIFIER), &common::registry()).unwrap();
-    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
-    assert_eq!(expected.len(), 27);
-    let cat = catalog(Some(2));
-    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
-    let dflash = entry(&cat, "dflash");
-    let mut counts = vec![0u64; expected.len()];
-    let (mut drafted, mut kept, mut other) = (0, 0, 0);
-    for wave in 0..1200u64 / 16 {
-        let mut rxs: Vec<_> = (0..16)
-            .map(|j| {
-                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
-                submit(&w, &dflash, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
-            })
-            .collect();
-        for rx in rxs.iter_mut() {
-            let (toks, f) = collect(rx);
-            let (d, a) = f.speculation.unwrap();
-            assert!(a <= d);
-            drafted += d;
-            kept += a;
-            match expected.iter().position(|(s, _)| *s == toks) {
-                Some(i) => counts[i] += 1,
-                None => other += 1,
-            }
-        }
-    }
-    assert_eq!(other, 0, "sequences outside the verifier's top-k support were emitted");
-    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
-    let pv = chi_square_p(&counts, &probs);
-    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    let expected = common::spec::verifier_sequences(VERIFIER, &prompt, &params);
+    let (counts, drafted, kept) = common::spec::sample_sequences(&catalog(Some(2)), "dflash", &prompt, &params, &expected);
+    common::spec::assert_follows(&counts, &expected);
     assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
 }
 
@@ -182,13 +119,7 @@ fn preemption_and_prefix_hits_keep_dflash_output_exact() {
     let per_token = 2 * 2 * 16 * 4 * 2;
     let sched = SchedulerConfig { kv_budget: rmlx::engine::scheduler::KvBudget::Bytes(per_token * 8 * 64), block_size: 8, ..SchedulerConfig::default() };
     let w = worker(&cat, sched);
-    let ps: Vec<Vec<u32>> = prompts()
-        .into_iter()
-        .map(|mut p| {
-            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
-            p
-        })
-        .collect();
+    let ps = common::spec::lengthened(prompts());
     const N: usize = 40;
     let plain = entry(&cat, "plain");
     let want: Vec<Vec<u32>> = ps.iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
@@ -198,10 +129,7 @@ fn preemption_and_prefix_hits_keep_dflash_output_exact() {
         assert_eq!(&got, want, "prompt of {}", p.len());
         assert!(f.speculation.is_some());
     }
-    let t0 = std::time::Instant::now();
-    while w.stats().running > 0 && t0.elapsed().as_secs() < 30 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::spec::wait_idle(&w);
     let s = w.stats();
     assert!(s.blocks.iter().map(|b| b.1.preemptions).sum::<u64>() >= 1, "the budget never forced a preemption: {:?}", s.blocks);
     assert!(s.speculation["dflash"].drafted_tokens > 0, "{s:?}");
@@ -229,10 +157,7 @@ async fn the_api_reports_dflash_counts_and_refuses_bad_requests() {
     let _g = common::mlx_lock();
     let mut cat = ModelCatalog::discover(&[(Some("qwen".into()), common::fixture(VERIFIER))], &[]).unwrap();
     Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(common::fixture(SIDECAR), None, Some("dflash")).unwrap());
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
-    let worker = Worker::start(cfg, &cat).unwrap();
-    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
-    let base = common::serve(st);
+    let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
     let post = |k: Option<u32>| {
         let mut b = json!({"model": "qwen", "prompt": [3, 14, 15, 92, 65], "max_tokens": 12, "temperature": 0});
@@ -257,10 +182,7 @@ async fn the_api_reports_dflash_counts_and_refuses_bad_requests() {
     assert_eq!(status, 400, "{err}");
     assert!(err.to_string().contains("num_draft_tokens"), "{err}");
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"dflash\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
-        line.rsplit_once(' ').unwrap().1.parse().unwrap()
-    };
+    let value = |name: &str| common::spec::drafter_metric(&text, name, "dflash");
     let (dr, ac) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"));
     assert!(dr >= d as f64 && ac <= dr, "{dr} {ac}");
 }
@@ -273,24 +195,11 @@ async fn the_api_reports_dflash_counts_and_refuses_bad_requests() {
 #[test]
 fn server_dflash_drafts_equal_generate() {
     let _g = common::mlx_lock();
-    const N: usize = 20;
     let reg = common::registry();
     let pol = LoadPolicy::default();
     let mut target = LoadedModel::load_with(&common::fixture(VERIFIER), &reg, pol.clone()).unwrap();
     let mut head = LoadedModel::load_head_from(&common::fixture(SIDECAR), &common::fixture(VERIFIER), "dflash", &reg, pol).unwrap();
-    let cat = catalog(None);
-    let w = worker(&cat, SchedulerConfig { log_drafts: true, ..SchedulerConfig::default() });
-    let e = entry(&cat, "dflash");
-    let (mut seen, mut rounds) = (0, 0);
-    for (n, p) in prompts().iter().enumerate() {
-        let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: N, prefill_chunk: 16 };
-        let want = dflash::generate(&mut target, &mut head, p, &SamplingParams::default(), &opts, |_| true).unwrap();
-        let (got, f) = collect(&mut submit(&w, &e, p, greedy(N, None)));
-        assert_eq!(got, want.tokens, "prompt of {}", p.len());
-        let log = common::engine::stats_after(&w, n as u64 + 1).speculation["dflash"].draft_log.clone();
-        assert_eq!(log[seen..], want.draft_log[..], "drafts, prompt of {}", p.len());
-        assert_eq!(f.speculation, Some((want.drafted_tokens, want.accepted_tokens)), "prompt of {}", p.len());
-        (seen, rounds) = (log.len(), rounds + want.draft_log.len());
-    }
-    assert!(rounds >= 20, "{rounds} draft rounds compared");
+    common::spec::assert_drafts_equal_generate(&catalog(None), "dflash", &prompts(), 20, |p, opts| {
+        dflash::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
+    });
 }

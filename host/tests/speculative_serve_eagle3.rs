@@ -10,31 +10,18 @@
 //! distribution (chi-square).
 mod common;
 
-use common::engine::{worker, entry, submit, collect};
+use common::spec::prompts;
 
 use rmlx::engine::sampler::SamplingParams;
-use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions};
+use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
-use rmlx::engine::worker::{GenParams, ModelCatalog};
-use std::sync::Arc;
+use rmlx::engine::worker::ModelCatalog;
 
 /// llama-f32 twice: `plain` without a drafter, `eagle3` with the head.
 fn catalog(k: usize) -> ModelCatalog {
-    let dir = common::fixture("models/llama-f32");
-    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("eagle3".into()), dir)], &[]).unwrap();
     let head = common::fixture("models/llama-eagle3-head");
-    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(head, Some(k), Some("eagle3")).unwrap());
-    cat
-}
-
-fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
-    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+    common::spec::plain_and("eagle3", &common::fixture("models/llama-f32"), DraftSpec::new(head, Some(k), Some("eagle3")).unwrap())
 }
 
 /// The prompt's conditioning (the verifier's hidden states at the head's
@@ -45,56 +32,21 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn server_eagle3_drafts_with_the_prompt_context_equal_generate() {
     let _g = common::mlx_lock();
-    const N: usize = 16;
     let reg = common::registry();
     let vdir = common::fixture("models/llama-f32");
     let mut target = LoadedModel::load_with(&vdir, &reg, LoadPolicy::default()).unwrap();
     let mut head = LoadedModel::load_head_from(&common::fixture("models/llama-eagle3-head"), &vdir, "eagle3", &reg, LoadPolicy::default()).unwrap();
-    let cat = catalog(3);
-    let w = worker(&cat, SchedulerConfig { log_drafts: true, ..SchedulerConfig::default() });
-    let e = entry(&cat, "eagle3");
-    let (mut seen, mut rounds) = (0, 0);
-    for (n, p) in prompts().iter().enumerate() {
-        let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: N, prefill_chunk: 16 };
-        let want = mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), &opts, |_| true).unwrap();
-        let (got, f) = collect(&mut submit(&w, &e, p, greedy(N, None)));
-        assert_eq!(got, want.tokens, "prompt of {}", p.len());
-        let log = common::engine::stats_after(&w, n as u64 + 1).speculation["eagle3"].draft_log.clone();
-        assert_eq!(log[seen..], want.draft_log[..], "drafts, prompt of {}", p.len());
-        assert_eq!(f.speculation, Some((want.drafted_tokens, want.accepted_tokens)), "prompt of {}", p.len());
-        (seen, rounds) = (log.len(), rounds + want.draft_log.len());
-    }
-    assert!(rounds >= 20, "{rounds} draft rounds compared");
+    common::spec::assert_drafts_equal_generate(&catalog(3), "eagle3", &prompts(), 16, |p, opts| {
+        mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
+    });
 }
 
+/// Greedy output with the head equals the model's own, one stream at a
+/// time and five at once, two of them not drafting.
 #[test]
 fn greedy_eagle3_speculation_in_the_engine_equals_plain_decoding() {
     let _g = common::mlx_lock();
-    const N: usize = 16;
-    let cat = catalog(3);
-    let w = worker(&cat, SchedulerConfig::default());
-    let (plain, eagle3) = (entry(&cat, "plain"), entry(&cat, "eagle3"));
-    let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
-    for (p, want) in prompts().iter().zip(&want) {
-        let (got, f) = collect(&mut submit(&w, &eagle3, p, greedy(N, None)));
-        assert_eq!(&got, want, "prompt of {}", p.len());
-        let (d, a) = f.speculation.expect("the usage reports draft counts");
-        assert!(d > 0 && a <= d, "{a} of {d}");
-    }
-    // Five at once, two of them not drafting.
-    let ks = [None, Some(0), Some(1), Some(5), Some(0)];
-    let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &eagle3, p, greedy(N, k))).collect();
-    for ((rx, want), k) in rxs.iter_mut().zip(&want).zip(ks) {
-        let (got, f) = collect(rx);
-        assert_eq!(&got, want, "batched, k {k:?}");
-        match (k, f.speculation) {
-            (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
-            (_, Some((d, a))) => assert!(d > 0 && a <= d, "{a} of {d}"),
-            (_, None) => panic!("a drafted row reports its counts"),
-        }
-    }
-    let s = w.stats().speculation["eagle3"].clone();
-    assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
+    common::spec::assert_greedy_equals_plain(&catalog(3), "eagle3", &prompts(), 16, &[None, Some(0), Some(1), Some(5), Some(0)]);
 }
 
 /// Three tokens at temperature 1 with top-k 3, a repetition penalty and a
@@ -111,30 +63,8 @@ fn sampled_eagle3_speculation_in_the_engine_follows_the_verifiers_distribution()
     let hot = |i: usize| golden["hot"][i].as_u64().unwrap() as u32;
     let bias = vec![(hot(10), 20.0), (hot(60), 20.0), (hot(120), 20.0)];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, logit_bias: bias, ..SamplingParams::default() };
-    let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
-    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
-    assert_eq!(expected.len(), 27);
-    let cat = catalog(2);
-    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
-    let eagle3 = entry(&cat, "eagle3");
-    let mut counts = vec![0u64; expected.len()];
-    let (mut drafted, mut kept) = (0, 0);
-    for wave in 0..1200u64 / 16 {
-        let mut rxs: Vec<_> = (0..16)
-            .map(|j| {
-                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
-                submit(&w, &eagle3, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
-            })
-            .collect();
-        for rx in rxs.iter_mut() {
-            let (toks, f) = collect(rx);
-            let (d, a) = f.speculation.unwrap();
-            assert!(a <= d);
-            (drafted, kept) = (drafted + d, kept + a);
-            let i = expected.iter().position(|(s, _)| *s == toks).expect("a sequence outside the verifier's support");
-            counts[i] += 1;
-        }
-    }
+    let expected = common::spec::verifier_sequences("models/llama-f32", &prompt, &params);
+    let (counts, drafted, kept) = common::spec::sample_sequences(&catalog(2), "eagle3", &prompt, &params, &expected);
     let (mut pc, mut pp, mut rest) = (Vec::new(), Vec::new(), (0u64, 0f64));
     for (c, e) in counts.iter().zip(&expected) {
         if e.1 * 1200.0 >= 5.0 {

@@ -10,11 +10,12 @@
 mod common;
 
 use common::engine::{worker, entry, submit, collect};
+use common::spec::{greedy, prompts};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions};
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
+use rmlx::engine::speculative::{mtp, serve::DraftSpec};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
 use std::sync::atomic::AtomicBool;
@@ -26,17 +27,7 @@ const HYBRID: &str = "models/qwen3_5-mtp-f32";
 /// The hybrid twice: `plain` without a drafter, `mtp` with its own head.
 fn catalog(k: usize) -> ModelCatalog {
     let dir = common::fixture(HYBRID);
-    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("mtp".into()), dir.clone())], &[]).unwrap();
-    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(dir, Some(k), Some("mtp")).unwrap());
-    cat
-}
-
-fn greedy(max_tokens: usize, k: Option<usize>) -> GenParams {
-    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, num_draft_tokens: k, ..GenParams::default() }
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
+    common::spec::plain_and("mtp", &dir, DraftSpec::new(dir.clone(), Some(k), Some("mtp")).unwrap())
 }
 
 /// Greedy output with the MTP head equals the model's own, one stream at a
@@ -46,26 +37,7 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn greedy_mtp_speculation_in_the_engine_equals_plain_decoding() {
     let _g = common::mlx_lock();
-    const N: usize = 16;
-    let cat = catalog(3);
-    let w = worker(&cat, SchedulerConfig::default());
-    let (plain, mtp) = (entry(&cat, "plain"), entry(&cat, "mtp"));
-    let want: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
-    for (p, want) in prompts().iter().zip(&want) {
-        let (got, f) = collect(&mut submit(&w, &mtp, p, greedy(N, None)));
-        assert_eq!(&got, want, "prompt of {}", p.len());
-        let (d, a) = f.speculation.expect("the usage reports draft counts");
-        assert!(d > 0 && a <= d, "{a} of {d}");
-    }
-    let mut rxs: Vec<_> = prompts().iter().map(|p| submit(&w, &mtp, p, greedy(N, None))).collect();
-    for (rx, want) in rxs.iter_mut().zip(&want) {
-        let (got, f) = collect(rx);
-        assert_eq!(&got, want, "batched");
-        assert!(f.speculation.unwrap().0 > 0);
-    }
-    let s = w.stats().speculation["mtp"].clone();
-    assert!(s.steps > 0 && s.drafted_tokens > 0 && s.accepted_tokens <= s.drafted_tokens, "{s:?}");
-    assert!(!w.stats().speculation.contains_key("draft"));
+    common::spec::assert_greedy_equals_plain(&catalog(3), "mtp", &prompts(), 16, &[None; 5]);
 }
 
 /// The prompt's conditioning reaches the head during prefill (the prefill
@@ -79,26 +51,13 @@ fn greedy_mtp_speculation_in_the_engine_equals_plain_decoding() {
 #[test]
 fn server_mtp_drafts_with_the_prompt_context_equal_generate() {
     let _g = common::mlx_lock();
-    const N: usize = 16;
     let dir = common::fixture(HYBRID);
     let reg = common::registry();
     let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
     let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
-    let cat = catalog(3);
-    let w = worker(&cat, SchedulerConfig { log_drafts: true, ..SchedulerConfig::default() });
-    let e = entry(&cat, "mtp");
-    let (mut seen, mut rounds) = (0, 0);
-    for (n, p) in prompts().iter().enumerate() {
-        let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: N, prefill_chunk: 16 };
-        let want = mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), &opts, |_| true).unwrap();
-        let (got, f) = collect(&mut submit(&w, &e, p, greedy(N, None)));
-        assert_eq!(got, want.tokens, "prompt of {}", p.len());
-        let log = common::engine::stats_after(&w, n as u64 + 1).speculation["mtp"].draft_log.clone();
-        assert_eq!(log[seen..], want.draft_log[..], "drafts, prompt of {}", p.len());
-        assert_eq!(f.speculation, Some((want.drafted_tokens, want.accepted_tokens)), "prompt of {}", p.len());
-        (seen, rounds) = (log.len(), rounds + want.draft_log.len());
-    }
-    assert!(rounds >= 20, "{rounds} draft rounds compared");
+    common::spec::assert_drafts_equal_generate(&catalog(3), "mtp", &prompts(), 16, |p, opts| {
+        mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
+    });
 }
 
 /// Rows with `num_draft_tokens` 0, the default, 1 and 5 share batches with
@@ -113,17 +72,7 @@ fn a_batch_mixing_mtp_drafted_and_undrafted_rows_equals_one_at_a_time() {
     for max_batch in [8, 2] {
         let w = worker(&cat, SchedulerConfig { spec_max_batch: max_batch, ..SchedulerConfig::default() });
         let (plain, mtp) = (entry(&cat, "plain"), entry(&cat, "mtp"));
-        let alone: Vec<Vec<u32>> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, None))).0).collect();
-        let mut rxs: Vec<_> = prompts().iter().zip(ks).map(|(p, k)| submit(&w, &mtp, p, greedy(N, k))).collect();
-        for ((rx, want), k) in rxs.iter_mut().zip(&alone).zip(ks) {
-            let (got, f) = collect(rx);
-            assert_eq!(&got, want, "k {k:?}, spec_max_batch {max_batch}");
-            match (k, f.speculation) {
-                (Some(0), s) => assert!(s.is_none(), "num_draft_tokens 0 turns speculation off: {s:?}"),
-                (_, Some((d, a))) => assert!(a <= d, "{a} of {d}"),
-                (_, None) => panic!("a drafted row reports its counts"),
-            }
-        }
+        common::spec::assert_mixed_batch_equals_alone(&w, &plain, &mtp, &prompts(), &[N; 5], &ks, &format!("spec_max_batch {max_batch}"));
         assert!(w.stats().speculation.get("mtp").is_some_and(|s| s.drafted_tokens > 0), "{:?}", w.stats().speculation);
     }
 }
@@ -137,36 +86,9 @@ fn sampled_mtp_speculation_follows_the_verifiers_distribution() {
     let _g = common::mlx_lock();
     let prompt = [17u32, 45, 45];
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
-    let mut target = LoadedModel::load(&common::fixture(HYBRID), &common::registry()).unwrap();
-    let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |_, _| {});
-    assert_eq!(expected.len(), 27);
-    let cat = catalog(2);
-    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
-    let mtp = entry(&cat, "mtp");
-    let mut counts = vec![0u64; expected.len()];
-    let (mut drafted, mut other) = (0, 0);
-    for wave in 0..1200u64 / 16 {
-        let mut rxs: Vec<_> = (0..16)
-            .map(|j| {
-                let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
-                submit(&w, &mtp, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, ..GenParams::default() })
-            })
-            .collect();
-        for rx in rxs.iter_mut() {
-            let (toks, f) = collect(rx);
-            let (d, a) = f.speculation.unwrap();
-            assert!(a <= d);
-            drafted += d;
-            match expected.iter().position(|(s, _)| *s == toks) {
-                Some(i) => counts[i] += 1,
-                None => other += 1,
-            }
-        }
-    }
-    assert_eq!(other, 0, "sequences outside the verifier's top-k support were emitted");
-    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
-    let pv = chi_square_p(&counts, &probs);
-    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    let expected = common::spec::verifier_sequences(HYBRID, &prompt, &params);
+    let (counts, drafted, _) = common::spec::sample_sequences(&catalog(2), "mtp", &prompt, &params, &expected);
+    common::spec::assert_follows(&counts, &expected);
     assert!(drafted > 0);
 }
 
@@ -201,10 +123,7 @@ async fn the_api_reports_mtp_counts_and_metrics() {
     let dir = common::fixture(HYBRID);
     let mut cat = ModelCatalog::discover(&[(Some("hybrid".into()), dir.clone())], &[]).unwrap();
     Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(dir, Some(3), Some("mtp")).unwrap());
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
-    let worker = Worker::start(cfg, &cat).unwrap();
-    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
-    let base = common::serve(st);
+    let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
     let post = |k: Option<u32>| {
         let mut b = json!({"model": "hybrid", "prompt": [3, 14, 15, 92, 65], "max_tokens": 12, "temperature": 0});
@@ -225,10 +144,7 @@ async fn the_api_reports_mtp_counts_and_metrics() {
     assert!(d > 0 && a <= d && u["completion_tokens"] == 12, "{u}");
     assert!(off["usage"].get("drafted_tokens").is_none(), "{}", off["usage"]);
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"mtp\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
-        line.rsplit_once(' ').unwrap().1.parse().unwrap()
-    };
+    let value = |name: &str| common::spec::drafter_metric(&text, name, "mtp");
     let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));
     assert!(dr >= d as f64 && ac <= dr && (rate - ac / dr).abs() < 1e-9, "{dr} {ac} {rate}");
 }
@@ -247,13 +163,7 @@ fn preemption_under_a_small_budget_keeps_mtp_output_exact() {
     let cat = catalog(3);
     let sched = SchedulerConfig { kv_budget: rmlx::engine::scheduler::KvBudget::Bytes(per_token * 8 * 40), block_size: 8, ..SchedulerConfig::default() };
     let w = worker(&cat, sched);
-    let ps: Vec<Vec<u32>> = prompts()
-        .into_iter()
-        .map(|mut p| {
-            p.extend((0..40).map(|i| (i % 200 + 9) as u32));
-            p
-        })
-        .collect();
+    let ps = common::spec::lengthened(prompts());
     const N: usize = 40;
     let mut rxs: Vec<_> = ps.iter().map(|p| submit(&w, &entry(&cat, "mtp"), p, greedy(N, None))).collect();
     for (rx, p) in rxs.iter_mut().zip(&ps) {
@@ -261,10 +171,7 @@ fn preemption_under_a_small_budget_keeps_mtp_output_exact() {
         assert_eq!(got, common::greedy_reference("qwen3_5-mtp-f32", p, N), "prompt of {}", p.len());
         assert!(f.speculation.is_some());
     }
-    let t0 = std::time::Instant::now();
-    while w.stats().running > 0 && t0.elapsed().as_secs() < 30 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::spec::wait_idle(&w);
     let s = w.stats();
     assert!(s.blocks[0].1.preemptions >= 1, "the budget never forced a preemption: {:?}", s.blocks[0].1);
     assert!(s.speculation["mtp"].drafted_tokens > 0, "{s:?}");

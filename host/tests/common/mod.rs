@@ -4,6 +4,7 @@ pub mod engine;
 pub mod golden;
 pub mod model;
 pub mod sampling;
+pub mod spec;
 pub mod vision;
 use rmlx::plugins::Registry;
 use std::path::PathBuf;
