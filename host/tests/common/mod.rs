@@ -1,5 +1,6 @@
 //! Shared test helpers: paths to the built plugins and fixtures.
 #![allow(dead_code)]
+pub mod api_images;
 pub mod engine;
 pub mod golden;
 pub mod model;
