@@ -1,0 +1,208 @@
+//! DeepSeek-V3's multi-token-prediction module as a drafter head (plugin
+//! ABI 3.6; plugins/arch-deepseek deepseek_v3_mtp.rs), against the reference
+//! tests/goldens/deepseek_v3_goldens.py writes from the published definition
+//! with mlx-lm's `DeepseekV3DecoderLayer` as its block (fixture
+//! tests/fixtures/models/deepseek_v3-mtp-f32: the tiny deepseek_v3 in
+//! Hugging Face's layout with a random module as `model.layers.2`):
+//! - the hidden states the verifier hands back for its last layer (what the
+//!   head's conditioning `-1` names) are mlx-lm's before its final norm;
+//! - `LoadedModel::load_head(dir, "mtp")` builds `deepseek_v3_mtp` from the
+//!   same checkpoint; it names `[-1]` and caches one latent layer;
+//! - its prefill (the prompt shifted by one, then the verifier's first token)
+//!   and four chained draft steps (each conditioned on the head's own state,
+//!   `HEAD_STATE`) give the reference's logits and proposals;
+//! - `rmlx generate --draft-kind mtp`'s loop is lossless with it;
+//! - a checkpoint without the module, or with more modules than the head
+//!   reads, is refused by name.
+mod common;
+
+use common::golden::{rel_err, MARGIN, REL_TOL};
+use common::model::{argmax, ids, plain_greedy, values};
+use mlx_rs::Array;
+use rmlx::engine::attend::ForwardRequest;
+use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
+use rmlx_plugin_api::{author::Output, HEAD_STATE};
+use serde::Deserialize;
+
+const MODEL: &str = "models/deepseek_v3-mtp-f32";
+
+#[derive(Deserialize)]
+struct Step {
+    token: u32,
+    logits: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    prompt: Vec<u32>,
+    first: u32,
+    hidden: Vec<Vec<f32>>,
+    verifier_last_logits: Vec<f32>,
+    prefill_logits: Vec<Vec<f32>>,
+    chain: Vec<Step>,
+    margins: Vec<f32>,
+}
+
+fn golden() -> Golden {
+    let text = std::fs::read_to_string(common::fixture("goldens/deepseek_v3-mtp/golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// (conditioning [1, L, D], an all-true mask [1, L]) as the head takes them.
+fn conditioning(rows: &[f32], l: usize, d: usize) -> (Array, Array) {
+    (Array::from_slice(rows, &[1, l as i32, d as i32]), Array::from_slice(&vec![true; l], &[1, l as i32]))
+}
+
+fn check(label: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(e < REL_TOL, "{label}: relative error {e} against the reference");
+}
+
+#[test]
+fn the_deepseek_mtp_head_drafts_as_the_reference_does() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let g = golden();
+    let dir = common::fixture(MODEL);
+    let (n, d) = (g.prompt.len(), g.hidden[0].len());
+
+    // The verifier: its last block's output is the head's conditioning.
+    let mut verifier = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    assert!(verifier.conditioning.is_empty(), "the verifier is not a head");
+    let last = verifier.spec.num_layers - 1;
+    let mut cache = verifier.kv_cache();
+    let req = ForwardRequest { output: Some(Output::LastLogits), hidden_layers: vec![last], ..ForwardRequest::default() };
+    let out = verifier.run(&ids(&g.prompt), &mut cache, req).unwrap();
+    check("verifier logits", &values(&out.out), &g.verifier_last_logits);
+    let (layer, hidden) = &out.hidden[0];
+    assert_eq!((*layer, hidden.shape()), (last, &[1, n as i32, d as i32][..]));
+    check("verifier hidden states", &values(hidden), &g.hidden.concat());
+
+    // The head, from the same checkpoint: one layer, cached as a latent.
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    assert_eq!(head.dir.model_type, "deepseek_v3_mtp");
+    assert_eq!(head.architecture_plugin, "arch-deepseek");
+    assert_eq!(head.conditioning, vec![-1]);
+    assert_eq!((head.spec.num_layers, head.spec.num_kv_heads, head.spec.head_dim), (1, 1, 20));
+    assert!(head.unused.iter().all(|t| !t.starts_with("model.layers.2.")), "the module is read whole: {:?}", head.unused);
+    let mut hc = head.kv_cache();
+
+    // Prefill: [p_1 .. p_{n-1}, first], conditioned on h_0 .. h_{n-1}.
+    let mut shifted = g.prompt[1..].to_vec();
+    shifted.push(g.first);
+    let req = ForwardRequest {
+        output: Some(Output::AllLogits),
+        hidden_layers: vec![HEAD_STATE],
+        inputs: Some(conditioning(&values(hidden), n, d)),
+        ..ForwardRequest::default()
+    };
+    let out = head.run(&ids(&shifted), &mut hc, req).unwrap();
+    hc.advance(n as i32);
+    check("head prefill logits", &values(&out.out), &g.prefill_logits.concat());
+    let v = out.out.dim(2) as usize;
+    let proposal = argmax(&values(&out.out)[(n - 1) * v..]);
+    assert_eq!(proposal, g.chain[0].token, "the prefill's proposal");
+    let (layer, state) = &out.hidden[0];
+    assert_eq!(*layer, HEAD_STATE);
+    let mut state = values(state)[(n - 1) * d..].to_vec();
+
+    // Chained draft steps: the proposal, conditioned on the head's own state.
+    let mut tok = proposal;
+    for (i, step) in g.chain.iter().enumerate() {
+        assert_eq!(tok, step.token, "draft step {i}");
+        let req = ForwardRequest {
+            output: Some(Output::LastLogits),
+            hidden_layers: vec![HEAD_STATE],
+            inputs: Some(conditioning(&state, 1, d)),
+            ..ForwardRequest::default()
+        };
+        let out = head.run(&ids(&[tok]), &mut hc, req).unwrap();
+        hc.advance(1);
+        let logits = values(&out.out);
+        check(&format!("draft step {i} logits"), &logits, &step.logits);
+        state = values(&out.hidden[0].1);
+        tok = if g.margins[i] > MARGIN { argmax(&logits) } else { g.chain.get(i + 1).map(|s| s.token).unwrap_or(tok) };
+    }
+}
+
+/// `rmlx generate --draft-kind mtp`'s loop (engine/speculative/mtp.rs) with
+/// the DeepSeek head: greedy output equals plain greedy decoding token for
+/// token, across rounds that keep some drafts and reject others, with the
+/// prompt prefilled in chunks; a seeded sampled run reproduces.
+#[test]
+fn deepseek_mtp_speculation_is_lossless() {
+    use rmlx::engine::sampler::SamplingParams;
+    use rmlx::engine::speculative::{mtp, SpecOptions};
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let dir = common::fixture(MODEL);
+    let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    let prompt = golden().prompt;
+    let want = plain_greedy(&mut target, &prompt, 24);
+    for (k, adaptive, chunk) in [(3, false, 5), (1, false, 64), (4, true, 7)] {
+        let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 24, prefill_chunk: chunk };
+        let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
+        assert_eq!(out.tokens, want, "k {k} adaptive {adaptive} chunk {chunk}");
+        assert!(out.drafted_tokens > 0 && out.rounds > 0, "it speculated");
+        assert!(out.accepted_tokens <= out.drafted_tokens);
+    }
+    let sampled = SamplingParams { temperature: 0.8, seed: Some(11), ..SamplingParams::default() };
+    let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: 16, prefill_chunk: 64 };
+    let a = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
+    let b = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
+    assert_eq!(a.tokens.len(), 16);
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+}
+
+#[test]
+fn a_checkpoint_without_the_module_or_with_more_modules_is_refused() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    // mlx-lm's layout has no module (its config names none).
+    let e = LoadedModel::load_head(&common::fixture("models/deepseek_v3-f32"), "mtp", &reg, LoadPolicy::default()).err().unwrap();
+    assert!(format!("{e:#}").contains("num_nextn_predict_layers is 0"), "{e:#}");
+    // A config naming a module the weights lack.
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture("models/deepseek_v3-f32");
+    for f in ["model.safetensors", "model.safetensors.index.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    c["num_nextn_predict_layers"] = 1.into();
+    std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+    let e = LoadedModel::load_head(dir.path(), "mtp", &reg, LoadPolicy::default()).err().unwrap();
+    assert!(format!("{e:#}").contains("no multi-token-prediction module (no `model.layers.2.eh_proj.weight`)"), "{e:#}");
+    // Two modules: only the first would be chained.
+    c["num_nextn_predict_layers"] = 2.into();
+    let e = reg.check_config("deepseek_v3_mtp", &c.to_string()).err().unwrap();
+    assert!(format!("{e:#}").contains("num_nextn_predict_layers is 2"), "{e:#}");
+}
+
+/// `rmlx generate --draft-kind mtp --json` on the tiny model: the model's
+/// own greedy tokens, with `drafted_tokens` and `accepted_tokens`.
+#[test]
+fn rmlx_generate_with_the_deepseek_mtp_head_equals_plain_generation() {
+    use serde_json::Value;
+    let _g = common::mlx_lock();
+    let dir = common::fixture(MODEL);
+    let base = ["generate", "--json", "-m", dir.to_str().unwrap(), "--prompt-tokens", "3,14,15,42,5", "--max-tokens", "20"];
+    let json = |args: &[&str]| -> Value {
+        let out = std::process::Command::new(common::rmlx_bin())
+            .args(["--plugins", common::plugins_dir().to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let plain = json(&base);
+    assert!(plain.get("drafted_tokens").is_none());
+    for k in ["1", "3"] {
+        let spec = json(&[&base[..], &["--draft-kind", "mtp", "--num-draft-tokens", k]].concat());
+        assert_eq!(spec["tokens"], plain["tokens"], "k {k}");
+        let (d, a) = (spec["drafted_tokens"].as_u64().unwrap(), spec["accepted_tokens"].as_u64().unwrap());
+        assert!(d > 0 && a <= d, "{spec}");
+    }
+}
