@@ -10,6 +10,8 @@
 //! - the same weights in Hugging Face's layout (`deepseek_v3-mtp-f32`:
 //!   `kv_b_proj`, experts one by one), whose MTP module (layer 2) the plain
 //!   model leaves unused;
+//! - quantized by mlx-lm (`deepseek_v3-q4-g32`, a wider tiny model so that
+//!   group size 32 divides every projection's input);
 //! - the KV cache is the latent: one KV head of kv_lora_rank + qk_rope per
 //!   layer;
 //! - configs it does not implement are refused by name.
@@ -19,16 +21,17 @@ use common::golden::{compare, Golden, Tally};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
 
-fn golden() -> Golden {
-    let text = std::fs::read_to_string(common::fixture("goldens/deepseek_v3-f32.json")).unwrap();
+fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(common::fixture(&format!("goldens/{name}.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
-fn check(name: &str, reg: &rmlx::plugins::Registry) -> LoadedModel {
+/// Loads `name` and compares it with golden `want`.
+fn check_against(name: &str, want: &str, reg: &rmlx::plugins::Registry) -> LoadedModel {
     let mut model = LoadedModel::load_with(&common::fixture(&format!("models/{name}")), reg, LoadPolicy::default())
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let mut tally = Tally::default();
-    compare(&mut model, &golden(), &mut tally);
+    compare(&mut model, &golden(want), &mut tally);
     eprintln!("{name}: {} steps, worst relative error {:e}", tally.compared, tally.worst);
     assert!(tally.failures.is_empty(), "{name}:\n{}", tally.failures.join("\n"));
     model
@@ -38,7 +41,7 @@ fn check(name: &str, reg: &rmlx::plugins::Registry) -> LoadedModel {
 fn deepseek_v3_matches_mlx_lm_in_both_layouts() {
     let _g = common::mlx_lock();
     let reg = common::registry();
-    let model = check("deepseek_v3-f32", &reg);
+    let model = check_against("deepseek_v3-f32", "deepseek_v3-f32", &reg);
     assert_eq!(model.architecture_plugin, "arch-deepseek");
     assert!(model.unused.is_empty(), "unused tensors {:?}", model.unused);
     // The cache holds the latent (16) and the RoPE key (4) in one KV head.
@@ -47,9 +50,29 @@ fn deepseek_v3_matches_mlx_lm_in_both_layouts() {
     assert!(model.layers.contains_key("model.layers.1.mlp.switch_mlp.gate_proj"));
     assert!(model.layers.contains_key("model.layers.0.mlp.gate_proj"), "layer 0 is dense");
 
-    let model = check("deepseek_v3-mtp-f32", &reg);
+    let model = check_against("deepseek_v3-mtp-f32", "deepseek_v3-f32", &reg);
     assert!(model.layers.contains_key("model.layers.1.self_attn.kv_b_proj"), "Hugging Face's kv_b_proj");
     assert!(!model.unused.is_empty() && model.unused.iter().all(|t| t.starts_with("model.layers.2.")), "only the MTP module is unused: {:?}", model.unused);
+}
+
+/// mlx-lm's affine 4-bit g32 (`quantize_model`): every projection, the
+/// experts' switch layers and the per-head `embed_q` / `unembed_out`
+/// quantized (switch layers of the affine plugin), the router left float.
+#[test]
+fn quantized_deepseek_v3_matches_mlx_lm() {
+    let _g = common::mlx_lock();
+    let reg = common::registry();
+    let model = check_against("deepseek_v3-q4-g32", "deepseek_v3-q4-g32", &reg);
+    assert!(model.unused.is_empty(), "unused tensors {:?}", model.unused);
+    let q = |path: &str| {
+        let l = model.layers.get(path).unwrap_or_else(|| panic!("no layer {path}"));
+        (l.mode.clone(), l.bits, l.group_size)
+    };
+    let affine = ("affine".to_string(), 4, 32);
+    for path in ["model.layers.1.self_attn.embed_q", "model.layers.1.self_attn.unembed_out", "model.layers.1.self_attn.q_b_proj", "model.layers.1.mlp.switch_mlp.down_proj", "lm_head"] {
+        assert_eq!(q(path), affine, "{path}");
+    }
+    assert_eq!(q("model.layers.1.mlp.gate").0, "none", "the router stays float");
 }
 
 /// config.json of deepseek_v3-f32 with `edit` applied.

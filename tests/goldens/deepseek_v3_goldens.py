@@ -19,6 +19,13 @@ Run from the repo root with the dev venv:
   the head's logits over its prefill (the prompt shifted by one, then that
   token), and a chain of greedy draft steps, each with the head's logits.
 
+- tests/fixtures/models/deepseek_v3-q4-g32/ and its golden: a wider tiny
+  model (q_lora_rank, kv_lora_rank, qk_nope, v and the experts' width 32, so
+  that group size 32 divides every projection's input, the per-head
+  `embed_q` / `unembed_out` included) quantized by mlx-lm's
+  `quantize_model` (affine 4-bit, g32; the router `gate` stays float, as
+  mlx-lm leaves it), reloaded by `load_model` before recording.
+
 The tiny config: hidden 32, 2 layers (layer 0 dense by
 `first_k_dense_replace` 1, layer 1 MoE), 2 heads, q_lora_rank 16,
 kv_lora_rank 16, qk_nope 8 / qk_rope 4 / v 8 (so key and value head sizes
@@ -86,6 +93,9 @@ CONFIG = {
 }
 SEED = 9130
 PROMPTS = [[42], [3, 17, 9, 60, 5, 33, 21], [(i * 37 + 11) % 64 for i in range(23)]]
+QUANT_NAME = "deepseek_v3-q4-g32"
+QUANT_CONFIG = {**CONFIG, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "v_head_dim": 32,
+                "moe_intermediate_size": 32}
 MTP_PROMPT = [3, 17, 42, 9, 5, 60, 14, 7, 28, 31, 50, 12]
 
 
@@ -142,6 +152,18 @@ def main():
     mg.PROMPTS = PROMPTS
     min_margin, max_dev = mg.golden(NAME, model)
     mg.log(f"{NAME}: min top1-top2 margin {min_margin:.2g}, one-pass-prefill max |dlogit| {max_dev:.2g}")
+
+    # The quantized variant, from its own float weights.
+    qmodel = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(QUANT_CONFIG))
+    qmodel.update(tree_unflatten(randomize(tree_flatten(qmodel.parameters()), SEED + 3)))
+    qmodel.eval()
+    qmodel, qconfig = lm_utils.quantize_model(qmodel, dict(QUANT_CONFIG), 32, 4, mode="affine")
+    quantized = [k for k, m in qmodel.named_modules() if type(m).__name__.startswith("Quantized")]
+    assert any(k.endswith("embed_q") for k in quantized) and any("switch_mlp" in k for k in quantized), quantized
+    mg.save(QUANT_NAME, qmodel, qconfig)
+    qmodel, _ = lm_utils.load_model(mg.MODELS_DIR / QUANT_NAME)
+    min_margin, max_dev = mg.golden(QUANT_NAME, qmodel)
+    mg.log(f"{QUANT_NAME}: {len(quantized)} quantized modules, min margin {min_margin:.2g}, max |dlogit| {max_dev:.2g}")
 
     # The MTP module: mlx-lm's decoder layer at index num_hidden_layers (MoE).
     n = CONFIG["num_hidden_layers"]
