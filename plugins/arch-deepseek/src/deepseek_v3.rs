@@ -1,5 +1,5 @@
-//! model_type `deepseek_v3` (DeepSeek-V3 / R1 and the checkpoints built on
-//! its layout, e.g. Kimi-K2, Moonlight). Mirrors mlx_lm/models/deepseek_v3.py
+//! model_type `deepseek_v3` (DeepSeek-V3, V3.1, R1, and other checkpoints
+//! that declare it, e.g. Moonlight). Mirrors mlx_lm/models/deepseek_v3.py
 //! (mlx-lm 0.32.2):
 //! - Multi-head Latent Attention (mla.rs): queries through a low-rank
 //!   `q_a_proj` -> RMSNorm -> `q_b_proj` (or one `q_proj` when `q_lora_rank`
