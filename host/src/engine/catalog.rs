@@ -21,9 +21,13 @@ pub struct ModelEntry {
     /// How it embeds, when it is an embedding model (model/pooling.rs):
     /// such a model serves /v1/embeddings and no generation routes.
     pub embedding: Option<EmbedSpec>,
-    /// Its draft model for speculative decoding (`rmlx serve --draft-model`),
-    /// loaded with it (speculative/serve.rs).
+    /// Its default drafter for speculative decoding (`rmlx serve
+    /// --draft-model`, `--draft-kind`), loaded with it (speculative/serve.rs).
     pub draft: Option<crate::engine::speculative::serve::DraftSpec>,
+    /// Its other drafters, after the default (`--drafter`, `drafters` in
+    /// [[server.models]]): a request names one by kind (`draft_kind`).
+    /// Each kind at most once among all of them ([`ModelEntry::drafters`]).
+    pub extra_drafters: Vec<crate::engine::speculative::serve::DraftSpec>,
     text: OnceLock<std::result::Result<Arc<TextSide>, String>>,
 }
 
@@ -62,8 +66,14 @@ impl ModelEntry {
             created,
             embedding,
             draft: None,
+            extra_drafters: Vec::new(),
             text: OnceLock::new(),
         })
+    }
+
+    /// Every drafter it is served with, the default first.
+    pub fn drafters(&self) -> impl Iterator<Item = &crate::engine::speculative::serve::DraftSpec> {
+        self.draft.iter().chain(&self.extra_drafters)
     }
 
     /// Tokenizer, chat template and EOS ids (loaded once; no MLX involved).

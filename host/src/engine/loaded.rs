@@ -35,9 +35,11 @@ pub struct LoadedModel {
     /// Groups of projections built as one fused linear (ABI 3.4), e.g. two
     /// per layer (q/k/v, gate/up) where the weight format stacks.
     pub fused_linears: usize,
-    /// The server's draft model for speculative decoding (`rmlx serve
-    /// --draft-model`), loaded beside this one (speculative/serve.rs).
-    pub draft: Option<Box<super::speculative::serve::Drafter>>,
+    /// The server's drafters for speculative decoding (`rmlx serve
+    /// --draft-model`, `--drafter`), loaded beside this one, one per kind;
+    /// the first is the default, a request names another by kind
+    /// (speculative/serve.rs).
+    pub drafters: Vec<super::speculative::serve::Drafter>,
     /// Per-task LoRA adapters from the directory's `adapters/`
     /// (model/adapters.rs), applied in the layers they adapt; the task of
     /// the next forwards is chosen with [`LoadedModel::select_task`].
@@ -272,7 +274,7 @@ impl LoadedModel {
         let kv_calibration = super::kv_calibration::KvCalibration::load(&dir.path, spec.num_layers as usize)?.map(std::rc::Rc::new);
         let kv = super::kv_family::resolve(registry, &spec, weights.activation_dtype(), &choice, kv_calibration.as_deref())
             .with_context(|| format!("the KV cache of {}", dir.path.display()))?;
-        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, conditioning, draft: None, adapters: None })
+        Ok(Self { dir, model, spec, layers, unused, architecture_plugin, plugin_abi, kv_bytes, kv, cache_layers, kv_calibration, fused_linears, conditioning, drafters: Vec::new(), adapters: None })
     }
 }
 

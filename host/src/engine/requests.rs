@@ -62,6 +62,9 @@ pub struct GenParams {
     /// round at first for this request; Some(0) turns it off. None: the
     /// model's drafter's own (`--num-draft-tokens`), when it has one.
     pub num_draft_tokens: Option<usize>,
+    /// The drafter it drafts with (the API's `draft_kind`): one of the
+    /// model's drafters, by kind; None: the model's first (its default).
+    pub draft_kind: Option<super::speculative::DraftKind>,
     /// The prompt's images (issue 15): pixels, MediaHash and placeholder
     /// span of each; prefill lends their features (engine/media.rs).
     pub media: Option<Arc<super::media::PromptMedia>>,
@@ -80,6 +83,7 @@ impl Default for GenParams {
             skip_special: true,
             kv: None,
             num_draft_tokens: None,
+            draft_kind: None,
             media: None,
         }
     }

@@ -272,8 +272,8 @@ impl Scheduler {
             l.mgr.rebuild_refs(self.running.iter().filter(|s| s.lane == *lane).map(|s| s.table.as_slice()));
             let ids: Vec<u64> = self.running.iter().filter(|s| s.lane == *lane).map(|s| s.id).collect();
             l.mgr.keep_states(&ids);
-            if let Some(d) = l.draft.as_mut() {
-                let tables = self.running.iter().filter(|s| s.lane == *lane).filter_map(|s| s.spec.as_ref());
+            for (kind, d) in l.drafts.iter_mut() {
+                let tables = self.running.iter().filter(|s| s.lane == *lane).filter_map(|s| s.spec.as_ref()).filter(|sp| sp.kind == *kind);
                 d.rebuild_refs(tables.map(|sp| sp.table.as_slice()));
             }
         }
@@ -323,8 +323,10 @@ impl Scheduler {
             l.mgr.release(&s.table);
             l.mgr.credit_state(s.id);
             // Its draft KV goes too (rebuilt from its tokens if it comes back).
-            if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
-                d.release(&sp.table);
+            if let Some(sp) = s.spec.as_mut() {
+                if let Some(d) = l.drafts.get_mut(&sp.kind) {
+                    d.release(&sp.table);
+                }
                 sp.table.clear();
                 sp.kv_len = 0;
             }

@@ -6,6 +6,7 @@
 //! account, as models do.
 use super::super::block_manager::{signature_hash, BlockManager};
 use super::super::kv_pool::{family_key, KvPool, KvSide};
+use super::super::speculative::DraftKind;
 use super::super::LoadedModel;
 use super::{Scheduler, SchedulerConfig};
 use mlx_rs::Array;
@@ -43,9 +44,10 @@ pub struct Lane {
     pub pending: Option<Array>,
     /// Whether these are the model's own families (`LoadedModel::kv`).
     pub default: bool,
-    /// The draft model's pool and blocks for this lane's speculating
-    /// sequences (spec.rs), made on first use.
-    pub draft: Option<BlockManager>,
+    /// Each drafter's pool and blocks for this lane's speculating
+    /// sequences (spec.rs), by kind, each made on first use; a block
+    /// drafter (dflash) keeps its context per sequence and has none.
+    pub drafts: std::collections::BTreeMap<DraftKind, BlockManager>,
 }
 
 impl Lane {
@@ -123,7 +125,7 @@ impl Lane {
                 Err(e) => tracing::warn!("KV SSD tier for {name} is off: {e:#}"),
             }
         }
-        Self { mgr, pending: None, default, draft: None }
+        Self { mgr, pending: None, default, drafts: Default::default() }
     }
 }
 

@@ -1,12 +1,14 @@
 //! A speculative decode step of one lane (issue 14, docs/SPECULATIVE.md):
-//! the model's draft model proposes k_i tokens for each row that may
-//! speculate, the model verifies every row in ONE forward of
+//! each row that may speculate drafts k_i tokens with its own drafter (the
+//! model may have several, one per kind: the request's `draft_kind`, else
+//! the model's first), the model verifies every row in ONE forward of
 //! `[B, k_max + 1]`, and each row keeps what accept.rs keeps.
 //!
 //! 1. Rows that may not speculate (the request's `num_draft_tokens: 0`,
-//!    images, a logits hook that cannot be forked) have k_i = 0; the others
-//!    start at the drafter's K and adapt per row (adapt.rs), never drafting
-//!    more than their tokens left minus one.
+//!    images, a logits hook that cannot be forked, a kind the loaded model
+//!    lacks) have k_i = 0; the others start at their drafter's K and adapt
+//!    per row (adapt.rs), never drafting more than their tokens left minus
+//!    one (plan.rs).
 //!    A row with a logits hook (constrained decoding, thinking budgets)
 //!    drafts under a fork of its hook: each draft step's logits are
 //!    processed and masked as plain decoding would, and the fork is
@@ -17,17 +19,22 @@
 //!    preempted for speculation: a row whose draft blocks do not come does
 //!    not draft this step, and when the verifier's do not come the step is
 //!    the plain one.
-//! 3. The draft KV catches up with the context (tokens it has not seen: the
-//!    whole prompt at first, then the last kept draft), batched by equal
-//!    lengths, then k_max `[B_d, 1]` draft forwards run for all drafting
-//!    rows at once. Greedy rows' drafts stay on the device (argmax), so the
+//! 3. Each drafter drafts for its own rows, one drafter after the other
+//!    (forward.rs): a draft model's KV catches up with the context (tokens
+//!    it has not seen: the whole prompt at first, then the last kept
+//!    draft), batched by equal lengths, then k_d `[B_d, 1]` draft forwards
+//!    run for all its drafting rows at once (k_d: the most its rows draft);
+//!    a head chains from its rows' seeds, a block drafter proposes each
+//!    row's block. Greedy rows' drafts stay on the device (argmax), so the
 //!    step reads the host once; a row that samples draws each draft on the
 //!    host from its own sampler chain (q_i).
-//! 4. The verify forward is `[B, k_max + 1]` with every position's logits:
-//!    a row with k_i < k_max is padded (its own later drafts, or its last
-//!    token for a row that does not draft). Padding sits after the row's
-//!    real tokens, so causal attention keeps it out of the real positions,
-//!    and it is rolled back with the rejected drafts.
+//! 4. The verify forward is `[B, k_max + 1]` with every position's logits
+//!    and the hidden states of the union of the heads' conditioning layers:
+//!    a row with k_i < k_max is padded (its own later drafts, its last
+//!    token past its drafter's k_d, or its last token for a row that does
+//!    not draft). Padding sits after the row's real tokens, so causal
+//!    attention keeps it out of the real positions, and it is rolled back
+//!    with the rejected drafts.
 //! 5. Per row: accept (greedy: the longest run of drafts equal to the
 //!    verifier's argmax; sampling: rejection sampling with the row's
 //!    seeded RNG), emit the kept tokens and the verifier's next one through
@@ -47,40 +54,52 @@
 mod dflash;
 mod forward;
 mod head;
+mod picker;
+mod plan;
 mod prompt;
 mod settle;
 mod targets;
 
 use super::super::block_manager::BlockManager;
-use super::super::kv_pool::KvPool;
-use super::super::sequence::Outcome;
+use super::super::sequence::{Outcome, Sequence};
 use super::super::worker::WorkerError;
 use super::super::speculative::{
     accept::{accept_greedy, accept_greedy_with, accept_sampled},
-    serve::{kind_label, Drafter, SpecRow},
+    serve::{drafter_for, kind_label, Drafter},
 };
 use super::super::LoadedModel;
 use super::{Ended, LaneId, Scheduler};
-use anyhow::Result;
 use forward::Verified;
 use targets::Targets;
 
-/// Puts the drafter back into its model however the step ends (a panic
-/// included: the lane's sequences fail, the model keeps its drafter).
+/// Puts the drafters back into their model however the step ends (a panic
+/// included: the lane's sequences fail, the model keeps its drafters).
 struct Split<'a> {
     model: &'a mut LoadedModel,
-    drafter: Option<Box<Drafter>>,
+    drafters: Vec<Drafter>,
 }
 
 impl Drop for Split<'_> {
     fn drop(&mut self) {
-        self.model.draft = self.drafter.take();
+        self.model.drafters = std::mem::take(&mut self.drafters);
     }
+}
+
+/// The drafter (an index into `drafters`) sequence `s` drafts with: the
+/// kind its request names, else the model's first; None when it may not
+/// speculate or the model has no drafter of its kind.
+fn drafter_of(s: &Sequence, drafters: &[Drafter]) -> Option<usize> {
+    if !s.may_speculate() {
+        return None;
+    }
+    drafter_for(drafters, s.params.draft_kind)
 }
 
 /// One row of a speculative step.
 struct SpecRowPlan {
     id: u64,
+    /// Its drafter (an index into the model's drafters); None: it only decodes.
+    drafter: Option<usize>,
     /// Draft tokens this row verifies (0: it only decodes).
     k: usize,
     /// Its verifier and draft lengths before the step.
@@ -104,33 +123,33 @@ impl Scheduler {
     /// False: the caller runs the plain step (the previous pipelined
     /// tokens may have been handed out already).
     pub(super) fn spec_decode(&mut self, lane: &LaneId, model: &mut LoadedModel, ended: &mut Vec<Ended>) -> bool {
-        if model.draft.is_none() {
+        if model.drafters.is_empty() {
             return false;
         }
         let rows = self.decoding_rows(lane);
         // Its usage reports draft counts (zero while the batch is too large).
+        let mut any = false;
         for &i in &rows {
-            let s = &mut self.running[i];
-            s.spec_on |= s.may_speculate();
+            let on = drafter_of(&self.running[i], &model.drafters).is_some();
+            self.running[i].spec_on |= on;
+            any |= on;
         }
-        if rows.is_empty() || rows.len() > self.cfg.spec_max_batch || !rows.iter().any(|&i| self.running[i].may_speculate()) {
+        if rows.is_empty() || rows.len() > self.cfg.spec_max_batch || !any {
             return false;
         }
-        let drafter = model.draft.take();
-        let mut split = Split { model, drafter };
-        let Split { model, drafter } = &mut split;
-        let drafter = drafter.as_mut().expect("checked above");
+        let drafters = std::mem::take(&mut model.drafters);
+        let mut split = Split { model, drafters };
+        let Split { model, drafters } = &mut split;
         // The host reads the acceptance before the next step: no pipelining.
         if let Some(p) = self.lanes.get_mut(lane).and_then(|l| l.pending.take()) {
             self.take_pending_tokens(lane, &p, ended);
         }
-        let Some(plan) = self.plan(lane, drafter) else { return false };
+        let Some(plan) = self.plan(lane, drafters) else { return false };
         self.stats.last_batch = plan.len();
         self.stats.max_batch = self.stats.max_batch.max(plan.len());
-        let kind = kind_label(drafter.kind).to_string();
-        match self.run_spec(lane, model, drafter, &plan) {
+        match self.run_spec(lane, model, drafters, &plan) {
             Ok(out) => {
-                self.emit_spec(lane, model, drafter, &plan, out, &kind, ended);
+                self.emit_spec(lane, model, drafters, &plan, out, ended);
                 true
             }
             Err(e) => {
@@ -161,142 +180,6 @@ impl Scheduler {
         }
     }
 
-    /// Each decoding row's draft length and blocks; None when no row drafts
-    /// (blocks taken for it are given back).
-    fn plan(&mut self, lane: &LaneId, drafter: &Drafter) -> Option<Vec<SpecRowPlan>> {
-        let rows = self.decoding_rows(lane);
-        let mut plan: Vec<SpecRowPlan> = Vec::with_capacity(rows.len());
-        for &i in &rows {
-            let s = &mut self.running[i];
-            let (mut k, mut head) = (0, false);
-            if s.may_speculate() {
-                let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
-                let seed = s.params.sampling.seed;
-                let (left, kv, first) = (s.left(), s.kv_len, s.n == 0);
-                let sp = s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
-                k = sp.len.get().min(left.saturating_sub(1));
-                if sp.kv_len == 0 {
-                    sp.state.clear(); // its draft KV starts over (new, preempted)
-                }
-                if let Some(bd) = drafter.block {
-                    // A block drafter drafts over its context, which must
-                    // end at the context's last token but one (the prefill
-                    // and each step fill it). Otherwise (it decoded without
-                    // the drafter since: plain steps, a preemption) its
-                    // context starts over here: no drafts this step, and it
-                    // takes this step's kept positions.
-                    if sp.block.is_none() || sp.ctx_at != kv {
-                        prompt::restart_block(sp, &self.account, kv, drafter.model.spec.num_layers as usize, self.cfg.block_size);
-                        k = 0;
-                    }
-                    // The first token is the verifier's own, from the
-                    // prompt's last position (as `rmlx generate` takes it
-                    // from its prefill), so the drafts after it are the
-                    // ones `rmlx generate` makes.
-                    let empty = sp.block.as_ref().is_none_or(|b| b.store.is_empty() && b.tokens.is_empty());
-                    k = if empty || first { 0 } else { k.min(bd.size - 1) };
-                    head = left > 1;
-                } else if drafter.is_head() {
-                    // A head drafts from its seed, the output after the
-                    // context's last token. Without one that follows the
-                    // context now it drafts nothing this step, and the head
-                    // takes this step's token with the verifier's hidden
-                    // states: after the prefill fed it the prompt (prompt.rs:
-                    // its entries end where the sequence's K/V does) its KV
-                    // stays; otherwise (the row decoded without the head
-                    // since: plain steps, a preemption, a prompt too short
-                    // to prefill) it starts over.
-                    if !sp.seed.as_ref().is_some_and(|h| h.at == kv) {
-                        if sp.ctx_at != kv {
-                            sp.kv_len = 0;
-                        }
-                        sp.seed = None;
-                        sp.ctx_at = kv;
-                        k = 0;
-                    }
-                    head = left > 1;
-                }
-            }
-            let sampled = !s.sampler().is_plain_greedy();
-            let hooked = s.has_hook();
-            let host = sampled || hooked || s.params.logprobs.is_some();
-            let draft_kv = s.spec.as_ref().map_or(0, |sp| sp.kv_len);
-            plan.push(SpecRowPlan { id: s.id, k, kv: s.kv_len, draft_kv, sampled, hooked, host, head });
-        }
-        let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
-        if k_max == 0 && !plan.iter().any(|p| p.head) {
-            return None;
-        }
-        // A block drafter's context is its own store: no draft pool.
-        if drafter.block.is_none() {
-            if let Err(e) = self.draft_lane(lane, &drafter.model) {
-                tracing::warn!("{}: no speculation ({e:#})", lane.model);
-                return None;
-            }
-        }
-        // Draft blocks: a draft model's catch-up and k_max draft tokens; a
-        // head's k_max - 1 chained entries, then at most k_max + 1 kept.
-        for p in plan.iter_mut().filter(|p| (p.k > 0 || p.head) && drafter.block.is_none()) {
-            let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
-            let s = &mut self.running[i];
-            let sp = s.spec.as_mut().expect("a drafting row has its state");
-            let d = self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made above");
-            let upto = if p.head { sp.kv_len + k_max + 1 } else { s.tokens.len() - 1 + k_max };
-            let need = d.blocks_for(upto).saturating_sub(sp.table.len());
-            match d.allocate(need) {
-                Some(b) => sp.table.extend(b),
-                None => {
-                    p.k = 0;
-                    if p.head {
-                        p.head = false;
-                        sp.seed = None;
-                    }
-                }
-            }
-        }
-        let k_max = plan.iter().map(|p| p.k).max().unwrap_or(0);
-        // Verifier blocks: k_max + 1 tokens for every row (padding included).
-        let mut ok = k_max > 0 || plan.iter().any(|p| p.head);
-        for p in plan.iter() {
-            if !ok {
-                break;
-            }
-            let i = self.running.iter().position(|s| s.id == p.id).expect("a planned row runs");
-            let extra = self.mgr(lane).blocks_for(p.kv + k_max + 1).saturating_sub(self.running[i].table.len());
-            if self.mgr(lane).available() < extra {
-                self.shed_others(lane, extra);
-            }
-            match self.mgr_mut(lane).allocate(extra) {
-                Some(b) => self.running[i].table.extend(b),
-                None => ok = false,
-            }
-        }
-        if !ok {
-            self.trim_rows(lane, &plan);
-            return None;
-        }
-        Some(plan)
-    }
-
-    /// The lane's draft pool and block manager (made on first use), drawing
-    /// from the engine's one KV budget.
-    fn draft_lane(&mut self, lane: &LaneId, draft: &LoadedModel) -> Result<()> {
-        let (cfg, account) = (&self.cfg, &self.account);
-        let l = self.lanes.get_mut(lane).expect("a running sequence's lane exists");
-        if l.draft.is_some() {
-            return Ok(());
-        }
-        // Each layer as the draft model declares it (kv_layout.rs).
-        let (k, v) = draft.kv.clone();
-        let pool = KvPool::for_model(draft, k, v, cfg.block_size, 0)?;
-        let per_block = (pool.bytes_per_token() * cfg.block_size) as u64;
-        let total = (account.total() / per_block.max(1)) as usize;
-        tracing::info!("draft KV for {}: up to {total} blocks of {} tokens ({per_block} bytes each) from the shared budget", lane.model, cfg.block_size);
-        let pool = pool.with_max_blocks(total);
-        l.draft = Some(BlockManager::new(pool, &format!("draft|{}", draft.dir.path.display())).with_account(account.clone(), per_block));
-        Ok(())
-    }
-
     /// Gives back the blocks wholly past each planned row's context (its
     /// verifier table keeps room for the next token).
     fn trim_rows(&mut self, lane: &LaneId, plan: &[SpecRowPlan]) {
@@ -306,22 +189,28 @@ impl Scheduler {
             // The context's length: a row whose recurrent state is fed
             // again (settle.rs) keeps the blocks its kept tokens are in.
             trim(&mut l.mgr, &mut s.table, s.tokens.len().max(s.kv_len + 1));
-            if let (Some(sp), Some(d)) = (s.spec.as_mut(), l.draft.as_mut()) {
-                trim(d, &mut sp.table, sp.kv_len);
+            if let Some(sp) = s.spec.as_mut() {
+                if let Some(d) = l.drafts.get_mut(&sp.kind) {
+                    trim(d, &mut sp.table, sp.kv_len);
+                }
             }
         }
     }
 
     /// Accepts, emits and rolls back each row (see the module doc).
     #[allow(clippy::too_many_arguments)]
-    fn emit_spec(&mut self, lane: &LaneId, model: &mut LoadedModel, drafter: &mut Drafter, plan: &[SpecRowPlan], out: Verified, kind: &str, ended: &mut Vec<Ended>) {
-        let (mut drafted, mut accepted) = (0u64, 0u64);
+    fn emit_spec(&mut self, lane: &LaneId, model: &mut LoadedModel, drafters: &mut [Drafter], plan: &[SpecRowPlan], out: Verified, ended: &mut Vec<Ended>) {
+        // Per drafter: drafts proposed and kept this step, and its rows' drafts.
+        let mut drafted = vec![0u64; drafters.len()];
+        let mut accepted = vec![0u64; drafters.len()];
+        let mut log: Vec<Vec<Vec<u32>>> = vec![Vec::new(); drafters.len()];
         let (width, cond) = (out.width, out.cond);
         let mut states = Vec::with_capacity(plan.len());
-        let mut log = Vec::new();
         for (p, mut v) in plan.iter().zip(out.rows) {
+            // A drafting row has a drafter; its counts go to that one.
+            let d = p.drafter.unwrap_or(0);
             if self.cfg.log_drafts && p.k > 0 {
-                log.push(v.drafts.clone());
+                log[d].push(v.drafts.clone());
             }
             states.push((std::mem::take(&mut v.state), std::mem::take(&mut v.draft_states)));
             let Some(i) = self.running.iter().position(|s| s.id == p.id) else { continue };
@@ -348,7 +237,7 @@ impl Scheduler {
                         let top_n = s.params.logprobs;
                         // Counted first: a row that ends in this step reports them.
                         s.kv_len = p.kv + 1 + n;
-                        count(s, p.k, n, &mut drafted, &mut accepted);
+                        count(s, p.k, n, &mut drafted[d], &mut accepted[d]);
                         let mut o = Outcome::Continue;
                         for (j, &t) in v.drafts[..n].iter().chain(std::iter::once(&next)).enumerate() {
                             // The hook failed at this position: plain decoding would too.
@@ -378,7 +267,7 @@ impl Scheduler {
             } else {
                 let (n, next) = accept_greedy(&v.drafts, &v.best);
                 s.kv_len = p.kv + 1 + n;
-                count(s, p.k, n, &mut drafted, &mut accepted);
+                count(s, p.k, n, &mut drafted[d], &mut accepted[d]);
                 let mut o = Outcome::Continue;
                 for &t in v.drafts[..n].iter().chain(std::iter::once(&next)) {
                     o = s.on_token(t);
@@ -402,14 +291,20 @@ impl Scheduler {
                 }
             }
         }
-        // The verifier's recurrent state and the drafter head (settle.rs).
-        self.settle(lane, model, drafter, plan, states, cond, width);
+        // The verifier's recurrent state and the drafter heads (settle.rs).
+        self.settle(lane, model, drafters, plan, states, cond, width);
         self.trim_rows(lane, plan);
-        let c = self.stats.speculation.entry(kind.to_string()).or_default();
-        c.steps += 1;
-        c.drafted_tokens += drafted;
-        c.accepted_tokens += accepted;
-        c.draft_log.extend(log);
+        // Each drafter with a row in the step counts it (one verify forward).
+        for (d, drafter) in drafters.iter().enumerate() {
+            if !plan.iter().any(|p| p.drafter == Some(d) && (p.k > 0 || p.head)) {
+                continue;
+            }
+            let c = self.stats.speculation.entry(kind_label(drafter.kind)).or_default();
+            c.steps += 1;
+            c.drafted_tokens += drafted[d];
+            c.accepted_tokens += accepted[d];
+            c.draft_log.extend(std::mem::take(&mut log[d]));
+        }
     }
 }
 

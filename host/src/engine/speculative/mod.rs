@@ -24,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use std::time::Instant;
 
 /// The drafter kinds (`--draft-kind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DraftKind {
     /// A separate draft model with the verifier's vocabulary.
     Draft,
@@ -42,6 +42,9 @@ pub enum DraftKind {
 }
 
 impl DraftKind {
+    /// Every kind's name, as `parse` reads them.
+    pub const NAMES: [&'static str; 4] = ["draft", "mtp", "eagle3", "dflash"];
+
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "draft" => Ok(Self::Draft),

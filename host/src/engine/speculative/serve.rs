@@ -1,10 +1,12 @@
 //! Speculative decoding in the server (`rmlx serve --draft-model`): the
-//! draft model loaded beside a served model, the checks made at start and
-//! at load, and what each speculating sequence keeps between steps. The
-//! batched step itself is engine/scheduler/spec.rs; docs/SPECULATIVE.md.
+//! drafters loaded beside a served model (`LoadedModel::drafters`: one per
+//! kind, the first the model's default, a request picking another with
+//! `draft_kind`), the checks made at start and at load, and what each
+//! speculating sequence keeps between steps. The batched step itself is
+//! engine/scheduler/spec.rs; docs/SPECULATIVE.md.
 //!
-//! Draft KV: the draft model has its own paged pool and block manager per
-//! lane of the verifier (`Lane::draft`), drawing its blocks from the
+//! Draft KV: each drafter has its own paged pool and block manager per
+//! lane of the verifier (`Lane::drafts`), drawing its blocks from the
 //! engine's one KV budget, and each speculating sequence holds a block table
 //! in it (`SpecRow`). A paged pool (rather than a contiguous cache per
 //! sequence) is what lets the k draft steps run batched, `[B_d, 1]` per
@@ -215,12 +217,16 @@ pub fn absolute_layers(conditioning: &[i32], num_layers: u32) -> Result<Vec<u32>
         .collect()
 }
 
-/// Loads `spec`'s draft model for `model` (`LoadedModel::draft`). An Err is
+/// Loads `spec`'s drafter for `model`, after those it has
+/// (`LoadedModel::drafters`; the first is the model's default). An Err is
 /// the load's error (a draft model that cannot load, or that cannot draft
 /// for this model). A verifier whose cache cannot be rolled back
 /// (recurrent-state layers) serves without speculation, with a warning.
 pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugins::Registry) -> Result<()> {
     let label = kind_label(spec.kind);
+    if model.drafters.iter().any(|d| d.kind == spec.kind) {
+        bail!("{}: a `{label}` drafter is attached already (each kind once per model)", model.dir.path.display());
+    }
     let (draft, what) = if spec.kind == DraftKind::Draft {
         let d = LoadedModel::load(&spec.path, registry).with_context(|| format!("loading the draft model {}", spec.path.display()))?;
         (d, "draft model")
@@ -280,7 +286,31 @@ pub fn attach(model: &mut LoadedModel, spec: &DraftSpec, registry: &crate::plugi
         num_draft_tokens,
         if model.has_state() { "; recurrent state rolled back by re-feeding kept tokens" } else { "" }
     );
-    model.draft = Some(Box::new(Drafter { model: draft, num_draft_tokens, kind: spec.kind, conditioning, block }));
+    model.drafters.push(Drafter { model: draft, num_draft_tokens, kind: spec.kind, conditioning, block });
+    Ok(())
+}
+
+/// The drafter a request of `kind` drafts with among a model's `drafters`
+/// (an index): the one of that kind, or the first loaded when the request
+/// names none (the API names the model's default). None: the model has no
+/// such drafter (it has none, or that kind's was not attached: `attach`
+/// serves a head it cannot roll back without it).
+pub fn drafter_for(drafters: &[Drafter], kind: Option<DraftKind>) -> Option<usize> {
+    match kind {
+        Some(k) => drafters.iter().position(|d| d.kind == k),
+        None => (!drafters.is_empty()).then_some(0),
+    }
+}
+
+/// Refuses a model's drafter list with a kind twice (a request names its
+/// drafter by kind, so each kind appears once per model).
+pub fn check_distinct(model_id: &str, specs: &[DraftSpec]) -> Result<()> {
+    for (i, a) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|b| b.kind == a.kind) {
+            let label = kind_label(a.kind);
+            bail!("model `{model_id}` has two `{label}` drafters: each kind may be given once per model (a request picks its drafter by kind, `draft_kind`)");
+        }
+    }
     Ok(())
 }
 
@@ -295,6 +325,9 @@ fn refusal(model: &LoadedModel) -> Option<String> {
 /// table in its lane's draft pool and how many tokens it holds), its draft
 /// length, and the randomness of its acceptance.
 pub struct SpecRow {
+    /// The drafter it drafts with (the request's `draft_kind`, else the
+    /// model's first): its table is in that drafter's pool of the lane.
+    pub kind: DraftKind,
     pub table: Vec<u32>,
     pub kv_len: usize,
     pub len: DraftLength,
@@ -341,11 +374,11 @@ pub struct HeadSeed {
 impl SpecRow {
     /// `k` draft tokens at first; the request's seed seeds the acceptance
     /// (so a seed reproduces the same tokens with the same draft model).
-    pub fn new(k: usize, seed: Option<u64>) -> Self {
+    pub fn new(kind: DraftKind, k: usize, seed: Option<u64>) -> Self {
         let rng = match seed {
             Some(s) => ChaCha8Rng::seed_from_u64(s ^ 0x5eed_d4af_7000_0001),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Self { table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None, state: Default::default(), ctx_at: 0, block: None }
+        Self { kind, table: Vec::new(), kv_len: 0, len: DraftLength::new(k, true), rng, seed: None, state: Default::default(), ctx_at: 0, block: None }
     }
 }

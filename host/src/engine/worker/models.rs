@@ -78,10 +78,10 @@ impl Engine {
         }
         let t0 = Instant::now();
         let reg = &self.reg;
-        // With its draft model, when it has one (speculative/serve.rs).
+        // With its drafters, when it has some (speculative/serve.rs).
         let load = || {
             let mut m = LoadedModel::load(&entry.path, reg)?;
-            if let Some(d) = &entry.draft {
+            for d in entry.drafters() {
                 super::super::speculative::serve::attach(&mut m, d, reg)?;
             }
             Ok::<_, anyhow::Error>(m)

@@ -1,8 +1,9 @@
 //! A drafter's prompt context in the server (docs/SPECULATIVE.md, "A
 //! head's prompt context"): the prefill forward of a sequence that may
-//! speculate also returns the verifier's hidden states of the layers the
-//! model's drafter names (`ForwardRequest::hidden_layers`, the same
-//! forward, prefill.rs), and each chunk goes into the drafter at once:
+//! speculate also returns the verifier's hidden states of the layers its
+//! drafter head names (`ForwardRequest::hidden_layers`, the same forward,
+//! prefill.rs: the union of the layers of the heads its rows draft with),
+//! and each chunk goes into the row's drafter at once:
 //!
 //! - a chained head (mtp, eagle3) takes the chunk's positions a..a+n-1 as
 //!   entries (token c_{j+1} with the hidden states at j: the tokens after
@@ -28,10 +29,10 @@
 //! Nothing here changes what the verifier computes: a failure only starts
 //! the drafter's context over at its next speculative step.
 use super::super::super::speculative::dflash::{forward_over, ContextStore};
-use super::super::super::speculative::serve::{BlockContext, BlockDrafter, SpecRow};
+use super::super::super::speculative::serve::{BlockContext, BlockDrafter, Drafter, SpecRow};
 use super::super::super::LoadedModel;
 use super::super::{LaneId, Scheduler};
-use super::{head, Split};
+use super::{drafter_of, head, Split};
 use anyhow::Result;
 use mlx_rs::{
     ops::{concatenate, indexing::TryIndexOp},
@@ -42,14 +43,16 @@ use rmlx_plugin_api::author::Output;
 
 impl Scheduler {
     /// The verifier layers a prefill forward of rows `idx` (running
-    /// indices) returns for the model's drafter head: none when the model
-    /// has no head or no row may speculate.
+    /// indices) returns for the drafter heads of its rows: the union of
+    /// their layers; none when no row may speculate with a head.
     pub(in super::super) fn prompt_conditioning(&self, model: &LoadedModel, idx: &[usize]) -> Vec<u32> {
-        let Some(d) = model.draft.as_ref().filter(|d| d.is_head()) else { return Vec::new() };
-        if !idx.iter().any(|&i| self.running[i].may_speculate()) {
-            return Vec::new();
-        }
-        let mut asked = d.conditioning.clone();
+        let mut asked: Vec<u32> = idx
+            .iter()
+            .filter_map(|&i| drafter_of(&self.running[i], &model.drafters))
+            .map(|d| &model.drafters[d])
+            .filter(|d| d.is_head())
+            .flat_map(|d| d.conditioning.iter().copied())
+            .collect();
         asked.sort_unstable();
         asked.dedup();
         asked
@@ -57,15 +60,29 @@ impl Scheduler {
 
     /// After a prefill forward of `rows` (id, first position, tokens) that
     /// returned `hidden` ([B, L, D] per layer, rows left-padded, in `rows`'
-    /// order): each row that may speculate feeds its chunk to the drafter
-    /// (module doc).
+    /// order): each row that may speculate with a head feeds its chunk to
+    /// its head (module doc).
     pub(in super::super) fn feed_prompt(&mut self, lane: &LaneId, model: &mut LoadedModel, rows: &[(u64, usize, usize)], hidden: &[(u32, Array)]) {
-        if hidden.is_empty() || model.draft.as_ref().is_none_or(|d| !d.is_head()) {
+        if hidden.is_empty() || !model.drafters.iter().any(|d| d.is_head()) {
             return;
         }
-        let drafter = model.draft.take();
-        let mut split = Split { model, drafter };
-        let drafter = split.drafter.as_mut().expect("checked above");
+        // Each row's drafter, then each head takes its own rows.
+        let which: Vec<Option<usize>> = rows
+            .iter()
+            .map(|&(id, ..)| self.running.iter().find(|s| s.id == id).and_then(|s| drafter_of(s, &model.drafters)))
+            .collect();
+        let drafters = std::mem::take(&mut model.drafters);
+        let mut split = Split { model, drafters };
+        for (d, drafter) in split.drafters.iter_mut().enumerate() {
+            if drafter.is_head() && which.contains(&Some(d)) {
+                let mine: Vec<bool> = which.iter().map(|&w| w == Some(d)).collect();
+                self.feed_head_prompt(lane, drafter, rows, &mine, hidden);
+            }
+        }
+    }
+
+    /// [`Self::feed_prompt`] for one head: the rows `mine` marks.
+    fn feed_head_prompt(&mut self, lane: &LaneId, drafter: &mut Drafter, rows: &[(u64, usize, usize)], mine: &[bool], hidden: &[(u32, Array)]) {
         // The conditioning in the head's order: [B, L, C].
         let parts: Option<Vec<Array>> = drafter.conditioning.iter().map(|l| hidden.iter().find(|(h, _)| h == l).map(|(_, a)| a.clone())).collect();
         let cond = match parts.map(|p| if p.len() == 1 { Ok(p[0].clone()) } else { concatenate(&p, -1) }) {
@@ -78,14 +95,14 @@ impl Scheduler {
         for (b, &(id, a, n)) in rows.iter().enumerate() {
             let Some(i) = self.running.iter().position(|s| s.id == id) else { continue };
             let s = &mut self.running[i];
-            if !s.may_speculate() || n == 0 {
+            if !mine[b] || n == 0 {
                 continue;
             }
             let (b, n32) = (b as i32, n as i32);
             let Ok(c) = cond.try_index((b..b + 1, l - n32..l, ..)) else { continue };
             let start = s.params.num_draft_tokens.unwrap_or(drafter.num_draft_tokens);
             let seed = s.params.sampling.seed;
-            s.spec.get_or_insert_with(|| Box::new(SpecRow::new(start, seed)));
+            s.spec.get_or_insert_with(|| Box::new(SpecRow::new(drafter.kind, start, seed)));
             fed.push((i, a, n, c));
         }
         if fed.is_empty() {
@@ -98,7 +115,7 @@ impl Scheduler {
                 }
             }
             None => {
-                if let Err(e) = self.head_prompt(lane, &mut drafter.model, &fed) {
+                if let Err(e) = self.head_prompt(lane, drafter, &fed) {
                     tracing::warn!("feeding a drafter head the prompt failed ({e:#}); its context starts at its first speculative step");
                     for &(i, ..) in &fed {
                         let sp = self.running[i].spec.as_mut().expect("made above");
@@ -112,8 +129,10 @@ impl Scheduler {
     }
 
     /// A chained head's entries for the chunks `fed`, one ragged forward.
-    fn head_prompt(&mut self, lane: &LaneId, head: &mut LoadedModel, fed: &[(usize, usize, usize, Array)]) -> Result<()> {
-        self.draft_lane(lane, head)?;
+    fn head_prompt(&mut self, lane: &LaneId, drafter: &mut Drafter, fed: &[(usize, usize, usize, Array)]) -> Result<()> {
+        let kind = drafter.kind;
+        self.draft_lane(lane, kind, &drafter.model)?;
+        let head = &mut drafter.model;
         let mut rows: Vec<(usize, Vec<u32>, Array)> = Vec::with_capacity(fed.len());
         for (i, a, n, c) in fed {
             let (i, a, n) = (*i, *a, *n);
@@ -124,7 +143,7 @@ impl Scheduler {
             if sp.ctx_at != a {
                 sp.kv_len = 0; // its context starts over at this chunk
             }
-            let d = self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made above");
+            let d = self.lanes.get_mut(lane).and_then(|l| l.drafts.get_mut(&kind)).expect("made above");
             let need = d.blocks_for(sp.kv_len + n).saturating_sub(sp.table.len());
             match d.allocate(need) {
                 Some(b) => sp.table.extend(b),
@@ -142,7 +161,7 @@ impl Scheduler {
         let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
         let tokens: Vec<Vec<u32>> = rows.iter().map(|r| r.1.clone()).collect();
         let conds: Vec<Array> = rows.iter().map(|r| r.2.clone()).collect();
-        let dpool = &mut self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made above").pool;
+        let dpool = &mut self.lanes.get_mut(lane).and_then(|l| l.drafts.get_mut(&kind)).expect("made above").pool;
         let outs = {
             let mut refs: Vec<&mut SpecRow> = super::forward::rows_of(&mut self.running, &idx);
             head::feed(head, dpool, &mut refs, &tokens, &conds)?

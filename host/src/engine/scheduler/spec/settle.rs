@@ -19,6 +19,8 @@
 //!   back to where the step began) and the kept tokens and the verifier's
 //!   next one go in with the verify forward's hidden states at their
 //!   previous positions (head.rs `feed`); its last output is the next seed.
+//!   With several drafters each head takes its own rows, with its own
+//!   layers of the verify forward's hidden states.
 use super::super::super::decode::forward_with;
 use super::super::super::recurrent::{self, RowState};
 use super::super::super::sequence::Sequence;
@@ -31,9 +33,10 @@ use std::collections::BTreeMap;
 
 impl Scheduler {
     /// See the module doc. `states[r]`: plan row r's state after the verify
-    /// forward; `cond` [B, width, C]: a head's conditioning.
+    /// forward; `cond[d]` [B, width, C_d]: drafter d's conditioning, when a
+    /// head of its rows takes it.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn settle(&mut self, lane: &LaneId, model: &mut LoadedModel, drafter: &mut Drafter, plan: &[SpecRowPlan], states: Vec<(RowState, Vec<RowState>)>, cond: Option<Array>, width: usize) {
+    pub(super) fn settle(&mut self, lane: &LaneId, model: &mut LoadedModel, drafters: &mut [Drafter], plan: &[SpecRowPlan], states: Vec<(RowState, Vec<RowState>)>, cond: Vec<Option<Array>>, width: usize) {
         // Rows that go on: (plan row, running index, tokens kept this step).
         let going: Vec<(usize, usize, usize)> = plan
             .iter()
@@ -81,17 +84,28 @@ impl Scheduler {
                 self.feed_again(lane, model, &ids, n);
             }
         }
-        let Some(cond) = cond else { return };
-        let heads: Vec<(usize, usize, usize)> = going.into_iter().filter(|&(r, ..)| plan[r].head).collect();
-        if heads.is_empty() {
-            return;
+        for (d, cond) in cond.into_iter().enumerate() {
+            let Some(cond) = cond else { continue };
+            let heads: Vec<(usize, usize, usize)> = going.iter().copied().filter(|&(r, ..)| plan[r].head && plan[r].drafter == Some(d)).collect();
+            if heads.is_empty() {
+                continue;
+            }
+            if drafters[d].block.is_some() {
+                self.settle_blocks(plan, &heads, &cond);
+            } else {
+                self.settle_head(lane, &mut drafters[d], plan, &heads, &cond);
+            }
         }
-        if drafter.block.is_some() {
-            return self.settle_blocks(plan, &heads, &cond);
-        }
+    }
+
+    /// A chained head's rows `heads` (plan row, running index, tokens kept):
+    /// its chained entries go, the kept tokens and the verifier's next one
+    /// go in with their hidden states from `cond` [B, width, C], and its last
+    /// output is each row's next seed.
+    fn settle_head(&mut self, lane: &LaneId, drafter: &mut Drafter, plan: &[SpecRowPlan], heads: &[(usize, usize, usize)], cond: &Array) {
         let mut tokens = Vec::with_capacity(heads.len());
         let mut conds = Vec::with_capacity(heads.len());
-        for &(r, i, kept) in &heads {
+        for &(r, i, kept) in heads {
             let s = &mut self.running[i];
             tokens.push(s.tokens[plan[r].kv + 1..].to_vec());
             let (r32, n) = (r as i32, kept as i32);
@@ -99,14 +113,14 @@ impl Scheduler {
                 Ok(c) => conds.push(c), // [1, kept, C]
                 Err(e) => {
                     tracing::warn!("a drafter head's conditioning could not be read ({e}); its heads start over");
-                    return self.drop_heads(&heads);
+                    return self.drop_heads(heads);
                 }
             }
             // The chained entries go.
             s.spec.as_mut().expect("a head row has its state").kv_len = plan[r].draft_kv;
         }
         let idx: Vec<usize> = heads.iter().map(|&(_, i, _)| i).collect();
-        let dpool = &mut self.lanes.get_mut(lane).and_then(|l| l.draft.as_mut()).expect("made by plan").pool;
+        let dpool = &mut self.lanes.get_mut(lane).and_then(|l| l.drafts.get_mut(&drafter.kind)).expect("made by plan").pool;
         let fed = {
             let mut rows: Vec<&mut SpecRow> = rows_of(&mut self.running, &idx);
             head::feed(&mut drafter.model, dpool, &mut rows, &tokens, &conds)
@@ -123,7 +137,7 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!("a drafter head's forward failed ({e:#}); its rows' heads start over");
-                self.drop_heads(&heads);
+                self.drop_heads(heads);
             }
         }
     }
