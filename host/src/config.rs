@@ -148,7 +148,8 @@ pub struct ServedModel {
     #[serde(default)]
     pub id: Option<String>,
     pub path: PathBuf,
-    /// Its draft model for speculative decoding (docs/SPECULATIVE.md).
+    /// Its draft model for speculative decoding (docs/SPECULATIVE.md): with
+    /// `num_draft_tokens` and `draft_kind`, its first drafter (the default).
     #[serde(default)]
     pub draft_model: Option<PathBuf>,
     /// Draft tokens per round at first (default 3).
@@ -157,6 +158,28 @@ pub struct ServedModel {
     /// The drafter kind (default `draft`).
     #[serde(default)]
     pub draft_kind: Option<String>,
+    /// More drafters, after the one the keys above give (the first of all
+    /// is the model's default; a request names another by kind with
+    /// `draft_kind`): `drafters = [{ kind = "mtp" }, { kind = "draft",
+    /// model = "DIR", num_draft_tokens = 4 }]`. Each kind once per model.
+    #[serde(default)]
+    pub drafters: Vec<DrafterSettings>,
+}
+
+/// One drafter of a served model, in `[[server.models]] drafters`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrafterSettings {
+    /// `draft`, `mtp`, `eagle3` or `dflash`.
+    pub kind: String,
+    /// Its directory: the draft model (`draft`), the head's own (`eagle3`,
+    /// `dflash`); `mtp` reads the model's own checkpoint when absent.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Draft tokens per round at first (default 3; `dflash`: its block
+    /// size less one).
+    #[serde(default)]
+    pub num_draft_tokens: Option<usize>,
 }
 
 fn default_queue() -> usize {
@@ -309,6 +332,38 @@ mod tests {
             jail.set_env("RMLX_SERVER__PORT", "not-a-port");
             let e = Settings::load(None, serde_json::json!({})).unwrap_err();
             assert!(e.to_string().contains("port"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// `[[server.models]]`: the single drafter keys and the `drafters`
+    /// list side by side; a list entry with an unknown key is refused.
+    #[test]
+    fn a_served_model_lists_its_drafters() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rmlx.toml",
+                r#"
+[[server.models]]
+id = "qwen"
+path = "/models/qwen"
+draft_model = "/models/small"
+num_draft_tokens = 2
+drafters = [{ kind = "mtp" }, { kind = "eagle3", model = "/models/eagle", num_draft_tokens = 4 }]
+
+[[server.models]]
+path = "/models/other"
+"#,
+            )?;
+            let s = Settings::load(None, serde_json::json!({})).unwrap();
+            let (q, o) = (&s.server.models[0], &s.server.models[1]);
+            assert_eq!((q.draft_model.as_deref(), q.num_draft_tokens, q.draft_kind.as_deref()), (Some(Path::new("/models/small")), Some(2), None));
+            let list: Vec<_> = q.drafters.iter().map(|d| (d.kind.as_str(), d.model.as_deref(), d.num_draft_tokens)).collect();
+            assert_eq!(list, [("mtp", None, None), ("eagle3", Some(Path::new("/models/eagle")), Some(4))]);
+            assert!(o.drafters.is_empty() && o.draft_model.is_none());
+            jail.create_file("bad.toml", "[[server.models]]\npath = \"/m\"\ndrafters = [{ kind = \"draft\", path = \"/d\" }]\n")?;
+            let e = Settings::load(Some(Path::new("bad.toml")), serde_json::json!({})).unwrap_err();
+            assert!(e.to_string().contains("path"), "{e}");
             Ok(())
         });
     }

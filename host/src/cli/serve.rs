@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod drafters;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model directory or Hugging Face repo id (org/name: from the hub cache,
@@ -83,7 +85,8 @@ pub struct Args {
     /// Speculative decoding: a smaller model with the same tokenizer that
     /// drafts tokens for the served model to verify (the output stays the
     /// model's own): DIR when one model is served, else ID=DIR (repeatable;
-    /// also `draft_model` in [[server.models]]) [default: none]
+    /// also `draft_model` in [[server.models]]). With --draft-kind, the
+    /// model's first drafter (its default) [default: none]
     #[arg(long, value_name = "[ID=]DIR")]
     pub draft_model: Vec<String>,
     /// Draft tokens per round at first, adapted per sequence after
@@ -93,6 +96,13 @@ pub struct Args {
     /// The drafter kind: `draft` (a separate draft model, --draft-model), `mtp` (the model's own multi-token-prediction head, from its checkpoint; without --draft-model it applies to the one served model), `eagle3` (an Eagle-3 head, --draft-model its own directory) or `dflash` (a DFlash block drafter, --draft-model its own directory) [default: draft]
     #[arg(long, value_name = "KIND")]
     pub draft_kind: Option<String>,
+    /// One more drafter of the one served model, after the first
+    /// (repeatable; each kind once): `mtp` (the model's own head), or
+    /// `draft=DIR`, `eagle3=DIR`, `dflash=DIR`. Requests pick one with
+    /// `draft_kind`; the first drafter stays the default. Several served
+    /// models list theirs in rmlx.toml ([[server.models]] drafters)
+    #[arg(long, value_name = "KIND[=DIR]")]
+    pub drafter: Vec<String>,
     /// Speculative decoding runs while a model's lane decodes at most this
     /// many sequences; larger batches take the plain step [default: 8 on a
     /// GPU, 1 on a CPU]
@@ -196,71 +206,6 @@ fn model_list(args: &Args, settings: &Settings) -> Result<(Vec<(Option<String>, 
     Ok((models, dirs))
 }
 
-/// Gives the catalog's models their draft models (`--draft-model [ID=]DIR`,
-/// `draft_model` in [[server.models]]), checked against them from their
-/// configs now (the models load on demand): a draft model that does not
-/// open or whose vocabulary differs stops the server at start.
-fn attach_drafts(args: &Args, settings: &Settings, catalog: &mut ModelCatalog, reg: &crate::plugins::Registry) -> Result<()> {
-    use crate::engine::speculative::serve::{check_at_start, check_head_at_start, DraftSpec};
-    // (model id or None for "the one model", model dir to match, draft dir, k, kind)
-    type Wanted = (Option<String>, Option<PathBuf>, PathBuf, Option<usize>, Option<String>);
-    let mut wanted: Vec<Wanted> = Vec::new();
-    for m in &settings.server.models {
-        if let Some(d) = &m.draft_model {
-            wanted.push((m.id.clone(), Some(m.path.clone()), d.clone(), m.num_draft_tokens.or(args.num_draft_tokens), m.draft_kind.clone().or(args.draft_kind.clone())));
-        } else if let Some(kind) = m.draft_kind.as_ref().filter(|k| *k != "draft") {
-            // A drafter head read from the model's own checkpoint (`mtp`).
-            wanted.push((m.id.clone(), Some(m.path.clone()), m.path.clone(), m.num_draft_tokens.or(args.num_draft_tokens), Some(kind.clone())));
-        }
-    }
-    if args.draft_model.is_empty() && wanted.is_empty() && args.draft_kind.as_deref().is_some_and(|k| k != "draft") {
-        // `--draft-kind mtp` alone: the one served model drafts with its own head.
-        match catalog.entries.as_slice() {
-            [e] => wanted.push((Some(e.id.clone()), None, e.path.clone(), args.num_draft_tokens, args.draft_kind.clone())),
-            _ => bail!("--draft-kind {} without --draft-model: several models are served; set draft_kind per model in rmlx.toml ([[server.models]])", args.draft_kind.as_deref().unwrap_or_default()),
-        }
-    }
-    for d in &args.draft_model {
-        let (id, dir) = match d.split_once('=') {
-            Some((id, dir)) if !id.is_empty() && !id.contains('/') => (Some(id.to_string()), dir),
-            _ => (None, d.as_str()),
-        };
-        wanted.push((id, None, PathBuf::from(dir), args.num_draft_tokens, args.draft_kind.clone()));
-    }
-    if wanted.is_empty() {
-        if args.num_draft_tokens.is_some() || args.draft_kind.is_some() {
-            bail!("--num-draft-tokens and --draft-kind need a drafter: --draft-model DIR, or --draft-kind mtp (the model's own head)");
-        }
-        return Ok(());
-    }
-    let same_dir = |a: &std::path::Path, b: &std::path::Path| a == b || std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
-    for (id, dir, draft, k, kind) in wanted {
-        let i = match (&id, &dir) {
-            (Some(id), _) => catalog.entries.iter().position(|e| e.id == *id),
-            (None, Some(dir)) => catalog.entries.iter().position(|e| same_dir(&e.path, dir)),
-            (None, None) if catalog.entries.len() == 1 => Some(0),
-            (None, None) => bail!("--draft-model {}: several models are served; name one with --draft-model ID=DIR", draft.display()),
-        };
-        let Some(i) = i else {
-            bail!("--draft-model {}: no served model `{}`", draft.display(), id.unwrap_or_default());
-        };
-        let draft = match draft.to_str() {
-            Some(s) => crate::hub::resolve(s)?.path,
-            None => draft,
-        };
-        let spec = DraftSpec::new(draft, k, kind.as_deref())?;
-        let entry = &mut catalog.entries[i];
-        check_at_start(&entry.id, &entry.path, &spec)?;
-        check_head_at_start(&entry.id, &spec, reg)?;
-        let id = entry.id.clone();
-        let Some(e) = std::sync::Arc::get_mut(entry) else {
-            bail!("internal error: the catalog entry of `{id}` is shared before the server starts");
-        };
-        e.draft = Some(spec);
-    }
-    Ok(())
-}
-
 /// Builds the engine and the app state from settings.
 pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     let (models, dirs) = model_list(args, settings)?;
@@ -278,7 +223,7 @@ pub fn state(args: &Args, settings: &Settings) -> Result<Arc<AppState>> {
     if s.idle_timeout > crate::api::limits::MAX_KEEP_ALIVE_SECS {
         bail!("idle timeout of {} seconds is more than the maximum of {} (ten years)", s.idle_timeout, crate::api::limits::MAX_KEEP_ALIVE_SECS);
     }
-    attach_drafts(args, settings, &mut catalog, &reg)?;
+    drafters::attach(args, settings, &mut catalog, &reg)?;
     let prefill_chunk = args.prefill_chunk.unwrap_or(settings.generate.prefill_chunk).max(1);
     let mut sched = scheduler_config(args)?;
     sched.ssd = ssd_config(settings)?;
