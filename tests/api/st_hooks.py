@@ -10,6 +10,8 @@ that a mutation is judged by validation rather than by a 404):
 
 - plugin-dependent: `kv_cache` family names (the installed KV plugins' names,
   ones that fit the tiny model; unknown names are a 400 by design);
+- served without drafters: `draft_kind` is left out (a kind the model is not
+  served with is a 400 by design, and the contract server has none);
 - model-dependent: the model id, token ids below the vocabulary, the prompt
   within the context (earliest turns dropped, long strings clipped), `logit_bias` keys that are token ids, images (the
   model reads text only), JSON Schemas / regexes / grammars that compile;
@@ -222,6 +224,7 @@ def map_case(context, case):
     if not _is_positive(case) or not isinstance(body, dict):
         return case
     _steer_kv(body)
+    body.pop("draft_kind", None)
     if embeddings:
         _steer_embeddings(body)
     elif case.path.startswith("/v1/messages"):

@@ -224,6 +224,8 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     )?;
     let keep_alive = g::keep_alive(&req.keep_alive)?;
     let kv = g::kv_choice(state, &req.kv_cache)?;
+    let num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+    let draft_kind = g::draft_kind(&entry, req.draft_kind.as_deref())?;
     let bytes = messages
         .iter()
         .chain(tools_json.as_ref())
@@ -248,7 +250,8 @@ pub async fn prepare(state: &State, req: ChatCompletionRequest) -> Result<(Prepa
     let max_tokens = g::budget(&entry, prompt.len(), max, state.opts.default_max_tokens, "messages", max_field)?;
     let mut params = g::gen_params(state, sampling, max_tokens, stop);
     params.kv = kv;
-    params.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+    params.num_draft_tokens = num_draft_tokens;
+    params.draft_kind = draft_kind;
     params.media = media;
     if req.logprobs == Some(true) {
         params.logprobs = Some(req.top_logprobs.unwrap_or(0) as usize);

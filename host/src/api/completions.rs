@@ -95,6 +95,8 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
     )?;
     let keep_alive = g::keep_alive(&req.keep_alive)?;
     let kv = g::kv_choice(state, &req.kv_cache)?;
+    let num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+    let draft_kind = g::draft_kind(&entry, req.draft_kind.as_deref())?;
     let count = match &req.prompt {
         PromptSpec::Texts(v) => v.len(),
         PromptSpec::TokenLists(v) => v.len(),
@@ -149,7 +151,8 @@ async fn prepare(state: &State, req: &CompletionRequest) -> Result<Job, ApiError
         let mut gp = g::gen_params(state, sampling.clone(), max, stop.clone());
         gp.logprobs = req.logprobs.map(|n| n as usize);
         gp.kv = kv.clone();
-        gp.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+        gp.num_draft_tokens = num_draft_tokens;
+        gp.draft_kind = draft_kind;
         params.push(gp);
     }
     Ok(Job {

@@ -7,6 +7,7 @@ use super::types::kv_cache::KvCacheSpec;
 use super::types::openai::KeepAliveSpec;
 use super::State;
 use crate::engine::sampler::SamplingParams;
+use crate::engine::speculative::{serve::kind_label, DraftKind};
 use crate::engine::worker::{
     Finish, GenEvent, GenParams, GenRequest, KeepAlive, KvChoice, LogitsHook, ModelEntry, TokenLogprob, WorkerError,
 };
@@ -390,6 +391,28 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError>
 
 /// The most draft tokens a request's `num_draft_tokens` (rmlx extension) may ask for.
 pub const MAX_DRAFT_TOKENS: u32 = 32;
+
+/// `draft_kind` (rmlx extension: the drafter a request drafts with) -> the
+/// engine's; a 400 naming the field and the model's drafters when the kind
+/// is unknown or not one the model was served with. Absent: the model's
+/// default (its first drafter), named, so that a default the load left out
+/// is not replaced by the next drafter.
+pub fn draft_kind(entry: &ModelEntry, v: Option<&str>) -> Result<Option<DraftKind>, ApiError> {
+    let Some(name) = v else { return Ok(entry.draft.as_ref().map(|d| d.kind)) };
+    let served: Vec<String> = entry.drafters().map(|d| kind_label(d.kind)).collect();
+    let has = match served.as_slice() {
+        [] => format!("the model `{}` is served without a drafter", entry.id),
+        s => format!("the model `{}` drafts with: {}", entry.id, s.join(", ")),
+    };
+    match DraftKind::parse(name) {
+        Ok(k) if entry.drafters().any(|d| d.kind == k) => Ok(Some(k)),
+        Ok(_) => Err(ApiError::bad_request("draft_kind", format!("`draft_kind` {name:?} is not a drafter of this model: {has}"))),
+        Err(_) => Err(ApiError::bad_request(
+            "draft_kind",
+            format!("unknown `draft_kind` {name:?} (the kinds are {}); {has}", DraftKind::NAMES.join(", ")),
+        )),
+    }
+}
 
 /// `num_draft_tokens` (rmlx extension: speculative decoding's draft tokens
 /// per round at first; 0 turns it off) -> the engine's; a 400 naming the

@@ -254,6 +254,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let ka: Option<KeepAliveSpec> = req.keep_alive.clone();
     let keep_alive = g::keep_alive(&ka)?;
     let kv = g::kv_choice(&state, &req.kv_cache)?;
+    let num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+    let draft_kind = g::draft_kind(&entry, req.draft_kind.as_deref())?;
     check_bytes(&entry, &messages, &tools)?;
     // Images: fetched, decoded and preprocessed (400 naming a bad block).
     let loaded = super::images::load(&state, &entry, images).await?;
@@ -267,7 +269,8 @@ async fn create(state: State, req: MessagesRequest) -> Result<JsonOrStream<Messa
     let max_tokens = g::budget(&entry, prompt.len(), Some(req.max_tokens as usize), req.max_tokens as usize, "messages", "max_tokens")?;
     let mut params = g::gen_params(&state, sampling, max_tokens, stop);
     params.kv = kv;
-    params.num_draft_tokens = g::num_draft_tokens(req.num_draft_tokens)?;
+    params.num_draft_tokens = num_draft_tokens;
+    params.draft_kind = draft_kind;
     params.media = media;
     let tool_parser = tools.as_ref().map(|t| {
         super::tools::report_unrendered_tools(&source, &entry.id);

@@ -124,6 +124,12 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[oai(nullable, validator(minimum(value = "0"), maximum(value = "32")))]
     pub num_draft_tokens: Option<u32>,
+    /// rmlx extension: the drafter this request drafts with, by kind
+    /// (`draft`, `mtp`, `eagle3`, `dflash`): one the model was served with
+    /// (its first, the default, when absent). Another kind is a 400.
+    #[serde(default)]
+    #[oai(nullable)]
+    pub draft_kind: Option<String>,
 }
 
 
