@@ -4,8 +4,9 @@
 //! (tests/fixtures/models/deepseek_v3-mtp-f32; verifier and head cache MLA
 //! latents in the paged pool: one KV head of 20 per layer): greedy output
 //! with the head equals output without, one stream and several at once;
-//! the server's drafts are `rmlx generate`'s; the HTTP API reports the
-//! `mtp` drafter's counts.
+//! the server's drafts are `rmlx generate`'s; sampled output follows the
+//! verifier's distribution (chi-square); the HTTP API reports the `mtp`
+//! drafter's counts.
 mod common;
 
 use common::spec::prompts_in;
@@ -48,6 +49,21 @@ fn server_deepseek_mtp_drafts_equal_generate() {
     common::spec::assert_drafts_equal_generate(&catalog(3), "mtp", &prompts(), 16, |p, opts| {
         mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
     });
+}
+
+/// Three tokens at temperature 1 with top-k 3 and a repetition penalty,
+/// drafted by the head, 1200 seeds in batches of 16: the 27 possible
+/// sequences occur as often as the verifier's own sampler gives them
+/// (chi-square p > 0.001), none outside its support.
+#[test]
+fn sampled_deepseek_mtp_speculation_follows_the_verifiers_distribution() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 45];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let expected = common::spec::verifier_sequences(MODEL, &prompt, &params);
+    let (counts, drafted, _) = common::spec::sample_sequences(&catalog(2), "mtp", &prompt, &params, &expected);
+    common::spec::assert_follows(&counts, &expected);
+    assert!(drafted > 0);
 }
 
 /// Through the HTTP API: `usage` carries the counts and `num_draft_tokens: 0`
