@@ -6,9 +6,12 @@
 //! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head,
 //! qwen3_dflash.rs for the DFlash block-diffusion drafter, another,
 //! qwen3_vl.rs for Qwen3-VL with its vision tower in qwen3_vl_vision.rs),
-//! and hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
-//! share.
+//! hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
+//! share, and multimodal.rs and vision_tower.rs for what qwen2_5_vl and
+//! qwen3_vl share (the tower's loading, the media forward's input and
+//! multimodal RoPE; the vision towers' patches, 2-D RoPE and checks).
 mod hybrid;
+mod multimodal;
 mod qwen2;
 mod qwen2_5_vl;
 pub mod qwen2_5_vl_vision;
@@ -23,6 +26,9 @@ mod qwen3_vl;
 pub mod qwen3_vl_vision;
 #[cfg(test)]
 mod test_weights;
+#[cfg(test)]
+mod vision_golden;
+mod vision_tower;
 
 use rmlx_plugin_api::{
     author::{ModelImpl, PluginImpl, Result, Weights},

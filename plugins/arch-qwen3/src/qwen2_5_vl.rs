@@ -6,7 +6,8 @@
 //! tokens (`input_embeddings()`).
 //!
 //! M-RoPE (`rope_scaling.mrope_section` [s_t, s_h, s_w], s_t + s_h + s_w =
-//! hd/2, mlx-vlm's "chunked" layout): each token has three positions
+//! hd/2, mlx-vlm's "chunked" layout; what both Qwen-VL models share is in
+//! multimodal.rs): each token has three positions
 //! (temporal, height, width; ABI 3.7 `positions()`, or `offsets()[b] + l`
 //! on all three for text); frequency i of the hd/2 inverse frequencies
 //! rotates by the position of the section it falls in (the first s_t by t,
@@ -25,13 +26,14 @@
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, V vocab, N images, T features per image.
+use crate::multimodal::{self, cos_sin, inv_freq, load_tower, media_input, put_media_positions};
 use crate::qwen2_5_vl_vision::{Qwen25Vision, VisionConfig};
 use mlx_rs::{ops, ops::indexing::IndexOp, Array, Dtype};
 use rmlx_nn::decoder::{model_spec, AttentionSpec, Block, Decoder, Dims};
 use rmlx_nn::{parse_config, require_grouped_heads, require_positive, Positions, Rope};
 use rmlx_plugin_api::{
     author::{Attend, ModelImpl, Output, Result, Weights},
-    ModelSpec, PluginError, MEDIA_POSITIONS,
+    ModelSpec, PluginError,
 };
 use serde::Deserialize;
 
@@ -121,12 +123,7 @@ impl Config {
         }
         if let Some(v) = &c.vision_config {
             v.check()?;
-            if v.out_hidden_size != c.hidden_size {
-                return Err(PluginError::config(format!(
-                    "vision_config.out_hidden_size {} differs from hidden_size {}: the image features could not replace token embeddings",
-                    v.out_hidden_size, c.hidden_size
-                )));
-            }
+            multimodal::check_feature_width(&v.tower, c.hidden_size, "hidden_size")?;
         }
         c.mrope_section()?;
         Ok(c)
@@ -144,28 +141,7 @@ impl Config {
     /// absent), checked against hd/2; its type must be `mrope` or `default`.
     fn mrope_section(&self) -> Result<[i32; 3]> {
         let bad = |m: String| Err(PluginError::config(format!("rope_scaling: {m}")));
-        let mut section = [24, 20, 20];
-        if let Some(rs) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let Some(obj) = rs.as_object() else {
-                return bad(format!("must be an object, got {rs}"));
-            };
-            let kind = obj.get("type").or_else(|| obj.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
-            if !matches!(kind, "mrope" | "default") {
-                return bad(format!("type `{kind}` is not supported for qwen2_5_vl (mrope or default)"));
-            }
-            for k in obj.keys() {
-                if !matches!(k.as_str(), "type" | "rope_type" | "mrope_section") {
-                    return bad(format!("key `{k}` is not supported for qwen2_5_vl (type, rope_type, mrope_section)"));
-                }
-            }
-            if let Some(s) = obj.get("mrope_section") {
-                let v: Vec<i32> = s.as_array().into_iter().flatten().filter_map(|x| x.as_i64()).map(|x| x as i32).collect();
-                if v.len() != 3 || s.as_array().map_or(0, |a| a.len()) != 3 {
-                    return bad(format!("mrope_section must be three integers, got {s}"));
-                }
-                section = [v[0], v[1], v[2]];
-            }
-        }
+        let section = multimodal::section(self.rope_scaling.as_ref(), "rope_scaling", "qwen2_5_vl", &["type", "rope_type", "mrope_section"])?;
         if section.iter().any(|&s| s < 0) || section.iter().sum::<i32>() != self.head_dim() / 2 {
             return bad(format!(
                 "mrope_section {section:?} must be non-negative and sum to head_dim / 2 = {}",
@@ -186,10 +162,7 @@ struct MRope {
 
 impl MRope {
     fn new(c: &Config) -> Result<Self> {
-        let hd = c.head_dim();
-        let exps = ops::arange::<_, f32>(0, hd, 2)?.divide(&Array::from_f32(hd as f32))?; // [hd/2]
-        let inv_freq = Array::from_f32(1.0).divide(&Array::from_f32(c.rope_theta).power(&exps)?)?;
-        Ok(Self { inv_freq, section: c.mrope_section()? })
+        Ok(Self { inv_freq: inv_freq(c.head_dim(), c.rope_theta)?, section: c.mrope_section()? })
     }
 
     /// positions int32 [3, B, L] -> (cos, sin) [B, 1, L, hd], f32 (cast to
@@ -207,26 +180,8 @@ impl MRope {
             parts.push(freqs.index(axis as i32).take_axis(&cols, -1)?); // [B, L, n]
             at += n;
         }
-        let f = ops::concatenate(&parts, -1)?; // [B, L, hd/2]
-        let emb = ops::concatenate(&[f.clone(), f], -1)?.expand_dims(1)?; // [B, 1, L, hd]
-        Ok((emb.cos()?, emb.sin()?))
+        cos_sin(ops::concatenate(&parts, -1)?) // [B, L, hd/2] -> [B, 1, L, hd] x 2
     }
-}
-
-/// The new tokens' positions [3, B, L]: the host's, or offsets[b] + l on
-/// every axis.
-fn positions(attn: &dyn Attend, l: i32) -> Result<Array> {
-    if let Some(p) = attn.positions() {
-        let b = attn.batch() as i32;
-        if p.shape() != [3, b, l] {
-            return Err(PluginError::other(format!("qwen2_5_vl: positions() is {:?}, want [3, {b}, {l}]", p.shape())));
-        }
-        return Ok(p.as_dtype(Dtype::Int32)?);
-    }
-    let offsets = attn.offsets().as_dtype(Dtype::Int32)?.expand_dims(-1)?; // [B, 1]
-    let p = offsets.add(&ops::arange::<_, i32>(0, l, 1)?)?; // [B, L]
-    let b = p.dim(0);
-    Ok(ops::broadcast_to(&p.expand_dims(0)?, &[3, b, l])?)
 }
 
 // ---- model ----
@@ -261,10 +216,7 @@ impl Qwen25Vl {
             };
             Block::load(w, p, spec)
         })?;
-        let vision = match &c.vision_config {
-            Some(v) if w.contains(&format!("{tower}.patch_embed.proj.weight")) => Some(Qwen25Vision::load(v, w, tower)?),
-            _ => None,
-        };
+        let vision = load_tower(w, c.vision_config.as_ref(), tower, Qwen25Vision::load)?;
         let mrope = MRope::new(&c)?;
         Ok(Self { config: c, decoder, vision, mrope })
     }
@@ -272,27 +224,9 @@ impl Qwen25Vl {
     /// The media forward: pixels [N, C, H, W] -> features [N, T, D]; hands
     /// the features' relative positions [N, T, 3] when the host asks.
     fn media(&self, attn: &mut dyn Attend) -> Result<Array> {
-        let Some((pixels, _)) = attn.input_embeddings() else {
-            return Err(PluginError::other("qwen2_5_vl media forward: no pixel values in input_embeddings()"));
-        };
-        let Some(vision) = &self.vision else {
-            return Err(PluginError::unsupported("this qwen2_5_vl checkpoint has no vision tower (vision_config or its weights are missing): it takes text only"));
-        };
+        let (pixels, vision) = media_input(attn, self.vision.as_ref(), "qwen2_5_vl")?;
         let feats = vision.forward(&pixels)?; // [N, T, D]
-        if attn.wants_hidden(MEDIA_POSITIONS) {
-            let v = vision.config();
-            let side = v.patch_size * v.spatial_merge_size;
-            let (n, gh, gw) = (pixels.dim(0), pixels.dim(2) / side, pixels.dim(3) / side);
-            let mut rel = Vec::with_capacity((gh * gw * 3) as usize);
-            for r in 0..gh {
-                for col in 0..gw {
-                    rel.extend_from_slice(&[0, r, col]);
-                }
-            }
-            let rel = Array::from_slice(&rel, &[1, gh * gw, 3]);
-            let rel = ops::broadcast_to(&rel, &[n, gh * gw, 3])?; // [N, T, 3]
-            attn.put_hidden(MEDIA_POSITIONS, &rel)?;
-        }
+        put_media_positions(attn, &pixels, &vision.config().tower)?;
         Ok(feats)
     }
 }
@@ -317,7 +251,7 @@ impl ModelImpl for Qwen25Vl {
             return self.media(attn);
         }
         let l = tokens.dim(1);
-        let pos = positions(attn, l)?; // [3, B, L]
+        let pos = multimodal::positions(attn, l, "qwen2_5_vl")?; // [3, B, L]
         let (cos, sin) = self.mrope.rotations(&pos)?; // [B, 1, L, hd]
         self.decoder.forward_at(tokens, attn, &Positions::Rotations { cos, sin })
     }

@@ -14,7 +14,8 @@
 //! whole head. The media forward hands the host each feature's (t, h, w)
 //! relative to its image's first (`arch::MEDIA_POSITIONS`: t = 0, h and w
 //! its row and column in the merged grid), from which the host lays out the
-//! prompt's positions and each sequence's rope delta (as for Qwen2.5-VL).
+//! prompt's positions and each sequence's rope delta (as for Qwen2.5-VL;
+//! what both share is in multimodal.rs).
 //!
 //! Deepstack: the media forward returns, per image feature, the main
 //! feature then the S deepstack features side by side ([N, T, (1+S)*D],
@@ -34,13 +35,14 @@
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, V vocab, N images, T features per image, S deepstack layers.
+use crate::multimodal::{self, cos_sin, inv_freq, load_tower, media_input, put_media_positions};
 use crate::qwen3_vl_vision::{Qwen3VlVision, VisionConfig};
 use mlx_rs::{ops, Array, Dtype};
 use rmlx_nn::decoder::{model_spec, AttentionSpec, Block, Decoder, Dims};
 use rmlx_nn::{parse_config, require_grouped_heads, require_positive, Positions, Rope};
 use rmlx_plugin_api::{
     author::{Attend, ModelImpl, Output, Result, Weights},
-    ModelSpec, PluginError, MEDIA_POSITIONS,
+    ModelSpec, PluginError,
 };
 use serde::Deserialize;
 
@@ -123,12 +125,7 @@ impl Config {
         }
         if let Some(v) = &c.vision_config {
             v.check()?;
-            if v.out_hidden_size != t.hidden_size {
-                return Err(PluginError::config(format!(
-                    "vision_config.out_hidden_size {} differs from text_config.hidden_size {}: the image features could not replace token embeddings",
-                    v.out_hidden_size, t.hidden_size
-                )));
-            }
+            multimodal::check_feature_width(&v.tower, t.hidden_size, "text_config.hidden_size")?;
         }
         c.mrope_section()?;
         Ok(c)
@@ -158,30 +155,11 @@ impl Config {
     /// interleaved.
     fn mrope_section(&self) -> Result<[i32; 3]> {
         let bad = |m: String| Err(PluginError::config(format!("text_config.rope_scaling: {m}")));
-        let mut section = [24, 20, 20];
-        if let Some(rs) = self.text_config.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            let Some(obj) = rs.as_object() else {
-                return bad(format!("must be an object, got {rs}"));
-            };
-            let kind = obj.get("type").or_else(|| obj.get("rope_type")).and_then(|v| v.as_str()).unwrap_or("default");
-            if !matches!(kind, "mrope" | "default") {
-                return bad(format!("type `{kind}` is not supported for qwen3_vl (mrope or default)"));
-            }
-            for k in obj.keys() {
-                if !matches!(k.as_str(), "type" | "rope_type" | "mrope_section" | "mrope_interleaved" | "rope_theta") {
-                    return bad(format!("key `{k}` is not supported for qwen3_vl (type, rope_type, mrope_section, mrope_interleaved)"));
-                }
-            }
-            if obj.get("mrope_interleaved").and_then(|v| v.as_bool()) == Some(false) {
-                return bad("mrope_interleaved: false is not supported (Qwen3-VL interleaves the M-RoPE sections)".into());
-            }
-            if let Some(s) = obj.get("mrope_section") {
-                let v: Vec<i32> = s.as_array().into_iter().flatten().filter_map(|x| x.as_i64()).map(|x| x as i32).collect();
-                if v.len() != 3 || s.as_array().map_or(0, |a| a.len()) != 3 {
-                    return bad(format!("mrope_section must be three integers, got {s}"));
-                }
-                section = [v[0], v[1], v[2]];
-            }
+        let rs = self.text_config.rope_scaling.as_ref();
+        let keys = ["type", "rope_type", "mrope_section", "mrope_interleaved", "rope_theta"];
+        let section = multimodal::section(rs, "text_config.rope_scaling", "qwen3_vl", &keys)?;
+        if rs.and_then(|r| r.get("mrope_interleaved")).and_then(|v| v.as_bool()) == Some(false) {
+            return bad("mrope_interleaved: false is not supported (Qwen3-VL interleaves the M-RoPE sections)".into());
         }
         if section.iter().any(|&s| s < 0) {
             return bad(format!("mrope_section {section:?} must be non-negative"));
@@ -201,8 +179,7 @@ struct MRope {
 impl MRope {
     fn new(c: &Config) -> Result<Self> {
         let hd = c.head_dim();
-        let exps = ops::arange::<_, f32>(0, hd, 2)?.divide(&Array::from_f32(hd as f32))?; // [hd/2]
-        let inv_freq = Array::from_f32(1.0).divide(&Array::from_f32(c.text_config.rope_theta).power(&exps)?)?;
+        let inv_freq = inv_freq(hd, c.text_config.rope_theta)?;
         let s = c.mrope_section()?;
         let axis: Vec<i32> = (0..hd / 2)
             .map(|i| match i % 3 {
@@ -219,26 +196,8 @@ impl MRope {
     fn rotations(&self, positions: &Array) -> Result<(Array, Array)> {
         let p = positions.take_axis(&self.axis, 0)?; // [hd/2, B, L]
         let p = p.transpose_axes(&[1, 2, 0])?.as_dtype(Dtype::Float32)?; // [B, L, hd/2]
-        let f = p.multiply(&self.inv_freq)?; // [B, L, hd/2]
-        let emb = ops::concatenate(&[f.clone(), f], -1)?.expand_dims(1)?; // [B, 1, L, hd]
-        Ok((emb.cos()?, emb.sin()?))
+        cos_sin(p.multiply(&self.inv_freq)?) // [B, L, hd/2] -> [B, 1, L, hd] x 2
     }
-}
-
-/// The new tokens' positions [3, B, L]: the host's, or offsets[b] + l on
-/// every axis.
-fn positions(attn: &dyn Attend, l: i32) -> Result<Array> {
-    if let Some(p) = attn.positions() {
-        let b = attn.batch() as i32;
-        if p.shape() != [3, b, l] {
-            return Err(PluginError::other(format!("qwen3_vl: positions() is {:?}, want [3, {b}, {l}]", p.shape())));
-        }
-        return Ok(p.as_dtype(Dtype::Int32)?);
-    }
-    let offsets = attn.offsets().as_dtype(Dtype::Int32)?.expand_dims(-1)?; // [B, 1]
-    let p = offsets.add(&ops::arange::<_, i32>(0, l, 1)?)?; // [B, L]
-    let b = p.dim(0);
-    Ok(ops::broadcast_to(&p.expand_dims(0)?, &[3, b, l])?)
 }
 
 // ---- deepstack ----
@@ -318,10 +277,7 @@ impl Qwen3Vl {
             };
             Block::load(w, p, spec)
         })?;
-        let vision = match &c.vision_config {
-            Some(v) if w.contains(&format!("{tower}.patch_embed.proj.weight")) => Some(Qwen3VlVision::load(v, w, tower)?),
-            _ => None,
-        };
+        let vision = load_tower(w, c.vision_config.as_ref(), tower, Qwen3VlVision::load)?;
         let mrope = MRope::new(&c)?;
         Ok(Self { config: c, decoder, vision, mrope })
     }
@@ -329,27 +285,9 @@ impl Qwen3Vl {
     /// The media forward: pixels [N, C, H, W] -> features [N, T, (1+S)*D];
     /// hands the features' relative positions [N, T, 3] when the host asks.
     fn media(&self, attn: &mut dyn Attend) -> Result<Array> {
-        let Some((pixels, _)) = attn.input_embeddings() else {
-            return Err(PluginError::other("qwen3_vl media forward: no pixel values in input_embeddings()"));
-        };
-        let Some(vision) = &self.vision else {
-            return Err(PluginError::unsupported("this qwen3_vl checkpoint has no vision tower (vision_config or its weights are missing): it takes text only"));
-        };
+        let (pixels, vision) = media_input(attn, self.vision.as_ref(), "qwen3_vl")?;
         let feats = vision.forward_stacked(&pixels)?; // [N, T, (1+S)*D]
-        if attn.wants_hidden(MEDIA_POSITIONS) {
-            let v = vision.config();
-            let side = v.patch_size * v.spatial_merge_size;
-            let (n, gh, gw) = (pixels.dim(0), pixels.dim(2) / side, pixels.dim(3) / side);
-            let mut rel = Vec::with_capacity((gh * gw * 3) as usize);
-            for r in 0..gh {
-                for col in 0..gw {
-                    rel.extend_from_slice(&[0, r, col]);
-                }
-            }
-            let rel = Array::from_slice(&rel, &[1, gh * gw, 3]);
-            let rel = ops::broadcast_to(&rel, &[n, gh * gw, 3])?; // [N, T, 3]
-            attn.put_hidden(MEDIA_POSITIONS, &rel)?;
-        }
+        put_media_positions(attn, &pixels, &vision.config().tower)?;
         Ok(feats)
     }
 }
@@ -374,7 +312,7 @@ impl ModelImpl for Qwen3Vl {
             return self.media(attn);
         }
         let l = tokens.dim(1);
-        let pos = positions(attn, l)?; // [3, B, L]
+        let pos = multimodal::positions(attn, l, "qwen3_vl")?; // [3, B, L]
         let (cos, sin) = self.mrope.rotations(&pos)?; // [B, 1, L, hd]
         let pos = Positions::Rotations { cos, sin };
         match ImageInputs::of(attn, self.config.text_config.hidden_size, self.config.deepstack())? {

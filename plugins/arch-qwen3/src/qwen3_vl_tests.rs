@@ -13,6 +13,7 @@ use mlx_rs::ops::indexing::IndexOp;
 use rmlx_plugin_api::{
     arch::WeightSource_TO,
     author::{kv::dense_attend, AttendOpts},
+    MEDIA_POSITIONS,
 };
 use serde_json::Value;
 use std::collections::HashMap;

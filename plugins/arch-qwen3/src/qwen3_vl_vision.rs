@@ -4,7 +4,9 @@
 //! - input: pre-patchified pixels [Np, C*T*P*P] and each image's grid
 //!   (t, h, w) in patches, in the Qwen2-VL image processor's layout (a still
 //!   image repeated T = `temporal_patch_size` times, patches ordered
-//!   (t, h/m, w/m, m, m), each flattened (C, T, P, P); [`patchify`]);
+//!   (t, h/m, w/m, m, m), each flattened (C, T, P, P);
+//!   [`TowerConfig::patchify`]; the pieces both Qwen-VL towers share are in
+//!   vision_tower.rs);
 //! - patch embedding: a Conv3d with kernel = stride = (T, P, P) and a bias,
 //!   one matmul on such patches (`patch_embed.proj.weight` in HF's
 //!   [D, C, T, P, P] or mlx's [D, T, P, P, C] layout, `.bias` [D]);
@@ -29,22 +31,23 @@
 //! Shapes: Np patches, U = Np / (m*m) merged tokens, D hidden, F
 //! intermediate, H heads, hd head_dim, O out_hidden_size, K = C*T*P*P,
 //! S = number of deepstack indexes.
+use crate::vision_tower::{gelu, positions, qkv_heads, rope_tables, NORM_EPS};
 use mlx_rs::{
     fast::{layer_norm, scaled_dot_product_attention},
     ops, Array,
 };
-use rmlx_nn::{gemma::gelu_approx, require_positive};
+use rmlx_nn::gemma::gelu_approx;
 use rmlx_plugin_api::{
     author::{EmbeddingLayer, LinearLayer, Result, Weights},
     PluginError,
 };
 use serde::Deserialize;
 
-pub use crate::qwen2_5_vl_vision::Grid;
+pub use crate::vision_tower::{Grid, TowerConfig};
 
 #[path = "qwen3_vl_vision_layout.rs"]
 mod layout;
-use layout::{bilinear, positions, rope_tables};
+use layout::bilinear;
 
 // ---- config ----
 
@@ -52,25 +55,8 @@ use layout::{bilinear, positions, rope_tables};
 /// (defaults are mlx-vlm's; real checkpoints set them all).
 #[derive(Deserialize, Debug, Clone)]
 pub struct VisionConfig {
-    pub model_type: Option<String>,
-    #[serde(default = "d_depth")]
-    pub depth: i32,
-    #[serde(default = "d_hidden")]
-    pub hidden_size: i32,
-    #[serde(default = "d_intermediate")]
-    pub intermediate_size: i32,
-    #[serde(default = "d_out")]
-    pub out_hidden_size: i32,
-    #[serde(default = "d_heads")]
-    pub num_heads: i32,
-    #[serde(default = "d_patch")]
-    pub patch_size: i32,
-    #[serde(default = "d_merge")]
-    pub spatial_merge_size: i32,
-    #[serde(default = "d_temporal")]
-    pub temporal_patch_size: i32,
-    #[serde(default = "d_channels", alias = "in_chans")]
-    pub in_channels: i32,
+    #[serde(flatten)]
+    pub tower: TowerConfig,
     #[serde(default = "d_pos")]
     pub num_position_embeddings: i32,
     #[serde(default)]
@@ -78,33 +64,6 @@ pub struct VisionConfig {
     pub hidden_act: Option<String>,
 }
 
-fn d_depth() -> i32 {
-    32
-}
-fn d_hidden() -> i32 {
-    1280
-}
-fn d_intermediate() -> i32 {
-    3420
-}
-fn d_out() -> i32 {
-    1536
-}
-fn d_heads() -> i32 {
-    16
-}
-fn d_patch() -> i32 {
-    14
-}
-fn d_merge() -> i32 {
-    2
-}
-fn d_temporal() -> i32 {
-    2
-}
-fn d_channels() -> i32 {
-    3
-}
 fn d_pos() -> i32 {
     2304
 }
@@ -113,16 +72,8 @@ fn d_pos() -> i32 {
 /// mlx-vlm's list, plus `qwen3_vl_vision` (what transformers writes).
 const MODEL_TYPES: [&str; 8] =
     ["qwen3_vl", "qwen3_vl_vision", "qwen3_5", "qwen3_5_moe", "qwen3_5_vision", "qwen3_5_moe_vision", "qwen4_exp", "qwen4_exp_vision"];
-/// The tower's LayerNorm eps (mlx-vlm builds them with 1e-6).
-const NORM_EPS: f32 = 1e-6;
-/// The 2-D RoPE base (mlx-vlm's VisionRotaryEmbedding default).
-const ROPE_THETA: f32 = 10000.0;
 
 impl VisionConfig {
-    pub fn head_dim(&self) -> i32 {
-        self.hidden_size / self.num_heads
-    }
-
     /// G, the side of the learned position-embedding table.
     pub fn grid_side(&self) -> i32 {
         (self.num_position_embeddings as f64).sqrt().round() as i32
@@ -130,34 +81,15 @@ impl VisionConfig {
 
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(PluginError::config(format!("vision_config: {m}")));
-        require_positive(&[
-            ("vision_config.depth", self.depth),
-            ("vision_config.hidden_size", self.hidden_size),
-            ("vision_config.intermediate_size", self.intermediate_size),
-            ("vision_config.out_hidden_size", self.out_hidden_size),
-            ("vision_config.num_heads", self.num_heads),
-            ("vision_config.patch_size", self.patch_size),
-            ("vision_config.spatial_merge_size", self.spatial_merge_size),
-            ("vision_config.temporal_patch_size", self.temporal_patch_size),
-            ("vision_config.in_channels", self.in_channels),
-            ("vision_config.num_position_embeddings", self.num_position_embeddings),
-        ])?;
-        if let Some(t) = self.model_type.as_deref().filter(|t| !MODEL_TYPES.contains(t)) {
-            return bad(format!("model_type `{t}` is not a Qwen3-VL vision tower ({})", MODEL_TYPES.join(", ")));
-        }
-        if self.hidden_size % self.num_heads != 0 || self.head_dim() % 4 != 0 {
-            return bad(format!(
-                "hidden_size {} / num_heads {} must give a head_dim that is a multiple of 4 (two rotary halves per spatial axis)",
-                self.hidden_size, self.num_heads
-            ));
-        }
+        let c = &self.tower;
+        c.check("Qwen3-VL", &MODEL_TYPES, &[("vision_config.num_position_embeddings", self.num_position_embeddings)])?;
         let g = self.grid_side();
         if g * g != self.num_position_embeddings {
             return bad(format!("num_position_embeddings {} is not a square (a G x G table)", self.num_position_embeddings));
         }
         let idx = &self.deepstack_visual_indexes;
-        if let Some(i) = idx.iter().find(|&&i| i < 0 || i >= self.depth) {
-            return bad(format!("deepstack_visual_indexes holds {i}, outside the {} blocks", self.depth));
+        if let Some(i) = idx.iter().find(|&&i| i < 0 || i >= c.depth) {
+            return bad(format!("deepstack_visual_indexes holds {i}, outside the {} blocks", c.depth));
         }
         if let Some((j, i)) = idx.iter().enumerate().find(|(j, i)| idx[..*j].contains(i)) {
             return bad(format!("deepstack_visual_indexes holds {i} twice (at {j})"));
@@ -167,38 +99,6 @@ impl VisionConfig {
         }
         Ok(())
     }
-}
-
-/// Pixels [N, C, H, W] (normalised, channels first; H, W multiples of P*m)
-/// -> patches [N*h*w, C*T*P*P] in the Qwen2-VL / Qwen3-VL image processor's
-/// layout and N grids (1, H/P, W/P): each image repeated T times as T frames.
-pub fn patchify(c: &VisionConfig, pixels: &Array) -> Result<(Array, Vec<Grid>)> {
-    let (ch, t, p, m) = (c.in_channels, c.temporal_patch_size, c.patch_size, c.spatial_merge_size);
-    let (n, h, w) = (pixels.dim(0), pixels.dim(2) / p, pixels.dim(3) / p);
-    let x = pixels.expand_dims(1)?; // [N, 1, C, H, W]
-    let x = ops::broadcast_to(&x, &[n, t, ch, h * p, w * p])?; // [N, T, C, H, W]
-    let x = x.reshape(&[n, t, ch, h / m, m, p, w / m, m, p])?;
-    let x = x.transpose_axes(&[0, 3, 6, 4, 7, 2, 1, 5, 8])?; // [N, h/m, w/m, m, m, C, T, P, P]
-    let x = x.reshape(&[n * h * w, ch * t * p * p])?; // [Np, K]
-    Ok((x, vec![Grid { t: 1, h, w }; n as usize]))
-}
-
-// ---- small ops ----
-
-/// x * cos + rotate_half(x) * sin; x: [Np, H, hd], halves (a, b) -> (-b, a).
-fn rope(x: &Array, cos: &Array, sin: &Array) -> Result<Array> {
-    let h = x.split_equal(2, -1)?; // 2 x [Np, H, hd/2]
-    let rot = ops::concatenate(&[h[1].negative()?, h[0].clone()], -1)?; // [Np, H, hd]
-    Ok(x.multiply(cos)?.add(&rot.multiply(sin)?)?)
-}
-
-/// The exact (erf) GELU of mlx.nn.GELU.
-fn gelu(x: &Array) -> Result<Array> {
-    let dt = x.dtype();
-    let k = Array::from_f32(std::f32::consts::FRAC_1_SQRT_2).as_dtype(dt)?;
-    let half = Array::from_f32(0.5).as_dtype(dt)?;
-    let one = Array::from_f32(1.0).as_dtype(dt)?;
-    Ok(x.multiply(&half)?.multiply(&ops::erf(&x.multiply(&k)?)?.add(&one)?)?)
 }
 
 // ---- layers ----
@@ -240,8 +140,8 @@ impl Block {
             proj: w.linear(&format!("{p}.attn.proj"))?,
             fc1: w.linear(&format!("{p}.mlp.linear_fc1"))?,
             fc2: w.linear(&format!("{p}.mlp.linear_fc2"))?,
-            heads: c.num_heads,
-            scale: (c.head_dim() as f32).powf(-0.5),
+            heads: c.tower.num_heads,
+            scale: (c.tower.head_dim() as f32).powf(-0.5),
         })
     }
 
@@ -249,12 +149,7 @@ impl Block {
     /// after the first starts (attention stays within a frame) -> [Np, D]
     fn forward(&self, x: &Array, rope_cs: &(Array, Array), cuts: &[i32]) -> Result<Array> {
         let n = x.dim(0);
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?.reshape(&[n, 3, self.heads, -1])?; // [Np, 3, H, hd]
-        let parts = qkv.split_equal(3, 1)?; // 3 x [Np, 1, H, hd]
-        let t = |a: &Array| -> Result<Array> { Ok(a.transpose_axes(&[1, 2, 0, 3])?) }; // -> [1, H, Np, hd]
-        let q = t(&rope(&parts[0].squeeze_axes(&[1])?, &rope_cs.0, &rope_cs.1)?.expand_dims(1)?)?;
-        let k = t(&rope(&parts[1].squeeze_axes(&[1])?, &rope_cs.0, &rope_cs.1)?.expand_dims(1)?)?;
-        let v = t(&parts[2])?;
+        let [q, k, v] = qkv_heads(&self.qkv.forward(&self.norm1.forward(x)?)?, self.heads, rope_cs)?; // 3 x [1, H, Np, hd]
         let o = if cuts.is_empty() {
             scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)? // [1, H, Np, hd]
         } else {
@@ -288,7 +183,7 @@ impl Merger {
             fc1: w.linear(&format!("{p}.linear_fc1"))?,
             fc2: w.linear(&format!("{p}.linear_fc2"))?,
             post_shuffle,
-            width: c.hidden_size * c.spatial_merge_size * c.spatial_merge_size,
+            width: c.tower.hidden_size * c.tower.spatial_merge_size * c.tower.spatial_merge_size,
         })
     }
 
@@ -319,24 +214,10 @@ impl Qwen3VlVision {
     /// Loads the tower under `p` (`vision_tower`).
     pub fn load(c: &VisionConfig, w: &mut Weights, p: &str) -> Result<Self> {
         c.check()?;
-        let (o, ch, t, ps) = (c.hidden_size, c.in_channels, c.temporal_patch_size, c.patch_size);
-        let name = format!("{p}.patch_embed.proj.weight");
-        let pe = w.tensor(&name)?;
-        // mlx's Conv3d layout [O, T, P, P, C], or HF's [O, C, T, P, P].
-        let pe = if pe.shape() == [o, t, ps, ps, ch] {
-            pe.transpose_axes(&[0, 4, 1, 2, 3])?
-        } else if pe.shape() == [o, ch, t, ps, ps] {
-            pe
-        } else {
-            return Err(PluginError::config(format!(
-                "{name} is {:?}, expected [{o}, {ch}, {t}, {ps}, {ps}] or [{o}, {t}, {ps}, {ps}, {ch}]",
-                pe.shape()
-            )));
-        };
-        let patch_w = pe.reshape(&[o, -1])?.transpose()?; // [K, D]
+        let patch_w = c.tower.load_patch_embed(w, p)?; // [K, D]
         let patch_b = w.tensor(&format!("{p}.patch_embed.proj.bias"))?;
         let pos_embed = w.embedding(&format!("{p}.pos_embed"))?;
-        let blocks = (0..c.depth).map(|i| Block::load(w, &format!("{p}.blocks.{i}"), c)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..c.tower.depth).map(|i| Block::load(w, &format!("{p}.blocks.{i}"), c)).collect::<Result<Vec<_>>>()?;
         let merger = Merger::load(w, &format!("{p}.merger"), c, false)?;
         let deepstack = (0..c.deepstack_visual_indexes.len())
             .map(|j| Merger::load(w, &format!("{p}.deepstack_merger_list.{j}"), c, true))
@@ -350,18 +231,7 @@ impl Qwen3VlVision {
 
     /// Refuses pixel values the tower cannot take, saying what it wants.
     pub fn check_pixels(&self, pixels: &Array) -> Result<()> {
-        let c = &self.config;
-        let s = pixels.shape();
-        let side = c.patch_size * c.spatial_merge_size;
-        let ok = s.len() == 4 && s[0] >= 1 && s[1] == c.in_channels && s[2] > 0 && s[3] > 0 && s[2] % side == 0 && s[3] % side == 0;
-        if !ok {
-            return Err(PluginError::other(format!(
-                "qwen3_vl media forward: pixel values must be [N, {}, H, W] (channels first, normalised) with H and W \
-                 multiples of {side} (patch_size {} x spatial_merge_size {}), got {s:?}",
-                c.in_channels, c.patch_size, c.spatial_merge_size
-            )));
-        }
-        Ok(())
+        self.config.tower.check_pixels(pixels, "qwen3_vl")
     }
 
     /// Pixels [N, C, H, W] -> (main [N, T, O], S deepstack features
@@ -369,9 +239,9 @@ impl Qwen3VlVision {
     pub fn forward(&self, pixels: &Array) -> Result<(Array, Vec<Array>)> {
         self.check_pixels(pixels)?;
         let n = pixels.dim(0);
-        let (patches, grids) = patchify(&self.config, &pixels.as_dtype(self.patch_w.dtype())?)?;
+        let (patches, grids) = self.config.tower.patchify(&pixels.as_dtype(self.patch_w.dtype())?)?;
         let (main, deep) = self.forward_patches(&patches, &grids)?;
-        let o = self.config.out_hidden_size;
+        let o = self.config.tower.out_hidden_size;
         let deep = deep.iter().map(|d| Ok(d.reshape(&[n, -1, o])?)).collect::<Result<Vec<_>>>()?;
         Ok((main.reshape(&[n, -1, o])?, deep))
     }
@@ -391,18 +261,11 @@ impl Qwen3VlVision {
     /// block order), each image's rows in its own patch order.
     pub fn forward_patches(&self, patches: &Array, grids: &[Grid]) -> Result<(Array, Vec<Array>)> {
         let c = &self.config;
-        let (m, k) = (c.spatial_merge_size, self.patch_w.dim(0));
-        let np: i32 = grids.iter().map(|g| g.t * g.h * g.w).sum();
-        let grids_ok = !grids.is_empty() && grids.iter().all(|g| g.t > 0 && g.h > 0 && g.w > 0 && g.h % m == 0 && g.w % m == 0);
-        if !grids_ok || patches.shape() != [np, k] {
-            return Err(PluginError::other(format!(
-                "qwen3_vl vision: patches must be [{np}, {k}] for grids {grids:?} (each h and w a positive multiple of {m}), got {:?}",
-                patches.shape()
-            )));
-        }
+        c.tower.check_patches(patches, grids, "qwen3_vl")?;
+        let m = c.tower.spatial_merge_size;
         let x = patches.as_dtype(self.patch_w.dtype())?.matmul(&self.patch_w)?.add(&self.patch_b)?; // [Np, D]
         let mut x = x.add(&self.position_embeddings(grids)?.as_dtype(x.dtype())?)?; // [Np, D]
-        let rope_cs = rope_tables(&positions(grids, m), c.head_dim(), x.dtype())?;
+        let rope_cs = rope_tables(&positions(grids, m), c.tower.head_dim(), x.dtype())?;
         let mut cuts = Vec::new();
         let mut at = 0;
         for g in grids {
@@ -426,7 +289,7 @@ impl Qwen3VlVision {
     /// patch order: [Np, D].
     fn position_embeddings(&self, grids: &[Grid]) -> Result<Array> {
         let c = &self.config;
-        let (idx, wts, order) = bilinear(grids, c.grid_side(), c.spatial_merge_size);
+        let (idx, wts, order) = bilinear(grids, c.grid_side(), c.tower.spatial_merge_size);
         let hw = (idx.len() / 4) as i32;
         let rows = self.pos_embed.lookup(&Array::from_slice(&idx, &[4, hw]))?; // [4, hw, D]
         let wts = Array::from_slice(&wts, &[4, hw, 1]).as_dtype(rows.dtype())?;

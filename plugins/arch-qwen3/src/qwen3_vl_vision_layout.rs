@@ -1,30 +1,8 @@
 //! Host-side index arithmetic of the Qwen3-VL vision tower
-//! (qwen3_vl_vision.rs): each patch's position in its frame, the bilinear
-//! resampling of the learned position table (mlx-vlm's
-//! `fast_pos_embed_interpolate`), and the 2-D RoPE tables.
-use super::{Grid, ROPE_THETA};
-use mlx_rs::Array;
-use rmlx_plugin_api::author::Result;
-
-/// Each patch's (row, col) in its frame, in the patch order (per frame
-/// (h/m, w/m, m, m)).
-pub(super) fn positions(grids: &[Grid], m: i32) -> Vec<(i32, i32)> {
-    let mut pos = Vec::new();
-    for g in grids {
-        for _ in 0..g.t {
-            for a in 0..g.h / m {
-                for b in 0..g.w / m {
-                    for i in 0..m {
-                        for j in 0..m {
-                            pos.push((a * m + i, b * m + j));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    pos
-}
+//! (qwen3_vl_vision.rs): the bilinear resampling of the learned position
+//! table (mlx-vlm's `fast_pos_embed_interpolate`; each patch's position in
+//! its frame and the 2-D RoPE tables are vision_tower.rs's).
+use super::Grid;
 
 /// `mx.linspace(0, g - 1, num)` as mlx computes it in float32.
 fn linspace(g: i32, num: i32) -> Vec<f32> {
@@ -78,25 +56,4 @@ pub(super) fn bilinear(grids: &[Grid], g: i32, m: i32) -> (Vec<i32>, Vec<f32>, V
         base += gr.h * gr.w;
     }
     (idx.concat(), wts.concat(), order)
-}
-
-/// cos, sin [Np, 1, hd] for the patches at `pos` (row, col).
-pub(super) fn rope_tables(pos: &[(i32, i32)], hd: i32, dtype: mlx_rs::Dtype) -> Result<(Array, Array)> {
-    let dim = hd / 2; // rotary dim; hd/4 frequencies per axis
-    let inv: Vec<f32> = (0..dim / 2).map(|k| 1.0 / ROPE_THETA.powf(2.0 * k as f32 / dim as f32)).collect();
-    let (mut cos, mut sin) = (Vec::with_capacity(pos.len() * hd as usize), Vec::with_capacity(pos.len() * hd as usize));
-    for &(r, c) in pos {
-        // (row freqs, col freqs) twice: rotate_half pairs channel i with i + hd/2.
-        for _ in 0..2 {
-            for p in [r, c] {
-                for f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-    }
-    let shape = [pos.len() as i32, 1, hd];
-    Ok((Array::from_slice(&cos, &shape).as_dtype(dtype)?, Array::from_slice(&sin, &shape).as_dtype(dtype)?))
 }
