@@ -28,30 +28,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from qwen_vl_golden_common import (  # noqa: E402
+    IMAGES, IMG, VEND, VID, VSTART, chat_inputs, greedy_top5, random_weights, write_tokenizer)
 from vision_golden_common import save_model, versions, write_json  # noqa: E402
 
 MODEL = Path("tests/fixtures/models/qwen2_5_vl-tiny")
 GOLD = Path("tests/fixtures/goldens/qwen2_5_vl-serve")
-IMAGES = Path("tests/fixtures/images")
 STEPS = 6
-
-VSTART, VEND, IMG, VID = 290, 291, 292, 293
-SPECIAL = [(0, "<|endoftext|>"), (1, "<|im_start|>"), (2, "<|im_end|>"), (3, "<unk>"),
-           (VSTART, "<|vision_start|>"), (VEND, "<|vision_end|>"), (IMG, "<|image_pad|>"), (VID, "<|video_pad|>")]
-WORDS = ["user", "assistant", "system", "what", "is", "in", "this", "picture", "describe", "it", "please", "and",
-         "the", "colour"]
-
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}"
-    "{% if p.type == 'image' or p.type == 'image_url' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif p.type == 'text' %}{{ p.text }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
@@ -115,18 +101,6 @@ CASES = {
 }
 
 
-def tokenizer_json():
-    vocab = {s: i for i, s in SPECIAL}
-    vocab.update({w: 4 + i for i, w in enumerate(WORDS)})
-    ids = dict(SPECIAL)
-    vocab.update({f"w{i}": i for i in range(4 + len(WORDS), 300) if i not in ids})
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, s in SPECIAL]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-
-
 def build():
     from mlx_vlm.models import qwen2_5_vl
 
@@ -134,30 +108,12 @@ def build():
     cfg = qwen2_5_vl.ModelConfig.from_dict(dict(CONFIG))
     cfg.text_config = qwen2_5_vl.TextConfig.from_dict(dict(CONFIG))
     cfg.vision_config = qwen2_5_vl.VisionConfig.from_dict(CONFIG["vision_config"])
-    model = qwen2_5_vl.Model(cfg)
-    weights = {}
-    for name, p in tree_flatten(model.parameters()):
-        if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
-                or name.endswith("ln_q.weight") or "layernorm" in name:
-            v = 1.0 + 0.1 * mx.random.normal(p.shape)
-        elif "embed_tokens" in name:
-            v = 0.15 * mx.random.normal(p.shape)
-        elif name.endswith("bias"):
-            v = 0.1 * mx.random.normal(p.shape)
-        else:
-            v = 0.3 * mx.random.normal(p.shape) if p.ndim > 2 else p + 0.02 * mx.random.normal(p.shape)
-        weights[name] = v.astype(mx.float32)
-    return weights
+    return random_weights(qwen2_5_vl.Model(cfg))
 
 
 def write_files(weights):
     save_model(MODEL, weights, CONFIG, {"preprocessor_config.json": PREPROCESSOR})
-    write_json(MODEL / "tokenizer.json", tokenizer_json())
-    write_json(MODEL / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>",
-        "chat_template": TEMPLATE,
-    })
+    write_tokenizer(MODEL)
     rng = np.random.default_rng(1525)
     y, x = np.mgrid[0:16, 0:24]
     a = np.stack([x * 10, y * 15, (x * y * 3) % 256], -1).astype(np.uint8)
@@ -167,28 +123,10 @@ def write_files(weights):
 
 
 def chat_case(model, proc, parts):
-    from mlx_vlm import stream_generate
-    from mlx_vlm.utils import prepare_inputs
-
-    content = [{"type": "image"} if p.endswith(".png") else {"type": "text", "text": p} for p in parts]
-    images = [str(IMAGES / p) for p in parts if p.endswith(".png")]
-    prompt = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                add_generation_prompt=True)
-    inputs = prepare_inputs(proc, images=images, prompts=prompt)
-    ids = [int(t) for t in np.array(inputs["input_ids"][0])]
-    grid = [[int(v) for v in g] for g in np.array(inputs["image_grid_thw"])]
+    prompt, images, inputs, ids, grid = chat_inputs(proc, parts)
     out = model(inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
     logits = np.array(out.logits[0, -1].astype(mx.float32))
-    tokens, top5 = [], []
-    for r in stream_generate(model, proc, prompt, image=images, max_tokens=STEPS, temperature=0.0):
-        if len(tokens) == STEPS:
-            break
-        lp = np.array(r.logprobs, dtype=np.float32).reshape(-1)
-        order = np.argsort(-lp, kind="stable")[:5]
-        tokens.append(int(r.token))
-        top5.append([[int(t), float(lp[t])] for t in order])
-        margin = float(lp[order[0]] - lp[order[1]])
-        assert margin > 1e-2, f"greedy step {len(tokens)} is a near tie ({margin})"
+    tokens, top5 = greedy_top5(model, proc, prompt, images, STEPS)
     return {"parts": parts, "prompt": prompt, "prompt_ids": ids, "image_grid_thw": grid,
             "image_tokens": [g[0] * g[1] * g[2] // 4 for g in grid],
             "logits_last": [float(x) for x in logits], "tokens": tokens, "top5": top5}
