@@ -62,7 +62,7 @@ impl Scheduler {
                     // stays; otherwise (the row decoded without the head
                     // since: plain steps, a preemption, a prompt too short
                     // to prefill) it starts over.
-                    if !sp.seed.as_ref().is_some_and(|h| h.at == kv) {
+                    if sp.seed.as_ref().is_none_or(|h| h.at != kv) {
                         if sp.ctx_at != kv {
                             sp.kv_len = 0;
                         }
