@@ -19,6 +19,7 @@ mod common;
 
 use common::engine::{collect, entry, stats_after, submit, worker};
 
+use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, DraftKind};
 use rmlx::engine::worker::{GenParams, ModelCatalog, Worker, WorkerConfig};
@@ -121,6 +122,44 @@ fn a_batch_mixing_an_mtp_head_a_draft_model_and_no_drafter_equals_plain() {
 fn a_batch_mixing_a_dflash_drafter_a_draft_model_and_no_drafter_equals_plain() {
     let _g = common::mlx_lock();
     mixed_batch_equals_plain("qwen3-f32", &[("dflash", Some("qwen3-dflash-f32")), ("draft", Some("qwen3-q4-g64"))]);
+}
+
+/// Three tokens at temperature 1 with top-k 3 and a repetition penalty
+/// over 1200 seeds in batches of 16, on llama-f32 served with its q4 copy
+/// (the default) and its Eagle-3 head, the seeds taking the default, the
+/// head and no drafter in turn: the 27 possible sequences occur as often as
+/// the verifier's own sampler gives them (chi-square p > 0.001); both
+/// drafters drafted, the q4 copy's drafts both kept and rejected.
+#[test]
+fn sampled_rows_of_two_drafters_follow_the_verifiers_distribution() {
+    let _g = common::mlx_lock();
+    let prompt = [17u32, 45, 45];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let expected = common::spec::verifier_sequences("models/llama-f32", &prompt, &params);
+    let cat = catalog("llama-f32", &[("draft", Some("llama-q4-g64")), ("eagle3", Some("llama-eagle3-head"))], 2);
+    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
+    let multi = entry(&cat, "multi");
+    let mut counts = vec![0u64; expected.len()];
+    for wave in 0..1200u64 / 16 {
+        let mut rxs: Vec<_> = (0..16)
+            .map(|j| {
+                let seed = wave * 16 + j;
+                let (kind, k) = [(None, None), (Some(DraftKind::Eagle3), None), (None, Some(0))][seed as usize % 3];
+                let sampling = SamplingParams { seed: Some(seed), ..params.clone() };
+                submit(&w, &multi, &prompt, GenParams { sampling, max_tokens: 3, ignore_eos: true, num_draft_tokens: k, draft_kind: kind, ..GenParams::default() })
+            })
+            .collect();
+        for rx in rxs.iter_mut() {
+            let (toks, _) = collect(rx);
+            let i = expected.iter().position(|(s, _)| *s == toks);
+            counts[i.unwrap_or_else(|| panic!("a sequence outside the verifier's top-k support was emitted: {toks:?}"))] += 1;
+        }
+    }
+    common::spec::assert_follows(&counts, &expected);
+    let s = stats_after(&w, 1200);
+    let (draft, eagle3) = (&s.speculation["draft"], &s.speculation["eagle3"]);
+    assert!(draft.accepted_tokens > 0 && draft.accepted_tokens < draft.drafted_tokens, "the q4 copy's drafts both kept and rejected: {draft:?}");
+    assert!(eagle3.drafted_tokens > 0, "{eagle3:?}");
 }
 
 /// A KV budget far too small for every sequence at once, shared by the
