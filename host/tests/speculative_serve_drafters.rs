@@ -349,7 +349,8 @@ async fn served_kinds(base: &str, model: &str, kind: &str) -> (String, serde_jso
 
 /// The CLI's `--drafter KIND[=DIR]` and rmlx.toml's `drafters` list give a
 /// model its drafters (the first its default, requests picking the others
-/// by kind); a kind given twice, or a `--drafter` lacking its directory,
+/// by kind), a flag's drafter replacing the file's of its kind; a kind
+/// given twice by one source, or a `--drafter` lacking its directory,
 /// stops the server at start with one line.
 #[tokio::test]
 async fn serve_takes_drafters_from_flags_and_rmlx_toml_and_refuses_a_kind_twice() {
@@ -372,6 +373,13 @@ async fn serve_takes_drafters_from_flags_and_rmlx_toml_and_refuses_a_kind_twice(
     let (kinds, usage) = served_kinds(&base, "tiny", "draft").await;
     assert!(kinds.contains("the model `tiny` drafts with: eagle3, draft"), "{kinds}");
     assert_eq!(usage["drafted_tokens"], usage["accepted_tokens"], "the self-draft keeps every draft: {usage}");
+    drop(guard);
+    // Flags beat the file: a `--drafter` of a kind the file gives takes its place.
+    let q4 = common::fixture("models/llama-q4-g64");
+    let (guard, base) = serve(&["--config", toml.to_str().unwrap(), "--drafter", &format!("draft={}", q4.display())]).unwrap_or_else(|e| panic!("{e}"));
+    let (kinds, usage) = served_kinds(&base, "tiny", "draft").await;
+    assert!(kinds.contains("the model `tiny` drafts with: eagle3, draft"), "{kinds}");
+    assert!(usage["accepted_tokens"].as_u64() < usage["drafted_tokens"].as_u64(), "the q4 copy drafts, not the model itself: {usage}");
     drop(guard);
     // A kind twice: in the list, and between the flags.
     write(&format!("{{ kind = \"draft\", model = \"{m}\" }}, {{ kind = \"eagle3\", model = \"{h}\" }}"));
