@@ -156,7 +156,7 @@ impl SwitchGlu {
     /// Hugging Face's per-expert layout under `p` (`...mlp.experts`):
     /// `{p}.{e}.{gate,up,down}_proj.weight` [out, in] for each of the
     /// `num_experts` experts, stacked once at load into switch layers of
-    /// [E, out, in] as mlx-lm's qwen3_moe / qwen3_next `sanitize` does, so
+    /// [E, out, in] as mlx-lm's qwen3_moe / qwen3_next / deepseek_v3 `sanitize` does, so
     /// the forward is the stacked layout's (`gather_mm`).
     pub fn load_per_expert(w: &mut Weights, p: &str, num_experts: i32) -> Result<Self> {
         let gate = stack_experts(w, p, "gate_proj", num_experts)?;
@@ -260,8 +260,9 @@ fn stack_experts(w: &mut Weights, p: &str, proj: &str, n: i32) -> Result<SwitchL
         if !matches!(t.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16) {
             return Err(PluginError::unsupported(format!(
                 "{}: {:?}, not plain float: quantized experts stored one by one are not a layout rmlx reads \
-                 (no tool we know writes it); load the float checkpoint, or quantize it with \
-                 `rmlx convert` or mlx_lm.convert, which stack the experts",
+                 (no tool we know writes it); load the float checkpoint (its experts are stacked at load), \
+                 or quantize it with `rmlx convert` or mlx_lm.convert, which stack the experts of \
+                 qwen3_moe, qwen3_next and deepseek_v3 checkpoints",
                 name(e, "weight"),
                 t.dtype()
             )));

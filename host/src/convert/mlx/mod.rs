@@ -8,12 +8,13 @@
 //! The source is a model directory: an MLX one (quantized in any mode rmlx
 //! reads, or dense) or a Hugging Face checkpoint (bf16/f16/f32 safetensors,
 //! sharded or not; llama/qwen3 tensor names are already MLX names; for
-//! qwen3_moe / qwen3_next the experts stored one by one are stacked as
-//! mlx-lm's sanitize stacks them, see sanitize.rs). Every module with a 2-D
-//! `weight` (Linear, Embedding) or a 3-D one under `switch_mlp` / `experts`
+//! qwen3_moe / qwen3_next / deepseek_v3 the experts stored one by one are
+//! stacked as mlx-lm's sanitize stacks them, see sanitize.rs; a recipe that
+//! would quantize other model types' experts one by one is refused). Every
+//! module with a 2-D `weight` (Linear, Embedding) or a 3-D one under `switch_mlp` / `experts`
 //! (all experts of an MoE projection, [experts, out, in]) gets a target format
 //! from the recipe: `--quant` for all of them (the model type's
-//! `quant_predicate` aside: MoE routers at 8 bits), then each matching
+//! `quant_predicate` aside: MoE routers at 8 bits, or dense), then each matching
 //! `--layer PATTERN=SPEC` (the last match wins). The math is MLX's own (`mx.quantize` /
 //! `mx.dequantize` with the mode, through mlx-c), so a dense source quantized
 //! here is bit-identical to mlx-lm's `quantize_model` of the same weights.
@@ -187,13 +188,15 @@ pub fn convert_dir(src: &Path, dst: &Path, opts: &MlxOptions) -> Result<MlxRepor
     if modules.is_empty() {
         bail!("{}: no Linear or Embedding weights found", src.display());
     }
+    sanitize::refuse_experts_one_by_one(&dir.model_type, &modules)?;
     let dense_cast = match &default {
         Spec::To(Format::Dense(Some(d))) => Some(*d),
         _ => None,
     };
 
     // ---- output tensors ----
-    let OutPlan { outs, parameters, formats, per_module } = plan_outputs(&src_tensors, &owned, &modules, dense_cast);
+    let cast = sanitize::cast_predicate(&dir.model_type);
+    let OutPlan { outs, parameters, formats, per_module } = plan_outputs(&src_tensors, &owned, &modules, dense_cast, &cast);
 
     // ---- config.json ----
     let mut config = config;

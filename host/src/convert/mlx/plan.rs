@@ -180,13 +180,14 @@ pub(super) struct OutPlan {
 }
 
 /// Plans every output tensor: tensors no module owns are copied (cast to
-/// `dense_cast` if float), an unchanged module's tensors are copied, a
-/// converted module's parts are made from it.
+/// `dense_cast` if float and `cast` allows it), an unchanged module's tensors
+/// are copied, a converted module's parts are made from it.
 pub(super) fn plan_outputs(
     src_tensors: &BTreeMap<String, SrcTensor>,
     owned: &HashMap<String, String>,
     modules: &BTreeMap<String, ModulePlan>,
     dense_cast: Option<Dtype>,
+    cast: &dyn Fn(&str) -> bool,
 ) -> OutPlan {
     let mut outs: Vec<Out> = Vec::new();
     let mut parameters = 0u64;
@@ -195,7 +196,7 @@ pub(super) fn plan_outputs(
             continue;
         }
         let dtype = match dense_cast {
-            Some(d) if is_float(t.dtype) => d,
+            Some(d) if is_float(t.dtype) && cast(name) => d,
             _ => t.dtype,
         };
         parameters += t.shape.iter().product::<usize>() as u64;
