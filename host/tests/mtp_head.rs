@@ -19,46 +19,14 @@
 //!   clear errors.
 mod common;
 
-use common::model::{argmax, ids, plain_greedy, values};
-
-use common::golden::{rel_err, MARGIN, REL_TOL};
-use mlx_rs::Array;
+use common::model::ids;
+use common::mtp::{assert_head_drafts, assert_lossless, assert_verifier_hidden, head_golden, HeadGolden, SETTINGS};
 use rmlx::engine::attend::ForwardRequest;
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
-use rmlx_plugin_api::{author::Output, HEAD_STATE};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Step {
-    token: u32,
-    logits: Vec<f32>,
-}
-
-#[derive(Deserialize)]
-struct Golden {
-    prompt: Vec<u32>,
-    first: u32,
-    hidden: Vec<Vec<f32>>,
-    verifier_last_logits: Vec<f32>,
-    prefill_logits: Vec<Vec<f32>>,
-    chain: Vec<Step>,
-    margins: Vec<f32>,
-}
-
-fn golden() -> Golden {
-    let text = std::fs::read_to_string(common::fixture("goldens/qwen3_5-mtp/golden.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// (conditioning [1, L, D], an all-true mask [1, L]) as the head takes them.
-fn conditioning(rows: &[f32], l: usize, d: usize) -> (Array, Array) {
-    (Array::from_slice(rows, &[1, l as i32, d as i32]), Array::from_slice(&vec![true; l], &[1, l as i32]))
-}
-
-fn check(label: &str, got: &[f32], want: &[f32]) {
-    let e = rel_err(got, want);
-    assert!(e < REL_TOL, "{label}: relative error {e} against mlx-vlm");
+fn golden() -> HeadGolden {
+    head_golden("goldens/qwen3_5-mtp/golden.json")
 }
 
 #[test]
@@ -67,68 +35,17 @@ fn the_mtp_head_drafts_as_mlx_vlm_does() {
     let reg = common::registry();
     let g = golden();
     let dir = common::fixture("models/qwen3_5-mtp-f32");
-    let (n, d) = (g.prompt.len(), g.hidden[0].len());
 
     // The verifier: its last block's output is the head's conditioning.
     let mut verifier = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
-    assert!(verifier.conditioning.is_empty(), "the verifier is not a head");
-    let last = verifier.spec.num_layers - 1;
-    let mut cache = verifier.kv_cache();
-    let req = ForwardRequest { output: Some(Output::LastLogits), hidden_layers: vec![last], ..ForwardRequest::default() };
-    let out = verifier.run(&ids(&g.prompt), &mut cache, req).unwrap();
-    check("verifier logits", &values(&out.out), &g.verifier_last_logits);
-    let (layer, hidden) = &out.hidden[0];
-    assert_eq!((*layer, hidden.shape()), (last, &[1, n as i32, d as i32][..]));
-    check("verifier hidden states", &values(hidden), &g.hidden.concat());
+    let hidden = assert_verifier_hidden(&mut verifier, &g, "mlx-vlm");
 
     // The head, from the same checkpoint.
     let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
     assert_eq!(head.dir.model_type, "qwen3_5_mtp");
     assert_eq!(head.conditioning, vec![-1]);
     assert_eq!(head.spec.num_layers, 1);
-    let mut hc = head.kv_cache();
-
-    // Prefill: [p_1 .. p_{n-1}, first], conditioned on h_0 .. h_{n-1}.
-    let mut shifted = g.prompt[1..].to_vec();
-    shifted.push(g.first);
-    let req = ForwardRequest {
-        output: Some(Output::AllLogits),
-        hidden_layers: vec![HEAD_STATE],
-        inputs: Some(conditioning(&values(hidden), n, d)),
-        ..ForwardRequest::default()
-    };
-    let out = head.run(&ids(&shifted), &mut hc, req).unwrap();
-    hc.advance(n as i32);
-    check("head prefill logits", &values(&out.out), &g.prefill_logits.concat());
-    let v = out.out.dim(2) as usize;
-    let rows = values(&out.out);
-    let proposal = argmax(&rows[(n - 1) * v..]);
-    assert_eq!(proposal, g.chain[0].token, "the prefill's proposal");
-    let (layer, state) = &out.hidden[0];
-    assert_eq!(*layer, HEAD_STATE);
-    let mut state = values(state)[(n - 1) * d..].to_vec();
-
-    // Chained draft steps: the proposal, conditioned on the head's own state.
-    let mut tok = proposal;
-    for (i, step) in g.chain.iter().enumerate() {
-        assert_eq!(tok, step.token, "draft step {i}");
-        let req = ForwardRequest {
-            output: Some(Output::LastLogits),
-            hidden_layers: vec![HEAD_STATE],
-            inputs: Some(conditioning(&state, 1, d)),
-            ..ForwardRequest::default()
-        };
-        let out = head.run(&ids(&[tok]), &mut hc, req).unwrap();
-        hc.advance(1);
-        let logits = values(&out.out);
-        check(&format!("draft step {i} logits"), &logits, &step.logits);
-        state = values(&out.hidden[0].1);
-        if g.margins[i] > MARGIN {
-            tok = argmax(&logits);
-        } else {
-            tok = g.chain.get(i + 1).map(|s| s.token).unwrap_or(tok);
-        }
-    }
+    assert_head_drafts(&mut head, &g, &hidden, "mlx-vlm");
 }
 
 #[test]
@@ -163,28 +80,18 @@ fn mtp_speculation_is_lossless_on_the_hybrid() {
     let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
     let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
     let prompt = golden().prompt;
-    let want = plain_greedy(&mut target, &prompt, 24);
-    for (k, adaptive, chunk) in [(3, false, 5), (1, false, 64), (4, true, 7)] {
+    let want = assert_lossless(&mut target, &mut head, &prompt);
+    // Stopping early is honoured.
+    for (k, adaptive, chunk) in SETTINGS {
         let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 24, prefill_chunk: chunk };
-        let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
-        assert_eq!(out.tokens, want, "k {k} adaptive {adaptive} chunk {chunk}");
-        assert!(out.drafted_tokens > 0 && out.rounds > 0, "it speculated");
-        assert!(out.accepted_tokens <= out.drafted_tokens);
-        // Stopping early is honoured.
         let mut seen = 0;
         let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| {
             seen += 1;
             seen < 5
         })
         .unwrap();
-        assert_eq!(out.tokens, want[..5]);
+        assert_eq!(out.tokens, want[..5], "k {k} adaptive {adaptive} chunk {chunk}");
     }
-    let sampled = SamplingParams { temperature: 0.8, seed: Some(11), ..SamplingParams::default() };
-    let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: 16, prefill_chunk: 64 };
-    let a = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
-    let b = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
-    assert_eq!(a.tokens.len(), 16);
-    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
     // The random tiny head never agrees with the greedy verifier; at a high
     // temperature both distributions are near uniform, so rejection sampling
     // keeps most drafts: rounds that keep every draft (no roll-back, the head

@@ -18,47 +18,14 @@
 //!   reads, is refused by name.
 mod common;
 
-use common::golden::{rel_err, MARGIN, REL_TOL};
-use common::model::{argmax, ids, plain_greedy, values};
-use mlx_rs::Array;
-use rmlx::engine::attend::ForwardRequest;
+use common::mtp::{assert_head_drafts, assert_lossless, assert_verifier_hidden, head_golden, HeadGolden};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
-use rmlx_plugin_api::{author::Output, HEAD_STATE};
-use serde::Deserialize;
 
 const MODEL: &str = "models/deepseek_v3-mtp-f32";
 
-#[derive(Deserialize)]
-struct Step {
-    token: u32,
-    logits: Vec<f32>,
-}
-
-#[derive(Deserialize)]
-struct Golden {
-    prompt: Vec<u32>,
-    first: u32,
-    hidden: Vec<Vec<f32>>,
-    verifier_last_logits: Vec<f32>,
-    prefill_logits: Vec<Vec<f32>>,
-    chain: Vec<Step>,
-    margins: Vec<f32>,
-}
-
-fn golden() -> Golden {
-    let text = std::fs::read_to_string(common::fixture("goldens/deepseek_v3-mtp/golden.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// (conditioning [1, L, D], an all-true mask [1, L]) as the head takes them.
-fn conditioning(rows: &[f32], l: usize, d: usize) -> (Array, Array) {
-    (Array::from_slice(rows, &[1, l as i32, d as i32]), Array::from_slice(&vec![true; l], &[1, l as i32]))
-}
-
-fn check(label: &str, got: &[f32], want: &[f32]) {
-    let e = rel_err(got, want);
-    assert!(e < REL_TOL, "{label}: relative error {e} against the reference");
+fn golden() -> HeadGolden {
+    head_golden("goldens/deepseek_v3-mtp/golden.json")
 }
 
 #[test]
@@ -67,19 +34,10 @@ fn the_deepseek_mtp_head_drafts_as_the_reference_does() {
     let reg = common::registry();
     let g = golden();
     let dir = common::fixture(MODEL);
-    let (n, d) = (g.prompt.len(), g.hidden[0].len());
 
     // The verifier: its last block's output is the head's conditioning.
     let mut verifier = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
-    assert!(verifier.conditioning.is_empty(), "the verifier is not a head");
-    let last = verifier.spec.num_layers - 1;
-    let mut cache = verifier.kv_cache();
-    let req = ForwardRequest { output: Some(Output::LastLogits), hidden_layers: vec![last], ..ForwardRequest::default() };
-    let out = verifier.run(&ids(&g.prompt), &mut cache, req).unwrap();
-    check("verifier logits", &values(&out.out), &g.verifier_last_logits);
-    let (layer, hidden) = &out.hidden[0];
-    assert_eq!((*layer, hidden.shape()), (last, &[1, n as i32, d as i32][..]));
-    check("verifier hidden states", &values(hidden), &g.hidden.concat());
+    let hidden = assert_verifier_hidden(&mut verifier, &g, "the reference");
 
     // The head, from the same checkpoint: one layer, cached as a latent.
     let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
@@ -88,44 +46,7 @@ fn the_deepseek_mtp_head_drafts_as_the_reference_does() {
     assert_eq!(head.conditioning, vec![-1]);
     assert_eq!((head.spec.num_layers, head.spec.num_kv_heads, head.spec.head_dim), (1, 1, 20));
     assert!(head.unused.iter().all(|t| !t.starts_with("model.layers.2.")), "the module is read whole: {:?}", head.unused);
-    let mut hc = head.kv_cache();
-
-    // Prefill: [p_1 .. p_{n-1}, first], conditioned on h_0 .. h_{n-1}.
-    let mut shifted = g.prompt[1..].to_vec();
-    shifted.push(g.first);
-    let req = ForwardRequest {
-        output: Some(Output::AllLogits),
-        hidden_layers: vec![HEAD_STATE],
-        inputs: Some(conditioning(&values(hidden), n, d)),
-        ..ForwardRequest::default()
-    };
-    let out = head.run(&ids(&shifted), &mut hc, req).unwrap();
-    hc.advance(n as i32);
-    check("head prefill logits", &values(&out.out), &g.prefill_logits.concat());
-    let v = out.out.dim(2) as usize;
-    let proposal = argmax(&values(&out.out)[(n - 1) * v..]);
-    assert_eq!(proposal, g.chain[0].token, "the prefill's proposal");
-    let (layer, state) = &out.hidden[0];
-    assert_eq!(*layer, HEAD_STATE);
-    let mut state = values(state)[(n - 1) * d..].to_vec();
-
-    // Chained draft steps: the proposal, conditioned on the head's own state.
-    let mut tok = proposal;
-    for (i, step) in g.chain.iter().enumerate() {
-        assert_eq!(tok, step.token, "draft step {i}");
-        let req = ForwardRequest {
-            output: Some(Output::LastLogits),
-            hidden_layers: vec![HEAD_STATE],
-            inputs: Some(conditioning(&state, 1, d)),
-            ..ForwardRequest::default()
-        };
-        let out = head.run(&ids(&[tok]), &mut hc, req).unwrap();
-        hc.advance(1);
-        let logits = values(&out.out);
-        check(&format!("draft step {i} logits"), &logits, &step.logits);
-        state = values(&out.hidden[0].1);
-        tok = if g.margins[i] > MARGIN { argmax(&logits) } else { g.chain.get(i + 1).map(|s| s.token).unwrap_or(tok) };
-    }
+    assert_head_drafts(&mut head, &g, &hidden, "the reference");
 }
 
 /// `rmlx generate --draft-kind mtp`'s loop (engine/speculative/mtp.rs) with
@@ -134,28 +55,12 @@ fn the_deepseek_mtp_head_drafts_as_the_reference_does() {
 /// prompt prefilled in chunks; a seeded sampled run reproduces.
 #[test]
 fn deepseek_mtp_speculation_is_lossless() {
-    use rmlx::engine::sampler::SamplingParams;
-    use rmlx::engine::speculative::{mtp, SpecOptions};
     let _g = common::mlx_lock();
     let reg = common::registry();
     let dir = common::fixture(MODEL);
     let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
     let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
-    let prompt = golden().prompt;
-    let want = plain_greedy(&mut target, &prompt, 24);
-    for (k, adaptive, chunk) in [(3, false, 5), (1, false, 64), (4, true, 7)] {
-        let opts = SpecOptions { num_draft_tokens: k, adaptive, max_tokens: 24, prefill_chunk: chunk };
-        let out = mtp::generate(&mut target, &mut head, &prompt, &SamplingParams::default(), &opts, |_| true).unwrap();
-        assert_eq!(out.tokens, want, "k {k} adaptive {adaptive} chunk {chunk}");
-        assert!(out.drafted_tokens > 0 && out.rounds > 0, "it speculated");
-        assert!(out.accepted_tokens <= out.drafted_tokens);
-    }
-    let sampled = SamplingParams { temperature: 0.8, seed: Some(11), ..SamplingParams::default() };
-    let opts = SpecOptions { num_draft_tokens: 3, adaptive: true, max_tokens: 16, prefill_chunk: 64 };
-    let a = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
-    let b = mtp::generate(&mut target, &mut head, &prompt, &sampled, &opts, |_| true).unwrap();
-    assert_eq!(a.tokens.len(), 16);
-    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    assert_lossless(&mut target, &mut head, &golden().prompt);
 }
 
 #[test]

@@ -4,6 +4,7 @@ pub mod api_images;
 pub mod engine;
 pub mod golden;
 pub mod model;
+pub mod mtp;
 pub mod sampling;
 pub mod spec;
 pub mod vision;
