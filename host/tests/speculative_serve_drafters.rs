@@ -22,7 +22,7 @@ use common::engine::{collect, entry, stats_after, submit, worker};
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{serve::DraftSpec, DraftKind};
-use rmlx::engine::worker::{GenParams, ModelCatalog, Worker, WorkerConfig};
+use rmlx::engine::worker::{GenParams, ModelCatalog};
 use std::sync::Arc;
 
 /// `model` twice: `plain` without a drafter and `multi` with `drafters`
@@ -30,7 +30,6 @@ use std::sync::Arc;
 /// own), the first its default).
 fn catalog(model: &str, drafters: &[(&str, Option<&str>)], k: usize) -> ModelCatalog {
     let dir = common::fixture(&format!("models/{model}"));
-    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("multi".into()), dir.clone())], &[]).unwrap();
     let mut specs: Vec<DraftSpec> = drafters
         .iter()
         .map(|(kind, d)| {
@@ -40,9 +39,8 @@ fn catalog(model: &str, drafters: &[(&str, Option<&str>)], k: usize) -> ModelCat
             DraftSpec::new(path, k, Some(kind)).unwrap()
         })
         .collect();
-    let e = Arc::get_mut(&mut cat.entries[1]).unwrap();
-    e.draft = Some(specs.remove(0));
-    e.extra_drafters = specs;
+    let mut cat = common::spec::plain_and("multi", &dir, specs.remove(0));
+    Arc::get_mut(&mut cat.entries[1]).unwrap().extra_drafters = specs;
     cat
 }
 
@@ -207,10 +205,7 @@ async fn the_api_picks_a_drafter_by_kind_and_refuses_others() {
     use serde_json::{json, Value};
     let _g = common::mlx_lock();
     let cat = catalog("llama-f32", &[("draft", Some("llama-f32")), ("eagle3", Some("llama-eagle3-head"))], 3);
-    let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 16, max_loaded_models: 2, idle_timeout: None, prefill_chunk: 512 };
-    let worker = Worker::start(cfg, &cat).unwrap();
-    let st = Arc::new(rmlx::api::AppState { catalog: Arc::new(cat), worker, opts: Default::default() });
-    let base = common::serve(st);
+    let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
     let post = |path: &str, body: Value| {
         let r = client.post(format!("{base}{path}")).json(&body).send();
@@ -279,10 +274,7 @@ async fn the_api_picks_a_drafter_by_kind_and_refuses_others() {
     assert!(s == 400 && err.contains("without a drafter"), "{s} {err}");
     // /metrics: both drafters, each with its requests' counts.
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |name: &str, kind: &str| -> u64 {
-        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"{kind}\"}}"))).unwrap_or_else(|| panic!("{name} of {kind} missing:\n{text}"));
-        line.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap() as u64
-    };
+    let value = |name: &str, kind: &str| common::spec::drafter_metric(&text, name, kind) as u64;
     for (kind, (d, a)) in &sums {
         assert_eq!((value("rmlx_spec_draft_tokens_total", kind), value("rmlx_spec_accepted_tokens_total", kind)), (*d, *a), "{kind}");
     }

@@ -14,10 +14,7 @@ use common::spec::{greedy, prompts};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{mtp, serve::DraftSpec};
 use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob};
-use rmlx::engine::LoadedModel;
-use rmlx::model::policy::LoadPolicy;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -26,8 +23,7 @@ const HYBRID: &str = "models/qwen3_5-mtp-f32";
 
 /// The hybrid twice: `plain` without a drafter, `mtp` with its own head.
 fn catalog(k: usize) -> ModelCatalog {
-    let dir = common::fixture(HYBRID);
-    common::spec::plain_and("mtp", &dir, DraftSpec::new(dir.clone(), Some(k), Some("mtp")).unwrap())
+    common::spec::mtp_catalog(HYBRID, k)
 }
 
 /// Greedy output with the MTP head equals the model's own, one stream at a
@@ -51,13 +47,7 @@ fn greedy_mtp_speculation_in_the_engine_equals_plain_decoding() {
 #[test]
 fn server_mtp_drafts_with_the_prompt_context_equal_generate() {
     let _g = common::mlx_lock();
-    let dir = common::fixture(HYBRID);
-    let reg = common::registry();
-    let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
-    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
-    common::spec::assert_drafts_equal_generate(&catalog(3), "mtp", &prompts(), 16, |p, opts| {
-        mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
-    });
+    common::spec::assert_mtp_drafts_equal_generate(HYBRID, &prompts());
 }
 
 /// Rows with `num_draft_tokens` 0, the default, 1 and 5 share batches with
@@ -84,12 +74,7 @@ fn a_batch_mixing_mtp_drafted_and_undrafted_rows_equals_one_at_a_time() {
 #[test]
 fn sampled_mtp_speculation_follows_the_verifiers_distribution() {
     let _g = common::mlx_lock();
-    let prompt = [17u32, 45, 45];
-    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
-    let expected = common::spec::verifier_sequences(HYBRID, &prompt, &params);
-    let (counts, drafted, _) = common::spec::sample_sequences(&catalog(2), "mtp", &prompt, &params, &expected);
-    common::spec::assert_follows(&counts, &expected);
-    assert!(drafted > 0);
+    common::spec::assert_sampled_mtp_follows_the_verifier(HYBRID);
 }
 
 /// At a high temperature the random head's drafts are often kept, so rows
@@ -118,31 +103,10 @@ fn hot_sampling_keeps_mtp_drafts_and_a_seed_reproduces() {
 /// gives the same tokens without them, and /metrics counts the `mtp` drafter.
 #[tokio::test]
 async fn the_api_reports_mtp_counts_and_metrics() {
-    use serde_json::{json, Value};
     let _g = common::mlx_lock();
-    let dir = common::fixture(HYBRID);
-    let mut cat = ModelCatalog::discover(&[(Some("hybrid".into()), dir.clone())], &[]).unwrap();
-    Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(dir, Some(3), Some("mtp")).unwrap());
-    let base = common::spec::serve_catalog(cat);
+    let base = common::spec::serve_with_mtp("hybrid", HYBRID);
+    let (d, _) = common::spec::assert_api_usage_counts_drafts(&base, "hybrid", &[3, 14, 15, 92, 65]).await;
     let client = reqwest::Client::new();
-    let post = |k: Option<u32>| {
-        let mut b = json!({"model": "hybrid", "prompt": [3, 14, 15, 92, 65], "max_tokens": 12, "temperature": 0});
-        if let Some(k) = k {
-            b["num_draft_tokens"] = k.into();
-        }
-        let r = client.post(format!("{base}/v1/completions")).json(&b).send();
-        async move {
-            let r = r.await.unwrap();
-            assert_eq!(r.status().as_u16(), 200);
-            r.json::<Value>().await.unwrap()
-        }
-    };
-    let (spec, off) = (post(None).await, post(Some(0)).await);
-    assert_eq!(spec["choices"][0]["token_ids"], off["choices"][0]["token_ids"]);
-    let u = &spec["usage"];
-    let (d, a) = (u["drafted_tokens"].as_u64().unwrap(), u["accepted_tokens"].as_u64().unwrap());
-    assert!(d > 0 && a <= d && u["completion_tokens"] == 12, "{u}");
-    assert!(off["usage"].get("drafted_tokens").is_none(), "{}", off["usage"]);
     let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     let value = |name: &str| common::spec::drafter_metric(&text, name, "mtp");
     let (dr, ac, rate) = (value("rmlx_spec_draft_tokens_total"), value("rmlx_spec_accepted_tokens_total"), value("rmlx_spec_acceptance_rate"));

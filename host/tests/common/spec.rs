@@ -3,13 +3,15 @@
 //! speculative_serve*.rs files share, and the checks they all make (greedy
 //! output equals plain decoding, one at a time and batched; the server's
 //! drafts equal `rmlx generate`'s; sampled output follows the verifier's
-//! distribution; /metrics per drafter kind).
+//! distribution; usage and /metrics per drafter kind), and the same for
+//! a model's own multi-token-prediction head.
 use super::engine::{collect, entry, stats_after, submit, worker};
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p, SpecOptions, SpecOutput};
+use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions, SpecOutput};
 use rmlx::engine::worker::{GenParams, ModelCatalog, ModelEntry, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
+use rmlx::model::policy::LoadPolicy;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -185,4 +187,74 @@ pub fn serve_catalog(cat: ModelCatalog) -> String {
 pub fn drafter_metric(text: &str, name: &str, kind: &str) -> f64 {
     let line = text.lines().find(|l| l.starts_with(&format!("{name}{{drafter=\"{kind}\"}}"))).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
     line.rsplit_once(' ').unwrap().1.parse().unwrap()
+}
+
+/// The model at fixture `model` (e.g. "models/qwen3_5-mtp-f32") twice:
+/// `plain` without a drafter, `mtp` with its own multi-token-prediction
+/// head drafting `k` tokens.
+pub fn mtp_catalog(model: &str, k: usize) -> ModelCatalog {
+    let dir = super::fixture(model);
+    plain_and("mtp", &dir, DraftSpec::new(dir.clone(), Some(k), Some("mtp")).unwrap())
+}
+
+/// `assert_drafts_equal_generate` for fixture `model`'s MTP head
+/// (`mtp_catalog(model, 3)`, 16 tokens) against `mtp::generate`.
+pub fn assert_mtp_drafts_equal_generate(model: &str, prompts: &[Vec<u32>]) {
+    let dir = super::fixture(model);
+    let reg = super::registry();
+    let mut target = LoadedModel::load_with(&dir, &reg, LoadPolicy::default()).unwrap();
+    let mut head = LoadedModel::load_head(&dir, "mtp", &reg, LoadPolicy::default()).unwrap();
+    assert_drafts_equal_generate(&mtp_catalog(model, 3), "mtp", prompts, 16, |p, opts| {
+        mtp::generate(&mut target, &mut head, p, &SamplingParams::default(), opts, |_| true).unwrap()
+    });
+}
+
+/// Three tokens after [17, 45, 45] at temperature 1 with top-k 3 and a
+/// repetition penalty of 1.5, drafted by fixture `model`'s MTP head
+/// (`mtp_catalog(model, 2)`) for 1200 seeds: the sequences follow the
+/// verifier's own distribution (`assert_follows`) and the head drafted.
+pub fn assert_sampled_mtp_follows_the_verifier(model: &str) {
+    let prompt = [17u32, 45, 45];
+    let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
+    let expected = verifier_sequences(model, &prompt, &params);
+    let (counts, drafted, _) = sample_sequences(&mtp_catalog(model, 2), "mtp", &prompt, &params, &expected);
+    assert_follows(&counts, &expected);
+    assert!(drafted > 0);
+}
+
+/// The served model `model` at `base`, with a drafter: 12 greedy tokens of
+/// `prompt` on /v1/completions carry (drafted, accepted) counts in `usage`,
+/// and `num_draft_tokens: 0` gives the same tokens without them. Returns
+/// the counts.
+pub async fn assert_api_usage_counts_drafts(base: &str, model: &str, prompt: &[u32]) -> (u64, u64) {
+    use serde_json::{json, Value};
+    let client = reqwest::Client::new();
+    let post = |k: Option<u32>| {
+        let mut b = json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0});
+        if let Some(k) = k {
+            b["num_draft_tokens"] = k.into();
+        }
+        let r = client.post(format!("{base}/v1/completions")).json(&b).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let (spec, off) = (post(None).await, post(Some(0)).await);
+    assert_eq!(spec["choices"][0]["token_ids"], off["choices"][0]["token_ids"]);
+    let u = &spec["usage"];
+    let (d, a) = (u["drafted_tokens"].as_u64().unwrap(), u["accepted_tokens"].as_u64().unwrap());
+    assert!(d > 0 && a <= d && u["completion_tokens"] == 12, "{u}");
+    assert!(off["usage"].get("drafted_tokens").is_none(), "{}", off["usage"]);
+    (d, a)
+}
+
+/// Serves fixture `model` as `id` with its own MTP head drafting 3 tokens
+/// (`serve_catalog`); returns the base URL.
+pub fn serve_with_mtp(id: &str, model: &str) -> String {
+    let dir = super::fixture(model);
+    let mut cat = ModelCatalog::discover(&[(Some(id.into()), dir.clone())], &[]).unwrap();
+    Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(dir, Some(3), Some("mtp")).unwrap());
+    serve_catalog(cat)
 }
