@@ -339,12 +339,12 @@ impl GptOssMoe {
 }
 
 impl FeedForward for GptOssMoe {
-    /// x: [B, L, D] -> [B, L, D]
+    /// x: [N, D], N = B*L (a `Decoder` block's rows) -> [N, D]
     fn forward(&self, x: &Array) -> Result<Array> {
-        let logits = self.router.forward(x)?; // [B, L, E]
-        let (inds, scores) = top_k_softmax(&logits, self.top_k)?; // [B, L, k]
-        let y = self.experts.forward(x, &inds)?; // [B, L, k, D]
-        combine(&y, &scores) // [B, L, D]
+        let logits = self.router.forward(x)?; // [N, E]
+        let (inds, scores) = top_k_softmax(&logits, self.top_k)?; // [N, k]
+        let y = self.experts.forward(x, &inds)?; // [N, k, D]
+        combine(&y, &scores) // [N, D]
     }
 }
 

@@ -207,7 +207,8 @@ impl FirstLayer {
     fn forward(&self, e: &Array, x: &Array, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let e = rms_norm(e, &self.input_layernorm, self.eps)?;
         let xn = rms_norm(x, &self.hidden_norm, self.eps)?;
-        let a = self.self_attn.forward(&concatenate(&[&e, &xn], -1)?, 0, pos, attn)?; // [B, L, D]
+        let bl = (x.dim(0), x.dim(1));
+        let a = self.self_attn.forward(&concatenate(&[&e, &xn], -1)?, bl, 0, pos, attn)?; // [B, L, D]
         let h = if self.norm_before_residual { xn.add(&a)? } else { x.add(&a)? };
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         Ok(h.add(&r)?)
@@ -352,7 +353,7 @@ impl ModelImpl for Eagle3 {
         let pos = Positions::PerRow(attn.offsets().add(Array::from_int(1))?); // mlx-vlm's positions
         let mut h = self.first.forward(&e, &x, &pos, attn)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32 + 1, &pos, attn)?;
+            h = layer.forward(&h, (b, l), i as u32 + 1, &pos, attn)?;
         }
         offer_hidden(attn, HEAD_STATE, &h)?;
         let s = rms_norm(&h, &self.norm, c.text.rms_norm_eps)?; // [B, L, D]

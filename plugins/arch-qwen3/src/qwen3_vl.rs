@@ -207,7 +207,8 @@ impl MRope {
 struct ImageInputs {
     mask: Array,         // bool [B, L, 1]
     main: Array,         // [B, L, D]
-    deep: Vec<Array>,    // S x [B, L, D]
+    row_mask: Array,     // bool [N, 1], N = B*L: `mask` over the decoder's rows
+    deep: Vec<Array>,    // S x [N, D]
 }
 
 impl ImageInputs {
@@ -224,9 +225,11 @@ impl ImageInputs {
                 features.shape()
             )));
         }
+        let n = features.dim(0) * features.dim(1);
         let mut parts = features.split_equal(1 + s as i32, -1)?.into_iter(); // (1+S) x [B, L, D]
         let main = parts.next().expect("1 + S parts");
-        Ok(Some(Self { mask: mask.expand_dims(-1)?, main, deep: parts.collect() }))
+        let deep = parts.map(|f| f.reshape(&[n, d])).collect::<std::result::Result<Vec<_>, _>>()?; // S x [N, D]
+        Ok(Some(Self { mask: mask.expand_dims(-1)?, main, row_mask: mask.reshape(&[n, 1])?, deep }))
     }
 
     /// Token embeddings h [B, L, D] with the main features at the mask.
@@ -234,11 +237,11 @@ impl ImageInputs {
         Ok(ops::select(&self.mask, &self.main.as_dtype(h.dtype())?, &h)?)
     }
 
-    /// Layer `layer`'s output h [B, L, D], plus deepstack feature `layer`
-    /// at the mask (when there is one).
+    /// Layer `layer`'s output as the decoder's rows h [N, D], plus
+    /// deepstack feature `layer` at the mask (when there is one).
     fn after(&self, layer: u32, h: Array) -> Result<Array> {
         match self.deep.get(layer as usize) {
-            Some(f) => Ok(ops::select(&self.mask, &h.add(&f.as_dtype(h.dtype())?)?, &h)?),
+            Some(f) => Ok(ops::select(&self.row_mask, &h.add(&f.as_dtype(h.dtype())?)?, &h)?),
             None => Ok(h),
         }
     }

@@ -11,9 +11,19 @@
 //! feed-forward may be any [`FeedForward`] (`Block::with_ffn`): the dense
 //! [`Mlp`] or a mixture of experts (moe.rs).
 //!
-//! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
-//! hd head_dim, F intermediate, V vocab.
-use crate::{finish, merge_heads, merge_inputs, offer_hidden, relu2, rms_norm, split_heads, swiglu, Positions, Rope};
+//! The residual stream runs as rows [N, D], N = B*L, from the embedding to
+//! the final norm: every linear then gets a 2-D input, which MLX's matmul
+//! takes as is (a [B, L, D] input costs it a Flatten and an Unflatten per
+//! linear, the same product otherwise). [B, L, ...] appears only where the
+//! shape means something: the heads, the host's hidden states, the merge of
+//! input features and the logits.
+//!
+//! Shapes: B batch, L new tokens, N = B*L rows, D hidden, H query heads,
+//! K kv heads, hd head_dim, F intermediate, V vocab.
+use crate::{
+    finish_rows, merge_heads, merge_heads_to_rows, merge_inputs, offer_hidden_rows, relu2, rms_norm, split_heads_of, swiglu,
+    Positions, Rope,
+};
 use crate::moe::swiglu_oai;
 use mlx_rs::Array;
 use rmlx_plugin_api::{
@@ -87,13 +97,13 @@ impl SelfAttention {
         self
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+    /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
+    pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let s = &self.spec;
         let [q, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().map_err(|_| PluginError::other("q/k/v: three outputs expected"))?;
-        let mut q = split_heads(&q, s.heads)?; // [B, H, L, hd]
-        let mut k = split_heads(&k, s.kv_heads)?; // [B, K, L, hd]
-        let v = split_heads(&v, s.kv_heads)?; // [B, K, L, hd]
+        let mut q = split_heads_of(&q, bl, s.heads)?; // [B, H, L, hd]
+        let mut k = split_heads_of(&k, bl, s.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads_of(&v, bl, s.kv_heads)?; // [B, K, L, hd]
         // RMSNorm over hd commutes with the head transpose.
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = rms_norm(&q, qn, s.eps)?;
@@ -103,7 +113,7 @@ impl SelfAttention {
         let k = s.rope.apply_at(&k, pos)?;
         let opts = AttendOpts::plain(self.scale).window(self.window).sinks(self.sinks.as_ref());
         let o = attn.attend(layer, q, k, v, &opts)?; // [B, H, L, hd]
-        let mut o = merge_heads(&o)?; // [B, L, H*hd]
+        let mut o = if x.ndim() == 2 { merge_heads_to_rows(&o)? } else { merge_heads(&o)? }; // [N | B, L, H*hd]
         if let Some(n) = &self.sub_norm {
             o = rms_norm(&o, n, s.eps)?;
         }
@@ -169,9 +179,9 @@ impl Mlp {
         self
     }
 
-    /// x: [B, L, D] -> [B, L, D]
+    /// x: [..., D] ([N, D] in a `Decoder`, or [B, L, D]) -> [..., D]
     pub fn forward(&self, x: &Array) -> Result<Array> {
-        let [gate, up]: [Array; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| PluginError::other("gate/up: two outputs expected"))?; // [B, L, F]
+        let [gate, up]: [Array; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| PluginError::other("gate/up: two outputs expected"))?; // [..., F]
         let mut h = self.act.apply(&gate, &up)?;
         if let Some((n, eps)) = &self.sub_norm {
             h = rms_norm(&h, n, *eps)?;
@@ -181,9 +191,10 @@ impl Mlp {
 }
 
 /// A block's feed-forward: the dense [`Mlp`], or a mixture of experts
-/// (`moe::SparseMoe`).
+/// (`moe::SparseMoe`). Token-wise, so any leading shape: a `Decoder`'s
+/// blocks pass rows [N, D], architectures with their own blocks [B, L, D].
 pub trait FeedForward: Send {
-    /// x: [B, L, D] -> [B, L, D]
+    /// x: [..., D] -> [..., D]
     fn forward(&self, x: &Array) -> Result<Array>;
 }
 
@@ -235,9 +246,9 @@ impl Block {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
+    /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
+    pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, bl, layer, pos, attn)?;
         let h = x.add(&r)?;
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         Ok(h.add(&r)?)
@@ -330,9 +341,9 @@ impl Decoder {
 
     /// `forward_at` with the token embeddings [B, L, D] merged with the
     /// host's input features by `merge` (`merge_inputs` by default), and
-    /// each block's output [B, L, D] passed through `after(layer, h)` before
-    /// the next block sees it (Qwen3-VL's deepstack adds image features
-    /// after its first layers).
+    /// each block's output as rows [N, D] (N = B*L, row-major over (B, L))
+    /// passed through `after(layer, h)` before the next block sees it
+    /// (Qwen3-VL's deepstack adds image features after its first layers).
     pub fn forward_with(
         &self,
         tokens: &Array,
@@ -341,13 +352,15 @@ impl Decoder {
         merge: impl FnOnce(Array, &dyn Attend) -> Result<Array>,
         mut after: impl FnMut(u32, Array) -> Result<Array>,
     ) -> Result<Array> {
-        let mut h = merge(self.embed_tokens.lookup(tokens)?, &*attn)?; // [B, L, D]
+        let bl = (tokens.dim(0), tokens.dim(1));
+        let h = merge(self.embed_tokens.lookup(tokens)?, &*attn)?; // [B, L, D]
+        let mut h = h.reshape(&[bl.0 * bl.1, -1])?; // [N, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = after(i as u32, layer.forward(&h, i as u32, pos, attn)?)?;
-            offer_hidden(attn, i as u32, &h)?;
+            h = after(i as u32, layer.forward(&h, bl, i as u32, pos, attn)?)?;
+            offer_hidden_rows(attn, i as u32, &h, bl)?;
         }
-        let h = rms_norm(&h, &self.norm, self.eps)?;
-        finish(h, attn, |h| match &self.lm_head {
+        let h = rms_norm(&h, &self.norm, self.eps)?; // [N, D]
+        finish_rows(h, bl, attn, |h| match &self.lm_head {
             Some(head) => head.forward(h),
             None => self.embed_tokens.as_linear(h),
         })

@@ -201,6 +201,41 @@ pub fn offer_hidden(attn: &mut dyn Attend, layer: u32, h: &Array) -> Result<()> 
     Ok(())
 }
 
+/// As `offer_hidden` for a residual stream carried as rows: `h` [N, D],
+/// N = B*L, reshaped to the [B, L, D] the host reads only when it asked.
+pub fn offer_hidden_rows(attn: &mut dyn Attend, layer: u32, h: &Array, (b, l): (i32, i32)) -> Result<()> {
+    if attn.wants_hidden(layer) {
+        attn.put_hidden(layer, &h.reshape(&[b, l, -1])?)?;
+    }
+    Ok(())
+}
+
+/// As `finish` for final normed hidden states carried as rows, `h` [N, D]
+/// with N = B*L: `head` maps rows [M, D] -> [M, V], and the result has the
+/// shape `finish` gives ([B, L, D], [B, L, V] or [B, 1, V]).
+pub fn finish_rows(
+    h: Array,
+    (b, l): (i32, i32),
+    attn: &dyn Attend,
+    head: impl FnOnce(&Array) -> Result<Array>,
+) -> Result<Array> {
+    match attn.output() {
+        Output::Hidden => Ok(h.reshape(&[b, l, -1])?),               // [B, L, D]
+        Output::AllLogits => Ok(head(&h)?.reshape(&[b, l, -1])?),    // [N, V] -> [B, L, V]
+        Output::LastLogits => {
+            let last = if l == 1 { h } else { h.take_axis(last_rows(b, l), 0)? }; // [B, D]
+            Ok(head(&last)?.reshape(&[b, 1, -1])?) // [B, V] -> [B, 1, V]
+        }
+        Output::Media => Err(rmlx_plugin_api::PluginError::unsupported("this model has no media encoder")),
+    }
+}
+
+/// int32 [B]: the row of each batch row's last position in [N, D], N = B*L.
+fn last_rows(b: i32, l: i32) -> Array {
+    let rows: Vec<i32> = (0..b).map(|r| r * l + l - 1).collect();
+    Array::from_slice(&rows, &[b])
+}
+
 /// The forward's output from the final normed hidden states `h` [B, L, D]:
 /// `h` itself, or `head` over the last or every position, as the host asked.
 pub fn finish(h: Array, attn: &dyn Attend, head: impl FnOnce(&Array) -> Result<Array>) -> Result<Array> {
@@ -240,7 +275,12 @@ pub fn last_position(h: &Array) -> Result<Array> {
 
 /// [B, L, heads*hd] -> [B, heads, L, hd]
 pub fn split_heads(x: &Array, heads: i32) -> Result<Array> {
-    let (b, l) = (x.dim(0), x.dim(1));
+    split_heads_of(x, (x.dim(0), x.dim(1)), heads)
+}
+
+/// x: [N, heads*hd] (N = B*L, row-major over (B, L)) or [B, L, heads*hd],
+/// `bl` = (B, L) -> [B, heads, L, hd]: one reshape and one transpose either way.
+pub fn split_heads_of(x: &Array, (b, l): (i32, i32), heads: i32) -> Result<Array> {
     Ok(x.reshape(&[b, l, heads, -1])?.transpose_axes(&[0, 2, 1, 3])?)
 }
 
@@ -250,4 +290,48 @@ pub fn merge_heads(x: &Array) -> Result<Array> {
     Ok(x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
 }
 
+/// [B, heads, L, hd] -> [N, heads*hd], N = B*L: the rows a 2-D residual
+/// stream carries (the same single reshape as `merge_heads`).
+pub fn merge_heads_to_rows(x: &Array) -> Result<Array> {
+    let (b, l) = (x.dim(0), x.dim(2));
+    Ok(x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, -1])?)
+}
+
 pub use ops::concatenate;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iota(shape: &[i32]) -> Array {
+        let n: i32 = shape.iter().product();
+        Array::from_slice(&(0..n).map(|v| v as f32).collect::<Vec<_>>(), shape)
+    }
+
+    fn same(a: &Array, b: &Array) -> bool {
+        a.shape() == b.shape() && a.as_slice::<f32>() == b.as_slice::<f32>()
+    }
+
+    /// Rows [B*L, H*hd] split like [B, L, H*hd], and merged back to rows.
+    #[test]
+    fn heads_from_and_to_rows_match_the_3d_layout() {
+        let (b, l, h, hd) = (2, 3, 4, 5);
+        let x = iota(&[b, l, h * hd]);
+        let rows = x.reshape(&[b * l, h * hd]).unwrap();
+        let heads = split_heads(&x, h).unwrap(); // [B, H, L, hd]
+        assert!(same(&split_heads_of(&rows, (b, l), h).unwrap().contiguous().unwrap(), &heads.contiguous().unwrap()));
+        let merged = merge_heads_to_rows(&heads).unwrap(); // [B*L, H*hd]
+        assert!(same(&merged, &rows));
+        assert!(same(&merge_heads(&heads).unwrap(), &x));
+    }
+
+    /// The last position's row of each batch row, as `last_position` picks it.
+    #[test]
+    fn last_rows_pick_each_rows_last_position() {
+        let (b, l, d) = (3, 4, 2);
+        let x = iota(&[b, l, d]);
+        let want = last_position(&x).unwrap().reshape(&[b, d]).unwrap(); // [B, D]
+        let got = x.reshape(&[b * l, d]).unwrap().take_axis(last_rows(b, l), 0).unwrap();
+        assert!(same(&got, &want));
+    }
+}

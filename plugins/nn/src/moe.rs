@@ -342,12 +342,12 @@ impl SparseMoe {
 }
 
 impl FeedForward for SparseMoe {
-    /// x: [B, L, D] -> [B, L, D]
+    /// x: [..., D] -> [..., D] (rows [N, D] in a `Decoder`)
     fn forward(&self, x: &Array) -> Result<Array> {
-        let logits = self.gate.forward(x)?; // [B, L, E]
-        let (inds, scores) = softmax_top_k(&logits, self.top_k, self.norm_topk_prob)?; // [B, L, k]
-        let y = self.switch_mlp.forward(x, &inds)?; // [B, L, k, D]
-        combine(&y, &scores) // [B, L, D]
+        let logits = self.gate.forward(x)?; // [..., E]
+        let (inds, scores) = softmax_top_k(&logits, self.top_k, self.norm_topk_prob)?; // [..., k]
+        let y = self.switch_mlp.forward(x, &inds)?; // [..., k, D]
+        combine(&y, &scores) // [..., D]
     }
 }
 

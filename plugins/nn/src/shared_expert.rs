@@ -2,7 +2,7 @@
 //! gate, as mlx-lm's `Qwen3NextSparseMoeBlock` (also qwen3_5's MoE and
 //! qwen2_moe's): y = moe(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
 //!
-//! Shapes: B batch, L new tokens, D hidden.
+//! Shapes: [...] any leading token shape ([B, L] or rows N = B*L), D hidden.
 use crate::decoder::{FeedForward, Mlp};
 use mlx_rs::{nn, Array};
 use rmlx_plugin_api::{
@@ -31,11 +31,11 @@ impl WithSharedExpert {
 }
 
 impl FeedForward for WithSharedExpert {
-    /// x: [B, L, D] -> [B, L, D]
+    /// x: [..., D] -> [..., D]
     fn forward(&self, x: &Array) -> Result<Array> {
-        let y = self.routed.forward(x)?; // [B, L, D]
-        let shared = self.shared_expert.forward(x)?; // [B, L, D]
-        let gate = nn::sigmoid(self.shared_expert_gate.forward(x)?)?; // [B, L, 1]
+        let y = self.routed.forward(x)?; // [..., D]
+        let shared = self.shared_expert.forward(x)?; // [..., D]
+        let gate = nn::sigmoid(self.shared_expert_gate.forward(x)?)?; // [..., 1]
         Ok(y.add(gate.multiply(&shared)?)?)
     }
 }
