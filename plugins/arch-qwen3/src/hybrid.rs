@@ -7,15 +7,19 @@
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, Hk/Hv linear key/value heads, Dk/Dv their sizes,
-//! E experts, V vocab.
+//! E experts, V vocab, N = B*L rows: the model carries its residual stream
+//! as rows [N, D] (as plugins/nn's Decoder), so every linear gets a 2-D
+//! input (MLX's matmul folds a [B, L, D] input with a Flatten + Unflatten);
+//! [B, L, ...] appears only where the shape means something (the heads, the
+//! conv over time, the recurrence).
 use mlx_rs::{nn, Array};
 use rmlx_nn::decoder::{FeedForward, Mlp};
 use rmlx_nn::gated_delta::{DeltaDims, GatedDeltaNet};
 use rmlx_nn::moe::SparseMoe;
 use rmlx_nn::shared_expert::WithSharedExpert;
 use rmlx_nn::{
-    finish, merge_heads, merge_inputs, offer_hidden, require_grouped_heads, require_positive, rms_norm,
-    split_heads, Positions, Rope,
+    finish_rows, merge_inputs, offer_hidden_rows, require_grouped_heads, require_positive, rms_norm,
+    split_heads_of, Positions, Rope,
 };
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
@@ -229,23 +233,44 @@ impl GatedAttention {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let (b, l) = (x.dim(0), x.dim(1));
+    /// x: [N, D] -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
+    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let (b, l) = bl;
         let qg = self.q_proj.forward(x)?.reshape(&[b, l, self.heads, 2 * self.head_dim])?; // [B, L, H, 2hd]
         let mut parts = qg.split_at_indices(&[self.head_dim], -1)?; // 2 x [B, L, H, hd]
-        let gate = parts.pop().expect("two parts").reshape(&[b, l, -1])?; // [B, L, H*hd]
+        let gate = parts.pop().expect("two parts"); // [B, L, H, hd]
         let q = rms_norm(&parts.pop().expect("two parts"), &self.q_norm, self.eps)?.transpose_axes(&[0, 2, 1, 3])?; // [B, H, L, hd]
-        let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
+        let k = split_heads_of(&self.k_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
         let k = rms_norm(&k, &self.k_norm, self.eps)?;
-        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads_of(&self.v_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
         let q = self.rope.apply_at(&q, pos)?;
         let k = self.rope.apply_at(&k, pos)?;
         let scale = (self.head_dim as f32).powf(-0.5);
         let o = attn.attend(layer, q, k, v, &AttendOpts::plain(scale))?; // [B, H, L, hd]
-        let o = merge_heads(&o)?; // [B, L, H*hd]
-        self.o_proj.forward(&o.multiply(nn::sigmoid(&gate)?)?)
+        // gated per head, then merged: [B, H, L, hd] -> [B, L, H, hd] -> [N | B, L, H*hd]
+        let o = o.transpose_axes(&[0, 2, 1, 3])?.multiply(nn::sigmoid(&gate)?)?;
+        self.o_proj.forward(&o.reshape(&lead_of(x, bl))?)
     }
+}
+
+/// The shape that keeps x's leading axes and flattens the rest: [N, -1] for
+/// rows [N, D], [B, L, -1] for [B, L, D].
+fn lead_of(x: &Array, (b, l): (i32, i32)) -> Vec<i32> {
+    if x.ndim() == 2 {
+        vec![b * l, -1]
+    } else {
+        vec![b, l, -1]
+    }
+}
+
+/// [B, L, ...] from rows [N, ...]; an input already [B, L, ...] as it is.
+fn unfold_rows(t: Array, (b, l): (i32, i32), rows: bool) -> Result<Array> {
+    if !rows {
+        return Ok(t);
+    }
+    let mut shape = vec![b, l];
+    shape.extend_from_slice(&t.shape()[1..]);
+    Ok(t.reshape(&shape)?)
 }
 
 // ---- DeltaNet ----
@@ -279,10 +304,11 @@ impl DeltaLayer {
         Ok(Self { input, net: GatedDeltaNet::load_layout(w, p, c.delta, c.hf_layout)? })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, attn: &mut dyn Attend) -> Result<Array> {
+    /// x: [N, D] -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
+    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, attn: &mut dyn Attend) -> Result<Array> {
         let d = self.net.dims();
-        let (bsz, l) = (x.dim(0), x.dim(1));
+        let (bsz, l) = bl;
+        let rows = x.ndim() == 2;
         let (qkv, z, b, a) = match &self.input {
             DeltaInput::Fused { qkvz, ba } => {
                 // mlx-lm's fix_query_key_value_ordering: per key head, the
@@ -292,20 +318,21 @@ impl DeltaLayer {
                 let s = g.split_at_indices(&[d.k_dim, 2 * d.k_dim, 2 * d.k_dim + r * d.v_dim], -1)?;
                 let flat = |t: &Array| t.reshape(&[bsz, l, -1]);
                 let qkv = rmlx_nn::concatenate(&[flat(&s[0])?, flat(&s[1])?, flat(&s[2])?], -1)?; // [B, L, C]
-                let z = s[3].reshape(&[bsz, l, d.v_heads, d.v_dim])?; // [B, L, Hv, Dv]
+                let z = s[3].reshape(&[bsz * l, d.value_dim()])?; // [N, Hv*Dv]
                 let ba = ba.forward(x)?.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2r]
                 let s = ba.split_at_indices(&[r], -1)?;
                 (qkv, z, s[0].reshape(&[bsz, l, d.v_heads])?, s[1].reshape(&[bsz, l, d.v_heads])?)
             }
             DeltaInput::Split { qkv, z, b, a } => (
-                qkv.forward(x)?,                                               // [B, L, C]
-                z.forward(x)?.reshape(&[bsz, l, d.v_heads, d.v_dim])?,         // [B, L, Hv, Dv]
-                b.forward(x)?,                                                 // [B, L, Hv]
-                a.forward(x)?,                                                 // [B, L, Hv]
+                unfold_rows(qkv.forward(x)?, bl, rows)?,               // [B, L, C]
+                z.forward(x)?,                                         // [N | B, L, Hv*Dv]
+                unfold_rows(b.forward(x)?, bl, rows)?,                 // [B, L, Hv]
+                unfold_rows(a.forward(x)?, bl, rows)?,                 // [B, L, Hv]
             ),
         };
         let (qkv, b, a) = mask_padding(qkv, b, a, attn)?;
-        self.net.mix(&qkv, &z, &b, &a, layer, attn) // [B, L, D]
+        let y = self.net.mix(&qkv, &z, &b, &a, layer, attn)?; // [N, D]
+        unfold_rows(y, bl, !rows) // back to x's rank: [N, D] | [B, L, D]
     }
 }
 
@@ -342,7 +369,7 @@ fn mask_padding(qkv: Array, b: Array, a: Array, attn: &dyn Attend) -> Result<(Ar
 
 // ---- MLP / MoE ----
 
-/// Layer i's feed-forward under `p` (`...layers.{i}.mlp`): x [B, L, D] -> [B, L, D].
+/// Layer i's feed-forward under `p` (`...layers.{i}.mlp`): x [..., D] -> [..., D].
 fn feed_forward(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Box<dyn FeedForward>> {
     if !c.is_sparse(i) {
         return Ok(Box::new(Mlp::load(w, p)?)); // [D] -> [intermediate_size] -> [D]
@@ -385,12 +412,12 @@ impl HybridBlock {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    pub(crate) fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+    /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
+    pub(crate) fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let n = rms_norm(x, &self.input_layernorm, self.eps)?;
         let r = match &self.mixer {
-            Mixer::Attention(a) => a.forward(&n, layer, pos, attn)?,
-            Mixer::Delta(d) => d.forward(&n, layer, attn)?,
+            Mixer::Attention(a) => a.forward(&n, bl, layer, pos, attn)?,
+            Mixer::Delta(d) => d.forward(&n, bl, layer, attn)?,
         };
         let h = x.add(&r)?;
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
@@ -477,13 +504,15 @@ impl ModelImpl for HybridModel {
     /// tokens: [B, L] -> logits [B, L | 1, V], or hidden states [B, L, D]
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let pos = Positions::of(attn); // each row's first position
-        let mut h = merge_inputs(self.embed_tokens.lookup(tokens)?, attn)?; // [B, L, D]
+        let bl = (tokens.dim(0), tokens.dim(1));
+        let h = merge_inputs(self.embed_tokens.lookup(tokens)?, attn)?; // [B, L, D]
+        let mut h = h.reshape(&[bl.0 * bl.1, -1])?; // [N, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
-            offer_hidden(attn, i as u32, &h)?;
+            h = layer.forward(&h, bl, i as u32, &pos, attn)?;
+            offer_hidden_rows(attn, i as u32, &h, bl)?;
         }
-        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
-        finish(h, attn, |h| match &self.lm_head {
+        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?; // [N, D]
+        finish_rows(h, bl, attn, |h| match &self.lm_head {
             Some(head) => head.forward(h),
             None => self.embed_tokens.as_linear(h),
         })

@@ -161,7 +161,7 @@ impl ModelImpl for Qwen3_5Mtp {
         )?; // [B, L, 2D]
         let mut h = self.fc.forward(&x)?; // [B, L, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
+            h = layer.forward(&h, (b, l), i as u32, &pos, attn)?;
         }
         let s = rms_norm(&h, &self.norm, eps)?; // [B, L, D]
         offer_hidden(attn, HEAD_STATE, &s)?;

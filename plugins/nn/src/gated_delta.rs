@@ -33,9 +33,20 @@ use rmlx_plugin_api::{
 /// float32 as mlx-lm's `compute_g`: a [B, L, Hv], A_log, dt_bias [Hv] ->
 /// [B, L, Hv].
 pub fn compute_g(a_log: &Array, a: &Array, dt_bias: &Array) -> Result<Array> {
-    let decay_rate = a_log.as_dtype(Dtype::Float32)?.exp()?; // [Hv]
+    compute_g_from(&neg_decay_rate(a_log)?, a, dt_bias)
+}
+
+/// -exp(A_log) in float32 [Hv]: the factor of `compute_g` that depends on
+/// the weights alone (a layer computes it once, at load).
+pub fn neg_decay_rate(a_log: &Array) -> Result<Array> {
+    Ok(a_log.as_dtype(Dtype::Float32)?.exp()?.negative()?)
+}
+
+/// `compute_g` with its weight-only factor given: `neg_decay` =
+/// [`neg_decay_rate`] (A_log) [Hv]; the same ops in the same order.
+pub fn compute_g_from(neg_decay: &Array, a: &Array, dt_bias: &Array) -> Result<Array> {
     let sp = nn::softplus(a.add(dt_bias)?)?; // [B, L, Hv]
-    Ok(decay_rate.negative()?.multiply(&sp)?.exp()?)
+    Ok(neg_decay.multiply(&sp)?.exp()?)
 }
 
 /// L2-normalises q and k over the head size and folds the `Dk^-0.5`
@@ -43,10 +54,28 @@ pub fn compute_g(a_log: &Array, a: &Array, dt_bias: &Array) -> Result<Array> {
 /// sum(x²), so `fast::rms_norm` (which adds it to mean(x²)) gets
 /// eps * inv_scale². q, k: [B, L, Hk, Dk].
 pub fn normalize_qk(q: &Array, k: &Array, inv_scale: f32, eps: f32) -> Result<(Array, Array)> {
-    let rms_eps = eps * inv_scale * inv_scale;
-    let s = |v: f32, like: &Array| Array::from_f32(v).as_dtype(like.dtype());
-    let q = fast::rms_norm(q, None, rms_eps)?.multiply(s(inv_scale * inv_scale, q)?)?;
-    let k = fast::rms_norm(k, None, rms_eps)?.multiply(s(inv_scale, k)?)?;
+    normalize_qk_by(q, k, &QkScales::new(inv_scale, eps, q.dtype())?)
+}
+
+/// The constants of [`normalize_qk`] for one head size and dtype: made (and
+/// cast) once, so a step's graph holds no cast of a scalar.
+struct QkScales {
+    rms_eps: f32,
+    q: Array, // 0-d: inv_scale², in `dtype`
+    k: Array, // 0-d: inv_scale, in `dtype`
+}
+
+impl QkScales {
+    fn new(inv_scale: f32, eps: f32, dtype: Dtype) -> Result<Self> {
+        let s = |v: f32| Array::from_f32(v).as_dtype(dtype);
+        Ok(Self { rms_eps: eps * inv_scale * inv_scale, q: s(inv_scale * inv_scale)?, k: s(inv_scale)? })
+    }
+}
+
+/// [`normalize_qk`] with its constants given (in q's and k's dtype).
+fn normalize_qk_by(q: &Array, k: &Array, s: &QkScales) -> Result<(Array, Array)> {
+    let q = fast::rms_norm(q, None, s.rms_eps)?.multiply(&s.q)?;
+    let k = fast::rms_norm(k, None, s.rms_eps)?.multiply(&s.k)?;
     Ok((q, k))
 }
 
@@ -218,8 +247,24 @@ pub fn gated_delta_update(
     dt_bias: &Array,
     state: Option<Array>,
 ) -> Result<(Array, Array)> {
+    update_with_decay(q, k, v, a, b, &neg_decay_rate(a_log)?, dt_bias, state)
+}
+
+/// [`gated_delta_update`] with -exp(A_log) given (`neg_decay` [Hv] float32,
+/// from [`neg_decay_rate`]).
+#[allow(clippy::too_many_arguments)]
+fn update_with_decay(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    a: &Array,
+    b: &Array,
+    neg_decay: &Array,
+    dt_bias: &Array,
+    state: Option<Array>,
+) -> Result<(Array, Array)> {
     let beta = nn::sigmoid(b)?; // [B, L, Hv]
-    let g = compute_g(a_log, a, dt_bias)?; // [B, L, Hv] float32
+    let g = compute_g_from(neg_decay, a, dt_bias)?; // [B, L, Hv] float32
     let state = match state {
         Some(s) => s,
         None => ops::zeros_dtype(&[q.dim(0), v.dim(2), v.dim(3), q.dim(3)], Dtype::Float32)?,
@@ -231,9 +276,14 @@ pub fn gated_delta_update(
 
 /// `Qwen3NextRMSNormGated` with a gate: rms_norm(x) * silu(gate), the
 /// product in float32 (mlx-lm's `precise_swiglu`), cast back to x's dtype.
-/// x, gate: [..., Dv], weight [Dv].
+/// x: [..., Dv], weight [Dv]; gate: x's shape, or another shape of as many
+/// values (the rows [N, Hv*Dv] of x [B, L, Hv, Dv]): the normed x takes
+/// gate's shape, and so does the result.
 pub fn rms_norm_gated(x: &Array, gate: &Array, weight: &Array, eps: f32) -> Result<Array> {
-    let n = fast::rms_norm(x, Some(weight), eps)?;
+    let mut n = fast::rms_norm(x, Some(weight), eps)?;
+    if n.shape() != gate.shape() {
+        n = n.reshape(gate.shape())?;
+    }
     let g = nn::silu(gate.as_dtype(Dtype::Float32)?)?;
     Ok(g.multiply(n.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?)
 }
@@ -271,6 +321,26 @@ impl DeltaDims {
     }
 }
 
+/// The conv's output [B, L, C] as q, k [B, L, Hk, Dk] and v [B, L, Hv, Dv]
+/// (views of the same values). With Dk = Dv the channels are Hk + Hk + Hv
+/// heads of one size: one reshape, one split over heads; else a split over
+/// channels and a reshape of each part.
+fn split_qkv(conv_out: &Array, d: &DeltaDims) -> Result<[Array; 3]> {
+    let (bsz, l) = (conv_out.dim(0), conv_out.dim(1));
+    let parts = if d.k_dim == d.v_dim {
+        let heads = conv_out.reshape(&[bsz, l, 2 * d.k_heads + d.v_heads, d.k_dim])?; // [B, L, 2Hk+Hv, Dk]
+        heads.split_at_indices(&[d.k_heads, 2 * d.k_heads], 2)?
+    } else {
+        let parts = conv_out.split_at_indices(&[d.key_dim(), 2 * d.key_dim()], -1)?;
+        vec![
+            parts[0].reshape(&[bsz, l, d.k_heads, d.k_dim])?,
+            parts[1].reshape(&[bsz, l, d.k_heads, d.k_dim])?,
+            parts[2].reshape(&[bsz, l, d.v_heads, d.v_dim])?,
+        ]
+    };
+    parts.try_into().map_err(|_| PluginError::other("q, k, v: three parts expected"))
+}
+
 /// What a gated DeltaNet layer does after its input projections: the causal
 /// depthwise conv over [q, k, v] (with the last K-1 inputs as state), SiLU,
 /// q/k normalisation, the gated delta recurrence, the gated RMSNorm with z,
@@ -278,12 +348,20 @@ impl DeltaDims {
 /// `in_proj_qkvz`, `in_proj_ba`) and qwen3_5 (four of them), so the
 /// architectures compute them and call [`GatedDeltaNet::mix`].
 pub struct GatedDeltaNet {
-    conv1d: Array,  // [C, K, 1]: one K-tap filter per channel
-    a_log: Array,   // [Hv]
-    dt_bias: Array, // [Hv]
+    conv1d: Array,    // [C, K, 1]: one K-tap filter per channel
+    neg_decay: Array, // [Hv] float32: -exp(A_log), computed at load
+    dt_bias: Array,   // [Hv]
     norm: Array,    // [Dv]
     out_proj: LinearLayer, // [Hv*Dv] -> [D]
+    /// normalize_qk's constants in the norm weight's dtype (the activations'
+    /// as loaded; a step in another dtype makes its own).
+    qk_scales: QkScales,
     dims: DeltaDims,
+}
+
+/// normalize_qk's readout scale Dk^-0.5 and epsilon (mlx-lm's).
+fn qk_scales(dims: &DeltaDims, dtype: Dtype) -> Result<QkScales> {
+    QkScales::new((dims.k_dim as f32).powf(-0.5), 1e-6, dtype)
 }
 
 impl GatedDeltaNet {
@@ -320,11 +398,14 @@ impl GatedDeltaNet {
             }
             Ok(t)
         };
-        let a_log = vec(w, "A_log", dims.v_heads)?;
+        let neg_decay = neg_decay_rate(&vec(w, "A_log", dims.v_heads)?)?;
+        neg_decay.eval()?; // once, not in every step's graph
         let dt_bias = vec(w, "dt_bias", dims.v_heads)?;
         let norm = vec(w, "norm.weight", dims.v_dim)?;
         let out_proj = w.linear(&format!("{p}.out_proj"))?;
-        Ok(Self { conv1d, a_log, dt_bias, norm, out_proj, dims })
+        let qk_scales = qk_scales(&dims, norm.dtype())?;
+        mlx_rs::transforms::eval([&qk_scales.q, &qk_scales.k])?;
+        Ok(Self { conv1d, neg_decay, dt_bias, norm, out_proj, qk_scales, dims })
     }
 
     pub fn dims(&self) -> DeltaDims {
@@ -344,9 +425,11 @@ impl GatedDeltaNet {
         Ok((nn::silu(out)?, new_state))
     }
 
+
     /// The mixer after the projections: `qkv` [B, L, C] (q, k, v each
-    /// flattened over heads, in that order), `z` [B, L, Hv, Dv], `b`, `a`
-    /// [B, L, Hv] -> [B, L, D]. Reads and sets `layer`'s state.
+    /// flattened over heads, in that order), `z` rows [N, Hv*Dv] (N = B*L;
+    /// another shape is reshaped to them), `b`, `a` [B, L, Hv] -> rows
+    /// [N, D]. Reads and sets `layer`'s state.
     pub fn mix(&self, qkv: &Array, z: &Array, b: &Array, a: &Array, layer: u32, attn: &mut dyn Attend) -> Result<Array> {
         let d = self.dims;
         let (bsz, l) = (qkv.dim(0), qkv.dim(1));
@@ -368,15 +451,17 @@ impl GatedDeltaNet {
             }
         };
         let (conv_out, conv_state) = self.conv(qkv, &conv_state)?; // [B, L, C], [B, K-1, C]
-        let parts = conv_out.split_at_indices(&[d.key_dim(), 2 * d.key_dim()], -1)?;
-        let q = parts[0].reshape(&[bsz, l, d.k_heads, d.k_dim])?; // [B, L, Hk, Dk]
-        let k = parts[1].reshape(&[bsz, l, d.k_heads, d.k_dim])?; // [B, L, Hk, Dk]
-        let v = parts[2].reshape(&[bsz, l, d.v_heads, d.v_dim])?; // [B, L, Hv, Dv]
-        let (q, k) = normalize_qk(&q, &k, (d.k_dim as f32).powf(-0.5), 1e-6)?;
-        let (y, ssm_state) = gated_delta_update(&q, &k, &v, a, b, &self.a_log, &self.dt_bias, ssm_state)?;
+        let [q, k, v] = split_qkv(&conv_out, &d)?;
+        let (q, k) = if q.dtype() == self.qk_scales.q.dtype() {
+            normalize_qk_by(&q, &k, &self.qk_scales)?
+        } else {
+            normalize_qk_by(&q, &k, &qk_scales(&d, q.dtype())?)?
+        };
+        let (y, ssm_state) = update_with_decay(&q, &k, &v, a, b, &self.neg_decay, &self.dt_bias, ssm_state)?;
         attn.set_state(layer, vec![conv_state, ssm_state])?;
-        let y = rms_norm_gated(&y, z, &self.norm, d.eps)?; // [B, L, Hv, Dv]
-        self.out_proj.forward(&y.reshape(&[bsz, l, -1])?) // [B, L, D]
+        let z = if z.ndim() == 2 { z.clone() } else { z.reshape(&[bsz * l, -1])? }; // [N, Hv*Dv]
+        let y = rms_norm_gated(&y, &z, &self.norm, d.eps)?; // [B, L, Hv, Dv] normed -> [N, Hv*Dv]
+        self.out_proj.forward(&y) // [N, D]
     }
 }
 
@@ -388,6 +473,45 @@ mod tests {
     fn max_diff(a: &Array, b: &Array) -> f32 {
         assert_eq!(a.shape(), b.shape());
         a.subtract(b).unwrap().abs().unwrap().max(None).unwrap().item_cast::<f32>()
+    }
+
+    fn dims(k_heads: i32, v_heads: i32, k_dim: i32, v_dim: i32) -> DeltaDims {
+        DeltaDims { hidden: 8, k_heads, v_heads, k_dim, v_dim, conv_kernel: 4, eps: 1e-6 }
+    }
+
+    /// q, k, v split from the conv's channels: with Dk = Dv (one reshape,
+    /// a split over heads) and without, the same values as a split over
+    /// channels with each part reshaped to its heads.
+    #[test]
+    fn split_qkv_matches_the_channel_split() {
+        for d in [dims(2, 4, 3, 3), dims(2, 4, 3, 5)] {
+            let (b, l, c) = (2, 3, d.conv_dim());
+            let x = Array::from_slice(&(0..b * l * c).map(|v| v as f32).collect::<Vec<_>>(), &[b, l, c]);
+            let parts = x.split_at_indices(&[d.key_dim(), 2 * d.key_dim()], -1).unwrap();
+            let want = [
+                parts[0].reshape(&[b, l, d.k_heads, d.k_dim]).unwrap(),
+                parts[1].reshape(&[b, l, d.k_heads, d.k_dim]).unwrap(),
+                parts[2].reshape(&[b, l, d.v_heads, d.v_dim]).unwrap(),
+            ];
+            for (got, want) in split_qkv(&x, &d).unwrap().iter().zip(&want) {
+                assert_eq!(got.shape(), want.shape());
+                assert!(got.eq_values(want).unwrap(), "{:?}", d); // views: compared by value, not memory
+            }
+        }
+    }
+
+    /// The gated norm with a gate given as rows [N, Hv*Dv] is the gated norm
+    /// over [B, L, Hv, Dv] reshaped to rows, bit for bit.
+    #[test]
+    fn gated_norm_with_row_gate_equals_the_head_layout() {
+        random::seed(3).unwrap();
+        let n = |s: &[i32]| random::normal::<f32>(s, None, None, None).unwrap();
+        let (b, l, hv, dv) = (2, 3, 4, 5);
+        let (y, z, w) = (n(&[b, l, hv, dv]), n(&[b, l, hv, dv]), n(&[dv]));
+        let heads = rms_norm_gated(&y, &z, &w, 1e-6).unwrap().reshape(&[b * l, hv * dv]).unwrap();
+        let rows = rms_norm_gated(&y, &z.reshape(&[b * l, hv * dv]).unwrap(), &w, 1e-6).unwrap();
+        assert_eq!(rows.shape(), [b * l, hv * dv]);
+        assert_eq!(rows.as_slice::<f32>(), heads.as_slice::<f32>());
     }
 
     /// Running L tokens at once equals running them in two pieces with the
