@@ -11,14 +11,20 @@
 //! - the output head tied to the embedding unless `lm_head` is in the
 //!   checkpoint (mlx-lm's `sanitize`; config's `tie_word_embeddings` is not read).
 //!
-//! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
-//! hd head_dim, V vocab.
+//! The residual stream runs as rows [N, D], N = B*L, from the embedding
+//! scale to the final norm, so every linear gets a 2-D input (MLX's matmul
+//! adds a Flatten and an Unflatten for a [B, L, D] one; the same product
+//! otherwise); [B, L, ...] only for the heads, the host's hidden states,
+//! the merge of input features and the logits.
+//!
+//! Shapes: B batch, L new tokens, N = B*L rows, D hidden, H query heads,
+//! K kv heads, hd head_dim, V vocab.
 use mlx_rs::Array;
 use rmlx_nn::decoder::{model_spec, Dims};
 use rmlx_nn::gemma::{clip_residual, scale_embeddings, GeluMlp, GemmaNorm};
 use rmlx_nn::{
-    finish, merge_heads, merge_inputs, offer_hidden, parse_config, require_grouped_heads, require_positive, split_heads,
-    Positions, Rope,
+    finish_rows, merge_heads_to_rows, merge_inputs, offer_hidden_rows, parse_config, require_grouped_heads, require_positive,
+    split_heads_of, Positions, Rope,
 };
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Output, Result, Weights},
@@ -277,15 +283,15 @@ impl GemmaAttention {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?; // [B, H, L, hd]
-        let k = split_heads(&self.k_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
-        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
+    /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
+    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let q = split_heads_of(&self.q_proj.forward(x)?, bl, self.heads)?; // [B, H, L, hd]
+        let k = split_heads_of(&self.k_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads_of(&self.v_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
         let q = self.rope.apply_at(&self.q_norm.forward(&q)?, pos)?; // [B, H, L, hd]
         let k = self.rope.apply_at(&self.k_norm.forward(&k)?, pos)?; // [B, K, L, hd]
         let o = attn.attend(layer, q, k, v, &AttendOpts::plain(self.scale).window(self.window))?; // [B, H, L, hd]
-        self.o_proj.forward(&merge_heads(&o)?)
+        self.o_proj.forward(&merge_heads_to_rows(&o)?) // [N, H*hd] -> [N, D]
     }
 }
 
@@ -317,9 +323,9 @@ impl GemmaBlock {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, layer, pos, attn)?;
+    /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
+    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let r = self.self_attn.forward(&self.input_layernorm.forward(x)?, bl, layer, pos, attn)?;
         let h = clip_residual(x, &self.post_attention_layernorm.forward(&r)?)?;
         let r = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
         clip_residual(&h, &self.post_feedforward_layernorm.forward(&r)?)
@@ -365,18 +371,21 @@ impl ModelImpl for Gemma3Text {
             return Err(PluginError::unsupported("gemma3_text has no media encoder (model_type gemma3 has one)"));
         }
         let pos = Positions::of(attn); // each row's first position
+        let bl = (tokens.dim(0), tokens.dim(1));
         let h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         // mlx-vlm merges image features before the embedding scale.
         let h = merge_inputs(h, attn)?; // [B, L, D]
-        let mut h = scale_embeddings(&h, self.config.hidden_size)?; // [B, L, D]
+        let h = scale_embeddings(&h, self.config.hidden_size)?; // [B, L, D]
+        let mut h = h.reshape(&[bl.0 * bl.1, -1])?; // [N, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
-            offer_hidden(attn, i as u32, &h)?;
+            h = layer.forward(&h, bl, i as u32, &pos, attn)?;
+            offer_hidden_rows(attn, i as u32, &h, bl)?;
         }
-        let h = self.norm.forward(&h)?; // [B, L, D]
-        finish(h, attn, |h| match &self.lm_head {
-            Some(head) => head.forward(h),         // [B, L | 1, V]
-            None => self.embed_tokens.as_linear(h), // [B, L | 1, V]
+        let h = self.norm.forward(&h)?; // [N, D]
+        // -> [B, L, D] hidden, [B, L, V] or [B, 1, V] logits
+        finish_rows(h, bl, attn, |h| match &self.lm_head {
+            Some(head) => head.forward(h),         // rows [N | B, D] -> [N | B, V]
+            None => self.embed_tokens.as_linear(h), // rows [N | B, D] -> [N | B, V]
         })
     }
 }

@@ -21,7 +21,15 @@
 //! - the head tied to the embedding unless `tie_word_embeddings` is false,
 //!   then soft-capped (`final_logit_softcapping`).
 //!
-//! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
+//! The residual stream runs as rows [N, D], N = B*L, from the scaled
+//! embeddings to the final norm, so every linear gets a 2-D input (MLX's
+//! matmul adds a Flatten and an Unflatten for a [B, L, D] one; the same
+//! product otherwise); [B, L, ...] only for the token embeddings and the
+//! merge of input features, the heads, the host's hidden states and the
+//! logits.
+//!
+//! Shapes: B batch, L new tokens, N = B*L rows, D hidden, H query heads,
+//! K kv heads, hd head_dim, NL layers, P per-layer input size, V vocab.
 //!
 //! Files: gemma4_text/config.rs (the config and each layer's shape),
 //! gemma4_text/layers.rs (attention, MLP/experts, the block); this file the
@@ -34,7 +42,7 @@ use layers::Gemma4Block;
 use mlx_rs::{ops, Array};
 use rmlx_nn::decoder::{model_spec, Dims};
 use rmlx_nn::gemma::logit_softcap;
-use rmlx_nn::{finish, merge_inputs, offer_hidden, rms_norm, Positions};
+use rmlx_nn::{finish_rows, merge_inputs, offer_hidden_rows, rms_norm, Positions};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     cache_kind, LayerCache, ModelSpec, PluginError,
@@ -45,8 +53,8 @@ use rmlx_plugin_api::{
 /// The model-level half of the per-layer inputs: token embeddings of their
 /// own plus a projection of the scaled input embeddings.
 struct PerLayerInputs {
-    embed_tokens_per_layer: EmbeddingLayer,   // [V, N*P]
-    per_layer_model_projection: LinearLayer, // [D] -> [N*P]
+    embed_tokens_per_layer: EmbeddingLayer,   // [V, NL*P]
+    per_layer_model_projection: LinearLayer, // [D] -> [NL*P]
     per_layer_projection_norm: Array,         // [P]
     layers: i32,
     size: i32,
@@ -55,16 +63,17 @@ struct PerLayerInputs {
 }
 
 impl PerLayerInputs {
-    /// tokens: [B, L], h: the scaled embeddings [B, L, D] -> N x [B, L, P]
+    /// tokens: [B, L], h: the scaled embeddings as rows [N, D], N = B*L
+    /// -> NL x [N, P]
     fn forward(&self, tokens: &Array, h: &Array) -> Result<Vec<Array>> {
         let s = |v: f64| Array::from_f32(v as f32).as_dtype(h.dtype());
-        let (n, p) = (self.layers, self.size);
-        let own = self.embed_tokens_per_layer.lookup(tokens)?.multiply(s((p as f64).sqrt())?)?; // [B, L, N*P]
-        let own = ops::unflatten(&own, -1, &[n, p])?; // [B, L, N, P]
-        let proj = self.per_layer_model_projection.forward(h)?.multiply(s((self.hidden as f64).powf(-0.5))?)?; // [B, L, N*P]
-        let proj = rms_norm(&ops::unflatten(&proj, -1, &[n, p])?, &self.per_layer_projection_norm, self.eps)?; // [B, L, N, P]
-        let all = proj.add(&own)?.multiply(s(0.5f64.sqrt())?)?; // [B, L, N, P]
-        all.split_equal(n, 2)?.into_iter().map(|x| Ok(x.squeeze_axes(&[2])?)).collect() // N x [B, L, P]
+        let (nl, p, rows) = (self.layers, self.size, h.dim(0));
+        let own = self.embed_tokens_per_layer.lookup(tokens)?.multiply(s((p as f64).sqrt())?)?; // [B, L, NL*P]
+        let own = own.reshape(&[rows, nl, p])?; // [N, NL, P]
+        let proj = self.per_layer_model_projection.forward(h)?.multiply(s((self.hidden as f64).powf(-0.5))?)?; // [N, NL*P]
+        let proj = rms_norm(&ops::unflatten(&proj, -1, &[nl, p])?, &self.per_layer_projection_norm, self.eps)?; // [N, NL, P]
+        let all = proj.add(&own)?.multiply(s(0.5f64.sqrt())?)?; // [N, NL, P]
+        all.split_equal(nl, 1)?.into_iter().map(|x| Ok(x.squeeze_axes(&[1])?)).collect() // NL x [N, P]
     }
 }
 
@@ -178,30 +187,33 @@ impl ModelImpl for Gemma4Text {
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let c = &self.config;
         let pos = Positions::of(attn); // each row's first position
+        let bl = (tokens.dim(0), tokens.dim(1));
         let h = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         let scale = |h: Array| -> Result<Array> {
             Ok(h.multiply(Array::from_f32((c.hidden_size as f64).sqrt() as f32).as_dtype(h.dtype())?)?)
         };
         // Text-only gemma4_text merges input features before the scale;
         // inside gemma4, mlx-vlm merges them after it.
-        let mut h = match self.mm {
+        let h = match self.mm {
             None => scale(merge_inputs(h, attn)?)?,   // [B, L, D]
             Some(_) => merge_inputs(scale(h)?, attn)?, // [B, L, D]
         };
+        let mut h = h.reshape(&[bl.0 * bl.1, -1])?; // [N, D]
         let per_layer = match &self.per_layer_inputs {
-            Some(p) => p.forward(&self.per_layer_tokens(tokens)?, &h)?.into_iter().map(Some).collect(), // N x [B, L, P]
+            Some(p) => p.forward(&self.per_layer_tokens(tokens)?, &h)?.into_iter().map(Some).collect(), // NL x [N, P]
             None => vec![None; self.layers.len()],
         };
         for (i, (layer, pli)) in self.layers.iter().zip(&per_layer).enumerate() {
-            h = layer.forward(&h, pli.as_ref(), i as u32, &pos, attn)?;
-            offer_hidden(attn, i as u32, &h)?;
+            h = layer.forward(&h, bl, pli.as_ref(), i as u32, &pos, attn)?;
+            offer_hidden_rows(attn, i as u32, &h, bl)?;
         }
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?; // [B, L, D]
+        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?; // [N, D]
         let cap = c.final_logit_softcapping;
-        finish(h, attn, |h| {
+        // -> [B, L, D] hidden, [B, L, V] or [B, 1, V] logits
+        finish_rows(h, bl, attn, |h| {
             let logits = match &self.lm_head {
-                Some(head) => head.forward(h)?,         // [B, L | 1, V]
-                None => self.embed_tokens.as_linear(h)?, // [B, L | 1, V]
+                Some(head) => head.forward(h)?,         // rows [N | B, D] -> [N | B, V]
+                None => self.embed_tokens.as_linear(h)?, // rows [N | B, D] -> [N | B, V]
             };
             match cap {
                 Some(cap) => logit_softcap(&logits, cap as f32),

@@ -1,12 +1,13 @@
 //! gemma4_text's decoder block: attention (own or shared K/V, per-type
 //! head size and RoPE), the GELU MLP with optional experts beside it, and
-//! the per-layer input gate. Shapes as in gemma4_text.rs.
+//! the per-layer input gate. Shapes as in gemma4_text.rs (rows [N, D],
+//! N = B*L, outside the heads).
 use super::config::Config;
 use mlx_rs::{ops, Array};
 use rmlx_nn::decoder::GateAct;
 use rmlx_nn::gemma::{gelu_approx, rms_norm_no_scale, GeluMlp, ScaledRouter};
 use rmlx_nn::moe::{combine, SwitchGlu};
-use rmlx_nn::{merge_heads, rms_norm, split_heads, Positions, Rope};
+use rmlx_nn::{merge_heads_to_rows, rms_norm, split_heads_of, Positions, Rope};
 use rmlx_plugin_api::author::{Attend, AttendOpts, LinearLayer, Result, Weights};
 
 // ---- attention ----
@@ -53,15 +54,15 @@ impl Gemma4Attention {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let q = split_heads(&self.q_proj.forward(x)?, self.heads)?; // [B, H, L, hd]
+    /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
+    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let q = split_heads_of(&self.q_proj.forward(x)?, bl, self.heads)?; // [B, H, L, hd]
         let q = self.rope.apply_at(&rms_norm(&q, &self.q_norm, self.eps)?, pos)?; // [B, H, L, hd]
         let (k, v) = match &self.kv {
             Some(kv) => {
-                let raw = split_heads(&kv.k_proj.forward(x)?, self.kv_heads)?; // [B, K, L, hd]
+                let raw = split_heads_of(&kv.k_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
                 let v = match &kv.v_proj {
-                    Some(v_proj) => split_heads(&v_proj.forward(x)?, self.kv_heads)?, // [B, K, L, hd]
+                    Some(v_proj) => split_heads_of(&v_proj.forward(x)?, bl, self.kv_heads)?, // [B, K, L, hd]
                     None => raw.clone(),
                 };
                 let k = self.rope.apply_at(&rms_norm(&raw, &kv.k_norm, self.eps)?, pos)?; // [B, K, L, hd]
@@ -75,7 +76,7 @@ impl Gemma4Attention {
             }
         };
         let o = attn.attend(layer, q, k, v, &AttendOpts::plain(1.0).window(self.window))?; // [B, H, L, hd]
-        self.o_proj.forward(&merge_heads(&o)?)
+        self.o_proj.forward(&merge_heads_to_rows(&o)?) // [N, H*hd] -> [N, D]
     }
 }
 
@@ -154,33 +155,34 @@ impl Gemma4Block {
         })
     }
 
-    /// x: [B, L, D], per_layer_input: [B, L, P] -> [B, L, D]
+    /// x: [N, D], N = B*L, per_layer_input: [N, P] -> [N, D]; `bl` = (B, L).
     pub(super) fn forward(
         &self,
         x: &Array,
+        bl: (i32, i32),
         per_layer_input: Option<&Array>,
         layer: u32,
         pos: &Positions,
         attn: &mut dyn Attend,
     ) -> Result<Array> {
         let norm = |x: &Array, w: &Array| rms_norm(x, w, self.eps);
-        let r = self.self_attn.forward(&norm(x, &self.input_layernorm)?, layer, pos, attn)?;
-        let h = x.add(&norm(&r, &self.post_attention_layernorm)?)?; // [B, L, D]
-        let dense = self.mlp.forward(&norm(&h, &self.pre_feedforward_layernorm)?)?; // [B, L, D]
+        let r = self.self_attn.forward(&norm(x, &self.input_layernorm)?, bl, layer, pos, attn)?;
+        let h = x.add(&norm(&r, &self.post_attention_layernorm)?)?; // [N, D]
+        let dense = self.mlp.forward(&norm(&h, &self.pre_feedforward_layernorm)?)?; // [N, D]
         let f = match &self.moe {
             None => dense,
             Some(m) => {
                 let h1 = norm(&dense, &m.post_feedforward_layernorm_1)?;
-                let (inds, weights) = m.router.route(&h)?; // [B, L, k]
-                let y = m.experts.forward(&norm(&h, &m.pre_feedforward_layernorm_2)?, &inds)?; // [B, L, k, D]
-                let h2 = norm(&combine(&y, &weights)?, &m.post_feedforward_layernorm_2)?; // [B, L, D]
+                let (inds, weights) = m.router.route(&h)?; // [N, k]
+                let y = m.experts.forward(&norm(&h, &m.pre_feedforward_layernorm_2)?, &inds)?; // [N, k, D]
+                let h2 = norm(&combine(&y, &weights)?, &m.post_feedforward_layernorm_2)?; // [N, D]
                 h1.add(&h2)?
             }
         };
-        let mut h = h.add(&norm(&f, &self.post_feedforward_layernorm)?)?; // [B, L, D]
+        let mut h = h.add(&norm(&f, &self.post_feedforward_layernorm)?)?; // [N, D]
         if let (Some(g), Some(pli)) = (&self.per_layer, per_layer_input) {
-            let gate = gelu_approx(&g.per_layer_input_gate.forward(&h)?)?.multiply(pli)?; // [B, L, P]
-            let gate = norm(&g.per_layer_projection.forward(&gate)?, &g.post_per_layer_input_norm)?; // [B, L, D]
+            let gate = gelu_approx(&g.per_layer_input_gate.forward(&h)?)?.multiply(pli)?; // [N, P]
+            let gate = norm(&g.per_layer_projection.forward(&gate)?, &g.post_per_layer_input_norm)?; // [N, D]
             h = h.add(&gate)?;
         }
         Ok(h.multiply(&self.layer_scalar)?)
