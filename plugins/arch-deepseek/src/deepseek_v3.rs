@@ -21,12 +21,18 @@
 //! `model.layers.{num_hidden_layers}.*` (the MTP module) is left for the
 //! `deepseek_v3_mtp` head (deepseek_v3_mtp.rs).
 //!
-//! Shapes: B batch, L new tokens, D hidden, H heads, V vocab.
+//! The residual stream runs as rows [N, D], N = B*L, from the embedding to
+//! the final norm, so every linear gets a 2-D input (MLX's matmul adds a
+//! Flatten and an Unflatten for a [B, L, D] one; the same product
+//! otherwise); [B, L, ...] only for the merge of input features, the heads,
+//! the host's hidden states and the logits.
+//!
+//! Shapes: B batch, L new tokens, N = B*L rows, D hidden, H heads, V vocab.
 use crate::mla::{Mla, MlaDims};
 use crate::moe::{DeepseekMoe, Routing};
 use mlx_rs::Array;
 use rmlx_nn::decoder::{FeedForward, Mlp};
-use rmlx_nn::{finish, offer_hidden, parse_config, require_positive, rms_norm, Positions, Rope};
+use rmlx_nn::{finish_rows, offer_hidden_rows, parse_config, require_positive, rms_norm, Positions, Rope};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     ModelSpec, PluginError,
@@ -294,9 +300,9 @@ impl DecoderLayer {
         })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, layer, pos, attn)?;
+    /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
+    pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, bl, layer, pos, attn)?;
         let h = x.add(&r)?;
         let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
         Ok(h.add(&r)?)
@@ -334,13 +340,15 @@ impl ModelImpl for DeepseekV3 {
     /// tokens: [B, L] -> logits [B, L | 1, V], or hidden states [B, L, D]
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let pos = Positions::of(attn); // each row's first position
-        let mut h = rmlx_nn::merge_inputs(self.embed_tokens.lookup(tokens)?, &*attn)?; // [B, L, D]
+        let bl = (tokens.dim(0), tokens.dim(1));
+        let h = rmlx_nn::merge_inputs(self.embed_tokens.lookup(tokens)?, &*attn)?; // [B, L, D]
+        let mut h = h.reshape(&[bl.0 * bl.1, -1])?; // [N, D]
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, i as u32, &pos, attn)?;
-            offer_hidden(attn, i as u32, &h)?;
+            h = layer.forward(&h, bl, i as u32, &pos, attn)?;
+            offer_hidden_rows(attn, i as u32, &h, bl)?;
         }
-        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?;
-        finish(h, attn, |h| self.lm_head.forward(h))
+        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps)?; // [N, D]
+        finish_rows(h, bl, attn, |h| self.lm_head.forward(h)) // rows [N | B, D] -> [B, L | 1, V]
     }
 }
 

@@ -39,10 +39,13 @@
 //! them: the copies are equal). Only the first module is read: a config
 //! with `num_nextn_predict_layers` > 1 is refused by name.
 //!
-//! Shapes: B batch, L new tokens, D hidden, V vocab.
+//! From `eh_proj` on the module runs on rows [N, D], N = B*L, as
+//! deepseek_v3.rs's residual stream does (2-D inputs to every linear).
+//!
+//! Shapes: B batch, L new tokens, N = B*L rows, D hidden, V vocab.
 use crate::deepseek_v3::{model_spec, Config, DecoderLayer};
 use mlx_rs::Array;
-use rmlx_nn::{concatenate, finish, offer_hidden, rms_norm, Positions};
+use rmlx_nn::{concatenate, finish_rows, offer_hidden_rows, rms_norm, Positions};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     ModelSpec, PluginError, HEAD_STATE,
@@ -142,10 +145,10 @@ impl ModelImpl for DeepseekV3Mtp {
         let e = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         let c = rms_norm(&cond.as_dtype(e.dtype())?, &self.norm_final, eps)?; // [B, L, D]
         let x = concatenate(&[rms_norm(&e, &self.enorm, eps)?, rms_norm(&c, &self.hnorm, eps)?], -1)?; // [B, L, 2D]
-        let x = self.eh_proj.forward(&x)?; // [B, L, D]
-        let h = self.block.forward(&x, 0, &pos, attn)?; // [B, L, D]
-        offer_hidden(attn, HEAD_STATE, &h)?;
-        let s = rms_norm(&h, &self.shared_head_norm, eps)?; // [B, L, D]
-        finish(s, attn, |s| self.head.forward(s))
+        let x = self.eh_proj.forward(&x.reshape(&[b * l, 2 * d])?)?; // [N, 2D] -> [N, D]
+        let h = self.block.forward(&x, (b, l), 0, &pos, attn)?; // [N, D]
+        offer_hidden_rows(attn, HEAD_STATE, &h, (b, l))?;
+        let s = rms_norm(&h, &self.shared_head_norm, eps)?; // [N, D]
+        finish_rows(s, (b, l), attn, |s| self.head.forward(s)) // rows [N | B, D] -> [B, L | 1, V]
     }
 }

@@ -25,10 +25,11 @@
 //! Face's `kv_b_proj` [H * (nope + v), r], split into those at load (its
 //! dense weight read back through the layer itself, so any format works).
 //!
-//! Shapes: B batch, L new tokens, D hidden, H heads, r kv_lora_rank,
-//! nope qk_nope_head_dim, rope qk_rope_head_dim, v v_head_dim.
+//! Shapes: B batch, L new tokens, N = B*L rows (the residual stream,
+//! deepseek_v3.rs), D hidden, H heads, r kv_lora_rank, nope
+//! qk_nope_head_dim, rope qk_rope_head_dim, v v_head_dim.
 use mlx_rs::{ops, Array, Dtype};
-use rmlx_nn::{merge_heads, rms_norm, split_heads, Positions, Rope};
+use rmlx_nn::{merge_heads_to_rows, rms_norm, split_heads_of, Positions, Rope};
 use rmlx_plugin_api::{
     author::{Attend, AttendOpts, LinearLayer, Result, SwitchLayer, Weights},
     PluginError,
@@ -147,21 +148,21 @@ impl Mla {
         Ok(Self { query, kv_a_proj_with_mqa, kv_a_layernorm, embed_q, unembed_out, o_proj: w.linear(&format!("{p}.o_proj"))?, dims, rope })
     }
 
-    /// x: [B, L, D] -> [B, L, D]
-    pub fn forward(&self, x: &Array, layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
+    /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
+    pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let d = &self.dims;
-        let (b, l) = (x.dim(0), x.dim(1));
+        let (b, l) = bl;
         let q = match &self.query {
             Query::LowRank { q_a_proj, q_a_layernorm, q_b_proj } => {
                 q_b_proj.forward(&rms_norm(&q_a_proj.forward(x)?, q_a_layernorm, LORA_NORM_EPS)?)?
             }
             Query::Full(q_proj) => q_proj.forward(x)?,
-        }; // [B, L, H * (nope + rope)]
-        let q = split_heads(&q, d.heads)?; // [B, H, L, nope + rope]
+        }; // [N, H * (nope + rope)]
+        let q = split_heads_of(&q, bl, d.heads)?; // [B, H, L, nope + rope]
         let q = q.split_at_indices(&[d.qk_nope_head_dim], -1)?; // [B, H, L, nope], [B, H, L, rope]
-        let kv = self.kv_a_proj_with_mqa.forward(x)?; // [B, L, r + rope]
-        let kv = kv.split_at_indices(&[d.kv_lora_rank], -1)?; // [B, L, r], [B, L, rope]
-        let latent = rms_norm(&kv[0], &self.kv_a_layernorm, LORA_NORM_EPS)?.expand_dims(1)?; // [B, 1, L, r]
+        let kv = self.kv_a_proj_with_mqa.forward(x)?; // [N, r + rope]
+        let kv = kv.split_at_indices(&[d.kv_lora_rank], -1)?; // [N, r], [N, rope]
+        let latent = rms_norm(&kv[0], &self.kv_a_layernorm, LORA_NORM_EPS)?.reshape(&[b, 1, l, d.kv_lora_rank])?; // [B, 1, L, r]
         let k_pe = kv[1].reshape(&[b, 1, l, d.qk_rope_head_dim])?; // [B, 1, L, rope]
         let q_pe = self.rope.apply_at(&q[1], pos)?; // [B, H, L, rope]
         let k_pe = self.rope.apply_at(&k_pe, pos)?; // [B, 1, L, rope]
@@ -171,7 +172,7 @@ impl Mla {
         let o = attn.attend(layer, q, k.clone(), k, &AttendOpts::plain(d.scale))?; // [B, H, L, r + rope]
         let o = o.split_at_indices(&[d.kv_lora_rank], -1)?; // the weighted latent [B, H, L, r], the rest
         let o = self.unembed_out.forward(&o[0])?; // [B, H, L, v]
-        self.o_proj.forward(&merge_heads(&o)?) // [B, L, H * v] -> [B, L, D]
+        self.o_proj.forward(&merge_heads_to_rows(&o)?) // [N, H * v] -> [N, D]
     }
 }
 

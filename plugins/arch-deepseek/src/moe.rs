@@ -13,8 +13,8 @@
 //! (plugins/nn moe.rs); the shared experts one SwiGLU MLP of
 //! `moe_intermediate_size * n_shared_experts`, added unweighted.
 //!
-//! Shapes: B batch, L new tokens, D hidden, E experts, G groups, k experts
-//! per token.
+//! Shapes: [...] any leading token shape (rows N = B*L in deepseek_v3.rs),
+//! D hidden, E experts, G groups, k experts per token.
 use mlx_rs::{nn, ops, Array, Dtype};
 use rmlx_nn::decoder::{FeedForward, Mlp};
 use rmlx_nn::moe::{combine, SwitchGlu};
@@ -130,10 +130,10 @@ impl DeepseekMoe {
 impl FeedForward for DeepseekMoe {
     /// x: [B, L, D] -> [B, L, D]
     fn forward(&self, x: &Array) -> Result<Array> {
-        let gates = self.gate.forward(x)?; // [B, L, E]
-        let (inds, weights) = self.routing.select(&gates, &self.e_score_correction_bias)?; // [B, L, k]
-        let y = self.switch_mlp.forward(x, &inds)?; // [B, L, k, D]
-        let y = combine(&y, &weights)?; // [B, L, D]
+        let gates = self.gate.forward(x)?; // [..., E]
+        let (inds, weights) = self.routing.select(&gates, &self.e_score_correction_bias)?; // [..., k]
+        let y = self.switch_mlp.forward(x, &inds)?; // [..., k, D]
+        let y = combine(&y, &weights)?; // [..., D]
         match &self.shared_experts {
             Some(s) => Ok(y.add(s.forward(x)?)?),
             None => Ok(y),
