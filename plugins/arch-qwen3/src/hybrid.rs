@@ -1,9 +1,11 @@
 //! The gated DeltaNet hybrid decoder shared by qwen3_next.rs and qwen3_5.rs
 //! (mlx-lm's qwen3_5.py reuses qwen3_next.py's layers the same way): the
-//! resolved settings ([`Hybrid`], checked by name), gated full attention, the
-//! DeltaNet layer over plugins/nn's gated_delta.rs, the MLP / MoE feed-forward
-//! with a shared expert, the pre-norm block and the model. Each model_type's
-//! file parses its own config into a [`Hybrid`].
+//! resolved settings ([`Hybrid`], checked by name), the model and its cache
+//! spec here; gated full attention in hybrid_attention.rs, the DeltaNet
+//! layer over plugins/nn's gated_delta.rs in hybrid_delta.rs, the MLP / MoE
+//! feed-forward with a shared expert and the pre-norm block in
+//! hybrid_block.rs. Each model_type's file parses its own config into a
+//! [`Hybrid`].
 //!
 //! Shapes: B batch, L new tokens, D hidden, H query heads, K kv heads,
 //! hd head_dim, Hk/Hv linear key/value heads, Dk/Dv their sizes,
@@ -12,20 +14,18 @@
 //! input (MLX's matmul folds a [B, L, D] input with a Flatten + Unflatten);
 //! [B, L, ...] appears only where the shape means something (the heads, the
 //! conv over time, the recurrence).
-use mlx_rs::{nn, Array};
-use rmlx_nn::decoder::{FeedForward, Mlp};
-use rmlx_nn::gated_delta::{DeltaDims, GatedDeltaNet};
-use rmlx_nn::moe::SparseMoe;
-use rmlx_nn::shared_expert::WithSharedExpert;
+use mlx_rs::Array;
+use rmlx_nn::gated_delta::DeltaDims;
 use rmlx_nn::{
-    finish_rows, merge_inputs, offer_hidden_rows, require_grouped_heads, require_positive, rms_norm,
-    split_heads_of, Positions, Rope,
+    finish_rows, merge_inputs, offer_hidden_rows, require_grouped_heads, require_positive, rms_norm, Positions, Rope,
 };
 use rmlx_plugin_api::{
-    author::{Attend, AttendOpts, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
+    author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
     cache_kind, LayerCache, ModelSpec, PluginError,
 };
 use serde_json::Value;
+
+use crate::hybrid_block::HybridBlock;
 
 // ---- settings ----
 
@@ -81,7 +81,7 @@ pub struct Hybrid {
 
 impl Hybrid {
     /// An RMSNorm weight (`name`), shifted by 1 in the Hugging Face layout.
-    fn norm(&self, w: &mut Weights, name: &str) -> Result<Array> {
+    pub(crate) fn norm(&self, w: &mut Weights, name: &str) -> Result<Array> {
         let t = w.tensor(name)?;
         if self.hf_layout && t.ndim() == 1 {
             return Ok(t.add(Array::from_f32(1.0).as_dtype(t.dtype())?)?);
@@ -103,7 +103,7 @@ impl Hybrid {
 
     /// RoPE over int(head_dim * partial_rotary_factor) dims, as mlx-lm's
     /// `initialize_rope` (default, linear, llama3 and yarn scaling).
-    fn rope(&self) -> Result<Rope> {
+    pub(crate) fn rope(&self) -> Result<Rope> {
         Rope::with_yarn(self.rope_dims(), self.rope_theta, false, self.rope_scaling.as_ref())
     }
 
@@ -186,242 +186,6 @@ impl Hybrid {
         }
         self.rope()?; // refuses rope_scaling types by name
         Ok(())
-    }
-}
-
-// ---- attention ----
-
-/// Gated full attention (mlx-lm's `Qwen3NextAttention`).
-pub struct GatedAttention {
-    q_proj: LinearLayer, // [D] -> [H*2*hd]: per head, queries then gate
-    k_proj: LinearLayer, // [D] -> [K*hd]
-    v_proj: LinearLayer, // [D] -> [K*hd]
-    o_proj: LinearLayer, // [H*hd] -> [D]
-    q_norm: Array,       // [hd]
-    k_norm: Array,       // [hd]
-    rope: Rope,          // over the first hd * partial_rotary_factor dims
-    heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    eps: f32,
-}
-
-impl GatedAttention {
-    fn load(w: &mut Weights, p: &str, c: &Hybrid) -> Result<Self> {
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            let has = w.contains(&format!("{p}.{n}.bias"));
-            if has != c.attention_bias {
-                return Err(PluginError::config(format!(
-                    "{p}.{n}: attention_bias is {} but the checkpoint {} a bias",
-                    c.attention_bias,
-                    if has { "has" } else { "has no" }
-                )));
-            }
-        }
-        Ok(Self {
-            q_proj: w.linear(&format!("{p}.q_proj"))?,
-            k_proj: w.linear(&format!("{p}.k_proj"))?,
-            v_proj: w.linear(&format!("{p}.v_proj"))?,
-            o_proj: w.linear(&format!("{p}.o_proj"))?,
-            q_norm: c.norm(w, &format!("{p}.q_norm.weight"))?,
-            k_norm: c.norm(w, &format!("{p}.k_norm.weight"))?,
-            rope: c.rope()?,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            eps: c.rms_norm_eps,
-        })
-    }
-
-    /// x: [N, D] -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
-    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let (b, l) = bl;
-        let qg = self.q_proj.forward(x)?.reshape(&[b, l, self.heads, 2 * self.head_dim])?; // [B, L, H, 2hd]
-        let mut parts = qg.split_at_indices(&[self.head_dim], -1)?; // 2 x [B, L, H, hd]
-        let gate = parts.pop().expect("two parts"); // [B, L, H, hd]
-        let q = rms_norm(&parts.pop().expect("two parts"), &self.q_norm, self.eps)?.transpose_axes(&[0, 2, 1, 3])?; // [B, H, L, hd]
-        let k = split_heads_of(&self.k_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
-        let k = rms_norm(&k, &self.k_norm, self.eps)?;
-        let v = split_heads_of(&self.v_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
-        let q = self.rope.apply_at(&q, pos)?;
-        let k = self.rope.apply_at(&k, pos)?;
-        let scale = (self.head_dim as f32).powf(-0.5);
-        let o = attn.attend(layer, q, k, v, &AttendOpts::plain(scale))?; // [B, H, L, hd]
-        // gated per head, then merged: [B, H, L, hd] -> [B, L, H, hd] -> [N | B, L, H*hd]
-        let o = o.transpose_axes(&[0, 2, 1, 3])?.multiply(nn::sigmoid(&gate)?)?;
-        self.o_proj.forward(&o.reshape(&lead_of(x, bl))?)
-    }
-}
-
-/// The shape that keeps x's leading axes and flattens the rest: [N, -1] for
-/// rows [N, D], [B, L, -1] for [B, L, D].
-fn lead_of(x: &Array, (b, l): (i32, i32)) -> Vec<i32> {
-    if x.ndim() == 2 {
-        vec![b * l, -1]
-    } else {
-        vec![b, l, -1]
-    }
-}
-
-/// [B, L, ...] from rows [N, ...]; an input already [B, L, ...] as it is.
-fn unfold_rows(t: Array, (b, l): (i32, i32), rows: bool) -> Result<Array> {
-    if !rows {
-        return Ok(t);
-    }
-    let mut shape = vec![b, l];
-    shape.extend_from_slice(&t.shape()[1..]);
-    Ok(t.reshape(&shape)?)
-}
-
-// ---- DeltaNet ----
-
-/// The input projections of a gated DeltaNet layer.
-enum DeltaInput {
-    /// qwen3_next: qkvz [D] -> [2*Hk*Dk + 2*Hv*Dv] and ba [D] -> [2*Hv], each
-    /// grouped per key head (q, k, v, z and b, a of that head's group).
-    Fused { qkvz: LinearLayer, ba: LinearLayer },
-    /// qwen3_5: qkv [D] -> [C], z [D] -> [Hv*Dv], b and a [D] -> [Hv].
-    Split { qkv: LinearLayer, z: LinearLayer, b: LinearLayer, a: LinearLayer },
-}
-
-pub struct DeltaLayer {
-    input: DeltaInput,
-    net: GatedDeltaNet,
-}
-
-impl DeltaLayer {
-    fn load(w: &mut Weights, p: &str, c: &Hybrid) -> Result<Self> {
-        let lin = |w: &mut Weights, n: &str| w.linear(&format!("{p}.{n}"));
-        let input = match c.projections {
-            Projections::Fused => DeltaInput::Fused { qkvz: lin(w, "in_proj_qkvz")?, ba: lin(w, "in_proj_ba")? },
-            Projections::Split => DeltaInput::Split {
-                qkv: lin(w, "in_proj_qkv")?,
-                z: lin(w, "in_proj_z")?,
-                b: lin(w, "in_proj_b")?,
-                a: lin(w, "in_proj_a")?,
-            },
-        };
-        Ok(Self { input, net: GatedDeltaNet::load_layout(w, p, c.delta, c.hf_layout)? })
-    }
-
-    /// x: [N, D] -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
-    fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, attn: &mut dyn Attend) -> Result<Array> {
-        let d = self.net.dims();
-        let (bsz, l) = bl;
-        let rows = x.ndim() == 2;
-        let (qkv, z, b, a) = match &self.input {
-            DeltaInput::Fused { qkvz, ba } => {
-                // mlx-lm's fix_query_key_value_ordering: per key head, the
-                // group holds q [Dk], k [Dk], v [r*Dv], z [r*Dv] (r = Hv/Hk).
-                let (nk, r) = (d.k_heads, d.v_heads / d.k_heads);
-                let g = qkvz.forward(x)?.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2Dk + 2rDv]
-                let s = g.split_at_indices(&[d.k_dim, 2 * d.k_dim, 2 * d.k_dim + r * d.v_dim], -1)?;
-                let flat = |t: &Array| t.reshape(&[bsz, l, -1]);
-                let qkv = rmlx_nn::concatenate(&[flat(&s[0])?, flat(&s[1])?, flat(&s[2])?], -1)?; // [B, L, C]
-                let z = s[3].reshape(&[bsz * l, d.value_dim()])?; // [N, Hv*Dv]
-                let ba = ba.forward(x)?.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2r]
-                let s = ba.split_at_indices(&[r], -1)?;
-                (qkv, z, s[0].reshape(&[bsz, l, d.v_heads])?, s[1].reshape(&[bsz, l, d.v_heads])?)
-            }
-            DeltaInput::Split { qkv, z, b, a } => (
-                unfold_rows(qkv.forward(x)?, bl, rows)?,               // [B, L, C]
-                z.forward(x)?,                                         // [N | B, L, Hv*Dv]
-                unfold_rows(b.forward(x)?, bl, rows)?,                 // [B, L, Hv]
-                unfold_rows(a.forward(x)?, bl, rows)?,                 // [B, L, Hv]
-            ),
-        };
-        let (qkv, b, a) = mask_padding(qkv, b, a, attn)?;
-        let y = self.net.mix(&qkv, &z, &b, &a, layer, attn)?; // [N, D]
-        unfold_rows(y, bl, !rows) // back to x's rank: [N, D] | [B, L, D]
-    }
-}
-
-/// What `a` and `b` become at padding: softplus(-1e4 + dt_bias) is 0, so
-/// the decay exp(-exp(A_log) * 0) is exactly 1, and sigmoid(-1e4) is 0
-/// (beta 0: nothing is written). Finite, so every dtype holds it.
-const PAD_GATE: f32 = -1e4;
-
-/// Ragged rows (the host's batched prefill, `PagedForward::ragged`): rows
-/// are LEFT-padded to the longest, and a padded row's positions start below
-/// 0 (`Attend::offsets` is its cached tokens minus its padding), so column i
-/// of row b is padding where offsets[b] + i < 0. There the conv input is
-/// zero and the recurrence leaves the state as it was (decay 1, beta 0;
-/// mlx-lm's `mx.where(mask, ...)` on `mixed_qkv` and the state). With a
-/// fresh row (zero conv state) this is exact: the conv sees zeros before
-/// the row's first token either way. A row that resumes a state never
-/// comes padded (the host pads only rows that start fresh; offsets >= 0
-/// then mask nothing). One row or one token per row has no padding.
-/// qkv [B, L, C], b, a [B, L, Hv] -> the same, masked.
-fn mask_padding(qkv: Array, b: Array, a: Array, attn: &dyn Attend) -> Result<(Array, Array, Array)> {
-    let (bsz, l) = (qkv.dim(0), qkv.dim(1));
-    if bsz == 1 || l == 1 {
-        return Ok((qkv, b, a));
-    }
-    let cols = mlx_rs::ops::arange::<_, i32>(0, l, None)?.reshape(&[1, l])?; // [1, L]
-    let pos = attn.offsets().reshape(&[bsz, 1])?.add(&cols)?; // [B, L]: each column's position
-    let real = pos.ge(Array::from_int(0))?.expand_dims(-1)?; // bool [B, L, 1]
-    let qkv = mlx_rs::ops::select(&real, &qkv, Array::from_f32(0.0).as_dtype(qkv.dtype())?)?;
-    let gate = |x: &Array| -> Result<Array> {
-        Ok(mlx_rs::ops::select(&real, x, Array::from_f32(PAD_GATE).as_dtype(x.dtype())?)?)
-    };
-    Ok((qkv, gate(&b)?, gate(&a)?))
-}
-
-// ---- MLP / MoE ----
-
-/// Layer i's feed-forward under `p` (`...layers.{i}.mlp`): x [..., D] -> [..., D].
-fn feed_forward(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Box<dyn FeedForward>> {
-    if !c.is_sparse(i) {
-        return Ok(Box::new(Mlp::load(w, p)?)); // [D] -> [intermediate_size] -> [D]
-    }
-    // E x ([D] -> [moe_intermediate_size] -> [D]), k per token
-    let routed = SparseMoe::load(w, p, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)?;
-    // + sigmoid(shared_expert_gate(x)) * shared_expert(x)
-    Ok(Box::new(WithSharedExpert::load(w, p, Box::new(routed))?))
-}
-
-// ---- block ----
-
-enum Mixer {
-    Attention(GatedAttention),
-    Delta(DeltaLayer),
-}
-
-/// Pre-norm block: h = x + mixer(norm(x)); out = h + mlp(norm(h)).
-pub struct HybridBlock {
-    mixer: Mixer,
-    mlp: Box<dyn FeedForward>,
-    input_layernorm: Array,          // [D]
-    post_attention_layernorm: Array, // [D]
-    eps: f32,
-}
-
-impl HybridBlock {
-    pub(crate) fn load(w: &mut Weights, c: &Hybrid, i: i32, p: &str) -> Result<Self> {
-        let mixer = if c.is_linear(i) {
-            Mixer::Delta(DeltaLayer::load(w, &format!("{p}.linear_attn"), c)?)
-        } else {
-            Mixer::Attention(GatedAttention::load(w, &format!("{p}.self_attn"), c)?)
-        };
-        Ok(Self {
-            mixer,
-            mlp: feed_forward(w, c, i, &format!("{p}.mlp"))?,
-            input_layernorm: c.norm(w, &format!("{p}.input_layernorm.weight"))?,
-            post_attention_layernorm: c.norm(w, &format!("{p}.post_attention_layernorm.weight"))?,
-            eps: c.rms_norm_eps,
-        })
-    }
-
-    /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
-    pub(crate) fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let n = rms_norm(x, &self.input_layernorm, self.eps)?;
-        let r = match &self.mixer {
-            Mixer::Attention(a) => a.forward(&n, bl, layer, pos, attn)?,
-            Mixer::Delta(d) => d.forward(&n, bl, layer, attn)?,
-        };
-        let h = x.add(&r)?;
-        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        Ok(h.add(&r)?)
     }
 }
 

@@ -6,11 +6,15 @@
 //! qwen3_5_mtp.rs for their multi-token-prediction head, a drafter head,
 //! qwen3_dflash.rs for the DFlash block-diffusion drafter, another,
 //! qwen3_vl.rs for Qwen3-VL with its vision tower in qwen3_vl_vision.rs),
-//! hybrid.rs for the gated DeltaNet hybrid layers qwen3_next and qwen3_5
-//! share, and multimodal.rs and vision_tower.rs for what qwen2_5_vl and
-//! qwen3_vl share (the tower's loading, the media forward's input and
+//! hybrid.rs for the gated DeltaNet hybrid qwen3_next and qwen3_5 share
+//! (its settings and model; its layers in hybrid_attention.rs,
+//! hybrid_delta.rs and hybrid_block.rs), and multimodal.rs and
+//! vision_tower.rs for what qwen2_5_vl and qwen3_vl share (the tower's loading, the media forward's input and
 //! multimodal RoPE; the vision towers' patches, 2-D RoPE and checks).
 mod hybrid;
+mod hybrid_attention;
+mod hybrid_block;
+mod hybrid_delta;
 mod multimodal;
 mod qwen2;
 mod qwen2_5_vl;

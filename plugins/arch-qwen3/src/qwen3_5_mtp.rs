@@ -28,7 +28,8 @@
 //! `sanitize` reads them.
 //!
 //! Shapes: B batch, L new tokens, D hidden, V vocab.
-use crate::hybrid::{Hybrid, HybridBlock};
+use crate::hybrid::Hybrid;
+use crate::hybrid_block::HybridBlock;
 use crate::qwen3_5::{layout, Config};
 use mlx_rs::Array;
 use rmlx_nn::{concatenate, finish, offer_hidden, rms_norm, Positions};
