@@ -3,7 +3,7 @@
 //! engine, issue 13:
 //! - batched prefill (engine/scheduler/prefill.rs): prompts of different
 //!   lengths that arrive together prefill in shared ragged forwards, the
-//!   model masking the padding (plugins/arch-qwen3/src/hybrid.rs), and
+//!   model masking the padding (plugins/arch-qwen3/src/hybrid_delta.rs), and
 //!   answer as one at a time: the same greedy tokens as `rmlx generate` and
 //!   the same logprobs as each prompt alone in the engine; rows that resume
 //!   a state (later chunks, prefix-cache hits) are never padded;

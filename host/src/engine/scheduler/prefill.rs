@@ -19,7 +19,7 @@
 //! too: each row lends its own state and gets its own back
 //! (`decode::forward_rows`), and the model masks the padding (its
 //! positions are negative: the conv input is zero there and the state
-//! steps with decay 1 and beta 0, plugins/arch-qwen3/src/hybrid.rs). That
+//! steps with decay 1 and beta 0, plugins/arch-qwen3/src/hybrid_delta.rs). That
 //! is exact only for a row whose state starts fresh (zero conv state
 //! before its first token), so a row that resumes a state (a later chunk,
 //! a prefix-cache hit) is never padded: it shares a forward only with rows
