@@ -15,65 +15,32 @@
 mod common;
 
 use common::engine::{entry, submit};
+use common::spec::{assert_logprobs_close, collect_logprobs as collect, prompts, submit_hooked, NoRepeatClass};
 
 use rmlx::engine::sampler::{logprobs, SamplingParams, Sampler};
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::speculative::{serve::DraftSpec, stats::chi_square_p};
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, TokenLogprob, Worker, WorkerConfig};
+use rmlx::engine::speculative::serve::DraftSpec;
+use rmlx::engine::worker::{GenEvent, GenParams, LogitsHook, ModelCatalog, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::{LoadedModel, Session};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 const DRAFT: &str = "llama-q4-g64";
 
 /// `plain` (llama-f32) and `spec` (the same, drafted by llama-q4-g64).
 fn catalog() -> ModelCatalog {
-    let dir = common::fixture("models/llama-f32");
-    let mut cat = ModelCatalog::discover(&[(Some("plain".into()), dir.clone()), (Some("spec".into()), dir)], &[]).unwrap();
-    Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(common::fixture(&format!("models/{DRAFT}")), Some(3), None).unwrap());
-    cat
+    common::spec::plain_and("spec", &common::fixture("models/llama-f32"), DraftSpec::new(common::fixture(&format!("models/{DRAFT}")), Some(3), None).unwrap())
 }
 
-fn worker(cat: &ModelCatalog) -> Worker {
+/// A worker over `cat` with `sched`, the prefix cache off, a queue of 256.
+fn worker(cat: &ModelCatalog, sched: SchedulerConfig) -> Worker {
     let cfg = WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 256, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 };
-    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..SchedulerConfig::default() }, cat).unwrap()
+    Worker::start_with(cfg, SchedulerConfig { prefix_cache: false, ..sched }, cat).unwrap()
 }
 
-/// Reads to the end: (token ids, their logprobs when asked, how it finished).
-fn collect(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Vec<TokenLogprob>, Finish) {
-    let (mut ids, mut lps) = (Vec::new(), Vec::new());
-    loop {
-        match rx.blocking_recv().expect("engine hung up") {
-            GenEvent::Token { id, logprob, .. } => {
-                ids.push(id);
-                lps.extend(logprob);
-            }
-            GenEvent::Done(f) => return (ids, lps, f),
-            GenEvent::Error(e) => panic!("request failed: {e}"),
-            _ => {}
-        }
-    }
-}
-
-fn prompts() -> Vec<Vec<u32>> {
-    [1usize, 6, 19, 40, 3].iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i * 11 + k * 37 + 5) % 250 + 3) as u32).collect()).collect()
-}
-
+/// `common::spec::greedy` asking for `logprobs` alternatives.
 fn greedy(max_tokens: usize, logprobs: Option<usize>, k: Option<usize>) -> GenParams {
-    GenParams { max_tokens, ignore_eos: true, prefill_chunk: 16, logprobs, num_draft_tokens: k, ..GenParams::default() }
-}
-
-fn assert_logprobs_close(got: &[TokenLogprob], want: &[TokenLogprob], tol: f32, ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{ctx}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g.logprob - w.logprob).abs() <= tol, "{ctx}, token {i}: logprob {} vs {}", g.logprob, w.logprob);
-        assert_eq!(g.top.len(), w.top.len(), "{ctx}, token {i}");
-        for (a, b) in g.top.iter().zip(&w.top) {
-            assert_eq!(a.0, b.0, "{ctx}, token {i}: top ids {:?} vs {:?}", g.top, w.top);
-            assert!((a.2 - b.2).abs() <= tol, "{ctx}, token {i}: top logprob {} vs {}", a.2, b.2);
-        }
-    }
+    GenParams { logprobs, ..common::spec::greedy(max_tokens, k) }
 }
 
 /// Greedy requests with `logprobs` speculate (drafted > 0, some kept) and
@@ -85,7 +52,7 @@ fn greedy_logprobs_under_speculation_equal_plain_decoding() {
     let _g = common::mlx_lock();
     const N: usize = 16;
     let cat = catalog();
-    let w = worker(&cat);
+    let w = worker(&cat, SchedulerConfig::default());
     let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
     let want: Vec<_> = prompts().iter().map(|p| collect(&mut submit(&w, &plain, p, greedy(N, Some(4), None)))).collect();
     assert!(want.iter().all(|(ids, lps, _)| lps.len() == ids.len() && lps[0].top.len() == 4));
@@ -127,7 +94,7 @@ fn greedy_logprobs_under_speculation_equal_plain_decoding() {
 fn sampled_logprobs_under_speculation_are_the_verifiers() {
     let _g = common::mlx_lock();
     let cat = catalog();
-    let w = worker(&cat);
+    let w = worker(&cat, SchedulerConfig::default());
     let spec = entry(&cat, "spec");
     let sampling = SamplingParams { temperature: 1.0, top_k: 5, repetition_penalty: 1.3, ..SamplingParams::default() };
     let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
@@ -155,39 +122,6 @@ fn sampled_logprobs_under_speculation_are_the_verifiers() {
     assert!(drafted > 0 && checked == 36, "{drafted} drafted, {checked} checked");
 }
 
-/// A stateful constraint for the engine-level test: no token in the same
-/// class mod 3 as the one before it. Its forks share the counters: every
-/// commit, and the commits of a token it forbids.
-#[derive(Clone)]
-struct NoRepeatClass {
-    last: u32,
-    commits: Arc<AtomicUsize>,
-    broken: Arc<AtomicUsize>,
-}
-
-impl LogitsHook for NoRepeatClass {
-    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
-        for (t, l) in logits.iter_mut().enumerate() {
-            if t as u32 % 3 == self.last % 3 {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        Ok(())
-    }
-    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        if token % 3 == self.last % 3 {
-            self.broken.fetch_add(1, Ordering::Relaxed);
-        }
-        anyhow::ensure!(token % 3 != self.last % 3, "token {token} breaks the constraint after {}", self.last);
-        self.last = token;
-        Ok(())
-    }
-    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
-        Some(Box::new(self.clone()))
-    }
-}
-
 /// Three tokens at temperature 1 with top-k 3, a repetition penalty and a
 /// stateful logits hook, drafted by a quantized copy (rows batched, each
 /// with its seed), over 1200 seeds: the 27 possible sequences occur as
@@ -202,16 +136,11 @@ fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
     let params = SamplingParams { temperature: 1.0, top_k: 3, repetition_penalty: 1.5, ..SamplingParams::default() };
     let mut target = LoadedModel::load(&common::fixture("models/llama-f32"), &common::registry()).unwrap();
     let expected = common::sampling::three_token_sequences(&mut target, &prompt, &params, |generated, logits| {
-        NoRepeatClass { last: *generated.last().unwrap_or(&prompt[2]), commits: Default::default(), broken: Default::default() }.apply(logits).unwrap();
+        NoRepeatClass::new(*generated.last().unwrap_or(&prompt[2])).apply(logits).unwrap();
     });
     assert_eq!(expected.len(), 27);
     let cat = catalog();
-    let w = Worker::start_with(
-        WorkerConfig { plugins_dir: common::plugins_dir(), max_queue_depth: 256, max_loaded_models: 4, idle_timeout: None, prefill_chunk: 512 },
-        SchedulerConfig { prefix_cache: false, spec_max_batch: 16, ..SchedulerConfig::default() },
-        &cat,
-    )
-    .unwrap();
+    let w = worker(&cat, SchedulerConfig { spec_max_batch: 16, ..SchedulerConfig::default() });
     let spec = entry(&cat, "spec");
     let (commits, broken) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut counts = vec![0u64; expected.len()];
@@ -220,12 +149,9 @@ fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
         let mut rxs: Vec<_> = (0..16)
             .map(|j| {
                 let sampling = SamplingParams { seed: Some(wave * 16 + j), ..params.clone() };
-                let (tx, rx) = mpsc::unbounded_channel();
                 let params = GenParams { sampling, max_tokens: 3, ignore_eos: true, num_draft_tokens: Some(2), ..GenParams::default() };
                 let hook: Box<dyn LogitsHook> = Box::new(NoRepeatClass { last: prompt[2], commits: commits.clone(), broken: broken.clone() });
-                let req = GenRequest { model: spec.clone(), prompt: prompt.to_vec(), params, hook: Some(hook), cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-                w.submit(req).unwrap();
-                rx
+                submit_hooked(&w, &spec, &prompt, params, Some(hook))
             })
             .collect();
         for rx in rxs.iter_mut() {
@@ -240,9 +166,7 @@ fn sampled_speculation_with_a_hook_follows_constrained_sampling() {
         }
     }
     assert_eq!(other, 0, "sequences outside constrained sampling's support were emitted");
-    let probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
-    let pv = chi_square_p(&counts, &probs);
-    assert!(pv > 1e-3, "chi-square p-value {pv}: counts {counts:?}, expected {probs:?}");
+    common::spec::assert_follows(&counts, &expected);
     assert!(kept > 0 && kept < drafted, "both acceptance and rejection ran: {kept} of {drafted} kept");
     // The draft forks committed every draft (beyond each request's own three
     // commits; the verify forks commit the kept ones), and no draft broke
@@ -280,14 +204,12 @@ impl LogitsHook for PanicsAfter {
 fn a_panicking_hook_under_speculation_fails_only_its_request() {
     let _g = common::mlx_lock();
     let cat = catalog();
-    let w = worker(&cat);
+    let w = worker(&cat, SchedulerConfig::default());
     let (plain, spec) = (entry(&cat, "plain"), entry(&cat, "spec"));
     let p = &prompts()[2];
     let (want, _, _) = collect(&mut submit(&w, &plain, p, greedy(24, None, None)));
-    let (tx, mut bad) = mpsc::unbounded_channel();
     let hook: Box<dyn LogitsHook> = Box::new(PanicsAfter { seen: 0, n: 5 });
-    let req = GenRequest { model: spec.clone(), prompt: p.clone(), params: greedy(24, None, None), hook: Some(hook), cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
-    w.submit(req).unwrap();
+    let mut bad = submit_hooked(&w, &spec, p, greedy(24, None, None), Some(hook));
     let mut good = submit(&w, &spec, p, greedy(24, None, None));
     let mut ids = Vec::new();
     let err = loop {

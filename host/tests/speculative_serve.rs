@@ -195,14 +195,7 @@ async fn the_api_reports_draft_counts_and_takes_num_draft_tokens() {
     Arc::get_mut(&mut cat.entries[1]).unwrap().draft = Some(DraftSpec::new(common::default_model(), Some(4), None).unwrap());
     let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
-    let post = |path: &str, body: Value| {
-        let r = client.post(format!("{base}{path}")).json(&body).send();
-        async move {
-            let r = r.await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.text().await.unwrap())
-        }
-    };
+    let post = |path: &'static str, body: Value| common::spec::post_json(&client, &base, path, body);
     let completion = |k: Option<u32>, stream: bool| {
         let mut b = json!({"model": "tiny", "prompt": [3, 14, 15, 92, 65], "max_tokens": 16, "temperature": 0, "stream": stream, "stream_options": {"include_usage": true}});
         if let Some(k) = k {

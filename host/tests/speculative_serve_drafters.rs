@@ -207,14 +207,7 @@ async fn the_api_picks_a_drafter_by_kind_and_refuses_others() {
     let cat = catalog("llama-f32", &[("draft", Some("llama-f32")), ("eagle3", Some("llama-eagle3-head"))], 3);
     let base = common::spec::serve_catalog(cat);
     let client = reqwest::Client::new();
-    let post = |path: &str, body: Value| {
-        let r = client.post(format!("{base}{path}")).json(&body).send();
-        async move {
-            let r = r.await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.text().await.unwrap())
-        }
-    };
+    let post = |path: &'static str, body: Value| common::spec::post_json(&client, &base, path, body);
     let completion = |kind: Option<&str>, k: Option<u32>| {
         let mut b = json!({"model": "multi", "prompt": [3, 14, 15, 92, 65], "max_tokens": 16, "temperature": 0});
         if let Some(kind) = kind {

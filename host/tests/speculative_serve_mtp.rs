@@ -10,14 +10,12 @@
 mod common;
 
 use common::engine::{worker, entry, submit, collect};
-use common::spec::{greedy, prompts};
+use common::spec::{collect_logprobs, greedy, prompts, submit_hooked, NoRepeatClass};
 
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
-use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob};
-use std::sync::atomic::AtomicBool;
+use rmlx::engine::worker::{Finish, GenParams, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 const HYBRID: &str = "models/qwen3_5-mtp-f32";
 
@@ -142,29 +140,6 @@ fn preemption_under_a_small_budget_keeps_mtp_output_exact() {
     assert_eq!(s.kv_used_bytes, 0, "blocks (verifier or head) still held: {s:?}");
 }
 
-/// A stateful constraint: no token in the same class mod 3 as the one before.
-#[derive(Clone)]
-struct NoRepeatClass(u32);
-
-impl LogitsHook for NoRepeatClass {
-    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
-        for (t, l) in logits.iter_mut().enumerate() {
-            if t as u32 % 3 == self.0 % 3 {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        Ok(())
-    }
-    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
-        anyhow::ensure!(token % 3 != self.0 % 3, "token {token} breaks the constraint after {}", self.0);
-        self.0 = token;
-        Ok(())
-    }
-    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
-        Some(Box::new(self.clone()))
-    }
-}
-
 /// Greedy rows with `logprobs` (3 alternatives), half of them under a
 /// stateful logits hook, batched through the head (its drafts masked by a
 /// fork of the hook, verified on the host): tokens equal the model's own
@@ -179,29 +154,12 @@ fn hooked_greedy_with_logprobs_under_mtp_equals_plain() {
         let mut rxs: Vec<_> = rows
             .iter()
             .map(|(p, hooked)| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let hook: Option<Box<dyn LogitsHook>> = hooked.then(|| Box::new(NoRepeatClass(*p.last().unwrap())) as Box<dyn LogitsHook>);
+                let hook: Option<Box<dyn LogitsHook>> = hooked.then(|| Box::new(NoRepeatClass::new(*p.last().unwrap())) as Box<dyn LogitsHook>);
                 let params = GenParams { logprobs: Some(3), ..greedy(N, None) };
-                w.submit(GenRequest { model: e.clone(), prompt: p.clone(), params, hook, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx }).unwrap();
-                rx
+                submit_hooked(&w, e, p, params, hook)
             })
             .collect();
-        rxs.iter_mut()
-            .map(|rx| {
-                let (mut ids, mut lps) = (Vec::new(), Vec::new());
-                loop {
-                    match rx.blocking_recv().expect("engine hung up") {
-                        GenEvent::Token { id, logprob, .. } => {
-                            ids.push(id);
-                            lps.extend(logprob);
-                        }
-                        GenEvent::Done(f) => return (ids, lps, f),
-                        GenEvent::Error(e) => panic!("request failed: {e}"),
-                        _ => {}
-                    }
-                }
-            })
-            .collect()
+        rxs.iter_mut().map(collect_logprobs).collect()
     };
     let rows: Vec<(Vec<u32>, bool)> = prompts().into_iter().enumerate().map(|(i, p)| (p, i % 2 == 0)).collect();
     let want: Vec<_> = rows.iter().map(|r| run(&entry(&cat, "plain"), std::slice::from_ref(r)).pop().unwrap()).collect();
@@ -209,13 +167,7 @@ fn hooked_greedy_with_logprobs_under_mtp_equals_plain() {
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.0, w.0, "row {i}");
         assert_eq!(g.1.len(), N, "row {i}");
-        for (j, (a, b)) in g.1.iter().zip(&w.1).enumerate() {
-            assert!((a.logprob - b.logprob).abs() <= 1e-5, "row {i} token {j}: {} vs {}", a.logprob, b.logprob);
-            assert_eq!(a.top.iter().map(|t| t.0).collect::<Vec<_>>(), b.top.iter().map(|t| t.0).collect::<Vec<_>>(), "row {i} token {j}");
-            for (x, y) in a.top.iter().zip(&b.top) {
-                assert!((x.2 - y.2).abs() <= 1e-5, "row {i} token {j}: top {} vs {}", x.2, y.2);
-            }
-        }
+        common::spec::assert_logprobs_close(&g.1, &w.1, 1e-5, &format!("row {i}"));
         assert!(g.2.speculation.is_some_and(|(d, _)| d > 0), "row {i} drafted");
     }
 }

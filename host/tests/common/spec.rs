@@ -4,16 +4,19 @@
 //! output equals plain decoding, one at a time and batched; the server's
 //! drafts equal `rmlx generate`'s; sampled output follows the verifier's
 //! distribution; usage and /metrics per drafter kind), and the same for
-//! a model's own multi-token-prediction head.
+//! a model's own multi-token-prediction head; requests with a logits hook
+//! or logprobs, and JSON posts to a served API.
 use super::engine::{collect, entry, stats_after, submit, worker};
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::SchedulerConfig;
 use rmlx::engine::speculative::{mtp, serve::DraftSpec, stats::chi_square_p, SpecOptions, SpecOutput};
-use rmlx::engine::worker::{GenParams, ModelCatalog, ModelEntry, Worker, WorkerConfig};
+use rmlx::engine::worker::{Finish, GenEvent, GenParams, GenRequest, LogitsHook, ModelCatalog, ModelEntry, TokenLogprob, Worker, WorkerConfig};
 use rmlx::engine::LoadedModel;
 use rmlx::model::policy::LoadPolicy;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// The model at `dir` twice: `plain` without a drafter and `id` with `draft`.
 pub fn plain_and(id: &str, dir: &Path, draft: DraftSpec) -> ModelCatalog {
@@ -257,4 +260,92 @@ pub fn serve_with_mtp(id: &str, model: &str) -> String {
     let mut cat = ModelCatalog::discover(&[(Some(id.into()), dir.clone())], &[]).unwrap();
     Arc::get_mut(&mut cat.entries[0]).unwrap().draft = Some(DraftSpec::new(dir, Some(3), Some("mtp")).unwrap());
     serve_catalog(cat)
+}
+
+/// POSTs `body` as JSON to `base` + `path` with `client`; returns the
+/// response's (status, text).
+pub async fn post_json(client: &reqwest::Client, base: &str, path: &str, body: serde_json::Value) -> (u16, String) {
+    let r = client.post(format!("{base}{path}")).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+/// Submits `prompt` to `e` with `params` and `hook`; its events come on the
+/// receiver.
+pub fn submit_hooked(w: &Worker, e: &Arc<ModelEntry>, prompt: &[u32], params: GenParams, hook: Option<Box<dyn LogitsHook>>) -> mpsc::UnboundedReceiver<GenEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let req = GenRequest { model: e.clone(), prompt: prompt.to_vec(), params, hook, cancel: Arc::new(AtomicBool::new(false)), keep_alive: None, events: tx };
+    w.submit(req).unwrap();
+    rx
+}
+
+/// Reads to the end: (token ids, their logprobs when asked, how it
+/// finished); panics on a request error.
+pub fn collect_logprobs(rx: &mut mpsc::UnboundedReceiver<GenEvent>) -> (Vec<u32>, Vec<TokenLogprob>, Finish) {
+    let (mut ids, mut lps) = (Vec::new(), Vec::new());
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenEvent::Token { id, logprob, .. } => {
+                ids.push(id);
+                lps.extend(logprob);
+            }
+            GenEvent::Done(f) => return (ids, lps, f),
+            GenEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+/// `got` has `want`'s length; each token's logprob, its top alternatives'
+/// ids (in order) and their logprobs are within `tol` of `want`'s.
+pub fn assert_logprobs_close(got: &[TokenLogprob], want: &[TokenLogprob], tol: f32, ctx: &str) {
+    assert_eq!(got.len(), want.len(), "{ctx}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g.logprob - w.logprob).abs() <= tol, "{ctx}, token {i}: logprob {} vs {}", g.logprob, w.logprob);
+        assert_eq!(g.top.len(), w.top.len(), "{ctx}, token {i}");
+        for (a, b) in g.top.iter().zip(&w.top) {
+            assert_eq!(a.0, b.0, "{ctx}, token {i}: top ids {:?} vs {:?}", g.top, w.top);
+            assert!((a.2 - b.2).abs() <= tol, "{ctx}, token {i}: top logprob {} vs {}", a.2, b.2);
+        }
+    }
+}
+
+/// A stateful constraint: no token in the same class mod 3 as the one
+/// before it (`last`). Its forks share the counters: every commit, and the
+/// commits of a token it forbids (which fail).
+#[derive(Clone)]
+pub struct NoRepeatClass {
+    pub last: u32,
+    pub commits: Arc<AtomicUsize>,
+    pub broken: Arc<AtomicUsize>,
+}
+
+impl NoRepeatClass {
+    /// The constraint after token `last`, with counters of its own.
+    pub fn new(last: u32) -> Self {
+        NoRepeatClass { last, commits: Default::default(), broken: Default::default() }
+    }
+}
+
+impl LogitsHook for NoRepeatClass {
+    fn apply(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if t as u32 % 3 == self.last % 3 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+    fn commit(&mut self, token: u32) -> anyhow::Result<()> {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if token % 3 == self.last % 3 {
+            self.broken.fetch_add(1, Ordering::Relaxed);
+        }
+        anyhow::ensure!(token % 3 != self.last % 3, "token {token} breaks the constraint after {}", self.last);
+        self.last = token;
+        Ok(())
+    }
+    fn fork(&self) -> Option<Box<dyn LogitsHook>> {
+        Some(Box::new(self.clone()))
+    }
 }
