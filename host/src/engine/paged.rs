@@ -313,7 +313,8 @@ impl super::attend::KvStore for PagedForward<'_> {
         // [B, K, L, hd] -> [B*L, K, hd] -> components [N, ...] -> [N, 1, ...]: one update per slot.
         let (kf, vf) = (&self.pool.k, &self.pool.v);
         let encode = |codec: &dyn rmlx_plugin_api::author::kv::KvCodecImpl, family: &str, shape: &SideShape, x: &Array| -> Result<Vec<Array>, PluginError> {
-            let x = x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * n, x.dim(1), x.dim(3)])?;
+            // At L = 1 (decode) [B, K, 1, hd] is already [B, K, hd] in memory: no transpose.
+            let x = if n == 1 { x.reshape(&[b, x.dim(1), x.dim(3)])? } else { x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * n, x.dim(1), x.dim(3)])? };
             // Ragged rows: only the real tokens are stored. [B*L, K, hd] -> [N, K, hd]
             let x = match &self.keep {
                 Some(keep) => x.take_axis(keep, 0)?,

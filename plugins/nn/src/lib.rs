@@ -279,14 +279,23 @@ pub fn split_heads(x: &Array, heads: i32) -> Result<Array> {
 }
 
 /// x: [N, heads*hd] (N = B*L, row-major over (B, L)) or [B, L, heads*hd],
-/// `bl` = (B, L) -> [B, heads, L, hd]: one reshape and one transpose either way.
+/// `bl` = (B, L) -> [B, heads, L, hd]: one reshape and one transpose, or at
+/// L = 1 (a decode step) one reshape alone: [B, 1, H, hd] and [B, H, 1, hd]
+/// hold their elements in the same order, so the transpose is a primitive
+/// that moves nothing.
 pub fn split_heads_of(x: &Array, (b, l): (i32, i32), heads: i32) -> Result<Array> {
+    if l == 1 {
+        return Ok(x.reshape(&[b, heads, 1, -1])?);
+    }
     Ok(x.reshape(&[b, l, heads, -1])?.transpose_axes(&[0, 2, 1, 3])?)
 }
 
 /// [B, heads, L, hd] -> [B, L, heads*hd]
 pub fn merge_heads(x: &Array) -> Result<Array> {
     let (b, l) = (x.dim(0), x.dim(2));
+    if l == 1 {
+        return Ok(x.reshape(&[b, 1, -1])?); // no transpose at L = 1 (see split_heads_of)
+    }
     Ok(x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?)
 }
 
@@ -294,6 +303,9 @@ pub fn merge_heads(x: &Array) -> Result<Array> {
 /// stream carries (the same single reshape as `merge_heads`).
 pub fn merge_heads_to_rows(x: &Array) -> Result<Array> {
     let (b, l) = (x.dim(0), x.dim(2));
+    if l == 1 {
+        return Ok(x.reshape(&[b, -1])?); // no transpose at L = 1 (see split_heads_of)
+    }
     Ok(x.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b * l, -1])?)
 }
 
@@ -315,11 +327,19 @@ mod tests {
     /// Rows [B*L, H*hd] split like [B, L, H*hd], and merged back to rows.
     #[test]
     fn heads_from_and_to_rows_match_the_3d_layout() {
-        let (b, l, h, hd) = (2, 3, 4, 5);
+        for l in [3, 1] {
+            heads_round_trip(2, l, 4, 5);
+        }
+    }
+
+    /// One (B, L): L = 1 takes the reshape-only path; it must equal the transpose's layout.
+    fn heads_round_trip(b: i32, l: i32, h: i32, hd: i32) {
         let x = iota(&[b, l, h * hd]);
         let rows = x.reshape(&[b * l, h * hd]).unwrap();
-        let heads = split_heads(&x, h).unwrap(); // [B, H, L, hd]
-        assert!(same(&split_heads_of(&rows, (b, l), h).unwrap().contiguous().unwrap(), &heads.contiguous().unwrap()));
+        // the reference layout, by an explicit transpose: [B, H, L, hd]
+        let heads = x.reshape(&[b, l, h, hd]).unwrap().transpose_axes(&[0, 2, 1, 3]).unwrap().contiguous().unwrap();
+        assert!(same(&split_heads(&x, h).unwrap().contiguous().unwrap(), &heads));
+        assert!(same(&split_heads_of(&rows, (b, l), h).unwrap().contiguous().unwrap(), &heads));
         let merged = merge_heads_to_rows(&heads).unwrap(); // [B*L, H*hd]
         assert!(same(&merged, &rows));
         assert!(same(&merge_heads(&heads).unwrap(), &x));
