@@ -45,6 +45,7 @@
 //! Shapes: B batch, L new tokens, N = B*L rows, D hidden, V vocab.
 use crate::deepseek_v3::{model_spec, Config, DecoderLayer};
 use mlx_rs::Array;
+use rmlx_nn::head::head_conditioning;
 use rmlx_nn::{concatenate, finish_rows, offer_hidden_rows, rms_norm, Positions};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
@@ -134,13 +135,8 @@ impl ModelImpl for DeepseekV3Mtp {
     /// the host asks.
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let eps = self.config.rms_norm_eps;
-        let (cond, _) = attn.input_embeddings().ok_or_else(|| {
-            PluginError::config("the MTP head needs its conditioning (the verifier's hidden states) as input embeddings")
-        })?;
         let (b, l, d) = (tokens.dim(0), tokens.dim(1), self.config.hidden_size);
-        if cond.shape() != [b, l, d] {
-            return Err(PluginError::config(format!("the MTP head's conditioning is {:?}, expected [{b}, {l}, {d}]", cond.shape())));
-        }
+        let cond = head_conditioning(attn, (b, l), d, "MTP head")?; // [B, L, D]
         let pos = Positions::of(attn); // the head's own cache positions
         let e = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         let c = rms_norm(&cond.as_dtype(e.dtype())?, &self.norm_final, eps)?; // [B, L, D]

@@ -32,6 +32,7 @@ use crate::hybrid::Hybrid;
 use crate::hybrid_block::HybridBlock;
 use crate::qwen3_5::{layout, Config};
 use mlx_rs::Array;
+use rmlx_nn::head::head_conditioning;
 use rmlx_nn::{concatenate, finish, offer_hidden, rms_norm, Positions};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
@@ -143,16 +144,8 @@ impl ModelImpl for Qwen3_5Mtp {
     /// when the host asks.
     fn forward(&mut self, tokens: &Array, attn: &mut dyn Attend) -> Result<Array> {
         let eps = self.config.rms_norm_eps;
-        let (cond, _) = attn.input_embeddings().ok_or_else(|| {
-            PluginError::config("the MTP head needs its conditioning (the verifier's hidden states) as input embeddings")
-        })?;
         let (b, l, d) = (tokens.dim(0), tokens.dim(1), self.config.hidden_size);
-        if cond.shape() != [b, l, d] {
-            return Err(PluginError::config(format!(
-                "the MTP head's conditioning is {:?}, expected [{b}, {l}, {d}]",
-                cond.shape()
-            )));
-        }
+        let cond = head_conditioning(attn, (b, l), d, "MTP head")?; // [B, L, D]
         let pos = Positions::of(attn); // the head's own cache positions
         let e = self.embed_tokens.lookup(tokens)?; // [B, L, D]
         let cond = cond.as_dtype(e.dtype())?;

@@ -6,6 +6,7 @@
 pub mod decoder;
 pub mod gated_delta;
 pub mod gemma;
+pub mod head;
 pub mod moe;
 pub mod shared_expert;
 pub mod yarn;
