@@ -31,7 +31,7 @@
 use crate::mla::{Mla, MlaDims};
 use crate::moe::{DeepseekMoe, Routing};
 use mlx_rs::Array;
-use rmlx_nn::decoder::{FeedForward, Mlp};
+use rmlx_nn::decoder::{pre_norm_residual, FeedForward, Mlp};
 use rmlx_nn::{finish_rows, offer_hidden_rows, parse_config, require_positive, rms_norm, Positions, Rope};
 use rmlx_plugin_api::{
     author::{Attend, EmbeddingLayer, LinearLayer, ModelImpl, Result, Weights},
@@ -302,10 +302,8 @@ impl DecoderLayer {
 
     /// x: [N, D], N = B*L -> [N, D]; `bl` = (B, L).
     pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, bl, layer, pos, attn)?;
-        let h = x.add(&r)?;
-        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        Ok(h.add(&r)?)
+        let norms = (&self.input_layernorm, &self.post_attention_layernorm);
+        pre_norm_residual(x, norms, self.eps, |n| self.self_attn.forward(n, bl, layer, pos, attn), &*self.mlp)
     }
 }
 

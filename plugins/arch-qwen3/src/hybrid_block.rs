@@ -10,10 +10,10 @@
 //! [B, L, ...] appears only where the shape means something (the heads, the
 //! conv over time, the recurrence).
 use mlx_rs::Array;
-use rmlx_nn::decoder::{FeedForward, Mlp};
+use rmlx_nn::decoder::{pre_norm_residual, FeedForward, Mlp};
 use rmlx_nn::moe::SparseMoe;
 use rmlx_nn::shared_expert::WithSharedExpert;
-use rmlx_nn::{rms_norm, Positions};
+use rmlx_nn::Positions;
 use rmlx_plugin_api::author::{Attend, Result, Weights};
 
 use crate::hybrid::Hybrid;
@@ -67,13 +67,11 @@ impl HybridBlock {
 
     /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
     pub(crate) fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let n = rms_norm(x, &self.input_layernorm, self.eps)?;
-        let r = match &self.mixer {
-            Mixer::Attention(a) => a.forward(&n, bl, layer, pos, attn)?,
-            Mixer::Delta(d) => d.forward(&n, bl, layer, attn)?,
+        let norms = (&self.input_layernorm, &self.post_attention_layernorm);
+        let mixer = |n: &Array| match &self.mixer {
+            Mixer::Attention(a) => a.forward(n, bl, layer, pos, attn),
+            Mixer::Delta(d) => d.forward(n, bl, layer, attn),
         };
-        let h = x.add(&r)?;
-        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        Ok(h.add(&r)?)
+        pre_norm_residual(x, norms, self.eps, mixer, &*self.mlp)
     }
 }

@@ -248,11 +248,26 @@ impl Block {
 
     /// x: [N, D], N = B*L -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
     pub fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
-        let r = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, bl, layer, pos, attn)?;
-        let h = x.add(&r)?;
-        let r = self.mlp.forward(&rms_norm(&h, &self.post_attention_layernorm, self.eps)?)?;
-        Ok(h.add(&r)?)
+        let norms = (&self.input_layernorm, &self.post_attention_layernorm);
+        pre_norm_residual(x, norms, self.eps, |n| self.self_attn.forward(n, bl, layer, pos, attn), &*self.mlp)
     }
+}
+
+/// The pre-norm residual pair every decoder block here runs:
+/// h = x + mixer(rms_norm(x, norms.0)); out = h + mlp(rms_norm(h, norms.1)).
+/// x: [N, D] or [B, L, D] -> the same shape; `mixer` maps the normed x to
+/// [..., D] (self-attention, MLA, a DeltaNet layer...).
+pub fn pre_norm_residual(
+    x: &Array,
+    (input_norm, post_norm): (&Array, &Array), // [D], [D]
+    eps: f32,
+    mixer: impl FnOnce(&Array) -> Result<Array>,
+    mlp: &dyn FeedForward,
+) -> Result<Array> {
+    let r = mixer(&rms_norm(x, input_norm, eps)?)?;
+    let h = x.add(&r)?;
+    let r = mlp.forward(&rms_norm(&h, post_norm, eps)?)?;
+    Ok(h.add(&r)?)
 }
 
 // ---- model ----
