@@ -46,9 +46,14 @@ pub fn rms_norm(x: &Array, weight: &Array, eps: f32) -> Result<Array> {
     Ok(fast::rms_norm(x, Some(weight), eps)?)
 }
 
-/// silu(gate) * up, as mlx-lm's swiglu.
+/// silu(gate) * up, as mlx-lm's swiglu: compiled (shapeless), so MLX fuses
+/// the sigmoid and both products into one kernel (one primitive per layer
+/// where `nn::silu` and a separate multiply made two). Same rounding: the
+/// fused kernel keeps each intermediate in its dtype.
 pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
-    Ok(nn::silu(gate)?.multiply(up)?)
+    let f = |(g, u): (&Array, &Array)| -> std::result::Result<Array, mlx_rs::error::Exception> { g.multiply(nn::sigmoid(g)?)?.multiply(u) };
+    let mut fused = mlx_rs::transforms::compile::compile(f, true);
+    Ok(fused((gate, up))?)
 }
 
 /// max(x, 0)², as mlx.nn.relu2 (the zero in x's dtype, so bf16 stays bf16).
@@ -344,6 +349,22 @@ mod tests {
         let merged = merge_heads_to_rows(&heads).unwrap(); // [B*L, H*hd]
         assert!(same(&merged, &rows));
         assert!(same(&merge_heads(&heads).unwrap(), &x));
+    }
+
+    /// The fused SwiGLU rounds as the two-step one does (bf16 and f32).
+    #[test]
+    fn fused_swiglu_equals_silu_times_up() {
+        let n = 4096;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 60.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 1000) as f32 - 500.0) / 90.0).collect();
+        for dt in [mlx_rs::Dtype::Bfloat16, mlx_rs::Dtype::Float32] {
+            let g = Array::from_slice(&g, &[n as i32]).as_dtype(dt).unwrap();
+            let u = Array::from_slice(&u, &[n as i32]).as_dtype(dt).unwrap();
+            let two_step = g.multiply(nn::sigmoid(&g).unwrap()).unwrap().multiply(&u).unwrap();
+            let fused = swiglu(&g, &u).unwrap();
+            let (a, b) = (fused.as_dtype(mlx_rs::Dtype::Float32).unwrap(), two_step.as_dtype(mlx_rs::Dtype::Float32).unwrap());
+            assert_eq!(a.as_slice::<f32>(), b.as_slice::<f32>(), "{dt:?}");
+        }
     }
 
     /// The last position's row of each batch row, as `last_position` picks it.
