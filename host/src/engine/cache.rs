@@ -11,7 +11,7 @@ use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{
         concatenate,
-        indexing::{TryIndexMutOp, TryIndexOp},
+        indexing::TryIndexOp,
         zeros_dtype,
     },
     Array,
@@ -210,7 +210,7 @@ impl super::attend::KvStore for KvCache {
         let end = prev + n;
         // The first position any new query sees: its window's start.
         let first = if w > 0 { (prev + 1 - w).max(0) } else { 0 };
-        let Slot { mut keys, mut values, base, .. } = match slot.take() {
+        let Slot { keys, values, base, .. } = match slot.take() {
             Some(s) if s.base + s.keys.dim(2) >= end => s,
             old => {
                 // Grow: keep what is filled from `first` on, add zeroed steps.
@@ -230,8 +230,8 @@ impl super::attend::KvStore for KvCache {
                 }
             }
         };
-        keys.try_index_mut((.., .., prev - base..end - base, ..), &k)?;
-        values.try_index_mut((.., .., prev - base..end - base, ..), &v)?;
+        let keys = write_steps(&keys, &k, prev - base)?;
+        let values = write_steps(&values, &v, prev - base)?;
         // Attend over positions s..end: [B, K, end - s, hd].
         let s = first.max(base);
         let (k, v) = (
@@ -240,6 +240,39 @@ impl super::attend::KvStore for KvCache {
         );
         *slot = Some(Slot { keys, values, base, end });
         attend_window(&q, &k, &v, prev, s, opts)
+    }
+}
+
+/// `buf` [B, K, cap, hd] with `x` [B, K, n, hd] written at steps
+/// `at..at + n`: one SliceUpdate (mlx-rs's `index_mut` adds two reshapes
+/// of the update around it, four primitives per layer per decode step).
+fn write_steps(buf: &Array, x: &Array, at: i32) -> Result<Array, PluginError> {
+    if buf.ndim() != 4 || x.ndim() != 4 {
+        return Err(PluginError::other(format!("KV write of {:?} into {:?}", x.shape(), buf.shape())));
+    }
+    let start = [0, 0, at, 0];
+    let stop = [buf.dim(0), buf.dim(1), at + x.dim(2), buf.dim(3)];
+    let strides = [1i32; 4];
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let stream = mlx_rs::Stream::thread_local_or_default();
+        let rc = mlx_sys::mlx_slice_update(
+            &mut res,
+            buf.as_ptr(),
+            x.as_ptr(),
+            start.as_ptr(),
+            4,
+            stop.as_ptr(),
+            4,
+            strides.as_ptr(),
+            4,
+            stream.as_ptr(),
+        );
+        if rc != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(PluginError::other(format!("KV write of {:?} into {:?} at {at} failed", x.shape(), buf.shape())));
+        }
+        Ok(Array::from_ptr(res))
     }
 }
 

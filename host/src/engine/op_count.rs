@@ -4,6 +4,8 @@
 //! element-wise ones), so the count per decode step is the figure that
 //! fused projections and fused attention kernels lower (docs/PERF.md).
 //!
+//! `RMLX_COUNT_OPS=graph` also prints the graph itself.
+//!
 //! MLX prints a graph (`mlx_print_graph`) as its inputs, then one line per
 //! primitive: `Name arrays -> arrays`; this counts those lines by name.
 use anyhow::{bail, Result};
@@ -14,6 +16,9 @@ use std::io::{Read, Seek};
 /// The primitives needed to evaluate `outputs`, by kind, in MLX's names.
 pub fn count(outputs: &[&Array]) -> Result<OpCount> {
     let text = print_graph(outputs)?;
+    if std::env::var("RMLX_COUNT_OPS").is_ok_and(|v| v == "graph") {
+        eprintln!("{text}"); // RMLX_COUNT_OPS=graph: every primitive, in order
+    }
     let mut by_kind = BTreeMap::new();
     for line in text.lines() {
         // "Add a1 a2 -> a3" — inputs are listed as bare names without "->".
