@@ -246,7 +246,7 @@ impl super::attend::KvStore for KvCache {
 /// `buf` [B, K, cap, hd] with `x` [B, K, n, hd] written at steps
 /// `at..at + n`: one SliceUpdate (mlx-rs's `index_mut` adds two reshapes
 /// of the update around it, four primitives per layer per decode step).
-fn write_steps(buf: &Array, x: &Array, at: i32) -> Result<Array, PluginError> {
+pub(crate) fn write_steps(buf: &Array, x: &Array, at: i32) -> Result<Array, PluginError> {
     if buf.ndim() != 4 || x.ndim() != 4 {
         return Err(PluginError::other(format!("KV write of {:?} into {:?}", x.shape(), buf.shape())));
     }

@@ -26,13 +26,13 @@
 //! The block's mask token and trained size come from the sidecar's
 //! config.json (`dflash_config.mask_token_id`, `block_size`); a round drafts
 //! at most `block_size - 1` tokens, and the length adapts (adapt.rs).
-use super::super::{attend::ForwardRequest, attend::KvStore, sampler::Sampler, sampler::SamplingParams, LoadedModel};
+use super::super::{cache::write_steps, attend::ForwardRequest, attend::KvStore, sampler::Sampler, sampler::SamplingParams, LoadedModel};
 use super::mtp::{argmaxes, last, span, Verifier};
 use super::{accept, adapt::DraftLength, store::ids, store::rows, SpecOptions, SpecOutput};
 use anyhow::{bail, Context, Result};
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
-    ops::{concatenate, indexing::TryIndexMutOp, indexing::TryIndexOp, zeros_dtype},
+    ops::{concatenate, indexing::TryIndexOp, zeros_dtype},
     transforms::eval,
     Array,
 };
@@ -114,7 +114,7 @@ impl KvStore for ContextStore {
             .ok_or_else(|| PluginError::other(format!("attention layer {layer} out of range")))?;
         let (prev, n) = (self.len, k.dim(2));
         let end = prev + n;
-        let (mut keys, mut values) = match slot.take() {
+        let (keys, values) = match slot.take() {
             Some((ks, vs)) if ks.dim(2) >= end => (ks, vs),
             old => {
                 // Grow: keep the committed context, add zeroed steps.
@@ -134,8 +134,8 @@ impl KvStore for ContextStore {
                 (grow(&k, ok)?, grow(&v, ov)?)
             }
         };
-        keys.try_index_mut((.., .., prev..end, ..), &k)?;
-        values.try_index_mut((.., .., prev..end, ..), &v)?;
+        let keys = write_steps(&keys, &k, prev)?;
+        let values = write_steps(&values, &v, prev)?;
         let (ks, vs) = (keys.try_index((.., .., 0..end, ..))?, values.try_index((.., .., 0..end, ..))?); // [1, K, end, hd]
         *slot = Some((keys, values));
         if opts.softcap != 0.0 || opts.sinks.is_some() {
