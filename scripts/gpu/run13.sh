@@ -4,7 +4,8 @@
 #     L = 1 head split), then issue 16's 0.6B rows, bf16 and q4 (issue16.sh).
 #  B: issue 16's 4B rows (bf16 and q4, batch 1); issue 13's hybrid row (moe-hybrid.sh hybrid-2b bf16).
 #  D: why batch 1 trails mlx-lm on a fast host: the compiled step against op by op (mask-free SDPA),
-#     MLX_MAX_OPS_PER_BUFFER, the host's time per token, primitives of both sides, and a perf profile.
+#     MLX_MAX_OPS_PER_BUFFER, the host's time per token, primitives of both sides, and a perf profile
+#     (QUICK=1: without the MLX_MAX_OPS_PER_BUFFER sweep and the profile).
 #  C: issue 12's 4-bit families against bf16 at 1 and 8 streams (kv-families.sh), with their primitives.
 # Everything is also written to $OUT/run13-PART.txt when $OUT is set.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,7 +40,7 @@ D)
   echo -n "mlx-lm b1: "; python3 -m mlx_lm.benchmark --model $dir -p 512 -g 128 -b 1 -n 3 2>&1 | grep Averages
   echo -n "rmlx compiled: "; b -n 3 | grep Averages
   echo -n "rmlx op by op: "; RMLX_COMPILE=0 b -n 3 | grep Averages
-  for o in 20 50 300; do echo -n "rmlx op by op, MLX_MAX_OPS_PER_BUFFER=$o: "; MLX_MAX_OPS_PER_BUFFER=$o RMLX_COMPILE=0 b -n 3 | grep Averages; done
+  [ -n "$QUICK" ] || for o in 20 50 300; do echo -n "rmlx op by op, MLX_MAX_OPS_PER_BUFFER=$o: "; MLX_MAX_OPS_PER_BUFFER=$o RMLX_COMPILE=0 b -n 3 | grep Averages; done
   for c in 1 0; do echo "profile, RMLX_COMPILE=$c:"; RMLX_PROFILE_DECODE=1 RMLX_COMPILE=$c b -n 3 | grep -E "per token"; done
   for c in 1 0; do echo -n "primitives, RMLX_COMPILE=$c: "; RMLX_COUNT_OPS=1 RMLX_COMPILE=$c $here/rmlx bench --plugins $here/plugins --model $dir -p 16 -g 3 -n 1 2>&1 | grep -m1 "decode step"; done
   python3 - $dir <<'PY' 2>&1 | tail -3
@@ -52,7 +53,7 @@ mx.export_to_dot("/tmp/step.dot", y)
 import shutil, os; os.environ.get("OUT") and shutil.copy("/tmp/step.dot", os.environ["OUT"] + "/mlx-lm-step.dot")
 print("dot lines:", sum(1 for _ in open("/tmp/step.dot")))
 PY
-  if command -v perf >/dev/null; then
+  if [ -z "$QUICK" ] && command -v perf >/dev/null; then
     RMLX_COMPILE=0 perf record -q -g -o /tmp/p.data $here/rmlx bench --plugins $here/plugins --model $dir -p 16 -g 512 -n 1 >/dev/null 2>&1
     perf report -i /tmp/p.data --no-children --sort dso,symbol -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-150 | head -30
     perf report -i /tmp/p.data --no-children --sort dso -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | head -12
