@@ -284,7 +284,7 @@ pub fn rms_norm_gated(x: &Array, gate: &Array, weight: &Array, eps: f32) -> Resu
     if n.shape() != gate.shape() {
         n = n.reshape(gate.shape())?;
     }
-    let g = crate::fused::silu(&gate.as_dtype(Dtype::Float32)?)?;
+    let g = nn::silu(gate.as_dtype(Dtype::Float32)?)?;
     Ok(g.multiply(n.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?)
 }
 
@@ -422,7 +422,7 @@ impl GatedDeltaNet {
         let keep = self.dims.conv_kernel - 1;
         let new_state = input.split_at_indices(&[n - keep], 1)?.pop().expect("two parts"); // [B, K-1, C]
         let out = ops::conv1d(&input, &self.conv1d, 1, 0, 1, c)?; // [B, L, C]
-        Ok((crate::fused::silu(&out)?, new_state))
+        Ok((nn::silu(out)?, new_state))
     }
 
 

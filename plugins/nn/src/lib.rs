@@ -6,13 +6,12 @@
 pub mod decoder;
 pub mod gated_delta;
 pub mod gemma;
-pub mod fused;
 pub mod head;
 pub mod moe;
 pub mod shared_expert;
 pub mod yarn;
 
-use mlx_rs::{fast, ops, Array};
+use mlx_rs::{fast, nn, ops, Array};
 use rmlx_plugin_api::{
     author::{Attend, Output, Result},
     PluginError,
@@ -47,11 +46,14 @@ pub fn rms_norm(x: &Array, weight: &Array, eps: f32) -> Result<Array> {
     Ok(fast::rms_norm(x, Some(weight), eps)?)
 }
 
-/// silu(gate) * up, as mlx-lm's swiglu: compiled once (shapeless, see
-/// `fused`), so MLX runs the sigmoid and both products as one kernel. Same
-/// rounding: the fused kernel keeps each intermediate in its dtype.
+/// silu(gate) * up, as mlx-lm's swiglu: compiled (shapeless), so MLX fuses
+/// the sigmoid and both products into one kernel (one primitive per layer
+/// where `nn::silu` and a separate multiply made two). Same rounding: the
+/// fused kernel keeps each intermediate in its dtype.
 pub fn swiglu(gate: &Array, up: &Array) -> Result<Array> {
-    Ok(fused::swiglu(gate, up)?)
+    let f = |(g, u): (&Array, &Array)| -> std::result::Result<Array, mlx_rs::error::Exception> { g.multiply(nn::sigmoid(g)?)?.multiply(u) };
+    let mut fused = mlx_rs::transforms::compile::compile(f, true);
+    Ok(fused((gate, up))?)
 }
 
 /// max(x, 0)², as mlx.nn.relu2 (the zero in x's dtype, so bf16 stays bf16).
@@ -318,7 +320,6 @@ pub use ops::concatenate;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mlx_rs::nn;
 
     fn iota(shape: &[i32]) -> Array {
         let n: i32 = shape.iter().product();
