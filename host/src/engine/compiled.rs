@@ -16,6 +16,13 @@
 //!   next positions [B], and the updated keys and values (written with a
 //!   dynamic slice update at the row's position; each row attends over all
 //!   its `cap_b` slots with a mask that hides the empty ones).
+//!
+//! Attention over the fixed capacity: on a GPU through rmlx's fused decode
+//! kernel (`rmlx_kernels::contiguous_decode`, one kernel per layer that
+//! takes the mask as data), because MLX's fused one-query `sdpa_vector`
+//! serves no array mask and MLX falls back to composed matmul, mask,
+//! softmax and matmul over the whole capacity; on the CPU (and with
+//! `RMLX_FUSED_KERNELS=0`) MLX's sdpa with the mask.
 //! When a row's position reaches its capacity its buffers grow by a step, and
 //! MLX traces each new combination of shapes (batch size, capacities) once. Architectures take positions from
 //! `Attention::offsets()` (plugin-api ABI 3), so a trace never bakes one in.
@@ -232,7 +239,7 @@ struct TracedCache {
     row_pos: Vec<Array>,
     /// Per row, per layer: (keys, values) [1, K, cap_b, hd].
     rows: Vec<Vec<(Array, Array)>>,
-    /// Per row, bool [1, 1, 1, cap_b]: slots 0..=pos are filled (shared by the layers).
+    /// Per row, bool [1, cap_b]: slots 0..=pos are filled (shared by the layers).
     masks: Vec<Option<Array>>,
 }
 
@@ -278,14 +285,26 @@ impl super::attend::KvStore for TracedCache {
             let values = slice_update_at(&values, &row(&v)?, &self.row_pos[r])?;
             if self.masks[r].is_none() {
                 let slots = arange::<_, i32>(0, cap, None)?;
-                self.masks[r] = Some(slots.le(&self.row_pos[r])?.reshape(&[1, 1, 1, cap])?);
+                self.masks[r] = Some(slots.le(&self.row_pos[r])?.reshape(&[1, cap])?);
             }
-            let mask = self.masks[r].as_ref().unwrap();
+            let valid = self.masks[r].as_ref().unwrap();
             let q = row(&q)?;
-            outs.push(if opts.is_plain() {
-                scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?
+            let fused = if keys.dim(3) == values.dim(3) {
+                rmlx_kernels::contiguous_decode(&q, &keys, &values, valid, opts.sinks, opts.scale, opts.softcap)
+                    .map_err(|e| PluginError::other(format!("fused decode kernel: {e}")))?
             } else {
-                dense_attend(&q, &keys, &values, Some(mask), opts)?
+                None
+            };
+            outs.push(match fused {
+                Some(o) => o,
+                None => {
+                    let mask = valid.reshape(&[1, 1, 1, cap])?;
+                    if opts.is_plain() {
+                        scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(&mask), None)?
+                    } else {
+                        dense_attend(&q, &keys, &values, Some(&mask), opts)?
+                    }
+                }
             });
             self.rows[r][layer as usize] = (keys, values);
         }

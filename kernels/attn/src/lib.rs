@@ -191,6 +191,60 @@ pub fn paged_decode(
     softcap: f32,
     s: DecodeShape,
 ) -> Result<Option<Array>, String> {
+    launch_decode(family, q, k, v, tables, valid, sinks, scale, softcap, s, false)
+}
+
+/// Decode attention over contiguous dense buffers, one sequence per row:
+/// `q` [B, H, 1, D] (any float dtype), `keys`/`values` [B, K, CTX, D] (the
+/// compiled step's buffers, engine/compiled.rs), `valid` bool [B, CTX]
+/// (which slots each row's query sees: the filled ones). Some([B, H, 1, D])
+/// in q's dtype on a GPU with the fused kernels on; None otherwise (the
+/// caller composes). Unlike MLX's fused `sdpa_vector`, which serves one
+/// query only without an array mask, this takes the mask as data, so a
+/// fixed-capacity (compiled) step keeps one kernel per layer.
+#[allow(clippy::too_many_arguments)]
+pub fn contiguous_decode(
+    q: &Array,
+    keys: &Array,
+    values: &Array,
+    valid: &Array,
+    sinks: Option<&Array>,
+    scale: f32,
+    softcap: f32,
+) -> Result<Option<Array>, String> {
+    if !enabled() || !usable("contiguous_decode/dense") || q.ndim() != 4 || q.dim(2) != 1 || keys.ndim() != 4 || values.shape() != keys.shape() {
+        return Ok(None);
+    }
+    let (b, h, d) = (q.dim(0), q.dim(1), q.dim(3));
+    let (kv_heads, ctx) = (keys.dim(1), keys.dim(2));
+    if keys.dim(0) != b || keys.dim(3) != d || valid.shape() != [b, ctx] {
+        return Ok(None);
+    }
+    let x = |e: mlx_rs::error::Exception| e.to_string();
+    let qf = q.as_dtype(Dtype::Float32).map_err(x)?.reshape(&[b, h, d]).map_err(x)?;
+    let tables = Array::from_slice(&[0i32], &[1, 1]);
+    let shape = DecodeShape { heads: h, kv_heads, head_dim: d, block_size: 1 };
+    let out = launch_decode(Family::Dense, &qf, std::slice::from_ref(keys), std::slice::from_ref(values), &tables, valid, sinks, scale, softcap, shape, true)?;
+    match out {
+        Some(o) => Ok(Some(o.reshape(&[b, h, 1, d]).map_err(x)?.as_dtype(q.dtype()).map_err(x)?)),
+        None => Ok(None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_decode(
+    family: Family,
+    q: &Array,
+    k: &[Array],
+    v: &[Array],
+    tables: &Array,
+    valid: &Array,
+    sinks: Option<&Array>,
+    scale: f32,
+    softcap: f32,
+    s: DecodeShape,
+    head_major: bool,
+) -> Result<Option<Array>, String> {
     let be = backend();
     let [kn, vn] = family.pools();
     if be == Backend::None
@@ -221,7 +275,7 @@ pub fn paged_decode(
     names.extend(["tables", "valid", "params", "sinks"]);
     let mut ints = vec![("D", s.head_dim), ("H", s.heads), ("K", s.kv_heads), ("BS", s.block_size)];
     ints.extend(family.ints());
-    let bools = [("HAS_SINKS", sinks.is_some()), ("SOFTCAP", softcap > 0.0)];
+    let bools = [("HAS_SINKS", sinks.is_some()), ("SOFTCAP", softcap > 0.0), ("HEAD_MAJOR", head_major)];
     let launch = ffi::Launch {
         grid: (128, h, b),
         threads: (128, 1, 1),

@@ -12,7 +12,10 @@
 // inputs: q float [B, H, D]; the family's pools; tables int32 [B, NBLK];
 // valid bool [B, CTX]; params float [2] (scale, soft-cap); sinks float [H].
 // output: out float [B, H, D].
-// template: D, H, K, BS, HAS_SINKS, SOFTCAP (+ the family's).
+// template: D, H, K, BS, HAS_SINKS, SOFTCAP, HEAD_MAJOR (+ the family's).
+// HEAD_MAJOR: the pools are one sequence per row b, laid out [B, K, CTX, D]
+// (the compiled step's contiguous buffers, engine/compiled.rs): pool row
+// (b * K + kv head) * CTX + t, no tables (a dummy [1, 1] is passed).
 constexpr int PER = (D + 31) / 32;
 constexpr int WARPS = 4;
 const int h = blockIdx.y;
@@ -40,9 +43,10 @@ float m = -inf;
 float l = 0.f;
 for (int t = warp; t < ctx; t += WARPS) {
   const int blk = t / BS;
-  if (blk >= nblk) break;
+  if (!HEAD_MAJOR && blk >= nblk) break;
   if (!valid[(int64_t)b * ctx + t]) continue;
-  const int64_t row = ((int64_t)tables[(int64_t)b * nblk + blk] * BS + t % BS) * K + kvh;
+  const int64_t row = HEAD_MAJOR ? ((int64_t)b * K + kvh) * ctx + t
+                                 : ((int64_t)tables[(int64_t)b * nblk + blk] * BS + t % BS) * K + kvh;
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {

@@ -1,6 +1,6 @@
 // The Metal twin of paged_decode.cu (same inputs, layout and algorithm; see
 // there): one threadgroup per (row b, query head h), 4 simdgroups of 32.
-// The family's prelude defines LOAD_K / LOAD_V.
+// The family's prelude defines LOAD_K / LOAD_V. HEAD_MAJOR: as in the CUDA file.
 constexpr int PER = (D + 31) / 32;
 constexpr int WARPS = 4;
 const int h = threadgroup_position_in_grid.y;
@@ -25,9 +25,10 @@ float m = -INFINITY;
 float l = 0.f;
 for (int t = warp; t < ctx; t += WARPS) {
   const int blk = t / BS;
-  if (blk >= nblk) break;
+  if (!HEAD_MAJOR && blk >= nblk) break;
   if (!valid[(long)b * ctx + t]) continue;
-  const long row = ((long)tables[(long)b * nblk + blk] * BS + t % BS) * K + kvh;
+  const long row = HEAD_MAJOR ? ((long)b * K + kvh) * ctx + t
+                              : ((long)tables[(long)b * nblk + blk] * BS + t % BS) * K + kvh;
   float s = 0.f;
   for (int i = 0; i < PER; ++i) {
     const int d = lane + 32 * i;

@@ -59,3 +59,36 @@ fn dense_decode_equals_composed() {
         assert!(rmlx_kernels::usable("paged_decode/dense"), "the dense kernel was turned off by its first check");
     }
 }
+
+/// `rmlx_kernels::contiguous_decode` (the compiled step's attention on a
+/// GPU: buffers [B, K, CTX, D] with a `valid` mask as data) against MLX's
+/// sdpa with the same mask. On the CPU it declines (None).
+#[test]
+fn contiguous_decode_equals_sdpa() {
+    use mlx_rs::fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask};
+    let (b, ctx) = (2, 80);
+    for (dtype, tol) in [(Dtype::Float32, 2e-4), (Dtype::Bfloat16, 3e-2)] {
+        for d in [64, 128] {
+            let key = random::key(11).unwrap();
+            let ks = random::split(&key, 3).unwrap();
+            let normal = |k: &Array, shape: &[i32]| random::normal::<f32>(shape, None, None, Some(k)).unwrap().as_dtype(dtype).unwrap();
+            let keys = normal(&ks.0, &[b, K, ctx, d]);
+            let values = normal(&ks.1, &[b, K, ctx, d]);
+            let q = normal(&key, &[b, H, 1, d]);
+            // Row 0 sees slots 0..=40, row 1 slots 0..=6.
+            let m: Vec<bool> = [40, 6].iter().flat_map(|&p| (0..ctx).map(move |j| j <= p)).collect();
+            let valid = Array::from_slice(&m, &[b, ctx]);
+            let scale = 1.0 / (d as f32).sqrt();
+            let Some(fused) = rmlx_kernels::contiguous_decode(&q, &keys, &values, &valid, None, scale, 0.0).unwrap() else {
+                assert!(!rmlx_kernels::enabled(), "a GPU backend declined the contiguous decode kernel");
+                return;
+            };
+            assert_eq!(fused.shape(), q.shape());
+            assert_eq!(fused.dtype(), dtype);
+            let mask = valid.reshape(&[b, 1, 1, ctx]).unwrap();
+            let reference = scaled_dot_product_attention(&q, &keys, &values, scale, ScaledDotProductAttentionMask::Array(&mask), None).unwrap();
+            let e = max_abs_diff(&fused.as_dtype(Dtype::Float32).unwrap(), &reference.as_dtype(Dtype::Float32).unwrap()).unwrap();
+            assert!(e <= tol, "{dtype:?} d={d}: {e}");
+        }
+    }
+}
