@@ -83,7 +83,7 @@ fn report_ops(b: i32, input: &super::op_count::OpCount, outputs: &[&Array]) -> R
 
 /// The logits the device's argmax reads: with the `logit_bias` of the rows
 /// that take device tokens added, in f32 as the host's sampler adds it.
-fn with_bias(seqs: &[&mut Sequence], logits: &Array) -> Result<Array> {
+pub(super) fn with_bias(seqs: &[&mut Sequence], logits: &Array) -> Result<Array> {
     let v = logits.dim(-1);
     let (mut idx, mut val) = (Vec::new(), Vec::new());
     for (r, s) in seqs.iter().enumerate().filter(|(_, s)| s.takes_device_token()) {

@@ -293,10 +293,15 @@ impl KvPool {
     /// these and stores them with `put`, so an error or a panic before the
     /// `put` leaves the layer as it was (never recreated as zeros).
     pub(super) fn layer(&mut self, l: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
+        self.layer_with(l, 0)
+    }
+
+    /// [`KvPool::layer`] grown to the capacity plus `extra` blocks.
+    fn layer_with(&mut self, l: usize, extra: usize) -> Result<&(Vec<Array>, Vec<Array>), PluginError> {
         let cap = match self.win.as_ref() {
             Some(w) if self.in_window(l) => w.cap,
             _ => self.cap_blocks,
-        };
+        } + extra;
         let slots = (cap * self.block_size) as i32;
         let (kc, vc) = match self.layout.get(l) {
             Some(LayerLayout::Own { k, v }) => (&k.comps, &v.comps),
@@ -329,6 +334,41 @@ impl KvPool {
             *slot = Some(kv);
         }
         Ok(slot.as_ref().expect("the layer was just set"))
+    }
+
+    /// The compiled decode step's (compiled_paged.rs): every layer's arrays,
+    /// grown to the capacity plus one scratch block, MOVED out of the pool,
+    /// so that the step's graph holds the only reference and MLX writes
+    /// them in place (a copy left here would make every step copy the
+    /// whole pool). The caller puts them, or the step's new arrays, back
+    /// with [`KvPool::put_all`]. Every layer must store its own K/V and the
+    /// pool must not be split in window groups.
+    pub(super) fn take_all(&mut self) -> Result<Vec<(Vec<Array>, Vec<Array>)>, PluginError> {
+        if self.win.is_some() || self.layout.iter().any(|l| !matches!(l, LayerLayout::Own { .. })) {
+            return Err(PluginError::other("the compiled decode step takes pools whose layers all store their own K/V"));
+        }
+        for l in 0..self.layers.len() {
+            self.layer_with(l, 1)?;
+        }
+        Ok(self.layers.iter_mut().map(|x| x.take().expect("the layer was just grown")).collect())
+    }
+
+    /// Puts every layer's arrays back (what [`KvPool::take_all`] took, or
+    /// their successors).
+    pub(super) fn put_all(&mut self, layers: Vec<(Vec<Array>, Vec<Array>)>) {
+        for (slot, kv) in self.layers.iter_mut().zip(layers) {
+            *slot = Some(kv);
+        }
+    }
+
+    /// The scratch block [`KvPool::take_all`] adds past the capacity: no
+    /// sequence holds it (block ids stay below the capacity; when the
+    /// capacity grows it becomes an ordinary block, written before it is
+    /// read, and the scratch moves to the new end). The compiled step's
+    /// padding rows write and read there. One block per layer beyond the
+    /// budget's count, uncharged.
+    pub(super) fn scratch_block(&self) -> u32 {
+        self.cap_blocks as u32
     }
 
     /// Layer `l`'s arrays as they are (None before its first write).

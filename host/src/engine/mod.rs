@@ -9,6 +9,7 @@ pub mod block_manager;
 pub mod cache;
 pub mod catalog;
 pub mod compiled;
+pub mod compiled_paged;
 pub mod decode;
 pub mod embed;
 pub mod embed_image;

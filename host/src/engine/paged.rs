@@ -427,7 +427,7 @@ pub(crate) fn same_run(runs: &[Range<usize>], p: usize, j: usize) -> bool {
 }
 
 /// The families' attention of q over layer `src`'s pools read as `paged` says.
-fn attend_paged(pool: &KvPool, src: usize, q: &Array, pk: &[Array], pv: &[Array], (kd, vd): (&LayerDims, &LayerDims), paged: &Paged) -> Result<Array, PluginError> {
+pub(super) fn attend_paged(pool: &KvPool, src: usize, q: &Array, pk: &[Array], pv: &[Array], (kd, vd): (&LayerDims, &LayerDims), paged: &Paged) -> Result<Array, PluginError> {
     let (ks, vs) = (&pool.k, &pool.v);
     let (kc, vc) = (ks.codec_for(src), vs.codec_for(src));
     if ks.family == vs.family && ks.layer_codecs.is_empty() && vs.layer_codecs.is_empty() {

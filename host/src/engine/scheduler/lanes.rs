@@ -6,6 +6,7 @@
 //! account, as models do.
 use super::super::block_manager::{signature_hash, BlockManager};
 use super::super::kv_pool::{family_key, KvPool, KvSide};
+use super::super::compiled_paged::CompiledPaged;
 use super::super::speculative::DraftKind;
 use super::super::LoadedModel;
 use super::{Scheduler, SchedulerConfig};
@@ -48,6 +49,9 @@ pub struct Lane {
     /// sequences (spec.rs), by kind, each made on first use; a block
     /// drafter (dflash) keeps its context per sequence and has none.
     pub drafts: std::collections::BTreeMap<DraftKind, BlockManager>,
+    /// The lane's compiled decode step (compiled_paged.rs); dropped with
+    /// the lane, on the engine thread.
+    pub compiled: CompiledPaged,
 }
 
 impl Lane {
@@ -112,6 +116,7 @@ impl Lane {
             tracing::info!("KV for {name}: window layers ({} positions) in blocks of their own, {win_block} bytes each", w.window);
         }
         let pool = pool.with_max_blocks(total).with_window_max(win_total);
+        let compiled = CompiledPaged::new(model, &pool);
         let mut mgr = BlockManager::new(pool, &sig).with_account(account.clone(), per_block);
         mgr.recurrent = model.cache_layers.iter().any(|l| l.kind == rmlx_plugin_api::cache_kind::STATE);
         // A model with recurrent state keeps its blocks' state snapshots in
@@ -125,7 +130,7 @@ impl Lane {
                 Err(e) => tracing::warn!("KV SSD tier for {name} is off: {e:#}"),
             }
         }
-        Self { mgr, pending: None, default, drafts: Default::default() }
+        Self { mgr, pending: None, default, drafts: Default::default(), compiled }
     }
 }
 

@@ -1,9 +1,11 @@
 //! One engine step of one lane: at most one prefill chunk budget of
 //! prompts (prefill.rs: the chosen chunks in one batched forward with
 //! ragged rows), then one batched decode forward of the lane's decoding rows
-//! (pipelined when every row is greedy on the device). A model's step runs
+//! (pipelined when every row is greedy on the device; one compiled graph
+//! where the lane's compiled step serves it, compiled_paged.rs). A model's step runs
 //! each of its lanes in turn, so one batch of a model may hold several
 //! families, each attending its own pool.
+use super::super::compiled_paged::decode_step;
 use super::super::decode::{decode_forward, read_rows, RowOut};
 use super::super::sequence::{Outcome, Sequence};
 use super::super::worker::WorkerError;
@@ -112,12 +114,13 @@ impl Scheduler {
         // (its TTFT one decode step longer); read now, it goes out at once.
         let first = rows.iter().any(|&i| self.running[i].t_first.is_none());
         let pipelined = pipelining() && !first && rows.iter().all(|&i| self.running[i].takes_device_token());
-        let pool = &mut self.lanes.get_mut(lane).expect("the lane exists").mgr.pool;
+        let l = self.lanes.get_mut(lane).expect("the lane exists");
+        let (pool, compiled) = (&mut l.mgr.pool, &mut l.compiled);
         let step = {
             // Borrow the rows mutably, in row order.
             let mut refs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
             let mut seqs: Vec<&mut Sequence> = rows.iter().map(|&i| refs[i].take().unwrap()).collect();
-            profile::time(Phase::Build, || decode_forward(model, pool, &mut seqs, prev.as_ref())).and_then(|st| {
+            profile::time(Phase::Build, || decode_step(model, pool, compiled, &mut seqs, prev.as_ref())).and_then(|st| {
                 if pipelined {
                     profile::time(Phase::Dispatch, || async_eval([&st.tokens]))?;
                     Ok((st, None))
