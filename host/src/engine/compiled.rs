@@ -239,8 +239,9 @@ struct TracedCache {
     row_pos: Vec<Array>,
     /// Per row, per layer: (keys, values) [1, K, cap_b, hd].
     rows: Vec<Vec<(Array, Array)>>,
-    /// Per row, bool [1, cap_b]: slots 0..=pos are filled (shared by the layers).
-    masks: Vec<Option<Array>>,
+    /// Per row, bool [1, cap_b]: slots 0..=pos are filled, and the same as
+    /// sdpa's mask [1, 1, 1, cap_b] (shared by the layers).
+    masks: Vec<Option<(Array, Array)>>,
 }
 
 impl super::attend::KvStore for TracedCache {
@@ -285,9 +286,11 @@ impl super::attend::KvStore for TracedCache {
             let values = slice_update_at(&values, &row(&v)?, &self.row_pos[r])?;
             if self.masks[r].is_none() {
                 let slots = arange::<_, i32>(0, cap, None)?;
-                self.masks[r] = Some(slots.le(&self.row_pos[r])?.reshape(&[1, cap])?);
+                let valid = slots.le(&self.row_pos[r])?.reshape(&[1, cap])?;
+                let mask = valid.reshape(&[1, 1, 1, cap])?;
+                self.masks[r] = Some((valid, mask));
             }
-            let valid = self.masks[r].as_ref().unwrap();
+            let (valid, mask) = self.masks[r].as_ref().unwrap();
             let q = row(&q)?;
             let fused = if keys.dim(3) == values.dim(3) {
                 rmlx_kernels::contiguous_decode(&q, &keys, &values, valid, opts.sinks, opts.scale, opts.softcap)
@@ -297,14 +300,10 @@ impl super::attend::KvStore for TracedCache {
             };
             outs.push(match fused {
                 Some(o) => o,
-                None => {
-                    let mask = valid.reshape(&[1, 1, 1, cap])?;
-                    if opts.is_plain() {
-                        scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(&mask), None)?
-                    } else {
-                        dense_attend(&q, &keys, &values, Some(&mask), opts)?
-                    }
+                None if opts.is_plain() => {
+                    scaled_dot_product_attention(&q, &keys, &values, opts.scale, ScaledDotProductAttentionMask::Array(mask), None)?
                 }
+                None => dense_attend(&q, &keys, &values, Some(mask), opts)?,
             });
             self.rows[r][layer as usize] = (keys, values);
         }
