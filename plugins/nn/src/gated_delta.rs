@@ -54,28 +54,35 @@ pub fn compute_g_from(neg_decay: &Array, a: &Array, dt_bias: &Array) -> Result<A
 /// sum(x²), so `fast::rms_norm` (which adds it to mean(x²)) gets
 /// eps * inv_scale². q, k: [B, L, Hk, Dk].
 pub fn normalize_qk(q: &Array, k: &Array, inv_scale: f32, eps: f32) -> Result<(Array, Array)> {
-    normalize_qk_by(q, k, &QkScales::new(inv_scale, eps, q.dtype())?)
+    normalize_qk_by(q, k, &QkScales::new(inv_scale, eps, q.dim(-1), q.dtype())?)
 }
 
 /// The constants of [`normalize_qk`] for one head size and dtype: made (and
 /// cast) once, so a step's graph holds no cast of a scalar.
+///
+/// The scales are the RMSNorm's weight, each a [Dk] vector of one value:
+/// `fast::rms_norm` rounds x * rsqrt(mean(x²) + eps) to the dtype and then
+/// multiplies by the weight in the dtype (MLX's CUDA and Metal kernels and
+/// its CPU fallback alike), which is mlx-lm's `scale * rms_norm(x, None)`
+/// bit for bit, one primitive where a norm, a broadcast of the scalar and a
+/// multiply were three on a GPU.
 struct QkScales {
     rms_eps: f32,
-    q: Array, // 0-d: inv_scale², in `dtype`
-    k: Array, // 0-d: inv_scale, in `dtype`
+    q: Array, // [Dk]: inv_scale², in `dtype`
+    k: Array, // [Dk]: inv_scale, in `dtype`
 }
 
 impl QkScales {
-    fn new(inv_scale: f32, eps: f32, dtype: Dtype) -> Result<Self> {
-        let s = |v: f32| Array::from_f32(v).as_dtype(dtype);
+    fn new(inv_scale: f32, eps: f32, dk: i32, dtype: Dtype) -> Result<Self> {
+        let s = |v: f32| Array::from_slice(&vec![v; dk as usize], &[dk]).as_dtype(dtype);
         Ok(Self { rms_eps: eps * inv_scale * inv_scale, q: s(inv_scale * inv_scale)?, k: s(inv_scale)? })
     }
 }
 
 /// [`normalize_qk`] with its constants given (in q's and k's dtype).
 fn normalize_qk_by(q: &Array, k: &Array, s: &QkScales) -> Result<(Array, Array)> {
-    let q = fast::rms_norm(q, None, s.rms_eps)?.multiply(&s.q)?;
-    let k = fast::rms_norm(k, None, s.rms_eps)?.multiply(&s.k)?;
+    let q = fast::rms_norm(q, Some(&s.q), s.rms_eps)?;
+    let k = fast::rms_norm(k, Some(&s.k), s.rms_eps)?;
     Ok((q, k))
 }
 
@@ -361,7 +368,7 @@ pub struct GatedDeltaNet {
 
 /// normalize_qk's readout scale Dk^-0.5 and epsilon (mlx-lm's).
 fn qk_scales(dims: &DeltaDims, dtype: Dtype) -> Result<QkScales> {
-    QkScales::new((dims.k_dim as f32).powf(-0.5), 1e-6, dtype)
+    QkScales::new((dims.k_dim as f32).powf(-0.5), 1e-6, dims.k_dim, dtype)
 }
 
 impl GatedDeltaNet {

@@ -91,3 +91,25 @@ fn recurrence_carries_state_across_pieces() {
         }
     }
 }
+
+/// q/k normalisation with the readout scales as the RMSNorm's weight is
+/// mlx-lm's `scale * rms_norm(x, None)` bit for bit, in each float dtype.
+#[test]
+fn qk_scales_as_norm_weight_equal_a_scaled_norm() {
+    random::seed(11).unwrap();
+    let (dk, eps) = (16, 1e-6);
+    let inv = (dk as f32).powf(-0.5);
+    for dt in [Dtype::Float32, Dtype::Bfloat16, Dtype::Float16] {
+        let x = random::normal::<f32>(&[2, 3, 4, dk], None, None, None).unwrap().as_dtype(dt).unwrap();
+        let y = random::normal::<f32>(&[2, 3, 4, dk], None, None, None).unwrap().as_dtype(dt).unwrap();
+        let (q, k) = normalize_qk(&x, &y, inv, eps).unwrap();
+        let scaled = |x: &Array, s: f32| {
+            let n = fast::rms_norm(x, None, eps * inv * inv).unwrap();
+            n.multiply(Array::from_f32(s).as_dtype(dt).unwrap()).unwrap()
+        };
+        let bits = |a: &Array| a.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(q.dtype(), dt);
+        assert_eq!(bits(&q), bits(&scaled(&x, inv * inv)), "q {dt:?}");
+        assert_eq!(bits(&k), bits(&scaled(&y, inv)), "k {dt:?}");
+    }
+}
