@@ -49,6 +49,41 @@ pub fn compute_g_from(neg_decay: &Array, a: &Array, dt_bias: &Array) -> Result<A
     Ok(neg_decay.multiply(&sp)?.exp()?)
 }
 
+/// A layer's weight-only inputs of `compute_g`, shaped [1, 1, Hv] and
+/// evaluated at load: at B = L = 1 (a batch-1 decode step) they match
+/// a [1, 1, Hv] exactly, so MLX broadcasts none of them.
+struct Decay {
+    neg_decay: Array, // [1, 1, Hv] float32: -exp(A_log)
+    dt_bias: Array,   // [1, 1, Hv]
+    /// softplus's 0 (mlx.nn.softplus is logaddexp(x, 0)) in dt_bias's
+    /// dtype: mlx-rs's `nn::softplus` passes an int32 0, cast and
+    /// broadcast in every call.
+    zero: Array, // [1, 1, Hv]
+}
+
+impl Decay {
+    fn new(a_log: &Array, dt_bias: &Array) -> Result<Self> {
+        let hv = dt_bias.dim(0);
+        let neg_decay = neg_decay_rate(a_log)?.reshape(&[1, 1, hv])?;
+        let dt_bias = dt_bias.reshape(&[1, 1, hv])?;
+        let zero = ops::zeros_dtype(&[1, 1, hv], dt_bias.dtype())?;
+        mlx_rs::transforms::eval([&neg_decay, &dt_bias, &zero])?; // once, not in every step's graph
+        Ok(Self { neg_decay, dt_bias, zero })
+    }
+
+    /// [`compute_g_from`] over a [B, L, Hv]: the same ops in the same
+    /// order, the 0 of softplus in a + dt_bias's dtype as MLX casts it.
+    fn g(&self, a: &Array) -> Result<Array> {
+        let x = a.add(&self.dt_bias)?; // [B, L, Hv]
+        let sp = if x.dtype() == self.zero.dtype() {
+            ops::logaddexp(&x, &self.zero)?
+        } else {
+            nn::softplus(&x)?
+        };
+        Ok(self.neg_decay.multiply(&sp)?.exp()?) // float32
+    }
+}
+
 /// L2-normalises q and k over the head size and folds the `Dk^-0.5`
 /// readout scale into q (mlx-lm's `normalize_qk`): `eps` is added to
 /// sum(x²), so `fast::rms_norm` (which adds it to mean(x²)) gets
@@ -254,29 +289,18 @@ pub fn gated_delta_update(
     dt_bias: &Array,
     state: Option<Array>,
 ) -> Result<(Array, Array)> {
-    update_with_decay(q, k, v, a, b, &neg_decay_rate(a_log)?, dt_bias, state)
+    let g = compute_g(a_log, a, dt_bias)?; // [B, L, Hv] float32
+    update_with_g(q, k, v, &g, b, state)
 }
 
-/// [`gated_delta_update`] with -exp(A_log) given (`neg_decay` [Hv] float32,
-/// from [`neg_decay_rate`]).
-#[allow(clippy::too_many_arguments)]
-fn update_with_decay(
-    q: &Array,
-    k: &Array,
-    v: &Array,
-    a: &Array,
-    b: &Array,
-    neg_decay: &Array,
-    dt_bias: &Array,
-    state: Option<Array>,
-) -> Result<(Array, Array)> {
+/// [`gated_delta_update`] with the decay g [B, L, Hv] (float32) given.
+fn update_with_g(q: &Array, k: &Array, v: &Array, g: &Array, b: &Array, state: Option<Array>) -> Result<(Array, Array)> {
     let beta = nn::sigmoid(b)?; // [B, L, Hv]
-    let g = compute_g_from(neg_decay, a, dt_bias)?; // [B, L, Hv] float32
     let state = match state {
         Some(s) => s,
         None => ops::zeros_dtype(&[q.dim(0), v.dim(2), v.dim(3), q.dim(3)], Dtype::Float32)?,
     };
-    gated_delta(q, k, v, &g, &beta, state) // fused on a GPU, else gated_delta_ops
+    gated_delta(q, k, v, g, &beta, state) // fused on a GPU, else gated_delta_ops
 }
 
 // ---- gated RMSNorm ----
@@ -355,9 +379,8 @@ fn split_qkv(conv_out: &Array, d: &DeltaDims) -> Result<[Array; 3]> {
 /// `in_proj_qkvz`, `in_proj_ba`) and qwen3_5 (four of them), so the
 /// architectures compute them and call [`GatedDeltaNet::mix`].
 pub struct GatedDeltaNet {
-    conv1d: Array,    // [C, K, 1]: one K-tap filter per channel
-    neg_decay: Array, // [Hv] float32: -exp(A_log), computed at load
-    dt_bias: Array,   // [Hv]
+    conv1d: Array, // [C, K, 1]: one K-tap filter per channel
+    decay: Decay,  // -exp(A_log) float32, dt_bias, softplus's 0: [1, 1, Hv] each
     norm: Array,    // [Dv]
     out_proj: LinearLayer, // [Hv*Dv] -> [D]
     /// normalize_qk's constants in the norm weight's dtype (the activations'
@@ -405,14 +428,12 @@ impl GatedDeltaNet {
             }
             Ok(t)
         };
-        let neg_decay = neg_decay_rate(&vec(w, "A_log", dims.v_heads)?)?;
-        neg_decay.eval()?; // once, not in every step's graph
-        let dt_bias = vec(w, "dt_bias", dims.v_heads)?;
+        let decay = Decay::new(&vec(w, "A_log", dims.v_heads)?, &vec(w, "dt_bias", dims.v_heads)?)?;
         let norm = vec(w, "norm.weight", dims.v_dim)?;
         let out_proj = w.linear(&format!("{p}.out_proj"))?;
         let qk_scales = qk_scales(&dims, norm.dtype())?;
         mlx_rs::transforms::eval([&qk_scales.q, &qk_scales.k])?;
-        Ok(Self { conv1d, neg_decay, dt_bias, norm, out_proj, qk_scales, dims })
+        Ok(Self { conv1d, decay, norm, out_proj, qk_scales, dims })
     }
 
     pub fn dims(&self) -> DeltaDims {
@@ -464,7 +485,8 @@ impl GatedDeltaNet {
         } else {
             normalize_qk_by(&q, &k, &qk_scales(&d, q.dtype())?)?
         };
-        let (y, ssm_state) = update_with_decay(&q, &k, &v, a, b, &self.neg_decay, &self.dt_bias, ssm_state)?;
+        let g = self.decay.g(a)?; // [B, L, Hv] float32
+        let (y, ssm_state) = update_with_g(&q, &k, &v, &g, b, ssm_state)?;
         attn.set_state(layer, vec![conv_state, ssm_state])?;
         let z = if z.ndim() == 2 { z.clone() } else { z.reshape(&[bsz * l, -1])? }; // [N, Hv*Dv]
         let y = rms_norm_gated(&y, &z, &self.norm, d.eps)?; // [B, L, Hv, Dv] normed -> [N, Hv*Dv]
