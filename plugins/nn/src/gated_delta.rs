@@ -315,8 +315,23 @@ pub fn rms_norm_gated(x: &Array, gate: &Array, weight: &Array, eps: f32) -> Resu
     if n.shape() != gate.shape() {
         n = n.reshape(gate.shape())?;
     }
-    let g = nn::silu(gate.as_dtype(Dtype::Float32)?)?;
-    Ok(g.multiply(n.as_dtype(Dtype::Float32)?)?.as_dtype(x.dtype())?)
+    precise_swiglu(gate, &n, x.dtype())
+}
+
+/// silu(float32(gate)) * float32(x), cast to `out` (mlx-lm's
+/// `_precise_swiglu`), compiled (shapeless) as mlx-lm compiles it: one
+/// fused primitive where the casts, the SiLU and the product were five
+/// (bf16) or two (float32). Each intermediate keeps its dtype in the fused
+/// kernel, so the values are the step-by-step ones bit for bit (test
+/// `precise_swiglu_equals_the_steps`). Compiled per call, as
+/// `rmlx_nn::swiglu` and mlx-rs's `nn::silu` are (docs/decisions.md).
+fn precise_swiglu(gate: &Array, x: &Array, out: Dtype) -> Result<Array> {
+    let f = move |(g, x): (&Array, &Array)| -> std::result::Result<Array, mlx_rs::error::Exception> {
+        let g = g.as_dtype(Dtype::Float32)?;
+        g.multiply(nn::sigmoid(&g)?)?.multiply(x.as_dtype(Dtype::Float32)?)?.as_dtype(out)
+    };
+    let mut fused = mlx_rs::transforms::compile::compile(f, true);
+    Ok(fused((gate, x))?)
 }
 
 // ---- the mixer ----

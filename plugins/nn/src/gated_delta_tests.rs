@@ -113,3 +113,20 @@ fn qk_scales_as_norm_weight_equal_a_scaled_norm() {
         assert_eq!(bits(&k), bits(&scaled(&y, inv)), "k {dt:?}");
     }
 }
+
+/// The compiled precise SwiGLU of the gated norm rounds as the steps it
+/// fuses: cast to float32, SiLU, product, cast back (bf16, f16, f32).
+#[test]
+fn precise_swiglu_equals_the_steps() {
+    random::seed(5).unwrap();
+    for dt in [Dtype::Bfloat16, Dtype::Float16, Dtype::Float32] {
+        let n = |s: &[i32]| random::normal::<f32>(s, None, None, None).unwrap().multiply(Array::from_f32(4.0)).unwrap().as_dtype(dt).unwrap();
+        let (gate, x) = (n(&[3, 512]), n(&[3, 512]));
+        let steps = nn::silu(gate.as_dtype(Dtype::Float32).unwrap()).unwrap();
+        let steps = steps.multiply(x.as_dtype(Dtype::Float32).unwrap()).unwrap().as_dtype(dt).unwrap();
+        let fused = precise_swiglu(&gate, &x, dt).unwrap();
+        assert_eq!(fused.dtype(), dt);
+        let bits = |a: &Array| a.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused), bits(&steps), "{dt:?}");
+    }
+}
