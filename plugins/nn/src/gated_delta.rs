@@ -121,17 +121,77 @@ fn normalize_qk_by(q: &Array, k: &Array, s: &QkScales) -> Result<(Array, Array)>
     Ok((q, k))
 }
 
-/// One recurrent step (mlx-lm's `_gated_delta_step_ops`, scalar gate):
-/// q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dv, Dk] ->
-/// (y [B, H, Dv] in q's dtype, state [B, H, Dv, Dk]).
+/// One recurrent step (mlx-lm's `_gated_delta_step_ops`, scalar gate), on
+/// inputs laid out for it by [`composed`]: q, k [B, H, 1, Dk], v
+/// [B, H, Dv, 1], g, beta [B, H, 1, 1], state [B, H, Dv, Dk] ->
+/// (y [B, H, Dv, 1], state [B, H, Dv, Dk]). The same products and sums in
+/// the same order as mlx-lm's; the sums keep their axis, so nothing is
+/// expanded again, and k is broadcast once for its two products.
 fn step(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: &Array) -> Result<(Array, Array)> {
-    let state = state.multiply(g.expand_dims_axes(&[-1, -2])?)?; // decay
-    let k_row = k.expand_dims(-2)?; // [B, H, 1, Dk]
-    let kv_mem = state.multiply(&k_row)?.sum_axis(-1, false)?; // [B, H, Dv]
-    let delta = v.subtract(&kv_mem)?.multiply(beta.expand_dims(-1)?)?; // [B, H, Dv]
-    let state = state.add(k_row.multiply(delta.expand_dims(-1)?)?)?; // [B, H, Dv, Dk]
-    let y = state.multiply(q.expand_dims(-2)?)?.sum_axis(-1, false)?; // [B, H, Dv]
-    Ok((y.as_dtype(q.dtype())?, state))
+    let state = state.multiply(g)?; // decay
+    let k = ops::broadcast_to(k, state.shape())?; // [B, H, Dv, Dk]
+    let kv_mem = state.multiply(&k)?.sum_axis(-1, true)?; // [B, H, Dv, 1]
+    let delta = v.subtract(&kv_mem)?.multiply(beta)?; // [B, H, Dv, 1]
+    let state = state.add(k.multiply(&delta)?)?; // [B, H, Dv, Dk]
+    let y = state.multiply(q)?.sum_axis(-1, true)?; // [B, H, Dv, 1]
+    Ok((y, state))
+}
+
+/// x [B, L, ...] as L arrays of `shape` (token t's values, reshaped): one
+/// reshape at L = 1 (a decode step), else one split and a reshape each.
+fn per_token(x: &Array, shape: &[i32]) -> Result<Vec<Array>> {
+    if x.dim(1) == 1 {
+        return Ok(vec![x.reshape(shape)?]);
+    }
+    x.split_equal(x.dim(1), 1)?.iter().map(|t| Ok(t.reshape(shape)?)).collect()
+}
+
+/// The gated delta rule over L tokens, one step at a time (mlx-lm's
+/// `gated_delta_ops`), with an optional padding mask bool [B, L] (a false
+/// token leaves the state as it is and its y is 0). Shapes as
+/// [`gated_delta_ops`].
+///
+/// q, k, v and beta are cast to the state's float32 once, where MLX's
+/// type promotion cast them inside every step's products (the same
+/// values), and y back to q's dtype once, after the last token.
+fn composed(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: Array, mask: Option<&Array>) -> Result<(Array, Array)> {
+    let (b, l, hk, dk) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let (hv, dv) = (v.dim(2), v.dim(3));
+    let (mut q, mut k) = (q.clone(), k.clone());
+    if hv / hk > 1 {
+        q = Array::repeat_axis::<f32>(q, hv / hk, -2)?; // [B, L, Hv, Dk]
+        k = Array::repeat_axis::<f32>(k, hv / hk, -2)?;
+    }
+    let out = q.dtype();
+    let f32_of = |x: &Array| -> Result<Array> {
+        Ok(if state.dtype() == Dtype::Float32 { x.as_dtype(Dtype::Float32)? } else { x.clone() })
+    };
+    let row = [b, hv, 1, dk];
+    let (qs, ks) = (per_token(&f32_of(&q)?, &row)?, per_token(&f32_of(&k)?, &row)?);
+    let vs = per_token(&f32_of(v)?, &[b, hv, dv, 1])?;
+    let (gs, betas) = (per_token(g, &[b, hv, 1, 1])?, per_token(&f32_of(beta)?, &[b, hv, 1, 1])?);
+    let masks = match mask {
+        Some(m) => per_token(&m.reshape(&[b, l, 1])?, &[b, 1, 1, 1])?.into_iter().map(Some).collect(),
+        None => vec![None; l as usize],
+    };
+    let mut state = state;
+    let mut ys = Vec::with_capacity(l as usize);
+    for t in 0..l as usize {
+        let (y, s) = step(&qs[t], &ks[t], &vs[t], &gs[t], &betas[t], &state)?;
+        let y = match &masks[t] {
+            Some(m) => {
+                state = ops::select(m, &s, &state)?; // [B, H, Dv, Dk]
+                ops::select(m, &y, Array::from_f32(0.0).as_dtype(y.dtype())?)?
+            }
+            None => {
+                state = s;
+                y
+            }
+        };
+        ys.push(y.reshape(&[b, 1, hv, dv])?); // [B, 1, Hv, Dv]
+    }
+    let y = if ys.len() == 1 { ys.pop().expect("one token") } else { ops::concatenate(&ys, 1)? };
+    Ok((y.as_dtype(out)?, state)) // [B, L, Hv, Dv]
 }
 
 /// The gated delta rule over L tokens, one step at a time (mlx-lm's
@@ -139,24 +199,7 @@ fn step(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: &Array)
 /// [B, L, Hv], state [B, Hv, Dv, Dk] (float32) -> (y [B, L, Hv, Dv], state).
 /// Key heads are repeated to the value heads when Hv > Hk.
 pub fn gated_delta_ops(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: Array) -> Result<(Array, Array)> {
-    let (hk, hv) = (q.dim(2), v.dim(2));
-    let (mut q, mut k) = (q.clone(), k.clone());
-    if hv / hk > 1 {
-        q = Array::repeat_axis::<f32>(q, hv / hk, -2)?; // [B, L, Hv, Dk]
-        k = Array::repeat_axis::<f32>(k, hv / hk, -2)?;
-    }
-    let l = q.dim(1);
-    let at = |x: &Array, t: i32| -> Result<Array> {
-        Ok(x.take_axis(Array::from_int(t), 1)?) // [B, ...] at time t
-    };
-    let mut state = state;
-    let mut ys = Vec::with_capacity(l as usize);
-    for t in 0..l {
-        let (y, s) = step(&at(&q, t)?, &at(&k, t)?, &at(v, t)?, &at(g, t)?, &at(beta, t)?, &state)?;
-        ys.push(y);
-        state = s;
-    }
-    Ok((ops::stack(&ys, 1)?, state)) // [B, L, Hv, Dv]
+    composed(q, k, v, g, beta, state, None)
 }
 
 /// The composed path with a padding mask (mlx-lm's `gated_delta_ops` with
@@ -172,23 +215,7 @@ pub fn gated_delta_ops_masked(
     state: Array,
     mask: &Array,
 ) -> Result<(Array, Array)> {
-    let (hk, hv) = (q.dim(2), v.dim(2));
-    let (mut q, mut k) = (q.clone(), k.clone());
-    if hv / hk > 1 {
-        q = Array::repeat_axis::<f32>(q, hv / hk, -2)?; // [B, L, Hv, Dk]
-        k = Array::repeat_axis::<f32>(k, hv / hk, -2)?;
-    }
-    let at = |x: &Array, t: i32| -> Result<Array> { Ok(x.take_axis(Array::from_int(t), 1)?) };
-    let mut state = state;
-    let mut ys = Vec::with_capacity(q.dim(1) as usize);
-    for t in 0..q.dim(1) {
-        let (y, s) = step(&at(&q, t)?, &at(&k, t)?, &at(v, t)?, &at(g, t)?, &at(beta, t)?, &state)?;
-        let m = at(mask, t)?; // [B]
-        let zero = Array::from_f32(0.0).as_dtype(y.dtype())?;
-        ys.push(ops::select(&m.expand_dims_axes(&[-1, -2])?, &y, &zero)?); // [B, H, Dv]
-        state = ops::select(&m.expand_dims_axes(&[-1, -2, -3])?, &s, &state)?; // [B, H, Dv, Dk]
-    }
-    Ok((ops::stack(&ys, 1)?, state))
+    composed(q, k, v, g, beta, state, Some(mask))
 }
 
 /// The key of the fused kernel's first-output check.
