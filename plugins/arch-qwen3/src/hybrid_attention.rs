@@ -12,7 +12,7 @@
 use mlx_rs::{nn, Array};
 use rmlx_nn::{rms_norm, split_heads_of, Positions, Rope};
 use rmlx_plugin_api::{
-    author::{Attend, AttendOpts, LinearLayer, Result, Weights},
+    author::{Attend, AttendOpts, LinearLayer, Linears, Result, Weights},
     PluginError,
 };
 
@@ -20,9 +20,9 @@ use crate::hybrid::Hybrid;
 
 /// Gated full attention (mlx-lm's `Qwen3NextAttention`).
 pub struct GatedAttention {
-    q_proj: LinearLayer, // [D] -> [H*2*hd]: per head, queries then gate
-    k_proj: LinearLayer, // [D] -> [K*hd]
-    v_proj: LinearLayer, // [D] -> [K*hd]
+    /// q_proj [D] -> [H*2*hd] (per head, queries then gate), k_proj and
+    /// v_proj [D] -> [K*hd]: one matmul where the format stacks them.
+    qkv: Linears,
     o_proj: LinearLayer, // [H*hd] -> [D]
     q_norm: Array,       // [hd]
     k_norm: Array,       // [hd]
@@ -46,9 +46,7 @@ impl GatedAttention {
             }
         }
         Ok(Self {
-            q_proj: w.linear(&format!("{p}.q_proj"))?,
-            k_proj: w.linear(&format!("{p}.k_proj"))?,
-            v_proj: w.linear(&format!("{p}.v_proj"))?,
+            qkv: w.linears(&[&format!("{p}.q_proj"), &format!("{p}.k_proj"), &format!("{p}.v_proj")])?,
             o_proj: w.linear(&format!("{p}.o_proj"))?,
             q_norm: c.norm(w, &format!("{p}.q_norm.weight"))?,
             k_norm: c.norm(w, &format!("{p}.k_norm.weight"))?,
@@ -63,13 +61,14 @@ impl GatedAttention {
     /// x: [N, D] -> [N, D], or [B, L, D] -> [B, L, D]; `bl` = (B, L).
     pub(crate) fn forward(&self, x: &Array, bl: (i32, i32), layer: u32, pos: &Positions, attn: &mut dyn Attend) -> Result<Array> {
         let (b, l) = bl;
-        let qg = self.q_proj.forward(x)?.reshape(&[b, l, self.heads, 2 * self.head_dim])?; // [B, L, H, 2hd]
+        let [qg, k, v]: [Array; 3] = self.qkv.forward(x)?.try_into().map_err(|_| PluginError::other("q/k/v: three outputs expected"))?;
+        let qg = qg.reshape(&[b, l, self.heads, 2 * self.head_dim])?; // [B, L, H, 2hd]
         let mut parts = qg.split_at_indices(&[self.head_dim], -1)?; // 2 x [B, L, H, hd]
         let gate = parts.pop().expect("two parts"); // [B, L, H, hd]
         let q = rms_norm(&parts.pop().expect("two parts"), &self.q_norm, self.eps)?.transpose_axes(&[0, 2, 1, 3])?; // [B, H, L, hd]
-        let k = split_heads_of(&self.k_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
+        let k = split_heads_of(&k, bl, self.kv_heads)?; // [B, K, L, hd]
         let k = rms_norm(&k, &self.k_norm, self.eps)?;
-        let v = split_heads_of(&self.v_proj.forward(x)?, bl, self.kv_heads)?; // [B, K, L, hd]
+        let v = split_heads_of(&v, bl, self.kv_heads)?; // [B, K, L, hd]
         let q = self.rope.apply_at(&q, pos)?;
         let k = self.rope.apply_at(&k, pos)?;
         let scale = (self.head_dim as f32).powf(-0.5);

@@ -11,7 +11,10 @@
 //! conv over time, the recurrence).
 use mlx_rs::Array;
 use rmlx_nn::gated_delta::GatedDeltaNet;
-use rmlx_plugin_api::author::{Attend, LinearLayer, Result, Weights};
+use rmlx_plugin_api::{
+    author::{Attend, Linears, Result, Weights},
+    PluginError,
+};
 
 use crate::hybrid::{Hybrid, Projections};
 
@@ -25,13 +28,14 @@ fn unfold_rows(t: Array, (b, l): (i32, i32), rows: bool) -> Result<Array> {
     Ok(t.reshape(&shape)?)
 }
 
-/// The input projections of a gated DeltaNet layer.
+/// The input projections of a gated DeltaNet layer, all of x: one matmul
+/// where the weight format stacks them (`Weights::linears`), else one each.
 enum DeltaInput {
     /// qwen3_next: qkvz [D] -> [2*Hk*Dk + 2*Hv*Dv] and ba [D] -> [2*Hv], each
     /// grouped per key head (q, k, v, z and b, a of that head's group).
-    Fused { qkvz: LinearLayer, ba: LinearLayer },
+    Fused(Linears),
     /// qwen3_5: qkv [D] -> [C], z [D] -> [Hv*Dv], b and a [D] -> [Hv].
-    Split { qkv: LinearLayer, z: LinearLayer, b: LinearLayer, a: LinearLayer },
+    Split(Linears),
 }
 
 pub struct DeltaLayer {
@@ -41,15 +45,13 @@ pub struct DeltaLayer {
 
 impl DeltaLayer {
     pub(crate) fn load(w: &mut Weights, p: &str, c: &Hybrid) -> Result<Self> {
-        let lin = |w: &mut Weights, n: &str| w.linear(&format!("{p}.{n}"));
+        let lin = |w: &mut Weights, names: &[&str]| {
+            let full: Vec<String> = names.iter().map(|n| format!("{p}.{n}")).collect();
+            w.linears(&full.iter().map(String::as_str).collect::<Vec<_>>())
+        };
         let input = match c.projections {
-            Projections::Fused => DeltaInput::Fused { qkvz: lin(w, "in_proj_qkvz")?, ba: lin(w, "in_proj_ba")? },
-            Projections::Split => DeltaInput::Split {
-                qkv: lin(w, "in_proj_qkv")?,
-                z: lin(w, "in_proj_z")?,
-                b: lin(w, "in_proj_b")?,
-                a: lin(w, "in_proj_a")?,
-            },
+            Projections::Fused => DeltaInput::Fused(lin(w, &["in_proj_qkvz", "in_proj_ba"])?),
+            Projections::Split => DeltaInput::Split(lin(w, &["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"])?),
         };
         Ok(Self { input, net: GatedDeltaNet::load_layout(w, p, c.delta, c.hf_layout)? })
     }
@@ -60,30 +62,39 @@ impl DeltaLayer {
         let (bsz, l) = bl;
         let rows = x.ndim() == 2;
         let (qkv, z, b, a) = match &self.input {
-            DeltaInput::Fused { qkvz, ba } => {
+            DeltaInput::Fused(proj) => {
+                let [qkvz, ba]: [Array; 2] = parts(proj.forward(x)?)?; // [N | B, L, ...]
                 // mlx-lm's fix_query_key_value_ordering: per key head, the
                 // group holds q [Dk], k [Dk], v [r*Dv], z [r*Dv] (r = Hv/Hk).
                 let (nk, r) = (d.k_heads, d.v_heads / d.k_heads);
-                let g = qkvz.forward(x)?.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2Dk + 2rDv]
+                let g = qkvz.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2Dk + 2rDv]
                 let s = g.split_at_indices(&[d.k_dim, 2 * d.k_dim, 2 * d.k_dim + r * d.v_dim], -1)?;
                 let flat = |t: &Array| t.reshape(&[bsz, l, -1]);
                 let qkv = rmlx_nn::concatenate(&[flat(&s[0])?, flat(&s[1])?, flat(&s[2])?], -1)?; // [B, L, C]
                 let z = s[3].reshape(&[bsz * l, d.value_dim()])?; // [N, Hv*Dv]
-                let ba = ba.forward(x)?.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2r]
+                let ba = ba.reshape(&[bsz, l, nk, -1])?; // [B, L, Hk, 2r]
                 let s = ba.split_at_indices(&[r], -1)?;
                 (qkv, z, s[0].reshape(&[bsz, l, d.v_heads])?, s[1].reshape(&[bsz, l, d.v_heads])?)
             }
-            DeltaInput::Split { qkv, z, b, a } => (
-                unfold_rows(qkv.forward(x)?, bl, rows)?,               // [B, L, C]
-                z.forward(x)?,                                         // [N | B, L, Hv*Dv]
-                unfold_rows(b.forward(x)?, bl, rows)?,                 // [B, L, Hv]
-                unfold_rows(a.forward(x)?, bl, rows)?,                 // [B, L, Hv]
-            ),
+            DeltaInput::Split(proj) => {
+                let [qkv, z, b, a]: [Array; 4] = parts(proj.forward(x)?)?;
+                (
+                    unfold_rows(qkv, bl, rows)?, // [B, L, C]
+                    z,                           // [N | B, L, Hv*Dv]
+                    unfold_rows(b, bl, rows)?,   // [B, L, Hv]
+                    unfold_rows(a, bl, rows)?,   // [B, L, Hv]
+                )
+            }
         };
         let (qkv, b, a) = mask_padding(qkv, b, a, attn)?;
         let y = self.net.mix(&qkv, &z, &b, &a, layer, attn)?; // [N, D]
         unfold_rows(y, bl, !rows) // back to x's rank: [N, D] | [B, L, D]
     }
+}
+
+/// The outputs of a `Linears`, as many as asked for.
+fn parts<const K: usize>(outs: Vec<Array>) -> Result<[Array; K]> {
+    outs.try_into().map_err(|_| PluginError::other(format!("the input projections: {K} outputs expected")))
 }
 
 /// What `a` and `b` become at padding: softplus(-1e4 + dt_bias) is 0, so
