@@ -76,6 +76,16 @@ impl DeltaLayer {
                 let s = ba.split_at_indices(&[r], -1)?;
                 (qkv, z, s[0].reshape(&[bsz, l, d.v_heads])?, s[1].reshape(&[bsz, l, d.v_heads])?)
             }
+            // One matmul: its rows [N, C + Hv*Dv + 2Hv] unfold to [B, L, ...]
+            // once, before the split (one reshape where qkv, b and a took
+            // one each; z goes back to rows for the gated norm).
+            DeltaInput::Split(Linears::Fused(proj, sizes)) if rows => {
+                let y = proj.forward(x)?.reshape(&[bsz, l, -1])?; // [B, L, C + Hv*Dv + 2Hv]
+                let mut at = 0;
+                let cuts: Vec<i32> = sizes[..sizes.len() - 1].iter().map(|n| { at += n; at }).collect();
+                let [qkv, z, b, a]: [Array; 4] = parts(y.split_at_indices(&cuts, -1)?)?;
+                (qkv, z.reshape(&[bsz * l, -1])?, b, a) // [B, L, C], [N, Hv*Dv], [B, L, Hv] x 2
+            }
             DeltaInput::Split(proj) => {
                 let [qkv, z, b, a]: [Array; 4] = parts(proj.forward(x)?)?;
                 (
