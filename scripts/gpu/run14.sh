@@ -25,7 +25,16 @@ A)
   [ -f $dir/config.json ] || python3 $here/make_model.py 0.6b bf16 $dir >/dev/null
   echo "=== primitives per b1 decode step, 0.6B bf16 (op by op)"; ops $dir ""
   echo "=== issue 16: 0.6B rows, bf16 and q4"
-  ONLY="0.6b-bf16 0.6b-q4" timeout ${TA:-480} bash $here/issue16.sh ;;
+  ONLY="0.6b-bf16 0.6b-q4" timeout ${TA:-420} bash $here/issue16.sh
+  echo "=== 8 streams, 0.6B bf16: the server's compiled paged step (default) against op by op (RMLX_COMPILE_PAGED=0)"
+  for c in 1 0; do
+    RMLX_COMPILE_PAGED=$c $here/rmlx serve --plugins $here/plugins --model $dir --host 127.0.0.1 --port 8199 --no-metrics-db --no-prefix-cache > /tmp/serve-c$c.log 2>&1 &
+    pid=$!
+    for i in $(seq 240); do curl -sf http://127.0.0.1:8199/health >/dev/null && break; sleep 0.5; done
+    $here/rmlx bench --url http://127.0.0.1:8199 -p 512 -g 128 --concurrency 8 >/dev/null 2>&1
+    echo -n "RMLX_COMPILE_PAGED=$c: "; $here/rmlx bench --url http://127.0.0.1:8199 -p 512 -g 128 --concurrency 1,8 2>&1 | tail -2 | tr '\n' ' '; echo
+    kill $pid; wait $pid 2>/dev/null
+  done ;;
 B)
   echo "=== issue 16: 4B rows"
   ONLY="4b-bf16 4b-q4" timeout ${TB1:-300} bash $here/issue16.sh
