@@ -153,8 +153,8 @@ fn mlx_lm_ops(q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: A
         if let Some(m) = mask {
             let m = at(m, t);
             let zero = Array::from_f32(0.0).as_dtype(y.dtype()).unwrap();
-            y = ops::select(&m.expand_dims_axes(&[-1, -2]).unwrap(), &y, &zero).unwrap();
-            state = ops::select(&m.expand_dims_axes(&[-1, -2, -3]).unwrap(), &state, &old).unwrap();
+            y = ops::select(m.expand_dims_axes(&[-1, -2]).unwrap(), &y, &zero).unwrap();
+            state = ops::select(m.expand_dims_axes(&[-1, -2, -3]).unwrap(), &state, &old).unwrap();
         }
         ys.push(y);
     }
