@@ -56,7 +56,8 @@ pub struct PagedForward<'a> {
     tables: Array,
     /// Positions gathered per row: the longest row's blocks x block size.
     ctx: usize,
-    /// With one row: its exact context length (the gather is cut to it).
+    /// Rows at the same positions (one row, or rows of one length at one
+    /// offset): their common context length (the gather is cut to it).
     exact: Option<usize>,
     /// Per window (0: full attention): the mask, None when causal or none is enough.
     masks: HashMap<u32, Option<Array>>,
@@ -123,15 +124,24 @@ impl<'a> PagedForward<'a> {
         let win = pool.win.as_ref().map(|g| WinTables::new(g, bs, rows, lens)).transpose()?;
         let b = rows.len() as i32;
         let padded = lens.iter().any(|&n| n != len);
+        let offsets: Vec<i32> = rows.iter().zip(lens).map(|(r, &n)| r.offset as i32 - (len - n) as i32).collect();
+        // Rows whose columns sit at the same positions (one row; prompts of
+        // one length arriving together; streams decoding in step) all end
+        // at offset + L: causal masking over exactly that many positions
+        // is their mask, with no mask array (MLX's fused attention serves
+        // it) and a gather cut to that length. The first row is the
+        // longest's peer, so the common offset is >= 0.
+        let same = offsets.windows(2).all(|w| w[0] == w[1]);
+        let exact = offsets.first().filter(|&&o| same && o >= 0).map(|&o| o as usize + len);
         Ok(Self {
             pool,
-            offsets: rows.iter().zip(lens).map(|(r, &n)| r.offset as i32 - (len - n) as i32).collect(),
+            offsets,
             len,
             keep: padded.then(|| Array::from_slice(&keep, &[keep.len() as i32])),
             write: Array::from_slice(&write, &[write.len() as i32]),
             tables: Array::from_slice(&gather, &[b, nblk as i32]),
             ctx,
-            exact: (rows.len() == 1).then(|| rows[0].offset + len),
+            exact,
             masks: HashMap::new(),
             states: None,
             new_states: HashMap::new(),
@@ -192,17 +202,18 @@ impl<'a> PagedForward<'a> {
     /// bool [B, 1, len, ctx]: query i of row b (position offset_b + i) sees
     /// positions j <= offset_b + i, and j > offset_b + i - window when windowed,
     /// and every position of a bidirectional run it is in (`with_runs`).
-    /// None where plain causal masking (or none) is exact: one row, no
-    /// window, no runs.
+    /// None where plain causal masking (or none) is exact: rows at the
+    /// same positions (`exact`), no window, no runs.
     fn mask(&mut self, window: u32) -> Option<Array> {
         let (len, ctx) = (self.len, self.ctx);
         let (offsets, runs) = (&self.offsets, &self.runs);
         let plain = runs.iter().all(Vec::is_empty);
+        let exact = self.exact.is_some();
         self.masks
             .entry(window)
             .or_insert_with(|| {
-                if offsets.len() == 1 && window == 0 && plain {
-                    return None; // the gather is cut to the row's length
+                if exact && window == 0 && plain {
+                    return None; // the gather is cut to the rows' common length
                 }
                 let mut m = Vec::with_capacity(offsets.len() * len * ctx);
                 for (b, &o) in offsets.iter().enumerate() {
@@ -408,7 +419,7 @@ impl PagedForward<'_> {
             return attend_paged(self.pool, src, q, pk, pv, (kd, vd), &paged);
         }
         let mask = self.mask(opts.window);
-        // One row, no mask: the gather cut to its exact length (the mask, when there is one, spans ctx).
+        // Rows at the same positions, no mask: the gather cut to their exact length (the mask, when there is one, spans ctx).
         let cut = self.exact.filter(|&e| e != self.ctx && opts.window == 0 && mask.is_none());
         let paged = Paged {
             tables: &self.tables,
