@@ -45,7 +45,7 @@
 use super::{
     decode::{decode_forward, with_bias, Step},
     kv_groups,
-    kv_pool::KvPool,
+    kv_pool::{KvPool, LayerArrays},
     sequence::Sequence,
     LoadedModel,
 };
@@ -199,7 +199,7 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
             }
         }
         let from_prev = take_axis(prev, Array::from_slice(&idx, &[bpi]), 0)?; // [Bp, 1]
-        tokens = select(&Array::from_slice(&use_prev, &[bpi, 1]), &from_prev, &tokens)?;
+        tokens = select(Array::from_slice(&use_prev, &[bpi, 1]), &from_prev, &tokens)?;
     }
     let fixed = [tokens, Array::from_slice(&pos, &[bpi]), Array::from_slice(&tables, &[bpi, wi]), Array::from_slice(&write, &[bpi])];
     let func = match comp.func.as_mut() {
@@ -223,7 +223,7 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
     let logits = cut(logits)?;
     let biased = seqs.iter().any(|s| s.takes_device_token() && !s.device_bias().is_empty());
     let tokens = if biased { argmax_axis(&with_bias(seqs, &logits)?, -1, None)?.as_dtype(Dtype::Int32)? } else { cut(next)? };
-    let new: Vec<(Vec<Array>, Vec<Array>)> = pool
+    let new: Vec<LayerArrays> = pool
         .layouts()
         .iter()
         .map(|l| match l {
@@ -275,7 +275,7 @@ impl Func {
 
     /// The outputs of one call (lazy): next tokens, logits, then every
     /// layer's new components in the inputs' order.
-    fn apply(&mut self, model: &mut LoadedModel, pool: &KvPool, fixed: &[Array], layers: &[(Vec<Array>, Vec<Array>)]) -> Result<Vec<Array>> {
+    fn apply(&mut self, model: &mut LoadedModel, pool: &KvPool, fixed: &[Array], layers: &[LayerArrays]) -> Result<Vec<Array>> {
         let raw: Vec<mlx_array> = fixed.iter().chain(layers.iter().flat_map(|(k, v)| k.iter().chain(v))).map(|a| a.as_ptr()).collect();
         let want = 2 + raw.len() - fixed.len();
         self.ctx.error = None;

@@ -4,7 +4,7 @@
 //! is baked in.
 use super::super::attend::{refuse_bidirectional, KvStore};
 use super::super::kv_layout::LayerLayout;
-use super::super::kv_pool::KvPool;
+use super::super::kv_pool::{KvPool, LayerArrays};
 use super::super::paged::attend_paged;
 use anyhow::{bail, Result};
 use mlx_rs::{
@@ -27,7 +27,7 @@ pub(super) struct TracedPool<'a> {
     /// int32 [B]: the slot each row's new token goes to.
     write: Array,
     /// Per layer, the key and value components ([slots, ...] each).
-    layers: Vec<(Vec<Array>, Vec<Array>)>,
+    layers: Vec<LayerArrays>,
     /// bool [B, 1, 1, W * block]: row b sees table positions 0..=pos[b].
     mask: Option<Array>,
 }

@@ -86,6 +86,9 @@ pub fn bytes_per_token(layers: usize, k: &KvSide, v: &KvSide) -> usize {
     layers * (k.bytes_per_slot() + v.bytes_per_slot())
 }
 
+/// One layer's arrays: its keys' components, then its values'.
+pub type LayerArrays = (Vec<Array>, Vec<Array>);
+
 /// A block's data, as the SSD tier stores it: per layer, the keys'
 /// components then the values', each `[block_size, ...shape]`.
 pub type BlockData = Vec<Array>;
@@ -343,7 +346,7 @@ impl KvPool {
     /// whole pool). The caller puts them, or the step's new arrays, back
     /// with [`KvPool::put_all`]. Every layer must store its own K/V and the
     /// pool must not be split in window groups.
-    pub(super) fn take_all(&mut self) -> Result<Vec<(Vec<Array>, Vec<Array>)>, PluginError> {
+    pub(super) fn take_all(&mut self) -> Result<Vec<LayerArrays>, PluginError> {
         if self.win.is_some() || self.layout.iter().any(|l| !matches!(l, LayerLayout::Own { .. })) {
             return Err(PluginError::other("the compiled decode step takes pools whose layers all store their own K/V"));
         }
@@ -355,7 +358,7 @@ impl KvPool {
 
     /// Puts every layer's arrays back (what [`KvPool::take_all`] took, or
     /// their successors).
-    pub(super) fn put_all(&mut self, layers: Vec<(Vec<Array>, Vec<Array>)>) {
+    pub(super) fn put_all(&mut self, layers: Vec<LayerArrays>) {
         for (slot, kv) in self.layers.iter_mut().zip(layers) {
             *slot = Some(kv);
         }
