@@ -125,12 +125,14 @@ pub struct CompiledPaged {
     /// An op-by-op decode step of this lane has run (fused kernels checked).
     warm: bool,
     func: Option<Func>,
+    /// Traces made for this lane (the log's).
+    traces: u64,
 }
 
 impl CompiledPaged {
     /// For a lane of `model` over `pool`.
     pub fn new(model: &LoadedModel, pool: &KvPool) -> Self {
-        Self { on: enabled() && servable(model, pool), warm: false, func: None }
+        Self { on: enabled() && servable(model, pool), warm: false, func: None, traces: 0 }
     }
 
     /// Whether this step's rows can go through the compiled step.
@@ -217,12 +219,10 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
         }
     };
     drop(layers); // the graph holds them now: MLX writes them in place
+    // Into the pool at once: whatever fails below leaves it whole (this
+    // step's rows only wrote their next slots, which a retry writes again).
     let mut it = outs.into_iter();
     let (next, logits) = (it.next().unwrap(), it.next().unwrap());
-    let cut = |x: Array| -> Result<Array> { Ok(if bp > b { x.try_index(0..b as i32)? } else { x }) };
-    let logits = cut(logits)?;
-    let biased = seqs.iter().any(|s| s.takes_device_token() && !s.device_bias().is_empty());
-    let tokens = if biased { argmax_axis(&with_bias(seqs, &logits)?, -1, None)?.as_dtype(Dtype::Int32)? } else { cut(next)? };
     let new: Vec<LayerArrays> = pool
         .layouts()
         .iter()
@@ -234,10 +234,24 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
         })
         .collect();
     pool.put_all(new);
+    let cut = |x: Array| -> Result<Array> { Ok(if bp > b { x.try_index(0..b as i32)? } else { x }) };
+    let logits = cut(logits)?;
+    let biased = seqs.iter().any(|s| s.takes_device_token() && !s.device_bias().is_empty());
+    let tokens = if biased { argmax_axis(&with_bias(seqs, &logits)?, -1, None)?.as_dtype(Dtype::Int32)? } else { cut(next)? };
     for s in seqs.iter_mut() {
         s.kv_len += 1;
     }
     STEPS.fetch_add(1, Ordering::Relaxed);
+    let traces = func.ctx.traces;
+    if traces > comp.traces {
+        let what = format!("the decode step of {} (KV {}) compiled for {bp} rows x {w} blocks", model.dir.model_type, pool.family_key());
+        if comp.traces == 0 {
+            tracing::info!("{what} (RMLX_COMPILE_PAGED=0: op by op)");
+        } else {
+            tracing::debug!("{what} ({traces} traces)");
+        }
+        comp.traces = traces;
+    }
     Ok(Step { tokens, logits })
 }
 
@@ -248,6 +262,8 @@ struct TraceCtx {
     pool: *const KvPool,
     /// Why the last trace failed (mlx-c only sees a non-zero return).
     error: Option<String>,
+    /// Traces made.
+    traces: u64,
 }
 
 /// The compiled closure of one lane.
@@ -258,7 +274,7 @@ struct Func {
 
 impl Func {
     fn new() -> Result<Self> {
-        let mut ctx = Box::new(TraceCtx { model: std::ptr::null_mut(), pool: std::ptr::null(), error: None });
+        let mut ctx = Box::new(TraceCtx { model: std::ptr::null_mut(), pool: std::ptr::null(), error: None, traces: 0 });
         let payload = &mut *ctx as *mut TraceCtx as *mut c_void;
         unsafe {
             let fun = mlx_sys::mlx_closure_new_func_payload(Some(trace), payload, None);
@@ -325,6 +341,7 @@ unsafe extern "C" fn trace(res: *mut mlx_vector_array, input: mlx_vector_array, 
     match result {
         Ok(outs) => {
             TRACES.fetch_add(1, Ordering::Relaxed);
+            ctx.traces += 1;
             let raw: Vec<mlx_array> = outs.iter().map(|a| a.as_ptr()).collect();
             unsafe {
                 let v = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
