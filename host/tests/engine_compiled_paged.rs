@@ -8,7 +8,7 @@
 //! compiled step and trace counts), and that MLX reused its traces.
 mod common;
 
-use rmlx::engine::compiled_paged::counts;
+use rmlx::engine::compiled_paged::{counts, failures};
 use rmlx::engine::kv_family::KvChoice;
 use rmlx::engine::sampler::SamplingParams;
 use rmlx::engine::scheduler::{EngineStats, KvBudget, SchedulerConfig};
@@ -252,4 +252,51 @@ fn the_pool_is_written_in_place() {
         assert!(!compiled || r.steps >= 30, "{} compiled steps", r.steps);
         assert!(r.out.1 < 512 << 10, "compiled {compiled}: decode steps raised MLX's peak by {} bytes", r.out.1);
     }
+}
+
+/// An architecture that evaluates inside its forward (the faulty test
+/// plugin reads its tokens) cannot be traced: MLX refuses the trace, the
+/// lane turns its compiled step off and decodes op by op, same tokens.
+#[test]
+fn a_forward_that_evaluates_falls_back_op_by_op() {
+    let _g = common::mlx_lock();
+    let lib = |name: &str| format!("lib{name}.{}", rmlx::plugins::loader::LIB_EXT);
+    let plugins = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(common::plugins_dir()).unwrap() {
+        let p = e.unwrap().path();
+        std::os::unix::fs::symlink(&p, plugins.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::os::unix::fs::symlink(common::test_plugins_dir().join(lib("rmlx_test_faulty")), plugins.path().join(lib("rmlx_test_faulty"))).unwrap();
+    // The tiny llama as the faulty architecture, with a trigger no token reaches.
+    let model = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(common::fixture("models/llama-f32")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, model.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.path().join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "rmlx_faulty".into();
+    cfg["faulty_trigger"] = 100_000.into();
+    std::fs::write(model.path().join("config.json"), cfg.to_string()).unwrap();
+    let cat = ModelCatalog::discover(&[(Some("faulty".to_string()), model.path().to_path_buf())], &[]).unwrap();
+    let mut outs = Vec::new();
+    for compiled in [false, true] {
+        std::env::set_var("RMLX_COMPILE_PAGED", if compiled { "1" } else { "0" });
+        let w = Worker::start_with(
+            WorkerConfig { plugins_dir: plugins.path().to_path_buf(), max_queue_depth: 64, max_loaded_models: 1, idle_timeout: None, prefill_chunk: 512 },
+            sched(false, ROOMY),
+            &cat,
+        )
+        .unwrap();
+        let (s0, t0, f0) = (counts().0, counts().1, failures());
+        let mut rx = [submit(&w, &cat, "faulty", &prompt(50, 9), params(8)), submit(&w, &cat, "faulty", &prompt(51, 4), params(8))];
+        outs.push(rx.iter_mut().map(collect).collect::<Vec<_>>());
+        wait_idle(&w);
+        w.shutdown();
+        let (s1, t1, f1) = (counts().0, counts().1, failures());
+        assert_eq!((s1 - s0, t1 - t0), (0, 0), "compiled {compiled}: no step may run compiled, no trace may succeed");
+        // Forced on: the lane tried once, then stayed op by op.
+        assert_eq!(f1 - f0, compiled as u64, "compiled {compiled}: compiled steps that failed");
+    }
+    std::env::remove_var("RMLX_COMPILE_PAGED");
+    assert_eq!(outs[0], outs[1]);
 }

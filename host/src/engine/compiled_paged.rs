@@ -67,10 +67,16 @@ mod store;
 /// Steps served compiled and traces made, in this process (tests, logs).
 static STEPS: AtomicU64 = AtomicU64::new(0);
 static TRACES: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
 
 /// (compiled steps run, traces made) in this process.
 pub fn counts() -> (u64, u64) {
     (STEPS.load(Ordering::Relaxed), TRACES.load(Ordering::Relaxed))
+}
+
+/// Compiled steps that failed (their lanes went op by op), in this process.
+pub fn failures() -> u64 {
+    FAILED.load(Ordering::Relaxed)
 }
 
 /// Whether the server's decode steps are compiled: off with
@@ -149,6 +155,7 @@ pub fn decode_step(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut Compil
             Ok(step) => return Ok(step),
             Err(e) => {
                 // Nothing of the step was kept (the pool's arrays went back).
+                FAILED.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("the compiled decode step failed ({e:#}); this lane decodes op by op from now on");
                 comp.on = false;
                 comp.func = None;
