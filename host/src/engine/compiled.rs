@@ -27,50 +27,33 @@
 //! MLX traces each new combination of shapes (batch size, capacities) once. Architectures take positions from
 //! `Attention::offsets()` (plugin-api ABI 3), so a trace never bakes one in.
 use super::LoadedModel;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use mlx_rs::{
     fast::{scaled_dot_product_attention, ScaledDotProductAttentionMask},
     ops::{arange, concatenate, indexing::{argmax_axis, TryIndexOp}, zeros_dtype},
     Array, Dtype,
 };
-use mlx_sys::{mlx_array, mlx_closure, mlx_vector_array};
+use super::compile_fn::CompiledFn;
 use rmlx_plugin_api::{
     author::{kv::dense_attend, AttendOpts},
     PluginError,
 };
-use std::ffi::c_void;
 
-/// What the trace function needs; lives as long as the compiled closure.
-/// `model` is set for the duration of each `step` call (the only time MLX
-/// may run the trace).
+/// What the trace reads: `model` is set for the duration of each `step`
+/// call (the only time MLX may run the trace).
 struct TraceCtx {
     model: *mut LoadedModel,
-    /// Why the last trace failed (mlx-c only sees a non-zero return).
-    error: Option<String>,
 }
 
 /// A compiled greedy decode step for one sequence of one model.
 pub struct CompiledStep {
-    closure: mlx_closure,
-    ctx: Box<TraceCtx>,
+    func: CompiledFn<TraceCtx>,
 }
 
 impl CompiledStep {
     /// A compiled step for one model: pass the same model to every `step`.
     pub fn new() -> Result<Self> {
-        let mut ctx = Box::new(TraceCtx { model: std::ptr::null_mut(), error: None });
-        let payload = &mut *ctx as *mut TraceCtx as *mut c_void;
-        unsafe {
-            let fun = mlx_sys::mlx_closure_new_func_payload(Some(trace), payload, None);
-            let mut closure = mlx_sys::mlx_closure_new();
-            let rc = mlx_sys::mlx_compile(&mut closure, fun, false);
-            mlx_sys::mlx_closure_free(fun);
-            if rc != 0 {
-                mlx_sys::mlx_closure_free(closure);
-                bail!("mlx_compile failed");
-            }
-            Ok(Self { closure, ctx })
-        }
+        Ok(Self { func: CompiledFn::new(TraceCtx { model: std::ptr::null_mut() }, trace)? })
     }
 
     /// One step: (tokens [B,1], positions [B], per row per-layer (keys,
@@ -88,29 +71,11 @@ impl CompiledStep {
                 inputs.push(v);
             }
         }
-        let raw: Vec<mlx_array> = inputs.iter().map(|a| a.as_ptr()).collect();
-        self.ctx.error = None;
-        self.ctx.model = model as *mut LoadedModel;
-        let mut outs = Vec::with_capacity(3 + 2 * n * b);
-        unsafe {
-            let vin = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
-            let mut vout = mlx_sys::mlx_vector_array_new();
-            let rc = mlx_sys::mlx_closure_apply(&mut vout, self.closure, vin);
-            self.ctx.model = std::ptr::null_mut();
-            mlx_sys::mlx_vector_array_free(vin);
-            drop(inputs); // the graph holds them now; lets MLX donate the buffers
-            if rc != 0 {
-                mlx_sys::mlx_vector_array_free(vout);
-                let why = self.ctx.error.take().unwrap_or_else(|| "the compiled decode step failed".into());
-                bail!("{why}");
-            }
-            for i in 0..mlx_sys::mlx_vector_array_size(vout) {
-                let mut a = mlx_sys::mlx_array_new();
-                mlx_sys::mlx_vector_array_get(&mut a, vout, i);
-                outs.push(Array::from_ptr(a));
-            }
-            mlx_sys::mlx_vector_array_free(vout);
-        }
+        self.func.state().model = model as *mut LoadedModel;
+        let outs = self.func.apply(&inputs);
+        self.func.state().model = std::ptr::null_mut();
+        drop(inputs); // the graph holds them now; lets MLX donate the buffers
+        let outs = outs?;
         if outs.len() != 3 + 2 * n * b {
             bail!("the compiled decode step returned {} arrays, expected {}", outs.len(), 3 + 2 * n * b);
         }
@@ -135,14 +100,6 @@ pub struct StepOut {
     pub rows: Vec<Vec<(Array, Array)>>,
 }
 
-impl Drop for CompiledStep {
-    fn drop(&mut self) {
-        unsafe {
-            mlx_sys::mlx_closure_free(self.closure);
-        }
-    }
-}
-
 /// Whether greedy/batched decode steps are compiled: on unless
 /// `RMLX_COMPILE=0`, and only for models without sliding-window layers.
 pub fn enabled(model: &LoadedModel) -> bool {
@@ -162,39 +119,7 @@ pub fn grow(kv: Vec<(Array, Array)>, add: i32) -> Result<Vec<(Array, Array)>> {
 }
 
 /// The traced function: see the module docs for inputs and outputs.
-unsafe extern "C" fn trace(res: *mut mlx_vector_array, input: mlx_vector_array, payload: *mut c_void) -> i32 {
-    let ctx = unsafe { &mut *(payload as *mut TraceCtx) };
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { trace_inner(ctx, input) }));
-    let result = match run {
-        Ok(r) => r,
-        Err(_) => Err(anyhow!("panic while tracing the decode step")),
-    };
-    match result {
-        Ok(outs) => {
-            let raw: Vec<mlx_array> = outs.iter().map(|a| a.as_ptr()).collect();
-            unsafe {
-                let v = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
-                mlx_sys::mlx_vector_array_set(res, v);
-                mlx_sys::mlx_vector_array_free(v);
-            }
-            0
-        }
-        Err(e) => {
-            ctx.error = Some(format!("{e:#}"));
-            1
-        }
-    }
-}
-
-unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec<Array>> {
-    let mut arrays = Vec::new();
-    unsafe {
-        for i in 0..mlx_sys::mlx_vector_array_size(input) {
-            let mut a = mlx_sys::mlx_array_new();
-            mlx_sys::mlx_vector_array_get(&mut a, input, i);
-            arrays.push(Array::from_ptr(a));
-        }
-    }
+fn trace(ctx: &mut TraceCtx, arrays: Vec<Array>) -> Result<Vec<Array>> {
     if arrays.len() < 2 {
         bail!("bad compiled decode inputs ({} arrays)", arrays.len());
     }

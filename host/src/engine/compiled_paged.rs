@@ -57,8 +57,7 @@ use mlx_rs::{
     },
     Array, Dtype,
 };
-use mlx_sys::{mlx_array, mlx_closure, mlx_vector_array};
-use std::ffi::c_void;
+use super::compile_fn::CompiledFn;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[path = "compiled_paged_store.rs"]
@@ -130,7 +129,7 @@ pub struct CompiledPaged {
     on: bool,
     /// An op-by-op decode step of this lane has run (fused kernels checked).
     warm: bool,
-    func: Option<Func>,
+    func: Option<CompiledFn<TraceCtx>>,
     /// Traces made for this lane (the log's).
     traces: u64,
 }
@@ -213,10 +212,10 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
     let fixed = [tokens, Array::from_slice(&pos, &[bpi]), Array::from_slice(&tables, &[bpi, wi]), Array::from_slice(&write, &[bpi])];
     let func = match comp.func.as_mut() {
         Some(f) => f,
-        None => comp.func.insert(Func::new()?),
+        None => comp.func.insert(CompiledFn::new(TraceCtx { model: std::ptr::null_mut(), pool: std::ptr::null(), traces: 0 }, trace)?),
     };
     let layers = pool.take_all().map_err(|e| anyhow!("{}", e.message))?;
-    let outs = func.apply(model, pool, &fixed, &layers);
+    let outs = apply(func, model, pool, &fixed, &layers);
     drop(fixed);
     let outs = match outs {
         Ok(o) => o,
@@ -249,7 +248,7 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
         s.kv_len += 1;
     }
     STEPS.fetch_add(1, Ordering::Relaxed);
-    let traces = func.ctx.traces;
+    let traces = func.state().traces;
     if traces > comp.traces {
         let what = format!("the decode step of {} (KV {}) compiled for {bp} rows x {w} blocks", model.dir.model_type, pool.family_key());
         if comp.traces == 0 {
@@ -267,112 +266,34 @@ fn run(model: &mut LoadedModel, pool: &mut KvPool, comp: &mut CompiledPaged, seq
 struct TraceCtx {
     model: *mut LoadedModel,
     pool: *const KvPool,
-    /// Why the last trace failed (mlx-c only sees a non-zero return).
-    error: Option<String>,
     /// Traces made.
     traces: u64,
 }
 
-/// The compiled closure of one lane.
-struct Func {
-    closure: mlx_closure,
-    ctx: Box<TraceCtx>,
-}
-
-impl Func {
-    fn new() -> Result<Self> {
-        let mut ctx = Box::new(TraceCtx { model: std::ptr::null_mut(), pool: std::ptr::null(), error: None, traces: 0 });
-        let payload = &mut *ctx as *mut TraceCtx as *mut c_void;
-        unsafe {
-            let fun = mlx_sys::mlx_closure_new_func_payload(Some(trace), payload, None);
-            let mut closure = mlx_sys::mlx_closure_new();
-            let rc = mlx_sys::mlx_compile(&mut closure, fun, false);
-            mlx_sys::mlx_closure_free(fun);
-            if rc != 0 {
-                mlx_sys::mlx_closure_free(closure);
-                bail!("mlx_compile failed");
-            }
-            Ok(Self { closure, ctx })
-        }
+/// The outputs of one call (lazy): next tokens, logits, then every layer's
+/// new components in the inputs' order.
+fn apply(func: &mut CompiledFn<TraceCtx>, model: &mut LoadedModel, pool: &KvPool, fixed: &[Array], layers: &[LayerArrays]) -> Result<Vec<Array>> {
+    let inputs: Vec<Array> = fixed.iter().chain(layers.iter().flat_map(|(k, v)| k.iter().chain(v))).cloned().collect();
+    let want = 2 + inputs.len() - fixed.len();
+    (func.state().model, func.state().pool) = (model as *mut LoadedModel, pool as *const KvPool);
+    let outs = func.apply(&inputs);
+    (func.state().model, func.state().pool) = (std::ptr::null_mut(), std::ptr::null());
+    let outs = outs?;
+    if outs.len() != want {
+        bail!("the compiled decode step returned {} arrays, expected {want}", outs.len());
     }
-
-    /// The outputs of one call (lazy): next tokens, logits, then every
-    /// layer's new components in the inputs' order.
-    fn apply(&mut self, model: &mut LoadedModel, pool: &KvPool, fixed: &[Array], layers: &[LayerArrays]) -> Result<Vec<Array>> {
-        let raw: Vec<mlx_array> = fixed.iter().chain(layers.iter().flat_map(|(k, v)| k.iter().chain(v))).map(|a| a.as_ptr()).collect();
-        let want = 2 + raw.len() - fixed.len();
-        self.ctx.error = None;
-        self.ctx.model = model as *mut LoadedModel;
-        self.ctx.pool = pool as *const KvPool;
-        let mut outs = Vec::with_capacity(want);
-        unsafe {
-            let vin = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
-            let mut vout = mlx_sys::mlx_vector_array_new();
-            let rc = mlx_sys::mlx_closure_apply(&mut vout, self.closure, vin);
-            self.ctx.model = std::ptr::null_mut();
-            self.ctx.pool = std::ptr::null();
-            mlx_sys::mlx_vector_array_free(vin);
-            if rc != 0 {
-                mlx_sys::mlx_vector_array_free(vout);
-                let why = self.ctx.error.take().unwrap_or_else(|| "the compiled decode step failed".into());
-                bail!("{why}");
-            }
-            for i in 0..mlx_sys::mlx_vector_array_size(vout) {
-                let mut a = mlx_sys::mlx_array_new();
-                mlx_sys::mlx_vector_array_get(&mut a, vout, i);
-                outs.push(Array::from_ptr(a));
-            }
-            mlx_sys::mlx_vector_array_free(vout);
-        }
-        if outs.len() != want {
-            bail!("the compiled decode step returned {} arrays, expected {want}", outs.len());
-        }
-        Ok(outs)
-    }
-}
-
-impl Drop for Func {
-    fn drop(&mut self) {
-        // Erases this function's entries from MLX's compile cache.
-        unsafe {
-            mlx_sys::mlx_closure_free(self.closure);
-        }
-    }
+    Ok(outs)
 }
 
 /// The traced function (see the module docs for inputs and outputs).
-unsafe extern "C" fn trace(res: *mut mlx_vector_array, input: mlx_vector_array, payload: *mut c_void) -> i32 {
-    let ctx = unsafe { &mut *(payload as *mut TraceCtx) };
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { trace_inner(ctx, input) }));
-    let result = run.unwrap_or_else(|_| Err(anyhow!("panic while tracing the paged decode step")));
-    match result {
-        Ok(outs) => {
-            TRACES.fetch_add(1, Ordering::Relaxed);
-            ctx.traces += 1;
-            let raw: Vec<mlx_array> = outs.iter().map(|a| a.as_ptr()).collect();
-            unsafe {
-                let v = mlx_sys::mlx_vector_array_new_data(raw.as_ptr(), raw.len());
-                mlx_sys::mlx_vector_array_set(res, v);
-                mlx_sys::mlx_vector_array_free(v);
-            }
-            0
-        }
-        Err(e) => {
-            ctx.error = Some(format!("{e:#}"));
-            1
-        }
-    }
+fn trace(ctx: &mut TraceCtx, arrays: Vec<Array>) -> Result<Vec<Array>> {
+    let outs = trace_step(ctx, arrays)?;
+    TRACES.fetch_add(1, Ordering::Relaxed);
+    ctx.traces += 1;
+    Ok(outs)
 }
 
-unsafe fn trace_inner(ctx: &mut TraceCtx, input: mlx_vector_array) -> Result<Vec<Array>> {
-    let mut arrays = Vec::new();
-    unsafe {
-        for i in 0..mlx_sys::mlx_vector_array_size(input) {
-            let mut a = mlx_sys::mlx_array_new();
-            mlx_sys::mlx_vector_array_get(&mut a, input, i);
-            arrays.push(Array::from_ptr(a));
-        }
-    }
+fn trace_step(ctx: &mut TraceCtx, arrays: Vec<Array>) -> Result<Vec<Array>> {
     if ctx.model.is_null() || ctx.pool.is_null() {
         bail!("the paged decode step was traced outside its call");
     }

@@ -8,6 +8,7 @@ pub mod attend;
 pub mod block_manager;
 pub mod cache;
 pub mod catalog;
+mod compile_fn;
 pub mod compiled;
 pub mod compiled_paged;
 pub mod decode;
