@@ -6,6 +6,7 @@
 #  D: batch 1 (0.6B bf16 and q4) against mlx-lm: the compiled step attending through rmlx's fused
 #     decode kernel (the default on a GPU), through MLX's sdpa with a mask (RMLX_FUSED_KERNELS=0),
 #     and op by op (RMLX_COMPILE=0); host time per token; primitives; the kernels' numerics first.
+#     DQ="bf16" limits the models (default "bf16 q4").
 #  C: issue 12's 4-bit families against bf16 at 1 and 8 streams (kv-families.sh), with their primitives.
 # Everything is also written to $OUT/run14-PART.txt when $OUT is set.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,7 +45,7 @@ B)
 D)
   echo "=== the fused decode kernels against MLX / the composed path (kv-dense: paged and contiguous)"
   $here/kvd-test --nocapture 2>&1 | grep -E "fused kernels|test result|panicked|rror" | head -8
-  for q in bf16 q4; do
+  for q in ${DQ:-bf16 q4}; do
     dir=$HOME/models/qwen3-0.6b-$q
     [ -f $dir/config.json ] || python3 $here/make_model.py 0.6b $q $dir >/dev/null
     b() { $here/rmlx bench --plugins $here/plugins --model $dir -p 512 -g 128 "$@" 2>&1; }
