@@ -5,7 +5,7 @@
 use super::super::attend::{refuse_bidirectional, KvStore};
 use super::super::kv_layout::LayerLayout;
 use super::super::kv_pool::{KvPool, LayerArrays};
-use super::super::paged::attend_paged;
+use super::super::paged::{attend_paged, encode_slots};
 use anyhow::{bail, Result};
 use mlx_rs::{
     ops::{arange, indexing::scatter_single},
@@ -105,20 +105,7 @@ impl KvStore for TracedPool<'_> {
         }
         // [B, K, 1, hd] is [B, K, hd] in memory -> components [B, ...] -> [B, 1, ...]: one update per slot.
         let encode = |side: &super::super::kv_pool::KvSide, shape: &super::super::kv_layout::SideShape, x: &Array| -> Result<Vec<Array>, PluginError> {
-            let x = x.reshape(&[b, x.dim(1), x.dim(3)])?;
-            let comps = side.codec_for(l).encode(&x, &shape.dims)?;
-            if comps.len() != shape.comps.len() {
-                return Err(PluginError::other(format!("KV family `{}` encoded {} arrays for {} components", side.family, comps.len(), shape.comps.len())));
-            }
-            comps
-                .into_iter()
-                .zip(&shape.comps)
-                .map(|(a, c)| {
-                    let mut s = vec![b, 1];
-                    s.extend(&c.shape);
-                    Ok(a.as_dtype(c.dtype)?.reshape(&s)?)
-                })
-                .collect()
+            encode_slots(side.codec_for(l), &side.family, shape, &x.reshape(&[b, x.dim(1), x.dim(3)])?)
         };
         let uk = encode(&self.pool.k, ks, &k)?;
         let uv = encode(&self.pool.v, vs, &v)?;

@@ -331,24 +331,7 @@ impl super::attend::KvStore for PagedForward<'_> {
                 Some(keep) => x.take_axis(keep, 0)?,
                 None => x,
             };
-            let rows = x.dim(0);
-            let comps = codec.encode(&x, &shape.dims)?;
-            if comps.len() != shape.comps.len() {
-                return Err(PluginError::other(format!(
-                    "KV family `{family}` encoded {} arrays for {} components",
-                    comps.len(),
-                    shape.comps.len()
-                )));
-            }
-            comps
-                .into_iter()
-                .zip(&shape.comps)
-                .map(|(a, c)| {
-                    let mut s = vec![rows, 1];
-                    s.extend(&c.shape);
-                    Ok(a.as_dtype(c.dtype)?.reshape(&s)?)
-                })
-                .collect()
+            encode_slots(codec, family, shape, &x)
         };
         let uk = encode(kf.codec_for(layer as usize), &kf.family, &ks, &k)?;
         let uv = encode(vf.codec_for(layer as usize), &vf.family, &vs, &v)?;
@@ -435,6 +418,30 @@ impl PagedForward<'_> {
 /// Whether positions `p` and `j` lie in one of `runs`.
 pub(crate) fn same_run(runs: &[Range<usize>], p: usize, j: usize) -> bool {
     runs.iter().any(|r| r.contains(&p) && r.contains(&j))
+}
+
+/// One side's new vectors x [N, K, hd] encoded by its family into the
+/// pool's components, each shaped [N, 1, ...] for a scatter of one update
+/// per slot.
+pub(super) fn encode_slots(codec: &dyn rmlx_plugin_api::author::kv::KvCodecImpl, family: &str, shape: &SideShape, x: &Array) -> Result<Vec<Array>, PluginError> {
+    let rows = x.dim(0);
+    let comps = codec.encode(x, &shape.dims)?;
+    if comps.len() != shape.comps.len() {
+        return Err(PluginError::other(format!(
+            "KV family `{family}` encoded {} arrays for {} components",
+            comps.len(),
+            shape.comps.len()
+        )));
+    }
+    comps
+        .into_iter()
+        .zip(&shape.comps)
+        .map(|(a, c)| {
+            let mut s = vec![rows, 1];
+            s.extend(&c.shape);
+            Ok(a.as_dtype(c.dtype)?.reshape(&s)?)
+        })
+        .collect()
 }
 
 /// The families' attention of q over layer `src`'s pools read as `paged` says.
