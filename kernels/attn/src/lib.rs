@@ -212,7 +212,7 @@ pub fn contiguous_decode(
     scale: f32,
     softcap: f32,
 ) -> Result<Option<Array>, String> {
-    if !enabled() || !usable("contiguous_decode/dense") || q.ndim() != 4 || q.dim(2) != 1 || keys.ndim() != 4 || values.shape() != keys.shape() {
+    if !enabled() || q.ndim() != 4 || q.dim(2) != 1 || keys.ndim() != 4 || values.shape() != keys.shape() {
         return Ok(None);
     }
     let (b, h, d) = (q.dim(0), q.dim(1), q.dim(3));
